@@ -1,0 +1,190 @@
+"""The control-plane commands: validate, submit, status, results.
+
+Worker-side commands (`worker`, `run`, `models`) are added by `worker.cli`, which is the console
+script; this module never imports `worker`, torch or diffusers.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from jobs import broker, records
+from jobs.errors import DreambatchError, InputError, JobNotFound
+from jobs.manifest import parse_sets, validate_manifest
+from jobs.models import MODELS, JobRecord
+from jobs.settings import get_settings
+from jobs.storage import open_store
+from jobs.store import RedisStore
+from jobs.submit import ManifestInvalid, create_job, new_job_id
+
+app = typer.Typer(help="dreambatch: batch HiDream image jobs on your own GPUs.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+err = Console(stderr=True)
+out = Console()
+
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help=f"one of: {', '.join(MODELS)}")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="job default, key=value (a row overrides it)")]
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def report_invalid(exc: ManifestInvalid) -> typer.Exit:
+    for line in exc.issues:
+        err.print(line, highlight=False, markup=False, soft_wrap=True)
+    return fail(str(exc), 2)
+
+
+@app.command()
+def validate(manifest: Path, model: ModelOpt = "i1-fast", set_: SetOpt = None,
+             json_: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Check every row of MANIFEST; print each problem as `line N: field: message (got value)`."""
+    try:
+        report = validate_manifest(manifest, model, parse_sets(set_ or []))
+    except InputError as exc:
+        raise fail(str(exc), 2) from None
+    if json_:
+        print(json.dumps({"rows": report.rows, "valid": report.valid, "errors": [str(i) for i in report.issues],
+                          "notes": report.notes}))
+    else:
+        for issue in report.issues:
+            err.print(str(issue), highlight=False, markup=False, soft_wrap=True)
+        for note in report.notes[:20]:
+            err.print(f"note: {note}", highlight=False, markup=False, soft_wrap=True)
+        if len(report.notes) > 20:
+            err.print(f"note: … and {len(report.notes) - 20} more size adjustments", highlight=False)
+        out.print(f"{report.rows} rows, {report.valid} valid, {len(report.issues)} error(s)", highlight=False)
+    if report.issues:
+        raise typer.Exit(2)
+
+
+@app.command()
+def submit(
+    manifest: Path,
+    model: ModelOpt = "i1-fast",
+    output: Annotated[str | None, typer.Option(help="s3://bucket/prefix (default DREAMBATCH_OUTPUT)")] = None,
+    webhook: Annotated[str | None, typer.Option(help="POSTed on every item and job terminal state")] = None,
+    set_: SetOpt = None,
+    skip_invalid: Annotated[bool, typer.Option(help="queue valid rows, record invalid ones as failed")] = False,
+    wait: Annotated[bool, typer.Option(help="wait until the job ends, with a progress bar")] = False,
+    json_: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Validate MANIFEST and queue one task per row; prints the job id."""
+    settings = get_settings()
+    output = output or settings.output
+    if not output or not output.startswith("s3://"):
+        raise fail("--output s3://bucket/prefix is required (or set DREAMBATCH_OUTPUT)")
+    try:
+        defaults = parse_sets(set_ or [])
+        celery = broker.make_celery(settings)
+        job_id = new_job_id()
+        sub = create_job(manifest, model=model, defaults=defaults, output=output, webhook=webhook,
+                         store=RedisStore.from_url(settings.redis_url), objects=open_store(output, settings),
+                         dispatch=lambda ids: broker.publish_items(celery, model, job_id, ids),
+                         skip_invalid=skip_invalid, batch=settings.celery.publish_batch, job_id=job_id)
+    except ManifestInvalid as exc:
+        raise report_invalid(exc) from None
+    except DreambatchError as exc:
+        raise fail(str(exc)) from None
+    if sub.job_done:
+        broker.send_finalize(celery, job_id)
+    if json_:
+        print(json.dumps({"job_id": job_id, "queued": sub.queued, "rejected": sub.rejected,
+                          "total": sub.job.total}))
+    else:
+        out.print(job_id, highlight=False)
+        err.print(f"queued {sub.queued} item(s), rejected {sub.rejected}", highlight=False)
+    if wait:
+        job = _watch(job_id, quiet=json_)
+        raise typer.Exit(0 if job.status == "completed" else 1)
+
+
+def _load_job(job_id: str) -> JobRecord:
+    job = RedisStore.from_url(get_settings().redis_url).get_job(job_id)
+    if job is None:
+        raise JobNotFound(f"no job {job_id!r} in {get_settings().redis_url}")
+    return job
+
+
+def _status_object(job: JobRecord) -> dict:
+    counts = {"total": job.total, **{k: job.counts.get(k, 0) for k in
+                                     ("queued", "running", "completed", "failed", "cancelled")}}
+    return {"job_id": job.job_id, "status": job.status, "model": job.model, "counts": counts,
+            "results": job.results_uri, "created_at": job.created_at, "finished_at": job.finished_at}
+
+
+def _watch(job_id: str, quiet: bool = False, interval: float = 0.5) -> JobRecord:
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("failed {task.fields[failed]}"), TextColumn("{task.fields[rate]:.2f} items/s"),
+               TimeRemainingColumn()]
+    with Progress(*columns, console=err, disable=quiet) as progress:
+        job = _load_job(job_id)
+        bar = progress.add_task(job_id, total=job.total, failed=0, rate=0.0)
+        start = time.monotonic()
+        while True:
+            job = _load_job(job_id)
+            ended = sum(job.counts.get(k, 0) for k in ("completed", "failed", "cancelled"))
+            rate = ended / max(time.monotonic() - start, 1e-6)
+            progress.update(bar, completed=ended, failed=job.counts.get("failed", 0), rate=rate)
+            if job.finished_at:
+                return job
+            time.sleep(interval)
+
+
+@app.command()
+def status(job_id: str, watch: Annotated[bool, typer.Option("--watch")] = False,
+           json_: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Show a job's status and counts (`--watch`: a live progress bar until it ends)."""
+    try:
+        job = _watch(job_id) if watch else _load_job(job_id)
+    except DreambatchError as exc:
+        raise fail(str(exc)) from None
+    obj = _status_object(job)
+    if json_:
+        print(json.dumps(obj))
+        return
+    c = obj["counts"]
+    out.print(f"{job.job_id}  {job.status}  model={job.model}  total={c['total']} queued={c['queued']} "
+              f"running={c['running']} completed={c['completed']} failed={c['failed']} cancelled={c['cancelled']}",
+              highlight=False)
+    if job.results_uri:
+        out.print(f"results: {job.results_uri}", highlight=False)
+
+
+@app.command()
+def results(job_id: str, format_: Annotated[str, typer.Option("--format", help="jsonl or csv")] = "jsonl") -> None:
+    """Print a job's results, one line per manifest row (live state while it runs)."""
+    settings = get_settings()
+    try:
+        job = _load_job(job_id)
+        lines = records.read_results(open_store(job.output, settings), job_id) if job.finished_at else None
+        if lines is None:
+            lines = [i.result_line() for i in RedisStore.from_url(settings.redis_url).items(job_id)]
+    except DreambatchError as exc:
+        raise fail(str(exc)) from None
+    if format_ == "jsonl":
+        for line in lines:
+            print(json.dumps(line))
+        return
+    if format_ != "csv":
+        raise fail(f"--format: expected jsonl or csv (got {format_!r})", 2)
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["id", "line", "status", "error", "seed", "outputs", "metadata"])
+    for line in lines:
+        uris = " ".join(img.get("s3_uri") or "" for img in line["output"]["images"])
+        writer.writerow([line["id"], line["line"], line["status"], line["error"] or "", line["seed"], uris,
+                         json.dumps(line["metadata"])])
+    sys.stdout.write(buf.getvalue())

@@ -1,0 +1,71 @@
+"""Statuses and the transitions between them. Nothing else decides what a status may become.
+
+Items:  queued → running → completed | failed | cancelled
+        running → queued      (a redelivery after a lost worker starts it again)
+        queued → failed       (rejected at submit with --skip-invalid, or over its attempt cap)
+Jobs:   queued → running → completed | failed | cancelled
+        `failed` only when every item failed; `completed` when at least one item completed.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class ItemStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL_ITEM
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED)
+
+
+TERMINAL_ITEM = frozenset({ItemStatus.COMPLETED, ItemStatus.FAILED, ItemStatus.CANCELLED})
+
+ITEM_TRANSITIONS: dict[ItemStatus, frozenset[ItemStatus]] = {
+    ItemStatus.QUEUED: frozenset({ItemStatus.RUNNING, ItemStatus.FAILED, ItemStatus.CANCELLED}),
+    ItemStatus.RUNNING: frozenset(
+        {ItemStatus.RUNNING, ItemStatus.COMPLETED, ItemStatus.FAILED, ItemStatus.CANCELLED}
+    ),
+    ItemStatus.COMPLETED: frozenset(),
+    ItemStatus.FAILED: frozenset(),
+    ItemStatus.CANCELLED: frozenset(),
+}
+
+
+def allowed_sources(target: ItemStatus) -> list[str]:
+    """The statuses an item may be in for a move to `target` (what the store checks atomically)."""
+    return [str(src) for src, dests in ITEM_TRANSITIONS.items() if target in dests]
+
+
+def job_outcome(counts: dict[str, int], *, cancelled: bool = False) -> JobStatus:
+    """The terminal status of a job whose items have all ended."""
+    if cancelled:
+        return JobStatus.CANCELLED
+    if counts.get(ItemStatus.COMPLETED, 0) == 0 and counts.get(ItemStatus.FAILED, 0) > 0:
+        return JobStatus.FAILED
+    if counts.get(ItemStatus.COMPLETED, 0) == 0 and counts.get(ItemStatus.CANCELLED, 0) > 0:
+        return JobStatus.CANCELLED
+    return JobStatus.COMPLETED
+
+
+def job_progress_status(counts: dict[str, int]) -> JobStatus:
+    """A non-terminal job is `running` once any item has started or ended."""
+    started = sum(counts.get(s, 0) for s in ("running", "completed", "failed", "cancelled"))
+    return JobStatus.RUNNING if started else JobStatus.QUEUED

@@ -1,0 +1,254 @@
+"""Manifest files (CSV or JSONL) → validated rows, with every error named by line, field and value.
+
+Rows are streamed: `read_rows` yields one raw row at a time, so a 100,000-row manifest never
+lives in memory as 100,000 Python objects. Validation merges, in order of precedence:
+the row, then the job defaults (`--set`), then the model's upstream preset.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from jobs.errors import InputError
+from jobs.models import MODELS, CommonParams, GenerateRow, rendered_size, row_class
+
+MAX_LINE_BYTES = 1 << 20  # one JSONL line; bounds memory on hostile input
+MAX_ROWS = 1_000_000
+csv.field_size_limit(MAX_LINE_BYTES)
+
+
+@dataclass(frozen=True)
+class Issue:
+    """One problem with one field of one row (line 0 = the job defaults, -1 = the file)."""
+
+    line: int
+    field: str
+    message: str
+    value: Any = None
+
+    def __str__(self) -> str:
+        where = {0: "defaults", -1: "file"}.get(self.line, f"line {self.line}")
+        got = "" if self.value is None else f" (got {_show(self.value)})"
+        return f"{where}: {self.field}: {self.message}{got}"
+
+
+@dataclass
+class RawRow:
+    line: int
+    values: dict[str, Any]
+
+
+@dataclass
+class CheckedRow:
+    line: int
+    item_id: str
+    params: dict[str, Any] | None  # None when invalid
+    metadata: dict[str, Any]
+    issues: list[Issue] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.issues
+
+
+def _show(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    text = repr(text) if isinstance(value, str) else text
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def manifest_format(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        return "csv"
+    if suffix in (".jsonl", ".ndjson"):
+        return "jsonl"
+    raise InputError(f"{path}: unknown manifest type {suffix!r}; use .csv or .jsonl")
+
+
+def read_rows(path: Path) -> Iterator[RawRow | Issue]:
+    """Yield each non-blank row with its first physical line number, or an Issue for an unreadable one."""
+    kind = manifest_format(path)
+    if not path.is_file():
+        raise InputError(f"{path}: manifest not found")
+    with path.open("r", encoding="utf-8-sig", newline="") as fh:
+        try:
+            yield from (_read_csv(fh) if kind == "csv" else _read_jsonl(fh))
+        except UnicodeDecodeError as exc:
+            yield Issue(-1, "encoding", f"manifest is not UTF-8 text ({exc.reason} at byte {exc.start})")
+
+
+def _read_csv(fh) -> Iterator[RawRow | Issue]:
+    reader = csv.reader(fh)
+    try:
+        header = next(reader)
+    except StopIteration:
+        return
+    names = [h.strip() for h in header]
+    if len(set(names)) != len(names) or "" in names:
+        yield Issue(-1, "header", "line 1: column names must be unique and non-empty", ",".join(header))
+        return
+    start = reader.line_num + 1
+    try:
+        for record in reader:
+            line, start = start, reader.line_num + 1
+            if not any(cell.strip() for cell in record):
+                continue
+            if len(record) != len(names):
+                yield Issue(line, "row", f"has {len(record)} fields, the header has {len(names)}")
+                continue
+            yield RawRow(line, {k: v for k, v in zip(names, record, strict=True) if v.strip() != ""})
+    except csv.Error as exc:
+        yield Issue(start, "row", f"malformed CSV: {exc}")
+
+
+def _read_jsonl(fh) -> Iterator[RawRow | Issue]:
+    for number, text in enumerate(fh, start=1):
+        if len(text) > MAX_LINE_BYTES:
+            yield Issue(number, "row", f"line longer than {MAX_LINE_BYTES} bytes")
+            continue
+        if not text.strip():
+            continue
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            yield Issue(number, "row", f"invalid JSON: {exc.msg} at column {exc.colno}")
+            continue
+        if not isinstance(value, dict):
+            yield Issue(number, "row", "each line must be a JSON object", value)
+            continue
+        yield RawRow(number, {k: v for k, v in value.items() if v is not None and v != ""})
+
+
+def parse_sets(pairs: list[str]) -> dict[str, str]:
+    """`--set key=value` pairs → a dict; a pair without `=` is an error naming it."""
+    out: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise InputError(f"--set {pair!r}: expected key=value")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _issues_from(line: int, exc: ValidationError, values: dict[str, Any]) -> list[Issue]:
+    issues = []
+    for err in exc.errors(include_url=False):
+        name = ".".join(str(p) for p in err["loc"]) or "row"
+        value = values.get(str(err["loc"][0])) if err["loc"] else None
+        if err["type"] == "missing":
+            value = None
+        issues.append(Issue(line, name, err["msg"].lower(), value))
+    return issues
+
+
+class RowChecker:
+    """Validates rows for one model with one set of job defaults."""
+
+    def __init__(self, model: str, defaults: dict[str, Any] | None = None):
+        if model not in MODELS:
+            raise InputError(f"--model: unknown model {model!r}; choose one of {', '.join(MODELS)}")
+        self.spec = MODELS[model]
+        self.cls = row_class(model)
+        self.fields = set(self.cls.model_fields)
+        self.defaults = dict(defaults or {})
+        self.ids: set[str] = set()
+
+    def check_defaults(self) -> list[Issue]:
+        """Problems with `--set` values, reported once as `defaults: field: …`."""
+        unknown = [Issue(0, k, "not a field of this model", v) for k, v in self.defaults.items()
+                   if k not in self.fields or k == "id"]
+        if unknown:
+            return unknown
+        probe = {**self._required_placeholders(), **self.spec.defaults, **self.defaults}
+        try:
+            self.cls.model_validate(probe)
+        except ValidationError as exc:
+            return [i for i in _issues_from(0, exc, probe) if i.field in self.defaults]
+        return []
+
+    def _required_placeholders(self) -> dict[str, Any]:
+        return {n: "x" for n, f in self.cls.model_fields.items() if f.is_required()}
+
+    def check(self, raw: RawRow) -> CheckedRow:
+        known = {k: v for k, v in raw.values.items() if k in self.fields}
+        metadata = {k: v for k, v in raw.values.items() if k not in self.fields}
+        merged = {**self.spec.defaults, **self.defaults, **known}
+        item_id = str(known.get("id", raw.line))
+        issues = self._check_unique(raw.line, item_id, explicit="id" in known)
+        try:
+            row: CommonParams = self.cls.model_validate(merged)
+        except ValidationError as exc:
+            issues = _issues_from(raw.line, exc, merged) + issues
+        if issues:
+            return CheckedRow(raw.line, item_id, None, metadata, issues)
+        params = row.model_dump(exclude={"id"})
+        notes = self._fit_size(raw.line, params) if isinstance(row, GenerateRow) else []
+        return CheckedRow(raw.line, item_id, params, metadata, notes=notes)
+
+    def _check_unique(self, line: int, item_id: str, explicit: bool) -> list[Issue]:
+        """Ids (explicit, or the line number) must be unique; every id seen is remembered."""
+        if item_id not in self.ids:
+            self.ids.add(item_id)
+            return []
+        if explicit:
+            return [Issue(line, "id", "duplicate id; ids must be unique in a manifest", item_id)]
+        return [Issue(line, "id", "an explicit id elsewhere already uses this line number", item_id)]
+
+    def _fit_size(self, line: int, params: dict[str, Any]) -> list[str]:
+        w, h = rendered_size(params["width"], params["height"], self.spec.base_size)
+        notes = []
+        if (w, h) != (params["width"], params["height"]):
+            notes.append(f"line {line}: width/height: {params['width']}x{params['height']} "
+                         f"renders as {w}x{h} (HiDream renders ~{self.spec.base_size}² px, sides multiple of 16)")
+        params["requested_size"] = [params["width"], params["height"]]
+        params["width"], params["height"] = w, h
+        return notes
+
+
+@dataclass
+class CheckReport:
+    rows: int = 0
+    valid: int = 0
+    issues: list[Issue] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def check_manifest(path: Path, checker: RowChecker) -> Iterator[CheckedRow | Issue]:
+    """Stream the manifest through the checker: one CheckedRow per row, or an Issue for an unreadable one."""
+    count = 0
+    for raw in read_rows(path):
+        if isinstance(raw, Issue):
+            # an unreadable row is still a row: it ends in the results as failed
+            yield CheckedRow(raw.line, str(raw.line), None, {}, [raw]) if raw.field == "row" else raw
+            continue
+        count += 1
+        if count > MAX_ROWS:
+            yield Issue(-1, "rows", f"manifest has more than {MAX_ROWS} rows")
+            return
+        yield checker.check(raw)
+
+
+def validate_manifest(path: Path, model: str, defaults: dict[str, Any] | None = None) -> CheckReport:
+    """Check a whole manifest; collects every issue (rows themselves are not kept)."""
+    checker = RowChecker(model, defaults)
+    report = CheckReport(issues=checker.check_defaults())
+    if report.issues:
+        return report
+    for entry in check_manifest(path, checker):
+        if isinstance(entry, Issue):
+            report.issues.append(entry)
+            continue
+        report.rows += 1
+        report.valid += entry.ok
+        report.issues.extend(entry.issues)
+        report.notes.extend(entry.notes)
+    return report

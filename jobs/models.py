@@ -1,0 +1,158 @@
+"""Data only: model presets, manifest rows, job and item records.
+
+Rows are validated with pydantic. A generation row (HiDream-I1) and an edit row (HiDream-E1) share
+`CommonParams`; each model names the row class it accepts in `MODELS`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+OutputFormat = Literal["jpeg", "png", "webp"]
+SchedulerName = Literal["flow_unipc", "flash_flow", "flow_euler"]
+
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+MAX_SEED = 2**32 - 1
+CONTENT_TYPES = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
+EXTENSIONS = {"jpeg": "jpg", "png": "png", "webp": "webp"}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str  # dreambatch's name, used in queues and on the CLI
+    hub_id: str  # the upstream weights
+    kind: Literal["generate", "edit"]
+    defaults: dict[str, Any] = field(default_factory=dict)  # upstream preset
+    base_size: int = 1024  # the pipeline renders at about base_size² pixels
+
+
+MODELS: dict[str, ModelSpec] = {
+    "i1-full": ModelSpec(
+        "i1-full", "HiDream-ai/HiDream-I1-Full", "generate",
+        {"steps": 50, "guidance_scale": 5.0, "shift": 3.0, "scheduler": "flow_unipc"},
+    ),
+    "i1-dev": ModelSpec(
+        "i1-dev", "HiDream-ai/HiDream-I1-Dev", "generate",
+        {"steps": 28, "guidance_scale": 0.0, "shift": 6.0, "scheduler": "flash_flow"},
+    ),
+    "i1-fast": ModelSpec(
+        "i1-fast", "HiDream-ai/HiDream-I1-Fast", "generate",
+        {"steps": 16, "guidance_scale": 0.0, "shift": 3.0, "scheduler": "flash_flow"},
+    ),
+}
+
+
+class CommonParams(BaseModel):
+    """Fields every row has, whatever the model."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    id: str | None = Field(None, pattern=ID_PATTERN)
+    negative_prompt: str = Field("", max_length=4000)
+    seed: int = Field(-1, ge=-1, le=MAX_SEED, description="-1 = random; the seed used is recorded")
+    steps: int = Field(16, ge=1, le=150)
+    guidance_scale: float = Field(0.0, ge=0.0, le=30.0)
+    num_images: int = Field(1, ge=1, le=8)
+    output_format: OutputFormat = "png"
+    output_quality: int = Field(95, ge=1, le=100)
+
+    @field_validator("output_format", mode="before")
+    @classmethod
+    def _jpg_is_jpeg(cls, value: Any) -> Any:
+        return "jpeg" if isinstance(value, str) and value.lower() in ("jpg", "jpeg") else value
+
+
+class GenerateRow(CommonParams):
+    """A HiDream-I1 text-to-image row."""
+
+    prompt: str = Field(..., min_length=1, max_length=4000)
+    width: int = Field(1024, ge=64, le=4096)
+    height: int = Field(1024, ge=64, le=4096)
+    shift: float = Field(3.0, gt=0.0, le=100.0)
+    scheduler: SchedulerName = "flash_flow"
+
+
+ROW_CLASSES: dict[str, type[CommonParams]] = {"generate": GenerateRow}
+
+
+def row_class(model: str) -> type[CommonParams]:
+    return ROW_CLASSES[MODELS[model].kind]
+
+
+def rendered_size(width: int, height: int, base_size: int = 1024, multiple: int = 16) -> tuple[int, int]:
+    """The size HiDream renders for a requested size: the same aspect at about base_size² pixels,
+    each side a multiple of `multiple` (the pipeline's own rule)."""
+    scale = math.sqrt(base_size * base_size / (width * height))
+    return int(width * scale // multiple * multiple), int(height * scale // multiple * multiple)
+
+
+class OutputImage(BaseModel):
+    s3_uri: str | None = None  # s3://bucket/key, or the local path in `run` mode
+    url: str | None = None  # presigned HTTPS URL when configured
+    width: int
+    height: int
+    content_type: str
+
+
+class ItemOutput(BaseModel):
+    images: list[OutputImage] = Field(default_factory=list)
+    seed: int | None = None
+
+
+class Timings(BaseModel):
+    queue_wait_s: float | None = None
+    inference_s: float | None = None
+    upload_s: float | None = None
+
+
+class ItemRecord(BaseModel):
+    """One manifest row as an item: what to do, and what happened."""
+
+    job_id: str
+    item_id: str  # the row's `id`, else its line number
+    line: int
+    status: str = "queued"
+    params: dict[str, Any] = Field(default_factory=dict)  # normalized row, seed resolved
+    metadata: dict[str, Any] = Field(default_factory=dict)  # unknown columns, echoed back
+    attempts: int = 0
+    seed: int | None = None
+    output: ItemOutput | None = None
+    error: str | None = None
+    timings: Timings = Field(default_factory=Timings)
+    enqueued_at: float | None = None
+    created_at: str
+    updated_at: str
+
+    def result_line(self) -> dict[str, Any]:
+        """The item's line in results.jsonl."""
+        return {
+            "id": self.item_id,
+            "line": self.line,
+            "status": self.status,
+            "error": self.error,
+            "seed": self.seed,
+            "metadata": self.metadata,
+            "output": self.output.model_dump() if self.output else {"images": [], "seed": self.seed},
+            "attempts": self.attempts,
+            "timings": self.timings.model_dump(),
+        }
+
+
+class JobRecord(BaseModel):
+    job_id: str
+    model: str
+    defaults: dict[str, Any] = Field(default_factory=dict)
+    output: str  # s3://bucket/prefix or a local folder
+    webhook: str | None = None
+    manifest: str | None = None
+    status: str = "queued"
+    total: int = 0
+    counts: dict[str, int] = Field(default_factory=dict)
+    created_at: str
+    updated_at: str
+    finished_at: str | None = None
+    results_uri: str | None = None

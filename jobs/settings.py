@@ -1,0 +1,60 @@
+"""One typed Settings object, read from the environment once, by `get_settings()`.
+
+Variables use the prefix `DREAMBATCH_` (nested with `__`, e.g. `DREAMBATCH_CELERY__VISIBILITY_TIMEOUT`).
+S3 credentials and endpoint come from boto3's own variables (`AWS_ENDPOINT_URL_S3`,
+`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_DEFAULT_REGION`), which boto3 reads itself.
+Tests build a `Settings(...)` directly and pass it in; nothing is constructed at import time.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class CelerySettings(BaseModel):
+    task_time_limit: int = Field(3000, description="hard limit (s) for one item on a GPU worker")
+    visibility_timeout: int = Field(3600 + 600, description="redelivery after this many s unacked; > time limit")
+    max_attempts: int = Field(3, description="an item that started this many times without ending fails")
+    publish_batch: int = Field(500, description="tasks published per producer batch at submit")
+    restore_interval: int = Field(10, description="s between scans that redeliver expired unacked tasks")
+
+
+class S3Settings(BaseModel):
+    endpoint_url: str | None = Field(None, description="defaults to boto3's AWS_ENDPOINT_URL_S3")
+    region: str | None = None
+    presign_expires: int = Field(0, description="seconds; >0 adds presigned HTTPS URLs to results")
+    connect_timeout: float = 5.0
+    read_timeout: float = 60.0
+    max_attempts: int = 5
+
+
+class WebhookSettings(BaseModel):
+    timeout: float = 15.0
+    max_attempts: int = 8
+    backoff_base: float = 2.0
+    backoff_max: float = 600.0
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DREAMBATCH_", env_nested_delimiter="__", extra="ignore")
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    output: str | None = Field(None, description="default output location, s3://bucket/prefix")
+    webhook_secret: str | None = Field(None, description="whsec_… secret used to sign webhooks")
+    input_roots: list[str] = Field(default_factory=list, description="extra folders local inputs may come from")
+    celery: CelerySettings = CelerySettings()
+    s3: S3Settings = S3Settings()
+    webhooks: WebhookSettings = WebhookSettings()
+
+    def s3_endpoint(self) -> str | None:
+        return self.s3.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, built on first use."""
+    return Settings()

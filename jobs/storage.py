@@ -1,0 +1,169 @@
+"""Object storage behind one small interface: S3 (boto3, any S3-compatible endpoint) or a local folder.
+
+A location is `s3://bucket/prefix` or a filesystem path. Keys are always relative to the location.
+Writes are whole-object puts, so writing the same key twice with the same bytes is harmless.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Protocol
+
+from jobs.errors import ConfigError, TransientError
+from jobs.settings import Settings
+
+
+class ObjectStore(Protocol):
+    location: str
+
+    def put(self, key: str, data: bytes, content_type: str, metadata: dict[str, str] | None = None) -> str:
+        """Write an object; returns its URI (s3://… or a local path)."""
+        ...
+
+    def put_file(self, key: str, path: Path, content_type: str) -> str: ...
+
+    def get(self, key: str) -> bytes | None:
+        """The object's bytes, or None when it does not exist."""
+        ...
+
+    def keys(self, prefix: str) -> Iterator[str]: ...
+
+    def url(self, key: str) -> str | None:
+        """A time-limited HTTPS URL, when configured."""
+        ...
+
+
+def split_s3(location: str) -> tuple[str, str]:
+    rest = location.removeprefix("s3://")
+    bucket, _, prefix = rest.partition("/")
+    if not bucket:
+        raise ConfigError(f"output {location!r}: expected s3://bucket/prefix")
+    prefix = prefix.strip("/")
+    return bucket, f"{prefix}/" if prefix else ""
+
+
+def s3_client(settings: Settings):
+    """A boto3 S3 client with explicit timeouts, standard retries and checksums that non-AWS stores accept."""
+    import boto3
+    from botocore.config import Config
+
+    endpoint = settings.s3_endpoint()
+    extra = {}
+    if endpoint:  # MinIO, Ceph, moto…: only send checksums the operation requires
+        extra = {"request_checksum_calculation": "when_required", "response_checksum_validation": "when_required"}
+    config = Config(
+        connect_timeout=settings.s3.connect_timeout,
+        read_timeout=settings.s3.read_timeout,
+        retries={"mode": "standard", "max_attempts": settings.s3.max_attempts},
+        s3={"addressing_style": "path"} if endpoint else None,
+        **extra,
+    )
+    return boto3.session.Session().client(
+        "s3", endpoint_url=endpoint, region_name=settings.s3.region or os.environ.get("AWS_DEFAULT_REGION"),
+        config=config,
+    )
+
+
+class S3Store:
+    def __init__(self, location: str, client, presign_expires: int = 0):
+        self.location = location
+        self.bucket, self.prefix = split_s3(location)
+        self.client = client
+        self.presign_expires = presign_expires
+
+    def _key(self, key: str) -> str:
+        return self.prefix + key
+
+    def _call(self, fn, **kwargs):
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return fn(**kwargs)
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            if code in ("NoSuchKey", "404") or status == 404 and code != "NoSuchBucket":
+                return None
+            if code in ("NoSuchBucket", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+                raise ConfigError(f"S3 {self.location}: {code}: {exc}") from None
+            raise TransientError(f"S3 {self.location}: {code or status}: {exc}") from None
+        except BotoCoreError as exc:
+            raise TransientError(f"S3 {self.location}: {exc}") from None
+
+    def put(self, key: str, data: bytes, content_type: str, metadata: dict[str, str] | None = None) -> str:
+        self._call(self.client.put_object, Bucket=self.bucket, Key=self._key(key), Body=data,
+                   ContentType=content_type, Metadata=metadata or {})
+        return f"s3://{self.bucket}/{self._key(key)}"
+
+    def put_file(self, key: str, path: Path, content_type: str) -> str:
+        with path.open("rb") as fh:
+            self._call(self.client.upload_fileobj, Fileobj=fh, Bucket=self.bucket, Key=self._key(key),
+                       ExtraArgs={"ContentType": content_type})
+        return f"s3://{self.bucket}/{self._key(key)}"
+
+    def get(self, key: str) -> bytes | None:
+        resp = self._call(self.client.get_object, Bucket=self.bucket, Key=self._key(key))
+        return None if resp is None else resp["Body"].read()
+
+    def keys(self, prefix: str) -> Iterator[str]:
+        paginator = self.client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=self._key(prefix)):
+            for obj in page.get("Contents", []):
+                yield obj["Key"][len(self.prefix):]
+
+    def url(self, key: str) -> str | None:
+        if self.presign_expires <= 0:
+            return None
+        return self.client.generate_presigned_url(
+            "get_object", Params={"Bucket": self.bucket, "Key": self._key(key)}, ExpiresIn=self.presign_expires
+        )
+
+
+class LocalStore:
+    """A folder standing in for a bucket (the `run` mode)."""
+
+    def __init__(self, location: str):
+        self.root = Path(location).expanduser().resolve()
+        self.location = str(self.root)
+
+    def _path(self, key: str) -> Path:
+        path = (self.root / key).resolve()
+        if not path.is_relative_to(self.root):
+            raise ConfigError(f"key {key!r} escapes {self.root}")
+        return path
+
+    def put(self, key: str, data: bytes, content_type: str, metadata: dict[str, str] | None = None) -> str:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)  # atomic: a reader never sees half a file
+        return str(path)
+
+    def put_file(self, key: str, path: Path, content_type: str) -> str:
+        return self.put(key, path.read_bytes(), content_type)
+
+    def get(self, key: str) -> bytes | None:
+        path = self._path(key)
+        return path.read_bytes() if path.is_file() else None
+
+    def keys(self, prefix: str) -> Iterator[str]:
+        base = self._path(prefix) if prefix else self.root
+        folder = base if base.is_dir() else base.parent
+        for path in sorted(folder.rglob("*")):
+            rel = path.relative_to(self.root).as_posix()
+            if path.is_file() and rel.startswith(prefix) and not path.name.startswith(".tmp-"):
+                yield rel
+
+    def url(self, key: str) -> str | None:
+        return None
+
+
+def open_store(location: str, settings: Settings, client=None) -> ObjectStore:
+    if location.startswith("s3://"):
+        return S3Store(location, client or s3_client(settings), settings.s3.presign_expires)
+    return LocalStore(location)

@@ -1,0 +1,76 @@
+"""Local embedded mode: one process, no Redis, no S3, the same item code path as a worker.
+
+Items run one after another through `worker.process`; the store is in memory, outputs and the
+durable record go to a local folder, webhooks are delivered inline with the same retry rules.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from jobs.settings import Settings
+from jobs.storage import LocalStore
+from jobs.store import MemoryStore
+from jobs.submit import Submission, create_job
+from worker import process, webhooks
+from worker.runtime import Runtime
+
+log = logging.getLogger("dreambatch.local")
+
+
+def run_local(manifest: Path, *, model: str, defaults: dict[str, Any], out: str, settings: Settings,
+              weights: str | None = None, device: str = "cpu", webhook: str | None = None,
+              skip_invalid: bool = False, on_item: Callable[[str, str], None] | None = None) -> Submission:
+    store = MemoryStore()
+    objects = LocalStore(out)
+    runtime = Runtime(settings, model=model, weights=weights, device=device, store=store)
+    queue: deque[str] = deque()
+    finals: list[str] = []
+    events: list[tuple[str, str | None, str]] = []
+    ctx = process.Context(settings=settings, store=store, runner=runtime.runner, objects=lambda _loc: objects,
+                          notify=lambda j, i, e: events.append((j, i, e)), finalize=finals.append)
+
+    # 1. validate and create the job; queued ids land in a local queue
+    sub = create_job(manifest, model=model, defaults=defaults, output=objects.location, webhook=webhook,
+                     store=store, objects=objects, dispatch=queue.extend, skip_invalid=skip_invalid)
+    if sub.job_done:
+        finals.append(sub.job.job_id)
+
+    # 2. run every item, retrying transient failures after their backoff
+    job_id = sub.job.job_id
+    while queue:
+        item_id = queue.popleft()
+        outcome = process.process_item(ctx, job_id, item_id)
+        if outcome.retry_in is not None:
+            time.sleep(outcome.retry_in)
+            queue.appendleft(item_id)
+            continue
+        if on_item:
+            on_item(item_id, outcome.status)
+        _flush_events(ctx, events)
+
+    # 3. finalize (results.jsonl) and send the job's event
+    for job in dict.fromkeys(finals):
+        process.finalize_job(ctx, job)
+    _flush_events(ctx, events)
+    sub.job = store.get_job(job_id)
+    return sub
+
+
+def _flush_events(ctx: process.Context, events: list[tuple[str, str | None, str]]) -> None:
+    cfg = ctx.settings.webhooks
+    while events:
+        job_id, item_id, event_id = events.pop(0)
+        for n in range(1, cfg.max_attempts + 1):
+            attempt = process.webhook_attempt(ctx, job_id, item_id, event_id)
+            if attempt is None or attempt.delivered or not attempt.retryable:
+                break
+            if n < cfg.max_attempts:
+                time.sleep(webhooks.backoff(n, cfg.backoff_base, cfg.backoff_max, attempt.retry_after))
+            else:
+                log.warning("webhook %s not delivered after %d attempts: %s", event_id, n, attempt.error)

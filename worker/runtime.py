@@ -1,0 +1,80 @@
+"""Per-process resources of a worker: settings, store, object stores and the loaded model.
+
+Built once per process, on first use, in the process that runs tasks (never at import time and
+never before a fork: CUDA does not survive one). Workers use the solo or threads pool, so that
+process is the worker itself.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+from celery import Celery
+
+from jobs import broker
+from jobs.settings import Settings
+from jobs.storage import ObjectStore, open_store, s3_client
+from jobs.store import RedisStore, Store
+from worker.process import Context
+from worker.runners.base import Runner
+
+
+def build_runner(model: str, weights: str | None, device: str) -> Runner:
+    """The real runner for a model name (HiDream-I1 for i1-*)."""
+    if model.startswith("i1-"):
+        from worker.runners.hidream_i1 import HiDreamI1Runner
+
+        return HiDreamI1Runner(model, weights=weights, device=device)
+    raise ValueError(f"no runner for model {model!r}")
+
+
+class Runtime:
+    def __init__(self, settings: Settings, app: Celery | None = None, *, model: str | None = None,
+                 weights: str | None = None, device: str = "cpu", store: Store | None = None,
+                 runner_factory: Callable[[], Runner] | None = None):
+        self.settings = settings
+        self.app = app
+        self.model = model
+        self._store = store
+        self._runner: Runner | None = None
+        self._runner_factory = runner_factory or (lambda: build_runner(model, weights, device))
+        self._objects: dict[str, ObjectStore] = {}
+        self._s3 = None
+        self._lock = threading.Lock()
+        self.gpu_lock = threading.Lock()
+
+    @property
+    def store(self) -> Store:
+        with self._lock:
+            if self._store is None:
+                self._store = RedisStore.from_url(self.settings.redis_url)
+            return self._store
+
+    def runner(self) -> Runner:
+        with self._lock:
+            if self._runner is None:
+                if self.model is None:
+                    raise RuntimeError("this worker has no model (an --io worker never runs items)")
+                runner = self._runner_factory()
+                load = getattr(runner, "load", None)
+                if load:
+                    load()
+                self._runner = runner
+            return self._runner
+
+    def objects(self, location: str) -> ObjectStore:
+        with self._lock:
+            if location not in self._objects:
+                if location.startswith("s3://") and self._s3 is None:
+                    self._s3 = s3_client(self.settings)
+                self._objects[location] = open_store(location, self.settings, client=self._s3)
+            return self._objects[location]
+
+    def context(self) -> Context:
+        return Context(
+            settings=self.settings, store=self.store, runner=self.runner, objects=self.objects,
+            notify=lambda job_id, item_id, event_id: broker.send_webhook(self.app, job_id, item_id, event_id),
+            finalize=lambda job_id: broker.send_finalize(self.app, job_id),
+            gpu_lock=self.gpu_lock,
+        )

@@ -1,0 +1,137 @@
+"""Webhook payloads and one delivery attempt.
+
+Payloads follow the seeds' shape (`id`, `job_id`, `status`, `output`, `error`, `metadata`,
+`created_at`, `updated_at`; job events add `counts`). Every event has a stable id, sent as the
+`webhook-id` header on every retry, and is signed like the Standard Webhooks spec when a
+`whsec_` secret is configured. Retrying is the caller's job (a Celery retry with backoff).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import random
+import time
+from dataclasses import asdict, dataclass
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import httpx
+
+from jobs.models import ItemRecord, JobRecord
+
+USER_AGENT = "dreambatch-webhooks/1"
+
+
+def item_event_id(job_id: str, item_id: str, status: str) -> str:
+    return f"evt_{job_id}_{item_id}_{status}"
+
+
+def job_event_id(job_id: str, status: str) -> str:
+    return f"evt_{job_id}_{status}"
+
+
+def item_payload(job: JobRecord, item: ItemRecord) -> dict[str, Any]:
+    return {
+        "type": f"item.{item.status}",
+        "id": item.item_id,
+        "job_id": job.job_id,
+        "model": job.model,
+        "status": item.status,
+        "line": item.line,
+        "output": item.output.model_dump() if item.output else None,
+        "seed": item.seed,
+        "error": item.error,
+        "metadata": item.metadata,
+        "created_at": item.created_at,
+        "updated_at": item.updated_at,
+    }
+
+
+def job_payload(job: JobRecord) -> dict[str, Any]:
+    return {
+        "type": f"job.{job.status}",
+        "id": job.job_id,
+        "job_id": job.job_id,
+        "model": job.model,
+        "status": job.status,
+        "counts": {"total": job.total, **job.counts},
+        "output": {"results": job.results_uri},
+        "error": None if job.status != "failed" else "every item failed",
+        "metadata": {},
+        "created_at": job.created_at,
+        "updated_at": job.finished_at or job.updated_at,
+    }
+
+
+def sign(secret: str, event_id: str, timestamp: int, body: bytes) -> str:
+    """`v1,<base64 HMAC-SHA256 of id.timestamp.body>` with a `whsec_<base64>` secret."""
+    key = base64.b64decode(secret.removeprefix("whsec_"))
+    mac = hmac.new(key, f"{event_id}.{timestamp}.".encode() + body, hashlib.sha256).digest()
+    return "v1," + base64.b64encode(mac).decode()
+
+
+@dataclass
+class Attempt:
+    at: float
+    status_code: int | None
+    latency_s: float
+    error: str | None
+    retry_after: float | None = None
+
+    @property
+    def delivered(self) -> bool:
+        return self.status_code is not None and 200 <= self.status_code < 300
+
+    @property
+    def retryable(self) -> bool:
+        if self.status_code is None:
+            return True  # network error or timeout
+        return self.status_code == 429 or self.status_code >= 500
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def deliver(url: str, event_id: str, payload: dict[str, Any], *, secret: str | None, timeout: float,
+            client: httpx.Client | None = None) -> Attempt:
+    """POST once; never raises for HTTP or network failures, it reports them."""
+    body = json.dumps(payload, separators=(",", ":")).encode()
+    ts = int(time.time())
+    headers = {"content-type": "application/json", "user-agent": USER_AGENT,
+               "webhook-id": event_id, "webhook-timestamp": str(ts)}
+    if secret:
+        headers["webhook-signature"] = sign(secret, event_id, ts, body)
+    start = time.monotonic()
+    try:
+        if client is None:
+            with httpx.Client(timeout=timeout, follow_redirects=False) as c:
+                resp = c.post(url, content=body, headers=headers)
+        else:
+            resp = client.post(url, content=body, headers=headers)
+    except httpx.HTTPError as exc:
+        return Attempt(time.time(), None, time.monotonic() - start, f"{type(exc).__name__}: {exc}")
+    latency = time.monotonic() - start
+    error = None if 200 <= resp.status_code < 300 else f"HTTP {resp.status_code}"
+    return Attempt(time.time(), resp.status_code, latency, error, _retry_after(resp.headers.get("retry-after")))
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
+
+
+def backoff(attempt: int, base: float, cap: float, retry_after: float | None = None) -> float:
+    """Exponential backoff with full jitter; a server's Retry-After wins when it asks for longer."""
+    delay = random.uniform(0, min(cap, base * (2 ** max(0, attempt - 1))))
+    return max(delay, retry_after or 0.0)
