@@ -79,15 +79,37 @@ def read_rows(path: Path) -> Iterator[RawRow | Issue]:
     kind = manifest_format(path)
     if not path.is_file():
         raise InputError(f"{path}: manifest not found")
-    with path.open("r", encoding="utf-8-sig", newline="") as fh:
-        try:
-            yield from (_read_csv(fh) if kind == "csv" else _read_jsonl(fh))
-        except UnicodeDecodeError as exc:
-            yield Issue(-1, "encoding", f"manifest is not UTF-8 text ({exc.reason} at byte {exc.start})")
+    with path.open("rb") as fh:
+        lines = _Lines(fh)
+        yield from (_read_csv(lines) if kind == "csv" else _read_jsonl(lines))
 
 
-def _read_csv(fh) -> Iterator[RawRow | Issue]:
-    reader = csv.reader(fh)
+class _Lines:
+    """Decodes a binary file line by line (BOM dropped); lines that are not UTF-8 are remembered."""
+
+    def __init__(self, fh):
+        self.fh = fh
+        self.bad: set[int] = set()
+        self.number = 0
+
+    def __iter__(self) -> Iterator[str]:
+        for raw in self.fh:
+            self.number += 1
+            if self.number == 1:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")
+            try:
+                yield raw.decode("utf-8")
+            except UnicodeDecodeError:
+                self.bad.add(self.number)
+                yield raw.decode("utf-8", errors="replace")
+
+    def undecodable(self, first: int, last: int) -> Issue | None:
+        bad = [n for n in range(first, last + 1) if n in self.bad]
+        return Issue(first, "row", f"line {bad[0]} is not UTF-8 text") if bad else None
+
+
+def _read_csv(lines: _Lines) -> Iterator[RawRow | Issue]:
+    reader = csv.reader(lines)
     try:
         header = next(reader)
     except StopIteration:
@@ -102,20 +124,25 @@ def _read_csv(fh) -> Iterator[RawRow | Issue]:
             line, start = start, reader.line_num + 1
             if not any(cell.strip() for cell in record):
                 continue
-            if len(record) != len(names):
+            if issue := lines.undecodable(line, reader.line_num):
+                yield issue
+            elif len(record) != len(names):
                 yield Issue(line, "row", f"has {len(record)} fields, the header has {len(names)}")
-                continue
-            yield RawRow(line, {k: v for k, v in zip(names, record, strict=True) if v.strip() != ""})
+            else:
+                yield RawRow(line, {k: v for k, v in zip(names, record, strict=True) if v.strip() != ""})
     except csv.Error as exc:
         yield Issue(start, "row", f"malformed CSV: {exc}")
 
 
-def _read_jsonl(fh) -> Iterator[RawRow | Issue]:
-    for number, text in enumerate(fh, start=1):
+def _read_jsonl(lines: _Lines) -> Iterator[RawRow | Issue]:
+    for number, text in enumerate(lines, start=1):
         if len(text) > MAX_LINE_BYTES:
             yield Issue(number, "row", f"line longer than {MAX_LINE_BYTES} bytes")
             continue
         if not text.strip():
+            continue
+        if issue := lines.undecodable(number, number):
+            yield issue
             continue
         try:
             value = json.loads(text)

@@ -1,0 +1,79 @@
+"""The live store's transitions on a real redis-server, and webhook delivery to a real receiver."""
+
+from __future__ import annotations
+
+import base64
+import os
+
+import pytest
+from standardwebhooks.webhooks import Webhook
+
+from jobs.lifecycle import ItemStatus, JobStatus
+from jobs.models import ItemRecord, JobRecord
+from jobs.store import MemoryStore, RedisStore
+from worker import webhooks
+
+
+def _job(job_id: str, total: int) -> JobRecord:
+    return JobRecord(job_id=job_id, model="i1-fast", output="s3://b/p", total=total,
+                     created_at="2026-11-22T00:00:00+00:00", updated_at="2026-11-22T00:00:00+00:00")
+
+
+def _item(job_id: str, item_id: str, line: int) -> ItemRecord:
+    return ItemRecord(job_id=job_id, item_id=item_id, line=line, params={"prompt": "x"},
+                      created_at="2026-11-22T00:00:00+00:00", updated_at="2026-11-22T00:00:00+00:00")
+
+
+@pytest.fixture(params=["redis", "memory"])
+def store(request):
+    if request.param == "memory":
+        return MemoryStore()
+    server = request.getfixturevalue("redis_server")
+    return RedisStore.from_url(server.url)
+
+
+def test_transitions_count_and_only_the_last_item_sees_the_job_done(store):
+    job_id = f"j-{os.urandom(4).hex()}"
+    store.create_job(_job(job_id, 2))
+    a, b = _item(job_id, "a", 1), _item(job_id, "b", 2)
+    store.add_items([a, b])
+
+    first = store.transition(a, ItemStatus.RUNNING, count_attempt=True)
+    assert first.applied and first.attempts == 1 and not first.job_done
+    again = store.transition(a, ItemStatus.RUNNING, count_attempt=True)  # a redelivery
+    assert again.applied and again.attempts == 2
+    assert store.transition(a, ItemStatus.COMPLETED).job_done is False
+    assert store.transition(a, ItemStatus.FAILED).applied is False  # terminal stays terminal
+    store.transition(b, ItemStatus.RUNNING, count_attempt=True)
+    assert store.transition(b, ItemStatus.FAILED).job_done is True
+
+    job = store.get_job(job_id)
+    assert job.counts == {"queued": 0, "running": 0, "completed": 1, "failed": 1, "cancelled": 0}
+    assert job.status == "running"
+    assert store.finish_job(job_id, JobStatus.COMPLETED, "s3://b/p/r", "t") is True
+    assert store.finish_job(job_id, JobStatus.FAILED, None, "t") is False  # exactly once
+    assert store.get_job(job_id).status == "completed"
+    assert [i.item_id for i in store.items(job_id)] == ["a", "b"]
+    assert store.get_item(job_id, "a").attempts == 2
+
+
+def test_signed_webhook_verifies_with_the_standardwebhooks_package(receiver):
+    secret = "whsec_" + base64.b64encode(os.urandom(24)).decode()
+    attempt = webhooks.deliver(receiver.url, "evt_1", {"id": "x", "status": "completed"}, secret=secret,
+                               timeout=5)
+    assert attempt.delivered and attempt.status_code == 200
+    req = receiver.requests[0]
+    assert Webhook(secret).verify(req["body"], req["headers"]) == {"id": "x", "status": "completed"}
+    assert req["headers"]["webhook-id"] == "evt_1"
+
+
+def test_failed_delivery_is_reported_retryable_with_retry_after(receiver):
+    receiver.script = [503]
+    attempt = webhooks.deliver(receiver.url, "evt_2", {}, secret=None, timeout=5)
+    assert not attempt.delivered and attempt.retryable and attempt.error == "HTTP 503"
+    gone = webhooks.Attempt(0, 410, 0.1, "HTTP 410")
+    assert not gone.retryable
+    assert webhooks.backoff(3, 1.0, 60.0, retry_after=30.0) >= 30.0
+    assert 0 <= webhooks.backoff(10, 1.0, 5.0) <= 5.0
+    refused = webhooks.deliver("http://127.0.0.1:9/none", "evt_3", {}, secret=None, timeout=2)
+    assert refused.status_code is None and refused.retryable and "ConnectError" in refused.error
