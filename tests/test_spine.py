@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import cli, s3_client, service_env, wait_until
+
 from jobs.store import RedisStore
 
 pytestmark = pytest.mark.timeout(420)
