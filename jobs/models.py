@@ -30,6 +30,9 @@ class ModelSpec:
     base_size: int = 1024  # the pipeline renders at about base_size² pixels
 
 
+E1_DEFAULTS = {"steps": 28, "guidance_scale": 5.0, "image_guidance_scale": 4.0, "refine_strength": 0.3,
+               "negative_prompt": "low resolution, blur"}
+
 MODELS: dict[str, ModelSpec] = {
     "i1-full": ModelSpec(
         "i1-full", "HiDream-ai/HiDream-I1-Full", "generate",
@@ -43,7 +46,12 @@ MODELS: dict[str, ModelSpec] = {
         "i1-fast", "HiDream-ai/HiDream-I1-Fast", "generate",
         {"steps": 16, "guidance_scale": 0.0, "shift": 3.0, "scheduler": "flash_flow"},
     ),
+    # E1.1: direct instructions, dynamic resolution around 1 MP (sides multiple of 16)
+    "e1-1": ModelSpec("e1-1", "HiDream-ai/HiDream-E1-1", "edit", dict(E1_DEFAULTS)),
+    # E1-Full: 768×768, "Editing Instruction: …. Target Image Description: …" prompts; LoRA on I1-Full
+    "e1-full": ModelSpec("e1-full", "HiDream-ai/HiDream-E1-Full", "edit", dict(E1_DEFAULTS), base_size=768),
 }
+REFINE_HUB_ID = "HiDream-ai/HiDream-I1-Full"  # the E1 refine stage runs I1-Full img2img
 
 
 class CommonParams(BaseModel):

@@ -30,6 +30,28 @@ class GenerateRequest:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class EditRequest:
+    """One HiDream-E1 edit. `image` is RGB at exactly width×height (multiples of 16): the worker has
+    already fitted it to the model's canvas; the runner returns images of that same size."""
+
+    image: Image.Image
+    instruction: str = ""
+    target_description: str = ""
+    prompt: str = ""  # a full prompt, used as is instead of instruction + description
+    negative_prompt: str = "low resolution, blur"
+    width: int = 1024
+    height: int = 1024
+    seed: int = 0
+    steps: int = 28
+    guidance_scale: float = 5.0
+    image_guidance_scale: float = 4.0
+    refine_strength: float = 0.3
+    clip_cfg_norm: bool = True
+    num_images: int = 1
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
 @dataclass
 class RunOutput:
     images: list[Image.Image]
@@ -41,3 +63,9 @@ class Runner(Protocol):
     model: str  # dreambatch model name, e.g. "i1-fast"
 
     def generate(self, request: GenerateRequest) -> RunOutput: ...
+
+
+class EditRunner(Protocol):
+    model: str  # "e1-1" or "e1-full"
+
+    def edit(self, request: EditRequest) -> RunOutput: ...
