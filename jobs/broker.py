@@ -49,11 +49,12 @@ def make_celery(settings: Settings) -> Celery:
     return app
 
 
-def publish_items(app: Celery, model: str, job_id: str, item_ids: Iterable[str]) -> int:
-    """Queue one run_item task per id, reusing one producer connection for the whole batch."""
+def publish_items(app: Celery, model: str, job_id: str, item_ids: Iterable[str], batch: int = 500) -> int:
+    """Queue one run_item task per id: one producer, Redis commands pipelined `batch` at a time
+    (kombu's publish batch); an error discards what was not yet flushed."""
     count = 0
     queue = keys.gpu_queue(model)
-    with app.producer_or_acquire() as producer:
+    with app.producer_or_acquire() as producer, producer.batch(max_size=batch):
         for item_id in item_ids:
             app.send_task(keys.TASK_RUN_ITEM, args=[job_id, item_id], queue=queue, producer=producer)
             count += 1

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -21,6 +21,14 @@ class CelerySettings(BaseModel):
     max_attempts: int = Field(3, description="an item that started this many times without ending fails")
     publish_batch: int = Field(500, description="tasks published per producer batch at submit")
     restore_interval: int = Field(10, description="s between scans that redeliver expired unacked tasks")
+
+    @model_validator(mode="after")
+    def _visibility_above_time_limit(self) -> CelerySettings:
+        if self.visibility_timeout <= self.task_time_limit:
+            raise ValueError(
+                f"visibility_timeout ({self.visibility_timeout}s) must exceed task_time_limit "
+                f"({self.task_time_limit}s), or a running item is delivered a second time")
+        return self
 
 
 class S3Settings(BaseModel):

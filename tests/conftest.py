@@ -1,79 +1,15 @@
-"""Real services on loopback for the tests: redis-server, an S3 endpoint (moto's server mode),
-a webhook receiver, and dreambatch worker processes on tiny random weights."""
+"""Fixtures: real services on loopback (see services.py), started per session or per test."""
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import signal
-import socket
-import subprocess
-import sys
-import threading
-import time
 import uuid
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until(predicate, timeout: float, interval: float = 0.1, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
-# --- Redis --------------------------------------------------------------------------------------
-class RedisServer:
-    def __init__(self, workdir: Path):
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.workdir = workdir
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        exe = shutil.which("redis-server")
-        if exe is None:
-            pytest.fail("redis-server is not installed (apt-get install redis-server; .ci/run does it)")
-        self.proc = subprocess.Popen(
-            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        import redis
-
-        client = redis.Redis.from_url(self.url)
-        wait_until(lambda: _ping(client), 10, what="redis-server")
-
-    def stop(self) -> None:
-        if self.proc:
-            self.proc.terminate()
-            self.proc.wait(10)
-
-    def client(self):
-        import redis
-
-        return redis.Redis.from_url(self.url, decode_responses=True)
-
-
-def _ping(client) -> bool:
-    try:
-        return client.ping()
-    except Exception:
-        return False
+from services import S3_ENV, Receiver, RedisServer, Worker, s3_client, service_env, start_s3
 
 
 @pytest.fixture(scope="session")
@@ -84,20 +20,11 @@ def redis_server(tmp_path_factory) -> Iterator[RedisServer]:
     server.stop()
 
 
-# --- S3 -----------------------------------------------------------------------------------------
-S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-
-
 @pytest.fixture(scope="session")
 def s3_endpoint() -> Iterator[str]:
-    from moto.server import ThreadedMotoServer
-
     for k, v in S3_ENV.items():
         os.environ.setdefault(k, v)
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
+    server, endpoint = start_s3()
     yield endpoint
     server.stop()
 
@@ -109,51 +36,6 @@ def bucket(s3_endpoint) -> str:
     return name
 
 
-def s3_client(endpoint: str):
-    import boto3
-
-    return boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
-                        aws_access_key_id="testing", aws_secret_access_key="testing")
-
-
-# --- Webhook receiver ---------------------------------------------------------------------------
-class Receiver:
-    """A real HTTP server on loopback that records every POST. `script` lists status codes to answer
-    with, in order, before falling back to 200."""
-
-    def __init__(self):
-        self.requests: list[dict] = []
-        self.script: list[int] = []
-        self._lock = threading.Lock()
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802
-                body = self.rfile.read(int(self.headers.get("content-length", 0)))
-                with receiver._lock:
-                    code = receiver.script.pop(0) if receiver.script else 200
-                    receiver.requests.append({"headers": {k.lower(): v for k, v in self.headers.items()},
-                                              "body": body, "json": json.loads(body or b"null"), "code": code})
-                self.send_response(code)
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def delivered(self) -> list[dict]:
-        with self._lock:
-            return [r for r in self.requests if 200 <= r["code"] < 300]
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
 @pytest.fixture
 def receiver() -> Iterator[Receiver]:
     r = Receiver()
@@ -161,55 +43,12 @@ def receiver() -> Iterator[Receiver]:
     r.close()
 
 
-# --- tiny weights and worker processes ----------------------------------------------------------
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
     """Tiny random-weight pipelines, built once per session and shared by every worker process."""
     path = tmp_path_factory.mktemp("tiny")
     os.environ["DREAMBATCH_TINY_DIR"] = str(path)
     return path
-
-
-def service_env(redis_url: str, s3: str, tiny: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DREAMBATCH_")}
-    env.update(S3_ENV)
-    env.update({
-        "DREAMBATCH_REDIS_URL": redis_url,
-        "AWS_ENDPOINT_URL_S3": s3,
-        "DREAMBATCH_TINY_DIR": str(tiny),
-        "DREAMBATCH_CELERY__VISIBILITY_TIMEOUT": "20",
-        "DREAMBATCH_CELERY__TASK_TIME_LIMIT": "15",
-        "DREAMBATCH_CELERY__RESTORE_INTERVAL": "1",
-        "DREAMBATCH_WEBHOOKS__BACKOFF_BASE": "0.2",
-        "DREAMBATCH_WEBHOOKS__BACKOFF_MAX": "1",
-        "HF_HUB_OFFLINE": "1",
-        "PYTHONUNBUFFERED": "1",
-    })
-    env.update(extra)
-    return env
-
-
-class Worker:
-    def __init__(self, args: list[str], env: dict[str, str], log: Path):
-        self.log = log
-        self._fh = log.open("w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "worker", *args], env=env, cwd=ROOT,
-                                     stdout=self._fh, stderr=subprocess.STDOUT, start_new_session=True)
-
-    def wait_ready(self, timeout: float = 120) -> Worker:
-        def ready():
-            if self.proc.poll() is not None:
-                raise AssertionError(f"worker exited {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
-            return " ready." in self.log.read_text()
-
-        wait_until(ready, timeout, 0.2, what=f"worker ready ({self.log})")
-        return self
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, sig)
-            self.proc.wait(30)
-        self._fh.close()
 
 
 @pytest.fixture
@@ -226,7 +65,3 @@ def start_worker(redis_server, s3_endpoint, tiny_dir, tmp_path) -> Iterator:
     for w in workers:
         w.kill(signal.SIGKILL)
 
-
-def cli(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "worker", *args], env=env, cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout)

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import cli, s3_client, service_env, wait_until
+from services import cli, s3_client, service_env, wait_until
 
 from jobs.store import RedisStore
 

@@ -20,7 +20,7 @@ from diffusers import (
 from diffusers.configuration_utils import FrozenDict
 
 from worker.runners.base import GenerateRequest, RunOutput
-from worker.runners.weights import resolve_weights
+from worker.runners.weights import ResolvedWeights, resolve_weights
 
 _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
            "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
@@ -65,16 +65,44 @@ def default_dtype(device: str) -> torch.dtype:
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
+def parse_dtype(dtype: str | None, device: str) -> torch.dtype:
+    """A runner's `dtype` argument ("bf16", "fp32", …) as a torch dtype; None = the device's default."""
+    if dtype is not None and dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(_DTYPES)}")
+    return _DTYPES[dtype] if dtype else default_dtype(device)
+
+
+def load_pipeline(
+    found: ResolvedWeights, device: str, dtype: torch.dtype, transformer: Any = None
+) -> HiDreamImagePipeline:
+    """The `HiDreamImagePipeline` in `found` on `device`, with the Llama text encoder found beside it.
+
+    `transformer`, when given, replaces the folder's own (which is then not read).
+    """
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tokenizer_4 = PreTrainedTokenizerFast.from_pretrained(found.llama_tokenizer_dir)
+    # The pipeline asks for hidden states on each call; setting them here trips a generation warning.
+    text_encoder_4 = LlamaForCausalLM.from_pretrained(found.llama_dir, dtype=dtype)
+    extra = {} if transformer is None else {"transformer": transformer}
+    pipe = HiDreamImagePipeline.from_pretrained(
+        found.pipeline_dir, tokenizer_4=tokenizer_4, text_encoder_4=text_encoder_4, dtype=dtype, **extra
+    ).to(device)
+    # The pipeline hard-codes 128 latents a side; render at the area the transformer was built for.
+    config = pipe.transformer.config
+    pipe.default_sample_size = native_latent_side(config.patch_size, config.max_resolution)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 class HiDreamI1Runner:
     """Turns a `GenerateRequest` into images with a HiDream-I1 pipeline held in this process."""
 
     def __init__(self, model: str, weights: str | None, device: str = "cpu", dtype: str | None = None):
-        if dtype is not None and dtype not in _DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(_DTYPES)}")
         self.model = model
         self.weights = weights
         self.device = device
-        self.dtype = _DTYPES[dtype] if dtype else default_dtype(device)
+        self.dtype = parse_dtype(dtype, device)
         self.source: str | None = None  # where the weights came from, once loaded
         self._pipe: HiDreamImagePipeline | None = None
         self._schedulers: dict[tuple[str, float], Any] = {}
@@ -87,19 +115,8 @@ class HiDreamI1Runner:
         return self._pipe
 
     def _load(self) -> HiDreamImagePipeline:
-        from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
-
         found = resolve_weights(self.model, self.weights)
-        tokenizer_4 = PreTrainedTokenizerFast.from_pretrained(found.llama_tokenizer_dir)
-        # The pipeline asks for hidden states on each call; setting them here trips a generation warning.
-        text_encoder_4 = LlamaForCausalLM.from_pretrained(found.llama_dir, dtype=self.dtype)
-        pipe = HiDreamImagePipeline.from_pretrained(
-            found.pipeline_dir, tokenizer_4=tokenizer_4, text_encoder_4=text_encoder_4, dtype=self.dtype
-        ).to(self.device)
-        # The pipeline hard-codes 128 latents a side; render at the area the transformer was built for.
-        config = pipe.transformer.config
-        pipe.default_sample_size = native_latent_side(config.patch_size, config.max_resolution)
-        pipe.set_progress_bar_config(disable=True)
+        pipe = load_pipeline(found, self.device, self.dtype)
         self._scheduler_config = pipe.scheduler.config
         self.source = found.source
         return pipe

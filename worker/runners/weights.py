@@ -62,11 +62,11 @@ def resolve_weights(model: str, weights: str | None = None) -> ResolvedWeights:
             raise WeightsNotFound(_not_found(model, wanted, [looked]))
         source = f"local:{pipeline_dir}"
     else:
-        pipeline_dir, looked = _cached_snapshot(wanted, "model_index.json")
+        pipeline_dir, looked = cached_snapshot(wanted, "model_index.json")
         if pipeline_dir is None:
             raise WeightsNotFound(_not_found(model, wanted, [looked]))
         source = f"hub:{wanted}"
-    llama_dir, llama_tokenizer_dir = _llama_dirs(model, pipeline_dir)
+    llama_dir, llama_tokenizer_dir = llama_dirs(model, pipeline_dir)
     return ResolvedWeights(pipeline_dir, llama_dir, source, llama_tokenizer_dir)
 
 
@@ -102,7 +102,7 @@ def _hub_cache() -> Path:
     return Path(os.environ.get("HF_HOME") or Path(xdg) / "huggingface").expanduser() / "hub"
 
 
-def _cached_snapshot(hub_id: str, required: str) -> tuple[Path | None, str]:
+def cached_snapshot(hub_id: str, required: str) -> tuple[Path | None, str]:
     """The cached snapshot of `hub_id` if it holds `required`, else None; and where we looked."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
@@ -117,12 +117,12 @@ def _cached_snapshot(hub_id: str, required: str) -> tuple[Path | None, str]:
     return folder, str(folder)
 
 
-def _llama_dirs(model: str, pipeline_dir: Path) -> tuple[Path, Path]:
+def llama_dirs(model: str, pipeline_dir: Path) -> tuple[Path, Path]:
     """Text encoder 4 from the pipeline folder when it ships one, else the cached Llama 3.1 8B Instruct."""
     model_dir, tokenizer_dir = pipeline_dir / "text_encoder_4", pipeline_dir / "tokenizer_4"
     if (model_dir / "config.json").is_file() and tokenizer_dir.is_dir():
         return model_dir, tokenizer_dir
-    llama, looked = _cached_snapshot(LLAMA_HUB_ID, "config.json")
+    llama, looked = cached_snapshot(LLAMA_HUB_ID, "config.json")
     if llama is None:
         inside = f"{model_dir} and {tokenizer_dir} (absent)"
         raise WeightsNotFound(_not_found(model, LLAMA_HUB_ID, [inside, looked], llama=True))
@@ -147,33 +147,51 @@ _CLIP_DIM, _T5_DIM, _LLAMA_DIM, _LLAMA_LAYERS, _TEXT_LEN = 32, 32, 32, 2, 128
 
 
 def make_tiny(model: str, out_dir: Path, seed: int = 0) -> Path:
-    """Write a tiny random HiDream-I1 pipeline for `model` to `out_dir`, laid out like the hub repos."""
+    """Write a tiny random pipeline for `model` to `out_dir`, laid out like the hub repos.
+
+    HiDream-I1 models are built here; the E1 editing models (`kind == "edit"`) in `weights_e1`.
+    """
     import torch
-    from diffusers import HiDreamImagePipeline
 
     from worker.runners.hidream_i1 import make_scheduler
 
+    if model not in MODELS:
+        raise ConfigError(f"unknown model {model!r}; expected one of {sorted(MODELS)}")
+    if MODELS[model].kind == "edit":
+        from worker.runners.weights_e1 import make_tiny_edit
+
+        return make_tiny_edit(model, out_dir, seed)
     preset = MODELS[model].defaults
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        clip_tokenizer = _clip_tokenizer()
-        llama_tokenizer = _llama_tokenizer()
-        t5_tokenizer = _t5_tokenizer()
-        pipe = HiDreamImagePipeline(
-            scheduler=make_scheduler(preset["scheduler"], preset["shift"]),
-            vae=_tiny_vae(),
-            text_encoder=_tiny_clip(clip_tokenizer),
-            tokenizer=clip_tokenizer,
-            text_encoder_2=_tiny_clip(clip_tokenizer),
-            tokenizer_2=clip_tokenizer,
-            text_encoder_3=_tiny_t5(t5_tokenizer),
-            tokenizer_3=t5_tokenizer,
-            text_encoder_4=_tiny_llama(llama_tokenizer),
-            tokenizer_4=llama_tokenizer,
-            transformer=_tiny_transformer(),
-        )
+        pipe = tiny_pipeline(make_scheduler(preset["scheduler"], preset["shift"]), tiny_transformer)
     pipe.save_pretrained(out_dir, safe_serialization=True)
     return Path(out_dir)
+
+
+def tiny_pipeline(scheduler: Any, make_transformer: Any) -> Any:
+    """A `HiDreamImagePipeline` of tiny random components; `make_transformer()` builds its transformer.
+
+    Draws from torch's global RNG in a fixed order: seed it (under `fork_rng`) for reproducible builds.
+    """
+    from diffusers import HiDreamImagePipeline
+
+    clip_tokenizer = _clip_tokenizer()
+    llama_tokenizer = _llama_tokenizer()
+    t5_tokenizer = _t5_tokenizer()
+    return HiDreamImagePipeline(
+        scheduler=scheduler,
+        vae=_tiny_vae(),
+        text_encoder=_tiny_clip(clip_tokenizer),
+        tokenizer=clip_tokenizer,
+        text_encoder_2=_tiny_clip(clip_tokenizer),
+        tokenizer_2=clip_tokenizer,
+        text_encoder_3=_tiny_t5(t5_tokenizer),
+        tokenizer_3=t5_tokenizer,
+        text_encoder_4=_tiny_llama(llama_tokenizer),
+        tokenizer_4=llama_tokenizer,
+        transformer=make_transformer(),
+    )
 
 
 def _corpus_words(pre_tokenizer: Any, normalizer: Any = None) -> list[str]:
@@ -288,7 +306,7 @@ def _tiny_vae() -> Any:
     ).eval()
 
 
-def _tiny_transformer() -> Any:
+def tiny_transformer() -> Any:
     """One double- and one single-stream MoE block; 32x32 latents, so 256 image tokens."""
     from diffusers import HiDreamImageTransformer2DModel
 

@@ -1,0 +1,96 @@
+"""Fan-out: rows/s for validating and queueing a large manifest, and the peak Python memory it needs.
+
+    python bench/fanout.py --rows 100000
+
+Real redis-server and moto S3 server on loopback; tasks are published to Redis (nobody consumes them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from services import S3_ENV, RedisServer, free_port, s3_client, wait_until  # noqa: E402
+
+
+def _up(endpoint: str) -> bool:
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(endpoint, timeout=1)
+        return True
+    except OSError as exc:
+        return getattr(exc, "code", None) is not None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", type=int, default=100_000)
+    args = ap.parse_args()
+    import os
+
+    os.environ.update(S3_ENV)
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        manifest = tmp / "big.csv"
+        with manifest.open("w") as fh:
+            fh.write("id,prompt,seed,sku\n")
+            for i in range(args.rows):
+                fh.write(f"r{i},\"product {i}, white background\",{i},SKU{i}\n")
+        (tmp / "redis").mkdir()
+        redis_server = RedisServer(tmp / "redis")
+        redis_server.start()
+        # S3 in its own process, so the memory figure is the fan-out's alone
+        port = free_port()
+        s3 = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        endpoint = f"http://127.0.0.1:{port}"
+        wait_until(lambda: _up(endpoint), 30, what="moto server")
+        os.environ["AWS_ENDPOINT_URL_S3"] = endpoint
+        s3_client(endpoint).create_bucket(Bucket="fan")
+        try:
+            from jobs import broker
+            from jobs.settings import Settings
+            from jobs.storage import open_store
+            from jobs.store import RedisStore
+            from jobs.submit import create_job, new_job_id
+
+            settings = Settings(redis_url=redis_server.url)
+            app = broker.make_celery(settings)
+
+            def fan_out() -> tuple[float, int]:
+                job_id = new_job_id()
+                t0 = time.perf_counter()
+                sub = create_job(manifest, model="i1-fast", defaults={}, output="s3://fan/x", webhook=None,
+                                 store=RedisStore.from_url(redis_server.url),
+                                 objects=open_store("s3://fan/x", settings), job_id=job_id,
+                                 dispatch=lambda ids: broker.publish_items(app, "i1-fast", job_id, ids))
+                return time.perf_counter() - t0, sub.queued
+
+            wall, queued = fan_out()  # timed run
+            tracemalloc.start()  # second run: peak Python allocations (tracemalloc slows it down)
+            fan_out()
+            _, peak = tracemalloc.get_traced_memory()
+            tracemalloc.stop()
+            in_queue = redis_server.client().llen("gpu.i1-fast")
+        finally:
+            s3.kill()
+            redis_server.stop()
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"rows": args.rows, "queued_per_run": queued, "in_redis_queue_after_two_runs": in_queue}))
+    print(f"fan-out: {args.rows} rows validated + stored + published in {wall:.1f}s = {args.rows / wall:,.0f} rows/s")
+    print(f"peak traced Python memory during fan-out: {peak / 2**20:.1f} MiB; process max RSS {rss:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
