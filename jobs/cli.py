@@ -20,7 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from jobs import broker, records
 from jobs.errors import DreambatchError, InputError, JobNotFound
-from jobs.manifest import parse_sets, validate_manifest
+from jobs.manifest import input_policy, parse_sets, validate_manifest
 from jobs.models import MODELS, JobRecord
 from jobs.settings import get_settings
 from jobs.storage import open_store
@@ -52,7 +52,9 @@ def validate(manifest: Path, model: ModelOpt = "i1-fast", set_: SetOpt = None,
              json_: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Check every row of MANIFEST; print each problem as `line N: field: message (got value)`."""
     try:
-        report = validate_manifest(manifest, model, parse_sets(set_ or []))
+        s = get_settings()
+        policy = input_policy(manifest, s.roots(), s.inputs.max_bytes)
+        report = validate_manifest(manifest, model, parse_sets(set_ or []), policy)
     except InputError as exc:
         raise fail(str(exc), 2) from None
     if json_:
@@ -93,7 +95,8 @@ def submit(
         sub = create_job(manifest, model=model, defaults=defaults, output=output, webhook=webhook,
                          store=RedisStore.from_url(settings.redis_url), objects=open_store(output, settings),
                          dispatch=lambda ids: broker.publish_items(celery, model, job_id, ids),
-                         skip_invalid=skip_invalid, batch=settings.celery.publish_batch, job_id=job_id)
+                         skip_invalid=skip_invalid, batch=settings.celery.publish_batch, job_id=job_id,
+                         policy=input_policy(manifest, settings.roots(), settings.inputs.max_bytes))
     except ManifestInvalid as exc:
         raise report_invalid(exc) from None
     except DreambatchError as exc:

@@ -16,8 +16,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from jobs import dialects
 from jobs.errors import InputError
-from jobs.models import MODELS, CommonParams, GenerateRow, rendered_size, row_class
+from jobs.inputs import InputPolicy, check_ref
+from jobs.models import MODELS, CommonParams, EditRow, GenerateRow, rendered_size, row_class
 
 MAX_LINE_BYTES = 1 << 20  # one JSONL line; bounds memory on hostile input
 MAX_ROWS = 1_000_000
@@ -173,14 +175,15 @@ def _issues_from(line: int, exc: ValidationError, values: dict[str, Any]) -> lis
         value = values.get(str(err["loc"][0])) if err["loc"] else None
         if err["type"] == "missing":
             value = None
-        issues.append(Issue(line, name, err["msg"].lower(), value))
+        message = err["msg"].removeprefix("Value error, ").lower()
+        issues.append(Issue(line, name, message, value))
     return issues
 
 
 class RowChecker:
     """Validates rows for one model with one set of job defaults."""
 
-    def __init__(self, model: str, defaults: dict[str, Any] | None = None):
+    def __init__(self, model: str, defaults: dict[str, Any] | None = None, inputs: InputPolicy | None = None):
         if model not in MODELS:
             raise InputError(f"--model: unknown model {model!r}; choose one of {', '.join(MODELS)}")
         self.spec = MODELS[model]
@@ -188,6 +191,7 @@ class RowChecker:
         self.fields = set(self.cls.model_fields)
         self.defaults = dict(defaults or {})
         self.ids: set[str] = set()
+        self.inputs = inputs or InputPolicy(Path.cwd())
 
     def check_defaults(self) -> list[Issue]:
         """Problems with `--set` values, reported once as `defaults: field: …`."""
@@ -206,8 +210,13 @@ class RowChecker:
         return {n: "x" for n, f in self.cls.model_fields.items() if f.is_required()}
 
     def check(self, raw: RawRow) -> CheckedRow:
-        known = {k: v for k, v in raw.values.items() if k in self.fields}
-        metadata = {k: v for k, v in raw.values.items() if k not in self.fields}
+        try:
+            values = dialects.normalize(raw.values, self.spec.kind)
+        except dialects.DialectConflict as exc:
+            return CheckedRow(raw.line, str(raw.values.get("id", raw.line)), None, {},
+                              [Issue(raw.line, exc.field, exc.message, exc.value)])
+        known = {k: v for k, v in values.items() if k in self.fields}
+        metadata = {k: v for k, v in values.items() if k not in self.fields}
         merged = {**self.spec.defaults, **self.defaults, **known}
         item_id = str(known.get("id", raw.line))
         issues = self._check_unique(raw.line, item_id, explicit="id" in known)
@@ -219,6 +228,11 @@ class RowChecker:
             return CheckedRow(raw.line, item_id, None, metadata, issues)
         params = row.model_dump(exclude={"id"})
         notes = self._fit_size(raw.line, params) if isinstance(row, GenerateRow) else []
+        if isinstance(row, EditRow):
+            try:
+                params["image"] = check_ref(row.image, self.inputs)
+            except InputError as exc:
+                return CheckedRow(raw.line, item_id, None, metadata, [Issue(raw.line, "image", str(exc), row.image)])
         return CheckedRow(raw.line, item_id, params, metadata, notes=notes)
 
     def _check_unique(self, line: int, item_id: str, explicit: bool) -> list[Issue]:
@@ -264,9 +278,15 @@ def check_manifest(path: Path, checker: RowChecker) -> Iterator[CheckedRow | Iss
         yield checker.check(raw)
 
 
-def validate_manifest(path: Path, model: str, defaults: dict[str, Any] | None = None) -> CheckReport:
+def input_policy(path: Path, roots: list[str] | None = None, max_bytes: int = 50 * 2**20) -> InputPolicy:
+    """Local inputs of a manifest may come from its own folder and the configured roots."""
+    return InputPolicy(path.resolve().parent, tuple(Path(r) for r in roots or []), max_bytes)
+
+
+def validate_manifest(path: Path, model: str, defaults: dict[str, Any] | None = None,
+                      inputs: InputPolicy | None = None) -> CheckReport:
     """Check a whole manifest; collects every issue (rows themselves are not kept)."""
-    checker = RowChecker(model, defaults)
+    checker = RowChecker(model, defaults, inputs or input_policy(path))
     report = CheckReport(issues=checker.check_defaults())
     if report.issues:
         return report

@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 OutputFormat = Literal["jpeg", "png", "webp"]
 SchedulerName = Literal["flow_unipc", "flash_flow", "flow_euler"]
@@ -47,9 +47,10 @@ MODELS: dict[str, ModelSpec] = {
         {"steps": 16, "guidance_scale": 0.0, "shift": 3.0, "scheduler": "flash_flow"},
     ),
     # E1.1: direct instructions, dynamic resolution around 1 MP (sides multiple of 16)
-    "e1-1": ModelSpec("e1-1", "HiDream-ai/HiDream-E1-1", "edit", dict(E1_DEFAULTS)),
+    "e1-1": ModelSpec("e1-1", "HiDream-ai/HiDream-E1-1", "edit", {**E1_DEFAULTS, "clip_cfg_norm": True}),
     # E1-Full: 768×768, "Editing Instruction: …. Target Image Description: …" prompts; LoRA on I1-Full
-    "e1-full": ModelSpec("e1-full", "HiDream-ai/HiDream-E1-Full", "edit", dict(E1_DEFAULTS), base_size=768),
+    "e1-full": ModelSpec("e1-full", "HiDream-ai/HiDream-E1-Full", "edit", {**E1_DEFAULTS, "clip_cfg_norm": False},
+                         base_size=768),
 }
 REFINE_HUB_ID = "HiDream-ai/HiDream-I1-Full"  # the E1 refine stage runs I1-Full img2img
 
@@ -84,7 +85,37 @@ class GenerateRow(CommonParams):
     scheduler: SchedulerName = "flash_flow"
 
 
-ROW_CLASSES: dict[str, type[CommonParams]] = {"generate": GenerateRow}
+SIZE_PATTERN = r"^(same|\d{2,5}x\d{2,5})$"
+RATIO_PATTERN = r"^\d{1,3}:\d{1,3}$"
+RESOLUTION_PATTERN = r"^(0\.5K|1K|2K|4K|0\.25|0\.5|1|2|4)$"
+
+
+class EditRow(CommonParams):
+    """A HiDream-E1 edit row: an input image and what to change."""
+
+    image: str = Field(..., min_length=1, max_length=8 * 1024 * 1024,
+                       description="local path, s3://bucket/key, https:// URL or data: URI")
+    instruction: str = Field("", max_length=4000)
+    target_description: str = Field("", max_length=4000)
+    prompt: str = Field("", max_length=8000, description="a full prompt, used instead of instruction + description")
+    image_guidance_scale: float = Field(4.0, ge=0.0, le=30.0)
+    refine_strength: float = Field(0.3, ge=0.0, le=1.0)
+    clip_cfg_norm: bool | None = Field(None, description="norm clipping of the guided prediction (default per model)")
+    size: str = Field("same", pattern=SIZE_PATTERN, description="WxH, or 'same' (the input's); wins over the others")
+    aspect_ratio: str | None = Field(None, pattern=RATIO_PATTERN)
+    resolution: str | None = Field(None, pattern=RESOLUTION_PATTERN, description="0.5K/1K/2K/4K or megapixels")
+    geometry: Literal["pad", "crop", "stretch"] = Field(
+        "pad", description="how the input fits the model canvas and the output shape: pad keeps proportions")
+    response_format: Literal["url", "b64_json"] = "url"
+
+    @model_validator(mode="after")
+    def _needs_something_to_do(self) -> EditRow:
+        if not (self.instruction or self.prompt):
+            raise ValueError("an edit row needs an instruction (or a prompt)")
+        return self
+
+
+ROW_CLASSES: dict[str, type[CommonParams]] = {"generate": GenerateRow, "edit": EditRow}
 
 
 def row_class(model: str) -> type[CommonParams]:
@@ -104,11 +135,14 @@ class OutputImage(BaseModel):
     width: int
     height: int
     content_type: str
+    b64_json: str | None = None  # only when the row asked for response_format=b64_json
 
 
 class ItemOutput(BaseModel):
     images: list[OutputImage] = Field(default_factory=list)
     seed: int | None = None
+    processed_size: list[int] | None = None  # the canvas the model worked at (edits)
+    input_size: list[int] | None = None  # the input image's size after EXIF orientation (edits)
 
 
 class Timings(BaseModel):

@@ -47,16 +47,32 @@ class WebhookSettings(BaseModel):
     backoff_max: float = 600.0
 
 
+class InputSettings(BaseModel):
+    max_bytes: int = Field(50 * 2**20, description="largest input image file")
+    max_pixels: int = Field(64_000_000, description="larger images fail their item (decompression bombs)")
+    download_timeout: float = Field(30.0, description="s for one URL download, redirects included")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DREAMBATCH_", env_nested_delimiter="__", extra="ignore")
 
     redis_url: str = "redis://127.0.0.1:6379/0"
     output: str | None = Field(None, description="default output location, s3://bucket/prefix")
     webhook_secret: str | None = Field(None, description="whsec_… secret used to sign webhooks")
-    input_roots: list[str] = Field(default_factory=list, description="extra folders local inputs may come from")
+    input_roots: str = Field("", description="extra folders (comma-separated) local input paths may come from")
+    allow_private_hosts: str = Field("", description="hosts or CIDRs (comma-separated) URLs may reach though private")
+    inputs: InputSettings = InputSettings()
     celery: CelerySettings = CelerySettings()
     s3: S3Settings = S3Settings()
     webhooks: WebhookSettings = WebhookSettings()
+
+    def netpolicy(self):
+        from jobs.netguard import Policy
+
+        return Policy.from_setting(self.allow_private_hosts)
+
+    def roots(self) -> list[str]:
+        return [r.strip() for r in self.input_roots.split(",") if r.strip()]
 
     def s3_endpoint(self) -> str | None:
         return self.s3.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")

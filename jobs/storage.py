@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
-from jobs.errors import ConfigError, TransientError
+from jobs.errors import ConfigError, InputError, TransientError
 from jobs.settings import Settings
 
 
@@ -104,9 +104,15 @@ class S3Store:
                        ExtraArgs={"ContentType": content_type})
         return f"s3://{self.bucket}/{self._key(key)}"
 
-    def get(self, key: str) -> bytes | None:
+    def get(self, key: str, max_bytes: int | None = None) -> bytes | None:
         resp = self._call(self.client.get_object, Bucket=self.bucket, Key=self._key(key))
-        return None if resp is None else resp["Body"].read()
+        if resp is None:
+            return None
+        if max_bytes is not None and resp.get("ContentLength", 0) > max_bytes:
+            resp["Body"].close()
+            raise InputError(f"s3://{self.bucket}/{self._key(key)}: {resp['ContentLength']} bytes is over the "
+                             f"{max_bytes}-byte limit")
+        return resp["Body"].read()
 
     def keys(self, prefix: str) -> Iterator[str]:
         paginator = self.client.get_paginator("list_objects_v2")

@@ -17,10 +17,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from jobs import records
+from jobs import inputs, records
 from jobs.errors import InputError
+from jobs.inputs import InputPolicy
 from jobs.lifecycle import ItemStatus
-from jobs.manifest import CheckedRow, CheckReport, Issue, RowChecker, check_manifest, validate_manifest
+from jobs.manifest import CheckedRow, CheckReport, Issue, RowChecker, check_manifest, input_policy, validate_manifest
 from jobs.models import MAX_SEED, ItemRecord, JobRecord
 from jobs.storage import ObjectStore
 from jobs.store import Store
@@ -59,9 +60,11 @@ def resolve_seed(seed: int) -> int:
     return secrets.randbelow(MAX_SEED + 1) if seed < 0 else seed
 
 
-def _item(job_id: str, row: CheckedRow, at: str) -> ItemRecord:
+def _item(job_id: str, row: CheckedRow, at: str, objects: ObjectStore, max_bytes: int) -> ItemRecord:
     if row.ok:
         params = {**row.params, "seed": resolve_seed(row.params["seed"])}
+        if "image" in params:  # local files and data URIs move next to the job, for any worker to read
+            params["image"] = inputs.stage(params["image"], objects, job_id, row.item_id, max_bytes)
         return ItemRecord(job_id=job_id, item_id=row.item_id, line=row.line, params=params,
                           metadata=row.metadata, seed=params["seed"], created_at=at, updated_at=at)
     error = "; ".join(str(i) for i in row.issues)
@@ -82,9 +85,11 @@ def create_job(
     skip_invalid: bool = False,
     batch: int = 500,
     job_id: str | None = None,
+    policy: InputPolicy | None = None,
 ) -> Submission:
     # 1. validate every row; nothing is created when a row is bad (unless skip_invalid)
-    report = validate_manifest(manifest, model, defaults)
+    policy = policy or input_policy(manifest)
+    report = validate_manifest(manifest, model, defaults, policy)
     file_issues = [i for i in report.issues if i.line <= 0]
     if file_issues or (report.issues and not skip_invalid):
         shown = [str(i) for i in report.issues]
@@ -100,7 +105,7 @@ def create_job(
     records.write_job_spec(objects, job)
 
     # 3. second pass: items in batches, each batch stored before its tasks are published
-    checker = RowChecker(model, defaults)
+    checker = RowChecker(model, defaults, policy)
     queued = rejected = 0
     pending: list[ItemRecord] = []
     with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as rows_fh:
@@ -122,7 +127,7 @@ def create_job(
         for row in check_manifest(manifest, checker):
             if isinstance(row, Issue):  # file-level issues were refused in step 1
                 continue
-            item = _item(job.job_id, row, at)
+            item = _item(job.job_id, row, at, objects, policy.max_bytes)
             rows_fh.write(json.dumps({"id": item.item_id, "line": item.line, "params": item.params,
                                       "metadata": item.metadata, "error": item.error}) + "\n")
             pending.append(item)

@@ -21,3 +21,50 @@ def encode(image: Image.Image, fmt: str, quality: int) -> tuple[bytes, str]:
     else:
         raise ValueError(f"unknown output format {fmt!r}")
     return buf.getvalue(), CONTENT_TYPES[fmt]
+
+
+ALLOWED_INPUTS = {"JPEG", "PNG", "WEBP"}
+BACKGROUND = (255, 255, 255)  # transparent pixels are composited onto white (the product-photo norm)
+
+
+def decode_input(data: bytes, max_pixels: int) -> Image.Image:
+    """Input bytes → an RGB image, EXIF orientation applied. Raises InputError for anything else.
+
+    Only JPEG, PNG and WebP are opened; the pixel count is checked from the header before any
+    decoding, so a decompression bomb fails its item instead of the worker. RGBA/LA/P-with-alpha
+    are composited onto white; CMYK, grayscale and 16-bit modes are converted to RGB.
+    """
+    from PIL import ImageOps, UnidentifiedImageError
+
+    from jobs.errors import InputError
+
+    try:
+        image = Image.open(io.BytesIO(data), formats=sorted(ALLOWED_INPUTS))
+    except UnidentifiedImageError:
+        raise InputError("not a JPEG, PNG or WebP image") from None
+    except Image.DecompressionBombError as exc:
+        raise InputError(f"image too large: {exc}") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise InputError(f"image file is damaged or truncated: {exc}") from None
+    w, h = image.size
+    if w * h > max_pixels:
+        raise InputError(f"image is {w}x{h} = {w * h} pixels, over the {max_pixels}-pixel limit")
+    try:
+        image.load()
+        image = ImageOps.exif_transpose(image)
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise InputError(f"image file is damaged or truncated: {exc}") from None
+    return to_rgb(image)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("RGBA", "LA", "PA"):
+        rgba = image.convert("RGBA")
+        out = Image.new("RGB", rgba.size, BACKGROUND)
+        out.paste(rgba, mask=rgba.getchannel("A"))
+        return out
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        image = image.point(lambda v: v / 256).convert("L")
+    return image.convert("RGB")

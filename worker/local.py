@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from jobs.manifest import input_policy
 from jobs.settings import Settings
 from jobs.storage import LocalStore
 from jobs.store import MemoryStore
@@ -37,7 +38,8 @@ def run_local(manifest: Path, *, model: str, defaults: dict[str, Any], out: str,
 
     # 1. validate and create the job; queued ids land in a local queue
     sub = create_job(manifest, model=model, defaults=defaults, output=objects.location, webhook=webhook,
-                     store=store, objects=objects, dispatch=queue.extend, skip_invalid=skip_invalid)
+                     store=store, objects=objects, dispatch=queue.extend, skip_invalid=skip_invalid,
+                     policy=input_policy(manifest, settings.roots(), settings.inputs.max_bytes))
     if sub.job_done:
         finals.append(sub.job.job_id)
 

@@ -8,6 +8,7 @@ plain calls in local mode.
 
 from __future__ import annotations
 
+import base64
 import logging
 import threading
 import time
@@ -17,13 +18,13 @@ from dataclasses import dataclass, field
 from jobs import keys, records
 from jobs.errors import ConfigError, InputError, ModelError, TransientError
 from jobs.lifecycle import ItemStatus, job_outcome
-from jobs.models import EXTENSIONS, ItemOutput, ItemRecord, OutputImage
+from jobs.models import EXTENSIONS, ItemOutput, ItemRecord, JobRecord, OutputImage
 from jobs.settings import Settings
 from jobs.storage import ObjectStore
 from jobs.store import Store
 from jobs.submit import now_iso
-from worker import imaging, webhooks
-from worker.runners.base import GenerateRequest, Runner
+from worker import geometry, imaging, inputs, webhooks
+from worker.runners.base import EditRequest, GenerateRequest, Runner
 
 log = logging.getLogger("dreambatch.worker")
 
@@ -69,15 +70,21 @@ def process_item(ctx: Context, job_id: str, item_id: str) -> Outcome:
                     f"gave up after {move.attempts - 1} attempts that did not finish (worker lost or timed out)")
 
     try:
-        # 3. run the model (the only step that holds the GPU)
-        request = _request(item)
-        with ctx.gpu_lock:
-            result = ctx.runner().generate(request)
-        item.timings.inference_s = round(result.inference_s, 4)
+        # 3. fetch the input (edits) and 4. run the model: the only step that holds the GPU
+        if "image" in item.params:
+            images = _run_edit(ctx, job, item)
+        else:
+            with ctx.gpu_lock:
+                result = ctx.runner().generate(_request(item))
+            item.timings.inference_s = round(result.inference_s, 4)
+            images = result.images
 
-        # 4. encode and 5. upload, outside the GPU lock so the next item's inference overlaps
+        # 5. encode and upload, outside the GPU lock so the next item's inference overlaps
         t0 = time.perf_counter()
-        item.output = _upload(ctx.objects(job.output), item, result.images)
+        output = _upload(ctx.objects(job.output), item, images)
+        if item.output:  # sizes recorded by the edit path
+            output.processed_size, output.input_size = item.output.processed_size, item.output.input_size
+        item.output = output
         item.timings.upload_s = round(time.perf_counter() - t0, 4)
     except (InputError, ModelError, ConfigError) as exc:
         return _end(ctx, item, ItemStatus.FAILED, f"{type(exc).__name__}: {exc}")
@@ -103,6 +110,32 @@ def _request(item: ItemRecord) -> GenerateRequest:
     )
 
 
+def _run_edit(ctx: Context, job: JobRecord, item: ItemRecord) -> list:
+    """Fetch and decode the input, fit it to the model's canvas, edit, and bring it back to the output size."""
+    p = item.params
+    data = inputs.fetch(p["image"], job, ctx.settings, ctx.objects)
+    source = imaging.decode_input(data, ctx.settings.inputs.max_pixels)
+    try:
+        target = geometry.output_size(source.size, p["size"], p.get("aspect_ratio"), p.get("resolution"))
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+    shaped = geometry.to_shape(source, target, p["geometry"])
+    runner = ctx.runner()
+    canvas_size = runner.canvas_size(*shaped.size)
+    canvas, box = geometry.fit(shaped, canvas_size, p["geometry"])
+    request = EditRequest(
+        image=canvas, instruction=p["instruction"], target_description=p["target_description"],
+        negative_prompt=p["negative_prompt"], width=canvas_size[0], height=canvas_size[1], seed=item.seed,
+        steps=p["steps"], guidance_scale=p["guidance_scale"], image_guidance_scale=p["image_guidance_scale"],
+        refine_strength=p["refine_strength"], clip_cfg_norm=bool(p["clip_cfg_norm"]), num_images=p["num_images"],
+    )
+    with ctx.gpu_lock:
+        result = runner.edit(request)
+    item.timings.inference_s = round(result.inference_s, 4)
+    item.output = ItemOutput(seed=item.seed, processed_size=list(canvas_size), input_size=list(source.size))
+    return [geometry.unfit(image, box, target) for image in result.images]
+
+
 def _upload(objects: ObjectStore, item: ItemRecord, images) -> ItemOutput:
     fmt, quality = item.params["output_format"], item.params["output_quality"]
     out = ItemOutput(seed=item.seed)
@@ -112,8 +145,9 @@ def _upload(objects: ObjectStore, item: ItemRecord, images) -> ItemOutput:
         key = keys.S3_OUTPUT.format(prefix="", job_id=item.job_id, item_id=item.item_id, suffix=suffix,
                                     ext=EXTENSIONS[fmt])
         uri = objects.put(key, data, content_type, {"seed": str(item.seed), "item": item.item_id})
+        b64 = base64.b64encode(data).decode() if item.params.get("response_format") == "b64_json" else None
         out.images.append(OutputImage(s3_uri=uri, url=objects.url(key), width=image.width,
-                                      height=image.height, content_type=content_type))
+                                      height=image.height, content_type=content_type, b64_json=b64))
     return out
 
 

@@ -21,11 +21,15 @@ from worker.runners.base import Runner
 
 
 def build_runner(model: str, weights: str | None, device: str) -> Runner:
-    """The real runner for a model name (HiDream-I1 for i1-*)."""
+    """The real runner for a model name (HiDream-I1 for i1-*, HiDream-E1 for e1-*)."""
     if model.startswith("i1-"):
         from worker.runners.hidream_i1 import HiDreamI1Runner
 
         return HiDreamI1Runner(model, weights=weights, device=device)
+    if model.startswith("e1-"):
+        from worker.runners.hidream_e1 import HiDreamE1Runner
+
+        return HiDreamE1Runner(model, weights=weights, device=device)
     raise ValueError(f"no runner for model {model!r}")
 
 
