@@ -18,7 +18,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from jobs import broker, records
+from jobs import broker, netguard, records
 from jobs.errors import DreambatchError, InputError, JobNotFound
 from jobs.manifest import input_policy, parse_sets, validate_manifest
 from jobs.models import MODELS, JobRecord
@@ -89,6 +89,8 @@ def submit(
     if not output or not output.startswith("s3://"):
         raise fail("--output s3://bucket/prefix is required (or set DREAMBATCH_OUTPUT)")
     try:
+        if webhook:
+            netguard.check_url(webhook, settings.netpolicy())
         defaults = parse_sets(set_ or [])
         celery = broker.make_celery(settings)
         job_id = new_job_id()

@@ -148,6 +148,7 @@ def service_env(redis_url: str, s3: str, tiny: Path, **extra: str) -> dict[str, 
         "DREAMBATCH_WEBHOOKS__BACKOFF_BASE": "0.2",
         "DREAMBATCH_WEBHOOKS__BACKOFF_MAX": "1",
         "HF_HUB_OFFLINE": "1",
+        "DREAMBATCH_ALLOW_PRIVATE_HOSTS": "127.0.0.1",  # the loopback webhook receiver
         "PYTHONUNBUFFERED": "1",
     })
     env.update(extra)

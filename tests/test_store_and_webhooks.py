@@ -10,8 +10,11 @@ from standardwebhooks.webhooks import Webhook
 
 from jobs.lifecycle import ItemStatus, JobStatus
 from jobs.models import ItemRecord, JobRecord
+from jobs.netguard import Policy
 from jobs.store import MemoryStore, RedisStore
 from worker import webhooks
+
+LOOPBACK = Policy.from_setting("127.0.0.1")
 
 
 def _job(job_id: str, total: int) -> JobRecord:
@@ -60,7 +63,7 @@ def test_transitions_count_and_only_the_last_item_sees_the_job_done(store):
 def test_signed_webhook_verifies_with_the_standardwebhooks_package(receiver):
     secret = "whsec_" + base64.b64encode(os.urandom(24)).decode()
     attempt = webhooks.deliver(receiver.url, "evt_1", {"id": "x", "status": "completed"}, secret=secret,
-                               timeout=5)
+                               timeout=5, policy=LOOPBACK)
     assert attempt.delivered and attempt.status_code == 200
     req = receiver.requests[0]
     assert Webhook(secret).verify(req["body"], req["headers"]) == {"id": "x", "status": "completed"}
@@ -69,11 +72,23 @@ def test_signed_webhook_verifies_with_the_standardwebhooks_package(receiver):
 
 def test_failed_delivery_is_reported_retryable_with_retry_after(receiver):
     receiver.script = [503]
-    attempt = webhooks.deliver(receiver.url, "evt_2", {}, secret=None, timeout=5)
+    attempt = webhooks.deliver(receiver.url, "evt_2", {}, secret=None, timeout=5, policy=LOOPBACK)
     assert not attempt.delivered and attempt.retryable and attempt.error == "HTTP 503"
     gone = webhooks.Attempt(0, 410, 0.1, "HTTP 410")
     assert not gone.retryable
     assert webhooks.backoff(3, 1.0, 60.0, retry_after=30.0) >= 30.0
     assert 0 <= webhooks.backoff(10, 1.0, 5.0) <= 5.0
-    refused = webhooks.deliver("http://127.0.0.1:9/none", "evt_3", {}, secret=None, timeout=2)
+    refused = webhooks.deliver("http://127.0.0.1:9/none", "evt_3", {}, secret=None, timeout=2, policy=LOOPBACK)
     assert refused.status_code is None and refused.retryable and "ConnectError" in refused.error
+
+
+def test_webhook_to_a_private_address_is_refused_before_any_connection(receiver):
+    for url in (receiver.url, receiver.url.replace("127.0.0.1", "localhost"),
+                receiver.url.replace("127.0.0.1", "2130706433")):
+        attempt = webhooks.deliver(url, "evt_4", {}, secret=None, timeout=2, policy=Policy.from_setting(""))
+        assert not attempt.delivered and not attempt.retryable and attempt.error.startswith("blocked:")
+    assert receiver.requests == []  # nothing reached the receiver
+    # a public-looking name that a (stub) resolver maps to a metadata address is refused too
+    stub = Policy.from_setting("", resolver=lambda host, port: ["169.254.169.254"])
+    attempt = webhooks.deliver("http://hooks.example.com/x", "evt_5", {}, secret=None, timeout=2, policy=stub)
+    assert attempt.refused and "169.254.169.254" in attempt.error

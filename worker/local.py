@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from jobs import netguard
 from jobs.manifest import input_policy
 from jobs.settings import Settings
 from jobs.storage import LocalStore
@@ -37,6 +38,8 @@ def run_local(manifest: Path, *, model: str, defaults: dict[str, Any], out: str,
                           notify=lambda j, i, e: events.append((j, i, e)), finalize=finals.append)
 
     # 1. validate and create the job; queued ids land in a local queue
+    if webhook:
+        netguard.check_url(webhook, settings.netpolicy())
     sub = create_job(manifest, model=model, defaults=defaults, output=objects.location, webhook=webhook,
                      store=store, objects=objects, dispatch=queue.extend, skip_invalid=skip_invalid,
                      policy=input_policy(manifest, settings.roots(), settings.inputs.max_bytes))

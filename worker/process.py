@@ -200,6 +200,6 @@ def webhook_attempt(ctx: Context, job_id: str, item_id: str | None, event_id: st
             return None
         payload = webhooks.item_payload(job, item)
     attempt = webhooks.deliver(job.webhook, event_id, payload, secret=ctx.settings.webhook_secret,
-                               timeout=ctx.settings.webhooks.timeout, client=client)
+                               timeout=ctx.settings.webhooks.timeout, policy=ctx.settings.netpolicy(), client=client)
     ctx.store.log_event(job_id, event_id, attempt.as_dict())
     return attempt

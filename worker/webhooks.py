@@ -20,6 +20,8 @@ from typing import Any
 
 import httpx
 
+from jobs import netguard
+from jobs.errors import TransientError
 from jobs.models import ItemRecord, JobRecord
 
 USER_AGENT = "dreambatch-webhooks/1"
@@ -80,6 +82,7 @@ class Attempt:
     latency_s: float
     error: str | None
     retry_after: float | None = None
+    refused: bool = False  # the address policy refused the URL: retrying cannot help
 
     @property
     def delivered(self) -> bool:
@@ -88,7 +91,7 @@ class Attempt:
     @property
     def retryable(self) -> bool:
         if self.status_code is None:
-            return True  # network error or timeout
+            return not self.refused  # network error or timeout
         return self.status_code == 429 or self.status_code >= 500
 
     def as_dict(self) -> dict[str, Any]:
@@ -96,8 +99,9 @@ class Attempt:
 
 
 def deliver(url: str, event_id: str, payload: dict[str, Any], *, secret: str | None, timeout: float,
-            client: httpx.Client | None = None) -> Attempt:
-    """POST once; never raises for HTTP or network failures, it reports them."""
+            policy: netguard.Policy, client: httpx.Client | None = None) -> Attempt:
+    """POST once to the checked address of the URL's host (redirects are not followed); never raises for
+    HTTP, network or address-policy failures, it reports them. A refused address is not retried."""
     body = json.dumps(payload, separators=(",", ":")).encode()
     ts = int(time.time())
     headers = {"content-type": "application/json", "user-agent": USER_AGENT,
@@ -105,17 +109,21 @@ def deliver(url: str, event_id: str, payload: dict[str, Any], *, secret: str | N
     if secret:
         headers["webhook-signature"] = sign(secret, event_id, ts, body)
     start = time.monotonic()
+    own = client is None
+    client = client or httpx.Client(timeout=timeout)
     try:
-        if client is None:
-            with httpx.Client(timeout=timeout, follow_redirects=False) as c:
-                resp = c.post(url, content=body, headers=headers)
-        else:
-            resp = client.post(url, content=body, headers=headers)
-    except httpx.HTTPError as exc:
+        with netguard.pinned_request(client, "POST", url, policy, content=body, headers=headers) as resp:
+            status, retry_after = resp.status_code, resp.headers.get("retry-after")
+    except netguard.BlockedAddress as exc:
+        return Attempt(time.time(), None, 0.0, f"blocked: {exc}", refused=True)
+    except (httpx.HTTPError, TransientError) as exc:
         return Attempt(time.time(), None, time.monotonic() - start, f"{type(exc).__name__}: {exc}")
+    finally:
+        if own:
+            client.close()
     latency = time.monotonic() - start
-    error = None if 200 <= resp.status_code < 300 else f"HTTP {resp.status_code}"
-    return Attempt(time.time(), resp.status_code, latency, error, _retry_after(resp.headers.get("retry-after")))
+    error = None if 200 <= status < 300 else f"HTTP {status}"
+    return Attempt(time.time(), status, latency, error, _retry_after(retry_after))
 
 
 def _retry_after(value: str | None) -> float | None:
