@@ -116,6 +116,38 @@ def submit(
         raise typer.Exit(0 if job.status == "completed" else 1)
 
 
+def csv_cell(value) -> str:
+    """A cell a spreadsheet will not run: text starting with = + - @ (or tab/CR) gets a leading quote."""
+    text = "" if value is None else str(value)
+    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
+
+
+@app.command()
+def webhooks(job_id: str, redeliver: Annotated[bool, typer.Option(help="send every event again")] = False) -> None:
+    """List every webhook delivery attempt of a job (time, status, latency, error); --redeliver re-sends."""
+    settings = get_settings()
+    try:
+        job = _load_job(job_id)
+    except DreambatchError as exc:
+        raise fail(str(exc)) from None
+    events = RedisStore.from_url(settings.redis_url).events(job_id)
+    for event_id, attempts in events.items():
+        for n, a in enumerate(attempts, 1):
+            out.print(f"{event_id}  #{n}  {time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(a['at']))}Z  "
+                      f"{a['status_code'] or '-'}  {a['latency_s'] * 1000:.0f} ms  {a['error'] or 'delivered'}",
+                      highlight=False, markup=False)
+    if redeliver:
+        if not job.webhook:
+            raise fail(f"job {job_id} has no webhook")
+        celery = broker.make_celery(settings)
+        prefix = f"evt_{job_id}_"
+        for event_id in events:
+            rest = event_id.removeprefix(prefix)
+            item_id = rest.rsplit("_", 1)[0] if "_" in rest else None
+            broker.send_webhook(celery, job_id, item_id, event_id)
+        err.print(f"re-sending {len(events)} event(s)", highlight=False)
+
+
 def _load_job(job_id: str) -> JobRecord:
     job = RedisStore.from_url(get_settings().redis_url).get_job(job_id)
     if job is None:
@@ -190,6 +222,6 @@ def results(job_id: str, format_: Annotated[str, typer.Option("--format", help="
     writer.writerow(["id", "line", "status", "error", "seed", "outputs", "metadata"])
     for line in lines:
         uris = " ".join(img.get("s3_uri") or "" for img in line["output"]["images"])
-        writer.writerow([line["id"], line["line"], line["status"], line["error"] or "", line["seed"], uris,
-                         json.dumps(line["metadata"])])
+        writer.writerow([csv_cell(v) for v in (line["id"], line["line"], line["status"], line["error"] or "",
+                                                line["seed"], uris, json.dumps(line["metadata"]))])
     sys.stdout.write(buf.getvalue())

@@ -43,6 +43,7 @@ class Store(Protocol):
     def transition(self, item: ItemRecord, to: ItemStatus, *, count_attempt: bool = False) -> Transition: ...
     def finish_job(self, job_id: str, status: JobStatus, results_uri: str | None, at: str) -> bool: ...
     def items(self, job_id: str) -> Iterator[ItemRecord]: ...
+    def disable_webhook(self, job_id: str) -> None: ...
     def log_event(self, job_id: str, event_id: str, entry: dict[str, Any]) -> None: ...
     def events(self, job_id: str) -> dict[str, list[dict[str, Any]]]: ...
 
@@ -75,6 +76,7 @@ def _job_from(fields: dict[str, str]) -> JobRecord:
     job.status = fields.get("terminal") or job_progress_status(job.counts).value
     job.finished_at = fields.get("finished_at")
     job.results_uri = fields.get("results_uri")
+    job.webhook_disabled = bool(fields.get("webhook_disabled"))
     return job
 
 
@@ -146,6 +148,9 @@ class RedisStore:
             return False
         self.r.hset(key, mapping={"finished_at": at, "results_uri": results_uri or ""})
         return True
+
+    def disable_webhook(self, job_id: str) -> None:
+        self.r.hset(keys.job_key(job_id), "webhook_disabled", 1)
 
     def items(self, job_id: str, chunk: int = 500) -> Iterator[ItemRecord]:
         order = keys.JOB_ORDER.format(job_id=job_id)
@@ -231,6 +236,10 @@ class MemoryStore:
                 return False
             job.update(terminal=status.value, finished_at=at, results_uri=results_uri or "")
             return True
+
+    def disable_webhook(self, job_id: str) -> None:
+        with self._lock:
+            self._jobs[job_id]["webhook_disabled"] = 1
 
     def items(self, job_id: str) -> Iterator[ItemRecord]:
         for item_id in list(self._order.get(job_id, [])):

@@ -92,3 +92,22 @@ def test_webhook_to_a_private_address_is_refused_before_any_connection(receiver)
     stub = Policy.from_setting("", resolver=lambda host, port: ["169.254.169.254"])
     attempt = webhooks.deliver("http://hooks.example.com/x", "evt_5", {}, secret=None, timeout=2, policy=stub)
     assert attempt.refused and "169.254.169.254" in attempt.error
+
+
+def test_410_disables_the_endpoint_for_the_job(receiver):
+    from jobs.settings import Settings
+    from worker import process
+
+    store = MemoryStore()
+    job = _job("j-gone", 1).model_copy(update={"webhook": receiver.url})
+    store.create_job(job)
+    store.add_items([_item("j-gone", "a", 1)])
+    ctx = process.Context(settings=Settings(allow_private_hosts="127.0.0.1"), store=store, runner=None,
+                          objects=None, notify=None, finalize=None)
+    receiver.script = [410]
+    first = process.webhook_attempt(ctx, "j-gone", "a", "evt_a")
+    assert first.status_code == 410 and not first.retryable
+    assert store.get_job("j-gone").webhook_disabled
+    assert process.webhook_attempt(ctx, "j-gone", None, "evt_job") is None  # nothing more is sent
+    assert len(receiver.requests) == 1
+    assert [a["status_code"] for a in store.events("j-gone")["evt_a"]] == [410]

@@ -190,7 +190,7 @@ def webhook_attempt(ctx: Context, job_id: str, item_id: str | None, event_id: st
                     client=None) -> webhooks.Attempt | None:
     """One delivery attempt of one event, logged; None when there is nothing to send."""
     job = ctx.store.get_job(job_id)
-    if job is None or not job.webhook:
+    if job is None or not job.webhook or job.webhook_disabled:
         return None
     if item_id is None:
         payload = webhooks.job_payload(job)
@@ -202,4 +202,6 @@ def webhook_attempt(ctx: Context, job_id: str, item_id: str | None, event_id: st
     attempt = webhooks.deliver(job.webhook, event_id, payload, secret=ctx.settings.webhook_secret,
                                timeout=ctx.settings.webhooks.timeout, policy=ctx.settings.netpolicy(), client=client)
     ctx.store.log_event(job_id, event_id, attempt.as_dict())
+    if attempt.status_code == 410:  # Gone: the receiver asks for no more events of this job
+        ctx.store.disable_webhook(job_id)
     return attempt
