@@ -181,3 +181,13 @@ class Worker:
 def cli(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "worker", *args], env=env, cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def fake_hub_snapshot(cache: Path, repo: str, source: Path, *skip: str) -> Path:
+    """Lay `source` out as huggingface_hub caches a downloaded repo."""
+    repo_dir = cache / f"models--{repo.replace('/', '--')}"
+    snapshot = repo_dir / "snapshots" / ("0" * 40)
+    shutil.copytree(source, snapshot, ignore=shutil.ignore_patterns(*skip))
+    (repo_dir / "refs").mkdir()
+    (repo_dir / "refs" / "main").write_text("0" * 40)
+    return snapshot

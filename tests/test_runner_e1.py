@@ -14,6 +14,7 @@ import torch
 from diffusers import HiDreamImageTransformer2DModel
 from PIL import Image
 from safetensors import safe_open
+from services import fake_hub_snapshot
 
 from worker.runners.base import EditRequest
 from worker.runners.hidream_e1 import HiDreamE1Runner, canvas_size, edit_prompts
@@ -304,16 +305,6 @@ def test_a_local_e1_folder_without_i1_full_names_the_refine_weights(tiny_dirs, t
     with pytest.raises(WeightsNotFound, match="HiDream-ai/HiDream-I1-Full") as caught:
         resolve_edit_weights("e1-1", str(bare))
     assert str(bare / "refine" / "transformer") in str(caught.value)
-
-
-def fake_hub_snapshot(cache: Path, repo: str, source: Path, *skip: str) -> Path:
-    """Lay `source` out as huggingface_hub caches a downloaded repo."""
-    repo_dir = cache / f"models--{repo.replace('/', '--')}"
-    snapshot = repo_dir / "snapshots" / ("0" * 40)
-    shutil.copytree(source, snapshot, ignore=shutil.ignore_patterns(*skip))
-    (repo_dir / "refs").mkdir()
-    (repo_dir / "refs" / "main").write_text("0" * 40)
-    return snapshot
 
 
 def test_e1_full_resolves_from_the_cache_with_only_its_lora_file(tiny_dirs, tmp_path, monkeypatch):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from services import fake_hub_snapshot
 
 from worker.runners.base import GenerateRequest
 from worker.runners.hidream_i1 import HiDreamI1Runner, native_latent_side
@@ -159,16 +160,6 @@ def test_tiny_weights_are_built_once_then_reused(tmp_path, monkeypatch):
     assert (second.pipeline_dir / "model_index.json").stat().st_mtime_ns == built
     assert first.llama_dir == first.pipeline_dir / "text_encoder_4"
     assert [p.name for p in tmp_path.iterdir()] == ["i1-fast"], "no staging folder left behind"
-
-
-def fake_hub_snapshot(cache: Path, repo: str, source: Path, *skip: str) -> Path:
-    """Lay `source` out as huggingface_hub caches a downloaded repo."""
-    repo_dir = cache / f"models--{repo.replace('/', '--')}"
-    snapshot = repo_dir / "snapshots" / ("0" * 40)
-    shutil.copytree(source, snapshot, ignore=shutil.ignore_patterns(*skip))
-    (repo_dir / "refs").mkdir()
-    (repo_dir / "refs" / "main").write_text("0" * 40)
-    return snapshot
 
 
 def test_hub_ids_resolve_from_the_local_cache_with_the_cached_llama(tiny_dirs, tmp_path, monkeypatch):
