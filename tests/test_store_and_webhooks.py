@@ -111,3 +111,31 @@ def test_410_disables_the_endpoint_for_the_job(receiver):
     assert process.webhook_attempt(ctx, "j-gone", None, "evt_job") is None  # nothing more is sent
     assert len(receiver.requests) == 1
     assert [a["status_code"] for a in store.events("j-gone")["evt_a"]] == [410]
+
+
+def test_an_item_that_keeps_losing_its_worker_ends_failed_at_the_attempt_cap(tmp_path):
+    """Each redelivery of an item whose worker died counts an attempt; past the cap it fails instead of
+    running again, and the job still ends."""
+    from jobs.settings import Settings
+    from jobs.storage import LocalStore
+    from worker import process
+
+    store, objects, finals = MemoryStore(), LocalStore(str(tmp_path)), []
+    store.create_job(_job("j-poison", 1).model_copy(update={"output": str(tmp_path)}))
+    item = _item("j-poison", "a", 1)
+    store.add_items([item])
+    settings = Settings()
+    for _ in range(settings.celery.max_attempts):  # three starts that never finished (worker SIGKILLed)
+        assert store.transition(item, ItemStatus.RUNNING, count_attempt=True).applied
+
+    def runner():
+        raise AssertionError("a poison item must not reach the model again")
+
+    ctx = process.Context(settings=settings, store=store, runner=runner, objects=lambda _loc: objects,
+                          notify=lambda *a: None, finalize=finals.append)
+    outcome = process.process_item(ctx, "j-poison", "a")
+    assert outcome.status == "failed"
+    ended = store.get_item("j-poison", "a")
+    assert ended.status == "failed" and "gave up after 3 attempts" in ended.error
+    assert finals == ["j-poison"]
+    assert (tmp_path / "j-poison" / "items" / "a.json").is_file()
