@@ -86,7 +86,9 @@ class GenerateRow(CommonParams):
 
 
 SIZE_PATTERN = r"^(same|\d{2,5}x\d{2,5})$"
-RATIO_PATTERN = r"^\d{1,3}:\d{1,3}$"
+RATIO_PATTERN = r"^[1-9]\d{0,2}:[1-9]\d{0,2}$"
+MAX_ASPECT = 16  # the longer side of an edit's output is at most 16× the shorter
+MAX_OUTPUT_SIDE = 8192
 RESOLUTION_PATTERN = r"^(0\.5K|1K|2K|4K|0\.25|0\.5|1|2|4)$"
 
 
@@ -107,6 +109,26 @@ class EditRow(CommonParams):
     geometry: Literal["pad", "crop", "stretch"] = Field(
         "pad", description="how the input fits the model canvas and the output shape: pad keeps proportions")
     response_format: Literal["url", "b64_json"] = "url"
+
+    @field_validator("size")
+    @classmethod
+    def _size_in_bounds(cls, value: str) -> str:
+        if value != "same":
+            w, h = (int(v) for v in value.split("x"))
+            if not (16 <= w <= MAX_OUTPUT_SIDE and 16 <= h <= MAX_OUTPUT_SIDE):
+                raise ValueError(f"each side must be 16..{MAX_OUTPUT_SIDE} px")
+            if max(w, h) > MAX_ASPECT * min(w, h):
+                raise ValueError(f"aspect ratio must be within {MAX_ASPECT}:1")
+        return value
+
+    @field_validator("aspect_ratio")
+    @classmethod
+    def _ratio_in_bounds(cls, value: str | None) -> str | None:
+        if value is not None:
+            a, b = (int(v) for v in value.split(":"))
+            if max(a, b) > MAX_ASPECT * min(a, b):
+                raise ValueError(f"aspect ratio must be within {MAX_ASPECT}:1")
+        return value
 
     @model_validator(mode="after")
     def _needs_something_to_do(self) -> EditRow:

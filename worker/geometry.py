@@ -47,21 +47,26 @@ def _tier_pixels(resolution: str) -> int:
 
 
 def to_shape(image: Image.Image, target: tuple[int, int], mode: str) -> Image.Image:
-    """The input brought to the target's aspect ratio (its own scale); unchanged when they match."""
+    """The input brought to the target's aspect ratio at about its own pixel count; unchanged when the
+    aspects match. The pixel count is kept so an extreme target cannot blow up memory."""
     w, h = image.size
     tw, th = target
     if abs(w * th - h * tw) <= max(tw, th):  # the same aspect, up to a pixel of rounding
         return image
+    # the shaped image: the target's aspect, the input's pixel count
+    sw = max(1, round(math.sqrt(w * h * tw / th)))
+    sh = max(1, round(sw * th / tw))
     if mode == "stretch":
-        return image.resize((round(h * tw / th), h), Image.Resampling.LANCZOS)
+        return image.resize((sw, sh), Image.Resampling.LANCZOS)
     if mode == "crop":
-        if w * th > h * tw:  # too wide
-            cw = round(h * tw / th)
+        if w * th > h * tw:  # too wide: keep the full height
+            cw = max(1, round(h * tw / th))
             return image.crop(((w - cw) // 2, 0, (w - cw) // 2 + cw, h))
-        ch = round(w * th / tw)
+        ch = max(1, round(w * th / tw))
         return image.crop((0, (h - ch) // 2, w, (h - ch) // 2 + ch))
-    canvas_w, canvas_h = (round(h * tw / th), h) if w * th < h * tw else (w, round(w * th / tw))
-    return _pad_into(image, (canvas_w, canvas_h), (canvas_w - w) // 2, (canvas_h - h) // 2)
+    scale = min(sw / w, sh / h)
+    inner = image.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.LANCZOS)
+    return _pad_into(inner, (sw, sh), (sw - inner.width) // 2, (sh - inner.height) // 2)
 
 
 def fit(image: Image.Image, canvas: tuple[int, int], mode: str) -> tuple[Image.Image, Box]:

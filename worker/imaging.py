@@ -58,8 +58,8 @@ def decode_input(data: bytes, max_pixels: int) -> Image.Image:
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    if image.mode == "P":
-        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("P", "RGB", "L") and "transparency" in image.info:  # palette or colour-key alpha
+        image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA"):
         rgba = image.convert("RGBA")
         out = Image.new("RGB", rgba.size, BACKGROUND)
