@@ -18,10 +18,11 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from jobs import broker, netguard, records
+from jobs import broker, keys, netguard, records
 from jobs.errors import DreambatchError, InputError, JobNotFound
 from jobs.manifest import input_policy, parse_sets, validate_manifest
-from jobs.models import MODELS, JobRecord
+from jobs.models import MODELS, JobRecord, item_event_id
+from jobs.reconcile import reconcile as reconcile_job
 from jobs.settings import get_settings
 from jobs.storage import open_store
 from jobs.store import RedisStore
@@ -98,7 +99,8 @@ def submit(
                          store=RedisStore.from_url(settings.redis_url), objects=open_store(output, settings),
                          dispatch=lambda ids: broker.publish_items(celery, model, job_id, ids),
                          skip_invalid=skip_invalid, batch=settings.celery.publish_batch, job_id=job_id,
-                         policy=input_policy(manifest, settings.roots(), settings.inputs.max_bytes))
+                         policy=input_policy(manifest, settings.roots(), settings.inputs.max_bytes),
+                         on_rejected=lambda items: _notify_rejected(celery, webhook, items))
     except ManifestInvalid as exc:
         raise report_invalid(exc) from None
     except DreambatchError as exc:
@@ -114,6 +116,40 @@ def submit(
     if wait:
         job = _watch(job_id, quiet=json_)
         raise typer.Exit(0 if job.status == "completed" else 1)
+
+
+@app.command()
+def reconcile(
+    job_id: str,
+    output: Annotated[str | None, typer.Option(help="s3://bucket/prefix the job was submitted with "
+                                                    "(default DREAMBATCH_OUTPUT)")] = None,
+    json_: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Rebuild JOB_ID's live state from its durable record (after Redis lost its data) and re-queue
+    exactly the items that have no result."""
+    settings = get_settings()
+    output = output or settings.output
+    if not output or not output.startswith("s3://"):
+        raise fail("--output s3://bucket/prefix is required (or set DREAMBATCH_OUTPUT)")
+    try:
+        celery = broker.make_celery(settings)
+        objects = open_store(output, settings)
+        spec = objects.get(keys.S3_JOB_SPEC.format(prefix="", job_id=job_id))
+        if spec is None:
+            raise JobNotFound(f"no job {job_id!r} under {output}")
+        model = JobRecord.model_validate_json(spec).model
+        report = reconcile_job(job_id, objects, RedisStore.from_url(settings.redis_url),
+                               dispatch=lambda ids: broker.publish_items(celery, model, job_id, ids),
+                               finalize=lambda jid: broker.send_finalize(celery, jid),
+                               batch=settings.celery.publish_batch)
+    except DreambatchError as exc:
+        raise fail(str(exc)) from None
+    if json_:
+        print(json.dumps(report.as_dict()))
+    else:
+        out.print(f"{job_id}: {report.total} item(s), {report.ended} ended, {report.requeued} re-queued"
+                  f"{'' if report.recreated else ' (repaired in place)'}"
+                  f"{', finalizing' if report.finalized else ''}", highlight=False)
 
 
 def csv_cell(value) -> str:
@@ -146,6 +182,11 @@ def webhooks(job_id: str, redeliver: Annotated[bool, typer.Option(help="send eve
             item_id = rest.rsplit("_", 1)[0] if "_" in rest else None
             broker.send_webhook(celery, job_id, item_id, event_id)
         err.print(f"re-sending {len(events)} event(s)", highlight=False)
+
+
+def _notify_rejected(celery, webhook: str | None, items) -> None:
+    for item in items if webhook else []:
+        broker.send_webhook(celery, item.job_id, item.item_id, item_event_id(item.job_id, item.item_id, item.status))
 
 
 def _load_job(job_id: str) -> JobRecord:

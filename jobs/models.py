@@ -221,3 +221,12 @@ class JobRecord(BaseModel):
     updated_at: str
     finished_at: str | None = None
     results_uri: str | None = None
+
+
+def item_event_id(job_id: str, item_id: str, status: str) -> str:
+    """The webhook id of an item's terminal event: the same on every retry and redelivery."""
+    return f"evt_{job_id}_{item_id}_{status}"
+
+
+def job_event_id(job_id: str, status: str) -> str:
+    return f"evt_{job_id}_{status}"

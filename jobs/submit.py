@@ -86,6 +86,7 @@ def create_job(
     batch: int = 500,
     job_id: str | None = None,
     policy: InputPolicy | None = None,
+    on_rejected: Callable[[list[ItemRecord]], None] | None = None,
 ) -> Submission:
     # 1. validate every row; nothing is created when a row is bad (unless skip_invalid)
     policy = policy or input_policy(manifest)
@@ -114,9 +115,11 @@ def create_job(
         def flush() -> None:
             nonlocal queued, rejected
             store.add_items(pending)
-            for item in pending:
-                if item.status == ItemStatus.FAILED:
-                    records.write_item_result(objects, item)
+            failed = [item for item in pending if item.status == ItemStatus.FAILED]
+            for item in failed:
+                records.write_item_result(objects, item)
+            if failed and on_rejected:
+                on_rejected(failed)  # their terminal-state webhooks
             ids = [i.item_id for i in pending if i.status == ItemStatus.QUEUED]
             if ids:
                 dispatch(ids)

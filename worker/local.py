@@ -42,7 +42,10 @@ def run_local(manifest: Path, *, model: str, defaults: dict[str, Any], out: str,
         netguard.check_url(webhook, settings.netpolicy())
     sub = create_job(manifest, model=model, defaults=defaults, output=objects.location, webhook=webhook,
                      store=store, objects=objects, dispatch=queue.extend, skip_invalid=skip_invalid,
-                     policy=input_policy(manifest, settings.roots(), settings.inputs.max_bytes))
+                     policy=input_policy(manifest, settings.roots(), settings.inputs.max_bytes),
+                     on_rejected=lambda items: events.extend(
+                         (i.job_id, i.item_id, webhooks.item_event_id(i.job_id, i.item_id, i.status))
+                         for i in items if webhook))
     if sub.job_done:
         finals.append(sub.job.job_id)
 

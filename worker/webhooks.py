@@ -22,17 +22,9 @@ import httpx
 
 from jobs import netguard
 from jobs.errors import TransientError
-from jobs.models import ItemRecord, JobRecord
+from jobs.models import ItemRecord, JobRecord, item_event_id, job_event_id  # noqa: F401 (re-exported)
 
 USER_AGENT = "dreambatch-webhooks/1"
-
-
-def item_event_id(job_id: str, item_id: str, status: str) -> str:
-    return f"evt_{job_id}_{item_id}_{status}"
-
-
-def job_event_id(job_id: str, status: str) -> str:
-    return f"evt_{job_id}_{status}"
 
 
 def item_payload(job: JobRecord, item: ItemRecord) -> dict[str, Any]:
