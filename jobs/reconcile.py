@@ -1,0 +1,151 @@
+"""Rebuild a job's live state from its durable record, after Redis lost its data.
+
+The record under the job's output location (jobs.records) is enough: job.json is the spec,
+rows.jsonl holds every row's normalized params, items/{item}.json is written *before* the live
+state says an item ended. So an item with a result record ended (its recorded status, output, seed,
+error and attempts are restored); a row rejected at submit is a failed item; every other item is
+queued and its task is published again. Nothing that ended is run twice.
+
+When Redis still has the job, nothing is recreated: missing items are added, items whose result
+record exists but whose live status is not terminal are moved to the recorded status, and items
+with no result record that are not terminal are re-queued (a duplicate message for an item that
+is still queued or running is harmless: a worker skips an item that already ended).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from jobs import keys
+from jobs.errors import JobNotFound
+from jobs.lifecycle import ItemStatus, JobStatus, job_outcome
+from jobs.models import ItemOutput, ItemRecord, JobRecord, Timings
+from jobs.storage import ObjectStore
+from jobs.store import Store
+
+
+@dataclass
+class ReconcileReport:
+    job_id: str
+    total: int  # rows in the durable record
+    ended: int  # items that ended (result record, or rejected at submit)
+    requeued: int  # tasks published again
+    recreated: bool  # False: Redis still had the job; it was repaired in place
+    finalized: bool  # finalize was requested (every item has ended, no results yet)
+    restored_terminal: bool = False  # the job had already ended: its terminal state was restored
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _json(objects: ObjectStore, key: str) -> Any:
+    data = objects.get(key)
+    return None if data is None else json.loads(data)
+
+
+def read_rows(objects: ObjectStore, job_id: str) -> list[dict[str, Any]]:
+    data = objects.get(keys.S3_JOB_ROWS.format(prefix="", job_id=job_id))
+    if data is None:
+        raise JobNotFound(f"no rows.jsonl for job {job_id!r} under {getattr(objects, 'location', '?')}")
+    return [json.loads(line) for line in data.decode().splitlines() if line.strip()]
+
+
+def read_item_results(objects: ObjectStore, job_id: str) -> dict[str, dict[str, Any]]:
+    prefix = f"{job_id}/items/"
+    found: dict[str, dict[str, Any]] = {}
+    for key in objects.keys(prefix):
+        name = key[len(prefix):]
+        if "/" in name or not name.endswith(".json"):
+            continue
+        rec = _json(objects, key)
+        if rec is not None:
+            found[str(rec.get("id", name.removesuffix(".json")))] = rec
+    return found
+
+
+def _item(job: JobRecord, row: dict[str, Any], result: dict[str, Any] | None) -> ItemRecord:
+    item_id = str(row["id"])
+    params = row.get("params") or {}
+    base = dict(job_id=job.job_id, item_id=item_id, line=int(row["line"]), params=params,
+                metadata=row.get("metadata") or {}, created_at=job.created_at, updated_at=job.updated_at)
+    if result is not None and ItemStatus(result["status"]).terminal:
+        output = result.get("output")
+        return ItemRecord(**base, status=result["status"], seed=result.get("seed"), error=result.get("error"),
+                          attempts=int(result.get("attempts") or 0),
+                          output=ItemOutput.model_validate(output) if output and output.get("images") else None,
+                          timings=Timings.model_validate(result.get("timings") or {}))
+    if row.get("error") and not params:  # rejected at submit (--skip-invalid)
+        return ItemRecord(**base, status=ItemStatus.FAILED.value, error=row["error"])
+    return ItemRecord(**base, seed=params.get("seed"))
+
+
+def reconcile(
+    job_id: str,
+    objects: ObjectStore,
+    store: Store,
+    dispatch: Callable[[list[str]], None],
+    finalize: Callable[[str], None],
+    batch: int = 500,
+) -> ReconcileReport:
+    """Rebuild job `job_id` in `store` from its record in `objects` (its output location) and re-queue
+    exactly the items that have no result. `dispatch` publishes a batch of item ids."""
+    spec = _json(objects, keys.S3_JOB_SPEC.format(prefix="", job_id=job_id))
+    if spec is None:
+        raise JobNotFound(f"no job.json for job {job_id!r} under {getattr(objects, 'location', '?')}")
+    job = JobRecord.model_validate(spec)
+    rows = read_rows(objects, job_id)
+    results = read_item_results(objects, job_id)
+    has_results = objects.get(keys.S3_RESULTS.format(prefix="", job_id=job_id)) is not None
+    items = [_item(job, row, results.get(str(row["id"]))) for row in rows]
+
+    live = store.get_job(job_id)
+    recreated = live is None
+    finalize_now = False
+    if recreated:
+        fresh = job.model_copy(update={"total": len(items), "counts": {}, "status": JobStatus.QUEUED.value,
+                                       "finished_at": None, "results_uri": None})
+        store.create_job(fresh)
+        for start in range(0, len(items), batch):
+            store.add_items(items[start:start + batch])
+        to_queue = [i.item_id for i in items if i.status == ItemStatus.QUEUED]
+    else:
+        to_queue = []
+        missing: list[ItemRecord] = []
+        for item in items:
+            current = store.get_item(job_id, item.item_id)
+            if current is None:
+                missing.append(item)
+                if item.status == ItemStatus.QUEUED:
+                    to_queue.append(item.item_id)
+            elif not ItemStatus(current.status).terminal:
+                if ItemStatus(item.status).terminal:  # ended in S3, the live state never heard of it
+                    if current.status == ItemStatus.QUEUED and item.status == ItemStatus.COMPLETED:
+                        store.transition(current, ItemStatus.RUNNING)
+                    move = store.transition(item, ItemStatus(item.status))
+                    finalize_now = finalize_now or move.job_done
+                else:
+                    to_queue.append(item.item_id)
+        if missing:
+            store.add_items(missing)
+
+    for start in range(0, len(to_queue), batch):
+        dispatch(to_queue[start:start + batch])
+
+    ended = sum(1 for i in items if ItemStatus(i.status).terminal)
+    restored = False
+    now = store.get_job(job_id)
+    if not to_queue and now is not None and not now.finished_at and now.total and ended >= now.total:
+        if has_results and recreated:  # the job had ended: put its terminal state back, do not rewrite results
+            recorded = job.status if job.status in JobStatus.__members__.values() else None
+            status = JobStatus(recorded) if recorded and JobStatus(recorded).terminal else job_outcome(now.counts)
+            uri = job.results_uri or keys.S3_RESULTS.format(prefix="", job_id=job_id)
+            restored = store.finish_job(job_id, status, uri, job.finished_at or job.updated_at)
+        else:
+            finalize_now = True
+    if finalize_now:
+        finalize(job_id)
+    return ReconcileReport(job_id=job_id, total=len(items), ended=ended, requeued=len(to_queue),
+                           recreated=recreated, finalized=finalize_now, restored_terminal=restored)

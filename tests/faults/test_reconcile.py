@@ -1,0 +1,157 @@
+"""Redis loses its data mid-job (FLUSHALL): `dreambatch reconcile` rebuilds the job from its durable
+record in S3 and re-queues exactly the items that have no result; nothing that ended runs again."""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import pytest
+from services import cli, s3_client, service_env, wait_until
+
+from jobs.store import RedisStore
+
+pytestmark = pytest.mark.timeout(240)
+
+GPU = ("worker", "--model", "i1-fast", "--weights", "tiny", "--device", "cpu", "--concurrency", "1")
+
+
+def test_flushall_mid_job_then_reconcile_requeues_only_unfinished_items(redis_server, s3_endpoint, tiny_dir, bucket,
+                                                                        start_worker, tmp_path):
+    env = service_env(redis_server.url, s3_endpoint, tiny_dir)
+    io = start_worker("worker", "--io")
+    gpu = start_worker(*GPU)
+    gpu.wait_ready()
+    io.wait_ready()
+    manifest = tmp_path / "m.jsonl"
+    ids = [f"r{n}" for n in range(6)]
+    manifest.write_text("".join(json.dumps({"id": i, "prompt": f"photo {i}", "seed": n}) + "\n"
+                                for n, i in enumerate(ids)))
+    output = f"s3://{bucket}/rec"
+    res = cli("submit", str(manifest), "--model", "i1-fast", "--set", "steps=12",
+              "--output", output, "--json", env=env)
+    assert res.returncode == 0, res.stderr
+    job_id = json.loads(res.stdout)["job_id"]
+
+    store = RedisStore.from_url(redis_server.url)
+    wait_until(lambda: store.get_job(job_id).counts["completed"] >= 2, 90, 0.05, what="two items completed")
+    gpu.kill(signal.SIGKILL)  # nothing writes while Redis is wiped
+    s3 = s3_client(s3_endpoint)
+
+    def listing(prefix: str) -> dict[str, object]:
+        page = s3.list_objects_v2(Bucket=bucket, Prefix=f"rec/{job_id}/{prefix}")
+        return {o["Key"]: o["LastModified"] for o in page.get("Contents", [])}
+
+    ended_before = {k.rsplit("/", 1)[1].removesuffix(".json") for k in listing("items/")}
+    outputs_before = {k: v for k, v in listing("").items() if k.endswith(".png")}
+    assert 2 <= len(ended_before) < 6, ended_before
+    assert not listing("results.jsonl")
+
+    redis_server.client().flushall()
+    assert store.get_job(job_id) is None
+
+    second = start_worker(*GPU)
+    second.wait_ready()
+    res = cli("reconcile", job_id, "--output", output, "--json", env=env)
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout)
+    assert report["total"] == 6 and report["ended"] == len(ended_before) and report["recreated"]
+    assert report["requeued"] == report["total"] - report["ended"]
+    # the live state is back at once: ended items with their recorded status, the rest queued
+    for item_id in ended_before:
+        assert store.get_item(job_id, item_id).status == "completed"
+
+    wait_until(lambda: (j := store.get_job(job_id)) and j.finished_at, 120, 0.25, what="job to end after reconcile")
+    job = store.get_job(job_id)
+    assert job.status == "completed" and job.counts["completed"] == 6
+
+    # items finished before the flush were not run again: same output objects, one attempt each
+    outputs_after = {k: v for k, v in listing("").items() if k.endswith(".png")}
+    for key, modified in outputs_before.items():
+        assert outputs_after[key] == modified, key
+    lines = [json.loads(x) for x in s3.get_object(Bucket=bucket, Key=f"rec/{job_id}/results.jsonl")["Body"]
+             .read().decode().splitlines()]
+    for line in lines:
+        assert line["status"] == "completed" and line["output"]["images"], line
+        if line["id"] in ended_before:
+            assert line["attempts"] == 1, line
+
+    # ledger: every manifest row exactly once, in order
+    assert [x["id"] for x in lines] == ids
+    assert len({x["id"] for x in lines}) == len(lines) == 6
+
+
+# --- in process: the rules, without services ---------------------------------------------------
+def _recorded_job(tmp_path, statuses: dict[str, str | None], rejected: tuple[str, ...] = ()):
+    """A durable record as submit + workers leave it: job.json, rows.jsonl, and items/*.json for the
+    items in `statuses` whose value is a terminal status."""
+    from jobs import records
+    from jobs.models import ItemRecord, JobRecord
+    from jobs.storage import LocalStore
+
+    objects = LocalStore(str(tmp_path / "out"))
+    at = "2024-01-01T00:00:00.000+00:00"
+    ids = [*statuses, *rejected]
+    job = JobRecord(job_id="j1", model="i1-fast", output=str(tmp_path / "out"), total=len(ids), created_at=at,
+                    updated_at=at)
+    records.write_job_spec(objects, job)
+    rows = []
+    for n, item_id in enumerate(ids, 1):
+        bad = item_id in rejected
+        rows.append({"id": item_id, "line": n, "params": {} if bad else {"prompt": item_id, "seed": n},
+                     "metadata": {}, "error": "invalid row: prompt: field required" if bad else None})
+        status = "failed" if bad else statuses[item_id]
+        if status:
+            records.write_item_result(objects, ItemRecord(
+                job_id="j1", item_id=item_id, line=n, status=status, seed=n, attempts=1,
+                error=rows[-1]["error"], created_at=at, updated_at=at))
+    objects.put("j1/rows.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode(), "application/x-ndjson")
+    return objects, job
+
+
+def test_reconcile_rebuilds_counts_and_queues_only_items_without_a_result(tmp_path):
+    from jobs.reconcile import reconcile
+    from jobs.store import MemoryStore
+
+    objects, _ = _recorded_job(tmp_path, {"a": "completed", "b": None, "c": "failed", "d": None},
+                               rejected=("e",))
+    store, sent, finals = MemoryStore(), [], []
+    report = reconcile("j1", objects, store, sent.append, finals.append, batch=1)
+    assert (report.total, report.ended, report.requeued, report.recreated) == (5, 3, 2, True)
+    assert sent == [["b"], ["d"]] and finals == []
+    job = store.get_job("j1")
+    assert job.total == 5 and job.counts["completed"] == 1 and job.counts["failed"] == 2
+    assert job.counts["queued"] == 2
+    assert store.get_item("j1", "b").params == {"prompt": "b", "seed": 2}
+
+    # run again while the store still has the job: nothing recreated, nothing double-counted
+    report = reconcile("j1", objects, store, sent.append, finals.append)
+    assert not report.recreated and report.requeued == 2 and sent[-1] == ["b", "d"]
+    assert store.get_job("j1").counts == job.counts
+
+
+def test_reconcile_finalizes_a_job_whose_items_all_ended(tmp_path):
+    from jobs.reconcile import reconcile
+    from jobs.store import MemoryStore
+
+    objects, _ = _recorded_job(tmp_path, {"a": "completed", "b": "completed"})
+    store, sent, finals = MemoryStore(), [], []
+    report = reconcile("j1", objects, store, sent.append, finals.append)
+    assert report.requeued == 0 and report.finalized and finals == ["j1"] and sent == []
+
+
+def test_reconcile_in_place_applies_results_the_live_state_missed(tmp_path):
+    from jobs.models import ItemRecord
+    from jobs.reconcile import reconcile
+    from jobs.store import MemoryStore
+
+    objects, job = _recorded_job(tmp_path, {"a": "completed", "b": None})
+    store, sent, finals = MemoryStore(), [], []
+    store.create_job(job)
+    at = job.created_at
+    store.add_items([ItemRecord(job_id="j1", item_id=i, line=n, status=s, created_at=at, updated_at=at)
+                     for n, (i, s) in enumerate([("a", "running"), ("b", "completed")], 1)])
+    report = reconcile("j1", objects, store, sent.append, finals.append)
+    assert not report.recreated and report.requeued == 0 and sent == []
+    assert store.get_item("j1", "a").status == "completed"  # its result record was written, the move was not
+    assert finals == ["j1"]  # that was the last item to end
