@@ -171,7 +171,7 @@ def webhooks(job_id: str, redeliver: Annotated[bool, typer.Option(help="send eve
         for n, a in enumerate(attempts, 1):
             out.print(f"{event_id}  #{n}  {time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(a['at']))}Z  "
                       f"{a['status_code'] or '-'}  {a['latency_s'] * 1000:.0f} ms  {a['error'] or 'delivered'}",
-                      highlight=False, markup=False)
+                      highlight=False, markup=False, soft_wrap=True)
     if redeliver:
         if not job.webhook:
             raise fail(f"job {job_id} has no webhook")
@@ -236,9 +236,9 @@ def status(job_id: str, watch: Annotated[bool, typer.Option("--watch")] = False,
     c = obj["counts"]
     out.print(f"{job.job_id}  {job.status}  model={job.model}  total={c['total']} queued={c['queued']} "
               f"running={c['running']} completed={c['completed']} failed={c['failed']} cancelled={c['cancelled']}",
-              highlight=False)
+              highlight=False, soft_wrap=True)
     if job.results_uri:
-        out.print(f"results: {job.results_uri}", highlight=False)
+        out.print(f"results: {job.results_uri}", highlight=False, soft_wrap=True)
 
 
 @app.command()

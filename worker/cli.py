@@ -101,8 +101,8 @@ def run(
         raise fail(str(exc)) from None
     job = sub.job
     out.print(f"{job.job_id}: {job.status} — {job.counts.get('completed', 0)} completed, "
-              f"{job.counts.get('failed', 0)} failed of {job.total}", highlight=False)
-    out.print(f"results: {job.results_uri}", highlight=False)
+              f"{job.counts.get('failed', 0)} failed of {job.total}", highlight=False, soft_wrap=True)
+    out.print(f"results: {job.results_uri}", highlight=False, soft_wrap=True)
     if job.status != "completed":
         raise typer.Exit(1)
 
