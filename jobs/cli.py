@@ -21,7 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from jobs import broker, keys, netguard, records
 from jobs.errors import DreambatchError, InputError, JobNotFound
 from jobs.manifest import input_policy, parse_sets, validate_manifest
-from jobs.models import MODELS, JobRecord, item_event_id
+from jobs.models import MODELS, JobRecord, event_item_id, item_event_id
 from jobs.reconcile import reconcile as reconcile_job
 from jobs.settings import get_settings
 from jobs.storage import open_store
@@ -53,8 +53,7 @@ def validate(manifest: Path, model: ModelOpt = "i1-fast", set_: SetOpt = None,
              json_: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Check every row of MANIFEST; print each problem as `line N: field: message (got value)`."""
     try:
-        s = get_settings()
-        policy = input_policy(manifest, s.roots(), s.inputs.max_bytes)
+        policy = input_policy(manifest, get_settings())
         report = validate_manifest(manifest, model, parse_sets(set_ or []), policy)
     except InputError as exc:
         raise fail(str(exc), 2) from None
@@ -99,7 +98,7 @@ def submit(
                          store=RedisStore.from_url(settings.redis_url), objects=open_store(output, settings),
                          dispatch=lambda ids: broker.publish_items(celery, model, job_id, ids),
                          skip_invalid=skip_invalid, batch=settings.celery.publish_batch, job_id=job_id,
-                         policy=input_policy(manifest, settings.roots(), settings.inputs.max_bytes),
+                         policy=input_policy(manifest, settings),
                          on_rejected=lambda items: _notify_rejected(celery, webhook, items))
     except ManifestInvalid as exc:
         raise report_invalid(exc) from None
@@ -176,11 +175,8 @@ def webhooks(job_id: str, redeliver: Annotated[bool, typer.Option(help="send eve
         if not job.webhook:
             raise fail(f"job {job_id} has no webhook")
         celery = broker.make_celery(settings)
-        prefix = f"evt_{job_id}_"
         for event_id in events:
-            rest = event_id.removeprefix(prefix)
-            item_id = rest.rsplit("_", 1)[0] if "_" in rest else None
-            broker.send_webhook(celery, job_id, item_id, event_id)
+            broker.send_webhook(celery, job_id, event_item_id(job_id, event_id), event_id)
         err.print(f"re-sending {len(events)} event(s)", highlight=False)
 
 

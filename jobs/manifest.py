@@ -20,6 +20,7 @@ from jobs import dialects
 from jobs.errors import InputError
 from jobs.inputs import InputPolicy, check_ref
 from jobs.models import MODELS, CommonParams, EditRow, GenerateRow, rendered_size, row_class
+from jobs.settings import Settings
 
 MAX_LINE_BYTES = 1 << 20  # one JSONL line; bounds memory on hostile input
 MAX_ROWS = 1_000_000
@@ -278,9 +279,11 @@ def check_manifest(path: Path, checker: RowChecker) -> Iterator[CheckedRow | Iss
         yield checker.check(raw)
 
 
-def input_policy(path: Path, roots: list[str] | None = None, max_bytes: int = 50 * 2**20) -> InputPolicy:
+def input_policy(path: Path, settings: Settings | None = None) -> InputPolicy:
     """Local inputs of a manifest may come from its own folder and the configured roots."""
-    return InputPolicy(path.resolve().parent, tuple(Path(r) for r in roots or []), max_bytes)
+    if settings is None:
+        return InputPolicy(path.resolve().parent)
+    return InputPolicy(path.resolve().parent, tuple(Path(r) for r in settings.roots()), settings.inputs.max_bytes)
 
 
 def validate_manifest(path: Path, model: str, defaults: dict[str, Any] | None = None,

@@ -230,3 +230,9 @@ def item_event_id(job_id: str, item_id: str, status: str) -> str:
 
 def job_event_id(job_id: str, status: str) -> str:
     return f"evt_{job_id}_{status}"
+
+
+def event_item_id(job_id: str, event_id: str) -> str | None:
+    """The item an event id names (None for a job event): the inverse of the two functions above."""
+    rest = event_id.removeprefix(f"evt_{job_id}_")
+    return rest.rsplit("_", 1)[0] if "_" in rest else None

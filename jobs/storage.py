@@ -25,8 +25,8 @@ class ObjectStore(Protocol):
 
     def put_file(self, key: str, path: Path, content_type: str) -> str: ...
 
-    def get(self, key: str) -> bytes | None:
-        """The object's bytes, or None when it does not exist."""
+    def get(self, key: str, max_bytes: int | None = None) -> bytes | None:
+        """The object's bytes, or None when it does not exist; InputError when over `max_bytes`."""
         ...
 
     def keys(self, prefix: str) -> Iterator[str]: ...
@@ -153,9 +153,13 @@ class LocalStore:
     def put_file(self, key: str, path: Path, content_type: str) -> str:
         return self.put(key, path.read_bytes(), content_type)
 
-    def get(self, key: str) -> bytes | None:
+    def get(self, key: str, max_bytes: int | None = None) -> bytes | None:
         path = self._path(key)
-        return path.read_bytes() if path.is_file() else None
+        if not path.is_file():
+            return None
+        if max_bytes is not None and path.stat().st_size > max_bytes:
+            raise InputError(f"{path}: {path.stat().st_size} bytes is over the {max_bytes}-byte limit")
+        return path.read_bytes()
 
     def keys(self, prefix: str) -> Iterator[str]:
         base = self._path(prefix) if prefix else self.root

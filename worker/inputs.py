@@ -8,7 +8,7 @@ from jobs import netguard
 from jobs.errors import InputError
 from jobs.models import JobRecord
 from jobs.settings import Settings
-from jobs.storage import ObjectStore, S3Store, split_s3
+from jobs.storage import split_s3
 
 
 def fetch(ref: str, job: JobRecord, settings: Settings, objects) -> bytes:
@@ -21,11 +21,10 @@ def fetch(ref: str, job: JobRecord, settings: Settings, objects) -> bytes:
     if ref.startswith("s3://"):
         bucket, _ = split_s3(ref)
         key = ref[5 + len(bucket) + 1:]
-        store: ObjectStore = objects(f"s3://{bucket}")
-        data = store.get(key, max_bytes=limit) if isinstance(store, S3Store) else store.get(key)
+        data = objects(f"s3://{bucket}").get(key, max_bytes=limit)
         if data is None:
             raise InputError(f"{ref}: no such object")
-        return _bounded(ref, data, limit)
+        return data
     if ref.startswith(("https://", "http://")):
         return netguard.fetch(ref, settings.netpolicy(), max_bytes=limit, timeout=settings.inputs.download_timeout)
     path = Path(ref)
@@ -34,10 +33,6 @@ def fetch(ref: str, job: JobRecord, settings: Settings, objects) -> bytes:
         raise InputError(f"{ref}: local paths are read only from the job's own staged inputs")
     if not path.is_file():
         raise InputError(f"{ref}: file not found")
-    return _bounded(ref, path.read_bytes(), limit)
-
-
-def _bounded(ref: str, data: bytes, limit: int) -> bytes:
-    if len(data) > limit:
-        raise InputError(f"{ref}: {len(data)} bytes is over the {limit}-byte limit")
-    return data
+    if path.stat().st_size > limit:
+        raise InputError(f"{ref}: {path.stat().st_size} bytes is over the {limit}-byte limit")
+    return path.read_bytes()

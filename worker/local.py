@@ -15,6 +15,7 @@ from typing import Any
 
 from jobs import netguard
 from jobs.manifest import input_policy
+from jobs.models import item_event_id
 from jobs.settings import Settings
 from jobs.storage import LocalStore
 from jobs.store import MemoryStore
@@ -42,9 +43,9 @@ def run_local(manifest: Path, *, model: str, defaults: dict[str, Any], out: str,
         netguard.check_url(webhook, settings.netpolicy())
     sub = create_job(manifest, model=model, defaults=defaults, output=objects.location, webhook=webhook,
                      store=store, objects=objects, dispatch=queue.extend, skip_invalid=skip_invalid,
-                     policy=input_policy(manifest, settings.roots(), settings.inputs.max_bytes),
+                     policy=input_policy(manifest, settings),
                      on_rejected=lambda items: events.extend(
-                         (i.job_id, i.item_id, webhooks.item_event_id(i.job_id, i.item_id, i.status))
+                         (i.job_id, i.item_id, item_event_id(i.job_id, i.item_id, i.status))
                          for i in items if webhook))
     if sub.job_done:
         finals.append(sub.job.job_id)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from jobs import keys, records
 from jobs.errors import ConfigError, InputError, ModelError, TransientError
 from jobs.lifecycle import ItemStatus, job_outcome
-from jobs.models import EXTENSIONS, ItemOutput, ItemRecord, JobRecord, OutputImage
+from jobs.models import EXTENSIONS, ItemOutput, ItemRecord, JobRecord, OutputImage, item_event_id, job_event_id
 from jobs.settings import Settings
 from jobs.storage import ObjectStore
 from jobs.store import Store
@@ -72,19 +72,16 @@ def process_item(ctx: Context, job_id: str, item_id: str) -> Outcome:
     try:
         # 3. fetch the input (edits) and 4. run the model: the only step that holds the GPU
         if "image" in item.params:
-            images = _run_edit(ctx, job, item)
+            images, output = _run_edit(ctx, job, item)
         else:
             with ctx.gpu_lock:
                 result = ctx.runner().generate(_request(item))
             item.timings.inference_s = round(result.inference_s, 4)
-            images = result.images
+            images, output = result.images, ItemOutput(seed=item.seed)
 
         # 5. encode and upload, outside the GPU lock so the next item's inference overlaps
         t0 = time.perf_counter()
-        output = _upload(ctx.objects(job.output), item, images)
-        if item.output:  # sizes recorded by the edit path
-            output.processed_size, output.input_size = item.output.processed_size, item.output.input_size
-        item.output = output
+        item.output = _upload(ctx.objects(job.output), item, images, output)
         item.timings.upload_s = round(time.perf_counter() - t0, 4)
     except (InputError, ModelError, ConfigError) as exc:
         return _end(ctx, item, ItemStatus.FAILED, f"{type(exc).__name__}: {exc}")
@@ -110,8 +107,9 @@ def _request(item: ItemRecord) -> GenerateRequest:
     )
 
 
-def _run_edit(ctx: Context, job: JobRecord, item: ItemRecord) -> list:
-    """Fetch and decode the input, fit it to the model's canvas, edit, and bring it back to the output size."""
+def _run_edit(ctx: Context, job: JobRecord, item: ItemRecord) -> tuple[list, ItemOutput]:
+    """Fetch and decode the input, fit it to the model's canvas, edit, and bring it back to the output size.
+    Returns the images and the item's output record with the sizes it worked at."""
     p = item.params
     data = inputs.fetch(p["image"], job, ctx.settings, ctx.objects)
     source = imaging.decode_input(data, ctx.settings.inputs.max_pixels)
@@ -132,13 +130,13 @@ def _run_edit(ctx: Context, job: JobRecord, item: ItemRecord) -> list:
     with ctx.gpu_lock:
         result = runner.edit(request)
     item.timings.inference_s = round(result.inference_s, 4)
-    item.output = ItemOutput(seed=item.seed, processed_size=list(canvas_size), input_size=list(source.size))
-    return [geometry.unfit(image, box, target) for image in result.images]
+    output = ItemOutput(seed=item.seed, processed_size=list(canvas_size), input_size=list(source.size))
+    return [geometry.unfit(image, box, target) for image in result.images], output
 
 
-def _upload(objects: ObjectStore, item: ItemRecord, images) -> ItemOutput:
+def _upload(objects: ObjectStore, item: ItemRecord, images, out: ItemOutput) -> ItemOutput:
+    """Encode and store each image; their URIs and sizes are added to `out`."""
     fmt, quality = item.params["output_format"], item.params["output_quality"]
-    out = ItemOutput(seed=item.seed)
     for n, image in enumerate(images):
         data, content_type = imaging.encode(image, fmt, quality)
         suffix = "" if len(images) == 1 else f"_{n}"
@@ -161,7 +159,7 @@ def _end(ctx: Context, item: ItemRecord, status: ItemStatus, error: str | None) 
     if not move.applied:
         return Outcome("skipped")
     if job.webhook:
-        ctx.notify(item.job_id, item.item_id, webhooks.item_event_id(item.job_id, item.item_id, status.value))
+        ctx.notify(item.job_id, item.item_id, item_event_id(item.job_id, item.item_id, status.value))
     if move.job_done:
         ctx.finalize(item.job_id)
     return Outcome(status.value)
@@ -182,7 +180,7 @@ def finalize_job(ctx: Context, job_id: str) -> str | None:
     job = ctx.store.get_job(job_id)
     records.write_job_spec(ctx.objects(job.output), job)
     if job.webhook:
-        ctx.notify(job_id, None, webhooks.job_event_id(job_id, status.value))
+        ctx.notify(job_id, None, job_event_id(job_id, status.value))
     return status.value
 
 

@@ -22,7 +22,7 @@ import httpx
 
 from jobs import netguard
 from jobs.errors import TransientError
-from jobs.models import ItemRecord, JobRecord, item_event_id, job_event_id  # noqa: F401 (re-exported)
+from jobs.models import ItemRecord, JobRecord
 
 USER_AGENT = "dreambatch-webhooks/1"
 
