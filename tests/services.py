@@ -191,3 +191,19 @@ def fake_hub_snapshot(cache: Path, repo: str, source: Path, *skip: str) -> Path:
     (repo_dir / "refs").mkdir()
     (repo_dir / "refs" / "main").write_text("0" * 40)
     return snapshot
+
+
+def load_offline(runner_class, models, folders: dict) -> dict:
+    """Runners for `models`, each loaded once from its tiny folder with the hub switched off."""
+    before = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        loaded = {model: runner_class(model, weights=str(folders[model])) for model in models}
+        for runner in loaded.values():
+            runner.load()
+    finally:
+        if before is None:
+            os.environ.pop("HF_HUB_OFFLINE")
+        else:
+            os.environ["HF_HUB_OFFLINE"] = before
+    return loaded

@@ -14,7 +14,7 @@ import torch
 from diffusers import HiDreamImageTransformer2DModel
 from PIL import Image
 from safetensors import safe_open
-from services import fake_hub_snapshot
+from services import fake_hub_snapshot, load_offline
 
 from worker.runners.base import EditRequest
 from worker.runners.hidream_e1 import HiDreamE1Runner, canvas_size, edit_prompts
@@ -47,12 +47,7 @@ def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def runners(tiny_dirs) -> dict[str, HiDreamE1Runner]:
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("HF_HUB_OFFLINE", "1")
-        loaded = {model: HiDreamE1Runner(model, weights=str(tiny_dirs[model])) for model in EDITING}
-        for runner in loaded.values():
-            runner.load()
-    return loaded
+    return load_offline(HiDreamE1Runner, EDITING, tiny_dirs)
 
 
 def source_image(width: int, height: int) -> Image.Image:

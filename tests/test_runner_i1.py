@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from services import fake_hub_snapshot
+from services import fake_hub_snapshot, load_offline
 
 from worker.runners.base import GenerateRequest
 from worker.runners.hidream_i1 import HiDreamI1Runner, native_latent_side
@@ -32,12 +32,7 @@ def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def runners(tiny_dirs) -> dict[str, HiDreamI1Runner]:
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("HF_HUB_OFFLINE", "1")
-        loaded = {model: HiDreamI1Runner(model, weights=str(tiny_dirs[model])) for model in GENERATING}
-        for runner in loaded.values():
-            runner.load()
-    return loaded
+    return load_offline(HiDreamI1Runner, GENERATING, tiny_dirs)
 
 
 def request(model: str, **overrides) -> GenerateRequest:
