@@ -41,10 +41,11 @@ class S3Settings(BaseModel):
 
 
 class WebhookSettings(BaseModel):
-    timeout: float = 15.0
-    max_attempts: int = 8
-    backoff_base: float = 2.0
-    backoff_max: float = 600.0
+    timeout: float = Field(15.0, description="s for one delivery attempt")
+    retry_window: float = Field(86400.0, description="s after an event's first attempt during which it is retried")
+    max_attempts: int = Field(0, description="stop after this many attempts even inside the window; 0: no cap")
+    backoff_base: float = Field(5.0, description="s before the second attempt; doubles each time")
+    backoff_max: float = Field(3600.0, description="longest wait between attempts; below the visibility timeout")
 
 
 class InputSettings(BaseModel):
@@ -58,13 +59,26 @@ class Settings(BaseSettings):
 
     redis_url: str = "redis://127.0.0.1:6379/0"
     output: str | None = Field(None, description="default output location, s3://bucket/prefix")
-    webhook_secret: str | None = Field(None, description="whsec_… secret used to sign webhooks")
+    webhook_secret: str | None = Field(
+        None, description="whsec_… secret that signs webhooks; several (space or comma separated) while rotating keys")
     input_roots: str = Field("", description="extra folders (comma-separated) local input paths may come from")
     allow_private_hosts: str = Field("", description="hosts or CIDRs (comma-separated) URLs may reach though private")
     inputs: InputSettings = InputSettings()
     celery: CelerySettings = CelerySettings()
     s3: S3Settings = S3Settings()
     webhooks: WebhookSettings = WebhookSettings()
+
+    @model_validator(mode="after")
+    def _webhook_waits_below_visibility(self) -> Settings:
+        if self.webhooks.backoff_max >= self.celery.visibility_timeout:
+            raise ValueError(
+                f"webhooks.backoff_max ({self.webhooks.backoff_max}s) must stay below celery.visibility_timeout "
+                f"({self.celery.visibility_timeout}s): a retry waiting longer is delivered twice")
+        return self
+
+    def signing_secrets(self) -> list[str]:
+        """Every configured webhook secret; during a key rotation each event carries one signature per secret."""
+        return [s for s in (self.webhook_secret or "").replace(",", " ").split() if s]
 
     def netpolicy(self):
         from jobs.netguard import Policy

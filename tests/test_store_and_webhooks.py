@@ -62,7 +62,7 @@ def test_transitions_count_and_only_the_last_item_sees_the_job_done(store):
 
 def test_signed_webhook_verifies_with_the_standardwebhooks_package(receiver):
     secret = "whsec_" + base64.b64encode(os.urandom(24)).decode()
-    attempt = webhooks.deliver(receiver.url, "evt_1", {"id": "x", "status": "completed"}, secret=secret,
+    attempt = webhooks.deliver(receiver.url, "evt_1", {"id": "x", "status": "completed"}, secrets=[secret],
                                timeout=5, policy=LOOPBACK)
     assert attempt.delivered and attempt.status_code == 200
     req = receiver.requests[0]
@@ -70,27 +70,70 @@ def test_signed_webhook_verifies_with_the_standardwebhooks_package(receiver):
     assert req["headers"]["webhook-id"] == "evt_1"
 
 
+def test_during_a_key_rotation_each_event_verifies_with_the_old_and_the_new_secret(receiver):
+    from jobs.settings import Settings
+
+    old, new = ("whsec_" + base64.b64encode(os.urandom(24)).decode() for _ in range(2))
+    settings = Settings(webhook_secret=f"{new} {old}")
+    attempt = webhooks.deliver(receiver.url, "evt_rot", {"id": "r"}, secrets=settings.signing_secrets(),
+                               timeout=5, policy=LOOPBACK)
+    assert attempt.delivered
+    req = receiver.requests[0]
+    assert len(req["headers"]["webhook-signature"].split(" ")) == 2
+    for secret in (old, new):  # receivers on either key accept it, checked by an independent verifier
+        assert Webhook(secret).verify(req["body"], req["headers"]) == {"id": "r"}
+    stranger = "whsec_" + base64.b64encode(os.urandom(24)).decode()
+    with pytest.raises(Exception, match="(?i)signature"):
+        Webhook(stranger).verify(req["body"], req["headers"])
+
+
+def test_webhook_retries_are_bounded_by_a_time_window_not_a_count():
+    from jobs.settings import WebhookSettings
+
+    cfg = WebhookSettings(retry_window=86400, backoff_base=5, backoff_max=3600)
+    first = 1_000_000.0
+    waits, t, n = [], first, 1
+    while (wait := webhooks.next_retry(n, first, cfg, None, now=t)) is not None:
+        waits.append(wait)
+        t += max(wait, 1.0)
+        n += 1
+    assert t >= first + 86400 and t - first < 86400 + 3600  # retried for about a day, then stopped
+    assert max(waits) <= 3600
+    assert webhooks.next_retry(3, first, cfg, None, now=first + 86400) is None
+    # Retry-After is honoured but never pushes the next attempt past the window
+    assert webhooks.next_retry(1, first, cfg, 7200.0, now=first) == 3600
+    assert webhooks.next_retry(1, first, cfg, 60.0, now=first + 86400 - 10) == 10
+    assert webhooks.next_retry(4, first, WebhookSettings(max_attempts=4), None, now=first) is None
+
+
+def test_webhook_waits_must_stay_below_the_visibility_timeout():
+    from jobs.settings import Settings
+
+    with pytest.raises(ValueError, match="visibility_timeout"):
+        Settings(webhooks={"backoff_max": 5000}, celery={"visibility_timeout": 4000, "task_time_limit": 100})
+
+
 def test_failed_delivery_is_reported_retryable_with_retry_after(receiver):
     receiver.script = [503]
-    attempt = webhooks.deliver(receiver.url, "evt_2", {}, secret=None, timeout=5, policy=LOOPBACK)
+    attempt = webhooks.deliver(receiver.url, "evt_2", {}, secrets=[], timeout=5, policy=LOOPBACK)
     assert not attempt.delivered and attempt.retryable and attempt.error == "HTTP 503"
     gone = webhooks.Attempt(0, 410, 0.1, "HTTP 410")
     assert not gone.retryable
     assert webhooks.backoff(3, 1.0, 60.0, retry_after=30.0) >= 30.0
     assert 0 <= webhooks.backoff(10, 1.0, 5.0) <= 5.0
-    refused = webhooks.deliver("http://127.0.0.1:9/none", "evt_3", {}, secret=None, timeout=2, policy=LOOPBACK)
+    refused = webhooks.deliver("http://127.0.0.1:9/none", "evt_3", {}, secrets=[], timeout=2, policy=LOOPBACK)
     assert refused.status_code is None and refused.retryable and "ConnectError" in refused.error
 
 
 def test_webhook_to_a_private_address_is_refused_before_any_connection(receiver):
     for url in (receiver.url, receiver.url.replace("127.0.0.1", "localhost"),
                 receiver.url.replace("127.0.0.1", "2130706433")):
-        attempt = webhooks.deliver(url, "evt_4", {}, secret=None, timeout=2, policy=Policy.from_setting(""))
+        attempt = webhooks.deliver(url, "evt_4", {}, secrets=[], timeout=2, policy=Policy.from_setting(""))
         assert not attempt.delivered and not attempt.retryable and attempt.error.startswith("blocked:")
     assert receiver.requests == []  # nothing reached the receiver
     # a public-looking name that a (stub) resolver maps to a metadata address is refused too
     stub = Policy.from_setting("", resolver=lambda host, port: ["169.254.169.254"])
-    attempt = webhooks.deliver("http://hooks.example.com/x", "evt_5", {}, secret=None, timeout=2, policy=stub)
+    attempt = webhooks.deliver("http://hooks.example.com/x", "evt_5", {}, secrets=[], timeout=2, policy=stub)
     assert attempt.refused and "169.254.169.254" in attempt.error
 
 

@@ -71,15 +71,19 @@ def run_local(manifest: Path, *, model: str, defaults: dict[str, Any], out: str,
     return sub
 
 
+LOCAL_WEBHOOK_ATTEMPTS = 5  # local mode ends with the command: a few quick tries, not the worker's day-long window
+
+
 def _flush_events(ctx: process.Context, events: list[tuple[str, str | None, str]]) -> None:
     cfg = ctx.settings.webhooks
+    tries = min(cfg.max_attempts or LOCAL_WEBHOOK_ATTEMPTS, LOCAL_WEBHOOK_ATTEMPTS)
     while events:
         job_id, item_id, event_id = events.pop(0)
-        for n in range(1, cfg.max_attempts + 1):
+        for n in range(1, tries + 1):
             attempt = process.webhook_attempt(ctx, job_id, item_id, event_id)
             if attempt is None or attempt.delivered or not attempt.retryable:
                 break
-            if n < cfg.max_attempts:
-                time.sleep(webhooks.backoff(n, cfg.backoff_base, cfg.backoff_max, attempt.retry_after))
+            if n < tries:
+                time.sleep(webhooks.backoff(n, cfg.backoff_base, min(cfg.backoff_max, 30.0), attempt.retry_after))
             else:
                 log.warning("webhook %s not delivered after %d attempts: %s", event_id, n, attempt.error)

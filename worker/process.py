@@ -197,7 +197,7 @@ def webhook_attempt(ctx: Context, job_id: str, item_id: str | None, event_id: st
         if item is None:
             return None
         payload = webhooks.item_payload(job, item)
-    attempt = webhooks.deliver(job.webhook, event_id, payload, secret=ctx.settings.webhook_secret,
+    attempt = webhooks.deliver(job.webhook, event_id, payload, secrets=ctx.settings.signing_secrets(),
                                timeout=ctx.settings.webhooks.timeout, policy=ctx.settings.netpolicy(), client=client)
     ctx.store.log_event(job_id, event_id, attempt.as_dict())
     if attempt.status_code == 410:  # Gone: the receiver asks for no more events of this job

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from celery import Celery
 
 from jobs import keys
@@ -24,12 +26,13 @@ def register(app: Celery, runtime: Runtime) -> None:
         return process.finalize_job(runtime.context(), job_id)
 
     @app.task(name=keys.TASK_SEND_WEBHOOK, bind=True, max_retries=None, acks_late=True)
-    def send_webhook(self, job_id: str, item_id: str | None, event_id: str) -> str:
-        cfg = runtime.settings.webhooks
+    def send_webhook(self, job_id: str, item_id: str | None, event_id: str, first_at: float | None = None) -> str:
+        first_at = first_at or time.time()  # the retry window starts at an event's first attempt
         attempt = process.webhook_attempt(runtime.context(), job_id, item_id, event_id)
         if attempt is None or attempt.delivered or not attempt.retryable:
             return "done" if attempt is None or attempt.delivered else f"gave up: {attempt.error}"
-        if self.request.retries + 1 >= cfg.max_attempts:
-            return f"gave up after {cfg.max_attempts} attempts: {attempt.error}"
-        delay = webhooks.backoff(self.request.retries + 1, cfg.backoff_base, cfg.backoff_max, attempt.retry_after)
-        raise self.retry(countdown=delay)
+        attempts = self.request.retries + 1
+        delay = webhooks.next_retry(attempts, first_at, runtime.settings.webhooks, attempt.retry_after)
+        if delay is None:
+            return f"gave up after {attempts} attempts in {time.time() - first_at:.0f}s: {attempt.error}"
+        raise self.retry(countdown=delay, args=[job_id, item_id, event_id, first_at])

@@ -67,6 +67,11 @@ def sign(secret: str, event_id: str, timestamp: int, body: bytes) -> str:
     return "v1," + base64.b64encode(mac).decode()
 
 
+def signature_header(secrets: list[str], event_id: str, timestamp: int, body: bytes) -> str:
+    """One space-separated signature per secret, as Standard Webhooks allows during a key rotation."""
+    return " ".join(sign(secret, event_id, timestamp, body) for secret in secrets)
+
+
 @dataclass
 class Attempt:
     at: float
@@ -90,7 +95,7 @@ class Attempt:
         return asdict(self)
 
 
-def deliver(url: str, event_id: str, payload: dict[str, Any], *, secret: str | None, timeout: float,
+def deliver(url: str, event_id: str, payload: dict[str, Any], *, secrets: list[str], timeout: float,
             policy: netguard.Policy, client: httpx.Client | None = None) -> Attempt:
     """POST once to the checked address of the URL's host (redirects are not followed); never raises for
     HTTP, network or address-policy failures, it reports them. A refused address is not retried."""
@@ -98,8 +103,8 @@ def deliver(url: str, event_id: str, payload: dict[str, Any], *, secret: str | N
     ts = int(time.time())
     headers = {"content-type": "application/json", "user-agent": USER_AGENT,
                "webhook-id": event_id, "webhook-timestamp": str(ts)}
-    if secret:
-        headers["webhook-signature"] = sign(secret, event_id, ts, body)
+    if secrets:
+        headers["webhook-signature"] = signature_header(secrets, event_id, ts, body)
     start = time.monotonic()
     own = client is None
     client = client or httpx.Client(timeout=timeout)
@@ -129,6 +134,20 @@ def _retry_after(value: str | None) -> float | None:
         return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
     except (TypeError, ValueError):
         return None
+
+
+def next_retry(attempts: int, first_at: float, cfg, retry_after: float | None,
+               now: float | None = None) -> float | None:
+    """Seconds to wait before the next attempt of an event, or None when its retry window (or the optional
+    attempt cap) is spent. A wait that would end after the window is cut to end at it, so the window's
+    last moment still gets an attempt."""
+    now = time.time() if now is None else now
+    if cfg.max_attempts and attempts >= cfg.max_attempts:
+        return None
+    left = first_at + cfg.retry_window - now
+    if left <= 0:
+        return None
+    return min(backoff(attempts, cfg.backoff_base, cfg.backoff_max, retry_after), left, cfg.backoff_max)
 
 
 def backoff(attempt: int, base: float, cap: float, retry_after: float | None = None) -> float:

@@ -49,7 +49,7 @@ def test_a_redirecting_receiver_is_not_followed(receiver):
     from worker import webhooks
 
     receiver.script = [307]
-    attempt = webhooks.deliver(receiver.url, "evt_r", {}, secret=None, timeout=5, policy=LOOPBACK)
+    attempt = webhooks.deliver(receiver.url, "evt_r", {}, secrets=[], timeout=5, policy=LOOPBACK)
     assert attempt.status_code == 307 and not attempt.delivered and not attempt.retryable
     assert len(receiver.requests) == 1
 
