@@ -21,9 +21,12 @@ class CelerySettings(BaseModel):
     max_attempts: int = Field(3, description="an item that started this many times without ending fails")
     publish_batch: int = Field(500, description="tasks published per producer batch at submit")
     restore_interval: int = Field(10, description="s between scans that redeliver expired unacked tasks")
+    lease_ttl: int = Field(60, description="s an item's execution lease lives unless its worker renews it")
 
     @model_validator(mode="after")
     def _visibility_above_time_limit(self) -> CelerySettings:
+        if self.lease_ttl < 3:
+            raise ValueError(f"lease_ttl ({self.lease_ttl}s) must be at least 3s: it is renewed every third of it")
         if self.visibility_timeout <= self.task_time_limit:
             raise ValueError(
                 f"visibility_timeout ({self.visibility_timeout}s) must exceed task_time_limit "

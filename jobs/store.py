@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -46,7 +47,20 @@ class Store(Protocol):
     def disable_webhook(self, job_id: str) -> None: ...
     def log_event(self, job_id: str, event_id: str, entry: dict[str, Any]) -> None: ...
     def events(self, job_id: str) -> dict[str, list[dict[str, Any]]]: ...
+    def acquire_lease(self, job_id: str, item_id: str, token: str, ttl: float) -> float: ...
+    def renew_lease(self, job_id: str, item_id: str, token: str, ttl: float) -> bool: ...
+    def release_lease(self, job_id: str, item_id: str, token: str) -> None: ...
 
+
+# An item's execution lease: one token at a time; only its holder renews or releases it.
+_LEASE_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+_LEASE_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
 
 _TRANSITION = """
 local cur = redis.call('HGET', KEYS[1], 'status')
@@ -91,6 +105,8 @@ class RedisStore:
     def __init__(self, client):
         self.r = client
         self._transition = client.register_script(_TRANSITION)
+        self._renew = client.register_script(_LEASE_RENEW)
+        self._release = client.register_script(_LEASE_RELEASE)
 
     @classmethod
     def from_url(cls, url: str) -> RedisStore:
@@ -176,6 +192,20 @@ class RedisStore:
         return {eid: [json.loads(e) for e in self.r.lrange(f"{base}:{eid}", 0, -1)]
                 for eid in sorted(self.r.smembers(base))}
 
+    def acquire_lease(self, job_id: str, item_id: str, token: str, ttl: float) -> float:
+        """0 when `token` now holds the item's lease; otherwise the seconds left on the holder's lease."""
+        key = keys.ITEM_LEASE.format(job_id=job_id, item_id=item_id)
+        if self.r.set(key, token, nx=True, px=int(ttl * 1000)) or self.r.get(key) == token:
+            return 0.0
+        return max(self.r.pttl(key), 1) / 1000
+
+    def renew_lease(self, job_id: str, item_id: str, token: str, ttl: float) -> bool:
+        key = keys.ITEM_LEASE.format(job_id=job_id, item_id=item_id)
+        return bool(self._renew(keys=[key], args=[token, int(ttl * 1000)]))
+
+    def release_lease(self, job_id: str, item_id: str, token: str) -> None:
+        self._release(keys=[keys.ITEM_LEASE.format(job_id=job_id, item_id=item_id)], args=[token])
+
 
 class MemoryStore:
     """The same contract in one process's memory (local `run` mode)."""
@@ -186,6 +216,7 @@ class MemoryStore:
         self._items: dict[tuple[str, str], dict[str, Any]] = {}
         self._order: dict[str, list[str]] = {}
         self._events: dict[str, dict[str, list[dict[str, Any]]]] = {}
+        self._leases: dict[tuple[str, str], tuple[str, float]] = {}
 
     def create_job(self, job: JobRecord) -> None:
         with self._lock:
@@ -253,6 +284,28 @@ class MemoryStore:
 
     def events(self, job_id: str) -> dict[str, list[dict[str, Any]]]:
         return self._events.get(job_id, {})
+
+    def acquire_lease(self, job_id: str, item_id: str, token: str, ttl: float) -> float:
+        with self._lock:
+            holder, until = self._leases.get((job_id, item_id), (None, 0.0))
+            now = time.monotonic()
+            if holder in (None, token) or until <= now:
+                self._leases[(job_id, item_id)] = (token, now + ttl)
+                return 0.0
+            return until - now
+
+    def renew_lease(self, job_id: str, item_id: str, token: str, ttl: float) -> bool:
+        with self._lock:
+            holder, until = self._leases.get((job_id, item_id), (None, 0.0))
+            if holder != token or until <= time.monotonic():
+                return False
+            self._leases[(job_id, item_id)] = (token, time.monotonic() + ttl)
+            return True
+
+    def release_lease(self, job_id: str, item_id: str, token: str) -> None:
+        with self._lock:
+            if self._leases.get((job_id, item_id), (None,))[0] == token:
+                del self._leases[(job_id, item_id)]
 
 
 def _epoch(iso: str) -> float:

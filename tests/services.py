@@ -156,10 +156,13 @@ def service_env(redis_url: str, s3: str, tiny: Path, **extra: str) -> dict[str, 
 
 
 class Worker:
-    def __init__(self, args: list[str], env: dict[str, str], log: Path):
+    def __init__(self, args: list[str], env: dict[str, str], log: Path, program: list[str] | None = None):
+        """`program` replaces `python -m worker` (a test wrapper script that sabotages the worker)."""
         self.log = log
         self._fh = log.open("w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "worker", *args], env=env, cwd=ROOT,
+        if program:
+            env = {**env, "PYTHONPATH": str(ROOT)}
+        self.proc = subprocess.Popen([*(program or [sys.executable, "-m", "worker"]), *args], env=env, cwd=ROOT,
                                      stdout=self._fh, stderr=subprocess.STDOUT, start_new_session=True)
 
     def wait_ready(self, timeout: float = 120) -> Worker:

@@ -24,6 +24,7 @@ from jobs.storage import ObjectStore
 from jobs.store import Store
 from jobs.submit import now_iso
 from worker import geometry, imaging, inputs, webhooks
+from worker.leases import Leases
 from worker.runners.base import EditRequest, GenerateRequest, Runner
 
 log = logging.getLogger("dreambatch.worker")
@@ -38,6 +39,7 @@ class Context:
     notify: Callable[[str, str | None, str], None]  # (job_id, item_id or None, event_id)
     finalize: Callable[[str], None]  # (job_id)
     gpu_lock: threading.Lock = field(default_factory=threading.Lock)
+    leases: Leases | None = None  # None in local mode, where one consumer runs items one at a time
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,22 @@ def process_item(ctx: Context, job_id: str, item_id: str) -> Outcome:
     if ItemStatus(item.status).terminal:
         return Outcome("skipped")
 
-    # 2. start an attempt; an item that keeps killing its worker ends failed instead of looping
+    # 2. take the item's execution lease: a second delivery of an item running elsewhere waits for it
+    if ctx.leases is None:  # local mode: one consumer, nothing runs twice at once
+        return _attempt(ctx, job, item)
+    token, wait = ctx.leases.acquire(job_id, item_id)
+    if token is None:
+        log.info("item %s/%s is running elsewhere; trying again in %.1fs", job_id, item_id, wait)
+        return Outcome("running elsewhere", retry_in=wait + 0.5)
+    try:
+        return _attempt(ctx, job, item)
+    finally:
+        ctx.leases.release(job_id, item_id, token)
+
+
+def _attempt(ctx: Context, job: JobRecord, item: ItemRecord) -> Outcome:
+    job_id, item_id = job.job_id, item.item_id
+    # 3. start an attempt; an item that keeps killing its worker ends failed instead of looping
     started = time.time()
     item.updated_at = now_iso()
     if item.enqueued_at and item.attempts == 0:
@@ -70,7 +87,7 @@ def process_item(ctx: Context, job_id: str, item_id: str) -> Outcome:
                     f"gave up after {move.attempts - 1} attempts that did not finish (worker lost or timed out)")
 
     try:
-        # 3. fetch the input (edits) and 4. run the model: the only step that holds the GPU
+        # 4. fetch the input (edits) and 5. run the model: the only step that holds the GPU
         if "image" in item.params:
             images, output = _run_edit(ctx, job, item)
         else:
@@ -79,7 +96,7 @@ def process_item(ctx: Context, job_id: str, item_id: str) -> Outcome:
             item.timings.inference_s = round(result.inference_s, 4)
             images, output = result.images, ItemOutput(seed=item.seed)
 
-        # 5. encode and upload, outside the GPU lock so the next item's inference overlaps
+        # 6. encode and upload, outside the GPU lock so the next item's inference overlaps
         t0 = time.perf_counter()
         item.output = _upload(ctx.objects(job.output), item, images, output)
         item.timings.upload_s = round(time.perf_counter() - t0, 4)
@@ -94,7 +111,7 @@ def process_item(ctx: Context, job_id: str, item_id: str) -> Outcome:
         log.exception("item %s/%s failed", job_id, item_id)
         return _end(ctx, item, ItemStatus.FAILED, f"{type(exc).__name__}: {exc}")
 
-    # 6. record the result, notify, and finalize the job if this was its last item
+    # 7. record the result, notify, and finalize the job if this was its last item
     return _end(ctx, item, ItemStatus.COMPLETED, None)
 
 
