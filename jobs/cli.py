@@ -95,7 +95,8 @@ def submit(
         celery = broker.make_celery(settings)
         job_id = new_job_id()
         sub = create_job(manifest, model=model, defaults=defaults, output=output, webhook=webhook,
-                         store=RedisStore.from_url(settings.redis_url), objects=open_store(output, settings),
+                         store=RedisStore.from_url(settings.redis_url, settings.redis_retry_s),
+                         objects=open_store(output, settings), retry_window=settings.redis_retry_s,
                          dispatch=lambda ids: broker.publish_items(celery, model, job_id, ids),
                          skip_invalid=skip_invalid, batch=settings.celery.publish_batch, job_id=job_id,
                          policy=input_policy(manifest, settings),

@@ -18,12 +18,14 @@ ITEM = "db:item:{job_id}:{item_id}"  # hash: status, attempts, record (JSON)
 ITEM_LEASE = "db:item:{job_id}:{item_id}:lease"  # string: token of the execution running the item; expires
 JOB_ORDER = "db:job:{job_id}:order"  # list: item ids in manifest order
 JOB_EVENTS = "db:job:{job_id}:events"  # set of webhook event ids; list "<key>:<event_id>" = attempts
+RECONCILE_LOCK = "db:reconcile:lock"  # string with a TTL: one io worker sweeps unfinished jobs at a time
 JOBS_INDEX = "db:jobs"  # sorted set: job_id by created time
 
 # --- S3 keys (durable record, next to the outputs) -----------------------------------------
 S3_JOB_SPEC = "{prefix}{job_id}/job.json"  # normalized job spec, written at submit
 S3_JOB_ROWS = "{prefix}{job_id}/rows.jsonl"  # normalized rows, one per manifest row, at submit
 S3_ITEM_RESULT = "{prefix}{job_id}/items/{item_id}.json"  # one small record when an item ends
+S3_OPEN_JOB = "{prefix}_open/{job_id}"  # exists from a job's commit until it ends: what periodic reconcile scans
 S3_RESULTS = "{prefix}{job_id}/results.jsonl"  # one line per manifest row when the job ends
 S3_OUTPUT = "{prefix}{job_id}/{item_id}{suffix}.{ext}"  # suffix "" or "_{n}" for several images
 

@@ -213,6 +213,8 @@ class JobRecord(BaseModel):
     output: str  # s3://bucket/prefix or a local folder
     webhook: str | None = None
     webhook_disabled: bool = False  # the endpoint answered 410 Gone: no more events for this job
+    submitting: bool = False  # its submission has not committed yet: workers hold its items back
+    submit_aborted: bool = False  # its submission failed: nothing of it runs
     manifest: str | None = None
     status: str = "queued"
     total: int = 0

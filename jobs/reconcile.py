@@ -96,6 +96,9 @@ def reconcile(
     if spec is None:
         raise JobNotFound(f"no job.json for job {job_id!r} under {getattr(objects, 'location', '?')}")
     job = JobRecord.model_validate(spec)
+    if job.submitting:
+        raise JobNotFound(f"job {job_id!r} never finished its submission (nothing of it was queued); "
+                          f"submit the manifest again")
     rows = read_rows(objects, job_id)
     results = read_item_results(objects, job_id)
     has_results = objects.get(keys.S3_RESULTS.format(prefix="", job_id=job_id)) is not None

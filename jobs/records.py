@@ -4,6 +4,7 @@
     {prefix}{job_id}/rows.jsonl          normalized rows (one per manifest row), at submit
     {prefix}{job_id}/items/{item}.json   one small record per item, when it ends
     {prefix}{job_id}/results.jsonl       one line per manifest row, when the job ends
+    {prefix}_open/{job_id}               from the job's commit until it ends (periodic reconcile scans it)
 
 Redis holds the live state; these files are what survives it.
 """
@@ -26,6 +27,21 @@ JSONL = "application/x-ndjson"
 def write_job_spec(store: ObjectStore, job: JobRecord) -> str:
     key = keys.S3_JOB_SPEC.format(prefix="", job_id=job.job_id)
     return store.put(key, job.model_dump_json(indent=2).encode(), JSON)
+
+
+def mark_open(store: ObjectStore, job: JobRecord) -> str:
+    return store.put(keys.S3_OPEN_JOB.format(prefix="", job_id=job.job_id),
+                     json.dumps({"job_id": job.job_id, "created_at": job.created_at}).encode(), JSON)
+
+
+def mark_ended(store: ObjectStore, job_id: str) -> None:
+    store.delete(keys.S3_OPEN_JOB.format(prefix="", job_id=job_id))
+
+
+def open_jobs(store: ObjectStore) -> list[str]:
+    """Ids of the jobs in this location that were committed and have not ended."""
+    marker = keys.S3_OPEN_JOB.format(prefix="", job_id="")
+    return [key.removeprefix(marker) for key in store.keys(marker)]
 
 
 def write_rows(store: ObjectStore, job_id: str, rows_file: Path) -> str:

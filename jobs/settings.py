@@ -22,6 +22,8 @@ class CelerySettings(BaseModel):
     publish_batch: int = Field(500, description="tasks published per producer batch at submit")
     restore_interval: int = Field(10, description="s between scans that redeliver expired unacked tasks")
     lease_ttl: int = Field(60, description="s an item's execution lease lives unless its worker renews it")
+    submit_grace: int = Field(900, description="s after which items of a submission that never committed are dropped")
+    reconcile_interval: int = Field(300, description="s between sweeps for jobs whose live state was lost; 0: off")
 
     @model_validator(mode="after")
     def _visibility_above_time_limit(self) -> CelerySettings:
@@ -61,6 +63,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DREAMBATCH_", env_nested_delimiter="__", extra="ignore")
 
     redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_retry_s: float = Field(120.0, description="s a Redis call or a publish keeps retrying while Redis is down")
+    reconcile_locations: str = Field(
+        "", description="output locations (comma-separated) swept for lost jobs, besides DREAMBATCH_OUTPUT")
     output: str | None = Field(None, description="default output location, s3://bucket/prefix")
     webhook_secret: str | None = Field(
         None, description="whsec_… secret that signs webhooks; several (space or comma separated) while rotating keys")

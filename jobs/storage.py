@@ -31,6 +31,8 @@ class ObjectStore(Protocol):
 
     def keys(self, prefix: str) -> Iterator[str]: ...
 
+    def delete(self, key: str) -> None: ...
+
     def url(self, key: str) -> str | None:
         """A time-limited HTTPS URL, when configured."""
         ...
@@ -120,6 +122,9 @@ class S3Store:
             for obj in page.get("Contents", []):
                 yield obj["Key"][len(self.prefix):]
 
+    def delete(self, key: str) -> None:
+        self._call(self.client.delete_object, Bucket=self.bucket, Key=self._key(key))
+
     def url(self, key: str) -> str | None:
         if self.presign_expires <= 0:
             return None
@@ -168,6 +173,9 @@ class LocalStore:
             rel = path.relative_to(self.root).as_posix()
             if path.is_file() and rel.startswith(prefix) and not path.name.startswith(".tmp-"):
                 yield rel
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
 
     def url(self, key: str) -> str | None:
         return None

@@ -39,6 +39,8 @@ class Transition:
 class Store(Protocol):
     def create_job(self, job: JobRecord) -> None: ...
     def add_items(self, items: list[ItemRecord]) -> None: ...
+    def commit_job(self, job_id: str) -> None: ...
+    def abort_submission(self, job_id: str) -> None: ...
     def get_job(self, job_id: str) -> JobRecord | None: ...
     def get_item(self, job_id: str, item_id: str) -> ItemRecord | None: ...
     def transition(self, item: ItemRecord, to: ItemStatus, *, count_attempt: bool = False) -> Transition: ...
@@ -62,6 +64,23 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
+# Add items that are not there yet (a batch retried after a dropped connection adds nothing twice).
+# KEYS: job hash, order list. ARGV: item key prefix, then (id, status, record, terminal, attempts) per item.
+_ADD_ITEMS = """
+local added = 0
+for i = 2, #ARGV, 5 do
+  local key = ARGV[1] .. ARGV[i]
+  if redis.call('EXISTS', key) == 0 then
+    redis.call('HSET', key, 'status', ARGV[i + 1], 'attempts', ARGV[i + 4], 'record', ARGV[i + 2])
+    redis.call('RPUSH', KEYS[2], ARGV[i])
+    redis.call('HINCRBY', KEYS[1], 'n_' .. ARGV[i + 1], 1)
+    if ARGV[i + 3] == '1' then redis.call('HINCRBY', KEYS[1], 'done', 1) end
+    added = added + 1
+  end
+end
+return added
+"""
+
 _TRANSITION = """
 local cur = redis.call('HGET', KEYS[1], 'status')
 if not cur then return {-1, '', 0, 0, 0} end
@@ -83,6 +102,24 @@ return {1, cur, attempts, done, total}
 """
 
 
+def _retries_for(window: float, cap: float, base: float) -> int:
+    """How many exponential-backoff retries (doubling from `base`, at most `cap` apart) span `window` s."""
+    n, spent, delay = 0, 0.0, base
+    while spent < window:
+        delay = min(cap, base * 2 ** (n + 1))
+        spent += delay
+        n += 1
+    return max(n, 1)
+
+
+def _job_fields(job: JobRecord) -> dict[str, Any]:
+    fields: dict[str, Any] = {"record": job.model_dump_json(), "total": job.total, "done": 0}
+    fields.update({f"n_{s}": 0 for s in STATUSES})
+    if job.submitting:
+        fields["submitting"] = 1
+    return fields
+
+
 def _job_from(fields: dict[str, str]) -> JobRecord:
     job = JobRecord.model_validate_json(fields["record"])
     job.total = int(fields.get("total", 0))
@@ -91,6 +128,8 @@ def _job_from(fields: dict[str, str]) -> JobRecord:
     job.finished_at = fields.get("finished_at")
     job.results_uri = fields.get("results_uri")
     job.webhook_disabled = bool(fields.get("webhook_disabled"))
+    job.submitting = bool(fields.get("submitting"))
+    job.submit_aborted = bool(fields.get("submit_aborted"))
     return job
 
 
@@ -105,41 +144,46 @@ class RedisStore:
     def __init__(self, client):
         self.r = client
         self._transition = client.register_script(_TRANSITION)
+        self._add_items = client.register_script(_ADD_ITEMS)
         self._renew = client.register_script(_LEASE_RENEW)
         self._release = client.register_script(_LEASE_RELEASE)
 
     @classmethod
-    def from_url(cls, url: str) -> RedisStore:
+    def from_url(cls, url: str, retry_s: float = 120.0) -> RedisStore:
+        """A client that rides out a Redis outage of about `retry_s` seconds before a call fails."""
         import redis
         from redis.backoff import ExponentialBackoff
         from redis.retry import Retry
 
         client = redis.Redis.from_url(
             url, decode_responses=True, socket_timeout=10, socket_connect_timeout=5, health_check_interval=30,
-            retry=Retry(ExponentialBackoff(cap=5.0, base=0.2), retries=20),
+            retry=Retry(ExponentialBackoff(cap=5.0, base=0.2), retries=_retries_for(retry_s, cap=5.0, base=0.2)),
             retry_on_error=[redis.ConnectionError, redis.TimeoutError],
         )
         return cls(client)
 
     def create_job(self, job: JobRecord) -> None:
-        fields = {"record": job.model_dump_json(), "total": job.total, "done": 0}
-        fields.update({f"n_{s}": 0 for s in STATUSES})
+        fields = _job_fields(job)
         pipe = self.r.pipeline()
         pipe.hset(keys.job_key(job.job_id), mapping=fields)
         pipe.zadd(keys.JOBS_INDEX, {job.job_id: _epoch(job.created_at)})
         pipe.execute()
 
     def add_items(self, items: list[ItemRecord]) -> None:
-        pipe = self.r.pipeline(transaction=False)
+        by_job: dict[str, list[str]] = {}
         for item in items:
-            key = keys.ITEM.format(job_id=item.job_id, item_id=item.item_id)
-            pipe.hset(key, mapping={"status": item.status, "attempts": item.attempts,
-                                    "record": item.model_dump_json()})
-            pipe.rpush(keys.JOB_ORDER.format(job_id=item.job_id), item.item_id)
-            pipe.hincrby(keys.job_key(item.job_id), f"n_{item.status}", 1)
-            if ItemStatus(item.status).terminal:
-                pipe.hincrby(keys.job_key(item.job_id), "done", 1)
-        pipe.execute()
+            terminal = int(ItemStatus(item.status).terminal)
+            by_job.setdefault(item.job_id, []).extend(
+                [item.item_id, item.status, item.model_dump_json(), terminal, item.attempts])
+        for job_id, args in by_job.items():
+            self._add_items(keys=[keys.job_key(job_id), keys.JOB_ORDER.format(job_id=job_id)],
+                            args=[keys.ITEM.format(job_id=job_id, item_id=""), *args])
+
+    def commit_job(self, job_id: str) -> None:
+        self.r.hdel(keys.job_key(job_id), "submitting")
+
+    def abort_submission(self, job_id: str) -> None:
+        self.r.hset(keys.job_key(job_id), mapping={"submit_aborted": 1, "webhook_disabled": 1})
 
     def get_job(self, job_id: str) -> JobRecord | None:
         fields = self.r.hgetall(keys.job_key(job_id))
@@ -220,14 +264,22 @@ class MemoryStore:
 
     def create_job(self, job: JobRecord) -> None:
         with self._lock:
-            fields = {"record": job.model_dump_json(), "total": job.total, "done": 0}
-            fields.update({f"n_{s}": 0 for s in STATUSES})
-            self._jobs[job.job_id] = fields
+            self._jobs[job.job_id] = _job_fields(job)
             self._order[job.job_id] = []
+
+    def commit_job(self, job_id: str) -> None:
+        with self._lock:
+            self._jobs[job_id].pop("submitting", None)
+
+    def abort_submission(self, job_id: str) -> None:
+        with self._lock:
+            self._jobs[job_id].update(submit_aborted=1, webhook_disabled=1)
 
     def add_items(self, items: list[ItemRecord]) -> None:
         with self._lock:
             for item in items:
+                if (item.job_id, item.item_id) in self._items:
+                    continue
                 self._items[(item.job_id, item.item_id)] = {
                     "status": item.status, "attempts": item.attempts, "record": item.model_dump_json()}
                 self._order[item.job_id].append(item.item_id)

@@ -8,8 +8,10 @@ and hands each batch of ids to `dispatch` (Celery publishing, or the local runne
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 import tempfile
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,14 +19,27 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import redis.exceptions
+from kombu.exceptions import KombuError
+
 from jobs import inputs, records
-from jobs.errors import InputError
+from jobs.errors import DreambatchError, InputError, TransientError
 from jobs.inputs import InputPolicy
 from jobs.lifecycle import ItemStatus
 from jobs.manifest import CheckedRow, CheckReport, Issue, RowChecker, check_manifest, input_policy, validate_manifest
 from jobs.models import MAX_SEED, ItemRecord, JobRecord
 from jobs.storage import ObjectStore
 from jobs.store import Store
+
+log = logging.getLogger("dreambatch.submit")
+
+# a broker or store connection that failed: worth retrying (a batch that was half-sent is resent whole)
+CONNECTION_ERRORS = (ConnectionError, TimeoutError, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
+                     KombuError)
+
+
+class SubmitFailed(TransientError):
+    """The submission could not complete (broker or store unreachable); nothing of it will run."""
 
 
 class ManifestInvalid(InputError):
@@ -72,6 +87,81 @@ def _item(job_id: str, row: CheckedRow, at: str, objects: ObjectStore, max_bytes
                       metadata=row.metadata, error=f"invalid row: {error}", created_at=at, updated_at=at)
 
 
+def _fan_out(manifest: Path, job: JobRecord, model: str, defaults: dict[str, Any], policy: InputPolicy,
+             store: Store, objects: ObjectStore, dispatch: Callable[[list[str]], None], batch: int,
+             retry_window: float, rejected_items: list[ItemRecord]) -> tuple[int, int]:
+    """3. Second pass: items in batches, each batch stored before its tasks are published; returns the
+    queued and rejected counts. A publish that fails (broker unreachable) is retried for `retry_window`
+    seconds: a batch published twice is harmless (items are added once; a second delivery of an item
+    is skipped or waits for the first)."""
+    checker = RowChecker(model, defaults, policy)
+    queued = rejected = 0
+    pending: list[ItemRecord] = []
+    with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as rows_fh:
+        rows_path = Path(rows_fh.name)
+
+        def flush() -> None:
+            nonlocal queued, rejected
+            store.add_items(pending)
+            failed = [item for item in pending if item.status == ItemStatus.FAILED]
+            for item in failed:
+                records.write_item_result(objects, item)
+            rejected_items.extend(failed)
+            ids = [i.item_id for i in pending if i.status == ItemStatus.QUEUED]
+            if ids:
+                _retrying(lambda: dispatch(ids), retry_window, f"publishing {len(ids)} task(s)")
+            queued += len(ids)
+            rejected += len(pending) - len(ids)
+            pending.clear()
+
+        try:
+            for row in check_manifest(manifest, checker):
+                if isinstance(row, Issue):  # file-level issues were refused in step 1
+                    continue
+                item = _item(job.job_id, row, job.created_at, objects, policy.max_bytes)
+                rows_fh.write(json.dumps({"id": item.item_id, "line": item.line, "params": item.params,
+                                          "metadata": item.metadata, "error": item.error}) + "\n")
+                pending.append(item)
+                if len(pending) >= batch:
+                    flush()
+            if pending:
+                flush()
+            rows_fh.close()
+            records.write_rows(objects, job.job_id, rows_path)
+        finally:
+            rows_path.unlink(missing_ok=True)
+    return queued, rejected
+
+
+def _retrying(call: Callable[[], None], window: float, what: str) -> None:
+    """Run `call`, retrying connection failures with backoff until `window` seconds have passed."""
+    deadline = time.monotonic() + window
+    delay = 0.2
+    while True:
+        try:
+            return call()
+        except CONNECTION_ERRORS as exc:
+            if time.monotonic() + delay > deadline:
+                raise TransientError(f"{what}: broker unreachable for {window:.0f}s: {exc}") from exc
+            log.warning("%s failed (%s); retrying in %.1fs", what, exc, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+def _abort(store: Store, objects: ObjectStore, job_id: str) -> None:
+    """Best effort: mark the submission aborted so workers drop its items at once. If Redis cannot be
+    reached, workers still drop them once the job is older than the submit grace period."""
+    try:
+        store.abort_submission(job_id)
+    except Exception as exc:
+        log.warning("could not mark job %s aborted (%s); workers will drop its items after the grace period",
+                    job_id, exc)
+    try:
+        records.mark_ended(objects, job_id)
+    except Exception:
+        pass
+
+
 def create_job(
     manifest: Path,
     *,
@@ -87,6 +177,7 @@ def create_job(
     job_id: str | None = None,
     policy: InputPolicy | None = None,
     on_rejected: Callable[[list[ItemRecord]], None] | None = None,
+    retry_window: float = 120.0,
 ) -> Submission:
     # 1. validate every row; nothing is created when a row is bad (unless skip_invalid)
     policy = policy or input_policy(manifest)
@@ -98,51 +189,35 @@ def create_job(
     if report.rows == 0:
         raise ManifestInvalid(f"{manifest}: no rows; nothing was queued")
 
-    # 2. the job record, live and durable
+    # 2. the job record, live only: workers hold its items back until the submission commits
     at = now_iso()
     job = JobRecord(job_id=job_id or new_job_id(), model=model, defaults=defaults, output=output,
-                    webhook=webhook, manifest=str(manifest), total=report.rows, created_at=at, updated_at=at)
+                    webhook=webhook, manifest=str(manifest), total=report.rows, created_at=at, updated_at=at,
+                    submitting=True)
     store.create_job(job)
-    records.write_job_spec(objects, job)
-
-    # 3. second pass: items in batches, each batch stored before its tasks are published
-    checker = RowChecker(model, defaults, policy)
-    queued = rejected = 0
-    pending: list[ItemRecord] = []
-    with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as rows_fh:
-        rows_path = Path(rows_fh.name)
-
-        def flush() -> None:
-            nonlocal queued, rejected
-            store.add_items(pending)
-            failed = [item for item in pending if item.status == ItemStatus.FAILED]
-            for item in failed:
-                records.write_item_result(objects, item)
-            if failed and on_rejected:
-                on_rejected(failed)  # their terminal-state webhooks
-            ids = [i.item_id for i in pending if i.status == ItemStatus.QUEUED]
-            if ids:
-                dispatch(ids)
-            queued += len(ids)
-            rejected += len(pending) - len(ids)
-            pending.clear()
-
-        for row in check_manifest(manifest, checker):
-            if isinstance(row, Issue):  # file-level issues were refused in step 1
-                continue
-            item = _item(job.job_id, row, at, objects, policy.max_bytes)
-            rows_fh.write(json.dumps({"id": item.item_id, "line": item.line, "params": item.params,
-                                      "metadata": item.metadata, "error": item.error}) + "\n")
-            pending.append(item)
-            if len(pending) >= batch:
-                flush()
-        if pending:
-            flush()
+    rejected_items: list[ItemRecord] = []
     try:
-        records.write_rows(objects, job.job_id, rows_path)
-    finally:
-        rows_path.unlink(missing_ok=True)
-    # 4. rejected rows count as ended: if they were the last to end, the caller finalizes
+        queued, rejected = _fan_out(manifest, job, model, defaults, policy, store, objects, dispatch, batch,
+                                    retry_window, rejected_items)
+        # 4. commit: the durable record first, then the live flag that lets workers start
+        records.write_job_spec(objects, job)
+        store.commit_job(job.job_id)
+    except BaseException as exc:
+        _abort(store, objects, job.job_id)
+        if isinstance(exc, Exception) and not isinstance(exc, (InputError, KeyboardInterrupt)):
+            raise SubmitFailed(f"job {job.job_id}: {type(exc).__name__}: {exc}; nothing was queued "
+                               f"(anything already published is discarded by the workers)") from exc
+        raise
+    job.submitting = False
+    try:
+        records.write_job_spec(objects, job)
+        records.mark_open(objects, job)
+    except DreambatchError as exc:  # the job runs; only reconcile-after-Redis-loss is off for it
+        log.warning("job %s is queued, but its durable record could not be completed: %s", job.job_id, exc)
+    if rejected_items and on_rejected:
+        on_rejected(rejected_items)  # their terminal-state webhooks, once the job is real
+
+    # 5. rejected rows count as ended: if they were the last to end, the caller finalizes
     live = store.get_job(job.job_id)
     ended = sum(live.counts.get(s, 0) for s in ("completed", "failed", "cancelled")) if live else 0
     return Submission(job, queued, rejected, report, job_done=rejected > 0 and ended >= job.total)

@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from jobs import keys, records
 from jobs.errors import ConfigError, InputError, ModelError, TransientError
@@ -57,6 +58,11 @@ def process_item(ctx: Context, job_id: str, item_id: str) -> Outcome:
         return Outcome("skipped")
     if ItemStatus(item.status).terminal:
         return Outcome("skipped")
+    if job.submitting:  # its submission has not committed: hold the item back, or drop it if it never will
+        age = time.time() - datetime.fromisoformat(job.created_at).timestamp()
+        if job.submit_aborted or age > ctx.settings.celery.submit_grace:
+            return _end(ctx, item, ItemStatus.CANCELLED, "its submission did not complete, so nothing of it runs")
+        return Outcome("waiting for its submission", retry_in=1.0)
 
     # 2. take the item's execution lease: a second delivery of an item running elsewhere waits for it
     if ctx.leases is None:  # local mode: one consumer, nothing runs twice at once
@@ -196,6 +202,7 @@ def finalize_job(ctx: Context, job_id: str) -> str | None:
         return None
     job = ctx.store.get_job(job_id)
     records.write_job_spec(ctx.objects(job.output), job)
+    records.mark_ended(ctx.objects(job.output), job_id)
     if job.webhook:
         ctx.notify(job_id, None, job_event_id(job_id, status.value))
     return status.value

@@ -62,7 +62,7 @@ class Runtime:
     def store(self) -> Store:
         with self._lock:
             if self._store is None:
-                self._store = RedisStore.from_url(self.settings.redis_url)
+                self._store = RedisStore.from_url(self.settings.redis_url, self.settings.redis_retry_s)
             return self._store
 
     def runner(self) -> Runner:
