@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from jobs import keys
+from jobs import keys, records
 from jobs.errors import JobNotFound
 from jobs.lifecycle import ItemStatus, JobStatus, job_outcome
 from jobs.models import ItemOutput, ItemRecord, JobRecord, Timings
@@ -152,3 +152,31 @@ def reconcile(
         finalize(job_id)
     return ReconcileReport(job_id=job_id, total=len(items), ended=ended, requeued=len(to_queue),
                            recreated=recreated, finalized=finalize_now, restored_terminal=restored)
+
+
+def sweep(
+    objects: ObjectStore,
+    store: Store,
+    publish: Callable[[str, str, list[str]], None],
+    finalize: Callable[[str], None],
+    batch: int = 500,
+) -> list[ReconcileReport]:
+    """Reconcile every job committed in this location (it has an `_open` marker) that the live store
+    no longer knows: Redis lost it. `publish(model, job_id, ids)` queues a batch of items. A marker
+    left by a job that has ended is removed."""
+    reports = []
+    for job_id in records.open_jobs(objects):
+        live = store.get_job(job_id)
+        if live is not None:
+            if live.finished_at:
+                records.mark_ended(objects, job_id)
+            continue
+        spec = _json(objects, keys.S3_JOB_SPEC.format(prefix="", job_id=job_id))
+        if spec is None or spec.get("submitting"):
+            continue
+        model = spec["model"]
+        report = reconcile(job_id, objects, store, lambda ids, m=model, j=job_id: publish(m, j, ids), finalize, batch)
+        if report.restored_terminal:
+            records.mark_ended(objects, job_id)
+        reports.append(report)
+    return reports

@@ -236,6 +236,10 @@ class RedisStore:
         return {eid: [json.loads(e) for e in self.r.lrange(f"{base}:{eid}", 0, -1)]
                 for eid in sorted(self.r.smembers(base))}
 
+    def claim(self, key: str, ttl: float) -> bool:
+        """True for the one caller that sets `key` until it expires (a periodic duty done by one process)."""
+        return bool(self.r.set(key, "1", nx=True, px=int(ttl * 1000)))
+
     def acquire_lease(self, job_id: str, item_id: str, token: str, ttl: float) -> float:
         """0 when `token` now holds the item's lease; otherwise the seconds left on the holder's lease."""
         key = keys.ITEM_LEASE.format(job_id=job_id, item_id=item_id)

@@ -36,10 +36,12 @@ def wait_until(predicate, timeout: float, interval: float = 0.1, what: str = "co
 
 # --- Redis --------------------------------------------------------------------------------------
 class RedisServer:
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, persistent: bool = False):
+        """`persistent`: an append-only file in `workdir`, so a restart keeps the data (as in docker-compose)."""
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.workdir = workdir
+        self.persistent = persistent
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
@@ -47,7 +49,8 @@ class RedisServer:
         if exe is None:
             raise RuntimeError("redis-server is not installed (apt-get install redis-server; .ci/run does it)")
         self.proc = subprocess.Popen(
-            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "yes" if self.persistent else "no", "--appendfsync", "always",
              "--dir", str(self.workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         import redis
 

@@ -57,8 +57,11 @@ def worker(
     settings = get_settings()
     celery = broker.make_celery(settings)
     if io:
+        from worker import sweeper
+
         runtime = Runtime(settings, celery)
         queue, threads, name = keys.IO_QUEUE, concurrency or 8, "io"
+        sweeper.start(settings, celery)  # periodic reconciliation of jobs whose live state was lost
     else:
         runtime = Runtime(settings, celery, model=model, weights=weights, device=device or _default_device())
         try:
