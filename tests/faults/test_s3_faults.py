@@ -11,6 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
 import pytest
+from ledger import check_ledger
 from services import cli, s3_client, service_env, wait_until
 
 from jobs.store import RedisStore
@@ -111,6 +112,8 @@ def test_a_503_burst_is_retried_and_a_persistent_failure_fails_only_its_item(
         keys = {o["Key"] for o in s3_client(s3_endpoint).list_objects_v2(Bucket=bucket, Prefix=f"f/{job_id}/")
                 ["Contents"]}
         assert f"f/{job_id}/p00.png" in keys and f"f/{job_id}/p01.png" not in keys
+        check_ledger(s3_client(s3_endpoint), bucket, "f", job_id, ["p00", "p01", "p02", "p03"],
+                     expect={"p00": "completed", "p01": "failed", "p02": "completed", "p03": "completed"})
     finally:
         forever.close()
         burst.close()
