@@ -6,8 +6,6 @@ script; this module never imports `worker`, torch or diffusers.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import sys
 import time
@@ -18,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from jobs import broker, keys, netguard, records
+from jobs import broker, export, keys, netguard
 from jobs.errors import DreambatchError, InputError, JobNotFound
 from jobs.manifest import input_policy, parse_sets, validate_manifest
 from jobs.models import MODELS, JobRecord, event_item_id, item_event_id
@@ -151,12 +149,6 @@ def reconcile(
                   f"{', finalizing' if report.finalized else ''}", highlight=False)
 
 
-def csv_cell(value) -> str:
-    """A cell a spreadsheet will not run: text starting with = + - @ (or tab/CR) gets a leading quote."""
-    text = "" if value is None else str(value)
-    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
-
-
 @app.command()
 def webhooks(job_id: str, redeliver: Annotated[bool, typer.Option(help="send every event again")] = False) -> None:
     """List every webhook delivery attempt of a job (time, status, latency, error); --redeliver re-sends."""
@@ -241,24 +233,34 @@ def status(job_id: str, watch: Annotated[bool, typer.Option("--watch")] = False,
 def results(job_id: str, format_: Annotated[str, typer.Option("--format", help="jsonl or csv")] = "jsonl") -> None:
     """Print a job's results, one line per manifest row (live state while it runs)."""
     settings = get_settings()
+    if format_ not in ("jsonl", "csv"):
+        raise fail(f"--format: expected jsonl or csv (got {format_!r})", 2)
     try:
         job = _load_job(job_id)
-        lines = records.read_results(open_store(job.output, settings), job_id) if job.finished_at else None
-        if lines is None:
-            lines = [i.result_line() for i in RedisStore.from_url(settings.redis_url).items(job_id)]
+        lines = list(export.result_lines(job, RedisStore.from_url(settings.redis_url), settings))
     except DreambatchError as exc:
         raise fail(str(exc)) from None
-    if format_ == "jsonl":
-        for line in lines:
-            print(json.dumps(line))
+    sys.stdout.writelines(export.jsonl_rows(lines) if format_ == "jsonl" else export.csv_rows(lines))
+
+
+@app.command()
+def api(host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+        port: Annotated[int, typer.Option(help="port to listen on")] = 8000) -> None:
+    """Serve the HTTP API (docs/api.md): jobs, OpenAI-compatible images, a fal-style queue. Needs the
+    `api` extra and a key from `dreambatch keys create`."""
+    try:
+        from jobs.api.app import serve
+    except ImportError as exc:
+        raise fail(f"the API needs the api extra: pip install 'dreambatch[api]' ({exc})") from None
+    serve(get_settings(), host, port)
+
+
+def _add_keys_commands() -> None:
+    try:
+        from jobs.api.keys_cli import keys_app
+    except ImportError:  # the api extra is not installed
         return
-    if format_ != "csv":
-        raise fail(f"--format: expected jsonl or csv (got {format_!r})", 2)
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(["id", "line", "status", "error", "seed", "outputs", "metadata"])
-    for line in lines:
-        uris = " ".join(img.get("s3_uri") or "" for img in line["output"]["images"])
-        writer.writerow([csv_cell(v) for v in (line["id"], line["line"], line["status"], line["error"] or "",
-                                                line["seed"], uris, json.dumps(line["metadata"]))])
-    sys.stdout.write(buf.getvalue())
+    app.add_typer(keys_app, name="keys")
+
+
+_add_keys_commands()

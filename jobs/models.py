@@ -236,3 +236,14 @@ def event_item_id(job_id: str, event_id: str) -> str | None:
     """The item an event id names (None for a job event): the inverse of the two functions above."""
     rest = event_id.removeprefix(f"evt_{job_id}_")
     return rest.rsplit("_", 1)[0] if "_" in rest else None
+
+
+class ApiKeyRecord(BaseModel):
+    """An API key as stored: never the token itself, only its SHA-256 (jobs.api.auth)."""
+
+    key_id: str
+    name: str
+    token_sha256: str
+    scopes: list[str]
+    created_at: str
+    revoked_at: str | None = None

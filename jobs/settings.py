@@ -53,6 +53,15 @@ class InputSettings(BaseModel):
     download_timeout: float = Field(30.0, description="s for one URL download, redirects included")
 
 
+class ApiSettings(BaseModel):
+    wait_timeout: float = Field(600.0, description="s an /v1/images request waits for its job before a 504")
+    url_expires: int = Field(3600, description="s a presigned (or served) image URL in a response stays valid")
+    max_upload_bytes: int = Field(50 * 2**20, description="largest uploaded manifest or image")
+    max_json_rows: int = Field(10_000, description="rows in one JSON POST /v1/jobs body; upload a file for more")
+    public_url: str | None = Field(None, description="base URL clients reach the API at (default: the request's)")
+    url_secret: str | None = Field(None, description="signs served image URLs; random per process when unset")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DREAMBATCH_", env_nested_delimiter="__", extra="ignore")
 
@@ -65,6 +74,7 @@ class Settings(BaseSettings):
     celery: CelerySettings = CelerySettings()
     s3: S3Settings = S3Settings()
     webhooks: WebhookSettings = WebhookSettings()
+    api: ApiSettings = ApiSettings()
 
     def netpolicy(self):
         from jobs.netguard import Policy

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 from jobs import keys
 from jobs.lifecycle import ItemStatus, JobStatus, allowed_sources, job_progress_status
-from jobs.models import ItemRecord, JobRecord
+from jobs.models import ApiKeyRecord, ItemRecord, JobRecord
 
 STATUSES = [s.value for s in ItemStatus]
 
@@ -175,6 +175,39 @@ class RedisStore:
         base = keys.JOB_EVENTS.format(job_id=job_id)
         return {eid: [json.loads(e) for e in self.r.lrange(f"{base}:{eid}", 0, -1)]
                 for eid in sorted(self.r.smembers(base))}
+
+    # --- the HTTP API: keys and idempotency records ---------------------------------------------
+    def put_api_key(self, key: ApiKeyRecord) -> None:
+        pipe = self.r.pipeline()
+        pipe.set(keys.API_KEY.format(key_id=key.key_id), key.model_dump_json())
+        pipe.zadd(keys.API_KEYS, {key.key_id: _epoch(key.created_at)})
+        pipe.execute()
+
+    def get_api_key(self, key_id: str) -> ApiKeyRecord | None:
+        raw = self.r.get(keys.API_KEY.format(key_id=key_id))
+        return ApiKeyRecord.model_validate_json(raw) if raw else None
+
+    def api_keys(self) -> list[ApiKeyRecord]:
+        ids = self.r.zrange(keys.API_KEYS, 0, -1)
+        raws = self.r.mget([keys.API_KEY.format(key_id=i) for i in ids]) if ids else []
+        return [ApiKeyRecord.model_validate_json(raw) for raw in raws if raw]
+
+    def claim_idempotency(self, key_id: str, digest: str, fingerprint: str, ttl: int) -> dict[str, Any] | None:
+        """Claim an Idempotency-Key for one request body. None: claimed now (go ahead); otherwise the
+        record already there: {"fingerprint", "job_id"} (job_id None while the first request runs)."""
+        key = keys.IDEMPOTENCY.format(key_id=key_id, digest=digest)
+        if self.r.set(key, json.dumps({"fingerprint": fingerprint, "job_id": None}), nx=True, ex=ttl):
+            return None
+        raw = self.r.get(key)
+        return json.loads(raw) if raw else {"fingerprint": fingerprint, "job_id": None}
+
+    def settle_idempotency(self, key_id: str, digest: str, fingerprint: str, job_id: str | None, ttl: int) -> None:
+        """Record the job a claimed key created; job_id None releases the claim (the request failed)."""
+        key = keys.IDEMPOTENCY.format(key_id=key_id, digest=digest)
+        if job_id is None:
+            self.r.delete(key)
+        else:
+            self.r.set(key, json.dumps({"fingerprint": fingerprint, "job_id": job_id}), ex=ttl)
 
 
 class MemoryStore:
