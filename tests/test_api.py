@@ -26,7 +26,7 @@ def api(redis_server, s3_endpoint):
     bucket = f"t-api-{uuid.uuid4().hex[:8]}"
     s3_client(s3_endpoint).create_bucket(Bucket=bucket)
     settings = Settings(redis_url=redis_server.url.rsplit("/", 1)[0] + f"/{REDIS_DB}", output=f"s3://{bucket}/api",
-                        s3={"endpoint_url": s3_endpoint}, api={"wait_timeout": 0.5})
+                        s3={"endpoint_url": s3_endpoint}, api={"wait_timeout": 0.05})
     server = ApiServer(settings)
     yield server
     server.stop()
@@ -206,8 +206,21 @@ def test_schemathesis_finds_no_server_errors(api, tmp_path):
     """Every operation, fuzzed from the OpenAPI document with a key holding every scope: no 5xx, except
     the documented 504 of an /v1/images request whose job outlives the wait (no worker runs here)."""
     token = api.key("jobs:read", "jobs:write", "images", "metrics")
+    with httpx.Client(base_url=api.url, headers={"Authorization": f"Bearer {token}"}) as http:
+        job = http.post("/v1/jobs", json={"model": "i1-fast", "rows": [{"prompt": "fuzzed"}]}).json()["id"]
+        request = http.post("/queue/fal-ai/hidream-i1-fast", json={"prompt": "fuzzed"}).json()["request_id"]
     config = tmp_path / "schemathesis.toml"
-    config.write_text(textwrap.dedent("""
+    config.write_text(textwrap.dedent(f"""
+        [parameters]
+        "path.job_id" = "{job}"
+        "path.request_id" = "{request}"
+        "path.namespace" = "fal-ai"
+        "path.name" = "hidream-i1-fast"
+
+        [[operations]]
+        include-path = "/v1/jobs/{{job_id}}/events"
+        parameters = {{ "query.timeout" = 0.01 }}
+
         [[operations]]
         include-path-regex = "^/v1/images/"
         checks.not_a_server_error.expected-statuses = ["2XX", "3XX", "4XX", "504"]
@@ -215,8 +228,8 @@ def test_schemathesis_finds_no_server_errors(api, tmp_path):
     env = {**os.environ, "SCHEMATHESIS_HOOKS": ""}
     res = subprocess.run(
         [sys.executable, "-m", "schemathesis.cli", "--config-file", str(config), "run", f"{api.url}/openapi.json",
-         "--checks", "not_a_server_error", "--max-examples", "8", "--phases", "examples,coverage,fuzzing",
+         "--checks", "not_a_server_error", "--max-examples", "25", "--phases", "examples,fuzzing",
          "-H", f"Authorization: Bearer {token}", "--request-timeout", "10", "--workers", "2", "--seed", "1"],
-        capture_output=True, text=True, timeout=200, env=env)
+        capture_output=True, text=True, timeout=200, env=env, cwd=tmp_path)
     assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-2000:]
     assert "No issues found" in res.stdout or "passed" in res.stdout

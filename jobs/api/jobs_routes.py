@@ -208,9 +208,13 @@ def _sse(event: str, data: dict, event_id: int) -> str:
 
 @router.get("/v1/jobs/{job_id}/events", response_class=StreamingResponse,
             responses={200: {"content": {"text/event-stream": {}}}})
-async def events(job_id: JobId, svc: ServicesDep, _key: Reader) -> StreamingResponse:
-    """Server-sent events: `progress` (the status object) whenever status or counts change, then `end`."""
+async def events(job_id: JobId, svc: ServicesDep, _key: Reader,
+                 timeout: Annotated[float, Query(gt=0, le=86400, description="s before the stream closes")] = 3600
+                 ) -> StreamingResponse:
+    """Server-sent events: `progress` (the status object) whenever status or counts change, then `end` when
+    the job has ended (or `timeout` when the stream closes first; reconnect to go on)."""
     await anyio.to_thread.run_sync(svc.job, job_id)
+    deadline = time.monotonic() + timeout
 
     async def stream():
         last, n, beat = None, 0, time.monotonic()
@@ -229,6 +233,9 @@ async def events(job_id: JobId, svc: ServicesDep, _key: Reader) -> StreamingResp
                 yield ": keep-alive\n\n"
             if job.finished_at:
                 yield _sse("end", status, n + 1)
+                return
+            if time.monotonic() >= deadline:
+                yield _sse("timeout", status, n + 1)
                 return
             await anyio.sleep(0.5)
 
@@ -263,8 +270,8 @@ def file(job_id: JobId, key: str, svc: ServicesDep, expires: Annotated[int, Quer
     """An output image, by the signed link an images response gave (no API key: the signature is the key)."""
     import hmac
 
-    if (not hmac.compare_digest(sign_file(svc, job_id, key, expires), signature) or expires < time.time()
-            or not key.startswith(f"{job_id}/")):
+    good = hmac.compare_digest(sign_file(svc, job_id, key, expires).encode(), signature.encode())
+    if not good or expires < time.time() or not key.startswith(f"{job_id}/"):
         raise ApiError(403, "invalid or expired link", type_="permission_error", code="invalid_signature")
     job = svc.job(job_id)
     data = svc.objects(job.output).get(key, svc.settings.api.max_upload_bytes)
