@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from jobs import broker, export, keys, netguard
+from jobs.control import cancel_job, parse_duration, resume_job, retry_job
 from jobs.errors import DreambatchError, InputError, JobNotFound
 from jobs.manifest import input_policy, parse_sets, validate_manifest
 from jobs.models import MODELS, JobRecord, event_item_id, item_event_id
@@ -80,12 +81,25 @@ def submit(
     skip_invalid: Annotated[bool, typer.Option(help="queue valid rows, record invalid ones as failed")] = False,
     wait: Annotated[bool, typer.Option(help="wait until the job ends, with a progress bar")] = False,
     json_: Annotated[bool, typer.Option("--json")] = False,
+    priority: Annotated[str, typer.Option(help="high, normal or low: a worker takes high items first")] = "normal",
+    max_concurrency: Annotated[int | None, typer.Option(
+        help="at most N of this job's items running at once, across all workers")] = None,
+    expires_after: Annotated[str | None, typer.Option(
+        help="items not started within this long (90s, 15m, 2h, 1d) end cancelled, reason expired")] = None,
 ) -> None:
     """Validate MANIFEST and queue one task per row; prints the job id."""
     settings = get_settings()
     output = output or settings.output
     if not output or not output.startswith("s3://"):
         raise fail("--output s3://bucket/prefix is required (or set DREAMBATCH_OUTPUT)")
+    if priority not in keys.PRIORITIES:
+        raise fail(f"--priority: expected one of {', '.join(keys.PRIORITIES)} (got {priority!r})", 2)
+    if max_concurrency is not None and max_concurrency < 1:
+        raise fail(f"--max-concurrency: expected 1 or more (got {max_concurrency})", 2)
+    try:
+        expires_at = time.time() + parse_duration(expires_after) if expires_after else None
+    except InputError as exc:
+        raise fail(f"--expires-after: {exc}", 2) from None
     try:
         if webhook:
             netguard.check_url(webhook, settings.netpolicy())
@@ -94,10 +108,11 @@ def submit(
         job_id = new_job_id()
         sub = create_job(manifest, model=model, defaults=defaults, output=output, webhook=webhook,
                          store=RedisStore.from_url(settings.redis_url), objects=open_store(output, settings),
-                         dispatch=lambda ids: broker.publish_items(celery, model, job_id, ids),
+                         dispatch=lambda ids: broker.publish_items(celery, model, job_id, ids, priority=priority),
                          skip_invalid=skip_invalid, batch=settings.celery.publish_batch, job_id=job_id,
                          policy=input_policy(manifest, settings),
-                         on_rejected=lambda items: _notify_rejected(celery, webhook, items))
+                         on_rejected=lambda items: _notify_rejected(celery, webhook, items),
+                         priority=priority, max_concurrency=max_concurrency, expires_at=expires_at)
     except ManifestInvalid as exc:
         raise report_invalid(exc) from None
     except DreambatchError as exc:
@@ -134,9 +149,10 @@ def reconcile(
         spec = objects.get(keys.S3_JOB_SPEC.format(prefix="", job_id=job_id))
         if spec is None:
             raise JobNotFound(f"no job {job_id!r} under {output}")
-        model = JobRecord.model_validate_json(spec).model
+        spec = JobRecord.model_validate_json(spec)
         report = reconcile_job(job_id, objects, RedisStore.from_url(settings.redis_url),
-                               dispatch=lambda ids: broker.publish_items(celery, model, job_id, ids),
+                               dispatch=lambda ids: broker.publish_items(celery, spec.model, job_id, ids,
+                                                                         priority=spec.priority),
                                finalize=lambda jid: broker.send_finalize(celery, jid),
                                batch=settings.celery.publish_batch)
     except DreambatchError as exc:
@@ -147,6 +163,56 @@ def reconcile(
         out.print(f"{job_id}: {report.total} item(s), {report.ended} ended, {report.requeued} re-queued"
                   f"{'' if report.recreated else ' (repaired in place)'}"
                   f"{', finalizing' if report.finalized else ''}", highlight=False)
+
+
+@app.command()
+def cancel(job_id: str, json_: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Cancel JOB_ID: queued items end cancelled now, running ones stop at their next step; outputs
+    already written are kept. The job ends `cancelled` (with its webhook) when its running items stop."""
+    try:
+        job = cancel_job(get_settings(), job_id)
+    except DreambatchError as exc:
+        raise fail(str(exc)) from None
+    if json_:
+        print(json.dumps(_status_object(job)))
+    else:
+        c = job.counts
+        out.print(f"{job_id}: cancelling — {c.get('cancelled', 0)} cancelled, {c.get('running', 0)} running "
+                  f"(stop at their next step), {c.get('completed', 0)} completed kept", highlight=False,
+                  soft_wrap=True)
+
+
+def _requeued(job_id: str, ids: list[str], what: str, json_: bool) -> None:
+    if json_:
+        print(json.dumps({"job_id": job_id, "requeued": ids}))
+    else:
+        out.print(f"{job_id}: re-queued {len(ids)} {what} item(s)", highlight=False, soft_wrap=True)
+
+
+@app.command()
+def retry(job_id: str, json_: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Re-queue only JOB_ID's failed items, in the same job (same ids and manifest lines); the job runs
+    again and ends once more. Rows rejected at submit are not retried."""
+    try:
+        ids = retry_job(get_settings(), job_id)
+    except DreambatchError as exc:
+        raise fail(str(exc)) from None
+    _requeued(job_id, ids, "failed", json_)
+
+
+@app.command()
+def resume(
+    job_id: str,
+    output: Annotated[str | None, typer.Option(help="s3://bucket/prefix, only when Redis lost the job")] = None,
+    json_: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Re-queue JOB_ID's items that have no result (after an outage lost their messages); nothing that
+    ended runs again."""
+    try:
+        ids = resume_job(get_settings(), job_id, output=output)
+    except DreambatchError as exc:
+        raise fail(str(exc)) from None
+    _requeued(job_id, ids, "unfinished", json_)
 
 
 @app.command()
@@ -188,7 +254,8 @@ def _status_object(job: JobRecord) -> dict:
     counts = {"total": job.total, **{k: job.counts.get(k, 0) for k in
                                      ("queued", "running", "completed", "failed", "cancelled")}}
     return {"job_id": job.job_id, "status": job.status, "model": job.model, "counts": counts,
-            "results": job.results_uri, "created_at": job.created_at, "finished_at": job.finished_at}
+            "results": job.results_uri, "created_at": job.created_at, "finished_at": job.finished_at,
+            "priority": job.priority, "cancel_requested": job.cancel_requested, "round": job.round}
 
 
 def _watch(job_id: str, quiet: bool = False, interval: float = 0.5) -> JobRecord:

@@ -21,6 +21,8 @@ class CelerySettings(BaseModel):
     max_attempts: int = Field(3, description="an item that started this many times without ending fails")
     publish_batch: int = Field(500, description="tasks published per producer batch at submit")
     restore_interval: int = Field(10, description="s between scans that redeliver expired unacked tasks")
+    slot_wait: float = Field(2.0, description="s before an item over its job's --max-concurrency is tried again")
+    heartbeat: float = Field(5.0, description="s between a worker's heartbeats in Redis (dreambatch top)")
 
     @model_validator(mode="after")
     def _visibility_above_time_limit(self) -> CelerySettings:

@@ -16,6 +16,7 @@ from jobs import broker
 from jobs.settings import Settings
 from jobs.storage import ObjectStore, open_store, s3_client
 from jobs.store import RedisStore, Store
+from worker.metrics import WorkerMetrics
 from worker.process import Context
 from worker.runners.base import Runner
 
@@ -47,6 +48,9 @@ class Runtime:
         self._s3 = None
         self._lock = threading.Lock()
         self.gpu_lock = threading.Lock()
+        self.metrics = WorkerMetrics()
+        self.active: set[tuple[str, str]] = set()  # (job_id, item_id) running in this process, for heartbeats
+        self.ended = 0  # items this process ran to an end
 
     @property
     def store(self) -> Store:
@@ -80,5 +84,5 @@ class Runtime:
             settings=self.settings, store=self.store, runner=self.runner, objects=self.objects,
             notify=lambda job_id, item_id, event_id: broker.send_webhook(self.app, job_id, item_id, event_id),
             finalize=lambda job_id: broker.send_finalize(self.app, job_id),
-            gpu_lock=self.gpu_lock,
+            gpu_lock=self.gpu_lock, metrics=self.metrics,
         )

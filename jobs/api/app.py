@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from jobs.api import auth
 from jobs.api.service import ApiError, Services
-from jobs.errors import ConfigError, DreambatchError, InputError, JobNotFound, TransientError
+from jobs.errors import ConfigError, DreambatchError, InputError, JobNotFound, JobStateError, TransientError
 from jobs.models import ApiKeyRecord
 from jobs.settings import Settings
 
@@ -97,6 +97,8 @@ def create_app(settings: Settings) -> FastAPI:
             return _error(ApiError(422, str(exc), errors=list(getattr(exc, "issues", None) or [str(exc)])))
         if isinstance(exc, JobNotFound):
             return _error(ApiError(404, str(exc), code="not_found"))
+        if isinstance(exc, JobStateError):
+            return _error(ApiError(409, str(exc), code="job_state"))
         if isinstance(exc, TransientError):
             return _error(ApiError(503, str(exc), type_="server_error", code="unavailable"))
         if isinstance(exc, ConfigError):

@@ -22,6 +22,7 @@ import anyio
 from fastapi import APIRouter, Body, Depends, Header, Path, Query, Request
 from fastapi.responses import JSONResponse
 
+from jobs import control
 from jobs.api.app import ServicesDep, require
 from jobs.api.service import (
     ApiError,
@@ -137,10 +138,8 @@ def _result(svc: Services, model: str, request_id: str, base_url: str):
 @router.put("/{namespace}/{name}/requests/{request_id}/cancel", status_code=202)
 def cancel_request(namespace: Segment, name: Segment, request_id: RequestId, svc: ServicesDep, _key: Images):
     """Cancel a request that has not finished: CANCELLATION_REQUESTED (202), or ALREADY_COMPLETED (400)."""
-    from jobs import control
-
     job = _job(svc, model_of(namespace, name), request_id)
-    if job.finished_at:
+    if job.finished_at or job.cancel_requested:
         return JSONResponse({"status": "ALREADY_COMPLETED"}, 400)
-    control.cancel_job(svc.settings, request_id)
+    control.cancel_job(svc.settings, request_id, store=svc.store, celery=svc.celery)
     return {"status": "CANCELLATION_REQUESTED"}

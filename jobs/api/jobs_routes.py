@@ -17,7 +17,7 @@ from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from jobs import export
+from jobs import control, export
 from jobs.api.app import ServicesDep, require
 from jobs.api.service import (
     ApiError,
@@ -31,9 +31,11 @@ from jobs.api.service import (
     sign_file,
     submit,
 )
+from jobs.control import parse_duration
+from jobs.errors import InputError
 from jobs.lifecycle import ItemStatus
 from jobs.manifest import parse_sets
-from jobs.models import ApiKeyRecord, JobRecord
+from jobs.models import ApiKeyRecord, JobRecord, Priority
 from jobs.submit import ManifestInvalid
 
 router = APIRouter(tags=["jobs"])
@@ -56,6 +58,10 @@ class JobCreate(BaseModel):
     defaults: dict[str, Scalar] = Field(default_factory=dict, description="job defaults (`--set`)")
     webhook: str | None = Field(None, max_length=2048, description="POSTed on every item and job terminal state")
     skip_invalid: bool = Field(False, description="queue the valid rows, record the invalid ones as failed")
+    priority: Priority = Field("normal", description="a worker takes high items first, low ones last")
+    max_concurrency: int | None = Field(None, ge=1, le=100_000, description="at most N items running at once")
+    expires_after: str | None = Field(None, max_length=16, description="90s, 15m, 2h, 1d: items not started by "
+                                                                          "then end cancelled (reason expired)")
 
 
 class JobUpload(BaseModel):
@@ -66,6 +72,9 @@ class JobUpload(BaseModel):
     set: list[str] = Field(default_factory=list, description="job defaults, key=value")
     webhook: str | None = None
     skip_invalid: bool = False
+    priority: Priority = "normal"
+    max_concurrency: int | None = Field(None, ge=1, le=100_000)
+    expires_after: str | None = Field(None, max_length=16)
 
 
 CREATE_BODY = {"requestBody": {"required": True, "content": {
@@ -81,6 +90,15 @@ def _lines(exc: ValidationError) -> list[str]:
         got = "" if err["type"] == "missing" else f" (got {json.dumps(err.get('input'), default=str)[:80]})"
         out.append(f"{where}: {err['msg'].lower()}{got}")
     return out
+
+
+def _duration(text: str | None) -> float | None:
+    if not text:
+        return None
+    try:
+        return parse_duration(text)
+    except InputError as exc:
+        raise ApiError(422, f"expires_after: {exc}", param="expires_after", errors=[f"expires_after: {exc}"]) from None
 
 
 async def _read_capped(upload, limit: int, dest: Path) -> bytes:
@@ -108,14 +126,18 @@ async def _parse_create(request: Request, svc: Services, upload: Upload) -> tupl
         try:
             fields = JobUpload(manifest=b"", model=form.get("model"), set=form.getlist("set"),
                                webhook=form.get("webhook") or None,
-                               skip_invalid=str(form.get("skip_invalid", "false")).lower() in ("1", "true", "yes"))
+                               skip_invalid=str(form.get("skip_invalid", "false")).lower() in ("1", "true", "yes"),
+                               priority=form.get("priority") or "normal",
+                               max_concurrency=form.get("max_concurrency") or None,
+                               expires_after=form.get("expires_after") or None)
             defaults = parse_sets(fields.set)
         except ValidationError as exc:
             lines = _lines(exc)
             raise ApiError(422, "; ".join(lines), errors=lines) from None
         path = upload.root / f"manifest.{fmt}"
         data = await _read_capped(file, svc.settings.api.max_upload_bytes, path)
-        options = JobOptions(fields.model, defaults, fields.webhook, fields.skip_invalid)
+        options = JobOptions(fields.model, defaults, fields.webhook, fields.skip_invalid, fields.priority,
+                             fields.max_concurrency, _duration(fields.expires_after))
         return path, options, fingerprint("manifest", fmt, data, options.__dict__)
     if kind not in ("application/json", ""):
         raise ApiError(415, f"send application/json rows or a multipart/form-data manifest (got {kind!r})",
@@ -128,7 +150,8 @@ async def _parse_create(request: Request, svc: Services, upload: Upload) -> tupl
     if len(body.rows) > svc.settings.api.max_json_rows:
         raise ApiError(413, f"rows: at most {svc.settings.api.max_json_rows} rows in a JSON body; upload a manifest "
                             "file for more", code="too_large", param="rows")
-    options = JobOptions(body.model, {k: str(v) for k, v in body.defaults.items()}, body.webhook, body.skip_invalid)
+    options = JobOptions(body.model, {k: str(v) for k, v in body.defaults.items()}, body.webhook, body.skip_invalid,
+                         body.priority, body.max_concurrency, _duration(body.expires_after))
     return upload.write_rows(body.rows), options, fingerprint("rows", body.model_dump())
 
 
@@ -246,20 +269,27 @@ async def events(job_id: JobId, svc: ServicesDep, _key: Reader,
 @router.post("/v1/jobs/{job_id}/cancel")
 def cancel(job_id: JobId, svc: ServicesDep, _key: Writer) -> dict:
     """Queued items end `cancelled` at once, running items stop at their next step; the job ends
-    `cancelled` (webhook sent). Outputs already written are kept. Cancelling an ended job changes nothing."""
-    from jobs import control
-
+    `cancelled` (webhook sent) when they have. Outputs already written are kept. 409 for a job that
+    already ended otherwise; cancelling a cancelled job changes nothing."""
     svc.job(job_id)
-    return job_status(control.cancel_job(svc.settings, job_id))
+    return job_status(control.cancel_job(svc.settings, job_id, store=svc.store, celery=svc.celery))
 
 
 @router.post("/v1/jobs/{job_id}/retry")
 def retry(job_id: JobId, svc: ServicesDep, _key: Writer) -> dict:
-    """Re-queue the failed items in the same job (attempts counted); returns their ids."""
-    from jobs import control
-
+    """Re-queue only the failed items, in the same job (same ids and lines, attempts counted); `requeued`
+    lists their ids ([] when none failed)."""
     svc.job(job_id)
-    requeued = control.retry_job(svc.settings, job_id)
+    requeued = control.retry_job(svc.settings, job_id, store=svc.store, celery=svc.celery)
+    return {**job_status(svc.job(job_id)), "requeued": requeued}
+
+
+@router.post("/v1/jobs/{job_id}/resume")
+def resume(job_id: JobId, svc: ServicesDep, _key: Writer) -> dict:
+    """Re-queue the items that have no result (after an outage lost their messages); nothing that ended
+    runs again."""
+    svc.job(job_id)
+    requeued = control.resume_job(svc.settings, job_id, store=svc.store, celery=svc.celery)
     return {**job_status(svc.job(job_id)), "requeued": requeued}
 
 

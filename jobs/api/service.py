@@ -61,6 +61,9 @@ class JobOptions:
     defaults: dict[str, Any] = field(default_factory=dict)
     webhook: str | None = None
     skip_invalid: bool = False
+    priority: str = "normal"
+    max_concurrency: int | None = None
+    expires_after: float | None = None  # s from submission
 
 
 @dataclass
@@ -137,9 +140,12 @@ def submit(svc: Services, manifest: Path, options: JobOptions, upload: Upload) -
 
     sub = create_job(manifest, model=options.model, defaults=options.defaults, output=output, webhook=webhook,
                      store=svc.store, objects=svc.objects(output),
-                     dispatch=lambda ids: broker.publish_items(celery, options.model, job_id, ids),
+                     dispatch=lambda ids: broker.publish_items(celery, options.model, job_id, ids,
+                                                               priority=options.priority),
                      skip_invalid=options.skip_invalid, batch=settings.celery.publish_batch, job_id=job_id,
-                     policy=InputPolicy(upload.inputs, (), settings.inputs.max_bytes), on_rejected=rejected)
+                     policy=InputPolicy(upload.inputs, (), settings.inputs.max_bytes), on_rejected=rejected,
+                     priority=options.priority, max_concurrency=options.max_concurrency,
+                     expires_at=time.time() + options.expires_after if options.expires_after else None)
     if sub.job_done:
         broker.send_finalize(celery, job_id)
     return sub
@@ -207,6 +213,8 @@ def job_status(job: JobRecord, now: float | None = None) -> dict[str, Any]:
     eta = (job.total - ended) / rate if rate and not job.finished_at else None
     return {"id": job.job_id, "object": "job", "status": job.status, "model": job.model, "counts": counts,
             "rate_per_s": round(rate, 4), "eta_s": None if eta is None else round(eta, 1),
+            "priority": job.priority, "max_concurrency": job.max_concurrency, "expires_at": job.expires_at,
+            "cancel_requested": job.cancel_requested, "round": job.round,
             "webhook": job.webhook, "results_uri": job.results_uri, "created_at": job.created_at,
             "finished_at": job.finished_at}
 
