@@ -208,6 +208,9 @@ class RedisStore:
                 for eid in sorted(self.r.smembers(base))}
 
     # --- the HTTP API: keys and idempotency records ---------------------------------------------
+    def ping(self) -> bool:
+        return bool(self.r.ping())
+
     def put_api_key(self, key: ApiKeyRecord) -> None:
         pipe = self.r.pipeline()
         pipe.set(keys.API_KEY.format(key_id=key.key_id), key.model_dump_json())

@@ -43,6 +43,8 @@ Images = Annotated[Any, Depends(require("images"))]
 Segment = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
 RequestId = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
 FAL_STATUS = {"queued": "IN_QUEUE", "running": "IN_PROGRESS"}
+IMAGE_SIZES = {"square_hd": (1024, 1024), "square": (512, 512), "portrait_4_3": (768, 1024),
+               "portrait_16_9": (576, 1024), "landscape_4_3": (1024, 768), "landscape_16_9": (1024, 576)}
 MAX_INPUT_KEYS = 64
 
 
@@ -52,6 +54,19 @@ def model_of(namespace: str, name: str) -> str:
         raise ApiError(404, f"no model {namespace}/{name}; try fal-ai/hidream-{', fal-ai/hidream-'.join(MODELS)}",
                        code="model_not_found")
     return model
+
+
+def _image_size(value: Any) -> dict[str, Any]:
+    """fal's `image_size`: a preset name or {"width", "height"} → our width and height."""
+    if value is None:
+        return {}
+    if isinstance(value, str) and value in IMAGE_SIZES:
+        width, height = IMAGE_SIZES[value]
+        return {"width": width, "height": height}
+    if isinstance(value, dict) and set(value) == {"width", "height"}:
+        return {"width": value["width"], "height": value["height"]}
+    message = f"image_size: expected one of {', '.join(IMAGE_SIZES)} or {{width, height}} (got {value!r:.80})"
+    raise ApiError(422, message, param="image_size", errors=[message])
 
 
 def _urls(request: Request, svc: Services, namespace: str, name: str, request_id: str) -> dict[str, str]:
@@ -83,6 +98,7 @@ async def submit_request(
     in_body = row.pop("webhookUrl", None)
     webhook = fal_webhook or webhook_url or (in_body if isinstance(in_body, str) else None)
     row.pop("id", None)
+    row.update(_image_size(row.pop("image_size", None)))
 
     def create() -> str:
         upload = Upload()
