@@ -11,9 +11,10 @@ import json
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 from PIL import Image
-from services import cli, s3_client, service_env, wait_until
+from services import cli, free_port, s3_client, service_env, wait_until
 
 from jobs.settings import Settings
 from jobs.store import RedisStore
@@ -278,3 +279,67 @@ def test_a_worker_ends_an_expired_item_it_picks_up_without_running_it(tmp_path):
     assert process.process_item(ctx, "j", "i").status == "cancelled"
     item = store.get_item("j", "i")
     assert (item.status, item.reason, item.attempts) == ("cancelled", "expired", 0) and finals == ["j"]
+
+
+# --- observability -------------------------------------------------------------------------------
+def _scrape(port: int) -> dict[tuple[str, tuple], float]:
+    resp = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5)
+    assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/plain")
+    return _samples(resp.text)
+
+
+def _samples(text: str) -> dict[tuple[str, tuple], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_workers_and_the_control_plane_export_metrics_top_shows_them_and_logs_carry_ids(
+        env, bucket, receiver, start_worker, redis_server, tmp_path):
+    from jobs import metrics
+
+    gpu_port, io_port = free_port(), free_port()
+    gpu = start_worker(*TINY_I1, "--metrics-port", str(gpu_port), "--log-format", "json")
+    io_worker = start_worker("worker", "--io", "--metrics-port", str(io_port), DREAMBATCH_CELERY__HEARTBEAT="0.5")
+    gpu.wait_ready()
+    io_worker.wait_ready()
+    rows = [{"id": f"m{n}", "prompt": f"measured {n}"} for n in range(2)]
+    job_id = submit(write_rows(tmp_path / "m.jsonl", rows), env, "--output", f"s3://{bucket}/m",
+                    "--webhook", receiver.url)
+    store = RedisStore.from_url(redis_server.url)
+    wait_job(store, job_id)
+    wait_until(lambda: len(receiver.delivered()) == 3, 30, what="three webhooks")
+
+    # each worker, over HTTP
+    gpu_m = _scrape(gpu_port)
+    assert gpu_m[("dreambatch_worker_items_total", (("model", "i1-fast"), ("status", "completed")))] == 2
+    for name in ("inference", "upload", "queue_wait"):
+        assert gpu_m[(f"dreambatch_worker_{name}_seconds_count", (("model", "i1-fast"),))] == 2
+    assert gpu_m[("dreambatch_worker_queue_wait_seconds_sum", (("model", "i1-fast"),))] > 0
+    io_m = wait_until(lambda: (m := _scrape(io_port)).get(
+        ("dreambatch_worker_webhook_deliveries_total", (("outcome", "delivered"),))) == 3 and m, 10,
+        what="three delivered webhooks counted")
+    assert io_m[("dreambatch_worker_webhook_latency_seconds_count", ())] == 3
+
+    # the control plane's gauges, as the API serves them
+    body, content_type = metrics.render(Settings(redis_url=redis_server.url))
+    assert content_type.startswith("text/plain")
+    cp = _samples(body.decode())
+    assert cp[("dreambatch_workers", (("queue", "gpu.i1-fast"),))] == 1
+    assert cp[("dreambatch_workers", (("queue", "io"),))] == 1
+    assert cp[("dreambatch_queue_depth", (("priority", "low"), ("queue", "gpu.i1-fast")))] == 0
+    assert cp[("dreambatch_jobs", (("status", "completed"),))] >= 1
+    assert cp[("dreambatch_items", (("status", "completed"),))] >= 2
+
+    # top: one JSON snapshot, and the one-shot tables
+    snap = json.loads(cli("top", "--json", env=env).stdout)
+    assert {w["queue"] for w in snap["workers"]} == {"gpu.i1-fast", "io"}
+    assert any(j["job_id"] == job_id and j["status"] == "completed" for j in snap["jobs"])
+    tables = cli("top", "--once", env=env)
+    assert tables.returncode == 0 and "gpu.i1-fast" in tables.stdout and "workers" in tables.stdout
+
+    # structured logs: the item lines carry the job and item ids
+    entries = [json.loads(line) for line in gpu.log.read_text().splitlines() if line.startswith("{")]
+    ended = [e for e in entries if e.get("status") == "completed" and e.get("item_id")]
+    assert {e["item_id"] for e in ended} == {"m0", "m1"} and {e["job_id"] for e in ended} == {job_id}
