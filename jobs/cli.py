@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
+from rich.console import Console, Group
+from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
 
 from jobs import broker, export, keys, netguard
 from jobs.control import cancel_job, parse_duration, resume_job, retry_job
@@ -213,6 +215,53 @@ def resume(
     except DreambatchError as exc:
         raise fail(str(exc)) from None
     _requeued(job_id, ids, "unfinished", json_)
+
+
+def _top_tables(view) -> Group:
+    now = view.at
+    queues = Table("queue", *keys.PRIORITIES, "waiting", title="queues", title_justify="left")
+    for queue, by_pri in view.queues.items():
+        queues.add_row(queue, *(str(by_pri[p]) for p in keys.PRIORITIES), str(sum(by_pri.values())))
+    workers = Table("worker", "queue", "running", "ended", "seen", title="workers", title_justify="left")
+    for w in view.workers:
+        workers.add_row(w["name"], w["queue"], " ".join(w.get("active", [])) or "-", str(w.get("ended", 0)),
+                        f"{now - w['seen']:.0f}s ago")
+    jobs = Table("job", "model", "priority", "status", "done", "running", "failed", "cancelled", title="jobs",
+                 title_justify="left")
+    for j in view.jobs:
+        if j["finished_at"]:
+            continue
+        c = j["counts"]
+        ended = sum(c.get(s, 0) for s in ("completed", "failed", "cancelled"))
+        status = j["status"] + (" (cancelling)" if j["cancel_requested"] else "")
+        jobs.add_row(j["job_id"], j["model"], j["priority"], status, f"{ended}/{j['total']}", str(c.get("running", 0)),
+                     str(c.get("failed", 0)), str(c.get("cancelled", 0)))
+    return Group(queues, workers, jobs)
+
+
+@app.command()
+def top(
+    once: Annotated[bool, typer.Option("--once", help="print the tables once and exit")] = False,
+    json_: Annotated[bool, typer.Option("--json", help="print one JSON snapshot and exit")] = False,
+    interval: Annotated[float, typer.Option(help="seconds between refreshes")] = 1.0,
+) -> None:
+    """Queues (waiting items per model and priority), live workers (heartbeats) and unfinished jobs."""
+    from jobs.metrics import overview
+
+    store = RedisStore.from_url(get_settings().redis_url)
+    if json_:
+        print(json.dumps(overview(store).as_dict()))
+        return
+    if once:
+        out.print(_top_tables(overview(store)))
+        return
+    with Live(_top_tables(overview(store)), console=out, refresh_per_second=4) as live:
+        try:
+            while True:
+                time.sleep(interval)
+                live.update(_top_tables(overview(store)))
+        except KeyboardInterrupt:
+            pass
 
 
 @app.command()

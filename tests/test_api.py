@@ -192,6 +192,15 @@ def test_auth_matrix_no_key_401_wrong_scope_403(api):
                     assert res.json()["error"]["code"] == "insufficient_scope"
 
 
+def test_metrics_need_the_metrics_scope_and_count_jobs_by_status(api):
+    with client(api, "jobs:write") as http:
+        assert http.post("/v1/jobs", json={"model": "i1-fast", "rows": [{"prompt": "counted"}]}).status_code == 201
+    with client(api, "metrics") as http:
+        res = http.get("/metrics")
+    assert res.status_code == 200 and res.headers["content-type"].startswith("text/plain")
+    assert "dreambatch_" in res.text and 'status="queued"' in res.text
+
+
 def test_keys_cli_creates_lists_and_revokes(api, redis_server, s3_endpoint, tiny_dir):
     env = service_env(redis_server.url.rsplit("/", 1)[0] + f"/{REDIS_DB}", s3_endpoint, tiny_dir)
     res = cli("keys", "create", "--name", "ops", "--scope", "jobs:read", "--json", env=env)

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 from PIL import Image
-from services import cli, s3_client, service_env, wait_until
+from services import cli, free_port, s3_client, service_env, wait_until
 
+from jobs.settings import Settings
 from jobs.store import RedisStore
 
 pytestmark = pytest.mark.timeout(300)
@@ -172,3 +175,171 @@ def test_resume_requeues_items_whose_messages_were_lost_and_nothing_that_ended(
     job = wait_job(store, job_id)
     assert job.status == "completed" and [i.attempts for i in store.items(job_id)] == [1, 1, 1]
     assert json.loads(cli("resume", job_id, "--json", env=env).stdout)["requeued"] == []  # it ended: nothing to do
+
+
+# --- priorities, concurrency cap, deadlines -------------------------------------------------------
+def _started_order(store: RedisStore, *job_ids: str) -> list[str]:
+    items = [i for job_id in job_ids for i in store.items(job_id)]
+    return [i.item_id for i in sorted(items, key=lambda i: i.timings.started_at)]
+
+
+def test_a_single_worker_takes_high_before_normal_before_low_whatever_the_submit_order(
+        env, bucket, start_worker, redis_server, tmp_path):
+    out = ("--output", f"s3://{bucket}/p")
+    low = submit(write_rows(tmp_path / "low.jsonl", [{"id": f"low{n}", "prompt": "nightly"} for n in range(3)]),
+                 env, *out, "--priority", "low")
+    normal = submit(write_rows(tmp_path / "n.jsonl", [{"id": f"normal{n}", "prompt": "x"} for n in range(2)]),
+                    env, *out)
+    high = submit(write_rows(tmp_path / "h.jsonl", [{"id": f"high{n}", "prompt": "urgent"} for n in range(2)]),
+                  env, *out, "--priority", "high")
+    lists = redis_server.client()
+    assert [lists.llen(q) for q in ("gpu.i1-fast", "gpu.i1-fast\x06\x163", "gpu.i1-fast\x06\x166")] == [2, 2, 3]
+
+    start_worker(*TINY_I1, "--concurrency", "1").wait_ready()
+    store = RedisStore.from_url(redis_server.url)
+    wait_until(lambda: all(store.get_job(j).counts["completed"] == store.get_job(j).total
+                           for j in (low, normal, high)), 120, 0.2, what="every item to complete")
+    assert _started_order(store, low, normal, high) == ["high0", "high1", "normal0", "normal1", "low0", "low1",
+                                                        "low2"]
+
+
+def _overlaps(store: RedisStore, job_id: str) -> int:
+    """How many pairs of the job's items were running at the same time (start → end)."""
+    from datetime import datetime
+
+    spans = [(i.timings.started_at, datetime.fromisoformat(i.updated_at).timestamp()) for i in store.items(job_id)]
+    return sum(1 for n, a in enumerate(spans) for b in spans[n + 1:] if a[0] < b[1] and b[0] < a[1])
+
+
+def test_max_concurrency_caps_a_job_across_worker_threads(env, bucket, start_worker, redis_server, tmp_path):
+    worker = start_worker(*TINY_I1, "--concurrency", "2", DREAMBATCH_CELERY__SLOT_WAIT="0.2")
+    rows = [{"id": f"k{n}", "prompt": f"capped {n}"} for n in range(4)]
+    worker.wait_ready()
+    store = RedisStore.from_url(redis_server.url)
+    capped = submit(write_rows(tmp_path / "k.jsonl", rows), env, "--output", f"s3://{bucket}/k",
+                    "--max-concurrency", "1")
+    wait_until(lambda: store.get_job(capped).counts["completed"] == 4, 120, 0.2, what="the capped job")
+    assert _overlaps(store, capped) == 0
+    # the same rows without a cap do overlap on this two-thread worker: the cap is what kept them apart
+    free = submit(write_rows(tmp_path / "f.jsonl", rows), env, "--output", f"s3://{bucket}/k")
+    wait_until(lambda: store.get_job(free).counts["completed"] == 4, 120, 0.2, what="the uncapped job")
+    assert _overlaps(store, free) > 0
+
+
+def test_concurrency_slots_are_taken_atomically_and_a_lost_workers_lease_runs_out(redis_server):
+    store = RedisStore.from_url(redis_server.url)
+    job = f"slots-{time.time_ns()}"
+    assert store.acquire_slot(job, "a", 2, 30) and store.acquire_slot(job, "b", 2, 30)
+    assert not store.acquire_slot(job, "c", 2, 30)
+    assert store.acquire_slot(job, "a", 2, 30)  # a holder asking again keeps its slot
+    store.release_slot(job, "a")
+    assert store.acquire_slot(job, "c", 2, 0.3) and not store.acquire_slot(job, "d", 2, 30)
+    time.sleep(0.4)  # c's worker died without releasing: its lease ends
+    assert store.acquire_slot(job, "d", 2, 30)
+
+
+def test_items_not_started_before_the_deadline_end_cancelled_with_reason_expired(
+        env, bucket, receiver, start_worker, redis_server, s3_endpoint, tmp_path):
+    # no GPU worker at all: the I/O worker's sweep ends them
+    io_worker = start_worker("worker", "--io", DREAMBATCH_CELERY__HEARTBEAT="0.3")
+    io_worker.wait_ready()
+    rows = [{"id": f"x{n}", "prompt": "too late"} for n in range(3)]
+    job_id = submit(write_rows(tmp_path / "x.jsonl", rows), env, "--output", f"s3://{bucket}/x",
+                    "--webhook", receiver.url, "--expires-after", "1s")
+    store = RedisStore.from_url(redis_server.url)
+    assert store.get_job(job_id).status == "queued"
+    job = wait_job(store, job_id, 30)
+    assert job.status == "cancelled" and job.counts["cancelled"] == 3
+    lines = results(s3_endpoint, bucket, f"x/{job_id}/results.jsonl")
+    assert {(line["status"], line["reason"], line["attempts"]) for line in lines.values()} == {
+        ("cancelled", "expired", 0)}
+    wait_until(lambda: any(h["json"]["type"] == "job.cancelled" for h in receiver.delivered()), 30,
+               what="job.cancelled webhook")
+    bad = cli("submit", str(tmp_path / "x.jsonl"), "--output", f"s3://{bucket}/x", "--expires-after", "soon", env=env)
+    assert bad.returncode == 2 and "--expires-after" in bad.stderr and "'soon'" in bad.stderr
+
+
+def test_a_worker_ends_an_expired_item_it_picks_up_without_running_it(tmp_path):
+    from jobs.models import ItemRecord, JobRecord
+    from jobs.storage import LocalStore
+    from jobs.store import MemoryStore
+    from worker import process
+
+    def no_model():
+        raise AssertionError("an expired item must not reach the model")
+
+    store, objects, finals = MemoryStore(), LocalStore(str(tmp_path)), []
+    at = "2026-01-01T00:00:00.000+00:00"
+    store.create_job(JobRecord(job_id="j", model="i1-fast", output=str(tmp_path), total=1, created_at=at,
+                               updated_at=at, expires_at=time.time() - 1))
+    store.add_items([ItemRecord(job_id="j", item_id="i", line=1, params={"prompt": "x"}, created_at=at,
+                                updated_at=at)])
+    ctx = process.Context(settings=Settings(), store=store, runner=no_model, objects=lambda _: objects,
+                          notify=lambda *a: None, finalize=finals.append)
+    assert process.process_item(ctx, "j", "i").status == "cancelled"
+    item = store.get_item("j", "i")
+    assert (item.status, item.reason, item.attempts) == ("cancelled", "expired", 0) and finals == ["j"]
+
+
+# --- observability -------------------------------------------------------------------------------
+def _scrape(port: int) -> dict[tuple[str, tuple], float]:
+    resp = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5)
+    assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/plain")
+    return _samples(resp.text)
+
+
+def _samples(text: str) -> dict[tuple[str, tuple], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_workers_and_the_control_plane_export_metrics_top_shows_them_and_logs_carry_ids(
+        env, bucket, receiver, start_worker, redis_server, tmp_path):
+    from jobs import metrics
+
+    gpu_port, io_port = free_port(), free_port()
+    gpu = start_worker(*TINY_I1, "--metrics-port", str(gpu_port), "--log-format", "json")
+    io_worker = start_worker("worker", "--io", "--metrics-port", str(io_port), DREAMBATCH_CELERY__HEARTBEAT="0.5")
+    gpu.wait_ready()
+    io_worker.wait_ready()
+    rows = [{"id": f"m{n}", "prompt": f"measured {n}"} for n in range(2)]
+    job_id = submit(write_rows(tmp_path / "m.jsonl", rows), env, "--output", f"s3://{bucket}/m",
+                    "--webhook", receiver.url)
+    store = RedisStore.from_url(redis_server.url)
+    wait_job(store, job_id)
+    wait_until(lambda: len(receiver.delivered()) == 3, 30, what="three webhooks")
+
+    # each worker, over HTTP
+    gpu_m = _scrape(gpu_port)
+    assert gpu_m[("dreambatch_worker_items_total", (("model", "i1-fast"), ("status", "completed")))] == 2
+    for name in ("inference", "upload", "queue_wait"):
+        assert gpu_m[(f"dreambatch_worker_{name}_seconds_count", (("model", "i1-fast"),))] == 2
+    assert gpu_m[("dreambatch_worker_queue_wait_seconds_sum", (("model", "i1-fast"),))] > 0
+    io_m = wait_until(lambda: (m := _scrape(io_port)).get(
+        ("dreambatch_worker_webhook_deliveries_total", (("outcome", "delivered"),))) == 3 and m, 10,
+        what="three delivered webhooks counted")
+    assert io_m[("dreambatch_worker_webhook_latency_seconds_count", ())] == 3
+
+    # the control plane's gauges, as the API serves them
+    body, content_type = metrics.render(Settings(redis_url=redis_server.url))
+    assert content_type.startswith("text/plain")
+    cp = _samples(body.decode())
+    assert cp[("dreambatch_workers", (("queue", "gpu.i1-fast"),))] == 1
+    assert cp[("dreambatch_workers", (("queue", "io"),))] == 1
+    assert cp[("dreambatch_queue_depth", (("priority", "low"), ("queue", "gpu.i1-fast")))] == 0
+    assert cp[("dreambatch_jobs", (("status", "completed"),))] >= 1
+    assert cp[("dreambatch_items", (("status", "completed"),))] >= 2
+
+    # top: one JSON snapshot, and the one-shot tables
+    snap = json.loads(cli("top", "--json", env=env).stdout)
+    assert {w["queue"] for w in snap["workers"]} == {"gpu.i1-fast", "io"}
+    assert any(j["job_id"] == job_id and j["status"] == "completed" for j in snap["jobs"])
+    tables = cli("top", "--once", env=env)
+    assert tables.returncode == 0 and "gpu.i1-fast" in tables.stdout and "workers" in tables.stdout
+
+    # structured logs: the item lines carry the job and item ids
+    entries = [json.loads(line) for line in gpu.log.read_text().splitlines() if line.startswith("{")]
+    ended = [e for e in entries if e.get("status") == "completed" and e.get("item_id")]
+    assert {e["item_id"] for e in ended} == {"m0", "m1"} and {e["job_id"] for e in ended} == {job_id}

@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from jobs import metrics as job_metrics
 from jobs.api import auth
 from jobs.api.service import ApiError, Services
 from jobs.errors import ConfigError, DreambatchError, InputError, JobNotFound, JobStateError, TransientError
@@ -114,10 +115,9 @@ def create_app(settings: Settings) -> FastAPI:
     @app.get("/metrics", tags=["operations"], response_class=Response,
              responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}})
     def metrics(svc: ServicesDep, _key: Annotated[ApiKeyRecord, Depends(require("metrics"))]) -> Response:
-        """Prometheus metrics (items by status, queue depth per model, …): jobs.metrics."""
-        from jobs import metrics as job_metrics
-
-        body, content_type = job_metrics.render(svc.settings)
+        """Prometheus metrics of the control plane (jobs.metrics: items by status, queue depth per model and
+        priority, live workers). Each worker serves its own (`--metrics-port`)."""
+        body, content_type = job_metrics.render(svc.settings, svc.store)
         return Response(body, media_type=content_type)
 
     app.include_router(jobs_routes.router)
