@@ -223,6 +223,7 @@ class JobRecord(BaseModel):
     defaults: dict[str, Any] = Field(default_factory=dict)
     output: str  # s3://bucket/prefix or a local folder
     webhook: str | None = None
+    webhook_format: Literal["dreambatch", "fal"] = "dreambatch"  # fal: one envelope when the request ends
     webhook_disabled: bool = False  # the endpoint answered 410 Gone: no more events for this job
     manifest: str | None = None
     status: str = "queued"

@@ -31,8 +31,8 @@ class ObjectStore(Protocol):
 
     def keys(self, prefix: str) -> Iterator[str]: ...
 
-    def url(self, key: str) -> str | None:
-        """A time-limited HTTPS URL, when configured."""
+    def url(self, key: str, expires: int | None = None) -> str | None:
+        """A time-limited HTTPS URL (`expires` s, else the configured default), when the store has one."""
         ...
 
 
@@ -120,11 +120,12 @@ class S3Store:
             for obj in page.get("Contents", []):
                 yield obj["Key"][len(self.prefix):]
 
-    def url(self, key: str) -> str | None:
-        if self.presign_expires <= 0:
+    def url(self, key: str, expires: int | None = None) -> str | None:
+        expires = self.presign_expires if expires is None else expires
+        if expires <= 0:
             return None
         return self.client.generate_presigned_url(
-            "get_object", Params={"Bucket": self.bucket, "Key": self._key(key)}, ExpiresIn=self.presign_expires
+            "get_object", Params={"Bucket": self.bucket, "Key": self._key(key)}, ExpiresIn=expires
         )
 
 
@@ -169,8 +170,18 @@ class LocalStore:
             if path.is_file() and rel.startswith(prefix) and not path.name.startswith(".tmp-"):
                 yield rel
 
-    def url(self, key: str) -> str | None:
+    def url(self, key: str, expires: int | None = None) -> str | None:
         return None
+
+
+def key_of(location: str, uri: str) -> str | None:
+    """The key, relative to `location`, of an object whose URI a store returned (None: not under it)."""
+    if location.startswith("s3://"):
+        bucket, prefix = split_s3(location)
+        head = f"s3://{bucket}/{prefix}"
+        return uri[len(head):] if uri.startswith(head) else None
+    root, path = Path(location).expanduser().resolve(), Path(uri)
+    return path.relative_to(root).as_posix() if path.is_relative_to(root) else None
 
 
 def open_store(location: str, settings: Settings, client=None) -> ObjectStore:

@@ -92,6 +92,7 @@ def create_job(
     priority: str = "normal",
     max_concurrency: int | None = None,
     expires_at: float | None = None,
+    webhook_format: str = "dreambatch",
 ) -> Submission:
     # 1. validate every row; nothing is created when a row is bad (unless skip_invalid)
     policy = policy or input_policy(manifest)
@@ -107,7 +108,8 @@ def create_job(
     at = now_iso()
     job = JobRecord(job_id=job_id or new_job_id(), model=model, defaults=defaults, output=output,
                     webhook=webhook, manifest=str(manifest), total=report.rows, created_at=at, updated_at=at,
-                    priority=priority, max_concurrency=max_concurrency, expires_at=expires_at)
+                    priority=priority, max_concurrency=max_concurrency, expires_at=expires_at,
+                    webhook_format=webhook_format)
     store.create_job(job)
     records.write_job_spec(objects, job)
 

@@ -153,14 +153,32 @@ def test_fal_queue_round_trip_with_webhook(stack, http, receiver):
     assert image["content_type"] == "image/png" and image["width"] == image["height"]
     assert Image.open(io.BytesIO(httpx.get(image["url"]).content)).format == "PNG"
 
-    hooks = wait_until(lambda: len(receiver.delivered()) >= 2 and receiver.delivered(), 30, what="2 webhooks")
-    types = sorted(h["json"]["type"] for h in hooks)
-    assert types == ["item.completed", "job.completed"]
-    assert {h["json"]["job_id"] for h in hooks} == {request_id}
+    # one webhook in fal's envelope, with the same output and a URL the receiver can fetch
+    (hook,) = wait_until(lambda: receiver.delivered(), 30, what="the fal webhook")
+    body = hook["json"]
+    assert body["request_id"] == body["gateway_request_id"] == request_id and body["status"] == "OK"
+    assert body["payload"]["seed"] == 3 and body["payload"]["prompt"] == "a blue vase"
+    assert Image.open(io.BytesIO(httpx.get(body["payload"]["images"][0]["url"]).content)).format == "PNG"
+    assert hook["headers"]["webhook-id"]
 
     cancelled = http.put(submitted["cancel_url"])
     assert cancelled.status_code == 400 and cancelled.json() == {"status": "ALREADY_COMPLETED"}
     assert http.get("/queue/fal-ai/hidream-e1-full/requests/" + request_id).status_code == 404  # other model
+
+
+def test_fal_request_that_fails_reports_error_by_status_result_and_webhook(http, receiver):
+    broken = "data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\n broken").decode()
+    submitted = http.post("/queue/fal-ai/hidream-e1-1", json={
+        "image_url": broken, "edit_instruction": "make it blue", "num_inference_steps": 1, "refine_strength": 0,
+        "webhookUrl": receiver.url}).json()
+    status = wait_until(lambda: (s := http.get(submitted["status_url"]).json())["status"] == "COMPLETED" and s,
+                        120, 0.2, what="the failed fal request to end")
+    assert "InputError" in status["error"]
+    result = http.get(submitted["response_url"])
+    assert result.status_code == 422 and "InputError" in result.json()["detail"][0]["msg"]
+    (hook,) = wait_until(lambda: receiver.delivered(), 30, what="the fal webhook")
+    assert hook["json"]["status"] == "ERROR" and "InputError" in hook["json"]["error"]
+    assert http.post("/queue/fal-ai/hidream-i1-fast", json={"prompt": "x", "image_size": "huge"}).status_code == 422
 
 
 def test_cancel_and_retry_over_http(http):

@@ -15,12 +15,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from jobs import keys, logs, records
+from jobs import fal, keys, logs, records
 from jobs.errors import ConfigError, InputError, ItemCancelled, ModelError, TransientError
 from jobs.lifecycle import ItemStatus, job_outcome
 from jobs.models import EXTENSIONS, ItemOutput, ItemRecord, JobRecord, OutputImage, item_event_id, job_event_id
 from jobs.settings import Settings
-from jobs.storage import ObjectStore
+from jobs.storage import ObjectStore, key_of
 from jobs.store import Store
 from jobs.submit import now_iso
 from worker import geometry, imaging, inputs, webhooks
@@ -244,13 +244,28 @@ def finalize_job(ctx: Context, job_id: str) -> str | None:
     return status.value
 
 
+def _presigned(ctx: Context, job: JobRecord):
+    """Image → a URL the webhook's receiver can fetch (presigned for api.url_expires s; else the URI)."""
+    objects = ctx.objects(job.output)
+
+    def url_for(image: OutputImage) -> str | None:
+        key = key_of(job.output, image.s3_uri or "")
+        return (objects.url(key, ctx.settings.api.url_expires) if key else None) or image.url or image.s3_uri
+
+    return url_for
+
+
 def webhook_attempt(ctx: Context, job_id: str, item_id: str | None, event_id: str,
                     client=None) -> webhooks.Attempt | None:
     """One delivery attempt of one event, logged; None when there is nothing to send."""
     job = ctx.store.get_job(job_id)
     if job is None or not job.webhook or job.webhook_disabled:
         return None
-    if item_id is None:
+    if job.webhook_format == "fal":  # one envelope when the request (a one-item job) ends
+        if item_id is not None:
+            return None
+        payload = fal.webhook_body(job, next(ctx.store.items(job_id), None), _presigned(ctx, job))
+    elif item_id is None:
         payload = webhooks.job_payload(job)
     else:
         item = ctx.store.get_item(job_id, item_id)

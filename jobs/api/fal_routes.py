@@ -7,9 +7,9 @@
 
 `{namespace}/{name}` is fal's model id (`fal-ai/hidream-e1-full`, `fal-ai/hidream-i1-fast`, …) or
 `dreambatch/<model>`. The body is the model's input in fal's field names (`image_url`,
-`edit_instruction`, `num_inference_steps`, …; jobs.dialects maps them). A webhook URL comes as fal's
-`fal_webhook` query parameter, `webhookUrl` (query or body field, as the fal clients name it); it
-receives dreambatch's webhook events for the request's job (item, then job), not fal's envelope.
+`edit_instruction`, `num_inference_steps`, `image_size`, …; jobs.dialects and jobs.fal map them). A
+webhook URL comes as fal's `fal_webhook` query parameter, or `webhookUrl` (query or body field, as the
+fal clients name it); it receives one POST in fal's envelope when the request ends (jobs.fal).
 Each request is a one-item job (`num_images` images in that item); request id = job id.
 """
 
@@ -22,7 +22,7 @@ import anyio
 from fastapi import APIRouter, Body, Depends, Header, Path, Query, Request
 from fastapi.responses import JSONResponse
 
-from jobs import control
+from jobs import control, fal
 from jobs.api.app import ServicesDep, require
 from jobs.api.service import (
     ApiError,
@@ -35,6 +35,7 @@ from jobs.api.service import (
     not_found,
     submit,
 )
+from jobs.errors import InputError
 from jobs.models import MODELS, JobRecord
 from jobs.submit import ManifestInvalid
 
@@ -43,30 +44,15 @@ Images = Annotated[Any, Depends(require("images"))]
 Segment = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
 RequestId = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
 FAL_STATUS = {"queued": "IN_QUEUE", "running": "IN_PROGRESS"}
-IMAGE_SIZES = {"square_hd": (1024, 1024), "square": (512, 512), "portrait_4_3": (768, 1024),
-               "portrait_16_9": (576, 1024), "landscape_4_3": (1024, 768), "landscape_16_9": (1024, 576)}
 MAX_INPUT_KEYS = 64
 
 
 def model_of(namespace: str, name: str) -> str:
-    model = name.removeprefix("hidream-") if namespace in ("fal-ai", "dreambatch") else None
-    if model not in MODELS:
+    model = fal.model_of(namespace, name)
+    if model is None:
         raise ApiError(404, f"no model {namespace}/{name}; try fal-ai/hidream-{', fal-ai/hidream-'.join(MODELS)}",
                        code="model_not_found")
     return model
-
-
-def _image_size(value: Any) -> dict[str, Any]:
-    """fal's `image_size`: a preset name or {"width", "height"} → our width and height."""
-    if value is None:
-        return {}
-    if isinstance(value, str) and value in IMAGE_SIZES:
-        width, height = IMAGE_SIZES[value]
-        return {"width": width, "height": height}
-    if isinstance(value, dict) and set(value) == {"width", "height"}:
-        return {"width": value["width"], "height": value["height"]}
-    message = f"image_size: expected one of {', '.join(IMAGE_SIZES)} or {{width, height}} (got {value!r:.80})"
-    raise ApiError(422, message, param="image_size", errors=[message])
 
 
 def _urls(request: Request, svc: Services, namespace: str, name: str, request_id: str) -> dict[str, str]:
@@ -98,12 +84,16 @@ async def submit_request(
     in_body = row.pop("webhookUrl", None)
     webhook = fal_webhook or webhook_url or (in_body if isinstance(in_body, str) else None)
     row.pop("id", None)
-    row.update(_image_size(row.pop("image_size", None)))
+    try:
+        row.update(fal.image_size(row.pop("image_size", None)))
+    except InputError as exc:
+        raise ApiError(422, str(exc), param="image_size", errors=[str(exc)]) from None
 
     def create() -> str:
         upload = Upload()
         try:
-            return submit(svc, upload.write_rows([row]), JobOptions(model, webhook=webhook), upload).job.job_id
+            options = JobOptions(model, webhook=webhook, webhook_format="fal")
+            return submit(svc, upload.write_rows([row]), options, upload).job.job_id
         except ManifestInvalid as exc:
             errors = list(dict.fromkeys(re.sub(r"^line \d+: ", "", e) for e in exc.issues))
             raise ApiError(422, "; ".join(errors) or str(exc), errors=errors) from None
@@ -111,7 +101,8 @@ async def submit_request(
             upload.close()
 
     job_id, _ = await idempotent(svc, key.key_id, idempotency_key, fingerprint("fal", model, row, webhook), create)
-    return {"request_id": job_id, **_urls(request, svc, namespace, name, job_id), "queue_position": None}
+    return {"request_id": job_id, "gateway_request_id": job_id, **_urls(request, svc, namespace, name, job_id),
+            "queue_position": None}
 
 
 @router.get("/{namespace}/{name}/requests/{request_id}/status")
@@ -122,8 +113,7 @@ def request_status(namespace: Segment, name: Segment, request_id: RequestId, req
     out = {"status": "COMPLETED" if job.finished_at else FAL_STATUS.get(job.status, "IN_PROGRESS"),
            "request_id": request_id, **_urls(request, svc, namespace, name, request_id), "logs": [] if logs else None}
     if job.finished_at and job.status != "completed":
-        item = next(svc.store.items(request_id), None)
-        out["error"] = (item.error if item else None) or f"request {job.status}"
+        out["error"] = fal.error_of(job, next(svc.store.items(request_id), None))
     return out
 
 
@@ -140,15 +130,10 @@ def _result(svc: Services, model: str, request_id: str, base_url: str):
     if not job.finished_at:
         return JSONResponse({"detail": "Request is still in progress", "status": FAL_STATUS.get(job.status)}, 400)
     item = next(svc.store.items(request_id), None)
-    if item is None or item.status != "completed" or item.output is None:
-        message = (item.error if item else None) or f"request {job.status}"
-        return JSONResponse({"detail": [{"msg": message, "type": item.status if item else job.status}]}, 422)
-    images = [{"url": image_url(svc, job, i, base_url), "width": i.width, "height": i.height,
-               "content_type": i.content_type} for i in item.output.images]
-    p = item.params
-    return {"images": images, "seed": item.seed, "prompt": p.get("prompt") or p.get("instruction"),
-            "has_nsfw_concepts": [False] * len(images),
-            "timings": {"inference": item.timings.inference_s}}
+    if item is None or item.status != "completed":
+        body = fal.webhook_body(job, item, lambda image: None)
+        return JSONResponse({"detail": body["payload"]["detail"]}, 422)
+    return fal.output(item, lambda image: image_url(svc, job, image, base_url))
 
 
 @router.put("/{namespace}/{name}/requests/{request_id}/cancel", status_code=202)

@@ -25,7 +25,7 @@ from jobs.errors import ConfigError, InputError
 from jobs.inputs import InputPolicy
 from jobs.models import MODELS, ItemRecord, JobRecord, OutputImage, item_event_id
 from jobs.settings import Settings
-from jobs.storage import LocalStore, ObjectStore, S3Store, open_store, s3_client, split_s3
+from jobs.storage import ObjectStore, key_of, open_store, s3_client
 from jobs.store import RedisStore
 from jobs.submit import Submission, create_job, new_job_id
 
@@ -61,6 +61,7 @@ class JobOptions:
     defaults: dict[str, Any] = field(default_factory=dict)
     webhook: str | None = None
     skip_invalid: bool = False
+    webhook_format: str = "dreambatch"  # "fal": one fal envelope when the (one-item) job ends
     priority: str = "normal"
     max_concurrency: int | None = None
     expires_after: float | None = None  # s from submission
@@ -86,13 +87,11 @@ class Services:
         return self.settings.output
 
     def objects(self, location: str) -> ObjectStore:
-        """Object storage for a job's output location; S3 URLs are presigned for `api.url_expires` s."""
+        """Object storage for a job's output location (one S3 client for all of them)."""
         if location not in self._objects:
             if location.startswith("s3://"):
                 self._s3 = self._s3 or s3_client(self.settings)
-                self._objects[location] = S3Store(location, self._s3, self.settings.api.url_expires)
-            else:
-                self._objects[location] = open_store(location, self.settings)
+            self._objects[location] = open_store(location, self.settings, self._s3)
         return self._objects[location]
 
     def job(self, job_id: str) -> JobRecord:
@@ -145,7 +144,8 @@ def submit(svc: Services, manifest: Path, options: JobOptions, upload: Upload) -
                      skip_invalid=options.skip_invalid, batch=settings.celery.publish_batch, job_id=job_id,
                      policy=InputPolicy(upload.inputs, (), settings.inputs.max_bytes), on_rejected=rejected,
                      priority=options.priority, max_concurrency=options.max_concurrency,
-                     expires_at=time.time() + options.expires_after if options.expires_after else None)
+                     expires_at=time.time() + options.expires_after if options.expires_after else None,
+                     webhook_format=options.webhook_format)
     if sub.job_done:
         broker.send_finalize(celery, job_id)
     return sub
@@ -219,27 +219,16 @@ def job_status(job: JobRecord, now: float | None = None) -> dict[str, Any]:
             "finished_at": job.finished_at}
 
 
-def object_key(location: str, uri: str) -> str | None:
-    """The key of an output inside its job's location, from the URI the worker recorded."""
-    if location.startswith("s3://"):
-        bucket, prefix = split_s3(location)
-        head = f"s3://{bucket}/{prefix}"
-        return uri[len(head):] if uri.startswith(head) else None
-    root = LocalStore(location).root
-    path = Path(uri)
-    return path.relative_to(root).as_posix() if path.is_relative_to(root) else None
-
-
 def sign_file(svc: Services, job_id: str, key: str, expires: int) -> str:
     return hmac.new(svc.url_secret, f"{job_id}\n{key}\n{expires}".encode(), hashlib.sha256).hexdigest()
 
 
 def image_url(svc: Services, job: JobRecord, image: OutputImage, base_url: str) -> str | None:
     """A URL the client can fetch without credentials: presigned S3, or a signed link to /v1/files."""
-    key = object_key(job.output, image.s3_uri or "")
+    key = key_of(job.output, image.s3_uri or "")
     if key is None:
         return None
-    url = svc.objects(job.output).url(key)
+    url = svc.objects(job.output).url(key, svc.settings.api.url_expires)
     if url:
         return url
     expires = int(time.time()) + svc.settings.api.url_expires
@@ -248,7 +237,7 @@ def image_url(svc: Services, job: JobRecord, image: OutputImage, base_url: str) 
 
 
 def image_b64(svc: Services, job: JobRecord, image: OutputImage) -> str:
-    key = object_key(job.output, image.s3_uri or "")
+    key = key_of(job.output, image.s3_uri or "")
     data = svc.objects(job.output).get(key, svc.settings.api.max_upload_bytes) if key else None
     if data is None:
         raise ApiError(502, f"output {image.s3_uri} is missing from storage", type_="server_error")
