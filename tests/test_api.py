@@ -115,6 +115,11 @@ def test_json_rows_with_bad_values_list_every_row(api):
         unknown = http.post("/v1/jobs", json={"model": "i9", "rows": rows[:1]})
         assert unknown.status_code == 422 and "unknown model 'i9'" in unknown.json()["error"]["message"]
         assert http.post("/v1/jobs", json={"model": "i1-fast", "rows": []}).status_code == 422
+        late = http.post("/v1/jobs", json={"model": "i1-fast", "rows": rows[:1], "expires_after": "soon"})
+        assert late.status_code == 422 and late.json()["error"]["param"] == "expires_after"
+        low = http.post("/v1/jobs", json={"model": "i1-fast", "rows": rows[:1], "priority": "low",
+                                          "max_concurrency": 2, "expires_after": "2h"}).json()
+        assert low["priority"] == "low" and low["max_concurrency"] == 2 and low["expires_at"] > 0
         assert http.post("/v1/jobs", content=b"{not json", headers={"content-type": "application/json"}
                          ).status_code == 422
 

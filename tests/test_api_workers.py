@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import time
 import uuid
 
 import httpx
@@ -16,6 +17,7 @@ import pytest
 from PIL import Image
 from services import ApiServer, Worker, s3_client, service_env, wait_until
 
+from jobs.api.service import sign_file
 from jobs.settings import Settings
 
 pytestmark = pytest.mark.timeout(300)
@@ -104,6 +106,30 @@ def test_openai_client_generates_and_edits_images(stack, token):
         client.images.generate(model="hidream-i1-fast", prompt="x", extra_body={"steps": 500})
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(api_key="dbk_nope", base_url=f"{stack.url}/v1", max_retries=0).images.generate(prompt="x")
+
+
+def test_local_output_folder_gives_signed_links_this_server_serves(stack, redis_server, tmp_path):
+    """With DREAMBATCH_OUTPUT a folder the workers share, image URLs are signed links to /v1/files."""
+    settings = stack.app.state.services.settings.model_copy(update={"output": str(tmp_path / "out")})
+    local = ApiServer(settings)
+    try:
+        token = local.key("images")
+        client = openai.OpenAI(api_key=token, base_url=f"{local.url}/v1", max_retries=0, timeout=120)
+        url = client.images.generate(prompt="a green cup", size="256x256", extra_body={"steps": 1}).data[0].url
+        assert url.startswith(f"{local.url}/v1/files/")
+        served = httpx.get(url)  # no API key: the signature is the key
+        assert served.status_code == 200 and served.headers["content-type"] == "image/png"
+        assert Image.open(io.BytesIO(served.content)).format == "PNG"
+        assert list((tmp_path / "out").glob("*/*.png"))  # the worker wrote into the shared folder
+        assert httpx.get(url.replace("signature=", "signature=0")).status_code == 403
+        path = url.split("?")[0].removeprefix(f"{local.url}/v1/files/")
+        job_id, key = path.split("/", 1)[0], path.split("/", 1)[1]
+        past = int(time.time()) - 1  # correctly signed, but expired
+        signature = sign_file(local.app.state.services, job_id, key, past)
+        assert httpx.get(f"{local.url}/v1/files/{path}", params={"expires": past, "signature": signature}
+                         ).status_code == 403
+    finally:
+        local.stop()
 
 
 def test_manifest_job_over_http_streams_progress_and_serves_results(http):

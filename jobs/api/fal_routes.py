@@ -92,7 +92,7 @@ async def submit_request(
     def create() -> str:
         upload = Upload()
         try:
-            options = JobOptions(model, webhook=webhook, webhook_format="fal")
+            options = JobOptions(model=model, webhook=webhook, webhook_format="fal")
             return submit(svc, upload.write_rows([row]), options, upload).job.job_id
         except ManifestInvalid as exc:
             errors = list(dict.fromkeys(re.sub(r"^line \d+: ", "", e) for e in exc.issues))

@@ -136,8 +136,9 @@ async def _parse_create(request: Request, svc: Services, upload: Upload) -> tupl
             raise ApiError(422, "; ".join(lines), errors=lines) from None
         path = upload.root / f"manifest.{fmt}"
         data = await _read_capped(file, svc.settings.api.max_upload_bytes, path)
-        options = JobOptions(fields.model, defaults, fields.webhook, fields.skip_invalid, fields.priority,
-                             fields.max_concurrency, _duration(fields.expires_after))
+        options = JobOptions(model=fields.model, defaults=defaults, webhook=fields.webhook,
+                             skip_invalid=fields.skip_invalid, priority=fields.priority,
+                             max_concurrency=fields.max_concurrency, expires_after=_duration(fields.expires_after))
         return path, options, fingerprint("manifest", fmt, data, options.__dict__)
     if kind not in ("application/json", ""):
         raise ApiError(415, f"send application/json rows or a multipart/form-data manifest (got {kind!r})",
@@ -150,8 +151,9 @@ async def _parse_create(request: Request, svc: Services, upload: Upload) -> tupl
     if len(body.rows) > svc.settings.api.max_json_rows:
         raise ApiError(413, f"rows: at most {svc.settings.api.max_json_rows} rows in a JSON body; upload a manifest "
                             "file for more", code="too_large", param="rows")
-    options = JobOptions(body.model, {k: str(v) for k, v in body.defaults.items()}, body.webhook, body.skip_invalid,
-                         body.priority, body.max_concurrency, _duration(body.expires_after))
+    options = JobOptions(model=body.model, defaults={k: str(v) for k, v in body.defaults.items()},
+                         webhook=body.webhook, skip_invalid=body.skip_invalid, priority=body.priority,
+                         max_concurrency=body.max_concurrency, expires_after=_duration(body.expires_after))
     return upload.write_rows(body.rows), options, fingerprint("rows", body.model_dump())
 
 

@@ -90,7 +90,7 @@ async def run_images(svc: Services, key_id: str, idempotency_key: str | None, mo
 
     def create() -> str:
         try:
-            return submit(svc, upload.write_rows(rows), JobOptions(model), upload).job.job_id
+            return submit(svc, upload.write_rows(rows), JobOptions(model=model), upload).job.job_id
         except ManifestInvalid as exc:  # one request: its lines are the request's fields
             errors = [re.sub(r"^line \d+: ", "", e) for e in exc.issues]
             errors = list(dict.fromkeys(errors))
@@ -188,13 +188,13 @@ async def edits(request: Request, svc: ServicesDep, key: Images,
     suffix = _image_suffix(data)
     if suffix is None:
         raise ApiError(400, "image: not a PNG, JPEG or WebP file", param="image")
-    upload = Upload()
-    (upload.inputs / f"image{suffix}").write_bytes(data)
     extras = {k: v for k, v in form.multi_items() if isinstance(v, str)}
     values = {**extras, "prompt": prompt, "output_format": output_format, "output_compression": output_compression,
               "negative_prompt": negative_prompt}
     row = {**_passthrough(values), "image": f"image{suffix}", **size_fields(size, "edit")}
     rows = item_rows(row, n, seed)
+    upload = Upload()  # closed by run_images
+    (upload.inputs / f"image{suffix}").write_bytes(data)
     return await run_images(svc, key.key_id, idempotency_key, edit_model, rows, upload,
                             fingerprint("edits", extras, data, model, n, size, response_format, seed),
                             request, response_format)

@@ -53,7 +53,7 @@ def not_found(job_id: str) -> ApiError:
     return ApiError(404, f"no job {job_id!r}", code="not_found")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class JobOptions:
     """How a set of rows becomes a job (the `dreambatch submit` options)."""
 
