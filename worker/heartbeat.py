@@ -26,7 +26,7 @@ class Heartbeat(threading.Thread):
         self.runtime, self.worker_name, self.queue, self.every = runtime, name, queue, every
         self.chores = chores
         self.started_at = now_iso()
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def info(self) -> dict:
         rt = self.runtime
@@ -45,8 +45,8 @@ class Heartbeat(threading.Thread):
                     self.chores()
             except Exception:  # Redis away for a moment: the next beat tries again
                 log.warning("heartbeat failed", exc_info=True)
-            if self._stop.wait(self.every):
+            if self._halt.wait(self.every):
                 return
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
