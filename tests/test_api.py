@@ -152,6 +152,28 @@ def test_idempotency_key_same_body_same_job_other_body_422(api, redis_db):
         assert http.post("/v1/jobs", json=body, headers={"Idempotency-Key": key + "-b"}).status_code == 201
 
 
+def test_oversized_bodies_are_refused_with_413(api):
+    settings = api.app.state.services.settings.model_copy(
+        update={"api": api.app.state.services.settings.api.model_copy(update={"max_upload_bytes": 4096,
+                                                                              "max_json_rows": 5})})
+    small = ApiServer(settings)
+    try:
+        headers = {"Authorization": f"Bearer {small.key('jobs:write', 'images')}"}
+        with httpx.Client(base_url=small.url, headers=headers, timeout=30) as http:
+            big = "".join(json.dumps({"prompt": f"row {n}"}) + "\n" for n in range(200))  # ~5 KB: file over 4 KB
+            res = http.post("/v1/jobs", data={"model": "i1-fast"}, files={"manifest": ("m.jsonl", big)})
+            assert res.status_code == 413 and "4096-byte limit" in res.json()["error"]["message"]
+            huge = http.post("/v1/jobs", content=b"x" * (4096 + 2**20 + 1),
+                             headers={"content-type": "application/json"})
+            assert huge.status_code == 413  # over the whole-body limit, refused before it is read
+            rows = http.post("/v1/jobs", json={"model": "i1-fast", "rows": [{"prompt": "x"}] * 6})
+            assert rows.status_code == 413 and rows.json()["error"]["param"] == "rows"
+            image = http.post("/v1/images/edits", data={"prompt": "x"}, files={"image": ("a.png", b"\x89PNG" * 2000)})
+            assert image.status_code == 413
+    finally:
+        small.stop()
+
+
 ROUTES = [  # (method, path, scope it needs)
     ("GET", "/v1/jobs", "jobs:read"),
     ("GET", "/v1/jobs/j1", "jobs:read"),
