@@ -23,6 +23,7 @@ from fastapi import APIRouter, Body, Depends, Header, Path, Query, Request
 from fastapi.responses import JSONResponse
 
 from jobs import control, fal
+from jobs.api import schemas
 from jobs.api.app import ServicesDep, require
 from jobs.api.service import (
     ApiError,
@@ -68,7 +69,7 @@ def _job(svc: Services, model: str, request_id: str) -> JobRecord:
     return job
 
 
-@router.post("/{namespace}/{name}", status_code=200)
+@router.post("/{namespace}/{name}", status_code=200, responses={200: {"model": schemas.FalSubmitted}})
 async def submit_request(
     namespace: Segment, name: Segment, request: Request, svc: ServicesDep, key: Images,
     body: Annotated[dict[str, Any], Body(description="the model input, in fal's field names")],
@@ -105,7 +106,7 @@ async def submit_request(
             "queue_position": None}
 
 
-@router.get("/{namespace}/{name}/requests/{request_id}/status")
+@router.get("/{namespace}/{name}/requests/{request_id}/status", responses={200: {"model": schemas.FalStatus}})
 def request_status(namespace: Segment, name: Segment, request_id: RequestId, request: Request, svc: ServicesDep,
                    _key: Images, logs: Annotated[int, Query(ge=0, le=1)] = 0) -> dict:
     """IN_QUEUE, IN_PROGRESS, or COMPLETED (also when it failed or was cancelled: `error` says so)."""
@@ -117,7 +118,7 @@ def request_status(namespace: Segment, name: Segment, request_id: RequestId, req
     return out
 
 
-@router.get("/{namespace}/{name}/requests/{request_id}")
+@router.get("/{namespace}/{name}/requests/{request_id}", responses={200: {"model": schemas.FalResult}})
 async def request_result(namespace: Segment, name: Segment, request_id: RequestId, request: Request,
                          svc: ServicesDep, _key: Images):
     """The output in fal's schema: `images` (`url`, `width`, `height`, `content_type`), `seed`, `prompt`."""

@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from jobs import control, export
+from jobs.api import schemas
 from jobs.api.app import ServicesDep, require
 from jobs.api.service import (
     ApiError,
@@ -157,8 +158,9 @@ async def _parse_create(request: Request, svc: Services, upload: Upload) -> tupl
     return upload.write_rows(body.rows), options, fingerprint("rows", body.model_dump())
 
 
-@router.post("/v1/jobs", status_code=201, openapi_extra=CREATE_BODY,
-             responses={422: {"description": "every bad line, as `line N: field: message (got value)`"}})
+@router.post("/v1/jobs", status_code=201, openapi_extra=CREATE_BODY, responses={
+    201: {"model": schemas.JobCreated},
+    422: {"model": schemas.Error, "description": "every bad line, as `line N: field: message (got value)`"}})
 async def create(request: Request, svc: ServicesDep, key: Writer, idempotency_key: IdempotencyKey = None):
     """Submit a manifest (multipart `manifest` file) or JSON rows as a job."""
     upload = Upload()
@@ -182,20 +184,20 @@ async def create(request: Request, svc: ServicesDep, key: Writer, idempotency_ke
     return JSONResponse(out, 201, headers={"Idempotent-Replayed": "true"} if replayed else None)
 
 
-@router.get("/v1/jobs")
+@router.get("/v1/jobs", responses={200: {"model": schemas.JobList}})
 def list_jobs(svc: ServicesDep, _key: Reader, limit: Annotated[int, Query(ge=1, le=200)] = 50) -> dict:
     """The most recent jobs, newest first."""
     jobs = [j for j in (svc.store.get_job(i) for i in svc.store.job_ids(limit)) if j]
     return {"object": "list", "data": [job_status(j) for j in jobs]}
 
 
-@router.get("/v1/jobs/{job_id}")
+@router.get("/v1/jobs/{job_id}", responses={200: {"model": schemas.JobStatus}, 404: {"model": schemas.Error}})
 def get_job(job_id: JobId, svc: ServicesDep, _key: Reader) -> dict:
     """Status, counts, throughput (items/s since submission) and ETA."""
     return job_status(svc.job(job_id))
 
 
-@router.get("/v1/jobs/{job_id}/items")
+@router.get("/v1/jobs/{job_id}/items", responses={200: {"model": schemas.ItemList}})
 def list_items(job_id: JobId, svc: ServicesDep, _key: Reader,
                status: Annotated[ItemStatus | None, Query(description="only items in this status")] = None,
                offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
@@ -268,7 +270,7 @@ async def events(job_id: JobId, svc: ServicesDep, _key: Reader,
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-@router.post("/v1/jobs/{job_id}/cancel")
+@router.post("/v1/jobs/{job_id}/cancel", responses={200: {"model": schemas.JobStatus}, 409: {"model": schemas.Error}})
 def cancel(job_id: JobId, svc: ServicesDep, _key: Writer) -> dict:
     """Queued items end `cancelled` at once, running items stop at their next step; the job ends
     `cancelled` (webhook sent) when they have. Outputs already written are kept. 409 for a job that
@@ -277,7 +279,7 @@ def cancel(job_id: JobId, svc: ServicesDep, _key: Writer) -> dict:
     return job_status(control.cancel_job(svc.settings, job_id, store=svc.store, celery=svc.celery))
 
 
-@router.post("/v1/jobs/{job_id}/retry")
+@router.post("/v1/jobs/{job_id}/retry", responses={200: {"model": schemas.JobRequeued}})
 def retry(job_id: JobId, svc: ServicesDep, _key: Writer) -> dict:
     """Re-queue only the failed items, in the same job (same ids and lines, attempts counted); `requeued`
     lists their ids ([] when none failed)."""
@@ -286,7 +288,7 @@ def retry(job_id: JobId, svc: ServicesDep, _key: Writer) -> dict:
     return {**job_status(svc.job(job_id)), "requeued": requeued}
 
 
-@router.post("/v1/jobs/{job_id}/resume")
+@router.post("/v1/jobs/{job_id}/resume", responses={200: {"model": schemas.JobRequeued}})
 def resume(job_id: JobId, svc: ServicesDep, _key: Writer) -> dict:
     """Re-queue the items that have no result (after an outage lost their messages); nothing that ended
     runs again."""

@@ -16,6 +16,7 @@ import anyio
 from fastapi import APIRouter, Depends, File, Form, Header, Request, UploadFile
 from pydantic import BaseModel, ConfigDict, Field
 
+from jobs.api import schemas
 from jobs.api.app import ServicesDep, require
 from jobs.api.service import (
     ApiError,
@@ -140,7 +141,8 @@ class GenerationRequest(BaseModel):
     negative_prompt: str | None = Field(None, max_length=4000)
 
 
-@router.post("/v1/images/generations")
+@router.post("/v1/images/generations", responses={200: {"model": schemas.ImagesResponse},
+                                                   504: {"model": schemas.Error}})
 async def generations(body: GenerationRequest, request: Request, svc: ServicesDep, key: Images,
                       idempotency_key: IdempotencyKey = None) -> dict:
     """Text to image (HiDream-I1). Waits for the images; `url` links are presigned S3 URLs (or signed
@@ -160,7 +162,7 @@ def _image_suffix(data: bytes) -> str | None:
     return ".webp" if data[:4] == b"RIFF" and data[8:12] == b"WEBP" else None
 
 
-@router.post("/v1/images/edits")
+@router.post("/v1/images/edits", responses={200: {"model": schemas.ImagesResponse}, 504: {"model": schemas.Error}})
 async def edits(request: Request, svc: ServicesDep, key: Images,
                 prompt: Annotated[str, Form(min_length=1, max_length=8000)],
                 image: Annotated[UploadFile | None, File(description="PNG, JPEG or WebP")] = None,
