@@ -271,7 +271,8 @@ def test_schemathesis_finds_no_server_errors(api, tmp_path):
     env = {**os.environ, "SCHEMATHESIS_HOOKS": ""}
     res = subprocess.run(
         [sys.executable, "-m", "schemathesis.cli", "--config-file", str(config), "run", f"{api.url}/openapi.json",
-         "--checks", "not_a_server_error,response_schema_conformance", "--max-examples", "25", "--phases", "examples,fuzzing",
+         "--checks", "not_a_server_error,response_schema_conformance", "--max-examples", "25",
+         "--phases", "examples,fuzzing",
          "-H", f"Authorization: Bearer {token}", "--request-timeout", "10", "--workers", "2", "--seed", "1"],
         capture_output=True, text=True, timeout=200, env=env, cwd=tmp_path)
     assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-2000:]

@@ -129,4 +129,9 @@ def create_app(settings: Settings) -> FastAPI:
 def serve(settings: Settings, host: str, port: int) -> None:
     import uvicorn
 
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="info", proxy_headers=False)
+    app = create_app(settings)
+    live = [k for k in app.state.services.store.api_keys() if k.revoked_at is None]
+    if not live:
+        log.warning("no API keys yet: every request will get 401; create one with "
+                    "`dreambatch keys create --name NAME --scope jobs:read --scope jobs:write --scope images`")
+    uvicorn.run(app, host=host, port=port, log_level="info", proxy_headers=False)
