@@ -18,7 +18,7 @@ ITEM = "db:item:{job_id}:{item_id}"  # hash: status, attempts, record (JSON)
 JOB_ORDER = "db:job:{job_id}:order"  # list: item ids in manifest order
 JOB_EVENTS = "db:job:{job_id}:events"  # set of webhook event ids; list "<key>:<event_id>" = attempts
 JOBS_INDEX = "db:jobs"  # sorted set: job_id by created time
-API_KEY = "db:apikey:{key_id}"  # hash: sha256 of the token, name, scopes, created_at, revoked_at
+API_KEY = "db:apikey:{key_id}"  # string: ApiKeyRecord JSON (the token's SHA-256, never the token)
 API_KEYS = "db:apikeys"  # sorted set: key_id by created time
 IDEMPOTENCY = "db:idem:{key_id}:{digest}"  # JSON {fingerprint, job_id}, per API key, expires after a day
 JOB_SLOTS = "db:job:{job_id}:slots"  # sorted set: item ids holding a --max-concurrency slot, score = lease end
