@@ -4,6 +4,8 @@ queued; they live in their own Redis database so no other test's worker picks th
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import subprocess
@@ -15,7 +17,7 @@ import httpx
 import pytest
 from services import ApiServer, cli, s3_client, service_env
 
-from jobs import keys
+from jobs import export, keys
 from jobs.settings import Settings
 
 pytestmark = pytest.mark.timeout(240)
@@ -277,3 +279,13 @@ def test_schemathesis_finds_no_server_errors(api, tmp_path):
         capture_output=True, text=True, timeout=200, env=env, cwd=tmp_path)
     assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-2000:]
     assert "No issues found" in res.stdout or "passed" in res.stdout
+
+
+def test_csv_export_quotes_cells_a_spreadsheet_would_run():
+    """The CSV that `dreambatch results --format csv` and GET /v1/jobs/{id}/results?format=csv share."""
+    line = {"id": "r1", "line": 1, "status": "failed", "error": "=cmd|' /C calc'!A0", "seed": -1,
+            "metadata": {"sku": "@SUM(1)"}, "output": {"images": [{"s3_uri": "+s3://b/k.png"}]}}
+    rows = list(csv.reader(io.StringIO("".join(export.csv_rows([line, {**line, "error": "ok"}])))))
+    assert rows[0] == export.CSV_HEADER
+    assert rows[1] == ["r1", "1", "failed", "'=cmd|' /C calc'!A0", "'-1", "'+s3://b/k.png", '{"sku": "@SUM(1)"}']
+    assert rows[2][3] == "ok"
