@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import uuid
+from pathlib import Path
 
 import httpx
 import pytest
@@ -289,3 +290,13 @@ def test_csv_export_quotes_cells_a_spreadsheet_would_run():
     assert rows[0] == export.CSV_HEADER
     assert rows[1] == ["r1", "1", "failed", "'=cmd|' /C calc'!A0", "'-1", "'+s3://b/k.png", '{"sku": "@SUM(1)"}']
     assert rows[2][3] == "ok"
+
+
+def test_the_api_imports_no_torch_and_no_worker_code():
+    code = ("import sys; from jobs.api.app import create_app; from jobs.settings import Settings; "
+            "create_app(Settings(output='s3://b/p')); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'diffusers', 'worker')))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "[]"
