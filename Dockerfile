@@ -3,6 +3,6 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY jobs jobs
 COPY worker worker
-RUN pip install --no-cache-dir torch==2.13.0 && pip install --no-cache-dir ".[worker]"
+RUN pip install --no-cache-dir torch==2.13.0 && pip install --no-cache-dir ".[worker,api]"
 ENTRYPOINT []
 CMD ["dreambatch", "--help"]

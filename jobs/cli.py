@@ -6,8 +6,6 @@ script; this module never imports `worker`, torch or diffusers.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import sys
 import time
@@ -15,10 +13,13 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
+from rich.console import Console, Group
+from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
 
-from jobs import broker, keys, netguard, records
+from jobs import broker, export, keys, netguard
+from jobs.control import cancel_job, parse_duration, resume_job, retry_job
 from jobs.errors import DreambatchError, InputError, JobNotFound
 from jobs.manifest import input_policy, parse_sets, validate_manifest
 from jobs.models import MODELS, JobRecord, event_item_id, item_event_id
@@ -82,12 +83,25 @@ def submit(
     skip_invalid: Annotated[bool, typer.Option(help="queue valid rows, record invalid ones as failed")] = False,
     wait: Annotated[bool, typer.Option(help="wait until the job ends, with a progress bar")] = False,
     json_: Annotated[bool, typer.Option("--json")] = False,
+    priority: Annotated[str, typer.Option(help="high, normal or low: a worker takes high items first")] = "normal",
+    max_concurrency: Annotated[int | None, typer.Option(
+        help="at most N of this job's items running at once, across all workers")] = None,
+    expires_after: Annotated[str | None, typer.Option(
+        help="items not started within this long (90s, 15m, 2h, 1d) end cancelled, reason expired")] = None,
 ) -> None:
     """Validate MANIFEST and queue one task per row; prints the job id."""
     settings = get_settings()
     output = output or settings.output
     if not output or not output.startswith("s3://"):
         raise fail("--output s3://bucket/prefix is required (or set DREAMBATCH_OUTPUT)")
+    if priority not in keys.PRIORITIES:
+        raise fail(f"--priority: expected one of {', '.join(keys.PRIORITIES)} (got {priority!r})", 2)
+    if max_concurrency is not None and max_concurrency < 1:
+        raise fail(f"--max-concurrency: expected 1 or more (got {max_concurrency})", 2)
+    try:
+        expires_at = time.time() + parse_duration(expires_after) if expires_after else None
+    except InputError as exc:
+        raise fail(f"--expires-after: {exc}", 2) from None
     try:
         if webhook:
             netguard.check_url(webhook, settings.netpolicy())
@@ -97,10 +111,11 @@ def submit(
         sub = create_job(manifest, model=model, defaults=defaults, output=output, webhook=webhook,
                          store=RedisStore.from_url(settings.redis_url, settings.redis_retry_s),
                          objects=open_store(output, settings), retry_window=settings.redis_retry_s,
-                         dispatch=lambda ids: broker.publish_items(celery, model, job_id, ids),
+                         dispatch=lambda ids: broker.publish_items(celery, model, job_id, ids, priority=priority),
                          skip_invalid=skip_invalid, batch=settings.celery.publish_batch, job_id=job_id,
                          policy=input_policy(manifest, settings),
-                         on_rejected=lambda items: _notify_rejected(celery, webhook, items))
+                         on_rejected=lambda items: _notify_rejected(celery, webhook, items),
+                         priority=priority, max_concurrency=max_concurrency, expires_at=expires_at)
     except ManifestInvalid as exc:
         raise report_invalid(exc) from None
     except DreambatchError as exc:
@@ -137,9 +152,10 @@ def reconcile(
         spec = objects.get(keys.S3_JOB_SPEC.format(prefix="", job_id=job_id))
         if spec is None:
             raise JobNotFound(f"no job {job_id!r} under {output}")
-        model = JobRecord.model_validate_json(spec).model
+        spec = JobRecord.model_validate_json(spec)
         report = reconcile_job(job_id, objects, RedisStore.from_url(settings.redis_url),
-                               dispatch=lambda ids: broker.publish_items(celery, model, job_id, ids),
+                               dispatch=lambda ids: broker.publish_items(celery, spec.model, job_id, ids,
+                                                                         priority=spec.priority),
                                finalize=lambda jid: broker.send_finalize(celery, jid),
                                batch=settings.celery.publish_batch)
     except DreambatchError as exc:
@@ -152,10 +168,101 @@ def reconcile(
                   f"{', finalizing' if report.finalized else ''}", highlight=False)
 
 
-def csv_cell(value) -> str:
-    """A cell a spreadsheet will not run: text starting with = + - @ (or tab/CR) gets a leading quote."""
-    text = "" if value is None else str(value)
-    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
+@app.command()
+def cancel(job_id: str, json_: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Cancel JOB_ID: queued items end cancelled now, running ones stop at their next step; outputs
+    already written are kept. The job ends `cancelled` (with its webhook) when its running items stop."""
+    try:
+        job = cancel_job(get_settings(), job_id)
+    except DreambatchError as exc:
+        raise fail(str(exc)) from None
+    if json_:
+        print(json.dumps(_status_object(job)))
+    else:
+        c = job.counts
+        out.print(f"{job_id}: cancelling — {c.get('cancelled', 0)} cancelled, {c.get('running', 0)} running "
+                  f"(stop at their next step), {c.get('completed', 0)} completed kept", highlight=False,
+                  soft_wrap=True)
+
+
+def _requeued(job_id: str, ids: list[str], what: str, json_: bool) -> None:
+    if json_:
+        print(json.dumps({"job_id": job_id, "requeued": ids}))
+    else:
+        out.print(f"{job_id}: re-queued {len(ids)} {what} item(s)", highlight=False, soft_wrap=True)
+
+
+@app.command()
+def retry(job_id: str, json_: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Re-queue only JOB_ID's failed items, in the same job (same ids and manifest lines); the job runs
+    again and ends once more. Rows rejected at submit are not retried."""
+    try:
+        ids = retry_job(get_settings(), job_id)
+    except DreambatchError as exc:
+        raise fail(str(exc)) from None
+    _requeued(job_id, ids, "failed", json_)
+
+
+@app.command()
+def resume(
+    job_id: str,
+    output: Annotated[str | None, typer.Option(help="s3://bucket/prefix, only when Redis lost the job")] = None,
+    json_: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Re-queue JOB_ID's items that have no result (after an outage lost their messages); nothing that
+    ended runs again."""
+    try:
+        ids = resume_job(get_settings(), job_id, output=output)
+    except DreambatchError as exc:
+        raise fail(str(exc)) from None
+    _requeued(job_id, ids, "unfinished", json_)
+
+
+def _top_tables(view) -> Group:
+    now = view.at
+    queues = Table("queue", *keys.PRIORITIES, "waiting", title="queues", title_justify="left")
+    for queue, by_pri in view.queues.items():
+        queues.add_row(queue, *(str(by_pri[p]) for p in keys.PRIORITIES), str(sum(by_pri.values())))
+    workers = Table("worker", "queue", "running", "ended", "seen", title="workers", title_justify="left")
+    for w in view.workers:
+        workers.add_row(w["name"], w["queue"], " ".join(w.get("active", [])) or "-", str(w.get("ended", 0)),
+                        f"{now - w['seen']:.0f}s ago")
+    jobs = Table("job", "model", "priority", "status", "done", "running", "failed", "cancelled", title="jobs",
+                 title_justify="left")
+    for j in view.jobs:
+        if j["finished_at"]:
+            continue
+        c = j["counts"]
+        ended = sum(c.get(s, 0) for s in ("completed", "failed", "cancelled"))
+        status = j["status"] + (" (cancelling)" if j["cancel_requested"] else "")
+        jobs.add_row(j["job_id"], j["model"], j["priority"], status, f"{ended}/{j['total']}", str(c.get("running", 0)),
+                     str(c.get("failed", 0)), str(c.get("cancelled", 0)))
+    return Group(queues, workers, jobs)
+
+
+@app.command()
+def top(
+    once: Annotated[bool, typer.Option("--once", help="print the tables once and exit")] = False,
+    json_: Annotated[bool, typer.Option("--json", help="print one JSON snapshot and exit")] = False,
+    interval: Annotated[float, typer.Option(help="seconds between refreshes")] = 1.0,
+) -> None:
+    """Queues (waiting items per model and priority), live workers (heartbeats) and unfinished jobs."""
+    from jobs.metrics import overview
+
+    store = RedisStore.from_url(get_settings().redis_url)
+    if json_:
+        print(json.dumps(overview(store).as_dict()))
+        return
+    if once:
+        out.print(_top_tables(overview(store)))
+        return
+    with Live(_top_tables(overview(store)), console=out, refresh_per_second=4) as live:
+        try:
+            while True:
+                time.sleep(interval)
+                live.update(_top_tables(overview(store)))
+        except KeyboardInterrupt:
+            pass
 
 
 @app.command()
@@ -197,7 +304,8 @@ def _status_object(job: JobRecord) -> dict:
     counts = {"total": job.total, **{k: job.counts.get(k, 0) for k in
                                      ("queued", "running", "completed", "failed", "cancelled")}}
     return {"job_id": job.job_id, "status": job.status, "model": job.model, "counts": counts,
-            "results": job.results_uri, "created_at": job.created_at, "finished_at": job.finished_at}
+            "results": job.results_uri, "created_at": job.created_at, "finished_at": job.finished_at,
+            "priority": job.priority, "cancel_requested": job.cancel_requested, "round": job.round}
 
 
 def _watch(job_id: str, quiet: bool = False, interval: float = 0.5) -> JobRecord:
@@ -242,24 +350,34 @@ def status(job_id: str, watch: Annotated[bool, typer.Option("--watch")] = False,
 def results(job_id: str, format_: Annotated[str, typer.Option("--format", help="jsonl or csv")] = "jsonl") -> None:
     """Print a job's results, one line per manifest row (live state while it runs)."""
     settings = get_settings()
+    if format_ not in ("jsonl", "csv"):
+        raise fail(f"--format: expected jsonl or csv (got {format_!r})", 2)
     try:
         job = _load_job(job_id)
-        lines = records.read_results(open_store(job.output, settings), job_id) if job.finished_at else None
-        if lines is None:
-            lines = [i.result_line() for i in RedisStore.from_url(settings.redis_url).items(job_id)]
+        lines = list(export.result_lines(job, RedisStore.from_url(settings.redis_url), settings))
     except DreambatchError as exc:
         raise fail(str(exc)) from None
-    if format_ == "jsonl":
-        for line in lines:
-            print(json.dumps(line))
+    sys.stdout.writelines(export.jsonl_rows(lines) if format_ == "jsonl" else export.csv_rows(lines))
+
+
+@app.command()
+def api(host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+        port: Annotated[int, typer.Option(help="port to listen on")] = 8000) -> None:
+    """Serve the HTTP API (docs/api.md): jobs, OpenAI-compatible images, a fal-style queue. Needs the
+    `api` extra and a key from `dreambatch keys create`."""
+    try:
+        from jobs.api.app import serve
+    except ImportError as exc:
+        raise fail(f"the API needs the api extra: pip install 'dreambatch[api]' ({exc})") from None
+    serve(get_settings(), host, port)
+
+
+def _add_keys_commands() -> None:
+    try:
+        from jobs.api.keys_cli import keys_app
+    except ImportError:  # the api extra is not installed
         return
-    if format_ != "csv":
-        raise fail(f"--format: expected jsonl or csv (got {format_!r})", 2)
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(["id", "line", "status", "error", "seed", "outputs", "metadata"])
-    for line in lines:
-        uris = " ".join(img.get("s3_uri") or "" for img in line["output"]["images"])
-        writer.writerow([csv_cell(v) for v in (line["id"], line["line"], line["status"], line["error"] or "",
-                                                line["seed"], uris, json.dumps(line["metadata"]))])
-    sys.stdout.write(buf.getvalue())
+    app.add_typer(keys_app, name="keys")
+
+
+_add_keys_commands()

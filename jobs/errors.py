@@ -4,7 +4,10 @@
     ├── InputError          bad input: permanent, reported per row, never retried
     ├── TransientError      infrastructure hiccup (S3, network, Redis): retry with backoff
     ├── ModelError          the model failed on this item: fail the item, keep the worker
-    └── ConfigError         the deployment is wrong (missing weights, bad settings): tell the operator
+    ├── ConfigError         the deployment is wrong (missing weights, bad settings): tell the operator
+    ├── JobNotFound         no such job
+    ├── JobStateError       the job is not in a state that allows this (cancel a job that ended): 409
+    └── ItemCancelled       the item's job was cancelled: stop at this step boundary, end it cancelled
 
 Every exception keeps its message in `args`, so it pickles across Celery and process boundaries.
 """
@@ -34,3 +37,11 @@ class ConfigError(DreambatchError):
 
 class JobNotFound(DreambatchError):
     """No job with this id is known to the store or the durable record."""
+
+
+class JobStateError(DreambatchError):
+    """The job exists but cannot do what was asked in its current state."""
+
+
+class ItemCancelled(DreambatchError):
+    """Raised between steps of a running item whose job was cancelled; the item ends `cancelled`."""

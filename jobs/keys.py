@@ -20,6 +20,17 @@ JOB_ORDER = "db:job:{job_id}:order"  # list: item ids in manifest order
 JOB_EVENTS = "db:job:{job_id}:events"  # set of webhook event ids; list "<key>:<event_id>" = attempts
 RECONCILE_LOCK = "db:reconcile:lock"  # string with a TTL: one io worker sweeps unfinished jobs at a time
 JOBS_INDEX = "db:jobs"  # sorted set: job_id by created time
+API_KEY = "db:apikey:{key_id}"  # string: ApiKeyRecord JSON (the token's SHA-256, never the token)
+API_KEYS = "db:apikeys"  # sorted set: key_id by created time
+IDEMPOTENCY = "db:idem:{key_id}:{digest}"  # JSON {fingerprint, job_id}, per API key, expires after a day
+JOB_SLOTS = "db:job:{job_id}:slots"  # sorted set: item ids holding a --max-concurrency slot, score = lease end
+WORKER = "db:worker:{name}"  # string: a worker's last heartbeat (JSON), expires when it stops beating
+WORKERS = "db:workers"  # set: names of workers that have sent a heartbeat
+
+# --- priorities (kombu's Redis transport: one list per step, BRPOP takes the lowest step first) ----
+PRIORITIES = {"high": 0, "normal": 3, "low": 6}  # job priority → Celery message priority (0 = first)
+PRIORITY_STEPS = [0, 3, 6]  # broker_transport_options["priority_steps"]
+PRIORITY_SEP = "\x06\x16"  # kombu's separator: "gpu.i1-fast\x06\x166" is that queue's low list
 
 # --- S3 keys (durable record, next to the outputs) -----------------------------------------
 S3_JOB_SPEC = "{prefix}{job_id}/job.json"  # normalized job spec, written at submit
@@ -32,6 +43,11 @@ S3_OUTPUT = "{prefix}{job_id}/{item_id}{suffix}.{ext}"  # suffix "" or "_{n}" fo
 
 def gpu_queue(model: str) -> str:
     return GPU_QUEUE.format(model=model)
+
+
+def priority_lists(queue: str) -> dict[str, str]:
+    """The Redis list behind each priority of a queue (step 0 is the queue's own name)."""
+    return {name: queue if step == 0 else f"{queue}{PRIORITY_SEP}{step}" for name, step in PRIORITIES.items()}
 
 
 def job_key(job_id: str) -> str:

@@ -3,8 +3,12 @@
 Items:  queued → running → completed | failed | cancelled
         running → queued      (a redelivery after a lost worker starts it again)
         queued → failed       (rejected at submit with --skip-invalid, or over its attempt cap)
+        queued → cancelled    (`cancel JOB`, or never started before the job's --expires-after deadline)
+        failed → queued       (`retry JOB`: the item runs again in a new round, attempts counted)
 Jobs:   queued → running → completed | failed | cancelled
-        `failed` only when every item failed; `completed` when at least one item completed.
+        `failed` only when every item failed; `completed` when at least one item completed;
+        `cancelled` when a cancel was asked and it stopped an item, or when nothing completed and
+        something was cancelled. A retried job is re-opened (running again) and ends once more.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ ITEM_TRANSITIONS: dict[ItemStatus, frozenset[ItemStatus]] = {
         {ItemStatus.RUNNING, ItemStatus.COMPLETED, ItemStatus.FAILED, ItemStatus.CANCELLED}
     ),
     ItemStatus.COMPLETED: frozenset(),
-    ItemStatus.FAILED: frozenset(),
+    ItemStatus.FAILED: frozenset({ItemStatus.QUEUED}),
     ItemStatus.CANCELLED: frozenset(),
 }
 
@@ -55,8 +59,8 @@ def allowed_sources(target: ItemStatus) -> list[str]:
 
 
 def job_outcome(counts: dict[str, int], *, cancelled: bool = False) -> JobStatus:
-    """The terminal status of a job whose items have all ended."""
-    if cancelled:
+    """The terminal status of a job whose items have all ended (`cancelled`: a cancel was asked)."""
+    if cancelled and counts.get(ItemStatus.CANCELLED, 0) > 0:
         return JobStatus.CANCELLED
     if counts.get(ItemStatus.COMPLETED, 0) == 0 and counts.get(ItemStatus.FAILED, 0) > 0:
         return JobStatus.FAILED

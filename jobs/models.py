@@ -168,6 +168,7 @@ class ItemOutput(BaseModel):
 
 
 class Timings(BaseModel):
+    started_at: float | None = None  # epoch s when the last attempt started
     queue_wait_s: float | None = None
     inference_s: float | None = None
     upload_s: float | None = None
@@ -188,6 +189,9 @@ class ItemRecord(BaseModel):
     error: str | None = None
     timings: Timings = Field(default_factory=Timings)
     enqueued_at: float | None = None
+    reason: str | None = None  # why it was cancelled: "cancelled" (cancel JOB) or "expired" (--expires-after)
+    round: int = 0  # 0 = first run; n = the n-th `retry JOB` that re-queued it
+    round_start_attempts: int = 0  # attempts before this round (the attempt cap counts per round)
     created_at: str
     updated_at: str
 
@@ -198,6 +202,7 @@ class ItemRecord(BaseModel):
             "line": self.line,
             "status": self.status,
             "error": self.error,
+            "reason": self.reason,
             "seed": self.seed,
             "metadata": self.metadata,
             "output": self.output.model_dump() if self.output else {"images": [], "seed": self.seed},
@@ -206,12 +211,19 @@ class ItemRecord(BaseModel):
         }
 
 
+Priority = Literal["high", "normal", "low"]
+
+
 class JobRecord(BaseModel):
     job_id: str
     model: str
+    priority: Priority = "normal"  # the queue order of its items: high before normal before low
+    max_concurrency: int | None = Field(None, ge=1, description="at most this many items running at once")
+    expires_at: float | None = None  # epoch s; items not started by then end cancelled, reason "expired"
     defaults: dict[str, Any] = Field(default_factory=dict)
     output: str  # s3://bucket/prefix or a local folder
     webhook: str | None = None
+    webhook_format: Literal["dreambatch", "fal"] = "dreambatch"  # fal: one envelope when the request ends
     webhook_disabled: bool = False  # the endpoint answered 410 Gone: no more events for this job
     submitting: bool = False  # its submission has not committed yet: workers hold its items back
     submit_aborted: bool = False  # its submission failed: nothing of it runs
@@ -223,18 +235,35 @@ class JobRecord(BaseModel):
     updated_at: str
     finished_at: str | None = None
     results_uri: str | None = None
+    cancel_requested: bool = False  # `cancel JOB` was asked: running items stop at their next step
+    round: int = 0  # how many times `retry JOB` re-opened it
 
 
-def item_event_id(job_id: str, item_id: str, status: str) -> str:
-    """The webhook id of an item's terminal event: the same on every retry and redelivery."""
-    return f"evt_{job_id}_{item_id}_{status}"
+def _round_suffix(round_: int) -> str:
+    return f".r{round_}" if round_ else ""
 
 
-def job_event_id(job_id: str, status: str) -> str:
-    return f"evt_{job_id}_{status}"
+def item_event_id(job_id: str, item_id: str, status: str, round_: int = 0) -> str:
+    """The webhook id of an item's terminal event: the same on every redelivery; a retry round gets its own."""
+    return f"evt_{job_id}_{item_id}_{status}{_round_suffix(round_)}"
+
+
+def job_event_id(job_id: str, status: str, round_: int = 0) -> str:
+    return f"evt_{job_id}_{status}{_round_suffix(round_)}"
 
 
 def event_item_id(job_id: str, event_id: str) -> str | None:
     """The item an event id names (None for a job event): the inverse of the two functions above."""
     rest = event_id.removeprefix(f"evt_{job_id}_")
     return rest.rsplit("_", 1)[0] if "_" in rest else None
+
+
+class ApiKeyRecord(BaseModel):
+    """An API key as stored: never the token itself, only its SHA-256 (jobs.api.auth)."""
+
+    key_id: str
+    name: str
+    token_sha256: str
+    scopes: list[str]
+    created_at: str
+    revoked_at: str | None = None

@@ -111,6 +111,8 @@ def reconcile(
         fresh = job.model_copy(update={"total": len(items), "counts": {}, "status": JobStatus.QUEUED.value,
                                        "finished_at": None, "results_uri": None})
         store.create_job(fresh)
+        if job.cancel_requested:  # `cancel JOB` was asked before Redis lost it: workers still stop its items
+            store.request_cancel(job_id, job.updated_at)
         for start in range(0, len(items), batch):
             store.add_items(items[start:start + batch])
         to_queue = [i.item_id for i in items if i.status == ItemStatus.QUEUED]

@@ -24,6 +24,8 @@ class CelerySettings(BaseModel):
     lease_ttl: int = Field(60, description="s an item's execution lease lives unless its worker renews it")
     submit_grace: int = Field(900, description="s after which items of a submission that never committed are dropped")
     reconcile_interval: int = Field(300, description="s between sweeps for jobs whose live state was lost; 0: off")
+    slot_wait: float = Field(2.0, description="s before an item over its job's --max-concurrency is tried again")
+    heartbeat: float = Field(5.0, description="s between a worker's heartbeats in Redis (dreambatch top)")
 
     @model_validator(mode="after")
     def _visibility_above_time_limit(self) -> CelerySettings:
@@ -59,6 +61,15 @@ class InputSettings(BaseModel):
     download_timeout: float = Field(30.0, description="s for one URL download, redirects included")
 
 
+class ApiSettings(BaseModel):
+    wait_timeout: float = Field(600.0, description="s an /v1/images request waits for its job before a 504")
+    url_expires: int = Field(3600, description="s a presigned (or served) image URL in a response stays valid")
+    max_upload_bytes: int = Field(50 * 2**20, description="largest uploaded manifest or image")
+    max_json_rows: int = Field(10_000, description="rows in one JSON POST /v1/jobs body; upload a file for more")
+    public_url: str | None = Field(None, description="base URL clients reach the API at (default: the request's)")
+    url_secret: str | None = Field(None, description="signs served image URLs; random per process when unset")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DREAMBATCH_", env_nested_delimiter="__", extra="ignore")
 
@@ -75,6 +86,7 @@ class Settings(BaseSettings):
     celery: CelerySettings = CelerySettings()
     s3: S3Settings = S3Settings()
     webhooks: WebhookSettings = WebhookSettings()
+    api: ApiSettings = ApiSettings()
 
     @model_validator(mode="after")
     def _webhook_waits_below_visibility(self) -> Settings:

@@ -33,8 +33,8 @@ class ObjectStore(Protocol):
 
     def delete(self, key: str) -> None: ...
 
-    def url(self, key: str) -> str | None:
-        """A time-limited HTTPS URL, when configured."""
+    def url(self, key: str, expires: int | None = None) -> str | None:
+        """A time-limited HTTPS URL (`expires` s, else the configured default), when the store has one."""
         ...
 
 
@@ -125,11 +125,12 @@ class S3Store:
     def delete(self, key: str) -> None:
         self._call(self.client.delete_object, Bucket=self.bucket, Key=self._key(key))
 
-    def url(self, key: str) -> str | None:
-        if self.presign_expires <= 0:
+    def url(self, key: str, expires: int | None = None) -> str | None:
+        expires = self.presign_expires if expires is None else expires
+        if expires <= 0:
             return None
         return self.client.generate_presigned_url(
-            "get_object", Params={"Bucket": self.bucket, "Key": self._key(key)}, ExpiresIn=self.presign_expires
+            "get_object", Params={"Bucket": self.bucket, "Key": self._key(key)}, ExpiresIn=expires
         )
 
 
@@ -177,8 +178,18 @@ class LocalStore:
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
 
-    def url(self, key: str) -> str | None:
+    def url(self, key: str, expires: int | None = None) -> str | None:
         return None
+
+
+def key_of(location: str, uri: str) -> str | None:
+    """The key, relative to `location`, of an object whose URI a store returned (None: not under it)."""
+    if location.startswith("s3://"):
+        bucket, prefix = split_s3(location)
+        head = f"s3://{bucket}/{prefix}"
+        return uri[len(head):] if uri.startswith(head) else None
+    root, path = Path(location).expanduser().resolve(), Path(uri)
+    return path.relative_to(root).as_posix() if path.is_relative_to(root) else None
 
 
 def open_store(location: str, settings: Settings, client=None) -> ObjectStore:

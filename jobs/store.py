@@ -3,8 +3,13 @@
 Item status changes go through `transition`, one atomic Lua script that checks the move is
 allowed (jobs.lifecycle), updates the item, adjusts the job's per-status counters and counts
 terminal items, so the last item to end knows it is last without a chord. A job is marked
-terminal once (`finish_job` uses HSETNX). `MemoryStore` is the same contract in one process,
-for the local `run` mode.
+terminal once per round (`finish_job` uses HSETNX; `reopen_job`, for `retry JOB`, clears the mark
+after its failed items were moved back to queued, so a finalize in between finds the job still
+ended and leaves it alone). `MemoryStore` is the same contract in one process, for the local `run` mode.
+
+Job control lives here too: the cancel flag (a field of the job hash, read by workers between
+denoising steps), per-job concurrency slots (a sorted set of leases, taken atomically), queue
+depths and worker heartbeats (for metrics and `top`).
 """
 
 from __future__ import annotations
@@ -17,10 +22,11 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from jobs import keys
-from jobs.lifecycle import ItemStatus, JobStatus, allowed_sources, job_progress_status
-from jobs.models import ItemRecord, JobRecord
+from jobs.lifecycle import TERMINAL_ITEM, ItemStatus, JobStatus, allowed_sources, job_progress_status
+from jobs.models import ApiKeyRecord, ItemRecord, JobRecord
 
 STATUSES = [s.value for s in ItemStatus]
+_TERMINAL = " ".join(s.value for s in TERMINAL_ITEM)
 
 
 @dataclass(frozen=True)
@@ -52,6 +58,12 @@ class Store(Protocol):
     def acquire_lease(self, job_id: str, item_id: str, token: str, ttl: float) -> float: ...
     def renew_lease(self, job_id: str, item_id: str, token: str, ttl: float) -> bool: ...
     def release_lease(self, job_id: str, item_id: str, token: str) -> None: ...
+    def request_cancel(self, job_id: str, at: str) -> bool: ...
+    def cancel_requested(self, job_id: str) -> bool: ...
+    def reopen_job(self, job_id: str, round_: int) -> None: ...
+    def acquire_slot(self, job_id: str, item_id: str, cap: int, lease_s: float) -> bool: ...
+    def release_slot(self, job_id: str, item_id: str) -> None: ...
+    def record_step(self, job_id: str, item_id: str, step: int, steps: int) -> bool: ...
 
 
 # An item's execution lease: one token at a time; only its holder renews or releases it.
@@ -85,7 +97,7 @@ _TRANSITION = """
 local cur = redis.call('HGET', KEYS[1], 'status')
 if not cur then return {-1, '', 0, 0, 0} end
 local allowed = false
-for i = 5, #ARGV do if ARGV[i] == cur then allowed = true end end
+for i = 6, #ARGV do if ARGV[i] == cur then allowed = true end end
 local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
 if not allowed then return {0, cur, attempts, 0, 0} end
 redis.call('HSET', KEYS[1], 'status', ARGV[1])
@@ -96,7 +108,9 @@ if cur ~= ARGV[1] then
   redis.call('HINCRBY', KEYS[2], 'n_' .. ARGV[1], 1)
 end
 local done = tonumber(redis.call('HGET', KEYS[2], 'done') or '0')
-if ARGV[4] == '1' then done = redis.call('HINCRBY', KEYS[2], 'done', 1) end
+local was_terminal = string.find(' ' .. ARGV[5] .. ' ', ' ' .. cur .. ' ', 1, true) ~= nil
+if ARGV[4] == '1' and not was_terminal then done = redis.call('HINCRBY', KEYS[2], 'done', 1) end
+if ARGV[4] ~= '1' and was_terminal then done = redis.call('HINCRBY', KEYS[2], 'done', -1) end
 local total = tonumber(redis.call('HGET', KEYS[2], 'total') or '0')
 return {1, cur, attempts, done, total}
 """
@@ -130,6 +144,8 @@ def _job_from(fields: dict[str, str]) -> JobRecord:
     job.webhook_disabled = bool(fields.get("webhook_disabled"))
     job.submitting = bool(fields.get("submitting"))
     job.submit_aborted = bool(fields.get("submit_aborted"))
+    job.cancel_requested = bool(fields.get("cancel_requested"))
+    job.round = int(fields.get("round", 0))
     return job
 
 
@@ -140,6 +156,18 @@ def _item_from(fields: dict[str, str]) -> ItemRecord:
     return item
 
 
+# Take a concurrency slot: drop expired leases, keep (and extend) one this item holds, else take a free one.
+_ACQUIRE_SLOT = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+if redis.call('ZSCORE', KEYS[1], ARGV[2]) or redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[3]) then
+  redis.call('ZADD', KEYS[1], ARGV[4], ARGV[2])
+  redis.call('EXPIRE', KEYS[1], math.ceil(tonumber(ARGV[5])) + 60)
+  return 1
+end
+return 0
+"""
+
+
 class RedisStore:
     def __init__(self, client):
         self.r = client
@@ -147,6 +175,7 @@ class RedisStore:
         self._add_items = client.register_script(_ADD_ITEMS)
         self._renew = client.register_script(_LEASE_RENEW)
         self._release = client.register_script(_LEASE_RELEASE)
+        self._acquire_slot = client.register_script(_ACQUIRE_SLOT)
 
     @classmethod
     def from_url(cls, url: str, retry_s: float = 120.0) -> RedisStore:
@@ -197,7 +226,8 @@ class RedisStore:
         record = item.model_copy(update={"status": to.value})
         res = self._transition(
             keys=[keys.ITEM.format(job_id=item.job_id, item_id=item.item_id), keys.job_key(item.job_id)],
-            args=[to.value, int(count_attempt), record.model_dump_json(), int(to.terminal), *allowed_sources(to)],
+            args=[to.value, int(count_attempt), record.model_dump_json(), int(to.terminal), _TERMINAL,
+                  *allowed_sources(to)],
         )
         applied, previous, attempts, done, total = res
         return Transition(applied == 1, previous or None, int(attempts), int(done), int(total))
@@ -253,6 +283,105 @@ class RedisStore:
 
     def release_lease(self, job_id: str, item_id: str, token: str) -> None:
         self._release(keys=[keys.ITEM_LEASE.format(job_id=job_id, item_id=item_id)], args=[token])
+    # --- the HTTP API: keys and idempotency records ---------------------------------------------
+    def ping(self) -> bool:
+        return bool(self.r.ping())
+
+    def put_api_key(self, key: ApiKeyRecord) -> None:
+        pipe = self.r.pipeline()
+        pipe.set(keys.API_KEY.format(key_id=key.key_id), key.model_dump_json())
+        pipe.zadd(keys.API_KEYS, {key.key_id: _epoch(key.created_at)})
+        pipe.execute()
+
+    def get_api_key(self, key_id: str) -> ApiKeyRecord | None:
+        raw = self.r.get(keys.API_KEY.format(key_id=key_id))
+        return ApiKeyRecord.model_validate_json(raw) if raw else None
+
+    def api_keys(self) -> list[ApiKeyRecord]:
+        ids = self.r.zrange(keys.API_KEYS, 0, -1)
+        raws = self.r.mget([keys.API_KEY.format(key_id=i) for i in ids]) if ids else []
+        return [ApiKeyRecord.model_validate_json(raw) for raw in raws if raw]
+
+    def claim_idempotency(self, key_id: str, digest: str, fingerprint: str, ttl: int) -> dict[str, Any] | None:
+        """Claim an Idempotency-Key for one request body. None: claimed now (go ahead); otherwise the
+        record already there: {"fingerprint", "job_id"} (job_id None while the first request runs)."""
+        key = keys.IDEMPOTENCY.format(key_id=key_id, digest=digest)
+        if self.r.set(key, json.dumps({"fingerprint": fingerprint, "job_id": None}), nx=True, ex=ttl):
+            return None
+        raw = self.r.get(key)
+        return json.loads(raw) if raw else {"fingerprint": fingerprint, "job_id": None}
+
+    def settle_idempotency(self, key_id: str, digest: str, fingerprint: str, job_id: str | None, ttl: int) -> None:
+        """Record the job a claimed key created; job_id None releases the claim (the request failed)."""
+        key = keys.IDEMPOTENCY.format(key_id=key_id, digest=digest)
+        if job_id is None:
+            self.r.delete(key)
+        else:
+            self.r.set(key, json.dumps({"fingerprint": fingerprint, "job_id": job_id}), ex=ttl)
+
+
+    # --- job control -----------------------------------------------------------------------
+    def request_cancel(self, job_id: str, at: str) -> bool:
+        """Raise the job's cancel flag; False when it was already raised."""
+        return bool(self.r.hsetnx(keys.job_key(job_id), "cancel_requested", at))
+
+    def cancel_requested(self, job_id: str) -> bool:
+        return bool(self.r.hexists(keys.job_key(job_id), "cancel_requested"))
+
+    def reopen_job(self, job_id: str, round_: int) -> None:
+        """Clear the terminal mark (and any cancel flag) of a job whose failed items were re-queued."""
+        key = keys.job_key(job_id)
+        pipe = self.r.pipeline()
+        pipe.hdel(key, "terminal", "finished_at", "results_uri", "cancel_requested")
+        pipe.hset(key, "round", round_)
+        pipe.execute()
+
+    def acquire_slot(self, job_id: str, item_id: str, cap: int, lease_s: float) -> bool:
+        """Take one of the job's `cap` running slots for `lease_s` seconds (a lost worker's lease runs out)."""
+        now = time.time()
+        return self._acquire_slot(keys=[keys.JOB_SLOTS.format(job_id=job_id)],
+                                  args=[now, item_id, cap, now + lease_s, lease_s]) == 1
+
+    def release_slot(self, job_id: str, item_id: str) -> None:
+        self.r.zrem(keys.JOB_SLOTS.format(job_id=job_id), item_id)
+
+    def record_step(self, job_id: str, item_id: str, step: int, steps: int) -> bool:
+        """Note a running item's denoising progress; returns whether its job was asked to cancel."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hset(keys.ITEM.format(job_id=job_id, item_id=item_id), "step", f"{step}/{steps}")
+        pipe.hexists(keys.job_key(job_id), "cancel_requested")
+        return bool(pipe.execute()[1])
+
+    def step_of(self, job_id: str, item_id: str) -> str | None:
+        return self.r.hget(keys.ITEM.format(job_id=job_id, item_id=item_id), "step")
+
+    # --- observability ------------------------------------------------------------------------
+    def get_jobs(self, job_ids: list[str]) -> list[JobRecord]:
+        pipe = self.r.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hgetall(keys.job_key(job_id))
+        return [_job_from(fields) for fields in pipe.execute() if fields]
+
+    def list_lengths(self, names: list[str]) -> dict[str, int]:
+        pipe = self.r.pipeline(transaction=False)
+        for name in names:
+            pipe.llen(name)
+        return dict(zip(names, pipe.execute(), strict=True))
+
+    def beat(self, name: str, info: dict[str, Any], ttl: float) -> None:
+        pipe = self.r.pipeline(transaction=False)
+        pipe.set(keys.WORKER.format(name=name), json.dumps(info), px=int(ttl * 1000))
+        pipe.sadd(keys.WORKERS, name)
+        pipe.execute()
+
+    def workers(self) -> list[dict[str, Any]]:
+        """Live workers' last heartbeats; names whose heartbeat expired are forgotten."""
+        names = sorted(self.r.smembers(keys.WORKERS))
+        beats = self.r.mget([keys.WORKER.format(name=n) for n in names]) if names else []
+        gone = [n for n, b in zip(names, beats, strict=True) if b is None]
+        if gone:
+            self.r.srem(keys.WORKERS, *gone)
+        return [json.loads(b) for b in beats if b is not None]
 
 
 class MemoryStore:
@@ -265,6 +394,7 @@ class MemoryStore:
         self._order: dict[str, list[str]] = {}
         self._events: dict[str, dict[str, list[dict[str, Any]]]] = {}
         self._leases: dict[tuple[str, str], tuple[str, float]] = {}
+        self._slots: dict[str, dict[str, float]] = {}
 
     def create_job(self, job: JobRecord) -> None:
         with self._lock:
@@ -313,7 +443,7 @@ class MemoryStore:
             fields["attempts"] += int(count_attempt)
             job[f"n_{cur}"] -= 1
             job[f"n_{to.value}"] += 1
-            job["done"] += int(to.terminal)
+            job["done"] += int(to.terminal) - int(ItemStatus(cur).terminal)
             return Transition(True, cur, fields["attempts"], job["done"], job["total"])
 
     def finish_job(self, job_id: str, status: JobStatus, results_uri: str | None, at: str) -> bool:
@@ -362,6 +492,41 @@ class MemoryStore:
         with self._lock:
             if self._leases.get((job_id, item_id), (None,))[0] == token:
                 del self._leases[(job_id, item_id)]
+    def request_cancel(self, job_id: str, at: str) -> bool:
+        with self._lock:
+            job = self._jobs[job_id]
+            if job.get("cancel_requested"):
+                return False
+            job["cancel_requested"] = at
+            return True
+
+    def cancel_requested(self, job_id: str) -> bool:
+        with self._lock:
+            return bool(self._jobs.get(job_id, {}).get("cancel_requested"))
+
+    def reopen_job(self, job_id: str, round_: int) -> None:
+        with self._lock:
+            job = self._jobs[job_id]
+            for field in ("terminal", "finished_at", "results_uri", "cancel_requested"):
+                job.pop(field, None)
+            job["round"] = round_
+
+    def acquire_slot(self, job_id: str, item_id: str, cap: int, lease_s: float) -> bool:
+        with self._lock:
+            now = time.time()
+            slots = {i: t for i, t in self._slots.get(job_id, {}).items() if t > now}
+            if item_id not in slots and len(slots) >= cap:
+                return False
+            slots[item_id] = now + lease_s
+            self._slots[job_id] = slots
+            return True
+
+    def release_slot(self, job_id: str, item_id: str) -> None:
+        with self._lock:
+            self._slots.get(job_id, {}).pop(item_id, None)
+
+    def record_step(self, job_id: str, item_id: str, step: int, steps: int) -> bool:
+        return self.cancel_requested(job_id)
 
 
 def _epoch(iso: str) -> float:

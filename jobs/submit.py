@@ -81,7 +81,8 @@ def _item(job_id: str, row: CheckedRow, at: str, objects: ObjectStore, max_bytes
         if "image" in params:  # local files and data URIs move next to the job, for any worker to read
             params["image"] = inputs.stage(params["image"], objects, job_id, row.item_id, max_bytes)
         return ItemRecord(job_id=job_id, item_id=row.item_id, line=row.line, params=params,
-                          metadata=row.metadata, seed=params["seed"], created_at=at, updated_at=at)
+                          metadata=row.metadata, seed=params["seed"], created_at=at, updated_at=at,
+                          enqueued_at=time.time())
     error = "; ".join(str(i) for i in row.issues)
     return ItemRecord(job_id=job_id, item_id=row.item_id, line=row.line, status=ItemStatus.FAILED.value,
                       metadata=row.metadata, error=f"invalid row: {error}", created_at=at, updated_at=at)
@@ -178,6 +179,10 @@ def create_job(
     policy: InputPolicy | None = None,
     on_rejected: Callable[[list[ItemRecord]], None] | None = None,
     retry_window: float = 120.0,
+    priority: str = "normal",
+    max_concurrency: int | None = None,
+    expires_at: float | None = None,
+    webhook_format: str = "dreambatch",
 ) -> Submission:
     # 1. validate every row; nothing is created when a row is bad (unless skip_invalid)
     policy = policy or input_policy(manifest)
@@ -193,7 +198,8 @@ def create_job(
     at = now_iso()
     job = JobRecord(job_id=job_id or new_job_id(), model=model, defaults=defaults, output=output,
                     webhook=webhook, manifest=str(manifest), total=report.rows, created_at=at, updated_at=at,
-                    submitting=True)
+                    priority=priority, max_concurrency=max_concurrency, expires_at=expires_at,
+                    webhook_format=webhook_format, submitting=True)
     store.create_job(job)
     rejected_items: list[ItemRecord] = []
     try:

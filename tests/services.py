@@ -213,3 +213,35 @@ def load_offline(runner_class, models, folders: dict) -> dict:
         else:
             os.environ["HF_HUB_OFFLINE"] = before
     return loaded
+
+
+# --- the HTTP API -------------------------------------------------------------------------------
+class ApiServer:
+    """`dreambatch api` (uvicorn) in a thread of this process, on a free loopback port."""
+
+    def __init__(self, settings):
+        import uvicorn
+
+        from jobs.api.app import create_app
+
+        self.app = create_app(settings)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        wait_until(lambda: self.server.started, 15, 0.05, what="the API server")
+
+    def key(self, *scopes: str, name: str = "test") -> str:
+        """A fresh API key with these scopes (minted as `dreambatch keys create` does)."""
+        from jobs.api import auth
+        from jobs.submit import now_iso
+
+        new = auth.mint(name, list(scopes), now_iso())
+        self.app.state.services.store.put_api_key(new.record)
+        return new.token
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)

@@ -36,3 +36,11 @@ def test_service_commands_are_real_cli_commands():
                              text=True, cwd=ROOT)
         assert res.returncode == 0, res.stderr
         assert "--model" in res.stdout and "--io" in res.stdout
+
+
+def test_api_service_runs_the_api_command():
+    cmd = compose()["services"]["api"]["command"]
+    assert cmd[:2] == ["dreambatch", "api"]
+    res = subprocess.run([sys.executable, "-m", "worker", *cmd[1:], "--help"], capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    assert "--host" in res.stdout and "--port" in res.stdout

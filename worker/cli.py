@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from pathlib import Path
 from typing import Annotated
 
@@ -43,9 +44,13 @@ def worker(
     io: Annotated[bool, typer.Option("--io", help="serve the I/O queue (finalize, webhooks)")] = False,
     concurrency: Annotated[int, typer.Option(help="threads; >1 overlaps encode/upload with inference")] = 0,
     loglevel: Annotated[str, typer.Option()] = "INFO",
+    log_format: Annotated[str, typer.Option(help="text, or json: one object per line with job_id/item_id")] = "text",
+    metrics_port: Annotated[int | None, typer.Option(
+        help="serve Prometheus metrics on this port (/metrics); off by default")] = None,
 ) -> None:
     """Run a worker: one process per GPU (`--model`), or an I/O worker (`--io`)."""
-    from jobs import broker
+    from jobs import broker, logs
+    from worker.heartbeat import Heartbeat
     from worker.runtime import Runtime
     from worker.tasks import register
 
@@ -53,7 +58,9 @@ def worker(
         raise fail("give exactly one of --model M or --io")
     if model is not None and model not in MODELS:
         raise fail(f"--model: unknown model {model!r}; choose one of {', '.join(MODELS)}", 2)
-    logging.basicConfig(level=loglevel, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if log_format not in ("text", "json"):
+        raise fail(f"--log-format: expected text or json (got {log_format!r})", 2)
+    logs.configure(loglevel, log_format)
     settings = get_settings()
     celery = broker.make_celery(settings)
     if io:
@@ -70,8 +77,26 @@ def worker(
             raise fail(str(exc)) from None
         queue, threads, name = keys.gpu_queue(model), concurrency or 2, f"gpu-{model}"
     register(celery, runtime)
+    if metrics_port is not None:
+        runtime.metrics.serve(metrics_port)
+    worker_name = f"{name}.{os.getpid()}@{socket.gethostname()}"
+    Heartbeat(runtime, worker_name, queue, settings.celery.heartbeat,
+              chores=_expiry_chore(settings, runtime, celery) if io else None).start()
     celery.worker_main(["worker", "-Q", queue, "-P", "threads", "-c", str(threads), "-n", f"{name}.{os.getpid()}@%h",
                         "-l", loglevel, "--without-gossip", "--without-mingle", "--without-heartbeat"])
+
+
+def _expiry_chore(settings, runtime, celery):
+    """An I/O worker ends never-started items of jobs past their deadline, even when no GPU reaches them."""
+    from jobs.control import expire_due
+
+    log = logging.getLogger("dreambatch.worker")
+
+    def chore() -> None:
+        for job_id, ids in expire_due(settings, store=runtime.store, celery=celery).items():
+            log.info("job %s: %d item(s) expired before they started", job_id, len(ids), extra={"job_id": job_id})
+
+    return chore
 
 
 @app.command()

@@ -16,16 +16,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from jobs import keys, records
-from jobs.errors import ConfigError, InputError, ModelError, TransientError
+from jobs import fal, keys, logs, records
+from jobs.errors import ConfigError, InputError, ItemCancelled, ModelError, TransientError
 from jobs.lifecycle import ItemStatus, job_outcome
 from jobs.models import EXTENSIONS, ItemOutput, ItemRecord, JobRecord, OutputImage, item_event_id, job_event_id
 from jobs.settings import Settings
-from jobs.storage import ObjectStore
+from jobs.storage import ObjectStore, key_of
 from jobs.store import Store
 from jobs.submit import now_iso
 from worker import geometry, imaging, inputs, webhooks
 from worker.leases import Leases
+from worker.metrics import WorkerMetrics
 from worker.runners.base import EditRequest, GenerateRequest, Runner
 
 log = logging.getLogger("dreambatch.worker")
@@ -41,6 +42,7 @@ class Context:
     finalize: Callable[[str], None]  # (job_id)
     gpu_lock: threading.Lock = field(default_factory=threading.Lock)
     leases: Leases | None = None  # None in local mode, where one consumer runs items one at a time
+    metrics: WorkerMetrics | None = None  # this process's Prometheus metrics, when it exports them
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,11 @@ class Outcome:
 
 
 def process_item(ctx: Context, job_id: str, item_id: str) -> Outcome:
+    with logs.context(job_id=job_id, item_id=item_id):
+        return _process_item(ctx, job_id, item_id)
+
+
+def _process_item(ctx: Context, job_id: str, item_id: str) -> Outcome:
     # 1. load the item; an item that already ended is not run again
     item = ctx.store.get_item(job_id, item_id)
     job = ctx.store.get_job(job_id)
@@ -63,42 +70,62 @@ def process_item(ctx: Context, job_id: str, item_id: str) -> Outcome:
         if job.submit_aborted or age > ctx.settings.celery.submit_grace:
             return _end(ctx, item, ItemStatus.CANCELLED, "its submission did not complete, so nothing of it runs")
         return Outcome("waiting for its submission", retry_in=1.0)
+    # a cancelled job's items, and items not started before the job's deadline, end here, unrun
+    if job.cancel_requested:
+        return _end(ctx, item, ItemStatus.CANCELLED, None, reason="cancelled")
+    if job.expires_at and time.time() >= job.expires_at and item.status == ItemStatus.QUEUED:
+        return _end(ctx, item, ItemStatus.CANCELLED, None, reason="expired")
 
     # 2. take the item's execution lease: a second delivery of an item running elsewhere waits for it
-    if ctx.leases is None:  # local mode: one consumer, nothing runs twice at once
-        return _attempt(ctx, job, item)
-    token, wait = ctx.leases.acquire(job_id, item_id)
-    if token is None:
-        log.info("item %s/%s is running elsewhere; trying again in %.1fs", job_id, item_id, wait)
-        return Outcome("running elsewhere", retry_in=wait + 0.5)
+    token = None
+    if ctx.leases is not None:  # None in local mode: one consumer, nothing runs twice at once
+        token, wait = ctx.leases.acquire(job_id, item_id)
+        if token is None:
+            log.info("item %s/%s is running elsewhere; trying again in %.1fs", job_id, item_id, wait)
+            return Outcome("running elsewhere", retry_in=wait + 0.5)
     try:
-        return _attempt(ctx, job, item)
+        # a job with --max-concurrency runs this item only when it gets one of the job's slots
+        if job.max_concurrency:
+            lease = ctx.settings.celery.task_time_limit + 60
+            if not ctx.store.acquire_slot(job_id, item_id, job.max_concurrency, lease):
+                return Outcome("queued", retry_in=ctx.settings.celery.slot_wait)
+        try:
+            return _attempt(ctx, job, item)
+        finally:
+            if job.max_concurrency:
+                ctx.store.release_slot(job_id, item_id)
     finally:
-        ctx.leases.release(job_id, item_id, token)
+        if token is not None:
+            ctx.leases.release(job_id, item_id, token)
 
 
 def _attempt(ctx: Context, job: JobRecord, item: ItemRecord) -> Outcome:
-    job_id, item_id = job.job_id, item.item_id
     # 3. start an attempt; an item that keeps killing its worker ends failed instead of looping
     started = time.time()
     item.updated_at = now_iso()
-    if item.enqueued_at and item.attempts == 0:
+    item.timings.started_at = round(started, 3)
+    if item.enqueued_at and item.attempts == item.round_start_attempts:
         item.timings.queue_wait_s = round(started - item.enqueued_at, 4)
     move = ctx.store.transition(item, ItemStatus.RUNNING, count_attempt=True)
     if not move.applied:
         return Outcome("skipped")
     item.attempts = move.attempts
-    if move.attempts > ctx.settings.celery.max_attempts:
+    this_round = move.attempts - item.round_start_attempts
+    if this_round > ctx.settings.celery.max_attempts:
         return _end(ctx, item, ItemStatus.FAILED,
-                    f"gave up after {move.attempts - 1} attempts that did not finish (worker lost or timed out)")
+                    f"gave up after {this_round - 1} attempts that did not finish (worker lost or timed out)")
+    log.info("item %s/%s started (attempt %d)", item.job_id, item.item_id, move.attempts)
 
     try:
-        # 4. fetch the input (edits) and 5. run the model: the only step that holds the GPU
+        # 4. fetch the input (edits) and 5. run the model: the only step that holds the GPU.
+        # Between denoising steps the job's cancel flag is read; a cancel stops the item there.
+        _stop_if_cancelled(ctx, item)
         if "image" in item.params:
             images, output = _run_edit(ctx, job, item)
         else:
             with ctx.gpu_lock:
-                result = ctx.runner().generate(_request(item))
+                _stop_if_cancelled(ctx, item)
+                result = ctx.runner().generate(_request(item), on_step=_step_check(ctx, item))
             item.timings.inference_s = round(result.inference_s, 4)
             images, output = result.images, ItemOutput(seed=item.seed)
 
@@ -106,19 +133,38 @@ def _attempt(ctx: Context, job: JobRecord, item: ItemRecord) -> Outcome:
         t0 = time.perf_counter()
         item.output = _upload(ctx.objects(job.output), item, images, output)
         item.timings.upload_s = round(time.perf_counter() - t0, 4)
+    except ItemCancelled as exc:
+        log.info("item %s/%s stopped: %s", item.job_id, item.item_id, exc)
+        return _end(ctx, item, ItemStatus.CANCELLED, None, reason="cancelled")
     except (InputError, ModelError, ConfigError) as exc:
         return _end(ctx, item, ItemStatus.FAILED, f"{type(exc).__name__}: {exc}")
     except TransientError as exc:
-        if item.attempts >= ctx.settings.celery.max_attempts:
-            return _end(ctx, item, ItemStatus.FAILED, f"{exc} (after {item.attempts} attempts)")
-        log.warning("item %s/%s attempt %d: %s; retrying", job_id, item_id, item.attempts, exc)
-        return Outcome("running", retry_in=webhooks.backoff(item.attempts, 1.0, 30.0))
+        if this_round >= ctx.settings.celery.max_attempts:
+            return _end(ctx, item, ItemStatus.FAILED, f"{exc} (after {this_round} attempts)")
+        log.warning("item %s/%s attempt %d: %s; retrying", item.job_id, item.item_id, item.attempts, exc)
+        return Outcome("running", retry_in=webhooks.backoff(this_round, 1.0, 30.0))
     except Exception as exc:  # a model bug must not take the worker down with it
-        log.exception("item %s/%s failed", job_id, item_id)
+        log.exception("item %s/%s failed", item.job_id, item.item_id)
         return _end(ctx, item, ItemStatus.FAILED, f"{type(exc).__name__}: {exc}")
 
     # 7. record the result, notify, and finalize the job if this was its last item
     return _end(ctx, item, ItemStatus.COMPLETED, None)
+
+
+def _stop_if_cancelled(ctx: Context, item: ItemRecord) -> None:
+    if ctx.store.cancel_requested(item.job_id):
+        raise ItemCancelled(f"job {item.job_id} was cancelled before this item's next step")
+
+
+def _step_check(ctx: Context, item: ItemRecord) -> Callable[[int], None]:
+    """Called by the runner after each denoising step (0-based): records progress, stops on cancel."""
+    steps = item.params.get("steps", 0)
+
+    def check(step: int) -> None:
+        if ctx.store.record_step(item.job_id, item.item_id, step + 1, steps):
+            raise ItemCancelled(f"job {item.job_id} was cancelled; stopped after step {step + 1}/{steps}")
+
+    return check
 
 
 def _request(item: ItemRecord) -> GenerateRequest:
@@ -150,8 +196,10 @@ def _run_edit(ctx: Context, job: JobRecord, item: ItemRecord) -> tuple[list, Ite
         steps=p["steps"], guidance_scale=p["guidance_scale"], image_guidance_scale=p["image_guidance_scale"],
         refine_strength=p["refine_strength"], clip_cfg_norm=bool(p["clip_cfg_norm"]), num_images=p["num_images"],
     )
+    check = _step_check(ctx, item)
     with ctx.gpu_lock:
-        result = runner.edit(request)
+        _stop_if_cancelled(ctx, item)
+        result = runner.edit(request, on_step=lambda info: check(info.index))
     item.timings.inference_s = round(result.inference_s, 4)
     output = ItemOutput(seed=item.seed, processed_size=list(canvas_size), input_size=list(source.size))
     return [geometry.unfit(image, box, target) for image in result.images], output
@@ -172,8 +220,10 @@ def _upload(objects: ObjectStore, item: ItemRecord, images, out: ItemOutput) -> 
     return out
 
 
-def _end(ctx: Context, item: ItemRecord, status: ItemStatus, error: str | None) -> Outcome:
+def _end(ctx: Context, item: ItemRecord, status: ItemStatus, error: str | None,
+         reason: str | None = None) -> Outcome:
     item.error = error
+    item.reason = reason
     item.updated_at = now_iso()
     item.status = status.value
     job = ctx.store.get_job(item.job_id)
@@ -181,8 +231,12 @@ def _end(ctx: Context, item: ItemRecord, status: ItemStatus, error: str | None) 
     move = ctx.store.transition(item, status)
     if not move.applied:
         return Outcome("skipped")
+    log.info("item %s/%s %s%s", item.job_id, item.item_id, status.value, f" ({reason})" if reason else "",
+             extra={"status": status.value, "error": error})
+    if ctx.metrics:
+        ctx.metrics.item_ended(job.model, status.value, item.timings)
     if job.webhook:
-        ctx.notify(item.job_id, item.item_id, item_event_id(item.job_id, item.item_id, status.value))
+        ctx.notify(item.job_id, item.item_id, item_event_id(item.job_id, item.item_id, status.value, item.round))
     if move.job_done:
         ctx.finalize(item.job_id)
     return Outcome(status.value)
@@ -194,18 +248,32 @@ def finalize_job(ctx: Context, job_id: str) -> str | None:
     job = ctx.store.get_job(job_id)
     if job is None or job.finished_at:
         return None
+    if job.counts.get("queued", 0) or job.counts.get("running", 0):
+        return None  # a late duplicate for a job that `retry` re-opened: its last item finalizes it
     # 2. results: one line per manifest row, in manifest order
     uri, _ = records.write_results(ctx.objects(job.output), job_id, ctx.store.items(job_id))
     # 3. terminal exactly once, then tell the webhook
-    status = job_outcome(job.counts)
+    status = job_outcome(job.counts, cancelled=job.cancel_requested)
     if not ctx.store.finish_job(job_id, status, uri, now_iso()):
         return None
     job = ctx.store.get_job(job_id)
     records.write_job_spec(ctx.objects(job.output), job)
     records.mark_ended(ctx.objects(job.output), job_id)
+    log.info("job %s %s", job_id, status.value, extra={"job_id": job_id, "status": status.value})
     if job.webhook:
-        ctx.notify(job_id, None, job_event_id(job_id, status.value))
+        ctx.notify(job_id, None, job_event_id(job_id, status.value, job.round))
     return status.value
+
+
+def _presigned(ctx: Context, job: JobRecord):
+    """Image → a URL the webhook's receiver can fetch (presigned for api.url_expires s; else the URI)."""
+    objects = ctx.objects(job.output)
+
+    def url_for(image: OutputImage) -> str | None:
+        key = key_of(job.output, image.s3_uri or "")
+        return (objects.url(key, ctx.settings.api.url_expires) if key else None) or image.url or image.s3_uri
+
+    return url_for
 
 
 def webhook_attempt(ctx: Context, job_id: str, item_id: str | None, event_id: str,
@@ -214,7 +282,11 @@ def webhook_attempt(ctx: Context, job_id: str, item_id: str | None, event_id: st
     job = ctx.store.get_job(job_id)
     if job is None or not job.webhook or job.webhook_disabled:
         return None
-    if item_id is None:
+    if job.webhook_format == "fal":  # one envelope when the request (a one-item job) ends
+        if item_id is not None:
+            return None
+        payload = fal.webhook_body(job, next(ctx.store.items(job_id), None), _presigned(ctx, job))
+    elif item_id is None:
         payload = webhooks.job_payload(job)
     else:
         item = ctx.store.get_item(job_id, item_id)
@@ -224,6 +296,8 @@ def webhook_attempt(ctx: Context, job_id: str, item_id: str | None, event_id: st
     attempt = webhooks.deliver(job.webhook, event_id, payload, secrets=ctx.settings.signing_secrets(),
                                timeout=ctx.settings.webhooks.timeout, policy=ctx.settings.netpolicy(), client=client)
     ctx.store.log_event(job_id, event_id, attempt.as_dict())
+    if ctx.metrics:
+        ctx.metrics.webhook_attempt(attempt)
     if attempt.status_code == 410:  # Gone: the receiver asks for no more events of this job
         ctx.store.disable_webhook(job_id)
     return attempt

@@ -17,6 +17,7 @@ from jobs.settings import Settings
 from jobs.storage import ObjectStore, open_store, s3_client
 from jobs.store import RedisStore, Store
 from worker.leases import Leases
+from worker.metrics import WorkerMetrics
 from worker.process import Context
 from worker.runners.base import Runner
 
@@ -49,6 +50,9 @@ class Runtime:
         self._lock = threading.Lock()
         self.gpu_lock = threading.Lock()
         self._leases: Leases | None = None
+        self.metrics = WorkerMetrics()
+        self.active: set[tuple[str, str]] = set()  # (job_id, item_id) running in this process, for heartbeats
+        self.ended = 0  # items this process ran to an end
 
     @property
     def leases(self) -> Leases:
@@ -90,5 +94,5 @@ class Runtime:
             settings=self.settings, store=self.store, runner=self.runner, objects=self.objects,
             notify=lambda job_id, item_id, event_id: broker.send_webhook(self.app, job_id, item_id, event_id),
             finalize=lambda job_id: broker.send_finalize(self.app, job_id),
-            gpu_lock=self.gpu_lock, leases=self.leases,
+            gpu_lock=self.gpu_lock, leases=self.leases, metrics=self.metrics,
         )

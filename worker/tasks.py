@@ -16,7 +16,13 @@ def register(app: Celery, runtime: Runtime) -> None:
 
     @app.task(name=keys.TASK_RUN_ITEM, bind=True, max_retries=None, acks_late=True)
     def run_item(self, job_id: str, item_id: str) -> str:
-        outcome = process.process_item(runtime.context(), job_id, item_id)
+        runtime.active.add((job_id, item_id))
+        try:
+            outcome = process.process_item(runtime.context(), job_id, item_id)
+        finally:
+            runtime.active.discard((job_id, item_id))
+        if outcome.status in ("completed", "failed", "cancelled"):
+            runtime.ended += 1
         if outcome.retry_in is not None:
             raise self.retry(countdown=outcome.retry_in)
         return outcome.status

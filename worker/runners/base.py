@@ -1,12 +1,14 @@
 """The runner seam: what a worker needs from a model, and nothing more.
 
 A runner turns one validated item into PIL images. It owns the loaded pipeline; it never
-touches Redis, S3 or webhooks. `process.py` calls it; tests about orchestration may pass a
+touches Redis, S3 or webhooks. `on_step` is called after each denoising step; what it raises
+(a cancel) stops the run at that step boundary. `process.py` calls it; tests about orchestration may pass a
 tiny stand-in, the product always uses a real HiDream runner.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -62,10 +64,10 @@ class RunOutput:
 class Runner(Protocol):
     model: str  # dreambatch model name, e.g. "i1-fast"
 
-    def generate(self, request: GenerateRequest) -> RunOutput: ...
+    def generate(self, request: GenerateRequest, on_step: Callable[[int], None] | None = None) -> RunOutput: ...
 
 
 class EditRunner(Protocol):
     model: str  # "e1-1" or "e1-full"
 
-    def edit(self, request: EditRequest) -> RunOutput: ...
+    def edit(self, request: EditRequest, on_step: Callable[[Any], None] | None = None) -> RunOutput: ...

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -95,6 +96,16 @@ def load_pipeline(
     return pipe
 
 
+def _step_callback(on_step: Callable[[int], None]) -> Callable[..., dict]:
+    """diffusers' `callback_on_step_end` shape around a plain `on_step(step_index)`."""
+
+    def callback(pipe: Any, step: int, timestep: Any, tensors: dict) -> dict:
+        on_step(step)
+        return tensors
+
+    return callback
+
+
 class HiDreamI1Runner:
     """Turns a `GenerateRequest` into images with a HiDream-I1 pipeline held in this process."""
 
@@ -129,8 +140,10 @@ class HiDreamI1Runner:
         scale = math.sqrt(side * side / (width * height))
         return int(width * scale // division * division), int(height * scale // division * division)
 
-    def generate(self, request: GenerateRequest) -> RunOutput:
-        """Render `request.num_images` images for one prompt, reproducibly for a given seed."""
+    def generate(self, request: GenerateRequest, on_step: Callable[[int], None] | None = None) -> RunOutput:
+        """Render `request.num_images` images for one prompt, reproducibly for a given seed.
+
+        `on_step(i)` runs after each denoising step (0-based); an exception it raises stops the run there."""
         pipe = self.load()
         generator = torch.Generator(self.device).manual_seed(request.seed)
         pipe.scheduler = self._scheduler(request.scheduler, request.shift)
@@ -148,6 +161,7 @@ class HiDreamI1Runner:
                 num_images_per_prompt=request.num_images,
                 generator=generator,
                 output_type="pil",
+                callback_on_step_end=None if on_step is None else _step_callback(on_step),
             )
         elapsed = time.perf_counter() - started
         return RunOutput(images=list(result.images), seed=request.seed, inference_s=elapsed)

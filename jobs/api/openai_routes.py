@@ -1,0 +1,202 @@
+"""OpenAI-compatible images, as Lumenfall serves HiDream: `POST /v1/images/generations` (JSON) and
+`POST /v1/images/edits` (multipart `image`, `prompt`, `n`, `size`, `response_format`, `output_format`,
+`output_compression`). Each request becomes a job of `n` items on the same queues as manifest jobs
+(one image per item, so `n` images render in parallel on as many workers), and the request waits for
+it (`DREAMBATCH_API__WAIT_TIMEOUT`). Parameters it does not name (`steps`, `guidance_scale`, fal's
+`num_inference_steps`, …) pass through to the row, as Lumenfall passes them to the provider.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Annotated, Any, Literal
+
+import anyio
+from fastapi import APIRouter, Depends, File, Form, Header, Request, UploadFile
+from pydantic import BaseModel, ConfigDict, Field
+
+from jobs.api import schemas
+from jobs.api.app import ServicesDep, require
+from jobs.api.service import (
+    ApiError,
+    JobOptions,
+    Services,
+    Upload,
+    fingerprint,
+    idempotent,
+    image_b64,
+    image_url,
+    submit,
+    wait_for,
+)
+from jobs.models import MAX_SEED, MODELS, JobRecord
+from jobs.submit import ManifestInvalid
+
+router = APIRouter(tags=["openai images"])
+Images = Annotated[Any, Depends(require("images"))]
+IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)]
+MODEL_NAMES = {**{m: m for m in MODELS}, **{f"hidream-{m}": m for m in MODELS}}  # hidream-e1-1 → e1-1
+DEFAULT_MODEL = {"generate": "i1-fast", "edit": "e1-1"}
+RESERVED = {"id", "num_images", "image", "image[]", "mask", "stream", "model", "n", "size", "response_format", "seed"}
+SIZE = re.compile(r"^(?:(?P<w>\d{2,5})x(?P<h>\d{2,5})|(?P<a>\d{1,3}):(?P<b>\d{1,3})|auto)$")
+MAGIC = {b"\x89PNG\r\n\x1a\n": ".png", b"\xff\xd8\xff": ".jpg"}
+
+
+def model_for(name: str | None, kind: str) -> str:
+    model = MODEL_NAMES.get(name or DEFAULT_MODEL[kind])
+    if model is None:
+        raise ApiError(404, f"model {name!r} does not exist; choose one of {', '.join(MODEL_NAMES)}",
+                       code="model_not_found", param="model")
+    if MODELS[model].kind != kind:
+        other = "/v1/images/edits" if kind == "generate" else "/v1/images/generations"
+        raise ApiError(400, f"model {name!r} does not {'generate' if kind == 'generate' else 'edit'} images; "
+                            f"use {other} or another model", code="model_not_supported", param="model")
+    return model
+
+
+def size_fields(size: str | None, kind: str) -> dict[str, Any]:
+    """OpenAI's `size` as row fields: WxH, or W:H (an aspect ratio, as Lumenfall accepts), or auto."""
+    match = SIZE.match(size or "auto")
+    if match is None:
+        raise ApiError(400, f"size: expected WxH, W:H or auto (got {size!r})", param="size")
+    if match["w"]:
+        w, h = int(match["w"]), int(match["h"])
+        return {"width": w, "height": h} if kind == "generate" else {"size": f"{w}x{h}"}
+    if match["a"]:
+        a, b = int(match["a"]), int(match["b"])
+        if kind == "edit":
+            return {"aspect_ratio": f"{a}:{b}"}
+        if not (a and b):
+            raise ApiError(400, f"size: aspect ratio sides must be positive (got {size!r})", param="size")
+        return {"width": max(64, min(4096, round(1024 * (a / b) ** 0.5))),
+                "height": max(64, min(4096, round(1024 * (b / a) ** 0.5)))}
+    return {}
+
+
+def item_rows(row: dict[str, Any], n: int, seed: int | None) -> list[dict[str, Any]]:
+    """n rows of one image each; a fixed seed gives seed, seed+1, … so the n images differ."""
+    if seed is None or seed < 0:
+        return [dict(row) for _ in range(n)]
+    return [{**row, "seed": (seed + k) % (MAX_SEED + 1)} for k in range(n)]
+
+
+def _passthrough(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if k not in RESERVED and v is not None}
+
+
+async def run_images(svc: Services, key_id: str, idempotency_key: str | None, model: str, rows: list[dict],
+                     upload: Upload, body: str, request: Request, response_format: str) -> dict[str, Any]:
+    """Submit the rows as one job, wait for it, answer in OpenAI's shape."""
+
+    def create() -> str:
+        try:
+            return submit(svc, upload.write_rows(rows), JobOptions(model=model), upload).job.job_id
+        except ManifestInvalid as exc:  # one request: its lines are the request's fields
+            errors = [re.sub(r"^line \d+: ", "", e) for e in exc.issues]
+            errors = list(dict.fromkeys(errors))
+            raise ApiError(400, "; ".join(errors) or str(exc), errors=errors) from None
+
+    try:
+        job_id, _ = await idempotent(svc, key_id, idempotency_key, body, create)
+    finally:
+        upload.close()
+    job = await wait_for(svc, job_id, svc.settings.api.wait_timeout)
+    return await anyio.to_thread.run_sync(images_response, svc, job, str(request.base_url), response_format)
+
+
+def images_response(svc: Services, job: JobRecord, base_url: str, response_format: str) -> dict[str, Any]:
+    items = list(svc.store.items(job.job_id))
+    failed = [i for i in items if i.status != "completed"]
+    if failed:
+        item = failed[0]
+        error = item.error or f"the request was {item.status}"
+        client_fault = error.startswith(("InputError", "invalid row")) or item.status == "cancelled"
+        raise ApiError(400 if client_fault else 500, error, type_="invalid_request_error" if client_fault
+                       else "server_error", code=item.status if item.status == "cancelled" else None)
+    data, prompt = [], None
+    for item in items:
+        prompt = item.params.get("prompt") or item.params.get("instruction")
+        for image in item.output.images if item.output else []:
+            entry = ({"b64_json": image_b64(svc, job, image)} if response_format == "b64_json"
+                     else {"url": image_url(svc, job, image, base_url)})
+            data.append({**entry, "revised_prompt": prompt})
+    first = items[0].output.images[0] if items and items[0].output and items[0].output.images else None
+    return {"created": int(time.time()), "data": data,
+            "output_format": items[0].params.get("output_format") if items else None,
+            "size": f"{first.width}x{first.height}" if first else None,
+            "id": job.job_id}
+
+
+class GenerationRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    prompt: str = Field(..., min_length=1, max_length=4000)
+    model: str | None = Field(None, max_length=64, description="hidream-i1-fast (default), -dev, -full")
+    n: int = Field(1, ge=1, le=10)
+    size: str | None = Field(None, max_length=16, description="WxH, W:H or auto")
+    response_format: Literal["url", "b64_json"] | None = "url"
+    output_format: str | None = Field(None, max_length=8, description="png, jpeg or webp")
+    output_compression: int | None = Field(None, ge=0, le=100)
+    seed: int | None = Field(None, ge=-1, le=MAX_SEED)
+    negative_prompt: str | None = Field(None, max_length=4000)
+
+
+@router.post("/v1/images/generations", responses={200: {"model": schemas.ImagesResponse},
+                                                   504: {"model": schemas.Error}})
+async def generations(body: GenerationRequest, request: Request, svc: ServicesDep, key: Images,
+                      idempotency_key: IdempotencyKey = None) -> dict:
+    """Text to image (HiDream-I1). Waits for the images; `url` links are presigned S3 URLs (or signed
+    links to this server when outputs are in a local folder)."""
+    model = model_for(body.model, "generate")
+    values = body.model_dump(exclude_none=True)
+    row = {**_passthrough(values), **size_fields(body.size, "generate")}
+    rows = item_rows(row, body.n, body.seed)
+    return await run_images(svc, key.key_id, idempotency_key, model, rows, Upload(),
+                            fingerprint("generations", values), request, body.response_format or "url")
+
+
+def _image_suffix(data: bytes) -> str | None:
+    for magic, suffix in MAGIC.items():
+        if data.startswith(magic):
+            return suffix
+    return ".webp" if data[:4] == b"RIFF" and data[8:12] == b"WEBP" else None
+
+
+@router.post("/v1/images/edits", responses={200: {"model": schemas.ImagesResponse}, 504: {"model": schemas.Error}})
+async def edits(request: Request, svc: ServicesDep, key: Images,
+                prompt: Annotated[str, Form(min_length=1, max_length=8000)],
+                image: Annotated[UploadFile | None, File(description="PNG, JPEG or WebP")] = None,
+                model: Annotated[str | None, Form(max_length=64)] = None,
+                n: Annotated[int, Form(ge=1, le=10)] = 1,
+                size: Annotated[str | None, Form(max_length=16, description="WxH, W:H or auto")] = None,
+                response_format: Annotated[Literal["url", "b64_json"], Form()] = "url",
+                output_format: Annotated[str | None, Form(max_length=8)] = None,
+                output_compression: Annotated[int | None, Form(ge=0, le=100)] = None,
+                seed: Annotated[int | None, Form(ge=-1, le=MAX_SEED)] = None,
+                negative_prompt: Annotated[str | None, Form(max_length=4000)] = None,
+                idempotency_key: IdempotencyKey = None) -> dict:
+    """Edit one image (HiDream-E1) by an instruction. Waits for the result."""
+    edit_model = model_for(model, "edit")
+    form = await request.form()
+    files = [f for f in (image, *form.getlist("image[]")) if f is not None and not isinstance(f, str)]
+    if form.get("mask") is not None:
+        raise ApiError(400, "mask: not supported; HiDream-E1 edits the image by instruction", param="mask")
+    if len(files) != 1:
+        raise ApiError(400, f"image: send exactly one image file (got {len(files)})", param="image")
+    limit = svc.settings.api.max_upload_bytes
+    data = await files[0].read(limit + 1)
+    if len(data) > limit:
+        raise ApiError(413, f"image: over the {limit}-byte limit", code="too_large", param="image")
+    suffix = _image_suffix(data)
+    if suffix is None:
+        raise ApiError(400, "image: not a PNG, JPEG or WebP file", param="image")
+    extras = {k: v for k, v in form.multi_items() if isinstance(v, str)}
+    values = {**extras, "prompt": prompt, "output_format": output_format, "output_compression": output_compression,
+              "negative_prompt": negative_prompt}
+    row = {**_passthrough(values), "image": f"image{suffix}", **size_fields(size, "edit")}
+    rows = item_rows(row, n, seed)
+    upload = Upload()  # closed by run_images
+    (upload.inputs / f"image{suffix}").write_bytes(data)
+    return await run_images(svc, key.key_id, idempotency_key, edit_model, rows, upload,
+                            fingerprint("edits", extras, data, model, n, size, response_format, seed),
+                            request, response_format)

@@ -1,0 +1,117 @@
+"""Response shapes, for the OpenAPI document (routes build plain dicts; these describe them)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel
+
+
+class Counts(BaseModel):
+    total: int
+    queued: int
+    running: int
+    completed: int
+    failed: int
+    cancelled: int
+
+
+class JobStatus(BaseModel):
+    id: str
+    object: Literal["job"] = "job"
+    status: Literal["queued", "running", "completed", "failed", "cancelled"]
+    model: str
+    counts: Counts
+    rate_per_s: float
+    eta_s: float | None
+    priority: Literal["high", "normal", "low"]
+    max_concurrency: int | None
+    expires_at: float | None
+    cancel_requested: bool
+    round: int
+    webhook: str | None
+    results_uri: str | None
+    created_at: str
+    finished_at: str | None
+
+
+class JobCreated(JobStatus):
+    queued: int | None = None
+    rejected: int | None = None
+    notes: list[str] | None = None
+
+
+class JobRequeued(JobStatus):
+    requeued: list[str]
+
+
+class JobList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[JobStatus]
+
+
+class ItemList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[dict[str, Any]]  # results lines: id, line, status, error, reason, seed, metadata, output, …
+    total: int
+    next_offset: int | None
+
+
+class ImageData(BaseModel):
+    url: str | None = None
+    b64_json: str | None = None
+    revised_prompt: str | None = None
+
+
+class ImagesResponse(BaseModel):
+    created: int
+    data: list[ImageData]
+    output_format: str | None = None
+    size: str | None = None
+    id: str  # the job id
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    code: str | None = None
+    param: str | None = None
+    errors: list[str] | None = None
+
+
+class Error(BaseModel):
+    error: ErrorBody
+
+
+class FalSubmitted(BaseModel):
+    request_id: str
+    gateway_request_id: str
+    response_url: str
+    status_url: str
+    cancel_url: str
+    queue_position: int | None = None
+
+
+class FalStatus(BaseModel):
+    status: Literal["IN_QUEUE", "IN_PROGRESS", "COMPLETED"]
+    request_id: str
+    response_url: str
+    status_url: str
+    cancel_url: str
+    logs: list[dict[str, Any]] | None = None
+    error: str | None = None
+
+
+class FalImage(BaseModel):
+    url: str | None
+    width: int
+    height: int
+    content_type: str
+
+
+class FalResult(BaseModel):
+    images: list[FalImage]
+    seed: int | None
+    prompt: str | None
+    has_nsfw_concepts: list[bool]
+    timings: dict[str, float | None]

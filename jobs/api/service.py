@@ -1,0 +1,244 @@
+"""What the routes share: one `Services` per app (settings, store, Celery, object stores), submitting
+rows or a manifest as a job exactly as `dreambatch submit` does, waiting for a job, its status with
+rate and ETA, and links to its images (presigned S3 URLs, or signed URLs this server serves).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import secrets
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from jobs import broker, netguard
+from jobs.errors import ConfigError, InputError
+from jobs.inputs import InputPolicy
+from jobs.models import MODELS, ItemRecord, JobRecord, OutputImage, item_event_id
+from jobs.settings import Settings
+from jobs.storage import ObjectStore, key_of, open_store, s3_client
+from jobs.store import RedisStore
+from jobs.submit import Submission, create_job, new_job_id
+
+ENDED = ("completed", "failed", "cancelled")
+IDEMPOTENCY_TTL = 24 * 3600
+
+
+class ApiError(Exception):
+    """An error the API answers with `status` and `{"error": {"message", "type", "code", "errors"?}}`."""
+
+    def __init__(self, status: int, message: str, *, type_: str = "invalid_request_error", code: str | None = None,
+                 errors: list[str] | None = None, param: str | None = None):
+        super().__init__(status, message)
+        self.status, self.message, self.type, self.code, self.errors, self.param = (
+            status, message, type_, code, errors, param)
+
+    def body(self) -> dict[str, Any]:
+        error: dict[str, Any] = {"message": self.message, "type": self.type, "code": self.code, "param": self.param}
+        if self.errors is not None:
+            error["errors"] = self.errors
+        return {"error": error}
+
+
+def not_found(job_id: str) -> ApiError:
+    return ApiError(404, f"no job {job_id!r}", code="not_found")
+
+
+@dataclass(kw_only=True)
+class JobOptions:
+    """How a set of rows becomes a job (the `dreambatch submit` options)."""
+
+    model: str
+    defaults: dict[str, Any] = field(default_factory=dict)
+    webhook: str | None = None
+    skip_invalid: bool = False
+    webhook_format: str = "dreambatch"  # "fal": one fal envelope when the (one-item) job ends
+    priority: str = "normal"
+    max_concurrency: int | None = None
+    expires_after: float | None = None  # s from submission
+
+
+@dataclass
+class Services:
+    settings: Settings
+    store: RedisStore
+    celery: Any
+    url_secret: bytes
+    _objects: dict[str, ObjectStore] = field(default_factory=dict)
+    _s3: Any = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Services:
+        secret = (settings.api.url_secret or secrets.token_hex(32)).encode()
+        return cls(settings, RedisStore.from_url(settings.redis_url), broker.make_celery(settings), secret)
+
+    def output(self) -> str:
+        if not self.settings.output:
+            raise ConfigError("the API needs DREAMBATCH_OUTPUT (s3://bucket/prefix or a folder the workers share)")
+        return self.settings.output
+
+    def objects(self, location: str) -> ObjectStore:
+        """Object storage for a job's output location (one S3 client for all of them)."""
+        if location not in self._objects:
+            if location.startswith("s3://"):
+                self._s3 = self._s3 or s3_client(self.settings)
+            self._objects[location] = open_store(location, self.settings, self._s3)
+        return self._objects[location]
+
+    def job(self, job_id: str) -> JobRecord:
+        job = self.store.get_job(job_id)
+        if job is None:
+            raise not_found(job_id)
+        return job
+
+
+# --- submitting ---------------------------------------------------------------------------------
+class Upload:
+    """A private folder for one request: the manifest, and the only place its local image paths may point."""
+
+    def __init__(self):
+        self.root = Path(tempfile.mkdtemp(prefix="dreambatch-api-"))
+        self.inputs = self.root / "inputs"
+        self.inputs.mkdir()
+
+    def write_rows(self, rows: list[dict[str, Any]]) -> Path:
+        path = self.root / "manifest.jsonl"
+        with path.open("w") as fh:
+            for row in rows:
+                fh.write(json.dumps(row) + "\n")
+        return path
+
+    def close(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def submit(svc: Services, manifest: Path, options: JobOptions, upload: Upload) -> Submission:
+    """Validate and queue a manifest exactly as `dreambatch submit` does. Local image paths may only
+    name files uploaded with this request (the upload's inputs folder), never the server's own files."""
+    settings = svc.settings
+    if options.model not in MODELS:
+        raise InputError(f"model: unknown model {options.model!r}; choose one of {', '.join(MODELS)}")
+    if options.webhook:
+        netguard.check_url(options.webhook, settings.netpolicy())
+    output = svc.output()
+    job_id = new_job_id()
+    celery, webhook = svc.celery, options.webhook
+
+    def rejected(items: list[ItemRecord]) -> None:
+        for item in items if webhook else []:
+            broker.send_webhook(celery, job_id, item.item_id, item_event_id(job_id, item.item_id, item.status))
+
+    sub = create_job(manifest, model=options.model, defaults=options.defaults, output=output, webhook=webhook,
+                     store=svc.store, objects=svc.objects(output),
+                     dispatch=lambda ids: broker.publish_items(celery, options.model, job_id, ids,
+                                                               priority=options.priority),
+                     skip_invalid=options.skip_invalid, batch=settings.celery.publish_batch, job_id=job_id,
+                     policy=InputPolicy(upload.inputs, (), settings.inputs.max_bytes), on_rejected=rejected,
+                     priority=options.priority, max_concurrency=options.max_concurrency,
+                     expires_at=time.time() + options.expires_after if options.expires_after else None,
+                     webhook_format=options.webhook_format)
+    if sub.job_done:
+        broker.send_finalize(celery, job_id)
+    return sub
+
+
+def fingerprint(*parts: Any) -> str:
+    """A digest of what a request asked for (canonical JSON of its parts; bytes by their SHA-256)."""
+    def canon(value: Any) -> Any:
+        return hashlib.sha256(value).hexdigest() if isinstance(value, bytes) else value
+
+    return hashlib.sha256(json.dumps([canon(p) for p in parts], sort_keys=True, default=str).encode()).hexdigest()
+
+
+async def idempotent(svc: Services, key_id: str, idempotency_key: str | None, body: str, create) -> tuple[str, bool]:
+    """Run `create()` (a sync function returning a job id) at most once per Idempotency-Key and body.
+    Returns (job_id, replayed). The same key with another body is a 422; while the first request with
+    a key is still running, a second one gets 409."""
+    if idempotency_key is None:
+        return await anyio.to_thread.run_sync(create), False
+    if not 1 <= len(idempotency_key) <= 255 or not idempotency_key.isprintable():
+        raise ApiError(422, "Idempotency-Key must be 1..255 printable characters", param="Idempotency-Key")
+    digest = hashlib.sha256(idempotency_key.encode()).hexdigest()
+    seen = await anyio.to_thread.run_sync(svc.store.claim_idempotency, key_id, digest, body, IDEMPOTENCY_TTL)
+    if seen is not None:
+        if seen["fingerprint"] != body:
+            raise ApiError(422, "this Idempotency-Key was used with a different request body",
+                           code="idempotency_key_reused", param="Idempotency-Key")
+        if seen["job_id"] is None:
+            raise ApiError(409, "a request with this Idempotency-Key is still being processed",
+                           code="idempotency_key_in_use", param="Idempotency-Key")
+        return seen["job_id"], True
+    job_id = None
+    try:
+        job_id = await anyio.to_thread.run_sync(create)
+        return job_id, False
+    finally:
+        await anyio.to_thread.run_sync(svc.store.settle_idempotency, key_id, digest, body, job_id, IDEMPOTENCY_TTL)
+
+
+async def wait_for(svc: Services, job_id: str, timeout: float, interval: float = 0.1) -> JobRecord:
+    """The job once it has ended; ApiError 504 (code `timeout`) when it has not within `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        job = await anyio.to_thread.run_sync(svc.job, job_id)
+        if job.finished_at:
+            return job
+        if time.monotonic() >= deadline:
+            raise ApiError(504, f"job {job_id} has not ended after {timeout:g}s; it keeps running: "
+                                f"GET /v1/jobs/{job_id}", type_="timeout", code="timeout")
+        await anyio.sleep(min(interval, max(deadline - time.monotonic(), 0)))
+        interval = min(interval * 1.5, 1.0)
+
+
+# --- reading ------------------------------------------------------------------------------------
+def _epoch(iso: str | None) -> float | None:
+    return datetime.fromisoformat(iso).timestamp() if iso else None
+
+
+def job_status(job: JobRecord, now: float | None = None) -> dict[str, Any]:
+    """Status, counts, throughput since submission (items/s) and, while running, the ETA in seconds."""
+    counts = {"total": job.total, **{s: job.counts.get(s, 0) for s in ("queued", "running", *ENDED)}}
+    ended = sum(counts[s] for s in ENDED)
+    elapsed = (_epoch(job.finished_at) or now or time.time()) - _epoch(job.created_at)
+    rate = ended / elapsed if ended and elapsed > 0 else 0.0
+    eta = (job.total - ended) / rate if rate and not job.finished_at else None
+    return {"id": job.job_id, "object": "job", "status": job.status, "model": job.model, "counts": counts,
+            "rate_per_s": round(rate, 4), "eta_s": None if eta is None else round(eta, 1),
+            "priority": job.priority, "max_concurrency": job.max_concurrency, "expires_at": job.expires_at,
+            "cancel_requested": job.cancel_requested, "round": job.round,
+            "webhook": job.webhook, "results_uri": job.results_uri, "created_at": job.created_at,
+            "finished_at": job.finished_at}
+
+
+def sign_file(svc: Services, job_id: str, key: str, expires: int) -> str:
+    return hmac.new(svc.url_secret, f"{job_id}\n{key}\n{expires}".encode(), hashlib.sha256).hexdigest()
+
+
+def image_url(svc: Services, job: JobRecord, image: OutputImage, base_url: str) -> str | None:
+    """A URL the client can fetch without credentials: presigned S3, or a signed link to /v1/files."""
+    key = key_of(job.output, image.s3_uri or "")
+    if key is None:
+        return None
+    url = svc.objects(job.output).url(key, svc.settings.api.url_expires)
+    if url:
+        return url
+    expires = int(time.time()) + svc.settings.api.url_expires
+    base = (svc.settings.api.public_url or base_url).rstrip("/")
+    return f"{base}/v1/files/{job.job_id}/{key}?expires={expires}&signature={sign_file(svc, job.job_id, key, expires)}"
+
+
+def image_b64(svc: Services, job: JobRecord, image: OutputImage) -> str:
+    key = key_of(job.output, image.s3_uri or "")
+    data = svc.objects(job.output).get(key, svc.settings.api.max_upload_bytes) if key else None
+    if data is None:
+        raise ApiError(502, f"output {image.s3_uri} is missing from storage", type_="server_error")
+    return base64.b64encode(data).decode()

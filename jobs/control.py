@@ -1,0 +1,177 @@
+"""Job control: cancel, retry, resume, expiry. Plain functions over the store and the broker, called by
+the CLI (`dreambatch cancel|retry|resume JOB`), the HTTP API and the I/O worker (expiry sweep).
+
+- cancel: the job's cancel flag goes up; every queued item ends `cancelled` (reason "cancelled") at once;
+  a running item stops at its next denoising step (the worker reads the flag there) or, if it is past
+  the model already, finishes. Outputs already written stay and are listed in results. The job ends
+  `cancelled` (with its webhook) when its last running item ends.
+- retry: only `failed` items that ran (not rows rejected at submit) go back to `queued` in the same job,
+  same item ids and manifest lines, in a new round: attempts keep counting, the attempt cap counts per
+  round, webhook event ids get the round (`….r1`). The job is re-opened and is finalized once more.
+- resume: items with no result (queued or running in Redis, no item record in S3) are published again,
+  for when their messages were lost (broker outage, purged queue); nothing that ended runs twice.
+- expiry: items of a job past its `expires_at` that never started end `cancelled` with reason "expired";
+  workers do it when they pick such an item up, and `expire_due` (run by each I/O worker) does it for
+  items that no worker reached in time.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Iterable
+
+from celery import Celery
+
+from jobs import broker, records
+from jobs.errors import InputError, JobNotFound, JobStateError
+from jobs.lifecycle import ItemStatus
+from jobs.models import ItemRecord, JobRecord, Timings, item_event_id
+from jobs.reconcile import reconcile
+from jobs.settings import Settings
+from jobs.storage import ObjectStore, open_store
+from jobs.store import RedisStore
+from jobs.submit import now_iso
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|d)?\s*$")
+_UNIT = {None: 1, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
+MAX_DURATION_S = 30 * 86400
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in "90", "90s", "15m", "2h" or "1d" (at most 30 days)."""
+    match = _DURATION.match(str(text))
+    if not match:
+        raise InputError(f"expected a duration like 90s, 15m, 2h or 1d (got {text!r})")
+    seconds = float(match.group(1)) * _UNIT[match.group(2)]
+    if not 0 < seconds <= MAX_DURATION_S:
+        raise InputError(f"duration must be more than 0 and at most 30d (got {text!r})")
+    return seconds
+
+
+def _collaborators(settings: Settings, store: RedisStore | None, celery: Celery | None):
+    return store or RedisStore.from_url(settings.redis_url), celery or broker.make_celery(settings)
+
+
+def _job(store: RedisStore, job_id: str) -> JobRecord:
+    job = store.get_job(job_id)
+    if job is None:
+        raise JobNotFound(f"no job {job_id!r}")
+    return job
+
+
+def _end_queued(store: RedisStore, celery: Celery, job: JobRecord, reason: str,
+                items: Iterable[ItemRecord]) -> list[str]:
+    """Move the queued ones among `items` to cancelled (atomically: a worker that starts one first wins);
+    send their webhooks, and finalize the job if one of them was its last item to end."""
+    ended: list[str] = []
+    finalize = False
+    at = now_iso()
+    for item in items:
+        if item.status != ItemStatus.QUEUED:
+            continue
+        done = item.model_copy(update={"status": ItemStatus.CANCELLED.value, "reason": reason, "updated_at": at})
+        move = store.transition(done, ItemStatus.CANCELLED)
+        if move.applied:
+            ended.append(item.item_id)
+            finalize = finalize or move.job_done
+    if job.webhook and ended:
+        broker.send_webhooks(celery, ((job.job_id, i, item_event_id(job.job_id, i, "cancelled", job.round))
+                                      for i in ended))
+    if finalize:
+        broker.send_finalize(celery, job.job_id)
+    return ended
+
+
+def cancel_job(settings: Settings, job_id: str, *, store: RedisStore | None = None, celery: Celery | None = None,
+               objects: ObjectStore | None = None) -> JobRecord:
+    """Cancel a job: queued items end now, running ones at their next step. Returns the job as it is after.
+
+    Cancelling a job that is already cancelled (or being cancelled) is a no-op; one that ended otherwise
+    raises JobStateError."""
+    store, celery = _collaborators(settings, store, celery)
+    job = _job(store, job_id)
+    if job.finished_at:
+        if job.status == "cancelled":
+            return job
+        raise JobStateError(f"job {job_id} already ended {job.status}; nothing to cancel")
+    # 1. the flag first: a worker that starts an item from now on, or reaches its next step, sees it
+    if store.request_cancel(job_id, now_iso()):
+        job.cancel_requested = True
+        # the durable record says so too, so a rebuild after Redis loss does not run these items again
+        records.write_job_spec(objects or open_store(job.output, settings), job)
+    # 2. every queued item ends cancelled at once
+    _end_queued(store, celery, job, "cancelled", store.items(job_id))
+    return store.get_job(job_id)
+
+
+def retry_job(settings: Settings, job_id: str, *, store: RedisStore | None = None,
+              celery: Celery | None = None) -> list[str]:
+    """Re-queue the job's failed items (those that ran; rows rejected at submit stay failed) in a new round.
+    Returns their ids, in manifest order; [] when none failed."""
+    store, celery = _collaborators(settings, store, celery)
+    job = _job(store, job_id)
+    round_ = job.round + 1
+    at, now = now_iso(), time.time()
+    ids: list[str] = []
+    # 1. failed → queued while the job still reads as ended, so no finalize can slip in between
+    for item in store.items(job_id):
+        if item.status != ItemStatus.FAILED or not item.params:
+            continue
+        again = item.model_copy(update={
+            "status": ItemStatus.QUEUED.value, "error": None, "reason": None, "output": None,
+            "round": round_, "round_start_attempts": item.attempts, "enqueued_at": now, "updated_at": at,
+            "timings": Timings()})
+        if store.transition(again, ItemStatus.QUEUED).applied:
+            ids.append(item.item_id)
+    if not ids:
+        return []
+    # 2. re-open the job (a new round of finalize), then 3. publish
+    store.reopen_job(job_id, round_)
+    for start in range(0, len(ids), settings.celery.publish_batch):
+        broker.publish_items(celery, job.model, job_id, ids[start:start + settings.celery.publish_batch],
+                             priority=job.priority)
+    return ids
+
+
+def resume_job(settings: Settings, job_id: str, *, store: RedisStore | None = None, celery: Celery | None = None,
+               objects: ObjectStore | None = None, output: str | None = None) -> list[str]:
+    """Publish again every item that has no result (after an outage lost their messages); returns their ids.
+
+    When Redis lost the job too, give its `output` location: the job is rebuilt from its S3 record."""
+    store, celery = _collaborators(settings, store, celery)
+    live = store.get_job(job_id)
+    if live is None and output is None and objects is None:
+        raise JobNotFound(f"no job {job_id!r} in Redis; give its output location to rebuild it from S3")
+    if live is not None and live.finished_at:
+        return []
+    objects = objects or open_store(output or live.output, settings)
+    queued: list[str] = []
+
+    def dispatch(ids: list[str]) -> None:
+        job = live or store.get_job(job_id)  # rebuilt by reconcile before it dispatches
+        broker.publish_items(celery, job.model, job_id, ids, priority=job.priority)
+        queued.extend(ids)
+
+    reconcile(job_id, objects, store, dispatch, lambda j: broker.send_finalize(celery, j),
+              batch=settings.celery.publish_batch)
+    return queued
+
+
+def expire_due(settings: Settings, *, store: RedisStore | None = None, celery: Celery | None = None,
+               now: float | None = None, scan: int = 1000,
+               on_expired: Callable[[str, list[str]], None] | None = None) -> dict[str, list[str]]:
+    """End, as cancelled with reason "expired", the never-started items of every recent unfinished job past
+    its deadline. Returns {job_id: item ids}. Safe to run from several processes at once."""
+    store, celery = _collaborators(settings, store, celery)
+    now = time.time() if now is None else now
+    expired: dict[str, list[str]] = {}
+    for job in store.get_jobs(store.job_ids(scan)):
+        if job.finished_at or not job.expires_at or job.expires_at > now or not job.counts.get("queued"):
+            continue
+        ids = _end_queued(store, celery, job, "expired", store.items(job.job_id))
+        if ids:
+            expired[job.job_id] = ids
+            if on_expired:
+                on_expired(job.job_id, ids)
+    return expired
