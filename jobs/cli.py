@@ -22,6 +22,7 @@ from jobs import broker, keys, netguard, records
 from jobs.errors import DreambatchError, InputError, JobNotFound
 from jobs.manifest import input_policy, parse_sets, validate_manifest
 from jobs.models import MODELS, JobRecord, event_item_id, item_event_id
+from jobs.presets import job_defaults
 from jobs.reconcile import reconcile as reconcile_job
 from jobs.settings import get_settings
 from jobs.storage import open_store
@@ -35,6 +36,8 @@ out = Console()
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help=f"one of: {', '.join(MODELS)}")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="job default, key=value (a row overrides it)")]
+PresetOpt = Annotated[str | None, typer.Option("--preset", help="an edit preset (ops/presets.toml): instruction + "
+                                                                  "params; --set NAME=value fills its {NAME}")]
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
@@ -49,12 +52,13 @@ def report_invalid(exc: ManifestInvalid) -> typer.Exit:
 
 
 @app.command()
-def validate(manifest: Path, model: ModelOpt = "i1-fast", set_: SetOpt = None,
+def validate(manifest: Path, model: ModelOpt = "i1-fast", set_: SetOpt = None, preset: PresetOpt = None,
              json_: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Check every row of MANIFEST; print each problem as `line N: field: message (got value)`."""
     try:
         policy = input_policy(manifest, get_settings())
-        report = validate_manifest(manifest, model, parse_sets(set_ or []), policy)
+        defaults = job_defaults(preset, parse_sets(set_ or []), get_settings())
+        report = validate_manifest(manifest, model, defaults, policy)
     except InputError as exc:
         raise fail(str(exc), 2) from None
     if json_:
@@ -79,6 +83,7 @@ def submit(
     output: Annotated[str | None, typer.Option(help="s3://bucket/prefix (default DREAMBATCH_OUTPUT)")] = None,
     webhook: Annotated[str | None, typer.Option(help="POSTed on every item and job terminal state")] = None,
     set_: SetOpt = None,
+    preset: PresetOpt = None,
     skip_invalid: Annotated[bool, typer.Option(help="queue valid rows, record invalid ones as failed")] = False,
     wait: Annotated[bool, typer.Option(help="wait until the job ends, with a progress bar")] = False,
     json_: Annotated[bool, typer.Option("--json")] = False,
@@ -91,7 +96,7 @@ def submit(
     try:
         if webhook:
             netguard.check_url(webhook, settings.netpolicy())
-        defaults = parse_sets(set_ or [])
+        defaults = job_defaults(preset, parse_sets(set_ or []), settings)
         celery = broker.make_celery(settings)
         job_id = new_job_id()
         sub = create_job(manifest, model=model, defaults=defaults, output=output, webhook=webhook,

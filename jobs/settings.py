@@ -53,6 +53,15 @@ class InputSettings(BaseModel):
     download_timeout: float = Field(30.0, description="s for one URL download, redirects included")
 
 
+class CatalogSettings(BaseModel):
+    schedules_file: str = Field("ops/schedules.toml", description="the schedules (TOML); relative to the cwd")
+    presets_file: str | None = Field(None, description="your presets (TOML), on top of ops/presets.toml")
+    beat_interval: float = Field(5.0, description="s between beat ticks at most")
+    beat_lock_ttl: float = Field(30.0, description="s a beat keeps the lock without renewing it")
+    max_objects: int = Field(1_000_000, description="objects one prefix scan may list")
+    max_manifest_bytes: int = Field(256 * 2**20, description="largest manifest a schedule downloads")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DREAMBATCH_", env_nested_delimiter="__", extra="ignore")
 
@@ -65,6 +74,7 @@ class Settings(BaseSettings):
     celery: CelerySettings = CelerySettings()
     s3: S3Settings = S3Settings()
     webhooks: WebhookSettings = WebhookSettings()
+    catalog: CatalogSettings = CatalogSettings()
 
     def netpolicy(self):
         from jobs.netguard import Policy

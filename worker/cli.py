@@ -13,11 +13,13 @@ from typing import Annotated
 
 import typer
 
+import jobs.catalog_cli  # noqa: F401  (adds schedules, beat and presets to the app)
 from jobs import keys
-from jobs.cli import ModelOpt, SetOpt, app, err, fail, out, report_invalid
+from jobs.cli import ModelOpt, PresetOpt, SetOpt, app, err, fail, out, report_invalid
 from jobs.errors import DreambatchError
 from jobs.manifest import parse_sets
 from jobs.models import MODELS
+from jobs.presets import job_defaults
 from jobs.settings import get_settings
 from jobs.submit import ManifestInvalid
 
@@ -79,6 +81,7 @@ def run(
     weights: WeightsOpt = None,
     device: DeviceOpt = "",
     set_: SetOpt = None,
+    preset: PresetOpt = None,
     webhook: Annotated[str | None, typer.Option()] = None,
     skip_invalid: Annotated[bool, typer.Option()] = False,
 ) -> None:
@@ -92,9 +95,10 @@ def run(
         err.print(f"[{done['n']}] {item_id}: {status}", highlight=False)
 
     try:
-        sub = run_local(manifest, model=model, defaults=parse_sets(set_ or []), out=out_dir,
-                        settings=get_settings(), weights=weights, device=device or _default_device(),
-                        webhook=webhook, skip_invalid=skip_invalid, on_item=on_item)
+        defaults = job_defaults(preset, parse_sets(set_ or []), get_settings())
+        sub = run_local(manifest, model=model, defaults=defaults, out=out_dir, settings=get_settings(),
+                        weights=weights, device=device or _default_device(), webhook=webhook,
+                        skip_invalid=skip_invalid, on_item=on_item)
     except ManifestInvalid as exc:
         raise report_invalid(exc) from None
     except DreambatchError as exc:

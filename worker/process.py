@@ -140,8 +140,12 @@ def _upload(objects: ObjectStore, item: ItemRecord, images, out: ItemOutput) -> 
     for n, image in enumerate(images):
         data, content_type = imaging.encode(image, fmt, quality)
         suffix = "" if len(images) == 1 else f"_{n}"
-        key = keys.S3_OUTPUT.format(prefix="", job_id=item.job_id, item_id=item.item_id, suffix=suffix,
-                                    ext=EXTENSIONS[fmt])
+        if item.params.get("output_key"):  # the row names its key (a mirrored catalog layout)
+            stem, dot, ext = item.params["output_key"].rpartition(".")
+            key = f"{stem}{suffix}{dot}{ext}"
+        else:
+            key = keys.S3_OUTPUT.format(prefix="", job_id=item.job_id, item_id=item.item_id, suffix=suffix,
+                                        ext=EXTENSIONS[fmt])
         uri = objects.put(key, data, content_type, {"seed": str(item.seed), "item": item.item_id})
         b64 = base64.b64encode(data).decode() if item.params.get("response_format") == "b64_json" else None
         out.images.append(OutputImage(s3_uri=uri, url=objects.url(key), width=image.width,

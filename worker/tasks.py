@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from celery import Celery
 
-from jobs import keys
+from jobs import catalog, keys
 from worker import process, webhooks
 from worker.runtime import Runtime
 
@@ -33,3 +33,8 @@ def register(app: Celery, runtime: Runtime) -> None:
             return f"gave up after {cfg.max_attempts} attempts: {attempt.error}"
         delay = webhooks.backoff(self.request.retries + 1, cfg.backoff_base, cfg.backoff_max, attempt.retry_after)
         raise self.retry(countdown=delay)
+
+    @app.task(name=keys.TASK_RUN_SCHEDULE, acks_late=True)
+    def run_schedule(name: str, slot: str | None = None) -> dict:
+        """Fired by beat: scan the schedule's source and submit what is new or changed (on an io worker)."""
+        return catalog.run_named(name, runtime.settings, app, slot).summary()
