@@ -65,7 +65,7 @@ class CatalogScheduler(Scheduler):
         self.settings = settings
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.state = ScheduleState.from_url(settings.redis_url)
-        self.holding = False
+        self.holding: bool | None = None  # unknown until the first tick, so either state is logged once
         self.schedules: dict[str, Schedule] = {}
         self._mtime: float | None = None
         super().__init__(*args, **kwargs)

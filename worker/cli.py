@@ -111,6 +111,35 @@ def run(
         raise typer.Exit(1)
 
 
+@app.command()
+def sheet(
+    job_id: str,
+    output: Annotated[str | None, typer.Option(help="where the job is: s3://bucket/prefix or a local folder "
+                                                    "(default: the job's own, else DREAMBATCH_OUTPUT)")] = None,
+    to: Annotated[Path | None, typer.Option("--to", help="also write the page(s) into this folder")] = None,
+    page_size: Annotated[int, typer.Option(help="rows per page")] = 200,
+) -> None:
+    """Make JOB_ID's review contact sheet: sheet.html (before/after pairs, ids, metadata, output links)
+    and sheet.png, written next to the job."""
+    from jobs.store import RedisStore
+    from worker.contact_sheet import make_sheet
+    from worker.runtime import Runtime
+
+    settings = get_settings()
+    try:
+        if output is None:
+            job = RedisStore.from_url(settings.redis_url).get_job(job_id)
+            output = job.output if job else settings.output
+        if not output:
+            raise fail("--output is required (the job is not in Redis and DREAMBATCH_OUTPUT is not set)")
+        runtime = Runtime(settings)
+        pages = make_sheet(job_id, runtime.objects(output), settings, runtime.objects, page_size, to)
+    except DreambatchError as exc:
+        raise fail(str(exc)) from None
+    for page in pages:
+        out.print(f"{page.html_uri}  {page.png_uri}  ({page.pairs} rows)", highlight=False, soft_wrap=True)
+
+
 @models_app.command("make-tiny")
 def make_tiny(variant: str, directory: Path) -> None:
     """Build a tiny random-weight pipeline for VARIANT (same classes and layout) in DIRECTORY."""
