@@ -455,7 +455,8 @@ def _submit(schedule: Schedule, settings: Settings, services: Services, manifest
                      webhook=schedule.webhook, store=services.store, objects=services.objects(schedule.output),
                      dispatch=lambda ids: services.publish(schedule.model, job_id, ids), skip_invalid=True,
                      batch=settings.celery.publish_batch, job_id=job_id, policy=policy,
-                     on_rejected=lambda items: services.notify_rejected(schedule.webhook, items))
+                     on_rejected=lambda items: services.notify_rejected(schedule.webhook, items),
+                     review_sheet=schedule.contact_sheet)
     if sub.job_done:
         services.finalize(job_id)
     report.job_id, report.queued, report.rejected = job_id, sub.queued, sub.rejected

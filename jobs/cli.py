@@ -86,6 +86,7 @@ def submit(
     preset: PresetOpt = None,
     skip_invalid: Annotated[bool, typer.Option(help="queue valid rows, record invalid ones as failed")] = False,
     wait: Annotated[bool, typer.Option(help="wait until the job ends, with a progress bar")] = False,
+    sheet: Annotated[bool, typer.Option("--sheet", help="write a review contact sheet when the job ends")] = False,
     json_: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Validate MANIFEST and queue one task per row; prints the job id."""
@@ -104,7 +105,7 @@ def submit(
                          dispatch=lambda ids: broker.publish_items(celery, model, job_id, ids),
                          skip_invalid=skip_invalid, batch=settings.celery.publish_batch, job_id=job_id,
                          policy=input_policy(manifest, settings),
-                         on_rejected=lambda items: _notify_rejected(celery, webhook, items))
+                         on_rejected=lambda items: _notify_rejected(celery, webhook, items), review_sheet=sheet)
     except ManifestInvalid as exc:
         raise report_invalid(exc) from None
     except DreambatchError as exc:

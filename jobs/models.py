@@ -229,6 +229,7 @@ class JobRecord(BaseModel):
     output: str  # s3://bucket/prefix or a local folder
     webhook: str | None = None
     webhook_disabled: bool = False  # the endpoint answered 410 Gone: no more events for this job
+    review_sheet: bool = False  # write the review contact sheet (sheet.html, sheet.png) when the job ends
     manifest: str | None = None
     status: str = "queued"
     total: int = 0

@@ -17,7 +17,8 @@ from jobs import templates
 from jobs.errors import ConfigError, InputError
 from jobs.settings import Settings
 
-BUILTIN = Path(__file__).resolve().parent.parent / "ops" / "presets.toml"
+# ours: next to the packages in a checkout (or editable install), else in the working directory (the image)
+BUILTIN_CANDIDATES = (Path(__file__).resolve().parent.parent / "ops" / "presets.toml", Path("ops") / "presets.toml")
 TEXT_FIELDS = ("instruction", "target_description", "negative_prompt")
 MAX_FILE_BYTES = 1 << 20
 
@@ -52,7 +53,10 @@ def read_toml(path: Path, what: str) -> dict[str, Any]:
 
 def load_presets(settings: Settings | None = None) -> dict[str, Preset]:
     """Ours, then the operator's file on top."""
-    files = [BUILTIN]
+    builtin = next((p for p in BUILTIN_CANDIDATES if p.is_file()), None)
+    if builtin is None:
+        raise ConfigError(f"presets file not found (looked at {', '.join(str(p) for p in BUILTIN_CANDIDATES)})")
+    files = [builtin]
     if settings is not None and settings.catalog.presets_file:
         files.append(Path(settings.catalog.presets_file).expanduser())
     presets: dict[str, Preset] = {}

@@ -74,6 +74,7 @@ class Schedule(BaseModel):
     layout: Literal["mirror", "job"] | None = None  # default: mirror for a prefix scan, job for a manifest
     keep_format: bool = False
     revision: str = Field("", max_length=200, description="the model weights' revision; change it to re-run all")
+    contact_sheet: bool = Field(True, description="write each run's review sheet (sheet.html, sheet.png) at its end")
 
     @field_validator("cron")
     @classmethod

@@ -87,6 +87,7 @@ def create_job(
     job_id: str | None = None,
     policy: InputPolicy | None = None,
     on_rejected: Callable[[list[ItemRecord]], None] | None = None,
+    review_sheet: bool = False,
 ) -> Submission:
     # 1. validate every row; nothing is created when a row is bad (unless skip_invalid)
     policy = policy or input_policy(manifest)
@@ -101,7 +102,8 @@ def create_job(
     # 2. the job record, live and durable
     at = now_iso()
     job = JobRecord(job_id=job_id or new_job_id(), model=model, defaults=defaults, output=output,
-                    webhook=webhook, manifest=str(manifest), total=report.rows, created_at=at, updated_at=at)
+                    webhook=webhook, manifest=str(manifest), total=report.rows, created_at=at, updated_at=at,
+                    review_sheet=review_sheet)
     store.create_job(job)
     records.write_job_spec(objects, job)
 

@@ -142,7 +142,14 @@ def test_scheduled_scan_edits_every_image_once_then_only_what_changed_and_the_sh
     for key, (_, _, reason) in OTHERS.items():
         assert reasons[key].startswith(reason), (key, reasons[key])
 
-    # the review contact sheet: every pair renders in a real browser, with its id, sku and output link
+    # the review contact sheet, written by the io worker when the job ended (and again on demand, into a
+    # folder): every pair renders in a real browser, with its id, sku and a link to its output
+    def sheet_written():
+        listed = s3.list_objects_v2(Bucket=bucket, Prefix=f"edited/{job_id}/sheet")
+        return {o["Key"] for o in listed.get("Contents", [])} == {f"edited/{job_id}/sheet.html",
+                                                                   f"edited/{job_id}/sheet.png"}
+
+    wait_until(sheet_written, 30, 0.2, what="the job's review sheet")
     res = cli("sheet", job_id, "--to", str(tmp_path / "sheet"), env=env)
     assert res.returncode == 0, res.stderr
     page = tmp_path / "sheet" / "sheet.html"
@@ -273,3 +280,29 @@ def test_key_templates_and_text_templates_name_what_is_wrong(tmp_path):
                    '[schedules.x.source]\nprefix = "s3://b/p/"\n')
     with pytest.raises(ConfigError, match=r"schedules\.x: cron: not a cron expression: '61 \* \* \* \*'"):
         load_schedules(Settings(), bad)
+
+
+def test_validate_with_a_preset_fills_the_instruction_and_compose_runs_beat(tmp_path):
+    import yaml
+    from typer.testing import CliRunner
+
+    from worker.cli import app
+
+    photo_path = tmp_path / "shoe.jpg"
+    photo_path.write_bytes(photo(1, "jpg"))
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("image,sku\nshoe.jpg,SKU-1\n")
+    runner = CliRunner()
+    bare = runner.invoke(app, ["validate", str(manifest), "--model", "e1-1"])
+    assert bare.exit_code == 2 and "an edit row needs an instruction" in bare.output
+    preset = runner.invoke(app, ["validate", str(manifest), "--model", "e1-1", "--preset", "seasonal",
+                                 "--set", "theme=autumn leaves", "--json"])
+    assert preset.exit_code == 0, preset.output
+    assert json.loads(preset.stdout)["valid"] == 1
+    unknown = runner.invoke(app, ["validate", str(manifest), "--model", "e1-1", "--preset", "studio"])
+    assert unknown.exit_code == 2 and "unknown preset 'studio'" in unknown.output
+
+    compose = yaml.safe_load((Path(__file__).resolve().parent.parent / "docker-compose.yml").read_text())
+    assert compose["services"]["beat"]["command"] == ["dreambatch", "beat"]
+    assert "./ops:/app/ops:ro" in compose["services"]["worker-io"]["volumes"]
+    assert runner.invoke(app, ["beat", "--help"]).exit_code == 0

@@ -183,9 +183,22 @@ def finalize_job(ctx: Context, job_id: str) -> str | None:
         return None
     job = ctx.store.get_job(job_id)
     records.write_job_spec(ctx.objects(job.output), job)
+    # 4. the review contact sheet, when the job asked for one (before the webhook, so it is there to open)
+    if job.review_sheet:
+        _review_sheet(ctx, job)
     if job.webhook:
         ctx.notify(job_id, None, job_event_id(job_id, status.value))
     return status.value
+
+
+def _review_sheet(ctx: Context, job: JobRecord) -> None:
+    """Best effort: a sheet that cannot be made is logged; the job has ended either way."""
+    from worker.contact_sheet import make_sheet
+
+    try:
+        make_sheet(job.job_id, ctx.objects(job.output), ctx.settings, ctx.objects)
+    except Exception:
+        log.exception("job %s: review sheet not made (make it with: dreambatch sheet %s)", job.job_id, job.job_id)
 
 
 def webhook_attempt(ctx: Context, job_id: str, item_id: str | None, event_id: str,
