@@ -27,7 +27,7 @@ from jobs import broker, keys, netguard, records, templates
 from jobs.errors import ConfigError, InputError, TransientError
 from jobs.inputs import InputPolicy
 from jobs.manifest import input_policy
-from jobs.models import EXTENSIONS, MODELS, ItemRecord, row_class
+from jobs.models import EXTENSIONS, MODELS, OUTPUT_KEY_PATTERN, ItemRecord, row_class
 from jobs.presets import get_preset
 from jobs.schedules import Schedule
 from jobs.settings import Settings
@@ -238,6 +238,10 @@ def candidates(schedule: Schedule, plan: Plan, source: S3Store, settings: Settin
             row["output_format"] = entry.fmt
         if schedule.mirror:
             out_key = rel if schedule.keep_format else f"{path.with_suffix('')}.{EXTENSIONS.get(fmt, fmt)}"
+            if not re.match(OUTPUT_KEY_PATTERN, out_key) or "//" in out_key:
+                skipped.append(Skipped(key, f"mirror layout: {out_key!r} has characters an output key may not "
+                                            f"have (letters, digits, space and ._+=@,()/- only)"))
+                continue
             if out_key in taken:
                 skipped.append(Skipped(key, f"its output {out_key} is also {taken[out_key]}'s "
                                             f"(set keep_format = true to keep both)"))

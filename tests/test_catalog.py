@@ -306,3 +306,29 @@ def test_validate_with_a_preset_fills_the_instruction_and_compose_runs_beat(tmp_
     assert compose["services"]["beat"]["command"] == ["dreambatch", "beat"]
     assert "./ops:/app/ops:ro" in compose["services"]["worker-io"]["volumes"]
     assert runner.invoke(app, ["beat", "--help"]).exit_code == 0
+
+
+def test_a_manifest_source_queues_every_row_with_the_schedules_preset_and_a_dry_run_queues_nothing(
+        redis_server, s3_endpoint, bucket, tmp_path):
+    s3 = s3_client(s3_endpoint)
+    s3.put_object(Bucket=bucket, Key="in/a.jpg", Body=photo(1, "jpg"), ContentType="image/jpeg")
+    manifest = "image,sku\n" + f"s3://{bucket}/in/a.jpg,A\n" + f"s3://{bucket}/in/a.jpg,B\n"
+    s3.put_object(Bucket=bucket, Key="manifests/tonight.csv", Body=manifest.encode())
+    name = f"m-{uuid.uuid4().hex[:6]}"
+    path = tmp_path / "schedules.toml"
+    path.write_text(f'[schedules.{name}]\nmodel = "e1-1"\npreset = "seasonal"\noutput = "s3://{bucket}/out"\n'
+                    f'[schedules.{name}.source]\nmanifest = "s3://{bucket}/manifests/tonight.csv"\n')
+    settings = Settings(redis_url=redis_server.url[:-1] + "8", s3=S3Settings(endpoint_url=s3_endpoint),
+                        catalog=CatalogSettings(schedules_file=str(path)))
+    published: list[tuple[str, str, list[str]]] = []
+    services = Services.connect(settings)
+    services.publish = lambda model, job_id, ids: published.append((model, job_id, ids))
+    schedule = load_schedules(settings)[name]
+
+    dry = run_schedule(schedule, settings, services, dry_run=True, sets={"theme": "autumn"})
+    assert (dry.images, dry.queued, dry.job_id, published) == (2, 2, None, [])
+    report = run_schedule(schedule, settings, services, sets={"theme": "autumn"})
+    assert published == [("e1-1", report.job_id, ["2", "3"])]  # ids = line numbers
+    job = RedisStore.from_url(settings.redis_url).get_job(report.job_id)
+    assert "autumn" in job.defaults["instruction"] and job.review_sheet
+    assert ScheduleState.from_url(settings.redis_url).last_run(name)["job_id"] == report.job_id

@@ -60,8 +60,7 @@ def _thumb(data: bytes, max_pixels: int) -> Image.Image:
     return image
 
 
-def _load_pairs(job: JobRecord, objects: ObjectStore, settings: Settings,
-                fetch_store: Callable[[str], ObjectStore]) -> list[Pair]:
+def _lines_and_inputs(job: JobRecord, objects: ObjectStore) -> tuple[list[dict], dict[str, str | None]]:
     lines = records.read_results(objects, job.job_id)
     if lines is None:
         raise InputError(f"job {job.job_id} has no results.jsonl yet: make the sheet when the job has ended")
@@ -70,6 +69,12 @@ def _load_pairs(job: JobRecord, objects: ObjectStore, settings: Settings,
     for text in raw_rows.decode().splitlines():
         row = json.loads(text)
         images[row["id"]] = (row.get("params") or {}).get("image")
+    return lines, images
+
+
+def _load_pairs(job: JobRecord, lines: list[dict], images: dict[str, str | None], settings: Settings,
+                fetch_store: Callable[[str], ObjectStore]) -> list[Pair]:
+    """The thumbnails of one page's rows (a page at a time, so a large job never holds every image)."""
     pairs = []
     for line in lines:
         pair = Pair(line["id"], line["line"], line["status"], line["metadata"], line["error"], None, None)
@@ -179,11 +184,12 @@ def make_sheet(job_id: str, objects: ObjectStore, settings: Settings, fetch_stor
     if spec is None:
         raise JobNotFound(f"no job {job_id!r} under {objects.location}")
     job = JobRecord.model_validate_json(spec)
-    pairs = _load_pairs(job, objects, settings, fetch_store)
-    chunks = [pairs[i:i + page_size] for i in range(0, len(pairs), page_size)] or [[]]
+    lines, images = _lines_and_inputs(job, objects)
+    chunks = [lines[i:i + page_size] for i in range(0, len(lines), page_size)] or [[]]
     pages = []
-    for n, chunk in enumerate(chunks, start=1):
+    for n, chunk_lines in enumerate(chunks, start=1):
         suffix = "" if n == 1 else f"-{n}"
+        chunk = _load_pairs(job, chunk_lines, images, settings, fetch_store)
         page_html = render_html(job, chunk, n, len(chunks)).encode()
         page_png = render_png(chunk)
         html_key = keys.S3_SHEET.format(prefix="", job_id=job_id, page=suffix, ext="html")
