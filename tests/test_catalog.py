@@ -332,3 +332,31 @@ def test_a_manifest_source_queues_every_row_with_the_schedules_preset_and_a_dry_
     job = RedisStore.from_url(settings.redis_url).get_job(report.job_id)
     assert "autumn" in job.defaults["instruction"] and job.review_sheet
     assert ScheduleState.from_url(settings.redis_url).last_run(name)["job_id"] == report.job_id
+
+
+def test_a_large_job_gets_sheet_pages_and_a_failed_row_shows_its_error(tmp_path):
+    from worker.contact_sheet import make_sheet
+
+    objects = LocalStore(str(tmp_path))
+    at = "2026-01-01T00:00:00+00:00"
+    job = JobRecord(job_id="J", model="e1-1", output=objects.location, created_at=at, updated_at=at, total=3)
+    objects.put("J/job.json", job.model_dump_json().encode(), "application/json")
+    rows, lines = [], []
+    for n, status in enumerate(["completed", "failed", "completed"]):
+        before = objects.put(f"J/inputs/r{n}.png", photo(n, "png"), "image/png")
+        after = objects.put(f"J/r{n}.png", photo(10 + n, "png"), "image/png") if status == "completed" else None
+        rows.append({"id": f"r{n}", "line": n + 2, "params": {"image": before}, "metadata": {}})
+        lines.append({"id": f"r{n}", "line": n + 2, "status": status, "metadata": {"sku": f"<b>{n}</b>"},
+                      "error": None if after else "InputError: not a JPEG, PNG or WebP image", "seed": 1,
+                      "output": {"images": [{"s3_uri": after, "url": None}] if after else []}})
+    objects.put("J/rows.jsonl", "\n".join(json.dumps(r) for r in rows).encode(), "x")
+    objects.put("J/results.jsonl", "\n".join(json.dumps(x) for x in lines).encode(), "x")
+
+    pages = make_sheet("J", objects, Settings(), lambda _loc: objects, page_size=2)
+    assert [(Path(p.html_uri).name, Path(p.png_uri).name, p.pairs) for p in pages] == [
+        ("sheet.html", "sheet.png", 2), ("sheet-2.html", "sheet-2.png", 1)]
+    first = Path(pages[0].html_uri).read_text()
+    assert first.count('class="before"') == 2 and first.count('class="after"') == 1
+    assert "InputError: not a JPEG, PNG or WebP image" in first and "no output" in first
+    assert "sku: &lt;b&gt;0&lt;/b&gt;" in first and "<b>0</b>" not in first  # metadata is escaped
+    assert f'href="{Path(lines[0]["output"]["images"][0]["s3_uri"]).as_uri()}"' in first
