@@ -238,9 +238,9 @@ def candidates(schedule: Schedule, plan: Plan, source: S3Store, settings: Settin
             row["output_format"] = entry.fmt
         if schedule.mirror:
             out_key = rel if schedule.keep_format else f"{path.with_suffix('')}.{EXTENSIONS.get(fmt, fmt)}"
-            if not re.match(OUTPUT_KEY_PATTERN, out_key) or "//" in out_key:
-                skipped.append(Skipped(key, f"mirror layout: {out_key!r} has characters an output key may not "
-                                            f"have (letters, digits, space and ._+=@,()/- only)"))
+            if not re.match(OUTPUT_KEY_PATTERN, out_key) or len(out_key.encode()) > 900:
+                skipped.append(Skipped(key, f"mirror layout: {out_key!r} cannot be an output key "
+                                            f"(control characters, backslash, or over 900 bytes)"))
                 continue
             if out_key in taken:
                 skipped.append(Skipped(key, f"its output {out_key} is also {taken[out_key]}'s "

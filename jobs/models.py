@@ -20,7 +20,7 @@ MAX_SEED = 2**32 - 1
 CONTENT_TYPES = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
 EXTENSIONS = {"jpeg": "jpg", "png": "png", "webp": "webp"}
 SUFFIXES = {"jpeg": (".jpg", ".jpeg"), "png": (".png",), "webp": (".webp",)}  # accepted in an output_key
-OUTPUT_KEY_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9 ._+=@,()/-]{0,899}$"
+OUTPUT_KEY_PATTERN = r"^[^/\x00-\x1f\x7f\\][^\x00-\x1f\x7f\\]{0,899}$"  # no control chars or backslash
 
 
 @dataclass(frozen=True)
@@ -83,6 +83,8 @@ class CommonParams(BaseModel):
     def _output_key_is_an_image_key(self) -> CommonParams:
         key = self.output_key
         if key is not None:
+            if len(key.encode()) > 900:
+                raise ValueError(f"output_key is {len(key.encode())} bytes of UTF-8; at most 900")
             if any(part in ("", ".", "..") for part in key.split("/")):
                 raise ValueError(f"output_key {key!r}: no empty, '.' or '..' path segments")
             if not key.lower().endswith(SUFFIXES[self.output_format]):
