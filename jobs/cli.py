@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from jobs import broker, keys, netguard, records
-from jobs.errors import DreambatchError, InputError, JobNotFound
+from jobs.errors import ConfigError, DreambatchError, InputError, JobNotFound
 from jobs.manifest import input_policy, parse_sets, validate_manifest
 from jobs.models import MODELS, JobRecord, event_item_id, item_event_id
 from jobs.presets import job_defaults
@@ -59,7 +59,7 @@ def validate(manifest: Path, model: ModelOpt = "i1-fast", set_: SetOpt = None, p
         policy = input_policy(manifest, get_settings())
         defaults = job_defaults(preset, parse_sets(set_ or []), get_settings())
         report = validate_manifest(manifest, model, defaults, policy)
-    except InputError as exc:
+    except (InputError, ConfigError) as exc:
         raise fail(str(exc), 2) from None
     if json_:
         print(json.dumps({"rows": report.rows, "valid": report.valid, "errors": [str(i) for i in report.issues],
