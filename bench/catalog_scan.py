@@ -91,6 +91,10 @@ path = "products/{category*}/{sku}.jpg"
             services = Services.connect(settings)
             schedule = load_schedules(settings)["bench"]
 
+            t0 = time.perf_counter()  # the listing alone (S3 server + botocore parsing), for comparison
+            listed = sum(len(page.get("Contents", [])) for page in
+                         s3.get_paginator("list_objects_v2").paginate(Bucket="catalog", Prefix="products/"))
+            list_s = time.perf_counter() - t0
             t0 = time.perf_counter()
             dry = run_schedule(schedule, settings, services, dry_run=True)
             dry_s = time.perf_counter() - t0
@@ -116,6 +120,7 @@ path = "products/{category*}/{sku}.jpg"
     n = args.objects
     print(json.dumps({
         "objects": n, "images": first.images, "skipped": len(first.skipped), "upload_s": round(upload_s, 2),
+        "list_only_s": round(list_s, 2), "listed": listed,
         "dry_run_s": round(dry_s, 2), "dry_run_objects_per_s": round(n / dry_s),
         "first_night": {"queued": first.queued, "s": round(first_s, 2), "objects_per_s": round(n / first_s)},
         "second_night": {"queued": second.queued, "unchanged": second.unchanged, "folded": len(second.folded),

@@ -99,7 +99,11 @@ class Plan:
     defaults: dict[str, Any]
     texts: dict[str, str]
     values: dict[str, str]
-    uses_metadata: bool
+    metadata_names: list[str]  # the {meta.KEY} names the texts use (one HEAD per object when any)
+
+    @property
+    def uses_metadata(self) -> bool:
+        return bool(self.metadata_names)
 
 
 def make_plan(schedule: Schedule, sets: dict[str, Any], settings: Settings | None = None) -> Plan:
@@ -117,11 +121,11 @@ def make_plan(schedule: Schedule, sets: dict[str, Any], settings: Settings | Non
         defaults.pop(name, None)
     path_names = schedule.key_template().names if schedule.key_template() else []
     known = set(values) | set(BUILTIN_NAMES) | set(path_names)
-    uses_metadata = False
+    metadata_names: list[str] = []
     for text_field, text in texts.items():
         for name in templates.names(text, f"schedule {schedule.name}: {text_field}"):
             if name.startswith("meta."):
-                uses_metadata = True
+                metadata_names.append(name.lower())
             elif name not in known:
                 raise ConfigError(f"schedule {schedule.name}: {text_field}: unknown placeholder {{{name}}} "
                                   f"(known: {', '.join(sorted(known))}, meta.<object metadata key>)")
@@ -129,7 +133,7 @@ def make_plan(schedule: Schedule, sets: dict[str, Any], settings: Settings | Non
                                                                          "target_image_description", "n"}))
     if clash:
         raise ConfigError(f"schedule {schedule.name}: source.path: {{{clash[0]}}} is a row field's name; rename it")
-    return Plan(defaults, texts, values, uses_metadata)
+    return Plan(defaults, texts, values, sorted(set(metadata_names)))
 
 
 def fingerprint(etag: str, size: int, row: dict[str, Any], defaults: dict[str, Any], schedule: Schedule) -> str:
@@ -227,6 +231,11 @@ def candidates(schedule: Schedule, plan: Plan, source: S3Store, settings: Settin
         values = {**plan.values, "key": key, "path": rel, "dir": str(path.parent) if str(path.parent) != "." else "",
                   "name": path.name, "stem": path.stem, "ext": path.suffix.lstrip("."), **parts,
                   **{f"meta.{k}": v for k, v in entry.metadata.items()}}
+        missing = [n for n in plan.metadata_names if n not in values]
+        if missing:
+            name = missing[0].removeprefix("meta.")
+            skipped.append(Skipped(key, f"no object metadata x-amz-meta-{name} (the instruction uses {{meta.{name}}})"))
+            continue
         try:
             texts = {f: templates.render(t, values, f) for f, t in plan.texts.items()}
         except InputError as exc:

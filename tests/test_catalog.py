@@ -360,3 +360,25 @@ def test_a_large_job_gets_sheet_pages_and_a_failed_row_shows_its_error(tmp_path)
     assert "InputError: not a JPEG, PNG or WebP image" in first and "no output" in first
     assert "sku: &lt;b&gt;0&lt;/b&gt;" in first and "<b>0</b>" not in first  # metadata is escaped
     assert f'href="{Path(lines[0]["output"]["images"][0]["s3_uri"]).as_uri()}"' in first
+
+
+def test_instruction_templates_read_object_metadata_and_an_object_without_it_is_skipped_with_the_reason(
+        s3_endpoint, bucket, tmp_path):
+    from jobs.catalog import candidates, make_plan
+    from jobs.storage import S3Store
+
+    s3 = s3_client(s3_endpoint)
+    s3.put_object(Bucket=bucket, Key="p/red.jpg", Body=photo(1, "jpg"), Metadata={"Color": "red"})
+    s3.put_object(Bucket=bucket, Key="p/plain.jpg", Body=photo(2, "jpg"))
+    path = tmp_path / "s.toml"
+    path.write_text(f'[schedules.m]\nmodel = "e1-1"\ninstruction = "Make the {{meta.color}} shoe {{stem}} pop"\n'
+                    f'output = "s3://{bucket}/out"\nlayout = "job"\n[schedules.m.source]\nprefix = "s3://{bucket}/p/"\n')
+    settings = Settings(s3=S3Settings(endpoint_url=s3_endpoint))
+    schedule = load_schedules(settings, path)["m"]
+    plan = make_plan(schedule, {}, settings)
+    skipped: list = []
+    found = list(candidates(schedule, plan, S3Store(f"s3://{bucket}/p/", s3), settings, skipped))
+    assert [(c.key, c.row["instruction"], "output_key" in c.row) for c in found] == [
+        ("p/red.jpg", "Make the red shoe red pop", False)]
+    assert [(s.key, s.reason) for s in skipped] == [
+        ("p/plain.jpg", "no object metadata x-amz-meta-color (the instruction uses {meta.color})")]
