@@ -20,9 +20,10 @@ from rich.table import Table
 
 from jobs import broker, export, keys, netguard
 from jobs.control import cancel_job, parse_duration, resume_job, retry_job
-from jobs.errors import DreambatchError, InputError, JobNotFound
+from jobs.errors import ConfigError, DreambatchError, InputError, JobNotFound
 from jobs.manifest import input_policy, parse_sets, validate_manifest
 from jobs.models import MODELS, JobRecord, event_item_id, item_event_id
+from jobs.presets import job_defaults
 from jobs.reconcile import reconcile as reconcile_job
 from jobs.settings import get_settings
 from jobs.storage import open_store
@@ -36,6 +37,8 @@ out = Console()
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help=f"one of: {', '.join(MODELS)}")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="job default, key=value (a row overrides it)")]
+PresetOpt = Annotated[str | None, typer.Option("--preset", help="an edit preset (ops/presets.toml): instruction + "
+                                                                  "params; --set NAME=value fills its {NAME}")]
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
@@ -50,13 +53,14 @@ def report_invalid(exc: ManifestInvalid) -> typer.Exit:
 
 
 @app.command()
-def validate(manifest: Path, model: ModelOpt = "i1-fast", set_: SetOpt = None,
+def validate(manifest: Path, model: ModelOpt = "i1-fast", set_: SetOpt = None, preset: PresetOpt = None,
              json_: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Check every row of MANIFEST; print each problem as `line N: field: message (got value)`."""
     try:
         policy = input_policy(manifest, get_settings())
-        report = validate_manifest(manifest, model, parse_sets(set_ or []), policy)
-    except InputError as exc:
+        defaults = job_defaults(preset, parse_sets(set_ or []), get_settings())
+        report = validate_manifest(manifest, model, defaults, policy)
+    except (InputError, ConfigError) as exc:
         raise fail(str(exc), 2) from None
     if json_:
         print(json.dumps({"rows": report.rows, "valid": report.valid, "errors": [str(i) for i in report.issues],
@@ -80,8 +84,10 @@ def submit(
     output: Annotated[str | None, typer.Option(help="s3://bucket/prefix (default DREAMBATCH_OUTPUT)")] = None,
     webhook: Annotated[str | None, typer.Option(help="POSTed on every item and job terminal state")] = None,
     set_: SetOpt = None,
+    preset: PresetOpt = None,
     skip_invalid: Annotated[bool, typer.Option(help="queue valid rows, record invalid ones as failed")] = False,
     wait: Annotated[bool, typer.Option(help="wait until the job ends, with a progress bar")] = False,
+    sheet: Annotated[bool, typer.Option("--sheet", help="write a review contact sheet when the job ends")] = False,
     json_: Annotated[bool, typer.Option("--json")] = False,
     priority: Annotated[str, typer.Option(help="high, normal or low: a worker takes high items first")] = "normal",
     max_concurrency: Annotated[int | None, typer.Option(
@@ -105,7 +111,7 @@ def submit(
     try:
         if webhook:
             netguard.check_url(webhook, settings.netpolicy())
-        defaults = parse_sets(set_ or [])
+        defaults = job_defaults(preset, parse_sets(set_ or []), settings)
         celery = broker.make_celery(settings)
         job_id = new_job_id()
         sub = create_job(manifest, model=model, defaults=defaults, output=output, webhook=webhook,
@@ -115,7 +121,8 @@ def submit(
                          skip_invalid=skip_invalid, batch=settings.celery.publish_batch, job_id=job_id,
                          policy=input_policy(manifest, settings),
                          on_rejected=lambda items: _notify_rejected(celery, webhook, items),
-                         priority=priority, max_concurrency=max_concurrency, expires_at=expires_at)
+                         priority=priority, max_concurrency=max_concurrency, expires_at=expires_at,
+                         review_sheet=sheet)
     except ManifestInvalid as exc:
         raise report_invalid(exc) from None
     except DreambatchError as exc:

@@ -10,6 +10,7 @@ IO_QUEUE = "io"  # finalize + webhooks, so a GPU never waits on an HTTP call
 TASK_RUN_ITEM = "dreambatch.run_item"  # args: job_id, item_id
 TASK_FINALIZE_JOB = "dreambatch.finalize_job"  # args: job_id
 TASK_SEND_WEBHOOK = "dreambatch.send_webhook"  # args: job_id, item_id | None, event_id
+TASK_RUN_SCHEDULE = "dreambatch.run_schedule"  # args: schedule name, slot (ISO UTC) it fires for
 
 # --- Redis keys (live state) ---------------------------------------------------------------
 REDIS_PREFIX = "db"
@@ -31,6 +32,11 @@ WORKERS = "db:workers"  # set: names of workers that have sent a heartbeat
 PRIORITIES = {"high": 0, "normal": 3, "low": 6}  # job priority → Celery message priority (0 = first)
 PRIORITY_STEPS = [0, 3, 6]  # broker_transport_options["priority_steps"]
 PRIORITY_SEP = "\x06\x16"  # kombu's separator: "gpu.i1-fast\x06\x166" is that queue's low list
+BEAT_LOCK = "db:beat:lock"  # string: the id of the one beat process allowed to fire (expires unless renewed)
+SCHEDULE_FIRED = "db:schedule:{name}:fired"  # string: the last cron slot (ISO UTC) beat fired or skipped
+SCHEDULE_SLOT = "db:schedule:{name}:slot:{slot}"  # string, NX: claimed once per slot, so a slot fires once
+SCHEDULE_RUNNING = "db:schedule:{name}:running"  # string, NX with expiry: one run of a schedule at a time
+SCHEDULE_LAST_RUN = "db:schedule:{name}:last"  # string: JSON summary of the last run (job id, counts)
 
 # --- S3 keys (durable record, next to the outputs) -----------------------------------------
 S3_JOB_SPEC = "{prefix}{job_id}/job.json"  # normalized job spec, written at submit
@@ -39,6 +45,9 @@ S3_ITEM_RESULT = "{prefix}{job_id}/items/{item_id}.json"  # one small record whe
 S3_OPEN_JOB = "{prefix}_open/{job_id}"  # exists from a job's commit until it ends: what periodic reconcile scans
 S3_RESULTS = "{prefix}{job_id}/results.jsonl"  # one line per manifest row when the job ends
 S3_OUTPUT = "{prefix}{job_id}/{item_id}{suffix}.{ext}"  # suffix "" or "_{n}" for several images
+S3_SHEET = "{prefix}{job_id}/sheet{page}.{ext}"  # review contact sheet (html, png); page "" or "-2", "-3"…
+S3_CATALOG_LEDGER = "{prefix}_catalog/{name}/ledger.json"  # what each source image was last edited as
+S3_CATALOG_RUN = "{prefix}_catalog/{name}/runs/{job_id}.json"  # one scheduled run: its items and fingerprints
 
 
 def gpu_queue(model: str) -> str:

@@ -19,6 +19,8 @@ ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 MAX_SEED = 2**32 - 1
 CONTENT_TYPES = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
 EXTENSIONS = {"jpeg": "jpg", "png": "png", "webp": "webp"}
+SUFFIXES = {"jpeg": (".jpg", ".jpeg"), "png": (".png",), "webp": (".webp",)}  # accepted in an output_key
+OUTPUT_KEY_PATTERN = r"^[^/\x00-\x1f\x7f\\][^\x00-\x1f\x7f\\]{0,899}$"  # no control chars or backslash
 
 
 @dataclass(frozen=True)
@@ -68,11 +70,27 @@ class CommonParams(BaseModel):
     num_images: int = Field(1, ge=1, le=8)
     output_format: OutputFormat = "png"
     output_quality: int = Field(95, ge=1, le=100)
+    output_key: str | None = Field(None, pattern=OUTPUT_KEY_PATTERN,
+                                   description="object key under the job's output, e.g. shoes/123.jpg (mirrors a "
+                                               "catalog layout); its extension must match output_format")
 
     @field_validator("output_format", mode="before")
     @classmethod
     def _jpg_is_jpeg(cls, value: Any) -> Any:
         return "jpeg" if isinstance(value, str) and value.lower() in ("jpg", "jpeg") else value
+
+    @model_validator(mode="after")
+    def _output_key_is_an_image_key(self) -> CommonParams:
+        key = self.output_key
+        if key is not None:
+            if len(key.encode()) > 900:
+                raise ValueError(f"output_key is {len(key.encode())} bytes of UTF-8; at most 900")
+            if any(part in ("", ".", "..") for part in key.split("/")):
+                raise ValueError(f"output_key {key!r}: no empty, '.' or '..' path segments")
+            if not key.lower().endswith(SUFFIXES[self.output_format]):
+                raise ValueError(f"output_key {key!r} must end with {' or '.join(SUFFIXES[self.output_format])} "
+                                 f"(output_format is {self.output_format})")
+        return self
 
 
 class GenerateRow(CommonParams):
@@ -227,6 +245,7 @@ class JobRecord(BaseModel):
     webhook_disabled: bool = False  # the endpoint answered 410 Gone: no more events for this job
     submitting: bool = False  # its submission has not committed yet: workers hold its items back
     submit_aborted: bool = False  # its submission failed: nothing of it runs
+    review_sheet: bool = False  # write the review contact sheet (sheet.html, sheet.png) when the job ends
     manifest: str | None = None
     status: str = "queued"
     total: int = 0

@@ -68,6 +68,13 @@ class ApiSettings(BaseModel):
     max_json_rows: int = Field(10_000, description="rows in one JSON POST /v1/jobs body; upload a file for more")
     public_url: str | None = Field(None, description="base URL clients reach the API at (default: the request's)")
     url_secret: str | None = Field(None, description="signs served image URLs; random per process when unset")
+class CatalogSettings(BaseModel):
+    schedules_file: str = Field("ops/schedules.toml", description="the schedules (TOML); relative to the cwd")
+    presets_file: str | None = Field(None, description="your presets (TOML), on top of ops/presets.toml")
+    beat_interval: float = Field(5.0, description="s between beat ticks at most")
+    beat_lock_ttl: float = Field(30.0, description="s a beat keeps the lock without renewing it")
+    max_objects: int = Field(1_000_000, description="objects one prefix scan may list")
+    max_manifest_bytes: int = Field(256 * 2**20, description="largest manifest a schedule downloads")
 
 
 class Settings(BaseSettings):
@@ -99,6 +106,7 @@ class Settings(BaseSettings):
     def signing_secrets(self) -> list[str]:
         """Every configured webhook secret; during a key rotation each event carries one signature per secret."""
         return [s for s in (self.webhook_secret or "").replace(",", " ").split() if s]
+    catalog: CatalogSettings = CatalogSettings()
 
     def netpolicy(self):
         from jobs.netguard import Policy

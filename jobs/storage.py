@@ -116,6 +116,10 @@ class S3Store:
                              f"{max_bytes}-byte limit")
         return resp["Body"].read()
 
+    def head(self, key: str) -> dict | None:
+        """The object's HEAD response (ContentType, Metadata, ETag…), or None when it does not exist."""
+        return self._call(self.client.head_object, Bucket=self.bucket, Key=self._key(key))
+
     def keys(self, prefix: str) -> Iterator[str]:
         paginator = self.client.get_paginator("list_objects_v2")
         for page in paginator.paginate(Bucket=self.bucket, Prefix=self._key(prefix)):

@@ -533,3 +533,56 @@ def _epoch(iso: str) -> float:
     from datetime import datetime
 
     return datetime.fromisoformat(iso).timestamp()
+
+
+_RENEW_LOCK = """
+local cur = redis.call('GET', KEYS[1])
+if not cur then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1 end
+if cur == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end
+return 0
+"""
+_RELEASE_LOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class ScheduleState:
+    """Schedule bookkeeping in Redis: the beat lock, the last slot fired, one claim per slot, a run lock
+    and the last run's summary. (The durable ledger of what was edited lives in S3: jobs.catalog.)"""
+
+    def __init__(self, client):
+        self.r = client
+        self._renew = client.register_script(_RENEW_LOCK)
+        self._release = client.register_script(_RELEASE_LOCK)
+
+    @classmethod
+    def from_url(cls, url: str) -> ScheduleState:
+        return cls(RedisStore.from_url(url).r)
+
+    def hold_lock(self, key: str, owner: str, ttl_s: float) -> bool:
+        """Take `key` for `owner`, or extend it when `owner` already holds it. False: someone else holds it."""
+        return bool(self._renew(keys=[key], args=[owner, max(1, int(ttl_s * 1000))]))
+
+    def release_lock(self, key: str, owner: str) -> None:
+        self._release(keys=[key], args=[owner])
+
+    def claim(self, key: str, ttl_s: int) -> bool:
+        """True exactly once per key (until it expires)."""
+        return bool(self.r.set(key, "1", nx=True, ex=ttl_s))
+
+    def unclaim(self, key: str) -> None:
+        self.r.delete(key)
+
+    def last_fired(self, name: str) -> str | None:
+        return self.r.get(keys.SCHEDULE_FIRED.format(name=name))
+
+    def set_last_fired(self, name: str, slot: str) -> None:
+        self.r.set(keys.SCHEDULE_FIRED.format(name=name), slot)
+
+    def last_run(self, name: str) -> dict[str, Any] | None:
+        raw = self.r.get(keys.SCHEDULE_LAST_RUN.format(name=name))
+        return json.loads(raw) if raw else None
+
+    def set_last_run(self, name: str, summary: dict[str, Any]) -> None:
+        self.r.set(keys.SCHEDULE_LAST_RUN.format(name=name), json.dumps(summary))

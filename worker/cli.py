@@ -14,11 +14,13 @@ from typing import Annotated
 
 import typer
 
+import jobs.catalog_cli  # noqa: F401  (adds schedules, beat and presets to the app)
 from jobs import keys
-from jobs.cli import ModelOpt, SetOpt, app, err, fail, out, report_invalid
+from jobs.cli import ModelOpt, PresetOpt, SetOpt, app, err, fail, out, report_invalid
 from jobs.errors import DreambatchError
 from jobs.manifest import parse_sets
 from jobs.models import MODELS
+from jobs.presets import job_defaults
 from jobs.settings import get_settings
 from jobs.submit import ManifestInvalid
 
@@ -107,6 +109,7 @@ def run(
     weights: WeightsOpt = None,
     device: DeviceOpt = "",
     set_: SetOpt = None,
+    preset: PresetOpt = None,
     webhook: Annotated[str | None, typer.Option()] = None,
     skip_invalid: Annotated[bool, typer.Option()] = False,
 ) -> None:
@@ -120,9 +123,10 @@ def run(
         err.print(f"[{done['n']}] {item_id}: {status}", highlight=False)
 
     try:
-        sub = run_local(manifest, model=model, defaults=parse_sets(set_ or []), out=out_dir,
-                        settings=get_settings(), weights=weights, device=device or _default_device(),
-                        webhook=webhook, skip_invalid=skip_invalid, on_item=on_item)
+        defaults = job_defaults(preset, parse_sets(set_ or []), get_settings())
+        sub = run_local(manifest, model=model, defaults=defaults, out=out_dir, settings=get_settings(),
+                        weights=weights, device=device or _default_device(), webhook=webhook,
+                        skip_invalid=skip_invalid, on_item=on_item)
     except ManifestInvalid as exc:
         raise report_invalid(exc) from None
     except DreambatchError as exc:
@@ -133,6 +137,35 @@ def run(
     out.print(f"results: {job.results_uri}", highlight=False, soft_wrap=True)
     if job.status != "completed":
         raise typer.Exit(1)
+
+
+@app.command()
+def sheet(
+    job_id: str,
+    output: Annotated[str | None, typer.Option(help="where the job is: s3://bucket/prefix or a local folder "
+                                                    "(default: the job's own, else DREAMBATCH_OUTPUT)")] = None,
+    to: Annotated[Path | None, typer.Option("--to", help="also write the page(s) into this folder")] = None,
+    page_size: Annotated[int, typer.Option(help="rows per page")] = 200,
+) -> None:
+    """Make JOB_ID's review contact sheet: sheet.html (before/after pairs, ids, metadata, output links)
+    and sheet.png, written next to the job."""
+    from jobs.store import RedisStore
+    from worker.contact_sheet import make_sheet
+    from worker.runtime import Runtime
+
+    settings = get_settings()
+    try:
+        if output is None:
+            job = RedisStore.from_url(settings.redis_url).get_job(job_id)
+            output = job.output if job else settings.output
+        if not output:
+            raise fail("--output is required (the job is not in Redis and DREAMBATCH_OUTPUT is not set)")
+        runtime = Runtime(settings)
+        pages = make_sheet(job_id, runtime.objects(output), settings, runtime.objects, page_size, to)
+    except DreambatchError as exc:
+        raise fail(str(exc)) from None
+    for page in pages:
+        out.print(f"{page.html_uri}  {page.png_uri}  ({page.pairs} rows)", highlight=False, soft_wrap=True)
 
 
 @models_app.command("make-tiny")

@@ -211,8 +211,12 @@ def _upload(objects: ObjectStore, item: ItemRecord, images, out: ItemOutput) -> 
     for n, image in enumerate(images):
         data, content_type = imaging.encode(image, fmt, quality)
         suffix = "" if len(images) == 1 else f"_{n}"
-        key = keys.S3_OUTPUT.format(prefix="", job_id=item.job_id, item_id=item.item_id, suffix=suffix,
-                                    ext=EXTENSIONS[fmt])
+        if item.params.get("output_key"):  # the row names its key (a mirrored catalog layout)
+            stem, dot, ext = item.params["output_key"].rpartition(".")
+            key = f"{stem}{suffix}{dot}{ext}"
+        else:
+            key = keys.S3_OUTPUT.format(prefix="", job_id=item.job_id, item_id=item.item_id, suffix=suffix,
+                                        ext=EXTENSIONS[fmt])
         uri = objects.put(key, data, content_type, {"seed": str(item.seed), "item": item.item_id})
         b64 = base64.b64encode(data).decode() if item.params.get("response_format") == "b64_json" else None
         out.images.append(OutputImage(s3_uri=uri, url=objects.url(key), width=image.width,
@@ -260,6 +264,9 @@ def finalize_job(ctx: Context, job_id: str) -> str | None:
     records.write_job_spec(ctx.objects(job.output), job)
     records.mark_ended(ctx.objects(job.output), job_id)
     log.info("job %s %s", job_id, status.value, extra={"job_id": job_id, "status": status.value})
+    # 4. the review contact sheet, when the job asked for one (before the webhook, so it is there to open)
+    if job.review_sheet:
+        _review_sheet(ctx, job)
     if job.webhook:
         ctx.notify(job_id, None, job_event_id(job_id, status.value, job.round))
     return status.value
@@ -274,6 +281,14 @@ def _presigned(ctx: Context, job: JobRecord):
         return (objects.url(key, ctx.settings.api.url_expires) if key else None) or image.url or image.s3_uri
 
     return url_for
+def _review_sheet(ctx: Context, job: JobRecord) -> None:
+    """Best effort: a sheet that cannot be made is logged; the job has ended either way."""
+    from worker.contact_sheet import make_sheet
+
+    try:
+        make_sheet(job.job_id, ctx.objects(job.output), ctx.settings, ctx.objects)
+    except Exception:
+        log.exception("job %s: review sheet not made (make it with: dreambatch sheet %s)", job.job_id, job.job_id)
 
 
 def webhook_attempt(ctx: Context, job_id: str, item_id: str | None, event_id: str,

@@ -6,7 +6,7 @@ import time
 
 from celery import Celery
 
-from jobs import keys
+from jobs import catalog, keys
 from worker import process, webhooks
 from worker.runtime import Runtime
 
@@ -42,3 +42,8 @@ def register(app: Celery, runtime: Runtime) -> None:
         if delay is None:
             return f"gave up after {attempts} attempts in {time.time() - first_at:.0f}s: {attempt.error}"
         raise self.retry(countdown=delay, args=[job_id, item_id, event_id, first_at])
+
+    @app.task(name=keys.TASK_RUN_SCHEDULE, acks_late=True)
+    def run_schedule(name: str, slot: str | None = None) -> dict:
+        """Fired by beat: scan the schedule's source and submit what is new or changed (on an io worker)."""
+        return catalog.run_named(name, runtime.settings, app, slot).summary()

@@ -1,0 +1,489 @@
+"""A scheduled catalog run: scan the source, keep only what is new or changed, submit one job.
+
+    S3 prefix ─ list ─► images (others skipped, with the reason) ─► rows (templated instruction,
+    mirrored output key) ─► fingerprint ─► diff against the ledger ─► job (only new/changed rows)
+
+The ledger is durable and lives next to the outputs: `{output}/_catalog/{name}/ledger.json` says, for
+each source key, the fingerprint it was last edited with. A fingerprint covers the image's content
+(ETag + size) and everything that decides the edit: instruction, target description, parameters, output
+key and format, model and its revision. Each run also writes `_catalog/{name}/runs/{job_id}.json` (its
+items and their fingerprints) and is listed as pending in the ledger; the next run folds a pending run
+in once its job has ended, recording only the items that completed. A run still in flight keeps its
+items from being queued twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from jobs import broker, keys, netguard, records, templates
+from jobs.errors import ConfigError, InputError, TransientError
+from jobs.inputs import InputPolicy
+from jobs.manifest import input_policy
+from jobs.models import EXTENSIONS, MODELS, OUTPUT_KEY_PATTERN, ItemRecord, row_class
+from jobs.presets import get_preset
+from jobs.schedules import Schedule
+from jobs.settings import Settings
+from jobs.storage import ObjectStore, S3Store, open_store, s3_client, split_s3
+from jobs.store import RedisStore, ScheduleState, Store
+from jobs.submit import create_job, new_job_id, now_iso
+
+FORMATS = {".jpg": "jpeg", ".jpeg": "jpeg", ".png": "png", ".webp": "webp"}
+CONTENT_TYPES = {"image/jpeg": "jpeg", "image/jpg": "jpeg", "image/png": "png", "image/webp": "webp"}
+OTHER_IMAGES = {".gif", ".bmp", ".tif", ".tiff", ".heic", ".heif", ".avif", ".svg", ".psd", ".ico", ".jxl",
+                ".raw", ".cr2", ".nef", ".dng"}
+BUILTIN_NAMES = ("key", "path", "dir", "name", "stem", "ext")
+RESERVED_METADATA = ("source_key", "source_etag")
+SHOWN_SKIPS = 1000  # skipped objects kept in a run record (the counts cover all of them)
+RUN_LOCK_TTL = 3600
+
+
+@dataclass(frozen=True)
+class Skipped:
+    key: str
+    reason: str
+
+
+@dataclass
+class Candidate:
+    key: str
+    item_id: str
+    fingerprint: str
+    row: dict[str, Any]
+
+
+@dataclass
+class RunReport:
+    schedule: str
+    dry_run: bool
+    job_id: str | None = None
+    images: int = 0
+    queued: int = 0
+    rejected: int = 0
+    unchanged: int = 0
+    in_flight: int = 0
+    new: list[str] = field(default_factory=list)  # keys processed (or, dry run, that would be)
+    changed: list[str] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+    folded: list[str] = field(default_factory=list)  # earlier runs whose completed items were recorded now
+    at: str = field(default_factory=now_iso)
+    slot: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["skipped"] = [asdict(s) for s in self.skipped[:SHOWN_SKIPS]]
+        data["skipped_total"] = len(self.skipped)
+        return data
+
+    def summary(self) -> dict[str, Any]:
+        """What `schedules list` shows about the last run."""
+        return {"at": self.at, "slot": self.slot, "job_id": self.job_id, "images": self.images,
+                "queued": self.queued, "unchanged": self.unchanged, "in_flight": self.in_flight,
+                "skipped": len(self.skipped)}
+
+
+# ---- the plan: texts, defaults, names -----------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    """What every row of a schedule's run shares: job defaults, text templates and their constant values."""
+
+    defaults: dict[str, Any]
+    texts: dict[str, str]
+    values: dict[str, str]
+    metadata_names: list[str]  # the {meta.KEY} names the texts use (one HEAD per object when any)
+
+    @property
+    def uses_metadata(self) -> bool:
+        return bool(self.metadata_names)
+
+
+def make_plan(schedule: Schedule, sets: dict[str, Any], settings: Settings | None = None) -> Plan:
+    """`--set` pairs naming a row field override params; any other name fills a placeholder."""
+    fields = set(row_class(schedule.model).model_fields)
+    preset = get_preset(schedule.preset, settings) if schedule.preset else None
+    values = {**(preset.vars if preset else {}), **schedule.vars,
+              **{k: str(v) for k, v in sets.items() if k not in fields}}
+    defaults = {**(preset.params if preset else {}), **schedule.params,
+                **{k: v for k, v in sets.items() if k in fields}}
+    texts = dict(preset.texts()) if preset else {}
+    for name in ("instruction", "target_description", "negative_prompt"):
+        if getattr(schedule, name):
+            texts[name] = getattr(schedule, name)
+        defaults.pop(name, None)
+    path_names = schedule.key_template().names if schedule.key_template() else []
+    known = set(values) | set(BUILTIN_NAMES) | set(path_names)
+    metadata_names: list[str] = []
+    for text_field, text in texts.items():
+        for name in templates.names(text, f"schedule {schedule.name}: {text_field}"):
+            if name.startswith("meta."):
+                metadata_names.append(name.lower())
+            elif name not in known:
+                raise ConfigError(f"schedule {schedule.name}: {text_field}: unknown placeholder {{{name}}} "
+                                  f"(known: {', '.join(sorted(known))}, meta.<object metadata key>)")
+    clash = sorted(set(path_names) & (fields | set(RESERVED_METADATA) | {"image_url", "edit_instruction",
+                                                                         "target_image_description", "n"}))
+    if clash:
+        raise ConfigError(f"schedule {schedule.name}: source.path: {{{clash[0]}}} is a row field's name; rename it")
+    return Plan(defaults, texts, values, sorted(set(metadata_names)))
+
+
+def fingerprint(etag: str, size: int, row: dict[str, Any], defaults: dict[str, Any], schedule: Schedule) -> str:
+    """Content + every input of the edit: a change to any of them changes this."""
+    basis = {"etag": etag, "size": size, "model": schedule.model, "weights": MODELS[schedule.model].hub_id,
+             "revision": schedule.revision, "defaults": defaults,
+             "row": {k: v for k, v in row.items() if k not in ("id", *RESERVED_METADATA)}}
+    return hashlib.sha256(json.dumps(basis, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def item_id_for(rel: str) -> str:
+    """A valid, stable item id for a key: readable part + 8 hex of its hash (unique per key)."""
+    readable = re.sub(r"[^A-Za-z0-9._-]", "_", rel)[-100:].lstrip("._-") or "image"
+    return f"{readable}-{hashlib.sha1(rel.encode()).hexdigest()[:8]}"
+
+
+# ---- scanning ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SourceObject:
+    key: str
+    etag: str
+    size: int
+    fmt: str  # jpeg, png, webp
+    metadata: dict[str, str]
+
+
+def scan(source: S3Store, settings: Settings, want_metadata: bool) -> Iterator[SourceObject | Skipped]:
+    """Every object under the source prefix: an image to edit, or the reason it is skipped."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    limit, max_bytes = settings.catalog.max_objects, settings.inputs.max_bytes
+    paginator = source.client.get_paginator("list_objects_v2")
+    count = 0
+    try:
+        for page in paginator.paginate(Bucket=source.bucket, Prefix=source.prefix):
+            for obj in page.get("Contents", []):
+                count += 1
+                if count > limit:
+                    raise ConfigError(f"{source.location}: more than {limit} objects "
+                                      f"(DREAMBATCH_CATALOG__MAX_OBJECTS); narrow the prefix")
+                yield _classify(source, obj, max_bytes, want_metadata)
+    except (ClientError, BotoCoreError) as exc:
+        code = getattr(exc, "response", {}).get("Error", {}).get("Code", "")
+        if code in ("NoSuchBucket", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+            raise ConfigError(f"S3 {source.location}: {code}: {exc}") from None
+        raise TransientError(f"S3 {source.location}: listing failed: {exc}") from None
+
+
+def _classify(source: S3Store, obj: dict, max_bytes: int, want_metadata: bool) -> SourceObject | Skipped:
+    key, size = obj["Key"], int(obj.get("Size", 0))
+    etag = str(obj.get("ETag", "")).strip('"')
+    if key.endswith("/"):
+        return Skipped(key, "folder marker")
+    if size == 0:
+        return Skipped(key, "empty object")
+    suffix = PurePosixPath(key).suffix.lower()
+    fmt = FORMATS.get(suffix)
+    if suffix in OTHER_IMAGES:
+        return Skipped(key, f"unsupported image format {suffix} (JPEG, PNG and WebP are read)")
+    if fmt is None and suffix and not suffix[1:].isdigit():
+        return Skipped(key, f"not an image ({suffix} file)")
+    head = None
+    if fmt is None or want_metadata:
+        head = source.head(key[len(source.prefix):])
+        if head is None:
+            return Skipped(key, "deleted while scanning")
+    if fmt is None:
+        content_type = (head.get("ContentType") or "").split(";")[0].strip().lower()
+        fmt = CONTENT_TYPES.get(content_type)
+        if fmt is None:
+            return Skipped(key, f"not an image (no extension, content-type {content_type or 'unset'})")
+    if size > max_bytes:
+        return Skipped(key, f"{size} bytes, over the {max_bytes}-byte input limit")
+    return SourceObject(key, etag, size, fmt, {k.lower(): v for k, v in (head or {}).get("Metadata", {}).items()})
+
+
+def candidates(schedule: Schedule, plan: Plan, source: S3Store, settings: Settings,
+               skipped: list[Skipped]) -> Iterator[Candidate]:
+    """One row per image under the prefix, in listing order; what is not an image lands in `skipped`."""
+    template = schedule.key_template()
+    taken: dict[str, str] = {}  # output key → the source key that writes it
+    out_format = str(plan.defaults.get("output_format", "png")).lower().replace("jpg", "jpeg")
+    for entry in scan(source, settings, plan.uses_metadata):
+        if isinstance(entry, Skipped):
+            skipped.append(entry)
+            continue
+        key, rel = entry.key, entry.key[len(source.prefix):]
+        parts = template.match(key) if template else {}
+        if parts is None:
+            skipped.append(Skipped(key, f"does not match source.path {schedule.source.path!r}"))
+            continue
+        path = PurePosixPath(rel)
+        values = {**plan.values, "key": key, "path": rel, "dir": str(path.parent) if str(path.parent) != "." else "",
+                  "name": path.name, "stem": path.stem, "ext": path.suffix.lstrip("."), **parts,
+                  **{f"meta.{k}": v for k, v in entry.metadata.items()}}
+        missing = [n for n in plan.metadata_names if n not in values]
+        if missing:
+            name = missing[0].removeprefix("meta.")
+            skipped.append(Skipped(key, f"no object metadata x-amz-meta-{name} (the instruction uses {{meta.{name}}})"))
+            continue
+        try:
+            texts = {f: templates.render(t, values, f) for f, t in plan.texts.items()}
+        except InputError as exc:
+            skipped.append(Skipped(key, str(exc)))
+            continue
+        row: dict[str, Any] = {"id": item_id_for(rel), "image": f"s3://{source.bucket}/{key}", **texts}
+        fmt = entry.fmt if schedule.keep_format else out_format
+        if schedule.keep_format:
+            row["output_format"] = entry.fmt
+        if schedule.mirror:
+            out_key = rel if schedule.keep_format else f"{path.with_suffix('')}.{EXTENSIONS.get(fmt, fmt)}"
+            if not re.match(OUTPUT_KEY_PATTERN, out_key) or len(out_key.encode()) > 900:
+                skipped.append(Skipped(key, f"mirror layout: {out_key!r} cannot be an output key "
+                                            f"(control characters, backslash, or over 900 bytes)"))
+                continue
+            if out_key in taken:
+                skipped.append(Skipped(key, f"its output {out_key} is also {taken[out_key]}'s "
+                                            f"(set keep_format = true to keep both)"))
+                continue
+            taken[out_key] = key
+            row["output_key"] = out_key
+        row.update({"source_key": key, "source_etag": entry.etag, **parts})
+        yield Candidate(key, row["id"], fingerprint(entry.etag, entry.size, row, plan.defaults, schedule), row)
+
+
+# ---- the ledger -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Ledger:
+    entries: dict[str, dict[str, Any]] = field(default_factory=dict)  # source key → {fp, job_id, outputs, at}
+    pending: list[str] = field(default_factory=list)  # job ids of runs not folded in yet
+
+    @classmethod
+    def load(cls, objects: ObjectStore, name: str) -> Ledger:
+        data = objects.get(keys.S3_CATALOG_LEDGER.format(prefix="", name=name))
+        if data is None:
+            return cls()
+        raw = json.loads(data)
+        return cls(entries=raw.get("entries", {}), pending=raw.get("pending", []))
+
+    def save(self, objects: ObjectStore, name: str) -> None:
+        body = json.dumps({"version": 1, "schedule": name, "updated_at": now_iso(), "pending": self.pending,
+                           "entries": self.entries}, sort_keys=True).encode()
+        objects.put(keys.S3_CATALOG_LEDGER.format(prefix="", name=name), body, records.JSON)
+
+
+def fold(ledger: Ledger, objects: ObjectStore, store: Store, name: str) -> tuple[list[str], dict[str, str]]:
+    """Record the completed items of every pending run whose job has ended. Returns the runs folded and
+    the items still in flight (source key → fingerprint)."""
+    folded, in_flight = [], {}
+    for job_id in list(ledger.pending):
+        data = objects.get(keys.S3_CATALOG_RUN.format(prefix="", name=name, job_id=job_id))
+        run = json.loads(data) if data else {"items": {}}
+        lines = records.read_results(objects, job_id)
+        if lines is None:
+            live = store.get_job(job_id)
+            if live is not None and not live.finished_at:
+                in_flight.update({v["key"]: v["fp"] for v in run["items"].values()})
+                continue
+            lines = _item_records(objects, job_id, run["items"])  # its live state is gone: read what ended
+        for line in lines:
+            item = run["items"].get(line["id"])
+            if item and line["status"] == "completed":
+                ledger.entries[item["key"]] = {"fp": item["fp"], "job_id": job_id, "at": now_iso(),
+                                               "outputs": [i["s3_uri"] for i in line["output"]["images"]]}
+        ledger.pending.remove(job_id)
+        folded.append(job_id)
+    return folded, in_flight
+
+
+def _item_records(objects: ObjectStore, job_id: str, items: dict[str, Any]) -> list[dict[str, Any]]:
+    found = []
+    for item_id in items:
+        data = objects.get(keys.S3_ITEM_RESULT.format(prefix="", job_id=job_id, item_id=item_id))
+        if data is not None:
+            found.append(json.loads(data))
+    return found
+
+
+# ---- one run ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Services:
+    """What a run talks to: live state, schedule state, object stores and the queues."""
+
+    store: Store
+    state: ScheduleState
+    objects: Callable[[str], ObjectStore]  # location → store
+    publish: Callable[[str, str, list[str]], None]  # (model, job_id, item ids)
+    finalize: Callable[[str], None]  # (job_id)
+    notify_rejected: Callable[[str | None, list[ItemRecord]], None]  # (webhook, rejected rows)
+
+    @classmethod
+    def connect(cls, settings: Settings, celery=None) -> Services:
+        """Redis, S3 and Celery from settings (the CLI and the io worker's task)."""
+        from jobs.models import item_event_id
+
+        celery = celery or broker.make_celery(settings)
+        client = s3_client(settings)
+        stores: dict[str, ObjectStore] = {}
+
+        def objects(location: str) -> ObjectStore:
+            if location not in stores:
+                stores[location] = open_store(location, settings, client=client)
+            return stores[location]
+
+        def notify_rejected(webhook: str | None, items: list[ItemRecord]) -> None:
+            for item in items if webhook else []:
+                broker.send_webhook(celery, item.job_id, item.item_id,
+                                    item_event_id(item.job_id, item.item_id, item.status))
+
+        return cls(store=RedisStore.from_url(settings.redis_url), state=ScheduleState.from_url(settings.redis_url),
+                   objects=objects,
+                   publish=lambda model, job_id, ids: broker.publish_items(celery, model, job_id, ids),
+                   finalize=lambda job_id: broker.send_finalize(celery, job_id), notify_rejected=notify_rejected)
+
+
+def run_schedule(schedule: Schedule, settings: Settings, services: Services, *, sets: dict[str, Any] | None = None,
+                 dry_run: bool = False, slot: str | None = None) -> RunReport:
+    """Scan, diff, submit. A dry run reads everything and writes nothing."""
+    report = RunReport(schedule.name, dry_run, slot=slot)
+    if schedule.webhook:
+        netguard.check_url(schedule.webhook, settings.netpolicy())
+    owner = new_job_id()
+    lock = keys.SCHEDULE_RUNNING.format(name=schedule.name)
+    if not dry_run and not services.state.hold_lock(lock, owner, RUN_LOCK_TTL):
+        raise TransientError(f"schedule {schedule.name}: another run is in progress")
+    try:
+        if schedule.source.manifest is not None:
+            _run_manifest(schedule, settings, services, sets or {}, report)
+        else:
+            _run_scan(schedule, settings, services, sets or {}, report)
+    finally:
+        if not dry_run:
+            services.state.release_lock(lock, owner)
+    if not dry_run:
+        services.state.set_last_run(schedule.name, report.summary())
+    return report
+
+
+def _run_scan(schedule: Schedule, settings: Settings, services: Services, sets: dict[str, Any],
+              report: RunReport) -> None:
+    # 1. what every row shares, and the ledger with every ended run folded in
+    plan = make_plan(schedule, sets, settings)
+    output = services.objects(schedule.output)
+    ledger = Ledger.load(output, schedule.name)
+    report.folded, in_flight = fold(ledger, output, services.store, schedule.name)
+
+    # 2. scan: one candidate per image; keep those whose fingerprint the ledger does not hold
+    bucket, prefix = split_s3(schedule.source.prefix)
+    source = services.objects(f"s3://{bucket}/{prefix}")
+    if not isinstance(source, S3Store):
+        raise ConfigError(f"source.prefix {schedule.source.prefix!r}: expected s3://bucket/prefix")
+    todo: list[Candidate] = []
+    seen: set[str] = set()
+    for cand in candidates(schedule, plan, source, settings, report.skipped):
+        seen.add(cand.key)
+        report.images += 1
+        entry = ledger.entries.get(cand.key)
+        if entry and entry["fp"] == cand.fingerprint:
+            report.unchanged += 1
+        elif in_flight.get(cand.key) == cand.fingerprint:
+            report.in_flight += 1
+        else:
+            (report.changed if entry else report.new).append(cand.key)
+            todo.append(cand)
+    if report.dry_run:
+        return
+    for gone in set(ledger.entries) - seen:  # removed from the catalog: forget it (re-added = new)
+        del ledger.entries[gone]
+
+    # 3. nothing new: no job at all
+    if not todo:
+        ledger.save(output, schedule.name)
+        return
+
+    # 4. the run's record first (so a crash cannot lose which fingerprints it was for), then the job
+    job_id = new_job_id()
+    run = {"job_id": job_id, "schedule": schedule.name, "slot": report.slot, "created_at": report.at,
+           "items": {c.item_id: {"key": c.key, "fp": c.fingerprint} for c in todo},
+           "skipped": [asdict(s) for s in report.skipped[:SHOWN_SKIPS]], "skipped_total": len(report.skipped)}
+    output.put(keys.S3_CATALOG_RUN.format(prefix="", name=schedule.name, job_id=job_id),
+               json.dumps(run).encode(), records.JSON)
+    ledger.pending.append(job_id)
+    ledger.save(output, schedule.name)
+    with tempfile.TemporaryDirectory(prefix="dreambatch-scan-") as tmp:
+        manifest = Path(tmp) / f"{schedule.name}.jsonl"
+        with manifest.open("w") as fh:
+            for cand in todo:
+                fh.write(json.dumps(cand.row) + "\n")
+        _submit(schedule, settings, services, manifest, plan.defaults, job_id, InputPolicy(Path(tmp)), report)
+
+
+def _run_manifest(schedule: Schedule, settings: Settings, services: Services, sets: dict[str, Any],
+                  report: RunReport) -> None:
+    """A manifest source runs every row, every time (incremental runs are for prefix scans)."""
+    plan = make_plan(schedule, sets, settings)
+    defaults = dict(plan.defaults)
+    for name, text in plan.texts.items():
+        defaults[name] = templates.render(text, plan.values, f"schedule {schedule.name}: {name}")
+    ref = schedule.source.manifest
+    with tempfile.TemporaryDirectory(prefix="dreambatch-manifest-") as tmp:
+        if ref.startswith("s3://"):
+            bucket, _ = split_s3(ref)
+            key = ref[5 + len(bucket) + 1:]
+            data = services.objects(f"s3://{bucket}").get(key, max_bytes=settings.catalog.max_manifest_bytes)
+            if data is None:
+                raise InputError(f"schedule {schedule.name}: source.manifest {ref}: no such object")
+            path = Path(tmp) / PurePosixPath(key).name
+            path.write_bytes(data)
+            policy = InputPolicy(Path(tmp), (), settings.inputs.max_bytes)
+        else:
+            path = Path(ref).expanduser()
+            policy = input_policy(path, settings)
+        if report.dry_run:
+            from jobs.manifest import validate_manifest
+
+            checked = validate_manifest(path, schedule.model, defaults, policy)
+            report.images, report.queued = checked.rows, checked.valid
+            report.skipped = [Skipped(str(i.line), str(i)) for i in checked.issues]
+            return
+        _submit(schedule, settings, services, path, defaults, new_job_id(), policy, report)
+
+
+def _submit(schedule: Schedule, settings: Settings, services: Services, manifest: Path, defaults: dict[str, Any],
+            job_id: str, policy: InputPolicy, report: RunReport) -> None:
+    sub = create_job(manifest, model=schedule.model, defaults=defaults, output=schedule.output,
+                     webhook=schedule.webhook, store=services.store, objects=services.objects(schedule.output),
+                     dispatch=lambda ids: services.publish(schedule.model, job_id, ids), skip_invalid=True,
+                     batch=settings.celery.publish_batch, job_id=job_id, policy=policy,
+                     on_rejected=lambda items: services.notify_rejected(schedule.webhook, items),
+                     review_sheet=schedule.contact_sheet)
+    if sub.job_done:
+        services.finalize(job_id)
+    report.job_id, report.queued, report.rejected = job_id, sub.queued, sub.rejected
+
+
+def run_named(name: str, settings: Settings, celery=None, slot: str | None = None) -> RunReport:
+    """The beat-fired run of schedule `name` (the io worker's task), logged."""
+    import logging
+
+    from jobs.schedules import get_schedule
+
+    report = run_schedule(get_schedule(settings, name), settings, Services.connect(settings, celery), slot=slot)
+    logging.getLogger("dreambatch.catalog").info(
+        "schedule %s (slot %s): %d image(s), %d queued, %d unchanged, %d in flight, %d skipped; job %s",
+        name, slot, report.images, report.queued, report.unchanged, report.in_flight, len(report.skipped),
+        report.job_id or "-")
+    return report

@@ -1,0 +1,136 @@
+"""Catalog commands: `schedules list|run`, `beat`, `presets`. Registered on the `dreambatch` app by worker.cli."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+from datetime import UTC, datetime
+from functools import partial
+from typing import Annotated
+
+import typer
+
+from jobs import broker
+from jobs.catalog import Services, run_schedule
+from jobs.cli import SetOpt, app, err, fail, out
+from jobs.errors import DreambatchError
+from jobs.manifest import parse_sets
+from jobs.presets import load_presets
+from jobs.schedules import get_schedule, load_schedules
+from jobs.settings import get_settings
+from jobs.store import RedisStore, ScheduleState
+
+schedules_app = typer.Typer(help="Scheduled catalog runs (the schedules file).", no_args_is_help=True)
+app.add_typer(schedules_app, name="schedules")
+JsonOpt = Annotated[bool, typer.Option("--json")]
+
+
+@schedules_app.command("list")
+def list_schedules(json_: JsonOpt = False) -> None:
+    """Every schedule: cron and time zone, next fire time, last run and its job."""
+    settings = get_settings()
+    try:
+        schedules = load_schedules(settings)
+        state = ScheduleState.from_url(settings.redis_url)
+        store = RedisStore.from_url(settings.redis_url)
+        now = datetime.now(UTC)
+        rows = []
+        for s in schedules.values():
+            last = state.last_run(s.name)
+            job = store.get_job(last["job_id"]) if last and last.get("job_id") else None
+            upcoming = s.next_fire(now)
+            rows.append({"name": s.name, "cron": s.cron, "timezone": s.timezone, "model": s.model,
+                         "source": s.source.prefix or s.source.manifest, "output": s.output,
+                         "next_fire": upcoming.isoformat() if upcoming else None,
+                         "next_fire_local": upcoming.astimezone(s.zone).isoformat() if upcoming else None,
+                         "last_run": last, "last_job_status": job.status if job else None})
+    except DreambatchError as exc:
+        raise fail(str(exc)) from None
+    if json_:
+        print(json.dumps(rows))
+        return
+    for r in rows:
+        last = r["last_run"]
+        when = f"next {r['next_fire_local']}" if r["next_fire"] else "by hand only"
+        ran = (f"last run {last['at']}: job {last['job_id'] or '-'} ({r['last_job_status'] or 'no job'}), "
+               f"{last['queued']} queued, {last['unchanged']} unchanged, {last['skipped']} skipped"
+               if last else "never run")
+        out.print(f"{r['name']}  {r['cron'] or '-'} {r['timezone']}  {when}  {ran}", highlight=False,
+                  markup=False, soft_wrap=True)
+
+
+@schedules_app.command("run")
+def run_now(
+    name: str,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="list what would be processed; queue nothing")] = False,
+    set_: SetOpt = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Run schedule NAME now: scan its source and queue only new or changed images (`--dry-run`: just show)."""
+    settings = get_settings()
+    try:
+        schedule = get_schedule(settings, name)
+        report = run_schedule(schedule, settings, Services.connect(settings), sets=parse_sets(set_ or []),
+                              dry_run=dry_run)
+    except DreambatchError as exc:
+        raise fail(str(exc)) from None
+    if json_:
+        print(json.dumps(report.as_dict()))
+        return
+    verb = "would process" if dry_run else "queued"
+    for key in report.new:
+        out.print(f"new      {key}", highlight=False, markup=False, soft_wrap=True)
+    for key in report.changed:
+        out.print(f"changed  {key}", highlight=False, markup=False, soft_wrap=True)
+    for s in report.skipped[:200]:
+        err.print(f"skipped  {s.key}: {s.reason}", highlight=False, markup=False, soft_wrap=True)
+    if len(report.skipped) > 200:
+        err.print(f"skipped  … and {len(report.skipped) - 200} more", highlight=False)
+    count = len(report.new) + len(report.changed) if dry_run else report.queued
+    err.print(f"{name}: {report.images} image(s), {verb} {count}, {report.unchanged} unchanged, "
+              f"{report.in_flight} in flight, {len(report.skipped)} skipped"
+              f"{f'; job {report.job_id}' if report.job_id else ''}", highlight=False, soft_wrap=True)
+    if report.job_id:
+        out.print(report.job_id, highlight=False)
+
+
+@app.command()
+def beat(loglevel: Annotated[str, typer.Option()] = "INFO") -> None:
+    """Run Celery beat over the schedules file. Any number may run: one holds a Redis lock and fires,
+    the others stand by; a slot missed while no beat ran fires once when one comes back."""
+    from celery.beat import Service
+
+    from jobs.beat import CatalogScheduler
+
+    logging.basicConfig(level=loglevel, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    settings = get_settings()
+    try:
+        load_schedules(settings)
+    except DreambatchError as exc:
+        raise fail(str(exc)) from None
+    celery = broker.make_celery(settings)
+    service = Service(celery, max_interval=settings.catalog.beat_interval,
+                      scheduler_cls=partial(CatalogScheduler, settings=settings))
+
+    def stop(signum, frame):
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    logging.getLogger("dreambatch.beat").info("beat ready.")
+    service.start()
+
+
+@app.command()
+def presets(json_: JsonOpt = False) -> None:
+    """List the edit presets (ops/presets.toml plus DREAMBATCH_CATALOG__PRESETS_FILE)."""
+    try:
+        found = load_presets(get_settings())
+    except DreambatchError as exc:
+        raise fail(str(exc)) from None
+    if json_:
+        print(json.dumps({n: p.model_dump() for n, p in found.items()}))
+        return
+    for p in found.values():
+        extra = f"  (--set {', '.join(f'{k}={v!r}' for k, v in p.vars.items())})" if p.vars else ""
+        out.print(f"{p.name}: {p.description}{extra}", highlight=False, markup=False, soft_wrap=True)

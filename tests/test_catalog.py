@@ -1,0 +1,384 @@
+"""Scheduled catalog runs end to end: a held-out catalog in S3 (moto server: nested prefixes, mixed formats,
+non-image objects) is fired by `dreambatch beat`, scanned by an io worker and edited on a worker running tiny
+E1.1 weights; a second run does nothing, a changed image or template re-runs exactly what changed; the
+review contact sheet renders every pair in headless chromium; two beats fire a missed slot once."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+import shutil
+import signal
+import subprocess
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from services import cli, s3_client, service_env, wait_until
+
+from jobs import keys
+from jobs.catalog import Ledger, Services, fold, item_id_for, run_schedule
+from jobs.errors import ConfigError, InputError
+from jobs.manifest import RowChecker
+from jobs.models import JobRecord
+from jobs.presets import apply_preset, load_presets
+from jobs.schedules import load_schedules
+from jobs.settings import CatalogSettings, S3Settings, Settings
+from jobs.storage import LocalStore
+from jobs.store import MemoryStore, RedisStore, ScheduleState
+from jobs.templates import KeyTemplate, render
+
+pytestmark = pytest.mark.timeout(240)
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+def photo(seed: int, fmt: str, size=(48, 40)) -> bytes:
+    rng = np.random.default_rng(seed)
+    image = Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    image.save(buf, {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}[fmt])
+    return buf.getvalue()
+
+
+# the held-out catalog: 4 images (nested, mixed formats) and 5 objects that are not images
+IMAGES = {
+    "products/shoes/101.jpg": ("jpg", "image/jpeg"),
+    "products/shoes/102.png": ("png", "image/png"),
+    "products/bags/leather/201.webp": ("webp", "image/webp"),
+    "products/bags/202.JPG": ("jpg", "image/jpeg"),
+}
+OTHERS = {
+    "products/README.txt": (b"catalog notes\n", "text/plain", "not an image (.txt file)"),
+    "products/shoes/101.json": (b'{"sku": 101}', "application/json", "not an image (.json file)"),
+    "products/shoes/": (b"", "application/x-directory", "folder marker"),
+    "products/bags/scan.gif": (b"GIF89a....", "image/gif", "unsupported image format .gif"),
+    "products/hats/blob": (b"\x00\x01binary", "application/octet-stream", "not an image (no extension"),
+}
+
+
+def schedule_file(path: Path, name: str, bucket: str, instruction: str | None = None) -> Path:
+    text = f"""
+[schedules.{name}]
+cron = "0 2 * * *"
+timezone = "Europe/Berlin"
+model = "e1-1"
+preset = "white-studio"
+params = {{ steps = 1, seed = 3 }}
+output = "s3://{bucket}/edited"
+keep_format = true
+{f'instruction = "{instruction}"' if instruction else ''}
+[schedules.{name}.source]
+prefix = "s3://{bucket}/products/"
+path = "products/{{category*}}/{{sku}}.jpg"
+"""
+    path.write_text(text)
+    return path
+
+
+def run_cli(*args: str, env: dict) -> dict:
+    res = cli(*args, "--json", env=env)
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout)
+
+
+def wait_job(redis_url: str, job_id: str):
+    store = RedisStore.from_url(redis_url)
+    return wait_until(lambda: (j := store.get_job(job_id)) and j.finished_at and j, 120, 0.2, what=f"job {job_id}")
+
+
+def results(s3, bucket: str, job_id: str) -> list[dict]:
+    body = s3.get_object(Bucket=bucket, Key=f"edited/{job_id}/results.jsonl")["Body"].read()
+    return [json.loads(x) for x in body.decode().splitlines()]
+
+
+def test_scheduled_scan_edits_every_image_once_then_only_what_changed_and_the_sheet_shows_every_pair(
+        redis_server, s3_endpoint, tiny_dir, bucket, start_worker, tmp_path):
+    s3 = s3_client(s3_endpoint)
+    for n, (key, (fmt, ctype)) in enumerate(IMAGES.items()):
+        s3.put_object(Bucket=bucket, Key=key, Body=photo(n, fmt), ContentType=ctype)
+    for key, (body, ctype, _) in OTHERS.items():
+        s3.put_object(Bucket=bucket, Key=key, Body=body, ContentType=ctype)
+    name = f"nightly-{uuid.uuid4().hex[:6]}"
+    schedules = schedule_file(tmp_path / "schedules.toml", name, bucket)
+    redis_url = redis_server.url[:-1] + "6"  # its own database: the beat lock is not shared with other tests
+    extra = {"DREAMBATCH_REDIS_URL": redis_url, "DREAMBATCH_CATALOG__SCHEDULES_FILE": str(schedules),
+             "DREAMBATCH_CATALOG__BEAT_INTERVAL": "0.3"}
+    env = service_env(redis_server.url, s3_endpoint, tiny_dir, **extra)
+
+    # beat was down at 02:00 for three nights: when it comes back it fires once, an io worker scans
+    state = ScheduleState.from_url(redis_url)
+    state.set_last_fired(name, (datetime.now(UTC) - timedelta(days=3, hours=1)).isoformat())
+    gpu = start_worker("worker", "--model", "e1-1", "--weights", "tiny", "--device", "cpu", **extra)
+    io_worker = start_worker("worker", "--io", **extra)
+    beat = start_worker("beat", **extra)
+    for process in (gpu, io_worker, beat):
+        process.wait_ready()
+    last = wait_until(lambda: state.last_run(name), 60, 0.2, what="the scheduled run")
+    assert last["slot"] is not None and last["queued"] == 4 and last["skipped"] == len(OTHERS)
+    job_id = last["job_id"]
+    job = wait_job(redis_url, job_id)
+    assert (job.status, job.counts["completed"]) == ("completed", 4)
+
+    # every image edited once; outputs mirror the keys with the original name and format
+    lines = results(s3, bucket, job_id)
+    assert sorted(x["metadata"]["source_key"] for x in lines) == sorted(IMAGES)
+    for line in lines:
+        source = line["metadata"]["source_key"]
+        rel = source.removeprefix("products/")
+        [image] = line["output"]["images"]
+        assert image["s3_uri"] == f"s3://{bucket}/edited/{rel}"
+        stored = s3.get_object(Bucket=bucket, Key=f"edited/{rel}")
+        assert stored["ContentType"] == IMAGES[source][1]
+        assert Image.open(io.BytesIO(stored["Body"].read())).size == (48, 40)
+        assert line["metadata"]["sku"] == Path(rel).stem and line["metadata"]["category"] == str(Path(rel).parent)
+    run = json.loads(s3.get_object(Bucket=bucket, Key=f"edited/_catalog/{name}/runs/{job_id}.json")["Body"].read())
+    reasons = {s["key"]: s["reason"] for s in run["skipped"]}
+    assert set(reasons) == set(OTHERS)
+    for key, (_, _, reason) in OTHERS.items():
+        assert reasons[key].startswith(reason), (key, reasons[key])
+
+    # the review contact sheet, written by the io worker when the job ended (and again on demand, into a
+    # folder): every pair renders in a real browser, with its id, sku and a link to its output
+    def sheet_written():
+        listed = s3.list_objects_v2(Bucket=bucket, Prefix=f"edited/{job_id}/sheet")
+        return {o["Key"] for o in listed.get("Contents", [])} == {f"edited/{job_id}/sheet.html",
+                                                                   f"edited/{job_id}/sheet.png"}
+
+    wait_until(sheet_written, 30, 0.2, what="the job's review sheet")
+    res = cli("sheet", job_id, "--to", str(tmp_path / "sheet"), env=env)
+    assert res.returncode == 0, res.stderr
+    page = tmp_path / "sheet" / "sheet.html"
+    dom = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", page.as_uri()],
+                         capture_output=True, text=True, timeout=60).stdout
+    assert 'data-images="8"' in dom and 'data-loaded="8"' in dom  # 4 befores + 4 afters, all decoded
+    for line in lines:
+        card = re.search(rf'<section class="card completed" data-id="{re.escape(line["id"])}">(.*?)</section>', dom)
+        assert card, line["id"]
+        assert f"sku: {line['metadata']['sku']}" in card.group(1)
+        assert f'href="{line["output"]["images"][0]["s3_uri"]}"' in card.group(1)
+    shot = tmp_path / "sheet.png"
+    subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                    f"--screenshot={shot}", "--window-size=1000,800", page.as_uri()], capture_output=True, timeout=60)
+    assert np.asarray(Image.open(shot).convert("L")).std() > 10  # the page drew pictures, not a blank
+    grid = Image.open(io.BytesIO(s3.get_object(Bucket=bucket, Key=f"edited/{job_id}/sheet.png")["Body"].read()))
+    assert grid.size == (4 * (2 * 192 + 12) + 8, 1 * (192 + 34 + 8) + 8)  # one row of four pairs
+
+    # the same night again: nothing new, so no job and no GPU work (runs in this process from here on)
+    settings = Settings(redis_url=redis_url, s3=S3Settings(endpoint_url=s3_endpoint),
+                        catalog=CatalogSettings(schedules_file=str(schedules)))
+    services = Services.connect(settings)
+
+    def run_now(**kwargs):
+        return run_schedule(load_schedules(settings)[name], settings, services, **kwargs)
+
+    again = run_now()
+    assert (again.job_id, again.queued, again.unchanged, again.folded) == (None, 0, 4, [job_id])
+    ledger = json.loads(s3.get_object(Bucket=bucket, Key=f"edited/_catalog/{name}/ledger.json")["Body"].read())
+    assert sorted(ledger["entries"]) == sorted(IMAGES) and ledger["pending"] == []
+
+    # one photo re-shot: the dry run (CLI) names it alone, the run edits it alone
+    s3.put_object(Bucket=bucket, Key="products/shoes/102.png", Body=photo(99, "png"), ContentType="image/png")
+    dry = run_cli("schedules", "run", name, "--dry-run", env=env)
+    assert (dry["new"], dry["changed"], dry["unchanged"], dry["job_id"]) == ([], ["products/shoes/102.png"], 3, None)
+    one = run_now()
+    assert one.queued == 1 and one.changed == ["products/shoes/102.png"]
+    assert wait_job(redis_url, one.job_id).counts["completed"] == 1
+    assert [x["metadata"]["source_key"] for x in results(s3, bucket, one.job_id)] == ["products/shoes/102.png"]
+
+    # a new instruction template: every image it applies to runs again, then nothing
+    schedule_file(schedules, name, bucket, instruction="Put the {category} product {sku} on pure white")
+    changed = run_now()
+    assert changed.queued == 4 and sorted(changed.changed) == sorted(IMAGES)
+    assert wait_job(redis_url, changed.job_id).counts["completed"] == 4
+    assert run_now().queued == 0
+
+    listed = {s["name"]: s for s in run_cli("schedules", "list", env=env)}
+    assert listed[name]["last_run"]["unchanged"] == 4 and listed[name]["last_run"]["job_id"] is None
+    assert listed[name]["next_fire_local"].endswith("T02:00:00+01:00")  # 02:00 Berlin (winter time)
+
+
+def test_two_beats_started_together_fire_a_missed_slot_once_and_a_standby_takes_over(
+        redis_server, s3_endpoint, tiny_dir, bucket, start_worker, tmp_path):
+    name = f"twobeats-{uuid.uuid4().hex[:6]}"
+    schedules = schedule_file(tmp_path / "schedules.toml", name, bucket)
+    redis_url = redis_server.url[:-1] + "7"
+    extra = {"DREAMBATCH_REDIS_URL": redis_url, "DREAMBATCH_CATALOG__SCHEDULES_FILE": str(schedules),
+             "DREAMBATCH_CATALOG__BEAT_INTERVAL": "0.2", "DREAMBATCH_CATALOG__BEAT_LOCK_TTL": "1.5"}
+    state = ScheduleState.from_url(redis_url)
+    state.set_last_fired(name, (datetime.now(UTC) - timedelta(days=2, hours=1)).isoformat())
+    beats = [start_worker("beat", **extra), start_worker("beat", **extra)]  # no io worker: messages stay queued
+
+    def fired() -> list[list]:
+        """The run_schedule messages waiting in the io queue (Celery protocol 2 bodies: [args, kwargs, embed])."""
+        messages = [json.loads(m) for m in state.r.lrange(keys.IO_QUEUE, 0, -1)]
+        return [json.loads(base64.b64decode(m["body"]) if m["properties"].get("body_encoding") == "base64"
+                           else m["body"]) for m in messages if m["headers"]["task"] == keys.TASK_RUN_SCHEDULE]
+
+    wait_until(fired, 30, 0.1, what="beat to fire")
+    wait_until(lambda: all("ready." in b.log.read_text() for b in beats), 10, what="both beats up")
+    wait_until(lambda: sum("standby" in b.log.read_text() for b in beats) == 1, 10, what="one standby")
+    [holder] = [b for b in beats if "holding the beat lock" in b.log.read_text()]
+    [standby] = [b for b in beats if b is not holder]
+    slot = state.last_fired(name)
+    assert [args[:2] for args, _, _ in fired()] == [[name, slot]]
+    assert datetime.now(UTC) - datetime.fromisoformat(slot) < timedelta(days=1)  # the latest slot, not the first
+
+    holder.kill(signal.SIGKILL)  # the lock is not released: the standby takes over once it expires
+    wait_until(lambda: "holding the beat lock" in standby.log.read_text(), 15, 0.1, what="the standby to take over")
+    assert len(fired()) == 1  # and does not fire the slot again
+
+
+# ---- the pieces, without services ---------------------------------------------------------------------
+
+
+def test_only_completed_items_of_an_ended_run_are_recorded_and_a_run_in_flight_is_not_queued_again(tmp_path):
+    objects, store = LocalStore(str(tmp_path)), MemoryStore()
+    run = {"items": {"a-1": {"key": "p/a.jpg", "fp": "fa"}, "b-2": {"key": "p/b.jpg", "fp": "fb"}}}
+    objects.put(keys.S3_CATALOG_RUN.format(prefix="", name="n", job_id="J1"), json.dumps(run).encode(), "x")
+    ledger = Ledger(pending=["J1"])
+    store.create_job(JobRecord(job_id="J1", model="e1-1", output=str(tmp_path), created_at="2026-01-01T00:00:00+00:00",
+                               updated_at="2026-01-01T00:00:00+00:00", total=2))
+    assert fold(ledger, objects, store, "n") == ([], {"p/a.jpg": "fa", "p/b.jpg": "fb"})  # still running
+    lines = [{"id": "a-1", "status": "completed", "output": {"images": [{"s3_uri": "s3://x/a.jpg"}]}},
+             {"id": "b-2", "status": "failed", "output": {"images": []}}]
+    objects.put("J1/results.jsonl", "\n".join(json.dumps(x) for x in lines).encode(), "x")
+    assert fold(ledger, objects, store, "n") == (["J1"], {})
+    assert set(ledger.entries) == {"p/a.jpg"} and ledger.entries["p/a.jpg"]["fp"] == "fa" and ledger.pending == []
+
+
+def test_every_preset_is_valid_e1_job_defaults_and_set_fills_its_placeholders():
+    presets = load_presets()
+    assert {"white-studio", "flat-cutout", "seasonal"} <= set(presets)
+    for name in presets:
+        for model in ("e1-1", "e1-full"):
+            defaults = apply_preset(name, {"steps": "2"})
+            assert RowChecker(model, defaults).check_defaults() == [], (name, model)
+            assert "{" not in defaults["instruction"]
+    seasonal = apply_preset("seasonal", {"theme": "summer beach", "guidance_scale": "3"})
+    assert "summer beach" in seasonal["instruction"] and seasonal["guidance_scale"] == "3"
+    with pytest.raises(InputError, match="unknown preset 'nope'; choose one of"):
+        apply_preset("nope", {})
+
+
+def test_key_templates_and_text_templates_name_what_is_wrong(tmp_path):
+    nested = KeyTemplate("products/{category*}/{sku}.jpg", "t")
+    assert nested.match("products/bags/leather/201.WEBP") == {"category": "bags/leather", "sku": "201"}
+    assert KeyTemplate("products/{category}/{sku}.jpg", "t").match("products/bags/leather/201.jpg") is None
+    assert render("{{literal}} {sku}", {"sku": "7"}, "w") == "{literal} 7"
+    with pytest.raises(InputError, match=r"unknown placeholder \{skuu\}"):
+        render("{skuu}", {"sku": "7"}, "w")
+    with pytest.raises(InputError, match="bad placeholder"):
+        render("{sku.__class__.__mro__[1]}", {"sku": "7"}, "w")
+    assert item_id_for("shoes/1 2.jpg") != item_id_for("shoes/1_2.jpg")
+    bad = tmp_path / "s.toml"
+    bad.write_text('[schedules.x]\ncron = "61 * * * *"\noutput = "s3://b/o"\npreset = "white-studio"\n'
+                   '[schedules.x.source]\nprefix = "s3://b/p/"\n')
+    with pytest.raises(ConfigError, match=r"schedules\.x: cron: not a cron expression: '61 \* \* \* \*'"):
+        load_schedules(Settings(), bad)
+
+
+def test_validate_with_a_preset_fills_the_instruction_and_compose_runs_beat(tmp_path):
+    import yaml
+    from typer.testing import CliRunner
+
+    from worker.cli import app
+
+    photo_path = tmp_path / "shoe.jpg"
+    photo_path.write_bytes(photo(1, "jpg"))
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("image,sku\nshoe.jpg,SKU-1\n")
+    runner = CliRunner()
+    bare = runner.invoke(app, ["validate", str(manifest), "--model", "e1-1"])
+    assert bare.exit_code == 2 and "an edit row needs an instruction" in bare.output
+    preset = runner.invoke(app, ["validate", str(manifest), "--model", "e1-1", "--preset", "seasonal",
+                                 "--set", "theme=autumn leaves", "--json"])
+    assert preset.exit_code == 0, preset.output
+    assert json.loads(preset.stdout)["valid"] == 1
+    unknown = runner.invoke(app, ["validate", str(manifest), "--model", "e1-1", "--preset", "studio"])
+    assert unknown.exit_code == 2 and "unknown preset 'studio'" in unknown.output
+
+    compose = yaml.safe_load((Path(__file__).resolve().parent.parent / "docker-compose.yml").read_text())
+    assert compose["services"]["beat"]["command"] == ["dreambatch", "beat"]
+    assert "./ops:/app/ops:ro" in compose["services"]["worker-io"]["volumes"]
+    assert runner.invoke(app, ["beat", "--help"]).exit_code == 0
+
+
+def test_a_manifest_source_queues_every_row_with_the_schedules_preset_and_a_dry_run_queues_nothing(
+        redis_server, s3_endpoint, bucket, tmp_path):
+    s3 = s3_client(s3_endpoint)
+    s3.put_object(Bucket=bucket, Key="in/a.jpg", Body=photo(1, "jpg"), ContentType="image/jpeg")
+    manifest = "image,sku\n" + f"s3://{bucket}/in/a.jpg,A\n" + f"s3://{bucket}/in/a.jpg,B\n"
+    s3.put_object(Bucket=bucket, Key="manifests/tonight.csv", Body=manifest.encode())
+    name = f"m-{uuid.uuid4().hex[:6]}"
+    path = tmp_path / "schedules.toml"
+    path.write_text(f'[schedules.{name}]\nmodel = "e1-1"\npreset = "seasonal"\noutput = "s3://{bucket}/out"\n'
+                    f'[schedules.{name}.source]\nmanifest = "s3://{bucket}/manifests/tonight.csv"\n')
+    settings = Settings(redis_url=redis_server.url[:-1] + "8", s3=S3Settings(endpoint_url=s3_endpoint),
+                        catalog=CatalogSettings(schedules_file=str(path)))
+    published: list[tuple[str, str, list[str]]] = []
+    services = Services.connect(settings)
+    services.publish = lambda model, job_id, ids: published.append((model, job_id, ids))
+    schedule = load_schedules(settings)[name]
+
+    dry = run_schedule(schedule, settings, services, dry_run=True, sets={"theme": "autumn"})
+    assert (dry.images, dry.queued, dry.job_id, published) == (2, 2, None, [])
+    report = run_schedule(schedule, settings, services, sets={"theme": "autumn"})
+    assert published == [("e1-1", report.job_id, ["2", "3"])]  # ids = line numbers
+    job = RedisStore.from_url(settings.redis_url).get_job(report.job_id)
+    assert "autumn" in job.defaults["instruction"] and job.review_sheet
+    assert ScheduleState.from_url(settings.redis_url).last_run(name)["job_id"] == report.job_id
+
+
+def test_a_large_job_gets_sheet_pages_and_a_failed_row_shows_its_error(tmp_path):
+    from worker.contact_sheet import make_sheet
+
+    objects = LocalStore(str(tmp_path))
+    at = "2026-01-01T00:00:00+00:00"
+    job = JobRecord(job_id="J", model="e1-1", output=objects.location, created_at=at, updated_at=at, total=3)
+    objects.put("J/job.json", job.model_dump_json().encode(), "application/json")
+    rows, lines = [], []
+    for n, status in enumerate(["completed", "failed", "completed"]):
+        before = objects.put(f"J/inputs/r{n}.png", photo(n, "png"), "image/png")
+        after = objects.put(f"J/r{n}.png", photo(10 + n, "png"), "image/png") if status == "completed" else None
+        rows.append({"id": f"r{n}", "line": n + 2, "params": {"image": before}, "metadata": {}})
+        lines.append({"id": f"r{n}", "line": n + 2, "status": status, "metadata": {"sku": f"<b>{n}</b>"},
+                      "error": None if after else "InputError: not a JPEG, PNG or WebP image", "seed": 1,
+                      "output": {"images": [{"s3_uri": after, "url": None}] if after else []}})
+    objects.put("J/rows.jsonl", "\n".join(json.dumps(r) for r in rows).encode(), "x")
+    objects.put("J/results.jsonl", "\n".join(json.dumps(x) for x in lines).encode(), "x")
+
+    pages = make_sheet("J", objects, Settings(), lambda _loc: objects, page_size=2)
+    assert [(Path(p.html_uri).name, Path(p.png_uri).name, p.pairs) for p in pages] == [
+        ("sheet.html", "sheet.png", 2), ("sheet-2.html", "sheet-2.png", 1)]
+    first = Path(pages[0].html_uri).read_text()
+    assert first.count('class="before"') == 2 and first.count('class="after"') == 1
+    assert "InputError: not a JPEG, PNG or WebP image" in first and "no output" in first
+    assert "sku: &lt;b&gt;0&lt;/b&gt;" in first and "<b>0</b>" not in first  # metadata is escaped
+    assert f'href="{Path(lines[0]["output"]["images"][0]["s3_uri"]).as_uri()}"' in first
+
+
+def test_instruction_templates_read_object_metadata_and_an_object_without_it_is_skipped_with_the_reason(
+        s3_endpoint, bucket, tmp_path):
+    from jobs.catalog import candidates, make_plan
+    from jobs.storage import S3Store
+
+    s3 = s3_client(s3_endpoint)
+    s3.put_object(Bucket=bucket, Key="p/red.jpg", Body=photo(1, "jpg"), Metadata={"Color": "red"})
+    s3.put_object(Bucket=bucket, Key="p/plain.jpg", Body=photo(2, "jpg"))
+    path = tmp_path / "s.toml"
+    path.write_text(f'[schedules.m]\nmodel = "e1-1"\ninstruction = "Make the {{meta.color}} shoe {{stem}} pop"\n'
+                    f'output = "s3://{bucket}/out"\nlayout = "job"\n[schedules.m.source]\nprefix = "s3://{bucket}/p/"\n')
+    settings = Settings(s3=S3Settings(endpoint_url=s3_endpoint))
+    schedule = load_schedules(settings, path)["m"]
+    plan = make_plan(schedule, {}, settings)
+    skipped: list = []
+    found = list(candidates(schedule, plan, S3Store(f"s3://{bucket}/p/", s3), settings, skipped))
+    assert [(c.key, c.row["instruction"], "output_key" in c.row) for c in found] == [
+        ("p/red.jpg", "Make the red shoe red pop", False)]
+    assert [(s.key, s.reason) for s in skipped] == [
+        ("p/plain.jpg", "no object metadata x-amz-meta-color (the instruction uses {meta.color})")]

@@ -1,0 +1,203 @@
+"""A job's review contact sheet: before/after pairs a merchandiser checks before publishing.
+
+    {prefix}{job_id}/sheet.html   one card per row: id, line, status, metadata (sku…), the input and the
+                                  output side by side, a link to each output; images inlined as small JPEG
+                                  thumbnails, so the page is one self-contained file
+    {prefix}{job_id}/sheet.png    the same pairs as one PNG grid
+Large jobs are split into pages of `page_size` rows: sheet.html, sheet-2.html, … (and .png).
+
+Built from the job's durable record (job.json, rows.jsonl, results.jsonl), so it works after the job
+ended, from any machine that can read the output location.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
+
+from jobs import keys, records
+from jobs.errors import DreambatchError, InputError, JobNotFound
+from jobs.models import JobRecord
+from jobs.settings import Settings
+from jobs.storage import ObjectStore
+from worker import imaging, inputs
+
+THUMB = 192  # px, the longer side of each thumbnail
+GRID_COLUMNS = 4
+MAX_PAGE_SIZE = 1000
+
+
+@dataclass
+class Pair:
+    item_id: str
+    line: int
+    status: str
+    metadata: dict
+    error: str | None
+    before: Image.Image | None
+    before_error: str | None
+    after: list[Image.Image] = field(default_factory=list)
+    links: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SheetPage:
+    html_uri: str
+    png_uri: str
+    pairs: int
+
+
+def _thumb(data: bytes, max_pixels: int) -> Image.Image:
+    image = imaging.decode_input(data, max_pixels)
+    image.thumbnail((THUMB, THUMB))
+    return image
+
+
+def _lines_and_inputs(job: JobRecord, objects: ObjectStore) -> tuple[list[dict], dict[str, str | None]]:
+    lines = records.read_results(objects, job.job_id)
+    if lines is None:
+        raise InputError(f"job {job.job_id} has no results.jsonl yet: make the sheet when the job has ended")
+    raw_rows = objects.get(keys.S3_JOB_ROWS.format(prefix="", job_id=job.job_id)) or b""
+    images = {}
+    for text in raw_rows.decode().splitlines():
+        row = json.loads(text)
+        images[row["id"]] = (row.get("params") or {}).get("image")
+    return lines, images
+
+
+def _load_pairs(job: JobRecord, lines: list[dict], images: dict[str, str | None], settings: Settings,
+                fetch_store: Callable[[str], ObjectStore]) -> list[Pair]:
+    """The thumbnails of one page's rows (a page at a time, so a large job never holds every image)."""
+    pairs = []
+    for line in lines:
+        pair = Pair(line["id"], line["line"], line["status"], line["metadata"], line["error"], None, None)
+        ref = images.get(line["id"])
+        try:
+            if ref is None:
+                raise InputError("no input image on this row")
+            pair.before = _thumb(inputs.fetch(ref, job, settings, fetch_store), settings.inputs.max_pixels)
+        except DreambatchError as exc:
+            pair.before_error = str(exc)
+        for out in line["output"]["images"]:
+            pair.links.append(out.get("url") or out["s3_uri"])
+            try:
+                pair.after.append(_thumb(inputs.fetch(out["s3_uri"], job, settings, fetch_store),
+                                         settings.inputs.max_pixels))
+            except DreambatchError as exc:
+                pair.error = f"output not readable: {exc}"
+        pairs.append(pair)
+    return pairs
+
+
+def _data_uri(image: Image.Image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, "JPEG", quality=82)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _href(link: str) -> str:
+    return link if link.startswith(("https://", "http://", "s3://")) else Path(link).as_uri()
+
+
+CSS = """
+body{font:14px system-ui,sans-serif;margin:16px;background:#f4f4f4;color:#222}
+h1{font-size:18px} .grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(420px,1fr));gap:12px}
+.card{background:#fff;border:1px solid #ddd;border-radius:6px;padding:8px}
+.card.failed{border-color:#d33} .pair{display:flex;gap:6px;align-items:flex-start}
+.pair figure{margin:0;flex:1} figcaption{font-size:11px;color:#666}
+img{max-width:192px;max-height:192px;display:block;background:#eee}
+.meta{font-size:12px;color:#444;word-break:break-all} .error{color:#b00;font-size:12px}
+"""
+COUNT_SCRIPT = """
+window.addEventListener('load', function () {
+  var imgs = Array.prototype.slice.call(document.querySelectorAll('img'));
+  var ok = imgs.filter(function (i) { return i.complete && i.naturalWidth > 0; }).length;
+  document.body.setAttribute('data-images', imgs.length);
+  document.body.setAttribute('data-loaded', ok);
+  document.getElementById('loaded').textContent = ok + ' of ' + imgs.length + ' images shown';
+});
+"""
+
+
+def render_html(job: JobRecord, pairs: list[Pair], page: int, pages: int) -> str:
+    e = html.escape
+    cards = []
+    for p in pairs:
+        meta = " · ".join(f"{e(str(k))}: {e(str(v))}" for k, v in p.metadata.items())
+        before = (f'<img class="before" alt="before {e(p.item_id)}" src="{_data_uri(p.before)}">' if p.before
+                  else f'<div class="error">input: {e(p.before_error or "")}</div>')
+        afters = "".join(
+            f'<a href="{e(_href(link))}"><img class="after" alt="after {e(p.item_id)}" src="{_data_uri(img)}"></a>'
+            for img, link in zip(p.after, p.links, strict=False))
+        links = " ".join(f'<a class="output" href="{e(_href(link))}">{e(link)}</a>' for link in p.links)
+        error = f'<div class="error">{e(p.error)}</div>' if p.error else ""
+        cards.append(
+            f'<section class="card {e(p.status)}" data-id="{e(p.item_id)}">'
+            f'<div><b>{e(p.item_id)}</b> · line {p.line} · {e(p.status)}</div><div class="meta">{meta}</div>'
+            f'<div class="pair"><figure>{before}<figcaption>before</figcaption></figure>'
+            f'<figure>{afters or "<div class=error>no output</div>"}<figcaption>after</figcaption></figure></div>'
+            f'{error}<div class="meta">{links}</div></section>')
+    title = f"{job.job_id} — review ({job.model}{f', page {page} of {pages}' if pages > 1 else ''})"
+    return (f'<!doctype html><html><head><meta charset="utf-8"><title>{e(title)}</title><style>{CSS}</style>'
+            f"<script>{COUNT_SCRIPT}</script></head><body data-pairs=\"{len(pairs)}\"><h1>{e(title)}</h1>"
+            f'<p>{len(pairs)} row(s) · {sum(p.status == "completed" for p in pairs)} completed · '
+            f'<span id="loaded"></span></p><div class="grid">{"".join(cards)}</div></body></html>')
+
+
+def render_png(pairs: list[Pair]) -> bytes:
+    font = ImageFont.load_default()
+    cell_w, label_h, pad = 2 * THUMB + 12, 34, 8
+    cell_h = THUMB + label_h + pad
+    rows = max(1, -(-len(pairs) // GRID_COLUMNS))
+    sheet = Image.new("RGB", (GRID_COLUMNS * cell_w + pad, rows * cell_h + pad), (244, 244, 244))
+    draw = ImageDraw.Draw(sheet)
+    for n, p in enumerate(pairs):
+        x, y = pad + (n % GRID_COLUMNS) * cell_w, pad + (n // GRID_COLUMNS) * cell_h
+        for k, image in enumerate([p.before, p.after[0] if p.after else None]):
+            left = x + k * (THUMB + 4)
+            if image is None:
+                draw.rectangle((left, y, left + THUMB - 1, y + THUMB - 1), outline=(200, 40, 40))
+                draw.text((left + 6, y + 6), "input failed" if k == 0 else p.status, fill=(180, 0, 0), font=font)
+            else:
+                sheet.paste(image, (left + (THUMB - image.width) // 2, y + (THUMB - image.height) // 2))
+        sku = p.metadata.get("sku") or p.metadata.get("source_key") or ""
+        draw.text((x, y + THUMB + 4), f"{p.item_id} ({p.status})"[:60], fill=(20, 20, 20), font=font)
+        draw.text((x, y + THUMB + 18), str(sku)[:60], fill=(90, 90, 90), font=font)
+    buf = io.BytesIO()
+    sheet.save(buf, "PNG", optimize=True)
+    return buf.getvalue()
+
+
+def make_sheet(job_id: str, objects: ObjectStore, settings: Settings, fetch_store: Callable[[str], ObjectStore],
+               page_size: int = 200, copy_to: Path | None = None) -> list[SheetPage]:
+    """Write the job's sheet page(s) next to it (and into `copy_to` when given); returns them."""
+    if not 1 <= page_size <= MAX_PAGE_SIZE:
+        raise InputError(f"--page-size must be 1..{MAX_PAGE_SIZE} (got {page_size})")
+    spec = objects.get(keys.S3_JOB_SPEC.format(prefix="", job_id=job_id))
+    if spec is None:
+        raise JobNotFound(f"no job {job_id!r} under {objects.location}")
+    job = JobRecord.model_validate_json(spec)
+    lines, images = _lines_and_inputs(job, objects)
+    chunks = [lines[i:i + page_size] for i in range(0, len(lines), page_size)] or [[]]
+    pages = []
+    for n, chunk_lines in enumerate(chunks, start=1):
+        suffix = "" if n == 1 else f"-{n}"
+        chunk = _load_pairs(job, chunk_lines, images, settings, fetch_store)
+        page_html = render_html(job, chunk, n, len(chunks)).encode()
+        page_png = render_png(chunk)
+        html_key = keys.S3_SHEET.format(prefix="", job_id=job_id, page=suffix, ext="html")
+        png_key = keys.S3_SHEET.format(prefix="", job_id=job_id, page=suffix, ext="png")
+        pages.append(SheetPage(objects.put(html_key, page_html, "text/html; charset=utf-8"),
+                               objects.put(png_key, page_png, "image/png"), len(chunk)))
+        if copy_to is not None:
+            copy_to.mkdir(parents=True, exist_ok=True)
+            (copy_to / f"sheet{suffix}.html").write_bytes(page_html)
+            (copy_to / f"sheet{suffix}.png").write_bytes(page_png)
+    return pages
