@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from functools import lru_cache
+from typing import Literal
 
 from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -53,6 +54,19 @@ class InputSettings(BaseModel):
     download_timeout: float = Field(30.0, description="s for one URL download, redirects included")
 
 
+class RunnerSettings(BaseModel):
+    """How a GPU worker runs its model (docs/benchmarks.md has what each one gains)."""
+
+    moe: Literal["auto", "grouped", "dense", "off"] = Field(
+        "auto", description="expert routing: grouped/dense are sync-free; off = diffusers'; auto picks per device")
+    prompt_cache_mb: int = Field(1024, ge=0, description="encoded prompts kept per worker, MiB; 0 = off")
+    text_encoders: Literal["device", "cpu"] = Field(
+        "device", description="cpu: keep the four text encoders in CPU memory (a GPU short of memory)")
+    batch_max: int = Field(1, ge=0, description="most I1 items denoised together; 1 = off, 0 = from free GPU memory")
+    batch_window_ms: float = Field(20.0, ge=0, description="how long a batch waits for more items to arrive")
+    fold_padding: bool = Field(True, description="non-square latents: one token stands for the padding")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DREAMBATCH_", env_nested_delimiter="__", extra="ignore")
 
@@ -65,6 +79,7 @@ class Settings(BaseSettings):
     celery: CelerySettings = CelerySettings()
     s3: S3Settings = S3Settings()
     webhooks: WebhookSettings = WebhookSettings()
+    runner: RunnerSettings = RunnerSettings()
 
     def netpolicy(self):
         from jobs.netguard import Policy

@@ -46,7 +46,7 @@ def worker(
 ) -> None:
     """Run a worker: one process per GPU (`--model`), or an I/O worker (`--io`)."""
     from jobs import broker
-    from worker.runtime import Runtime
+    from worker.runtime import Runtime, batches
     from worker.tasks import register
 
     if io == (model is not None):
@@ -65,7 +65,10 @@ def worker(
             runtime.runner()  # load the model now, in this process, so a bad setup fails at start
         except DreambatchError as exc:
             raise fail(str(exc)) from None
-        queue, threads, name = keys.gpu_queue(model), concurrency or 2, f"gpu-{model}"
+        # a micro-batch needs that many items in flight, plus one encoding and uploading
+        batching = batches(model, settings.runner)
+        threads = concurrency or (max(settings.runner.batch_max, 4) + 1 if batching else 2)
+        queue, name = keys.gpu_queue(model), f"gpu-{model}"
     register(celery, runtime)
     celery.worker_main(["worker", "-Q", queue, "-P", "threads", "-c", str(threads), "-n", f"{name}.{os.getpid()}@%h",
                         "-l", loglevel, "--without-gossip", "--without-mingle", "--without-heartbeat"])
