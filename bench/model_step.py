@@ -82,6 +82,7 @@ def main() -> None:
     ap.add_argument("--models", default=",".join(NATIVE))
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--batch-sweep", default="1,2,4", help="micro-batch sizes timed for i1-fast (best variant)")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="the card's dense bf16 peak (H100 SXM: 989)")
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -96,7 +97,7 @@ def main() -> None:
     else:
         base = build_transformer(device, dtype)
         latent_side = 1024
-    real = cost(build_transformer("meta") if args.weights == "random-full-size" else base, 1024, 1024)
+    real = cost(build_transformer("meta"), 1024, 1024)
     print(f"transformer ({args.weights}): {real.total_params / 1e9:.2f} B parameters, "
           f"{real.active_params / 1e9:.2f} B active per image token, "
           f"{real.flops_per_forward / 1e12:.1f} TFLOP per forward at 1024² ({real.image_tokens} image + "
@@ -141,6 +142,25 @@ def main() -> None:
             print(f"{line}, max |diff| vs diffusers {diff:.3g}")
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+    # micro-batching on the device: s/image of i1-fast at 1024² for several items per forward
+    best = variant(base, "grouped+fold" if device.type == "cuda" else "diffusers")
+    width, height, _, _, steps = NATIVE["i1-fast"]
+    side = int(width * latent_side / 1024)
+    base.max_seq = base.config.max_resolution[0] * base.config.max_resolution[1] // 4
+    for batch in (int(b) for b in args.batch_sweep.split(",")):
+        inputs = random_inputs(base, batch, side, side, device, dtype)
+        if args.weights == "tiny":
+            inputs["encoder_hidden_states_t5"] = torch.randn(batch, 16, 32, device=device, dtype=dtype)
+            inputs["encoder_hidden_states_llama3"] = torch.randn(2, batch, 16, 32, device=device, dtype=dtype)
+            inputs["pooled_embeds"] = torch.randn(batch, 64, device=device, dtype=dtype)
+        try:
+            seconds, _ = timed(best, inputs, device, args.repeats)
+        except torch.OutOfMemoryError:
+            print(f"  i1-fast micro-batch {batch}: out of memory")
+            break
+        print(f"  i1-fast micro-batch {batch}: {seconds / batch:.4f} s/step per image, "
+              f"{seconds * steps / batch:.2f} s/image")
 
 
 if __name__ == "__main__":
