@@ -27,7 +27,7 @@ from jobs.settings import RunnerSettings
 from worker.runners.base import GenerateRequest, RunOutput
 from worker.runners.moe import install_moe_dispatch
 from worker.runners.padding import install_fold_padding
-from worker.runners.text_cache import PromptCache, TextEmbeds, encode_text, offload_text_encoders
+from worker.runners.text_cache import TEXT_ENCODERS, PromptCache, TextEmbeds, encode_text
 from worker.runners.weights import ResolvedWeights, resolve_weights
 
 _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
@@ -98,13 +98,16 @@ def load_pipeline(
     extra = {} if transformer is None else {"transformer": transformer}
     pipe = HiDreamImagePipeline.from_pretrained(
         found.pipeline_dir, tokenizer_4=tokenizer_4, text_encoder_4=text_encoder_4, dtype=dtype, **extra
-    ).to(device)
+    )
+    # the text encoders stay in CPU memory when asked (never passing through the GPU); the rest goes to `device`
+    on_cpu = TEXT_ENCODERS if options.text_encoders == "cpu" else ()
+    for name, component in pipe.components.items():
+        if isinstance(component, torch.nn.Module) and name not in on_cpu:
+            component.to(device)
     # The pipeline hard-codes 128 latents a side; render at the area the transformer was built for.
     config = pipe.transformer.config
     pipe.default_sample_size = native_latent_side(config.patch_size, config.max_resolution)
     pipe.set_progress_bar_config(disable=True)
-    if options.text_encoders == "cpu":
-        offload_text_encoders(pipe)
     speed_up_transformer(pipe.transformer, options)
     return pipe
 

@@ -5,10 +5,11 @@ and negative prompt, and HiDream encodes each text with four encoders (Llama 3.1
 bytes, because one real-size entry is large: Llama's hidden states of every layer for 128 tokens
 (33 × 128 × 4096 bf16 ≈ 34 MiB) plus T5's and the pooled CLIP vectors.
 
-`encode_text` runs the pipeline's own `encode_prompt` for one text; with the text encoders kept on the
-CPU (`text_encoders="cpu"`, for a GPU short of memory: they are ~10 GB in bf16, Llama most of it) it
-encodes there and moves the result to the denoising device. With the cache, that slower encode is paid
-once per distinct text.
+`encode_text` runs the pipeline's own `encode_prompt` for one text, on whatever device the encoders are:
+with `text_encoders="cpu"` (for a GPU short of memory: in bf16 the four take about 27 GB — Llama 3.1 8B
+16 GB, T5-XXL's encoder 9.5 GB, the two CLIPs 1.6 GB — beside the transformer's 34 GB) `load_pipeline`
+leaves them in CPU memory, they encode there, and the result moves to the denoising device. With the
+cache, that slower encode is paid once per distinct text.
 """
 
 from __future__ import annotations
@@ -83,14 +84,6 @@ class PromptCache:
     @property
     def nbytes(self) -> int:
         return self._bytes
-
-
-def offload_text_encoders(pipe) -> None:
-    """Keep the four text encoders in CPU memory; `encode_text` then runs them there."""
-    for name in TEXT_ENCODERS:
-        encoder = getattr(pipe, name, None)
-        if encoder is not None:
-            encoder.to("cpu")
 
 
 def encoder_device(pipe) -> torch.device:
