@@ -130,6 +130,7 @@ def pipelining(args, tmp: Path) -> list[str]:
     (tmp / "redis").mkdir()
     redis_server.start()
     s3, endpoint = start_s3()
+    saved = dict(os.environ)
     os.environ.update(service_env(redis_server.url, endpoint, tmp / "tiny"))
     lines = []
     try:
@@ -157,6 +158,8 @@ def pipelining(args, tmp: Path) -> list[str]:
     finally:
         s3.stop()
         redis_server.stop()
+        os.environ.clear()
+        os.environ.update(saved)
     return lines
 
 
