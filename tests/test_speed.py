@@ -56,8 +56,9 @@ def forward(transformer, latents: torch.Tensor) -> torch.Tensor:
         )[0]
 
 
-# I1 square and wide; E1 [target | source] of a square canvas (fills max_seq) and of a 4:3 one (padded)
-INPUTS = {"i1": [(32, 32), (24, 32)], "e1-1": [(32, 64), (24, 64)], "e1-full": [(32, 64), (24, 64)]}
+# I1 square, 4:3 (25% padding: folded) and 36x26 (9%: below FOLD_MIN_SHARE, left padded); E1 [target | source]
+# of a square canvas (fills max_seq) and of a 4:3 one (folded)
+INPUTS = {"i1": [(32, 32), (24, 32), (36, 26)], "e1-1": [(32, 64), (24, 64)], "e1-full": [(32, 64), (24, 64)]}
 
 
 @pytest.mark.parametrize("mode", ["grouped", "dense"])

@@ -12,7 +12,9 @@ and routing), so they stay identical through every block. P identical keys of sc
 score log P. `install_fold_padding` makes the transformer keep n + 1 image tokens — the real ones and
 one padding token standing for all P — and gives that token's key the weight P:
 
-- `patchify` trims the padded sequence to n + 1 and marks the last token's mask entry with −P;
+- `patchify` trims the padded sequence to n + 1 and marks the last token's mask entry with −P (a folded
+  mask is float64: the attention processor tells it from diffusers' 0/1 masks by dtype, without reading
+  the device);
 - `FoldedAttnProcessor` zeroes keys whose mask is ≤ 0 (as diffusers does) and adds log P to the folded
   key's score. The bias rides in two extra head dimensions (q gets 1, 1; k gets log P / scale split
   into a high and a low part in the working dtype), padded to a multiple of 8, so SDPA keeps its fused
@@ -20,6 +22,13 @@ one padding token standing for all P — and gives that token's key the weight P
 
 Attention cost falls with the token count; images equal the padded path's within float rounding
 (tests/test_speed.py). Square latents, and non-square ones that fill max_seq exactly, are untouched.
+
+Where it pays: dreambatch renders every aspect ratio at the model's native area (I1's `rendered_size`,
+E1's `canvas_size`), so its padding is only the snap to multiples of 16: 0.4–3% of the tokens. The two
+bias dims make every attention head 8 wider (128 → 136: +6% attention FLOPs, and GPU attention kernels
+may round 136 up to a slower tile), so folding a few percent would not pay. Only padding of at least
+`FOLD_MIN_SHARE` of max_seq is folded; below that the transformer runs as diffusers' does. The threshold
+is an estimate from FLOP counts, not a GPU measurement (bench/model_step.py times a 25%-padded case).
 """
 
 from __future__ import annotations
@@ -32,6 +41,8 @@ import torch.nn.functional as F
 from torch import nn
 
 EXTRA_DIMS = 8  # two carry the fold bias; the rest keep the head dim a multiple of 8
+FOLDED = torch.float64  # the dtype that marks a folded mask
+FOLD_MIN_SHARE = 0.10  # fold only padding of at least this share of max_seq (see the module docstring)
 
 
 def install_fold_padding(transformer: nn.Module) -> None:
@@ -55,7 +66,9 @@ def _folded_patchify(self: nn.Module, hidden_states: torch.Tensor):
     folded = self.max_seq - real
     if folded == 0:  # fills max_seq exactly: the all-ones mask changes nothing
         return tokens, None, img_sizes, img_ids
-    fold = torch.ones(tokens.shape[0], real + 1, dtype=torch.float32, device=tokens.device)
+    if folded < FOLD_MIN_SHARE * self.max_seq:  # too little to pay for the wider heads
+        return tokens, masks, img_sizes, img_ids
+    fold = torch.ones(tokens.shape[0], real + 1, dtype=FOLDED, device=tokens.device)
     fold[:, real] = -float(folded)
     return tokens[:, : real + 1], fold, img_sizes, img_ids[:, : real + 1]
 
@@ -88,7 +101,7 @@ class FoldedAttnProcessor:
 
         query, key, value = (t.transpose(1, 2) for t in (query, key, value))  # (batch, heads, tokens, dim)
         scale = head_dim**-0.5
-        if hidden_states_masks is not None:  # no test on the values: that would sync with the host
+        if hidden_states_masks is not None and hidden_states_masks.dtype == FOLDED:  # (values unread: no sync)
             query, key, value = _with_fold_bias(query, key, value, hidden_states_masks, scale)
         out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False, scale=scale)
         out = out[..., :head_dim].transpose(1, 2).reshape(batch, -1, heads * head_dim).to(query.dtype)
