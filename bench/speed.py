@@ -143,7 +143,7 @@ def pipelining(args, tmp: Path) -> list[str]:
                                     for i in range(args.items)))
         inner = build_runner("i1-fast", "tiny", "cpu", RunnerSettings())
         inner.load()
-        cases = [("no pipelining (1 thread)", 1, 1), ("pipelining (2 threads)", 2, 1)]
+        cases = [("no pipelining (1 thread)", 1, 1), ("pipelining (2 threads)", 2, 1), ("pipelining (3 threads)", 3, 1)]
         cases += [(f"pipelining + micro-batches of {b} ({b + 1} threads)", b + 1, b) for b in args.batches]
         for name, threads, batch in cases:
             timed = Timeline(inner)
