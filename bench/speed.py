@@ -252,11 +252,41 @@ def main() -> None:
         print(f"micro-batching, {args.items} images:", flush=True)
         micro_batching(args)
     if args.overhead_items:
-        from bench import queue_throughput
+        print(f"end to end through Celery, {args.overhead_items} items (bench/queue_throughput.py's runs):",
+              flush=True)
+        overhead(args)
 
-        sys.argv = [sys.argv[0], "--items", str(args.overhead_items)]
-        print("overhead vs plain Celery (bench/queue_throughput.py):", flush=True)
-        queue_throughput.main()
+
+def overhead(args) -> None:
+    """queue_throughput's dreambatch run (plain, then micro-batching) and plain Celery, on one Redis and S3."""
+    from bench.queue_throughput import dreambatch_run, plain_celery_run
+
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        (tmp / "redis").mkdir()
+        redis_server = RedisServer(tmp / "redis")
+        redis_server.start()
+        s3, endpoint = start_s3()
+        env = service_env(redis_server.url, endpoint, tmp / "tiny")
+        try:
+            runs = {"dreambatch, 2 threads": dreambatch_run(args.overhead_items, env, tmp, endpoint, 2)}
+            batch = max(args.batches)
+            batched_env = {**env, "DREAMBATCH_RUNNER__BATCH_MAX": str(batch)}
+            name = f"dreambatch, micro-batches of {batch}, {batch + 1} threads"
+            runs[name] = dreambatch_run(args.overhead_items, batched_env, tmp, endpoint, batch + 1)
+            plain = plain_celery_run(args.overhead_items, env, tmp, 2)
+        finally:
+            s3.stop()
+            redis_server.stop()
+    for name, run in runs.items():
+        print(f"  {name}: {run['items_per_s']:.1f} items/s ({run['completed']}/{run['items']} completed, "
+              f"submit {run['submit_s']:.2f} s), per item: wall {run['per_item_wall_s'] * 1000:.1f} ms, "
+              f"model call {run['mean_inference_s'] * 1000:.1f} ms, encode+upload {run['mean_upload_s'] * 1000:.1f} ms",
+              flush=True)
+    print(f"  plain Celery, empty task, 2 threads: {plain['items_per_s']:.1f} items/s", flush=True)
+    first = next(iter(runs.values()))
+    print(f"  overhead ratio (plain items/s ÷ dreambatch items/s, 2 threads): "
+          f"{plain['items_per_s'] / first['items_per_s']:.1f}x", flush=True)
 
 
 if __name__ == "__main__":

@@ -82,9 +82,15 @@ class MicroBatcher:
 
     def _loop(self) -> None:
         while True:
-            calls = self._gather(self._queue.get())
-            for group in _groups(calls, self._limit):
-                self._run(group)
+            calls = [self._queue.get()]
+            try:
+                calls = self._gather(calls[0])
+                for group in _groups(calls, self._limit):
+                    self._run(group)
+            except BaseException as exc:  # never leave an item thread waiting on a call nobody will run
+                for call in calls:
+                    if not call.result.done():
+                        call.result.set_exception(exc)
 
     def _gather(self, first: _Call) -> list[_Call]:
         """`first` and what else is queued, waiting until `window_s` after `first` arrived for a full batch."""
