@@ -19,7 +19,7 @@ from worker.runners.batching import MicroBatcher
 from worker.runners.fullsize import build_transformer, cost
 from worker.runners.hidream_e1 import HiDreamE1Runner
 from worker.runners.hidream_i1 import HiDreamI1Runner
-from worker.runners.moe import install_moe_dispatch, moe_layers
+from worker.runners.moe import grouped_agrees, install_moe_dispatch, moe_layers
 from worker.runners.padding import install_fold_padding
 from worker.runners.weights import make_tiny, tiny_transformer
 from worker.runners.weights_e1 import _tiny_lora_over, add_lora_adapter, split_lora_file
@@ -72,6 +72,9 @@ def test_sync_free_expert_routing_gives_diffusers_outputs(mode):
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=f"{name} {shape}")
         assert install_moe_dispatch(routed, "off") == "off"
         torch.testing.assert_close(forward(routed, latents), expected, rtol=0, atol=0)
+    # "auto" leaves a CPU transformer on diffusers' path; on CUDA it first checks grouped against it, like this
+    assert install_moe_dispatch(copy.deepcopy(transformer), "auto") == "off"
+    assert grouped_agrees(moe_layers(transformer)[0])
 
 
 def test_sync_free_routing_traces_as_one_graph_where_diffusers_breaks():

@@ -13,14 +13,18 @@ depend only on the input's shape:
   Same FLOPs as diffusers' path. The experts' weights are stacked once at install; each expert's
   `nn.Linear.weight` then views its slice, so nothing is held twice and state dicts are unchanged.
   Needs a device/dtype that `grouped_mm` runs on (bf16 on CUDA SM≥80; fp32 and bf16 on CPU) and plain
-  `nn.Linear` experts: layers whose experts carry LoRA adapters (E1-Full) get "dense" instead.
+  `nn.Linear` experts: asked for explicitly, layers whose experts carry LoRA adapters (E1-Full) get "dense".
 - "dense": every routed expert runs on every token and the routing weights (zero for experts not
   picked) mix the results. No gather at all and it calls the expert modules, so LoRA adapters apply;
   costs num_routed/num_activated (2× on HiDream) the routed-expert FLOPs.
 - "off": diffusers' own path.
 
-"auto" picks "grouped" on CUDA where it can, "dense" on CUDA otherwise, and "off" on the CPU (a CPU
-has no launch queue to stall). Outputs equal diffusers' within float rounding (tests/test_speed.py).
+"auto" picks "grouped" on CUDA (bf16, SM≥80, plain experts) once a check on the first layer — a random
+input through diffusers' path and the grouped one, on this device — runs and agrees; otherwise "off".
+It never picks "dense": doubling the routed experts (about 2/3 of the model's FLOPs) costs far more than
+the syncs it removes; "dense" is for tracing, compile experiments and LoRA'd experts when asked for.
+On a CPU "auto" is "off" (no launch queue to stall). Outputs equal diffusers' within float rounding
+(tests/test_speed.py). The grouped path has not yet run on a GPU: the check is what guards a worker.
 """
 
 from __future__ import annotations
@@ -64,11 +68,35 @@ def _auto_mode(layers: list[nn.Module]) -> str:
     if not layers:
         return "off"
     weight = layers[0].experts[0].w1.weight
-    if weight.device.type != "cuda":
+    if weight.device.type != "cuda" or weight.dtype != torch.bfloat16:
         return "off"
-    plain = all(_plain(layer) for layer in layers)
-    ampere = torch.cuda.get_device_capability(weight.device)[0] >= 8
-    return "grouped" if plain and ampere and weight.dtype == torch.bfloat16 else "dense"
+    if torch.cuda.get_device_capability(weight.device)[0] < 8 or not all(_plain(layer) for layer in layers):
+        return "off"
+    return "grouped" if grouped_agrees(layers[0]) else "off"
+
+
+def grouped_agrees(layer: nn.Module, tokens: int = 256) -> bool:
+    """Whether the grouped path runs on this layer's device and matches diffusers' on a random input."""
+    import logging
+
+    weight = layer.experts[0].w1.weight
+    x = torch.randn(1, tokens, weight.shape[1], device=weight.device, dtype=weight.dtype)
+    probe = types.SimpleNamespace(gate=layer.gate, experts=layer.experts, shared_experts=layer.shared_experts,
+                                  _stacked={name: torch.stack([getattr(e, name).weight for e in layer.experts])
+                                            for name in ("w1", "w2", "w3")})
+    try:
+        with torch.no_grad():
+            expected = type(layer).forward(layer, x)
+            got = _grouped_forward(probe, x)
+        agrees = torch.allclose(got.float(), expected.float(), rtol=2e-2, atol=2e-2)
+    except Exception as exc:  # a device or dtype grouped_mm does not run on
+        logging.getLogger("dreambatch.worker").warning("grouped expert routing unavailable (%s: %s); "
+                                                      "using diffusers' routing", type(exc).__name__, exc)
+        return False
+    if not agrees:
+        logging.getLogger("dreambatch.worker").warning("grouped expert routing disagrees with diffusers' here; "
+                                                      "using diffusers' routing")
+    return agrees
 
 
 def _plain(layer: nn.Module) -> bool:
