@@ -63,7 +63,8 @@ INPUTS = {"i1": [(32, 32), (24, 32), (36, 26)], "e1-1": [(32, 64), (24, 64)], "e
 
 @pytest.mark.parametrize("mode", ["grouped", "dense"])
 def test_sync_free_expert_routing_gives_diffusers_outputs(mode):
-    for name, transformer in transformers().items():
+    tiny = transformers()
+    for name, transformer in tiny.items():
         routed = copy.deepcopy(transformer)
         assert install_moe_dispatch(routed, mode) == mode
         for shape in INPUTS[name]:
@@ -73,8 +74,9 @@ def test_sync_free_expert_routing_gives_diffusers_outputs(mode):
         assert install_moe_dispatch(routed, "off") == "off"
         torch.testing.assert_close(forward(routed, latents), expected, rtol=0, atol=0)
     # "auto" leaves a CPU transformer on diffusers' path; on CUDA it first checks grouped against it, like this
-    assert install_moe_dispatch(copy.deepcopy(transformer), "auto") == "off"
-    assert grouped_agrees(moe_layers(transformer)[0])
+    assert install_moe_dispatch(copy.deepcopy(tiny["i1"]), "auto") == "off"
+    assert grouped_agrees(moe_layers(tiny["i1"])[0])
+    assert not grouped_agrees(moe_layers(tiny["e1-full"])[0]), "stacked weights would drop the experts' LoRA"
 
 
 def test_sync_free_routing_traces_as_one_graph_where_diffusers_breaks():
