@@ -89,8 +89,9 @@ def load_pipeline(
     `transformer`, when given, replaces the folder's own (which is then not read). `options` picks the
     expert routing, where the text encoders live and padding folding (`RunnerSettings`).
     """
-    options = options or RunnerSettings()
     from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+    options = options or RunnerSettings()
 
     tokenizer_4 = PreTrainedTokenizerFast.from_pretrained(found.llama_tokenizer_dir)
     # The pipeline asks for hidden states on each call; setting them here trips a generation warning.
@@ -190,10 +191,10 @@ class HiDreamI1Runner:
         pipe.scheduler = self._scheduler(first.scheduler, first.shift)
         if isinstance(pipe.scheduler, SeededFlowMatchLCMScheduler):
             pipe.scheduler.generator = generator
+        started = time.perf_counter()
         guided = first.guidance_scale > 1
         text = TextEmbeds.batch([self.embeds(r.prompt) for r in requests])
         negative = TextEmbeds.batch([self.embeds(r.negative_prompt) for r in requests]) if guided else None
-        started = time.perf_counter()
         with torch.inference_mode():
             result = pipe(
                 prompt_embeds_t5=text.t5,
