@@ -267,7 +267,9 @@ def overhead(args) -> None:
         redis_server = RedisServer(tmp / "redis")
         redis_server.start()
         s3, endpoint = start_s3()
-        env = service_env(redis_server.url, endpoint, tmp / "tiny")
+        # the worker's torch on as many threads as the in-process parts above: with more OpenMP threads than
+        # free cores, a batch's items encoding and uploading at once stall the model's spinning OpenMP threads
+        env = service_env(redis_server.url, endpoint, tmp / "tiny", OMP_NUM_THREADS=str(args.model_threads))
         try:
             runs = {"dreambatch, 2 threads": dreambatch_run(args.overhead_items, env, tmp, endpoint, 2)}
             batch = max(args.batches)

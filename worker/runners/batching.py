@@ -112,7 +112,9 @@ class MicroBatcher:
             self._settle(call, call.run or (lambda: self._measured(call.request)))
             return
         try:
+            started = time.perf_counter()
             outputs = self.runner.generate_batch([call.request for call in group])
+            log.debug("batch of %d in %.3f s", len(group), time.perf_counter() - started)
         except Exception as exc:  # run them one by one: only the bad one fails
             if _out_of_memory(exc):
                 self._limit = max(1, len(group) // 2)
