@@ -27,7 +27,7 @@ from jobs.settings import RunnerSettings
 from worker.runners.base import GenerateRequest, RunOutput
 from worker.runners.moe import install_moe_dispatch
 from worker.runners.padding import install_fold_padding
-from worker.runners.text_cache import TEXT_ENCODERS, PromptCache, TextEmbeds, encode_text
+from worker.runners.text_cache import TEXT_ENCODERS, PromptCache, TextEmbeds, encode_text, encode_texts
 from worker.runners.weights import ResolvedWeights, resolve_weights
 
 _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
@@ -169,11 +169,18 @@ class HiDreamI1Runner:
         return ("generate", request.width, request.height, request.steps, float(request.guidance_scale),
                 request.scheduler, float(request.shift))
 
-    def embeds(self, text: str) -> TextEmbeds:
-        """`text` through the four text encoders, once per process while it stays in the prompt cache."""
+    def embeds(self, texts: list[str]) -> TextEmbeds:
+        """`texts` through the four text encoders as one batch, each text encoded once per process while it
+        stays in the prompt cache; those not cached are encoded together."""
         pipe = self.load()
-        key = (self.model, self.source, text, str(self.dtype))
-        return self.prompts.get(key, lambda: encode_text(pipe, text, pipe.device, self.dtype))
+
+        def key(text: str) -> tuple:
+            return (self.model, self.source, text, str(self.dtype))
+
+        missing = [text for text in dict.fromkeys(texts) if self.prompts.peek(key(text)) is None]
+        fresh = dict(zip(missing, encode_texts(pipe, missing, pipe.device, self.dtype), strict=True)) if missing else {}
+        return TextEmbeds.batch([self.prompts.get(key(text), lambda text=text: fresh.get(text) or
+                                                  encode_text(pipe, text, pipe.device, self.dtype)) for text in texts])
 
     def generate_batch(self, requests: list[GenerateRequest]) -> list[RunOutput]:
         """Render several requests with one denoising loop; each gets the images it would get alone.
@@ -193,8 +200,8 @@ class HiDreamI1Runner:
             pipe.scheduler.generator = generator
         started = time.perf_counter()
         guided = first.guidance_scale > 1
-        text = TextEmbeds.batch([self.embeds(r.prompt) for r in requests])
-        negative = TextEmbeds.batch([self.embeds(r.negative_prompt) for r in requests]) if guided else None
+        text = self.embeds([r.prompt for r in requests])
+        negative = self.embeds([r.negative_prompt for r in requests]) if guided else None
         with torch.inference_mode():
             result = pipe(
                 prompt_embeds_t5=text.t5,

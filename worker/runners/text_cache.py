@@ -78,6 +78,11 @@ class PromptCache:
                     self._bytes -= dropped.nbytes
         return embeds
 
+    def peek(self, key: Hashable) -> TextEmbeds | None:
+        """The cached embeddings for `key`, or None; counts nothing and does not refresh."""
+        with self._lock:
+            return self._entries.get(key)
+
     def __len__(self) -> int:
         return len(self._entries)
 
@@ -93,8 +98,18 @@ def encoder_device(pipe) -> torch.device:
 @torch.no_grad()
 def encode_text(pipe, text: str, device: torch.device, dtype: torch.dtype) -> TextEmbeds:
     """`text` through the pipeline's four encoders, wherever they are, as tensors on `device`."""
+    return encode_texts(pipe, [text], device, dtype)[0]
+
+
+@torch.no_grad()
+def encode_texts(pipe, texts: list[str], device: torch.device, dtype: torch.dtype) -> list[TextEmbeds]:
+    """Several texts through the encoders as one batch (every text is padded to the same 128 tokens, so
+    each row is what it would be alone, within float rounding); one `TextEmbeds` per text."""
     t5, _, llama, _, pooled, _ = pipe.encode_prompt(
-        prompt=text, device=encoder_device(pipe), dtype=dtype, do_classifier_free_guidance=False,
+        prompt=list(texts), device=encoder_device(pipe), dtype=dtype, do_classifier_free_guidance=False,
         max_sequence_length=MAX_SEQUENCE_LENGTH,
     )
-    return TextEmbeds(t5=t5.to(device), llama=llama.to(device), pooled=pooled.to(device))
+    t5, llama, pooled = t5.to(device), llama.to(device), pooled.to(device)
+    # each row its own storage: a cached view would keep the whole batch alive behind a one-row size
+    return [TextEmbeds(t5=t5[i : i + 1].clone(), llama=llama[:, i : i + 1].clone(), pooled=pooled[i : i + 1].clone())
+            for i in range(len(texts))]
