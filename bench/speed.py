@@ -276,7 +276,8 @@ def overhead(args) -> None:
             batched_env = {**env, "DREAMBATCH_RUNNER__BATCH_MAX": str(batch)}
             name = f"dreambatch, micro-batches of {batch}, {batch + 1} threads"
             runs[name] = dreambatch_run(args.overhead_items, batched_env, tmp, endpoint, batch + 1)
-            plain = plain_celery_run(args.overhead_items, env, tmp, 2)
+            # 10x the items: 200 empty tasks drain in ~0.3 s, too short a span to time steadily
+            plain = plain_celery_run(10 * args.overhead_items, env, tmp, 2)
         finally:
             s3.stop()
             redis_server.stop()
@@ -285,7 +286,8 @@ def overhead(args) -> None:
               f"submit {run['submit_s']:.2f} s), per item: wall {run['per_item_wall_s'] * 1000:.1f} ms, "
               f"model call {run['mean_inference_s'] * 1000:.1f} ms, encode+upload {run['mean_upload_s'] * 1000:.1f} ms",
               flush=True)
-    print(f"  plain Celery, empty task, 2 threads: {plain['items_per_s']:.1f} items/s", flush=True)
+    print(f"  plain Celery, empty task, 2 threads: {plain['items_per_s']:.1f} items/s ({plain['items']} tasks)",
+          flush=True)
     first = next(iter(runs.values()))
     print(f"  overhead ratio (plain items/s ÷ dreambatch items/s, 2 threads): "
           f"{plain['items_per_s'] / first['items_per_s']:.1f}x", flush=True)
