@@ -156,7 +156,7 @@ def main() -> None:
             inputs["pooled_embeds"] = torch.randn(batch, 64, device=device, dtype=dtype)
         try:
             seconds, _ = timed(best, inputs, device, args.repeats)
-        except torch.OutOfMemoryError:
+        except torch.cuda.OutOfMemoryError:
             print(f"  i1-fast micro-batch {batch}: out of memory")
             break
         print(f"  i1-fast micro-batch {batch}: {seconds / batch:.4f} s/step per image, "

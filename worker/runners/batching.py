@@ -157,4 +157,4 @@ def _groups(calls: list[_Call], limit: int) -> list[list[_Call]]:
 
 
 def _out_of_memory(exc: BaseException) -> bool:
-    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()

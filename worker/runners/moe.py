@@ -51,6 +51,9 @@ def install_moe_dispatch(transformer: nn.Module, mode: str = "auto") -> str:
     if mode not in MODES:
         raise ValueError(f"unknown moe mode {mode!r}; expected one of {', '.join(MODES)}")
     layers = moe_layers(transformer)
+    if mode == "grouped" and not hasattr(F, "grouped_mm"):
+        raise ValueError(f"moe mode 'grouped' needs torch.nn.functional.grouped_mm (torch {torch.__version__} "
+                         "has none); use 'auto', 'dense' or 'off'")
     if mode == "auto":
         mode = _auto_mode(layers)
     for layer in layers:
