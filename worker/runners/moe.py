@@ -47,7 +47,11 @@ def moe_layers(transformer: nn.Module) -> list[nn.Module]:
 
 
 def install_moe_dispatch(transformer: nn.Module, mode: str = "auto") -> str:
-    """Route every MoE layer of `transformer` by `mode`; returns the mode installed ("off" when none)."""
+    """Route every MoE layer of `transformer` by `mode`; returns the mode installed ("off" when none).
+
+    Install once the transformer is on its device and in its dtype: "grouped" stacks the expert weights
+    there, and a later `.to()` would leave the stacks behind (the grouped GEMMs then fail on the mismatch).
+    """
     if mode not in MODES:
         raise ValueError(f"unknown moe mode {mode!r}; expected one of {', '.join(MODES)}")
     layers = moe_layers(transformer)
