@@ -70,6 +70,8 @@ def plain_celery_run(n: int, env: dict, tmp: Path, concurrency: int) -> dict:
 
         from bench.plain_celery import app
 
+        # this process's producer must publish to the bench's Redis, which its environment does not name
+        app.conf.broker_url = env["DREAMBATCH_REDIS_URL"]
         r = redis.Redis.from_url(env["DREAMBATCH_REDIS_URL"])
         t0 = time.perf_counter()
         with app.producer_or_acquire() as producer:

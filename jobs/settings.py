@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from functools import lru_cache
+from typing import Literal
 
 from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -68,6 +69,8 @@ class ApiSettings(BaseModel):
     max_json_rows: int = Field(10_000, description="rows in one JSON POST /v1/jobs body; upload a file for more")
     public_url: str | None = Field(None, description="base URL clients reach the API at (default: the request's)")
     url_secret: str | None = Field(None, description="signs served image URLs; random per process when unset")
+
+
 class CatalogSettings(BaseModel):
     schedules_file: str = Field("ops/schedules.toml", description="the schedules (TOML); relative to the cwd")
     presets_file: str | None = Field(None, description="your presets (TOML), on top of ops/presets.toml")
@@ -75,6 +78,19 @@ class CatalogSettings(BaseModel):
     beat_lock_ttl: float = Field(30.0, description="s a beat keeps the lock without renewing it")
     max_objects: int = Field(1_000_000, description="objects one prefix scan may list")
     max_manifest_bytes: int = Field(256 * 2**20, description="largest manifest a schedule downloads")
+
+
+class RunnerSettings(BaseModel):
+    """How a GPU worker runs its model (docs/benchmarks.md has what each one gains)."""
+
+    moe: Literal["auto", "grouped", "dense", "off"] = Field(
+        "auto", description="expert routing: grouped/dense are sync-free; off = diffusers'; auto picks per device")
+    prompt_cache_mb: int = Field(1024, ge=0, description="encoded prompts kept per worker, MiB; 0 = off")
+    text_encoders: Literal["device", "cpu"] = Field(
+        "device", description="cpu: keep the four text encoders in CPU memory (a GPU short of memory)")
+    batch_max: int = Field(1, ge=0, description="most I1 items denoised together; 1 = off, 0 = from free GPU memory")
+    batch_window_ms: float = Field(20.0, ge=0, description="how long a batch waits for more items to arrive")
+    fold_padding: bool = Field(True, description="non-square latents: one token stands for the padding")
 
 
 class Settings(BaseSettings):
@@ -94,6 +110,8 @@ class Settings(BaseSettings):
     s3: S3Settings = S3Settings()
     webhooks: WebhookSettings = WebhookSettings()
     api: ApiSettings = ApiSettings()
+    catalog: CatalogSettings = CatalogSettings()
+    runner: RunnerSettings = RunnerSettings()
 
     @model_validator(mode="after")
     def _webhook_waits_below_visibility(self) -> Settings:
@@ -106,7 +124,6 @@ class Settings(BaseSettings):
     def signing_secrets(self) -> list[str]:
         """Every configured webhook secret; during a key rotation each event carries one signature per secret."""
         return [s for s in (self.webhook_secret or "").replace(",", " ").split() if s]
-    catalog: CatalogSettings = CatalogSettings()
 
     def netpolicy(self):
         from jobs.netguard import Policy

@@ -53,7 +53,7 @@ def worker(
     """Run a worker: one process per GPU (`--model`), or an I/O worker (`--io`)."""
     from jobs import broker, logs
     from worker.heartbeat import Heartbeat
-    from worker.runtime import Runtime
+    from worker.runtime import Runtime, batches
     from worker.tasks import register
 
     if io == (model is not None):
@@ -77,7 +77,10 @@ def worker(
             runtime.runner()  # load the model now, in this process, so a bad setup fails at start
         except DreambatchError as exc:
             raise fail(str(exc)) from None
-        queue, threads, name = keys.gpu_queue(model), concurrency or 2, f"gpu-{model}"
+        # a micro-batch needs that many items in flight, plus one encoding and uploading
+        batching = batches(model, settings.runner)
+        threads = concurrency or (max(settings.runner.batch_max, 4) + 1 if batching else 2)
+        queue, name = keys.gpu_queue(model), f"gpu-{model}"
     register(celery, runtime)
     if metrics_port is not None:
         runtime.metrics.serve(metrics_port)

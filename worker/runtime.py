@@ -7,13 +7,14 @@ process is the worker itself.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable
 
 from celery import Celery
 
 from jobs import broker
-from jobs.settings import Settings
+from jobs.settings import RunnerSettings, Settings
 from jobs.storage import ObjectStore, open_store, s3_client
 from jobs.store import RedisStore, Store
 from worker.leases import Leases
@@ -22,17 +23,29 @@ from worker.process import Context
 from worker.runners.base import Runner
 
 
-def build_runner(model: str, weights: str | None, device: str) -> Runner:
-    """The real runner for a model name (HiDream-I1 for i1-*, HiDream-E1 for e1-*)."""
+def build_runner(model: str, weights: str | None, device: str, options: RunnerSettings | None = None) -> Runner:
+    """The real runner for a model name (HiDream-I1 for i1-*, HiDream-E1 for e1-*); an I1 runner is
+    wrapped in a `MicroBatcher` when `options.batch_max` is not 1."""
+    options = options or RunnerSettings()
     if model.startswith("i1-"):
         from worker.runners.hidream_i1 import HiDreamI1Runner
 
-        return HiDreamI1Runner(model, weights=weights, device=device)
+        runner = HiDreamI1Runner(model, weights=weights, device=device, options=options)
+        if batches(model, options):
+            from worker.runners.batching import MicroBatcher
+
+            return MicroBatcher(runner, options.batch_max, options.batch_window_ms / 1000, device)
+        return runner
     if model.startswith("e1-"):
         from worker.runners.hidream_e1 import HiDreamE1Runner
 
-        return HiDreamE1Runner(model, weights=weights, device=device)
+        return HiDreamE1Runner(model, weights=weights, device=device, options=options)
     raise ValueError(f"no runner for model {model!r}")
+
+
+def batches(model: str | None, options: RunnerSettings) -> bool:
+    """Whether a worker for `model` micro-batches (I1 only: E1 edits run one at a time)."""
+    return bool(model and model.startswith("i1-") and options.batch_max != 1)
 
 
 class Runtime:
@@ -44,7 +57,10 @@ class Runtime:
         self.model = model
         self._store = store
         self._runner: Runner | None = None
-        self._runner_factory = runner_factory or (lambda: build_runner(model, weights, device))
+        self._runner_factory = runner_factory or (lambda: build_runner(model, weights, device, settings.runner))
+        # a micro-batching runner has its own model thread, the only one touching the GPU: no lock around calls
+        self._model_lock = contextlib.nullcontext() if runner_factory is None and batches(model, settings.runner) \
+            else None
         self._objects: dict[str, ObjectStore] = {}
         self._s3 = None
         self._lock = threading.Lock()
@@ -94,5 +110,5 @@ class Runtime:
             settings=self.settings, store=self.store, runner=self.runner, objects=self.objects,
             notify=lambda job_id, item_id, event_id: broker.send_webhook(self.app, job_id, item_id, event_id),
             finalize=lambda job_id: broker.send_finalize(self.app, job_id),
-            gpu_lock=self.gpu_lock, leases=self.leases, metrics=self.metrics,
+            gpu_lock=self._model_lock or self.gpu_lock, leases=self.leases, metrics=self.metrics,
         )

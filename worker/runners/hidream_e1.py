@@ -38,30 +38,14 @@ from PIL import Image
 
 from jobs.errors import ConfigError
 from jobs.models import MODELS
+from jobs.settings import RunnerSettings
 from worker.runners.base import EditRequest, RunOutput
-from worker.runners.hidream_i1 import load_pipeline, native_latent_side, parse_dtype
+from worker.runners.hidream_i1 import load_pipeline, native_latent_side, parse_dtype, speed_up_transformer
+from worker.runners.text_cache import PromptCache, TextEmbeds, encode_text
 from worker.runners.weights_e1 import add_lora_adapter, resolve_edit_weights, split_lora_file
 
 CANVAS_MULTIPLE = 16  # canvas sides: VAE factor x patch size on the real model (8 x 2)
 REFERENCE_SIDE = 1024  # the real I1 transformer's native side, in pixels; ModelSpec.base_size is relative to it
-
-
-@dataclass(frozen=True)
-class TextEmbeds:
-    """One prompt through the four text encoders (batch 1)."""
-
-    t5: torch.Tensor  # (batch, tokens, dim)
-    llama: torch.Tensor  # (layers, batch, tokens, dim)
-    pooled: torch.Tensor  # (batch, dim)
-
-    @staticmethod
-    def batch(parts: list[TextEmbeds], repeat: int) -> TextEmbeds:
-        """The prompts of `parts`, each `repeat` times, in that order, as one batch."""
-        return TextEmbeds(
-            t5=torch.cat([p.t5.repeat(repeat, 1, 1) for p in parts]),
-            llama=torch.cat([p.llama.repeat(1, repeat, 1, 1) for p in parts], dim=1),
-            pooled=torch.cat([p.pooled.repeat(repeat, 1) for p in parts]),
-        )
 
 
 @dataclass(frozen=True)
@@ -147,9 +131,12 @@ class LoraSwitch:
 class HiDreamE1Pipeline:
     """Instruction-based editing with HiDream-E1; holds diffusers' I1 components (`base`) and a transformer switch."""
 
-    def __init__(self, base: HiDreamImagePipeline, transformers: TransformerSwitch, token_budget: int):
+    def __init__(self, base: HiDreamImagePipeline, transformers: TransformerSwitch, token_budget: int,
+                 prompts: PromptCache | None = None, cache_key: tuple = ()):
         self.base = base  # VAE, text encoders, tokenizers, scheduler: one set for both stages
         self.transformers = transformers
+        self.prompts = prompts  # encoded texts kept across calls, keyed by cache_key + (text,)
+        self.cache_key = cache_key
         self.token_budget = token_budget  # most target tokens per image; the edit pass sees twice that
         self.vae_scale_factor = base.vae_scale_factor
         self.patch_size = base.transformer.config.patch_size
@@ -163,10 +150,11 @@ class HiDreamE1Pipeline:
         return self.base.vae.dtype
 
     def encode_text(self, prompt: str) -> TextEmbeds:
-        t5, _, llama, _, pooled, _ = self.base.encode_prompt(
-            prompt=prompt, device=self.device, dtype=self.dtype, do_classifier_free_guidance=False
-        )
-        return TextEmbeds(t5=t5, llama=llama, pooled=pooled)
+        """`prompt` through the four text encoders; from the prompt cache when it holds it."""
+        def encode() -> TextEmbeds:
+            return encode_text(self.base, prompt, self.device, self.dtype)
+
+        return encode() if self.prompts is None else self.prompts.get((*self.cache_key, prompt), encode)
 
     def encode_image(self, image: Image.Image) -> torch.Tensor:
         """The source image as normalized VAE latents (the distribution's mode, so no randomness)."""
@@ -314,13 +302,16 @@ def canvas_size(width: int, height: int, side: int, fixed: bool) -> tuple[int, i
 class HiDreamE1Runner:
     """Turns an `EditRequest` into edited images with a HiDream-E1 pipeline held in this process."""
 
-    def __init__(self, model: str, weights: str | None, device: str = "cpu", dtype: str | None = None):
+    def __init__(self, model: str, weights: str | None, device: str = "cpu", dtype: str | None = None,
+                 options: RunnerSettings | None = None):
         if model not in MODELS or MODELS[model].kind != "edit":
             raise ConfigError(f"unknown HiDream-E1 model {model!r}; expected e1-1 or e1-full")
         self.model = model
         self.weights = weights
         self.device = device
         self.dtype = parse_dtype(dtype, device)
+        self.options = options or RunnerSettings()
+        self.prompts = PromptCache(self.options.prompt_cache_mb * 2**20)
         self.source: str | None = None  # where the weights came from, once loaded
         self._pipe: HiDreamE1Pipeline | None = None
         self._side: int | None = None  # canvas side (e1-full) or side of the pixel budget (e1-1)
@@ -340,7 +331,7 @@ class HiDreamE1Runner:
         if found.lora_file is not None:  # e1-full: edit = refine + LoRA + full tensors, one module
             lora, full = split_lora_file(load_file(found.lora_file))
             add_lora_adapter(refine, lora)
-        base = load_pipeline(found.components, self.device, self.dtype, transformer=refine)
+        base = load_pipeline(found.components, self.device, self.dtype, transformer=refine, options=self.options)
         base.transformer.requires_grad_(False)
         # the canvas: ModelSpec.base_size (768 e1-full, 1024 e1-1) scaled to this transformer's native side
         config = base.transformer.config
@@ -352,12 +343,14 @@ class HiDreamE1Runner:
             edit = HiDreamImageTransformer2DModel.from_pretrained(found.edit_transformer_dir, dtype=self.dtype)
             edit.to(self.device).requires_grad_(False)
             edit.max_seq = 2 * tokens
+            speed_up_transformer(edit, self.options)
             switch: TransformerSwitch = TwoTransformers(edit, base.transformer)
         else:
             base.transformer.max_seq = max(base.transformer.max_seq, 2 * tokens)
             switch = LoraSwitch(base.transformer, full)
         self.source = found.source
-        return HiDreamE1Pipeline(base, switch, token_budget=tokens)
+        return HiDreamE1Pipeline(base, switch, token_budget=tokens, prompts=self.prompts,
+                                 cache_key=(self.model, found.source, str(self.dtype)))
 
     def canvas_size(self, width: int, height: int) -> tuple[int, int]:
         """The (width, height) this model edits an input of width x height at; fit the image to it first.

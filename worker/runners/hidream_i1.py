@@ -2,6 +2,10 @@
 
 The pipeline is built once, on first use, from `resolve_weights`; each request may pick its own
 flow-matching scheduler and shift, built from the loaded scheduler's config and cached.
+
+Prompts are encoded through a per-process `PromptCache` and handed to the pipeline as embeddings.
+`generate_batch` denoises several requests that share a `batch_key` (size, steps, guidance, scheduler)
+as one batch, each from its own seeded generator, so each image equals the one its request alone gives.
 """
 
 from __future__ import annotations
@@ -20,7 +24,11 @@ from diffusers import (
 )
 from diffusers.configuration_utils import FrozenDict
 
+from jobs.settings import RunnerSettings
 from worker.runners.base import GenerateRequest, RunOutput
+from worker.runners.moe import install_moe_dispatch
+from worker.runners.padding import install_fold_padding
+from worker.runners.text_cache import TEXT_ENCODERS, PromptCache, TextEmbeds, encode_text, encode_texts
 from worker.runners.weights import ResolvedWeights, resolve_weights
 
 _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
@@ -34,7 +42,7 @@ class SeededFlowMatchLCMScheduler(FlowMatchLCMScheduler):
     come from torch's global RNG and the same seed would not give the same image.
     """
 
-    generator: torch.Generator | None = None
+    generator: torch.Generator | list[torch.Generator] | None = None  # a list: one per batch row
 
     def step(self, *args: Any, **kwargs: Any) -> Any:
         kwargs.setdefault("generator", self.generator)
@@ -74,13 +82,17 @@ def parse_dtype(dtype: str | None, device: str) -> torch.dtype:
 
 
 def load_pipeline(
-    found: ResolvedWeights, device: str, dtype: torch.dtype, transformer: Any = None
+    found: ResolvedWeights, device: str, dtype: torch.dtype, transformer: Any = None,
+    options: RunnerSettings | None = None,
 ) -> HiDreamImagePipeline:
     """The `HiDreamImagePipeline` in `found` on `device`, with the Llama text encoder found beside it.
 
-    `transformer`, when given, replaces the folder's own (which is then not read).
+    `transformer`, when given, replaces the folder's own (which is then not read). `options` picks the
+    expert routing, where the text encoders live and padding folding (`RunnerSettings`).
     """
     from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+    options = options or RunnerSettings()
 
     tokenizer_4 = PreTrainedTokenizerFast.from_pretrained(found.llama_tokenizer_dir)
     # The pipeline asks for hidden states on each call; setting them here trips a generation warning.
@@ -88,11 +100,17 @@ def load_pipeline(
     extra = {} if transformer is None else {"transformer": transformer}
     pipe = HiDreamImagePipeline.from_pretrained(
         found.pipeline_dir, tokenizer_4=tokenizer_4, text_encoder_4=text_encoder_4, dtype=dtype, **extra
-    ).to(device)
+    )
+    # the text encoders stay in CPU memory when asked (never passing through the GPU); the rest goes to `device`
+    on_cpu = TEXT_ENCODERS if options.text_encoders == "cpu" else ()
+    for name, component in pipe.components.items():
+        if isinstance(component, torch.nn.Module) and name not in on_cpu:
+            component.to(device)
     # The pipeline hard-codes 128 latents a side; render at the area the transformer was built for.
     config = pipe.transformer.config
     pipe.default_sample_size = native_latent_side(config.patch_size, config.max_resolution)
     pipe.set_progress_bar_config(disable=True)
+    speed_up_transformer(pipe.transformer, options)
     return pipe
 
 
@@ -104,16 +122,24 @@ def _step_callback(on_step: Callable[[int], None]) -> Callable[..., dict]:
         return tensors
 
     return callback
+def speed_up_transformer(transformer: Any, options: RunnerSettings) -> None:
+    """Sync-free expert routing and padding folding, as `options` ask (both keep outputs equal)."""
+    install_moe_dispatch(transformer, options.moe)
+    if options.fold_padding:
+        install_fold_padding(transformer)
 
 
 class HiDreamI1Runner:
     """Turns a `GenerateRequest` into images with a HiDream-I1 pipeline held in this process."""
 
-    def __init__(self, model: str, weights: str | None, device: str = "cpu", dtype: str | None = None):
+    def __init__(self, model: str, weights: str | None, device: str = "cpu", dtype: str | None = None,
+                 options: RunnerSettings | None = None):
         self.model = model
         self.weights = weights
         self.device = device
         self.dtype = parse_dtype(dtype, device)
+        self.options = options or RunnerSettings()
+        self.prompts = PromptCache(self.options.prompt_cache_mb * 2**20)
         self.source: str | None = None  # where the weights came from, once loaded
         self._pipe: HiDreamImagePipeline | None = None
         self._schedulers: dict[tuple[str, float], Any] = {}
@@ -127,7 +153,7 @@ class HiDreamI1Runner:
 
     def _load(self) -> HiDreamImagePipeline:
         found = resolve_weights(self.model, self.weights)
-        pipe = load_pipeline(found, self.device, self.dtype)
+        pipe = load_pipeline(found, self.device, self.dtype, options=self.options)
         self._scheduler_config = pipe.scheduler.config
         self.source = found.source
         return pipe
@@ -144,27 +170,71 @@ class HiDreamI1Runner:
         """Render `request.num_images` images for one prompt, reproducibly for a given seed.
 
         `on_step(i)` runs after each denoising step (0-based); an exception it raises stops the run there."""
+        return self.generate_batch([request], on_step)
+
+    @staticmethod
+    def batch_key(request: GenerateRequest) -> tuple | None:
+        """Requests with equal keys can be denoised as one batch; None: this one runs alone."""
+        if request.num_images != 1 or request.extra:
+            return None
+        return ("generate", request.width, request.height, request.steps, float(request.guidance_scale),
+                request.scheduler, float(request.shift))
+
+    def embeds(self, texts: list[str]) -> TextEmbeds:
+        """`texts` through the four text encoders as one batch, each text encoded once per process while it
+        stays in the prompt cache; those not cached are encoded together."""
         pipe = self.load()
-        generator = torch.Generator(self.device).manual_seed(request.seed)
-        pipe.scheduler = self._scheduler(request.scheduler, request.shift)
+
+        def key(text: str) -> tuple:
+            return (self.model, self.source, text, str(self.dtype))
+
+        missing = [text for text in dict.fromkeys(texts) if self.prompts.peek(key(text)) is None]
+        fresh = dict(zip(missing, encode_texts(pipe, missing, pipe.device, self.dtype), strict=True)) if missing else {}
+        return TextEmbeds.batch([self.prompts.get(key(text), lambda text=text: fresh.get(text) or
+                                                  encode_text(pipe, text, pipe.device, self.dtype)) for text in texts])
+
+    def generate_batch(self, requests: list[GenerateRequest],
+                       on_step: Callable[[int], None] | None = None) -> list[RunOutput]:
+        """Render several requests with one denoising loop; each gets the images it would get alone.
+
+        More than one request: all must share a `batch_key` (so one image each). `inference_s` of each
+        output is its share of the batch's time.
+        """
+        pipe = self.load()
+        first = requests[0]
+        if len(requests) > 1 and (self.batch_key(first) is None or
+                                  any(self.batch_key(r) != self.batch_key(first) for r in requests)):
+            raise ValueError("requests denoised together must share one batch key")
+        generators = [torch.Generator(self.device).manual_seed(r.seed) for r in requests]
+        generator = generators[0] if len(requests) == 1 else generators  # one per row of the batch
+        pipe.scheduler = self._scheduler(first.scheduler, first.shift)
         if isinstance(pipe.scheduler, SeededFlowMatchLCMScheduler):
             pipe.scheduler.generator = generator
         started = time.perf_counter()
+        guided = first.guidance_scale > 1
+        text = self.embeds([r.prompt for r in requests])
+        negative = self.embeds([r.negative_prompt for r in requests]) if guided else None
         with torch.inference_mode():
             result = pipe(
-                prompt=request.prompt,
-                negative_prompt=request.negative_prompt if request.guidance_scale > 1 else None,
-                width=request.width,
-                height=request.height,
-                num_inference_steps=request.steps,
-                guidance_scale=request.guidance_scale,
-                num_images_per_prompt=request.num_images,
+                prompt_embeds_t5=text.t5,
+                prompt_embeds_llama3=text.llama,
+                pooled_prompt_embeds=text.pooled,
+                negative_prompt_embeds_t5=negative.t5 if negative else None,
+                negative_prompt_embeds_llama3=negative.llama if negative else None,
+                negative_pooled_prompt_embeds=negative.pooled if negative else None,
+                width=first.width,
+                height=first.height,
+                num_inference_steps=first.steps,
+                guidance_scale=first.guidance_scale,
+                num_images_per_prompt=first.num_images,
                 generator=generator,
                 output_type="pil",
                 callback_on_step_end=None if on_step is None else _step_callback(on_step),
             )
-        elapsed = time.perf_counter() - started
-        return RunOutput(images=list(result.images), seed=request.seed, inference_s=elapsed)
+        share = (time.perf_counter() - started) / len(requests)
+        images, n = list(result.images), first.num_images
+        return [RunOutput(images=images[i * n:(i + 1) * n], seed=r.seed, inference_s=share)
+                for i, r in enumerate(requests)]
 
     def _scheduler(self, name: str, shift: float) -> Any:
         """The scheduler for (name, shift), built once from the loaded model's scheduler config."""

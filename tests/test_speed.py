@@ -1,0 +1,253 @@
+"""Speed work that must not change outputs: sync-free expert routing, padding folded into one token, the
+prompt cache and micro-batching, on tiny random weights on the CPU. Timings live in bench/, not here."""
+
+from __future__ import annotations
+
+import copy
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from services import load_offline
+
+from jobs.settings import RunnerSettings, Settings
+from worker.runners.base import EditRequest, GenerateRequest
+from worker.runners.batching import MicroBatcher
+from worker.runners.fullsize import build_transformer, cost
+from worker.runners.hidream_e1 import HiDreamE1Runner
+from worker.runners.hidream_i1 import HiDreamI1Runner
+from worker.runners.moe import grouped_agrees, install_moe_dispatch, moe_layers
+from worker.runners.padding import install_fold_padding
+from worker.runners.weights import make_tiny, tiny_transformer
+from worker.runners.weights_e1 import _tiny_lora_over, add_lora_adapter, split_lora_file
+from worker.runtime import Runtime
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def transformers() -> dict[str, torch.nn.Module]:
+    """Tiny I1, E1.1 (a plain transformer seeing [target | source]) and E1-Full (experts LoRA-wrapped)."""
+    torch.manual_seed(0)
+    i1 = tiny_transformer()
+    e1_1 = tiny_transformer()
+    e1_1.max_seq = 2 * i1.max_seq
+    e1_full = copy.deepcopy(i1)
+    _, contents = _tiny_lora_over(i1)
+    add_lora_adapter(e1_full, split_lora_file(contents)[0])
+    e1_full.max_seq = 2 * i1.max_seq
+    return {"i1": i1, "e1-1": e1_1, "e1-full": e1_full}
+
+
+def forward(transformer, latents: torch.Tensor) -> torch.Tensor:
+    batch = latents.shape[0]
+    generator = torch.Generator().manual_seed(1)
+    with torch.inference_mode():
+        return transformer(
+            hidden_states=latents, timesteps=torch.full((batch,), 500.0),
+            encoder_hidden_states_t5=torch.randn(batch, 16, 32, generator=generator),
+            encoder_hidden_states_llama3=torch.randn(2, batch, 16, 32, generator=generator),
+            pooled_embeds=torch.randn(batch, 64, generator=generator), return_dict=False,
+        )[0]
+
+
+# I1 square, 4:3 (25% padding: folded) and 36x26 (9%: below FOLD_MIN_SHARE, left padded); E1 [target | source]
+# of a square canvas (fills max_seq) and of a 4:3 one (folded)
+INPUTS = {"i1": [(32, 32), (24, 32), (36, 26)], "e1-1": [(32, 64), (24, 64)], "e1-full": [(32, 64), (24, 64)]}
+
+
+@pytest.mark.parametrize("mode", ["grouped", "dense"])
+def test_sync_free_expert_routing_gives_diffusers_outputs(mode):
+    tiny = transformers()
+    for name, transformer in tiny.items():
+        routed = copy.deepcopy(transformer)
+        assert install_moe_dispatch(routed, mode) == mode
+        for shape in INPUTS[name]:
+            latents = torch.randn(2, 4, *shape, generator=torch.Generator().manual_seed(2))
+            expected, got = forward(transformer, latents), forward(routed, latents)
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=f"{name} {shape}")
+        assert install_moe_dispatch(routed, "off") == "off"
+        torch.testing.assert_close(forward(routed, latents), expected, rtol=0, atol=0)
+    # "auto" leaves a CPU transformer on diffusers' path; on CUDA it first checks grouped against it, like this
+    assert install_moe_dispatch(copy.deepcopy(tiny["i1"]), "auto") == "off"
+    assert grouped_agrees(moe_layers(tiny["i1"])[0])
+    assert not grouped_agrees(moe_layers(tiny["e1-full"])[0]), "stacked weights would drop the experts' LoRA"
+
+
+def test_sync_free_routing_traces_as_one_graph_where_diffusers_breaks():
+    """torch.compile(fullgraph=True) refuses any graph break: a .cpu(), .item() or data-dependent shape,
+    the ops that sync a GPU with its host. The eager backend traces without compiling kernels."""
+    torch._dynamo.reset()
+    transformer = transformers()["i1"]
+    layer = moe_layers(transformer)[0]
+    tokens = torch.randn(2, 64, 32)
+
+    def traces(module, *args, **kwargs) -> bool:
+        torch._dynamo.reset()
+        try:
+            with torch.no_grad():
+                torch.compile(module, fullgraph=True, backend="eager")(*args, **kwargs)
+        except torch._dynamo.exc.Unsupported:
+            return False
+        except torch._dynamo.exc.UserError:  # data-dependent sizes
+            return False
+        return True
+
+    assert not traces(layer, tokens), "diffusers' routing syncs (bincount().cpu()) and breaks the graph"
+    dense = copy.deepcopy(layer)
+    install_moe_dispatch(torch.nn.ModuleList([dense]), "dense")
+    assert traces(dense, tokens)
+    grouped = copy.deepcopy(layer).to(torch.bfloat16)  # grouped_mm's tracing rule asks for bf16, as CUDA does
+    install_moe_dispatch(torch.nn.ModuleList([grouped]), "grouped")
+    assert traces(grouped, tokens.bfloat16())
+
+    # whole blocks, attention included, trace as one graph once routing is sync-free
+    captured = {}
+
+    def keep(name):
+        def hook(module, args, kwargs):
+            captured[name] = kwargs
+        return hook
+
+    transformer.double_stream_blocks[0].register_forward_pre_hook(keep("double"), with_kwargs=True)
+    transformer.single_stream_blocks[0].register_forward_pre_hook(keep("single"), with_kwargs=True)
+    forward(transformer, torch.randn(1, 4, 32, 32))
+    install_moe_dispatch(transformer, "dense")
+    assert traces(transformer.double_stream_blocks[0], **captured["double"])
+    assert traces(transformer.single_stream_blocks[0], **captured["single"])
+
+
+def test_padding_folded_into_one_token_gives_the_padded_outputs():
+    for name, transformer in transformers().items():
+        folded = copy.deepcopy(transformer)
+        install_fold_padding(folded)
+        for shape in INPUTS[name]:
+            latents = torch.randn(2, 4, *shape, generator=torch.Generator().manual_seed(3))
+            torch.testing.assert_close(forward(folded, latents), forward(transformer, latents), rtol=1e-5,
+                                       atol=1e-5, msg=f"{name} {shape}")
+
+    # simply not padding is not the same model: zeroed keys still take attention weight
+    transformer = transformers()["i1"]
+    latents = torch.randn(1, 4, 24, 32, generator=torch.Generator().manual_seed(3))
+    padded = forward(transformer, latents)
+    transformer.max_seq = 12 * 16  # exactly the tokens of a 24x32 latent: no padding
+    assert (forward(transformer, latents) - padded).abs().max() > 1e-3
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny")
+    return {model: make_tiny(model, root / model) for model in ["i1-fast", "i1-full", "e1-1"]}
+
+
+@pytest.fixture(scope="module")
+def runners(tiny_dirs):
+    return load_offline(HiDreamI1Runner, ["i1-fast", "i1-full"], tiny_dirs)
+
+
+def count_encoder_calls(pipe) -> list[int]:
+    calls = [0]
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "text_encoder_4"):
+        getattr(pipe, name).register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+def pixels(image) -> np.ndarray:
+    return np.asarray(image).astype(np.int16)
+
+
+def test_a_second_item_with_the_same_prompts_skips_the_text_encoders(runners, tiny_dirs):
+    runner = runners["i1-full"]
+    pipe = runner.load()
+    calls = count_encoder_calls(pipe)
+    request = GenerateRequest(prompt="a watercolor painting of a lighthouse at dusk", negative_prompt="blurry",
+                              guidance_scale=5.0, steps=2, seed=4, scheduler="flow_unipc", width=48, height=64)
+    first = runner.generate(request)
+    assert calls[0] == 8  # four encoders, prompt and negative prompt
+    second = runner.generate(GenerateRequest(**{**request.__dict__, "seed": 5}))
+    again = runner.generate(request)
+    assert calls[0] == 8 and runner.prompts.hits >= 4
+    assert np.array_equal(pixels(again.images[0]), pixels(first.images[0]))
+    assert not np.array_equal(pixels(second.images[0]), pixels(first.images[0]))
+
+    # the cached embeddings give the image diffusers' own prompt path gives
+    pipe.scheduler = runner._scheduler("flow_unipc", 3.0)
+    with torch.inference_mode():
+        reference = pipe(prompt=request.prompt, negative_prompt="blurry", guidance_scale=5.0, width=48, height=64,
+                         num_inference_steps=2, generator=torch.Generator().manual_seed(4)).images[0]
+    assert np.abs(pixels(reference) - pixels(first.images[0])).max() <= 1
+
+    # E1: the same instruction on another image encodes nothing
+    options = RunnerSettings(text_encoders="cpu")  # on a CPU worker this keeps them where they are
+    editor = load_offline(lambda model, weights: HiDreamE1Runner(model, weights, options=options), ["e1-1"],
+                          tiny_dirs)["e1-1"]
+    edit_calls = count_encoder_calls(editor.load().base)
+    images = [Image.new("RGB", (64, 48), colour) for colour in ("red", "navy")]
+    edits = [editor.edit(EditRequest(image=image, instruction="make it snowy", width=64, height=48, steps=2,
+                                     refine_strength=0.5)) for image in images]
+    assert edit_calls[0] == 8 and editor.prompts.hits > 0
+    fresh = HiDreamE1Runner("e1-1", str(tiny_dirs["e1-1"]), options=RunnerSettings(prompt_cache_mb=0))
+    uncached = fresh.edit(EditRequest(image=images[1], instruction="make it snowy", width=64, height=48, steps=2,
+                                      refine_strength=0.5))
+    assert np.array_equal(pixels(uncached.images[0]), pixels(edits[1].images[0]))
+
+
+def run_together(batcher: MicroBatcher, requests: list[GenerateRequest]) -> list:
+    """Each request from its own thread, as the worker's item threads call the runner."""
+    results: list = [None] * len(requests)
+
+    def one(n: int) -> None:
+        try:
+            results[n] = batcher.generate(requests[n])
+        except Exception as exc:
+            results[n] = exc
+
+    threads = [threading.Thread(target=one, args=(n,)) for n in range(len(requests))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    return results
+
+
+@pytest.mark.parametrize("model, scheduler, guidance", [("i1-fast", "flash_flow", 0.0), ("i1-full", "flow_unipc", 5.0)])
+def test_micro_batch_gives_each_item_its_own_image_and_a_bad_item_fails_alone(runners, model, scheduler, guidance):
+    runner = runners[model]
+    requests = [GenerateRequest(prompt=prompt, negative_prompt="blurry", seed=seed, steps=2, scheduler=scheduler,
+                                guidance_scale=guidance, width=64, height=48)
+                for prompt, seed in [("a photo of a cat", 11), ("an astronaut riding a horse", 12), ("a cat", 13)]]
+    alone = [runner.generate(request).images[0] for request in requests]
+
+    batcher = MicroBatcher(runner, max_batch=3, window_s=30.0)  # the batch is full long before the window
+    together = run_together(batcher, requests)
+    assert batcher.batch_sizes == [3]
+    for single, batched in zip(alone, together, strict=True):
+        assert np.abs(pixels(single) - pixels(batched.images[0])).max() <= 2
+
+    poisoned = [*requests[:2], GenerateRequest(**{**requests[2].__dict__, "seed": 2**64})]  # no generator takes it
+    results = run_together(batcher, poisoned)
+    assert batcher.batch_sizes == [3, 3]  # the batch failed, then its items ran one by one
+    assert isinstance(results[2], ValueError)
+    for single, batched in zip(alone[:2], results[:2], strict=True):
+        assert np.array_equal(pixels(single), pixels(batched.images[0]))
+
+
+def test_a_batching_worker_runs_model_calls_on_the_batcher_thread_without_the_gpu_lock():
+    settings = Settings(runner=RunnerSettings(batch_max=4))
+    runtime = Runtime(settings, model="i1-fast", weights="tiny")
+    assert runtime.context().gpu_lock is not runtime.gpu_lock  # a no-op: the batcher's thread serializes
+    plain = Runtime(Settings(), model="i1-fast", weights="tiny")
+    assert plain.context().gpu_lock is plain.gpu_lock
+
+
+def test_real_size_architecture_has_hidreams_parameter_and_flop_counts():
+    transformer = build_transformer("meta")  # shapes only: nothing allocated
+    counted = cost(transformer, 1024, 1024)
+    assert 17.0e9 < counted.total_params < 17.2e9
+    assert 7.6e9 < counted.active_params < 7.8e9
+    assert 77e12 < counted.flops_per_forward < 79e12 and counted.image_tokens == 4096
