@@ -170,7 +170,7 @@ class HiDreamI1Runner:
         """Render `request.num_images` images for one prompt, reproducibly for a given seed.
 
         `on_step(i)` runs after each denoising step (0-based); an exception it raises stops the run there."""
-        return self.generate_batch([request], on_step)
+        return self.generate_batch([request], on_step)[0]
 
     @staticmethod
     def batch_key(request: GenerateRequest) -> tuple | None:
