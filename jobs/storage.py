@@ -180,7 +180,10 @@ class LocalStore:
                 yield rel
 
     def delete(self, key: str) -> None:
-        self._path(key).unlink(missing_ok=True)
+        path = self._path(key)
+        path.unlink(missing_ok=True)
+        if path.parent != self.root and not any(path.parent.iterdir()):
+            path.parent.rmdir()  # no empty `_open/` folder left beside the jobs
 
     def url(self, key: str, expires: int | None = None) -> str | None:
         return None

@@ -59,7 +59,8 @@ def test_cancel_stops_the_running_item_at_a_step_ends_queued_ones_and_keeps_writ
     gpu.wait_ready()
     io_worker.wait_ready()
     # one quick item, then a long one (150 steps) that is running when the cancel comes, then three more
-    rows = [{"id": "a0", "prompt": "quick"}, {"id": "a1", "prompt": "long", "steps": 150}]
+    rows = [{"id": "a0", "prompt": "quick"},
+            {"id": "a1", "prompt": "long", "steps": 150, "width": 1024, "height": 1024, "num_images": 2}]
     rows += [{"id": f"a{n}", "prompt": f"later {n}"} for n in range(2, 5)]
     job_id = submit(write_rows(tmp_path / "c.jsonl", rows), env, "--output", f"s3://{bucket}/c",
                     "--webhook", receiver.url)

@@ -66,10 +66,12 @@ def _process_item(ctx: Context, job_id: str, item_id: str) -> Outcome:
     if ItemStatus(item.status).terminal:
         return Outcome("skipped")
     if job.submitting:  # its submission has not committed: hold the item back, or drop it if it never will
+        job = _await_commit(ctx, job)
         age = time.time() - datetime.fromisoformat(job.created_at).timestamp()
-        if job.submit_aborted or age > ctx.settings.celery.submit_grace:
+        if job.submit_aborted or (job.submitting and age > ctx.settings.celery.submit_grace):
             return _end(ctx, item, ItemStatus.CANCELLED, "its submission did not complete, so nothing of it runs")
-        return Outcome("waiting for its submission", retry_in=1.0)
+        if job.submitting:
+            return Outcome("waiting for its submission", retry_in=1.0)
     # a cancelled job's items, and items not started before the job's deadline, end here, unrun
     if job.cancel_requested:
         return _end(ctx, item, ItemStatus.CANCELLED, None, reason="cancelled")
@@ -97,6 +99,16 @@ def _process_item(ctx: Context, job_id: str, item_id: str) -> Outcome:
     finally:
         if token is not None:
             ctx.leases.release(job_id, item_id, token)
+
+
+def _await_commit(ctx: Context, job: JobRecord, wait: float = 5.0) -> JobRecord:
+    """A submission usually commits within moments of its first tasks: wait for it here, in order, rather
+    than send the item to the back of the queue."""
+    deadline = time.monotonic() + wait
+    while job.submitting and not job.submit_aborted and time.monotonic() < deadline:
+        time.sleep(0.05)
+        job = ctx.store.get_job(job.job_id) or job
+    return job
 
 
 def _attempt(ctx: Context, job: JobRecord, item: ItemRecord) -> Outcome:

@@ -10,10 +10,10 @@ from worker.runners.hidream_i1 import HiDreamI1Runner
 _generate = HiDreamI1Runner.generate
 
 
-def generate(self, request):
+def generate(self, request, *args, **kwargs):
     if "poison" in request.prompt:
         os.kill(os.getpid(), signal.SIGKILL)
-    return _generate(self, request)
+    return _generate(self, request, *args, **kwargs)
 
 
 HiDreamI1Runner.generate = generate

@@ -124,7 +124,7 @@ def test_an_item_running_past_the_visibility_timeout_is_not_run_twice_at_once(re
     gpu.wait_ready()
     path = tmp_path / "v.jsonl"
     path.write_text(json.dumps({"id": "slow", "prompt": "a long one", "seed": 1, "width": 1024, "height": 1024,
-                                "steps": 150}) + "\n")
+                                "steps": 150, "num_images": 3}) + "\n")
     job_id = submit(env, path, f"s3://{bucket}/v", 150)
     store = RedisStore.from_url(redis_server.url)
     job = wait_end(store, job_id, 240)
