@@ -182,7 +182,7 @@ class LocalStore:
     def delete(self, key: str) -> None:
         path = self._path(key)
         path.unlink(missing_ok=True)
-        if path.parent != self.root and not any(path.parent.iterdir()):
+        if path.parent != self.root and path.parent.is_dir() and not any(path.parent.iterdir()):
             path.parent.rmdir()  # no empty `_open/` folder left beside the jobs
 
     def url(self, key: str, expires: int | None = None) -> str | None:
