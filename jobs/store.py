@@ -55,6 +55,8 @@ class Store(Protocol):
     def disable_webhook(self, job_id: str) -> None: ...
     def log_event(self, job_id: str, event_id: str, entry: dict[str, Any]) -> None: ...
     def events(self, job_id: str) -> dict[str, list[dict[str, Any]]]: ...
+    def mark_sent(self, job_id: str, event_id: str) -> None: ...
+    def was_sent(self, job_id: str, event_id: str) -> bool: ...
     def acquire_lease(self, job_id: str, item_id: str, token: str, ttl: float) -> float: ...
     def renew_lease(self, job_id: str, item_id: str, token: str, ttl: float) -> bool: ...
     def release_lease(self, job_id: str, item_id: str, token: str) -> None: ...
@@ -266,6 +268,12 @@ class RedisStore:
         return {eid: [json.loads(e) for e in self.r.lrange(f"{base}:{eid}", 0, -1)]
                 for eid in sorted(self.r.smembers(base))}
 
+    def mark_sent(self, job_id: str, event_id: str) -> None:
+        self.r.sadd(keys.JOB_SENT.format(job_id=job_id), event_id)
+
+    def was_sent(self, job_id: str, event_id: str) -> bool:
+        return bool(self.r.sismember(keys.JOB_SENT.format(job_id=job_id), event_id))
+
     def claim(self, key: str, ttl: float) -> bool:
         """True for the one caller that sets `key` until it expires (a periodic duty done by one process)."""
         return bool(self.r.set(key, "1", nx=True, px=int(ttl * 1000)))
@@ -395,6 +403,7 @@ class MemoryStore:
         self._events: dict[str, dict[str, list[dict[str, Any]]]] = {}
         self._leases: dict[tuple[str, str], tuple[str, float]] = {}
         self._slots: dict[str, dict[str, float]] = {}
+        self._sent: set[tuple[str, str]] = set()
 
     def create_job(self, job: JobRecord) -> None:
         with self._lock:
@@ -470,6 +479,13 @@ class MemoryStore:
 
     def events(self, job_id: str) -> dict[str, list[dict[str, Any]]]:
         return self._events.get(job_id, {})
+
+    def mark_sent(self, job_id: str, event_id: str) -> None:
+        with self._lock:
+            self._sent.add((job_id, event_id))
+
+    def was_sent(self, job_id: str, event_id: str) -> bool:
+        return (job_id, event_id) in self._sent
 
     def acquire_lease(self, job_id: str, item_id: str, token: str, ttl: float) -> float:
         with self._lock:

@@ -182,3 +182,40 @@ def test_an_item_that_keeps_losing_its_worker_ends_failed_at_the_attempt_cap(tmp
     assert ended.status == "failed" and "gave up after 3 attempts" in ended.error
     assert finals == ["j-poison"]
     assert (tmp_path / "j-poison" / "items" / "a.json").is_file()
+
+
+def test_a_redelivered_item_that_ended_sends_its_lost_webhook_once_and_finalizes_the_job(store, tmp_path):
+    """A worker killed between an item's last transition and the messages after it: the redelivered task
+    does not run the item again, but sends the event that was never published (same id), once, and
+    finalizes a job whose items have all ended."""
+    from jobs.settings import Settings
+    from jobs.storage import LocalStore
+    from worker import process
+
+    job_id = f"j-{os.urandom(4).hex()}"
+    store.create_job(_job(job_id, 2).model_copy(update={"output": str(tmp_path), "webhook": "https://x.test/h"}))
+    a, b = _item(job_id, "a", 1), _item(job_id, "b", 2)
+    store.add_items([a, b])
+    notified, finals = [], []
+
+    def runner():
+        raise AssertionError("an item that ended must not reach the model again")
+
+    ctx = process.Context(settings=Settings(), store=store, runner=runner, objects=lambda _: LocalStore(str(tmp_path)),
+                          notify=lambda *event: notified.append(event), finalize=finals.append)
+    for item in (a, b):  # both ended; the worker died before publishing a's event and before finalizing
+        store.transition(item, ItemStatus.RUNNING, count_attempt=True)
+        store.transition(item, ItemStatus.COMPLETED)
+    store.mark_sent(job_id, f"evt_{job_id}_b_completed")  # b's event did go out
+
+    assert process.process_item(ctx, job_id, "a").status == "skipped"
+    assert notified == [(job_id, "a", f"evt_{job_id}_a_completed")] and finals == [job_id]
+    assert process.process_item(ctx, job_id, "a").status == "skipped"  # a second redelivery: nothing new
+    assert process.process_item(ctx, job_id, "b").status == "skipped"
+    assert len(notified) == 1
+
+    # the finalizer died after marking the job terminal and before its event: a redelivered finalize sends it
+    store.finish_job(job_id, JobStatus.COMPLETED, None, "2026-11-22T00:01:00+00:00")
+    assert process.finalize_job(ctx, job_id) is None
+    assert process.finalize_job(ctx, job_id) is None
+    assert notified[1:] == [(job_id, None, f"evt_{job_id}_completed")]

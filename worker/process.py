@@ -18,7 +18,7 @@ from datetime import datetime
 
 from jobs import fal, keys, logs, records
 from jobs.errors import ConfigError, InputError, ItemCancelled, ModelError, TransientError
-from jobs.lifecycle import ItemStatus, job_outcome
+from jobs.lifecycle import TERMINAL_ITEM, ItemStatus, job_outcome
 from jobs.models import EXTENSIONS, ItemOutput, ItemRecord, JobRecord, OutputImage, item_event_id, job_event_id
 from jobs.settings import Settings
 from jobs.storage import ObjectStore, key_of
@@ -63,7 +63,8 @@ def _process_item(ctx: Context, job_id: str, item_id: str) -> Outcome:
     if item is None or job is None:
         log.warning("item %s/%s not found; dropping its message", job_id, item_id)
         return Outcome("skipped")
-    if ItemStatus(item.status).terminal:
+    if ItemStatus(item.status).terminal:  # a redelivery: finish what a lost worker may have left undone
+        _announce_again(ctx, job, item)
         return Outcome("skipped")
     if job.submitting:  # its submission has not committed: hold the item back, or drop it if it never will
         job = _await_commit(ctx, job)
@@ -252,17 +253,40 @@ def _end(ctx: Context, item: ItemRecord, status: ItemStatus, error: str | None,
     if ctx.metrics:
         ctx.metrics.item_ended(job.model, status.value, item.timings)
     if job.webhook:
-        ctx.notify(item.job_id, item.item_id, item_event_id(item.job_id, item.item_id, status.value, item.round))
+        _notify(ctx, item.job_id, item.item_id, item_event_id(item.job_id, item.item_id, status.value, item.round))
     if move.job_done:
         ctx.finalize(item.job_id)
     return Outcome(status.value)
 
 
+def _notify(ctx: Context, job_id: str, item_id: str | None, event_id: str) -> None:
+    ctx.notify(job_id, item_id, event_id)
+    ctx.store.mark_sent(job_id, event_id)
+
+
+def _announce_again(ctx: Context, job: JobRecord, item: ItemRecord) -> None:
+    """An item's message comes back after it ended when its worker died between the item's last transition
+    and the messages that follow it. Send its webhook if it was not sent (same event id, so a receiver
+    that got it sees a duplicate it can drop) and finalize the job if every item has ended."""
+    if job.webhook:
+        event_id = item_event_id(item.job_id, item.item_id, item.status, item.round)
+        if not ctx.store.was_sent(item.job_id, event_id):
+            log.info("item %s/%s ended earlier; sending its %s event", item.job_id, item.item_id, item.status)
+            _notify(ctx, item.job_id, item.item_id, event_id)
+    if not job.finished_at and job.total and sum(job.counts.get(s, 0) for s in TERMINAL_ITEM) >= job.total:
+        ctx.finalize(item.job_id)
+
+
 def finalize_job(ctx: Context, job_id: str) -> str | None:
     """Write results.jsonl and mark the job terminal, once. Returns the new status, or None."""
-    # 1. a job that already ended is left alone
+    # 1. a job that already ended is left alone, but for its webhook if the process that ended it died first
     job = ctx.store.get_job(job_id)
-    if job is None or job.finished_at:
+    if job is None:
+        return None
+    if job.finished_at:
+        event_id = job_event_id(job_id, job.status, job.round)
+        if job.webhook and not ctx.store.was_sent(job_id, event_id):
+            _notify(ctx, job_id, None, event_id)
         return None
     if job.counts.get("queued", 0) or job.counts.get("running", 0):
         return None  # a late duplicate for a job that `retry` re-opened: its last item finalizes it
@@ -280,7 +304,7 @@ def finalize_job(ctx: Context, job_id: str) -> str | None:
     if job.review_sheet:
         _review_sheet(ctx, job)
     if job.webhook:
-        ctx.notify(job_id, None, job_event_id(job_id, status.value, job.round))
+        _notify(ctx, job_id, None, job_event_id(job_id, status.value, job.round))
     return status.value
 
 
