@@ -189,7 +189,9 @@ class Timings(BaseModel):
     started_at: float | None = None  # epoch s when the last attempt started
     queue_wait_s: float | None = None
     inference_s: float | None = None
+    model_started_at: float | None = None  # epoch s when the model began it (with inference_s: its model span)
     upload_s: float | None = None
+    total_s: float | None = None  # a completed attempt, start to result (before its record's own writes)
 
 
 class ItemRecord(BaseModel):

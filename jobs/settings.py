@@ -86,8 +86,9 @@ class RunnerSettings(BaseModel):
     moe: Literal["auto", "grouped", "dense", "off"] = Field(
         "auto", description="expert routing: grouped/dense are sync-free; off = diffusers'; auto picks per device")
     prompt_cache_mb: int = Field(1024, ge=0, description="encoded prompts kept per worker, MiB; 0 = off")
-    text_encoders: Literal["device", "cpu"] = Field(
-        "device", description="cpu: keep the four text encoders in CPU memory (a GPU short of memory)")
+    text_encoders: Literal["auto", "device", "cpu"] = Field(
+        "auto", description="cpu: keep the four text encoders in CPU memory (a GPU short of memory); "
+                            "auto: on the GPU when they fit beside the model with room to run it, else cpu")
     batch_max: int = Field(1, ge=0, description="most I1 items denoised together; 1 = off, 0 = from free GPU memory")
     batch_window_ms: float = Field(20.0, ge=0, description="how long a batch waits for more items to arrive")
     fold_padding: bool = Field(True, description="non-square latents: one token stands for the padding")

@@ -237,6 +237,105 @@ def test_micro_batch_gives_each_item_its_own_image_and_a_bad_item_fails_alone(ru
         assert np.array_equal(pixels(single), pixels(batched.images[0]))
 
 
+def test_requests_that_render_at_one_size_batch_together_and_a_cancel_leaves_its_batch_at_a_step(runners):
+    """Two requested sizes of one aspect render alike, so they share a batch; an item whose job is cancelled
+    mid-batch stops at that step while the others finish with the images they get alone."""
+    from jobs.errors import ItemCancelled
+
+    runner = runners["i1-fast"]
+    assert runner.rendered_size(64, 48) == runner.rendered_size(128, 96)
+    requests = [GenerateRequest(prompt=f"a cat, take {n}", seed=n, steps=3, width=w, height=h)
+                for n, (w, h) in enumerate([(64, 48), (128, 96), (64, 48)])]
+    alone = [runner.generate(request).images[0] for request in requests]
+    steps: dict[int, list[int]] = {0: [], 1: [], 2: []}
+
+    def on_step(n: int, cancel_after: int | None = None):
+        def check(step: int) -> None:
+            steps[n].append(step)
+            if cancel_after is not None and step >= cancel_after:
+                raise ItemCancelled(f"stopped after step {step + 1}")
+        return check
+
+    batcher = MicroBatcher(runner, max_batch=3, window_s=30.0)
+    results: list = [None] * 3
+
+    def one(n: int, cancel_after: int | None) -> None:
+        try:
+            results[n] = batcher.generate(requests[n], on_step=on_step(n, cancel_after))
+        except Exception as exc:
+            results[n] = exc
+
+    threads = [threading.Thread(target=one, args=(n, 0 if n == 1 else None)) for n in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert batcher.batch_sizes == [3]
+    assert isinstance(results[1], ItemCancelled) and steps[1] == [0]  # out of the batch after its first step
+    assert steps[0] == steps[2] == [0, 1, 2]
+    for n in (0, 2):
+        assert np.abs(pixels(alone[n]) - pixels(results[n].images[0])).max() <= 2
+
+    # every request of a batch cancelled: the batch stops there and nothing is run again one by one
+    threads = [threading.Thread(target=one, args=(n, 1)) for n in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert batcher.batch_sizes == [3, 3] and all(isinstance(r, ItemCancelled) for r in results)
+
+
+def test_text_encoders_stay_on_the_cpu_when_they_do_not_fit_beside_the_model():
+    from worker.runners.hidream_i1 import encoders_fit, text_encoders_on
+
+    gib = 2**30
+    encoders = 27 * gib  # HiDream's four in bf16
+    assert encoders_fit(encoders, free=44 * gib, total=80 * gib)  # I1 on an 80 GB card: 34 GB transformer
+    assert not encoders_fit(encoders, free=11 * gib, total=80 * gib)  # E1.1's two transformers on 80 GB
+    assert not encoders_fit(encoders, free=13 * gib, total=48 * gib)  # I1 on a 48 GB card
+    assert not encoders_fit(encoders, free=30 * gib, total=80 * gib)  # fits, but leaves no room to run
+    assert encoders_fit(encoders, free=100 * gib, total=141 * gib)  # E1.1 on an H200
+    assert text_encoders_on("auto", "cpu", encoders) == "device"  # a CPU worker: one memory
+    assert text_encoders_on("cpu", "cuda:0", encoders) == "cpu" and text_encoders_on("device", "cpu", 1) == "device"
+
+
+def test_the_prompt_cache_keeps_at_most_its_bytes_dropping_the_least_recently_used():
+    from worker.runners.text_cache import PromptCache, TextEmbeds
+
+    def embeds(value: float) -> TextEmbeds:  # 1,000 float32 values: 4,000 bytes
+        return TextEmbeds(t5=torch.full((1, 10, 50), value), llama=torch.full((1, 1, 10, 49), value),
+                          pooled=torch.full((1, 10), value))
+
+    cache = PromptCache(max_bytes=10_000)  # room for two
+    encoded: list[str] = []
+
+    def get(text: str) -> TextEmbeds:
+        return cache.get(text, lambda: (encoded.append(text), embeds(float(len(encoded))))[1])
+
+    get("a")
+    get("b")
+    get("a")  # a is now the most recently used
+    get("c")  # over the bound: b goes
+    assert cache.nbytes == 8_000 and len(cache) == 2
+    assert cache.peek("b") is None and cache.peek("a") is not None and cache.peek("c") is not None
+    get("b")
+    assert encoded == ["a", "b", "c", "b"] and cache.hits == 1 and cache.misses == 4
+    assert PromptCache(max_bytes=3_000).get("big", lambda: embeds(1.0)).nbytes == 4_000  # too big to keep
+    off = PromptCache(0)
+    off.get("a", lambda: embeds(1.0))
+    assert len(off) == 0
+
+
+def test_gpu_workers_default_to_a_three_stage_pipeline_and_batching_ones_to_their_limit_plus_one():
+    from worker.cli import PIPELINE_THREADS, default_threads
+    from worker.runners.batching import AUTO_MAX
+
+    assert default_threads("i1-fast", RunnerSettings()) == PIPELINE_THREADS == 3
+    assert default_threads("e1-1", RunnerSettings(batch_max=4)) == 3  # edits are not batched
+    assert default_threads("i1-fast", RunnerSettings(batch_max=4)) == 5
+    assert default_threads("i1-dev", RunnerSettings(batch_max=0)) == AUTO_MAX + 1
+
+
 def test_a_batching_worker_runs_model_calls_on_the_batcher_thread_without_the_gpu_lock():
     settings = Settings(runner=RunnerSettings(batch_max=4))
     runtime = Runtime(settings, model="i1-fast", weights="tiny")

@@ -44,7 +44,9 @@ def worker(
     weights: WeightsOpt = None,
     device: DeviceOpt = "",
     io: Annotated[bool, typer.Option("--io", help="serve the I/O queue (finalize, webhooks)")] = False,
-    concurrency: Annotated[int, typer.Option(help="threads; >1 overlaps encode/upload with inference")] = 0,
+    concurrency: Annotated[int, typer.Option(
+        help="item threads (default 3: one on the model, one fetching the next input, one uploading the last "
+             "output; with micro-batching the batch limit + 1)")] = 0,
     loglevel: Annotated[str, typer.Option()] = "INFO",
     log_format: Annotated[str, typer.Option(help="text, or json: one object per line with job_id/item_id")] = "text",
     metrics_port: Annotated[int | None, typer.Option(
@@ -53,7 +55,7 @@ def worker(
     """Run a worker: one process per GPU (`--model`), or an I/O worker (`--io`)."""
     from jobs import broker, logs
     from worker.heartbeat import Heartbeat
-    from worker.runtime import Runtime, batches
+    from worker.runtime import Runtime
     from worker.tasks import register
 
     if io == (model is not None):
@@ -77,9 +79,7 @@ def worker(
             runtime.runner()  # load the model now, in this process, so a bad setup fails at start
         except DreambatchError as exc:
             raise fail(str(exc)) from None
-        # a micro-batch needs that many items in flight, plus one encoding and uploading
-        batching = batches(model, settings.runner)
-        threads = concurrency or (max(settings.runner.batch_max, 4) + 1 if batching else 2)
+        threads = concurrency or default_threads(model, settings.runner)
         queue, name = keys.gpu_queue(model), f"gpu-{model}"
     register(celery, runtime)
     if metrics_port is not None:
@@ -89,6 +89,21 @@ def worker(
               chores=_expiry_chore(settings, runtime, celery) if io else None).start()
     celery.worker_main(["worker", "-Q", queue, "-P", "threads", "-c", str(threads), "-n", f"{name}.{os.getpid()}@%h",
                         "-l", loglevel, "--without-gossip", "--without-mingle", "--without-heartbeat"])
+
+
+PIPELINE_THREADS = 3  # the model's item, the next item's fetch + decode, the last item's encode + upload
+
+
+def default_threads(model: str, options) -> int:
+    """Item threads of a GPU worker: a three-stage pipeline, so the model never waits on I/O while an item's
+    time outside the model is below its model call; a micro-batch needs its limit in flight, plus one."""
+    from worker.runtime import batches
+
+    if not batches(model, options):
+        return PIPELINE_THREADS
+    from worker.runners.batching import AUTO_MAX
+
+    return (options.batch_max or AUTO_MAX) + 1
 
 
 def _expiry_chore(settings, runtime, celery):

@@ -2,6 +2,7 @@
 
     dreambatch_worker_items_total{model,status}              items this process ended
     dreambatch_worker_inference_seconds{model}               model time per item (histogram)
+    dreambatch_worker_model_busy_seconds_total{model}        model time in all; its rate() is the duty cycle
     dreambatch_worker_upload_seconds{model}                  encode + upload time per item (histogram)
     dreambatch_worker_queue_wait_seconds{model}              submit → first start (histogram)
     dreambatch_worker_webhook_deliveries_total{outcome}      delivered | http_error | network_error | refused
@@ -45,6 +46,8 @@ class WorkerMetrics:
         self.items = Counter("dreambatch_worker_items", "items this worker ended", ["model", "status"], registry=r)
         self.inference = Histogram("dreambatch_worker_inference_seconds", "model time per item", ["model"],
                                    buckets=SECONDS, registry=r)
+        self.busy = Counter("dreambatch_worker_model_busy_seconds", "seconds the model worked on items "
+                            "(a micro-batch counted once); rate() = the model's duty cycle", ["model"], registry=r)
         self.upload = Histogram("dreambatch_worker_upload_seconds", "encode + upload time per item", ["model"],
                                 buckets=SECONDS, registry=r)
         self.queue_wait = Histogram("dreambatch_worker_queue_wait_seconds", "submit to first start per item",
@@ -59,6 +62,7 @@ class WorkerMetrics:
         self.items.labels(model, status).inc()
         if timings.inference_s is not None:
             self.inference.labels(model).observe(timings.inference_s)
+            self.busy.labels(model).inc(timings.inference_s)
         if timings.upload_s is not None:
             self.upload.labels(model).observe(timings.upload_s)
         if timings.queue_wait_s is not None:

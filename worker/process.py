@@ -139,7 +139,7 @@ def _attempt(ctx: Context, job: JobRecord, item: ItemRecord) -> Outcome:
             with ctx.gpu_lock:
                 _stop_if_cancelled(ctx, item)
                 result = ctx.runner().generate(_request(item), on_step=_step_check(ctx, item))
-            item.timings.inference_s = round(result.inference_s, 4)
+            _record_model_time(item, result)
             images, output = result.images, ItemOutput(seed=item.seed)
 
         # 6. encode and upload, outside the GPU lock so the next item's inference overlaps
@@ -213,9 +213,15 @@ def _run_edit(ctx: Context, job: JobRecord, item: ItemRecord) -> tuple[list, Ite
     with ctx.gpu_lock:
         _stop_if_cancelled(ctx, item)
         result = runner.edit(request, on_step=lambda info: check(info.index))
-    item.timings.inference_s = round(result.inference_s, 4)
+    _record_model_time(item, result)
     output = ItemOutput(seed=item.seed, processed_size=list(canvas_size), input_size=list(source.size))
     return [geometry.unfit(image, box, target) for image in result.images], output
+
+
+def _record_model_time(item: ItemRecord, result) -> None:
+    item.timings.inference_s = round(result.inference_s, 4)
+    if result.started_at is not None:
+        item.timings.model_started_at = round(result.started_at, 4)
 
 
 def _upload(objects: ObjectStore, item: ItemRecord, images, out: ItemOutput) -> ItemOutput:
@@ -243,6 +249,8 @@ def _end(ctx: Context, item: ItemRecord, status: ItemStatus, error: str | None,
     item.reason = reason
     item.updated_at = now_iso()
     item.status = status.value
+    if status == ItemStatus.COMPLETED and item.timings.started_at:
+        item.timings.total_s = round(time.time() - item.timings.started_at, 4)
     job = ctx.store.get_job(item.job_id)
     records.write_item_result(ctx.objects(job.output), item)  # durable before the live state says so
     move = ctx.store.transition(item, status)

@@ -58,7 +58,8 @@ class EditRequest:
 class RunOutput:
     images: list[Image.Image]
     seed: int
-    inference_s: float
+    inference_s: float  # the model's time for this output (its share of a micro-batch's)
+    started_at: float | None = None  # epoch s when the model began this work (a batch's start, for its items)
 
 
 class Runner(Protocol):

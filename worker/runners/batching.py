@@ -6,6 +6,9 @@ calls `runner.generate(request)`. With a `MicroBatcher` as the runner, that call
 waits. The model thread takes the oldest request, gathers the others already queued (and those arriving
 until `window_s` after the oldest arrived) up to the batch limit, and runs each group of equal keys as
 one `generate_batch`. A failed batch is run again one request at a time, so one bad item fails alone.
+Every request's `on_step` runs after each step of its batch: one that raises (a cancelled job) takes its
+request out — the batch goes on for the others and that request gets the exception — and a batch whose
+requests have all stopped stops at that step.
 Edits (and requests without a batch key) run alone on the same thread: the model thread is the only
 one that touches the GPU, so the worker needs no other GPU lock.
 
@@ -40,6 +43,8 @@ class _Call:
     request: Any
     run: Callable[[], RunOutput] | None  # set: run alone (edits, unbatchable requests)
     key: tuple | None
+    on_step: Callable[[int], None] | None = None
+    stopped: BaseException | None = None  # what its on_step raised: it leaves its batch with this
     arrived: float = field(default_factory=time.monotonic)
     result: Future = field(default_factory=Future)
 
@@ -64,10 +69,9 @@ class MicroBatcher:
         return getattr(self.runner, name)
 
     def generate(self, request: GenerateRequest, on_step=None) -> RunOutput:
-        """Batched requests run without `on_step` (a cancel stops them before the model, not between steps)."""
         key = self.runner.batch_key(request)
         alone = None if key else (lambda: self.runner.generate(request, on_step=on_step))
-        return self._submit(_Call(request, alone, key))
+        return self._submit(_Call(request, alone, key, on_step))
 
     def edit(self, request: EditRequest, on_step=None) -> RunOutput:
         return self._submit(_Call(request, lambda: self.runner.edit(request, on_step=on_step), None))
@@ -111,22 +115,32 @@ class MicroBatcher:
         self.batch_sizes.append(len(group))
         if len(group) == 1:
             call = group[0]
-            self._settle(call, call.run or (lambda: self._measured(call.request)))
+            self._settle(call, call.run or (lambda: self._measured(call.request, call.on_step)))
             return
         try:
             started = time.perf_counter()
-            outputs = self.runner.generate_batch([call.request for call in group])
+            outputs = self.runner.generate_batch([call.request for call in group], _batch_steps(group))
             log.debug("batch of %d in %.3f s", len(group), time.perf_counter() - started)
         except Exception as exc:  # run them one by one: only the bad one fails
+            if all(call.stopped for call in group):  # every request was stopped: nothing to run again
+                for call in group:
+                    call.result.set_exception(call.stopped)
+                return
             if _out_of_memory(exc):
                 self._limit = max(1, len(group) // 2)
             log.warning("batch of %d failed (%s: %s); running its items one by one",
                         len(group), type(exc).__name__, exc)
             for call in group:
-                self._settle(call, lambda call=call: self.runner.generate(call.request))
+                if call.stopped:
+                    call.result.set_exception(call.stopped)
+                else:
+                    self._settle(call, lambda call=call: self.runner.generate(call.request, on_step=call.on_step))
             return
         for call, output in zip(group, outputs, strict=True):
-            call.result.set_result(output)
+            if call.stopped:
+                call.result.set_exception(call.stopped)
+            else:
+                call.result.set_result(output)
 
     def _settle(self, call: _Call, run: Callable[[], RunOutput]) -> None:
         try:
@@ -134,19 +148,38 @@ class MicroBatcher:
         except BaseException as exc:  # handed to the item's own thread, which fails that item
             call.result.set_exception(exc)
 
-    def _measured(self, request: GenerateRequest) -> RunOutput:
+    def _measured(self, request: GenerateRequest, on_step=None) -> RunOutput:
         """One request alone; on CUDA with an automatic limit, its peak memory sets the limit."""
         if self.max_batch or self._per_item_bytes is not None or torch.device(self.device).type != "cuda":
-            return self.runner.generate(request)
+            return self.runner.generate(request, on_step=on_step)
         before = torch.cuda.memory_allocated(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
-        output = self.runner.generate(request)
+        output = self.runner.generate(request, on_step=on_step)
         self._per_item_bytes = max(1, torch.cuda.max_memory_allocated(self.device) - before)
         free, _ = torch.cuda.mem_get_info(self.device)
         self._limit = max(1, min(AUTO_MAX, int(0.8 * free) // self._per_item_bytes))
         log.info("micro-batch limit %d (%.0f MiB per image, %.0f MiB free)", self._limit,
                  self._per_item_bytes / 2**20, free / 2**20)
         return output
+
+
+def _batch_steps(group: list[_Call]) -> Callable[[int], None] | None:
+    """One step callback for a batch: each request's own; a request whose callback raises leaves the batch
+    (it gets that exception when the batch ends) and the batch stops once none is left."""
+    if not any(call.on_step for call in group):
+        return None
+
+    def on_step(step: int) -> None:
+        for call in group:
+            if call.on_step and call.stopped is None:
+                try:
+                    call.on_step(step)
+                except Exception as exc:  # handed to that request's own thread
+                    call.stopped = exc
+        if all(call.stopped for call in group):
+            raise next(call.stopped for call in group)
+
+    return on_step
 
 
 def _groups(calls: list[_Call], limit: int) -> list[list[_Call]]:

@@ -331,6 +331,10 @@ class HiDreamE1Runner:
         if found.lora_file is not None:  # e1-full: edit = refine + LoRA + full tensors, one module
             lora, full = split_lora_file(load_file(found.lora_file))
             add_lora_adapter(refine, lora)
+        edit = None
+        if found.edit_transformer_dir is not None:  # on the GPU before the text encoders are placed (auto)
+            edit = HiDreamImageTransformer2DModel.from_pretrained(found.edit_transformer_dir, dtype=self.dtype)
+            edit.to(self.device).requires_grad_(False)
         base = load_pipeline(found.components, self.device, self.dtype, transformer=refine, options=self.options)
         base.transformer.requires_grad_(False)
         # the canvas: ModelSpec.base_size (768 e1-full, 1024 e1-1) scaled to this transformer's native side
@@ -339,9 +343,7 @@ class HiDreamE1Runner:
         self._side = MODELS[self.model].base_size * native_side // REFERENCE_SIDE
         tokens = (self._side // (base.vae_scale_factor * config.patch_size)) ** 2
         # the edit pass sees target + source: twice the tokens (8192 for E1.1, 4608 for E1-Full)
-        if found.edit_transformer_dir is not None:
-            edit = HiDreamImageTransformer2DModel.from_pretrained(found.edit_transformer_dir, dtype=self.dtype)
-            edit.to(self.device).requires_grad_(False)
+        if edit is not None:
             edit.max_seq = 2 * tokens
             speed_up_transformer(edit, self.options)
             switch: TransformerSwitch = TwoTransformers(edit, base.transformer)
@@ -384,7 +386,7 @@ class HiDreamE1Runner:
                              f"{request.width}x{request.height}; fit it to canvas_size() first")
         prompt, refine_prompt = edit_prompts(self.model, request)
         generator = torch.Generator(self.device).manual_seed(request.seed)
-        started = time.perf_counter()
+        started, started_at = time.perf_counter(), time.time()
         images = pipe(
             image=request.image.convert("RGB"),
             prompt=prompt,
@@ -400,7 +402,7 @@ class HiDreamE1Runner:
             on_step=on_step,
         )
         elapsed = time.perf_counter() - started
-        return RunOutput(images=images, seed=request.seed, inference_s=elapsed)
+        return RunOutput(images=images, seed=request.seed, inference_s=elapsed, started_at=started_at)
 
 
 def _synchronize(device: str) -> None:

@@ -10,6 +10,7 @@ as one batch, each from its own seeded generator, so each image equals the one i
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -101,10 +102,15 @@ def load_pipeline(
     pipe = HiDreamImagePipeline.from_pretrained(
         found.pipeline_dir, tokenizer_4=tokenizer_4, text_encoder_4=text_encoder_4, dtype=dtype, **extra
     )
-    # the text encoders stay in CPU memory when asked (never passing through the GPU); the rest goes to `device`
-    on_cpu = TEXT_ENCODERS if options.text_encoders == "cpu" else ()
-    for name, component in pipe.components.items():
-        if isinstance(component, torch.nn.Module) and name not in on_cpu:
+    # the model first; then the text encoders, unless asked (or, auto, too big) to stay in CPU memory, in
+    # which case they never pass through the GPU
+    modules = {name: c for name, c in pipe.components.items() if isinstance(c, torch.nn.Module)}
+    for name, component in modules.items():
+        if name not in TEXT_ENCODERS:
+            component.to(device)
+    encoders = [modules[name] for name in TEXT_ENCODERS if name in modules]
+    if text_encoders_on(options.text_encoders, device, sum(module_bytes(m) for m in encoders)) == "device":
+        for component in encoders:
             component.to(device)
     # The pipeline hard-codes 128 latents a side; render at the area the transformer was built for.
     config = pipe.transformer.config
@@ -112,6 +118,34 @@ def load_pipeline(
     pipe.set_progress_bar_config(disable=True)
     speed_up_transformer(pipe.transformer, options)
     return pipe
+
+
+ACTIVATION_RESERVE = 8 * 2**30  # GPU memory kept free for activations when placing the text encoders (auto)
+
+
+def module_bytes(module: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+
+
+def text_encoders_on(choice: str, device: str, encoder_bytes: int) -> str:
+    """Where the text encoders go: "device" or "cpu". `auto` reads the GPU's free memory once the model is
+    on it and keeps the encoders on the CPU unless they fit with `encoders_fit`'s room to spare."""
+    if choice != "auto":
+        return choice
+    if torch.device(device).type != "cuda":
+        return "device"
+    free, total = torch.cuda.mem_get_info(device)
+    where = "device" if encoders_fit(encoder_bytes, free, total) else "cpu"
+    logging.getLogger("dreambatch.worker").info(
+        "text encoders (%.1f GiB) on the %s: %.1f GiB of %.1f GiB free on %s", encoder_bytes / 2**30,
+        "GPU" if where == "device" else "CPU", free / 2**30, total / 2**30, device)
+    return where
+
+
+def encoders_fit(encoder_bytes: int, free: int, total: int) -> bool:
+    """Whether encoders of this size fit in `free` GPU bytes, leaving max(8 GiB, 10% of the card) to run the
+    model (its activations, a micro-batch)."""
+    return encoder_bytes + max(ACTIVATION_RESERVE, total // 10) <= free
 
 
 def _step_callback(on_step: Callable[[int], None]) -> Callable[..., dict]:
@@ -172,13 +206,13 @@ class HiDreamI1Runner:
         `on_step(i)` runs after each denoising step (0-based); an exception it raises stops the run there."""
         return self.generate_batch([request], on_step)[0]
 
-    @staticmethod
-    def batch_key(request: GenerateRequest) -> tuple | None:
-        """Requests with equal keys can be denoised as one batch; None: this one runs alone."""
+    def batch_key(self, request: GenerateRequest) -> tuple | None:
+        """Requests with equal keys can be denoised as one batch; None: this one runs alone. Sizes count as
+        the size they render at (its aspect bucket), so 800x600 and 1600x1200 batch together."""
         if request.num_images != 1 or request.extra:
             return None
-        return ("generate", request.width, request.height, request.steps, float(request.guidance_scale),
-                request.scheduler, float(request.shift))
+        return ("generate", *self.rendered_size(request.width, request.height), request.steps,
+                float(request.guidance_scale), request.scheduler, float(request.shift))
 
     def embeds(self, texts: list[str]) -> TextEmbeds:
         """`texts` through the four text encoders as one batch, each text encoded once per process while it
@@ -198,7 +232,7 @@ class HiDreamI1Runner:
         """Render several requests with one denoising loop; each gets the images it would get alone.
 
         More than one request: all must share a `batch_key` (so one image each). `inference_s` of each
-        output is its share of the batch's time.
+        output is its share of the batch's time. `on_step` sees every step of the whole batch.
         """
         pipe = self.load()
         first = requests[0]
@@ -210,7 +244,7 @@ class HiDreamI1Runner:
         pipe.scheduler = self._scheduler(first.scheduler, first.shift)
         if isinstance(pipe.scheduler, SeededFlowMatchLCMScheduler):
             pipe.scheduler.generator = generator
-        started = time.perf_counter()
+        started, started_at = time.perf_counter(), time.time()
         guided = first.guidance_scale > 1
         text = self.embeds([r.prompt for r in requests])
         negative = self.embeds([r.negative_prompt for r in requests]) if guided else None
@@ -233,7 +267,7 @@ class HiDreamI1Runner:
             )
         share = (time.perf_counter() - started) / len(requests)
         images, n = list(result.images), first.num_images
-        return [RunOutput(images=images[i * n:(i + 1) * n], seed=r.seed, inference_s=share)
+        return [RunOutput(images=images[i * n:(i + 1) * n], seed=r.seed, inference_s=share, started_at=started_at)
                 for i, r in enumerate(requests)]
 
     def _scheduler(self, name: str, shift: float) -> Any:
