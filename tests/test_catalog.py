@@ -15,6 +15,7 @@ import subprocess
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import numpy as np
 import pytest
@@ -199,7 +200,14 @@ def test_scheduled_scan_edits_every_image_once_then_only_what_changed_and_the_sh
 
     listed = {s["name"]: s for s in run_cli("schedules", "list", env=env)}
     assert listed[name]["last_run"]["unchanged"] == 4 and listed[name]["last_run"]["job_id"] is None
-    assert listed[name]["next_fire_local"].endswith("T02:00:00+01:00")  # 02:00 Berlin (winter time)
+    # the next 02:00 in Berlin, with the offset Berlin has that night (+01:00 in winter, +02:00 in summer;
+    # on the night the clocks go forward 02:00 does not exist and the slot is the instant they jump to)
+    berlin, now = ZoneInfo("Europe/Berlin"), datetime.now(UTC)
+    today = now.astimezone(berlin).date()
+    nights = [datetime.combine(today + timedelta(days=n), datetime.min.time().replace(hour=2), berlin) for n in (0, 1)]
+    expected = next(t.astimezone(UTC) for t in nights if t.astimezone(UTC) > now)
+    assert datetime.fromisoformat(listed[name]["next_fire"]) == expected
+    assert listed[name]["next_fire_local"] == expected.astimezone(berlin).isoformat()
 
 
 def test_two_beats_started_together_fire_a_missed_slot_once_and_a_standby_takes_over(
