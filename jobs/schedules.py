@@ -1,4 +1,5 @@
 """The schedules file (`ops/schedules.toml`, or DREAMBATCH_CATALOG__SCHEDULES_FILE): recurring catalog jobs.
+TOML, or YAML when the file is named `.yaml`/`.yml` (the same structure: a `schedules` mapping of names).
 
     [schedules.nightly-white]
     cron = "0 2 * * *"                 # when (croniter syntax); leave out for a run-by-hand schedule
@@ -14,6 +15,7 @@
     prefix = "s3://catalog/products/"  # every image under it is a row; or manifest = "s3://…/x.csv" / a path
     path = "products/{category}/{sku}.jpg"
 
+A prefix scan's `output` may not lie inside its `source.prefix` (each run would rescan its own outputs).
 See docs/catalog.md for the whole workflow.
 """
 
@@ -24,13 +26,14 @@ from pathlib import Path
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+import yaml
 from croniter import croniter
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from jobs import templates
 from jobs.errors import ConfigError, InputError
 from jobs.models import MODELS, row_class
-from jobs.presets import read_toml
+from jobs.presets import MAX_FILE_BYTES, read_toml
 from jobs.settings import Settings
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
@@ -121,6 +124,19 @@ class Schedule(BaseModel):
             raise ValueError(f"params: {', '.join(unknown)}: not a field of {self.model}")
         return self
 
+    @model_validator(mode="after")
+    def _output_outside_source(self) -> Schedule:
+        """Outputs (and the ledger) under the scanned prefix would be scanned as new images by the next run."""
+        if self.source.prefix is None:
+            return self
+        src_bucket, src_prefix = _bucket_and_folder(self.source.prefix)
+        out_bucket, out_prefix = _bucket_and_folder(self.output)
+        if src_bucket == out_bucket and out_prefix.startswith(src_prefix):
+            raise ValueError(f"output: {self.output} is inside source.prefix {self.source.prefix}: every run would "
+                             f"scan its own outputs as new images; choose an output outside that prefix "
+                             f"(e.g. s3://{out_bucket}/edited next to it)")
+        return self
+
     @property
     def mirror(self) -> bool:
         return (self.layout or ("mirror" if self.source.prefix else "job")) == "mirror"
@@ -150,10 +166,42 @@ class Schedule(BaseModel):
         return templates.KeyTemplate(self.source.path, f"schedule {self.name}: source.path")
 
 
+def _bucket_and_folder(location: str) -> tuple[str, str]:
+    """`s3://b/products` → ("b", "products/"): the prefix as the folder a listing covers ("" = the bucket)."""
+    bucket, _, prefix = location.removeprefix("s3://").partition("/")
+    prefix = prefix.strip("/")
+    return bucket, f"{prefix}/" if prefix else ""
+
+
+def read_schedules_file(path: Path) -> dict[str, Any]:
+    """The file's data: YAML for .yaml/.yml, else TOML; ConfigError names the file (and the line)."""
+    if path.suffix.lower() not in (".yaml", ".yml"):
+        return read_toml(path, "schedules file")
+    if not path.is_file():
+        raise ConfigError(f"schedules file {path}: file not found")
+    if path.stat().st_size > MAX_FILE_BYTES:
+        raise ConfigError(f"schedules file {path}: larger than {MAX_FILE_BYTES} bytes")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        context = f" ({exc.context})" if exc.context else ""
+        raise ConfigError(f"schedules file {path}: {where}{exc.problem}{context}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"schedules file {path}: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"schedules file {path}: expected a mapping with a `schedules` key "
+                          f"(got a {type(data).__name__})")
+    return data
+
+
 def load_schedules(settings: Settings, path: str | Path | None = None) -> dict[str, Schedule]:
     """Every schedule in the file, validated; ConfigError names the schedule and the field."""
     path = Path(path or settings.catalog.schedules_file).expanduser()
-    data = read_toml(path, "schedules file")
+    data = read_schedules_file(path)
     table = data.get("schedules", {})
     extra = sorted(set(data) - {"schedules"})
     if extra or not isinstance(table, dict):
@@ -161,15 +209,16 @@ def load_schedules(settings: Settings, path: str | Path | None = None) -> dict[s
     out: dict[str, Schedule] = {}
     for name, entry in table.items():
         if not isinstance(entry, dict):
-            raise ConfigError(f"schedules file {path}: schedules.{name} must be a table")
+            raise ConfigError(f"schedules file {path}: schedules.{name} must be a table (a mapping)")
         try:
             schedule = Schedule.model_validate({**entry, "name": name})
             schedule.key_template()
         except ValidationError as exc:
             first = exc.errors(include_url=False)[0]
-            field = ".".join(str(p) for p in first["loc"]) or "schedule"
+            field = ".".join(str(p) for p in first["loc"])  # empty: a rule across fields, named in the message
             message = first["msg"].removeprefix("Value error, ")
-            raise ConfigError(f"schedules file {path}: schedules.{name}: {field}: {message}") from None
+            raise ConfigError(f"schedules file {path}: schedules.{name}: {f'{field}: ' if field else ''}"
+                              f"{message}") from None
         except InputError as exc:
             raise ConfigError(f"schedules file {path}: {exc}") from None
         out[name] = schedule

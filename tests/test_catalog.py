@@ -390,3 +390,55 @@ def test_instruction_templates_read_object_metadata_and_an_object_without_it_is_
         ("p/red.jpg", "Make the red shoe red pop", False)]
     assert [(s.key, s.reason) for s in skipped] == [
         ("p/plain.jpg", "no object metadata x-amz-meta-color (the instruction uses {meta.color})")]
+
+
+def test_a_yaml_schedules_file_loads_as_the_same_schedules_and_a_broken_one_names_its_line(tmp_path):
+    toml_file = schedule_file(tmp_path / "schedules.toml", "nightly", "b")
+    yaml_file = tmp_path / "schedules.yaml"
+    yaml_file.write_text("""
+schedules:
+  nightly:
+    cron: "0 2 * * *"
+    timezone: Europe/Berlin
+    model: e1-1
+    preset: white-studio
+    params: {steps: 1, seed: 3}
+    output: s3://b/edited
+    keep_format: true
+    source:
+      prefix: s3://b/products/
+      path: "products/{category*}/{sku}.jpg"
+""")
+    from_toml, from_yaml = load_schedules(Settings(), toml_file), load_schedules(Settings(), yaml_file)
+    assert from_yaml["nightly"].model_dump() == from_toml["nightly"].model_dump()
+    assert from_yaml["nightly"].next_fire(datetime.now(UTC)) is not None
+    broken = tmp_path / "broken.yml"
+    broken.write_text("schedules:\n  x:\n\tcron: '0 2 * * *'\n")  # a tab where YAML wants spaces
+    with pytest.raises(ConfigError, match=r"schedules file .*broken\.yml: line 3, column 1: found character '\\t'"):
+        load_schedules(Settings(), broken)
+    wrong = tmp_path / "wrong.yaml"
+    wrong.write_text("schedules:\n  x:\n    output: s3://b/o\n    preset: white-studio\n    revision: 2025-07-01\n"
+                     "    source: {prefix: 's3://b/p/'}\n")
+    with pytest.raises(ConfigError, match=r"wrong\.yaml: schedules\.x: revision: Input should be a valid string"):
+        load_schedules(Settings(), wrong)
+
+
+@pytest.mark.parametrize(("source", "output"), [("s3://b/products/", "s3://b/products/edited"),
+                                                ("s3://b/products", "s3://b/products/"),
+                                                ("s3://b/", "s3://b/edited"), ("s3://b", "s3://b/")])
+def test_a_schedule_whose_output_is_inside_its_source_prefix_is_refused_naming_both(tmp_path, source, output):
+    path = tmp_path / "s.toml"
+    path.write_text(f'[schedules.loop]\npreset = "white-studio"\noutput = "{output}"\n'
+                    f'[schedules.loop.source]\nprefix = "{source}"\n')
+    with pytest.raises(ConfigError) as caught:
+        load_schedules(Settings(), path)
+    assert f"schedules.loop: output: {output.rstrip('/')} is inside source.prefix {source}:" in str(caught.value)
+
+
+@pytest.mark.parametrize("output", ["s3://b/products-edited", "s3://b/edited/products", "s3://other/products/edited",
+                                    "s3://b"])
+def test_an_output_beside_the_source_prefix_is_accepted(tmp_path, output):
+    path = tmp_path / "s.toml"
+    path.write_text(f'[schedules.ok]\npreset = "white-studio"\noutput = "{output}"\n'
+                    f'[schedules.ok.source]\nprefix = "s3://b/products/"\n')
+    assert load_schedules(Settings(), path)["ok"].output == output
