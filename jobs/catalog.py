@@ -246,7 +246,12 @@ def candidates(schedule: Schedule, plan: Plan, source: S3Store, settings: Settin
         if schedule.keep_format:
             row["output_format"] = entry.fmt
         if schedule.mirror:
-            out_key = rel if schedule.keep_format else f"{path.with_suffix('')}.{EXTENSIONS.get(fmt, fmt)}"
+            if not schedule.keep_format:
+                out_key = f"{path.with_suffix('')}.{EXTENSIONS[fmt]}"
+            elif path.suffix.lower() in FORMATS:
+                out_key = rel
+            else:  # no image extension (its Content-Type said what it is): the output key gets its format's
+                out_key = f"{rel}.{EXTENSIONS[fmt]}"
             if not re.match(OUTPUT_KEY_PATTERN, out_key) or len(out_key.encode()) > 900:
                 skipped.append(Skipped(key, f"mirror layout: {out_key!r} cannot be an output key "
                                             f"(control characters, backslash, or over 900 bytes)"))

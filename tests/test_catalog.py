@@ -25,7 +25,7 @@ from services import cli, s3_client, service_env, wait_until
 from jobs import keys
 from jobs.catalog import Ledger, Services, fold, item_id_for, run_schedule
 from jobs.errors import ConfigError, InputError
-from jobs.manifest import RowChecker
+from jobs.manifest import RawRow, RowChecker
 from jobs.models import JobRecord
 from jobs.presets import apply_preset, load_presets
 from jobs.schedules import load_schedules
@@ -442,3 +442,30 @@ def test_an_output_beside_the_source_prefix_is_accepted(tmp_path, output):
     path.write_text(f'[schedules.ok]\npreset = "white-studio"\noutput = "{output}"\n'
                     f'[schedules.ok.source]\nprefix = "s3://b/products/"\n')
     assert load_schedules(Settings(), path)["ok"].output == output
+
+
+def test_keep_format_gives_an_extensionless_image_the_extension_of_its_format_so_its_row_is_valid(
+        s3_endpoint, bucket, tmp_path):
+    from jobs.catalog import candidates, make_plan
+    from jobs.storage import S3Store
+
+    s3 = s3_client(s3_endpoint)
+    s3.put_object(Bucket=bucket, Key="p/hats/cap", Body=photo(1, "png"), ContentType="image/png")
+    s3.put_object(Bucket=bucket, Key="p/hats/beanie", Body=photo(2, "jpg"), ContentType="image/jpeg; charset=x")
+    s3.put_object(Bucket=bucket, Key="p/hats/visor.WEBP", Body=photo(3, "webp"), ContentType="image/webp")
+    path = tmp_path / "s.toml"
+    path.write_text(f'[schedules.k]\npreset = "white-studio"\noutput = "s3://{bucket}/out"\nkeep_format = true\n'
+                    f'[schedules.k.source]\nprefix = "s3://{bucket}/p/"\n')
+    settings = Settings(s3=S3Settings(endpoint_url=s3_endpoint))
+    schedule = load_schedules(settings, path)["k"]
+    plan = make_plan(schedule, {}, settings)
+    skipped: list = []
+    found = list(candidates(schedule, plan, S3Store(f"s3://{bucket}/p/", s3), settings, skipped))
+    assert skipped == []
+    assert {c.key: (c.row["output_key"], c.row["output_format"]) for c in found} == {
+        "p/hats/beanie": ("hats/beanie.jpg", "jpeg"), "p/hats/cap": ("hats/cap.png", "png"),
+        "p/hats/visor.WEBP": ("hats/visor.WEBP", "webp")}
+    checker = RowChecker("e1-1", plan.defaults)
+    for c in found:  # what submit will check: each output key's extension matches its format
+        checked = checker.check(RawRow(1, c.row))
+        assert checked.ok, checked.issues
