@@ -10,16 +10,25 @@ key and format, model and its revision. Each run also writes `_catalog/{name}/ru
 items and their fingerprints) and is listed as pending in the ledger; the next run folds a pending run
 in once its job has ended, recording only the items that completed. A run still in flight keeps its
 items from being queued twice.
+
+Two runs of one schedule never overlap: a run holds `keys.SCHEDULE_RUNNING`, a lock with a short TTL that a
+thread renews while the run goes, so a crashed holder blocks the schedule for one TTL, not for hours. A
+beat-fired run that fails for a transient reason (S3 or Redis unreachable, another run in progress) is
+retried with backoff (`run_fired`), until shortly before the schedule's next slot.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import tempfile
+import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -42,7 +51,12 @@ OTHER_IMAGES = {".gif", ".bmp", ".tif", ".tiff", ".heic", ".heif", ".avif", ".sv
 BUILTIN_NAMES = ("key", "path", "dir", "name", "stem", "ext")
 RESERVED_METADATA = ("source_key", "source_etag")
 SHOWN_SKIPS = 1000  # skipped objects kept in a run record (the counts cover all of them)
-RUN_LOCK_TTL = 3600
+
+log = logging.getLogger("dreambatch.catalog")
+
+
+class RunInProgress(TransientError):
+    """Another run of this schedule holds its run lock; try again once it has ended."""
 
 
 @dataclass(frozen=True)
@@ -298,10 +312,11 @@ def fold(ledger: Ledger, objects: ObjectStore, store: Store, name: str) -> tuple
         lines = records.read_results(objects, job_id)
         if lines is None:
             live = store.get_job(job_id)
-            if live is not None and not live.finished_at:
+            if live is not None and not live.finished_at and not live.submit_aborted:
                 in_flight.update({v["key"]: v["fp"] for v in run["items"].values()})
                 continue
-            lines = _item_records(objects, job_id, run["items"])  # its live state is gone: read what ended
+            # its live state is gone, or its submission failed (nothing of it runs): read what ended
+            lines = _item_records(objects, job_id, run["items"])
         for line in lines:
             item = run["items"].get(line["id"])
             if item and line["status"] == "completed":
@@ -319,6 +334,60 @@ def _item_records(objects: ObjectStore, job_id: str, items: dict[str, Any]) -> l
         if data is not None:
             found.append(json.loads(data))
     return found
+
+
+# ---- the run lock -----------------------------------------------------------------------------------
+
+
+class RunLock:
+    """One run of a schedule at a time: `keys.SCHEDULE_RUNNING` with a short TTL, renewed every third of it by
+    a thread while the run goes and released at the end, so a holder that crashed blocks the schedule for one
+    TTL at most. `check()` raises once the lock could not be kept (renewals failing for a TTL, or another
+    run took it): the run stops before it queues anything."""
+
+    def __init__(self, state: ScheduleState, name: str, owner: str, ttl: float):
+        self.state, self.name, self.owner, self.ttl = state, name, owner, ttl
+        self.key = keys.SCHEDULE_RUNNING.format(name=name)
+        self.lost: str | None = None
+        self._renewed = 0.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> RunLock:
+        if not self.state.hold_lock(self.key, self.owner, self.ttl):
+            raise RunInProgress(f"schedule {self.name}: another run is in progress")
+        self._renewed = time.monotonic()
+        self._thread = threading.Thread(target=self._keep, name=f"run-lock-{self.name}", daemon=True)
+        self._thread.start()
+        return self
+
+    def _keep(self) -> None:
+        while not self._stop.wait(self.ttl / 3):
+            try:
+                if not self.state.hold_lock(self.key, self.owner, self.ttl):
+                    self.lost = "another run holds it now"
+                    return
+                self._renewed = time.monotonic()
+            except Exception as exc:  # Redis away for a moment: keep trying until the TTL has run out
+                log.warning("schedule %s: run lock not renewed: %s", self.name, exc)
+                if time.monotonic() - self._renewed > self.ttl:
+                    self.lost = f"not renewed for {self.ttl:.0f}s ({exc})"
+
+    def check(self) -> None:
+        if self.lost is None and time.monotonic() - self._renewed > self.ttl:
+            self.lost = f"not renewed for {self.ttl:.0f}s"
+        if self.lost is not None:
+            raise TransientError(f"schedule {self.name}: lost its run lock ({self.lost}); stopped before "
+                                 f"queueing anything")
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        try:
+            self.state.release_lock(self.key, self.owner)
+        except Exception as exc:  # it expires by itself within one TTL
+            log.warning("schedule %s: run lock not released (it expires in %.0fs): %s", self.name, self.ttl, exc)
 
 
 # ---- one run ----------------------------------------------------------------------------------------
@@ -366,25 +435,25 @@ def run_schedule(schedule: Schedule, settings: Settings, services: Services, *, 
     report = RunReport(schedule.name, dry_run, slot=slot)
     if schedule.webhook:
         netguard.check_url(schedule.webhook, settings.netpolicy())
-    owner = new_job_id()
-    lock = keys.SCHEDULE_RUNNING.format(name=schedule.name)
-    if not dry_run and not services.state.hold_lock(lock, owner, RUN_LOCK_TTL):
-        raise TransientError(f"schedule {schedule.name}: another run is in progress")
-    try:
-        if schedule.source.manifest is not None:
-            _run_manifest(schedule, settings, services, sets or {}, report)
-        else:
-            _run_scan(schedule, settings, services, sets or {}, report)
-    finally:
-        if not dry_run:
-            services.state.release_lock(lock, owner)
-    if not dry_run:
-        services.state.set_last_run(schedule.name, report.summary())
+    if dry_run:  # reads only: needs no lock
+        _run(schedule, settings, services, sets or {}, report, lambda: None)
+        return report
+    with RunLock(services.state, schedule.name, new_job_id(), settings.catalog.run_lock_ttl) as lock:
+        _run(schedule, settings, services, sets or {}, report, lock.check)
+    services.state.set_last_run(schedule.name, report.summary())
     return report
 
 
+def _run(schedule: Schedule, settings: Settings, services: Services, sets: dict[str, Any], report: RunReport,
+         check: Callable[[], None]) -> None:
+    if schedule.source.manifest is not None:
+        _run_manifest(schedule, settings, services, sets, report, check)
+    else:
+        _run_scan(schedule, settings, services, sets, report, check)
+
+
 def _run_scan(schedule: Schedule, settings: Settings, services: Services, sets: dict[str, Any],
-              report: RunReport) -> None:
+              report: RunReport, check: Callable[[], None]) -> None:
     # 1. what every row shares, and the ledger with every ended run folded in
     plan = make_plan(schedule, sets, settings)
     output = services.objects(schedule.output)
@@ -399,6 +468,7 @@ def _run_scan(schedule: Schedule, settings: Settings, services: Services, sets: 
     todo: list[Candidate] = []
     seen: set[str] = set()
     for cand in candidates(schedule, plan, source, settings, report.skipped):
+        check()  # still holding the run lock (a long scan keeps renewing it)
         seen.add(cand.key)
         report.images += 1
         entry = ledger.entries.get(cand.key)
@@ -415,6 +485,7 @@ def _run_scan(schedule: Schedule, settings: Settings, services: Services, sets: 
         del ledger.entries[gone]
 
     # 3. nothing new: no job at all
+    check()
     if not todo:
         ledger.save(output, schedule.name)
         return
@@ -437,7 +508,7 @@ def _run_scan(schedule: Schedule, settings: Settings, services: Services, sets: 
 
 
 def _run_manifest(schedule: Schedule, settings: Settings, services: Services, sets: dict[str, Any],
-                  report: RunReport) -> None:
+                  report: RunReport, check: Callable[[], None]) -> None:
     """A manifest source runs every row, every time (incremental runs are for prefix scans)."""
     plan = make_plan(schedule, sets, settings)
     defaults = dict(plan.defaults)
@@ -464,6 +535,7 @@ def _run_manifest(schedule: Schedule, settings: Settings, services: Services, se
             report.images, report.queued = checked.rows, checked.valid
             report.skipped = [Skipped(str(i.line), str(i)) for i in checked.issues]
             return
+        check()
         _submit(schedule, settings, services, path, defaults, new_job_id(), policy, report)
 
 
@@ -480,15 +552,66 @@ def _submit(schedule: Schedule, settings: Settings, services: Services, manifest
     report.job_id, report.queued, report.rejected = job_id, sub.queued, sub.rejected
 
 
-def run_named(name: str, settings: Settings, celery=None, slot: str | None = None) -> RunReport:
-    """The beat-fired run of schedule `name` (the io worker's task), logged."""
-    import logging
+@dataclass(frozen=True)
+class Fired:
+    """What became of one attempt at a beat-fired run."""
 
+    summary: dict[str, Any]
+    retry_in: float | None = None  # set: try again after so many seconds
+
+
+def retry_delay(schedule: Schedule | None, slot: str | None, attempt: int, settings: Settings,
+                now: datetime | None = None) -> float | None:
+    """Seconds before retry `attempt` (1 = the first) of a fired run, or None: give up. The wait doubles from
+    `run_retry_base` up to `run_retry_max`; at most `run_retries` retries, and none that would start after the
+    schedule's next slot less one base wait (that slot's run does the work)."""
+    cfg = settings.catalog
+    if attempt > cfg.run_retries:
+        return None
+    delay = min(cfg.run_retry_max, cfg.run_retry_base * 2 ** (attempt - 1))
+    if schedule is not None and slot is not None:
+        following = schedule.next_fire(datetime.fromisoformat(slot))
+        now = now or datetime.now(UTC)
+        if following is not None and (following - now).total_seconds() - cfg.run_retry_base < delay:
+            return None
+    return delay
+
+
+def run_fired(name: str, settings: Settings, celery=None, slot: str | None = None, attempt: int = 1,
+              services: Services | None = None) -> Fired:
+    """The beat-fired run of schedule `name` (the io worker's task), logged. A transient failure (S3, Redis or
+    the broker unreachable, another run in progress) asks for a retry; any other failure is logged and ends it.
+    The last run's summary in Redis says what happened either way (when Redis can be reached)."""
     from jobs.schedules import get_schedule
+    from jobs.submit import CONNECTION_ERRORS
 
-    report = run_schedule(get_schedule(settings, name), settings, Services.connect(settings, celery), slot=slot)
-    logging.getLogger("dreambatch.catalog").info(
-        "schedule %s (slot %s): %d image(s), %d queued, %d unchanged, %d in flight, %d skipped; job %s",
-        name, slot, report.images, report.queued, report.unchanged, report.in_flight, len(report.skipped),
-        report.job_id or "-")
-    return report
+    schedule = None
+    try:
+        schedule = get_schedule(settings, name)
+        report = run_schedule(schedule, settings, services or Services.connect(settings, celery), slot=slot)
+    except (TransientError, *CONNECTION_ERRORS) as exc:
+        delay = retry_delay(schedule, slot, attempt, settings)
+        what = f"retrying in {delay:.0f}s" if delay is not None else f"giving up after {attempt} attempt(s)"
+        (log.warning if delay is not None else log.error)(
+            "schedule %s (slot %s): attempt %d failed: %s; %s", name, slot, attempt, exc, what)
+        return Fired(_failed(settings, name, slot, attempt, exc, delay, services), delay)
+    except Exception as exc:
+        log.exception("schedule %s (slot %s): run failed; not retried (fix the cause, then run it by hand: "
+                      "dreambatch schedules run %s)", name, slot, name)
+        return Fired(_failed(settings, name, slot, attempt, exc, None, services))
+    log.info("schedule %s (slot %s): %d image(s), %d queued, %d unchanged, %d in flight, %d skipped; job %s",
+             name, slot, report.images, report.queued, report.unchanged, report.in_flight, len(report.skipped),
+             report.job_id or "-")
+    return Fired(report.summary())
+
+
+def _failed(settings: Settings, name: str, slot: str | None, attempt: int, exc: Exception, retry_in: float | None,
+            services: Services | None) -> dict[str, Any]:
+    summary = {"at": now_iso(), "slot": slot, "job_id": None, "error": f"{type(exc).__name__}: {exc}",
+               "attempt": attempt, "retry_in": retry_in}
+    try:
+        state = services.state if services else ScheduleState.from_url(settings.redis_url, retry_s=5)
+        state.set_last_run(name, summary)
+    except Exception as err:  # Redis may be what failed
+        log.warning("schedule %s: last run not recorded: %s", name, err)
+    return summary

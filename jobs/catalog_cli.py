@@ -53,9 +53,15 @@ def list_schedules(json_: JsonOpt = False) -> None:
     for r in rows:
         last = r["last_run"]
         when = f"next {r['next_fire_local']}" if r["next_fire"] else "by hand only"
-        ran = (f"last run {last['at']}: job {last['job_id'] or '-'} ({r['last_job_status'] or 'no job'}), "
-               f"{last['queued']} queued, {last['unchanged']} unchanged, {last['skipped']} skipped"
-               if last else "never run")
+        if not last:
+            ran = "never run"
+        elif last.get("error"):
+            then = (f"retrying in {last['retry_in']:.0f}s" if last.get("retry_in") is not None
+                    else "not retried: run it by hand")
+            ran = f"last run {last['at']}: failed (attempt {last['attempt']}): {last['error']}; {then}"
+        else:
+            ran = (f"last run {last['at']}: job {last['job_id'] or '-'} ({r['last_job_status'] or 'no job'}), "
+                   f"{last['queued']} queued, {last['unchanged']} unchanged, {last['skipped']} skipped")
         out.print(f"{r['name']}  {r['cron'] or '-'} {r['timezone']}  {when}  {ran}", highlight=False,
                   markup=False, soft_wrap=True)
 

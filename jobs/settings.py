@@ -78,6 +78,11 @@ class CatalogSettings(BaseModel):
     beat_lock_ttl: float = Field(30.0, description="s a beat keeps the lock without renewing it")
     max_objects: int = Field(1_000_000, description="objects one prefix scan may list")
     max_manifest_bytes: int = Field(256 * 2**20, description="largest manifest a schedule downloads")
+    run_lock_ttl: float = Field(60.0, ge=1, description="s a schedule's run lock outlives its holder; renewed "
+                                                        "every third of it while the run goes")
+    run_retries: int = Field(10, ge=0, description="retries of a fired run that failed for a transient reason")
+    run_retry_base: float = Field(30.0, gt=0, description="s before the first retry of a fired run; doubles")
+    run_retry_max: float = Field(600.0, gt=0, description="longest wait between two retries of a fired run")
 
 
 class RunnerSettings(BaseModel):

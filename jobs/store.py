@@ -573,8 +573,8 @@ class ScheduleState:
         self._release = client.register_script(_RELEASE_LOCK)
 
     @classmethod
-    def from_url(cls, url: str) -> ScheduleState:
-        return cls(RedisStore.from_url(url).r)
+    def from_url(cls, url: str, retry_s: float = 120.0) -> ScheduleState:
+        return cls(RedisStore.from_url(url, retry_s).r)
 
     def hold_lock(self, key: str, owner: str, ttl_s: float) -> bool:
         """Take `key` for `owner`, or extend it when `owner` already holds it. False: someone else holds it."""

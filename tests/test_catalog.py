@@ -469,3 +469,113 @@ def test_keep_format_gives_an_extensionless_image_the_extension_of_its_format_so
     for c in found:  # what submit will check: each output key's extension matches its format
         checked = checker.check(RawRow(1, c.row))
         assert checked.ok, checked.issues
+
+
+# ---- retries and the run lock -------------------------------------------------------------------------
+
+
+def test_a_fired_run_that_finds_the_schedule_running_retries_and_runs_once_the_lock_is_free(
+        redis_server, s3_endpoint, bucket, start_worker, tmp_path):
+    from jobs import broker
+
+    s3 = s3_client(s3_endpoint)
+    s3.put_object(Bucket=bucket, Key="products/shoes/1.jpg", Body=photo(1, "jpg"), ContentType="image/jpeg")
+    name = f"retry-{uuid.uuid4().hex[:6]}"
+    schedules = schedule_file(tmp_path / "schedules.toml", name, bucket)
+    redis_url = redis_server.url[:-1] + "9"
+    extra = {"DREAMBATCH_REDIS_URL": redis_url, "DREAMBATCH_CATALOG__SCHEDULES_FILE": str(schedules),
+             "DREAMBATCH_CATALOG__RUN_RETRY_BASE": "0.4", "DREAMBATCH_CATALOG__RUN_RETRY_MAX": "0.8"}
+    io_worker = start_worker("worker", "--io", **extra).wait_ready()
+    settings = Settings(redis_url=redis_url, s3=S3Settings(endpoint_url=s3_endpoint),
+                        catalog=CatalogSettings(schedules_file=str(schedules)))
+    state = ScheduleState.from_url(redis_url)
+    lock = keys.SCHEDULE_RUNNING.format(name=name)
+    assert state.hold_lock(lock, "another-run", 30)  # a run of this schedule is going on elsewhere
+
+    slot = load_schedules(settings)[name].latest_slot(datetime.now(UTC)).isoformat()
+    broker.make_celery(settings).send_task(keys.TASK_RUN_SCHEDULE, args=[name, slot], queue=keys.IO_QUEUE)
+    failed = wait_until(lambda: (last := state.last_run(name)) and last.get("attempt", 0) >= 2 and last, 30, 0.1,
+                        what="two attempts that found the schedule running")
+    assert "another run is in progress" in failed["error"] and failed["retry_in"] == 0.8
+    assert "attempt 1 failed: schedule " in io_worker.log.read_text() and "retrying in" in io_worker.log.read_text()
+    assert state.r.get(lock) == "another-run"  # the waiting run never took it
+
+    state.release_lock(lock, "another-run")
+    done = wait_until(lambda: (last := state.last_run(name)) and "error" not in last and last, 30, 0.1,
+                      what="the run after the lock was freed")
+    assert (done["slot"], done["queued"]) == (slot, 1) and done["job_id"]
+    assert state.r.get(lock) is None  # released at the end
+    res = cli("schedules", "list", env=service_env(redis_url, s3_endpoint, tmp_path, **extra))
+    assert f"job {done['job_id']}" in res.stdout, res.stdout + res.stderr
+
+
+def test_a_crashed_runs_lock_expires_within_its_ttl_while_a_live_run_keeps_renewing_it(
+        redis_server, s3_endpoint, bucket, tmp_path):
+    import sys
+    import time
+
+    from jobs.catalog import RunInProgress
+
+    name = f"lock-{uuid.uuid4().hex[:6]}"
+    schedules = schedule_file(tmp_path / "schedules.toml", name, bucket)
+    redis_url = redis_server.url[:-1] + "9"
+    settings = Settings(redis_url=redis_url, s3=S3Settings(endpoint_url=s3_endpoint),
+                        catalog=CatalogSettings(schedules_file=str(schedules), run_lock_ttl=1.5))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import time\nfrom jobs.catalog import RunLock\nfrom jobs.store import ScheduleState\n"
+         f"with RunLock(ScheduleState.from_url({redis_url!r}), {name!r}, 'holder', 1.5):\n"
+         "    print('held', flush=True)\n    time.sleep(120)\n"],
+        cwd=Path(__file__).resolve().parent.parent, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        state, lock = ScheduleState.from_url(redis_url), keys.SCHEDULE_RUNNING.format(name=name)
+        schedule = load_schedules(settings)[name]
+        time.sleep(3.5)  # over twice its TTL: the live holder's thread renewed it
+        assert state.r.get(lock) == "holder"
+        with pytest.raises(RunInProgress, match=f"schedule {name}: another run is in progress"):
+            run_schedule(schedule, settings, Services.connect(settings))
+        holder.kill()  # crashed: the lock is not released, and nobody renews it
+        holder.wait(10)
+        started = time.monotonic()
+        wait_until(lambda: state.r.get(lock) is None, 5, 0.05, what="the crashed holder's lock to expire")
+        assert time.monotonic() - started < 1.7
+        assert run_schedule(schedule, settings, Services.connect(settings)).images == 0
+    finally:
+        holder.kill()
+        holder.wait(10)
+
+
+def test_retries_back_off_stop_before_the_next_slot_and_an_unreachable_s3_is_retried(redis_server, s3_endpoint,
+                                                                                     tmp_path):
+    from services import free_port
+
+    from jobs.catalog import retry_delay, run_fired
+
+    name = f"s3down-{uuid.uuid4().hex[:6]}"
+    schedules = schedule_file(tmp_path / "schedules.toml", name, "b")
+    settings = Settings(redis_url=redis_server.url[:-1] + "9",
+                        s3=S3Settings(endpoint_url=f"http://127.0.0.1:{free_port()}", max_attempts=1,
+                                      connect_timeout=0.5),
+                        catalog=CatalogSettings(schedules_file=str(schedules), run_retry_base=30, run_retry_max=600,
+                                                run_retries=5))
+    schedule = load_schedules(settings)[name]  # 02:00 Berlin daily
+    slot = datetime(2026, 1, 10, 1, 0, tzinfo=UTC)  # 02:00 Berlin; the next slot is 24 h later
+    just_after = slot + timedelta(minutes=1)
+    assert [retry_delay(schedule, slot.isoformat(), n, settings, just_after) for n in range(1, 8)] == [
+        30, 60, 120, 240, 480, None, None]  # doubling, capped by run_retries
+    late = slot + timedelta(hours=23, minutes=58)  # 2 minutes before the next slot
+    assert [retry_delay(schedule, slot.isoformat(), n, settings, late) for n in (1, 2, 3)] == [30, 60, None]
+    assert retry_delay(schedule, slot.isoformat(), 1, settings, late + timedelta(seconds=100)) is None
+    assert retry_delay(None, None, 5, settings) == 480  # a schedule that did not load: the count bounds it
+
+    assert retry_delay(schedule, slot.isoformat(), 1, settings) is None  # a slot from long ago: its time is over
+
+    # S3 unreachable (nothing listens on that port): a transient failure, retried; the last run says why
+    by_hand = tmp_path / "by-hand.toml"
+    by_hand.write_text(schedules.read_text().replace('cron = "0 2 * * *"\n', ""))
+    settings.catalog.schedules_file = str(by_hand)
+    fired = run_fired(name, settings, slot=just_after.isoformat(), attempt=2)
+    assert fired.retry_in == 60 and "TransientError: S3 s3://b/edited: Could not connect" in fired.summary["error"]
+    assert ScheduleState.from_url(settings.redis_url).last_run(name)["error"] == fired.summary["error"]
+    settings.catalog.schedules_file = str(tmp_path / "missing.toml")
+    assert run_fired(name, settings, slot=just_after.isoformat()).retry_in is None  # a config error: not retried

@@ -43,7 +43,11 @@ def register(app: Celery, runtime: Runtime) -> None:
             return f"gave up after {attempts} attempts in {time.time() - first_at:.0f}s: {attempt.error}"
         raise self.retry(countdown=delay, args=[job_id, item_id, event_id, first_at])
 
-    @app.task(name=keys.TASK_RUN_SCHEDULE, acks_late=True)
-    def run_schedule(name: str, slot: str | None = None) -> dict:
-        """Fired by beat: scan the schedule's source and submit what is new or changed (on an io worker)."""
-        return catalog.run_named(name, runtime.settings, app, slot).summary()
+    @app.task(name=keys.TASK_RUN_SCHEDULE, bind=True, max_retries=None, acks_late=True)
+    def run_schedule(self, name: str, slot: str | None = None) -> dict:
+        """Fired by beat: scan the schedule's source and submit what is new or changed (on an io worker).
+        A transient failure is tried again with backoff, until shortly before the next slot."""
+        fired = catalog.run_fired(name, runtime.settings, app, slot, attempt=self.request.retries + 1)
+        if fired.retry_in is not None:
+            raise self.retry(countdown=fired.retry_in)
+        return fired.summary
