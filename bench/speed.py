@@ -3,13 +3,13 @@ micro-batching gain, and the dreambatch-vs-plain-Celery overhead ratio, on tiny 
 
     python bench/speed.py --items 40 --steps 4 --io-ms 40
 
-Duty cycle: items go through `worker.process.process_item` — the function the Celery task calls — from N
-threads, as the worker's threads pool calls it, on a real redis-server and moto's S3 server; only the
-Celery consumer is left out (its cost is the overhead figure below). Each S3 PUT (the image, the item
-record) is delayed by `--io-ms`, standing in for a real S3 upload and a real-size image's encode, which
-the tiny model's 64² images do not have. The runner's busy intervals are recorded around every model call:
-duty cycle = busy time ÷ wall time from the first model call to the last (after `--warmup` items); gap =
-from one model call's end to the next one's start.
+Duty cycle: real worker processes (`dreambatch worker`, one GPU worker and one I/O worker) on a real
+redis-server, with moto's S3 server behind a loopback proxy that delays every PUT by `--io-ms` (standing in
+for a real S3 upload and a real-size image's encode, which the tiny model's 64² images do not have; an item
+makes 2 PUTs: its image and its record). Each item's record says when its model call started and how long it
+took (`timings.model_started_at`, `inference_s`); a micro-batch's items share one span. Duty cycle = model
+busy time ÷ wall time from the first model call after `--warmup` to the last; gap = one model call's end to
+the next one's start.
 
 Prompt cache: `--items` images from one prompt and negative prompt (I1-Full tiny, CFG) with the cache
 on and off. Micro-batching: the same items from as many threads as the batch size, through `MicroBatcher`.
@@ -20,8 +20,6 @@ Prints figures; never asserts.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import os
 import queue
 import statistics
@@ -35,46 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
-from services import RedisServer, s3_client, service_env, start_s3  # noqa: E402
-
-
-class Timeline:
-    """Wraps a runner; records (start, end) of every model call."""
-
-    def __init__(self, runner):
-        self.runner = runner
-        self.model = runner.model
-        self.spans: list[tuple[float, float]] = []
-
-    def __getattr__(self, name):
-        return getattr(self.runner, name)
-
-    def _timed(self, call, *args):
-        started = time.perf_counter()
-        try:
-            return call(*args)
-        finally:
-            self.spans.append((started, time.perf_counter()))
-
-    def generate(self, request):
-        return self._timed(self.runner.generate, request)
-
-    def generate_batch(self, requests):
-        return self._timed(self.runner.generate_batch, requests)
-
-
-class SlowPuts:
-    """An object store whose every put takes `delay` seconds longer (a remote S3, a big image's encode)."""
-
-    def __init__(self, objects, delay: float):
-        self.objects, self.delay = objects, delay
-
-    def __getattr__(self, name):
-        return getattr(self.objects, name)
-
-    def put(self, *args, **kwargs):
-        time.sleep(self.delay)
-        return self.objects.put(*args, **kwargs)
+from services import RedisServer, S3Proxy, service_env, start_s3  # noqa: E402
 
 
 def duty_cycle(spans: list[tuple[float, float]], warmup: int) -> dict:
@@ -86,80 +45,44 @@ def duty_cycle(spans: list[tuple[float, float]], warmup: int) -> dict:
             "gap_p90_ms": sorted(gaps)[int(0.9 * (len(gaps) - 1))] * 1000, "calls": len(spans)}
 
 
-def run_items(settings, store, runner, objects, manifest: Path, steps: int, threads: int, batching: bool) -> dict:
-    """Submit the manifest (no broker: ids go to a local queue) and run its items from `threads` threads."""
-    from jobs.manifest import input_policy
-    from jobs.submit import create_job
-    from worker import process
-
-    ids: queue.Queue[str] = queue.Queue()
-    sub = create_job(manifest, model="i1-fast", defaults={"steps": steps}, output="s3://bench/duty", webhook=None,
-                     store=store, objects=objects, dispatch=lambda batch: [ids.put(i) for i in batch],
-                     policy=input_policy(manifest, settings))
-    ctx = process.Context(settings=settings, store=store, runner=lambda: runner, objects=lambda _loc: objects,
-                          notify=lambda *_: None, finalize=lambda _job: None,
-                          gpu_lock=contextlib.nullcontext() if batching else threading.Lock())
-    statuses: list[str] = []
-
-    def pool_thread() -> None:
-        while True:
-            try:
-                item_id = ids.get_nowait()
-            except queue.Empty:
-                return
-            statuses.append(process.process_item(ctx, sub.job.job_id, item_id).status)
-
-    started = time.perf_counter()
-    workers = [threading.Thread(target=pool_thread) for _ in range(threads)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join()
-    wall = time.perf_counter() - started
-    return {"wall_s": wall, "items_per_s": len(statuses) / wall, "completed": statuses.count("completed")}
+def model_spans(timings: list[dict]) -> list[tuple[float, float]]:
+    """(start, end) of every model call from item timings; items of one micro-batch share their start, and
+    their `inference_s` shares add up to the batch's time."""
+    calls: dict[float, float] = {}
+    for t in timings:
+        if t.get("model_started_at") is not None:
+            calls[t["model_started_at"]] = calls.get(t["model_started_at"], 0.0) + t["inference_s"]
+    return [(start, start + took) for start, took in sorted(calls.items())]
 
 
 def pipelining(args, tmp: Path) -> list[str]:
-    from jobs.settings import RunnerSettings, Settings
-    from jobs.storage import open_store
-    from jobs.store import RedisStore
-    from worker.runners.batching import MicroBatcher
-    from worker.runtime import build_runner
+    from bench.queue_throughput import dreambatch_run
 
-    redis_server = RedisServer(tmp / "redis")
     (tmp / "redis").mkdir()
+    redis_server = RedisServer(tmp / "redis")
     redis_server.start()
     s3, endpoint = start_s3()
-    saved = dict(os.environ)
-    os.environ.update(service_env(redis_server.url, endpoint, tmp / "tiny"))
+    delay = args.io_ms / 1000
+    proxy = S3Proxy(endpoint, lambda method, path: time.sleep(delay) if method == "PUT" else None)
+    env = service_env(redis_server.url, proxy.url, tmp / "tiny", OMP_NUM_THREADS=str(args.model_threads))
+    cases = [("no pipelining (1 thread)", 1, {}), ("2 threads", 2, {}), ("default (3 threads)", None, {})]
+    cases += [(f"micro-batches ≤{b} (default {b + 1} threads)", None, {"DREAMBATCH_RUNNER__BATCH_MAX": str(b)})
+              for b in args.batches]
     lines = []
     try:
-        settings = Settings(redis_url=redis_server.url)
-        s3_client(endpoint).create_bucket(Bucket="bench")
-        store = RedisStore.from_url(redis_server.url)
-        objects = SlowPuts(open_store("s3://bench/duty", settings), args.io_ms / 1000)
-        manifest = tmp / "duty.jsonl"
-        manifest.write_text("".join(json.dumps({"prompt": f"a photo of a cat, take {i}", "seed": i}) + "\n"
-                                    for i in range(args.items)))
-        inner = build_runner("i1-fast", "tiny", "cpu", RunnerSettings())
-        inner.load()
-        cases = [("no pipelining (1 thread)", 1, 1), ("pipelining (2 threads)", 2, 1), ("pipelining (3 threads)", 3, 1)]
-        cases += [(f"pipelining + micro-batches of {b} ({b + 1} threads)", b + 1, b) for b in args.batches]
-        for name, threads, batch in cases:
-            timed = Timeline(inner)
-            runner = MicroBatcher(timed, batch, args.window_ms / 1000) if batch > 1 else timed
-            result = run_items(settings, store, runner, objects, manifest, args.steps, threads, batching=batch > 1)
-            cycle = duty_cycle(timed.spans, args.warmup)
-            lines.append(f"  {name}: {result['items_per_s']:.2f} items/s ({result['completed']}/{args.items} "
-                         f"completed), duty cycle {cycle['duty']:.1%}, gap between model calls median "
-                         f"{cycle['gap_median_ms']:.1f} ms, p90 {cycle['gap_p90_ms']:.1f} ms "
-                         f"({cycle['calls']} model calls)")
+        for name, threads, extra in cases:
+            run = dreambatch_run(args.items, {**env, **extra}, tmp, endpoint, threads, steps=args.steps)
+            cycle = duty_cycle(model_spans(run["timings"]), args.warmup)
+            lines.append(f"  {name}: {run['items_per_s']:.2f} items/s ({run['completed']}/{args.items} completed), "
+                         f"duty cycle {cycle['duty']:.1%}, gap between model calls median "
+                         f"{cycle['gap_median_ms']:.1f} ms, p90 {cycle['gap_p90_ms']:.1f} ms ({cycle['calls']} "
+                         f"model calls of {run['mean_inference_s'] * 1000:.0f} ms; per item outside the model "
+                         f"{run['mean_outside_model_s'] * 1000:.0f} ms)")
             print(lines[-1], flush=True)
     finally:
+        proxy.close()
         s3.stop()
         redis_server.stop()
-        os.environ.clear()
-        os.environ.update(saved)
     return lines
 
 
@@ -271,25 +194,26 @@ def overhead(args) -> None:
         # free cores, a batch's items encoding and uploading at once stall the model's spinning OpenMP threads
         env = service_env(redis_server.url, endpoint, tmp / "tiny", OMP_NUM_THREADS=str(args.model_threads))
         try:
-            runs = {"dreambatch, 2 threads": dreambatch_run(args.overhead_items, env, tmp, endpoint, 2)}
+            runs = {"dreambatch, default 3 threads": dreambatch_run(args.overhead_items, env, tmp, endpoint)}
             batch = max(args.batches)
             batched_env = {**env, "DREAMBATCH_RUNNER__BATCH_MAX": str(batch)}
             name = f"dreambatch, micro-batches of {batch}, {batch + 1} threads"
-            runs[name] = dreambatch_run(args.overhead_items, batched_env, tmp, endpoint, batch + 1)
+            runs[name] = dreambatch_run(args.overhead_items, batched_env, tmp, endpoint)
             # 10x the items: 200 empty tasks drain in ~0.3 s, too short a span to time steadily
-            plain = plain_celery_run(10 * args.overhead_items, env, tmp, 2)
+            plain = plain_celery_run(10 * args.overhead_items, env, tmp, 3)
         finally:
             s3.stop()
             redis_server.stop()
     for name, run in runs.items():
         print(f"  {name}: {run['items_per_s']:.1f} items/s ({run['completed']}/{run['items']} completed, "
               f"submit {run['submit_s']:.2f} s), per item: wall {run['per_item_wall_s'] * 1000:.1f} ms, "
-              f"model call {run['mean_inference_s'] * 1000:.1f} ms, encode+upload {run['mean_upload_s'] * 1000:.1f} ms",
-              flush=True)
-    print(f"  plain Celery, empty task, 2 threads: {plain['items_per_s']:.1f} items/s ({plain['items']} tasks)",
+              f"model call {run['mean_inference_s'] * 1000:.1f} ms, "
+              f"encode+upload {run['mean_upload_s'] * 1000:.1f} ms, the item's own time outside the model "
+              f"{run['mean_outside_model_s'] * 1000:.1f} ms", flush=True)
+    print(f"  plain Celery, empty task, 3 threads: {plain['items_per_s']:.1f} items/s ({plain['items']} tasks)",
           flush=True)
     first = next(iter(runs.values()))
-    print(f"  overhead ratio (plain items/s ÷ dreambatch items/s, 2 threads): "
+    print(f"  overhead ratio (plain items/s ÷ dreambatch items/s, default threads): "
           f"{plain['items_per_s'] / first['items_per_s']:.1f}x", flush=True)
 
 

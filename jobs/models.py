@@ -190,6 +190,7 @@ class Timings(BaseModel):
     queue_wait_s: float | None = None
     inference_s: float | None = None
     model_started_at: float | None = None  # epoch s when the model began it (with inference_s: its model span)
+    model_wait_s: float | None = None  # ready for the model → the model began it (another item had the GPU)
     upload_s: float | None = None
     total_s: float | None = None  # a completed attempt, start to result (before its record's own writes)
 

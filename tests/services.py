@@ -99,6 +99,60 @@ def s3_client(endpoint: str):
                         aws_access_key_id="testing", aws_secret_access_key="testing")
 
 
+class S3Proxy:
+    """A loopback HTTP proxy in front of an S3 endpoint. `intercept(method, path)` runs before each request
+    is forwarded: it may sleep (a slow network), or return (status, body) to answer in the endpoint's place."""
+
+    def __init__(self, upstream: str, intercept):
+        import http.client
+        from urllib.parse import urlsplit
+
+        target = urlsplit(upstream)
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _forward(self):
+                body = self.rfile.read(int(self.headers.get("content-length") or 0))
+                answer = intercept(self.command, self.path)
+                if answer is not None:
+                    status, data = answer
+                    self.send_response(status)
+                    self.send_header("content-type", "application/xml")
+                    self.send_header("content-length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                    return
+                conn = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
+                headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
+                headers["host"] = target.netloc
+                conn.request(self.command, self.path, body=body, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+                self.send_response(resp.status)
+                for k, v in resp.getheaders():
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(k, v)
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                conn.close()
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _forward
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
 # --- Webhook receiver ---------------------------------------------------------------------------
 class Receiver:
     """A real HTTP server on loopback that records every POST. `script` lists status codes to answer

@@ -136,10 +136,11 @@ def _attempt(ctx: Context, job: JobRecord, item: ItemRecord) -> Outcome:
         if "image" in item.params:
             images, output = _run_edit(ctx, job, item)
         else:
+            asked = time.time()
             with ctx.gpu_lock:
                 _stop_if_cancelled(ctx, item)
                 result = ctx.runner().generate(_request(item), on_step=_step_check(ctx, item))
-            _record_model_time(item, result)
+            _record_model_time(item, result, asked)
             images, output = result.images, ItemOutput(seed=item.seed)
 
         # 6. encode and upload, outside the GPU lock so the next item's inference overlaps
@@ -210,18 +211,22 @@ def _run_edit(ctx: Context, job: JobRecord, item: ItemRecord) -> tuple[list, Ite
         refine_strength=p["refine_strength"], clip_cfg_norm=bool(p["clip_cfg_norm"]), num_images=p["num_images"],
     )
     check = _step_check(ctx, item)
+    asked = time.time()
     with ctx.gpu_lock:
         _stop_if_cancelled(ctx, item)
         result = runner.edit(request, on_step=lambda info: check(info.index))
-    _record_model_time(item, result)
+    _record_model_time(item, result, asked)
     output = ItemOutput(seed=item.seed, processed_size=list(canvas_size), input_size=list(source.size))
     return [geometry.unfit(image, box, target) for image in result.images], output
 
 
-def _record_model_time(item: ItemRecord, result) -> None:
+def _record_model_time(item: ItemRecord, result, asked: float) -> None:
+    """The model's time for the item, when it started, and how long the item waited for it (`asked`: when
+    the item was ready for the model: the GPU lock, or a micro-batch, kept it waiting from then)."""
     item.timings.inference_s = round(result.inference_s, 4)
     if result.started_at is not None:
         item.timings.model_started_at = round(result.started_at, 4)
+        item.timings.model_wait_s = round(max(0.0, result.started_at - asked), 4)
 
 
 def _upload(objects: ObjectStore, item: ItemRecord, images, out: ItemOutput) -> ItemOutput:

@@ -4,15 +4,12 @@ server injects the errors."""
 
 from __future__ import annotations
 
-import http.client
 import json
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import urlsplit
 
 import pytest
 from ledger import check_ledger
-from services import cli, s3_client, service_env, wait_until
+from services import S3Proxy, cli, s3_client, service_env, wait_until
 
 from jobs.store import RedisStore
 
@@ -22,61 +19,23 @@ SLOWDOWN = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>
             b"<Message>Please reduce your request rate.</Message></Error>")
 
 
-class FaultyS3Proxy:
+class FaultyS3Proxy(S3Proxy):
     """Forwards to the real endpoint, but answers 503 SlowDown to PUTs whose key matches `match`
     while `budget` lasts (budget -1 = forever)."""
 
     def __init__(self, upstream: str, match: str, budget: int):
         self.match, self.budget, self.injected = match, budget, 0
         lock = threading.Lock()
-        proxy = self
-        target = urlsplit(upstream)
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
+        def intercept(method: str, path: str):
+            with lock:
+                if method != "PUT" or self.match not in path or self.budget == 0:
+                    return None
+                self.budget -= 1 if self.budget > 0 else 0
+                self.injected += 1
+            return 503, SLOWDOWN
 
-            def _forward(self):
-                body = self.rfile.read(int(self.headers.get("content-length") or 0))
-                with lock:
-                    inject = self.command == "PUT" and proxy.match in self.path and proxy.budget != 0
-                    if inject:
-                        proxy.budget -= 1 if proxy.budget > 0 else 0
-                        proxy.injected += 1
-                if inject:
-                    self.send_response(503)
-                    self.send_header("content-type", "application/xml")
-                    self.send_header("content-length", str(len(SLOWDOWN)))
-                    self.end_headers()
-                    self.wfile.write(SLOWDOWN)
-                    return
-                conn = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
-                headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
-                headers["host"] = target.netloc
-                conn.request(self.command, self.path, body=body, headers=headers)
-                resp = conn.getresponse()
-                data = resp.read()
-                self.send_response(resp.status)
-                for k, v in resp.getheaders():
-                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
-                        self.send_header(k, v)
-                self.send_header("content-length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-                conn.close()
-
-            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _forward
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(upstream, intercept)
 
 
 def test_a_503_burst_is_retried_and_a_persistent_failure_fails_only_its_item(
