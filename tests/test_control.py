@@ -320,7 +320,8 @@ def test_workers_and_the_control_plane_export_metrics_top_shows_them_and_logs_ca
         assert gpu_m[(f"dreambatch_worker_{name}_seconds_count", (("model", "i1-fast"),))] == 2
     assert gpu_m[("dreambatch_worker_queue_wait_seconds_sum", (("model", "i1-fast"),))] > 0
     busy = gpu_m[("dreambatch_worker_model_busy_seconds_total", (("model", "i1-fast"),))]
-    assert busy == pytest.approx(gpu_m[("dreambatch_worker_inference_seconds_sum", (("model", "i1-fast"),))]) > 0
+    inference = gpu_m[("dreambatch_worker_inference_seconds_sum", (("model", "i1-fast"),))]
+    assert busy > 0 and busy == pytest.approx(inference)
     io_m = wait_until(lambda: (m := _scrape(io_port)).get(
         ("dreambatch_worker_webhook_deliveries_total", (("outcome", "delivered"),))) == 3 and m, 10,
         what="three delivered webhooks counted")
