@@ -18,7 +18,6 @@ Prints figures; never asserts.
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import sys
 import time
@@ -30,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from worker.runners.fullsize import build_transformer, cost, random_inputs  # noqa: E402
 from worker.runners.moe import install_moe_dispatch  # noqa: E402
-from worker.runners.padding import install_fold_padding  # noqa: E402
+from worker.runners.padding import install_fold_padding, remove_fold_padding  # noqa: E402
 
 # model → (canvas width, height in pixels, width multiplier of the transformer input, batch, steps)
 NATIVE = {
@@ -62,17 +61,29 @@ def timed(model, inputs: dict, device: torch.device, repeats: int) -> tuple[floa
     return statistics.median(times), out
 
 
-def variant(base, name: str):
-    """`base` as a variant names it: routing (diffusers = its own), +fold (padding folded), +compile."""
-    model = copy.deepcopy(base) if name != "diffusers" else base
-    install_moe_dispatch(model, {"diffusers": "off"}.get(name, name.split("+")[0]))
-    if "fold" in name.split("+"):
-        install_fold_padding(model)
-    if "compile" in name.split("+"):
-        for blocks in (model.double_stream_blocks, model.single_stream_blocks):
-            for block in blocks:
-                block.compile(fullgraph=True)
+def variant(model, name: str):
+    """`model` switched, in place, to what a variant names: routing (diffusers = its own), +fold (padding
+    folded), +compile (each block compiled, full graph). In place, not a copy: a real-size copy would need
+    a second 34 GB."""
+    parts = name.split("+")
+    blocks = [*model.double_stream_blocks, *model.single_stream_blocks]
+    for block in blocks:
+        block._compiled_call_impl = None  # what nn.Module.compile sets; None = the plain forward
+    install_moe_dispatch(model, {"diffusers": "off"}.get(parts[0], parts[0]))
+    (install_fold_padding if "fold" in parts else remove_fold_padding)(model)
+    if "compile" in parts:
+        for block in blocks:
+            block.compile(fullgraph=True)
     return model
+
+
+# dense bf16 peaks (TFLOP/s, no sparsity) by the name CUDA reports; --peak-tflops overrides
+PEAKS = {"H200": 989.0, "H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 NVL": 835.0, "H100 PCIe": 756.0,
+         "A100": 312.0, "L40S": 362.0, "B200": 2250.0, "GH200": 989.0}
+
+
+def card_peak(name: str) -> float | None:
+    return next((peak for key, peak in PEAKS.items() if key in name), None)
 
 
 def main() -> None:
@@ -83,8 +94,10 @@ def main() -> None:
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--batch-sweep", default="1,2,4", help="micro-batch sizes timed for i1-fast (best variant)")
-    ap.add_argument("--peak-tflops", type=float, default=989.0, help="the card's dense bf16 peak (H100 SXM: 989)")
+    ap.add_argument("--peak-tflops", type=float, default=None,
+                    help="the card's dense bf16 peak; default: from the card's name (H100 SXM / H200: 989)")
     args = ap.parse_args()
+    variants = args.variants.split(",")
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type in ("cuda", "meta") else torch.float32
 
@@ -111,7 +124,10 @@ def main() -> None:
         print("meta device: shapes only; run on a GPU for timings")
         return
     if device.type == "cuda":
-        print(f"device: {torch.cuda.get_device_name(device)}, peak {args.peak_tflops:.0f} TFLOP/s bf16 dense")
+        card = torch.cuda.get_device_name(device)
+        args.peak_tflops = args.peak_tflops or card_peak(card)
+        peak = f"peak {args.peak_tflops:.0f} TFLOP/s bf16 dense" if args.peak_tflops else "peak unknown (--peak-tflops)"
+        print(f"device: {card}, {peak}, torch {torch.__version__}")
 
     for model in args.models.split(","):
         width, height, wide, batch, steps = NATIVE[model]
@@ -126,7 +142,7 @@ def main() -> None:
             inputs["pooled_embeds"] = torch.randn(batch, 64, device=device, dtype=dtype)
         flops = cost(base, int(width * wide), height).flops_per_forward * batch if args.weights != "tiny" else None
         reference = None
-        for name in args.variants.split(","):
+        for name in variants:
             try:
                 seconds, out = timed(variant(base, name), inputs, device, args.repeats)
             except Exception as exc:  # e.g. grouped_mm on a card or dtype it does not run on
@@ -138,12 +154,15 @@ def main() -> None:
                     f"{seconds * steps:.2f} s/image ({steps} steps)")
             if flops:
                 achieved = flops / seconds / 1e12
-                line += f", {achieved:.0f} TFLOP/s, MFU {achieved / args.peak_tflops:.1%}"
+                line += f", {achieved:.0f} TFLOP/s"
+                if args.peak_tflops:
+                    line += f", MFU {achieved / args.peak_tflops:.1%}"
             print(f"{line}, max |diff| vs diffusers {diff:.3g}")
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    # micro-batching on the device: s/image of i1-fast at 1024² for several items per forward
+    # micro-batching on the device: s/image of i1-fast at 1024² for several items per forward, sync-free
+    # routing where it runs
     best = variant(base, "grouped+fold" if device.type == "cuda" else "diffusers")
     width, height, _, _, steps = NATIVE["i1-fast"]
     side = int(width * latent_side / 1024)

@@ -57,6 +57,16 @@ def install_fold_padding(transformer: nn.Module) -> None:
             module.processor = FoldedAttnProcessor()
 
 
+def remove_fold_padding(transformer: nn.Module) -> None:
+    """Undo `install_fold_padding`: diffusers' own patchify and attention processors again."""
+    from diffusers.models.transformers.transformer_hidream_image import HiDreamAttention, HiDreamAttnProcessor
+
+    transformer.__dict__.pop("patchify", None)
+    for module in transformer.modules():
+        if isinstance(module, HiDreamAttention) and isinstance(module.processor, FoldedAttnProcessor):
+            module.processor = HiDreamAttnProcessor()
+
+
 def _folded_patchify(self: nn.Module, hidden_states: torch.Tensor):
     tokens, masks, img_sizes, img_ids = type(self).patchify(self, hidden_states)
     if masks is None:
