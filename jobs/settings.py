@@ -97,6 +97,9 @@ class RunnerSettings(BaseModel):
     batch_max: int = Field(1, ge=0, description="most I1 items denoised together; 1 = off, 0 = from free GPU memory")
     batch_window_ms: float = Field(20.0, ge=0, description="how long a batch waits for more items to arrive")
     fold_padding: bool = Field(True, description="non-square latents: one token stands for the padding")
+    compile: Literal["off", "inductor", "cudagraphs", "aot_eager", "eager"] = Field(
+        "off", description="torch.compile each transformer block with this backend (one graph per block when "
+                           "the expert routing is sync-free); the first items pay the compile time")
 
 
 class Settings(BaseSettings):

@@ -288,6 +288,18 @@ def test_requests_that_render_at_one_size_batch_together_and_a_cancel_leaves_its
     assert batcher.batch_sizes == [3, 3] and all(isinstance(r, ItemCancelled) for r in results)
 
 
+def test_compiled_blocks_with_sync_free_routing_give_the_same_image(runners, tiny_dirs):
+    """RUNNER__COMPILE: every block compiled as one graph (aot_eager here: the CPU check of the trace; a GPU
+    worker uses inductor), same pixels as the plain runner."""
+    compiled = load_offline(lambda model, weights: HiDreamI1Runner(
+        model, weights, options=RunnerSettings(moe="dense", compile="aot_eager")), ["i1-fast"], tiny_dirs)["i1-fast"]
+    blocks = [*compiled.load().transformer.double_stream_blocks, *compiled.load().transformer.single_stream_blocks]
+    assert blocks and all(block._compiled_call_impl is not None for block in blocks)
+    request = GenerateRequest(prompt="a lighthouse", seed=3, steps=2, width=64, height=48)
+    plain = runners["i1-fast"].generate(request).images[0]
+    assert np.abs(pixels(plain) - pixels(compiled.generate(request).images[0])).max() <= 1
+
+
 def test_text_encoders_stay_on_the_cpu_when_they_do_not_fit_beside_the_model():
     from worker.runners.hidream_i1 import encoders_fit, text_encoders_on
 
