@@ -4,12 +4,14 @@
     mirrored output key) ─► fingerprint ─► diff against the ledger ─► job (only new/changed rows)
 
 The ledger is durable and lives next to the outputs: `{output}/_catalog/{name}/ledger.json` says, for
-each source key, the fingerprint it was last edited with. A fingerprint covers the image's content
-(ETag + size) and everything that decides the edit: instruction, target description, parameters, output
-key and format, model and its revision. Each run also writes `_catalog/{name}/runs/{job_id}.json` (its
-items and their fingerprints) and is listed as pending in the ledger; the next run folds a pending run
-in once its job has ended, recording only the items that completed. A run still in flight keeps its
-items from being queued twice.
+each source key, the fingerprint it was last edited with and the weights revision it ran with. A
+fingerprint covers the image's content (ETag + size) and everything that decides the edit: instruction,
+target description, parameters, output key and format, model and the schedule's `revision` label. When the
+live workers of the model all publish one weights revision (their heartbeat) and an image was last edited
+with another, it is changed too ("model revision changed"). Each run also writes
+`_catalog/{name}/runs/{job_id}.json` (its items and their fingerprints) and is listed as pending in the
+ledger; the next run folds a pending run in once its job has ended, recording only the items that
+completed. A run still in flight keeps its items from being queued twice.
 
 Two runs of one schedule never overlap: a run holds `keys.SCHEDULE_RUNNING`, a lock with a short TTL that a
 thread renews while the run goes, so a crashed holder blocks the schedule for one TTL, not for hours. A
@@ -86,6 +88,9 @@ class RunReport:
     new: list[str] = field(default_factory=list)  # keys processed (or, dry run, that would be)
     changed: list[str] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
+    reasons: dict[str, str] = field(default_factory=dict)  # key → why it is queued (new, changed, …)
+    model_revision: str | None = None  # the weights revision the model's live workers run (None: not known)
+    notes: list[str] = field(default_factory=list)  # what the operator should know about this run
     folded: list[str] = field(default_factory=list)  # earlier runs whose completed items were recorded now
     at: str = field(default_factory=now_iso)
     slot: str | None = None
@@ -321,7 +326,8 @@ def fold(ledger: Ledger, objects: ObjectStore, store: Store, name: str) -> tuple
             item = run["items"].get(line["id"])
             if item and line["status"] == "completed":
                 ledger.entries[item["key"]] = {"fp": item["fp"], "job_id": job_id, "at": now_iso(),
-                                               "outputs": [i["s3_uri"] for i in line["output"]["images"]]}
+                                               "outputs": [i["s3_uri"] for i in line["output"]["images"]],
+                                               "model_revision": line.get("model_revision")}
         ledger.pending.remove(job_id)
         folded.append(job_id)
     return folded, in_flight
@@ -334,6 +340,34 @@ def _item_records(objects: ObjectStore, job_id: str, items: dict[str, Any]) -> l
         if data is not None:
             found.append(json.loads(data))
     return found
+
+
+def live_revision(workers: list[dict[str, Any]], model: str) -> tuple[str | None, str | None]:
+    """The weights revision the live workers of `model` run, when they all publish the same one; else None
+    and a note saying why it is not known (no worker, or workers on different weights mid-upgrade)."""
+    published = [w.get("model_revision") for w in workers if w.get("model") == model]
+    if not published:
+        return None, f"no live {model} worker: the model revision is not compared this run"
+    found = sorted({str(r) for r in published if r})
+    if len(found) == 1 and all(published):
+        return found[0], None
+    shown = ", ".join(found + (["unknown"] if not all(published) else []))
+    return None, f"live {model} workers run different weights ({shown}): the model revision is not compared"
+
+
+def verdict(entry: dict[str, Any] | None, fp: str, in_flight: str | None,
+            revision: str | None) -> tuple[str, str | None]:
+    """What to do with one image (or manifest row): ("unchanged" | "in_flight" | "new" | "changed", why)."""
+    if entry and entry["fp"] == fp:
+        ran = entry.get("model_revision")
+        if revision and ran and ran != revision:
+            return "changed", f"model revision changed ({ran} → {revision})"
+        return "unchanged", None
+    if in_flight == fp:
+        return "in_flight", None
+    if entry is None:
+        return "new", "new"
+    return "changed", "changed (content, instruction or parameters)"
 
 
 # ---- the run lock -----------------------------------------------------------------------------------
@@ -403,6 +437,7 @@ class Services:
     publish: Callable[[str, str, list[str]], None]  # (model, job_id, item ids)
     finalize: Callable[[str], None]  # (job_id)
     notify_rejected: Callable[[str | None, list[ItemRecord]], None]  # (webhook, rejected rows)
+    workers: Callable[[], list[dict[str, Any]]] = lambda: []  # live workers' heartbeats (model, model_revision)
 
     @classmethod
     def connect(cls, settings: Settings, celery=None) -> Services:
@@ -423,10 +458,11 @@ class Services:
                 broker.send_webhook(celery, item.job_id, item.item_id,
                                     item_event_id(item.job_id, item.item_id, item.status))
 
-        return cls(store=RedisStore.from_url(settings.redis_url), state=ScheduleState.from_url(settings.redis_url),
-                   objects=objects,
+        store = RedisStore.from_url(settings.redis_url)
+        return cls(store=store, state=ScheduleState.from_url(settings.redis_url), objects=objects,
                    publish=lambda model, job_id, ids: broker.publish_items(celery, model, job_id, ids),
-                   finalize=lambda job_id: broker.send_finalize(celery, job_id), notify_rejected=notify_rejected)
+                   finalize=lambda job_id: broker.send_finalize(celery, job_id), notify_rejected=notify_rejected,
+                   workers=store.workers)
 
 
 def run_schedule(schedule: Schedule, settings: Settings, services: Services, *, sets: dict[str, Any] | None = None,
@@ -459,6 +495,8 @@ def _run_scan(schedule: Schedule, settings: Settings, services: Services, sets: 
     output = services.objects(schedule.output)
     ledger = Ledger.load(output, schedule.name)
     report.folded, in_flight = fold(ledger, output, services.store, schedule.name)
+    report.model_revision, note = live_revision(services.workers(), schedule.model)
+    report.notes.extend([note] if note else [])
 
     # 2. scan: one candidate per image; keep those whose fingerprint the ledger does not hold
     bucket, prefix = split_s3(schedule.source.prefix)
@@ -471,13 +509,15 @@ def _run_scan(schedule: Schedule, settings: Settings, services: Services, sets: 
         check()  # still holding the run lock (a long scan keeps renewing it)
         seen.add(cand.key)
         report.images += 1
-        entry = ledger.entries.get(cand.key)
-        if entry and entry["fp"] == cand.fingerprint:
+        what, why = verdict(ledger.entries.get(cand.key), cand.fingerprint, in_flight.get(cand.key),
+                            report.model_revision)
+        if what == "unchanged":
             report.unchanged += 1
-        elif in_flight.get(cand.key) == cand.fingerprint:
+        elif what == "in_flight":
             report.in_flight += 1
         else:
-            (report.changed if entry else report.new).append(cand.key)
+            (report.changed if what == "changed" else report.new).append(cand.key)
+            report.reasons[cand.key] = why
             todo.append(cand)
     if report.dry_run:
         return
@@ -493,6 +533,7 @@ def _run_scan(schedule: Schedule, settings: Settings, services: Services, sets: 
     # 4. the run's record first (so a crash cannot lose which fingerprints it was for), then the job
     job_id = new_job_id()
     run = {"job_id": job_id, "schedule": schedule.name, "slot": report.slot, "created_at": report.at,
+           "model_revision": report.model_revision,
            "items": {c.item_id: {"key": c.key, "fp": c.fingerprint} for c in todo},
            "skipped": [asdict(s) for s in report.skipped[:SHOWN_SKIPS]], "skipped_total": len(report.skipped)}
     output.put(keys.S3_CATALOG_RUN.format(prefix="", name=schedule.name, job_id=job_id),

@@ -88,11 +88,13 @@ def run_now(
     for key in report.new:
         out.print(f"new      {key}", highlight=False, markup=False, soft_wrap=True)
     for key in report.changed:
-        out.print(f"changed  {key}", highlight=False, markup=False, soft_wrap=True)
+        out.print(f"changed  {key}  ({report.reasons.get(key)})", highlight=False, markup=False, soft_wrap=True)
     for s in report.skipped[:200]:
         err.print(f"skipped  {s.key}: {s.reason}", highlight=False, markup=False, soft_wrap=True)
     if len(report.skipped) > 200:
         err.print(f"skipped  … and {len(report.skipped) - 200} more", highlight=False)
+    for note in report.notes:
+        err.print(f"note     {note}", highlight=False, markup=False, soft_wrap=True)
     count = len(report.new) + len(report.changed) if dry_run else report.queued
     err.print(f"{name}: {report.images} image(s), {verb} {count}, {report.unchanged} unchanged, "
               f"{report.in_flight} in flight, {len(report.skipped)} skipped"

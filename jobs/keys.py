@@ -26,7 +26,7 @@ API_KEY = "db:apikey:{key_id}"  # string: ApiKeyRecord JSON (the token's SHA-256
 API_KEYS = "db:apikeys"  # sorted set: key_id by created time
 IDEMPOTENCY = "db:idem:{key_id}:{digest}"  # JSON {fingerprint, job_id}, per API key, expires after a day
 JOB_SLOTS = "db:job:{job_id}:slots"  # sorted set: item ids holding a --max-concurrency slot, score = lease end
-WORKER = "db:worker:{name}"  # string: a worker's last heartbeat (JSON), expires when it stops beating
+WORKER = "db:worker:{name}"  # string: a worker's last heartbeat (JSON: model, model_revision, active…); expires
 WORKERS = "db:workers"  # set: names of workers that have sent a heartbeat
 
 # --- priorities (kombu's Redis transport: one list per step, BRPOP takes the lowest step first) ----

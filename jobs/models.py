@@ -213,6 +213,7 @@ class ItemRecord(BaseModel):
     reason: str | None = None  # why it was cancelled: "cancelled" (cancel JOB) or "expired" (--expires-after)
     round: int = 0  # 0 = first run; n = the n-th `retry JOB` that re-queued it
     round_start_attempts: int = 0  # attempts before this round (the attempt cap counts per round)
+    model_revision: str | None = None  # the weights revision its last attempt ran with (hub commit, folder digest)
     created_at: str
     updated_at: str
 
@@ -229,6 +230,7 @@ class ItemRecord(BaseModel):
             "output": self.output.model_dump() if self.output else {"images": [], "seed": self.seed},
             "attempts": self.attempts,
             "timings": self.timings.model_dump(),
+            "model_revision": self.model_revision,
         }
 
 

@@ -579,3 +579,115 @@ def test_retries_back_off_stop_before_the_next_slot_and_an_unreachable_s3_is_ret
     assert ScheduleState.from_url(settings.redis_url).last_run(name)["error"] == fired.summary["error"]
     settings.catalog.schedules_file = str(tmp_path / "missing.toml")
     assert run_fired(name, settings, slot=just_after.isoformat()).retry_in is None  # a config error: not retried
+
+
+# ---- the model revision -------------------------------------------------------------------------------
+
+
+def new_weights(tiny: Path, to: Path) -> Path:
+    """A copy of a tiny E1 folder with other weights: the last value of its edit transformer nudged."""
+    shutil.copytree(tiny, to)
+    weights = to / "transformer" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01  # the lowest bit of the last tensor's last value: a loadable, different model
+    weights.write_bytes(bytes(data))
+    return to
+
+
+def test_the_weights_revision_is_the_hub_commit_or_a_digest_of_configs_and_weight_edges(tiny_dir, tmp_path,
+                                                                                        monkeypatch):
+    from services import fake_hub_snapshot
+
+    from worker.runners.revision import weights_revision
+    from worker.runners.weights import ensure_tiny
+
+    tiny = ensure_tiny("e1-1")
+    local = weights_revision("e1-1", str(tiny))
+    assert re.fullmatch(r"sha256:[0-9a-f]{16}", local) and weights_revision("e1-1", "tiny") == local
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny, copy, copy_function=shutil.copy)  # new paths, new mtimes, same bytes
+    (copy / "README.md").write_text("notes\n")  # not a config or weight file
+    assert weights_revision("e1-1", str(copy)) == local
+    config = copy / "scheduler" / "scheduler_config.json"
+    config.write_text(config.read_text().replace("{", '{"note": 1, ', 1))
+    changed_config = weights_revision("e1-1", str(copy))
+    other = new_weights(tiny, tmp_path / "other")
+    assert len({local, changed_config, weights_revision("e1-1", str(other))}) == 3
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    fake_hub_snapshot(tmp_path / "hub", "HiDream-ai/HiDream-E1-1", tiny)
+    assert weights_revision("e1-1", None) == weights_revision("e1-1", "HiDream-ai/HiDream-E1-1") == \
+        "HiDream-ai/HiDream-E1-1@" + "0" * 40
+
+
+def test_new_weights_on_the_workers_re_run_every_image_once_then_nothing(
+        redis_server, s3_endpoint, tiny_dir, bucket, start_worker, tmp_path):
+    from worker.runners.revision import weights_revision
+    from worker.runners.weights import ensure_tiny
+
+    s3 = s3_client(s3_endpoint)
+    sources = {"products/shoes/1.jpg": photo(1, "jpg"), "products/bags/2.png": photo(2, "png")}
+    for key, body in sources.items():
+        s3.put_object(Bucket=bucket, Key=key, Body=body)
+    name = f"rev-{uuid.uuid4().hex[:6]}"
+    schedules = schedule_file(tmp_path / "schedules.toml", name, bucket)
+    redis_url = redis_server.url[:-1] + "10"
+    extra = {"DREAMBATCH_REDIS_URL": redis_url, "DREAMBATCH_CATALOG__SCHEDULES_FILE": str(schedules),
+             "DREAMBATCH_CELERY__HEARTBEAT": "0.3"}
+    env = service_env(redis_server.url, s3_endpoint, tiny_dir, **extra)
+    tiny = ensure_tiny("e1-1")
+    before, after = weights_revision("e1-1", "tiny"), weights_revision("e1-1", str(new_weights(tiny, tmp_path / "w2")))
+    assert before != after
+    gpu = start_worker("worker", "--model", "e1-1", "--weights", "tiny", "--device", "cpu", **extra)
+    start_worker("worker", "--io", **extra).wait_ready()
+    gpu.wait_ready()
+    settings = Settings(redis_url=redis_url, s3=S3Settings(endpoint_url=s3_endpoint),
+                        catalog=CatalogSettings(schedules_file=str(schedules)))
+    services, store = Services.connect(settings), RedisStore.from_url(redis_url)
+
+    def run_now(**kwargs):
+        return run_schedule(load_schedules(settings)[name], settings, services, **kwargs)
+
+    def live_revisions() -> list:
+        return sorted(w.get("model_revision") for w in store.workers() if w["model"] == "e1-1")
+
+    # the workers publish their weights' revision; every item records the revision it ran with
+    assert wait_until(lambda: live_revisions() == [before], 10, 0.1, what="the heartbeat's revision")
+    first = run_now()
+    assert first.queued == 2 and first.model_revision == before
+    wait_job(redis_url, first.job_id)
+    for line in results(s3, bucket, first.job_id):
+        assert line["model_revision"] == before
+        record = s3.get_object(Bucket=bucket, Key=f"edited/{first.job_id}/items/{line['id']}.json")["Body"].read()
+        assert json.loads(record)["model_revision"] == before
+    again = run_now()
+    assert (again.queued, again.unchanged) == (0, 2)
+    ledger = json.loads(s3.get_object(Bucket=bucket, Key=f"edited/_catalog/{name}/ledger.json")["Body"].read())
+    assert {e["model_revision"] for e in ledger["entries"].values()} == {before}
+
+    # the workers move to new weights: every image is changed once ("model revision changed"), then nothing
+    gpu.kill()
+    gpu = start_worker("worker", "--model", "e1-1", "--weights", str(tmp_path / "w2"), "--device", "cpu", **extra)
+    gpu.wait_ready()
+    assert wait_until(lambda: live_revisions() == [after], 10, 0.1, what="only the new weights' heartbeat")
+    dry = run_cli("schedules", "run", name, "--dry-run", env=env)
+    assert sorted(dry["changed"]) == sorted(sources) and dry["model_revision"] == after
+    assert set(dry["reasons"].values()) == {f"model revision changed ({before} → {after})"}
+    rerun = run_now()
+    assert rerun.queued == 2 and sorted(rerun.changed) == sorted(sources)
+    wait_job(redis_url, rerun.job_id)
+    assert {line["model_revision"] for line in results(s3, bucket, rerun.job_id)} == {after}
+    assert (run_now().queued, run_now().unchanged) == (0, 2)
+
+    # the schedule's own `revision` label still counts: changing it re-runs everything (seen in a dry run)
+    schedules.write_text(schedules.read_text().replace("keep_format = true", 'keep_format = true\nrevision = "v2"'))
+    relabelled = run_now(dry_run=True)
+    assert sorted(relabelled.changed) == sorted(sources)
+    assert set(relabelled.reasons.values()) == {"changed (content, instruction or parameters)"}
+    # with no live worker for the model, the revision is not compared, and the report says so
+    gpu.kill()
+    wait_until(lambda: live_revisions() == [], 10, 0.1, what="the heartbeat to expire")
+    schedules.write_text(schedules.read_text().replace('revision = "v2"\n', ""))
+    idle = run_now(dry_run=True)
+    assert (idle.unchanged, idle.model_revision) == (2, None)
+    assert idle.notes == ["no live e1-1 worker: the model revision is not compared this run"]

@@ -31,6 +31,7 @@ class Heartbeat(threading.Thread):
     def info(self) -> dict:
         rt = self.runtime
         return {"name": self.worker_name, "queue": self.queue, "model": rt.model, "host": socket.gethostname(),
+                "model_revision": rt.model_revision,  # its weights' revision: what the catalog compares
                 "pid": os.getpid(), "started_at": self.started_at, "seen": time.time(),
                 "active": [f"{j}/{i}" for j, i in sorted(rt.active)], "ended": rt.ended}
 

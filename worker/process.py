@@ -43,6 +43,7 @@ class Context:
     gpu_lock: threading.Lock = field(default_factory=threading.Lock)
     leases: Leases | None = None  # None in local mode, where one consumer runs items one at a time
     metrics: WorkerMetrics | None = None  # this process's Prometheus metrics, when it exports them
+    revision: Callable[[], str | None] = lambda: None  # the revision of this process's weights
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,7 @@ def _attempt(ctx: Context, job: JobRecord, item: ItemRecord) -> Outcome:
     if not move.applied:
         return Outcome("skipped")
     item.attempts = move.attempts
+    item.model_revision = ctx.revision()  # the weights this attempt runs with, in its record and results
     this_round = move.attempts - item.round_start_attempts
     if this_round > ctx.settings.celery.max_attempts:
         return _end(ctx, item, ItemStatus.FAILED,
