@@ -10,8 +10,10 @@ target description, parameters, output key and format, model and the schedule's 
 live workers of the model all publish one weights revision (their heartbeat) and an image was last edited
 with another, it is changed too ("model revision changed"). Each run also writes
 `_catalog/{name}/runs/{job_id}.json` (its items and their fingerprints) and is listed as pending in the
-ledger; the next run folds a pending run in once its job has ended, recording only the items that
-completed. A run still in flight keeps its items from being queued twice.
+ledger; the next run folds a pending run in once its job has ended, recording the items that completed
+and counting, per key, the runs in a row that failed with the same fingerprint: after
+`catalog.max_failures` of them the key is skipped (with the reason) until its image or parameters change or
+a run asks for `retry_failed`. A run still in flight keeps its items from being queued twice.
 
 Two runs of one schedule never overlap: a run holds `keys.SCHEDULE_RUNNING`, a lock with a short TTL that a
 thread renews while the run goes, so a crashed holder blocks the schedule for one TTL, not for hours. A
@@ -85,6 +87,7 @@ class RunReport:
     rejected: int = 0
     unchanged: int = 0
     in_flight: int = 0
+    given_up: int = 0  # keys skipped because they failed catalog.max_failures runs in a row (in `skipped` too)
     new: list[str] = field(default_factory=list)  # keys processed (or, dry run, that would be)
     changed: list[str] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
@@ -105,7 +108,7 @@ class RunReport:
         """What `schedules list` shows about the last run."""
         return {"at": self.at, "slot": self.slot, "job_id": self.job_id, "images": self.images,
                 "queued": self.queued, "unchanged": self.unchanged, "in_flight": self.in_flight,
-                "skipped": len(self.skipped)}
+                "skipped": len(self.skipped), "given_up": self.given_up}
 
 
 # ---- the plan: texts, defaults, names -----------------------------------------------------------------
@@ -290,7 +293,10 @@ def candidates(schedule: Schedule, plan: Plan, source: S3Store, settings: Settin
 
 @dataclass
 class Ledger:
-    entries: dict[str, dict[str, Any]] = field(default_factory=dict)  # source key → {fp, job_id, outputs, at}
+    # source key (or manifest row id) → {fp, job_id, outputs, at, model_revision} of its last completed edit
+    entries: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # key → {fp, count, error, job_id, at}: runs in a row whose item failed (or was rejected) with fingerprint fp
+    failures: dict[str, dict[str, Any]] = field(default_factory=dict)
     pending: list[str] = field(default_factory=list)  # job ids of runs not folded in yet
 
     @classmethod
@@ -299,12 +305,33 @@ class Ledger:
         if data is None:
             return cls()
         raw = json.loads(data)
-        return cls(entries=raw.get("entries", {}), pending=raw.get("pending", []))
+        return cls(entries=raw.get("entries", {}), failures=raw.get("failures", {}), pending=raw.get("pending", []))
 
     def save(self, objects: ObjectStore, name: str) -> None:
         body = json.dumps({"version": 1, "schedule": name, "updated_at": now_iso(), "pending": self.pending,
-                           "entries": self.entries}, sort_keys=True).encode()
+                           "entries": self.entries, "failures": self.failures}, sort_keys=True).encode()
         objects.put(keys.S3_CATALOG_LEDGER.format(prefix="", name=name), body, records.JSON)
+
+    def record(self, key: str, fp: str, job_id: str, line: dict[str, Any]) -> None:
+        """Fold one ended item in: a completed one is the key's edit now; a failed one (rejected rows too)
+        counts one more failed run in a row for that fingerprint. A cancelled one changes nothing."""
+        if line["status"] == "completed":
+            self.entries[key] = {"fp": fp, "job_id": job_id, "at": now_iso(),
+                                 "outputs": [i["s3_uri"] for i in line["output"]["images"]],
+                                 "model_revision": line.get("model_revision")}
+            self.failures.pop(key, None)
+        elif line["status"] == "failed":
+            before = self.failures.get(key)
+            count = before["count"] + 1 if before and before["fp"] == fp else 1
+            self.failures[key] = {"fp": fp, "count": count, "error": str(line.get("error") or "")[:500],
+                                  "job_id": job_id, "at": now_iso()}
+
+    def forget(self, key: str) -> None:
+        self.entries.pop(key, None)
+        self.failures.pop(key, None)
+
+    def keys(self) -> set[str]:
+        return set(self.entries) | set(self.failures)
 
 
 def fold(ledger: Ledger, objects: ObjectStore, store: Store, name: str) -> tuple[list[str], dict[str, str]]:
@@ -324,10 +351,8 @@ def fold(ledger: Ledger, objects: ObjectStore, store: Store, name: str) -> tuple
             lines = _item_records(objects, job_id, run["items"])
         for line in lines:
             item = run["items"].get(line["id"])
-            if item and line["status"] == "completed":
-                ledger.entries[item["key"]] = {"fp": item["fp"], "job_id": job_id, "at": now_iso(),
-                                               "outputs": [i["s3_uri"] for i in line["output"]["images"]],
-                                               "model_revision": line.get("model_revision")}
+            if item:
+                ledger.record(item["key"], item["fp"], job_id, line)
         ledger.pending.remove(job_id)
         folded.append(job_id)
     return folded, in_flight
@@ -355,19 +380,52 @@ def live_revision(workers: list[dict[str, Any]], model: str) -> tuple[str | None
     return None, f"live {model} workers run different weights ({shown}): the model revision is not compared"
 
 
-def verdict(entry: dict[str, Any] | None, fp: str, in_flight: str | None,
-            revision: str | None) -> tuple[str, str | None]:
-    """What to do with one image (or manifest row): ("unchanged" | "in_flight" | "new" | "changed", why)."""
-    if entry and entry["fp"] == fp:
-        ran = entry.get("model_revision")
-        if revision and ran and ran != revision:
-            return "changed", f"model revision changed ({ran} → {revision})"
-        return "unchanged", None
-    if in_flight == fp:
-        return "in_flight", None
-    if entry is None:
-        return "new", "new"
-    return "changed", "changed (content, instruction or parameters)"
+@dataclass(frozen=True)
+class Diff:
+    """How one run compares what it found with the ledger."""
+
+    ledger: Ledger
+    in_flight: dict[str, str]  # key → fingerprint of items of runs still going
+    revision: str | None  # the live workers' weights revision (None: not compared)
+    max_failures: int  # 0: never skip a key that keeps failing
+    retry_failed: bool  # this run tries keys that failed max_failures runs in a row again
+    schedule: str
+
+    def verdict(self, key: str, fp: str) -> tuple[str, str | None]:
+        """("unchanged" | "in_flight" | "given_up" | "new" | "changed", why) for one image or manifest row."""
+        entry, failed = self.ledger.entries.get(key), self.ledger.failures.get(key)
+        if entry and entry["fp"] == fp:
+            ran = entry.get("model_revision")
+            if self.revision and ran and ran != self.revision:
+                return "changed", f"model revision changed ({ran} → {self.revision})"
+            return "unchanged", None
+        if self.in_flight.get(key) == fp:
+            return "in_flight", None
+        why = "new" if entry is None else "changed (content, instruction or parameters)"
+        if failed and failed["fp"] == fp:
+            if self.max_failures and failed["count"] >= self.max_failures and not self.retry_failed:
+                return "given_up", (
+                    f"failed {failed['count']} runs in a row with this image and these parameters (last error: "
+                    f"{failed['error']}); not queued again until the image or its parameters change, or a run "
+                    f"with: dreambatch schedules run {self.schedule} --retry-failed")
+            why += f"; failed {failed['count']} run(s) in a row before, tried again"
+        return ("new" if entry is None else "changed"), why
+
+    def count(self, report: RunReport, key: str, fp: str) -> bool:
+        """Count the verdict on `key` in the report; True when it is to be queued."""
+        what, why = self.verdict(key, fp)
+        if what == "unchanged":
+            report.unchanged += 1
+        elif what == "in_flight":
+            report.in_flight += 1
+        elif what == "given_up":
+            report.given_up += 1
+            report.skipped.append(Skipped(key, why))
+        else:
+            (report.changed if what == "changed" else report.new).append(key)
+            report.reasons[key] = why
+            return True
+        return False
 
 
 # ---- the run lock -----------------------------------------------------------------------------------
@@ -466,37 +524,54 @@ class Services:
 
 
 def run_schedule(schedule: Schedule, settings: Settings, services: Services, *, sets: dict[str, Any] | None = None,
-                 dry_run: bool = False, slot: str | None = None) -> RunReport:
-    """Scan, diff, submit. A dry run reads everything and writes nothing."""
+                 dry_run: bool = False, slot: str | None = None, retry_failed: bool = False) -> RunReport:
+    """Scan, diff, submit. A dry run reads everything and writes nothing. `retry_failed` queues again the keys
+    that failed `catalog.max_failures` runs in a row (otherwise skipped)."""
     report = RunReport(schedule.name, dry_run, slot=slot)
     if schedule.webhook:
         netguard.check_url(schedule.webhook, settings.netpolicy())
+    run = _Run(schedule, settings, services, sets or {}, report, lambda: None, retry_failed)
     if dry_run:  # reads only: needs no lock
-        _run(schedule, settings, services, sets or {}, report, lambda: None)
+        run.go()
         return report
     with RunLock(services.state, schedule.name, new_job_id(), settings.catalog.run_lock_ttl) as lock:
-        _run(schedule, settings, services, sets or {}, report, lock.check)
+        run.check = lock.check
+        run.go()
     services.state.set_last_run(schedule.name, report.summary())
     return report
 
 
-def _run(schedule: Schedule, settings: Settings, services: Services, sets: dict[str, Any], report: RunReport,
-         check: Callable[[], None]) -> None:
-    if schedule.source.manifest is not None:
-        _run_manifest(schedule, settings, services, sets, report, check)
-    else:
-        _run_scan(schedule, settings, services, sets, report, check)
+@dataclass
+class _Run:
+    schedule: Schedule
+    settings: Settings
+    services: Services
+    sets: dict[str, Any]
+    report: RunReport
+    check: Callable[[], None]  # raises when the run lost its lock
+    retry_failed: bool
+
+    def go(self) -> None:
+        if self.schedule.source.manifest is not None:
+            _run_manifest(self)
+        else:
+            _run_scan(self)
+
+    def diff(self, ledger: Ledger, in_flight: dict[str, str]) -> Diff:
+        self.report.model_revision, note = live_revision(self.services.workers(), self.schedule.model)
+        self.report.notes.extend([note] if note else [])
+        return Diff(ledger, in_flight, self.report.model_revision, self.settings.catalog.max_failures,
+                    self.retry_failed, self.schedule.name)
 
 
-def _run_scan(schedule: Schedule, settings: Settings, services: Services, sets: dict[str, Any],
-              report: RunReport, check: Callable[[], None]) -> None:
+def _run_scan(run: _Run) -> None:
+    schedule, settings, services, report, check = run.schedule, run.settings, run.services, run.report, run.check
     # 1. what every row shares, and the ledger with every ended run folded in
-    plan = make_plan(schedule, sets, settings)
+    plan = make_plan(schedule, run.sets, settings)
     output = services.objects(schedule.output)
     ledger = Ledger.load(output, schedule.name)
     report.folded, in_flight = fold(ledger, output, services.store, schedule.name)
-    report.model_revision, note = live_revision(services.workers(), schedule.model)
-    report.notes.extend([note] if note else [])
+    diff = run.diff(ledger, in_flight)
 
     # 2. scan: one candidate per image; keep those whose fingerprint the ledger does not hold
     bucket, prefix = split_s3(schedule.source.prefix)
@@ -509,20 +584,12 @@ def _run_scan(schedule: Schedule, settings: Settings, services: Services, sets: 
         check()  # still holding the run lock (a long scan keeps renewing it)
         seen.add(cand.key)
         report.images += 1
-        what, why = verdict(ledger.entries.get(cand.key), cand.fingerprint, in_flight.get(cand.key),
-                            report.model_revision)
-        if what == "unchanged":
-            report.unchanged += 1
-        elif what == "in_flight":
-            report.in_flight += 1
-        else:
-            (report.changed if what == "changed" else report.new).append(cand.key)
-            report.reasons[cand.key] = why
+        if diff.count(report, cand.key, cand.fingerprint):
             todo.append(cand)
     if report.dry_run:
         return
-    for gone in set(ledger.entries) - seen:  # removed from the catalog: forget it (re-added = new)
-        del ledger.entries[gone]
+    for gone in ledger.keys() - seen:  # removed from the catalog: forget it (re-added = new)
+        ledger.forget(gone)
 
     # 3. nothing new: no job at all
     check()
@@ -548,10 +615,10 @@ def _run_scan(schedule: Schedule, settings: Settings, services: Services, sets: 
         _submit(schedule, settings, services, manifest, plan.defaults, job_id, InputPolicy(Path(tmp)), report)
 
 
-def _run_manifest(schedule: Schedule, settings: Settings, services: Services, sets: dict[str, Any],
-                  report: RunReport, check: Callable[[], None]) -> None:
+def _run_manifest(run: _Run) -> None:
     """A manifest source runs every row, every time (incremental runs are for prefix scans)."""
-    plan = make_plan(schedule, sets, settings)
+    schedule, settings, services, report, check = run.schedule, run.settings, run.services, run.report, run.check
+    plan = make_plan(schedule, run.sets, settings)
     defaults = dict(plan.defaults)
     for name, text in plan.texts.items():
         defaults[name] = templates.render(text, plan.values, f"schedule {schedule.name}: {name}")

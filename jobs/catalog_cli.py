@@ -70,6 +70,9 @@ def list_schedules(json_: JsonOpt = False) -> None:
 def run_now(
     name: str,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="list what would be processed; queue nothing")] = False,
+    retry_failed: Annotated[bool, typer.Option(
+        "--retry-failed", help="also queue the images that failed DREAMBATCH_CATALOG__MAX_FAILURES runs in a row "
+                               "(skipped otherwise until the image or its parameters change)")] = False,
     set_: SetOpt = None,
     json_: JsonOpt = False,
 ) -> None:
@@ -78,7 +81,7 @@ def run_now(
     try:
         schedule = get_schedule(settings, name)
         report = run_schedule(schedule, settings, Services.connect(settings), sets=parse_sets(set_ or []),
-                              dry_run=dry_run)
+                              dry_run=dry_run, retry_failed=retry_failed)
     except DreambatchError as exc:
         raise fail(str(exc)) from None
     if json_:
@@ -86,7 +89,8 @@ def run_now(
         return
     verb = "would process" if dry_run else "queued"
     for key in report.new:
-        out.print(f"new      {key}", highlight=False, markup=False, soft_wrap=True)
+        why = "" if report.reasons.get(key) == "new" else f"  ({report.reasons.get(key)})"
+        out.print(f"new      {key}{why}", highlight=False, markup=False, soft_wrap=True)
     for key in report.changed:
         out.print(f"changed  {key}  ({report.reasons.get(key)})", highlight=False, markup=False, soft_wrap=True)
     for s in report.skipped[:200]:

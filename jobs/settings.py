@@ -83,6 +83,8 @@ class CatalogSettings(BaseModel):
     run_retries: int = Field(10, ge=0, description="retries of a fired run that failed for a transient reason")
     run_retry_base: float = Field(30.0, gt=0, description="s before the first retry of a fired run; doubles")
     run_retry_max: float = Field(600.0, gt=0, description="longest wait between two retries of a fired run")
+    max_failures: int = Field(3, ge=0, description="runs in a row an image may fail with the same fingerprint "
+                                                   "before its schedule skips it; 0 = never skip")
 
 
 class RunnerSettings(BaseModel):

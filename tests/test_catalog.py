@@ -81,6 +81,44 @@ path = "products/{{category*}}/{{sku}}.jpg"
     return path
 
 
+@pytest.fixture(scope="module")
+def e1_workers(redis_server, s3_endpoint, tiny_dir, tmp_path_factory):
+    """A GPU worker on tiny E1.1 weights and an I/O worker, on their own Redis database, shared by the tests
+    that need items to run (each uses its own bucket and schedule name)."""
+    from services import Worker
+
+    redis_url = redis_server.url[:-1] + "11"
+    logs = tmp_path_factory.mktemp("e1-workers")
+    env = service_env(redis_url, s3_endpoint, tiny_dir)
+    workers = [Worker(["worker", "--model", "e1-1", "--weights", "tiny", "--device", "cpu"], env, logs / "gpu.log"),
+               Worker(["worker", "--io"], env, logs / "io.log")]
+    try:
+        for w in workers:
+            w.wait_ready()
+        yield redis_url
+    finally:
+        for w in workers:
+            w.kill(signal.SIGKILL)
+
+
+class Nightly:
+    """Runs of one schedule in this process, against the shared workers, as beat would fire them."""
+
+    def __init__(self, redis_url: str, s3_endpoint: str, schedules: Path, name: str, **catalog):
+        self.settings = Settings(redis_url=redis_url, s3=S3Settings(endpoint_url=s3_endpoint),
+                                 catalog=CatalogSettings(schedules_file=str(schedules), **catalog))
+        self.services, self.name = Services.connect(self.settings), name
+        self.env = service_env(redis_url, s3_endpoint, Path("."),
+                               DREAMBATCH_CATALOG__SCHEDULES_FILE=str(schedules),
+                               **{f"DREAMBATCH_CATALOG__{k.upper()}": str(v) for k, v in catalog.items()})
+
+    def run(self, wait: bool = True, **kwargs):
+        report = run_schedule(load_schedules(self.settings)[self.name], self.settings, self.services, **kwargs)
+        if wait and report.job_id:
+            wait_job(self.settings.redis_url, report.job_id)
+        return report
+
+
 def run_cli(*args: str, env: dict) -> dict:
     res = cli(*args, "--json", env=env)
     assert res.returncode == 0, res.stderr
@@ -257,6 +295,39 @@ def test_only_completed_items_of_an_ended_run_are_recorded_and_a_run_in_flight_i
     objects.put("J1/results.jsonl", "\n".join(json.dumps(x) for x in lines).encode(), "x")
     assert fold(ledger, objects, store, "n") == (["J1"], {})
     assert set(ledger.entries) == {"p/a.jpg"} and ledger.entries["p/a.jpg"]["fp"] == "fa" and ledger.pending == []
+
+
+def test_rejected_and_failed_items_count_failed_runs_per_fingerprint_and_an_aborted_submission_is_not_in_flight(
+        tmp_path):
+    objects, store = LocalStore(str(tmp_path)), MemoryStore()
+    at = "2026-01-01T00:00:00+00:00"
+    ledger = Ledger()
+
+    def ended_run(job_id: str, lines: list[tuple[str, str, str]], aborted: bool = False) -> None:
+        """A run of items (item id, fingerprint, status), written as the run record and its results."""
+        run = {"items": {i: {"key": f"p/{i}.jpg", "fp": fp} for i, fp, _ in lines}}
+        objects.put(keys.S3_CATALOG_RUN.format(prefix="", name="n", job_id=job_id), json.dumps(run).encode(), "x")
+        store.create_job(JobRecord(job_id=job_id, model="e1-1", output=str(tmp_path), created_at=at, updated_at=at,
+                                   total=len(lines), submitting=aborted))
+        ledger.pending.append(job_id)
+        if aborted:  # its submission failed: no results will ever come, and nothing of it runs
+            store.abort_submission(job_id)
+            return
+        results = [{"id": i, "status": st, "error": "invalid row: line 2: steps: should be >= 1" if st == "failed"
+                    else None, "output": {"images": [{"s3_uri": f"s3://x/{i}"}] if st == "completed" else []}}
+                   for i, _, st in lines]
+        objects.put(f"{job_id}/results.jsonl", "\n".join(json.dumps(x) for x in results).encode(), "x")
+
+    ended_run("J0", [("a", "fa", "queued")], aborted=True)
+    assert fold(ledger, objects, store, "n") == (["J0"], {}) and ledger.failures == {}  # not in flight forever
+    ended_run("J1", [("a", "fa", "failed"), ("b", "fb", "cancelled"), ("c", "fc", "completed")])
+    ended_run("J2", [("a", "fa", "failed")])
+    fold(ledger, objects, store, "n")
+    assert {k: (v["fp"], v["count"]) for k, v in ledger.failures.items()} == {"p/a.jpg": ("fa", 2)}  # b: cancelled
+    assert ledger.failures["p/a.jpg"]["error"].startswith("invalid row: line 2: steps")  # a rejected row counts
+    ended_run("J3", [("a", "fa2", "failed")])  # the image changed: a new count
+    fold(ledger, objects, store, "n")
+    assert ledger.failures["p/a.jpg"]["count"] == 1 and set(ledger.entries) == {"p/c.jpg"}
 
 
 def test_every_preset_is_valid_e1_job_defaults_and_set_fills_its_placeholders():
@@ -691,3 +762,50 @@ def test_new_weights_on_the_workers_re_run_every_image_once_then_nothing(
     idle = run_now(dry_run=True)
     assert (idle.unchanged, idle.model_revision) == (2, None)
     assert idle.notes == ["no live e1-1 worker: the model revision is not compared this run"]
+
+
+# ---- images that keep failing ---------------------------------------------------------------------------
+
+
+def test_an_image_that_keeps_failing_is_tried_three_nights_then_skipped_until_retried_or_fixed(
+        e1_workers, s3_endpoint, bucket, tmp_path):
+    s3 = s3_client(s3_endpoint)
+    s3.put_object(Bucket=bucket, Key="products/shoes/1.jpg", Body=photo(1, "jpg"), ContentType="image/jpeg")
+    bad = "products/shoes/broken.jpg"
+    s3.put_object(Bucket=bucket, Key=bad, Body=b"\xff\xd8 not really a JPEG", ContentType="image/jpeg")
+    name = f"poison-{uuid.uuid4().hex[:6]}"
+    nightly = Nightly(e1_workers, s3_endpoint, schedule_file(tmp_path / "s.toml", name, bucket), name)
+
+    def status_of(job_id: str) -> dict:
+        return {x["metadata"]["source_key"]: x["status"] for x in results(s3, bucket, job_id)}
+
+    first = nightly.run()  # night 1: both run; the broken one fails (it cannot be decoded)
+    assert status_of(first.job_id) == {"products/shoes/1.jpg": "completed", bad: "failed"}
+    for night in (2, 3):  # tried again, alone, and the report says it failed before
+        again = nightly.run()
+        assert (again.queued, again.new, again.unchanged) == (1, [bad], 1)
+        assert again.reasons[bad] == f"new; failed {night - 1} run(s) in a row before, tried again"
+        assert status_of(again.job_id) == {bad: "failed"}
+    fourth = nightly.run()  # night 4: skipped, with how to get it tried again
+    assert (fourth.job_id, fourth.queued, fourth.given_up, fourth.unchanged) == (None, 0, 1, 1)
+    [skip] = [s for s in fourth.skipped if s.key == bad]
+    assert skip.reason.startswith("failed 3 runs in a row with this image and these parameters (last error: "
+                                  "InputError: ")
+    assert skip.reason.endswith(f"or a run with: dreambatch schedules run {name} --retry-failed")
+    ledger = json.loads(s3.get_object(Bucket=bucket, Key=f"edited/_catalog/{name}/ledger.json")["Body"].read())
+    assert ledger["failures"][bad]["count"] == 3 and bad not in ledger["entries"]
+
+    # --retry-failed queues it once more (it fails again: still skipped by a plain run afterwards)
+    forced = run_cli("schedules", "run", name, "--retry-failed", env=nightly.env)
+    assert (forced["queued"], forced["new"]) == (1, [bad])
+    assert status_of(wait_job(e1_workers, forced["job_id"]).job_id) == {bad: "failed"}
+    assert nightly.run().given_up == 1
+
+    # the image is fixed (re-uploaded): a new fingerprint, processed, and the failures are forgotten
+    s3.put_object(Bucket=bucket, Key=bad, Body=photo(7, "jpg"), ContentType="image/jpeg")
+    fixed = nightly.run()
+    assert (fixed.queued, fixed.reasons[bad]) == (1, "new") and status_of(fixed.job_id) == {bad: "completed"}
+    after = nightly.run()
+    assert (after.queued, after.unchanged, after.given_up) == (0, 2, 0)
+    ledger = json.loads(s3.get_object(Bucket=bucket, Key=f"edited/_catalog/{name}/ledger.json")["Body"].read())
+    assert ledger["failures"] == {} and bad in ledger["entries"]
