@@ -2,6 +2,7 @@
 
     S3 prefix ─ list ─► images (others skipped, with the reason) ─► rows (templated instruction,
     mirrored output key) ─► fingerprint ─► diff against the ledger ─► job (only new/changed rows)
+    manifest ─ read ─► checked rows ─► fingerprint (fields + the image's identity) ─► diff by row id ─► job
 
 The ledger is durable and lives next to the outputs: `{output}/_catalog/{name}/ledger.json` says, for
 each source key, the fingerprint it was last edited with and the weights revision it ran with. A
@@ -36,10 +37,11 @@ from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from jobs import broker, keys, netguard, records, templates
+from jobs import broker, dialects, keys, netguard, records, templates
 from jobs.errors import ConfigError, InputError, TransientError
+from jobs.identity import Identities, Identity
 from jobs.inputs import InputPolicy
-from jobs.manifest import input_policy
+from jobs.manifest import CheckedRow, Issue, RawRow, RowChecker, input_policy, read_rows
 from jobs.models import EXTENSIONS, MODELS, OUTPUT_KEY_PATTERN, ItemRecord, row_class
 from jobs.presets import get_preset
 from jobs.schedules import Schedule
@@ -391,17 +393,24 @@ class Diff:
     retry_failed: bool  # this run tries keys that failed max_failures runs in a row again
     schedule: str
 
-    def verdict(self, key: str, fp: str) -> tuple[str, str | None]:
-        """("unchanged" | "in_flight" | "given_up" | "new" | "changed", why) for one image or manifest row."""
+    def verdict(self, key: str, fp: str, always: str | None = None) -> tuple[str, str | None]:
+        """("unchanged" | "in_flight" | "given_up" | "new" | "changed", why) for one image or manifest row;
+        `always` (why) when nothing tells whether it changed: a match in the ledger does not keep it back."""
         entry, failed = self.ledger.entries.get(key), self.ledger.failures.get(key)
         if entry and entry["fp"] == fp:
             ran = entry.get("model_revision")
             if self.revision and ran and ran != self.revision:
                 return "changed", f"model revision changed ({ran} → {self.revision})"
-            return "unchanged", None
+            if always is None:
+                return "unchanged", None
         if self.in_flight.get(key) == fp:
             return "in_flight", None
-        why = "new" if entry is None else "changed (content, instruction or parameters)"
+        if entry is None:
+            why = "new"
+        elif entry["fp"] == fp:  # the same, as far as anyone can tell: `always` says why it runs anyway
+            why = always
+        else:
+            why = "changed (content, instruction or parameters)"
         if failed and failed["fp"] == fp:
             if self.max_failures and failed["count"] >= self.max_failures and not self.retry_failed:
                 return "given_up", (
@@ -411,9 +420,9 @@ class Diff:
             why += f"; failed {failed['count']} run(s) in a row before, tried again"
         return ("new" if entry is None else "changed"), why
 
-    def count(self, report: RunReport, key: str, fp: str) -> bool:
+    def count(self, report: RunReport, key: str, fp: str, always: str | None = None) -> bool:
         """Count the verdict on `key` in the report; True when it is to be queued."""
-        what, why = self.verdict(key, fp)
+        what, why = self.verdict(key, fp, always)
         if what == "unchanged":
             report.unchanged += 1
         elif what == "in_flight":
@@ -598,15 +607,7 @@ def _run_scan(run: _Run) -> None:
         return
 
     # 4. the run's record first (so a crash cannot lose which fingerprints it was for), then the job
-    job_id = new_job_id()
-    run = {"job_id": job_id, "schedule": schedule.name, "slot": report.slot, "created_at": report.at,
-           "model_revision": report.model_revision,
-           "items": {c.item_id: {"key": c.key, "fp": c.fingerprint} for c in todo},
-           "skipped": [asdict(s) for s in report.skipped[:SHOWN_SKIPS]], "skipped_total": len(report.skipped)}
-    output.put(keys.S3_CATALOG_RUN.format(prefix="", name=schedule.name, job_id=job_id),
-               json.dumps(run).encode(), records.JSON)
-    ledger.pending.append(job_id)
-    ledger.save(output, schedule.name)
+    job_id = _start_run(run, ledger, output, {c.item_id: {"key": c.key, "fp": c.fingerprint} for c in todo})
     with tempfile.TemporaryDirectory(prefix="dreambatch-scan-") as tmp:
         manifest = Path(tmp) / f"{schedule.name}.jsonl"
         with manifest.open("w") as fh:
@@ -615,36 +616,120 @@ def _run_scan(run: _Run) -> None:
         _submit(schedule, settings, services, manifest, plan.defaults, job_id, InputPolicy(Path(tmp)), report)
 
 
+def _start_run(run: _Run, ledger: Ledger, output: ObjectStore, items: dict[str, dict[str, str]]) -> str:
+    """Write the run record ({item id: {key, fp}}) and list the run as pending in the ledger; returns its job id."""
+    job_id, report = new_job_id(), run.report
+    record = {"job_id": job_id, "schedule": run.schedule.name, "slot": report.slot, "created_at": report.at,
+              "model_revision": report.model_revision, "items": items,
+              "skipped": [asdict(s) for s in report.skipped[:SHOWN_SKIPS]], "skipped_total": len(report.skipped)}
+    output.put(keys.S3_CATALOG_RUN.format(prefix="", name=run.schedule.name, job_id=job_id),
+               json.dumps(record).encode(), records.JSON)
+    ledger.pending.append(job_id)
+    ledger.save(output, run.schedule.name)
+    return job_id
+
+
+def row_fingerprint(row: CheckedRow, raw: RawRow, image: Identity | None, defaults: dict[str, Any],
+                    schedule: Schedule) -> str:
+    """A manifest row's fingerprint: its normalized fields (its raw values when invalid), the job defaults,
+    model and `revision` label, and its image's identity (jobs.identity; None for a prompt-only row)."""
+    basis = {"model": schedule.model, "weights": MODELS[schedule.model].hub_id, "revision": schedule.revision,
+             "defaults": defaults, "image": image.value if image else None,
+             "row": {"params": row.params, "metadata": row.metadata} if row.ok else {"invalid": raw.values}}
+    return hashlib.sha256(json.dumps(basis, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def _run_manifest(run: _Run) -> None:
-    """A manifest source runs every row, every time (incremental runs are for prefix scans)."""
+    """A manifest source, incremental like a scan: each row (by its id: the `id` column, else its line) is
+    queued only when its fingerprint is not the one the ledger holds. The rows queued are written to a JSONL
+    file at their own line numbers, so ids and lines in the results are the manifest's."""
     schedule, settings, services, report, check = run.schedule, run.settings, run.services, run.report, run.check
+    # 1. what every row shares, and the ledger with every ended run folded in
     plan = make_plan(schedule, run.sets, settings)
     defaults = dict(plan.defaults)
     for name, text in plan.texts.items():
         defaults[name] = templates.render(text, plan.values, f"schedule {schedule.name}: {name}")
-    ref = schedule.source.manifest
+    output = services.objects(schedule.output)
+    ledger = Ledger.load(output, schedule.name)
+    report.folded, in_flight = fold(ledger, output, services.store, schedule.name)
+    diff = run.diff(ledger, in_flight)
     with tempfile.TemporaryDirectory(prefix="dreambatch-manifest-") as tmp:
-        if ref.startswith("s3://"):
-            bucket, _ = split_s3(ref)
-            key = ref[5 + len(bucket) + 1:]
-            data = services.objects(f"s3://{bucket}").get(key, max_bytes=settings.catalog.max_manifest_bytes)
-            if data is None:
-                raise InputError(f"schedule {schedule.name}: source.manifest {ref}: no such object")
-            path = Path(tmp) / PurePosixPath(key).name
-            path.write_bytes(data)
-            policy = InputPolicy(Path(tmp), (), settings.inputs.max_bytes)
-        else:
-            path = Path(ref).expanduser()
-            policy = input_policy(path, settings)
-        if report.dry_run:
-            from jobs.manifest import validate_manifest
+        path, policy = _manifest_file(run, Path(tmp))
+        checker = RowChecker(schedule.model, defaults, policy)
+        if issues := checker.check_defaults():
+            raise InputError(f"schedule {schedule.name}: {'; '.join(str(i) for i in issues)}")
+        identities = Identities(services.objects, policy, settings.netpolicy(), settings.inputs.download_timeout)
 
-            checked = validate_manifest(path, schedule.model, defaults, policy)
-            report.images, report.queued = checked.rows, checked.valid
-            report.skipped = [Skipped(str(i.line), str(i)) for i in checked.issues]
+        # 2. every row: its fingerprint against the ledger; the ones to run go to the job's manifest
+        todo: dict[str, dict[str, str]] = {}
+        subset = Path(tmp) / f"{schedule.name}-rows.jsonl"
+        seen: set[str] = set()
+        with subset.open("w") as fh:
+            written = 0
+            for raw in read_rows(path):
+                if isinstance(raw, Issue):
+                    if raw.line <= 0:  # the file itself (its header)
+                        raise InputError(f"schedule {schedule.name}: source.manifest {schedule.source.manifest}: "
+                                         f"{raw}")
+                    report.skipped.append(Skipped(f"line {raw.line}", str(raw)))
+                    continue
+                check()
+                report.images += 1
+                row = checker.check(raw)
+                ref = _image_ref(row, raw, schedule.model)
+                image = identities.of(ref) if ref else None
+                always = None if image is None or image.known else f"{image.why}: it runs every time"
+                if always:
+                    report.notes.append(f"row {row.item_id}: {always}")
+                fp = row_fingerprint(row, raw, image, defaults, schedule)
+                seen.add(row.item_id)
+                if diff.count(report, row.item_id, fp, always):
+                    if not row.ok:
+                        report.reasons[row.item_id] += f"; it will be rejected: {'; '.join(map(str, row.issues))}"
+                    todo[row.item_id] = {"key": row.item_id, "fp": fp}
+                    fh.write("\n" * (raw.line - written - 1) + json.dumps(raw.values) + "\n")
+                    written = raw.line
+        if report.dry_run:
             return
+        for gone in ledger.keys() - seen:  # no longer in the manifest: forget it
+            ledger.forget(gone)
+
+        # 3. nothing new: no job at all
         check()
-        _submit(schedule, settings, services, path, defaults, new_job_id(), policy, report)
+        if not todo:
+            ledger.save(output, schedule.name)
+            return
+        # 4. the run's record, then the job (of the rows to run only)
+        job_id = _start_run(run, ledger, output, todo)
+        _submit(schedule, settings, services, subset, defaults, job_id, policy, report)
+
+
+def _manifest_file(run: _Run, tmp: Path) -> tuple[Path, InputPolicy]:
+    """The schedule's manifest as a local file (downloaded when in S3), and the policy for its local paths."""
+    ref, settings = run.schedule.source.manifest, run.settings
+    if not ref.startswith("s3://"):
+        path = Path(ref).expanduser()
+        return path, input_policy(path, settings)
+    bucket, _ = split_s3(ref)
+    key = ref[5 + len(bucket) + 1:]
+    data = run.services.objects(f"s3://{bucket}").get(key, max_bytes=settings.catalog.max_manifest_bytes)
+    if data is None:
+        raise InputError(f"schedule {run.schedule.name}: source.manifest {ref}: no such object")
+    path = tmp / PurePosixPath(key).name
+    path.write_bytes(data)
+    return path, InputPolicy(tmp, (), settings.inputs.max_bytes)
+
+
+def _image_ref(row: CheckedRow, raw: RawRow, model: str) -> str | None:
+    """The row's input image reference: checked (a local path made absolute), or as written when invalid."""
+    if row.ok:
+        return (row.params or {}).get("image")
+    try:
+        values = dialects.normalize(raw.values, MODELS[model].kind)
+    except dialects.DialectConflict:
+        values = raw.values
+    image = values.get("image")
+    return image if isinstance(image, str) and image else None
 
 
 def _submit(schedule: Schedule, settings: Settings, services: Services, manifest: Path, defaults: dict[str, Any],

@@ -128,6 +128,32 @@ def pinned_request(client, method: str, url: str, policy: Policy, **kwargs):
     return client.stream(method, target, headers=headers, extensions=extensions, follow_redirects=False, **kwargs)
 
 
+def head(url: str, policy: Policy, *, timeout: float, max_redirects: int = 5, client=None) -> dict[str, str]:
+    """HEAD a URL with every hop checked, as `fetch` does; returns the final response's headers (lower-case
+    names). InputError for a refused address or a 4xx, TransientError for a network error or a 5xx."""
+    import httpx
+
+    own = client is None
+    client = client or httpx.Client(timeout=timeout)
+    try:
+        for _ in range(max_redirects + 1):
+            with pinned_request(client, "HEAD", url, policy) as resp:
+                if resp.is_redirect:
+                    url = urljoin(url, resp.headers.get("location", ""))
+                    continue
+                if resp.status_code >= 500 or resp.status_code == 429:
+                    raise TransientError(f"{url}: HTTP {resp.status_code}")
+                if resp.status_code != 200:
+                    raise InputError(f"{url}: HTTP {resp.status_code}")
+                return {k.lower(): v for k, v in resp.headers.items()}
+        raise InputError(f"{url}: more than {max_redirects} redirects")
+    except httpx.HTTPError as exc:
+        raise TransientError(f"{url}: {type(exc).__name__}: {exc}") from None
+    finally:
+        if own:
+            client.close()
+
+
 def fetch(url: str, policy: Policy, *, max_bytes: int, timeout: float, max_redirects: int = 5,
           client=None) -> bytes:
     """GET a URL with every hop checked, at most `max_bytes`, within `timeout` seconds in all."""

@@ -104,9 +104,11 @@ def e1_workers(redis_server, s3_endpoint, tiny_dir, tmp_path_factory):
 class Nightly:
     """Runs of one schedule in this process, against the shared workers, as beat would fire them."""
 
-    def __init__(self, redis_url: str, s3_endpoint: str, schedules: Path, name: str, **catalog):
+    def __init__(self, redis_url: str, s3_endpoint: str, schedules: Path, name: str, allow_private_hosts: str = "",
+                 **catalog):
         self.settings = Settings(redis_url=redis_url, s3=S3Settings(endpoint_url=s3_endpoint),
-                                 catalog=CatalogSettings(schedules_file=str(schedules), **catalog))
+                                 catalog=CatalogSettings(schedules_file=str(schedules), **catalog),
+                                 allow_private_hosts=allow_private_hosts)
         self.services, self.name = Services.connect(self.settings), name
         self.env = service_env(redis_url, s3_endpoint, Path("."),
                                DREAMBATCH_CATALOG__SCHEDULES_FILE=str(schedules),
@@ -405,7 +407,7 @@ def test_a_manifest_source_queues_every_row_with_the_schedules_preset_and_a_dry_
     schedule = load_schedules(settings)[name]
 
     dry = run_schedule(schedule, settings, services, dry_run=True, sets={"theme": "autumn"})
-    assert (dry.images, dry.queued, dry.job_id, published) == (2, 2, None, [])
+    assert (dry.images, dry.new, dry.job_id, published) == (2, ["2", "3"], None, [])
     report = run_schedule(schedule, settings, services, sets={"theme": "autumn"})
     assert published == [("e1-1", report.job_id, ["2", "3"])]  # ids = line numbers
     job = RedisStore.from_url(settings.redis_url).get_job(report.job_id)
@@ -809,3 +811,112 @@ def test_an_image_that_keeps_failing_is_tried_three_nights_then_skipped_until_re
     assert (after.queued, after.unchanged, after.given_up) == (0, 2, 0)
     ledger = json.loads(s3.get_object(Bucket=bucket, Key=f"edited/_catalog/{name}/ledger.json")["Body"].read())
     assert ledger["failures"] == {} and bad in ledger["entries"]
+
+
+# ---- incremental manifest sources -------------------------------------------------------------------------
+
+
+def manifest_schedule(path: Path, name: str, bucket: str, manifest: str) -> Path:
+    path.write_text(f'[schedules.{name}]\nmodel = "e1-1"\npreset = "white-studio"\nparams = {{ steps = 1 }}\n'
+                    f'output = "s3://{bucket}/out"\n[schedules.{name}.source]\nmanifest = "{manifest}"\n')
+    return path
+
+
+def out_results(s3, bucket: str, job_id: str) -> dict[str, tuple[int, str]]:
+    body = s3.get_object(Bucket=bucket, Key=f"out/{job_id}/results.jsonl")["Body"].read()
+    return {x["id"]: (x["line"], x["status"]) for x in map(json.loads, body.decode().splitlines())}
+
+
+def test_a_local_manifest_runs_incrementally_and_a_changed_row_or_image_re_runs_alone(
+        e1_workers, s3_endpoint, bucket, tmp_path):
+    s3 = s3_client(s3_endpoint)
+    folder = tmp_path / "catalog"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(photo(1, "jpg"))
+    (folder / "b.png").write_bytes(photo(2, "png"))
+    s3.put_object(Bucket=bucket, Key="in/c.jpg", Body=photo(3, "jpg"))
+    manifest = folder / "tonight.csv"
+    rows = ["id,image,seed,sku", "a,a.jpg,1,A", "b,b.png,1,B", f"c,s3://{bucket}/in/c.jpg,1,C", ",a.jpg,2,D"]
+    manifest.write_text("\n".join(rows) + "\n")
+    name = f"local-{uuid.uuid4().hex[:6]}"
+    nightly = Nightly(e1_workers, s3_endpoint, manifest_schedule(tmp_path / "s.toml", name, bucket, str(manifest)),
+                      name)
+
+    first = nightly.run()
+    assert (first.images, first.queued, sorted(first.new)) == (4, 4, ["5", "a", "b", "c"])
+    assert out_results(s3, bucket, first.job_id) == {"a": (2, "completed"), "b": (3, "completed"),
+                                                     "c": (4, "completed"), "5": (5, "completed")}
+    again = nightly.run()  # nothing changed: no job
+    assert (again.job_id, again.queued, again.unchanged, again.folded) == (None, 0, 4, [first.job_id])
+
+    (folder / "b.png").write_bytes(photo(20, "png"))  # a referenced local image replaced
+    rows[1] = "a,a.jpg,7,A"  # one row changed (its seed)
+    manifest.write_text("\n".join(rows) + "\n")
+    dry = run_cli("schedules", "run", name, "--dry-run", env=nightly.env)
+    assert (sorted(dry["changed"]), dry["new"], dry["unchanged"]) == (["a", "b"], [], 2)
+    changed = nightly.run()
+    assert out_results(s3, bucket, changed.job_id) == {"a": (2, "completed"), "b": (3, "completed")}
+    s3.put_object(Bucket=bucket, Key="in/c.jpg", Body=photo(30, "jpg"))  # the S3 image of row c replaced
+    only_c = nightly.run()
+    assert (only_c.changed, only_c.unchanged) == (["c"], 3)
+    assert out_results(s3, bucket, only_c.job_id) == {"c": (4, "completed")}
+    assert nightly.run().queued == 0
+
+
+def test_an_s3_manifest_runs_incrementally_and_url_images_use_their_etag_or_run_every_time(
+        e1_workers, s3_endpoint, bucket, tmp_path):
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from threading import Thread
+
+    served = {"/tagged.jpg": (photo(4, "jpg"), {"ETag": '"v1"'}), "/plain.jpg": (photo(5, "jpg"), {})}
+
+    class Images(BaseHTTPRequestHandler):
+        def do_HEAD(self):  # noqa: N802
+            body, headers = served[self.path]
+            self.send_response(200)
+            for k, v in {"Content-Type": "image/jpeg", "Content-Length": str(len(body)), **headers}.items():
+                self.send_header(k, v)
+            self.end_headers()
+            return body
+
+        def do_GET(self):  # noqa: N802
+            self.wfile.write(self.do_HEAD())
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Images)
+    Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        s3 = s3_client(s3_endpoint)
+        s3.put_object(Bucket=bucket, Key="in/x.jpg", Body=photo(1, "jpg"))
+        lines = [{"id": "x", "image": f"s3://{bucket}/in/x.jpg", "seed": 1},
+                 {"id": "tagged", "image": f"{url}/tagged.jpg", "seed": 1},
+                 {"id": "plain", "image": f"{url}/plain.jpg", "seed": 1}]
+
+        def upload(rows):
+            s3.put_object(Bucket=bucket, Key="manifests/m.jsonl", Body="".join(json.dumps(r) + "\n" for r in rows))
+
+        upload(lines)
+        name = f"s3m-{uuid.uuid4().hex[:6]}"
+        schedules = manifest_schedule(tmp_path / "s.toml", name, bucket, f"s3://{bucket}/manifests/m.jsonl")
+        nightly = Nightly(e1_workers, s3_endpoint, schedules, name, allow_private_hosts="127.0.0.1")  # loopback
+
+        first = nightly.run()
+        assert out_results(s3, bucket, first.job_id) == {"x": (1, "completed"), "tagged": (2, "completed"),
+                                                         "plain": (3, "completed")}
+        second = nightly.run()  # the server gives no ETag or Last-Modified for plain.jpg: it runs every time
+        plain = f"{url}/plain.jpg gives no ETag or Last-Modified: it runs every time"
+        assert (second.changed, second.unchanged, second.reasons) == (["plain"], 2, {"plain": plain})
+        assert second.notes == [f"row plain: {plain}"]
+        served["/tagged.jpg"] = (photo(40, "jpg"), {"ETag": '"v2"'})  # a new image behind the same URL
+        lines[0]["seed"] = 2  # and one row of the manifest changed
+        upload(lines)
+        third = nightly.run()
+        assert sorted(third.changed) == ["plain", "tagged", "x"] and third.unchanged == 0
+        fourth = nightly.run()
+        assert (fourth.changed, fourth.unchanged) == (["plain"], 2)
+    finally:
+        server.shutdown()
+        server.server_close()
