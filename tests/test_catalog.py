@@ -183,25 +183,33 @@ def test_scheduled_scan_edits_every_image_once_then_only_what_changed_and_the_sh
     for key, (_, _, reason) in OTHERS.items():
         assert reasons[key].startswith(reason), (key, reasons[key])
 
-    # the review contact sheet, written by the io worker when the job ended (and again on demand, into a
-    # folder): every pair renders in a real browser, with its id, sku and a link to its output
+    # the review contact sheet, written by the io worker when the job ended: opened from S3 as it was written,
+    # every pair renders in a real browser, with its id, sku and a link to its output
     def sheet_written():
         listed = s3.list_objects_v2(Bucket=bucket, Prefix=f"edited/{job_id}/sheet")
         return {o["Key"] for o in listed.get("Contents", [])} == {f"edited/{job_id}/sheet.html",
                                                                    f"edited/{job_id}/sheet.png"}
 
     wait_until(sheet_written, 30, 0.2, what="the job's review sheet")
-    res = cli("sheet", job_id, "--to", str(tmp_path / "sheet"), env=env)
-    assert res.returncode == 0, res.stderr
-    page = tmp_path / "sheet" / "sheet.html"
+    written = s3.get_object(Bucket=bucket, Key=f"edited/{job_id}/sheet.html")
+    assert written["ContentType"].startswith("text/html")
+    page = tmp_path / "written" / "sheet.html"
+    page.parent.mkdir()
+    page.write_bytes(written["Body"].read())
     dom = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", page.as_uri()],
                          capture_output=True, text=True, timeout=60).stdout
     assert 'data-images="8"' in dom and 'data-loaded="8"' in dom  # 4 befores + 4 afters, all decoded
     for line in lines:
         card = re.search(rf'<section class="card completed" data-id="{re.escape(line["id"])}">(.*?)</section>', dom)
         assert card, line["id"]
-        assert f"sku: {line['metadata']['sku']}" in card.group(1)
-        assert f'href="{line["output"]["images"][0]["s3_uri"]}"' in card.group(1)
+        pair = card.group(1)
+        assert pair.count('<img class="before"') == 1 and pair.count('<img class="after"') == 1, line["id"]
+        assert f"sku: {line['metadata']['sku']}" in pair
+        assert f'href="{line["output"]["images"][0]["s3_uri"]}"' in pair
+    # made again on demand into a folder, it is the same page
+    res = cli("sheet", job_id, "--to", str(tmp_path / "sheet"), env=env)
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "sheet" / "sheet.html").read_bytes() == page.read_bytes()
     shot = tmp_path / "sheet.png"
     subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
                     f"--screenshot={shot}", "--window-size=1000,800", page.as_uri()], capture_output=True, timeout=60)
@@ -920,3 +928,87 @@ def test_an_s3_manifest_runs_incrementally_and_url_images_use_their_etag_or_run_
     finally:
         server.shutdown()
         server.server_close()
+
+
+# ---- layout, presets and templates ------------------------------------------------------------------------
+
+
+def test_the_mirror_layout_without_keep_format_writes_png_keys_and_skips_a_second_source_of_one_key(
+        e1_workers, s3_endpoint, bucket, tmp_path):
+    s3 = s3_client(s3_endpoint)
+    for key, fmt in {"products/shoes/123.jpg": "jpg", "products/shoes/123.png": "png",
+                     "products/bags/7.webp": "webp"}.items():
+        s3.put_object(Bucket=bucket, Key=key, Body=photo(len(key), fmt), ContentType=f"image/{fmt}")
+    name = f"mirror-{uuid.uuid4().hex[:6]}"
+    schedules = schedule_file(tmp_path / "s.toml", name, bucket)
+    schedules.write_text(schedules.read_text().replace("keep_format = true\n", ""))  # the default: PNG outputs
+    report = Nightly(e1_workers, s3_endpoint, schedules, name).run()
+    assert sorted(report.new) == ["products/bags/7.webp", "products/shoes/123.jpg"]
+    assert [(s.key, s.reason) for s in report.skipped] == [
+        ("products/shoes/123.png", "its output shoes/123.png is also products/shoes/123.jpg's "
+                                   "(set keep_format = true to keep both)")]
+    lines = {x["metadata"]["source_key"]: x for x in results(s3, bucket, report.job_id)}
+    assert {k: [i["s3_uri"] for i in x["output"]["images"]] for k, x in lines.items()} == {
+        "products/shoes/123.jpg": [f"s3://{bucket}/edited/shoes/123.png"],
+        "products/bags/7.webp": [f"s3://{bucket}/edited/bags/7.png"]}
+    for key in ("edited/shoes/123.png", "edited/bags/7.png"):
+        stored = s3.get_object(Bucket=bucket, Key=key)
+        assert stored["ContentType"] == "image/png"
+        assert Image.open(io.BytesIO(stored["Body"].read())).format == "PNG"
+
+
+def test_a_change_that_renders_differently_for_some_images_re_runs_exactly_those(
+        e1_workers, s3_endpoint, bucket, tmp_path):
+    s3 = s3_client(s3_endpoint)
+    shades = {"a": ("red", "red"), "b": ("blue", "blue"), "c": ("blue", "navy")}  # {meta.color}, {meta.shade}
+    for n, (stem, (color, shade)) in enumerate(shades.items()):
+        s3.put_object(Bucket=bucket, Key=f"p/{stem}.jpg", Body=photo(n, "jpg"), ContentType="image/jpeg",
+                      Metadata={"color": color, "shade": shade})
+    name = f"subset-{uuid.uuid4().hex[:6]}"
+    schedules = tmp_path / "s.toml"
+
+    def instruction(text: str) -> None:
+        schedules.write_text(f'[schedules.{name}]\ninstruction = "{text}"\nparams = {{ steps = 1 }}\n'
+                             f'output = "s3://{bucket}/out"\n[schedules.{name}.source]\nprefix = "s3://{bucket}/p/"\n')
+
+    instruction("Make the {meta.color} shoe {stem} pop on white")
+    nightly = Nightly(e1_workers, s3_endpoint, schedules, name)
+    assert nightly.run().queued == 3
+    # a template change: only c renders differently ({meta.shade} is its {meta.color} for a and b)
+    instruction("Make the {meta.shade} shoe {stem} pop on white")
+    shade = nightly.run()
+    assert (shade.changed, shade.unchanged) == (["p/c.jpg"], 2)
+    # one object's metadata changed (same bytes, so the same ETag): only that image
+    s3.copy_object(Bucket=bucket, Key="p/a.jpg", CopySource={"Bucket": bucket, "Key": "p/a.jpg"},
+                   Metadata={"color": "red", "shade": "crimson"}, MetadataDirective="REPLACE", ContentType="image/jpeg")
+    meta = nightly.run()
+    assert (meta.changed, meta.unchanged) == (["p/a.jpg"], 2)
+    [line] = [json.loads(x) for x in s3.get_object(Bucket=bucket, Key=f"out/{meta.job_id}/rows.jsonl")["Body"]
+              .read().decode().splitlines()]
+    assert line["params"]["instruction"] == "Make the crimson shoe a pop on white"
+    assert nightly.run().queued == 0  # and after that, nothing
+
+
+def test_a_presets_file_from_the_environment_replaces_a_builtin_preset_and_adds_its_own(tmp_path, monkeypatch):
+    mine = tmp_path / "my-presets.toml"
+    mine.write_text('[white-studio]\ndescription = "Our white"\ninstruction = "Put it on our house white"\n'
+                    '[white-studio.params]\nsteps = 12\n\n'
+                    '[marble]\ndescription = "A {stone} slab"\ninstruction = "Place the product on a {stone} slab"\n'
+                    '[marble.vars]\nstone = "white marble"\n')
+    env = {**service_env("redis://127.0.0.1:1/0", "http://127.0.0.1:1", tmp_path),
+           "DREAMBATCH_CATALOG__PRESETS_FILE": str(mine)}
+    listed = json.loads(cli("presets", "--json", env=env).stdout)
+    assert listed["white-studio"]["instruction"] == "Put it on our house white"
+    assert listed["white-studio"]["source"] == str(mine)
+    assert listed["marble"]["vars"] == {"stone": "white marble"} and "flat-cutout" in listed  # ours stay too
+
+    monkeypatch.setenv("DREAMBATCH_CATALOG__PRESETS_FILE", str(mine))
+    settings = Settings()  # read from the environment, as every command does
+    assert apply_preset("white-studio", {}, settings) == {"steps": 12, "instruction": "Put it on our house white"}
+    assert apply_preset("marble", {"stone": "slate"}, settings)["instruction"] == "Place the product on a slate slab"
+    photo_path = tmp_path / "shoe.jpg"
+    photo_path.write_bytes(photo(1, "jpg"))
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("image\nshoe.jpg\n")
+    checked = cli("validate", str(manifest), "--model", "e1-1", "--preset", "marble", "--json", env=env)
+    assert checked.returncode == 0 and json.loads(checked.stdout)["valid"] == 1, checked.stderr
