@@ -337,8 +337,8 @@ class Ledger:
 
 
 def fold(ledger: Ledger, objects: ObjectStore, store: Store, name: str) -> tuple[list[str], dict[str, str]]:
-    """Record the completed items of every pending run whose job has ended. Returns the runs folded and
-    the items still in flight (source key → fingerprint)."""
+    """Fold in every pending run whose job has ended (`Ledger.record`: completed items become the keys' edits,
+    failed ones count a failed run). Returns the runs folded and the items still in flight (key → fingerprint)."""
     folded, in_flight = [], {}
     for job_id in list(ledger.pending):
         data = objects.get(keys.S3_CATALOG_RUN.format(prefix="", name=name, job_id=job_id))
@@ -397,17 +397,18 @@ class Diff:
         """("unchanged" | "in_flight" | "given_up" | "new" | "changed", why) for one image or manifest row;
         `always` (why) when nothing tells whether it changed: a match in the ledger does not keep it back."""
         entry, failed = self.ledger.entries.get(key), self.ledger.failures.get(key)
-        if entry and entry["fp"] == fp:
-            ran = entry.get("model_revision")
-            if self.revision and ran and ran != self.revision:
-                return "changed", f"model revision changed ({ran} → {self.revision})"
-            if always is None:
-                return "unchanged", None
-        if self.in_flight.get(key) == fp:
+        same = entry is not None and entry["fp"] == fp
+        ran = entry.get("model_revision") if same else None
+        moved = bool(self.revision and ran and ran != self.revision)  # edited with other weights than today's
+        if same and not moved and always is None:
+            return "unchanged", None
+        if self.in_flight.get(key) == fp:  # a run still going has it (a re-run for new weights too)
             return "in_flight", None
         if entry is None:
             why = "new"
-        elif entry["fp"] == fp:  # the same, as far as anyone can tell: `always` says why it runs anyway
+        elif moved:
+            why = f"model revision changed ({ran} → {self.revision})"
+        elif same:  # the same, as far as anyone can tell: `always` says why it runs anyway
             why = always
         else:
             why = "changed (content, instruction or parameters)"

@@ -340,6 +340,26 @@ def test_rejected_and_failed_items_count_failed_runs_per_fingerprint_and_an_abor
     assert ledger.failures["p/a.jpg"]["count"] == 1 and set(ledger.entries) == {"p/c.jpg"}
 
 
+def test_the_diff_keeps_in_flight_items_back_even_for_new_weights_and_gives_up_on_keys_that_keep_failing():
+    from jobs.catalog import Diff
+
+    ledger = Ledger(entries={"k": {"fp": "f", "model_revision": "A"}},
+                    failures={"bad": {"fp": "g", "count": 3, "error": "InputError: not an image"}})
+
+    def verdict(key, fp, revision="A", in_flight=None, always=None, retry_failed=False):
+        return Diff(ledger, in_flight or {}, revision, 3, retry_failed, "n").verdict(key, fp, always)
+
+    assert verdict("k", "f") == ("unchanged", None)
+    assert verdict("k", "f", revision=None) == ("unchanged", None)  # live revision not known: not compared
+    assert verdict("k", "f", revision="B") == ("changed", "model revision changed (A → B)")
+    assert verdict("k", "f", revision="B", in_flight={"k": "f"}) == ("in_flight", None)  # re-run still going
+    assert verdict("k", "f", always="no ETag") == ("changed", "no ETag")
+    assert verdict("k", "f2") == ("changed", "changed (content, instruction or parameters)")
+    assert verdict("bad", "g")[0] == "given_up" and "InputError: not an image" in verdict("bad", "g")[1]
+    assert verdict("bad", "g", retry_failed=True) == ("new", "new; failed 3 run(s) in a row before, tried again")
+    assert verdict("bad", "g2") == ("new", "new")  # a changed image starts again
+
+
 def test_every_preset_is_valid_e1_job_defaults_and_set_fills_its_placeholders():
     presets = load_presets()
     assert {"white-studio", "flat-cutout", "seasonal"} <= set(presets)
