@@ -57,6 +57,7 @@ OTHER_IMAGES = {".gif", ".bmp", ".tif", ".tiff", ".heic", ".heif", ".avif", ".sv
 BUILTIN_NAMES = ("key", "path", "dir", "name", "stem", "ext")
 RESERVED_METADATA = ("source_key", "source_etag")
 SHOWN_SKIPS = 1000  # skipped objects kept in a run record (the counts cover all of them)
+SHOWN_NOTES = 20  # rows named in the notes of one run (a count stands for the rest)
 
 log = logging.getLogger("dreambatch.catalog")
 
@@ -665,6 +666,7 @@ def _run_manifest(run: _Run) -> None:
         todo: dict[str, dict[str, str]] = {}
         subset = Path(tmp) / f"{schedule.name}-rows.jsonl"
         seen: set[str] = set()
+        every_time: list[str] = []  # rows whose image has no identity (a URL without ETag/Last-Modified)
         with subset.open("w") as fh:
             written = 0
             for raw in read_rows(path):
@@ -675,13 +677,16 @@ def _run_manifest(run: _Run) -> None:
                     report.skipped.append(Skipped(f"line {raw.line}", str(raw)))
                     continue
                 check()
-                report.images += 1
                 row = checker.check(raw)
+                if row.item_id in seen:  # one ledger key, one row: the later one is not run
+                    report.skipped.append(Skipped(f"line {raw.line}", "; ".join(map(str, row.issues))))
+                    continue
+                report.images += 1
                 ref = _image_ref(row, raw, schedule.model)
                 image = identities.of(ref) if ref else None
                 always = None if image is None or image.known else f"{image.why}: it runs every time"
                 if always:
-                    report.notes.append(f"row {row.item_id}: {always}")
+                    every_time.append(f"row {row.item_id}: {always}")
                 fp = row_fingerprint(row, raw, image, defaults, schedule)
                 seen.add(row.item_id)
                 if diff.count(report, row.item_id, fp, always):
@@ -690,6 +695,9 @@ def _run_manifest(run: _Run) -> None:
                     todo[row.item_id] = {"key": row.item_id, "fp": fp}
                     fh.write("\n" * (raw.line - written - 1) + json.dumps(raw.values) + "\n")
                     written = raw.line
+        report.notes.extend(every_time[:SHOWN_NOTES])
+        if len(every_time) > SHOWN_NOTES:
+            report.notes.append(f"… and {len(every_time) - SHOWN_NOTES} more rows whose image runs every time")
         if report.dry_run:
             return
         for gone in ledger.keys() - seen:  # no longer in the manifest: forget it

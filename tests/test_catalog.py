@@ -864,7 +864,8 @@ def test_a_local_manifest_runs_incrementally_and_a_changed_row_or_image_re_runs_
     (folder / "b.png").write_bytes(photo(2, "png"))
     s3.put_object(Bucket=bucket, Key="in/c.jpg", Body=photo(3, "jpg"))
     manifest = folder / "tonight.csv"
-    rows = ["id,image,seed,sku", "a,a.jpg,1,A", "b,b.png,1,B", f"c,s3://{bucket}/in/c.jpg,1,C", ",a.jpg,2,D"]
+    rows = ["id,image,seed,sku", "a,a.jpg,1,A", "b,b.png,1,B", f"c,s3://{bucket}/in/c.jpg,1,C", ",a.jpg,2,D",
+            "a,b.png,9,Z"]  # the last row repeats an id: one ledger key, one row
     manifest.write_text("\n".join(rows) + "\n")
     name = f"local-{uuid.uuid4().hex[:6]}"
     nightly = Nightly(e1_workers, s3_endpoint, manifest_schedule(tmp_path / "s.toml", name, bucket, str(manifest)),
@@ -872,6 +873,8 @@ def test_a_local_manifest_runs_incrementally_and_a_changed_row_or_image_re_runs_
 
     first = nightly.run()
     assert (first.images, first.queued, sorted(first.new)) == (4, 4, ["5", "a", "b", "c"])
+    assert [(x.key, x.reason) for x in first.skipped] == [
+        ("line 6", "line 6: id: duplicate id; ids must be unique in a manifest (got 'a')")]
     assert out_results(s3, bucket, first.job_id) == {"a": (2, "completed"), "b": (3, "completed"),
                                                      "c": (4, "completed"), "5": (5, "completed")}
     again = nightly.run()  # nothing changed: no job
