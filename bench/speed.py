@@ -1,10 +1,11 @@
 """One run, side by side: the model's duty cycle with and without pipelining, the prompt-cache gain, the
 micro-batching gain, and the dreambatch-vs-plain-Celery overhead ratio, on tiny weights on the CPU.
 
-    python bench/speed.py --items 40 --steps 4 --io-ms 40
+    python bench/speed.py --items 40 --steps 4 --io-ms 40,100
 
 Duty cycle: real worker processes (`dreambatch worker`, one GPU worker and one I/O worker) on a real
-redis-server, with moto's S3 server behind a loopback proxy that delays every PUT by `--io-ms` (standing in
+redis-server, with moto's S3 server behind a loopback proxy that delays every PUT by `--io-ms` (each value
+in turn; standing in
 for a real S3 upload and a real-size image's encode, which the tiny model's 64² images do not have; an item
 makes 2 PUTs: its image and its record). Each item's record says when its model call started and how long it
 took (`timings.model_started_at`, `inference_s`); a micro-batch's items share one span. Duty cycle = model
@@ -56,29 +57,23 @@ def model_spans(timings: list[dict]) -> list[tuple[float, float]]:
 
 
 def pipelining(args, tmp: Path) -> list[str]:
-    from bench.queue_throughput import dreambatch_run
 
     (tmp / "redis").mkdir()
     redis_server = RedisServer(tmp / "redis")
     redis_server.start()
     s3, endpoint = start_s3()
-    delay = args.io_ms / 1000
-    proxy = S3Proxy(endpoint, lambda method, path: time.sleep(delay) if method == "PUT" else None)
+    delay = {"s": 0.0}
+    proxy = S3Proxy(endpoint, lambda method, path: time.sleep(delay["s"]) if method == "PUT" else None)
     env = service_env(redis_server.url, proxy.url, tmp / "tiny", OMP_NUM_THREADS=str(args.model_threads))
     cases = [("no pipelining (1 thread)", 1, {}), ("2 threads", 2, {}), ("default (3 threads)", None, {})]
     cases += [(f"micro-batches ≤{b} (default {b + 1} threads)", None, {"DREAMBATCH_RUNNER__BATCH_MAX": str(b)})
               for b in args.batches]
     lines = []
     try:
-        for name, threads, extra in cases:
-            run = dreambatch_run(args.items, {**env, **extra}, tmp, endpoint, threads, steps=args.steps)
-            cycle = duty_cycle(model_spans(run["timings"]), args.warmup)
-            lines.append(f"  {name}: {run['items_per_s']:.2f} items/s ({run['completed']}/{args.items} completed), "
-                         f"duty cycle {cycle['duty']:.1%}, gap between model calls median "
-                         f"{cycle['gap_median_ms']:.1f} ms, p90 {cycle['gap_p90_ms']:.1f} ms ({cycle['calls']} "
-                         f"model calls of {run['mean_inference_s'] * 1000:.0f} ms; per item outside the model "
-                         f"{run['mean_outside_model_s'] * 1000:.0f} ms)")
-            print(lines[-1], flush=True)
+        for io_ms in args.io_ms:
+            delay["s"] = io_ms / 1000
+            print(f" +{io_ms:.0f} ms per S3 PUT:", flush=True)
+            lines += _pipelining_cases(args, cases, env, tmp, endpoint)
     finally:
         proxy.close()
         s3.stop()
@@ -86,26 +81,72 @@ def pipelining(args, tmp: Path) -> list[str]:
     return lines
 
 
+def _pipelining_cases(args, cases, env, tmp: Path, endpoint: str) -> list[str]:
+    from bench.queue_throughput import dreambatch_run
+
+    lines = []
+    for name, threads, extra in cases:
+        run = dreambatch_run(args.items, {**env, **extra}, tmp, endpoint, threads, steps=args.steps)
+        cycle = duty_cycle(model_spans(run["timings"]), args.warmup)
+        lines.append(f"  {name}: {run['items_per_s']:.2f} items/s ({run['completed']}/{args.items} completed), "
+                     f"duty cycle {cycle['duty']:.1%}, gap between model calls median "
+                     f"{cycle['gap_median_ms']:.1f} ms, p90 {cycle['gap_p90_ms']:.1f} ms ({cycle['calls']} "
+                     f"model calls of {run['mean_inference_s'] * 1000:.0f} ms; per item outside the model "
+                     f"{run['mean_outside_model_s'] * 1000:.0f} ms)")
+        print(lines[-1], flush=True)
+    return lines
+
+
 def prompt_cache(args, tmp: Path) -> list[str]:
+    """Cache off and on, alternately `--repeats` times (the tiny model's figures move between runs): per image,
+    the whole call and the part of it spent getting the text embeddings (encoding, or a cache hit)."""
     from jobs.settings import RunnerSettings
     from worker.runners.base import GenerateRequest
     from worker.runners.hidream_i1 import HiDreamI1Runner
 
-    lines = []
+    request = GenerateRequest(prompt="a watercolor painting of a lighthouse at dusk", negative_prompt="blurry",
+                              guidance_scale=5.0, scheduler="flow_unipc", steps=args.steps, width=64, height=64)
+    runners, text_s = {}, {}
     for label, megabytes in [("off", 0), ("on", 64)]:
         runner = HiDreamI1Runner("i1-full", "tiny", options=RunnerSettings(prompt_cache_mb=megabytes))
         runner.load()
-        request = GenerateRequest(prompt="a watercolor painting of a lighthouse at dusk", negative_prompt="blurry",
-                                  guidance_scale=5.0, scheduler="flow_unipc", steps=args.steps, width=64, height=64)
         runner.generate(request)  # warm-up
-        started = time.perf_counter()
-        for seed in range(args.items):
-            runner.generate(GenerateRequest(**{**request.__dict__, "seed": seed}))
-        per_item = (time.perf_counter() - started) / args.items
-        lines.append(f"  cache {label}: {per_item * 1000:.1f} ms per image (i1-full tiny, CFG, {args.steps} steps), "
-                     f"{runner.prompts.hits} hits / {runner.prompts.misses} misses")
+        text_s[label] = [0.0]
+        runner.embeds = _timed(runner.embeds, text_s[label])  # the runner's own call, timed
+        runners[label] = runner
+    per_image: dict[str, list[float]] = {"off": [], "on": []}
+    per_text: dict[str, list[float]] = {"off": [], "on": []}
+    for _ in range(args.repeats):
+        for label, runner in runners.items():
+            text_s[label][0] = 0.0
+            started = time.perf_counter()
+            for seed in range(args.items):
+                runner.generate(GenerateRequest(**{**request.__dict__, "seed": seed}))
+            per_image[label].append((time.perf_counter() - started) / args.items)
+            per_text[label].append(text_s[label][0] / args.items)
+    lines = []
+    for label, runner in runners.items():
+        lines.append(f"  cache {label}: {statistics.median(per_image[label]) * 1000:.1f} ms per image, of which "
+                     f"text embeddings {statistics.median(per_text[label]) * 1000:.2f} ms (median of "
+                     f"{args.repeats}; i1-full tiny, CFG, {args.steps} steps), {runner.prompts.hits} hits / "
+                     f"{runner.prompts.misses} misses")
         print(lines[-1], flush=True)
+    gain = 1 - statistics.median(per_image["on"]) / statistics.median(per_image["off"])
+    lines.append(f"  gain per image {gain:.1%}; text embeddings "
+                 f"{statistics.median(per_text['off']) / max(statistics.median(per_text['on']), 1e-9):.0f}x faster")
+    print(lines[-1], flush=True)
     return lines
+
+
+def _timed(call, total: list[float]):
+    def timed(*args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return call(*args, **kwargs)
+        finally:
+            total[0] += time.perf_counter() - started
+
+    return timed
 
 
 def micro_batching(args) -> list[str]:
@@ -152,8 +193,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--items", type=int, default=40)
     ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--io-ms", type=float, default=40.0, help="added to every S3 PUT (2 per item)")
+    ap.add_argument("--io-ms", type=lambda s: [float(x) for x in s.split(",")], default=[40.0, 100.0],
+                    help="added to every S3 PUT (2 per item); a comma-separated list runs each in turn")
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3, help="prompt cache: off/on rounds, alternating")
     ap.add_argument("--window-ms", type=float, default=20.0)
     ap.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[2, 4])
     ap.add_argument("--overhead-items", type=int, default=200, help="0 skips the Celery overhead ratio")
@@ -168,7 +211,7 @@ def main() -> None:
           f"load average {os.getloadavg()[0]:.1f} at start", flush=True)
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        print(f"duty cycle, {args.items} items, {args.steps} steps, +{args.io_ms:.0f} ms per S3 PUT:", flush=True)
+        print(f"duty cycle, {args.items} items, {args.steps} steps:", flush=True)
         pipelining(args, tmp)
         print(f"prompt cache, {args.items} images of one prompt:", flush=True)
         prompt_cache(args, tmp)
