@@ -66,7 +66,7 @@ def pipelining(args, tmp: Path) -> list[str]:
     proxy = S3Proxy(endpoint, lambda method, path: time.sleep(delay["s"]) if method == "PUT" else None)
     env = service_env(redis_server.url, proxy.url, tmp / "tiny", OMP_NUM_THREADS=str(args.model_threads))
     cases = [("no pipelining (1 thread)", 1, {}), ("2 threads", 2, {}), ("default (3 threads)", None, {})]
-    cases += [(f"micro-batches ≤{b} (default {b + 1} threads)", None, {"DREAMBATCH_RUNNER__BATCH_MAX": str(b)})
+    cases += [(f"micro-batches ≤{b} (default {3 * b} threads)", None, {"DREAMBATCH_RUNNER__BATCH_MAX": str(b)})
               for b in args.batches]
     lines = []
     try:
@@ -240,7 +240,7 @@ def overhead(args) -> None:
             runs = {"dreambatch, default 3 threads": dreambatch_run(args.overhead_items, env, tmp, endpoint)}
             batch = max(args.batches)
             batched_env = {**env, "DREAMBATCH_RUNNER__BATCH_MAX": str(batch)}
-            name = f"dreambatch, micro-batches of {batch}, {batch + 1} threads"
+            name = f"dreambatch, micro-batches of {batch}, default {3 * batch} threads"
             runs[name] = dreambatch_run(args.overhead_items, batched_env, tmp, endpoint)
             # 10x the items: 200 empty tasks drain in ~0.3 s, too short a span to time steadily
             plain = plain_celery_run(10 * args.overhead_items, env, tmp, 3)

@@ -341,14 +341,14 @@ def test_the_prompt_cache_keeps_at_most_its_bytes_dropping_the_least_recently_us
     assert len(off) == 0
 
 
-def test_gpu_workers_default_to_a_three_stage_pipeline_and_batching_ones_to_their_limit_plus_one():
+def test_gpu_workers_default_to_a_three_stage_pipeline_of_items_or_of_micro_batches():
     from worker.cli import PIPELINE_THREADS, default_threads
     from worker.runners.batching import AUTO_MAX
 
     assert default_threads("i1-fast", RunnerSettings()) == PIPELINE_THREADS == 3
     assert default_threads("e1-1", RunnerSettings(batch_max=4)) == 3  # edits are not batched
-    assert default_threads("i1-fast", RunnerSettings(batch_max=4)) == 5
-    assert default_threads("i1-dev", RunnerSettings(batch_max=0)) == AUTO_MAX + 1
+    assert default_threads("i1-fast", RunnerSettings(batch_max=4)) == 12
+    assert default_threads("i1-dev", RunnerSettings(batch_max=0)) == 3 * AUTO_MAX
 
 
 def test_a_batching_worker_runs_model_calls_on_the_batcher_thread_without_the_gpu_lock():

@@ -46,7 +46,7 @@ def worker(
     io: Annotated[bool, typer.Option("--io", help="serve the I/O queue (finalize, webhooks)")] = False,
     concurrency: Annotated[int, typer.Option(
         help="item threads (default 3: one on the model, one fetching the next input, one uploading the last "
-             "output; with micro-batching the batch limit + 1)")] = 0,
+             "output; with micro-batching 3 x the batch limit)")] = 0,
     loglevel: Annotated[str, typer.Option()] = "INFO",
     log_format: Annotated[str, typer.Option(help="text, or json: one object per line with job_id/item_id")] = "text",
     metrics_port: Annotated[int | None, typer.Option(
@@ -96,14 +96,14 @@ PIPELINE_THREADS = 3  # the model's item, the next item's fetch + decode, the la
 
 def default_threads(model: str, options) -> int:
     """Item threads of a GPU worker: a three-stage pipeline, so the model never waits on I/O while an item's
-    time outside the model is below its model call; a micro-batch needs its limit in flight, plus one."""
+    time outside the model is below its model call; with micro-batching, each stage a whole batch."""
     from worker.runtime import batches
 
     if not batches(model, options):
         return PIPELINE_THREADS
     from worker.runners.batching import AUTO_MAX
 
-    return (options.batch_max or AUTO_MAX) + 1
+    return PIPELINE_THREADS * (options.batch_max or AUTO_MAX)
 
 
 def _expiry_chore(settings, runtime, celery):
