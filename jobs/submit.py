@@ -108,7 +108,7 @@ def _fan_out(manifest: Path, job: JobRecord, model: str, defaults: dict[str, Any
             for item in failed:
                 records.write_item_result(objects, item)
             rejected_items.extend(failed)
-            ids = [i.item_id for i in _by_shape(i for i in pending if i.status == ItemStatus.QUEUED)]
+            ids = [i.item_id for i in pending if i.status == ItemStatus.QUEUED]
             if ids:
                 _retrying(lambda: dispatch(ids), retry_window, f"publishing {len(ids)} task(s)")
             queued += len(ids)
@@ -132,20 +132,6 @@ def _fan_out(manifest: Path, job: JobRecord, model: str, defaults: dict[str, Any
         finally:
             rows_path.unlink(missing_ok=True)
     return queued, rejected
-
-
-def _by_shape(items) -> list[ItemRecord]:
-    """Items of one publish batch with those of one render shape (size, steps, guidance) next to each other,
-    in the order each shape first appears, manifest order kept within a shape: consecutive messages then
-    share a shape, so a micro-batching worker fills its batches. Edits stay in order (their canvas follows
-    the input image, unknown until a worker reads it)."""
-    groups: dict[object, list[ItemRecord]] = {}
-    for n, item in enumerate(items):
-        p = item.params
-        shape = ("i1", p["width"], p["height"], p.get("steps"), p.get("guidance_scale"), p.get("scheduler")) \
-            if "prompt" in p and "image" not in p and "width" in p else ("keep", n)
-        groups.setdefault(shape, []).append(item)
-    return [item for group in groups.values() for item in group]
 
 
 def _retrying(call: Callable[[], None], window: float, what: str) -> None:

@@ -93,24 +93,6 @@ def test_sizes_are_rounded_to_what_hidream_renders_and_reported(tmp_path):
     assert w % 16 == 0 and h % 16 == 0 and w * h <= 1024 * 1024
 
 
-def test_tasks_are_published_grouped_by_render_shape_in_first_seen_order(tmp_path):
-    """Rows alternating between two aspects are published as runs of one shape (a micro-batching worker
-    then fills its batches); manifest order holds within a shape, and every row is queued once."""
-    from jobs.storage import LocalStore
-    from jobs.store import MemoryStore
-    from jobs.submit import create_job
-
-    path = tmp_path / "m.jsonl"
-    sizes = [(1024, 1024), (1344, 768), (1024, 1024), (1344, 768), (1024, 1024), (1344, 768, 8)]
-    path.write_text("".join(json.dumps({"id": f"r{n}", "prompt": "p", "width": s[0], "height": s[1],
-                                        **({"steps": s[2]} if len(s) > 2 else {})}) + "\n"
-                            for n, s in enumerate(sizes)))
-    published: list[str] = []
-    create_job(path, model="i1-fast", defaults={}, output=str(tmp_path / "out"), webhook=None, store=MemoryStore(),
-               objects=LocalStore(str(tmp_path / "out")), dispatch=published.extend)
-    assert published == ["r0", "r2", "r4", "r1", "r3", "r5"]
-
-
 def test_unknown_model_type_and_sets_fail_clearly(tmp_path):
     with pytest.raises(InputError, match="unknown model 'i9'"):
         RowChecker("i9")
