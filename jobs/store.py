@@ -55,8 +55,8 @@ class Store(Protocol):
     def disable_webhook(self, job_id: str) -> None: ...
     def log_event(self, job_id: str, event_id: str, entry: dict[str, Any]) -> None: ...
     def events(self, job_id: str) -> dict[str, list[dict[str, Any]]]: ...
-    def mark_sent(self, job_id: str, event_id: str) -> None: ...
-    def was_sent(self, job_id: str, event_id: str) -> bool: ...
+    def claim_sends(self, job_id: str, *event_ids: str) -> list[str]: ...
+    def release_sends(self, job_id: str, *event_ids: str) -> None: ...
     def acquire_lease(self, job_id: str, item_id: str, token: str, ttl: float) -> float: ...
     def renew_lease(self, job_id: str, item_id: str, token: str, ttl: float) -> bool: ...
     def release_lease(self, job_id: str, item_id: str, token: str) -> None: ...
@@ -268,11 +268,17 @@ class RedisStore:
         return {eid: [json.loads(e) for e in self.r.lrange(f"{base}:{eid}", 0, -1)]
                 for eid in sorted(self.r.smembers(base))}
 
-    def mark_sent(self, job_id: str, event_id: str) -> None:
-        self.r.sadd(keys.JOB_SENT.format(job_id=job_id), event_id)
+    def claim_sends(self, job_id: str, *event_ids: str) -> list[str]:
+        """The ids among `event_ids` whose webhook message no one has published yet, now claimed by the caller
+        (who publishes them, or releases them if it cannot)."""
+        pipe = self.r.pipeline(transaction=False)
+        for event_id in event_ids:
+            pipe.sadd(keys.JOB_SENT.format(job_id=job_id), event_id)
+        return [event_id for event_id, added in zip(event_ids, pipe.execute(), strict=True) if added]
 
-    def was_sent(self, job_id: str, event_id: str) -> bool:
-        return bool(self.r.sismember(keys.JOB_SENT.format(job_id=job_id), event_id))
+    def release_sends(self, job_id: str, *event_ids: str) -> None:
+        if event_ids:
+            self.r.srem(keys.JOB_SENT.format(job_id=job_id), *event_ids)
 
     def claim(self, key: str, ttl: float) -> bool:
         """True for the one caller that sets `key` until it expires (a periodic duty done by one process)."""
@@ -480,12 +486,15 @@ class MemoryStore:
     def events(self, job_id: str) -> dict[str, list[dict[str, Any]]]:
         return self._events.get(job_id, {})
 
-    def mark_sent(self, job_id: str, event_id: str) -> None:
+    def claim_sends(self, job_id: str, *event_ids: str) -> list[str]:
         with self._lock:
-            self._sent.add((job_id, event_id))
+            claimed = [e for e in dict.fromkeys(event_ids) if (job_id, e) not in self._sent]
+            self._sent.update((job_id, e) for e in claimed)
+            return claimed
 
-    def was_sent(self, job_id: str, event_id: str) -> bool:
-        return (job_id, event_id) in self._sent
+    def release_sends(self, job_id: str, *event_ids: str) -> None:
+        with self._lock:
+            self._sent.difference_update((job_id, e) for e in event_ids)
 
     def acquire_lease(self, job_id: str, item_id: str, token: str, ttl: float) -> float:
         with self._lock:

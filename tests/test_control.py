@@ -325,7 +325,9 @@ def test_workers_and_the_control_plane_export_metrics_top_shows_them_and_logs_ca
     io_m = wait_until(lambda: (m := _scrape(io_port)).get(
         ("dreambatch_worker_webhook_deliveries_total", (("outcome", "delivered"),))) == 3 and m, 10,
         what="three delivered webhooks counted")
-    assert io_m[("dreambatch_worker_webhook_latency_seconds_count", ())] == 3
+    attempts = sum(v for (name, _), v in io_m.items() if name == "dreambatch_worker_webhook_deliveries_total")
+    assert io_m[("dreambatch_worker_webhook_latency_seconds_count", ())] == attempts >= 3  # (earlier tests'
+    # leftover webhook retries may reach this I/O worker too: every attempt is timed, whatever its outcome)
 
     # the control plane's gauges, as the API serves them
     body, content_type = metrics.render(Settings(redis_url=redis_server.url))

@@ -206,7 +206,7 @@ def test_a_redelivered_item_that_ended_sends_its_lost_webhook_once_and_finalizes
     for item in (a, b):  # both ended; the worker died before publishing a's event and before finalizing
         store.transition(item, ItemStatus.RUNNING, count_attempt=True)
         store.transition(item, ItemStatus.COMPLETED)
-    store.mark_sent(job_id, f"evt_{job_id}_b_completed")  # b's event did go out
+    store.claim_sends(job_id, f"evt_{job_id}_b_completed")  # b's event did go out
 
     assert process.process_item(ctx, job_id, "a").status == "skipped"
     assert notified == [(job_id, "a", f"evt_{job_id}_a_completed")] and finals == [job_id]

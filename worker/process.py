@@ -274,20 +274,28 @@ def _end(ctx: Context, item: ItemRecord, status: ItemStatus, error: str | None,
     return Outcome(status.value)
 
 
-def _notify(ctx: Context, job_id: str, item_id: str | None, event_id: str) -> None:
-    ctx.notify(job_id, item_id, event_id)
-    ctx.store.mark_sent(job_id, event_id)
+def _notify(ctx: Context, job_id: str, item_id: str | None, event_id: str) -> bool:
+    """Publish an event's webhook message unless someone already has (claimed first, released if the publish
+    fails); True when this call published it."""
+    if not ctx.store.claim_sends(job_id, event_id):
+        return False
+    try:
+        ctx.notify(job_id, item_id, event_id)
+    except Exception:
+        ctx.store.release_sends(job_id, event_id)
+        raise
+    return True
 
 
 def _announce_again(ctx: Context, job: JobRecord, item: ItemRecord) -> None:
     """An item's message comes back after it ended when its worker died between the item's last transition
-    and the messages that follow it. Send its webhook if it was not sent (same event id, so a receiver
-    that got it sees a duplicate it can drop) and finalize the job if every item has ended."""
+    and the messages that follow it. Send its webhook if no one did, and finalize the job if every item has
+    ended (finalizing is idempotent)."""
     if job.webhook:
         event_id = item_event_id(item.job_id, item.item_id, item.status, item.round)
-        if not ctx.store.was_sent(item.job_id, event_id):
-            log.info("item %s/%s ended earlier; sending its %s event", item.job_id, item.item_id, item.status)
-            _notify(ctx, item.job_id, item.item_id, event_id)
+        if _notify(ctx, item.job_id, item.item_id, event_id):
+            log.info("item %s/%s had ended; sent its %s event, which was not sent", item.job_id, item.item_id,
+                     item.status)
     if not job.finished_at and job.total and sum(job.counts.get(s, 0) for s in TERMINAL_ITEM) >= job.total:
         ctx.finalize(item.job_id)
 
@@ -299,9 +307,8 @@ def finalize_job(ctx: Context, job_id: str) -> str | None:
     if job is None:
         return None
     if job.finished_at:
-        event_id = job_event_id(job_id, job.status, job.round)
-        if job.webhook and not ctx.store.was_sent(job_id, event_id):
-            _notify(ctx, job_id, None, event_id)
+        if job.webhook:
+            _notify(ctx, job_id, None, job_event_id(job_id, job.status, job.round))
         return None
     if job.counts.get("queued", 0) or job.counts.get("running", 0):
         return None  # a late duplicate for a job that `retry` re-opened: its last item finalizes it
