@@ -316,14 +316,16 @@ class Ledger:
         objects.put(keys.S3_CATALOG_LEDGER.format(prefix="", name=name), body, records.JSON)
 
     def record(self, key: str, fp: str, job_id: str, line: dict[str, Any]) -> None:
-        """Fold one ended item in: a completed one is the key's edit now; a failed one (rejected rows too)
-        counts one more failed run in a row for that fingerprint. A cancelled one changes nothing."""
+        """Fold one ended item in: a completed one is the key's edit now; one that failed because of its input
+        (a rejected row, an image that does not decode) counts one more failed run in a row for that
+        fingerprint. Other failures (S3 or the broker down, a model error, a lost worker) and cancelled items
+        change nothing: the image is tried again next run, however often that happens."""
         if line["status"] == "completed":
             self.entries[key] = {"fp": fp, "job_id": job_id, "at": now_iso(),
                                  "outputs": [i["s3_uri"] for i in line["output"]["images"]],
                                  "model_revision": line.get("model_revision")}
             self.failures.pop(key, None)
-        elif line["status"] == "failed":
+        elif line["status"] == "failed" and input_failure(line):
             before = self.failures.get(key)
             count = before["count"] + 1 if before and before["fp"] == fp else 1
             self.failures[key] = {"fp": fp, "count": count, "error": str(line.get("error") or "")[:500],
@@ -335,6 +337,12 @@ class Ledger:
 
     def keys(self) -> set[str]:
         return set(self.entries) | set(self.failures)
+
+
+def input_failure(line: dict[str, Any]) -> bool:
+    """Whether a failed results line failed because of its input: rejected at submit (never attempted), or
+    an InputError on the worker (the image would not fetch, decode or fit)."""
+    return not line.get("attempts") or str(line.get("error") or "").startswith("InputError:")
 
 
 def fold(ledger: Ledger, objects: ObjectStore, store: Store, name: str) -> tuple[list[str], dict[str, str]]:

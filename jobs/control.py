@@ -76,14 +76,9 @@ def _end_queued(store: RedisStore, celery: Celery, job: JobRecord, reason: str,
             ended.append(item.item_id)
             finalize = finalize or move.job_done
     if job.webhook and ended:
-        # claimed first: a worker that gets one of these items' messages, still queued, sees its event taken
-        events = {item_event_id(job.job_id, i, "cancelled", job.round): i for i in ended}
-        claimed = store.claim_sends(job.job_id, *events)
-        try:
-            broker.send_webhooks(celery, ((job.job_id, events[event], event) for event in claimed))
-        except Exception:
-            store.release_sends(job.job_id, *claimed)
-            raise
+        events = [item_event_id(job.job_id, i, "cancelled", job.round) for i in ended]
+        broker.send_webhooks(celery, ((job.job_id, i, event) for i, event in zip(ended, events, strict=True)))
+        store.mark_sent(job.job_id, *events)  # a worker that gets one of these items' messages sees it went out
     if finalize:
         broker.send_finalize(celery, job.job_id)
     return ended

@@ -55,8 +55,9 @@ class Store(Protocol):
     def disable_webhook(self, job_id: str) -> None: ...
     def log_event(self, job_id: str, event_id: str, entry: dict[str, Any]) -> None: ...
     def events(self, job_id: str) -> dict[str, list[dict[str, Any]]]: ...
-    def claim_sends(self, job_id: str, *event_ids: str) -> list[str]: ...
-    def release_sends(self, job_id: str, *event_ids: str) -> None: ...
+    def mark_sent(self, job_id: str, *event_ids: str) -> None: ...
+    def was_sent(self, job_id: str, event_id: str) -> bool: ...
+    def nudge_finalize(self, job_id: str, ttl: float) -> bool: ...
     def acquire_lease(self, job_id: str, item_id: str, token: str, ttl: float) -> float: ...
     def renew_lease(self, job_id: str, item_id: str, token: str, ttl: float) -> bool: ...
     def release_lease(self, job_id: str, item_id: str, token: str) -> None: ...
@@ -268,17 +269,17 @@ class RedisStore:
         return {eid: [json.loads(e) for e in self.r.lrange(f"{base}:{eid}", 0, -1)]
                 for eid in sorted(self.r.smembers(base))}
 
-    def claim_sends(self, job_id: str, *event_ids: str) -> list[str]:
-        """The ids among `event_ids` whose webhook message no one has published yet, now claimed by the caller
-        (who publishes them, or releases them if it cannot)."""
-        pipe = self.r.pipeline(transaction=False)
-        for event_id in event_ids:
-            pipe.sadd(keys.JOB_SENT.format(job_id=job_id), event_id)
-        return [event_id for event_id, added in zip(event_ids, pipe.execute(), strict=True) if added]
-
-    def release_sends(self, job_id: str, *event_ids: str) -> None:
+    def mark_sent(self, job_id: str, *event_ids: str) -> None:
+        """Note that these events' webhook messages were published (after publishing them)."""
         if event_ids:
-            self.r.srem(keys.JOB_SENT.format(job_id=job_id), *event_ids)
+            self.r.sadd(keys.JOB_SENT.format(job_id=job_id), *event_ids)
+
+    def was_sent(self, job_id: str, event_id: str) -> bool:
+        return bool(self.r.sismember(keys.JOB_SENT.format(job_id=job_id), event_id))
+
+    def nudge_finalize(self, job_id: str, ttl: float) -> bool:
+        """True for one caller per `ttl` s: the one that may send the job a finalize on others' behalf."""
+        return self.claim(keys.JOB_FINALIZE_NUDGE.format(job_id=job_id), ttl)
 
     def claim(self, key: str, ttl: float) -> bool:
         """True for the one caller that sets `key` until it expires (a periodic duty done by one process)."""
@@ -410,6 +411,7 @@ class MemoryStore:
         self._leases: dict[tuple[str, str], tuple[str, float]] = {}
         self._slots: dict[str, dict[str, float]] = {}
         self._sent: set[tuple[str, str]] = set()
+        self._nudges: dict[str, float] = {}  # job id → when another finalize nudge may go
 
     def create_job(self, job: JobRecord) -> None:
         with self._lock:
@@ -486,15 +488,20 @@ class MemoryStore:
     def events(self, job_id: str) -> dict[str, list[dict[str, Any]]]:
         return self._events.get(job_id, {})
 
-    def claim_sends(self, job_id: str, *event_ids: str) -> list[str]:
+    def mark_sent(self, job_id: str, *event_ids: str) -> None:
         with self._lock:
-            claimed = [e for e in dict.fromkeys(event_ids) if (job_id, e) not in self._sent]
-            self._sent.update((job_id, e) for e in claimed)
-            return claimed
+            self._sent.update((job_id, e) for e in event_ids)
 
-    def release_sends(self, job_id: str, *event_ids: str) -> None:
+    def was_sent(self, job_id: str, event_id: str) -> bool:
+        return (job_id, event_id) in self._sent
+
+    def nudge_finalize(self, job_id: str, ttl: float) -> bool:
         with self._lock:
-            self._sent.difference_update((job_id, e) for e in event_ids)
+            now = time.monotonic()
+            if self._nudges.get(job_id, 0.0) > now:
+                return False
+            self._nudges[job_id] = now + ttl
+            return True
 
     def acquire_lease(self, job_id: str, item_id: str, token: str, ttl: float) -> float:
         with self._lock:

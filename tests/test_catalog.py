@@ -23,7 +23,7 @@ from PIL import Image
 from services import cli, s3_client, service_env, wait_until
 
 from jobs import keys
-from jobs.catalog import Ledger, Services, fold, item_id_for, run_schedule
+from jobs.catalog import Ledger, Services, fold, input_failure, item_id_for, run_schedule
 from jobs.errors import ConfigError, InputError
 from jobs.manifest import RawRow, RowChecker
 from jobs.models import JobRecord
@@ -338,6 +338,13 @@ def test_rejected_and_failed_items_count_failed_runs_per_fingerprint_and_an_abor
     ended_run("J3", [("a", "fa2", "failed")])  # the image changed: a new count
     fold(ledger, objects, store, "n")
     assert ledger.failures["p/a.jpg"]["count"] == 1 and set(ledger.entries) == {"p/c.jpg"}
+
+    # failures that are not the input's never count: an outage or a model error must not give up on images
+    for error in ("TransientError: S3 PUT: SlowDown (after 3 attempts)", "ModelError: CUDA out of memory",
+                  "gave up after 3 attempts that did not finish (worker lost or timed out)"):
+        assert not input_failure({"status": "failed", "attempts": 3, "error": error})
+    assert input_failure({"status": "failed", "attempts": 1, "error": "InputError: not a JPEG, PNG or WebP"})
+    assert input_failure({"status": "failed", "attempts": 0, "error": "line 2: steps: should be >= 1"})
 
 
 def test_the_diff_keeps_in_flight_items_back_even_for_new_weights_and_gives_up_on_keys_that_keep_failing():

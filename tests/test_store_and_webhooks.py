@@ -187,15 +187,18 @@ def test_an_item_that_keeps_losing_its_worker_ends_failed_at_the_attempt_cap(tmp
 def test_a_redelivered_item_that_ended_sends_its_lost_webhook_once_and_finalizes_the_job(store, tmp_path):
     """A worker killed between an item's last transition and the messages after it: the redelivered task
     does not run the item again, but sends the event that was never published (same id), once, and
-    finalizes a job whose items have all ended."""
+    finalizes a job whose items have all ended. An item that ended moments ago is left to the process that
+    ended it for a grace period (no racing it into a duplicate)."""
+    from jobs.models import item_event_id, job_event_id
     from jobs.settings import Settings
     from jobs.storage import LocalStore
+    from jobs.submit import now_iso
     from worker import process
 
     job_id = f"j-{os.urandom(4).hex()}"
-    store.create_job(_job(job_id, 2).model_copy(update={"output": str(tmp_path), "webhook": "https://x.test/h"}))
-    a, b = _item(job_id, "a", 1), _item(job_id, "b", 2)
-    store.add_items([a, b])
+    store.create_job(_job(job_id, 3).model_copy(update={"output": str(tmp_path), "webhook": "https://x.test/h"}))
+    a, b, c = _item(job_id, "a", 1), _item(job_id, "b", 2), _item(job_id, "c", 3)
+    store.add_items([a, b, c])
     notified, finals = [], []
 
     def runner():
@@ -203,19 +206,22 @@ def test_a_redelivered_item_that_ended_sends_its_lost_webhook_once_and_finalizes
 
     ctx = process.Context(settings=Settings(), store=store, runner=runner, objects=lambda _: LocalStore(str(tmp_path)),
                           notify=lambda *event: notified.append(event), finalize=finals.append)
-    for item in (a, b):  # both ended; the worker died before publishing a's event and before finalizing
+    c.updated_at = now_iso()  # c ended just now
+    for item in (a, b, c):  # all ended; the worker died before publishing a's and c's events and finalizing
         store.transition(item, ItemStatus.RUNNING, count_attempt=True)
         store.transition(item, ItemStatus.COMPLETED)
-    store.claim_sends(job_id, f"evt_{job_id}_b_completed")  # b's event did go out
+    store.mark_sent(job_id, item_event_id(job_id, "b", "completed"))  # b's event did go out
 
+    young = process.process_item(ctx, job_id, "c")
+    assert young.status == "skipped" and 0 < young.retry_in <= process.SEND_GRACE + 0.1 and notified == []
     assert process.process_item(ctx, job_id, "a").status == "skipped"
-    assert notified == [(job_id, "a", f"evt_{job_id}_a_completed")] and finals == [job_id]
+    assert notified == [(job_id, "a", item_event_id(job_id, "a", "completed"))] and finals == [job_id]
     assert process.process_item(ctx, job_id, "a").status == "skipped"  # a second redelivery: nothing new
     assert process.process_item(ctx, job_id, "b").status == "skipped"
-    assert len(notified) == 1
+    assert len(notified) == 1 and finals == [job_id]  # one finalize nudge, not one per redelivery
 
     # the finalizer died after marking the job terminal and before its event: a redelivered finalize sends it
     store.finish_job(job_id, JobStatus.COMPLETED, None, "2026-11-22T00:01:00+00:00")
     assert process.finalize_job(ctx, job_id) is None
     assert process.finalize_job(ctx, job_id) is None
-    assert notified[1:] == [(job_id, None, f"evt_{job_id}_completed")]
+    assert notified[1:] == [(job_id, None, job_event_id(job_id, "completed"))]

@@ -65,8 +65,7 @@ def _process_item(ctx: Context, job_id: str, item_id: str) -> Outcome:
         log.warning("item %s/%s not found; dropping its message", job_id, item_id)
         return Outcome("skipped")
     if ItemStatus(item.status).terminal:  # a redelivery: finish what a lost worker may have left undone
-        _announce_again(ctx, job, item)
-        return Outcome("skipped")
+        return _announce_again(ctx, job, item)
     if job.submitting:  # its submission has not committed: hold the item back, or drop it if it never will
         job = _await_commit(ctx, job)
         age = time.time() - datetime.fromisoformat(job.created_at).timestamp()
@@ -274,30 +273,52 @@ def _end(ctx: Context, item: ItemRecord, status: ItemStatus, error: str | None,
     return Outcome(status.value)
 
 
-def _notify(ctx: Context, job_id: str, item_id: str | None, event_id: str) -> bool:
-    """Publish an event's webhook message unless someone already has (claimed first, released if the publish
-    fails); True when this call published it."""
-    if not ctx.store.claim_sends(job_id, event_id):
-        return False
-    try:
-        ctx.notify(job_id, item_id, event_id)
-    except Exception:
-        ctx.store.release_sends(job_id, event_id)
-        raise
-    return True
+SEND_GRACE = 5.0  # s the process that ended an item or a job has to publish its event before another does
+NUDGE_EVERY = 30.0  # s between finalize messages sent for a job on behalf of a lost worker
 
 
-def _announce_again(ctx: Context, job: JobRecord, item: ItemRecord) -> None:
+class SendLater(Exception):
+    """Not yet: the process that ended this may still be publishing its event; look again in `seconds`."""
+
+    def __init__(self, seconds: float):
+        super().__init__(f"look again in {seconds:.1f}s")
+        self.seconds = seconds
+
+
+def _notify(ctx: Context, job_id: str, item_id: str | None, event_id: str) -> None:
+    """Publish an event's webhook message, then note it went out (a crash between the two gives a duplicate
+    with the same webhook-id, never a lost event)."""
+    ctx.notify(job_id, item_id, event_id)
+    ctx.store.mark_sent(job_id, event_id)
+
+
+def _send_if_unsent(ctx: Context, job_id: str, item_id: str | None, event_id: str, ended_at: str) -> None:
+    """Publish an event nobody published. Within SEND_GRACE of the end, the process that ended it may still
+    be about to: raises SendLater rather than race it into a duplicate."""
+    if ctx.store.was_sent(job_id, event_id):
+        return
+    age = time.time() - datetime.fromisoformat(ended_at).timestamp()
+    if age < SEND_GRACE:
+        raise SendLater(SEND_GRACE - age + 0.1)
+    log.info("job %s: sending event %s, which the process that ended it did not send", job_id, event_id)
+    _notify(ctx, job_id, item_id, event_id)
+
+
+def _announce_again(ctx: Context, job: JobRecord, item: ItemRecord) -> Outcome:
     """An item's message comes back after it ended when its worker died between the item's last transition
-    and the messages that follow it. Send its webhook if no one did, and finalize the job if every item has
-    ended (finalizing is idempotent)."""
+    and the messages that follow it (or when `cancel` ended it while queued). Send its webhook if nobody
+    did, and nudge the finalizer if every item has ended and the job has not (one nudge per NUDGE_EVERY s:
+    a drained queue of a cancelled job does not flood the io queue)."""
     if job.webhook:
-        event_id = item_event_id(item.job_id, item.item_id, item.status, item.round)
-        if _notify(ctx, item.job_id, item.item_id, event_id):
-            log.info("item %s/%s had ended; sent its %s event, which was not sent", item.job_id, item.item_id,
-                     item.status)
-    if not job.finished_at and job.total and sum(job.counts.get(s, 0) for s in TERMINAL_ITEM) >= job.total:
+        try:
+            _send_if_unsent(ctx, item.job_id, item.item_id,
+                            item_event_id(item.job_id, item.item_id, item.status, item.round), item.updated_at)
+        except SendLater as later:
+            return Outcome("skipped", retry_in=later.seconds)
+    if not job.finished_at and job.total and sum(job.counts.get(s, 0) for s in TERMINAL_ITEM) >= job.total \
+            and ctx.store.nudge_finalize(item.job_id, NUDGE_EVERY):
         ctx.finalize(item.job_id)
+    return Outcome("skipped")
 
 
 def finalize_job(ctx: Context, job_id: str) -> str | None:
@@ -306,9 +327,9 @@ def finalize_job(ctx: Context, job_id: str) -> str | None:
     job = ctx.store.get_job(job_id)
     if job is None:
         return None
-    if job.finished_at:
+    if job.finished_at:  # (SendLater: the finalizer that ended it may still be sending the event)
         if job.webhook:
-            _notify(ctx, job_id, None, job_event_id(job_id, job.status, job.round))
+            _send_if_unsent(ctx, job_id, None, job_event_id(job_id, job.status, job.round), job.finished_at)
         return None
     if job.counts.get("queued", 0) or job.counts.get("running", 0):
         return None  # a late duplicate for a job that `retry` re-opened: its last item finalizes it

@@ -27,9 +27,12 @@ def register(app: Celery, runtime: Runtime) -> None:
             raise self.retry(countdown=outcome.retry_in)
         return outcome.status
 
-    @app.task(name=keys.TASK_FINALIZE_JOB, acks_late=True)
-    def finalize_job(job_id: str) -> str | None:
-        return process.finalize_job(runtime.context(), job_id)
+    @app.task(name=keys.TASK_FINALIZE_JOB, bind=True, max_retries=10, acks_late=True)
+    def finalize_job(self, job_id: str) -> str | None:
+        try:
+            return process.finalize_job(runtime.context(), job_id)
+        except process.SendLater as later:  # a job that just ended: its finalizer may be sending the event
+            raise self.retry(countdown=later.seconds) from None
 
     @app.task(name=keys.TASK_SEND_WEBHOOK, bind=True, max_retries=None, acks_late=True)
     def send_webhook(self, job_id: str, item_id: str | None, event_id: str, first_at: float | None = None) -> str:
