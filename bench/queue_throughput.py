@@ -50,7 +50,7 @@ def dreambatch_run(n: int, env: dict, tmp: Path, s3: str, concurrency: int | Non
         wall = time.perf_counter() - t0
         lines = [json.loads(x) for x in s3_client(s3).get_object(
             Bucket=bucket, Key=f"b/{job_id}/results.jsonl")["Body"].read().decode().splitlines()]
-        timings = [x["timings"] for x in lines]
+        timings = [x["timings"] for x in lines if x["status"] == "completed" and x["timings"].get("model_started_at")]
         model_call = {}  # model start → that call's time (a micro-batch's items share one call)
         for t in timings:
             model_call[t["model_started_at"]] = model_call.get(t["model_started_at"], 0.0) + t["inference_s"]

@@ -46,7 +46,7 @@ from jobs.models import EXTENSIONS, MODELS, OUTPUT_KEY_PATTERN, ItemRecord, row_
 from jobs.presets import get_preset
 from jobs.schedules import Schedule
 from jobs.settings import Settings
-from jobs.storage import ObjectStore, S3Store, open_store, s3_client, split_s3
+from jobs.storage import ObjectStore, S3Store, open_store, s3_client, split_s3, split_s3_key
 from jobs.store import RedisStore, ScheduleState, Store
 from jobs.submit import create_job, new_job_id, now_iso
 
@@ -282,8 +282,9 @@ def candidates(schedule: Schedule, plan: Plan, source: S3Store, settings: Settin
                                             f"(control characters, backslash, or over 900 bytes)"))
                 continue
             if out_key in taken:
-                skipped.append(Skipped(key, f"its output {out_key} is also {taken[out_key]}'s "
-                                            f"(set keep_format = true to keep both)"))
+                hint = ("set keep_format = true to keep both" if not schedule.keep_format else
+                        "an image without an extension takes its format's; rename one of them")
+                skipped.append(Skipped(key, f"its output {out_key} is also {taken[out_key]}'s ({hint})"))
                 continue
             taken[out_key] = key
             row["output_key"] = out_key
@@ -494,7 +495,7 @@ class RunLock:
     def __exit__(self, *exc_info) -> None:
         self._stop.set()
         if self._thread is not None:
-            self._thread.join()
+            self._thread.join(self.ttl)  # a renewal stuck on an unreachable Redis ends on its own (daemon)
         try:
             self.state.release_lock(self.key, self.owner)
         except Exception as exc:  # it expires by itself within one TTL
@@ -727,8 +728,7 @@ def _manifest_file(run: _Run, tmp: Path) -> tuple[Path, InputPolicy]:
     if not ref.startswith("s3://"):
         path = Path(ref).expanduser()
         return path, input_policy(path, settings)
-    bucket, _ = split_s3(ref)
-    key = ref[5 + len(bucket) + 1:]
+    bucket, key = split_s3_key(ref)
     data = run.services.objects(f"s3://{bucket}").get(key, max_bytes=settings.catalog.max_manifest_bytes)
     if data is None:
         raise InputError(f"schedule {run.schedule.name}: source.manifest {ref}: no such object")

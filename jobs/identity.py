@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from jobs import netguard
 from jobs.errors import ConfigError, InputError, TransientError
 from jobs.inputs import InputPolicy, confined_path, kind_of
-from jobs.storage import ObjectStore, split_s3
+from jobs.storage import ObjectStore, split_s3_key
 
 
 @dataclass
@@ -49,8 +49,8 @@ class Identities:
         try:
             kind = kind_of(ref)
             if kind == "s3":
-                bucket, _ = split_s3(ref)
-                head = self.objects(f"s3://{bucket}").head(ref[5 + len(bucket) + 1:])
+                bucket, key = split_s3_key(ref)
+                head = self.objects(f"s3://{bucket}").head(key)
                 if head is None:
                     return Identity("missing: no such object")
                 return Identity(f"etag:{str(head.get('ETag', '')).strip(chr(34))}:{head.get('ContentLength')}")

@@ -35,6 +35,7 @@ from jobs.errors import ConfigError, InputError
 from jobs.models import MODELS, row_class
 from jobs.presets import MAX_FILE_BYTES, read_toml
 from jobs.settings import Settings
+from jobs.storage import split_s3
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
 
@@ -129,8 +130,10 @@ class Schedule(BaseModel):
         """Outputs (and the ledger) under the scanned prefix would be scanned as new images by the next run."""
         if self.source.prefix is None:
             return self
-        src_bucket, src_prefix = _bucket_and_folder(self.source.prefix)
-        out_bucket, out_prefix = _bucket_and_folder(self.output)
+        try:
+            (src_bucket, src_prefix), (out_bucket, out_prefix) = split_s3(self.source.prefix), split_s3(self.output)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
         if src_bucket == out_bucket and out_prefix.startswith(src_prefix):
             raise ValueError(f"output: {self.output} is inside source.prefix {self.source.prefix}: every run would "
                              f"scan its own outputs as new images; choose an output outside that prefix "
@@ -164,13 +167,6 @@ class Schedule(BaseModel):
         if self.source.path is None:
             return None
         return templates.KeyTemplate(self.source.path, f"schedule {self.name}: source.path")
-
-
-def _bucket_and_folder(location: str) -> tuple[str, str]:
-    """`s3://b/products` → ("b", "products/"): the prefix as the folder a listing covers ("" = the bucket)."""
-    bucket, _, prefix = location.removeprefix("s3://").partition("/")
-    prefix = prefix.strip("/")
-    return bucket, f"{prefix}/" if prefix else ""
 
 
 def read_schedules_file(path: Path) -> dict[str, Any]:

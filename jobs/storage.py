@@ -47,6 +47,12 @@ def split_s3(location: str) -> tuple[str, str]:
     return bucket, f"{prefix}/" if prefix else ""
 
 
+def split_s3_key(uri: str) -> tuple[str, str]:
+    """`s3://bucket/some/key.jpg` → ("bucket", "some/key.jpg"): an object's bucket and its key, as given."""
+    bucket, _ = split_s3(uri)
+    return bucket, uri.removeprefix("s3://")[len(bucket) + 1:]
+
+
 def s3_client(settings: Settings):
     """A boto3 S3 client with explicit timeouts, standard retries and checksums that non-AWS stores accept."""
     import boto3

@@ -590,7 +590,7 @@ def test_a_fired_run_that_finds_the_schedule_running_retries_and_runs_once_the_l
     s3.put_object(Bucket=bucket, Key="products/shoes/1.jpg", Body=photo(1, "jpg"), ContentType="image/jpeg")
     name = f"retry-{uuid.uuid4().hex[:6]}"
     schedules = schedule_file(tmp_path / "schedules.toml", name, bucket)
-    redis_url = redis_server.url[:-1] + "9"
+    redis_url = redis_server.url.rsplit("/", 1)[0] + "/9"
     extra = {"DREAMBATCH_REDIS_URL": redis_url, "DREAMBATCH_CATALOG__SCHEDULES_FILE": str(schedules),
              "DREAMBATCH_CATALOG__RUN_RETRY_BASE": "0.4", "DREAMBATCH_CATALOG__RUN_RETRY_MAX": "0.8"}
     io_worker = start_worker("worker", "--io", **extra).wait_ready()
@@ -626,7 +626,7 @@ def test_a_crashed_runs_lock_expires_within_its_ttl_while_a_live_run_keeps_renew
 
     name = f"lock-{uuid.uuid4().hex[:6]}"
     schedules = schedule_file(tmp_path / "schedules.toml", name, bucket)
-    redis_url = redis_server.url[:-1] + "9"
+    redis_url = redis_server.url.rsplit("/", 1)[0] + "/9"
     settings = Settings(redis_url=redis_url, s3=S3Settings(endpoint_url=s3_endpoint),
                         catalog=CatalogSettings(schedules_file=str(schedules), run_lock_ttl=1.5))
     holder = subprocess.Popen(
@@ -644,9 +644,8 @@ def test_a_crashed_runs_lock_expires_within_its_ttl_while_a_live_run_keeps_renew
             run_schedule(schedule, settings, Services.connect(settings))
         holder.kill()  # crashed: the lock is not released, and nobody renews it
         holder.wait(10)
-        started = time.monotonic()
+        assert 0 < state.r.pttl(lock) <= 1500  # at most one TTL left: it runs out, nobody renews it
         wait_until(lambda: state.r.get(lock) is None, 5, 0.05, what="the crashed holder's lock to expire")
-        assert time.monotonic() - started < 1.7
         assert run_schedule(schedule, settings, Services.connect(settings)).images == 0
     finally:
         holder.kill()
@@ -661,7 +660,7 @@ def test_retries_back_off_stop_before_the_next_slot_and_an_unreachable_s3_is_ret
 
     name = f"s3down-{uuid.uuid4().hex[:6]}"
     schedules = schedule_file(tmp_path / "schedules.toml", name, "b")
-    settings = Settings(redis_url=redis_server.url[:-1] + "9",
+    settings = Settings(redis_url=redis_server.url.rsplit("/", 1)[0] + "/9",
                         s3=S3Settings(endpoint_url=f"http://127.0.0.1:{free_port()}", max_attempts=1,
                                       connect_timeout=0.5),
                         catalog=CatalogSettings(schedules_file=str(schedules), run_retry_base=30, run_retry_max=600,

@@ -185,6 +185,9 @@ def test_local_run_writes_the_same_result_files(env, bucket, redis_server, start
         return line["id"], line["line"], line["status"], seed, line["metadata"], imgs, sorted(line)
 
     assert [shape(x) for x in local_lines] == [shape(x) for x in remote_lines]
+    # both ran the same tiny weights, and both results say which (the catalog compares it)
+    revisions = {x["model_revision"] for x in local_lines + remote_lines}
+    assert len(revisions) == 1 and revisions.pop().startswith("sha256:")
     # same weights, same seed → the same pixels, locally and on the worker
     local_png = Path(local_lines[0]["output"]["images"][0]["s3_uri"]).read_bytes()
     remote_png = s3.get_object(Bucket=bucket, Key=f"same/{sub['job_id']}/p00.png")["Body"].read()

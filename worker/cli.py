@@ -21,7 +21,7 @@ from jobs.errors import DreambatchError
 from jobs.manifest import parse_sets
 from jobs.models import MODELS
 from jobs.presets import job_defaults
-from jobs.settings import get_settings
+from jobs.settings import RunnerSettings, get_settings
 from jobs.submit import ManifestInvalid
 
 models_app = typer.Typer(help="Model weights: build tiny random-weight pipelines.", no_args_is_help=True)
@@ -94,7 +94,7 @@ def worker(
 PIPELINE_THREADS = 3  # the model's item, the next item's fetch + decode, the last item's encode + upload
 
 
-def default_threads(model: str, options) -> int:
+def default_threads(model: str, options: RunnerSettings) -> int:
     """Item threads of a GPU worker: a three-stage pipeline, so the model never waits on I/O while an item's
     time outside the model is below its model call; with micro-batching, each stage a whole batch."""
     from worker.runtime import batches

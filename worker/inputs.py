@@ -8,7 +8,7 @@ from jobs import netguard
 from jobs.errors import InputError
 from jobs.models import JobRecord
 from jobs.settings import Settings
-from jobs.storage import split_s3
+from jobs.storage import split_s3_key
 
 
 def fetch(ref: str, job: JobRecord, settings: Settings, objects) -> bytes:
@@ -19,8 +19,7 @@ def fetch(ref: str, job: JobRecord, settings: Settings, objects) -> bytes:
     """
     limit = settings.inputs.max_bytes
     if ref.startswith("s3://"):
-        bucket, _ = split_s3(ref)
-        key = ref[5 + len(bucket) + 1:]
+        bucket, key = split_s3_key(ref)
         data = objects(f"s3://{bucket}").get(key, max_bytes=limit)
         if data is None:
             raise InputError(f"{ref}: no such object")

@@ -123,7 +123,6 @@ def _attempt(ctx: Context, job: JobRecord, item: ItemRecord) -> Outcome:
     if not move.applied:
         return Outcome("skipped")
     item.attempts = move.attempts
-    item.model_revision = ctx.revision()  # the weights this attempt runs with, in its record and results
     this_round = move.attempts - item.round_start_attempts
     if this_round > ctx.settings.celery.max_attempts:
         return _end(ctx, item, ItemStatus.FAILED,
@@ -255,6 +254,7 @@ def _end(ctx: Context, item: ItemRecord, status: ItemStatus, error: str | None,
     item.reason = reason
     item.updated_at = now_iso()
     item.status = status.value
+    item.model_revision = ctx.revision() or item.model_revision  # the weights it ran with (loaded by now)
     if status == ItemStatus.COMPLETED and item.timings.started_at:
         item.timings.total_s = round(time.time() - item.timings.started_at, 4)
     job = ctx.store.get_job(item.job_id)

@@ -8,7 +8,6 @@ process is the worker itself.
 from __future__ import annotations
 
 import contextlib
-import logging
 import threading
 from collections.abc import Callable
 
@@ -49,17 +48,6 @@ def batches(model: str | None, options: RunnerSettings) -> bool:
     return bool(model and model.startswith("i1-") and options.batch_max != 1)
 
 
-def _revision(model: str, weights: str | None) -> str | None:
-    """The weights revision of a loaded model; None (logged) when it cannot be read."""
-    from worker.runners.revision import weights_revision
-
-    try:
-        return weights_revision(model, weights)
-    except Exception:
-        logging.getLogger("dreambatch.worker").warning("model %s: weights revision not known", model, exc_info=True)
-        return None
-
-
 class Runtime:
     def __init__(self, settings: Settings, app: Celery | None = None, *, model: str | None = None,
                  weights: str | None = None, device: str = "cpu", store: Store | None = None,
@@ -70,10 +58,6 @@ class Runtime:
         self._store = store
         self._runner: Runner | None = None
         self._runner_factory = runner_factory or (lambda: build_runner(model, weights, device, settings.runner))
-        self._weights = weights
-        self._runner_factory_is_real = runner_factory is None  # a stand-in runner (tests) has no revision
-        self._revision: list[str | None] = []  # [the weights' revision] once read
-        self._revision_lock = threading.Lock()
         # a micro-batching runner has its own model thread, the only one touching the GPU: no lock around calls
         self._model_lock = contextlib.nullcontext() if runner_factory is None and batches(model, settings.runner) \
             else None
@@ -115,12 +99,10 @@ class Runtime:
 
     @property
     def model_revision(self) -> str | None:
-        """The revision of this worker's weights (worker.runners.revision), read once; None for an I/O worker."""
-        with self._revision_lock:
-            if not self._revision:
-                real = self.model is not None and self._runner_factory_is_real
-                self._revision.append(_revision(self.model, self._weights) if real else None)
-            return self._revision[0]
+        """The revision of the weights this worker loaded (read as it loaded them); None for an I/O worker or
+        before the model is loaded."""
+        with self._lock:
+            return getattr(self._runner, "revision", None) if self._runner is not None else None
 
     def objects(self, location: str) -> ObjectStore:
         with self._lock:

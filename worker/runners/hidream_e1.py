@@ -40,7 +40,14 @@ from jobs.errors import ConfigError
 from jobs.models import MODELS
 from jobs.settings import RunnerSettings
 from worker.runners.base import EditRequest, RunOutput
-from worker.runners.hidream_i1 import load_pipeline, native_latent_side, parse_dtype, speed_up_transformer
+from worker.runners.hidream_i1 import (
+    load_pipeline,
+    native_latent_side,
+    parse_dtype,
+    read_revision,
+    speed_up_transformer,
+)
+from worker.runners.revision import edit_revision
 from worker.runners.text_cache import PromptCache, TextEmbeds, encode_text
 from worker.runners.weights_e1 import add_lora_adapter, resolve_edit_weights, split_lora_file
 
@@ -313,6 +320,7 @@ class HiDreamE1Runner:
         self.options = options or RunnerSettings()
         self.prompts = PromptCache(self.options.prompt_cache_mb * 2**20)
         self.source: str | None = None  # where the weights came from, once loaded
+        self.revision: str | None = None  # their revision (worker.runners.revision), once loaded
         self._pipe: HiDreamE1Pipeline | None = None
         self._side: int | None = None  # canvas side (e1-full) or side of the pixel budget (e1-1)
 
@@ -351,6 +359,7 @@ class HiDreamE1Runner:
             base.transformer.max_seq = max(base.transformer.max_seq, 2 * tokens)
             switch = LoraSwitch(base.transformer, full)
         self.source = found.source
+        self.revision = read_revision(self.model, lambda: edit_revision(found))
         return HiDreamE1Pipeline(base, switch, token_budget=tokens, prompts=self.prompts,
                                  cache_key=(self.model, found.source, str(self.dtype)))
 

@@ -29,6 +29,7 @@ from jobs.settings import RunnerSettings
 from worker.runners.base import GenerateRequest, RunOutput
 from worker.runners.moe import install_moe_dispatch
 from worker.runners.padding import install_fold_padding
+from worker.runners.revision import pipeline_revision
 from worker.runners.text_cache import TEXT_ENCODERS, PromptCache, TextEmbeds, encode_text, encode_texts
 from worker.runners.weights import ResolvedWeights, resolve_weights
 
@@ -156,6 +157,15 @@ def _step_callback(on_step: Callable[[int], None]) -> Callable[..., dict]:
         return tensors
 
     return callback
+def read_revision(model: str, revision: Callable[[], str]) -> str | None:
+    """The revision of the weights just loaded; None (logged) when it cannot be read."""
+    try:
+        return revision()
+    except Exception:
+        logging.getLogger("dreambatch.worker").warning("model %s: weights revision not known", model, exc_info=True)
+        return None
+
+
 def speed_up_transformer(transformer: Any, options: RunnerSettings) -> None:
     """Sync-free expert routing, padding folding and compiled blocks, as `options` ask (outputs stay equal)."""
     routing = install_moe_dispatch(transformer, options.moe)
@@ -169,7 +179,9 @@ def compile_blocks(transformer: Any, backend: str, fullgraph: bool) -> None:
     """torch.compile every double- and single-stream block in place. `fullgraph` needs routing with no host
     sync (diffusers' own breaks the graph at each MoE layer)."""
     for block in (*transformer.double_stream_blocks, *transformer.single_stream_blocks):
-        block.compile(backend=backend, fullgraph=fullgraph, dynamic=False)
+        # dynamic=None: the first new shape recompiles, then its sizes go symbolic (batch sizes and aspect
+        # buckets stay within torch's recompile limit instead of falling back to eager)
+        block.compile(backend=backend, fullgraph=fullgraph)
 
 
 class HiDreamI1Runner:
@@ -184,6 +196,7 @@ class HiDreamI1Runner:
         self.options = options or RunnerSettings()
         self.prompts = PromptCache(self.options.prompt_cache_mb * 2**20)
         self.source: str | None = None  # where the weights came from, once loaded
+        self.revision: str | None = None  # their revision (worker.runners.revision), once loaded
         self._pipe: HiDreamImagePipeline | None = None
         self._schedulers: dict[tuple[str, float], Any] = {}
         self._scheduler_config: FrozenDict | None = None  # the loaded model's own scheduler config
@@ -199,6 +212,7 @@ class HiDreamI1Runner:
         pipe = load_pipeline(found, self.device, self.dtype, options=self.options)
         self._scheduler_config = pipe.scheduler.config
         self.source = found.source
+        self.revision = read_revision(self.model, lambda: pipeline_revision(found))
         return pipe
 
     def rendered_size(self, width: int, height: int) -> tuple[int, int]:

@@ -32,15 +32,25 @@ def weights_revision(model: str, weights: str | None) -> str:
     if model.startswith("e1-"):
         from worker.runners.weights_e1 import resolve_edit_weights
 
-        found = resolve_edit_weights(model, weights)
-        own = found.edit_transformer_dir or found.lora_file
-        places = [own.parent, found.refine_transformer_dir, found.components.pipeline_dir,
-                  found.components.llama_dir, found.components.llama_tokenizer_dir]
-    else:
-        from worker.runners.weights import resolve_weights
+        return edit_revision(resolve_edit_weights(model, weights))
+    from worker.runners.weights import resolve_weights
 
-        found = resolve_weights(model, weights)
-        places = [found.pipeline_dir, found.llama_dir, found.llama_tokenizer_dir]
+    return pipeline_revision(resolve_weights(model, weights))
+
+
+def pipeline_revision(found) -> str:
+    """The revision of resolved I1 weights (`weights.ResolvedWeights`): what a runner loaded."""
+    return places_revision([found.pipeline_dir, found.llama_dir, found.llama_tokenizer_dir])
+
+
+def edit_revision(found) -> str:
+    """The revision of resolved E1 weights (`weights_e1.resolve_edit_weights`): what a runner loaded."""
+    own = found.edit_transformer_dir or found.lora_file
+    return places_revision([own.parent, found.refine_transformer_dir, found.components.pipeline_dir,
+                            found.components.llama_dir, found.components.llama_tokenizer_dir])
+
+
+def places_revision(places: list[Path]) -> str:
     roots = list(dict.fromkeys(hub_snapshot(place) or place for place in places))
     roots = [root for root in roots if not any(root != other and root.is_relative_to(other) for other in roots)]
     return "+".join(dict.fromkeys(place_revision(root) for root in roots))
