@@ -136,10 +136,11 @@ def _attempt(ctx: Context, job: JobRecord, item: ItemRecord) -> Outcome:
         if "image" in item.params:
             images, output = _run_edit(ctx, job, item)
         else:
+            runner = ctx.runner()  # (loads the model on first use in local mode: not a wait for the GPU)
             asked = time.time()
             with ctx.gpu_lock:
                 _stop_if_cancelled(ctx, item)
-                result = ctx.runner().generate(_request(item), on_step=_step_check(ctx, item))
+                result = runner.generate(_request(item), on_step=_step_check(ctx, item))
             _record_model_time(item, result, asked)
             images, output = result.images, ItemOutput(seed=item.seed)
 
