@@ -13,6 +13,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 from collections.abc import Callable, Iterable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
 
@@ -128,6 +129,24 @@ def pinned_request(client, method: str, url: str, policy: Policy, **kwargs):
     return client.stream(method, target, headers=headers, extensions=extensions, follow_redirects=False, **kwargs)
 
 
+@contextmanager
+def _checked_response(client, method: str, url: str, policy: Policy, max_redirects: int):
+    """(final URL, response) at the end of `url`'s redirects, every hop's address checked: a 200, else
+    InputError (4xx, too many redirects) or TransientError (5xx, 429)."""
+    for _ in range(max_redirects + 1):
+        with pinned_request(client, method, url, policy) as resp:
+            if resp.is_redirect:
+                url = urljoin(url, resp.headers.get("location", ""))
+                continue
+            if resp.status_code >= 500 or resp.status_code == 429:
+                raise TransientError(f"{url}: HTTP {resp.status_code}")
+            if resp.status_code != 200:
+                raise InputError(f"{url}: HTTP {resp.status_code}")
+            yield url, resp
+            return
+    raise InputError(f"{url}: more than {max_redirects} redirects")
+
+
 def head(url: str, policy: Policy, *, timeout: float, max_redirects: int = 5, client=None) -> dict[str, str]:
     """HEAD a URL with every hop checked, as `fetch` does; returns the final response's headers (lower-case
     names). InputError for a refused address or a 4xx, TransientError for a network error or a 5xx."""
@@ -136,17 +155,8 @@ def head(url: str, policy: Policy, *, timeout: float, max_redirects: int = 5, cl
     own = client is None
     client = client or httpx.Client(timeout=timeout)
     try:
-        for _ in range(max_redirects + 1):
-            with pinned_request(client, "HEAD", url, policy) as resp:
-                if resp.is_redirect:
-                    url = urljoin(url, resp.headers.get("location", ""))
-                    continue
-                if resp.status_code >= 500 or resp.status_code == 429:
-                    raise TransientError(f"{url}: HTTP {resp.status_code}")
-                if resp.status_code != 200:
-                    raise InputError(f"{url}: HTTP {resp.status_code}")
-                return {k.lower(): v for k, v in resp.headers.items()}
-        raise InputError(f"{url}: more than {max_redirects} redirects")
+        with _checked_response(client, "HEAD", url, policy, max_redirects) as (_, resp):
+            return {k.lower(): v for k, v in resp.headers.items()}
     except httpx.HTTPError as exc:
         raise TransientError(f"{url}: {type(exc).__name__}: {exc}") from None
     finally:
@@ -165,28 +175,19 @@ def fetch(url: str, policy: Policy, *, max_bytes: int, timeout: float, max_redir
     own = client is None
     client = client or httpx.Client(timeout=timeout)
     try:
-        for _ in range(max_redirects + 1):
-            with pinned_request(client, "GET", url, policy) as resp:
-                if resp.is_redirect:
-                    url = urljoin(url, resp.headers.get("location", ""))
-                    continue
-                if resp.status_code >= 500 or resp.status_code == 429:
-                    raise TransientError(f"{url}: HTTP {resp.status_code}")
-                if resp.status_code != 200:
-                    raise InputError(f"{url}: HTTP {resp.status_code}")
-                declared = resp.headers.get("content-length")
-                if declared and declared.isdigit() and int(declared) > max_bytes:
-                    raise InputError(f"{url}: {int(declared)} bytes is over the {max_bytes}-byte limit")
-                chunks, size = [], 0
-                for chunk in resp.iter_bytes():
-                    size += len(chunk)
-                    if size > max_bytes:
-                        raise InputError(f"{url}: more than {max_bytes} bytes; refused")
-                    if time.monotonic() > deadline:
-                        raise InputError(f"{url}: download took longer than {timeout}s")
-                    chunks.append(chunk)
-                return b"".join(chunks)
-        raise InputError(f"{url}: more than {max_redirects} redirects")
+        with _checked_response(client, "GET", url, policy, max_redirects) as (url, resp):
+            declared = resp.headers.get("content-length")
+            if declared and declared.isdigit() and int(declared) > max_bytes:
+                raise InputError(f"{url}: {int(declared)} bytes is over the {max_bytes}-byte limit")
+            chunks, size = [], 0
+            for chunk in resp.iter_bytes():
+                size += len(chunk)
+                if size > max_bytes:
+                    raise InputError(f"{url}: more than {max_bytes} bytes; refused")
+                if time.monotonic() > deadline:
+                    raise InputError(f"{url}: download took longer than {timeout}s")
+                chunks.append(chunk)
+            return b"".join(chunks)
     except httpx.TimeoutException:
         raise TransientError(f"{url}: timed out after {timeout}s") from None
     except httpx.HTTPError as exc:
