@@ -478,22 +478,29 @@ def test_a_large_job_gets_sheet_pages_and_a_failed_row_shows_its_error(tmp_path)
     assert f'href="{Path(lines[0]["output"]["images"][0]["s3_uri"]).as_uri()}"' in first
 
 
-def test_instruction_templates_read_object_metadata_and_an_object_without_it_is_skipped_with_the_reason(
-        s3_endpoint, bucket, tmp_path):
+
+def scan_once(tmp_path, s3_endpoint: str, bucket: str, name: str, fields: str) -> tuple[list, list, object]:
+    """The candidates, skipped objects and plan of one scan of s3://bucket/p/ by a schedule with these TOML
+    fields."""
     from jobs.catalog import candidates, make_plan
     from jobs.storage import S3Store
+
+    path = tmp_path / "s.toml"
+    path.write_text(f'[schedules.{name}]\n{fields}[schedules.{name}.source]\nprefix = "s3://{bucket}/p/"\n')
+    settings = Settings(s3=S3Settings(endpoint_url=s3_endpoint))
+    schedule = load_schedules(settings, path)[name]
+    skipped: list = []
+    store, plan = S3Store(f"s3://{bucket}/p/", s3_client(s3_endpoint)), make_plan(schedule, {}, settings)
+    return list(candidates(schedule, plan, store, settings, skipped)), skipped, plan
+
+def test_instruction_templates_read_object_metadata_and_an_object_without_it_is_skipped_with_the_reason(
+        s3_endpoint, bucket, tmp_path):
 
     s3 = s3_client(s3_endpoint)
     s3.put_object(Bucket=bucket, Key="p/red.jpg", Body=photo(1, "jpg"), Metadata={"Color": "red"})
     s3.put_object(Bucket=bucket, Key="p/plain.jpg", Body=photo(2, "jpg"))
-    path = tmp_path / "s.toml"
-    path.write_text(f'[schedules.m]\nmodel = "e1-1"\ninstruction = "Make the {{meta.color}} shoe {{stem}} pop"\n'
-                    f'output = "s3://{bucket}/out"\nlayout = "job"\n[schedules.m.source]\nprefix = "s3://{bucket}/p/"\n')
-    settings = Settings(s3=S3Settings(endpoint_url=s3_endpoint))
-    schedule = load_schedules(settings, path)["m"]
-    plan = make_plan(schedule, {}, settings)
-    skipped: list = []
-    found = list(candidates(schedule, plan, S3Store(f"s3://{bucket}/p/", s3), settings, skipped))
+    found, skipped, _ = scan_once(tmp_path, s3_endpoint, bucket, "m", f'model = "e1-1"\ninstruction = "Make the '
+                               f'{{meta.color}} shoe {{stem}} pop"\noutput = "s3://{bucket}/out"\nlayout = "job"\n')
     assert [(c.key, c.row["instruction"], "output_key" in c.row) for c in found] == [
         ("p/red.jpg", "Make the red shoe red pop", False)]
     assert [(s.key, s.reason) for s in skipped] == [
@@ -554,21 +561,13 @@ def test_an_output_beside_the_source_prefix_is_accepted(tmp_path, output):
 
 def test_keep_format_gives_an_extensionless_image_the_extension_of_its_format_so_its_row_is_valid(
         s3_endpoint, bucket, tmp_path):
-    from jobs.catalog import candidates, make_plan
-    from jobs.storage import S3Store
 
     s3 = s3_client(s3_endpoint)
     s3.put_object(Bucket=bucket, Key="p/hats/cap", Body=photo(1, "png"), ContentType="image/png")
     s3.put_object(Bucket=bucket, Key="p/hats/beanie", Body=photo(2, "jpg"), ContentType="image/jpeg; charset=x")
     s3.put_object(Bucket=bucket, Key="p/hats/visor.WEBP", Body=photo(3, "webp"), ContentType="image/webp")
-    path = tmp_path / "s.toml"
-    path.write_text(f'[schedules.k]\npreset = "white-studio"\noutput = "s3://{bucket}/out"\nkeep_format = true\n'
-                    f'[schedules.k.source]\nprefix = "s3://{bucket}/p/"\n')
-    settings = Settings(s3=S3Settings(endpoint_url=s3_endpoint))
-    schedule = load_schedules(settings, path)["k"]
-    plan = make_plan(schedule, {}, settings)
-    skipped: list = []
-    found = list(candidates(schedule, plan, S3Store(f"s3://{bucket}/p/", s3), settings, skipped))
+    found, skipped, plan = scan_once(tmp_path, s3_endpoint, bucket, "k",
+                               f'preset = "white-studio"\noutput = "s3://{bucket}/out"\nkeep_format = true\n')
     assert skipped == []
     assert {c.key: (c.row["output_key"], c.row["output_format"]) for c in found} == {
         "p/hats/beanie": ("hats/beanie.jpg", "jpeg"), "p/hats/cap": ("hats/cap.png", "png"),
