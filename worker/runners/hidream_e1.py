@@ -40,14 +40,8 @@ from jobs.errors import ConfigError
 from jobs.models import MODELS
 from jobs.settings import RunnerSettings
 from worker.runners.base import EditRequest, RunOutput
-from worker.runners.hidream_i1 import (
-    load_pipeline,
-    native_latent_side,
-    parse_dtype,
-    read_revision,
-    speed_up_transformer,
-)
-from worker.runners.revision import edit_revision
+from worker.runners.hidream_i1 import load_pipeline, native_latent_side, parse_dtype, speed_up_transformer
+from worker.runners.revision import edit_revision, read_revision
 from worker.runners.text_cache import PromptCache, TextEmbeds, encode_text
 from worker.runners.weights_e1 import add_lora_adapter, resolve_edit_weights, split_lora_file
 

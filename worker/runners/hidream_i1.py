@@ -29,7 +29,7 @@ from jobs.settings import RunnerSettings
 from worker.runners.base import GenerateRequest, RunOutput
 from worker.runners.moe import install_moe_dispatch
 from worker.runners.padding import install_fold_padding
-from worker.runners.revision import pipeline_revision
+from worker.runners.revision import pipeline_revision, read_revision
 from worker.runners.text_cache import TEXT_ENCODERS, PromptCache, TextEmbeds, encode_text, encode_texts
 from worker.runners.weights import ResolvedWeights, resolve_weights
 
@@ -157,15 +157,6 @@ def _step_callback(on_step: Callable[[int], None]) -> Callable[..., dict]:
         return tensors
 
     return callback
-def read_revision(model: str, revision: Callable[[], str]) -> str | None:
-    """The revision of the weights just loaded; None (logged) when it cannot be read."""
-    try:
-        return revision()
-    except Exception:
-        logging.getLogger("dreambatch.worker").warning("model %s: weights revision not known", model, exc_info=True)
-        return None
-
-
 def speed_up_transformer(transformer: Any, options: RunnerSettings) -> None:
     """Sync-free expert routing, padding folding and compiled blocks, as `options` ask (outputs stay equal)."""
     routing = install_moe_dispatch(transformer, options.moe)

@@ -16,8 +16,10 @@ with the revision each image was last edited with (docs/catalog.md).
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 EDGE_BYTES = 1 << 20  # bytes hashed at each end of a weight file
@@ -36,6 +38,16 @@ def weights_revision(model: str, weights: str | None) -> str:
     from worker.runners.weights import resolve_weights
 
     return pipeline_revision(resolve_weights(model, weights))
+
+
+def read_revision(model: str, revision: Callable[[], str]) -> str | None:
+    """`revision()` of the weights a runner just loaded; None (logged) when it cannot be read: a worker
+    without one still runs, the catalog just cannot compare its weights."""
+    try:
+        return revision()
+    except Exception:
+        logging.getLogger("dreambatch.worker").warning("model %s: weights revision not known", model, exc_info=True)
+        return None
 
 
 def pipeline_revision(found) -> str:
