@@ -40,14 +40,23 @@ class Preset(BaseModel):
         return {f: getattr(self, f) for f in TEXT_FIELDS if getattr(self, f)}
 
 
-def read_toml(path: Path, what: str) -> dict[str, Any]:
+def read_config_text(path: Path, what: str) -> str:
+    """A configuration file's text (UTF-8, at most MAX_FILE_BYTES); ConfigError names `what` and the file."""
     if not path.is_file():
         raise ConfigError(f"{what} {path}: file not found")
     if path.stat().st_size > MAX_FILE_BYTES:
         raise ConfigError(f"{what} {path}: larger than {MAX_FILE_BYTES} bytes")
     try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{what} {path}: {exc}") from None
+
+
+def read_toml(path: Path, what: str) -> dict[str, Any]:
+    text = read_config_text(path, what)
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{what} {path}: {exc}") from None
 
 

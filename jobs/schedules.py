@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from jobs import templates
 from jobs.errors import ConfigError, InputError
 from jobs.models import MODELS, row_class
-from jobs.presets import MAX_FILE_BYTES, read_toml
+from jobs.presets import read_config_text, read_toml
 from jobs.settings import Settings
 from jobs.storage import split_s3
 
@@ -173,18 +173,15 @@ def read_schedules_file(path: Path) -> dict[str, Any]:
     """The file's data: YAML for .yaml/.yml, else TOML; ConfigError names the file (and the line)."""
     if path.suffix.lower() not in (".yaml", ".yml"):
         return read_toml(path, "schedules file")
-    if not path.is_file():
-        raise ConfigError(f"schedules file {path}: file not found")
-    if path.stat().st_size > MAX_FILE_BYTES:
-        raise ConfigError(f"schedules file {path}: larger than {MAX_FILE_BYTES} bytes")
+    text = read_config_text(path, "schedules file")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.safe_load(text)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         context = f" ({exc.context})" if exc.context else ""
         raise ConfigError(f"schedules file {path}: {where}{exc.problem}{context}") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+    except yaml.YAMLError as exc:
         raise ConfigError(f"schedules file {path}: {exc}") from None
     if data is None:
         return {}
