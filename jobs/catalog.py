@@ -577,21 +577,22 @@ class _Run:
         else:
             _run_scan(self)
 
-    def diff(self, ledger: Ledger, in_flight: dict[str, str]) -> Diff:
+    def open_ledger(self) -> tuple[ObjectStore, Ledger, Diff]:
+        """The schedule's output store, its ledger with every ended run folded in, and how to diff against it."""
+        output = self.services.objects(self.schedule.output)
+        ledger = Ledger.load(output, self.schedule.name)
+        self.report.folded, in_flight = fold(ledger, output, self.services.store, self.schedule.name)
         self.report.model_revision, note = live_revision(self.services.workers(), self.schedule.model)
         self.report.notes.extend([note] if note else [])
-        return Diff(ledger, in_flight, self.report.model_revision, self.settings.catalog.max_failures,
-                    self.retry_failed, self.schedule.name)
+        return output, ledger, Diff(ledger, in_flight, self.report.model_revision,
+                                    self.settings.catalog.max_failures, self.retry_failed, self.schedule.name)
 
 
 def _run_scan(run: _Run) -> None:
     schedule, settings, services, report, check = run.schedule, run.settings, run.services, run.report, run.check
     # 1. what every row shares, and the ledger with every ended run folded in
     plan = make_plan(schedule, run.sets, settings)
-    output = services.objects(schedule.output)
-    ledger = Ledger.load(output, schedule.name)
-    report.folded, in_flight = fold(ledger, output, services.store, schedule.name)
-    diff = run.diff(ledger, in_flight)
+    output, ledger, diff = run.open_ledger()
 
     # 2. scan: one candidate per image; keep those whose fingerprint the ledger does not hold
     bucket, prefix = split_s3(schedule.source.prefix)
@@ -608,17 +609,11 @@ def _run_scan(run: _Run) -> None:
             todo.append(cand)
     if report.dry_run:
         return
-    for gone in ledger.keys() - seen:  # removed from the catalog: forget it (re-added = new)
-        ledger.forget(gone)
 
-    # 3. nothing new: no job at all
-    check()
-    if not todo:
-        ledger.save(output, schedule.name)
+    # 3. the run's record first (so a crash cannot lose which fingerprints it was for), then the job
+    job_id = _start_run(run, ledger, output, seen, {c.item_id: {"key": c.key, "fp": c.fingerprint} for c in todo})
+    if job_id is None:
         return
-
-    # 4. the run's record first (so a crash cannot lose which fingerprints it was for), then the job
-    job_id = _start_run(run, ledger, output, {c.item_id: {"key": c.key, "fp": c.fingerprint} for c in todo})
     with tempfile.TemporaryDirectory(prefix="dreambatch-scan-") as tmp:
         manifest = Path(tmp) / f"{schedule.name}.jsonl"
         with manifest.open("w") as fh:
@@ -627,8 +622,17 @@ def _run_scan(run: _Run) -> None:
         _submit(schedule, settings, services, manifest, plan.defaults, job_id, InputPolicy(Path(tmp)), report)
 
 
-def _start_run(run: _Run, ledger: Ledger, output: ObjectStore, items: dict[str, dict[str, str]]) -> str:
-    """Write the run record ({item id: {key, fp}}) and list the run as pending in the ledger; returns its job id."""
+def _start_run(run: _Run, ledger: Ledger, output: ObjectStore, seen: set[str],
+               items: dict[str, dict[str, str]]) -> str | None:
+    """Forget the keys no longer in the source (re-added later = new). Nothing to run: save the ledger, no job
+    (None). Else write the run record ({item id: {key, fp}}), list the run as pending in the ledger and return
+    its job id."""
+    for gone in ledger.keys() - seen:
+        ledger.forget(gone)
+    run.check()
+    if not items:
+        ledger.save(output, run.schedule.name)
+        return None
     job_id, report = new_job_id(), run.report
     record = {"job_id": job_id, "schedule": run.schedule.name, "slot": report.slot, "created_at": report.at,
               "model_revision": report.model_revision, "items": items,
@@ -660,10 +664,7 @@ def _run_manifest(run: _Run) -> None:
     defaults = dict(plan.defaults)
     for name, text in plan.texts.items():
         defaults[name] = templates.render(text, plan.values, f"schedule {schedule.name}: {name}")
-    output = services.objects(schedule.output)
-    ledger = Ledger.load(output, schedule.name)
-    report.folded, in_flight = fold(ledger, output, services.store, schedule.name)
-    diff = run.diff(ledger, in_flight)
+    output, ledger, diff = run.open_ledger()
     with tempfile.TemporaryDirectory(prefix="dreambatch-manifest-") as tmp:
         path, policy = _manifest_file(run, Path(tmp))
         checker = RowChecker(schedule.model, defaults, policy)
@@ -709,17 +710,11 @@ def _run_manifest(run: _Run) -> None:
             report.notes.append(f"… and {len(every_time) - SHOWN_NOTES} more rows whose image runs every time")
         if report.dry_run:
             return
-        for gone in ledger.keys() - seen:  # no longer in the manifest: forget it
-            ledger.forget(gone)
 
-        # 3. nothing new: no job at all
-        check()
-        if not todo:
-            ledger.save(output, schedule.name)
-            return
-        # 4. the run's record, then the job (of the rows to run only)
-        job_id = _start_run(run, ledger, output, todo)
-        _submit(schedule, settings, services, subset, defaults, job_id, policy, report)
+        # 3. the run's record, then the job (of the rows to run only)
+        job_id = _start_run(run, ledger, output, seen, todo)
+        if job_id is not None:
+            _submit(schedule, settings, services, subset, defaults, job_id, policy, report)
 
 
 def _manifest_file(run: _Run, tmp: Path) -> tuple[Path, InputPolicy]:
