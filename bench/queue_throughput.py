@@ -23,6 +23,15 @@ sys.path.insert(0, str(ROOT / "tests"))
 from services import RedisServer, Worker, cli, s3_client, service_env, start_s3, wait_until  # noqa: E402
 
 
+def model_calls(timings: list[dict]) -> dict[float, float]:
+    """Model start → that call's seconds, from item timings: a micro-batch's items share their start, and
+    their `inference_s` shares add up to the batch's time."""
+    calls: dict[float, float] = {}
+    for t in timings:
+        calls[t["model_started_at"]] = calls.get(t["model_started_at"], 0.0) + t["inference_s"]
+    return calls
+
+
 def dreambatch_run(n: int, env: dict, tmp: Path, s3: str, concurrency: int | None = None, steps: int = 1) -> dict:
     """`n` rows of tiny i1-fast through one I/O and one GPU worker process (`concurrency` None: the worker's
     default threads); timed from submit to the job's end. `s3` is the endpoint this process reads results
@@ -51,9 +60,7 @@ def dreambatch_run(n: int, env: dict, tmp: Path, s3: str, concurrency: int | Non
         lines = [json.loads(x) for x in s3_client(s3).get_object(
             Bucket=bucket, Key=f"b/{job_id}/results.jsonl")["Body"].read().decode().splitlines()]
         timings = [x["timings"] for x in lines if x["status"] == "completed" and x["timings"].get("model_started_at")]
-        model_call = {}  # model start → that call's time (a micro-batch's items share one call)
-        for t in timings:
-            model_call[t["model_started_at"]] = model_call.get(t["model_started_at"], 0.0) + t["inference_s"]
+        model_call = model_calls(timings)
         return {"items": n, "wall_s": wall, "submit_s": submitted - t0, "items_per_s": n / wall,
                 "mean_inference_s": statistics.mean(t["inference_s"] for t in timings),
                 "mean_upload_s": statistics.mean(t["upload_s"] for t in timings),

@@ -47,13 +47,10 @@ def duty_cycle(spans: list[tuple[float, float]], warmup: int) -> dict:
 
 
 def model_spans(timings: list[dict]) -> list[tuple[float, float]]:
-    """(start, end) of every model call from item timings; items of one micro-batch share their start, and
-    their `inference_s` shares add up to the batch's time."""
-    calls: dict[float, float] = {}
-    for t in timings:
-        if t.get("model_started_at") is not None:
-            calls[t["model_started_at"]] = calls.get(t["model_started_at"], 0.0) + t["inference_s"]
-    return [(start, start + took) for start, took in sorted(calls.items())]
+    """(start, end) of every model call from the items' timings (`queue_throughput.model_calls`)."""
+    from bench.queue_throughput import model_calls
+
+    return [(start, start + took) for start, took in sorted(model_calls(timings).items())]
 
 
 def pipelining(args, tmp: Path) -> list[str]:
