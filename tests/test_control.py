@@ -17,6 +17,7 @@ from PIL import Image
 from services import cli, free_port, s3_client, service_env, wait_until
 
 from jobs.lifecycle import ItemStatus
+from jobs.models import item_event_id
 from jobs.settings import Settings
 from jobs.store import RedisStore
 
@@ -80,6 +81,8 @@ def test_cancel_stops_the_running_item_at_a_step_ends_queued_ones_and_keeps_writ
     assert steps == 150 and done < 150  # stopped at a step boundary, not run to the end
     for n in range(2, 5):
         assert items[f"a{n}"].status == "cancelled" and items[f"a{n}"].attempts == 0  # never started
+        # cancel noted their events as sent: a worker draining their messages does not send them again
+        assert store.was_sent(job_id, item_event_id(job_id, f"a{n}", "cancelled"))
 
     # the output written before the cancel is kept and listed in the results
     lines = results(s3_endpoint, bucket, f"c/{job_id}/results.jsonl")

@@ -185,6 +185,11 @@ def test_local_run_writes_the_same_result_files(env, bucket, redis_server, start
         return line["id"], line["line"], line["status"], seed, line["metadata"], imgs, sorted(line)
 
     assert [shape(x) for x in local_lines] == [shape(x) for x in remote_lines]
+    # each item's timings place its model call inside its attempt (what bench/speed.py measures duty cycles by)
+    for t in (x["timings"] for x in local_lines + remote_lines):
+        assert t["started_at"] - 0.001 <= t["model_started_at"] <= t["model_started_at"] + t["inference_s"] \
+            <= t["started_at"] + t["total_s"] + 0.01  # (started_at is rounded to the millisecond)
+        assert t["model_wait_s"] >= 0 and t["total_s"] >= t["inference_s"] + t["upload_s"]
     # both ran the same tiny weights, and both results say which (the catalog compares it)
     revisions = {x["model_revision"] for x in local_lines + remote_lines}
     assert len(revisions) == 1 and revisions.pop().startswith("sha256:")

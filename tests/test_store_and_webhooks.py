@@ -220,6 +220,13 @@ def test_a_redelivered_item_that_ended_sends_its_lost_webhook_once_and_finalizes
     assert process.process_item(ctx, job_id, "b").status == "skipped"
     assert len(notified) == 1 and finals == [job_id]  # one finalize nudge, not one per redelivery
 
+    # a finalize of a job that ended just now leaves its event to the finalizer that ended it, for a while
+    young = f"j-{os.urandom(4).hex()}"
+    store.create_job(_job(young, 0).model_copy(update={"output": str(tmp_path), "webhook": "https://x.test/h"}))
+    store.finish_job(young, JobStatus.COMPLETED, None, now_iso())
+    with pytest.raises(process.SendLater):
+        process.finalize_job(ctx, young)
+
     # the finalizer died after marking the job terminal and before its event: a redelivered finalize sends it
     store.finish_job(job_id, JobStatus.COMPLETED, None, "2026-11-22T00:01:00+00:00")
     assert process.finalize_job(ctx, job_id) is None
