@@ -32,9 +32,13 @@ class ModelSpec:
     base_size: int = 1024  # the pipeline renders at about base_size² pixels
 
 
-E1_DEFAULTS = {"steps": 28, "guidance_scale": 5.0, "image_guidance_scale": 4.0, "refine_strength": 0.3,
-               "negative_prompt": "low resolution, blur"}
-
+# The upstream defaults of each model: what its published inference code uses when a caller passes nothing.
+# These are the one table of per-model defaults; rows and `--set` override them. Sources:
+#   i1-*:    HiDream-ai/HiDream-I1 inference.py MODEL_CONFIGS (steps, guidance, shift, scheduler per variant)
+#   e1-1:    HiDream-ai/HiDream-E1 @ f6f0631, inference_e1_1.py edit_image() defaults
+#   e1-full: the same commit's inference.py pipe(...) call; clip_cfg_norm is not passed there, so it is the
+#            editing pipeline's own default (True)
+# ../shared/parity/ holds the outputs those scripts produce; tests/test_parity.py holds us to them.
 MODELS: dict[str, ModelSpec] = {
     "i1-full": ModelSpec(
         "i1-full", "HiDream-ai/HiDream-I1-Full", "generate",
@@ -49,12 +53,22 @@ MODELS: dict[str, ModelSpec] = {
         {"steps": 16, "guidance_scale": 0.0, "shift": 3.0, "scheduler": "flash_flow"},
     ),
     # E1.1: direct instructions, dynamic resolution around 1 MP (sides multiple of 16)
-    "e1-1": ModelSpec("e1-1", "HiDream-ai/HiDream-E1-1", "edit", {**E1_DEFAULTS, "clip_cfg_norm": True}),
+    "e1-1": ModelSpec(
+        "e1-1", "HiDream-ai/HiDream-E1-1", "edit",
+        {"steps": 28, "guidance_scale": 3.0, "image_guidance_scale": 1.5, "refine_strength": 0.3,
+         "negative_prompt": "low quality, blurry, distorted", "clip_cfg_norm": True},
+    ),
     # E1-Full: 768×768, "Editing Instruction: …. Target Image Description: …" prompts; LoRA on I1-Full
-    "e1-full": ModelSpec("e1-full", "HiDream-ai/HiDream-E1-Full", "edit", {**E1_DEFAULTS, "clip_cfg_norm": False},
-                         base_size=768),
+    "e1-full": ModelSpec(
+        "e1-full", "HiDream-ai/HiDream-E1-Full", "edit",
+        {"steps": 28, "guidance_scale": 5.0, "image_guidance_scale": 4.0, "refine_strength": 0.3,
+         "negative_prompt": "low resolution, blur", "clip_cfg_norm": True},
+        base_size=768,
+    ),
 }
-REFINE_HUB_ID = "HiDream-ai/HiDream-I1-Full"  # the E1 refine stage runs I1-Full img2img
+# HiDream-I1-Full: E1-Full's base transformer, and where both E1 scripts take the VAE, text encoders 1-3,
+# tokenizers and scheduler from
+I1_FULL_HUB_ID = "HiDream-ai/HiDream-I1-Full"
 
 
 class CommonParams(BaseModel):

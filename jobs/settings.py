@@ -88,7 +88,15 @@ class CatalogSettings(BaseModel):
 
 
 class RunnerSettings(BaseModel):
-    """How a GPU worker runs its model (docs/benchmarks.md has what each one gains)."""
+    """How a GPU worker runs its model (docs/benchmarks.md has what each one gains), and where the components
+    its weights folder does not hold are found (a folder, or a hub id in the local cache)."""
+
+    i1_full: str | None = Field(
+        None, description="HiDream-I1-Full: E1-Full's base transformer and both E1 models' VAE, text encoders and "
+                          "scheduler (default: the E1 folder's refine/, then the hub cache)")
+    llama: str | None = Field(
+        None, description="Llama 3.1 8B Instruct, text encoder 4 (default: the pipeline folder's text_encoder_4/, "
+                          "then the hub cache under meta-llama/Llama-3.1-8B-Instruct or Meta-Llama-3.1-8B-Instruct)")
 
     moe: Literal["auto", "grouped", "dense", "off"] = Field(
         "auto", description="expert routing: grouped/dense are sync-free; off = diffusers'; auto picks per device")

@@ -693,7 +693,7 @@ def test_retries_back_off_stop_before_the_next_slot_and_an_unreachable_s3_is_ret
 def new_weights(tiny: Path, to: Path) -> Path:
     """A copy of a tiny E1 folder with other weights: the last value of its edit transformer nudged."""
     shutil.copytree(tiny, to)
-    weights = to / "transformer" / "diffusion_pytorch_model.safetensors"
+    weights = sorted((to / "transformer").glob("diffusion_pytorch_model*.safetensors"))[-1]  # its last shard
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0x01  # the lowest bit of the last tensor's last value: a loadable, different model
     weights.write_bytes(bytes(data))
@@ -714,7 +714,7 @@ def test_the_weights_revision_is_the_hub_commit_or_a_digest_of_configs_and_weigh
     shutil.copytree(tiny, copy, copy_function=shutil.copy)  # new paths, new mtimes, same bytes
     (copy / "README.md").write_text("notes\n")  # not a config or weight file
     assert weights_revision("e1-1", str(copy)) == local
-    config = copy / "scheduler" / "scheduler_config.json"
+    config = copy / "refine" / "scheduler" / "scheduler_config.json"
     config.write_text(config.read_text().replace("{", '{"note": 1, ', 1))
     changed_config = weights_revision("e1-1", str(copy))
     other = new_weights(tiny, tmp_path / "other")

@@ -421,7 +421,7 @@ def test_dialect_names_map_to_ours_and_a_field_given_twice_is_an_error_naming_it
     assert [str(i) for i in bad.issues] == ["line 4: n: both 'n' and 'num_images' given; keep one (got '2')"]
     good = checker.check(RawRow(5, {"image_url": "a.jpg", "edit_instruction": "x", "num_inference_steps": "7"}))
     assert good.ok and good.params["steps"] == 7 and good.params["image"] == str(tmp_path / "a.jpg")
-    assert good.params["guidance_scale"] == 5.0 and good.params["clip_cfg_norm"] is False  # e1-full's preset
+    assert good.params["guidance_scale"] == 5.0 and good.params["clip_cfg_norm"] is True  # e1-full's published defaults
 
     manifest = write_csv(tmp_path / "m.csv", ["image_url", "image", "edit_instruction"],
                          [{"image_url": "a.jpg", "image": "a.jpg", "edit_instruction": "x"}])

@@ -16,6 +16,7 @@ from PIL import Image
 from safetensors import safe_open
 from services import fake_hub_snapshot, load_offline
 
+from jobs.settings import RunnerSettings
 from worker.runners.base import EditRequest
 from worker.runners.hidream_e1 import HiDreamE1Runner, canvas_size, edit_prompts
 from worker.runners.weights import LLAMA_HUB_ID, WeightsNotFound, make_tiny
@@ -74,25 +75,55 @@ def pixels(image: Image.Image) -> bytes:
 
 
 @pytest.mark.parametrize("model", EDITING)
-def test_tiny_weights_have_the_hub_layout_with_i1_full_for_refine(tiny_dirs, model):
+def test_tiny_weights_have_the_hub_layout_with_a_whole_i1_full_inside(tiny_dirs, model):
     folder = tiny_dirs[model]
-    index = json.loads((folder / "model_index.json").read_text())
-    assert index["transformer"] == ["diffusers", "HiDreamImageTransformer2DModel"]
-    assert (folder / "transformer" / "config.json").is_file()
-    assert (folder / "refine" / "transformer" / "config.json").is_file(), "I1-Full, for the refine stage"
-    assert sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) < 5_000_000
-    if model == "e1-full":
+    i1_full = json.loads((folder / "refine" / "model_index.json").read_text())
+    assert i1_full["_class_name"] == "HiDreamImagePipeline" and i1_full["scheduler"][1] == "UniPCMultistepScheduler"
+    index = json.loads((folder / "transformer" / "diffusion_pytorch_model.safetensors.index.json").read_text())
+    shards = set(index["weight_map"].values())
+    assert len(shards) == 2 and all((folder / "transformer" / shard).is_file() for shard in shards), \
+        "the transformer ships in shards with an index, as on the hub"
+    assert sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) < 8_000_000
+    if model == "e1-1":
+        assert not (folder / "model_index.json").exists(), "HiDream-E1-1 is read for its transformer alone"
+    else:
+        published = json.loads((folder / "model_index.json").read_text())
+        assert published["_class_name"] == "HiDreamImageEditingPipeline"
         with safe_open(folder / LORA_FILE, "pt") as weights:
             keys = list(weights.keys())
         assert any(".lora_A.default." in key for key in keys) and any(".lora_B.default." in key for key in keys)
         assert [key for key in keys if ".lora_" not in key], "the full tensors E1 replaces ride along"
 
 
-def test_e1_full_lora_switch_reproduces_the_merged_transformer_and_i1_full(runners, tiny_dirs):
-    """The LoRA loader is right: adapter on = the repo's merged E1 transformer; off = I1-Full untouched."""
+@pytest.mark.parametrize("model", EDITING)
+def test_make_tiny_draws_the_shared_parity_weights(tiny_dirs, model):
+    """`models make-tiny` (seed 0) made ../shared/parity's weights; only their arrangement differs."""
+    from test_parity import PARITY
+
+    parity = PARITY / "weights" / model
+    assert parity.is_dir(), f"no parity weights at {parity}"
+    for part in ("refine/transformer", "refine/vae", "refine/text_encoder_4", *(["transformer"] * (model == "e1-1"))):
+        ours, theirs = _tensors(tiny_dirs[model] / part), _tensors(parity / part)
+        assert ours.keys() == theirs.keys(), part
+        assert all(torch.equal(ours[key], theirs[key]) for key in ours), part
+
+
+def _tensors(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return {key: value for file in sorted(folder.glob("*.safetensors")) for key, value in load_file(file).items()}
+
+
+def test_e1_full_switch_runs_edit_steps_as_the_merged_transformer_and_refine_steps_with_the_lora_off(
+        runners, tiny_dirs):
+    """Adapter on = the repo's merged E1 transformer; off = I1-Full's transformer with E1's full tensors kept
+    (what the published script's aliased refine state dict leaves), not I1-Full as downloaded."""
     switch = runners["e1-full"].load().transformers
     merged = HiDreamImageTransformer2DModel.from_pretrained(tiny_dirs["e1-full"] / "transformer")
     i1_full = HiDreamImageTransformer2DModel.from_pretrained(tiny_dirs["e1-full"] / "refine" / "transformer")
+    _, full = split_lora_file(_tensors(tiny_dirs["e1-full"]))
+    kept = HiDreamImageTransformer2DModel.from_pretrained(tiny_dirs["e1-full"] / "refine" / "transformer")
+    kept.load_state_dict(full, strict=False)
     generator = torch.Generator().manual_seed(0)
     inputs = {"hidden_states": torch.randn(1, 4, 24, 24, generator=generator),
               "timesteps": torch.tensor([500.0]),
@@ -101,8 +132,8 @@ def test_e1_full_lora_switch_reproduces_the_merged_transformer_and_i1_full(runne
               "pooled_embeds": torch.randn(1, 64, generator=generator), "return_dict": False}
     with torch.no_grad():
         torch.testing.assert_close(switch.edit()(**inputs)[0], merged(**inputs)[0], rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(switch.refine()(**inputs)[0], i1_full(**inputs)[0], rtol=1e-4, atol=1e-5)
-        assert not torch.allclose(merged(**inputs)[0], i1_full(**inputs)[0], atol=1e-3)
+        torch.testing.assert_close(switch.refine()(**inputs)[0], kept(**inputs)[0], rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(kept(**inputs)[0], i1_full(**inputs)[0], atol=1e-3)
         torch.testing.assert_close(switch.edit()(**inputs)[0], merged(**inputs)[0], rtol=1e-4, atol=1e-5)
 
 
@@ -161,22 +192,37 @@ def test_refine_changes_the_result_and_leaves_the_edit_weights_intact(runners, m
     assert pixels(plain.images[0]) == pixels(plain_again.images[0])
 
 
-def test_refine_runs_the_last_steps_on_i1_full_without_the_source(runners):
+def test_e1_1_refines_its_last_steps_on_its_own_transformer_without_the_source(runners):
     runner = runners["e1-1"]
-    switch = runner.load().transformers
-    batches: dict[str, list[tuple[int, ...]]] = {"edit": [], "refine": []}
-    hooks = [module.register_forward_pre_hook(
-        lambda _m, _a, kwargs, stage=stage: batches[stage].append(tuple(kwargs["hidden_states"].shape)),
-        with_kwargs=True) for stage, module in (("edit", switch.edit()), ("refine", switch.refine()))]
+    pipe = runner.load()
+    switch = pipe.transformers
+    assert switch.edit() is switch.refine() is pipe.base.transformer, "E1.1 holds one transformer"
+    assert pipe.base.transformer.max_seq == 512, "the edit pass's token count, kept for the refine steps"
+    shapes: list[tuple[int, ...]] = []
+    hook = switch.edit().register_forward_pre_hook(
+        lambda _m, _a, kwargs: shapes.append(tuple(kwargs["hidden_states"].shape)), with_kwargs=True)
     stages: list[str] = []
     try:
         runner.edit(request("e1-1", steps=10, refine_strength=0.3), on_step=lambda step: stages.append(step.stage))
     finally:
-        for hook in hooks:
-            hook.remove()
+        hook.remove()
     assert stages == ["edit"] * 7 + ["refine"] * 3  # int(10 * 0.7) = 7
-    assert batches["edit"] == [(3, 4, 24, 64)] * 7, "uncond, image, image+text; target | source"
-    assert batches["refine"] == [(2, 4, 24, 32)] * 3, "2-way CFG on the target alone"
+    assert shapes[:7] == [(3, 4, 24, 64)] * 7, "uncond, image, image+text; target | source"
+    assert shapes[7:] == [(2, 4, 24, 32)] * 3, "2-way CFG on the target alone"
+
+
+def test_e1_1_never_reads_i1_full_transformer_weights(tiny_dirs, tmp_path, monkeypatch):
+    """Only the VAE, text encoders, tokenizers and scheduler come from I1-Full: its transformer may be absent."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    folder = tmp_path / "e1-1"
+    shutil.copytree(tiny_dirs["e1-1"], folder)
+    for weights in (folder / "refine" / "transformer").glob("*.safetensors"):
+        weights.unlink()
+    runner = HiDreamE1Runner("e1-1", weights=str(folder))
+    out = runner.edit(request("e1-1", steps=2, refine_strength=0.5))
+    assert out.images[0].size == CANVAS["e1-1"]
+    assert pixels(out.images[0]) == pixels(HiDreamE1Runner("e1-1", weights=str(tiny_dirs["e1-1"])).edit(
+        request("e1-1", steps=2, refine_strength=0.5)).images[0])
 
 
 def test_guidance_off_takes_one_pass(runners):
@@ -251,8 +297,8 @@ def test_e1_full_prompts_follow_its_training_format(runners):
     assert prompt == ("Editing Instruction: Convert the image into a Ghibli style. "
                       "Target Image Description: A person in a light pink t-shirt, in a Ghibli style.")
     assert refine == "A person in a light pink t-shirt, in a Ghibli style."
-    assert edit_prompts("e1-full", request("e1-full", target_description="")) == (
-        "Editing Instruction: make it a watercolor painting.", "make it a watercolor painting")
+    no_description = "Editing Instruction: make it a watercolor painting."
+    assert edit_prompts("e1-full", request("e1-full", target_description="")) == (no_description, no_description)
     full = "Editing Instruction: add a hat. Target Image Description: a cat in a hat"
     assert edit_prompts("e1-full", request("e1-full", prompt=full, target_description="")) == (full, "a cat in a hat")
     assert edit_prompts("e1-1", request("e1-1")) == ("make it a watercolor painting",
@@ -293,13 +339,43 @@ def test_missing_weights_raise_weights_not_found_naming_the_hub_ids(tmp_path, mo
     assert str(pickle.loads(pickle.dumps(caught.value))) == message
 
 
-def test_a_local_e1_folder_without_i1_full_names_the_refine_weights(tiny_dirs, tmp_path, monkeypatch):
+def test_a_local_e1_folder_without_i1_full_names_where_it_looked(tiny_dirs, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     bare = tmp_path / "e1-1"
     shutil.copytree(tiny_dirs["e1-1"], bare, ignore=shutil.ignore_patterns("refine"))
     with pytest.raises(WeightsNotFound, match="HiDream-ai/HiDream-I1-Full") as caught:
         resolve_edit_weights("e1-1", str(bare))
-    assert str(bare / "refine" / "transformer") in str(caught.value)
+    message = str(caught.value)
+    assert str(bare / "refine") in message and str(tmp_path / "hub") in message
+    assert "DREAMBATCH_RUNNER__I1_FULL" in message and "--exclude 'transformer/*'" in message
+
+
+def test_components_can_live_anywhere_named_by_settings(tiny_dirs, tmp_path, monkeypatch):
+    """A transformer-only E1.1 folder, I1-Full in a folder of its own, Llama cached under its older name."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    tiny = tiny_dirs["e1-1"]
+    transformer = tmp_path / "e1-1-transformer"
+    shutil.copytree(tiny / "transformer", transformer)
+    i1_full = tmp_path / "i1-full"
+    shutil.copytree(tiny / "refine", i1_full, ignore=shutil.ignore_patterns("text_encoder_4", "tokenizer_4"))
+    llama = fake_hub_snapshot(tmp_path / "hub", "meta-llama/Meta-Llama-3.1-8B-Instruct", tiny / "refine" /
+                              "text_encoder_4")
+    for file in (tiny / "refine" / "tokenizer_4").iterdir():
+        shutil.copy(file, llama)
+
+    with pytest.raises(WeightsNotFound, match="HiDream-I1-Full"):
+        resolve_edit_weights("e1-1", str(transformer))
+    options = RunnerSettings(i1_full=str(i1_full))
+    found = resolve_edit_weights("e1-1", str(transformer), options)
+    assert found.transformer_dir == transformer and found.components.pipeline_dir == i1_full
+    assert found.components.llama_dir == llama, "the alias HiDream's READMEs use is found in the cache"
+    explicit = resolve_edit_weights("e1-1", str(transformer), RunnerSettings(i1_full=str(i1_full),
+                                                                            llama=str(tiny / "refine" / "text_encoder_4")))
+    assert explicit.components.llama_dir == tiny / "refine" / "text_encoder_4"
+    with pytest.raises(WeightsNotFound, match="DREAMBATCH_RUNNER__LLAMA"):
+        resolve_edit_weights("e1-1", str(transformer), RunnerSettings(i1_full=str(i1_full), llama=str(tmp_path)))
+    runner = HiDreamE1Runner("e1-1", weights=str(transformer), options=options)
+    assert runner.edit(request("e1-1", steps=2)).images[0].size == CANVAS["e1-1"]
 
 
 def test_e1_full_resolves_from_the_cache_with_only_its_lora_file(tiny_dirs, tmp_path, monkeypatch):
@@ -310,16 +386,13 @@ def test_e1_full_resolves_from_the_cache_with_only_its_lora_file(tiny_dirs, tmp_
     lora_only.mkdir()
     shutil.copy(tiny / LORA_FILE, lora_only)
     e1 = fake_hub_snapshot(tmp_path, "HiDream-ai/HiDream-E1-Full", lora_only)
-    i1 = fake_hub_snapshot(tmp_path, "HiDream-ai/HiDream-I1-Full", tiny, "text_encoder_4", "tokenizer_4", "refine",
-                           LORA_FILE)
-    shutil.rmtree(i1 / "transformer")
-    shutil.copytree(tiny / "refine" / "transformer", i1 / "transformer")
-    llama = fake_hub_snapshot(tmp_path, LLAMA_HUB_ID, tiny / "text_encoder_4")
-    for file in (tiny / "tokenizer_4").iterdir():
+    i1 = fake_hub_snapshot(tmp_path, "HiDream-ai/HiDream-I1-Full", tiny / "refine", "text_encoder_4", "tokenizer_4")
+    llama = fake_hub_snapshot(tmp_path, LLAMA_HUB_ID, tiny / "refine" / "text_encoder_4")
+    for file in (tiny / "refine" / "tokenizer_4").iterdir():
         shutil.copy(file, llama)
 
     found = resolve_edit_weights("e1-full")
-    assert found.lora_file == e1 / LORA_FILE and found.refine_transformer_dir == i1 / "transformer"
+    assert found.lora_file == e1 / LORA_FILE and found.transformer_dir == i1 / "transformer"
     assert found.components.pipeline_dir == i1 and found.components.llama_dir == llama
     assert found.source == "hub:HiDream-ai/HiDream-E1-Full"
     runner = HiDreamE1Runner("e1-full", weights=None)

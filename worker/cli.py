@@ -30,6 +30,19 @@ app.add_typer(models_app, name="models")
 WeightsOpt = Annotated[str | None, typer.Option(
     "--weights", help="'tiny', a local pipeline folder, or a hub id in the local cache (default: the model's)")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="cuda:0, cuda:1, … or cpu")]
+I1FullOpt = Annotated[str | None, typer.Option(
+    "--i1-full", help="HiDream-I1-Full folder or cached hub id, for E1 models (DREAMBATCH_RUNNER__I1_FULL)")]
+LlamaOpt = Annotated[str | None, typer.Option(
+    "--llama", help="Llama 3.1 8B Instruct folder or cached hub id (DREAMBATCH_RUNNER__LLAMA)")]
+
+
+def _settings(i1_full: str | None = None, llama: str | None = None):
+    """The process settings, with the component folders the command line names on top."""
+    settings = get_settings()
+    given = {name: value for name, value in (("i1_full", i1_full), ("llama", llama)) if value}
+    if not given:
+        return settings
+    return settings.model_copy(update={"runner": settings.runner.model_copy(update=given)})
 
 
 def _default_device() -> str:
@@ -43,6 +56,8 @@ def worker(
     model: Annotated[str | None, typer.Option("--model", "-m", help="serve this model's queue")] = None,
     weights: WeightsOpt = None,
     device: DeviceOpt = "",
+    i1_full: I1FullOpt = None,
+    llama: LlamaOpt = None,
     io: Annotated[bool, typer.Option("--io", help="serve the I/O queue (finalize, webhooks)")] = False,
     concurrency: Annotated[int, typer.Option(
         help="item threads (default 3: one on the model, one fetching the next input, one uploading the last "
@@ -65,7 +80,7 @@ def worker(
     if log_format not in ("text", "json"):
         raise fail(f"--log-format: expected text or json (got {log_format!r})", 2)
     logs.configure(loglevel, log_format)
-    settings = get_settings()
+    settings = _settings(i1_full, llama)
     celery = broker.make_celery(settings)
     if io:
         from worker import sweeper
@@ -126,6 +141,8 @@ def run(
     out_dir: Annotated[str, typer.Option("--out", help="folder for images and results.jsonl")] = "out",
     weights: WeightsOpt = None,
     device: DeviceOpt = "",
+    i1_full: I1FullOpt = None,
+    llama: LlamaOpt = None,
     set_: SetOpt = None,
     preset: PresetOpt = None,
     webhook: Annotated[str | None, typer.Option()] = None,
@@ -141,8 +158,9 @@ def run(
         err.print(f"[{done['n']}] {item_id}: {status}", highlight=False)
 
     try:
-        defaults = job_defaults(preset, parse_sets(set_ or []), get_settings())
-        sub = run_local(manifest, model=model, defaults=defaults, out=out_dir, settings=get_settings(),
+        settings = _settings(i1_full, llama)
+        defaults = job_defaults(preset, parse_sets(set_ or []), settings)
+        sub = run_local(manifest, model=model, defaults=defaults, out=out_dir, settings=settings,
                         weights=weights, device=device or _default_device(), webhook=webhook,
                         skip_invalid=skip_invalid, on_item=on_item)
     except ManifestInvalid as exc:

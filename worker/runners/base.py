@@ -14,6 +14,8 @@ from typing import Any, Protocol
 
 from PIL import Image
 
+from jobs.models import MODELS
+
 
 @dataclass(frozen=True)
 class GenerateRequest:
@@ -32,24 +34,28 @@ class GenerateRequest:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+_E11 = MODELS["e1-1"].defaults  # an EditRequest's defaults are E1.1's published ones (the one table)
+
+
 @dataclass(frozen=True)
 class EditRequest:
     """One HiDream-E1 edit. `image` is RGB at exactly width×height (multiples of 16): the worker has
-    already fitted it to the model's canvas; the runner returns images of that same size."""
+    already fitted it to the model's canvas; the runner returns images of that same size. Unset fields take
+    E1.1's published defaults (`jobs.models.MODELS`); the worker always sets them from the item's params."""
 
     image: Image.Image
     instruction: str = ""
     target_description: str = ""
     prompt: str = ""  # a full prompt, used as is instead of instruction + description
-    negative_prompt: str = "low resolution, blur"
+    negative_prompt: str = _E11["negative_prompt"]
     width: int = 1024
     height: int = 1024
     seed: int = 0
-    steps: int = 28
-    guidance_scale: float = 5.0
-    image_guidance_scale: float = 4.0
-    refine_strength: float = 0.3
-    clip_cfg_norm: bool = True
+    steps: int = _E11["steps"]
+    guidance_scale: float = _E11["guidance_scale"]
+    image_guidance_scale: float = _E11["image_guidance_scale"]
+    refine_strength: float = _E11["refine_strength"]
+    clip_cfg_norm: bool = _E11["clip_cfg_norm"]
     num_images: int = 1
     extra: dict[str, Any] = field(default_factory=dict)
 

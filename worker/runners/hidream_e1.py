@@ -14,12 +14,17 @@ diffusers ships no E1 pipeline; `HiDreamE1Pipeline` is dreambatch's, written fro
         t *= clamp(|f| / (|t| + 1e-8), 0, 1);   pred = u + s_img * (t - u)
   With `guidance_scale <= 1` there is no guidance: one pass, (prompt, img).
 - Refine: from step int(steps * (1 - refine_strength)) on, the denoising continues (same scheduler, same
-  latents) as HiDream-I1-Full on the target description alone, no source image, with the usual two-way
-  CFG. refine_strength 0 never reaches that step.
+  latents) on the target alone, no source image, with the usual two-way CFG, conditioned on the target
+  description (the text after "Target Image Description:" in the prompt, else the whole prompt).
+  refine_strength 0 never reaches that step.
 
-The refine weights stay resident: E1.1 keeps a second transformer (I1-Full's); E1-Full is I1-Full + a LoRA
-+ a few full tensors, so it switches in place (adapter off, those tensors swapped from copies kept on
-the device). The text encoders, VAE and scheduler are one set, shared by both stages.
+Which weights the refine steps run on is what HiDream's published scripts (HiDream-ai/HiDream-E1 @ f6f0631)
+do as shipped, not what their names suggest: each hands its pipeline an edit/refine pair of state dicts
+that alias the live parameters, so E1.1 refines on the E1.1 transformer itself, and E1-Full refines on its
+own transformer with the LoRA adapter disabled but E1's full tensors kept. So each model holds ONE
+transformer; `AdapterSwitch` turns the adapter on for edit steps and off for refine steps (E1.1 has none).
+The text encoders, VAE and scheduler are one set, shared by both stages. ../shared/parity/ holds the
+outputs those scripts produce; tests/test_parity.py holds this module to them.
 """
 
 from __future__ import annotations
@@ -28,7 +33,6 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 from diffusers import HiDreamImagePipeline, HiDreamImageTransformer2DModel
@@ -40,10 +44,10 @@ from jobs.errors import ConfigError
 from jobs.models import MODELS
 from jobs.settings import RunnerSettings
 from worker.runners.base import EditRequest, RunOutput
-from worker.runners.hidream_i1 import load_pipeline, native_latent_side, parse_dtype, speed_up_transformer
+from worker.runners.hidream_i1 import load_pipeline, native_latent_side, parse_dtype
 from worker.runners.revision import edit_revision, read_revision
 from worker.runners.text_cache import PromptCache, TextEmbeds, encode_text
-from worker.runners.weights_e1 import add_lora_adapter, resolve_edit_weights, split_lora_file
+from worker.runners.weights_e1 import add_lora_adapter, load_full_tensors, resolve_edit_weights, split_lora_file
 
 CANVAS_MULTIPLE = 16  # canvas sides: VAE factor x patch size on the real model (8 x 2)
 REFERENCE_SIDE = 1024  # the real I1 transformer's native side, in pixels; ModelSpec.base_size is relative to it
@@ -70,69 +74,40 @@ def guide_edit(uncond: torch.Tensor, image: torch.Tensor, full: torch.Tensor, gu
     return uncond + image_guidance_scale * (text * scale - uncond)
 
 
-class TransformerSwitch(Protocol):
-    """Hands out the transformer for a stage, with that stage's weights active."""
+class AdapterSwitch:
+    """The one transformer of an E1 model, with its LoRA adapter (E1-Full's) on for edit steps and off for
+    refine steps, as HiDream's scripts switch it; E1.1's has no adapter, so both stages are the same module.
+    Full tensors E1 replaces stay in place for both stages (the scripts' refine state dict aliases them)."""
 
-    def edit(self) -> HiDreamImageTransformer2DModel: ...
-
-    def refine(self) -> HiDreamImageTransformer2DModel: ...
-
-
-class TwoTransformers:
-    """E1.1: the editing transformer and I1-Full's, both resident; switching is picking one."""
-
-    def __init__(self, edit: HiDreamImageTransformer2DModel, refine: HiDreamImageTransformer2DModel):
-        self._edit, self._refine = edit, refine
-
-    def edit(self) -> HiDreamImageTransformer2DModel:
-        return self._edit
-
-    def refine(self) -> HiDreamImageTransformer2DModel:
-        return self._refine
-
-
-class LoraSwitch:
-    """E1-Full: one I1-Full transformer carrying the E1 LoRA adapter; the full tensors E1 replaces are
-    copied in place from two resident sets (E1's and I1-Full's), so a switch moves no weights across devices."""
-
-    def __init__(self, transformer: HiDreamImageTransformer2DModel, full_tensors: dict[str, torch.Tensor]):
+    def __init__(self, transformer: HiDreamImageTransformer2DModel):
         from peft.tuners.tuners_utils import BaseTunerLayer
 
-        tensors = dict(transformer.named_parameters()) | dict(transformer.named_buffers())
-        unknown = sorted(set(full_tensors) - set(tensors))
-        if unknown:
-            raise ValueError(f"E1-Full full tensors name no transformer tensor: {unknown[:5]}")
         self.transformer = transformer
         # the LoRA-wrapped layers, found once: walking all modules (12k on the real model) per switch costs ~2x
         self._lora_layers = [module for module in transformer.modules() if isinstance(module, BaseTunerLayer)]
-        self._targets = {name: tensors[name] for name in full_tensors}
-        self._edit = {name: value.to(tensors[name].device, tensors[name].dtype) for name, value in full_tensors.items()}
-        self._base = {name: tensors[name].detach().clone() for name in full_tensors}
-        self.active: str | None = None  # which weights the transformer holds now
+        self.active: str | None = None  # which stage the transformer is set up for now
 
     def edit(self) -> HiDreamImageTransformer2DModel:
         if self.active != "edit":
-            self._load(self._edit, adapters=True, active="edit")
+            self._adapters(True, "edit")
         return self.transformer
 
     def refine(self) -> HiDreamImageTransformer2DModel:
         if self.active != "refine":
-            self._load(self._base, adapters=False, active="refine")
+            self._adapters(False, "refine")
         return self.transformer
 
-    @torch.no_grad()
-    def _load(self, source: dict[str, torch.Tensor], adapters: bool, active: str) -> None:
+    def _adapters(self, enabled: bool, active: str) -> None:
         for layer in self._lora_layers:
-            layer.enable_adapters(adapters)
-        for name, target in self._targets.items():
-            target.copy_(source[name])
+            layer.enable_adapters(enabled)
         self.active = active
 
 
 class HiDreamE1Pipeline:
-    """Instruction-based editing with HiDream-E1; holds diffusers' I1 components (`base`) and a transformer switch."""
+    """Instruction-based editing with HiDream-E1; holds diffusers' I1 components (`base`, its transformer the E1
+one) and the switch that sets that transformer up for each stage."""
 
-    def __init__(self, base: HiDreamImagePipeline, transformers: TransformerSwitch, token_budget: int,
+    def __init__(self, base: HiDreamImagePipeline, transformers: AdapterSwitch, token_budget: int,
                  prompts: PromptCache | None = None, cache_key: tuple = ()):
         self.base = base  # VAE, text encoders, tokenizers, scheduler: one set for both stages
         self.transformers = transformers
@@ -263,9 +238,9 @@ def edit_prompts(model: str, request: EditRequest) -> tuple[str, str]:
     """(edit prompt, refine prompt) for a request, in the form each E1 model was trained on.
 
     e1-1 takes the instruction as is; e1-full "Editing Instruction: …. Target Image Description: …".
-    A full `prompt` is used as is by both. Refine (I1-Full, text-to-image) wants a description of the
-    result: the target description, else what follows "Target Image Description:" in a full prompt, else
-    the instruction, else the full prompt (HiDream's own fallback).
+    A full `prompt` is used as is by both. The refine steps are conditioned on the target description:
+    the request's, else what follows "Target Image Description:" in the prompt, else the whole prompt
+    (HiDream's editing pipeline: `prompt.split("Target Image Description:")[1].strip()`, else the prompt).
     """
     instruction, description = request.instruction.strip(), request.target_description.strip()
     if request.prompt.strip():
@@ -278,9 +253,8 @@ def edit_prompts(model: str, request: EditRequest) -> tuple[str, str]:
     else:
         prompt = instruction
     marker = "Target Image Description:"
-    described = prompt.split(marker, 1)[1].strip() if marker in prompt else ""
-    refine = description or described or instruction or prompt
-    return prompt, refine
+    described = prompt.split(marker)[1].strip() if marker in prompt else ""
+    return prompt, description or described or prompt
 
 
 def canvas_size(width: int, height: int, side: int, fixed: bool) -> tuple[int, int]:
@@ -327,34 +301,28 @@ class HiDreamE1Runner:
     def _load(self) -> HiDreamE1Pipeline:
         from safetensors.torch import load_file
 
-        found = resolve_edit_weights(self.model, self.weights)
-        refine = HiDreamImageTransformer2DModel.from_pretrained(found.refine_transformer_dir, dtype=self.dtype)
-        full: dict[str, torch.Tensor] = {}
-        if found.lora_file is not None:  # e1-full: edit = refine + LoRA + full tensors, one module
+        found = resolve_edit_weights(self.model, self.weights, self.options)
+        # the one transformer, on the GPU before the text encoders are placed (auto): E1.1's own, or
+        # I1-Full's with E1-Full's file over it (LoRA + full tensors, loaded in place as the script does)
+        transformer = HiDreamImageTransformer2DModel.from_pretrained(found.transformer_dir, dtype=self.dtype)
+        if found.lora_file is not None:
             lora, full = split_lora_file(load_file(found.lora_file))
-            add_lora_adapter(refine, lora)
-        edit = None
-        if found.edit_transformer_dir is not None:  # on the GPU before the text encoders are placed (auto)
-            edit = HiDreamImageTransformer2DModel.from_pretrained(found.edit_transformer_dir, dtype=self.dtype)
-            edit.to(self.device).requires_grad_(False)
-        base = load_pipeline(found.components, self.device, self.dtype, transformer=refine, options=self.options)
+            add_lora_adapter(transformer, lora)
+            load_full_tensors(transformer, full)
+        base = load_pipeline(found.components, self.device, self.dtype, transformer=transformer,
+                             options=self.options)
         base.transformer.requires_grad_(False)
         # the canvas: ModelSpec.base_size (768 e1-full, 1024 e1-1) scaled to this transformer's native side
         config = base.transformer.config
         native_side = native_latent_side(config.patch_size, config.max_resolution) * base.vae_scale_factor
         self._side = MODELS[self.model].base_size * native_side // REFERENCE_SIDE
         tokens = (self._side // (base.vae_scale_factor * config.patch_size)) ** 2
-        # the edit pass sees target + source: twice the tokens (8192 for E1.1, 4608 for E1-Full)
-        if edit is not None:
-            edit.max_seq = 2 * tokens
-            speed_up_transformer(edit, self.options)
-            switch: TransformerSwitch = TwoTransformers(edit, base.transformer)
-        else:
-            base.transformer.max_seq = max(base.transformer.max_seq, 2 * tokens)
-            switch = LoraSwitch(base.transformer, full)
+        # the edit pass sees target + source: twice the tokens (8192 for E1.1, 4608 for E1-Full, as the scripts
+        # set it); the refine steps keep it
+        base.transformer.max_seq = 2 * tokens
         self.source = found.source
         self.revision = read_revision(self.model, lambda: edit_revision(found))
-        return HiDreamE1Pipeline(base, switch, token_budget=tokens, prompts=self.prompts,
+        return HiDreamE1Pipeline(base, AdapterSwitch(base.transformer), token_budget=tokens, prompts=self.prompts,
                                  cache_key=(self.model, found.source, str(self.dtype)))
 
     def canvas_size(self, width: int, height: int) -> tuple[int, int]:

@@ -199,7 +199,7 @@ class HiDreamI1Runner:
         return self._pipe
 
     def _load(self) -> HiDreamImagePipeline:
-        found = resolve_weights(self.model, self.weights)
+        found = resolve_weights(self.model, self.weights, self.options)
         pipe = load_pipeline(found, self.device, self.dtype, options=self.options)
         self._scheduler_config = pipe.scheduler.config
         self.source = found.source

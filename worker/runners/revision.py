@@ -57,8 +57,7 @@ def pipeline_revision(found) -> str:
 
 def edit_revision(found) -> str:
     """The revision of resolved E1 weights (`weights_e1.resolve_edit_weights`): what a runner loaded."""
-    own = found.edit_transformer_dir or found.lora_file
-    return places_revision([own.parent, found.refine_transformer_dir, found.components.pipeline_dir,
+    return places_revision([found.folder, found.transformer_dir, found.components.pipeline_dir,
                             found.components.llama_dir, found.components.llama_tokenizer_dir])
 
 

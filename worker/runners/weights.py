@@ -18,9 +18,11 @@ from typing import Any
 
 from jobs.errors import ConfigError
 from jobs.models import MODELS
+from jobs.settings import RunnerSettings
 
 MODEL_HUB_IDS = {name: spec.hub_id for name, spec in MODELS.items() if spec.kind == "generate"}
 LLAMA_HUB_ID = "meta-llama/Llama-3.1-8B-Instruct"  # text encoder 4; the HiDream repos do not ship it
+LLAMA_HUB_IDS = (LLAMA_HUB_ID, "meta-llama/Meta-Llama-3.1-8B-Instruct")  # the same model under its older name
 TINY_DIR_ENV = "DREAMBATCH_TINY_DIR"  # root for tiny weights, one folder per model
 TINY = "tiny"  # the `weights` value that asks for tiny random weights
 
@@ -47,7 +49,7 @@ class ResolvedWeights:
     llama_tokenizer_dir: Path  # tokenizer 4; the same folder as llama_dir for a hub Llama
 
 
-def resolve_weights(model: str, weights: str | None = None) -> ResolvedWeights:
+def resolve_weights(model: str, weights: str | None = None, options: RunnerSettings | None = None) -> ResolvedWeights:
     """Find a model's weights on this machine: None = its hub id, "tiny", a local folder or a hub id."""
     if model not in MODEL_HUB_IDS:
         raise ConfigError(f"unknown HiDream-I1 model {model!r}; expected one of {sorted(MODEL_HUB_IDS)}")
@@ -66,7 +68,7 @@ def resolve_weights(model: str, weights: str | None = None) -> ResolvedWeights:
         if pipeline_dir is None:
             raise WeightsNotFound(_not_found(model, wanted, [looked]))
         source = f"hub:{wanted}"
-    llama_dir, llama_tokenizer_dir = llama_dirs(model, pipeline_dir)
+    llama_dir, llama_tokenizer_dir = llama_dirs(model, pipeline_dir, (options or RunnerSettings()).llama)
     return ResolvedWeights(pipeline_dir, llama_dir, source, llama_tokenizer_dir)
 
 
@@ -76,18 +78,33 @@ def tiny_dir(model: str) -> Path:
     return Path(root).expanduser() / model
 
 
+TINY_LAYOUT = 2  # bumped when make_tiny lays folders out differently: an older build is made again
+_TINY_MARK = ".dreambatch-tiny"  # written last into a finished build: its layout number
+
+
 def ensure_tiny(model: str) -> Path:
-    """Build tiny weights once; later calls (and racing processes) reuse the finished folder."""
+    """Build tiny weights once; later calls (and racing processes) reuse the finished folder. A folder built
+    to an older layout is replaced."""
     target = tiny_dir(model)
-    if (target / "model_index.json").is_file():
+
+    def current() -> bool:
+        mark = target / _TINY_MARK
+        return mark.is_file() and mark.read_text().strip() == str(TINY_LAYOUT)
+
+    if current():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{model}-", dir=target.parent))
     try:
         make_tiny(model, staging)
+        (staging / _TINY_MARK).write_text(f"{TINY_LAYOUT}\n")
+        if target.exists() and not current():  # an older layout: set it aside (atomically), then drop it
+            stale = Path(tempfile.mkdtemp(prefix=f".{model}-stale-", dir=target.parent))
+            os.rename(target, stale / model)
+            shutil.rmtree(stale, ignore_errors=True)
         os.rename(staging, target)  # atomic; fails if another process got there first
     except OSError:
-        if not (target / "model_index.json").is_file():
+        if not current():
             raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -117,16 +134,32 @@ def cached_snapshot(hub_id: str, required: str) -> tuple[Path | None, str]:
     return folder, str(folder)
 
 
-def llama_dirs(model: str, pipeline_dir: Path) -> tuple[Path, Path]:
-    """Text encoder 4 from the pipeline folder when it ships one, else the cached Llama 3.1 8B Instruct."""
+def llama_dirs(model: str, pipeline_dir: Path, setting: str | None = None) -> tuple[Path, Path]:
+    """Text encoder 4 and its tokenizer: `setting` (RunnerSettings.llama: a folder or a hub id) when given,
+    else the pipeline folder's own when it ships one, else Llama 3.1 8B Instruct in the hub cache under
+    either of its names (HiDream's READMEs use the older `Meta-Llama-3.1-8B-Instruct`)."""
+    if setting:
+        place = Path(setting).expanduser()
+        if place.is_dir() or not _HUB_ID.match(setting):
+            if (place / "config.json").is_file():
+                return place.resolve(), place.resolve()
+            looked = [f"DREAMBATCH_RUNNER__LLAMA={setting} (missing, or no config.json)"]
+            raise WeightsNotFound(_not_found(model, setting, looked, llama=True))
+        llama, where = cached_snapshot(setting, "config.json")
+        if llama is None:
+            raise WeightsNotFound(_not_found(model, setting, [f"DREAMBATCH_RUNNER__LLAMA={setting}: {where}"],
+                                             llama=True))
+        return llama, llama
     model_dir, tokenizer_dir = pipeline_dir / "text_encoder_4", pipeline_dir / "tokenizer_4"
     if (model_dir / "config.json").is_file() and tokenizer_dir.is_dir():
         return model_dir, tokenizer_dir
-    llama, looked = cached_snapshot(LLAMA_HUB_ID, "config.json")
-    if llama is None:
-        inside = f"{model_dir} and {tokenizer_dir} (absent)"
-        raise WeightsNotFound(_not_found(model, LLAMA_HUB_ID, [inside, looked], llama=True))
-    return llama, llama
+    looked = [f"{model_dir} and {tokenizer_dir} (absent)"]
+    for hub_id in LLAMA_HUB_IDS:
+        llama, where = cached_snapshot(hub_id, "config.json")
+        if llama is not None:
+            return llama, llama
+        looked.append(where)
+    raise WeightsNotFound(_not_found(model, LLAMA_HUB_ID, looked, llama=True))
 
 
 def _not_found(model: str, wanted: str, looked: list[str], llama: bool = False) -> str:
@@ -135,6 +168,7 @@ def _not_found(model: str, wanted: str, looked: list[str], llama: bool = False) 
     fixes += [
         f"accept the Llama 3.1 licence on huggingface.co/{LLAMA_HUB_ID}, then hf download {LLAMA_HUB_ID}",
         "pass a local diffusers folder (one with text_encoder_4/ and tokenizer_4/ needs no hub Llama)",
+        "point DREAMBATCH_RUNNER__LLAMA (or --llama) at a Llama 3.1 8B Instruct folder or cached hub id",
         f"pass --weights {TINY} for tiny random weights (tests and smoke runs only)",
     ]
     lines = [f"no {what} for model {model!r}; looked in:", *(f"  - {place}" for place in looked)]
@@ -167,6 +201,13 @@ def make_tiny(model: str, out_dir: Path, seed: int = 0) -> Path:
         pipe = tiny_pipeline(make_scheduler(preset["scheduler"], preset["shift"]), tiny_transformer)
     pipe.save_pretrained(out_dir, safe_serialization=True)
     return Path(out_dir)
+
+
+def save_sharded(module: Any, folder: Path) -> None:
+    """Save a diffusers model in two safetensors shards with an index file, as the hub repos ship theirs."""
+    shutil.rmtree(folder, ignore_errors=True)
+    total = sum(t.numel() * t.element_size() for t in module.state_dict().values())
+    module.save_pretrained(folder, safe_serialization=True, max_shard_size=total * 3 // 5)  # greedy: 2 files
 
 
 def tiny_pipeline(scheduler: Any, make_transformer: Any) -> Any:

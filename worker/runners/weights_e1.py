@@ -1,31 +1,35 @@
 """Where a HiDream-E1 editing model's weights come from, and tiny random ones in the same layout.
 
-An edit model needs three things, found without downloading (as `weights.resolve_weights` does):
+What each model needs, found without downloading (as `weights.resolve_weights` does), as HiDream's own
+scripts (HiDream-ai/HiDream-E1 @ f6f0631) put it together:
 
-- the E1 folder: HiDream-ai/HiDream-E1-1 (a diffusers folder whose `transformer/` is the editing
-  transformer) or HiDream-ai/HiDream-E1-Full (whose `HiDream-E1-Full.safetensors` holds a LoRA over
-  HiDream-I1-Full plus the few full tensors that differ from it);
-- HiDream-I1-Full's transformer: the refine stage, and E1-Full's base. Looked for in `<E1 folder>/refine/`
-  first (a copy or a link to an I1-Full folder, or just its `transformer/`), then in the hub cache;
-- Llama 3.1 8B Instruct (text encoder 4), as for I1.
+- e1-1 (`inference_e1_1.py`): the E1.1 editing transformer (HiDream-ai/HiDream-E1-1's `transformer/`, or a
+  transformer-only folder) — one transformer for both the edit and the refine steps;
+- e1-full (`inference.py`): HiDream-I1-Full's transformer with `HiDream-E1-Full.safetensors` over it (a LoRA
+  plus the few full tensors E1 replaces);
+- both: the VAE, text encoders 1-3, tokenizers and scheduler of HiDream-I1-Full's pipeline folder (for e1-1
+  never its transformer), and Llama 3.1 8B Instruct (text encoder 4).
 
-VAE, text encoders 1-3, tokenizers and scheduler come from the I1-Full folder when it is a whole pipeline,
-as in HiDream's own E1 scripts (its UniPC flow scheduler included), else from the E1 folder.
+The I1-Full folder is looked for in `RunnerSettings.i1_full` (a folder or hub id), then `<E1 folder>/refine/`,
+then the hub cache; e1-1 falls back to its own folder when that is a whole pipeline. Llama as for I1
+(`weights.llama_dirs`).
 
-`make_tiny_edit` writes the E1 folder with `refine/transformer/` and Llama inside, so tests and smoke runs
-load tiny weights through the same code as real ones.
+`make_tiny_edit` writes the E1 folder with a whole tiny I1-Full pipeline in `refine/`, so tests and smoke
+runs load tiny weights through the same code as real ones.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from jobs.errors import ConfigError
-from jobs.models import MODELS, REFINE_HUB_ID
+from jobs.models import I1_FULL_HUB_ID, MODELS
+from jobs.settings import RunnerSettings
 from worker.runners.weights import (
     _HUB_ID,
     LLAMA_HUB_ID,
@@ -35,13 +39,16 @@ from worker.runners.weights import (
     cached_snapshot,
     ensure_tiny,
     llama_dirs,
+    save_sharded,
     tiny_pipeline,
     tiny_transformer,
 )
 
 EDIT_HUB_IDS = {name: spec.hub_id for name, spec in MODELS.items() if spec.kind == "edit"}
 LORA_FILE = "HiDream-E1-Full.safetensors"  # E1-Full's LoRA + full tensors over I1-Full, as its repo ships it
-REFINE_DIR = "refine"  # inside an E1 folder: HiDream-I1-Full (at least its transformer/)
+REFINE_DIR = "refine"  # inside an E1 folder: HiDream-I1-Full's pipeline folder (the scripts' HIDREAM_I1_PATH)
+TRANSFORMER_CLASS = "HiDreamImageTransformer2DModel"
+EDITING_PIPELINE = "HiDreamImageEditingPipeline"  # the class HiDream-E1-Full's model_index.json names
 # The modules HiDream's E1-Full LoRA adapts (its published LoraConfig); the tiny build adapts the same.
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out", "to_k_t", "to_q_t", "to_v_t", "to_out_t",
                 "w1", "w2", "w3", "final_layer.linear"]
@@ -52,67 +59,103 @@ _TINY_FULL_TENSORS = ["x_embedder.proj.weight", "x_embedder.proj.bias",
 
 @dataclass(frozen=True)
 class ResolvedEditWeights:
+    folder: Path  # the E1 weights folder itself (or e1-1's transformer-only folder)
     components: ResolvedWeights  # pipeline folder for VAE, text encoders, tokenizers, scheduler; Llama
-    refine_transformer_dir: Path  # HiDream-I1-Full's transformer: the refine stage and E1-Full's base
-    edit_transformer_dir: Path | None  # E1.1: the editing transformer
-    lora_file: Path | None  # E1-Full: LoRA + full tensors over the I1-Full transformer
+    transformer_dir: Path  # e1-1: the E1.1 transformer; e1-full: HiDream-I1-Full's (the LoRA's base)
+    lora_file: Path | None  # e1-full: LoRA + full tensors over the I1-Full transformer
     source: str  # "hub:<id>", "local:<dir>" or "tiny:<dir>"
 
 
-def resolve_edit_weights(model: str, weights: str | None = None) -> ResolvedEditWeights:
-    """Find an E1 model's weights on this machine: None = its hub id, "tiny", a local folder or a hub id."""
+def resolve_edit_weights(model: str, weights: str | None = None,
+                         options: RunnerSettings | None = None) -> ResolvedEditWeights:
+    """Find an E1 model's weights on this machine: None = its hub id, "tiny", a local folder or a hub id.
+
+    For e1-1 the folder may be the E1 download (with `transformer/`) or a transformer-only folder."""
     if model not in EDIT_HUB_IDS:
         raise ConfigError(f"unknown HiDream-E1 model {model!r}; expected one of {sorted(EDIT_HUB_IDS)}")
+    options = options or RunnerSettings()
     wanted = weights or EDIT_HUB_IDS[model]
     required = LORA_FILE if model == "e1-full" else "transformer/config.json"
     if wanted == TINY:
         folder, source = ensure_tiny(model), "tiny"
     elif Path(wanted).expanduser().is_dir() or not _HUB_ID.match(wanted):
         folder, source = Path(wanted).expanduser().resolve(), "local"
-        if not (folder / required).is_file():
-            looked = f"local folder {folder} (missing, or no {required})"
+        if not ((folder / required).is_file() or (model == "e1-1" and _is_transformer(folder))):
+            looked = f"local folder {folder} (missing, or no {required}" + \
+                     (" and not a transformer folder)" if model == "e1-1" else ")")
             raise WeightsNotFound(_not_found(model, f"weights {wanted}", [looked]))
     else:
         found, looked = cached_snapshot(wanted, required)
         if found is None:
             raise WeightsNotFound(_not_found(model, f"weights {wanted}", [looked]))
         folder, source = found, "hub"
-    refine_dir = _refine_transformer(model, folder)
-    components_dir = next((d for d in (refine_dir.parent, folder) if (d / "model_index.json").is_file()), None)
-    if components_dir is None:
-        looked = f"{refine_dir.parent} and {folder} (neither has a model_index.json)"
-        raise WeightsNotFound(_not_found(model, "pipeline components (VAE, text encoders)", [looked]))
-    llama_dir, llama_tokenizer_dir = llama_dirs(model, components_dir)
+    transformer_dir = folder if _is_transformer(folder) else folder / "transformer"
+    needs = "transformer/config.json" if model == "e1-full" else "model_index.json"
+    i1_full, looked = _i1_full(folder, needs, options.i1_full)
+    if i1_full is None and model == "e1-1" and (folder / "model_index.json").is_file():
+        i1_full = folder  # an E1.1 folder that is a whole pipeline brings its own components
+    if i1_full is None:
+        what = f"HiDream-I1-Full ({I1_FULL_HUB_ID}; " + \
+               ("the LoRA's base transformer and the pipeline components)" if model == "e1-full"
+                else "VAE, text encoders, tokenizers, scheduler; not its transformer)")
+        raise WeightsNotFound(_not_found(model, what, looked))
+    if model == "e1-full":
+        transformer_dir = i1_full / "transformer"
+    components_dir = i1_full if (i1_full / "model_index.json").is_file() else folder
+    if not (components_dir / "model_index.json").is_file():
+        looked = [f"{i1_full} and {folder} (neither has a model_index.json)"]
+        raise WeightsNotFound(_not_found(model, "pipeline components (VAE, text encoders)", looked))
+    llama_dir, llama_tokenizer_dir = llama_dirs(model, components_dir, options.llama)
     label = f"{source}:{wanted if source == 'hub' else folder}"
     return ResolvedEditWeights(
+        folder=folder,
         components=ResolvedWeights(components_dir, llama_dir, label, llama_tokenizer_dir),
-        refine_transformer_dir=refine_dir,
-        edit_transformer_dir=folder / "transformer" if model == "e1-1" else None,
+        transformer_dir=transformer_dir,
         lora_file=folder / LORA_FILE if model == "e1-full" else None,
         source=label,
     )
 
 
-def _refine_transformer(model: str, folder: Path) -> Path:
-    """HiDream-I1-Full's transformer folder: `<folder>/refine/transformer`, else the hub cache's."""
-    inside = folder / REFINE_DIR / "transformer"
-    if (inside / "config.json").is_file():
-        return inside
-    cached, looked = cached_snapshot(REFINE_HUB_ID, "transformer/config.json")
-    if cached is None:
-        places = [f"{inside} (absent)", looked]
-        raise WeightsNotFound(_not_found(model, f"HiDream-I1-Full transformer ({REFINE_HUB_ID})", places))
-    return cached / "transformer"
+def _is_transformer(folder: Path) -> bool:
+    """Whether `folder` is a transformer-only folder (its config.json names the HiDream transformer class)."""
+    try:
+        return json.loads((folder / "config.json").read_text()).get("_class_name") == TRANSFORMER_CLASS
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _i1_full(folder: Path, required: str, setting: str | None) -> tuple[Path | None, list[str]]:
+    """HiDream-I1-Full's folder holding `required`: the setting, else `<folder>/refine/`, else the hub cache."""
+    looked: list[str] = []
+    if setting:
+        place = Path(setting).expanduser()
+        if place.is_dir() or not _HUB_ID.match(setting):
+            if (place / required).is_file():
+                return place.resolve(), looked
+            return None, [f"DREAMBATCH_RUNNER__I1_FULL={setting} (missing, or no {required})"]
+        found, where = cached_snapshot(setting, required)
+        return found, [] if found else [f"DREAMBATCH_RUNNER__I1_FULL={setting}: {where}"]
+    inside = folder / REFINE_DIR
+    if (inside / required).is_file():
+        return inside, looked
+    looked.append(f"{inside} (absent, or no {required})")
+    found, where = cached_snapshot(I1_FULL_HUB_ID, required)
+    if found is None:
+        looked.append(where)
+    return found, looked
 
 
 def _not_found(model: str, what: str, looked: list[str]) -> str:
     hub_id = EDIT_HUB_IDS[model]
     fixes = [
         f"hf download {hub_id}  (for e1-full, the file {LORA_FILE} is enough)" if model == "e1-full"
-        else f"hf download {hub_id}",
-        f"hf download {REFINE_HUB_ID}  (the refine stage{' and the LoRA base' if model == 'e1-full' else ''})",
+        else f"hf download {hub_id} --include 'transformer/*'",
+        f"hf download {I1_FULL_HUB_ID}" + (" --exclude 'transformer/*'  (its transformer is not needed for e1-1)"
+                                           if model == "e1-1" else "  (the LoRA's base and the components)"),
         f"accept the Llama 3.1 licence on huggingface.co/{LLAMA_HUB_ID}, then hf download {LLAMA_HUB_ID}",
-        f"pass a local E1 folder; put (or link) HiDream-I1-Full in its {REFINE_DIR}/ subfolder",
+        "point at folders you have: DREAMBATCH_RUNNER__I1_FULL (or --i1-full) for HiDream-I1-Full, "
+        "DREAMBATCH_RUNNER__LLAMA (or --llama) for Llama; or put (or link) HiDream-I1-Full in the E1 folder's "
+        f"{REFINE_DIR}/",
         f"pass --weights {TINY} for tiny random weights (tests and smoke runs only)",
     ]
     lines = [f"no {what} for model {model!r}; looked in:", *(f"  - {place}" for place in looked)]
@@ -169,15 +212,32 @@ def add_lora_adapter(transformer: Any, lora: dict[str, Any]) -> str:
     return adapter
 
 
+def load_full_tensors(transformer: Any, full: dict[str, Any]) -> None:
+    """Copy E1-Full's full tensors into the transformer in place (they replace I1-Full's for good: the
+    published script loads them once and its refine state dict aliases them)."""
+    import torch
+
+    tensors = dict(transformer.named_parameters()) | dict(transformer.named_buffers())
+    unknown = sorted(set(full) - set(tensors))
+    if unknown:
+        raise ConfigError(f"E1-Full full tensors name no transformer tensor: {unknown[:5]}")
+    with torch.no_grad():
+        for name, value in full.items():
+            tensors[name].copy_(value)
+
+
 # ---- tiny random weights ---------------------------------------------------------------------------
 
 
 def make_tiny_edit(model: str, out_dir: Path, seed: int = 0) -> Path:
-    """Write a tiny random E1 folder for `model` to `out_dir`, with `refine/transformer/` (I1-Full) inside.
+    """Write a tiny random E1 folder for `model` to `out_dir`, laid out like its hub repository, with a whole
+    tiny HiDream-I1-Full pipeline in `refine/` (the components both E1 scripts load from I1-Full).
 
-    e1-1: `transformer/` is a separately drawn editing transformer.
+    e1-1: `transformer/` is a separately drawn editing transformer, in two shards with an index file (the
+    hub repo ships it sharded); nothing else, as the scripts read nothing else of HiDream-E1-1.
     e1-full: `HiDream-E1-Full.safetensors` holds a LoRA (random, non-zero) and a few perturbed full tensors
-    over the I1-Full stand-in; `transformer/` is that LoRA merged in, as the hub repo ships a merged one.
+    over the I1-Full stand-in; around it a whole pipeline folder (`model_index.json` naming HiDream's editing
+    pipeline class, as published) whose sharded `transformer/` is that LoRA merged in.
     """
     import torch
     from safetensors.torch import save_file
@@ -194,10 +254,16 @@ def make_tiny_edit(model: str, out_dir: Path, seed: int = 0) -> Path:
             edit, adapter_file = tiny_transformer(), None
         else:
             edit, adapter_file = _tiny_lora_over(refine)
-        pipe = tiny_pipeline(make_scheduler("flow_unipc", 3.0), lambda: edit)  # I1-Full's scheduler
-    pipe.save_pretrained(out_dir, safe_serialization=True)
-    refine.save_pretrained(out_dir / REFINE_DIR / "transformer", safe_serialization=True)
-    if adapter_file is not None:
+        pipe = tiny_pipeline(make_scheduler("flow_unipc", 3.0), lambda: refine)  # I1-Full's scheduler
+    pipe.save_pretrained(out_dir / REFINE_DIR, safe_serialization=True)
+    if adapter_file is None:
+        save_sharded(edit, out_dir / "transformer")
+    else:
+        pipe.register_modules(transformer=edit)
+        pipe.save_pretrained(out_dir, safe_serialization=True)
+        index = json.loads((out_dir / "model_index.json").read_text())
+        (out_dir / "model_index.json").write_text(json.dumps({**index, "_class_name": EDITING_PIPELINE}, indent=2))
+        save_sharded(edit, out_dir / "transformer")
         save_file(adapter_file, out_dir / LORA_FILE)
     return out_dir
 
