@@ -16,6 +16,7 @@ from PIL import Image
 from safetensors import safe_open
 from services import fake_hub_snapshot, load_offline
 
+from jobs.errors import ModelError
 from jobs.settings import RunnerSettings
 from worker.runners.base import EditRequest
 from worker.runners.hidream_e1 import HiDreamE1Runner, canvas_size, edit_prompts
@@ -161,10 +162,10 @@ def test_canvas_keeps_aspect_within_the_pixel_budget_for_e1_1_and_is_fixed_for_e
 
 
 def test_a_canvas_the_model_cannot_take_is_refused(runners):
-    with pytest.raises(ValueError, match="fit it to canvas_size"):
+    with pytest.raises(ModelError, match="fit it to canvas_size"):
         runners["e1-full"].edit(request("e1-full", width=64, height=64))
     big = source_image(96, 64)
-    with pytest.raises(ValueError, match="at most"):
+    with pytest.raises(ModelError, match="at most"):
         runners["e1-1"].edit(request("e1-1", image=big, width=96, height=64))
 
 
@@ -303,7 +304,7 @@ def test_e1_full_prompts_follow_its_training_format(runners):
     assert edit_prompts("e1-full", request("e1-full", prompt=full, target_description="")) == (full, "a cat in a hat")
     assert edit_prompts("e1-1", request("e1-1")) == ("make it a watercolor painting",
                                                      "a watercolor painting of a lighthouse")
-    with pytest.raises(ValueError, match="instruction or a prompt"):
+    with pytest.raises(ModelError, match="instruction or a prompt"):
         edit_prompts("e1-1", request("e1-1", instruction=""))
 
     pipe, encoded = runners["e1-full"].load(), []
@@ -369,8 +370,8 @@ def test_components_can_live_anywhere_named_by_settings(tiny_dirs, tmp_path, mon
     found = resolve_edit_weights("e1-1", str(transformer), options)
     assert found.transformer_dir == transformer and found.components.pipeline_dir == i1_full
     assert found.components.llama_dir == llama, "the alias HiDream's READMEs use is found in the cache"
-    explicit = resolve_edit_weights("e1-1", str(transformer), RunnerSettings(i1_full=str(i1_full),
-                                                                            llama=str(tiny / "refine" / "text_encoder_4")))
+    named = RunnerSettings(i1_full=str(i1_full), llama=str(tiny / "refine" / "text_encoder_4"))
+    explicit = resolve_edit_weights("e1-1", str(transformer), named)
     assert explicit.components.llama_dir == tiny / "refine" / "text_encoder_4"
     with pytest.raises(WeightsNotFound, match="DREAMBATCH_RUNNER__LLAMA"):
         resolve_edit_weights("e1-1", str(transformer), RunnerSettings(i1_full=str(i1_full), llama=str(tmp_path)))

@@ -40,7 +40,7 @@ from diffusers.pipelines.hidream_image.pipeline_hidream_image import calculate_s
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
-from jobs.errors import ConfigError
+from jobs.errors import ConfigError, ModelError
 from jobs.models import MODELS
 from jobs.settings import RunnerSettings
 from worker.runners.base import EditRequest, RunOutput
@@ -141,10 +141,10 @@ one) and the switch that sets that transformer up for each stage."""
     def check_canvas(self, width: int, height: int) -> None:
         step = self.vae_scale_factor * self.patch_size
         if width % step or height % step:
-            raise ValueError(f"canvas {width}x{height}: each side must be a multiple of {step}")
+            raise ModelError(f"canvas {width}x{height}: each side must be a multiple of {step}")
         tokens = (width // step) * (height // step)
         if tokens > self.token_budget:
-            raise ValueError(f"canvas {width}x{height} is {tokens} tokens; this model takes at most "
+            raise ModelError(f"canvas {width}x{height} is {tokens} tokens; this model takes at most "
                              f"{self.token_budget} (fit the image with canvas_size first)")
 
     @torch.no_grad()
@@ -167,7 +167,7 @@ one) and the switch that sets that transformer up for each stage."""
         width, height = image.size
         self.check_canvas(width, height)
         if not 0.0 <= refine_strength <= 1.0:
-            raise ValueError(f"refine_strength {refine_strength} is outside 0.0-1.0")
+            raise ModelError(f"refine_strength {refine_strength} is outside 0.0-1.0")
         guided = guidance_scale > 1.0
         refine_from = int(steps * (1.0 - refine_strength))  # HiDream's rule; 0.0 gives `steps`: no refine
 
@@ -246,7 +246,7 @@ def edit_prompts(model: str, request: EditRequest) -> tuple[str, str]:
     if request.prompt.strip():
         prompt = request.prompt.strip()
     elif not instruction:
-        raise ValueError("an edit needs an instruction or a prompt")
+        raise ModelError("an edit needs an instruction or a prompt")
     elif model == "e1-full":
         prompt = f"Editing Instruction: {instruction.rstrip('. ')}."
         prompt += f" Target Image Description: {description}" if description else ""
@@ -353,7 +353,7 @@ class HiDreamE1Runner:
         """Edit `request.image` into `request.num_images` images of the same size, reproducibly for a seed."""
         pipe = self.load()
         if request.image.size != (request.width, request.height):
-            raise ValueError(f"image is {request.image.size[0]}x{request.image.size[1]} but the request says "
+            raise ModelError(f"image is {request.image.size[0]}x{request.image.size[1]} but the request says "
                              f"{request.width}x{request.height}; fit it to canvas_size() first")
         prompt, refine_prompt = edit_prompts(self.model, request)
         generator = torch.Generator(self.device).manual_seed(request.seed)

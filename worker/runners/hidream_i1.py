@@ -25,6 +25,7 @@ from diffusers import (
 )
 from diffusers.configuration_utils import FrozenDict
 
+from jobs.errors import ConfigError, ModelError
 from jobs.settings import RunnerSettings
 from worker.runners.base import GenerateRequest, RunOutput
 from worker.runners.moe import install_moe_dispatch
@@ -63,7 +64,7 @@ def make_scheduler(name: str, shift: float, base_config: FrozenDict | dict | Non
         return FlowMatchLCMScheduler.from_config(base, shift=shift, use_dynamic_shifting=False)
     if name == "flow_euler":
         return FlowMatchEulerDiscreteScheduler.from_config(base, shift=shift, use_dynamic_shifting=False)
-    raise ValueError(f"unknown scheduler {name!r}; expected flow_unipc, flash_flow or flow_euler")
+    raise ModelError(f"unknown scheduler {name!r}; expected flow_unipc, flash_flow or flow_euler")
 
 
 def native_latent_side(patch_size: int, max_resolution: tuple[int, int] | list[int]) -> int:
@@ -79,7 +80,7 @@ def default_dtype(device: str) -> torch.dtype:
 def parse_dtype(dtype: str | None, device: str) -> torch.dtype:
     """A runner's `dtype` argument ("bf16", "fp32", …) as a torch dtype; None = the device's default."""
     if dtype is not None and dtype not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(_DTYPES)}")
+        raise ConfigError(f"unknown dtype {dtype!r}; expected one of {sorted(_DTYPES)}")
     return _DTYPES[dtype] if dtype else default_dtype(device)
 
 

@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from jobs.errors import ConfigError
+
 MODES = ("auto", "grouped", "dense", "off")
 
 
@@ -53,10 +55,10 @@ def install_moe_dispatch(transformer: nn.Module, mode: str = "auto") -> str:
     there, and a later `.to()` would leave the stacks behind (the grouped GEMMs then fail on the mismatch).
     """
     if mode not in MODES:
-        raise ValueError(f"unknown moe mode {mode!r}; expected one of {', '.join(MODES)}")
+        raise ConfigError(f"unknown moe mode {mode!r}; expected one of {', '.join(MODES)}")
     layers = moe_layers(transformer)
     if mode == "grouped" and not hasattr(F, "grouped_mm"):
-        raise ValueError(f"moe mode 'grouped' needs torch.nn.functional.grouped_mm (torch {torch.__version__} "
+        raise ConfigError(f"moe mode 'grouped' needs torch.nn.functional.grouped_mm (torch {torch.__version__} "
                          "has none); use 'auto', 'dense' or 'off'")
     if mode == "auto":
         mode = _auto_mode(layers)
