@@ -1,12 +1,11 @@
-r"""One GPU run for every figure the H200 lease is for: the card's bf16 rate, HiDream-I1 built at real size in
+"""One GPU run for every figure the H200 lease is for: the card's bf16 rate, HiDream-I1 built at real size in
 GPU memory, transformer s/step and MFU per variant, the plain diffusers loop against dreambatch's item path on
 the same pipeline, a micro-batch sweep, E1.1 edit + refine, fp8, compiled blocks, peak memory per memory plan.
 
-What a GPU session runs (the device tool's `run`, with `carry: [".whl"]` and timeout_s 540; the wheels come
+What a GPU session runs (the device tool's `run`, with `carry: [".whl"]` and timeout_s 510; the wheels come
 from `bash bench/gpu_wheels.sh`, run once here):
 
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-        .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD && python3 bench/gpu.py --json $OUT/gpu.json
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD && python3 bench/gpu.py --json $OUT/gpu.json
 
 Anywhere else:
 
@@ -42,7 +41,7 @@ order; each prints its figures as soon as it has them, and `--json` gets them al
 
 `--budget-s` (default 420) bounds the run: a section whose estimate does not fit in the time left is skipped
 and says so, so the script ends inside the lease. Prints figures; never asserts.
-"""
+"""  # noqa: E501 (the device command above stays one line, to copy as it is)
 
 from __future__ import annotations
 
