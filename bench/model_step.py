@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from worker.runners.fullsize import build_transformer, cost, random_inputs  # noqa: E402
+from worker.runners.fullsize import build_transformer, card_peak, cost, random_inputs  # noqa: E402
 from worker.runners.moe import install_moe_dispatch  # noqa: E402
 from worker.runners.padding import install_fold_padding, remove_fold_padding  # noqa: E402
 
@@ -61,10 +61,10 @@ def timed(model, inputs: dict, device: torch.device, repeats: int) -> tuple[floa
     return statistics.median(times), out
 
 
-def variant(model, name: str):
+def variant(model, name: str, backend: str = "inductor"):
     """`model` switched, in place, to what a variant names: routing (diffusers = its own), +fold (padding
-    folded), +compile (each block compiled, full graph). In place, not a copy: a real-size copy would need
-    a second 34 GB."""
+    folded), +compile (each block compiled by `backend`, full graph). In place, not a copy: a real-size copy
+    would need a second 34 GB."""
     parts = name.split("+")
     blocks = [*model.double_stream_blocks, *model.single_stream_blocks]
     for block in blocks:
@@ -73,17 +73,8 @@ def variant(model, name: str):
     (install_fold_padding if "fold" in parts else remove_fold_padding)(model)
     if "compile" in parts:
         for block in blocks:
-            block.compile(fullgraph=True)
+            block.compile(backend=backend, fullgraph=True)
     return model
-
-
-# dense bf16 peaks (TFLOP/s, no sparsity) by the name CUDA reports; --peak-tflops overrides
-PEAKS = {"H200": 989.0, "H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 NVL": 835.0, "H100 PCIe": 756.0,
-         "A100": 312.0, "L40S": 362.0, "B200": 2250.0, "GH200": 989.0}
-
-
-def card_peak(name: str) -> float | None:
-    return next((peak for key, peak in PEAKS.items() if key in name), None)
 
 
 def main() -> None:
@@ -95,7 +86,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--batch-sweep", default="1,2,4", help="micro-batch sizes timed for i1-fast (best variant)")
     ap.add_argument("--peak-tflops", type=float, default=None,
-                    help="the card's dense bf16 peak; default: from the card's name (H100 SXM / H200: 989)")
+                    help="the card's dense bf16 rate; default: fullsize.PEAKS by the card's name (H200: 790 "
+                         "measured, 989 datasheet)")
     args = ap.parse_args()
     variants = args.variants.split(",")
     device = torch.device(args.device)

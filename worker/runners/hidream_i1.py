@@ -114,6 +114,12 @@ def load_pipeline(
     if text_encoders_on(options.text_encoders, device, sum(module_bytes(m) for m in encoders)) == "device":
         for component in encoders:
             component.to(device)
+    return prepare_pipeline(pipe, options)
+
+
+def prepare_pipeline(pipe: HiDreamImagePipeline, options: RunnerSettings) -> HiDreamImagePipeline:
+    """What every dreambatch pipeline gets once its components are placed: the native render area, no
+    progress bars, and the transformer sped up as `options` ask."""
     # The pipeline hard-codes 128 latents a side; render at the area the transformer was built for.
     config = pipe.transformer.config
     pipe.default_sample_size = native_latent_side(config.patch_size, config.max_resolution)
@@ -198,6 +204,12 @@ class HiDreamI1Runner:
         if self._pipe is None:
             self._pipe = self._load()
         return self._pipe
+
+    def use_pipeline(self, pipe: HiDreamImagePipeline, source: str) -> None:
+        """Run on `pipe`, already built and prepared (`prepare_pipeline`), instead of loading weights: a
+        benchmark's random full-size pipeline, shared with the code it is compared with."""
+        self._pipe, self._scheduler_config, self._schedulers = pipe, pipe.scheduler.config, {}
+        self.source, self.revision = source, None
 
     def _load(self) -> HiDreamImagePipeline:
         found = resolve_weights(self.model, self.weights, self.options)
