@@ -507,7 +507,7 @@ def section_e1(b: Bench) -> dict[str, Any]:
     from PIL import Image
 
     from jobs.models import MODELS
-    from worker.runners.hidream_e1 import REFERENCE_SIDE, HiDreamE1Pipeline, StepInfo, TwoTransformers
+    from worker.runners.hidream_e1 import REFERENCE_SIDE, AdapterSwitch, HiDreamE1Pipeline, StepInfo
     from worker.runners.hidream_i1 import make_scheduler
 
     routing = as_runner_sets_it(b)
@@ -520,7 +520,7 @@ def section_e1(b: Bench) -> dict[str, Any]:
     saved = transformer.max_seq, pipe.scheduler
     transformer.max_seq = 2 * tokens  # the edit pass sees [target | source]
     pipe.scheduler = make_scheduler("flow_unipc", 3.0)  # I1-Full's, which the E1 folders' components bring
-    e1 = HiDreamE1Pipeline(pipe, TwoTransformers(transformer, transformer), token_budget=tokens)
+    e1 = HiDreamE1Pipeline(pipe, AdapterSwitch(transformer), token_budget=tokens)
     image = Image.effect_noise((side, side), 64).convert("RGB")
     times: list[tuple[str, float]] = []
 

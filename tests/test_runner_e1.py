@@ -98,12 +98,13 @@ def test_tiny_weights_have_the_hub_layout_with_a_whole_i1_full_inside(tiny_dirs,
 
 @pytest.mark.parametrize("model", EDITING)
 def test_make_tiny_draws_the_shared_parity_weights(tiny_dirs, model):
-    """`models make-tiny` (seed 0) made ../shared/parity's weights; only their arrangement differs."""
+    """`models make-tiny` (seed 0) made ../shared/parity's weights; only their arrangement differs. (The
+    diffusers parts are compared: the text encoders' random init follows the installed transformers' own.)"""
     from test_parity import PARITY
 
     parity = PARITY / "weights" / model
     assert parity.is_dir(), f"no parity weights at {parity}"
-    for part in ("refine/transformer", "refine/vae", "refine/text_encoder_4", *(["transformer"] * (model == "e1-1"))):
+    for part in ("refine/transformer", "refine/vae", *(["transformer"] * (model == "e1-1"))):
         ours, theirs = _tensors(tiny_dirs[model] / part), _tensors(parity / part)
         assert ours.keys() == theirs.keys(), part
         assert all(torch.equal(ours[key], theirs[key]) for key in ours), part
