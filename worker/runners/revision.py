@@ -7,7 +7,7 @@
                              last MiB: a few MiB read for a 30 GB model, the same for a copy of the folder
                              (paths are relative, mtimes ignored), different for new weights or configs
 
-A model read from several places (E1.1 with I1-Full's refine transformer or Llama from the hub cache)
+A model read from several places (E1 with I1-Full's components or Llama from the hub cache)
 joins the revision of each place, in the order resolved: `HiDream-ai/HiDream-E1-1@…+meta-llama/…@…`.
 Workers publish it in their heartbeat and record it on every item they run; the catalog compares it
 with the revision each image was last edited with (docs/catalog.md).
