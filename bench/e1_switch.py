@@ -16,7 +16,7 @@ from worker.runners.base import EditRequest
 from worker.runners.fullsize import build_transformer
 from worker.runners.hidream_e1 import HiDreamE1Runner
 from worker.runners.hidream_i1 import module_bytes
-from worker.runners.weights import make_tiny
+from worker.runners.tiny import make_tiny
 
 
 def main() -> None:

@@ -217,8 +217,9 @@ def section_peak(b: Bench) -> dict[str, Any]:
 
 def section_build(b: Bench) -> dict[str, Any]:
     from jobs.models import MODELS
-    from worker.runners.hidream_i1 import make_scheduler, prepare_pipeline
+    from worker.runners.hidream_i1 import prepare_pipeline
     from worker.runners.moe import describe
+    from worker.runners.schedulers import make_scheduler
 
     preset = MODELS[MODEL].defaults
     scheduler = make_scheduler(preset["scheduler"], preset["shift"])
@@ -226,7 +227,7 @@ def section_build(b: Bench) -> dict[str, Any]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         if b.args.tiny:
-            from worker.runners.weights import tiny_pipeline, tiny_transformer
+            from worker.runners.tiny import tiny_pipeline, tiny_transformer
 
             pipe = tiny_pipeline(scheduler, tiny_transformer)
             for component in pipe.components.values():
@@ -337,7 +338,7 @@ class TransformerClock:
 
 
 def _rows(pair: int, n: int) -> list[dict[str, Any]]:
-    from worker.runners.weights import _CORPUS
+    from worker.runners.tiny import _CORPUS
 
     return [{"prompt": f"{_CORPUS[i % 4]}, take {pair}.{i}", "seed": 1000 * pair + i} for i in range(n)]
 
@@ -413,7 +414,8 @@ def max_pixel_diff(a: dict[int, Path], c: dict[int, Path]) -> int:
 
 
 def section_pipeline(b: Bench) -> dict[str, Any]:
-    from worker.runners.hidream_i1 import HiDreamI1Runner, SeededFlowMatchLCMScheduler
+    from worker.runners.hidream_i1 import HiDreamI1Runner
+    from worker.runners.schedulers import SeededFlowMatchLCMScheduler
 
     routing = as_runner_sets_it(b)
     steps = _steps()
@@ -508,7 +510,7 @@ def section_e1(b: Bench) -> dict[str, Any]:
 
     from jobs.models import MODELS
     from worker.runners.hidream_e1 import REFERENCE_SIDE, AdapterSwitch, HiDreamE1Pipeline, StepInfo
-    from worker.runners.hidream_i1 import make_scheduler
+    from worker.runners.schedulers import make_scheduler
 
     routing = as_runner_sets_it(b)
     pipe, transformer = b.pipe, b.pipe.transformer

@@ -94,7 +94,7 @@ def main() -> None:
     dtype = torch.bfloat16 if device.type in ("cuda", "meta") else torch.float32
 
     if args.weights == "tiny":
-        from worker.runners.weights import tiny_transformer
+        from worker.runners.tiny import tiny_transformer
 
         torch.manual_seed(0)
         base = tiny_transformer().to(device)

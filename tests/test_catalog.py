@@ -705,7 +705,7 @@ def test_the_weights_revision_is_the_hub_commit_or_a_digest_of_configs_and_weigh
     from services import fake_hub_snapshot
 
     from worker.runners.revision import weights_revision
-    from worker.runners.weights import ensure_tiny
+    from worker.runners.tiny import ensure_tiny
 
     tiny = ensure_tiny("e1-1")
     local = weights_revision("e1-1", str(tiny))
@@ -729,7 +729,7 @@ def test_the_weights_revision_is_the_hub_commit_or_a_digest_of_configs_and_weigh
 def test_new_weights_on_the_workers_re_run_every_image_once_then_nothing(
         redis_server, s3_endpoint, tiny_dir, bucket, start_worker, tmp_path):
     from worker.runners.revision import weights_revision
-    from worker.runners.weights import ensure_tiny
+    from worker.runners.tiny import ensure_tiny
 
     s3 = s3_client(s3_endpoint)
     sources = {"products/shoes/1.jpg": photo(1, "jpg"), "products/bags/2.png": photo(2, "png")}

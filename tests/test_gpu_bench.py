@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from worker.runners.fullsize import build_pipeline
-from worker.runners.hidream_i1 import make_scheduler
+from worker.runners.schedulers import make_scheduler
 
 ROOT = Path(__file__).resolve().parent.parent
 SECTIONS = ["peak", "build", "step", "pipeline", "batch", "e1", "fp8", "compile", "plans"]

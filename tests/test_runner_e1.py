@@ -20,8 +20,10 @@ from jobs.errors import ModelError
 from jobs.settings import RunnerSettings
 from worker.runners.base import EditRequest
 from worker.runners.hidream_e1 import HiDreamE1Runner, canvas_size, edit_prompts
-from worker.runners.weights import LLAMA_HUB_ID, WeightsNotFound, make_tiny
-from worker.runners.weights_e1 import LORA_FILE, resolve_edit_weights, split_lora_file
+from worker.runners.layout import LORA_FILE
+from worker.runners.tiny import make_tiny
+from worker.runners.weights import LLAMA_HUB_ID, WeightsNotFound
+from worker.runners.weights_e1 import resolve_edit_weights, split_lora_file
 
 EDITING = ["e1-1", "e1-full"]
 CANVAS = {"e1-1": (64, 48), "e1-full": (48, 48)}  # what canvas_size gives a 4:3 input on the tiny models

@@ -13,7 +13,8 @@ from services import fake_hub_snapshot, load_offline
 
 from worker.runners.base import GenerateRequest
 from worker.runners.hidream_i1 import HiDreamI1Runner, native_latent_side
-from worker.runners.weights import LLAMA_HUB_ID, WeightsNotFound, make_tiny, resolve_weights
+from worker.runners.tiny import make_tiny
+from worker.runners.weights import LLAMA_HUB_ID, WeightsNotFound, resolve_weights
 
 GENERATING = ["i1-fast", "i1-full"]
 PRESET_SCHEDULERS = {"i1-full": "flow_unipc", "i1-fast": "flash_flow"}

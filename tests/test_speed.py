@@ -21,8 +21,8 @@ from worker.runners.hidream_e1 import HiDreamE1Runner
 from worker.runners.hidream_i1 import HiDreamI1Runner
 from worker.runners.moe import grouped_agrees, install_moe_dispatch, moe_layers
 from worker.runners.padding import install_fold_padding, remove_fold_padding
-from worker.runners.weights import make_tiny, tiny_transformer
-from worker.runners.weights_e1 import _tiny_lora_over, add_lora_adapter, split_lora_file
+from worker.runners.tiny import _tiny_lora_over, make_tiny, tiny_transformer
+from worker.runners.weights_e1 import add_lora_adapter, split_lora_file
 from worker.runtime import Runtime
 
 

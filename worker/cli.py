@@ -207,7 +207,7 @@ def sheet(
 @models_app.command("make-tiny")
 def make_tiny(variant: str, directory: Path) -> None:
     """Build a tiny random-weight pipeline for VARIANT (same classes and layout) in DIRECTORY."""
-    from worker.runners.weights import make_tiny as build
+    from worker.runners.tiny import make_tiny as build
 
     if variant not in MODELS:
         raise fail(f"unknown variant {variant!r}; choose one of {', '.join(MODELS)}", 2)

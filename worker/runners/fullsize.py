@@ -122,7 +122,7 @@ def build_pipeline(scheduler: Any, device: str | torch.device = "meta", dtype: t
         T5EncoderModel,
     )
 
-    from worker.runners.weights import _clip_tokenizer, _llama_tokenizer, _t5_tokenizer
+    from worker.runners.tiny import _clip_tokenizer, _llama_tokenizer, _t5_tokenizer
 
     clip, t5, llama = _clip_tokenizer(), _t5_tokenizer(), _llama_tokenizer()
 

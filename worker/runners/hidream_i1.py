@@ -17,54 +17,21 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from diffusers import (
-    FlowMatchEulerDiscreteScheduler,
-    FlowMatchLCMScheduler,
-    HiDreamImagePipeline,
-    UniPCMultistepScheduler,
-)
+from diffusers import HiDreamImagePipeline
 from diffusers.configuration_utils import FrozenDict
 
-from jobs.errors import ConfigError, ModelError
+from jobs.errors import ConfigError
 from jobs.settings import RunnerSettings
 from worker.runners.base import GenerateRequest, RunOutput
 from worker.runners.moe import install_moe_dispatch
 from worker.runners.padding import install_fold_padding
 from worker.runners.revision import pipeline_revision, read_revision
+from worker.runners.schedulers import SeededFlowMatchLCMScheduler, make_scheduler
 from worker.runners.text_cache import TEXT_ENCODERS, PromptCache, TextEmbeds, encode_text, encode_texts
 from worker.runners.weights import ResolvedWeights, resolve_weights
 
 _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
            "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
-
-
-class SeededFlowMatchLCMScheduler(FlowMatchLCMScheduler):
-    """The flash (LCM) flow scheduler, re-noising from the request's generator.
-
-    `HiDreamImagePipeline` calls `scheduler.step` without a generator, so LCM's fresh noise would
-    come from torch's global RNG and the same seed would not give the same image.
-    """
-
-    generator: torch.Generator | list[torch.Generator] | None = None  # a list: one per batch row
-
-    def step(self, *args: Any, **kwargs: Any) -> Any:
-        kwargs.setdefault("generator", self.generator)
-        return super().step(*args, **kwargs)
-
-
-def make_scheduler(name: str, shift: float, base_config: FrozenDict | dict | None = None) -> Any:
-    """One of dreambatch's flow schedulers at `shift`, keeping what else `base_config` sets."""
-    base = dict(base_config or {"num_train_timesteps": 1000})
-    if name == "flow_unipc":
-        return UniPCMultistepScheduler.from_config(
-            base, use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=shift,
-            use_dynamic_shifting=False,
-        )
-    if name == "flash_flow":
-        return FlowMatchLCMScheduler.from_config(base, shift=shift, use_dynamic_shifting=False)
-    if name == "flow_euler":
-        return FlowMatchEulerDiscreteScheduler.from_config(base, shift=shift, use_dynamic_shifting=False)
-    raise ModelError(f"unknown scheduler {name!r}; expected flow_unipc, flash_flow or flow_euler")
 
 
 def native_latent_side(patch_size: int, max_resolution: tuple[int, int] | list[int]) -> int:

@@ -22,6 +22,10 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+from jobs.models import MODELS
+from worker.runners.weights import resolve_weights
+from worker.runners.weights_e1 import resolve_edit_weights
+
 EDGE_BYTES = 1 << 20  # bytes hashed at each end of a weight file
 WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".onnx", ".msgpack", ".h5"}
 CONFIG_PREFIXES = ("config", "tokenizer", "vocab", "merges", "special_tokens", "spiece", "added_tokens")
@@ -31,12 +35,8 @@ _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
 def weights_revision(model: str, weights: str | None) -> str:
     """The revision of the weights a runner for `model` loads from `weights` (as the runners resolve them)."""
-    if model.startswith("e1-"):
-        from worker.runners.weights_e1 import resolve_edit_weights
-
+    if MODELS[model].kind == "edit":
         return edit_revision(resolve_edit_weights(model, weights))
-    from worker.runners.weights import resolve_weights
-
     return pipeline_revision(resolve_weights(model, weights))
 
 

@@ -14,13 +14,12 @@ The I1-Full folder is looked for in `RunnerSettings.i1_full` (a folder or hub id
 then the hub cache; e1-1 falls back to its own folder when that is a whole pipeline. Llama as for I1
 (`weights.llama_dirs`).
 
-`make_tiny_edit` writes the E1 folder with a whole tiny I1-Full pipeline in `refine/`, so tests and smoke
-runs load tiny weights through the same code as real ones.
+`worker.runners.tiny.make_tiny_edit` writes the E1 folder with a whole tiny I1-Full pipeline in `refine/`,
+so tests and smoke runs load tiny weights through the same code as real ones.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import re
 from dataclasses import dataclass
@@ -30,6 +29,8 @@ from typing import Any
 from jobs.errors import ConfigError
 from jobs.models import I1_FULL_HUB_ID, MODELS
 from jobs.settings import RunnerSettings
+from worker.runners.layout import LORA_FILE, REFINE_DIR, TRANSFORMER_CLASS
+from worker.runners.tiny import ensure_tiny
 from worker.runners.weights import (
     _HUB_ID,
     LLAMA_HUB_ID,
@@ -37,26 +38,10 @@ from worker.runners.weights import (
     ResolvedWeights,
     WeightsNotFound,
     cached_snapshot,
-    ensure_tiny,
     llama_dirs,
-    save_sharded,
-    tiny_pipeline,
-    tiny_transformer,
 )
 
 EDIT_HUB_IDS = {name: spec.hub_id for name, spec in MODELS.items() if spec.kind == "edit"}
-LORA_FILE = "HiDream-E1-Full.safetensors"  # E1-Full's LoRA + full tensors over I1-Full, as its repo ships it
-REFINE_DIR = "refine"  # inside an E1 folder: HiDream-I1-Full's pipeline folder (the scripts' HIDREAM_I1_PATH)
-TRANSFORMER_CLASS = "HiDreamImageTransformer2DModel"
-EDITING_PIPELINE = "HiDreamImageEditingPipeline"  # the class HiDream-E1-Full's model_index.json names
-# The modules HiDream's E1-Full LoRA adapts (its published LoraConfig); the tiny build adapts the same.
-LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out", "to_k_t", "to_q_t", "to_v_t", "to_out_t",
-                "w1", "w2", "w3", "final_layer.linear"]
-_TINY_LORA_RANK = 4  # the real one: 16
-_TINY_FULL_TENSORS = ["x_embedder.proj.weight", "x_embedder.proj.bias",
-                      "final_layer.adaLN_modulation.1.weight", "final_layer.adaLN_modulation.1.bias"]
-
-
 @dataclass(frozen=True)
 class ResolvedEditWeights:
     folder: Path  # the E1 weights folder itself (or e1-1's transformer-only folder)
@@ -226,72 +211,3 @@ def load_full_tensors(transformer: Any, full: dict[str, Any]) -> None:
             tensors[name].copy_(value)
 
 
-# ---- tiny random weights ---------------------------------------------------------------------------
-
-
-def make_tiny_edit(model: str, out_dir: Path, seed: int = 0) -> Path:
-    """Write a tiny random E1 folder for `model` to `out_dir`, laid out like its hub repository, with a whole
-    tiny HiDream-I1-Full pipeline in `refine/` (the components both E1 scripts load from I1-Full).
-
-    e1-1: `transformer/` is a separately drawn editing transformer, in two shards with an index file (the
-    hub repo ships it sharded); nothing else, as the scripts read nothing else of HiDream-E1-1.
-    e1-full: `HiDream-E1-Full.safetensors` holds a LoRA (random, non-zero) and a few perturbed full tensors
-    over the I1-Full stand-in; around it a whole pipeline folder (`model_index.json` naming HiDream's editing
-    pipeline class, as published) whose sharded `transformer/` is that LoRA merged in.
-    """
-    import torch
-    from safetensors.torch import save_file
-
-    from worker.runners.hidream_i1 import make_scheduler
-
-    if model not in EDIT_HUB_IDS:
-        raise ConfigError(f"unknown HiDream-E1 model {model!r}; expected one of {sorted(EDIT_HUB_IDS)}")
-    out_dir = Path(out_dir)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        refine = tiny_transformer()
-        if model == "e1-1":
-            edit, adapter_file = tiny_transformer(), None
-        else:
-            edit, adapter_file = _tiny_lora_over(refine)
-        pipe = tiny_pipeline(make_scheduler("flow_unipc", 3.0), lambda: refine)  # I1-Full's scheduler
-    pipe.save_pretrained(out_dir / REFINE_DIR, safe_serialization=True)
-    if adapter_file is None:
-        save_sharded(edit, out_dir / "transformer")
-    else:
-        pipe.register_modules(transformer=edit)
-        pipe.save_pretrained(out_dir, safe_serialization=True)
-        index = json.loads((out_dir / "model_index.json").read_text())
-        (out_dir / "model_index.json").write_text(json.dumps({**index, "_class_name": EDITING_PIPELINE}, indent=2))
-        save_sharded(edit, out_dir / "transformer")
-        save_file(adapter_file, out_dir / LORA_FILE)
-    return out_dir
-
-
-def _tiny_lora_over(base: Any) -> tuple[Any, dict[str, Any]]:
-    """(merged transformer, LoRA file contents) for a random LoRA + full tensors over `base`."""
-    import torch
-    from peft import LoraConfig
-
-    adapted = copy.deepcopy(base)
-    config = LoraConfig(r=_TINY_LORA_RANK, lora_alpha=_TINY_LORA_RANK, target_modules=LORA_TARGETS)
-    adapted.add_adapter(config)  # adapter "default", as in HiDream's file
-    with torch.no_grad():
-        for name, param in adapted.named_parameters():
-            if ".lora_B." in name:  # peft starts B at zero: a LoRA that changes nothing tests nothing
-                param.normal_(0.0, 0.05)
-            elif name in _TINY_FULL_TENSORS:
-                param.add_(torch.randn_like(param), alpha=0.05)
-    state = adapted.state_dict()
-    contents = {key: value.contiguous() for key, value in state.items()
-                if ".lora_" in key or key in _TINY_FULL_TENSORS}
-    merged = copy.deepcopy(base)
-    with torch.no_grad():
-        for name, param in merged.named_parameters():
-            module, kind = name.rsplit(".", 1)
-            a, b = state.get(f"{module}.lora_A.default.{kind}"), state.get(f"{module}.lora_B.default.{kind}")
-            if kind == "weight" and a is not None and b is not None:
-                param.add_(b @ a)  # scale alpha / rank = 1
-            if name in _TINY_FULL_TENSORS:
-                param.copy_(state[name])
-    return merged, contents
