@@ -93,7 +93,8 @@ class RunnerSettings(BaseModel):
     moe: Literal["auto", "grouped", "dense", "off"] = Field(
         "auto", description="expert routing: grouped/dense are sync-free; off = diffusers'; auto picks per device")
     prompt_cache_mb: int = Field(1024, ge=0, description="encoded prompts kept per worker, MiB; 0 = off")
-    memory_plan: Literal["auto", "resident", "text-cpu", "text-stream", "int8", "int8-stream"] = Field(
+    memory_plan: Literal["auto", "resident", "text-cpu", "text-stream", "int8", "stream",
+                         "int8-stream"] = Field(
         "auto", description="what lives on the GPU, what in CPU memory, what in int8 (docs/memory.md); auto: the "
                             "fastest plan that fits the card's free memory (on a CPU device: resident)")
     text_encoders: Literal["auto", "device", "cpu"] = Field(

@@ -202,6 +202,7 @@ def grouped_tensors(module: torch.nn.Module) -> set[int]:
 
 @pytest.mark.parametrize(("plan", "streamed", "same_as"), [
     ("text-stream", memory.TEXT_ENCODERS, "resident"),
+    ("stream", (*memory.TEXT_ENCODERS, "transformer"), "resident"),
     ("int8-stream", (*memory.TEXT_ENCODERS, "transformer"), "int8"),
 ])
 def test_streamed_components_are_hooked_whole_and_give_the_same_images(tiny_dirs, resident, int8_image, monkeypatch,

@@ -9,7 +9,8 @@ two CLIPs (1.6 GB) and a VAE (0.2 GB). A plan says where each part lives; the li
 | `text-cpu`    | GPU, bf16                | CPU memory, encoding on the CPU                 | 48 GB               |
 | `text-stream` | GPU, bf16                | CPU memory, streamed to the GPU layer by layer  | 48 GB               |
 | `int8`        | GPU, int8 weight-only    | streamed; Llama int8 weight-only                | 24 GB               |
-| `int8-stream` | streamed block by block  | streamed; Llama int8 weight-only                | 12 GB and down      |
+| `stream`      | streamed block by block  | streamed                                        | 8 GB (asked for)    |
+| `int8-stream` | streamed, int8           | streamed; Llama int8 weight-only                | 8 GB and down       |
 
 - int8 weight-only is torchao's `Int8WeightOnlyConfig` (per-row scales): every `nn.Linear` of the transformer's
   48 blocks and of Llama's 32 layers (and its `lm_head`), quantized on the device it will run on. The
@@ -78,11 +79,15 @@ PLANS: dict[str, MemoryPlan] = {plan.name: plan for plan in (
                "the text encoders in CPU memory, streamed to the GPU layer by layer to encode"),
     MemoryPlan("int8", "device", "stream", _INT8,
                "transformer and Llama int8 weight-only; the text encoders streamed from CPU memory"),
+    MemoryPlan("stream", "stream", "stream", (),
+               "every component in CPU memory, the transformer streamed to the GPU block by block in bf16"),
     MemoryPlan("int8-stream", "stream", "stream", _INT8,
                "transformer and Llama int8 weight-only, every component streamed from CPU memory"),
 )}
-# what "auto" tries, fastest first. text-stream is not among them: it beats text-cpu only where the host's
-# CPU encodes slower than PCIe moves 27 GB, and it has not run on a GPU yet; text-cpu is what 48 GB cards ran
+# what "auto" tries, fastest first. Not among them: text-stream beats text-cpu only where the host's CPU
+# encodes slower than PCIe moves 27 GB, and text-cpu is what 48 GB cards already ran; stream keeps bf16 on a
+# 24 GB card, and by FLOPs about int8's speed when PCIe keeps up, but pins all 61 GB in host memory (int8
+# pins 19 GB), more than a 24 GB card's desktop usually has. Neither has run on a GPU yet.
 AUTO_ORDER = ("resident", "text-cpu", "int8", "int8-stream")
 PLAN_NAMES = ("auto", *PLANS)
 
