@@ -9,8 +9,8 @@ two CLIPs (1.6 GB) and a VAE (0.2 GB). A plan says where each part lives; the li
 | `text-cpu`    | GPU, bf16                | CPU memory, encoding on the CPU                 | 48 GB               |
 | `text-stream` | GPU, bf16                | CPU memory, streamed to the GPU layer by layer  | 48 GB               |
 | `int8`        | GPU, int8 weight-only    | streamed; Llama int8 weight-only                | 24 GB               |
-| `stream`      | streamed block by block  | streamed                                        | 8 GB (asked for)    |
-| `int8-stream` | streamed, int8           | streamed; Llama int8 weight-only                | 8 GB and down       |
+| `stream`      | streamed block by block  | streamed                                        | < 24 GB (asked for) |
+| `int8-stream` | streamed, int8           | streamed; Llama int8 weight-only                | < 24 GB, down to 8  |
 
 - int8 weight-only is torchao's `Int8WeightOnlyConfig` (per-row scales): every `nn.Linear` of the transformer's
   48 blocks and of Llama's 32 layers (and its `lm_head`), quantized on the device it will run on. The
@@ -86,8 +86,8 @@ PLANS: dict[str, MemoryPlan] = {plan.name: plan for plan in (
 )}
 # what "auto" tries, fastest first. Not among them: text-stream beats text-cpu only where the host's CPU
 # encodes slower than PCIe moves 27 GB, and text-cpu is what 48 GB cards already ran; stream keeps bf16 on a
-# 24 GB card, and by FLOPs about int8's speed when PCIe keeps up, but pins all 61 GB in host memory (int8
-# pins 19 GB), more than a 24 GB card's desktop usually has. Neither has run on a GPU yet.
+# 24 GB card, and by FLOPs about int8's speed when PCIe keeps up, but pins 61 GB in host memory (int8
+# pins 20 GB), more than a 24 GB card's desktop usually has. Neither has run on a GPU yet.
 AUTO_ORDER = ("resident", "text-cpu", "int8", "int8-stream")
 PLAN_NAMES = ("auto", *PLANS)
 
