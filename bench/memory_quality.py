@@ -12,9 +12,9 @@ of the case's images) with the largest pixel difference. Quantizations:
 - `fp8`: torchao float8 (e4m3) weight-only on the same linears, for comparison (no plan uses it).
 - `nf4`: bitsandbytes NF4 on the same linears, for comparison; skipped unless bitsandbytes is importable.
 
-The plain fp32 run is also compared with the case's expected PNGs (a row notes a difference). The weights are tiny and random, so
-these figures say how each method rounds weights of that spread, not how a trained 17 B model's outliers
-fare; real-weight figures need a GPU run. Prints a table; asserts nothing else.
+The plain fp32 run is also compared with the case's expected PNGs (a row notes a difference). The weights are
+tiny and random, so these figures say how each method rounds weights of that spread, not how a trained 17 B
+model's outliers fare; real-weight figures need a GPU run. Prints a table; asserts nothing.
 """
 
 from __future__ import annotations
