@@ -15,7 +15,7 @@ from PIL import Image
 from worker.runners.base import EditRequest
 from worker.runners.fullsize import build_transformer
 from worker.runners.hidream_e1 import HiDreamE1Runner
-from worker.runners.hidream_i1 import module_bytes
+from worker.runners.memory import module_bytes
 from worker.runners.tiny import make_tiny
 
 

@@ -101,15 +101,34 @@ class RunnerSettings(BaseModel):
     moe: Literal["auto", "grouped", "dense", "off"] = Field(
         "auto", description="expert routing: grouped/dense are sync-free; off = diffusers'; auto picks per device")
     prompt_cache_mb: int = Field(1024, ge=0, description="encoded prompts kept per worker, MiB; 0 = off")
+    memory_plan: Literal["auto", "resident", "text-cpu", "text-stream", "int8", "stream",
+                         "int8-stream"] = Field(
+        "auto", description="what lives on the GPU, what in CPU memory, what in int8 (docs/memory.md); auto: the "
+                            "fastest plan that fits the card's free memory (on a CPU device: resident)")
     text_encoders: Literal["auto", "device", "cpu"] = Field(
-        "auto", description="cpu: keep the four text encoders in CPU memory (a GPU short of memory); "
-                            "auto: on the GPU when they fit beside the model with room to run it, else cpu")
+        "auto", description="older spelling of memory_plan, used while memory_plan is auto: cpu = text-cpu, "
+                            "device = resident")
     batch_max: int = Field(1, ge=0, description="most I1 items denoised together; 1 = off, 0 = from free GPU memory")
     batch_window_ms: float = Field(20.0, ge=0, description="how long a batch waits for more items to arrive")
     fold_padding: bool = Field(True, description="non-square latents: one token stands for the padding")
     compile: Literal["off", "inductor", "cudagraphs", "aot_eager", "eager"] = Field(
         "off", description="torch.compile each transformer block with this backend (one graph per block when "
                            "the expert routing is sync-free); the first items pay the compile time")
+
+    @model_validator(mode="after")
+    def _one_memory_setting(self) -> RunnerSettings:
+        if self.memory_plan != "auto" and self.text_encoders != "auto":
+            raise ValueError(
+                f"runner.text_encoders={self.text_encoders!r} and runner.memory_plan={self.memory_plan!r} are both "
+                "set; set memory_plan alone (text_encoders=cpu is memory_plan=text-cpu, device is resident)")
+        return self
+
+    def effective_memory_plan(self) -> str:
+        """`memory_plan`, or while it is auto what the older `text_encoders` asks for (cpu: text-cpu, device:
+        resident)."""
+        if self.memory_plan == "auto":
+            return {"cpu": "text-cpu", "device": "resident"}.get(self.text_encoders, "auto")
+        return self.memory_plan
 
 
 class Settings(BaseSettings):

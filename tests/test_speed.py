@@ -300,20 +300,6 @@ def test_compiled_blocks_with_sync_free_routing_give_the_same_image(runners, tin
     assert np.abs(pixels(plain) - pixels(compiled.generate(request).images[0])).max() <= 1
 
 
-def test_text_encoders_stay_on_the_cpu_when_they_do_not_fit_beside_the_model():
-    from worker.runners.hidream_i1 import encoders_fit, text_encoders_on
-
-    gib = 2**30
-    encoders = 27 * gib  # HiDream's four in bf16
-    assert encoders_fit(encoders, free=44 * gib, total=80 * gib)  # I1 on an 80 GB card: 34 GB transformer
-    assert not encoders_fit(encoders, free=11 * gib, total=80 * gib)  # E1.1's two transformers on 80 GB
-    assert not encoders_fit(encoders, free=13 * gib, total=48 * gib)  # I1 on a 48 GB card
-    assert not encoders_fit(encoders, free=30 * gib, total=80 * gib)  # fits, but leaves no room to run
-    assert encoders_fit(encoders, free=100 * gib, total=141 * gib)  # E1.1 on an H200
-    assert text_encoders_on("auto", "cpu", encoders) == "device"  # a CPU worker: one memory
-    assert text_encoders_on("cpu", "cuda:0", encoders) == "cpu" and text_encoders_on("device", "cpu", 1) == "device"
-
-
 def test_the_prompt_cache_keeps_at_most_its_bytes_dropping_the_least_recently_used():
     from worker.runners.text_cache import PromptCache, TextEmbeds
 

@@ -302,15 +302,15 @@ class HiDreamE1Runner:
         from safetensors.torch import load_file
 
         found = resolve_edit_weights(self.model, self.weights, self.options)
-        # the one transformer, on the GPU before the text encoders are placed (auto): E1.1's own, or
-        # I1-Full's with E1-Full's file over it (LoRA + full tensors, loaded in place as the script does)
+        # the one transformer: E1.1's own, or I1-Full's with E1-Full's file over it (LoRA + full tensors,
+        # loaded in place as the script does); the memory plan places it with the rest
         transformer = HiDreamImageTransformer2DModel.from_pretrained(found.transformer_dir, dtype=self.dtype)
         if found.lora_file is not None:
             lora, full = split_lora_file(load_file(found.lora_file))
             add_lora_adapter(transformer, lora)
             load_full_tensors(transformer, full)
         base = load_pipeline(found.components, self.device, self.dtype, transformer=transformer,
-                             options=self.options)
+                             options=self.options, model=self.model)
         base.transformer.requires_grad_(False)
         # the canvas: ModelSpec.base_size (768 e1-full, 1024 e1-1) scaled to this transformer's native side
         config = base.transformer.config

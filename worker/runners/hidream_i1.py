@@ -10,7 +10,6 @@ as one batch, each from its own seeded generator, so each image equals the one i
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from collections.abc import Callable
@@ -23,11 +22,12 @@ from diffusers.configuration_utils import FrozenDict
 from jobs.errors import ConfigError
 from jobs.settings import RunnerSettings
 from worker.runners.base import GenerateRequest, RunOutput
+from worker.runners.memory import apply_plan, plan_for
 from worker.runners.moe import install_moe_dispatch
 from worker.runners.padding import install_fold_padding
 from worker.runners.revision import pipeline_revision, read_revision
 from worker.runners.schedulers import SeededFlowMatchLCMScheduler, make_scheduler
-from worker.runners.text_cache import TEXT_ENCODERS, PromptCache, TextEmbeds, encode_text, encode_texts
+from worker.runners.text_cache import PromptCache, TextEmbeds, encode_text, encode_texts
 from worker.runners.weights import ResolvedWeights, resolve_weights
 
 _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
@@ -53,12 +53,13 @@ def parse_dtype(dtype: str | None, device: str) -> torch.dtype:
 
 def load_pipeline(
     found: ResolvedWeights, device: str, dtype: torch.dtype, transformer: Any = None,
-    options: RunnerSettings | None = None,
+    options: RunnerSettings | None = None, model: str | None = None,
 ) -> HiDreamImagePipeline:
     """The `HiDreamImagePipeline` in `found` on `device`, with the Llama text encoder found beside it.
 
     `transformer`, when given, replaces the folder's own (which is then not read). `options` picks the
-    expert routing, where the text encoders live and padding folding (`RunnerSettings`).
+    expert routing, the memory plan and padding folding (`RunnerSettings`); `model` sizes the plan's
+    activations (None: the most demanding model's).
     """
     from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -71,16 +72,8 @@ def load_pipeline(
     pipe = HiDreamImagePipeline.from_pretrained(
         found.pipeline_dir, tokenizer_4=tokenizer_4, text_encoder_4=text_encoder_4, dtype=dtype, **extra
     )
-    # the model first; then the text encoders, unless asked (or, auto, too big) to stay in CPU memory, in
-    # which case they never pass through the GPU
-    modules = {name: c for name, c in pipe.components.items() if isinstance(c, torch.nn.Module)}
-    for name, component in modules.items():
-        if name not in TEXT_ENCODERS:
-            component.to(device)
-    encoders = [modules[name] for name in TEXT_ENCODERS if name in modules]
-    if text_encoders_on(options.text_encoders, device, sum(module_bytes(m) for m in encoders)) == "device":
-        for component in encoders:
-            component.to(device)
+    # where each component lives (GPU, CPU memory, streamed from it) and which are int8: worker.runners.memory
+    apply_plan(pipe, plan_for(options.effective_memory_plan(), model, device, pipe).plan, device)
     return prepare_pipeline(pipe, options)
 
 
@@ -93,34 +86,6 @@ def prepare_pipeline(pipe: HiDreamImagePipeline, options: RunnerSettings) -> HiD
     pipe.set_progress_bar_config(disable=True)
     speed_up_transformer(pipe.transformer, options)
     return pipe
-
-
-ACTIVATION_RESERVE = 8 * 2**30  # GPU memory kept free for activations when placing the text encoders (auto)
-
-
-def module_bytes(module: torch.nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
-
-
-def text_encoders_on(choice: str, device: str, encoder_bytes: int) -> str:
-    """Where the text encoders go: "device" or "cpu". `auto` reads the GPU's free memory once the model is
-    on it and keeps the encoders on the CPU unless they fit with `encoders_fit`'s room to spare."""
-    if choice != "auto":
-        return choice
-    if torch.device(device).type != "cuda":
-        return "device"
-    free, total = torch.cuda.mem_get_info(device)
-    where = "device" if encoders_fit(encoder_bytes, free, total) else "cpu"
-    logging.getLogger("dreambatch.worker").info(
-        "text encoders (%.1f GiB) on the %s: %.1f GiB of %.1f GiB free on %s", encoder_bytes / 2**30,
-        "GPU" if where == "device" else "CPU", free / 2**30, total / 2**30, device)
-    return where
-
-
-def encoders_fit(encoder_bytes: int, free: int, total: int) -> bool:
-    """Whether encoders of this size fit in `free` GPU bytes, leaving max(8 GiB, 10% of the card) to run the
-    model (its activations, a micro-batch)."""
-    return encoder_bytes + max(ACTIVATION_RESERVE, total // 10) <= free
 
 
 def _step_callback(on_step: Callable[[int], None]) -> Callable[..., dict]:
@@ -180,7 +145,7 @@ class HiDreamI1Runner:
 
     def _load(self) -> HiDreamImagePipeline:
         found = resolve_weights(self.model, self.weights, self.options)
-        pipe = load_pipeline(found, self.device, self.dtype, options=self.options)
+        pipe = load_pipeline(found, self.device, self.dtype, options=self.options, model=self.model)
         self._scheduler_config = pipe.scheduler.config
         self.source = found.source
         self.revision = read_revision(self.model, lambda: pipeline_revision(found))

@@ -13,7 +13,8 @@ depend only on the input's shape:
   Same FLOPs as diffusers' path. The experts' weights are stacked once at install; each expert's
   `nn.Linear.weight` then views its slice, so nothing is held twice and state dicts are unchanged.
   Needs a device/dtype that `grouped_mm` runs on (bf16 on CUDA SM≥80; fp32 and bf16 on CPU) and plain
-  `nn.Linear` experts: asked for explicitly, layers whose experts carry LoRA adapters (E1-Full) get "dense".
+  `nn.Linear` experts: asked for explicitly, layers whose experts carry LoRA adapters (E1-Full) or int8
+  weights (worker.runners.memory) get "dense".
 - "dense": every routed expert runs on every token and the routing weights (zero for experts not
   picked) mix the results. No gather at all and it calls the expert modules, so LoRA adapters apply;
   costs num_routed/num_activated (2× on HiDream) the routed-expert FLOPs.
@@ -109,7 +110,9 @@ def grouped_agrees(layer: nn.Module, tokens: int = 256) -> bool:
 
 
 def _plain(layer: nn.Module) -> bool:
-    return all(type(getattr(expert, name)) is nn.Linear for expert in layer.experts for name in ("w1", "w2", "w3"))
+    """Experts of plain `nn.Linear`s with plain weights: no LoRA wrapper, no quantized (int8) weight subclass."""
+    return all(type(getattr(expert, name)) is nn.Linear and type(getattr(expert, name).weight) is nn.Parameter
+               for expert in layer.experts for name in ("w1", "w2", "w3"))
 
 
 def _route(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

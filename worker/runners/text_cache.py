@@ -92,7 +92,10 @@ class PromptCache:
 
 
 def encoder_device(pipe) -> torch.device:
-    return pipe.text_encoder_4.device
+    """Where the encoders run: the GPU they stream to (worker.runners.memory), else where their weights are."""
+    from worker.runners.memory import streamed_onto
+
+    return streamed_onto(pipe.text_encoder_4) or pipe.text_encoder_4.device
 
 
 @torch.no_grad()
