@@ -1,10 +1,12 @@
 """Statuses and the transitions between them. Nothing else decides what a status may become.
 
-Items:  queued → running → completed | failed | cancelled
-        running → queued      (a redelivery after a lost worker starts it again)
-        queued → failed       (rejected at submit with --skip-invalid, or over its attempt cap)
-        queued → cancelled    (`cancel JOB`, or never started before the job's --expires-after deadline)
+Items:  queued → running → completed | failed | cancelled   (failed: also over its attempt cap)
+        running → running     (a redelivery after a lost worker starts it again; each start is an attempt)
+        queued → cancelled    (`cancel JOB`, not started before the job's --expires-after deadline, or its
+                              submission never committed)
+        queued → failed       (reconcile: the item's durable record says it failed; the live state missed it)
         failed → queued       (`retry JOB`: the item runs again in a new round, attempts counted)
+        A row rejected at submit (--skip-invalid) is created `failed` and never moves.
 Jobs:   queued → running → completed | failed | cancelled
         `failed` only when every item failed; `completed` when at least one item completed;
         `cancelled` when a cancel was asked and it stopped an item, or when nothing completed and

@@ -1,8 +1,8 @@
 """Per-process resources of a worker: settings, store, object stores and the loaded model.
 
 Built once per process, on first use, in the process that runs tasks (never at import time and
-never before a fork: CUDA does not survive one). Workers use the solo or threads pool, so that
-process is the worker itself.
+never before a fork: CUDA does not survive one). Workers run Celery's threads pool (worker.cli), so
+that process is the worker itself and its item threads share one runtime.
 """
 
 from __future__ import annotations

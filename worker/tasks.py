@@ -12,7 +12,7 @@ from worker.runtime import Runtime
 
 
 def register(app: Celery, runtime: Runtime) -> None:
-    """Register the three tasks on `app`, bound to this process's runtime."""
+    """Register the four tasks on `app`, bound to this process's runtime."""
 
     @app.task(name=keys.TASK_RUN_ITEM, bind=True, max_retries=None, acks_late=True)
     def run_item(self, job_id: str, item_id: str) -> str:
