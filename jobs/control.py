@@ -25,7 +25,7 @@ from celery import Celery
 
 from jobs import broker, records
 from jobs.errors import InputError, JobNotFound, JobStateError
-from jobs.lifecycle import ItemStatus
+from jobs.lifecycle import ItemStatus, JobStatus
 from jobs.models import ItemRecord, JobRecord, Timings, item_event_id
 from jobs.reconcile import reconcile
 from jobs.settings import Settings
@@ -70,13 +70,13 @@ def _end_queued(store: RedisStore, celery: Celery, job: JobRecord, reason: str,
     for item in items:
         if item.status != ItemStatus.QUEUED:
             continue
-        done = item.model_copy(update={"status": ItemStatus.CANCELLED.value, "reason": reason, "updated_at": at})
+        done = item.model_copy(update={"status": ItemStatus.CANCELLED, "reason": reason, "updated_at": at})
         move = store.transition(done, ItemStatus.CANCELLED)
         if move.applied:
             ended.append(item.item_id)
             finalize = finalize or move.job_done
     if job.webhook and ended:
-        events = [item_event_id(job.job_id, i, "cancelled", job.round) for i in ended]
+        events = [item_event_id(job.job_id, i, ItemStatus.CANCELLED, job.round) for i in ended]
         broker.send_webhooks(celery, ((job.job_id, i, event) for i, event in zip(ended, events, strict=True)))
         store.mark_sent(job.job_id, *events)  # a worker that gets one of these items' messages sees it went out
     if finalize:
@@ -93,7 +93,7 @@ def cancel_job(settings: Settings, job_id: str, *, store: RedisStore | None = No
     store, celery = _collaborators(settings, store, celery)
     job = _job(store, job_id)
     if job.finished_at:
-        if job.status == "cancelled":
+        if job.status == JobStatus.CANCELLED:
             return job
         raise JobStateError(f"job {job_id} already ended {job.status}; nothing to cancel")
     # 1. the flag first: a worker that starts an item from now on, or reaches its next step, sees it
@@ -120,7 +120,7 @@ def retry_job(settings: Settings, job_id: str, *, store: RedisStore | None = Non
         if item.status != ItemStatus.FAILED or not item.params:
             continue
         again = item.model_copy(update={
-            "status": ItemStatus.QUEUED.value, "error": None, "reason": None, "output": None,
+            "status": ItemStatus.QUEUED, "error": None, "reason": None, "output": None,
             "round": round_, "round_start_attempts": item.attempts, "enqueued_at": now, "updated_at": at,
             "timings": Timings()})
         if store.transition(again, ItemStatus.QUEUED).applied:
@@ -168,7 +168,7 @@ def expire_due(settings: Settings, *, store: RedisStore | None = None, celery: C
     now = time.time() if now is None else now
     expired: dict[str, list[str]] = {}
     for job in store.get_jobs(store.job_ids(scan)):
-        if job.finished_at or not job.expires_at or job.expires_at > now or not job.counts.get("queued"):
+        if job.finished_at or not job.expires_at or job.expires_at > now or not job.counts.get(ItemStatus.QUEUED):
             continue
         ids = _end_queued(store, celery, job, "expired", store.items(job.job_id))
         if ids:

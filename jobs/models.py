@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from jobs.lifecycle import ItemStatus, JobStatus
+
 OutputFormat = Literal["jpeg", "png", "webp"]
 SchedulerName = Literal["flow_unipc", "flash_flow", "flow_euler"]
 
@@ -201,7 +203,7 @@ class ItemRecord(BaseModel):
     job_id: str
     item_id: str  # the row's `id`, else its line number
     line: int
-    status: str = "queued"
+    status: ItemStatus = ItemStatus.QUEUED
     params: dict[str, Any] = Field(default_factory=dict)  # normalized row, seed resolved
     metadata: dict[str, Any] = Field(default_factory=dict)  # unknown columns, echoed back
     attempts: int = 0
@@ -252,7 +254,7 @@ class JobRecord(BaseModel):
     submit_aborted: bool = False  # its submission failed: nothing of it runs
     review_sheet: bool = False  # write the review contact sheet (sheet.html, sheet.png) when the job ends
     manifest: str | None = None
-    status: str = "queued"
+    status: JobStatus = JobStatus.QUEUED
     total: int = 0
     counts: dict[str, int] = Field(default_factory=dict)
     created_at: str

@@ -281,7 +281,7 @@ def test_a_worker_ends_an_expired_item_it_picks_up_without_running_it(tmp_path):
                                 updated_at=at)])
     ctx = process.Context(settings=Settings(), store=store, runner=no_model, objects=lambda _: objects,
                           notify=lambda *a: None, finalize=finals.append)
-    assert process.process_item(ctx, "j", "i").status == "cancelled"
+    assert process.process_item(ctx, "j", "i").ended == "cancelled"
     item = store.get_item("j", "i")
     assert (item.status, item.reason, item.attempts) == ("cancelled", "expired", 0) and finals == ["j"]
 

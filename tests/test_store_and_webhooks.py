@@ -177,7 +177,7 @@ def test_an_item_that_keeps_losing_its_worker_ends_failed_at_the_attempt_cap(tmp
     ctx = process.Context(settings=settings, store=store, runner=runner, objects=lambda _loc: objects,
                           notify=lambda *a: None, finalize=finals.append)
     outcome = process.process_item(ctx, "j-poison", "a")
-    assert outcome.status == "failed"
+    assert outcome.ended == "failed"
     ended = store.get_item("j-poison", "a")
     assert ended.status == "failed" and "gave up after 3 attempts" in ended.error
     assert finals == ["j-poison"]
@@ -213,11 +213,11 @@ def test_a_redelivered_item_that_ended_sends_its_lost_webhook_once_and_finalizes
     store.mark_sent(job_id, item_event_id(job_id, "b", "completed"))  # b's event did go out
 
     young = process.process_item(ctx, job_id, "c")
-    assert young.status == "skipped" and 0 < young.retry_in <= process.SEND_GRACE + 0.1 and notified == []
-    assert process.process_item(ctx, job_id, "a").status == "skipped"
+    assert young.ended is None and 0 < young.retry_in <= process.SEND_GRACE + 0.1 and notified == []
+    assert process.process_item(ctx, job_id, "a").ended is None
     assert notified == [(job_id, "a", item_event_id(job_id, "a", "completed"))] and finals == [job_id]
-    assert process.process_item(ctx, job_id, "a").status == "skipped"  # a second redelivery: nothing new
-    assert process.process_item(ctx, job_id, "b").status == "skipped"
+    assert process.process_item(ctx, job_id, "a").ended is None  # a second redelivery: nothing new
+    assert process.process_item(ctx, job_id, "b").ended is None
     assert len(notified) == 1 and finals == [job_id]  # one finalize nudge, not one per redelivery
 
     # a finalize of a job that ended just now leaves its event to the finalizer that ended it, for a while

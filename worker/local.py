@@ -61,7 +61,7 @@ def run_local(manifest: Path, *, model: str, defaults: dict[str, Any], out: str,
             queue.appendleft(item_id)
             continue
         if on_item:
-            on_item(item_id, outcome.status)
+            on_item(item_id, str(outcome))
         _flush_events(ctx, events)
 
     # 3. finalize (results.jsonl) and send the job's event

@@ -16,9 +16,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from jobs import fal, keys, logs, records
+from jobs import fal, keys, lifecycle, logs, records
 from jobs.errors import ConfigError, InputError, ItemCancelled, ModelError, TransientError
-from jobs.lifecycle import TERMINAL_ITEM, ItemStatus, job_outcome
+from jobs.lifecycle import ItemStatus, job_outcome
 from jobs.models import EXTENSIONS, ItemOutput, ItemRecord, JobRecord, OutputImage, item_event_id, job_event_id
 from jobs.settings import Settings
 from jobs.storage import ObjectStore, key_of
@@ -48,8 +48,14 @@ class Context:
 
 @dataclass(frozen=True)
 class Outcome:
-    status: str  # the item's status after this call, or "skipped"
+    """What one call did with an item: ended it (`ended`), or left it be, and why (`note`)."""
+
+    ended: ItemStatus | None = None  # the status this call ended the item with
+    note: str = ""  # when it did not end it: what happened instead, in words
     retry_in: float | None = None  # set: run this item again after so many seconds
+
+    def __str__(self) -> str:
+        return self.ended.value if self.ended else self.note
 
 
 def process_item(ctx: Context, job_id: str, item_id: str) -> Outcome:
@@ -63,7 +69,7 @@ def _process_item(ctx: Context, job_id: str, item_id: str) -> Outcome:
     job = ctx.store.get_job(job_id)
     if item is None or job is None:
         log.warning("item %s/%s not found; dropping its message", job_id, item_id)
-        return Outcome("skipped")
+        return Outcome(note="not found")
     if ItemStatus(item.status).terminal:  # a redelivery: finish what a lost worker may have left undone
         return _announce_again(ctx, job, item)
     if job.submitting:  # its submission has not committed: hold the item back, or drop it if it never will
@@ -72,7 +78,7 @@ def _process_item(ctx: Context, job_id: str, item_id: str) -> Outcome:
         if job.submit_aborted or (job.submitting and age > ctx.settings.celery.submit_grace):
             return _end(ctx, item, ItemStatus.CANCELLED, "its submission did not complete, so nothing of it runs")
         if job.submitting:
-            return Outcome("waiting for its submission", retry_in=1.0)
+            return Outcome(note="waiting for its submission", retry_in=1.0)
     # a cancelled job's items, and items not started before the job's deadline, end here, unrun
     if job.cancel_requested:
         return _end(ctx, item, ItemStatus.CANCELLED, None, reason="cancelled")
@@ -85,13 +91,13 @@ def _process_item(ctx: Context, job_id: str, item_id: str) -> Outcome:
         token, wait = ctx.leases.acquire(job_id, item_id)
         if token is None:
             log.info("item %s/%s is running elsewhere; trying again in %.1fs", job_id, item_id, wait)
-            return Outcome("running elsewhere", retry_in=wait + 0.5)
+            return Outcome(note="running elsewhere", retry_in=wait + 0.5)
     try:
         # a job with --max-concurrency runs this item only when it gets one of the job's slots
         if job.max_concurrency:
             lease = ctx.settings.celery.task_time_limit + 60
             if not ctx.store.acquire_slot(job_id, item_id, job.max_concurrency, lease):
-                return Outcome("queued", retry_in=ctx.settings.celery.slot_wait)
+                return Outcome(note="waiting for a concurrency slot", retry_in=ctx.settings.celery.slot_wait)
         try:
             return _attempt(ctx, job, item)
         finally:
@@ -121,7 +127,7 @@ def _attempt(ctx: Context, job: JobRecord, item: ItemRecord) -> Outcome:
         item.timings.queue_wait_s = round(started - item.enqueued_at, 4)
     move = ctx.store.transition(item, ItemStatus.RUNNING, count_attempt=True)
     if not move.applied:
-        return Outcome("skipped")
+        return Outcome(note="skipped")
     item.attempts = move.attempts
     this_round = move.attempts - item.round_start_attempts
     if this_round > ctx.settings.celery.max_attempts:
@@ -157,7 +163,7 @@ def _attempt(ctx: Context, job: JobRecord, item: ItemRecord) -> Outcome:
         if this_round >= ctx.settings.celery.max_attempts:
             return _end(ctx, item, ItemStatus.FAILED, f"{exc} (after {this_round} attempts)")
         log.warning("item %s/%s attempt %d: %s; retrying", item.job_id, item.item_id, item.attempts, exc)
-        return Outcome("running", retry_in=webhooks.backoff(this_round, 1.0, 30.0))
+        return Outcome(note=f"retrying: {exc}", retry_in=webhooks.backoff(this_round, 1.0, 30.0))
     except Exception as exc:  # a model bug must not take the worker down with it
         log.exception("item %s/%s failed", item.job_id, item.item_id)
         return _end(ctx, item, ItemStatus.FAILED, f"{type(exc).__name__}: {exc}")
@@ -254,7 +260,7 @@ def _end(ctx: Context, item: ItemRecord, status: ItemStatus, error: str | None,
     item.error = error
     item.reason = reason
     item.updated_at = now_iso()
-    item.status = status.value
+    item.status = status
     item.model_revision = ctx.revision() or item.model_revision  # the weights it ran with (loaded by now)
     if status == ItemStatus.COMPLETED and item.timings.started_at:
         item.timings.total_s = round(time.time() - item.timings.started_at, 4)
@@ -262,7 +268,7 @@ def _end(ctx: Context, item: ItemRecord, status: ItemStatus, error: str | None,
     records.write_item_result(ctx.objects(job.output), item)  # durable before the live state says so
     move = ctx.store.transition(item, status)
     if not move.applied:
-        return Outcome("skipped")
+        return Outcome(note="skipped")
     log.info("item %s/%s %s%s", item.job_id, item.item_id, status.value, f" ({reason})" if reason else "",
              extra={"status": status.value, "error": error})
     if ctx.metrics:
@@ -271,7 +277,7 @@ def _end(ctx: Context, item: ItemRecord, status: ItemStatus, error: str | None,
         _notify(ctx, item.job_id, item.item_id, item_event_id(item.job_id, item.item_id, status.value, item.round))
     if move.job_done:
         ctx.finalize(item.job_id)
-    return Outcome(status.value)
+    return Outcome(status)
 
 
 SEND_GRACE = 5.0  # s the process that ended an item or a job has to publish its event before another does
@@ -315,11 +321,11 @@ def _announce_again(ctx: Context, job: JobRecord, item: ItemRecord) -> Outcome:
             _send_if_unsent(ctx, item.job_id, item.item_id,
                             item_event_id(item.job_id, item.item_id, item.status, item.round), item.updated_at)
         except SendLater as later:
-            return Outcome("skipped", retry_in=later.seconds)
-    if not job.finished_at and job.total and sum(job.counts.get(s, 0) for s in TERMINAL_ITEM) >= job.total \
+            return Outcome(note="skipped", retry_in=later.seconds)
+    if not job.finished_at and job.total and lifecycle.ended(job.counts) >= job.total \
             and ctx.store.nudge_finalize(item.job_id, NUDGE_EVERY):
         ctx.finalize(item.job_id)
-    return Outcome("skipped")
+    return Outcome(note="skipped")
 
 
 def finalize_job(ctx: Context, job_id: str) -> str | None:
@@ -332,7 +338,7 @@ def finalize_job(ctx: Context, job_id: str) -> str | None:
         if job.webhook:
             _send_if_unsent(ctx, job_id, None, job_event_id(job_id, job.status, job.round), job.finished_at)
         return None
-    if job.counts.get("queued", 0) or job.counts.get("running", 0):
+    if job.counts.get(ItemStatus.QUEUED, 0) or job.counts.get(ItemStatus.RUNNING, 0):
         return None  # a late duplicate for a job that `retry` re-opened: its last item finalizes it
     # 2. results: one line per manifest row, in manifest order
     uri, _ = records.write_results(ctx.objects(job.output), job_id, ctx.store.items(job_id))

@@ -21,11 +21,11 @@ def register(app: Celery, runtime: Runtime) -> None:
             outcome = process.process_item(runtime.context(), job_id, item_id)
         finally:
             runtime.active.discard((job_id, item_id))
-        if outcome.status in ("completed", "failed", "cancelled"):
+        if outcome.ended:
             runtime.ended += 1
         if outcome.retry_in is not None:
             raise self.retry(countdown=outcome.retry_in)
-        return outcome.status
+        return str(outcome)
 
     @app.task(name=keys.TASK_FINALIZE_JOB, bind=True, max_retries=10, acks_late=True)
     def finalize_job(self, job_id: str) -> str | None:

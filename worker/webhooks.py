@@ -22,6 +22,7 @@ import httpx
 
 from jobs import netguard
 from jobs.errors import TransientError
+from jobs.lifecycle import JobStatus
 from jobs.models import ItemRecord, JobRecord
 
 USER_AGENT = "dreambatch-webhooks/1"
@@ -53,7 +54,7 @@ def job_payload(job: JobRecord) -> dict[str, Any]:
         "status": job.status,
         "counts": {"total": job.total, **job.counts},
         "output": {"results": job.results_uri},
-        "error": None if job.status != "failed" else "every item failed",
+        "error": None if job.status != JobStatus.FAILED else "every item failed",
         "metadata": {},
         "created_at": job.created_at,
         "updated_at": job.finished_at or job.updated_at,
