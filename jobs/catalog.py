@@ -38,7 +38,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from jobs import broker, dialects, keys, netguard, records, templates
-from jobs.errors import ConfigError, InputError, TransientError
+from jobs.errors import ConfigError, ErrorKind, InputError, TransientError, recorded_kind
 from jobs.identity import Identities, Identity
 from jobs.inputs import InputPolicy
 from jobs.lifecycle import ItemStatus
@@ -342,9 +342,9 @@ class Ledger:
 
 
 def input_failure(line: dict[str, Any]) -> bool:
-    """Whether a failed results line failed because of its input: rejected at submit (never attempted), or
-    an InputError on the worker (the image would not fetch, decode or fit)."""
-    return not line.get("attempts") or str(line.get("error") or "").startswith("InputError:")
+    """Whether a failed results line failed because of its input: rejected at submit, or an input error on
+    the worker (the image would not fetch, decode or fit; its URL was refused)."""
+    return recorded_kind(line) == ErrorKind.INPUT
 
 
 def fold(ledger: Ledger, objects: ObjectStore, store: Store, name: str) -> tuple[list[str], dict[str, str]]:

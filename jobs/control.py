@@ -120,7 +120,7 @@ def retry_job(settings: Settings, job_id: str, *, store: RedisStore | None = Non
         if item.status != ItemStatus.FAILED or not item.params:
             continue
         again = item.model_copy(update={
-            "status": ItemStatus.QUEUED, "error": None, "reason": None, "output": None,
+            "status": ItemStatus.QUEUED, "error": None, "error_kind": None, "reason": None, "output": None,
             "round": round_, "round_start_attempts": item.attempts, "enqueued_at": now, "updated_at": at,
             "timings": Timings()})
         if store.transition(again, ItemStatus.QUEUED).applied:

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from jobs.errors import ErrorKind, recorded_kind
 from jobs.lifecycle import ItemStatus, JobStatus
 
 OutputFormat = Literal["jpeg", "png", "webp"]
@@ -209,7 +210,8 @@ class ItemRecord(BaseModel):
     attempts: int = 0
     seed: int | None = None
     output: ItemOutput | None = None
-    error: str | None = None
+    error: str | None = None  # why it ended without its output, for people: "InputError: not a JPEG…"
+    error_kind: ErrorKind | None = None  # the same for code: what kind of failure (jobs.errors), set with `error`
     timings: Timings = Field(default_factory=Timings)
     enqueued_at: float | None = None
     reason: str | None = None  # why it was cancelled: "cancelled" (cancel JOB) or "expired" (--expires-after)
@@ -219,6 +221,14 @@ class ItemRecord(BaseModel):
     created_at: str
     updated_at: str
 
+    @model_validator(mode="before")
+    @classmethod
+    def _kind_of_an_older_record(cls, data: Any) -> Any:
+        """A record written before kinds were stored gets the kind its message names (jobs.errors)."""
+        if isinstance(data, dict) and data.get("error") and not data.get("error_kind"):
+            data = {**data, "error_kind": recorded_kind(data)}
+        return data
+
     def result_line(self) -> dict[str, Any]:
         """The item's line in results.jsonl."""
         return {
@@ -226,6 +236,7 @@ class ItemRecord(BaseModel):
             "line": self.line,
             "status": self.status,
             "error": self.error,
+            "error_kind": self.error_kind,
             "reason": self.reason,
             "seed": self.seed,
             "metadata": self.metadata,

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from jobs import keys, records
-from jobs.errors import JobNotFound
+from jobs.errors import ErrorKind, JobNotFound
 from jobs.lifecycle import ItemStatus, JobStatus, job_outcome
 from jobs.models import ItemOutput, ItemRecord, JobRecord, Timings
 from jobs.storage import ObjectStore
@@ -74,11 +74,11 @@ def _item(job: JobRecord, row: dict[str, Any], result: dict[str, Any] | None) ->
     if result is not None and ItemStatus(result["status"]).terminal:
         output = result.get("output")
         return ItemRecord(**base, status=result["status"], seed=result.get("seed"), error=result.get("error"),
-                          attempts=int(result.get("attempts") or 0),
+                          error_kind=result.get("error_kind"), attempts=int(result.get("attempts") or 0),
                           output=ItemOutput.model_validate(output) if output and output.get("images") else None,
                           timings=Timings.model_validate(result.get("timings") or {}))
     if row.get("error") and not params:  # rejected at submit (--skip-invalid)
-        return ItemRecord(**base, status=ItemStatus.FAILED, error=row["error"])
+        return ItemRecord(**base, status=ItemStatus.FAILED, error=row["error"], error_kind=ErrorKind.INPUT)
     return ItemRecord(**base, seed=params.get("seed"))
 
 

@@ -23,7 +23,7 @@ import redis.exceptions
 from kombu.exceptions import KombuError
 
 from jobs import inputs, lifecycle, records
-from jobs.errors import DreambatchError, InputError, TransientError
+from jobs.errors import DreambatchError, ErrorKind, InputError, TransientError
 from jobs.inputs import InputPolicy
 from jobs.lifecycle import ItemStatus
 from jobs.manifest import CheckedRow, CheckReport, Issue, RowChecker, check_manifest, input_policy, validate_manifest
@@ -85,7 +85,8 @@ def _item(job_id: str, row: CheckedRow, at: str, objects: ObjectStore, max_bytes
                           enqueued_at=time.time())
     error = "; ".join(str(i) for i in row.issues)
     return ItemRecord(job_id=job_id, item_id=row.item_id, line=row.line, status=ItemStatus.FAILED,
-                      metadata=row.metadata, error=f"invalid row: {error}", created_at=at, updated_at=at)
+                      metadata=row.metadata, error=f"invalid row: {error}", error_kind=ErrorKind.INPUT,
+                      created_at=at, updated_at=at)
 
 
 def _fan_out(manifest: Path, job: JobRecord, model: str, defaults: dict[str, Any], policy: InputPolicy,

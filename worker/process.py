@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from jobs import fal, keys, lifecycle, logs, records
-from jobs.errors import ConfigError, InputError, ItemCancelled, ModelError, TransientError
+from jobs.errors import ConfigError, ErrorKind, Failure, InputError, ItemCancelled, ModelError, TransientError
 from jobs.lifecycle import ItemStatus, job_outcome
 from jobs.models import EXTENSIONS, ItemOutput, ItemRecord, JobRecord, OutputImage, item_event_id, job_event_id
 from jobs.settings import Settings
@@ -70,20 +70,21 @@ def _process_item(ctx: Context, job_id: str, item_id: str) -> Outcome:
     if item is None or job is None:
         log.warning("item %s/%s not found; dropping its message", job_id, item_id)
         return Outcome(note="not found")
-    if ItemStatus(item.status).terminal:  # a redelivery: finish what a lost worker may have left undone
+    if item.status.terminal:  # a redelivery: finish what a lost worker may have left undone
         return _announce_again(ctx, job, item)
     if job.submitting:  # its submission has not committed: hold the item back, or drop it if it never will
         job = _await_commit(ctx, job)
         age = time.time() - datetime.fromisoformat(job.created_at).timestamp()
         if job.submit_aborted or (job.submitting and age > ctx.settings.celery.submit_grace):
-            return _end(ctx, item, ItemStatus.CANCELLED, "its submission did not complete, so nothing of it runs")
+            return _end(ctx, item, ItemStatus.CANCELLED, Failure(
+                ErrorKind.CANCELLED, "its submission did not complete, so nothing of it runs"))
         if job.submitting:
             return Outcome(note="waiting for its submission", retry_in=1.0)
     # a cancelled job's items, and items not started before the job's deadline, end here, unrun
     if job.cancel_requested:
-        return _end(ctx, item, ItemStatus.CANCELLED, None, reason="cancelled")
+        return _end(ctx, item, ItemStatus.CANCELLED, reason="cancelled")
     if job.expires_at and time.time() >= job.expires_at and item.status == ItemStatus.QUEUED:
-        return _end(ctx, item, ItemStatus.CANCELLED, None, reason="expired")
+        return _end(ctx, item, ItemStatus.CANCELLED, reason="expired")
 
     # 2. take the item's execution lease: a second delivery of an item running elsewhere waits for it
     token = None
@@ -131,8 +132,8 @@ def _attempt(ctx: Context, job: JobRecord, item: ItemRecord) -> Outcome:
     item.attempts = move.attempts
     this_round = move.attempts - item.round_start_attempts
     if this_round > ctx.settings.celery.max_attempts:
-        return _end(ctx, item, ItemStatus.FAILED,
-                    f"gave up after {this_round - 1} attempts that did not finish (worker lost or timed out)")
+        return _end(ctx, item, ItemStatus.FAILED, Failure(
+            ErrorKind.LOST, f"gave up after {this_round - 1} attempts that did not finish (worker lost or timed out)"))
     log.info("item %s/%s started (attempt %d)", item.job_id, item.item_id, move.attempts)
 
     try:
@@ -156,20 +157,20 @@ def _attempt(ctx: Context, job: JobRecord, item: ItemRecord) -> Outcome:
         item.timings.upload_s = round(time.perf_counter() - t0, 4)
     except ItemCancelled as exc:
         log.info("item %s/%s stopped: %s", item.job_id, item.item_id, exc)
-        return _end(ctx, item, ItemStatus.CANCELLED, None, reason="cancelled")
+        return _end(ctx, item, ItemStatus.CANCELLED, reason="cancelled")
     except (InputError, ModelError, ConfigError) as exc:
-        return _end(ctx, item, ItemStatus.FAILED, f"{type(exc).__name__}: {exc}")
+        return _end(ctx, item, ItemStatus.FAILED, Failure.of(exc))
     except TransientError as exc:
         if this_round >= ctx.settings.celery.max_attempts:
-            return _end(ctx, item, ItemStatus.FAILED, f"{exc} (after {this_round} attempts)")
+            return _end(ctx, item, ItemStatus.FAILED, Failure.of(exc, f"{exc} (after {this_round} attempts)"))
         log.warning("item %s/%s attempt %d: %s; retrying", item.job_id, item.item_id, item.attempts, exc)
         return Outcome(note=f"retrying: {exc}", retry_in=webhooks.backoff(this_round, 1.0, 30.0))
     except Exception as exc:  # a model bug must not take the worker down with it
         log.exception("item %s/%s failed", item.job_id, item.item_id)
-        return _end(ctx, item, ItemStatus.FAILED, f"{type(exc).__name__}: {exc}")
+        return _end(ctx, item, ItemStatus.FAILED, Failure.of(exc))
 
     # 7. record the result, notify, and finalize the job if this was its last item
-    return _end(ctx, item, ItemStatus.COMPLETED, None)
+    return _end(ctx, item, ItemStatus.COMPLETED)
 
 
 def _stop_if_cancelled(ctx: Context, item: ItemRecord) -> None:
@@ -255,9 +256,10 @@ def _upload(objects: ObjectStore, item: ItemRecord, images, out: ItemOutput) -> 
     return out
 
 
-def _end(ctx: Context, item: ItemRecord, status: ItemStatus, error: str | None,
+def _end(ctx: Context, item: ItemRecord, status: ItemStatus, failure: Failure | None = None,
          reason: str | None = None) -> Outcome:
-    item.error = error
+    item.error = failure.message if failure else None
+    item.error_kind = failure.kind if failure else None
     item.reason = reason
     item.updated_at = now_iso()
     item.status = status
@@ -270,7 +272,7 @@ def _end(ctx: Context, item: ItemRecord, status: ItemStatus, error: str | None,
     if not move.applied:
         return Outcome(note="skipped")
     log.info("item %s/%s %s%s", item.job_id, item.item_id, status.value, f" ({reason})" if reason else "",
-             extra={"status": status.value, "error": error})
+             extra={"status": status.value, "error": item.error, "error_kind": item.error_kind})
     if ctx.metrics:
         ctx.metrics.item_ended(job.model, status.value, item.timings)
     if job.webhook:

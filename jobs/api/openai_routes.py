@@ -30,6 +30,7 @@ from jobs.api.service import (
     submit,
     wait_for,
 )
+from jobs.errors import ErrorKind
 from jobs.lifecycle import ItemStatus
 from jobs.models import MAX_SEED, MODELS, JobRecord
 from jobs.submit import ManifestInvalid
@@ -112,7 +113,7 @@ def images_response(svc: Services, job: JobRecord, base_url: str, response_forma
     if failed:
         item = failed[0]
         error = item.error or f"the request was {item.status}"
-        client_fault = error.startswith(("InputError", "invalid row")) or item.status == ItemStatus.CANCELLED
+        client_fault = item.error_kind == ErrorKind.INPUT or item.status == ItemStatus.CANCELLED
         raise ApiError(400 if client_fault else 500, error, type_="invalid_request_error" if client_fault
                        else "server_error", code=item.status.value if item.status == ItemStatus.CANCELLED else None)
     data, prompt = [], None
