@@ -6,6 +6,7 @@ import base64
 import os
 
 import pytest
+from PIL import Image
 from standardwebhooks.webhooks import Webhook
 
 from jobs.lifecycle import ItemStatus, JobStatus
@@ -179,9 +180,40 @@ def test_an_item_that_keeps_losing_its_worker_ends_failed_at_the_attempt_cap(tmp
     outcome = process.process_item(ctx, "j-poison", "a")
     assert outcome.ended == "failed"
     ended = store.get_item("j-poison", "a")
-    assert ended.status == "failed" and "gave up after 3 attempts" in ended.error
+    assert ended.status == "failed" and "gave up after 3 attempts" in ended.error and ended.error_kind == "lost"
     assert finals == ["j-poison"]
     assert (tmp_path / "j-poison" / "items" / "a.json").is_file()
+
+
+def test_a_request_the_runner_refuses_fails_its_item_as_a_model_error_and_the_worker_goes_on(tmp_path):
+    """Whatever a runner raises that is not one of ours (a ValueError for a request it refuses) fails that item
+    with error_kind "model"; the next item runs."""
+    from jobs.settings import Settings
+    from jobs.storage import LocalStore
+    from worker import process
+    from worker.runners.base import RunOutput
+
+    class Refusing:
+        model = "i1-fast"
+
+        def generate(self, request, on_step=None):
+            if request.prompt == "refused":
+                raise ValueError("requests denoised together must share one batch key")
+            return RunOutput([Image.new("RGB", (16, 16))], request.seed, 0.01)
+
+    params = {"negative_prompt": "", "width": 16, "height": 16, "seed": 1, "steps": 1, "guidance_scale": 0.0,
+              "shift": 3.0, "scheduler": "flash_flow", "num_images": 1, "output_format": "png", "output_quality": 90}
+    store, objects = MemoryStore(), LocalStore(str(tmp_path))
+    store.create_job(_job("j-model", 2).model_copy(update={"output": str(tmp_path)}))
+    store.add_items([_item("j-model", i, n).model_copy(update={"params": {**params, "prompt": i}})
+                     for n, i in enumerate(("refused", "fine"), 1)])
+    ctx = process.Context(settings=Settings(), store=store, runner=Refusing, objects=lambda _loc: objects,
+                          notify=lambda *a: None, finalize=lambda _: None)
+    assert process.process_item(ctx, "j-model", "refused").ended == "failed"
+    assert process.process_item(ctx, "j-model", "fine").ended == "completed"
+    refused = store.get_item("j-model", "refused")
+    assert refused.error == "ModelError: ValueError: requests denoised together must share one batch key"
+    assert refused.error_kind == "model"
 
 
 def test_a_redelivered_item_that_ended_sends_its_lost_webhook_once_and_finalizes_the_job(store, tmp_path):

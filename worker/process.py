@@ -12,12 +12,22 @@ import base64
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 
 from jobs import fal, keys, lifecycle, logs, records
-from jobs.errors import ConfigError, ErrorKind, Failure, InputError, ItemCancelled, ModelError, TransientError
+from jobs.errors import (
+    ConfigError,
+    DreambatchError,
+    ErrorKind,
+    Failure,
+    InputError,
+    ItemCancelled,
+    ModelError,
+    TransientError,
+)
 from jobs.lifecycle import ItemStatus, job_outcome
 from jobs.models import EXTENSIONS, ItemOutput, ItemRecord, JobRecord, OutputImage, item_event_id, job_event_id
 from jobs.settings import Settings
@@ -145,7 +155,7 @@ def _attempt(ctx: Context, job: JobRecord, item: ItemRecord) -> Outcome:
         else:
             runner = ctx.runner()  # (loads the model on first use in local mode: not a wait for the GPU)
             asked = time.time()
-            with ctx.gpu_lock:
+            with ctx.gpu_lock, _model_failures():
                 _stop_if_cancelled(ctx, item)
                 result = runner.generate(_request(item), on_step=_step_check(ctx, item))
             _record_model_time(item, result, asked)
@@ -165,7 +175,7 @@ def _attempt(ctx: Context, job: JobRecord, item: ItemRecord) -> Outcome:
             return _end(ctx, item, ItemStatus.FAILED, Failure.of(exc, f"{exc} (after {this_round} attempts)"))
         log.warning("item %s/%s attempt %d: %s; retrying", item.job_id, item.item_id, item.attempts, exc)
         return Outcome(note=f"retrying: {exc}", retry_in=webhooks.backoff(this_round, 1.0, 30.0))
-    except Exception as exc:  # a model bug must not take the worker down with it
+    except Exception as exc:  # a bug must not take the worker down with it
         log.exception("item %s/%s failed", item.job_id, item.item_id)
         return _end(ctx, item, ItemStatus.FAILED, Failure.of(exc))
 
@@ -210,7 +220,8 @@ def _run_edit(ctx: Context, job: JobRecord, item: ItemRecord) -> tuple[list, Ite
         raise InputError(str(exc)) from None
     shaped = geometry.to_shape(source, target, p["geometry"])
     runner = ctx.runner()
-    canvas_size = runner.canvas_size(*shaped.size)
+    with _model_failures():
+        canvas_size = runner.canvas_size(*shaped.size)
     canvas, box = geometry.fit(shaped, canvas_size, p["geometry"])
     request = EditRequest(
         image=canvas, instruction=p["instruction"], target_description=p["target_description"],
@@ -220,12 +231,26 @@ def _run_edit(ctx: Context, job: JobRecord, item: ItemRecord) -> tuple[list, Ite
     )
     check = _step_check(ctx, item)
     asked = time.time()
-    with ctx.gpu_lock:
+    with ctx.gpu_lock, _model_failures():
         _stop_if_cancelled(ctx, item)
         result = runner.edit(request, on_step=lambda info: check(info.index))
     _record_model_time(item, result, asked)
     output = ItemOutput(seed=item.seed, processed_size=list(canvas_size), input_size=list(source.size))
     return [geometry.unfit(image, box, target) for image in result.images], output
+
+
+@contextmanager
+def _model_failures() -> Iterator[None]:
+    """The runner's boundary: what a runner raises that is not one of ours (a ValueError for a request it
+    refuses, a RuntimeError from torch) is the model failing on this item, a ModelError (the original chained
+    and logged). A cancel from `on_step`, a ModelError or a ConfigError a runner raises pass through as they are."""
+    try:
+        yield
+    except DreambatchError:
+        raise
+    except Exception as exc:
+        log.exception("the model failed on this item")
+        raise ModelError(f"{type(exc).__name__}: {exc}") from exc
 
 
 def _record_model_time(item: ItemRecord, result, asked: float) -> None:
