@@ -19,7 +19,10 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Iterable
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from itertools import islice
 
 from celery import Celery
 
@@ -60,21 +63,41 @@ def _job(store: RedisStore, job_id: str) -> JobRecord:
     return job
 
 
+HOLD_S = 30.0  # s cancel or expiry holds a queued item's execution lease while it ends the item
+HOLD_BATCH = 100  # items held at a time
+
+
+@contextmanager
+def _held(store: RedisStore, job_id: str, items: list[ItemRecord]) -> Iterator[list[ItemRecord]]:
+    """The items among `items` still queued once their execution leases (worker.leases) are held here, as
+    they are now; an item whose lease a worker holds is that worker's to end. Released on the way out."""
+    token = f"control-{uuid.uuid4().hex}"
+    held = [i for i in items if not store.acquire_lease(job_id, i.item_id, token, HOLD_S)]
+    try:
+        now = (store.get_item(job_id, i.item_id) for i in held)
+        yield [item for item in now if item is not None and item.status == ItemStatus.QUEUED]
+    finally:
+        for item in held:
+            store.release_lease(job_id, item.item_id, token)
+
+
 def _end_queued(store: RedisStore, celery: Celery, job: JobRecord, reason: str,
                 items: Iterable[ItemRecord]) -> list[str]:
-    """Move the queued ones among `items` to cancelled (atomically: a worker that starts one first wins);
-    send their webhooks, and finalize the job if one of them was its last item to end."""
+    """Move the queued ones among `items` to cancelled, each under its execution lease: a worker that starts
+    one first wins, and that item is left to it. Send their webhooks, and finalize the job if one of them was
+    its last item to end."""
     ended: list[str] = []
     finalize = False
     at = now_iso()
-    for item in items:
-        if item.status != ItemStatus.QUEUED:
-            continue
-        done = item.model_copy(update={"status": ItemStatus.CANCELLED, "reason": reason, "updated_at": at})
-        move = store.transition(done, ItemStatus.CANCELLED)
-        if move.applied:
-            ended.append(item.item_id)
-            finalize = finalize or move.job_done
+    queued = (item for item in items if item.status == ItemStatus.QUEUED)
+    while batch := list(islice(queued, HOLD_BATCH)):
+        with _held(store, job.job_id, batch) as still_queued:
+            for item in still_queued:
+                done = item.model_copy(update={"status": ItemStatus.CANCELLED, "reason": reason, "updated_at": at})
+                move = store.transition(done, ItemStatus.CANCELLED)
+                if move.applied:
+                    ended.append(item.item_id)
+                    finalize = finalize or move.job_done
     if job.webhook and ended:
         events = [item_event_id(job.job_id, i, ItemStatus.CANCELLED, job.round) for i in ended]
         broker.send_webhooks(celery, ((job.job_id, i, event) for i, event in zip(ended, events, strict=True)))
