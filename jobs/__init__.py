@@ -8,6 +8,7 @@ The flow, in the order an item meets it:
     models.py       rows, job and item records: data only
     submit.py       fan-out: the job record, item records, one Celery task per valid row (broker.py publishes)
     lifecycle.py    statuses and the moves between them; store.py makes each move, atomically, in Redis
+    ending.py       how an item ends, for every caller: its record, the move, its webhook, the finalize
     records.py      the durable record in object storage (storage.py): job.json, rows.jsonl, items/, results.jsonl
     (worker/)       the tasks run the model and write the outputs; see worker/__init__.py
     control.py      cancel, retry, resume, expiry; reconcile.py rebuilds the live state from the durable record

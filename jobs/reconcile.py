@@ -1,10 +1,12 @@
 """Rebuild a job's live state from its durable record, after Redis lost its data.
 
-The record under the job's output location (jobs.records) is enough: job.json is the spec,
-rows.jsonl holds every row's normalized params, items/{item}.json is written *before* the live
-state says an item ended. So an item with a result record ended (its recorded status, output, seed,
-error and attempts are restored); a row rejected at submit is a failed item; every other item is
-queued and its task is published again. Nothing that ended is run twice.
+The record under the job's output location (jobs.records) is enough: job.json is the spec (and
+its cancel flag), rows.jsonl holds every row's normalized params, and items/{item}.json is written
+*before* the live state says an item ended, whoever ends it (jobs.ending: a worker, `cancel JOB`,
+the expiry sweep). So an item with a result record ended (its recorded status, output, seed, error,
+error kind, attempts and timings are restored); a row rejected at submit is a failed item; every
+other item is queued and its task is published again. Nothing that ended is run twice. A job whose
+items have all ended is finalized, or put back in its terminal state if its results.jsonl exists.
 
 When Redis still has the job, nothing is recreated: missing items are added, items whose result
 record exists but whose live status is not terminal are moved to the recorded status, and items

@@ -237,7 +237,7 @@ def test_a_redelivered_item_that_ended_sends_its_lost_webhook_once_and_finalizes
         raise AssertionError("an item that ended must not reach the model again")
 
     ctx = process.Context(settings=Settings(), store=store, runner=runner, objects=lambda _: LocalStore(str(tmp_path)),
-                          notify=lambda *event: notified.append(event), finalize=finals.append)
+                          notify=notified.extend, finalize=finals.append)
     c.updated_at = now_iso()  # c ended just now
     for item in (a, b, c):  # all ended; the worker died before publishing a's and c's events and finalizing
         store.transition(item, ItemStatus.RUNNING, count_attempt=True)

@@ -7,7 +7,7 @@ The flow of one item (a message carries ids only):
     local.py        `dreambatch run`: the same item path in one process, no Redis, no S3
     runtime.py      per-process resources, built on first use: store, object stores, the loaded runner
     process.py      one item, in numbered steps: load → lease → attempt → fetch input → model → encode +
-                    upload → record, notify, finalize; and one job's finalization (results.jsonl)
+                    upload → end (jobs.ending); and one job's finalization (results.jsonl)
     inputs.py       an edit's input bytes (S3, checked URLs, staged files); imaging.py decodes and encodes;
                     geometry.py fits an input to the model's canvas and back
     runners/        base.py is the seam; one file per model family (hidream_i1.py, hidream_e1.py)

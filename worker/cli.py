@@ -114,7 +114,7 @@ def _expiry_chore(settings, runtime, celery):
     log = logging.getLogger("dreambatch.worker")
 
     def chore() -> None:
-        for job_id, ids in expire_due(settings, store=runtime.store, celery=celery).items():
+        for job_id, ids in expire_due(settings, store=runtime.store, celery=celery, objects=runtime.objects).items():
             log.info("job %s: %d item(s) expired before they started", job_id, len(ids), extra={"job_id": job_id})
 
     return chore

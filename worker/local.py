@@ -36,7 +36,7 @@ def run_local(manifest: Path, *, model: str, defaults: dict[str, Any], out: str,
     finals: list[str] = []
     events: list[tuple[str, str | None, str]] = []
     ctx = process.Context(settings=settings, store=store, runner=runtime.runner, objects=lambda _loc: objects,
-                          notify=lambda j, i, e: events.append((j, i, e)), finalize=finals.append,
+                          notify=events.extend, finalize=finals.append,
                           revision=lambda: runtime.model_revision)
 
     # 1. validate and create the job; queued ids land in a local queue

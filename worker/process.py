@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from jobs import fal, keys, lifecycle, logs, records
+from jobs.ending import Publish, announce, end_item
 from jobs.errors import (
     ConfigError,
     DreambatchError,
@@ -48,7 +49,7 @@ class Context:
     store: Store
     runner: Callable[[], Runner]  # the loaded model of this process
     objects: Callable[[str], ObjectStore]  # output location → store
-    notify: Callable[[str, str | None, str], None]  # (job_id, item_id or None, event_id)
+    notify: Publish  # publish webhook messages: [(job_id, item_id or None, event_id)]
     finalize: Callable[[str], None]  # (job_id)
     gpu_lock: threading.Lock = field(default_factory=threading.Lock)
     leases: Leases | None = None  # None in local mode, where one consumer runs items one at a time
@@ -86,15 +87,15 @@ def _process_item(ctx: Context, job_id: str, item_id: str) -> Outcome:
         job = _await_commit(ctx, job)
         age = time.time() - datetime.fromisoformat(job.created_at).timestamp()
         if job.submit_aborted or (job.submitting and age > ctx.settings.celery.submit_grace):
-            return _end(ctx, item, ItemStatus.CANCELLED, Failure(
+            return _end(ctx, job, item, ItemStatus.CANCELLED, Failure(
                 ErrorKind.CANCELLED, "its submission did not complete, so nothing of it runs"))
         if job.submitting:
             return Outcome(note="waiting for its submission", retry_in=1.0)
     # a cancelled job's items, and items not started before the job's deadline, end here, unrun
     if job.cancel_requested:
-        return _end(ctx, item, ItemStatus.CANCELLED, reason="cancelled")
+        return _end(ctx, job, item, ItemStatus.CANCELLED, reason="cancelled")
     if job.expires_at and time.time() >= job.expires_at and item.status == ItemStatus.QUEUED:
-        return _end(ctx, item, ItemStatus.CANCELLED, reason="expired")
+        return _end(ctx, job, item, ItemStatus.CANCELLED, reason="expired")
 
     # 2. take the item's execution lease: a second delivery of an item running elsewhere waits for it
     token = None
@@ -142,7 +143,7 @@ def _attempt(ctx: Context, job: JobRecord, item: ItemRecord) -> Outcome:
     item.attempts = move.attempts
     this_round = move.attempts - item.round_start_attempts
     if this_round > ctx.settings.celery.max_attempts:
-        return _end(ctx, item, ItemStatus.FAILED, Failure(
+        return _end(ctx, job, item, ItemStatus.FAILED, Failure(
             ErrorKind.LOST, f"gave up after {this_round - 1} attempts that did not finish (worker lost or timed out)"))
     log.info("item %s/%s started (attempt %d)", item.job_id, item.item_id, move.attempts)
 
@@ -167,20 +168,20 @@ def _attempt(ctx: Context, job: JobRecord, item: ItemRecord) -> Outcome:
         item.timings.upload_s = round(time.perf_counter() - t0, 4)
     except ItemCancelled as exc:
         log.info("item %s/%s stopped: %s", item.job_id, item.item_id, exc)
-        return _end(ctx, item, ItemStatus.CANCELLED, reason="cancelled")
+        return _end(ctx, job, item, ItemStatus.CANCELLED, reason="cancelled")
     except (InputError, ModelError, ConfigError) as exc:
-        return _end(ctx, item, ItemStatus.FAILED, Failure.of(exc))
+        return _end(ctx, job, item, ItemStatus.FAILED, Failure.of(exc))
     except TransientError as exc:
         if this_round >= ctx.settings.celery.max_attempts:
-            return _end(ctx, item, ItemStatus.FAILED, Failure.of(exc, f"{exc} (after {this_round} attempts)"))
+            return _end(ctx, job, item, ItemStatus.FAILED, Failure.of(exc, f"{exc} (after {this_round} attempts)"))
         log.warning("item %s/%s attempt %d: %s; retrying", item.job_id, item.item_id, item.attempts, exc)
         return Outcome(note=f"retrying: {exc}", retry_in=webhooks.backoff(this_round, 1.0, 30.0))
     except Exception as exc:  # a bug must not take the worker down with it
         log.exception("item %s/%s failed", item.job_id, item.item_id)
-        return _end(ctx, item, ItemStatus.FAILED, Failure.of(exc))
+        return _end(ctx, job, item, ItemStatus.FAILED, Failure.of(exc))
 
-    # 7. record the result, notify, and finalize the job if this was its last item
-    return _end(ctx, item, ItemStatus.COMPLETED)
+    # 7. record the result, move it, notify, and finalize the job if this was its last item
+    return _end(ctx, job, item, ItemStatus.COMPLETED)
 
 
 def _stop_if_cancelled(ctx: Context, item: ItemRecord) -> None:
@@ -281,29 +282,20 @@ def _upload(objects: ObjectStore, item: ItemRecord, images, out: ItemOutput) -> 
     return out
 
 
-def _end(ctx: Context, item: ItemRecord, status: ItemStatus, failure: Failure | None = None,
+def _end(ctx: Context, job: JobRecord, item: ItemRecord, status: ItemStatus, failure: Failure | None = None,
          reason: str | None = None) -> Outcome:
-    item.error = failure.message if failure else None
-    item.error_kind = failure.kind if failure else None
-    item.reason = reason
-    item.updated_at = now_iso()
-    item.status = status
-    item.model_revision = ctx.revision() or item.model_revision  # the weights it ran with (loaded by now)
+    """End the item as every caller does (jobs.ending: record, move, notify, finalize), with what only this
+    process knows: the weights it ran with and its attempt's time."""
+    item.model_revision = ctx.revision() or item.model_revision  # (loaded by now)
     if status == ItemStatus.COMPLETED and item.timings.started_at:
         item.timings.total_s = round(time.time() - item.timings.started_at, 4)
-    job = ctx.store.get_job(item.job_id)
-    records.write_item_result(ctx.objects(job.output), item)  # durable before the live state says so
-    move = ctx.store.transition(item, status)
-    if not move.applied:
+    if not end_item(ctx.store, ctx.objects(job.output), job, item, status, publish=ctx.notify,
+                    finalize=ctx.finalize, failure=failure, reason=reason):
         return Outcome(note="skipped")
     log.info("item %s/%s %s%s", item.job_id, item.item_id, status.value, f" ({reason})" if reason else "",
              extra={"status": status.value, "error": item.error, "error_kind": item.error_kind})
     if ctx.metrics:
         ctx.metrics.item_ended(job.model, status.value, item.timings)
-    if job.webhook:
-        _notify(ctx, item.job_id, item.item_id, item_event_id(item.job_id, item.item_id, status.value, item.round))
-    if move.job_done:
-        ctx.finalize(item.job_id)
     return Outcome(status)
 
 
@@ -320,10 +312,8 @@ class SendLater(Exception):
 
 
 def _notify(ctx: Context, job_id: str, item_id: str | None, event_id: str) -> None:
-    """Publish an event's webhook message, then note it went out (a crash between the two gives a duplicate
-    with the same webhook-id, never a lost event)."""
-    ctx.notify(job_id, item_id, event_id)
-    ctx.store.mark_sent(job_id, event_id)
+    """Publish an event's webhook message, then note it went out (jobs.ending.announce)."""
+    announce(ctx.store, ctx.notify, [(job_id, item_id, event_id)])
 
 
 def _send_if_unsent(ctx: Context, job_id: str, item_id: str | None, event_id: str, ended_at: str) -> None:

@@ -115,7 +115,7 @@ class Runtime:
     def context(self) -> Context:
         return Context(
             settings=self.settings, store=self.store, runner=self.runner, objects=self.objects,
-            notify=lambda job_id, item_id, event_id: broker.send_webhook(self.app, job_id, item_id, event_id),
+            notify=lambda events: broker.send_webhooks(self.app, events),
             finalize=lambda job_id: broker.send_finalize(self.app, job_id),
             gpu_lock=self._model_lock or self.gpu_lock, leases=self.leases, metrics=self.metrics,
             revision=lambda: self.model_revision,
