@@ -4,9 +4,10 @@ The record under the job's output location (jobs.records) is enough: job.json is
 its cancel flag), rows.jsonl holds every row's normalized params, and items/{item}.json is written
 *before* the live state says an item ended, whoever ends it (jobs.ending: a worker, `cancel JOB`,
 the expiry sweep). So an item with a result record ended (its recorded status, output, seed, error,
-error kind, attempts and timings are restored); a row rejected at submit is a failed item; every
-other item is queued and its task is published again. Nothing that ended is run twice. A job whose
-items have all ended is finalized, or put back in its terminal state if its results.jsonl exists.
+error kind, reason, attempts, timings and weights revision are restored); a row rejected at submit
+is a failed item; every other item is queued and its task is published again. Nothing that ended is
+run twice. A job whose items have all ended is finalized, or put back in its terminal state if its
+results.jsonl exists.
 
 When Redis still has the job, nothing is recreated: missing items are added, items whose result
 record exists but whose live status is not terminal are moved to the recorded status, and items
@@ -76,7 +77,8 @@ def _item(job: JobRecord, row: dict[str, Any], result: dict[str, Any] | None) ->
     if result is not None and ItemStatus(result["status"]).terminal:
         output = result.get("output")
         return ItemRecord(**base, status=result["status"], seed=result.get("seed"), error=result.get("error"),
-                          error_kind=result.get("error_kind"), attempts=int(result.get("attempts") or 0),
+                          error_kind=result.get("error_kind"), reason=result.get("reason"),
+                          model_revision=result.get("model_revision"), attempts=int(result.get("attempts") or 0),
                           output=ItemOutput.model_validate(output) if output and output.get("images") else None,
                           timings=Timings.model_validate(result.get("timings") or {}))
     if row.get("error") and not params:  # rejected at submit (--skip-invalid)

@@ -216,5 +216,5 @@ def test_cancel_records_queued_items_before_they_move_so_a_rebuild_keeps_them_ca
     rebuilt = MemoryStore()  # Redis lost the job
     report = reconcile(job_id, objects, rebuilt, lambda ids: pytest.fail(f"{ids} queued again"), lambda _: None)
     assert (report.ended, report.requeued, report.finalized) == (3, 0, True)
-    assert {i.item_id: i.status for i in rebuilt.items(job_id)} == {"a": "completed", "b": "cancelled",
-                                                                   "c": "cancelled"}
+    assert {i.item_id: (i.status, i.reason) for i in rebuilt.items(job_id)} == {
+        "a": ("completed", None), "b": ("cancelled", "cancelled"), "c": ("cancelled", "cancelled")}
