@@ -14,17 +14,19 @@ The caller sets what only it knows (the weights revision, the item's timings) an
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 
 from jobs import records
 from jobs.errors import Failure
 from jobs.lifecycle import ItemStatus
 from jobs.models import ItemRecord, JobRecord, item_event_id
 from jobs.storage import ObjectStore
-from jobs.store import Store
+from jobs.store import Store, Transition
 from jobs.submit import now_iso
 
 Event = tuple[str, str | None, str]  # one webhook message: (job_id, item_id or None for the job's own, event_id)
 Publish = Callable[[list[Event]], None]
+AT_ONCE = 16  # items of one call ended side by side (each one's record write, then its move)
 
 
 def end_items(store: Store, objects: ObjectStore, job: JobRecord, items: Iterable[ItemRecord], status: ItemStatus,
@@ -32,24 +34,28 @@ def end_items(store: Store, objects: ObjectStore, job: JobRecord, items: Iterabl
               reason: str | None = None) -> list[str]:
     """End each of `items` (of `job`, whose record lives in `objects`) as `status`, with `failure` (why it has
     no output) or `reason` (why it was cancelled). Returns the ids of those this call ended."""
-    ended: list[ItemRecord] = []
-    last = False
     at = now_iso()
-    for item in items:
+
+    def end(item: ItemRecord) -> Transition:
         item.status, item.reason, item.updated_at = status, reason, at
         item.error, item.error_kind = (failure.message, failure.kind) if failure else (None, None)
         # 1. the durable record, then 2. the move
         records.write_item_result(objects, item)
-        move = store.transition(item, status)
-        if move.applied:
-            ended.append(item)
-            last = last or move.job_done
+        return store.transition(item, status)
+
+    items = list(items)
+    if len(items) > 1:  # several items (a cancel): their records are written side by side, each before its move
+        with ThreadPoolExecutor(min(AT_ONCE, len(items)), thread_name_prefix="end-items") as pool:
+            moves = list(pool.map(end, items))
+    else:
+        moves = [end(item) for item in items]
+    ended = [item for item, move in zip(items, moves, strict=True) if move.applied]
     # 3. the events of the items this call ended, together
     if job.webhook and ended:
         announce(store, publish, [(job.job_id, i.item_id, item_event_id(job.job_id, i.item_id, status, i.round))
                                   for i in ended])
     # 4. the finalize, once
-    if last:
+    if any(move.job_done for move in moves):
         finalize(job.job_id)
     return [i.item_id for i in ended]
 
