@@ -156,9 +156,10 @@ def _attempt(ctx: Context, job: JobRecord, item: ItemRecord) -> Outcome:
         else:
             runner = ctx.runner()  # (loads the model on first use in local mode: not a wait for the GPU)
             asked = time.time()
-            with ctx.gpu_lock, _model_failures():
+            with ctx.gpu_lock:
                 _stop_if_cancelled(ctx, item)
-                result = runner.generate(_request(item), on_step=_step_check(ctx, item))
+                with _model_failures():
+                    result = runner.generate(_request(item), on_step=_step_check(ctx, item))
             _record_model_time(item, result, asked)
             images, output = result.images, ItemOutput(seed=item.seed)
 
@@ -232,9 +233,10 @@ def _run_edit(ctx: Context, job: JobRecord, item: ItemRecord) -> tuple[list, Ite
     )
     check = _step_check(ctx, item)
     asked = time.time()
-    with ctx.gpu_lock, _model_failures():
+    with ctx.gpu_lock:
         _stop_if_cancelled(ctx, item)
-        result = runner.edit(request, on_step=lambda info: check(info.index))
+        with _model_failures():
+            result = runner.edit(request, on_step=lambda info: check(info.index))
     _record_model_time(item, result, asked)
     output = ItemOutput(seed=item.seed, processed_size=list(canvas_size), input_size=list(source.size))
     return [geometry.unfit(image, box, target) for image in result.images], output
