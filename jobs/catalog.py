@@ -38,9 +38,10 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from jobs import broker, dialects, keys, netguard, records, templates
-from jobs.errors import ConfigError, InputError, TransientError
+from jobs.errors import ConfigError, ErrorKind, InputError, TransientError, recorded_kind
 from jobs.identity import Identities, Identity
 from jobs.inputs import InputPolicy
+from jobs.lifecycle import ItemStatus
 from jobs.manifest import CheckedRow, Issue, RawRow, RowChecker, input_policy, read_rows
 from jobs.models import EXTENSIONS, MODELS, OUTPUT_KEY_PATTERN, ItemRecord, row_class
 from jobs.presets import get_preset
@@ -321,12 +322,12 @@ class Ledger:
         (a rejected row, an image that does not decode) counts one more failed run in a row for that
         fingerprint. Other failures (S3 or the broker down, a model error, a lost worker) and cancelled items
         change nothing: the image is tried again next run, however often that happens."""
-        if line["status"] == "completed":
+        if line["status"] == ItemStatus.COMPLETED:
             self.entries[key] = {"fp": fp, "job_id": job_id, "at": now_iso(),
                                  "outputs": [i["s3_uri"] for i in line["output"]["images"]],
                                  "model_revision": line.get("model_revision")}
             self.failures.pop(key, None)
-        elif line["status"] == "failed" and input_failure(line):
+        elif line["status"] == ItemStatus.FAILED and input_failure(line):
             before = self.failures.get(key)
             count = before["count"] + 1 if before and before["fp"] == fp else 1
             self.failures[key] = {"fp": fp, "count": count, "error": str(line.get("error") or "")[:500],
@@ -341,9 +342,9 @@ class Ledger:
 
 
 def input_failure(line: dict[str, Any]) -> bool:
-    """Whether a failed results line failed because of its input: rejected at submit (never attempted), or
-    an InputError on the worker (the image would not fetch, decode or fit)."""
-    return not line.get("attempts") or str(line.get("error") or "").startswith("InputError:")
+    """Whether a failed results line failed because of its input: rejected at submit, or an input error on
+    the worker (the image would not fetch, decode or fit; its URL was refused)."""
+    return recorded_kind(line) == ErrorKind.INPUT
 
 
 def fold(ledger: Ledger, objects: ObjectStore, store: Store, name: str) -> tuple[list[str], dict[str, str]]:

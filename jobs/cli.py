@@ -18,9 +18,10 @@ from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from jobs import broker, export, keys, netguard
+from jobs import broker, export, keys, lifecycle, netguard
 from jobs.control import cancel_job, parse_duration, resume_job, retry_job
 from jobs.errors import ConfigError, DreambatchError, InputError, JobNotFound
+from jobs.lifecycle import ItemStatus, JobStatus
 from jobs.manifest import input_policy, parse_sets, validate_manifest
 from jobs.models import MODELS, JobRecord, event_item_id, item_event_id
 from jobs.presets import job_defaults
@@ -137,7 +138,7 @@ def submit(
         err.print(f"queued {sub.queued} item(s), rejected {sub.rejected}", highlight=False)
     if wait:
         job = _watch(job_id, quiet=json_)
-        raise typer.Exit(0 if job.status == "completed" else 1)
+        raise typer.Exit(0 if job.status == JobStatus.COMPLETED else 1)
 
 
 @app.command()
@@ -240,10 +241,9 @@ def _top_tables(view) -> Group:
         if j["finished_at"]:
             continue
         c = j["counts"]
-        ended = sum(c.get(s, 0) for s in ("completed", "failed", "cancelled"))
         status = j["status"] + (" (cancelling)" if j["cancel_requested"] else "")
-        jobs.add_row(j["job_id"], j["model"], j["priority"], status, f"{ended}/{j['total']}", str(c.get("running", 0)),
-                     str(c.get("failed", 0)), str(c.get("cancelled", 0)))
+        jobs.add_row(j["job_id"], j["model"], j["priority"], status, f"{lifecycle.ended(c)}/{j['total']}",
+                     str(c.get("running", 0)), str(c.get("failed", 0)), str(c.get("cancelled", 0)))
     return Group(queues, workers, jobs)
 
 
@@ -308,8 +308,7 @@ def _load_job(job_id: str) -> JobRecord:
 
 
 def _status_object(job: JobRecord) -> dict:
-    counts = {"total": job.total, **{k: job.counts.get(k, 0) for k in
-                                     ("queued", "running", "completed", "failed", "cancelled")}}
+    counts = {"total": job.total, **{s.value: job.counts.get(s, 0) for s in ItemStatus}}
     return {"job_id": job.job_id, "status": job.status, "model": job.model, "counts": counts,
             "results": job.results_uri, "created_at": job.created_at, "finished_at": job.finished_at,
             "priority": job.priority, "cancel_requested": job.cancel_requested, "round": job.round}
@@ -325,7 +324,7 @@ def _watch(job_id: str, quiet: bool = False, interval: float = 0.5) -> JobRecord
         start = time.monotonic()
         while True:
             job = _load_job(job_id)
-            ended = sum(job.counts.get(k, 0) for k in ("completed", "failed", "cancelled"))
+            ended = lifecycle.ended(job.counts)
             rate = ended / max(time.monotonic() - start, 1e-6)
             progress.update(bar, completed=ended, failed=job.counts.get("failed", 0), rate=rate)
             if job.finished_at:

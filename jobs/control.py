@@ -1,7 +1,8 @@
 """Job control: cancel, retry, resume, expiry. Plain functions over the store and the broker, called by
 the CLI (`dreambatch cancel|retry|resume JOB`), the HTTP API and the I/O worker (expiry sweep).
 
-- cancel: the job's cancel flag goes up; every queued item ends `cancelled` (reason "cancelled") at once;
+- cancel: the job's cancel flag goes up; every queued item ends `cancelled` (reason "cancelled") at once,
+  the way a worker ends an item (jobs.ending: its record first, then the move, its webhook, the finalize);
   a running item stops at its next denoising step (the worker reads the flag there) or, if it is past
   the model already, finishes. Outputs already written stay and are listed in results. The job ends
   `cancelled` (with its webhook) when its last running item ends.
@@ -19,14 +20,18 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Iterable
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from itertools import islice
 
 from celery import Celery
 
 from jobs import broker, records
+from jobs.ending import end_items
 from jobs.errors import InputError, JobNotFound, JobStateError
-from jobs.lifecycle import ItemStatus
-from jobs.models import ItemRecord, JobRecord, Timings, item_event_id
+from jobs.lifecycle import ItemStatus, JobStatus
+from jobs.models import ItemRecord, JobRecord, Timings
 from jobs.reconcile import reconcile
 from jobs.settings import Settings
 from jobs.storage import ObjectStore, open_store
@@ -60,27 +65,36 @@ def _job(store: RedisStore, job_id: str) -> JobRecord:
     return job
 
 
-def _end_queued(store: RedisStore, celery: Celery, job: JobRecord, reason: str,
+HOLD_S = 30.0  # s cancel or expiry holds a queued item's execution lease while it ends the item
+HOLD_BATCH = 100  # items held at a time
+
+
+@contextmanager
+def _held(store: RedisStore, job_id: str, items: list[ItemRecord]) -> Iterator[list[ItemRecord]]:
+    """The items among `items` still queued once their execution leases (worker.leases) are held here, as
+    they are now; an item whose lease a worker holds is that worker's to end. Released on the way out."""
+    token = f"control-{uuid.uuid4().hex}"
+    held = [i for i in items if not store.acquire_lease(job_id, i.item_id, token, HOLD_S)]
+    try:
+        now = (store.get_item(job_id, i.item_id) for i in held)
+        yield [item for item in now if item is not None and item.status == ItemStatus.QUEUED]
+    finally:
+        for item in held:
+            store.release_lease(job_id, item.item_id, token)
+
+
+def _end_queued(store: RedisStore, celery: Celery, objects: ObjectStore, job: JobRecord, reason: str,
                 items: Iterable[ItemRecord]) -> list[str]:
-    """Move the queued ones among `items` to cancelled (atomically: a worker that starts one first wins);
-    send their webhooks, and finalize the job if one of them was its last item to end."""
+    """End as cancelled the queued ones among `items`, as a worker ends an item (jobs.ending: record, move,
+    webhook, finalize), each under its execution lease: a worker that starts one first wins, and that item
+    is left to it. Returns the ids of the items ended here."""
     ended: list[str] = []
-    finalize = False
-    at = now_iso()
-    for item in items:
-        if item.status != ItemStatus.QUEUED:
-            continue
-        done = item.model_copy(update={"status": ItemStatus.CANCELLED.value, "reason": reason, "updated_at": at})
-        move = store.transition(done, ItemStatus.CANCELLED)
-        if move.applied:
-            ended.append(item.item_id)
-            finalize = finalize or move.job_done
-    if job.webhook and ended:
-        events = [item_event_id(job.job_id, i, "cancelled", job.round) for i in ended]
-        broker.send_webhooks(celery, ((job.job_id, i, event) for i, event in zip(ended, events, strict=True)))
-        store.mark_sent(job.job_id, *events)  # a worker that gets one of these items' messages sees it went out
-    if finalize:
-        broker.send_finalize(celery, job.job_id)
+    queued = (item for item in items if item.status == ItemStatus.QUEUED)
+    while batch := list(islice(queued, HOLD_BATCH)):
+        with _held(store, job.job_id, batch) as still_queued:
+            ended += end_items(store, objects, job, still_queued, ItemStatus.CANCELLED, reason=reason,
+                               publish=lambda events: broker.send_webhooks(celery, events),
+                               finalize=lambda job_id: broker.send_finalize(celery, job_id))
     return ended
 
 
@@ -93,16 +107,17 @@ def cancel_job(settings: Settings, job_id: str, *, store: RedisStore | None = No
     store, celery = _collaborators(settings, store, celery)
     job = _job(store, job_id)
     if job.finished_at:
-        if job.status == "cancelled":
+        if job.status == JobStatus.CANCELLED:
             return job
         raise JobStateError(f"job {job_id} already ended {job.status}; nothing to cancel")
+    objects = objects or open_store(job.output, settings)
     # 1. the flag first: a worker that starts an item from now on, or reaches its next step, sees it
     if store.request_cancel(job_id, now_iso()):
         job.cancel_requested = True
         # the durable record says so too, so a rebuild after Redis loss does not run these items again
-        records.write_job_spec(objects or open_store(job.output, settings), job)
+        records.write_job_spec(objects, job)
     # 2. every queued item ends cancelled at once
-    _end_queued(store, celery, job, "cancelled", store.items(job_id))
+    _end_queued(store, celery, objects, job, "cancelled", store.items(job_id))
     return store.get_job(job_id)
 
 
@@ -120,7 +135,7 @@ def retry_job(settings: Settings, job_id: str, *, store: RedisStore | None = Non
         if item.status != ItemStatus.FAILED or not item.params:
             continue
         again = item.model_copy(update={
-            "status": ItemStatus.QUEUED.value, "error": None, "reason": None, "output": None,
+            "status": ItemStatus.QUEUED, "error": None, "error_kind": None, "reason": None, "output": None,
             "round": round_, "round_start_attempts": item.attempts, "enqueued_at": now, "updated_at": at,
             "timings": Timings()})
         if store.transition(again, ItemStatus.QUEUED).applied:
@@ -160,17 +175,19 @@ def resume_job(settings: Settings, job_id: str, *, store: RedisStore | None = No
 
 
 def expire_due(settings: Settings, *, store: RedisStore | None = None, celery: Celery | None = None,
-               now: float | None = None, scan: int = 1000,
+               objects: Callable[[str], ObjectStore] | None = None, now: float | None = None, scan: int = 1000,
                on_expired: Callable[[str, list[str]], None] | None = None) -> dict[str, list[str]]:
     """End, as cancelled with reason "expired", the never-started items of every recent unfinished job past
-    its deadline. Returns {job_id: item ids}. Safe to run from several processes at once."""
+    its deadline. Returns {job_id: item ids}. Safe to run from several processes at once.
+    `objects(location)` gives a job's object store (default: one opened per job)."""
     store, celery = _collaborators(settings, store, celery)
+    objects = objects or (lambda location: open_store(location, settings))
     now = time.time() if now is None else now
     expired: dict[str, list[str]] = {}
     for job in store.get_jobs(store.job_ids(scan)):
-        if job.finished_at or not job.expires_at or job.expires_at > now or not job.counts.get("queued"):
+        if job.finished_at or not job.expires_at or job.expires_at > now or not job.counts.get(ItemStatus.QUEUED):
             continue
-        ids = _end_queued(store, celery, job, "expired", store.items(job.job_id))
+        ids = _end_queued(store, celery, objects(job.output), job, "expired", store.items(job.job_id))
         if ids:
             expired[job.job_id] = ids
             if on_expired:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from jobs.errors import InputError
+from jobs.lifecycle import ItemStatus
 from jobs.models import MODELS, ItemRecord, JobRecord, OutputImage
 
 NAMESPACES = ("fal-ai", "dreambatch")  # fal-ai/hidream-e1-full, dreambatch/e1-full
@@ -53,7 +54,7 @@ def error_of(job: JobRecord, item: ItemRecord | None) -> str:
 def webhook_body(job: JobRecord, item: ItemRecord | None, url_for: UrlFor) -> dict[str, Any]:
     """fal's webhook envelope for a request that has ended."""
     body: dict[str, Any] = {"request_id": job.job_id, "gateway_request_id": job.job_id}
-    if item is not None and item.status == "completed":
+    if item is not None and item.status == ItemStatus.COMPLETED:
         return {**body, "status": "OK", "payload": output(item, url_for), "error": None}
     error = error_of(job, item)
     return {**body, "status": "ERROR", "error": error,

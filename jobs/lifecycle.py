@@ -1,10 +1,12 @@
 """Statuses and the transitions between them. Nothing else decides what a status may become.
 
-Items:  queued → running → completed | failed | cancelled
-        running → queued      (a redelivery after a lost worker starts it again)
-        queued → failed       (rejected at submit with --skip-invalid, or over its attempt cap)
-        queued → cancelled    (`cancel JOB`, or never started before the job's --expires-after deadline)
+Items:  queued → running → completed | failed | cancelled   (failed: also over its attempt cap)
+        running → running     (a redelivery after a lost worker starts it again; each start is an attempt)
+        queued → cancelled    (`cancel JOB`, not started before the job's --expires-after deadline, or its
+                              submission never committed)
+        queued → failed       (reconcile: the item's durable record says it failed; the live state missed it)
         failed → queued       (`retry JOB`: the item runs again in a new round, attempts counted)
+        A row rejected at submit (--skip-invalid) is created `failed` and never moves.
 Jobs:   queued → running → completed | failed | cancelled
         `failed` only when every item failed; `completed` when at least one item completed;
         `cancelled` when a cancel was asked and it stopped an item, or when nothing completed and
@@ -13,6 +15,7 @@ Jobs:   queued → running → completed | failed | cancelled
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from enum import StrEnum
 
 
@@ -37,10 +40,11 @@ class JobStatus(StrEnum):
 
     @property
     def terminal(self) -> bool:
-        return self in (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED)
+        return self in TERMINAL_JOB
 
 
 TERMINAL_ITEM = frozenset({ItemStatus.COMPLETED, ItemStatus.FAILED, ItemStatus.CANCELLED})
+TERMINAL_JOB = frozenset({JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED})
 
 ITEM_TRANSITIONS: dict[ItemStatus, frozenset[ItemStatus]] = {
     ItemStatus.QUEUED: frozenset({ItemStatus.RUNNING, ItemStatus.FAILED, ItemStatus.CANCELLED}),
@@ -58,7 +62,12 @@ def allowed_sources(target: ItemStatus) -> list[str]:
     return [str(src) for src, dests in ITEM_TRANSITIONS.items() if target in dests]
 
 
-def job_outcome(counts: dict[str, int], *, cancelled: bool = False) -> JobStatus:
+def ended(counts: Mapping[str, int]) -> int:
+    """How many of a job's items have ended, from its per-status counts."""
+    return sum(counts.get(status, 0) for status in TERMINAL_ITEM)
+
+
+def job_outcome(counts: Mapping[str, int], *, cancelled: bool = False) -> JobStatus:
     """The terminal status of a job whose items have all ended (`cancelled`: a cancel was asked)."""
     if cancelled and counts.get(ItemStatus.CANCELLED, 0) > 0:
         return JobStatus.CANCELLED
@@ -69,7 +78,7 @@ def job_outcome(counts: dict[str, int], *, cancelled: bool = False) -> JobStatus
     return JobStatus.COMPLETED
 
 
-def job_progress_status(counts: dict[str, int]) -> JobStatus:
+def job_progress_status(counts: Mapping[str, int]) -> JobStatus:
     """A non-terminal job is `running` once any item has started or ended."""
-    started = sum(counts.get(s, 0) for s in ("running", "completed", "failed", "cancelled"))
+    started = counts.get(ItemStatus.RUNNING, 0) + ended(counts)
     return JobStatus.RUNNING if started else JobStatus.QUEUED

@@ -12,6 +12,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from jobs.errors import ErrorKind, recorded_kind
+from jobs.lifecycle import ItemStatus, JobStatus
+
 OutputFormat = Literal["jpeg", "png", "webp"]
 SchedulerName = Literal["flow_unipc", "flash_flow", "flow_euler"]
 
@@ -215,13 +218,14 @@ class ItemRecord(BaseModel):
     job_id: str
     item_id: str  # the row's `id`, else its line number
     line: int
-    status: str = "queued"
+    status: ItemStatus = ItemStatus.QUEUED
     params: dict[str, Any] = Field(default_factory=dict)  # normalized row, seed resolved
     metadata: dict[str, Any] = Field(default_factory=dict)  # unknown columns, echoed back
     attempts: int = 0
     seed: int | None = None
     output: ItemOutput | None = None
-    error: str | None = None
+    error: str | None = None  # why it ended without its output, for people: "InputError: not a JPEG…"
+    error_kind: ErrorKind | None = None  # the same for code: what kind of failure (jobs.errors), set with `error`
     timings: Timings = Field(default_factory=Timings)
     enqueued_at: float | None = None
     reason: str | None = None  # why it was cancelled: "cancelled" (cancel JOB) or "expired" (--expires-after)
@@ -231,6 +235,14 @@ class ItemRecord(BaseModel):
     created_at: str
     updated_at: str
 
+    @model_validator(mode="before")
+    @classmethod
+    def _kind_of_an_older_record(cls, data: Any) -> Any:
+        """A record written before kinds were stored gets the kind its message names (jobs.errors)."""
+        if isinstance(data, dict) and data.get("error") and not data.get("error_kind"):
+            data = {**data, "error_kind": recorded_kind(data)}
+        return data
+
     def result_line(self) -> dict[str, Any]:
         """The item's line in results.jsonl."""
         return {
@@ -238,6 +250,7 @@ class ItemRecord(BaseModel):
             "line": self.line,
             "status": self.status,
             "error": self.error,
+            "error_kind": self.error_kind,
             "reason": self.reason,
             "seed": self.seed,
             "metadata": self.metadata,
@@ -266,7 +279,7 @@ class JobRecord(BaseModel):
     submit_aborted: bool = False  # its submission failed: nothing of it runs
     review_sheet: bool = False  # write the review contact sheet (sheet.html, sheet.png) when the job ends
     manifest: str | None = None
-    status: str = "queued"
+    status: JobStatus = JobStatus.QUEUED
     total: int = 0
     counts: dict[str, int] = Field(default_factory=dict)
     created_at: str

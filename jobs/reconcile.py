@@ -1,10 +1,13 @@
 """Rebuild a job's live state from its durable record, after Redis lost its data.
 
-The record under the job's output location (jobs.records) is enough: job.json is the spec,
-rows.jsonl holds every row's normalized params, items/{item}.json is written *before* the live
-state says an item ended. So an item with a result record ended (its recorded status, output, seed,
-error and attempts are restored); a row rejected at submit is a failed item; every other item is
-queued and its task is published again. Nothing that ended is run twice.
+The record under the job's output location (jobs.records) is enough: job.json is the spec (and
+its cancel flag), rows.jsonl holds every row's normalized params, and items/{item}.json is written
+*before* the live state says an item ended, whoever ends it (jobs.ending: a worker, `cancel JOB`,
+the expiry sweep). So an item with a result record ended (its recorded status, output, seed, error,
+error kind, reason, attempts, timings and weights revision are restored); a row rejected at submit
+is a failed item; every other item is queued and its task is published again. Nothing that ended is
+run twice. A job whose items have all ended is finalized, or put back in its terminal state if its
+results.jsonl exists.
 
 When Redis still has the job, nothing is recreated: missing items are added, items whose result
 record exists but whose live status is not terminal are moved to the recorded status, and items
@@ -20,7 +23,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from jobs import keys, records
-from jobs.errors import JobNotFound
+from jobs.errors import ErrorKind, JobNotFound
 from jobs.lifecycle import ItemStatus, JobStatus, job_outcome
 from jobs.models import ItemOutput, ItemRecord, JobRecord, Timings
 from jobs.storage import ObjectStore
@@ -74,11 +77,12 @@ def _item(job: JobRecord, row: dict[str, Any], result: dict[str, Any] | None) ->
     if result is not None and ItemStatus(result["status"]).terminal:
         output = result.get("output")
         return ItemRecord(**base, status=result["status"], seed=result.get("seed"), error=result.get("error"),
-                          attempts=int(result.get("attempts") or 0),
+                          error_kind=result.get("error_kind"), reason=result.get("reason"),
+                          model_revision=result.get("model_revision"), attempts=int(result.get("attempts") or 0),
                           output=ItemOutput.model_validate(output) if output and output.get("images") else None,
                           timings=Timings.model_validate(result.get("timings") or {}))
     if row.get("error") and not params:  # rejected at submit (--skip-invalid)
-        return ItemRecord(**base, status=ItemStatus.FAILED.value, error=row["error"])
+        return ItemRecord(**base, status=ItemStatus.FAILED, error=row["error"], error_kind=ErrorKind.INPUT)
     return ItemRecord(**base, seed=params.get("seed"))
 
 
@@ -108,7 +112,7 @@ def reconcile(
     recreated = live is None
     finalize_now = False
     if recreated:
-        fresh = job.model_copy(update={"total": len(items), "counts": {}, "status": JobStatus.QUEUED.value,
+        fresh = job.model_copy(update={"total": len(items), "counts": {}, "status": JobStatus.QUEUED,
                                        "finished_at": None, "results_uri": None})
         store.create_job(fresh)
         if job.cancel_requested:  # `cancel JOB` was asked before Redis lost it: workers still stop its items
@@ -125,11 +129,11 @@ def reconcile(
                 missing.append(item)
                 if item.status == ItemStatus.QUEUED:
                     to_queue.append(item.item_id)
-            elif not ItemStatus(current.status).terminal:
-                if ItemStatus(item.status).terminal:  # ended in S3, the live state never heard of it
+            elif not current.status.terminal:
+                if item.status.terminal:  # ended in S3, the live state never heard of it
                     if current.status == ItemStatus.QUEUED and item.status == ItemStatus.COMPLETED:
                         store.transition(current, ItemStatus.RUNNING)
-                    move = store.transition(item, ItemStatus(item.status))
+                    move = store.transition(item, item.status)
                     finalize_now = finalize_now or move.job_done
                 else:
                     to_queue.append(item.item_id)
@@ -139,13 +143,12 @@ def reconcile(
     for start in range(0, len(to_queue), batch):
         dispatch(to_queue[start:start + batch])
 
-    ended = sum(1 for i in items if ItemStatus(i.status).terminal)
+    ended = sum(1 for i in items if i.status.terminal)
     restored = False
     now = store.get_job(job_id)
     if not to_queue and now is not None and not now.finished_at and now.total and ended >= now.total:
         if has_results and recreated:  # the job had ended: put its terminal state back, do not rewrite results
-            recorded = job.status if job.status in JobStatus.__members__.values() else None
-            status = JobStatus(recorded) if recorded and JobStatus(recorded).terminal else job_outcome(now.counts)
+            status = job.status if job.status.terminal else job_outcome(now.counts)
             uri = job.results_uri or keys.S3_RESULTS.format(prefix="", job_id=job_id)
             restored = store.finish_job(job_id, status, uri, job.finished_at or job.updated_at)
         else:

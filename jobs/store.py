@@ -141,7 +141,7 @@ def _job_from(fields: dict[str, str]) -> JobRecord:
     job = JobRecord.model_validate_json(fields["record"])
     job.total = int(fields.get("total", 0))
     job.counts = {s: int(fields.get(f"n_{s}", 0)) for s in STATUSES}
-    job.status = fields.get("terminal") or job_progress_status(job.counts).value
+    job.status = JobStatus(fields["terminal"]) if fields.get("terminal") else job_progress_status(job.counts)
     job.finished_at = fields.get("finished_at")
     job.results_uri = fields.get("results_uri")
     job.webhook_disabled = bool(fields.get("webhook_disabled"))
@@ -154,7 +154,7 @@ def _job_from(fields: dict[str, str]) -> JobRecord:
 
 def _item_from(fields: dict[str, str]) -> ItemRecord:
     item = ItemRecord.model_validate_json(fields["record"])
-    item.status = fields["status"]
+    item.status = ItemStatus(fields["status"])
     item.attempts = int(fields.get("attempts", 0))
     return item
 
@@ -204,7 +204,7 @@ class RedisStore:
     def add_items(self, items: list[ItemRecord]) -> None:
         by_job: dict[str, list[str]] = {}
         for item in items:
-            terminal = int(ItemStatus(item.status).terminal)
+            terminal = int(item.status.terminal)
             by_job.setdefault(item.job_id, []).extend(
                 [item.item_id, item.status, item.model_dump_json(), terminal, item.attempts])
         for job_id, args in by_job.items():
@@ -226,7 +226,7 @@ class RedisStore:
         return _item_from(fields) if fields else None
 
     def transition(self, item: ItemRecord, to: ItemStatus, *, count_attempt: bool = False) -> Transition:
-        record = item.model_copy(update={"status": to.value})
+        record = item.model_copy(update={"status": to})
         res = self._transition(
             keys=[keys.ITEM.format(job_id=item.job_id, item_id=item.item_id), keys.job_key(item.job_id)],
             args=[to.value, int(count_attempt), record.model_dump_json(), int(to.terminal), _TERMINAL,
@@ -435,7 +435,7 @@ class MemoryStore:
                     "status": item.status, "attempts": item.attempts, "record": item.model_dump_json()}
                 self._order[item.job_id].append(item.item_id)
                 self._jobs[item.job_id][f"n_{item.status}"] += 1
-                self._jobs[item.job_id]["done"] += int(ItemStatus(item.status).terminal)
+                self._jobs[item.job_id]["done"] += int(item.status.terminal)
 
     def get_job(self, job_id: str) -> JobRecord | None:
         with self._lock:
@@ -456,7 +456,7 @@ class MemoryStore:
             if cur not in allowed_sources(to):
                 return Transition(False, cur, fields["attempts"], 0, 0)
             fields["status"] = to.value
-            fields["record"] = item.model_copy(update={"status": to.value}).model_dump_json()
+            fields["record"] = item.model_copy(update={"status": to}).model_dump_json()
             fields["attempts"] += int(count_attempt)
             job[f"n_{cur}"] -= 1
             job[f"n_{to.value}"] += 1

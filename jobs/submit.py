@@ -22,8 +22,8 @@ from typing import Any
 import redis.exceptions
 from kombu.exceptions import KombuError
 
-from jobs import inputs, records
-from jobs.errors import DreambatchError, InputError, TransientError
+from jobs import inputs, lifecycle, records
+from jobs.errors import DreambatchError, ErrorKind, InputError, TransientError
 from jobs.inputs import InputPolicy
 from jobs.lifecycle import ItemStatus
 from jobs.manifest import CheckedRow, CheckReport, Issue, RowChecker, check_manifest, input_policy, validate_manifest
@@ -84,8 +84,9 @@ def _item(job_id: str, row: CheckedRow, at: str, objects: ObjectStore, max_bytes
                           metadata=row.metadata, seed=params["seed"], created_at=at, updated_at=at,
                           enqueued_at=time.time())
     error = "; ".join(str(i) for i in row.issues)
-    return ItemRecord(job_id=job_id, item_id=row.item_id, line=row.line, status=ItemStatus.FAILED.value,
-                      metadata=row.metadata, error=f"invalid row: {error}", created_at=at, updated_at=at)
+    return ItemRecord(job_id=job_id, item_id=row.item_id, line=row.line, status=ItemStatus.FAILED,
+                      metadata=row.metadata, error=f"invalid row: {error}", error_kind=ErrorKind.INPUT,
+                      created_at=at, updated_at=at)
 
 
 def _fan_out(manifest: Path, job: JobRecord, model: str, defaults: dict[str, Any], policy: InputPolicy,
@@ -226,5 +227,5 @@ def create_job(
 
     # 5. rejected rows count as ended: if they were the last to end, the caller finalizes
     live = store.get_job(job.job_id)
-    ended = sum(live.counts.get(s, 0) for s in ("completed", "failed", "cancelled")) if live else 0
+    ended = lifecycle.ended(live.counts) if live else 0
     return Submission(job, queued, rejected, report, job_done=rejected > 0 and ended >= job.total)

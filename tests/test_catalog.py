@@ -347,6 +347,50 @@ def test_rejected_and_failed_items_count_failed_runs_per_fingerprint_and_an_abor
     assert input_failure({"status": "failed", "attempts": 0, "error": "line 2: steps: should be >= 1"})
 
 
+def test_an_image_url_the_address_guard_refuses_is_an_input_failure_to_every_reader(tmp_path):
+    """A row whose image URL points at a private address fails with BlockedAddress, an InputError: its record,
+    results line and webhook carry error_kind "input", so the catalog's failure cap counts it (it is not retried
+    every night forever) and the OpenAI routes answer 400, not 500."""
+    from types import SimpleNamespace
+
+    from jobs import records
+    from jobs.api.openai_routes import images_response
+    from jobs.api.service import ApiError
+    from jobs.models import ItemRecord
+    from worker import process, webhooks
+
+    objects, store, at, url = LocalStore(str(tmp_path)), MemoryStore(), "2026-01-01T00:00:00+00:00", "http://127.0.0.1:9/a.jpg"
+    store.create_job(JobRecord(job_id="J", model="e1-1", output=str(tmp_path), total=1, created_at=at, updated_at=at,
+                               webhook="https://hooks.example/j"))
+    store.add_items([ItemRecord(job_id="J", item_id="a", line=1, seed=1, created_at=at, updated_at=at,
+                                params={"image": url, "instruction": "make it blue", "steps": 1})])
+
+    def no_model():
+        raise AssertionError("a refused input never reaches the model")
+
+    ctx = process.Context(settings=Settings(allow_private_hosts=""), store=store, runner=no_model,
+                          objects=lambda _: objects, notify=lambda *event: None, finalize=lambda _: None)
+    assert process.process_item(ctx, "J", "a").ended == "failed"
+    process.finalize_job(ctx, "J")
+
+    item = store.get_item("J", "a")
+    assert item.error.startswith(f"BlockedAddress: {url!r}") and item.error_kind == "input"
+    assert json.loads(objects.get("J/items/a.json"))["error_kind"] == "input"
+    [line] = records.read_results(objects, "J")
+    assert line["error_kind"] == "input" and input_failure(line)
+    assert webhooks.item_payload(store.get_job("J"), item)["error_kind"] == "input"
+    ledger = Ledger()
+    ledger.record("p/a.jpg", "fa", "J", line)
+    assert ledger.failures["p/a.jpg"]["count"] == 1
+    with pytest.raises(ApiError) as refused:
+        images_response(SimpleNamespace(store=store), store.get_job("J"), "http://api.test/", "url")
+    assert refused.value.status == 400 and refused.value.type == "invalid_request_error"
+
+    # readers go by the kind, not the message; a line written before kinds were stored is read from its message
+    assert not input_failure({"status": "failed", "attempts": 1, "error": "InputError: x", "error_kind": "model"})
+    assert input_failure({"status": "failed", "attempts": 1, "error": f"BlockedAddress: {url!r}: 127.0.0.1 …"})
+
+
 def test_the_diff_keeps_in_flight_items_back_even_for_new_weights_and_gives_up_on_keys_that_keep_failing():
     from jobs.catalog import Diff
 

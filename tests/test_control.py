@@ -102,6 +102,38 @@ def test_cancel_stops_the_running_item_at_a_step_ends_queued_ones_and_keeps_writ
     assert again.returncode == 0 and json.loads(again.stdout)["status"] == "cancelled"
 
 
+@pytest.mark.parametrize("how", ["cancel", "expire"])
+def test_an_item_a_worker_starts_while_cancel_or_expiry_ends_the_queued_ones_is_left_to_that_worker(
+        how, redis_server, tmp_path):
+    """Cancel and the expiry sweep end the items they find queued; one that a worker takes (its execution lease)
+    and starts in the meantime is that worker's to end, not moved to cancelled under it."""
+    from jobs import broker
+    from jobs.control import cancel_job, expire_due
+    from jobs.models import ItemRecord, JobRecord
+    from jobs.storage import LocalStore
+
+    class AWorkerStartsB(RedisStore):
+        def items(self, job_id, chunk=500):
+            seen = list(super().items(job_id, chunk))  # every item queued as cancel reads them; just then
+            self.acquire_lease(job_id, "b", "a-worker", 60)  # a worker takes b and starts it
+            self.transition(seen[1], ItemStatus.RUNNING, count_attempt=True)
+            return iter(seen)
+
+    settings = Settings(redis_url=redis_server.url)
+    store, celery = AWorkerStartsB.from_url(redis_server.url), broker.make_celery(settings)
+    job_id, at = f"race-{how}-{time.time_ns()}", "2026-01-01T00:00:00.000+00:00"
+    store.create_job(JobRecord(job_id=job_id, model="i1-fast", output=str(tmp_path), total=3, created_at=at,
+                               updated_at=at, expires_at=time.time() - 1 if how == "expire" else None))
+    store.add_items([ItemRecord(job_id=job_id, item_id=i, line=n, params={"prompt": i}, created_at=at, updated_at=at)
+                     for n, i in enumerate("abc", 1)])
+    if how == "cancel":
+        cancel_job(settings, job_id, store=store, celery=celery, objects=LocalStore(str(tmp_path)))
+    else:
+        assert expire_due(settings, store=store, celery=celery) == {job_id: ["a", "c"]}
+    assert {i.item_id: i.status for i in RedisStore.from_url(redis_server.url).items(job_id)} == {
+        "a": "cancelled", "b": "running", "c": "cancelled"}
+
+
 # --- retry -------------------------------------------------------------------------------------
 def _png(color: str) -> bytes:
     buf = io.BytesIO()
@@ -281,7 +313,7 @@ def test_a_worker_ends_an_expired_item_it_picks_up_without_running_it(tmp_path):
                                 updated_at=at)])
     ctx = process.Context(settings=Settings(), store=store, runner=no_model, objects=lambda _: objects,
                           notify=lambda *a: None, finalize=finals.append)
-    assert process.process_item(ctx, "j", "i").status == "cancelled"
+    assert process.process_item(ctx, "j", "i").ended == "cancelled"
     item = store.get_item("j", "i")
     assert (item.status, item.reason, item.attempts) == ("cancelled", "expired", 0) and finals == ["j"]
 

@@ -6,6 +6,7 @@ import base64
 import os
 
 import pytest
+from PIL import Image
 from standardwebhooks.webhooks import Webhook
 
 from jobs.lifecycle import ItemStatus, JobStatus
@@ -177,11 +178,42 @@ def test_an_item_that_keeps_losing_its_worker_ends_failed_at_the_attempt_cap(tmp
     ctx = process.Context(settings=settings, store=store, runner=runner, objects=lambda _loc: objects,
                           notify=lambda *a: None, finalize=finals.append)
     outcome = process.process_item(ctx, "j-poison", "a")
-    assert outcome.status == "failed"
+    assert outcome.ended == "failed"
     ended = store.get_item("j-poison", "a")
-    assert ended.status == "failed" and "gave up after 3 attempts" in ended.error
+    assert ended.status == "failed" and "gave up after 3 attempts" in ended.error and ended.error_kind == "lost"
     assert finals == ["j-poison"]
     assert (tmp_path / "j-poison" / "items" / "a.json").is_file()
+
+
+def test_a_request_the_runner_refuses_fails_its_item_as_a_model_error_and_the_worker_goes_on(tmp_path):
+    """Whatever a runner raises that is not one of ours (a ValueError for a request it refuses) fails that item
+    with error_kind "model"; the next item runs."""
+    from jobs.settings import Settings
+    from jobs.storage import LocalStore
+    from worker import process
+    from worker.runners.base import RunOutput
+
+    class Refusing:
+        model = "i1-fast"
+
+        def generate(self, request, on_step=None):
+            if request.prompt == "refused":
+                raise ValueError("requests denoised together must share one batch key")
+            return RunOutput([Image.new("RGB", (16, 16))], request.seed, 0.01)
+
+    params = {"negative_prompt": "", "width": 16, "height": 16, "seed": 1, "steps": 1, "guidance_scale": 0.0,
+              "shift": 3.0, "scheduler": "flash_flow", "num_images": 1, "output_format": "png", "output_quality": 90}
+    store, objects = MemoryStore(), LocalStore(str(tmp_path))
+    store.create_job(_job("j-model", 2).model_copy(update={"output": str(tmp_path)}))
+    store.add_items([_item("j-model", i, n).model_copy(update={"params": {**params, "prompt": i}})
+                     for n, i in enumerate(("refused", "fine"), 1)])
+    ctx = process.Context(settings=Settings(), store=store, runner=Refusing, objects=lambda _loc: objects,
+                          notify=lambda *a: None, finalize=lambda _: None)
+    assert process.process_item(ctx, "j-model", "refused").ended == "failed"
+    assert process.process_item(ctx, "j-model", "fine").ended == "completed"
+    refused = store.get_item("j-model", "refused")
+    assert refused.error == "ModelError: ValueError: requests denoised together must share one batch key"
+    assert refused.error_kind == "model"
 
 
 def test_a_redelivered_item_that_ended_sends_its_lost_webhook_once_and_finalizes_the_job(store, tmp_path):
@@ -205,7 +237,7 @@ def test_a_redelivered_item_that_ended_sends_its_lost_webhook_once_and_finalizes
         raise AssertionError("an item that ended must not reach the model again")
 
     ctx = process.Context(settings=Settings(), store=store, runner=runner, objects=lambda _: LocalStore(str(tmp_path)),
-                          notify=lambda *event: notified.append(event), finalize=finals.append)
+                          notify=notified.extend, finalize=finals.append)
     c.updated_at = now_iso()  # c ended just now
     for item in (a, b, c):  # all ended; the worker died before publishing a's and c's events and finalizing
         store.transition(item, ItemStatus.RUNNING, count_attempt=True)
@@ -213,11 +245,11 @@ def test_a_redelivered_item_that_ended_sends_its_lost_webhook_once_and_finalizes
     store.mark_sent(job_id, item_event_id(job_id, "b", "completed"))  # b's event did go out
 
     young = process.process_item(ctx, job_id, "c")
-    assert young.status == "skipped" and 0 < young.retry_in <= process.SEND_GRACE + 0.1 and notified == []
-    assert process.process_item(ctx, job_id, "a").status == "skipped"
+    assert young.ended is None and 0 < young.retry_in <= process.SEND_GRACE + 0.1 and notified == []
+    assert process.process_item(ctx, job_id, "a").ended is None
     assert notified == [(job_id, "a", item_event_id(job_id, "a", "completed"))] and finals == [job_id]
-    assert process.process_item(ctx, job_id, "a").status == "skipped"  # a second redelivery: nothing new
-    assert process.process_item(ctx, job_id, "b").status == "skipped"
+    assert process.process_item(ctx, job_id, "a").ended is None  # a second redelivery: nothing new
+    assert process.process_item(ctx, job_id, "b").ended is None
     assert len(notified) == 1 and finals == [job_id]  # one finalize nudge, not one per redelivery
 
     # a finalize of a job that ended just now leaves its event to the finalizer that ended it, for a while

@@ -1,0 +1,19 @@
+"""The data plane: Celery tasks, the HiDream runners, image I/O, output writes and webhook delivery.
+Depends on `jobs`; `jobs` never imports it.
+
+The flow of one item (a message carries ids only):
+
+    tasks.py        thin Celery tasks: run_item, finalize_job, send_webhook, run_schedule
+    local.py        `dreambatch run`: the same item path in one process, no Redis, no S3
+    runtime.py      per-process resources, built on first use: store, object stores, the loaded runner
+    process.py      one item, in numbered steps: load → lease → attempt → fetch input → model → encode +
+                    upload → end (jobs.ending); and one job's finalization (results.jsonl)
+    inputs.py       an edit's input bytes (S3, checked URLs, staged files); imaging.py decodes and encodes;
+                    geometry.py fits an input to the model's canvas and back
+    runners/        base.py is the seam; one file per model family (hidream_i1.py, hidream_e1.py)
+    webhooks.py     payloads, signatures and one delivery attempt
+
+Around it: cli.py (the `dreambatch` command), leases.py (one execution of an item at a time),
+heartbeat.py, metrics.py, sweeper.py (periodic reconcile on I/O workers; cli.py adds their expiry sweep),
+contact_sheet.py (the review sheet a finished job may write).
+"""

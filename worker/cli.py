@@ -18,6 +18,7 @@ import jobs.catalog_cli  # noqa: F401  (adds schedules, beat and presets to the 
 from jobs import keys
 from jobs.cli import ModelOpt, PresetOpt, SetOpt, app, err, fail, out, report_invalid
 from jobs.errors import DreambatchError
+from jobs.lifecycle import JobStatus
 from jobs.manifest import parse_sets
 from jobs.models import MODELS
 from jobs.presets import job_defaults
@@ -128,7 +129,7 @@ def _expiry_chore(settings, runtime, celery):
     log = logging.getLogger("dreambatch.worker")
 
     def chore() -> None:
-        for job_id, ids in expire_due(settings, store=runtime.store, celery=celery).items():
+        for job_id, ids in expire_due(settings, store=runtime.store, celery=celery, objects=runtime.objects).items():
             log.info("job %s: %d item(s) expired before they started", job_id, len(ids), extra={"job_id": job_id})
 
     return chore
@@ -171,7 +172,7 @@ def run(
     out.print(f"{job.job_id}: {job.status} — {job.counts.get('completed', 0)} completed, "
               f"{job.counts.get('failed', 0)} failed of {job.total}", highlight=False, soft_wrap=True)
     out.print(f"results: {job.results_uri}", highlight=False, soft_wrap=True)
-    if job.status != "completed":
+    if job.status != JobStatus.COMPLETED:
         raise typer.Exit(1)
 
 

@@ -24,6 +24,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from jobs import keys, records
 from jobs.errors import DreambatchError, InputError, JobNotFound
+from jobs.lifecycle import ItemStatus
 from jobs.models import JobRecord
 from jobs.settings import Settings
 from jobs.storage import ObjectStore
@@ -147,7 +148,7 @@ def render_html(job: JobRecord, pairs: list[Pair], page: int, pages: int) -> str
     title = f"{job.job_id} — review ({job.model}{f', page {page} of {pages}' if pages > 1 else ''})"
     return (f'<!doctype html><html><head><meta charset="utf-8"><title>{e(title)}</title><style>{CSS}</style>'
             f"<script>{COUNT_SCRIPT}</script></head><body data-pairs=\"{len(pairs)}\"><h1>{e(title)}</h1>"
-            f'<p>{len(pairs)} row(s) · {sum(p.status == "completed" for p in pairs)} completed · '
+            f'<p>{len(pairs)} row(s) · {sum(p.status == ItemStatus.COMPLETED for p in pairs)} completed · '
             f'<span id="loaded"></span></p><div class="grid">{"".join(cards)}</div></body></html>')
 
 

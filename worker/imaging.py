@@ -1,4 +1,5 @@
-"""Encoding model outputs into the requested file format."""
+"""Image bytes in and out: an edit's input decoded (checked, EXIF-oriented, RGB), and model outputs encoded
+into the requested file format."""
 
 from __future__ import annotations
 

@@ -36,7 +36,7 @@ def run_local(manifest: Path, *, model: str, defaults: dict[str, Any], out: str,
     finals: list[str] = []
     events: list[tuple[str, str | None, str]] = []
     ctx = process.Context(settings=settings, store=store, runner=runtime.runner, objects=lambda _loc: objects,
-                          notify=lambda j, i, e: events.append((j, i, e)), finalize=finals.append,
+                          notify=events.extend, finalize=finals.append,
                           revision=lambda: runtime.model_revision)
 
     # 1. validate and create the job; queued ids land in a local queue
@@ -61,7 +61,7 @@ def run_local(manifest: Path, *, model: str, defaults: dict[str, Any], out: str,
             queue.appendleft(item_id)
             continue
         if on_item:
-            on_item(item_id, outcome.status)
+            on_item(item_id, str(outcome))
         _flush_events(ctx, events)
 
     # 3. finalize (results.jsonl) and send the job's event

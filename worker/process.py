@@ -12,13 +12,24 @@ import base64
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from jobs import fal, keys, logs, records
-from jobs.errors import ConfigError, InputError, ItemCancelled, ModelError, TransientError
-from jobs.lifecycle import TERMINAL_ITEM, ItemStatus, job_outcome
+from jobs import fal, keys, lifecycle, logs, records
+from jobs.ending import Publish, announce, end_item
+from jobs.errors import (
+    ConfigError,
+    DreambatchError,
+    ErrorKind,
+    Failure,
+    InputError,
+    ItemCancelled,
+    ModelError,
+    TransientError,
+)
+from jobs.lifecycle import ItemStatus, job_outcome
 from jobs.models import EXTENSIONS, ItemOutput, ItemRecord, JobRecord, OutputImage, item_event_id, job_event_id
 from jobs.settings import Settings
 from jobs.storage import ObjectStore, key_of
@@ -38,7 +49,7 @@ class Context:
     store: Store
     runner: Callable[[], Runner]  # the loaded model of this process
     objects: Callable[[str], ObjectStore]  # output location → store
-    notify: Callable[[str, str | None, str], None]  # (job_id, item_id or None, event_id)
+    notify: Publish  # publish webhook messages: [(job_id, item_id or None, event_id)]
     finalize: Callable[[str], None]  # (job_id)
     gpu_lock: threading.Lock = field(default_factory=threading.Lock)
     leases: Leases | None = None  # None in local mode, where one consumer runs items one at a time
@@ -48,8 +59,14 @@ class Context:
 
 @dataclass(frozen=True)
 class Outcome:
-    status: str  # the item's status after this call, or "skipped"
+    """What one call did with an item: ended it (`ended`), or left it be, and why (`note`)."""
+
+    ended: ItemStatus | None = None  # the status this call ended the item with
+    note: str = ""  # when it did not end it: what happened instead, in words
     retry_in: float | None = None  # set: run this item again after so many seconds
+
+    def __str__(self) -> str:
+        return self.ended.value if self.ended else self.note
 
 
 def process_item(ctx: Context, job_id: str, item_id: str) -> Outcome:
@@ -63,21 +80,22 @@ def _process_item(ctx: Context, job_id: str, item_id: str) -> Outcome:
     job = ctx.store.get_job(job_id)
     if item is None or job is None:
         log.warning("item %s/%s not found; dropping its message", job_id, item_id)
-        return Outcome("skipped")
-    if ItemStatus(item.status).terminal:  # a redelivery: finish what a lost worker may have left undone
+        return Outcome(note="not found")
+    if item.status.terminal:  # a redelivery: finish what a lost worker may have left undone
         return _announce_again(ctx, job, item)
     if job.submitting:  # its submission has not committed: hold the item back, or drop it if it never will
         job = _await_commit(ctx, job)
         age = time.time() - datetime.fromisoformat(job.created_at).timestamp()
         if job.submit_aborted or (job.submitting and age > ctx.settings.celery.submit_grace):
-            return _end(ctx, item, ItemStatus.CANCELLED, "its submission did not complete, so nothing of it runs")
+            return _end(ctx, job, item, ItemStatus.CANCELLED, Failure(
+                ErrorKind.CANCELLED, "its submission did not complete, so nothing of it runs"))
         if job.submitting:
-            return Outcome("waiting for its submission", retry_in=1.0)
+            return Outcome(note="waiting for its submission", retry_in=1.0)
     # a cancelled job's items, and items not started before the job's deadline, end here, unrun
     if job.cancel_requested:
-        return _end(ctx, item, ItemStatus.CANCELLED, None, reason="cancelled")
+        return _end(ctx, job, item, ItemStatus.CANCELLED, reason="cancelled")
     if job.expires_at and time.time() >= job.expires_at and item.status == ItemStatus.QUEUED:
-        return _end(ctx, item, ItemStatus.CANCELLED, None, reason="expired")
+        return _end(ctx, job, item, ItemStatus.CANCELLED, reason="expired")
 
     # 2. take the item's execution lease: a second delivery of an item running elsewhere waits for it
     token = None
@@ -85,13 +103,13 @@ def _process_item(ctx: Context, job_id: str, item_id: str) -> Outcome:
         token, wait = ctx.leases.acquire(job_id, item_id)
         if token is None:
             log.info("item %s/%s is running elsewhere; trying again in %.1fs", job_id, item_id, wait)
-            return Outcome("running elsewhere", retry_in=wait + 0.5)
+            return Outcome(note="running elsewhere", retry_in=wait + 0.5)
     try:
         # a job with --max-concurrency runs this item only when it gets one of the job's slots
         if job.max_concurrency:
             lease = ctx.settings.celery.task_time_limit + 60
             if not ctx.store.acquire_slot(job_id, item_id, job.max_concurrency, lease):
-                return Outcome("queued", retry_in=ctx.settings.celery.slot_wait)
+                return Outcome(note="waiting for a concurrency slot", retry_in=ctx.settings.celery.slot_wait)
         try:
             return _attempt(ctx, job, item)
         finally:
@@ -121,12 +139,12 @@ def _attempt(ctx: Context, job: JobRecord, item: ItemRecord) -> Outcome:
         item.timings.queue_wait_s = round(started - item.enqueued_at, 4)
     move = ctx.store.transition(item, ItemStatus.RUNNING, count_attempt=True)
     if not move.applied:
-        return Outcome("skipped")
+        return Outcome(note="skipped")
     item.attempts = move.attempts
     this_round = move.attempts - item.round_start_attempts
     if this_round > ctx.settings.celery.max_attempts:
-        return _end(ctx, item, ItemStatus.FAILED,
-                    f"gave up after {this_round - 1} attempts that did not finish (worker lost or timed out)")
+        return _end(ctx, job, item, ItemStatus.FAILED, Failure(
+            ErrorKind.LOST, f"gave up after {this_round - 1} attempts that did not finish (worker lost or timed out)"))
     log.info("item %s/%s started (attempt %d)", item.job_id, item.item_id, move.attempts)
 
     try:
@@ -140,7 +158,8 @@ def _attempt(ctx: Context, job: JobRecord, item: ItemRecord) -> Outcome:
             asked = time.time()
             with ctx.gpu_lock:
                 _stop_if_cancelled(ctx, item)
-                result = runner.generate(_request(item), on_step=_step_check(ctx, item))
+                with _model_failures():
+                    result = runner.generate(_request(item), on_step=_step_check(ctx, item))
             _record_model_time(item, result, asked)
             images, output = result.images, ItemOutput(seed=item.seed)
 
@@ -150,20 +169,20 @@ def _attempt(ctx: Context, job: JobRecord, item: ItemRecord) -> Outcome:
         item.timings.upload_s = round(time.perf_counter() - t0, 4)
     except ItemCancelled as exc:
         log.info("item %s/%s stopped: %s", item.job_id, item.item_id, exc)
-        return _end(ctx, item, ItemStatus.CANCELLED, None, reason="cancelled")
+        return _end(ctx, job, item, ItemStatus.CANCELLED, reason="cancelled")
     except (InputError, ModelError, ConfigError) as exc:
-        return _end(ctx, item, ItemStatus.FAILED, f"{type(exc).__name__}: {exc}")
+        return _end(ctx, job, item, ItemStatus.FAILED, Failure.of(exc))
     except TransientError as exc:
         if this_round >= ctx.settings.celery.max_attempts:
-            return _end(ctx, item, ItemStatus.FAILED, f"{exc} (after {this_round} attempts)")
+            return _end(ctx, job, item, ItemStatus.FAILED, Failure.of(exc, f"{exc} (after {this_round} attempts)"))
         log.warning("item %s/%s attempt %d: %s; retrying", item.job_id, item.item_id, item.attempts, exc)
-        return Outcome("running", retry_in=webhooks.backoff(this_round, 1.0, 30.0))
-    except Exception as exc:  # a model bug must not take the worker down with it
+        return Outcome(note=f"retrying: {exc}", retry_in=webhooks.backoff(this_round, 1.0, 30.0))
+    except Exception as exc:  # a bug must not take the worker down with it
         log.exception("item %s/%s failed", item.job_id, item.item_id)
-        return _end(ctx, item, ItemStatus.FAILED, f"{type(exc).__name__}: {exc}")
+        return _end(ctx, job, item, ItemStatus.FAILED, Failure.of(exc))
 
-    # 7. record the result, notify, and finalize the job if this was its last item
-    return _end(ctx, item, ItemStatus.COMPLETED, None)
+    # 7. record the result, move it, notify, and finalize the job if this was its last item
+    return _end(ctx, job, item, ItemStatus.COMPLETED)
 
 
 def _stop_if_cancelled(ctx: Context, item: ItemRecord) -> None:
@@ -203,7 +222,8 @@ def _run_edit(ctx: Context, job: JobRecord, item: ItemRecord) -> tuple[list, Ite
         raise InputError(str(exc)) from None
     shaped = geometry.to_shape(source, target, p["geometry"])
     runner = ctx.runner()
-    canvas_size = runner.canvas_size(*shaped.size)
+    with _model_failures():
+        canvas_size = runner.canvas_size(*shaped.size)
     canvas, box = geometry.fit(shaped, canvas_size, p["geometry"])
     request = EditRequest(
         image=canvas, instruction=p["instruction"], target_description=p["target_description"],
@@ -215,10 +235,25 @@ def _run_edit(ctx: Context, job: JobRecord, item: ItemRecord) -> tuple[list, Ite
     asked = time.time()
     with ctx.gpu_lock:
         _stop_if_cancelled(ctx, item)
-        result = runner.edit(request, on_step=lambda info: check(info.index))
+        with _model_failures():
+            result = runner.edit(request, on_step=lambda info: check(info.index))
     _record_model_time(item, result, asked)
     output = ItemOutput(seed=item.seed, processed_size=list(canvas_size), input_size=list(source.size))
     return [geometry.unfit(image, box, target) for image in result.images], output
+
+
+@contextmanager
+def _model_failures() -> Iterator[None]:
+    """The runner's boundary: what a runner raises that is not one of ours (a ValueError for a request it
+    refuses, a RuntimeError from torch) is the model failing on this item, a ModelError (the original chained
+    and logged). A cancel from `on_step`, a ModelError or a ConfigError a runner raises pass through as they are."""
+    try:
+        yield
+    except DreambatchError:
+        raise
+    except Exception as exc:
+        log.exception("the model failed on this item")
+        raise ModelError(f"{type(exc).__name__}: {exc}") from exc
 
 
 def _record_model_time(item: ItemRecord, result, asked: float) -> None:
@@ -249,29 +284,21 @@ def _upload(objects: ObjectStore, item: ItemRecord, images, out: ItemOutput) -> 
     return out
 
 
-def _end(ctx: Context, item: ItemRecord, status: ItemStatus, error: str | None,
+def _end(ctx: Context, job: JobRecord, item: ItemRecord, status: ItemStatus, failure: Failure | None = None,
          reason: str | None = None) -> Outcome:
-    item.error = error
-    item.reason = reason
-    item.updated_at = now_iso()
-    item.status = status.value
-    item.model_revision = ctx.revision() or item.model_revision  # the weights it ran with (loaded by now)
+    """End the item as every caller does (jobs.ending: record, move, notify, finalize), with what only this
+    process knows: the weights it ran with and its attempt's time."""
+    item.model_revision = ctx.revision() or item.model_revision  # (loaded by now)
     if status == ItemStatus.COMPLETED and item.timings.started_at:
         item.timings.total_s = round(time.time() - item.timings.started_at, 4)
-    job = ctx.store.get_job(item.job_id)
-    records.write_item_result(ctx.objects(job.output), item)  # durable before the live state says so
-    move = ctx.store.transition(item, status)
-    if not move.applied:
-        return Outcome("skipped")
+    if not end_item(ctx.store, ctx.objects(job.output), job, item, status, publish=ctx.notify,
+                    finalize=ctx.finalize, failure=failure, reason=reason):
+        return Outcome(note="skipped")
     log.info("item %s/%s %s%s", item.job_id, item.item_id, status.value, f" ({reason})" if reason else "",
-             extra={"status": status.value, "error": error})
+             extra={"status": status.value, "error": item.error, "error_kind": item.error_kind})
     if ctx.metrics:
         ctx.metrics.item_ended(job.model, status.value, item.timings)
-    if job.webhook:
-        _notify(ctx, item.job_id, item.item_id, item_event_id(item.job_id, item.item_id, status.value, item.round))
-    if move.job_done:
-        ctx.finalize(item.job_id)
-    return Outcome(status.value)
+    return Outcome(status)
 
 
 SEND_GRACE = 5.0  # s the process that ended an item or a job has to publish its event before another does
@@ -287,10 +314,8 @@ class SendLater(Exception):
 
 
 def _notify(ctx: Context, job_id: str, item_id: str | None, event_id: str) -> None:
-    """Publish an event's webhook message, then note it went out (a crash between the two gives a duplicate
-    with the same webhook-id, never a lost event)."""
-    ctx.notify(job_id, item_id, event_id)
-    ctx.store.mark_sent(job_id, event_id)
+    """Publish an event's webhook message, then note it went out (jobs.ending.announce)."""
+    announce(ctx.store, ctx.notify, [(job_id, item_id, event_id)])
 
 
 def _send_if_unsent(ctx: Context, job_id: str, item_id: str | None, event_id: str, ended_at: str) -> None:
@@ -315,11 +340,11 @@ def _announce_again(ctx: Context, job: JobRecord, item: ItemRecord) -> Outcome:
             _send_if_unsent(ctx, item.job_id, item.item_id,
                             item_event_id(item.job_id, item.item_id, item.status, item.round), item.updated_at)
         except SendLater as later:
-            return Outcome("skipped", retry_in=later.seconds)
-    if not job.finished_at and job.total and sum(job.counts.get(s, 0) for s in TERMINAL_ITEM) >= job.total \
+            return Outcome(note="skipped", retry_in=later.seconds)
+    if not job.finished_at and job.total and lifecycle.ended(job.counts) >= job.total \
             and ctx.store.nudge_finalize(item.job_id, NUDGE_EVERY):
         ctx.finalize(item.job_id)
-    return Outcome("skipped")
+    return Outcome(note="skipped")
 
 
 def finalize_job(ctx: Context, job_id: str) -> str | None:
@@ -332,7 +357,7 @@ def finalize_job(ctx: Context, job_id: str) -> str | None:
         if job.webhook:
             _send_if_unsent(ctx, job_id, None, job_event_id(job_id, job.status, job.round), job.finished_at)
         return None
-    if job.counts.get("queued", 0) or job.counts.get("running", 0):
+    if job.counts.get(ItemStatus.QUEUED, 0) or job.counts.get(ItemStatus.RUNNING, 0):
         return None  # a late duplicate for a job that `retry` re-opened: its last item finalizes it
     # 2. results: one line per manifest row, in manifest order
     uri, _ = records.write_results(ctx.objects(job.output), job_id, ctx.store.items(job_id))

@@ -1,8 +1,8 @@
 """Per-process resources of a worker: settings, store, object stores and the loaded model.
 
 Built once per process, on first use, in the process that runs tasks (never at import time and
-never before a fork: CUDA does not survive one). Workers use the solo or threads pool, so that
-process is the worker itself.
+never before a fork: CUDA does not survive one). Workers run Celery's threads pool (worker.cli), so
+that process is the worker itself and its item threads share one runtime.
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ class Runtime:
     def context(self) -> Context:
         return Context(
             settings=self.settings, store=self.store, runner=self.runner, objects=self.objects,
-            notify=lambda job_id, item_id, event_id: broker.send_webhook(self.app, job_id, item_id, event_id),
+            notify=lambda events: broker.send_webhooks(self.app, events),
             finalize=lambda job_id: broker.send_finalize(self.app, job_id),
             gpu_lock=self._model_lock or self.gpu_lock, leases=self.leases, metrics=self.metrics,
             revision=lambda: self.model_revision,

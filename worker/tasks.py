@@ -12,7 +12,7 @@ from worker.runtime import Runtime
 
 
 def register(app: Celery, runtime: Runtime) -> None:
-    """Register the three tasks on `app`, bound to this process's runtime."""
+    """Register the four tasks on `app`, bound to this process's runtime."""
 
     @app.task(name=keys.TASK_RUN_ITEM, bind=True, max_retries=None, acks_late=True)
     def run_item(self, job_id: str, item_id: str) -> str:
@@ -21,11 +21,11 @@ def register(app: Celery, runtime: Runtime) -> None:
             outcome = process.process_item(runtime.context(), job_id, item_id)
         finally:
             runtime.active.discard((job_id, item_id))
-        if outcome.status in ("completed", "failed", "cancelled"):
+        if outcome.ended:
             runtime.ended += 1
         if outcome.retry_in is not None:
             raise self.retry(countdown=outcome.retry_in)
-        return outcome.status
+        return str(outcome)
 
     @app.task(name=keys.TASK_FINALIZE_JOB, bind=True, max_retries=10, acks_late=True)
     def finalize_job(self, job_id: str) -> str | None:

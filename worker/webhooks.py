@@ -1,7 +1,7 @@
 """Webhook payloads and one delivery attempt.
 
 Payloads follow the seeds' shape (`id`, `job_id`, `status`, `output`, `error`, `metadata`,
-`created_at`, `updated_at`; job events add `counts`). Every event has a stable id, sent as the
+`created_at`, `updated_at`; item events add `error_kind`, job events `counts`). Every event has a stable id, sent as the
 `webhook-id` header on every retry, and is signed like the Standard Webhooks spec when a
 `whsec_` secret is configured. Retrying is the caller's job (a Celery retry with backoff).
 """
@@ -22,6 +22,7 @@ import httpx
 
 from jobs import netguard
 from jobs.errors import TransientError
+from jobs.lifecycle import JobStatus
 from jobs.models import ItemRecord, JobRecord
 
 USER_AGENT = "dreambatch-webhooks/1"
@@ -38,6 +39,7 @@ def item_payload(job: JobRecord, item: ItemRecord) -> dict[str, Any]:
         "output": item.output.model_dump() if item.output else None,
         "seed": item.seed,
         "error": item.error,
+        "error_kind": item.error_kind,
         "metadata": item.metadata,
         "created_at": item.created_at,
         "updated_at": item.updated_at,
@@ -53,7 +55,7 @@ def job_payload(job: JobRecord) -> dict[str, Any]:
         "status": job.status,
         "counts": {"total": job.total, **job.counts},
         "output": {"results": job.results_uri},
-        "error": None if job.status != "failed" else "every item failed",
+        "error": None if job.status != JobStatus.FAILED else "every item failed",
         "metadata": {},
         "created_at": job.created_at,
         "updated_at": job.finished_at or job.updated_at,

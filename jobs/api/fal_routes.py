@@ -37,6 +37,7 @@ from jobs.api.service import (
     submit,
 )
 from jobs.errors import InputError
+from jobs.lifecycle import ItemStatus, JobStatus
 from jobs.models import MODELS, JobRecord
 from jobs.submit import ManifestInvalid
 
@@ -44,7 +45,7 @@ router = APIRouter(prefix="/queue", tags=["fal queue"])
 Images = Annotated[Any, Depends(require("images"))]
 Segment = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
 RequestId = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
-FAL_STATUS = {"queued": "IN_QUEUE", "running": "IN_PROGRESS"}
+FAL_STATUS = {JobStatus.QUEUED: "IN_QUEUE", JobStatus.RUNNING: "IN_PROGRESS"}
 MAX_INPUT_KEYS = 64
 
 
@@ -113,7 +114,7 @@ def request_status(namespace: Segment, name: Segment, request_id: RequestId, req
     job = _job(svc, model_of(namespace, name), request_id)
     out = {"status": "COMPLETED" if job.finished_at else FAL_STATUS.get(job.status, "IN_PROGRESS"),
            "request_id": request_id, **_urls(request, svc, namespace, name, request_id), "logs": [] if logs else None}
-    if job.finished_at and job.status != "completed":
+    if job.finished_at and job.status != JobStatus.COMPLETED:
         out["error"] = fal.error_of(job, next(svc.store.items(request_id), None))
     return out
 
@@ -131,7 +132,7 @@ def _result(svc: Services, model: str, request_id: str, base_url: str):
     if not job.finished_at:
         return JSONResponse({"detail": "Request is still in progress", "status": FAL_STATUS.get(job.status)}, 400)
     item = next(svc.store.items(request_id), None)
-    if item is None or item.status != "completed":
+    if item is None or item.status != ItemStatus.COMPLETED:
         body = fal.webhook_body(job, item, lambda image: None)
         return JSONResponse({"detail": body["payload"]["detail"]}, 422)
     return fal.output(item, lambda image: image_url(svc, job, image, base_url))

@@ -30,6 +30,8 @@ from jobs.api.service import (
     submit,
     wait_for,
 )
+from jobs.errors import ErrorKind
+from jobs.lifecycle import ItemStatus
 from jobs.models import MAX_SEED, MODELS, JobRecord
 from jobs.submit import ManifestInvalid
 
@@ -107,13 +109,13 @@ async def run_images(svc: Services, key_id: str, idempotency_key: str | None, mo
 
 def images_response(svc: Services, job: JobRecord, base_url: str, response_format: str) -> dict[str, Any]:
     items = list(svc.store.items(job.job_id))
-    failed = [i for i in items if i.status != "completed"]
+    failed = [i for i in items if i.status != ItemStatus.COMPLETED]
     if failed:
         item = failed[0]
         error = item.error or f"the request was {item.status}"
-        client_fault = error.startswith(("InputError", "invalid row")) or item.status == "cancelled"
+        client_fault = item.error_kind == ErrorKind.INPUT or item.status == ItemStatus.CANCELLED
         raise ApiError(400 if client_fault else 500, error, type_="invalid_request_error" if client_fault
-                       else "server_error", code=item.status if item.status == "cancelled" else None)
+                       else "server_error", code=item.status.value if item.status == ItemStatus.CANCELLED else None)
     data, prompt = [], None
     for item in items:
         prompt = item.params.get("prompt") or item.params.get("instruction")

@@ -52,7 +52,7 @@ class JobList(BaseModel):
 
 class ItemList(BaseModel):
     object: Literal["list"] = "list"
-    data: list[dict[str, Any]]  # results lines: id, line, status, error, reason, seed, metadata, output, …
+    data: list[dict[str, Any]]  # results lines: id, line, status, error, error_kind, reason, seed, metadata, output, …
     total: int
     next_offset: int | None
 

@@ -20,16 +20,16 @@ from typing import Any
 
 import anyio
 
-from jobs import broker, netguard
+from jobs import broker, lifecycle, netguard
 from jobs.errors import ConfigError, InputError
 from jobs.inputs import InputPolicy
+from jobs.lifecycle import ItemStatus
 from jobs.models import MODELS, ItemRecord, JobRecord, OutputImage, item_event_id
 from jobs.settings import Settings
 from jobs.storage import ObjectStore, key_of, open_store, s3_client
 from jobs.store import RedisStore
 from jobs.submit import Submission, create_job, new_job_id
 
-ENDED = ("completed", "failed", "cancelled")
 IDEMPOTENCY_TTL = 24 * 3600
 
 
@@ -206,8 +206,8 @@ def _epoch(iso: str | None) -> float | None:
 
 def job_status(job: JobRecord, now: float | None = None) -> dict[str, Any]:
     """Status, counts, throughput since submission (items/s) and, while running, the ETA in seconds."""
-    counts = {"total": job.total, **{s: job.counts.get(s, 0) for s in ("queued", "running", *ENDED)}}
-    ended = sum(counts[s] for s in ENDED)
+    counts = {"total": job.total, **{s.value: job.counts.get(s, 0) for s in ItemStatus}}
+    ended = lifecycle.ended(job.counts)
     elapsed = (_epoch(job.finished_at) or now or time.time()) - _epoch(job.created_at)
     rate = ended / elapsed if ended and elapsed > 0 else 0.0
     eta = (job.total - ended) / rate if rate and not job.finished_at else None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import signal
+import uuid
 
 import pytest
 from ledger import check_ledger
@@ -154,3 +155,66 @@ def test_reconcile_in_place_applies_results_the_live_state_missed(tmp_path):
     assert not report.recreated and report.requeued == 0 and sent == []
     assert store.get_item("j1", "a").status == "completed"  # its result record was written, the move was not
     assert finals == ["j1"]  # that was the last item to end
+
+
+def test_cancel_records_queued_items_before_they_move_so_a_rebuild_keeps_them_cancelled(redis_server, tmp_path):
+    """`cancel JOB` ends its queued items the way a worker ends one (jobs.ending): at every move, worker or
+    cancel, the item's record is already in items/{id}.json. So after Redis loses the job, reconcile restores
+    the cancelled items as cancelled and queues none of them again."""
+    from PIL import Image
+
+    from jobs import broker, records
+    from jobs.control import cancel_job
+    from jobs.models import ItemRecord, JobRecord
+    from jobs.reconcile import reconcile
+    from jobs.settings import Settings
+    from jobs.storage import LocalStore
+    from jobs.store import MemoryStore
+    from worker import process
+    from worker.runners.base import RunOutput
+
+    out = tmp_path / "out"
+    objects, job_id, at = LocalStore(str(out)), f"j-{uuid.uuid4().hex[:8]}", "2024-01-01T00:00:00.000+00:00"
+
+    class RecordFirst(RedisStore):
+        def transition(self, item, to, *, count_attempt=False):
+            if to.terminal:  # the record says so before the live state does
+                recorded = objects.get(f"{job_id}/items/{item.item_id}.json")
+                assert recorded and json.loads(recorded)["status"] == to, (item.item_id, to)
+            return super().transition(item, to, count_attempt=count_attempt)
+
+    class Tiny:
+        model = "i1-fast"
+
+        def generate(self, request, on_step=None):
+            return RunOutput([Image.new("RGB", (16, 16))], request.seed, 0.01)
+
+    params = {"negative_prompt": "", "width": 16, "height": 16, "seed": 1, "steps": 1, "guidance_scale": 0.0,
+              "shift": 3.0, "scheduler": "flash_flow", "num_images": 1, "output_format": "png", "output_quality": 90}
+    job = JobRecord(job_id=job_id, model="i1-fast", output=str(out), total=3, created_at=at, updated_at=at)
+    items = [ItemRecord(job_id=job_id, item_id=i, line=n, params={**params, "prompt": i}, seed=n, created_at=at,
+                        updated_at=at) for n, i in enumerate("abc", 1)]
+    records.write_job_spec(objects, job)
+    objects.put(f"{job_id}/rows.jsonl", "".join(json.dumps({"id": i.item_id, "line": i.line, "params": i.params,
+                                                            "metadata": {}, "error": None}) + "\n" for i in items
+                                                ).encode(), records.JSONL)
+    settings = Settings(redis_url=redis_server.url)
+    store = RecordFirst.from_url(redis_server.url)
+    store.create_job(job)
+    store.add_items(items)
+
+    ctx = process.Context(settings=settings, store=store, runner=Tiny, objects=lambda _: objects,
+                          notify=lambda events: None, finalize=lambda _: None)
+    assert process.process_item(ctx, job_id, "a").ended == "completed"  # a worker ends a
+    cancel_job(settings, job_id, store=store, celery=broker.make_celery(settings), objects=objects)  # b, c
+    assert {i.item_id: i.status for i in store.items(job_id)} == {"a": "completed", "b": "cancelled",
+                                                                 "c": "cancelled"}
+    for item_id in "bc":
+        recorded = json.loads(objects.get(f"{job_id}/items/{item_id}.json"))
+        assert (recorded["status"], recorded["reason"], recorded["attempts"]) == ("cancelled", "cancelled", 0)
+
+    rebuilt = MemoryStore()  # Redis lost the job
+    report = reconcile(job_id, objects, rebuilt, lambda ids: pytest.fail(f"{ids} queued again"), lambda _: None)
+    assert (report.ended, report.requeued, report.finalized) == (3, 0, True)
+    assert {i.item_id: (i.status, i.reason) for i in rebuilt.items(job_id)} == {
+        "a": ("completed", None), "b": ("cancelled", "cancelled"), "c": ("cancelled", "cancelled")}
