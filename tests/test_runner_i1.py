@@ -170,3 +170,10 @@ def test_hub_ids_resolve_from_the_local_cache_with_the_cached_llama(tiny_dirs, t
     found = resolve_weights("i1-fast")
     assert (found.pipeline_dir, found.llama_dir, found.llama_tokenizer_dir) == (pipeline, llama, llama)
     assert found.source == "hub:HiDream-ai/HiDream-I1-Fast"
+
+
+def test_a_generation_model_asked_to_edit_says_which_models_edit(runners):
+    from jobs.errors import ModelError
+
+    with pytest.raises(ModelError, match="e1-1 or e1-full"):
+        runners["i1-fast"].canvas_size(64, 64)

@@ -30,7 +30,7 @@ from jobs.errors import (
     TransientError,
 )
 from jobs.lifecycle import ItemStatus, job_outcome
-from jobs.models import EXTENSIONS, ItemOutput, ItemRecord, JobRecord, OutputImage, item_event_id, job_event_id
+from jobs.models import EXTENSIONS, MODELS, ItemOutput, ItemRecord, JobRecord, OutputImage, item_event_id, job_event_id
 from jobs.settings import Settings
 from jobs.storage import ObjectStore, key_of
 from jobs.store import Store
@@ -151,7 +151,7 @@ def _attempt(ctx: Context, job: JobRecord, item: ItemRecord) -> Outcome:
         # 4. fetch the input (edits) and 5. run the model: the only step that holds the GPU.
         # Between denoising steps the job's cancel flag is read; a cancel stops the item there.
         _stop_if_cancelled(ctx, item)
-        if "image" in item.params:
+        if MODELS[job.model].kind == "edit":
             images, output = _run_edit(ctx, job, item)
         else:
             runner = ctx.runner()  # (loads the model on first use in local mode: not a wait for the GPU)

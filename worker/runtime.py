@@ -14,6 +14,8 @@ from collections.abc import Callable
 from celery import Celery
 
 from jobs import broker
+from jobs.errors import ConfigError
+from jobs.models import MODELS
 from jobs.settings import RunnerSettings, Settings
 from jobs.storage import ObjectStore, open_store, s3_client
 from jobs.store import RedisStore, Store
@@ -24,10 +26,11 @@ from worker.runners.base import Runner
 
 
 def build_runner(model: str, weights: str | None, device: str, options: RunnerSettings | None = None) -> Runner:
-    """The real runner for a model name (HiDream-I1 for i1-*, HiDream-E1 for e1-*); an I1 runner is
-    wrapped in a `MicroBatcher` when `options.batch_max` is not 1."""
+    """The real runner for a model, by its kind in `MODELS` (HiDream-I1 generates, HiDream-E1 edits); an I1
+    runner is wrapped in a `MicroBatcher` when `options.batch_max` is not 1."""
     options = options or RunnerSettings()
-    if model.startswith("i1-"):
+    kind = MODELS[model].kind if model in MODELS else None
+    if kind == "generate":
         from worker.runners.hidream_i1 import HiDreamI1Runner
 
         runner = HiDreamI1Runner(model, weights=weights, device=device, options=options)
@@ -36,16 +39,16 @@ def build_runner(model: str, weights: str | None, device: str, options: RunnerSe
 
             return MicroBatcher(runner, options.batch_max, options.batch_window_ms / 1000, device)
         return runner
-    if model.startswith("e1-"):
+    if kind == "edit":
         from worker.runners.hidream_e1 import HiDreamE1Runner
 
         return HiDreamE1Runner(model, weights=weights, device=device, options=options)
-    raise ValueError(f"no runner for model {model!r}")
+    raise ConfigError(f"no runner for model {model!r}; expected one of {', '.join(MODELS)}")
 
 
 def batches(model: str | None, options: RunnerSettings) -> bool:
     """Whether a worker for `model` micro-batches (I1 only: E1 edits run one at a time)."""
-    return bool(model and model.startswith("i1-") and options.batch_max != 1)
+    return bool(model in MODELS and MODELS[model].kind == "generate" and options.batch_max != 1)
 
 
 class Runtime:
@@ -91,9 +94,7 @@ class Runtime:
                 if self.model is None:
                     raise RuntimeError("this worker has no model (an --io worker never runs items)")
                 runner = self._runner_factory()
-                load = getattr(runner, "load", None)
-                if load:
-                    load()
+                runner.load()
                 self._runner = runner
             return self._runner
 
@@ -102,7 +103,7 @@ class Runtime:
         """The revision of the weights this worker loaded (read as it loaded them); None for an I/O worker or
         before the model is loaded."""
         with self._lock:
-            return getattr(self._runner, "revision", None) if self._runner is not None else None
+            return self._runner.revision if self._runner is not None else None
 
     def objects(self, location: str) -> ObjectStore:
         with self._lock:

@@ -69,12 +69,22 @@ class RunOutput:
 
 
 class Runner(Protocol):
+    """What a worker calls on its model: every caller (process.py, runtime.py, the micro-batcher) uses only
+    this. Which of `generate` / `edit` an item needs is its model's kind in `jobs.models.MODELS`; a runner
+    asked for the other raises ModelError."""
+
     model: str  # dreambatch model name, e.g. "i1-fast"
+    source: str | None  # where the weights came from ("tiny:…", "local:…", "hub:…"), once loaded
+    revision: str | None  # the weights' revision (worker.runners.revision), once loaded
+
+    def load(self) -> object:
+        """Load the weights (once); workers call it at start so a bad setup fails before any item."""
+        ...
 
     def generate(self, request: GenerateRequest, on_step: Callable[[int], None] | None = None) -> RunOutput: ...
 
-
-class EditRunner(Protocol):
-    model: str  # "e1-1" or "e1-full"
-
     def edit(self, request: EditRequest, on_step: Callable[[Any], None] | None = None) -> RunOutput: ...
+
+    def canvas_size(self, width: int, height: int) -> tuple[int, int]:
+        """Edits: the canvas this model edits an input of width x height at (fit the image to it first)."""
+        ...

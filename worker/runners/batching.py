@@ -65,8 +65,19 @@ class MicroBatcher:
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
 
-    def __getattr__(self, name: str) -> Any:  # load, canvas_size, rendered_size, source, …
-        return getattr(self.runner, name)
+    @property
+    def source(self) -> str | None:
+        return self.runner.source
+
+    @property
+    def revision(self) -> str | None:
+        return self.runner.revision
+
+    def load(self) -> object:
+        return self.runner.load()
+
+    def canvas_size(self, width: int, height: int) -> tuple[int, int]:
+        return self.runner.canvas_size(width, height)
 
     def generate(self, request: GenerateRequest, on_step=None) -> RunOutput:
         key = self.runner.batch_key(request)

@@ -43,7 +43,7 @@ from PIL import Image
 from jobs.errors import ConfigError, ModelError
 from jobs.models import MODELS
 from jobs.settings import RunnerSettings
-from worker.runners.base import EditRequest, RunOutput
+from worker.runners.base import EditRequest, GenerateRequest, RunOutput
 from worker.runners.hidream_i1 import load_pipeline, native_latent_side, parse_dtype
 from worker.runners.revision import edit_revision, read_revision
 from worker.runners.text_cache import PromptCache, TextEmbeds, encode_text
@@ -348,6 +348,9 @@ class HiDreamE1Runner:
                 _synchronize(self.device)
                 best[name] = min(best[name], time.perf_counter() - started)
         return best
+
+    def generate(self, request: GenerateRequest, on_step: Callable[[int], None] | None = None) -> RunOutput:
+        raise ModelError(f"{self.model} edits an input image; it does not generate from text alone (use i1-*)")
 
     def edit(self, request: EditRequest, on_step: Callable[[StepInfo], None] | None = None) -> RunOutput:
         """Edit `request.image` into `request.num_images` images of the same size, reproducibly for a seed."""

@@ -19,9 +19,10 @@ import torch
 from diffusers import HiDreamImagePipeline
 from diffusers.configuration_utils import FrozenDict
 
-from jobs.errors import ConfigError
+from jobs.errors import ConfigError, ModelError
+from jobs.models import rendered_size
 from jobs.settings import RunnerSettings
-from worker.runners.base import GenerateRequest, RunOutput
+from worker.runners.base import EditRequest, GenerateRequest, RunOutput
 from worker.runners.memory import apply_plan, plan_for
 from worker.runners.moe import install_moe_dispatch
 from worker.runners.padding import install_fold_padding
@@ -152,12 +153,17 @@ class HiDreamI1Runner:
         return pipe
 
     def rendered_size(self, width: int, height: int) -> tuple[int, int]:
-        """The (width, height) the pipeline renders for a request: same area as its default, snapped."""
+        """The (width, height) the pipeline renders for a request: `jobs.models.rendered_size` (the rule the
+        submit side reports) at the loaded pipeline's native area, snapped to its own multiple."""
         pipe = self.load()
-        division = pipe.vae_scale_factor * 2
-        side = pipe.default_sample_size * pipe.vae_scale_factor
-        scale = math.sqrt(side * side / (width * height))
-        return int(width * scale // division * division), int(height * scale // division * division)
+        return rendered_size(width, height, pipe.default_sample_size * pipe.vae_scale_factor,
+                             multiple=pipe.vae_scale_factor * 2)
+
+    def edit(self, request: EditRequest, on_step: Callable[[Any], None] | None = None) -> RunOutput:
+        raise ModelError(f"{self.model} generates images from text; it does not edit (use e1-1 or e1-full)")
+
+    def canvas_size(self, width: int, height: int) -> tuple[int, int]:
+        raise ModelError(f"{self.model} generates images from text; it has no edit canvas (edits: e1-1 or e1-full)")
 
     def generate(self, request: GenerateRequest, on_step: Callable[[int], None] | None = None) -> RunOutput:
         """Render `request.num_images` images for one prompt, reproducibly for a given seed.
