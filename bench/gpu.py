@@ -36,8 +36,9 @@ order; each prints its figures as soon as it has them, and `--json` gets them al
             (against the bf16 rate), max |diff| vs bf16; skipped with the reason where it cannot run (CPU)
   compile   each block torch.compiled (full graph, sync-free routing + fold): compile seconds, s/step, MFU;
             then fp8 + compile when fp8 ran and time is left
-  plans     peak GPU memory of one image per memory plan (`worker.runners.memory.apply_plan`), when this
-            checkout has that module
+  plans     peak GPU memory of one image under each memory plan that keeps everything on the card (resident,
+            then int8: `worker.runners.memory.apply_plan`); plans with parts off the card need a process
+            each: bench/memory_peak.py
 
 `--budget-s` (default 420) bounds the run: a section whose estimate does not fit in the time left is skipped
 and says so, so the script ends inside the lease. Prints figures; never asserts.
@@ -653,19 +654,22 @@ def _compiled(transformer: Any, backend: str) -> Any:
 
 
 def section_plans(b: Bench) -> dict[str, Any]:
-    import importlib.util
-
-    if importlib.util.find_spec("worker.runners.memory") is None:
-        log("memory plans: not available in this checkout")
-        return {"available": False}
+    """Peak GPU memory of one image under the plans that keep every component on the card (resident, int8),
+    applied in turn to the one built pipeline; int8 is irreversible, so it goes last. Plans that leave parts in
+    CPU memory or stream them each need a process of their own: bench/memory_peak.py measures those."""
     from worker.runners import memory
 
-    names = [n for n in (b.args.plans or ",".join(getattr(memory, "PLANS", []))).split(",") if n]
-    out: dict[str, Any] = {"available": True, "plans": {}}
+    names = b.args.plans.split(",") if b.args.plans else ["resident", "int8"]
+    out: dict[str, Any] = {"plans": {}}
     scheduler = type(b.pipe.scheduler).from_config(b.pipe.scheduler.config)
-    for name in names:
+    for name in sorted(names, key=lambda n: bool(memory.PLANS[n].int8)):
+        plan = memory.PLANS[name]
+        if plan.transformer != "device" or plan.text_encoders != "device":
+            log(f"  plan {name}: skipped here (parts off the card; bench/memory_peak.py runs it in its own process)")
+            out["plans"][name] = {"skipped": "parts off the card: bench/memory_peak.py"}
+            continue
         started = time.perf_counter()
-        memory.apply_plan(b.pipe, name, str(b.device))
+        memory.apply_plan(b.pipe, plan, str(b.device))
         reset_peak_memory(b.device)
         with tempfile.TemporaryDirectory() as tmp:
             run_plain(b, scheduler, _rows(50, 1), Path(tmp), 2)
@@ -673,8 +677,6 @@ def section_plans(b: Bench) -> dict[str, Any]:
         out["plans"][name] = {"peak_gpu_gib": peak, "seconds": time.perf_counter() - started}
         log(f"  plan {name}: peak GPU memory {'n/a on the CPU' if peak is None else f'{peak:.1f} GiB'} "
             f"(one 2-step image, {out['plans'][name]['seconds']:.1f} s with applying the plan)")
-    if not names:
-        log("  no plan named (--plans a,b; the module lists none in PLANS)")
     return out
 
 

@@ -37,7 +37,7 @@ from worker.runners.base import EditRequest, GenerateRequest  # noqa: E402
 
 QUANTIZED = ("transformer", "text_encoder_4")  # what each quantized variant changes: the int8 plan's components
 VARIANTS = ("fp32", "int8", "fp8", "nf4", "bf16", "bf16-int8", "bf16-fp8", "bf16-nf4")
-RUNNABLE = ("i1-full", "i1-dev", "i1-fast", "e1-full")  # e1-1: its editing transformer is not in the pipeline
+RUNNABLE = ("i1-full", "i1-dev", "i1-fast", "e1-1", "e1-full")
 # (until E1.1 runs on one transformer, its edit steps would stay unquantized and the figures would flatter it)
 
 
