@@ -23,12 +23,14 @@ from PIL import Image
 from services import cli, s3_client, service_env, wait_until
 
 from jobs import keys
-from jobs.catalog import Ledger, Services, fold, input_failure, item_id_for, run_schedule
+from jobs.catalog.ledger import Ledger, fold, input_failure
+from jobs.catalog.plan import item_id_for
+from jobs.catalog.run import Services, run_schedule
+from jobs.catalog.schedules import load_schedules
 from jobs.errors import ConfigError, InputError
 from jobs.manifest import RawRow, RowChecker
 from jobs.models import JobRecord
 from jobs.presets import apply_preset, load_presets
-from jobs.schedules import load_schedules
 from jobs.settings import CatalogSettings, S3Settings, Settings
 from jobs.storage import LocalStore
 from jobs.store import MemoryStore, RedisStore, ScheduleState
@@ -348,7 +350,7 @@ def test_rejected_and_failed_items_count_failed_runs_per_fingerprint_and_an_abor
 
 
 def test_the_diff_keeps_in_flight_items_back_even_for_new_weights_and_gives_up_on_keys_that_keep_failing():
-    from jobs.catalog import Diff
+    from jobs.catalog.ledger import Diff
 
     ledger = Ledger(entries={"k": {"fp": "f", "model_revision": "A"}},
                     failures={"bad": {"fp": "g", "count": 3, "error": "InputError: not an image"}})
@@ -482,7 +484,8 @@ def test_a_large_job_gets_sheet_pages_and_a_failed_row_shows_its_error(tmp_path)
 def scan_once(tmp_path, s3_endpoint: str, bucket: str, name: str, fields: str) -> tuple[list, list, object]:
     """The candidates, skipped objects and plan of one scan of s3://bucket/p/ by a schedule with these TOML
     fields."""
-    from jobs.catalog import candidates, make_plan
+    from jobs.catalog.plan import make_plan
+    from jobs.catalog.scan import candidates
     from jobs.storage import S3Store
 
     path = tmp_path / "s.toml"
@@ -621,7 +624,7 @@ def test_a_crashed_runs_lock_expires_within_its_ttl_while_a_live_run_keeps_renew
     import sys
     import time
 
-    from jobs.catalog import RunInProgress
+    from jobs.catalog.lock import RunInProgress
 
     name = f"lock-{uuid.uuid4().hex[:6]}"
     schedules = schedule_file(tmp_path / "schedules.toml", name, bucket)
@@ -629,7 +632,8 @@ def test_a_crashed_runs_lock_expires_within_its_ttl_while_a_live_run_keeps_renew
     settings = Settings(redis_url=redis_url, s3=S3Settings(endpoint_url=s3_endpoint),
                         catalog=CatalogSettings(schedules_file=str(schedules), run_lock_ttl=1.5))
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import time\nfrom jobs.catalog import RunLock\nfrom jobs.store import ScheduleState\n"
+        [sys.executable, "-c", "import time\nfrom jobs.catalog.lock import RunLock\n"
+         "from jobs.store import ScheduleState\n"
          f"with RunLock(ScheduleState.from_url({redis_url!r}), {name!r}, 'holder', 1.5):\n"
          "    print('held', flush=True)\n    time.sleep(120)\n"],
         cwd=Path(__file__).resolve().parent.parent, stdout=subprocess.PIPE, text=True)
@@ -655,7 +659,7 @@ def test_retries_back_off_stop_before_the_next_slot_and_an_unreachable_s3_is_ret
                                                                                      tmp_path):
     from services import free_port
 
-    from jobs.catalog import retry_delay, run_fired
+    from jobs.catalog.run import retry_delay, run_fired
 
     name = f"s3down-{uuid.uuid4().hex[:6]}"
     schedules = schedule_file(tmp_path / "schedules.toml", name, "b")

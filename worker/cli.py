@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-import jobs.catalog_cli  # noqa: F401  (adds schedules, beat and presets to the app)
+import jobs.catalog.cli  # noqa: F401  (adds schedules, beat and presets to the app)
 from jobs import keys
 from jobs.cli import ModelOpt, PresetOpt, SetOpt, app, err, fail, out, report_invalid
 from jobs.errors import DreambatchError

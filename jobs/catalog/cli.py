@@ -12,12 +12,12 @@ from typing import Annotated
 import typer
 
 from jobs import broker
-from jobs.catalog import Services, run_schedule
+from jobs.catalog.run import Services, run_schedule
+from jobs.catalog.schedules import get_schedule, load_schedules
 from jobs.cli import SetOpt, app, err, fail, out
 from jobs.errors import DreambatchError
 from jobs.manifest import parse_sets
 from jobs.presets import load_presets
-from jobs.schedules import get_schedule, load_schedules
 from jobs.settings import get_settings
 from jobs.store import RedisStore, ScheduleState
 
@@ -113,7 +113,7 @@ def beat(loglevel: Annotated[str, typer.Option()] = "INFO") -> None:
     the others stand by; a slot missed while no beat ran fires once when one comes back."""
     from celery.beat import Service
 
-    from jobs.beat import CatalogScheduler
+    from jobs.catalog.beat import CatalogScheduler
 
     logging.basicConfig(level=loglevel, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     settings = get_settings()
