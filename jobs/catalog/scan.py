@@ -12,7 +12,7 @@ from jobs import templates
 from jobs.catalog.plan import Plan, fingerprint, item_id_for
 from jobs.catalog.report import Skipped
 from jobs.catalog.schedules import Schedule
-from jobs.errors import ConfigError, InputError, TransientError
+from jobs.errors import ConfigError, InputError
 from jobs.models import EXTENSIONS, OUTPUT_KEY_PATTERN
 from jobs.settings import Settings
 from jobs.storage import S3Store
@@ -41,25 +41,16 @@ class SourceObject:
 
 
 def scan(source: S3Store, settings: Settings, want_metadata: bool) -> Iterator[SourceObject | Skipped]:
-    """Every object under the source prefix: an image to edit, or the reason it is skipped."""
-    from botocore.exceptions import BotoCoreError, ClientError
-
+    """Every object under the source prefix: an image to edit, or the reason it is skipped. S3 errors are
+    jobs.storage's (ConfigError for a missing bucket or bad credentials, else TransientError)."""
     limit, max_bytes = settings.catalog.max_objects, settings.inputs.max_bytes
-    paginator = source.client.get_paginator("list_objects_v2")
     count = 0
-    try:
-        for page in paginator.paginate(Bucket=source.bucket, Prefix=source.prefix):
-            for obj in page.get("Contents", []):
-                count += 1
-                if count > limit:
-                    raise ConfigError(f"{source.location}: more than {limit} objects "
-                                      f"(DREAMBATCH_CATALOG__MAX_OBJECTS); narrow the prefix")
-                yield _classify(source, obj, max_bytes, want_metadata)
-    except (ClientError, BotoCoreError) as exc:
-        code = getattr(exc, "response", {}).get("Error", {}).get("Code", "")
-        if code in ("NoSuchBucket", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
-            raise ConfigError(f"S3 {source.location}: {code}: {exc}") from None
-        raise TransientError(f"S3 {source.location}: listing failed: {exc}") from None
+    for obj in source.listing():
+        count += 1
+        if count > limit:
+            raise ConfigError(f"{source.location}: more than {limit} objects "
+                              f"(DREAMBATCH_CATALOG__MAX_OBJECTS); narrow the prefix")
+        yield _classify(source, obj, max_bytes, want_metadata)
 
 
 def _classify(source: S3Store, obj: dict, max_bytes: int, want_metadata: bool) -> SourceObject | Skipped:
