@@ -34,6 +34,6 @@ thread renews while the run goes, so a crashed holder blocks the schedule for on
 beat-fired run that fails for a transient reason (S3 or Redis unreachable, another run in progress) is
 retried with backoff (`run_fired`), until shortly before the schedule's next slot.
 
-The catalog is a wing beside the spine and uses the spine's parts: jobs.storage (S3), jobs.store (Redis and
-its lock primitive), jobs.submit (the job it makes).
+The catalog is a wing beside the spine and uses the spine's parts: jobs.storage (S3 listing and errors),
+jobs.formats (which objects are images), jobs.store (Redis and its lock primitive), jobs.submit (the job).
 """

@@ -13,14 +13,10 @@ from jobs.catalog.plan import Plan, fingerprint, item_id_for
 from jobs.catalog.report import Skipped
 from jobs.catalog.schedules import Schedule
 from jobs.errors import ConfigError, InputError
-from jobs.models import EXTENSIONS, OUTPUT_KEY_PATTERN
+from jobs.formats import BY_CONTENT_TYPE, BY_SUFFIX, EXTENSIONS, UNREAD_SUFFIXES
+from jobs.models import OUTPUT_KEY_PATTERN
 from jobs.settings import Settings
 from jobs.storage import S3Store
-
-FORMATS = {".jpg": "jpeg", ".jpeg": "jpeg", ".png": "png", ".webp": "webp"}
-CONTENT_TYPES = {"image/jpeg": "jpeg", "image/jpg": "jpeg", "image/png": "png", "image/webp": "webp"}
-OTHER_IMAGES = {".gif", ".bmp", ".tif", ".tiff", ".heic", ".heif", ".avif", ".svg", ".psd", ".ico", ".jxl",
-                ".raw", ".cr2", ".nef", ".dng"}
 
 
 @dataclass
@@ -61,8 +57,8 @@ def _classify(source: S3Store, obj: dict, max_bytes: int, want_metadata: bool) -
     if size == 0:
         return Skipped(key, "empty object")
     suffix = PurePosixPath(key).suffix.lower()
-    fmt = FORMATS.get(suffix)
-    if suffix in OTHER_IMAGES:
+    fmt = BY_SUFFIX.get(suffix)
+    if suffix in UNREAD_SUFFIXES:
         return Skipped(key, f"unsupported image format {suffix} (JPEG, PNG and WebP are read)")
     if fmt is None and suffix and not suffix[1:].isdigit():
         return Skipped(key, f"not an image ({suffix} file)")
@@ -73,7 +69,7 @@ def _classify(source: S3Store, obj: dict, max_bytes: int, want_metadata: bool) -
             return Skipped(key, "deleted while scanning")
     if fmt is None:
         content_type = (head.get("ContentType") or "").split(";")[0].strip().lower()
-        fmt = CONTENT_TYPES.get(content_type)
+        fmt = BY_CONTENT_TYPE.get(content_type)
         if fmt is None:
             return Skipped(key, f"not an image (no extension, content-type {content_type or 'unset'})")
     if size > max_bytes:
@@ -117,7 +113,7 @@ def candidates(schedule: Schedule, plan: Plan, source: S3Store, settings: Settin
         if schedule.mirror:
             if not schedule.keep_format:
                 out_key = f"{path.with_suffix('')}.{EXTENSIONS[fmt]}"
-            elif path.suffix.lower() in FORMATS:
+            elif path.suffix.lower() in BY_SUFFIX:
                 out_key = rel
             else:  # no image extension (its Content-Type said what it is): the output key gets its format's
                 out_key = f"{rel}.{EXTENSIONS[fmt]}"
