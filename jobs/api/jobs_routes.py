@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from jobs import control, export
 from jobs.api import schemas
-from jobs.api.app import ServicesDep, require
+from jobs.api.deps import ServicesDep, require
 from jobs.api.service import (
     ApiError,
     JobOptions,

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from jobs import formats
 from jobs.api import schemas
-from jobs.api.app import ServicesDep, require
+from jobs.api.deps import ServicesDep, require
 from jobs.api.service import (
     ApiError,
     JobOptions,
