@@ -404,8 +404,9 @@ def test_validate_with_a_preset_fills_the_instruction_and_compose_runs_beat(tmp_
     import yaml
     from typer.testing import CliRunner
 
-    from worker.cli import app
+    from worker.cli import build_app
 
+    app = build_app()
     photo_path = tmp_path / "shoe.jpg"
     photo_path.write_bytes(photo(1, "jpg"))
     manifest = tmp_path / "m.csv"
