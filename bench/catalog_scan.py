@@ -42,9 +42,9 @@ def main() -> None:
     ap.add_argument("--objects", type=int, default=20_000)
     args = ap.parse_args()
     os.environ.update(S3_ENV)
-    from jobs.catalog import Services, run_schedule
+    from jobs.catalog.run import Services, run_schedule
+    from jobs.catalog.schedules import load_schedules
     from jobs.lifecycle import JobStatus
-    from jobs.schedules import load_schedules
     from jobs.settings import CatalogSettings, S3Settings, Settings
 
     with tempfile.TemporaryDirectory() as d:

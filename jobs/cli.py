@@ -1,7 +1,8 @@
-"""The control-plane commands: validate, submit, status, results.
+"""The control-plane commands: validate, submit, status, results, and the options and output they share.
 
-Worker-side commands (`worker`, `run`, `models`) are added by `worker.cli`, which is the console
-script; this module never imports `worker`, torch or diffusers.
+The commands are plain functions; `worker.cli.build_app`, the console script's, adds them to the
+`dreambatch` app with the catalog's and the worker-side ones. This module never imports `worker`,
+torch or diffusers.
 """
 
 from __future__ import annotations
@@ -31,8 +32,6 @@ from jobs.storage import open_store
 from jobs.store import RedisStore
 from jobs.submit import ManifestInvalid, create_job, new_job_id
 
-app = typer.Typer(help="dreambatch: batch HiDream image jobs on your own GPUs.", no_args_is_help=True,
-                  pretty_exceptions_enable=False)
 err = Console(stderr=True)
 out = Console()
 
@@ -53,7 +52,6 @@ def report_invalid(exc: ManifestInvalid) -> typer.Exit:
     return fail(str(exc), 2)
 
 
-@app.command()
 def validate(manifest: Path, model: ModelOpt = "i1-fast", set_: SetOpt = None, preset: PresetOpt = None,
              json_: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Check every row of MANIFEST; print each problem as `line N: field: message (got value)`."""
@@ -78,7 +76,6 @@ def validate(manifest: Path, model: ModelOpt = "i1-fast", set_: SetOpt = None, p
         raise typer.Exit(2)
 
 
-@app.command()
 def submit(
     manifest: Path,
     model: ModelOpt = "i1-fast",
@@ -141,7 +138,6 @@ def submit(
         raise typer.Exit(0 if job.status == JobStatus.COMPLETED else 1)
 
 
-@app.command()
 def reconcile(
     job_id: str,
     output: Annotated[str | None, typer.Option(help="s3://bucket/prefix the job was submitted with "
@@ -176,7 +172,6 @@ def reconcile(
                   f"{', finalizing' if report.finalized else ''}", highlight=False)
 
 
-@app.command()
 def cancel(job_id: str, json_: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Cancel JOB_ID: queued items end cancelled now, running ones stop at their next step; outputs
     already written are kept. The job ends `cancelled` (with its webhook) when its running items stop."""
@@ -200,7 +195,6 @@ def _requeued(job_id: str, ids: list[str], what: str, json_: bool) -> None:
         out.print(f"{job_id}: re-queued {len(ids)} {what} item(s)", highlight=False, soft_wrap=True)
 
 
-@app.command()
 def retry(job_id: str, json_: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Re-queue only JOB_ID's failed items, in the same job (same ids and manifest lines); the job runs
     again and ends once more. Rows rejected at submit are not retried."""
@@ -211,7 +205,6 @@ def retry(job_id: str, json_: Annotated[bool, typer.Option("--json")] = False) -
     _requeued(job_id, ids, "failed", json_)
 
 
-@app.command()
 def resume(
     job_id: str,
     output: Annotated[str | None, typer.Option(help="s3://bucket/prefix, only when Redis lost the job")] = None,
@@ -247,7 +240,6 @@ def _top_tables(view) -> Group:
     return Group(queues, workers, jobs)
 
 
-@app.command()
 def top(
     once: Annotated[bool, typer.Option("--once", help="print the tables once and exit")] = False,
     json_: Annotated[bool, typer.Option("--json", help="print one JSON snapshot and exit")] = False,
@@ -272,7 +264,6 @@ def top(
             pass
 
 
-@app.command()
 def webhooks(job_id: str, redeliver: Annotated[bool, typer.Option(help="send every event again")] = False) -> None:
     """List every webhook delivery attempt of a job (time, status, latency, error); --redeliver re-sends."""
     settings = get_settings()
@@ -332,7 +323,6 @@ def _watch(job_id: str, quiet: bool = False, interval: float = 0.5) -> JobRecord
             time.sleep(interval)
 
 
-@app.command()
 def status(job_id: str, watch: Annotated[bool, typer.Option("--watch")] = False,
            json_: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Show a job's status and counts (`--watch`: a live progress bar until it ends)."""
@@ -352,7 +342,6 @@ def status(job_id: str, watch: Annotated[bool, typer.Option("--watch")] = False,
         out.print(f"results: {job.results_uri}", highlight=False, soft_wrap=True)
 
 
-@app.command()
 def results(job_id: str, format_: Annotated[str, typer.Option("--format", help="jsonl or csv")] = "jsonl") -> None:
     """Print a job's results, one line per manifest row (live state while it runs)."""
     settings = get_settings()
@@ -366,7 +355,6 @@ def results(job_id: str, format_: Annotated[str, typer.Option("--format", help="
     sys.stdout.writelines(export.jsonl_rows(lines) if format_ == "jsonl" else export.csv_rows(lines))
 
 
-@app.command()
 def api(host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
         port: Annotated[int, typer.Option(help="port to listen on")] = 8000) -> None:
     """Serve the HTTP API (docs/api.md): jobs, OpenAI-compatible images, a fal-style queue. Needs the
@@ -377,13 +365,3 @@ def api(host: Annotated[str, typer.Option(help="address to listen on")] = "127.0
         raise fail(f"the API needs the api extra: pip install 'dreambatch[api]' ({exc})") from None
     serve(get_settings(), host, port)
 
-
-def _add_keys_commands() -> None:
-    try:
-        from jobs.api.keys_cli import keys_app
-    except ImportError:  # the api extra is not installed
-        return
-    app.add_typer(keys_app, name="keys")
-
-
-_add_keys_commands()

@@ -18,10 +18,12 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from jobs.errors import InputError
+from jobs.formats import BY_CONTENT_TYPE, EXTENSIONS
 from jobs.storage import ObjectStore
 
-DATA_URI = re.compile(r"^data:(?P<type>image/(?:png|jpeg|jpg|webp));base64,(?P<data>[A-Za-z0-9+/=\s]+)$", re.I)
-EXT_FOR_TYPE = {"image/png": ".png", "image/jpeg": ".jpg", "image/jpg": ".jpg", "image/webp": ".webp"}
+DATA_URI = re.compile(r"^data:(?P<type>" + "|".join(map(re.escape, BY_CONTENT_TYPE)) + r");base64,"
+                      r"(?P<data>[A-Za-z0-9+/=\s]+)$", re.I)
+EXT_FOR_TYPE = {t: f".{EXTENSIONS[name]}" for t, name in BY_CONTENT_TYPE.items()}  # image/jpg → .jpg
 
 
 @dataclass(frozen=True)

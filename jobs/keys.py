@@ -35,7 +35,7 @@ PRIORITIES = {"high": 0, "normal": 3, "low": 6}  # job priority → Celery messa
 PRIORITY_STEPS = [0, 3, 6]  # broker_transport_options["priority_steps"]
 PRIORITY_SEP = "\x06\x16"  # kombu's separator: "gpu.i1-fast\x06\x166" is that queue's low list
 
-# --- schedules (jobs.beat fires them, jobs.catalog runs them) -----------------------------------
+# --- schedules (jobs.catalog.beat fires them, jobs.catalog.run runs them) ---------------------
 BEAT_LOCK = "db:beat:lock"  # string: the id of the one beat process allowed to fire (expires unless renewed)
 SCHEDULE_FIRED = "db:schedule:{name}:fired"  # string: the last cron slot (ISO UTC) beat fired or skipped
 SCHEDULE_SLOT = "db:schedule:{name}:slot:{slot}"  # string, NX: claimed once per slot, so a slot fires once

@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from jobs.errors import ErrorKind, recorded_kind
+from jobs.formats import CONTENT_TYPES, EXTENSIONS, SUFFIXES  # noqa: F401  (CONTENT_TYPES, EXTENSIONS: re-exported)
 from jobs.lifecycle import ItemStatus, JobStatus
 
 OutputFormat = Literal["jpeg", "png", "webp"]
@@ -20,9 +21,6 @@ SchedulerName = Literal["flow_unipc", "flash_flow", "flow_euler"]
 
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 MAX_SEED = 2**32 - 1
-CONTENT_TYPES = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
-EXTENSIONS = {"jpeg": "jpg", "png": "png", "webp": "webp"}
-SUFFIXES = {"jpeg": (".jpg", ".jpeg"), "png": (".png",), "webp": (".webp",)}  # accepted in an output_key
 OUTPUT_KEY_PATTERN = r"^[^/\x00-\x1f\x7f\\][^\x00-\x1f\x7f\\]{0,899}$"  # no control chars or backslash
 
 

@@ -53,6 +53,22 @@ def split_s3_key(uri: str) -> tuple[str, str]:
     return bucket, uri.removeprefix("s3://")[len(bucket) + 1:]
 
 
+# S3 error codes that say the setup is wrong (no such bucket, bad credentials): a ConfigError, never retried
+SETUP_ERRORS = ("NoSuchBucket", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch")
+
+
+def s3_error(location: str, exc: Exception, doing: str | None = None) -> ConfigError | TransientError:
+    """What a boto error at `location` means to the caller: a ConfigError for a setup error (SETUP_ERRORS), else
+    a TransientError (try again later) naming what was being done, else S3's error code or HTTP status."""
+    response = getattr(exc, "response", None)  # a ClientError's; a BotoCoreError got no answer from S3
+    code = (response or {}).get("Error", {}).get("Code", "")
+    if code in SETUP_ERRORS:
+        return ConfigError(f"S3 {location}: {code}: {exc}")
+    if doing is None and response is not None:  # S3 answered: its code, or the HTTP status when it gave none
+        doing = code or response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+    return TransientError(f"S3 {location}: {exc}" if doing is None else f"S3 {location}: {doing}: {exc}")
+
+
 def s3_client(settings: Settings):
     """A boto3 S3 client with explicit timeouts, standard retries and checksums that non-AWS stores accept."""
     import boto3
@@ -95,11 +111,9 @@ class S3Store:
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
             if code in ("NoSuchKey", "404") or status == 404 and code != "NoSuchBucket":
                 return None
-            if code in ("NoSuchBucket", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
-                raise ConfigError(f"S3 {self.location}: {code}: {exc}") from None
-            raise TransientError(f"S3 {self.location}: {code or status}: {exc}") from None
+            raise s3_error(self.location, exc) from None
         except BotoCoreError as exc:
-            raise TransientError(f"S3 {self.location}: {exc}") from None
+            raise s3_error(self.location, exc) from None
 
     def put(self, key: str, data: bytes, content_type: str, metadata: dict[str, str] | None = None) -> str:
         self._call(self.client.put_object, Bucket=self.bucket, Key=self._key(key), Body=data,
@@ -125,6 +139,18 @@ class S3Store:
     def head(self, key: str) -> dict | None:
         """The object's HEAD response (ContentType, Metadata, ETag…), or None when it does not exist."""
         return self._call(self.client.head_object, Bucket=self.bucket, Key=self._key(key))
+
+    def listing(self, prefix: str = "") -> Iterator[dict]:
+        """The list entries (Key, with the store's prefix; Size, ETag…) of the objects under `prefix`, in S3's
+        order; a failure to list raises what `s3_error` makes of it."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        paginator = self.client.get_paginator("list_objects_v2")
+        try:
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=self._key(prefix)):
+                yield from page.get("Contents", [])
+        except (ClientError, BotoCoreError) as exc:
+            raise s3_error(self.location, exc, "listing failed") from None
 
     def keys(self, prefix: str) -> Iterator[str]:
         paginator = self.client.get_paginator("list_objects_v2")

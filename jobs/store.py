@@ -581,7 +581,7 @@ return 0
 
 class ScheduleState:
     """Schedule bookkeeping in Redis: the beat lock, the last slot fired, one claim per slot, a run lock
-    and the last run's summary. (The durable ledger of what was edited lives in S3: jobs.catalog.)"""
+    and the last run's summary. (The durable ledger of what was edited lives in S3: jobs.catalog.ledger.)"""
 
     def __init__(self, client):
         self.r = client

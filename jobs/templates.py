@@ -11,10 +11,10 @@ import re
 from collections.abc import Mapping
 
 from jobs.errors import InputError
+from jobs.formats import IMAGE_SUFFIXES
 
 NAME = r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_-]+)?"
 _PLACEHOLDER = re.compile(r"\{\{|\}\}|\{(" + NAME + r")\}|\{[^{}]*\}?|\}")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
 
 def names(template: str, where: str) -> list[str]:
@@ -79,7 +79,7 @@ class KeyTemplate:
             pos = match.end()
         pattern += re.escape(body[pos:])
         if self.any_image_suffix:
-            pattern += r"\.(?i:jpe?g|png|webp)"
+            pattern += r"\.(?i:" + "|".join(re.escape(s[1:]) for s in IMAGE_SUFFIXES) + ")"
         self.regex = re.compile(pattern + "$")
         leftover = self._PART.sub("", body)
         if "{" in leftover or "}" in leftover:

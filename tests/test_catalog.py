@@ -23,12 +23,14 @@ from PIL import Image
 from services import cli, s3_client, service_env, wait_until
 
 from jobs import keys
-from jobs.catalog import Ledger, Services, fold, input_failure, item_id_for, run_schedule
+from jobs.catalog.ledger import Ledger, fold, input_failure
+from jobs.catalog.plan import item_id_for
+from jobs.catalog.run import Services, run_schedule
+from jobs.catalog.schedules import load_schedules
 from jobs.errors import ConfigError, InputError
 from jobs.manifest import RawRow, RowChecker
 from jobs.models import JobRecord
 from jobs.presets import apply_preset, load_presets
-from jobs.schedules import load_schedules
 from jobs.settings import CatalogSettings, S3Settings, Settings
 from jobs.storage import LocalStore
 from jobs.store import MemoryStore, RedisStore, ScheduleState
@@ -392,7 +394,7 @@ def test_an_image_url_the_address_guard_refuses_is_an_input_failure_to_every_rea
 
 
 def test_the_diff_keeps_in_flight_items_back_even_for_new_weights_and_gives_up_on_keys_that_keep_failing():
-    from jobs.catalog import Diff
+    from jobs.catalog.ledger import Diff
 
     ledger = Ledger(entries={"k": {"fp": "f", "model_revision": "A"}},
                     failures={"bad": {"fp": "g", "count": 3, "error": "InputError: not an image"}})
@@ -446,8 +448,9 @@ def test_validate_with_a_preset_fills_the_instruction_and_compose_runs_beat(tmp_
     import yaml
     from typer.testing import CliRunner
 
-    from worker.cli import app
+    from worker.cli import build_app
 
+    app = build_app()
     photo_path = tmp_path / "shoe.jpg"
     photo_path.write_bytes(photo(1, "jpg"))
     manifest = tmp_path / "m.csv"
@@ -526,7 +529,8 @@ def test_a_large_job_gets_sheet_pages_and_a_failed_row_shows_its_error(tmp_path)
 def scan_once(tmp_path, s3_endpoint: str, bucket: str, name: str, fields: str) -> tuple[list, list, object]:
     """The candidates, skipped objects and plan of one scan of s3://bucket/p/ by a schedule with these TOML
     fields."""
-    from jobs.catalog import candidates, make_plan
+    from jobs.catalog.plan import make_plan
+    from jobs.catalog.scan import candidates
     from jobs.storage import S3Store
 
     path = tmp_path / "s.toml"
@@ -665,7 +669,7 @@ def test_a_crashed_runs_lock_expires_within_its_ttl_while_a_live_run_keeps_renew
     import sys
     import time
 
-    from jobs.catalog import RunInProgress
+    from jobs.catalog.lock import RunInProgress
 
     name = f"lock-{uuid.uuid4().hex[:6]}"
     schedules = schedule_file(tmp_path / "schedules.toml", name, bucket)
@@ -673,7 +677,8 @@ def test_a_crashed_runs_lock_expires_within_its_ttl_while_a_live_run_keeps_renew
     settings = Settings(redis_url=redis_url, s3=S3Settings(endpoint_url=s3_endpoint),
                         catalog=CatalogSettings(schedules_file=str(schedules), run_lock_ttl=1.5))
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import time\nfrom jobs.catalog import RunLock\nfrom jobs.store import ScheduleState\n"
+        [sys.executable, "-c", "import time\nfrom jobs.catalog.lock import RunLock\n"
+         "from jobs.store import ScheduleState\n"
          f"with RunLock(ScheduleState.from_url({redis_url!r}), {name!r}, 'holder', 1.5):\n"
          "    print('held', flush=True)\n    time.sleep(120)\n"],
         cwd=Path(__file__).resolve().parent.parent, stdout=subprocess.PIPE, text=True)
@@ -699,7 +704,7 @@ def test_retries_back_off_stop_before_the_next_slot_and_an_unreachable_s3_is_ret
                                                                                      tmp_path):
     from services import free_port
 
-    from jobs.catalog import retry_delay, run_fired
+    from jobs.catalog.run import retry_delay, run_fired
 
     name = f"s3down-{uuid.uuid4().hex[:6]}"
     schedules = schedule_file(tmp_path / "schedules.toml", name, "b")

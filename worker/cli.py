@@ -1,4 +1,5 @@
-"""The `dreambatch` console script: the control-plane commands plus worker, run and models.
+"""The `dreambatch` console script: `build_app` puts the control-plane and catalog commands together with
+worker, run, sheet and models, defined here.
 
 Nothing heavy is imported at module level: torch and diffusers load inside the commands that
 need them, in the process that will use them.
@@ -14,9 +15,11 @@ from typing import Annotated
 
 import typer
 
-import jobs.catalog_cli  # noqa: F401  (adds schedules, beat and presets to the app)
+from jobs import cli as jobs_cli
 from jobs import keys
-from jobs.cli import ModelOpt, PresetOpt, SetOpt, app, err, fail, out, report_invalid
+from jobs.api import keys_cli
+from jobs.catalog import cli as catalog_cli
+from jobs.cli import ModelOpt, PresetOpt, SetOpt, err, fail, out, report_invalid
 from jobs.errors import DreambatchError
 from jobs.lifecycle import JobStatus
 from jobs.manifest import parse_sets
@@ -24,9 +27,6 @@ from jobs.models import MODELS
 from jobs.presets import job_defaults
 from jobs.settings import RunnerSettings, get_settings
 from jobs.submit import ManifestInvalid
-
-models_app = typer.Typer(help="Model weights: build tiny random-weight pipelines.", no_args_is_help=True)
-app.add_typer(models_app, name="models")
 
 WeightsOpt = Annotated[str | None, typer.Option(
     "--weights", help="'tiny', a local pipeline folder, or a hub id in the local cache (default: the model's)")]
@@ -52,7 +52,6 @@ def _default_device() -> str:
     return "cuda:0" if torch.cuda.is_available() else "cpu"
 
 
-@app.command()
 def worker(
     model: Annotated[str | None, typer.Option("--model", "-m", help="serve this model's queue")] = None,
     weights: WeightsOpt = None,
@@ -135,7 +134,6 @@ def _expiry_chore(settings, runtime, celery):
     return chore
 
 
-@app.command()
 def run(
     manifest: Path,
     model: ModelOpt = "i1-fast",
@@ -176,7 +174,6 @@ def run(
         raise typer.Exit(1)
 
 
-@app.command()
 def sheet(
     job_id: str,
     output: Annotated[str | None, typer.Option(help="where the job is: s3://bucket/prefix or a local folder "
@@ -205,7 +202,6 @@ def sheet(
         out.print(f"{page.html_uri}  {page.png_uri}  ({page.pairs} rows)", highlight=False, soft_wrap=True)
 
 
-@models_app.command("make-tiny")
 def make_tiny(variant: str, directory: Path) -> None:
     """Build a tiny random-weight pipeline for VARIANT (same classes and layout) in DIRECTORY."""
     from worker.runners.tiny import make_tiny as build
@@ -216,5 +212,37 @@ def make_tiny(variant: str, directory: Path) -> None:
     out.print(str(path), highlight=False)
 
 
+def build_app() -> typer.Typer:
+    """The `dreambatch` command line. Every command and group is added here, in the order `--help` lists
+    them; the modules named only define the commands."""
+    app = typer.Typer(help="dreambatch: batch HiDream image jobs on your own GPUs.", no_args_is_help=True,
+                      pretty_exceptions_enable=False)
+    commands = {
+        # the control plane (jobs.cli): manifests and jobs
+        "validate": jobs_cli.validate, "submit": jobs_cli.submit, "reconcile": jobs_cli.reconcile,
+        "cancel": jobs_cli.cancel, "retry": jobs_cli.retry, "resume": jobs_cli.resume, "top": jobs_cli.top,
+        "webhooks": jobs_cli.webhooks, "status": jobs_cli.status, "results": jobs_cli.results, "api": jobs_cli.api,
+        # the catalog (jobs.catalog.cli)
+        "beat": catalog_cli.beat, "presets": catalog_cli.presets,
+        # the data plane (this module)
+        "worker": worker, "run": run, "sheet": sheet,
+    }
+    groups = {
+        "keys": ("API keys for `dreambatch api`: create (shown once), list, revoke.",
+                 {"create": keys_cli.create, "list": keys_cli.list_keys, "revoke": keys_cli.revoke}),
+        "schedules": ("Scheduled catalog runs (the schedules file).",
+                      {"list": catalog_cli.list_schedules, "run": catalog_cli.run_now}),
+        "models": ("Model weights: build tiny random-weight pipelines.", {"make-tiny": make_tiny}),
+    }
+    for name, command in commands.items():
+        app.command(name)(command)
+    for name, (help_text, subcommands) in groups.items():
+        group = typer.Typer(help=help_text, no_args_is_help=True)
+        for sub, command in subcommands.items():
+            group.command(sub)(command)
+        app.add_typer(group, name=name)
+    return app
+
+
 def main() -> None:
-    app()
+    build_app()()

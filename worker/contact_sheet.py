@@ -24,6 +24,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from jobs import keys, records
 from jobs.errors import DreambatchError, InputError, JobNotFound
+from jobs.formats import CONTENT_TYPES
 from jobs.lifecycle import ItemStatus
 from jobs.models import JobRecord
 from jobs.settings import Settings
@@ -100,7 +101,7 @@ def _load_pairs(job: JobRecord, lines: list[dict], images: dict[str, str | None]
 def _data_uri(image: Image.Image) -> str:
     buf = io.BytesIO()
     image.save(buf, "JPEG", quality=82)
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+    return f"data:{CONTENT_TYPES['jpeg']};base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def _href(link: str) -> str:
@@ -196,7 +197,7 @@ def make_sheet(job_id: str, objects: ObjectStore, settings: Settings, fetch_stor
         html_key = keys.S3_SHEET.format(prefix="", job_id=job_id, page=suffix, ext="html")
         png_key = keys.S3_SHEET.format(prefix="", job_id=job_id, page=suffix, ext="png")
         pages.append(SheetPage(objects.put(html_key, page_html, "text/html; charset=utf-8"),
-                               objects.put(png_key, page_png, "image/png"), len(chunk)))
+                               objects.put(png_key, page_png, CONTENT_TYPES["png"]), len(chunk)))
         if copy_to is not None:
             copy_to.mkdir(parents=True, exist_ok=True)
             (copy_to / f"sheet{suffix}.html").write_bytes(page_html)

@@ -7,7 +7,7 @@ import io
 
 from PIL import Image
 
-from jobs.models import CONTENT_TYPES
+from jobs.formats import CONTENT_TYPES, PIL_NAMES
 
 
 def encode(image: Image.Image, fmt: str, quality: int) -> tuple[bytes, str]:
@@ -24,7 +24,6 @@ def encode(image: Image.Image, fmt: str, quality: int) -> tuple[bytes, str]:
     return buf.getvalue(), CONTENT_TYPES[fmt]
 
 
-ALLOWED_INPUTS = {"JPEG", "PNG", "WEBP"}
 BACKGROUND = (255, 255, 255)  # transparent pixels are composited onto white (the product-photo norm)
 
 
@@ -40,7 +39,7 @@ def decode_input(data: bytes, max_pixels: int) -> Image.Image:
     from jobs.errors import InputError
 
     try:
-        image = Image.open(io.BytesIO(data), formats=sorted(ALLOWED_INPUTS))
+        image = Image.open(io.BytesIO(data), formats=sorted(PIL_NAMES))
     except UnidentifiedImageError:
         raise InputError("not a JPEG, PNG or WebP image") from None
     except Image.DecompressionBombError as exc:

@@ -6,7 +6,8 @@ import time
 
 from celery import Celery
 
-from jobs import catalog, keys
+from jobs import keys
+from jobs.catalog.run import run_fired
 from worker import process, webhooks
 from worker.runtime import Runtime
 
@@ -50,7 +51,7 @@ def register(app: Celery, runtime: Runtime) -> None:
     def run_schedule(self, name: str, slot: str | None = None) -> dict:
         """Fired by beat: scan the schedule's source and submit what is new or changed (on an io worker).
         A transient failure is tried again with backoff, until shortly before the next slot."""
-        fired = catalog.run_fired(name, runtime.settings, app, slot, attempt=self.request.retries + 1)
+        fired = run_fired(name, runtime.settings, app, slot, attempt=self.request.retries + 1)
         if fired.retry_in is not None:
             raise self.retry(countdown=fired.retry_in)
         return fired.summary

@@ -1,6 +1,7 @@
 """The HTTP API (`dreambatch api`): FastAPI over the same store, queues and records as the CLI.
 
     app.py          the application: routers, error shapes, /metrics, /healthz
+    deps.py         what the routes depend on: the shared services, the API-key check (`require(scope)`)
     auth.py         API keys: minted, hashed at rest, scoped; the bearer-token check
     service.py      what the routes share: submit rows as a job, wait for it, status, image links
     jobs_routes.py  /v1/jobs…: manifests (upload or JSON rows), status, items, results, events, cancel, retry

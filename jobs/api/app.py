@@ -1,6 +1,6 @@
 """The FastAPI application: auth, one error shape, a body-size limit, health, metrics, routers.
 
-Every route needs a bearer API key with the route's scope (jobs.api.auth): none or an unknown key
+Every route needs a bearer API key with the route's scope (jobs.api.deps): none or an unknown key
 is a 401, a key without the scope a 403. Errors are `{"error": {"message", "type", "code", "param"}}`
 (OpenAI's shape, so OpenAI clients raise readable exceptions); validation errors add `errors`, one
 line per problem, in the CLI's `line N: field: message (got value)` form.
@@ -11,50 +11,20 @@ from __future__ import annotations
 import logging
 from typing import Annotated
 
-import anyio
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from jobs import metrics as job_metrics
-from jobs.api import auth
+from jobs.api import fal_routes, jobs_routes, openai_routes
+from jobs.api.deps import ServicesDep, require
 from jobs.api.service import ApiError, Services
 from jobs.errors import ConfigError, DreambatchError, InputError, JobNotFound, JobStateError, TransientError
 from jobs.models import ApiKeyRecord
 from jobs.settings import Settings
 
 log = logging.getLogger("dreambatch.api")
-bearer = HTTPBearer(auto_error=False, description="an API key from `dreambatch keys create`")
-
-
-def services(request: Request) -> Services:
-    return request.app.state.services
-
-
-ServicesDep = Annotated[Services, Depends(services)]
-
-
-def require(scope: str):
-    """A dependency: the caller's API key, which must hold `scope`."""
-
-    async def check(request: Request,
-                    cred: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> ApiKeyRecord:
-        if cred is None or cred.scheme.lower() != "bearer":
-            raise ApiError(401, "missing API key: send Authorization: Bearer <key>", type_="authentication_error",
-                           code="missing_api_key")
-        key_id = auth.key_id_of(cred.credentials)
-        svc: Services = request.app.state.services
-        record = await anyio.to_thread.run_sync(svc.store.get_api_key, key_id) if key_id else None
-        if not auth.matches(record, cred.credentials):
-            raise ApiError(401, "invalid or revoked API key", type_="authentication_error", code="invalid_api_key")
-        if scope not in record.scopes:
-            raise ApiError(403, f"this API key lacks the {scope!r} scope", type_="permission_error",
-                           code="insufficient_scope")
-        return record
-
-    return check
 
 
 def _error(exc: ApiError) -> JSONResponse:
@@ -72,8 +42,6 @@ def _validation_lines(exc: RequestValidationError) -> list[str]:
 
 
 def create_app(settings: Settings) -> FastAPI:
-    from jobs.api import fal_routes, jobs_routes, openai_routes
-
     app = FastAPI(title="dreambatch", version="1", max_body_size=settings.api.max_upload_bytes + 2**20,
                   description="Batch HiDream image jobs; OpenAI-compatible images and a fal-style queue. "
                               "See docs/api.md.")

@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse
 
 from jobs import control, fal
 from jobs.api import schemas
-from jobs.api.app import ServicesDep, require
+from jobs.api.deps import ServicesDep, require
 from jobs.api.service import (
     ApiError,
     JobOptions,

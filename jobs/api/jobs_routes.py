@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from jobs import control, export
 from jobs.api import schemas
-from jobs.api.app import ServicesDep, require
+from jobs.api.deps import ServicesDep, require
 from jobs.api.service import (
     ApiError,
     JobOptions,
@@ -34,6 +34,7 @@ from jobs.api.service import (
 )
 from jobs.control import parse_duration
 from jobs.errors import InputError
+from jobs.formats import CONTENT_TYPES, EXTENSIONS
 from jobs.lifecycle import ItemStatus
 from jobs.manifest import parse_sets
 from jobs.models import ApiKeyRecord, JobRecord, Priority
@@ -298,7 +299,7 @@ def resume(job_id: JobId, svc: ServicesDep, _key: Writer) -> dict:
 
 
 @router.get("/v1/files/{job_id}/{key:path}", response_class=Response, tags=["files"],
-            responses={200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}}})
+            responses={200: {"content": {t: {} for t in CONTENT_TYPES.values()}}})
 def file(job_id: JobId, key: str, svc: ServicesDep, expires: Annotated[int, Query(ge=0, le=2**40)],
          signature: Annotated[str, Query(max_length=64)]) -> Response:
     """An output image, by the signed link an images response gave (no API key: the signature is the key)."""
@@ -311,6 +312,5 @@ def file(job_id: JobId, key: str, svc: ServicesDep, expires: Annotated[int, Quer
     data = svc.objects(job.output).get(key, svc.settings.api.max_upload_bytes)
     if data is None:
         raise ApiError(404, "no such file", code="not_found")
-    media = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp"}.get(key.rsplit(".", 1)[-1],
-                                                                                 "application/octet-stream")
+    media = {EXTENSIONS[f]: t for f, t in CONTENT_TYPES.items()}.get(key.rsplit(".", 1)[-1], "application/octet-stream")
     return Response(data, media_type=media)

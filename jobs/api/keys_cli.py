@@ -13,15 +13,11 @@ from jobs.settings import get_settings
 from jobs.store import RedisStore
 from jobs.submit import now_iso
 
-keys_app = typer.Typer(help="API keys for `dreambatch api`: create (shown once), list, revoke.",
-                       no_args_is_help=True)
-
 
 def _store() -> RedisStore:
     return RedisStore.from_url(get_settings().redis_url)
 
 
-@keys_app.command("create")
 def create(
     name: Annotated[str, typer.Option(help="who or what uses the key")],
     scope: Annotated[list[str], typer.Option("--scope", help=f"repeat; one of: {', '.join(auth.SCOPES)}")],
@@ -42,7 +38,6 @@ def create(
                    "store the token now, it is not shown again", err=True)
 
 
-@keys_app.command("list")
 def list_keys(json_: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Every key: id, name, scopes, created, revoked (never the token)."""
     records = _store().api_keys()
@@ -54,7 +49,6 @@ def list_keys(json_: Annotated[bool, typer.Option("--json")] = False) -> None:
         typer.echo(f"{r.key_id}  {r.name}  {','.join(r.scopes)}  created {r.created_at}  {state}")
 
 
-@keys_app.command("revoke")
 def revoke(key_id: str) -> None:
     """Revoke a key by its id; requests with it get 401 from then on."""
     store = _store()

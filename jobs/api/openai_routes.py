@@ -16,8 +16,9 @@ import anyio
 from fastapi import APIRouter, Depends, File, Form, Header, Request, UploadFile
 from pydantic import BaseModel, ConfigDict, Field
 
+from jobs import formats
 from jobs.api import schemas
-from jobs.api.app import ServicesDep, require
+from jobs.api.deps import ServicesDep, require
 from jobs.api.service import (
     ApiError,
     JobOptions,
@@ -42,7 +43,6 @@ MODEL_NAMES = {**{m: m for m in MODELS}, **{f"hidream-{m}": m for m in MODELS}} 
 DEFAULT_MODEL = {"generate": "i1-fast", "edit": "e1-1"}
 RESERVED = {"id", "num_images", "image", "image[]", "mask", "stream", "model", "n", "size", "response_format", "seed"}
 SIZE = re.compile(r"^(?:(?P<w>\d{2,5})x(?P<h>\d{2,5})|(?P<a>\d{1,3}):(?P<b>\d{1,3})|auto)$")
-MAGIC = {b"\x89PNG\r\n\x1a\n": ".png", b"\xff\xd8\xff": ".jpg"}
 
 
 def model_for(name: str | None, kind: str) -> str:
@@ -158,10 +158,8 @@ async def generations(body: GenerationRequest, request: Request, svc: ServicesDe
 
 
 def _image_suffix(data: bytes) -> str | None:
-    for magic, suffix in MAGIC.items():
-        if data.startswith(magic):
-            return suffix
-    return ".webp" if data[:4] == b"RIFF" and data[8:12] == b"WEBP" else None
+    fmt = formats.sniff(data)
+    return f".{formats.EXTENSIONS[fmt]}" if fmt else None
 
 
 @router.post("/v1/images/edits", responses={200: {"model": schemas.ImagesResponse}, 504: {"model": schemas.Error}})

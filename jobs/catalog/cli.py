@@ -1,4 +1,4 @@
-"""Catalog commands: `schedules list|run`, `beat`, `presets`. Registered on the `dreambatch` app by worker.cli."""
+"""Catalog commands: `schedules list|run`, `beat`, `presets`. worker.cli.build_app adds them to the `dreambatch` app."""
 
 from __future__ import annotations
 
@@ -12,21 +12,18 @@ from typing import Annotated
 import typer
 
 from jobs import broker
-from jobs.catalog import Services, run_schedule
-from jobs.cli import SetOpt, app, err, fail, out
+from jobs.catalog.run import Services, run_schedule
+from jobs.catalog.schedules import get_schedule, load_schedules
+from jobs.cli import SetOpt, err, fail, out
 from jobs.errors import DreambatchError
 from jobs.manifest import parse_sets
 from jobs.presets import load_presets
-from jobs.schedules import get_schedule, load_schedules
 from jobs.settings import get_settings
 from jobs.store import RedisStore, ScheduleState
 
-schedules_app = typer.Typer(help="Scheduled catalog runs (the schedules file).", no_args_is_help=True)
-app.add_typer(schedules_app, name="schedules")
 JsonOpt = Annotated[bool, typer.Option("--json")]
 
 
-@schedules_app.command("list")
 def list_schedules(json_: JsonOpt = False) -> None:
     """Every schedule: cron and time zone, next fire time, last run and its job."""
     settings = get_settings()
@@ -66,7 +63,6 @@ def list_schedules(json_: JsonOpt = False) -> None:
                   markup=False, soft_wrap=True)
 
 
-@schedules_app.command("run")
 def run_now(
     name: str,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="list what would be processed; queue nothing")] = False,
@@ -107,13 +103,12 @@ def run_now(
         out.print(report.job_id, highlight=False)
 
 
-@app.command()
 def beat(loglevel: Annotated[str, typer.Option()] = "INFO") -> None:
     """Run Celery beat over the schedules file. Any number may run: one holds a Redis lock and fires,
     the others stand by; a slot missed while no beat ran fires once when one comes back."""
     from celery.beat import Service
 
-    from jobs.beat import CatalogScheduler
+    from jobs.catalog.beat import CatalogScheduler
 
     logging.basicConfig(level=loglevel, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     settings = get_settings()
@@ -133,7 +128,6 @@ def beat(loglevel: Annotated[str, typer.Option()] = "INFO") -> None:
     service.start()
 
 
-@app.command()
 def presets(json_: JsonOpt = False) -> None:
     """List the edit presets (ops/presets.toml plus DREAMBATCH_CATALOG__PRESETS_FILE)."""
     try:

@@ -22,8 +22,8 @@ from pathlib import Path
 from celery.beat import Scheduler
 
 from jobs import keys
+from jobs.catalog.schedules import Schedule, load_schedules
 from jobs.errors import DreambatchError
-from jobs.schedules import Schedule, load_schedules
 from jobs.settings import Settings
 from jobs.store import ScheduleState
 

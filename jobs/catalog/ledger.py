@@ -1,0 +1,168 @@
+"""The ledger: what each source key was last edited as, runs folded in once their job ended, and the diff."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from jobs import keys, records
+from jobs.catalog.report import RunReport, Skipped
+from jobs.errors import ErrorKind, recorded_kind
+from jobs.lifecycle import ItemStatus
+from jobs.storage import ObjectStore
+from jobs.store import Store
+from jobs.submit import now_iso
+
+
+@dataclass
+class Ledger:
+    # source key (or manifest row id) → {fp, job_id, outputs, at, model_revision} of its last completed edit
+    entries: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # key → {fp, count, error, job_id, at}: runs in a row whose item failed (or was rejected) with fingerprint fp
+    failures: dict[str, dict[str, Any]] = field(default_factory=dict)
+    pending: list[str] = field(default_factory=list)  # job ids of runs not folded in yet
+
+    @classmethod
+    def load(cls, objects: ObjectStore, name: str) -> Ledger:
+        data = objects.get(keys.S3_CATALOG_LEDGER.format(prefix="", name=name))
+        if data is None:
+            return cls()
+        raw = json.loads(data)
+        return cls(entries=raw.get("entries", {}), failures=raw.get("failures", {}), pending=raw.get("pending", []))
+
+    def save(self, objects: ObjectStore, name: str) -> None:
+        body = json.dumps({"version": 1, "schedule": name, "updated_at": now_iso(), "pending": self.pending,
+                           "entries": self.entries, "failures": self.failures}, sort_keys=True).encode()
+        objects.put(keys.S3_CATALOG_LEDGER.format(prefix="", name=name), body, records.JSON)
+
+    def record(self, key: str, fp: str, job_id: str, line: dict[str, Any]) -> None:
+        """Fold one ended item in: a completed one is the key's edit now; one that failed because of its input
+        (a rejected row, an image that does not decode) counts one more failed run in a row for that
+        fingerprint. Other failures (S3 or the broker down, a model error, a lost worker) and cancelled items
+        change nothing: the image is tried again next run, however often that happens."""
+        if line["status"] == ItemStatus.COMPLETED:
+            self.entries[key] = {"fp": fp, "job_id": job_id, "at": now_iso(),
+                                 "outputs": [i["s3_uri"] for i in line["output"]["images"]],
+                                 "model_revision": line.get("model_revision")}
+            self.failures.pop(key, None)
+        elif line["status"] == ItemStatus.FAILED and input_failure(line):
+            before = self.failures.get(key)
+            count = before["count"] + 1 if before and before["fp"] == fp else 1
+            self.failures[key] = {"fp": fp, "count": count, "error": str(line.get("error") or "")[:500],
+                                  "job_id": job_id, "at": now_iso()}
+
+    def forget(self, key: str) -> None:
+        self.entries.pop(key, None)
+        self.failures.pop(key, None)
+
+    def keys(self) -> set[str]:
+        return set(self.entries) | set(self.failures)
+
+
+def input_failure(line: dict[str, Any]) -> bool:
+    """Whether a failed results line failed because of its input: rejected at submit, or an input error on
+    the worker (the image would not fetch, decode or fit; its URL was refused)."""
+    return recorded_kind(line) == ErrorKind.INPUT
+
+
+def fold(ledger: Ledger, objects: ObjectStore, store: Store, name: str) -> tuple[list[str], dict[str, str]]:
+    """Fold in every pending run whose job has ended (`Ledger.record`: completed items become the keys' edits,
+    failed ones count a failed run). Returns the runs folded and the items still in flight (key → fingerprint)."""
+    folded, in_flight = [], {}
+    for job_id in list(ledger.pending):
+        data = objects.get(keys.S3_CATALOG_RUN.format(prefix="", name=name, job_id=job_id))
+        run = json.loads(data) if data else {"items": {}}
+        lines = records.read_results(objects, job_id)
+        if lines is None:
+            live = store.get_job(job_id)
+            if live is not None and not live.finished_at and not live.submit_aborted:
+                in_flight.update({v["key"]: v["fp"] for v in run["items"].values()})
+                continue
+            # its live state is gone, or its submission failed (nothing of it runs): read what ended
+            lines = _item_records(objects, job_id, run["items"])
+        for line in lines:
+            item = run["items"].get(line["id"])
+            if item:
+                ledger.record(item["key"], item["fp"], job_id, line)
+        ledger.pending.remove(job_id)
+        folded.append(job_id)
+    return folded, in_flight
+
+
+def _item_records(objects: ObjectStore, job_id: str, items: dict[str, Any]) -> list[dict[str, Any]]:
+    found = []
+    for item_id in items:
+        data = objects.get(keys.S3_ITEM_RESULT.format(prefix="", job_id=job_id, item_id=item_id))
+        if data is not None:
+            found.append(json.loads(data))
+    return found
+
+
+def live_revision(workers: list[dict[str, Any]], model: str) -> tuple[str | None, str | None]:
+    """The weights revision the live workers of `model` run, when they all publish the same one; else None
+    and a note saying why it is not known (no worker, or workers on different weights mid-upgrade)."""
+    published = [w.get("model_revision") for w in workers if w.get("model") == model]
+    if not published:
+        return None, f"no live {model} worker: the model revision is not compared this run"
+    found = sorted({str(r) for r in published if r})
+    if len(found) == 1 and all(published):
+        return found[0], None
+    shown = ", ".join(found + (["unknown"] if not all(published) else []))
+    return None, f"live {model} workers run different weights ({shown}): the model revision is not compared"
+
+
+@dataclass(frozen=True)
+class Diff:
+    """How one run compares what it found with the ledger."""
+
+    ledger: Ledger
+    in_flight: dict[str, str]  # key → fingerprint of items of runs still going
+    revision: str | None  # the live workers' weights revision (None: not compared)
+    max_failures: int  # 0: never skip a key that keeps failing
+    retry_failed: bool  # this run tries keys that failed max_failures runs in a row again
+    schedule: str
+
+    def verdict(self, key: str, fp: str, always: str | None = None) -> tuple[str, str | None]:
+        """("unchanged" | "in_flight" | "given_up" | "new" | "changed", why) for one image or manifest row;
+        `always` (why) when nothing tells whether it changed: a match in the ledger does not keep it back."""
+        entry, failed = self.ledger.entries.get(key), self.ledger.failures.get(key)
+        same = entry is not None and entry["fp"] == fp
+        ran = entry.get("model_revision") if same else None
+        moved = bool(self.revision and ran and ran != self.revision)  # edited with other weights than today's
+        if same and not moved and always is None:
+            return "unchanged", None
+        if self.in_flight.get(key) == fp:  # a run still going has it (a re-run for new weights too)
+            return "in_flight", None
+        if entry is None:
+            why = "new"
+        elif moved:
+            why = f"model revision changed ({ran} → {self.revision})"
+        elif same:  # the same, as far as anyone can tell: `always` says why it runs anyway
+            why = always
+        else:
+            why = "changed (content, instruction or parameters)"
+        if failed and failed["fp"] == fp:
+            if self.max_failures and failed["count"] >= self.max_failures and not self.retry_failed:
+                return "given_up", (
+                    f"failed {failed['count']} runs in a row with this image and these parameters (last error: "
+                    f"{failed['error']}); not queued again until the image or its parameters change, or a run "
+                    f"with: dreambatch schedules run {self.schedule} --retry-failed")
+            why += f"; failed {failed['count']} run(s) in a row before, tried again"
+        return ("new" if entry is None else "changed"), why
+
+    def count(self, report: RunReport, key: str, fp: str, always: str | None = None) -> bool:
+        """Count the verdict on `key` in the report; True when it is to be queued."""
+        what, why = self.verdict(key, fp, always)
+        if what == "unchanged":
+            report.unchanged += 1
+        elif what == "in_flight":
+            report.in_flight += 1
+        elif what == "given_up":
+            report.given_up += 1
+            report.skipped.append(Skipped(key, why))
+        else:
+            (report.changed if what == "changed" else report.new).append(key)
+            report.reasons[key] = why
+            return True
+        return False

@@ -1,0 +1,336 @@
+"""One run: plan, open the ledger, scan the prefix (or read the manifest), diff, record the run, submit the job;
+and the beat-fired run with its retries."""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from jobs import broker, dialects, keys, netguard, records, templates
+from jobs.catalog.ledger import Diff, Ledger, fold, live_revision
+from jobs.catalog.lock import RunLock
+from jobs.catalog.plan import make_plan, row_fingerprint
+from jobs.catalog.report import SHOWN_SKIPS, RunReport, Skipped
+from jobs.catalog.scan import Candidate, candidates
+from jobs.catalog.schedules import Schedule, get_schedule
+from jobs.errors import ConfigError, InputError, TransientError
+from jobs.identity import Identities
+from jobs.inputs import InputPolicy
+from jobs.manifest import CheckedRow, Issue, RawRow, RowChecker, input_policy, read_rows
+from jobs.models import MODELS, ItemRecord, item_event_id
+from jobs.settings import Settings
+from jobs.storage import ObjectStore, S3Store, open_store, s3_client, split_s3, split_s3_key
+from jobs.store import RedisStore, ScheduleState, Store
+from jobs.submit import CONNECTION_ERRORS, create_job, new_job_id, now_iso
+
+SHOWN_NOTES = 20  # rows named in the notes of one run (a count stands for the rest)
+
+log = logging.getLogger("dreambatch.catalog")
+
+
+@dataclass
+class Services:
+    """What a run talks to: live state, schedule state, object stores and the queues."""
+
+    store: Store
+    state: ScheduleState
+    objects: Callable[[str], ObjectStore]  # location → store
+    publish: Callable[[str, str, list[str]], None]  # (model, job_id, item ids)
+    finalize: Callable[[str], None]  # (job_id)
+    notify_rejected: Callable[[str | None, list[ItemRecord]], None]  # (webhook, rejected rows)
+    workers: Callable[[], list[dict[str, Any]]] = lambda: []  # live workers' heartbeats (model, model_revision)
+
+    @classmethod
+    def connect(cls, settings: Settings, celery=None) -> Services:
+        """Redis, S3 and Celery from settings (the CLI and the io worker's task)."""
+        celery = celery or broker.make_celery(settings)
+        client = s3_client(settings)
+        stores: dict[str, ObjectStore] = {}
+
+        def objects(location: str) -> ObjectStore:
+            if location not in stores:
+                stores[location] = open_store(location, settings, client=client)
+            return stores[location]
+
+        def notify_rejected(webhook: str | None, items: list[ItemRecord]) -> None:
+            for item in items if webhook else []:
+                broker.send_webhook(celery, item.job_id, item.item_id,
+                                    item_event_id(item.job_id, item.item_id, item.status))
+
+        store = RedisStore.from_url(settings.redis_url)
+        return cls(store=store, state=ScheduleState.from_url(settings.redis_url), objects=objects,
+                   publish=lambda model, job_id, ids: broker.publish_items(celery, model, job_id, ids),
+                   finalize=lambda job_id: broker.send_finalize(celery, job_id), notify_rejected=notify_rejected,
+                   workers=store.workers)
+
+
+def run_schedule(schedule: Schedule, settings: Settings, services: Services, *, sets: dict[str, Any] | None = None,
+                 dry_run: bool = False, slot: str | None = None, retry_failed: bool = False) -> RunReport:
+    """Scan, diff, submit. A dry run reads everything and writes nothing. `retry_failed` queues again the keys
+    that failed `catalog.max_failures` runs in a row (otherwise skipped)."""
+    report = RunReport(schedule.name, dry_run, slot=slot)
+    if schedule.webhook:
+        netguard.check_url(schedule.webhook, settings.netpolicy())
+    run = _Run(schedule, settings, services, sets or {}, report, lambda: None, retry_failed)
+    if dry_run:  # reads only: needs no lock
+        run.go()
+        return report
+    with RunLock(services.state, schedule.name, new_job_id(), settings.catalog.run_lock_ttl) as lock:
+        run.check = lock.check
+        run.go()
+    services.state.set_last_run(schedule.name, report.summary())
+    return report
+
+
+@dataclass
+class _Run:
+    schedule: Schedule
+    settings: Settings
+    services: Services
+    sets: dict[str, Any]
+    report: RunReport
+    check: Callable[[], None]  # raises when the run lost its lock
+    retry_failed: bool
+
+    def go(self) -> None:
+        if self.schedule.source.manifest is not None:
+            _run_manifest(self)
+        else:
+            _run_scan(self)
+
+    def open_ledger(self) -> tuple[ObjectStore, Ledger, Diff]:
+        """The schedule's output store, its ledger with every ended run folded in, and how to diff against it."""
+        output = self.services.objects(self.schedule.output)
+        ledger = Ledger.load(output, self.schedule.name)
+        self.report.folded, in_flight = fold(ledger, output, self.services.store, self.schedule.name)
+        self.report.model_revision, note = live_revision(self.services.workers(), self.schedule.model)
+        self.report.notes.extend([note] if note else [])
+        return output, ledger, Diff(ledger, in_flight, self.report.model_revision,
+                                    self.settings.catalog.max_failures, self.retry_failed, self.schedule.name)
+
+
+def _run_scan(run: _Run) -> None:
+    schedule, settings, services, report, check = run.schedule, run.settings, run.services, run.report, run.check
+    # 1. what every row shares, and the ledger with every ended run folded in
+    plan = make_plan(schedule, run.sets, settings)
+    output, ledger, diff = run.open_ledger()
+
+    # 2. scan: one candidate per image; keep those whose fingerprint the ledger does not hold
+    bucket, prefix = split_s3(schedule.source.prefix)
+    source = services.objects(f"s3://{bucket}/{prefix}")
+    if not isinstance(source, S3Store):
+        raise ConfigError(f"source.prefix {schedule.source.prefix!r}: expected s3://bucket/prefix")
+    todo: list[Candidate] = []
+    seen: set[str] = set()
+    for cand in candidates(schedule, plan, source, settings, report.skipped):
+        check()  # still holding the run lock (a long scan keeps renewing it)
+        seen.add(cand.key)
+        report.images += 1
+        if diff.count(report, cand.key, cand.fingerprint):
+            todo.append(cand)
+    if report.dry_run:
+        return
+
+    # 3. the run's record first (so a crash cannot lose which fingerprints it was for), then the job
+    job_id = _start_run(run, ledger, output, seen, {c.item_id: {"key": c.key, "fp": c.fingerprint} for c in todo})
+    if job_id is None:
+        return
+    with tempfile.TemporaryDirectory(prefix="dreambatch-scan-") as tmp:
+        manifest = Path(tmp) / f"{schedule.name}.jsonl"
+        with manifest.open("w") as fh:
+            for cand in todo:
+                fh.write(json.dumps(cand.row) + "\n")
+        _submit(schedule, settings, services, manifest, plan.defaults, job_id, InputPolicy(Path(tmp)), report)
+
+
+def _start_run(run: _Run, ledger: Ledger, output: ObjectStore, seen: set[str],
+               items: dict[str, dict[str, str]]) -> str | None:
+    """Forget the keys no longer in the source (re-added later = new). Nothing to run: save the ledger, no job
+    (None). Else write the run record ({item id: {key, fp}}), list the run as pending in the ledger and return
+    its job id."""
+    for gone in ledger.keys() - seen:
+        ledger.forget(gone)
+    run.check()
+    if not items:
+        ledger.save(output, run.schedule.name)
+        return None
+    job_id, report = new_job_id(), run.report
+    record = {"job_id": job_id, "schedule": run.schedule.name, "slot": report.slot, "created_at": report.at,
+              "model_revision": report.model_revision, "items": items,
+              "skipped": [asdict(s) for s in report.skipped[:SHOWN_SKIPS]], "skipped_total": len(report.skipped)}
+    output.put(keys.S3_CATALOG_RUN.format(prefix="", name=run.schedule.name, job_id=job_id),
+               json.dumps(record).encode(), records.JSON)
+    ledger.pending.append(job_id)
+    ledger.save(output, run.schedule.name)
+    return job_id
+
+
+def _run_manifest(run: _Run) -> None:
+    """A manifest source, incremental like a scan: each row (by its id: the `id` column, else its line) is
+    queued only when its fingerprint is not the one the ledger holds. The rows queued are written to a JSONL
+    file at their own line numbers, so ids and lines in the results are the manifest's."""
+    schedule, settings, services, report, check = run.schedule, run.settings, run.services, run.report, run.check
+    # 1. what every row shares, and the ledger with every ended run folded in
+    plan = make_plan(schedule, run.sets, settings)
+    defaults = dict(plan.defaults)
+    for name, text in plan.texts.items():
+        defaults[name] = templates.render(text, plan.values, f"schedule {schedule.name}: {name}")
+    output, ledger, diff = run.open_ledger()
+    with tempfile.TemporaryDirectory(prefix="dreambatch-manifest-") as tmp:
+        path, policy = _manifest_file(run, Path(tmp))
+        checker = RowChecker(schedule.model, defaults, policy)
+        if issues := checker.check_defaults():
+            raise InputError(f"schedule {schedule.name}: {'; '.join(str(i) for i in issues)}")
+        identities = Identities(services.objects, policy, settings.netpolicy(), settings.inputs.download_timeout)
+
+        # 2. every row: its fingerprint against the ledger; the ones to run go to the job's manifest
+        todo: dict[str, dict[str, str]] = {}
+        subset = Path(tmp) / f"{schedule.name}-rows.jsonl"
+        seen: set[str] = set()
+        every_time: list[str] = []  # rows whose image has no identity (a URL without ETag/Last-Modified)
+        with subset.open("w") as fh:
+            written = 0
+            for raw in read_rows(path):
+                if isinstance(raw, Issue):
+                    if raw.line <= 0:  # the file itself (its header)
+                        raise InputError(f"schedule {schedule.name}: source.manifest {schedule.source.manifest}: "
+                                         f"{raw}")
+                    report.skipped.append(Skipped(f"line {raw.line}", str(raw)))
+                    continue
+                check()
+                row = checker.check(raw)
+                if row.item_id in seen:  # one ledger key, one row: the later one is not run
+                    report.skipped.append(Skipped(f"line {raw.line}", "; ".join(map(str, row.issues))))
+                    continue
+                report.images += 1
+                ref = _image_ref(row, raw, schedule.model)
+                image = identities.of(ref) if ref else None
+                always = None if image is None or image.known else f"{image.why}: it runs every time"
+                if always:
+                    every_time.append(f"row {row.item_id}: {always}")
+                fp = row_fingerprint(row, raw, image, defaults, schedule)
+                seen.add(row.item_id)
+                if diff.count(report, row.item_id, fp, always):
+                    if not row.ok:
+                        report.reasons[row.item_id] += f"; it will be rejected: {'; '.join(map(str, row.issues))}"
+                    todo[row.item_id] = {"key": row.item_id, "fp": fp}
+                    fh.write("\n" * (raw.line - written - 1) + json.dumps(raw.values) + "\n")
+                    written = raw.line
+        report.notes.extend(every_time[:SHOWN_NOTES])
+        if len(every_time) > SHOWN_NOTES:
+            report.notes.append(f"… and {len(every_time) - SHOWN_NOTES} more rows whose image runs every time")
+        if report.dry_run:
+            return
+
+        # 3. the run's record, then the job (of the rows to run only)
+        job_id = _start_run(run, ledger, output, seen, todo)
+        if job_id is not None:
+            _submit(schedule, settings, services, subset, defaults, job_id, policy, report)
+
+
+def _manifest_file(run: _Run, tmp: Path) -> tuple[Path, InputPolicy]:
+    """The schedule's manifest as a local file (downloaded when in S3), and the policy for its local paths."""
+    ref, settings = run.schedule.source.manifest, run.settings
+    if not ref.startswith("s3://"):
+        path = Path(ref).expanduser()
+        return path, input_policy(path, settings)
+    bucket, key = split_s3_key(ref)
+    data = run.services.objects(f"s3://{bucket}").get(key, max_bytes=settings.catalog.max_manifest_bytes)
+    if data is None:
+        raise InputError(f"schedule {run.schedule.name}: source.manifest {ref}: no such object")
+    path = tmp / PurePosixPath(key).name
+    path.write_bytes(data)
+    return path, InputPolicy(tmp, (), settings.inputs.max_bytes)
+
+
+def _image_ref(row: CheckedRow, raw: RawRow, model: str) -> str | None:
+    """The row's input image reference: checked (a local path made absolute), or as written when invalid."""
+    if row.ok:
+        return (row.params or {}).get("image")
+    try:
+        values = dialects.normalize(raw.values, MODELS[model].kind)
+    except dialects.DialectConflict:
+        values = raw.values
+    image = values.get("image")
+    return image if isinstance(image, str) and image else None
+
+
+def _submit(schedule: Schedule, settings: Settings, services: Services, manifest: Path, defaults: dict[str, Any],
+            job_id: str, policy: InputPolicy, report: RunReport) -> None:
+    sub = create_job(manifest, model=schedule.model, defaults=defaults, output=schedule.output,
+                     webhook=schedule.webhook, store=services.store, objects=services.objects(schedule.output),
+                     dispatch=lambda ids: services.publish(schedule.model, job_id, ids), skip_invalid=True,
+                     batch=settings.celery.publish_batch, job_id=job_id, policy=policy,
+                     on_rejected=lambda items: services.notify_rejected(schedule.webhook, items),
+                     review_sheet=schedule.contact_sheet)
+    if sub.job_done:
+        services.finalize(job_id)
+    report.job_id, report.queued, report.rejected = job_id, sub.queued, sub.rejected
+
+
+@dataclass(frozen=True)
+class Fired:
+    """What became of one attempt at a beat-fired run."""
+
+    summary: dict[str, Any]
+    retry_in: float | None = None  # set: try again after so many seconds
+
+
+def retry_delay(schedule: Schedule | None, slot: str | None, attempt: int, settings: Settings,
+                now: datetime | None = None) -> float | None:
+    """Seconds before retry `attempt` (1 = the first) of a fired run, or None: give up. The wait doubles from
+    `run_retry_base` up to `run_retry_max`; at most `run_retries` retries, and none that would start after the
+    schedule's next slot less one base wait (that slot's run does the work)."""
+    cfg = settings.catalog
+    if attempt > cfg.run_retries:
+        return None
+    delay = min(cfg.run_retry_max, cfg.run_retry_base * 2 ** (attempt - 1))
+    if schedule is not None and slot is not None:
+        following = schedule.next_fire(datetime.fromisoformat(slot))
+        now = now or datetime.now(UTC)
+        if following is not None and (following - now).total_seconds() - cfg.run_retry_base < delay:
+            return None
+    return delay
+
+
+def run_fired(name: str, settings: Settings, celery=None, slot: str | None = None, attempt: int = 1,
+              services: Services | None = None) -> Fired:
+    """The beat-fired run of schedule `name` (the io worker's task), logged. A transient failure (S3, Redis or
+    the broker unreachable, another run in progress) asks for a retry; any other failure is logged and ends it.
+    The last run's summary in Redis says what happened either way (when Redis can be reached)."""
+    schedule = None
+    try:
+        schedule = get_schedule(settings, name)
+        report = run_schedule(schedule, settings, services or Services.connect(settings, celery), slot=slot)
+    except (TransientError, *CONNECTION_ERRORS) as exc:
+        delay = retry_delay(schedule, slot, attempt, settings)
+        what = f"retrying in {delay:.0f}s" if delay is not None else f"giving up after {attempt} attempt(s)"
+        (log.warning if delay is not None else log.error)(
+            "schedule %s (slot %s): attempt %d failed: %s; %s", name, slot, attempt, exc, what)
+        return Fired(_failed(settings, name, slot, attempt, exc, delay, services), delay)
+    except Exception as exc:
+        log.exception("schedule %s (slot %s): run failed; not retried (fix the cause, then run it by hand: "
+                      "dreambatch schedules run %s)", name, slot, name)
+        return Fired(_failed(settings, name, slot, attempt, exc, None, services))
+    log.info("schedule %s (slot %s): %d image(s), %d queued, %d unchanged, %d in flight, %d skipped; job %s",
+             name, slot, report.images, report.queued, report.unchanged, report.in_flight, len(report.skipped),
+             report.job_id or "-")
+    return Fired(report.summary())
+
+
+def _failed(settings: Settings, name: str, slot: str | None, attempt: int, exc: Exception, retry_in: float | None,
+            services: Services | None) -> dict[str, Any]:
+    summary = {"at": now_iso(), "slot": slot, "job_id": None, "error": f"{type(exc).__name__}: {exc}",
+               "attempt": attempt, "retry_in": retry_in}
+    try:
+        state = services.state if services else ScheduleState.from_url(settings.redis_url, retry_s=5)
+        state.set_last_run(name, summary)
+    except Exception as err:  # Redis may be what failed
+        log.warning("schedule %s: last run not recorded: %s", name, err)
+    return summary

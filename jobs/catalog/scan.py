@@ -1,0 +1,132 @@
+"""Scanning a source prefix: every object is an image to edit (a candidate row) or skipped, with the reason."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import Any
+
+from jobs import templates
+from jobs.catalog.plan import Plan, fingerprint, item_id_for
+from jobs.catalog.report import Skipped
+from jobs.catalog.schedules import Schedule
+from jobs.errors import ConfigError, InputError
+from jobs.formats import BY_CONTENT_TYPE, BY_SUFFIX, EXTENSIONS, UNREAD_SUFFIXES
+from jobs.models import OUTPUT_KEY_PATTERN
+from jobs.settings import Settings
+from jobs.storage import S3Store
+
+
+@dataclass
+class Candidate:
+    key: str
+    item_id: str
+    fingerprint: str
+    row: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class SourceObject:
+    key: str
+    etag: str
+    size: int
+    fmt: str  # jpeg, png, webp
+    metadata: dict[str, str]
+
+
+def scan(source: S3Store, settings: Settings, want_metadata: bool) -> Iterator[SourceObject | Skipped]:
+    """Every object under the source prefix: an image to edit, or the reason it is skipped. S3 errors are
+    jobs.storage's (ConfigError for a missing bucket or bad credentials, else TransientError)."""
+    limit, max_bytes = settings.catalog.max_objects, settings.inputs.max_bytes
+    count = 0
+    for obj in source.listing():
+        count += 1
+        if count > limit:
+            raise ConfigError(f"{source.location}: more than {limit} objects "
+                              f"(DREAMBATCH_CATALOG__MAX_OBJECTS); narrow the prefix")
+        yield _classify(source, obj, max_bytes, want_metadata)
+
+
+def _classify(source: S3Store, obj: dict, max_bytes: int, want_metadata: bool) -> SourceObject | Skipped:
+    key, size = obj["Key"], int(obj.get("Size", 0))
+    etag = str(obj.get("ETag", "")).strip('"')
+    if key.endswith("/"):
+        return Skipped(key, "folder marker")
+    if size == 0:
+        return Skipped(key, "empty object")
+    suffix = PurePosixPath(key).suffix.lower()
+    fmt = BY_SUFFIX.get(suffix)
+    if suffix in UNREAD_SUFFIXES:
+        return Skipped(key, f"unsupported image format {suffix} (JPEG, PNG and WebP are read)")
+    if fmt is None and suffix and not suffix[1:].isdigit():
+        return Skipped(key, f"not an image ({suffix} file)")
+    head = None
+    if fmt is None or want_metadata:
+        head = source.head(key[len(source.prefix):])
+        if head is None:
+            return Skipped(key, "deleted while scanning")
+    if fmt is None:
+        content_type = (head.get("ContentType") or "").split(";")[0].strip().lower()
+        fmt = BY_CONTENT_TYPE.get(content_type)
+        if fmt is None:
+            return Skipped(key, f"not an image (no extension, content-type {content_type or 'unset'})")
+    if size > max_bytes:
+        return Skipped(key, f"{size} bytes, over the {max_bytes}-byte input limit")
+    return SourceObject(key, etag, size, fmt, {k.lower(): v for k, v in (head or {}).get("Metadata", {}).items()})
+
+
+def candidates(schedule: Schedule, plan: Plan, source: S3Store, settings: Settings,
+               skipped: list[Skipped]) -> Iterator[Candidate]:
+    """One row per image under the prefix, in listing order; what is not an image lands in `skipped`."""
+    template = schedule.key_template()
+    taken: dict[str, str] = {}  # output key → the source key that writes it
+    out_format = str(plan.defaults.get("output_format", "png")).lower().replace("jpg", "jpeg")
+    for entry in scan(source, settings, plan.uses_metadata):
+        if isinstance(entry, Skipped):
+            skipped.append(entry)
+            continue
+        key, rel = entry.key, entry.key[len(source.prefix):]
+        parts = template.match(key) if template else {}
+        if parts is None:
+            skipped.append(Skipped(key, f"does not match source.path {schedule.source.path!r}"))
+            continue
+        path = PurePosixPath(rel)
+        values = {**plan.values, "key": key, "path": rel, "dir": str(path.parent) if str(path.parent) != "." else "",
+                  "name": path.name, "stem": path.stem, "ext": path.suffix.lstrip("."), **parts,
+                  **{f"meta.{k}": v for k, v in entry.metadata.items()}}
+        missing = [n for n in plan.metadata_names if n not in values]
+        if missing:
+            name = missing[0].removeprefix("meta.")
+            skipped.append(Skipped(key, f"no object metadata x-amz-meta-{name} (the instruction uses {{meta.{name}}})"))
+            continue
+        try:
+            texts = {f: templates.render(t, values, f) for f, t in plan.texts.items()}
+        except InputError as exc:
+            skipped.append(Skipped(key, str(exc)))
+            continue
+        row: dict[str, Any] = {"id": item_id_for(rel), "image": f"s3://{source.bucket}/{key}", **texts}
+        fmt = entry.fmt if schedule.keep_format else out_format
+        if schedule.keep_format:
+            row["output_format"] = entry.fmt
+        if schedule.mirror:
+            if not schedule.keep_format:
+                out_key = f"{path.with_suffix('')}.{EXTENSIONS[fmt]}"
+            elif path.suffix.lower() in BY_SUFFIX:
+                out_key = rel
+            else:  # no image extension (its Content-Type said what it is): the output key gets its format's
+                out_key = f"{rel}.{EXTENSIONS[fmt]}"
+            if not re.match(OUTPUT_KEY_PATTERN, out_key) or len(out_key.encode()) > 900:
+                skipped.append(Skipped(key, f"mirror layout: {out_key!r} cannot be an output key "
+                                            f"(control characters, backslash, or over 900 bytes)"))
+                continue
+            if out_key in taken:
+                hint = ("set keep_format = true to keep both" if not schedule.keep_format else
+                        "an image without an extension takes its format's; rename one of them")
+                skipped.append(Skipped(key, f"its output {out_key} is also {taken[out_key]}'s ({hint})"))
+                continue
+            taken[out_key] = key
+            row["output_key"] = out_key
+        row.update({"source_key": key, "source_etag": entry.etag, **parts})
+        yield Candidate(key, row["id"], fingerprint(entry.etag, entry.size, row, plan.defaults, schedule), row)
