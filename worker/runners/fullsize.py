@@ -103,16 +103,12 @@ def build_transformer(device: str | torch.device = "meta", dtype: torch.dtype = 
     return _created(device, dtype, lambda: HiDreamImageTransformer2DModel(**I1_TRANSFORMER_CONFIG))
 
 
-def build_pipeline(scheduler: Any, device: str | torch.device = "meta", dtype: torch.dtype = torch.bfloat16,
-                   transformer: Any = None) -> Any:
-    """A `HiDreamImagePipeline` at real shapes with random weights, every component created on `device`.
-
-    The tokenizers are the tiny ones (`weights._clip_tokenizer` …): every id they give lies inside the real
-    vocabularies, and the encoders' special-token ids are set to theirs, so the encoders see what they would
-    with the real tokenizers' padding (128 tokens each) at the real cost. `transformer` (optional) is used
-    as given; else one is built.
-    """
-    from diffusers import AutoencoderKL, HiDreamImagePipeline
+def build_components(device: str | torch.device = "meta", dtype: torch.dtype = torch.bfloat16,
+                     token_ids: dict[str, dict[str, Any]] | None = None, transformer: Any = None) -> dict[str, Any]:
+    """HiDream-I1's modules at real size with random weights, each created on `device` in `dtype`, keyed by
+    their pipeline names. `token_ids` overrides the text encoders' special-token ids ("clip", "t5", "llama");
+    `transformer` (optional) is used as given, else one is built."""
+    from diffusers import AutoencoderKL
     from transformers import (
         CLIPTextConfig,
         CLIPTextModelWithProjection,
@@ -122,6 +118,33 @@ def build_pipeline(scheduler: Any, device: str | torch.device = "meta", dtype: t
         T5EncoderModel,
     )
 
+    ids = token_ids or {}
+    clip = {"clip_l": CLIP_L_CONFIG, "clip_g": CLIP_G_CONFIG}
+    return {
+        "vae": _created(device, dtype, lambda: AutoencoderKL(**FLUX_VAE_CONFIG)),
+        "text_encoder": _created(device, dtype, lambda: CLIPTextModelWithProjection(
+            CLIPTextConfig(**{**clip["clip_l"], **ids.get("clip", {})}))),
+        "text_encoder_2": _created(device, dtype, lambda: CLIPTextModelWithProjection(
+            CLIPTextConfig(**{**clip["clip_g"], **ids.get("clip", {})}))),
+        "text_encoder_3": _created(device, dtype, lambda: T5EncoderModel(
+            T5Config(**{**T5_XXL_CONFIG, **ids.get("t5", {})}))),
+        "text_encoder_4": _created(device, dtype, lambda: LlamaForCausalLM(
+            LlamaConfig(**{**LLAMA_8B_CONFIG, **ids.get("llama", {})}))),
+        "transformer": transformer if transformer is not None else build_transformer(device, dtype),
+    }
+
+
+def build_pipeline(scheduler: Any, device: str | torch.device = "meta", dtype: torch.dtype = torch.bfloat16,
+                   transformer: Any = None) -> Any:
+    """A `HiDreamImagePipeline` at real shapes with random weights, every component created on `device`.
+
+    The tokenizers are the tiny ones (`tiny._clip_tokenizer` …): every id they give lies inside the real
+    vocabularies, and the encoders' special-token ids are set to theirs, so the encoders see what they would
+    with the real tokenizers' padding (128 tokens each) at the real cost. `transformer` (optional) is used
+    as given; else one is built.
+    """
+    from diffusers import HiDreamImagePipeline
+
     from worker.runners.tiny import _clip_tokenizer, _llama_tokenizer, _t5_tokenizer
 
     clip, t5, llama = _clip_tokenizer(), _t5_tokenizer(), _llama_tokenizer()
@@ -129,29 +152,13 @@ def build_pipeline(scheduler: Any, device: str | torch.device = "meta", dtype: t
     def ids(tokenizer: Any, *names: str) -> dict[str, Any]:
         return {f"{name}_token_id": getattr(tokenizer, f"{name}_token_id") for name in names}
 
-    clip_ids = ids(clip, "bos", "eos", "pad")
-
-    def clip_model(config: dict) -> Any:
-        return CLIPTextModelWithProjection(CLIPTextConfig(**{**config, **clip_ids}))
-
-    t5_config = T5Config(**{**T5_XXL_CONFIG, **ids(t5, "pad", "eos")})
-    llama_config = LlamaConfig(**{**LLAMA_8B_CONFIG, **ids(llama, "bos", "eos")})
-    for tokenizer, size in ((clip, CLIP_L_CONFIG["vocab_size"]), (t5, t5_config.vocab_size),
-                            (llama, llama_config.vocab_size)):
+    for tokenizer, size in ((clip, CLIP_L_CONFIG["vocab_size"]), (t5, T5_XXL_CONFIG["vocab_size"]),
+                            (llama, LLAMA_8B_CONFIG["vocab_size"])):
         assert len(tokenizer) <= size, f"tokenizer of {len(tokenizer)} ids for a vocabulary of {size}"
-    return HiDreamImagePipeline(
-        scheduler=scheduler,
-        vae=_created(device, dtype, lambda: AutoencoderKL(**FLUX_VAE_CONFIG)),
-        text_encoder=_created(device, dtype, lambda: clip_model(CLIP_L_CONFIG)),
-        tokenizer=clip,
-        text_encoder_2=_created(device, dtype, lambda: clip_model(CLIP_G_CONFIG)),
-        tokenizer_2=clip,
-        text_encoder_3=_created(device, dtype, lambda: T5EncoderModel(t5_config)),
-        tokenizer_3=t5,
-        text_encoder_4=_created(device, dtype, lambda: LlamaForCausalLM(llama_config)),
-        tokenizer_4=llama,
-        transformer=transformer if transformer is not None else build_transformer(device, dtype),
-    )
+    token_ids = {"clip": ids(clip, "bos", "eos", "pad"), "t5": ids(t5, "pad", "eos"), "llama": ids(llama, "bos", "eos")}
+    components = build_components(device, dtype, token_ids, transformer)
+    return HiDreamImagePipeline(scheduler=scheduler, tokenizer=clip, tokenizer_2=clip, tokenizer_3=t5,
+                                tokenizer_4=llama, **components)
 
 
 @dataclass(frozen=True)

@@ -199,51 +199,20 @@ def pipeline_sizes(pipe: Any) -> ComponentSizes:
     return sizes_of({name: c for name, c in pipe.components.items() if isinstance(c, nn.Module)})
 
 
-# The published configs of HiDream's text encoders and VAE (the transformer's is fullsize.I1_TRANSFORMER_CONFIG)
-LLAMA_31_8B: dict[str, Any] = {  # meta-llama/Llama-3.1-8B-Instruct config.json
-    "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
-    "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 131072, "rms_norm_eps": 1e-5,
-    "rope_theta": 500000.0, "tie_word_embeddings": False, "bos_token_id": 128000, "eos_token_id": 128009,
-    "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                     "original_max_position_embeddings": 8192},
-}
-T5_XXL: dict[str, Any] = {  # HiDream-I1 text_encoder_3 (google/t5-v1_1-xxl's encoder)
-    "vocab_size": 32128, "d_model": 4096, "d_kv": 64, "d_ff": 10240, "num_layers": 24, "num_heads": 64,
-    "relative_attention_num_buckets": 32, "relative_attention_max_distance": 128, "feed_forward_proj": "gated-gelu",
-}
-CLIP_L: dict[str, Any] = {  # HiDream-I1 text_encoder (CLIP ViT-L/14's text tower, 248 positions)
-    "vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
-    "num_attention_heads": 12, "max_position_embeddings": 248, "projection_dim": 768, "hidden_act": "quick_gelu",
-}
-CLIP_G: dict[str, Any] = {  # HiDream-I1 text_encoder_2 (OpenCLIP ViT-bigG/14's text tower, 248 positions)
-    "vocab_size": 49408, "hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32,
-    "num_attention_heads": 20, "max_position_embeddings": 248, "projection_dim": 1280, "hidden_act": "gelu",
-}
-FLUX_VAE: dict[str, Any] = {  # HiDream-I1 vae/config.json (FLUX.1's autoencoder)
-    "in_channels": 3, "out_channels": 3, "latent_channels": 16, "block_out_channels": (128, 256, 512, 512),
-    "down_block_types": ("DownEncoderBlock2D",) * 4, "up_block_types": ("UpDecoderBlock2D",) * 4,
-    "layers_per_block": 2, "norm_num_groups": 32, "sample_size": 1024, "scaling_factor": 0.3611,
-    "shift_factor": 0.1159, "use_quant_conv": False, "use_post_quant_conv": False,
-}
-
-
 E1_FULL_LORA_RANK = 16  # HiDream-E1-Full's published LoraConfig (r = alpha = 16)
-E1_FULL_TENSORS = ("x_embedder.proj.weight", "x_embedder.proj.bias", "final_layer.adaLN_modulation.1.weight",
-                   "final_layer.adaLN_modulation.1.bias")  # the full tensors its file replaces
 
 
 @lru_cache(maxsize=1)
 def real_sizes() -> ComponentSizes:
     """HiDream's component sizes in bf16, computed from the published configs on the `meta` device (no weights).
 
-    E1.1 runs on one transformer of I1's architecture; E1-Full adds its LoRA and the two copies of its full
-    tensors that `hidream_e1.LoraSwitch` keeps on the device."""
+    E1.1 runs on one transformer of I1's architecture; E1-Full adds its LoRA (its full tensors replace I1-Full's
+    in place: no copies are kept)."""
     components = real_components("meta")
     sizes = sizes_of(components)
     transformer = components["transformer"]
     return ComponentSizes(sizes.weights, sizes.int8, sizes.largest_group, sizes.activations,
-                          extra={"e1-full": lora_bytes(transformer, E1_FULL_LORA_RANK) + 2 * sum(
-                              tensor_bytes(transformer.get_parameter(name)) for name in E1_FULL_TENSORS)})
+                          extra={"e1-full": lora_bytes(transformer, E1_FULL_LORA_RANK)})
 
 
 def lora_bytes(transformer: nn.Module, rank: int) -> int:
@@ -255,32 +224,9 @@ def lora_bytes(transformer: nn.Module, rank: int) -> int:
 
 def real_components(device: str | torch.device = "meta") -> dict[str, nn.Module]:
     """HiDream-I1's modules at real size, random weights, in bf16 on `device` (`meta`: shapes only)."""
-    from diffusers import AutoencoderKL
-    from transformers import (
-        CLIPTextConfig,
-        CLIPTextModelWithProjection,
-        LlamaConfig,
-        LlamaForCausalLM,
-        T5Config,
-        T5EncoderModel,
-    )
+    from worker.runners.fullsize import build_components
 
-    from worker.runners.fullsize import build_transformer
-
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device(device):
-            return {
-                "transformer": build_transformer(device),
-                "vae": AutoencoderKL(**FLUX_VAE),
-                "text_encoder": CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_L)),
-                "text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_G)),
-                "text_encoder_3": T5EncoderModel(T5Config(**T5_XXL)),
-                "text_encoder_4": LlamaForCausalLM(LlamaConfig(**LLAMA_31_8B)),
-            }
-    finally:
-        torch.set_default_dtype(default)
+    return build_components(device, torch.bfloat16)
 
 
 # ---- the planner ----------------------------------------------------------------------------------
