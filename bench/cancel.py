@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -20,19 +19,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from services import S3_ENV, RedisServer, S3Proxy, free_port, s3_client, wait_until  # noqa: E402
+from services import S3_ENV, RedisServer, S3Proxy, s3_client, start_s3_process  # noqa: E402
 
 AT = "2026-01-01T00:00:00.000+00:00"
-
-
-def _up(endpoint: str) -> bool:
-    import urllib.request
-
-    try:
-        urllib.request.urlopen(endpoint, timeout=1)
-        return True
-    except OSError as exc:
-        return getattr(exc, "code", None) is not None
 
 
 def main() -> None:
@@ -44,13 +33,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         redis_server = RedisServer(Path(d))
         redis_server.start()
-        port = free_port()
-        s3 = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        endpoint = f"http://127.0.0.1:{port}"
+        s3, endpoint = start_s3_process()
         proxy = None
         try:
-            wait_until(lambda: _up(endpoint), 30, what="moto server")
             s3_client(endpoint).create_bucket(Bucket="cancel")
             if args.put_delay_ms:
                 def slow_puts(method: str, path: str):

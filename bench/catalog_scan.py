@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,17 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # this checkout's packages, and the test services
 
-from services import S3_ENV, RedisServer, free_port, s3_client, wait_until  # noqa: E402
-
-
-def _up(endpoint: str) -> bool:
-    import urllib.request
-
-    try:
-        urllib.request.urlopen(endpoint, timeout=1)
-        return True
-    except OSError as exc:
-        return getattr(exc, "code", None) is not None
+from services import S3_ENV, RedisServer, s3_client, start_s3_process  # noqa: E402
 
 
 def main() -> None:
@@ -52,12 +41,8 @@ def main() -> None:
         (tmp / "redis").mkdir()
         redis_server = RedisServer(tmp / "redis")
         redis_server.start()
-        port = free_port()
-        s3_proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        endpoint = f"http://127.0.0.1:{port}"
+        s3_proc, endpoint = start_s3_process()
         try:
-            wait_until(lambda: _up(endpoint), 30, what="moto server")
             s3 = s3_client(endpoint)
             s3.create_bucket(Bucket="catalog")
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -20,17 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from services import S3_ENV, RedisServer, free_port, s3_client, wait_until  # noqa: E402
-
-
-def _up(endpoint: str) -> bool:
-    import urllib.request
-
-    try:
-        urllib.request.urlopen(endpoint, timeout=1)
-        return True
-    except OSError as exc:
-        return getattr(exc, "code", None) is not None
+from services import S3_ENV, RedisServer, s3_client, start_s3_process  # noqa: E402
 
 
 def main() -> None:
@@ -51,11 +40,7 @@ def main() -> None:
         redis_server = RedisServer(tmp / "redis")
         redis_server.start()
         # S3 in its own process, so the memory figure is the fan-out's alone
-        port = free_port()
-        s3 = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        endpoint = f"http://127.0.0.1:{port}"
-        wait_until(lambda: _up(endpoint), 30, what="moto server")
+        s3, endpoint = start_s3_process()
         os.environ["AWS_ENDPOINT_URL_S3"] = endpoint
         s3_client(endpoint).create_bucket(Bucket="fan")
         try:

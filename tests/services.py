@@ -92,6 +92,27 @@ def start_s3():
     return server, f"http://127.0.0.1:{port}"
 
 
+def start_s3_process() -> tuple[subprocess.Popen, str]:
+    """moto's S3 server in a process of its own (benchmarks: it then competes with nothing in this one), on a free
+    loopback port, once it answers. Returns (process, url); terminate the process when done."""
+    import urllib.request
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        try:
+            urllib.request.urlopen(endpoint, timeout=1)
+            return True
+        except OSError as exc:  # an HTTP error status is an answer too
+            return getattr(exc, "code", None) is not None
+
+    wait_until(up, 30, what="moto server")
+    return proc, endpoint
+
+
 def s3_client(endpoint: str):
     import boto3
 

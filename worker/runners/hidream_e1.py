@@ -40,11 +40,11 @@ from diffusers.pipelines.hidream_image.pipeline_hidream_image import calculate_s
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
-from jobs.errors import ConfigError, ModelError
+from jobs.errors import ModelError
 from jobs.models import MODELS
 from jobs.settings import RunnerSettings
 from worker.runners.base import EditRequest, GenerateRequest, RunOutput
-from worker.runners.hidream_i1 import load_pipeline, native_latent_side, parse_dtype
+from worker.runners.hidream_i1 import HiDreamRunner, load_pipeline, native_latent_side
 from worker.runners.revision import edit_revision, read_revision
 from worker.runners.text_cache import PromptCache, TextEmbeds, encode_text
 from worker.runners.weights_e1 import add_lora_adapter, load_full_tensors, resolve_edit_weights, split_lora_file
@@ -274,29 +274,15 @@ def canvas_size(width: int, height: int, side: int, fixed: bool) -> tuple[int, i
     return w, h
 
 
-class HiDreamE1Runner:
+class HiDreamE1Runner(HiDreamRunner):
     """Turns an `EditRequest` into edited images with a HiDream-E1 pipeline held in this process."""
+
+    kind = "edit"
 
     def __init__(self, model: str, weights: str | None, device: str = "cpu", dtype: str | None = None,
                  options: RunnerSettings | None = None):
-        if model not in MODELS or MODELS[model].kind != "edit":
-            raise ConfigError(f"unknown HiDream-E1 model {model!r}; expected e1-1 or e1-full")
-        self.model = model
-        self.weights = weights
-        self.device = device
-        self.dtype = parse_dtype(dtype, device)
-        self.options = options or RunnerSettings()
-        self.prompts = PromptCache(self.options.prompt_cache_mb * 2**20)
-        self.source: str | None = None  # where the weights came from, once loaded
-        self.revision: str | None = None  # their revision (worker.runners.revision), once loaded
-        self._pipe: HiDreamE1Pipeline | None = None
+        super().__init__(model, weights, device, dtype, options)
         self._side: int | None = None  # canvas side (e1-full) or side of the pixel budget (e1-1)
-
-    def load(self) -> HiDreamE1Pipeline:
-        """Load the pipeline and both weight sets once; later calls return it."""
-        if self._pipe is None:
-            self._pipe = self._load()
-        return self._pipe
 
     def _load(self) -> HiDreamE1Pipeline:
         from safetensors.torch import load_file

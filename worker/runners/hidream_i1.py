@@ -20,7 +20,7 @@ from diffusers import HiDreamImagePipeline
 from diffusers.configuration_utils import FrozenDict
 
 from jobs.errors import ConfigError, ModelError
-from jobs.models import rendered_size
+from jobs.models import MODELS, rendered_size
 from jobs.settings import RunnerSettings
 from worker.runners.base import EditRequest, GenerateRequest, RunOutput
 from worker.runners.memory import apply_plan, plan_for
@@ -115,11 +115,17 @@ def compile_blocks(transformer: Any, backend: str, fullgraph: bool) -> None:
         block.compile(backend=backend, fullgraph=fullgraph)
 
 
-class HiDreamI1Runner:
-    """Turns a `GenerateRequest` into images with a HiDream-I1 pipeline held in this process."""
+class HiDreamRunner:
+    """What both HiDream runners hold: the model's name (of the kind `kind` in MODELS), where its weights are,
+    device and dtype, the prompt cache, and the pipeline once loaded (`_load`, on first use)."""
+
+    kind = ""  # "generate" or "edit"
 
     def __init__(self, model: str, weights: str | None, device: str = "cpu", dtype: str | None = None,
                  options: RunnerSettings | None = None):
+        if model not in MODELS or MODELS[model].kind != self.kind:
+            names = ", ".join(name for name, spec in MODELS.items() if spec.kind == self.kind)
+            raise ConfigError(f"{type(self).__name__} runs {names}; not {model!r}")
         self.model = model
         self.weights = weights
         self.device = device
@@ -128,15 +134,28 @@ class HiDreamI1Runner:
         self.prompts = PromptCache(self.options.prompt_cache_mb * 2**20)
         self.source: str | None = None  # where the weights came from, once loaded
         self.revision: str | None = None  # their revision (worker.runners.revision), once loaded
-        self._pipe: HiDreamImagePipeline | None = None
-        self._schedulers: dict[tuple[str, float], Any] = {}
-        self._scheduler_config: FrozenDict | None = None  # the loaded model's own scheduler config
+        self._pipe: Any = None
 
-    def load(self) -> HiDreamImagePipeline:
-        """Load the pipeline once; later calls return it."""
+    def load(self) -> Any:
+        """Load the pipeline (and its weights) once; later calls return it."""
         if self._pipe is None:
             self._pipe = self._load()
         return self._pipe
+
+    def _load(self) -> Any:
+        raise NotImplementedError
+
+
+class HiDreamI1Runner(HiDreamRunner):
+    """Turns a `GenerateRequest` into images with a HiDream-I1 pipeline held in this process."""
+
+    kind = "generate"
+
+    def __init__(self, model: str, weights: str | None, device: str = "cpu", dtype: str | None = None,
+                 options: RunnerSettings | None = None):
+        super().__init__(model, weights, device, dtype, options)
+        self._schedulers: dict[tuple[str, float], Any] = {}
+        self._scheduler_config: FrozenDict | None = None  # the loaded model's own scheduler config
 
     def use_pipeline(self, pipe: HiDreamImagePipeline, source: str) -> None:
         """Run on `pipe`, already built and prepared (`prepare_pipeline`), instead of loading weights: a
