@@ -26,6 +26,7 @@ import torch
 from diffusers import AutoencoderKL
 from PIL import Image
 from safetensors.torch import load_file
+from services import torch_threads
 
 from jobs.settings import Settings
 from worker.local import run_local
@@ -57,10 +58,8 @@ def test_the_parity_fixtures_are_present():
 @pytest.fixture(scope="module", autouse=True)
 def cpu_fp32():
     """The fixtures' conditions: float32 on the CPU with torch's default two intra-op threads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(2):
+        yield
 
 
 def write_manifest(cases: list[dict], folder: Path) -> Path:

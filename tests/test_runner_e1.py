@@ -14,7 +14,7 @@ import torch
 from diffusers import HiDreamImageTransformer2DModel
 from PIL import Image
 from safetensors import safe_open
-from services import fake_hub_snapshot, load_offline
+from services import fake_hub_snapshot, load_offline, torch_threads
 
 from jobs.errors import ModelError
 from jobs.settings import RunnerSettings
@@ -37,10 +37,8 @@ def offline(monkeypatch):
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """Tiny models spend their time in thread hand-offs; one thread is faster and steadier on a busy CI box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")
