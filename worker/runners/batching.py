@@ -19,6 +19,7 @@ out-of-memory batch halves the limit.
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
@@ -145,7 +146,7 @@ class MicroBatcher:
                 if call.stopped:
                     call.result.set_exception(call.stopped)
                 else:
-                    self._settle(call, lambda call=call: self.runner.generate(call.request, on_step=call.on_step))
+                    self._settle(call, functools.partial(self.runner.generate, call.request, on_step=call.on_step))
             return
         for call, output in zip(group, outputs, strict=True):
             if call.stopped:
@@ -187,8 +188,9 @@ def _batch_steps(group: list[_Call]) -> Callable[[int], None] | None:
                     call.on_step(step)
                 except Exception as exc:  # handed to that request's own thread
                     call.stopped = exc
-        if all(call.stopped for call in group):
-            raise next(call.stopped for call in group)
+        stops = [call.stopped for call in group]
+        if all(stops):
+            raise next(stop for stop in stops if stop is not None)
 
     return on_step
 

@@ -186,7 +186,7 @@ one) and the switch that sets that transformer up for each stage."""
             edit_source = torch.cat([torch.zeros_like(source), source, source])
         else:
             edit_text, edit_source = TextEmbeds.batch([embeds(prompt)], num_images), source
-        refine_text = None
+        refine_text = edit_text  # (unused when no refine step comes)
         if refine_from < steps:
             target = embeds(refine_prompt or prompt)
             refine_text = TextEmbeds.batch([embeds(negative_prompt), target] if guided else [target], num_images)
@@ -220,7 +220,8 @@ one) and the switch that sets that transformer up for each stage."""
             )[0]
             pred = -raw[..., :latent_width]  # HiDream predicts the negated flow; keep the target half
             if guided and stage == "edit":
-                pred = guide_edit(*pred.chunk(3), guidance_scale, image_guidance_scale, clip_cfg_norm)
+                uncond, image_cond, full_cond = pred.chunk(3)
+                pred = guide_edit(uncond, image_cond, full_cond, guidance_scale, image_guidance_scale, clip_cfg_norm)
             elif guided:
                 uncond, cond = pred.chunk(2)
                 pred = uncond + guidance_scale * (cond - uncond)

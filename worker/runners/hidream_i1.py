@@ -10,6 +10,7 @@ as one batch, each from its own seeded generator, so each image equals the one i
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -208,8 +209,10 @@ class HiDreamI1Runner(HiDreamRunner):
 
         missing = [text for text in dict.fromkeys(texts) if self.prompts.peek(key(text)) is None]
         fresh = dict(zip(missing, encode_texts(pipe, missing, pipe.device, self.dtype), strict=True)) if missing else {}
-        return TextEmbeds.batch([self.prompts.get(key(text), lambda text=text: fresh.get(text) or
-                                                  encode_text(pipe, text, pipe.device, self.dtype)) for text in texts])
+        def encoded(text: str) -> TextEmbeds:
+            return fresh.get(text) or encode_text(pipe, text, pipe.device, self.dtype)
+
+        return TextEmbeds.batch([self.prompts.get(key(text), functools.partial(encoded, text)) for text in texts])
 
     def generate_batch(self, requests: list[GenerateRequest],
                        on_step: Callable[[int], None] | None = None) -> list[RunOutput]:

@@ -262,7 +262,7 @@ def choose_plan(model: str | None, device_bytes: int, sizes: ComponentSizes,
                 order: Iterable[str] = AUTO_ORDER) -> Choice:
     """The first plan of `order` whose computed peak fits in USABLE × `device_bytes`; pure."""
     budget = int(USABLE * device_bytes)
-    tried = []
+    tried: list[str] = []
     for name in order:
         plan, peak = PLANS[name], peak_bytes(PLANS[name], model, sizes)
         if peak <= budget:

@@ -42,14 +42,14 @@ from jobs.errors import ConfigError
 MODES = ("auto", "grouped", "dense", "off")
 
 
-def moe_layers(transformer: nn.Module) -> list[nn.Module]:
+def moe_layers(transformer: Any) -> list[nn.Module]:
     """The routed feed-forward layers of a HiDream transformer (one per block when it has experts)."""
     from diffusers.models.transformers.transformer_hidream_image import MOEFeedForwardSwiGLU
 
     return [module for module in transformer.modules() if isinstance(module, MOEFeedForwardSwiGLU)]
 
 
-def install_moe_dispatch(transformer: nn.Module, mode: str = "auto") -> str:
+def install_moe_dispatch(transformer: Any, mode: str = "auto") -> str:
     """Route every MoE layer of `transformer` by `mode`; returns the mode installed ("off" when none).
 
     Install once the transformer is on its device and in its dtype: "grouped" stacks the expert weights
@@ -74,7 +74,7 @@ def install_moe_dispatch(transformer: nn.Module, mode: str = "auto") -> str:
     return mode if layers else "off"
 
 
-def _auto_mode(layers: list[nn.Module]) -> str:
+def _auto_mode(layers: list[Any]) -> str:
     if not layers:
         return "off"
     weight = layers[0].experts[0].w1.weight
@@ -85,7 +85,7 @@ def _auto_mode(layers: list[nn.Module]) -> str:
     return "grouped" if grouped_agrees(layers[0]) else "off"
 
 
-def grouped_agrees(layer: nn.Module, tokens: int = 256) -> bool:
+def grouped_agrees(layer: Any, tokens: int = 256) -> bool:
     """Whether the grouped path runs on this layer's device and matches diffusers' on a random input."""
     import logging
 
@@ -109,19 +109,19 @@ def grouped_agrees(layer: nn.Module, tokens: int = 256) -> bool:
     return agrees
 
 
-def _plain(layer: nn.Module) -> bool:
+def _plain(layer: Any) -> bool:
     """Experts of plain `nn.Linear`s with plain weights: no LoRA wrapper, no quantized (int8) weight subclass."""
     return all(type(getattr(expert, name)) is nn.Linear and type(getattr(expert, name).weight) is nn.Parameter
                for expert in layer.experts for name in ("w1", "w2", "w3"))
 
 
-def _route(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _route(layer: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(tokens as rows, top-k expert ids, their weights), as diffusers' gate computes them."""
     topk_idx, topk_weight, _ = layer.gate(x)
     return x.reshape(-1, x.shape[-1]), topk_idx, topk_weight
 
 
-def _dense_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _dense_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
     """Every expert on every token; weights are zero for the experts a token did not pick."""
     tokens, topk_idx, topk_weight = _route(self, x)
     # per token and expert: the gate weight if picked, else 0 (the top-k ids of a token are distinct)
@@ -133,7 +133,7 @@ def _dense_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return routed.view(x.shape) + self.shared_experts(x)
 
 
-def _stack_expert_weights(layer: nn.Module) -> None:
+def _stack_expert_weights(layer: Any) -> None:
     """Stack w1/w2/w3 of the experts into (E, out, in) tensors; each expert's weight becomes a view of its
     slice (same Parameter objects, so optimizers, state dicts and in-place copies keep working)."""
     if getattr(layer, "_stacked", None) is not None:
@@ -149,7 +149,7 @@ def _stack_expert_weights(layer: nn.Module) -> None:
     layer._stacked = stacked
 
 
-def _grouped_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _grouped_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
     """Token-expert pairs sorted by expert through grouped GEMMs; offsets never leave the device."""
     tokens, topk_idx, topk_weight = _route(self, x)
     k, experts = topk_idx.shape[1], len(self.experts)

@@ -35,17 +35,17 @@ from __future__ import annotations
 
 import math
 import types
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 EXTRA_DIMS = 8  # two carry the fold bias; the rest keep the head dim a multiple of 8
 FOLDED = torch.float64  # the dtype that marks a folded mask
 FOLD_MIN_SHARE = 0.10  # fold only padding of at least this share of max_seq (see the module docstring)
 
 
-def install_fold_padding(transformer: nn.Module) -> None:
+def install_fold_padding(transformer: Any) -> None:
     """Fold the padding of non-square inputs into one token (see the module docstring). Idempotent."""
     from diffusers.models.transformers.transformer_hidream_image import HiDreamAttention
 
@@ -57,7 +57,7 @@ def install_fold_padding(transformer: nn.Module) -> None:
             module.processor = FoldedAttnProcessor()
 
 
-def remove_fold_padding(transformer: nn.Module) -> None:
+def remove_fold_padding(transformer: Any) -> None:
     """Undo `install_fold_padding`: diffusers' own patchify and attention processors again."""
     from diffusers.models.transformers.transformer_hidream_image import HiDreamAttention, HiDreamAttnProcessor
 
@@ -67,7 +67,7 @@ def remove_fold_padding(transformer: nn.Module) -> None:
             module.processor = HiDreamAttnProcessor()
 
 
-def _folded_patchify(self: nn.Module, hidden_states: torch.Tensor):
+def _folded_patchify(self: Any, hidden_states: torch.Tensor):
     tokens, masks, img_sizes, img_ids = type(self).patchify(self, hidden_states)
     if masks is None:
         return tokens, masks, img_sizes, img_ids
@@ -87,7 +87,7 @@ class FoldedAttnProcessor:
     """HiDream attention where a key's mask entry m means: m > 0 a key; m = 0 a zeroed key; m < 0 a zeroed
     key standing for −m identical ones. Without a mask it computes what diffusers' processor computes."""
 
-    def __call__(self, attn: nn.Module, hidden_states: torch.Tensor, hidden_states_masks: torch.Tensor | None = None,
+    def __call__(self, attn: Any, hidden_states: torch.Tensor, hidden_states_masks: torch.Tensor | None = None,
                  encoder_hidden_states: torch.Tensor | None = None, image_rotary_emb: torch.Tensor | None = None,
                  *args, **kwargs):
         dtype, batch = hidden_states.dtype, hidden_states.shape[0]
@@ -107,6 +107,7 @@ class FoldedAttnProcessor:
             query = torch.cat([query, query_t.view(batch, -1, heads, head_dim)], dim=1)
             key = torch.cat([key, key_t.view(batch, -1, heads, head_dim)], dim=1)
             value = torch.cat([value, value_t.view(batch, -1, heads, head_dim)], dim=1)
+        assert image_rotary_emb is not None, "HiDream's blocks always pass the rotary embedding"
         query, key = _rope(query, key, image_rotary_emb)
 
         query, key, value = (t.transpose(1, 2) for t in (query, key, value))  # (batch, heads, tokens, dim)

@@ -50,10 +50,10 @@ def resolve_weights(model: str, weights: str | None = None, options: RunnerSetti
             raise WeightsNotFound(_not_found(model, wanted, [looked]))
         source = f"local:{pipeline_dir}"
     else:
-        pipeline_dir, looked = cached_snapshot(wanted, "model_index.json")
-        if pipeline_dir is None:
+        cached, looked = cached_snapshot(wanted, "model_index.json")
+        if cached is None:
             raise WeightsNotFound(_not_found(model, wanted, [looked]))
-        source = f"hub:{wanted}"
+        pipeline_dir, source = cached, f"hub:{wanted}"
     llama_dir, llama_tokenizer_dir = llama_dirs(model, pipeline_dir, (options or RunnerSettings()).llama)
     return ResolvedWeights(pipeline_dir, llama_dir, source, llama_tokenizer_dir)
 

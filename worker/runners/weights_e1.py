@@ -66,13 +66,13 @@ def resolve_edit_weights(model: str, weights: str | None = None,
     elif Path(wanted).expanduser().is_dir() or not _HUB_ID.match(wanted):
         folder, source = Path(wanted).expanduser().resolve(), "local"
         if not ((folder / required).is_file() or (model == "e1-1" and _is_transformer(folder))):
-            looked = f"local folder {folder} (missing, or no {required}" + \
-                     (" and not a transformer folder)" if model == "e1-1" else ")")
-            raise WeightsNotFound(_not_found(model, f"weights {wanted}", [looked]))
+            place = f"local folder {folder} (missing, or no {required}" + \
+                    (" and not a transformer folder)" if model == "e1-1" else ")")
+            raise WeightsNotFound(_not_found(model, f"weights {wanted}", [place]))
     else:
-        found, looked = cached_snapshot(wanted, required)
+        found, where = cached_snapshot(wanted, required)
         if found is None:
-            raise WeightsNotFound(_not_found(model, f"weights {wanted}", [looked]))
+            raise WeightsNotFound(_not_found(model, f"weights {wanted}", [where]))
         folder, source = found, "hub"
     transformer_dir = folder if _is_transformer(folder) else folder / "transformer"
     needs = "transformer/config.json" if model == "e1-full" else "model_index.json"
@@ -88,8 +88,8 @@ def resolve_edit_weights(model: str, weights: str | None = None,
         transformer_dir = i1_full / "transformer"
     components_dir = i1_full if (i1_full / "model_index.json").is_file() else folder
     if not (components_dir / "model_index.json").is_file():
-        looked = [f"{i1_full} and {folder} (neither has a model_index.json)"]
-        raise WeightsNotFound(_not_found(model, "pipeline components (VAE, text encoders)", looked))
+        neither = [f"{i1_full} and {folder} (neither has a model_index.json)"]
+        raise WeightsNotFound(_not_found(model, "pipeline components (VAE, text encoders)", neither))
     llama_dir, llama_tokenizer_dir = llama_dirs(model, components_dir, options.llama)
     label = f"{source}:{wanted if source == 'hub' else folder}"
     return ResolvedEditWeights(
