@@ -46,7 +46,7 @@ from jobs.api.service import (
     submit_rows,
     wait_for,
 )
-from jobs.errors import InputError
+from jobs.errors import InputError, JobStateError
 from jobs.models import MODELS, ApiKeyRecord, JobRecord, OutputImage
 from jobs.vendors import common, fal
 
@@ -205,9 +205,9 @@ async def request_result(namespace: Namespace, name: Name, request_id: RequestId
 
 def _result(svc: Services, model: str, request_id: str, base_url: str):
     job = _job(svc, model, request_id)
-    if not job.finished_at:
-        return JSONResponse({"detail": "Request is still in progress", "status": "IN_PROGRESS"}, 400)
     item = next(svc.store.items(request_id), None)
+    if not common.ended(job, item):
+        return JSONResponse({"detail": "Request is still in progress", "status": "IN_PROGRESS"}, 400)
     if not common.completed(item):
         return JSONResponse({"detail": fal.error_detail(job, item), "error_type": common.error_kind(job, item)}, 422)
     return fal.output(item, _url_for(svc, job, base_url))
@@ -234,9 +234,12 @@ def _url_for(svc: Services, job: JobRecord, base_url: str):
 def cancel_request(namespace: Namespace, name: Name, request_id: RequestId, svc: ServicesDep, _key: Key):
     """Cancel a request that has not finished: CANCELLATION_REQUESTED (202), or ALREADY_COMPLETED (400)."""
     job = _job(svc, model_of(namespace, name), request_id)
-    if job.finished_at or job.cancel_requested:
+    if job.cancel_requested or common.ended(job, next(svc.store.items(request_id), None)):
         return JSONResponse({"status": "ALREADY_COMPLETED"}, 400)
-    control.cancel_job(svc.settings, request_id, store=svc.store, celery=svc.celery)
+    try:
+        control.cancel_job(svc.settings, request_id, store=svc.store, celery=svc.celery)
+    except JobStateError:  # it ended in between
+        return JSONResponse({"status": "ALREADY_COMPLETED"}, 400)
     return JSONResponse({"status": "CANCELLATION_REQUESTED"}, 202)
 
 
@@ -274,7 +277,7 @@ async def stream(namespace: Namespace, name: Name, request: Request, svc: Servic
         while True:
             job: JobRecord = await anyio.to_thread.run_sync(svc.job, job_id)
             item = await anyio.to_thread.run_sync(lambda: next(svc.store.items(job_id), None))
-            if job.finished_at:
+            if common.ended(job, item):
                 result = await anyio.to_thread.run_sync(_result, svc, model, job_id, str(request.base_url))
                 yield _sse({"error": json.loads(result.body)["detail"]} if isinstance(result, JSONResponse)
                            else result)

@@ -29,7 +29,7 @@ from jobs import control
 from jobs.api import retries, shapes, uploads
 from jobs.api.app import ServicesDep, require
 from jobs.api.service import ApiError, JobOptions, Services, Upload, fingerprint, image_url, submit_rows
-from jobs.errors import InputError
+from jobs.errors import InputError, JobStateError
 from jobs.models import MODELS, ApiKeyRecord, JobRecord
 from jobs.vendors import common, inferencesh
 from jobs.vendors.inferencesh import TaskStatus
@@ -178,8 +178,11 @@ def cancel_task(task_id: TaskId, request: Request, svc: ServicesDep, _key: Image
     """Cancel a task that has not ended: CANCELLING until its item stops, then CANCELLED. A task that has ended
     is answered as it is."""
     job = _job(svc, task_id)
-    if not job.finished_at and not job.cancel_requested:
-        job = control.cancel_job(svc.settings, task_id, store=svc.store, celery=svc.celery)
+    if not job.cancel_requested and not common.ended(job, next(svc.store.items(task_id), None)):
+        try:
+            control.cancel_job(svc.settings, task_id, store=svc.store, celery=svc.celery)
+        except JobStateError:  # it ended in between: answered as it is
+            pass
     return {"data": task_of(svc, task_id, str(request.base_url))}
 
 

@@ -26,6 +26,11 @@ def safety(item: ItemRecord | None) -> str:
     return (item.output.safety if item is not None and item.output else None) or NOT_RUN
 
 
+def ended(job: JobRecord, item: ItemRecord | None) -> bool:
+    """Whether the request has ended: its item has (a vendor request is one item), or its job was finalized."""
+    return bool(job.finished_at) or (item is not None and item.status.terminal)
+
+
 def completed(item: ItemRecord | None) -> bool:
     return item is not None and item.status == ItemStatus.COMPLETED
 

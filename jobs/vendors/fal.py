@@ -79,7 +79,7 @@ def queue_status(job: JobRecord, item: ItemRecord | None, *, position: int, logs
     """fal's status object: IN_QUEUE (with `queue_position`), IN_PROGRESS, or COMPLETED, which a request that
     failed or was cancelled also is, with `error` and `error_type` (the item's error kind)."""
     log_lines = _logs(job, item) if logs else None
-    if job.finished_at:
+    if common.ended(job, item):
         out: dict[str, Any] = {"status": "COMPLETED", "logs": log_lines,
                                "metrics": {"inference_time": item.timings.inference_s if item else None}}
         if not common.completed(item):

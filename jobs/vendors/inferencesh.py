@@ -76,7 +76,7 @@ def row(model: str, values: dict[str, Any]) -> dict[str, Any]:
 
 
 def status_of(job: JobRecord, item: ItemRecord | None) -> TaskStatus:
-    if job.finished_at:
+    if common.ended(job, item):
         status = item.status if item is not None else job.status
         return {ItemStatus.COMPLETED: TaskStatus.COMPLETED, ItemStatus.CANCELLED: TaskStatus.CANCELLED}.get(
             status, TaskStatus.FAILED)

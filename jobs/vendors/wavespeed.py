@@ -49,16 +49,16 @@ def _int(text: str) -> int | str:
     return int(text) if text.strip().isdigit() else text
 
 
-def status_of(job: JobRecord) -> str:
-    if job.finished_at:
-        return "completed" if job.status == JobStatus.COMPLETED else "failed"
+def status_of(job: JobRecord, item: ItemRecord | None) -> str:
+    if common.ended(job, item):
+        return "completed" if common.completed(item) else "failed"
     return "processing" if job.status == JobStatus.RUNNING else "created"
 
 
 def prediction(job: JobRecord, item: ItemRecord | None, url_for: UrlFor, result_url: str,
                error: str | None = None) -> dict[str, Any]:
     """The prediction object (`data`), as the seed page lists it."""
-    status = status_of(job)
+    status = status_of(job, item)
     done = status == "completed"
     images = common.images(item) if done else []
     inference = item.timings.inference_s if item is not None else None
