@@ -87,7 +87,7 @@ SUBMIT = "/{namespace:falns}/{name}"
 REQUEST = "/{namespace:falns}/{name}/requests/{request_id}"
 MAX_INPUT_KEYS = 64
 ERRORS = shapes.responses(shapes.FAL, *shapes.COMMON, 404, _404="no such model, or no such request for it")
-SUBMITS = shapes.responses(shapes.FAL, 409, 413, 500)  # an Idempotency-Key in use, a body too big, no output
+SUBMITS = shapes.responses(shapes.FAL, 400, 409, 413, 500)  # a body not JSON, an Idempotency-Key in use, too big
 WAITS = shapes.responses(shapes.FAL, 400, 500, 504)
 
 
@@ -143,7 +143,8 @@ async def _create(svc: Services, request: Request, key: ApiKeyRecord, namespace:
 WebhookQuery = Annotated[str | None, Query(max_length=2048, description="fal's webhook parameter")]
 WebhookUrlQuery = Annotated[str | None, Query(alias="webhookUrl", max_length=2048)]
 IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)]
-Input = Annotated[dict[str, Any], Body(description="the model input, in fal's field names")]
+Input = Annotated[dict[str, Any], Body(description="the model input, in fal's field names",
+                                       examples=[{"prompt": "a lighthouse at dusk", "image_size": "landscape_4_3"}])]
 
 
 @router.post(SUBMIT, status_code=200, responses={200: {"model": schemas.FalSubmitted}, **ERRORS, **SUBMITS})

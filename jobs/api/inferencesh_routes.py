@@ -51,9 +51,11 @@ class AppRun(BaseModel):
     """ApiAppRunRequest: the fields this server reads (others are accepted and ignored)."""
 
     model_config = ConfigDict(extra="allow")
-    app: str = Field(..., min_length=1, max_length=200, description="infsh/hidream-e1-full, infsh/hidream-i1-fast, "
-                                                                     "… (an @version or :function suffix is fine)")
-    input: dict[str, Any] | None = Field(None, description="the app's input, as its page lists it")
+    app: str = Field(..., min_length=1, max_length=200, examples=["infsh/hidream-i1-fast"],
+                     description="infsh/hidream-e1-full, infsh/hidream-i1-fast, … (an @version or :function suffix "
+                                 "is fine)")
+    input: dict[str, Any] | None = Field(None, description="the app's input, as its page lists it",
+                                         examples=[{"prompt": "a lighthouse at dusk", "num_inference_steps": 16}])
     webhook: str | None = Field(None, max_length=2048, description="POSTed once when the task ends")
 
 

@@ -132,7 +132,8 @@ def media_upload(body: UploadRequest, request: Request, svc: ServicesDep, key: I
     200: {"model": PredictionEnvelope}, **ERRORS, **SUBMITS,
     **shapes.responses(shapes.WAVESPEED, 404, _404="no such model")})
 async def submit(owner: Segment, model: Segment, request: Request, svc: ServicesDep, key: Images,
-                 body: Annotated[dict[str, Any], Body(description="the model's input, as its page lists it")],
+                 body: Annotated[dict[str, Any], Body(description="the model's input, as its page lists it",
+                                                      examples=[{"prompt": "a lighthouse", "seed": -1}])],
                  webhook: Annotated[str | None, Query(max_length=2048, description="POSTed once the prediction "
                                                                                    "ends")] = None,
                  idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)] = None
