@@ -40,7 +40,7 @@ def error(job: JobRecord, item: ItemRecord | None) -> str:
     if item is not None and item.error:
         return item.error
     if item is not None and item.status == ItemStatus.CANCELLED:
-        return f"cancelled ({item.reason or 'cancelled'})"
+        return "cancelled" if item.reason in (None, "cancelled") else f"cancelled ({item.reason})"
     return f"request {job.status}"
 
 
