@@ -89,7 +89,7 @@ def make_tiny_checker(folder: Path, *, flags_everything: bool = False, seed: int
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
     from transformers import CLIPConfig, CLIPImageProcessor
 
-    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
     config = CLIPConfig(
         text_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
                      "vocab_size": 64, "max_position_embeddings": 16, "bos_token_id": 0, "eos_token_id": 1,
@@ -100,8 +100,11 @@ def make_tiny_checker(folder: Path, *, flags_everything: bool = False, seed: int
     model = StableDiffusionSafetyChecker(config)
     threshold = -2.0 if flags_everything else 2.0
     with torch.no_grad():
-        model.concept_embeds.copy_(torch.randn_like(model.concept_embeds))
-        model.special_care_embeds.copy_(torch.randn_like(model.special_care_embeds))
+        for param in model.parameters():  # matrices from this build's own generator: a build is deterministic
+            if param.dim() >= 2:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
+        model.concept_embeds.copy_(torch.randn(model.concept_embeds.shape, generator=generator))
+        model.special_care_embeds.copy_(torch.randn(model.special_care_embeds.shape, generator=generator))
         model.concept_embeds_weights.fill_(threshold)
         model.special_care_embeds_weights.fill_(threshold)
     folder.mkdir(parents=True, exist_ok=True)

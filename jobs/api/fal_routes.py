@@ -41,6 +41,7 @@ from jobs.api.service import (
     Services,
     Upload,
     fingerprint,
+    image_b64,
     image_url,
     not_found,
     submit_rows,
@@ -218,8 +219,6 @@ def _url_for(svc: Services, job: JobRecord, base_url: str):
     """Image links: a data URI with `sync_mode` (fal's meaning), else a presigned or signed URL."""
     if job.api.get("sync_mode"):
         def data_uri(image: OutputImage) -> str:
-            from jobs.api.service import image_b64
-
             return f"data:{image.content_type};base64,{image_b64(svc, job, image)}"
 
         return data_uri

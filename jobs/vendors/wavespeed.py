@@ -19,7 +19,6 @@ NAMESPACES = ("wavespeed-ai", "dreambatch")  # wavespeed-ai/hidream-e1-full, dre
 # WaveSpeed's defaults for its HiDream models, applied to WaveSpeed-shaped requests only. Source: the WaveSpeed page
 # for wavespeed-ai/hidream-e1-full (../shared/seeds/002): seed -1, output_format jpeg, enable_base64_output false.
 DEFAULTS: dict[str, Any] = {"output_format": "jpeg"}
-SYNC_TIMEOUT_CODE = 5004  # the SDK's mark of a sync-mode request that outlived the server's wait
 
 
 def model_of(owner: str, name: str) -> str | None:
