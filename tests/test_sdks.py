@@ -287,6 +287,13 @@ def test_openai_retry_storm_on_a_slow_queue_makes_one_job(stack):
     assert first.status_code == again.status_code == other.status_code == 200
     assert again.json()["id"] == first.json()["id"] != other.json()["id"]
 
+    # an edit's retry sends the same file again (another multipart boundary): the same request, the same job
+    photo = png_file(stack.folder, 48, 32).read_bytes()
+    form = {"model": "hidream-e1-1", "prompt": "make it green", "steps": "1", "refine_strength": "0"}
+    edits = [httpx.post(f"{stack.http.url}/v1/images/edits", data=form, files={"image": ("p.png", photo, "image/png")},
+                        headers={**headers, "x-stainless-retry-count": str(n)}, timeout=120) for n in (0, 1)]
+    assert [e.status_code for e in edits] == [200, 200] and edits[0].json()["id"] == edits[1].json()["id"]
+
 
 def test_fal_wavespeed_and_inferencesh_resubmits_of_one_body_make_one_job(stack):
     headers = {"Authorization": f"Key {stack.token}"}
