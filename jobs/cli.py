@@ -356,12 +356,21 @@ def results(job_id: str, format_: Annotated[str, typer.Option("--format", help="
 
 
 def api(host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
-        port: Annotated[int, typer.Option(help="port to listen on")] = 8000) -> None:
-    """Serve the HTTP API (docs/api.md): jobs, OpenAI-compatible images, a fal-style queue. Needs the
-    `api` extra and a key from `dreambatch keys create`."""
+        port: Annotated[int, typer.Option(help="port to listen on")] = 8000,
+        ssl_certfile: Annotated[str | None, typer.Option(
+            help="serve HTTPS with this PEM certificate (fal-client speaks only https); DREAMBATCH_API__SSL_CERTFILE"
+        )] = None,
+        ssl_keyfile: Annotated[str | None, typer.Option(
+            help="its PEM private key; DREAMBATCH_API__SSL_KEYFILE")] = None,
+        ) -> None:
+    """Serve the HTTP API (docs/api.md): jobs, OpenAI-compatible images, and the fal, inference.sh and
+    WaveSpeed protocols. Needs the `api` extra and a key from `dreambatch keys create`."""
     try:
         from jobs.api.app import serve
     except ImportError as exc:
         raise fail(f"the API needs the api extra: pip install 'dreambatch[api]' ({exc})") from None
-    serve(get_settings(), host, port)
+    try:
+        serve(get_settings(), host, port, ssl_certfile, ssl_keyfile)
+    except ConfigError as exc:
+        raise fail(str(exc)) from None
 

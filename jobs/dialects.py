@@ -6,7 +6,8 @@
 | fal.ai | `edit_instruction` | `instruction` |
 | fal.ai | `target_image_description` | `target_description` |
 | fal.ai, WaveSpeed | `num_inference_steps` | `steps` |
-| fal.ai | `enable_safety_checker`, `sync_mode` | accepted, no effect (kept in metadata) |
+| fal.ai, WaveSpeed | `enable_safety_checker` | `safety_check` |
+| fal.ai | `sync_mode` | accepted, no effect on a row (kept in metadata); the fal API answers data URIs |
 | WaveSpeed | `enable_base64_output` = true | `response_format` = `b64_json` |
 | Lumenfall (OpenAI) | `n` | `num_images` |
 | Lumenfall (OpenAI) | `output_compression` | `output_quality` |
@@ -32,8 +33,9 @@ ALIASES: dict[str, str] = {
     "n": "num_images",
     "output_compression": "output_quality",
     "cfg_scale": "guidance_scale",
+    "enable_safety_checker": "safety_check",
 }
-NO_EFFECT = {"enable_safety_checker", "sync_mode"}  # kept as metadata
+NO_EFFECT = {"sync_mode"}  # kept as metadata
 E1_PROMPT = re.compile(r"^\s*editing instruction\s*:\s*(?P<instruction>.*?)\s*\.?\s*"
                        r"target image description\s*:\s*(?P<description>.*?)\s*$", re.IGNORECASE | re.DOTALL)
 TRUE = {"1", "true", "yes", "on"}

@@ -26,6 +26,8 @@ JOBS_INDEX = "db:jobs"  # sorted set: job_id by created time
 API_KEY = "db:apikey:{key_id}"  # string: ApiKeyRecord JSON (the token's SHA-256, never the token)
 API_KEYS = "db:apikeys"  # sorted set: key_id by created time
 IDEMPOTENCY = "db:idem:{key_id}:{digest}"  # JSON {fingerprint, job_id}, per API key, expires after a day
+RECENT_REQUEST = "db:recent:{key_id}:{digest}"  # string: the job a request body made ("" while it is being made)
+UPLOAD = "db:upload:{upload_id}"  # JSON UploadRecord of a vendor file upload (POST /files, media/uploads); expires
 JOB_SLOTS = "db:job:{job_id}:slots"  # sorted set: item ids holding a --max-concurrency slot, score = lease end
 WORKER = "db:worker:{name}"  # string: a worker's last heartbeat (JSON: model, model_revision, active…); expires
 WORKERS = "db:workers"  # set: names of workers that have sent a heartbeat
@@ -52,6 +54,7 @@ S3_OUTPUT = "{prefix}{job_id}/{item_id}{suffix}.{ext}"  # suffix "" or "_{n}" fo
 S3_SHEET = "{prefix}{job_id}/sheet{page}.{ext}"  # review contact sheet (html, png); page "" or "-2", "-3"…
 S3_CATALOG_LEDGER = "{prefix}_catalog/{name}/ledger.json"  # what each source image was last edited as
 S3_CATALOG_RUN = "{prefix}_catalog/{name}/runs/{job_id}.json"  # one scheduled run: its items and fingerprints
+S3_UPLOAD = "{prefix}_uploads/{upload_id}/{filename}"  # a file a client PUT to a vendor upload URL
 
 
 def gpu_queue(model: str) -> str:

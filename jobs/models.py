@@ -88,6 +88,8 @@ class CommonParams(BaseModel):
     output_key: str | None = Field(None, pattern=OUTPUT_KEY_PATTERN,
                                    description="object key under the job's output, e.g. shoes/123.jpg (mirrors a "
                                                "catalog layout); its extension must match output_format")
+    safety_check: bool | None = Field(None, description="run the worker's safety checker on the outputs; None: "
+                                                        "whenever the worker has one (worker/safety.py)")
 
     @field_validator("output_format", mode="before")
     @classmethod
@@ -116,6 +118,8 @@ class GenerateRow(CommonParams):
     height: int = Field(1024, ge=64, le=4096)
     shift: float = Field(3.0, gt=0.0, le=100.0)
     scheduler: SchedulerName = "flash_flow"
+    exact_size: bool = Field(False, description="return exactly width x height: render at the nearest size HiDream "
+                                                "supports (~1 MP, same aspect), then resize to the size asked for")
 
 
 SIZE_PATTERN = r"^(same|\d{2,5}x\d{2,5})$"
@@ -198,6 +202,8 @@ class ItemOutput(BaseModel):
     seed: int | None = None
     processed_size: list[int] | None = None  # the canvas the model worked at (edits)
     input_size: list[int] | None = None  # the input image's size after EXIF orientation (edits)
+    nsfw: list[bool] | None = None  # per image, when a safety checker ran; None when none ran (see `safety`)
+    safety: str | None = None  # the checker that ran ("tiny", a weights folder's name) or "off: <why it did not>"
 
 
 class Timings(BaseModel):
@@ -271,7 +277,9 @@ class JobRecord(BaseModel):
     defaults: dict[str, Any] = Field(default_factory=dict)
     output: str  # s3://bucket/prefix or a local folder
     webhook: str | None = None
-    webhook_format: Literal["dreambatch", "fal"] = "dreambatch"  # fal: one envelope when the request ends
+    # dreambatch: an event per item and one per job; a vendor's (jobs.vendors): one envelope when the request ends
+    webhook_format: Literal["dreambatch", "fal", "inferencesh", "wavespeed"] = "dreambatch"
+    api: dict[str, Any] = Field(default_factory=dict)  # what the vendor protocol that made it answers with
     webhook_disabled: bool = False  # the endpoint answered 410 Gone: no more events for this job
     submitting: bool = False  # its submission has not committed yet: workers hold its items back
     submit_aborted: bool = False  # its submission failed: nothing of it runs

@@ -63,12 +63,30 @@ class InputSettings(BaseModel):
 
 
 class ApiSettings(BaseModel):
-    wait_timeout: float = Field(600.0, description="s an /v1/images request waits for its job before a 504")
+    wait_timeout: float = Field(600.0, description="s a waiting request (/v1/images, fal's run, WaveSpeed's sync "
+                                                   "mode) waits for its job; shortened to end before the client's "
+                                                   "own read timeout when it sends one")
     url_expires: int = Field(3600, description="s a presigned (or served) image URL in a response stays valid")
-    max_upload_bytes: int = Field(50 * 2**20, description="largest uploaded manifest or image")
+    max_upload_bytes: int = Field(50 * 2**20, description="largest uploaded manifest or image (vendor uploads too)")
     max_json_rows: int = Field(10_000, description="rows in one JSON POST /v1/jobs body; upload a file for more")
     public_url: str | None = Field(None, description="base URL clients reach the API at (default: the request's)")
     url_secret: str | None = Field(None, description="signs served image URLs; random per process when unset")
+    retry_window: float = Field(30.0, ge=0, description="s within which the same request body from the same key "
+                                                       "attaches to the job it made (clients that retry a POST "
+                                                       "without marking it); 0 = off")
+    ssl_certfile: str | None = Field(None, description="serve HTTPS with this certificate (PEM); with ssl_keyfile")
+    ssl_keyfile: str | None = Field(None, description="the certificate's private key (PEM)")
+
+
+class SafetySettings(BaseModel):
+    """The safety checker workers run on outputs (worker/safety.py)."""
+
+    checker: str = Field("off", description="off, tiny (random weights, for tests), or a local folder (or a hub id "
+                                            "in the local cache) laid out as CompVis/stable-diffusion-safety-checker")
+    action: Literal["flag", "black"] = Field(
+        "flag", description="flag: report flagged images and keep them; black: also replace them with black images "
+                            "(as diffusers' pipelines do)")
+    device: str | None = Field(None, description="where the checker runs (default: the worker's --device)")
 
 
 class CatalogSettings(BaseModel):
@@ -150,6 +168,7 @@ class Settings(BaseSettings):
     api: ApiSettings = ApiSettings()
     catalog: CatalogSettings = CatalogSettings()
     runner: RunnerSettings = RunnerSettings()
+    safety: SafetySettings = SafetySettings()
 
     @model_validator(mode="after")
     def _webhook_waits_below_visibility(self) -> Settings:

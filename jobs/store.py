@@ -335,6 +335,31 @@ class RedisStore:
             self.r.set(key, json.dumps({"fingerprint": fingerprint, "job_id": job_id}), ex=ttl)
 
 
+    def recent_request(self, key_id: str, digest: str) -> str | None:
+        """The job a recent request with this digest made; "" while it is being made; None: none."""
+        return self.r.get(keys.RECENT_REQUEST.format(key_id=key_id, digest=digest))
+
+    def claim_recent_request(self, key_id: str, digest: str, ttl: float, *, replace: bool = False) -> bool:
+        """Mark a request as being made ("" for `ttl` s). True when this caller holds the mark (always, with
+        `replace`: a request that is no retry starts its own job whatever came before)."""
+        key = keys.RECENT_REQUEST.format(key_id=key_id, digest=digest)
+        return bool(self.r.set(key, "", nx=not replace, px=max(1, int(ttl * 1000))))
+
+    def remember_request(self, key_id: str, digest: str, job_id: str | None, ttl: float) -> None:
+        """Record the job a request made, for `ttl` s (a retry within it attaches); None forgets the request."""
+        key = keys.RECENT_REQUEST.format(key_id=key_id, digest=digest)
+        if job_id is None:
+            self.r.delete(key)
+        else:
+            self.r.set(key, job_id, px=max(1, int(ttl * 1000)))
+
+    def put_upload(self, upload_id: str, record: dict[str, Any], ttl: int) -> None:
+        self.r.set(keys.UPLOAD.format(upload_id=upload_id), json.dumps(record), ex=ttl)
+
+    def get_upload(self, upload_id: str) -> dict[str, Any] | None:
+        raw = self.r.get(keys.UPLOAD.format(upload_id=upload_id))
+        return json.loads(raw) if raw else None
+
     # --- job control -----------------------------------------------------------------------
     def request_cancel(self, job_id: str, at: str) -> bool:
         """Raise the job's cancel flag; False when it was already raised."""

@@ -185,6 +185,7 @@ def create_job(
     expires_at: float | None = None,
     webhook_format: str = "dreambatch",
     review_sheet: bool = False,
+    api: dict[str, Any] | None = None,
 ) -> Submission:
     # 1. validate every row; nothing is created when a row is bad (unless skip_invalid)
     policy = policy or input_policy(manifest)
@@ -201,7 +202,7 @@ def create_job(
     job = JobRecord(job_id=job_id or new_job_id(), model=model, defaults=defaults, output=output,
                     webhook=webhook, manifest=str(manifest), total=report.rows, created_at=at, updated_at=at,
                     priority=priority, max_concurrency=max_concurrency, expires_at=expires_at,
-                    webhook_format=webhook_format, submitting=True, review_sheet=review_sheet)
+                    webhook_format=webhook_format, submitting=True, review_sheet=review_sheet, api=api or {})
     store.create_job(job)
     rejected_items: list[ItemRecord] = []
     try:

@@ -163,13 +163,13 @@ def test_manifest_job_over_http_streams_progress_and_serves_results(http):
 
 
 def test_fal_queue_round_trip_with_webhook(stack, http, receiver):
-    res = http.post("/queue/fal-ai/hidream-i1-fast", params={"fal_webhook": receiver.url},
+    res = http.post("/fal-ai/hidream-i1-fast", params={"fal_webhook": receiver.url},
                     json={"prompt": "a blue vase", "num_inference_steps": 1, "image_size": "square", "seed": 3})
     assert res.status_code == 200, res.text
     submitted = res.json()
     request_id = submitted["request_id"]
-    assert submitted["status_url"] == f"{stack.url}/queue/fal-ai/hidream-i1-fast/requests/{request_id}/status"
-    early = http.get(f"/queue/fal-ai/hidream-i1-fast/requests/{request_id}/status").json()
+    assert submitted["status_url"] == f"{stack.url}/fal-ai/hidream-i1-fast/requests/{request_id}/status"
+    early = http.get(f"/queue/fal-ai/hidream-i1-fast/requests/{request_id}/status").json()  # the old path too
     assert early["status"] in ("IN_QUEUE", "IN_PROGRESS", "COMPLETED")
 
     wait_until(lambda: http.get(submitted["status_url"]).json()["status"] == "COMPLETED", 120, 0.2,
@@ -190,12 +190,12 @@ def test_fal_queue_round_trip_with_webhook(stack, http, receiver):
 
     cancelled = http.put(submitted["cancel_url"])
     assert cancelled.status_code == 400 and cancelled.json() == {"status": "ALREADY_COMPLETED"}
-    assert http.get("/queue/fal-ai/hidream-e1-full/requests/" + request_id).status_code == 404  # other model
+    assert http.get("/fal-ai/hidream-e1-full/requests/" + request_id).status_code == 404  # other model
 
 
 def test_fal_request_that_fails_reports_error_by_status_result_and_webhook(http, receiver):
     broken = "data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\n broken").decode()
-    submitted = http.post("/queue/fal-ai/hidream-e1-1", json={
+    submitted = http.post("/fal-ai/hidream-e1-1", json={
         "image_url": broken, "edit_instruction": "make it blue", "num_inference_steps": 1, "refine_strength": 0,
         "webhookUrl": receiver.url}).json()
     status = wait_until(lambda: (s := http.get(submitted["status_url"]).json())["status"] == "COMPLETED" and s,
@@ -203,9 +203,10 @@ def test_fal_request_that_fails_reports_error_by_status_result_and_webhook(http,
     assert "InputError" in status["error"]
     result = http.get(submitted["response_url"])
     assert result.status_code == 422 and "InputError" in result.json()["detail"][0]["msg"]
+    assert result.json()["error_type"] == status["error_type"] == "input"
     (hook,) = wait_until(lambda: receiver.delivered(), 30, what="the fal webhook")
     assert hook["json"]["status"] == "ERROR" and "InputError" in hook["json"]["error"]
-    assert http.post("/queue/fal-ai/hidream-i1-fast", json={"prompt": "x", "image_size": "huge"}).status_code == 422
+    assert http.post("/fal-ai/hidream-i1-fast", json={"prompt": "x", "image_size": "huge"}).status_code == 422
 
 
 def test_cancel_and_retry_over_http(http):

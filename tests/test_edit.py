@@ -343,7 +343,9 @@ def test_each_seed_dialect_manifest_runs_unchanged(tiny_dir, tmp_path, model):
     params = rows_of(folder)["fal"]["params"]
     assert (params["image"], params["instruction"], params["target_description"], params["steps"]) == (
         str(folder / "inputs" / "fal.jpg"), "make the shoe blue", "a blue shoe on white", 3)
-    assert res["fal"]["metadata"] == {"enable_safety_checker": "true"}  # accepted, no effect
+    assert res["fal"]["metadata"] == {} and params["safety_check"] is True  # fal's name for our field
+    # no checker is configured for this run: it did not run, and the result says so
+    assert res["fal"]["output"]["nsfw"] is None and res["fal"]["output"]["safety"].startswith("off")
     assert (res["fal"]["output"]["images"][0]["width"], res["fal"]["output"]["images"][0]["height"]) == (96, 64)
 
     # WaveSpeed: base64 output in the results

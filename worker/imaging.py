@@ -24,6 +24,15 @@ def encode(image: Image.Image, fmt: str, quality: int) -> tuple[bytes, str]:
     return buf.getvalue(), CONTENT_TYPES[fmt]
 
 
+def requested_size(images: list[Image.Image], params: dict) -> list[Image.Image]:
+    """A generation row with `exact_size` gets exactly the size it asked for: HiDream rendered the nearest size it
+    supports (jobs.models.rendered_size: ~1 MP, same aspect), which is resized here (Lanczos). Others pass as is."""
+    asked = params.get("requested_size")
+    if not params.get("exact_size") or not asked:
+        return images
+    size = (int(asked[0]), int(asked[1]))
+    return [i if i.size == size else i.resize(size, Image.Resampling.LANCZOS) for i in images]
+
 BACKGROUND = (255, 255, 255)  # transparent pixels are composited onto white (the product-photo norm)
 
 

@@ -37,7 +37,7 @@ def run_local(manifest: Path, *, model: str, defaults: dict[str, Any], out: str,
     events: list[tuple[str, str | None, str]] = []
     ctx = process.Context(settings=settings, store=store, runner=runtime.runner, objects=lambda _loc: objects,
                           notify=events.extend, finalize=finals.append,
-                          revision=lambda: runtime.model_revision)
+                          revision=lambda: runtime.model_revision, safety=runtime.safety)
 
     # 1. validate and create the job; queued ids land in a local queue
     if webhook:

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from jobs import fal, keys, lifecycle, logs, records
+from jobs import keys, lifecycle, logs, records, vendors
 from jobs.ending import Publish, announce, end_item
 from jobs.errors import (
     ConfigError,
@@ -35,7 +35,7 @@ from jobs.settings import Settings
 from jobs.storage import ObjectStore, key_of
 from jobs.store import Store
 from jobs.submit import now_iso
-from worker import geometry, imaging, inputs, webhooks
+from worker import geometry, imaging, inputs, safety, webhooks
 from worker.leases import Leases
 from worker.metrics import WorkerMetrics
 from worker.runners.base import EditRequest, GenerateRequest, Runner
@@ -55,6 +55,7 @@ class Context:
     leases: Leases | None = None  # None in local mode, where one consumer runs items one at a time
     metrics: WorkerMetrics | None = None  # this process's Prometheus metrics, when it exports them
     revision: Callable[[], str | None] = lambda: None  # the revision of this process's weights
+    safety: Callable[[], safety.SafetyChecker | None] = lambda: None  # this process's safety checker, if any
 
 
 @dataclass(frozen=True)
@@ -162,6 +163,11 @@ def _attempt(ctx: Context, job: JobRecord, item: ItemRecord) -> Outcome:
                     result = runner.generate(_request(item), on_step=_step_check(ctx, item))
             _record_model_time(item, result, asked)
             images, output = result.images, ItemOutput(seed=item.seed)
+
+        # 5b. the exact size a caller asked for, then the safety checker on what it will get (worker/safety.py)
+        images = imaging.requested_size(images, item.params)
+        images, output.nsfw, output.safety = safety.screen(ctx.safety, item.params, images, ctx.gpu_lock,
+                                                           ctx.settings.safety.action)
 
         # 6. encode and upload, outside the GPU lock so the next item's inference overlaps
         t0 = time.perf_counter()
@@ -402,10 +408,10 @@ def webhook_attempt(ctx: Context, job_id: str, item_id: str | None, event_id: st
     job = ctx.store.get_job(job_id)
     if job is None or not job.webhook or job.webhook_disabled:
         return None
-    if job.webhook_format == "fal":  # one envelope when the request (a one-item job) ends
+    if job.webhook_format in vendors.WEBHOOKS:  # a vendor's envelope, once, when the request (a one-item job) ends
         if item_id is not None:
             return None
-        payload = fal.webhook_body(job, next(ctx.store.items(job_id), None), _presigned(ctx, job))
+        payload = vendors.webhook_body(job, next(ctx.store.items(job_id), None), _presigned(ctx, job))
     elif item_id is None:
         payload = webhooks.job_payload(job)
     else:

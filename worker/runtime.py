@@ -19,6 +19,7 @@ from jobs.models import MODELS
 from jobs.settings import RunnerSettings, Settings
 from jobs.storage import ObjectStore, open_store, s3_client
 from jobs.store import RedisStore, Store
+from worker import safety
 from worker.leases import Leases
 from worker.metrics import WorkerMetrics
 from worker.process import Context
@@ -58,6 +59,7 @@ class Runtime:
         self.settings = settings
         self.app = app
         self.model = model
+        self.safety = safety.Lazy(settings.safety, device)  # loaded on the first item it checks
         self._store = store
         self._runner: Runner | None = None
         self._runner_factory = runner_factory or (lambda: build_runner(model, weights, device, settings.runner))
@@ -119,5 +121,5 @@ class Runtime:
             notify=lambda events: broker.send_webhooks(self.app, events),
             finalize=lambda job_id: broker.send_finalize(self.app, job_id),
             gpu_lock=self._model_lock or self.gpu_lock, leases=self.leases, metrics=self.metrics,
-            revision=lambda: self.model_revision,
+            revision=lambda: self.model_revision, safety=self.safety,
         )

@@ -19,7 +19,7 @@ from jobs.models import ApiKeyRecord
 SCOPES = {
     "jobs:read": "list jobs, read status, items, results and events",
     "jobs:write": "submit manifest jobs, cancel and retry them",
-    "images": "the OpenAI-compatible /v1/images endpoints and the fal-style /queue",
+    "images": "the OpenAI-compatible /v1/images and the fal, inference.sh and WaveSpeed routes (with uploads)",
     "metrics": "read /metrics",
 }
 PREFIX = "dbk"

@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from jobs import control, export
-from jobs.api import schemas
+from jobs.api import schemas, shapes
 from jobs.api.deps import ServicesDep, require
 from jobs.api.service import (
     ApiError,
@@ -46,6 +46,8 @@ Reader = Annotated[ApiKeyRecord, Depends(require("jobs:read"))]
 Writer = Annotated[ApiKeyRecord, Depends(require("jobs:write"))]
 IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=255,
                                               description="same key + same body → the same job")]
+ERRORS = shapes.responses(shapes.OPENAI, *shapes.COMMON)  # every route here: a key, its input, Redis
+ONE_JOB = shapes.responses(shapes.OPENAI, 404, _404="no such job")
 MANIFEST_TYPES = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", "text/csv": "csv",
                   "application/x-ndjson": "jsonl", "application/jsonl": "jsonl", "application/x-jsonlines": "jsonl"}
 Scalar = str | int | float | bool
@@ -160,7 +162,7 @@ async def _parse_create(request: Request, svc: Services, upload: Upload) -> tupl
 
 
 @router.post("/v1/jobs", status_code=201, openapi_extra=CREATE_BODY, responses={
-    201: {"model": schemas.JobCreated},
+    201: {"model": schemas.JobCreated}, **ERRORS, **shapes.responses(shapes.OPENAI, 409, 413, 415, 500),
     422: {"model": schemas.Error, "description": "every bad line, as `line N: field: message (got value)`"}})
 async def create(request: Request, svc: ServicesDep, key: Writer, idempotency_key: IdempotencyKey = None):
     """Submit a manifest (multipart `manifest` file) or JSON rows as a job."""
@@ -185,20 +187,20 @@ async def create(request: Request, svc: ServicesDep, key: Writer, idempotency_ke
     return JSONResponse(out, 201, headers={"Idempotent-Replayed": "true"} if replayed else None)
 
 
-@router.get("/v1/jobs", responses={200: {"model": schemas.JobList}})
+@router.get("/v1/jobs", responses={200: {"model": schemas.JobList}, **ERRORS})
 def list_jobs(svc: ServicesDep, _key: Reader, limit: Annotated[int, Query(ge=1, le=200)] = 50) -> dict:
     """The most recent jobs, newest first."""
     jobs = [j for j in (svc.store.get_job(i) for i in svc.store.job_ids(limit)) if j]
     return {"object": "list", "data": [job_status(j) for j in jobs]}
 
 
-@router.get("/v1/jobs/{job_id}", responses={200: {"model": schemas.JobStatus}, 404: {"model": schemas.Error}})
+@router.get("/v1/jobs/{job_id}", responses={200: {"model": schemas.JobStatus}, **ERRORS, **ONE_JOB})
 def get_job(job_id: JobId, svc: ServicesDep, _key: Reader) -> dict:
     """Status, counts, throughput (items/s since submission) and ETA."""
     return job_status(svc.job(job_id))
 
 
-@router.get("/v1/jobs/{job_id}/items", responses={200: {"model": schemas.ItemList}})
+@router.get("/v1/jobs/{job_id}/items", responses={200: {"model": schemas.ItemList}, **ERRORS, **ONE_JOB})
 def list_items(job_id: JobId, svc: ServicesDep, _key: Reader,
                status: Annotated[ItemStatus | None, Query(description="only items in this status")] = None,
                offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
@@ -217,7 +219,7 @@ def list_items(job_id: JobId, svc: ServicesDep, _key: Reader,
 
 
 @router.get("/v1/jobs/{job_id}/results", response_class=Response,
-            responses={200: {"content": {"application/x-ndjson": {}, "text/csv": {}}}})
+            responses={200: {"content": {"application/x-ndjson": {}, "text/csv": {}}}, **ERRORS, **ONE_JOB})
 def results(job_id: JobId, svc: ServicesDep, _key: Reader,
             format: Annotated[Literal["jsonl", "csv"], Query(description="jsonl or csv")] = "jsonl"):  # noqa: A002
     """One line per manifest row (live state while the job runs). CSV cells that a spreadsheet would run
@@ -235,7 +237,7 @@ def _sse(event: str, data: dict, event_id: int) -> str:
 
 
 @router.get("/v1/jobs/{job_id}/events", response_class=StreamingResponse,
-            responses={200: {"content": {"text/event-stream": {}}}})
+            responses={200: {"content": {"text/event-stream": {}}}, **ERRORS, **ONE_JOB})
 async def events(job_id: JobId, svc: ServicesDep, _key: Reader,
                  timeout: Annotated[float, Query(gt=0, le=86400, description="s before the stream closes")] = 3600
                  ) -> StreamingResponse:
@@ -271,7 +273,8 @@ async def events(job_id: JobId, svc: ServicesDep, _key: Reader,
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-@router.post("/v1/jobs/{job_id}/cancel", responses={200: {"model": schemas.JobStatus}, 409: {"model": schemas.Error}})
+@router.post("/v1/jobs/{job_id}/cancel", responses={200: {"model": schemas.JobStatus}, **ERRORS, **ONE_JOB,
+                                                   **shapes.responses(shapes.OPENAI, 409)})
 def cancel(job_id: JobId, svc: ServicesDep, _key: Writer) -> dict:
     """Queued items end `cancelled` at once, running items stop at their next step; the job ends
     `cancelled` (webhook sent) when they have. Outputs already written are kept. 409 for a job that
@@ -280,7 +283,8 @@ def cancel(job_id: JobId, svc: ServicesDep, _key: Writer) -> dict:
     return job_status(control.cancel_job(svc.settings, job_id, store=svc.store, celery=svc.celery))
 
 
-@router.post("/v1/jobs/{job_id}/retry", responses={200: {"model": schemas.JobRequeued}})
+@router.post("/v1/jobs/{job_id}/retry", responses={200: {"model": schemas.JobRequeued}, **ERRORS, **ONE_JOB,
+                                                  **shapes.responses(shapes.OPENAI, 409)})
 def retry(job_id: JobId, svc: ServicesDep, _key: Writer) -> dict:
     """Re-queue only the failed items, in the same job (same ids and lines, attempts counted); `requeued`
     lists their ids ([] when none failed)."""
@@ -289,7 +293,8 @@ def retry(job_id: JobId, svc: ServicesDep, _key: Writer) -> dict:
     return {**job_status(svc.job(job_id)), "requeued": requeued}
 
 
-@router.post("/v1/jobs/{job_id}/resume", responses={200: {"model": schemas.JobRequeued}})
+@router.post("/v1/jobs/{job_id}/resume", responses={200: {"model": schemas.JobRequeued}, **ERRORS, **ONE_JOB,
+                                                   **shapes.responses(shapes.OPENAI, 409)})
 def resume(job_id: JobId, svc: ServicesDep, _key: Writer) -> dict:
     """Re-queue the items that have no result (after an outage lost their messages); nothing that ended
     runs again."""
@@ -299,7 +304,8 @@ def resume(job_id: JobId, svc: ServicesDep, _key: Writer) -> dict:
 
 
 @router.get("/v1/files/{job_id}/{key:path}", response_class=Response, tags=["files"],
-            responses={200: {"content": {t: {} for t in CONTENT_TYPES.values()}}})
+            responses={200: {"content": {t: {} for t in CONTENT_TYPES.values()}},
+                       **shapes.responses(shapes.OPENAI, 403, 404, 422, 503)})
 def file(job_id: JobId, key: str, svc: ServicesDep, expires: Annotated[int, Query(ge=0, le=2**40)],
          signature: Annotated[str, Query(max_length=64)]) -> Response:
     """An output image, by the signed link an images response gave (no API key: the signature is the key)."""

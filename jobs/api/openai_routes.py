@@ -2,8 +2,16 @@
 `POST /v1/images/edits` (multipart `image`, `prompt`, `n`, `size`, `response_format`, `output_format`,
 `output_compression`). Each request becomes a job of `n` items on the same queues as manifest jobs
 (one image per item, so `n` images render in parallel on as many workers), and the request waits for
-it (`DREAMBATCH_API__WAIT_TIMEOUT`). Parameters it does not name (`steps`, `guidance_scale`, fal's
-`num_inference_steps`, …) pass through to the row, as Lumenfall passes them to the provider.
+it (`DREAMBATCH_API__WAIT_TIMEOUT`, ended before the SDK's `X-Stainless-Read-Timeout`). Parameters it does
+not name (`steps`, `guidance_scale`, fal's `num_inference_steps`, …) pass through to the row, as Lumenfall
+passes them to the provider.
+
+A `size` WxH comes back exactly that size: generations render at the nearest size HiDream supports (~1 MP, the
+same aspect) and are resized; edits are fitted to the model's canvas and brought back to it (worker.geometry).
+
+The SDK's retries never make a second job (jobs.api.retries): attempt 0 makes the job, attempts 1 and 2
+(`X-Stainless-Retry-Count`) attach to it. A wait that ends first is a 504 with `x-should-retry: true`, so
+the SDK retries into the same job and waits again; its last attempt raises with the job id in the message.
 """
 
 from __future__ import annotations
@@ -13,11 +21,11 @@ import time
 from typing import Annotated, Any, Literal
 
 import anyio
-from fastapi import APIRouter, Depends, File, Form, Header, Request, UploadFile
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi import APIRouter, Depends, Header, Request
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from jobs import formats
-from jobs.api import schemas
+from jobs.api import retries, schemas, shapes
 from jobs.api.deps import ServicesDep, require
 from jobs.api.service import (
     ApiError,
@@ -25,16 +33,15 @@ from jobs.api.service import (
     Services,
     Upload,
     fingerprint,
-    idempotent,
     image_b64,
     image_url,
-    submit,
+    submit_rows,
     wait_for,
 )
 from jobs.errors import ErrorKind
 from jobs.lifecycle import ItemStatus
 from jobs.models import MAX_SEED, MODELS, JobRecord
-from jobs.submit import ManifestInvalid
+from jobs.vendors import common
 
 router = APIRouter(tags=["openai images"])
 Images = Annotated[Any, Depends(require("images"))]
@@ -64,7 +71,7 @@ def size_fields(size: str | None, kind: str) -> dict[str, Any]:
         raise ApiError(400, f"size: expected WxH, W:H or auto (got {size!r})", param="size")
     if match["w"]:
         w, h = int(match["w"]), int(match["h"])
-        return {"width": w, "height": h} if kind == "generate" else {"size": f"{w}x{h}"}
+        return {"width": w, "height": h, "exact_size": True} if kind == "generate" else {"size": f"{w}x{h}"}
     if match["a"]:
         a, b = int(match["a"]), int(match["b"])
         if kind == "edit":
@@ -87,23 +94,23 @@ def _passthrough(values: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in values.items() if k not in RESERVED and v is not None}
 
 
+RETRY_INTO_THE_SAME_JOB = {"x-should-retry": "true", "retry-after": "1"}
+
+
 async def run_images(svc: Services, key_id: str, idempotency_key: str | None, model: str, rows: list[dict],
                      upload: Upload, body: str, request: Request, response_format: str) -> dict[str, Any]:
-    """Submit the rows as one job, wait for it, answer in OpenAI's shape."""
-
-    def create() -> str:
-        try:
-            return submit(svc, upload.write_rows(rows), JobOptions(model=model), upload).job.job_id
-        except ManifestInvalid as exc:  # one request: its lines are the request's fields
-            errors = [re.sub(r"^line \d+: ", "", e) for e in exc.issues]
-            errors = list(dict.fromkeys(errors))
-            raise ApiError(400, "; ".join(errors) or str(exc), errors=errors) from None
-
+    """Submit the rows as one job (or attach to the job this request's first attempt made), wait for it within
+    the client's read timeout, answer in OpenAI's shape."""
+    attempt = retries.Attempt.of(request)
     try:
-        job_id, _ = await idempotent(svc, key_id, idempotency_key, body, create)
+        job_id, _ = await retries.once(svc, key_id, idempotency_key, body,
+                                       lambda: submit_rows(svc, rows, JobOptions(model=model), upload, status=400),
+                                       attempt)
     finally:
         upload.close()
-    job = await wait_for(svc, job_id, svc.settings.api.wait_timeout)
+    wait = retries.wait_budget(svc.settings.api.wait_timeout, attempt)
+    job = await wait_for(svc, job_id, wait, request=request, headers=RETRY_INTO_THE_SAME_JOB,
+                         where=f"GET /v1/jobs/{job_id}; a retry of this request waits for the same job")
     return await anyio.to_thread.run_sync(images_response, svc, job, str(request.base_url), response_format)
 
 
@@ -114,8 +121,10 @@ def images_response(svc: Services, job: JobRecord, base_url: str, response_forma
         item = failed[0]
         error = item.error or f"the request was {item.status}"
         client_fault = item.error_kind == ErrorKind.INPUT or item.status == ItemStatus.CANCELLED
+        # the job has ended: a retry would attach to it and fail the same way
         raise ApiError(400 if client_fault else 500, error, type_="invalid_request_error" if client_fault
-                       else "server_error", code=item.status.value if item.status == ItemStatus.CANCELLED else None)
+                       else "server_error", code=item.status.value if item.status == ItemStatus.CANCELLED else
+                       (str(item.error_kind) if item.error_kind else None), headers={"x-should-retry": "false"})
     data, prompt = [], None
     for item in items:
         prompt = item.params.get("prompt") or item.params.get("instruction")
@@ -124,10 +133,21 @@ def images_response(svc: Services, job: JobRecord, base_url: str, response_forma
                      else {"url": image_url(svc, job, image, base_url)})
             data.append({**entry, "revised_prompt": prompt})
     first = items[0].output.images[0] if items and items[0].output and items[0].output.images else None
+    flags = [common.nsfw(i) for i in items]
     return {"created": int(time.time()), "data": data,
             "output_format": items[0].params.get("output_format") if items else None,
             "size": f"{first.width}x{first.height}" if first else None,
-            "id": job.job_id}
+            "id": job.job_id,
+            "has_nsfw_concepts": None if any(f is None for f in flags) else [b for f in flags for b in f],
+            "safety_checker": common.safety(items[0]) if items else common.NOT_RUN}
+
+
+IMAGE_ERRORS = shapes.responses(shapes.OPENAI, 400, *shapes.COMMON, 404, 409, 413, 500, 502, 504,
+                                _400="bad request, a model that does not do this, or an item that failed on its "
+                                     "input or was cancelled",
+                                _404="no such model", _504="the job did not end within the wait (the client's read "
+                                "timeout, or DREAMBATCH_API__WAIT_TIMEOUT); retrying this request waits for the "
+                                "same job (`x-should-retry: true`)")
 
 
 class GenerationRequest(BaseModel):
@@ -143,8 +163,7 @@ class GenerationRequest(BaseModel):
     negative_prompt: str | None = Field(None, max_length=4000)
 
 
-@router.post("/v1/images/generations", responses={200: {"model": schemas.ImagesResponse},
-                                                   504: {"model": schemas.Error}})
+@router.post("/v1/images/generations", responses={200: {"model": schemas.ImagesResponse}, **IMAGE_ERRORS})
 async def generations(body: GenerationRequest, request: Request, svc: ServicesDep, key: Images,
                       idempotency_key: IdempotencyKey = None) -> dict:
     """Text to image (HiDream-I1). Waits for the images; `url` links are presigned S3 URLs (or signed
@@ -162,23 +181,45 @@ def _image_suffix(data: bytes) -> str | None:
     return f".{formats.EXTENSIONS[fmt]}" if fmt else None
 
 
-@router.post("/v1/images/edits", responses={200: {"model": schemas.ImagesResponse}, 504: {"model": schemas.Error}})
-async def edits(request: Request, svc: ServicesDep, key: Images,
-                prompt: Annotated[str, Form(min_length=1, max_length=8000)],
-                image: Annotated[UploadFile | None, File(description="PNG, JPEG or WebP")] = None,
-                model: Annotated[str | None, Form(max_length=64)] = None,
-                n: Annotated[int, Form(ge=1, le=10)] = 1,
-                size: Annotated[str | None, Form(max_length=16, description="WxH, W:H or auto")] = None,
-                response_format: Annotated[Literal["url", "b64_json"], Form()] = "url",
-                output_format: Annotated[str | None, Form(max_length=8)] = None,
-                output_compression: Annotated[int | None, Form(ge=0, le=100)] = None,
-                seed: Annotated[int | None, Form(ge=-1, le=MAX_SEED)] = None,
-                negative_prompt: Annotated[str | None, Form(max_length=4000)] = None,
-                idempotency_key: IdempotencyKey = None) -> dict:
+class EditFields(BaseModel):
+    """The edit form's fields besides the file (which comes as `image`, or `image[]` as the SDK sends a list)."""
+
+    model_config = ConfigDict(extra="allow")
+    prompt: str = Field(..., min_length=1, max_length=8000, description="the instruction (or an E1 prompt)")
+    model: str | None = Field(None, max_length=64, description="hidream-e1-1 (default) or hidream-e1-full")
+    n: int = Field(1, ge=1, le=10)
+    size: str | None = Field(None, max_length=16, description="WxH (returned exactly), W:H, or auto (the input's)")
+    response_format: Literal["url", "b64_json"] = "url"
+    output_format: str | None = Field(None, max_length=8, description="png, jpeg or webp")
+    output_compression: int | None = Field(None, ge=0, le=100)
+    seed: int | None = Field(None, ge=-1, le=MAX_SEED)
+    negative_prompt: str | None = Field(None, max_length=4000)
+
+
+class EditUpload(EditFields):
+    image: bytes = Field(..., json_schema_extra={"format": "binary"}, description="one PNG, JPEG or WebP file")
+
+
+EDIT_BODY = {"requestBody": {"required": True, "content": {
+    "multipart/form-data": {"schema": EditUpload.model_json_schema()}}}}
+
+@router.post("/v1/images/edits", openapi_extra=EDIT_BODY, responses={
+    200: {"model": schemas.ImagesResponse}, **IMAGE_ERRORS, **shapes.responses(shapes.OPENAI, 413, 415)})
+async def edits(request: Request, svc: ServicesDep, key: Images, idempotency_key: IdempotencyKey = None) -> dict:
     """Edit one image (HiDream-E1) by an instruction. Waits for the result."""
-    edit_model = model_for(model, "edit")
-    form = await request.form()
-    files = [f for f in (image, *form.getlist("image[]")) if f is not None and not isinstance(f, str)]
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind not in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        raise ApiError(415, f"send multipart/form-data with an image file (got {kind or 'no content type'!r})",
+                       code="unsupported_media_type")
+    form = await request.form(max_files=4, max_fields=200)
+    extras = {k: v for k, v in form.multi_items() if isinstance(v, str)}
+    try:
+        fields = EditFields.model_validate({k: v for k, v in extras.items() if k in EditFields.model_fields})
+    except ValidationError as exc:
+        lines = [f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg'].lower()}" for e in exc.errors()]
+        raise ApiError(422, "; ".join(lines), errors=lines) from None
+    edit_model = model_for(fields.model, "edit")
+    files = [f for f in (*form.getlist("image"), *form.getlist("image[]")) if not isinstance(f, str)]
     if form.get("mask") is not None:
         raise ApiError(400, "mask: not supported; HiDream-E1 edits the image by instruction", param="mask")
     if len(files) != 1:
@@ -190,13 +231,13 @@ async def edits(request: Request, svc: ServicesDep, key: Images,
     suffix = _image_suffix(data)
     if suffix is None:
         raise ApiError(400, "image: not a PNG, JPEG or WebP file", param="image")
-    extras = {k: v for k, v in form.multi_items() if isinstance(v, str)}
-    values = {**extras, "prompt": prompt, "output_format": output_format, "output_compression": output_compression,
-              "negative_prompt": negative_prompt}
-    row = {**_passthrough(values), "image": f"image{suffix}", **size_fields(size, "edit")}
-    rows = item_rows(row, n, seed)
+    values = {**extras, "prompt": fields.prompt, "output_format": fields.output_format,
+              "output_compression": fields.output_compression, "negative_prompt": fields.negative_prompt}
+    row = {**_passthrough(values), "image": f"image{suffix}", **size_fields(fields.size, "edit")}
+    rows = item_rows(row, fields.n, fields.seed)
     upload = Upload()  # closed by run_images
     (upload.inputs / f"image{suffix}").write_bytes(data)
     return await run_images(svc, key.key_id, idempotency_key, edit_model, rows, upload,
-                            fingerprint("edits", extras, data, model, n, size, response_format, seed),
-                            request, response_format)
+                            fingerprint("edits", extras, data, fields.model, fields.n, fields.size,
+                                        fields.response_format, fields.seed),
+                            request, fields.response_format)

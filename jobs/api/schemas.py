@@ -69,6 +69,8 @@ class ImagesResponse(BaseModel):
     output_format: str | None = None
     size: str | None = None
     id: str  # the job id
+    has_nsfw_concepts: list[bool] | None = None  # one per image when a safety checker ran; null when none did
+    safety_checker: str  # the checker that ran, or "off: …" (why none did)
 
 
 class ErrorBody(BaseModel):
@@ -81,6 +83,28 @@ class ErrorBody(BaseModel):
 
 class Error(BaseModel):
     error: ErrorBody
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details (inference.sh's errors)."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    code: str | None = None
+    errors: list[str] | None = None
+
+
+class WaveSpeedError(BaseModel):
+    code: int
+    message: str
+    data: None = None
+
+
+class FalError(BaseModel):
+    detail: str | list[dict[str, Any]]
+    error_type: str | None = None
 
 
 class FalSubmitted(BaseModel):
@@ -98,12 +122,15 @@ class FalStatus(BaseModel):
     response_url: str
     status_url: str
     cancel_url: str
-    logs: list[dict[str, Any]] | None = None
-    error: str | None = None
+    queue_position: int | None = None  # IN_QUEUE only: 0-based, an upper bound
+    logs: list[dict[str, Any]] | None  # null unless ?logs=true
+    metrics: dict[str, float | None] | None = None  # COMPLETED only: inference_time (s)
+    error: str | None = None  # COMPLETED without images: why
+    error_type: str | None = None  # ... and its kind (input, model, transient, lost, cancelled, …)
 
 
 class FalImage(BaseModel):
-    url: str | None
+    url: str | None  # a data URI with sync_mode
     width: int
     height: int
     content_type: str
@@ -113,5 +140,6 @@ class FalResult(BaseModel):
     images: list[FalImage]
     seed: int | None
     prompt: str | None
-    has_nsfw_concepts: list[bool]
+    has_nsfw_concepts: list[bool] | None  # null when no safety checker ran
+    safety_checker: str  # the checker that ran, or "off: …"
     timings: dict[str, float | None]

@@ -9,6 +9,7 @@ import base64
 import hashlib
 import hmac
 import json
+import re
 import secrets
 import shutil
 import tempfile
@@ -28,7 +29,7 @@ from jobs.models import MODELS, ItemRecord, JobRecord, OutputImage, item_event_i
 from jobs.settings import Settings
 from jobs.storage import ObjectStore, key_of, open_store, s3_client
 from jobs.store import RedisStore
-from jobs.submit import Submission, create_job, new_job_id
+from jobs.submit import ManifestInvalid, Submission, create_job, new_job_id
 
 IDEMPOTENCY_TTL = 24 * 3600
 
@@ -37,10 +38,11 @@ class ApiError(Exception):
     """An error the API answers with `status` and `{"error": {"message", "type", "code", "errors"?}}`."""
 
     def __init__(self, status: int, message: str, *, type_: str = "invalid_request_error", code: str | None = None,
-                 errors: list[str] | None = None, param: str | None = None):
+                 errors: list[str] | None = None, param: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(status, message)
         self.status, self.message, self.type, self.code, self.errors, self.param = (
             status, message, type_, code, errors, param)
+        self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
         error: dict[str, Any] = {"message": self.message, "type": self.type, "code": self.code, "param": self.param}
@@ -61,7 +63,8 @@ class JobOptions:
     defaults: dict[str, Any] = field(default_factory=dict)
     webhook: str | None = None
     skip_invalid: bool = False
-    webhook_format: str = "dreambatch"  # "fal": one fal envelope when the (one-item) job ends
+    webhook_format: str = "dreambatch"  # a vendor's (jobs.vendors): one envelope when the (one-item) job ends
+    api: dict[str, Any] = field(default_factory=dict)  # what the vendor route answers with (JobRecord.api)
     priority: str = "normal"
     max_concurrency: int | None = None
     expires_after: float | None = None  # s from submission
@@ -145,10 +148,21 @@ def submit(svc: Services, manifest: Path, options: JobOptions, upload: Upload) -
                      policy=InputPolicy(upload.inputs, (), settings.inputs.max_bytes), on_rejected=rejected,
                      priority=options.priority, max_concurrency=options.max_concurrency,
                      expires_at=time.time() + options.expires_after if options.expires_after else None,
-                     webhook_format=options.webhook_format)
+                     webhook_format=options.webhook_format, api=options.api)
     if sub.job_done:
         broker.send_finalize(celery, job_id)
     return sub
+
+
+def submit_rows(svc: Services, rows: list[dict[str, Any]], options: JobOptions, upload: Upload,
+                status: int = 422) -> str:
+    """One request's rows as a job; returns its id. Bad rows are an ApiError `status` listing each problem once,
+    without the `line N:` of a manifest (the request's fields are its only line)."""
+    try:
+        return submit(svc, upload.write_rows(rows), options, upload).job.job_id
+    except ManifestInvalid as exc:
+        errors = list(dict.fromkeys(re.sub(r"^line \d+: ", "", e) for e in exc.issues))
+        raise ApiError(status, "; ".join(errors) or str(exc), errors=errors) from None
 
 
 def fingerprint(*parts: Any) -> str:
@@ -185,16 +199,26 @@ async def idempotent(svc: Services, key_id: str, idempotency_key: str | None, bo
         await anyio.to_thread.run_sync(svc.store.settle_idempotency, key_id, digest, body, job_id, IDEMPOTENCY_TTL)
 
 
-async def wait_for(svc: Services, job_id: str, timeout: float, interval: float = 0.1) -> JobRecord:
-    """The job once it has ended; ApiError 504 (code `timeout`) when it has not within `timeout` s."""
+class StillRunning(ApiError):
+    """A waited-for job that has not ended in time (504); `job` is its latest state."""
+
+    def __init__(self, job: JobRecord, timeout: float, where: str, headers: dict[str, str] | None = None):
+        super().__init__(504, f"job {job.job_id} has not ended after {timeout:g}s; it keeps running: {where}",
+                         type_="timeout", code="timeout", headers=headers)
+        self.job = job
+
+
+async def wait_for(svc: Services, job_id: str, timeout: float, interval: float = 0.1, *, request=None,
+                   where: str | None = None, headers: dict[str, str] | None = None) -> JobRecord:
+    """The job once it has ended; StillRunning (a 504, code `timeout`) when it has not within `timeout` s or
+    the client of `request` went away."""
     deadline = time.monotonic() + timeout
     while True:
         job = await anyio.to_thread.run_sync(svc.job, job_id)
         if job.finished_at:
             return job
-        if time.monotonic() >= deadline:
-            raise ApiError(504, f"job {job_id} has not ended after {timeout:g}s; it keeps running: "
-                                f"GET /v1/jobs/{job_id}", type_="timeout", code="timeout")
+        if time.monotonic() >= deadline or (request is not None and await request.is_disconnected()):
+            raise StillRunning(job, timeout, where or f"GET /v1/jobs/{job_id}", headers)
         await anyio.sleep(min(interval, max(deadline - time.monotonic(), 0)))
         interval = min(interval * 1.5, 1.0)
 
