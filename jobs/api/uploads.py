@@ -26,7 +26,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi import Path as PathParam
 from fastapi.responses import Response
 
-from jobs import keys
+from jobs import formats, keys
 from jobs.api import shapes
 from jobs.api.deps import ServicesDep
 from jobs.api.service import ApiError, Services, Upload
@@ -37,7 +37,8 @@ UPLOAD_TTL = 24 * 3600
 UploadId = Annotated[str, PathParam(pattern=r"^[0-9a-f]{32}$", description="an upload id")]
 OUR_PATH = re.compile(r"^/uploads/(?P<id>[0-9a-f]{32})(?:/[^/]*)?$")
 SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
-IMAGE_TYPES = {"image/png": ".png", "image/jpeg": ".jpg", "image/jpg": ".jpg", "image/webp": ".webp"}
+# content type → the suffix an upload of it is saved with (jobs.formats, the one table)
+IMAGE_TYPES = {kind: f".{formats.EXTENSIONS[name]}" for kind, name in formats.BY_CONTENT_TYPE.items()}
 
 
 @dataclass(frozen=True)
@@ -115,7 +116,7 @@ async def put_upload(upload_id: UploadId, request: Request, svc: ServicesDep,
 
 
 @router.get("/uploads/{upload_id}/{filename}", response_class=Response, responses={
-    200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}, "application/octet-stream": {}}},
+    200: {"content": {**{kind: {} for kind in formats.CONTENT_TYPES.values()}, "application/octet-stream": {}}},
     **shapes.responses(shapes.OPENAI, 404, 422, 503)})
 def get_upload(upload_id: UploadId, filename: Annotated[str, PathParam(max_length=200)], svc: ServicesDep
                ) -> Response:
