@@ -19,7 +19,7 @@ from jobs.errors import DreambatchError
 from jobs.manifest import parse_sets
 from jobs.presets import load_presets
 from jobs.settings import get_settings
-from jobs.store import RedisStore, ScheduleState
+from jobs.store import RedisStore, ScheduleState, say_if_unreachable
 
 JsonOpt = Annotated[bool, typer.Option("--json")]
 
@@ -112,6 +112,7 @@ def beat(loglevel: Annotated[str, typer.Option()] = "INFO") -> None:
 
     logging.basicConfig(level=loglevel, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     settings = get_settings()
+    say_if_unreachable(settings.redis_url, logging.getLogger("dreambatch.beat"), "beat")
     try:
         load_schedules(settings)
     except DreambatchError as exc:
