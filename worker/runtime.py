@@ -46,6 +46,32 @@ def build_runner(model: str, weights: str | None, device: str, options: RunnerSe
     raise ConfigError(f"no runner for model {model!r}; expected one of {', '.join(MODELS)}")
 
 
+def check_device(device: str) -> str:
+    """`device` as given (or, empty, this machine's default: cuda:0 when there is a GPU, else cpu), checked
+    against what this machine has: a device it lacks is a ConfigError saying what it has, before a model loads."""
+    import torch
+
+    if not device:
+        return "cuda:0" if torch.cuda.is_available() else "cpu"
+    try:
+        wanted = torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise ConfigError(f"--device {device!r}: {exc}; use cpu, cuda:0, cuda:1, …") from None
+    if wanted.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+            raise ConfigError(f"--device {device}: {why} on this machine; use --device cpu (or a machine with a GPU)")
+        count = torch.cuda.device_count()
+        if wanted.index is not None and wanted.index >= count:
+            raise ConfigError(f"--device {device}: this machine has {count} CUDA device(s), cuda:0…cuda:{count - 1}")
+    elif wanted.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ConfigError(f"--device {device}: MPS is not available here; use --device cpu")
+    elif wanted.type != "cpu":
+        raise ConfigError(f"--device {device}: dreambatch runs on cpu, cuda:N or mps")
+    return device
+
+
 def batches(model: str | None, options: RunnerSettings) -> bool:
     """Whether a worker for `model` micro-batches (I1 only: E1 edits run one at a time)."""
     return bool(model in MODELS and MODELS[model].kind == "generate" and options.batch_max != 1)
