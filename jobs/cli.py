@@ -173,10 +173,10 @@ def submit(
     except InputError as exc:
         raise fail(f"--expires-after: {exc}", 2) from None
     try:
+        check_location(output, settings)  # a bucket that is not there: say so before a job exists
         if webhook:
             netguard.check_url(webhook, settings.netpolicy())
         defaults = job_defaults(preset, parse_sets(set_ or []), settings)
-        check_location(output, settings)  # a bucket that is not there: say so before a job exists
         celery = broker.make_celery(settings)
         live = RedisStore.from_url(settings.redis_url, settings.redis_retry_s)
         job_id = new_job_id()
@@ -284,6 +284,8 @@ def resume(
     """Re-queue JOB_ID's items that have no result (after an outage lost their messages); nothing that
     ended runs again."""
     try:
+        if output:
+            check_location(output, get_settings())
         ids = resume_job(get_settings(), job_id, output=output)
     except DreambatchError as exc:
         raise fail(str(exc)) from None

@@ -194,12 +194,12 @@ def reach(url: str, wait_s: float) -> None:
         time.sleep(0.25)
 
 
-def say_if_unreachable(url: str, log, who: str) -> bool:
+def say_if_unreachable(url: str, log, who: str, meanwhile: str = "") -> bool:
     """For a long-running process at its start: log, in one line, that Redis at `url` does not answer and that
-    `who` waits for it (its clients retry); True when it answers."""
+    `who` ("This worker") waits for it (its clients retry), doing `meanwhile`; True when it answers."""
     found = problem(url)
     if found is not None:
-        log.warning("%s. %s keeps trying and carries on once it answers", found, who)
+        log.warning("%s. %s keeps trying%s and carries on once Redis answers", found, who, meanwhile)
     return found is None
 
 

@@ -20,7 +20,7 @@ from jobs import cli as jobs_cli
 from jobs import keys, lifecycle
 from jobs.api import keys_cli
 from jobs.catalog import cli as catalog_cli
-from jobs.cli import ModelOpt, PresetOpt, SetOpt, err, fail, guarded, out, report_invalid
+from jobs.cli import ModelOpt, PresetOpt, SetOpt, err, fail, guarded, out, report_invalid, warn
 from jobs.errors import DreambatchError
 from jobs.lifecycle import JobStatus
 from jobs.manifest import parse_sets
@@ -76,7 +76,7 @@ def worker(
         raise fail(f"--log-format: expected text or json (got {log_format!r})", 2)
     logs.configure(loglevel, log_format)
     settings = _settings(i1_full, llama)
-    store.say_if_unreachable(settings.redis_url, logging.getLogger("dreambatch.worker"), "this worker")
+    store.say_if_unreachable(settings.redis_url, logging.getLogger("dreambatch.worker"), "This worker")
     celery = broker.make_celery(settings)
     if io:
         from worker import sweeper
@@ -194,17 +194,25 @@ def sheet(
 ) -> None:
     """Make JOB_ID's review contact sheet: sheet.html (before/after pairs, ids, metadata, output links)
     and sheet.png, written next to the job."""
-    from jobs.store import RedisStore
+    from jobs import store
+    from jobs.storage import check_location
     from worker.contact_sheet import make_sheet
     from worker.runtime import Runtime
 
     settings = get_settings()
     try:
-        if output is None:
-            job = RedisStore.from_url(settings.redis_url).get_job(job_id)
-            output = job.output if job else settings.output
+        if output is None:  # the job's own location, from Redis; without Redis, DREAMBATCH_OUTPUT
+            if (away := store.problem(settings.redis_url)) is None:
+                job = store.RedisStore.from_url(settings.redis_url).get_job(job_id)
+                output = job.output if job else settings.output
+            elif settings.output:
+                warn(f"{away}; looking for the job under DREAMBATCH_OUTPUT ({settings.output})")
+                output = settings.output
+            else:
+                raise away
         if not output:
             raise fail("--output is required (the job is not in Redis and DREAMBATCH_OUTPUT is not set)")
+        check_location(output, settings)
         runtime = Runtime(settings)
         pages = make_sheet(job_id, runtime.objects(output), settings, runtime.objects, page_size, to)
     except DreambatchError as exc:

@@ -30,6 +30,7 @@ def build_runner(model: str, weights: str | None, device: str, options: RunnerSe
     runner is wrapped in a `MicroBatcher` when `options.batch_max` is not 1."""
     options = options or RunnerSettings()
     kind = MODELS[model].kind if model in MODELS else None
+    find_weights(model, weights, options)
     if kind == "generate":
         from worker.runners.hidream_i1 import HiDreamI1Runner
 
@@ -70,6 +71,22 @@ def check_device(device: str) -> str:
     elif wanted.type != "cpu":
         raise ConfigError(f"--device {device}: dreambatch runs on cpu, cuda:N or mps")
     return device
+
+
+def find_weights(model: str, weights: str | None, options: RunnerSettings) -> None:
+    """Look for a model's weights before its pipeline code is imported (seconds of torch and diffusers): weights
+    that are nowhere raise WeightsNotFound, saying where they were looked for, that much sooner. The runner looks
+    again as it loads (a few file lookups)."""
+    if weights == "tiny" or model not in MODELS:
+        return  # tiny weights are built on demand; an unknown model is build_runner's to refuse
+    if MODELS[model].kind == "generate":
+        from worker.runners.weights import resolve_weights
+
+        resolve_weights(model, weights, options)
+    else:
+        from worker.runners.weights_e1 import resolve_edit_weights
+
+        resolve_edit_weights(model, weights, options)
 
 
 def batches(model: str | None, options: RunnerSettings) -> bool:

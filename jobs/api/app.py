@@ -127,7 +127,8 @@ def serve(settings: Settings, host: str, port: int) -> None:
     import uvicorn
 
     app = create_app(settings)
-    if not say_if_unreachable(settings.redis_url, log, "the API (503 and /healthz say so meanwhile)"):
+    if not say_if_unreachable(settings.redis_url, log, "The API",
+                              " (requests get a 503 and /healthz says so meanwhile)"):
         pass  # the key check below would wait out the outage
     elif not [k for k in app.state.services.store.api_keys() if k.revoked_at is None]:
         log.warning("no API keys yet: every request will get 401; create one with "
