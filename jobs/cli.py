@@ -1,15 +1,20 @@
 """The control-plane commands: validate, submit, status, results, and the options and output they share.
 
 The commands are plain functions; `worker.cli.build_app`, the console script's, adds them to the
-`dreambatch` app with the catalog's and the worker-side ones. This module never imports `worker`,
-torch or diffusers.
+`dreambatch` app with the catalog's and the worker-side ones, each wrapped by `guarded`: the one place
+that turns what a command could not do into one line on stderr (`error: cause; fix`), never a traceback,
+and that first makes sure a command that needs Redis can reach it, within `DREAMBATCH_REDIS_WAIT_S`.
+Everything printed is printed literally (no rich markup: `[api]` and `products[v2].csv` stay as they are).
+This module never imports `worker`, torch or diffusers.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -18,22 +23,25 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
-from jobs import broker, export, keys, lifecycle, netguard
+from jobs import broker, export, keys, lifecycle, netguard, store
 from jobs.control import cancel_job, parse_duration, resume_job, retry_job
 from jobs.errors import ConfigError, DreambatchError, InputError, JobNotFound
 from jobs.lifecycle import ItemStatus, JobStatus
 from jobs.manifest import input_policy, parse_sets, validate_manifest
+from jobs.metrics import no_worker_warning, overview
 from jobs.models import MODELS, JobRecord, event_item_id, item_event_id
 from jobs.presets import job_defaults
 from jobs.reconcile import reconcile as reconcile_job
 from jobs.settings import get_settings
-from jobs.storage import open_store
+from jobs.storage import check_location, open_store
 from jobs.store import RedisStore
 from jobs.submit import ManifestInvalid, create_job, new_job_id
 
-err = Console(stderr=True)
-out = Console()
+# user text (file names, messages, `pip install 'dreambatch[api]'`) is printed as it is: no markup, no highlighting
+err = Console(stderr=True, markup=False, highlight=False)
+out = Console(markup=False, highlight=False)
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help=f"one of: {', '.join(MODELS)}")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="job default, key=value (a row overrides it)")]
@@ -42,8 +50,63 @@ PresetOpt = Annotated[str | None, typer.Option("--preset", help="an edit preset 
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
-    err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    err.print(Text.assemble(("error:", "red"), " ", message), soft_wrap=True)
     return typer.Exit(code)
+
+
+def warn(message: str) -> None:
+    err.print(Text.assemble(("warning:", "yellow"), " ", message), soft_wrap=True)
+
+
+# modules an extra brings: a command that imports one without it says which extra to install
+EXTRA_MODULES = {
+    "worker": {"torch", "diffusers", "transformers", "accelerate", "safetensors", "sentencepiece", "tokenizers",
+               "peft", "torchao"},
+    "api": {"fastapi", "uvicorn", "multipart", "python_multipart"},
+}
+
+
+def explain(exc: BaseException) -> str | None:
+    """The line a person reads for an exception that is not one of ours but has a known cause and fix (Redis or
+    S3 unreachable or refusing us, an extra not installed); None for anything else (a bug: its traceback shows)."""
+    if isinstance(exc, store.redis_errors()):
+        return str(store.unreachable(get_settings().redis_url, exc))
+    if isinstance(exc, ModuleNotFoundError):
+        top = (exc.name or "").split(".")[0]
+        extra = next((name for name, mods in EXTRA_MODULES.items() if top in mods), None)
+        if extra is None:
+            return None
+        torch = "pip install torch, then " if extra == "worker" else ""
+        return (f"this command needs the {extra} extra ({top} is not installed): {torch}"
+                f"pip install 'dreambatch[{extra}]' (from a checkout: pip install -e '.[{extra}]')")
+    if type(exc).__module__.startswith("botocore"):
+        from jobs.storage import s3_error
+
+        return str(s3_error("S3", exc))  # type: ignore[arg-type]
+    return None
+
+
+def guarded(command: Callable, *, needs_redis: bool = False) -> Callable:
+    """`command` as the app runs it: when it `needs_redis`, Redis is reached first (waiting at most
+    DREAMBATCH_REDIS_WAIT_S); then any DreambatchError, and any exception `explain` knows, ends it with one
+    `error:` line and exit code 1."""
+
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        try:
+            if needs_redis:
+                settings = get_settings()
+                store.reach(settings.redis_url, settings.redis_wait_s)
+            return command(*args, **kwargs)
+        except DreambatchError as exc:
+            raise fail(str(exc)) from None
+        except Exception as exc:
+            message = explain(exc)
+            if message is None:
+                raise
+            raise fail(message) from None
+
+    return run
 
 
 def report_invalid(exc: ManifestInvalid) -> typer.Exit:
@@ -63,7 +126,7 @@ def validate(manifest: Path, model: ModelOpt = "i1-fast", set_: SetOpt = None, p
         raise fail(str(exc), 2) from None
     if json_:
         print(json.dumps({"rows": report.rows, "valid": report.valid, "errors": [str(i) for i in report.issues],
-                          "notes": report.notes}))
+                          "notes": report.notes, "metadata_columns": report.metadata_columns}))
     else:
         for issue in report.issues:
             err.print(str(issue), highlight=False, markup=False, soft_wrap=True)
@@ -71,6 +134,9 @@ def validate(manifest: Path, model: ModelOpt = "i1-fast", set_: SetOpt = None, p
             err.print(f"note: {note}", highlight=False, markup=False, soft_wrap=True)
         if len(report.notes) > 20:
             err.print(f"note: … and {len(report.notes) - 20} more size adjustments", highlight=False)
+        if report.metadata_columns:
+            err.print(f"note: kept as metadata (not used by the model; echoed in results and webhooks): "
+                      f"{', '.join(report.metadata_columns)}", soft_wrap=True)
         out.print(f"{report.rows} rows, {report.valid} valid, {len(report.issues)} error(s)", highlight=False)
     if report.issues:
         raise typer.Exit(2)
@@ -107,13 +173,15 @@ def submit(
     except InputError as exc:
         raise fail(f"--expires-after: {exc}", 2) from None
     try:
+        check_location(output, settings)  # a bucket that is not there: say so before a job exists
         if webhook:
             netguard.check_url(webhook, settings.netpolicy())
         defaults = job_defaults(preset, parse_sets(set_ or []), settings)
         celery = broker.make_celery(settings)
+        live = RedisStore.from_url(settings.redis_url, settings.redis_retry_s)
         job_id = new_job_id()
         sub = create_job(manifest, model=model, defaults=defaults, output=output, webhook=webhook,
-                         store=RedisStore.from_url(settings.redis_url, settings.redis_retry_s),
+                         store=live,
                          objects=open_store(output, settings), retry_window=settings.redis_retry_s,
                          dispatch=lambda ids: broker.publish_items(celery, model, job_id, ids, priority=priority),
                          skip_invalid=skip_invalid, batch=settings.celery.publish_batch, job_id=job_id,
@@ -133,6 +201,8 @@ def submit(
     else:
         out.print(job_id, highlight=False)
         err.print(f"queued {sub.queued} item(s), rejected {sub.rejected}", highlight=False)
+    if sub.queued and (warning := no_worker_warning(live.workers(), model)):
+        warn(warning)
     if wait:
         job = _watch(job_id, quiet=json_)
         raise typer.Exit(0 if job.status == JobStatus.COMPLETED else 1)
@@ -151,6 +221,7 @@ def reconcile(
     if not output or not output.startswith("s3://"):
         raise fail("--output s3://bucket/prefix is required (or set DREAMBATCH_OUTPUT)")
     try:
+        check_location(output, settings)
         celery = broker.make_celery(settings)
         objects = open_store(output, settings)
         spec = objects.get(keys.S3_JOB_SPEC.format(prefix="", job_id=job_id))
@@ -213,6 +284,8 @@ def resume(
     """Re-queue JOB_ID's items that have no result (after an outage lost their messages); nothing that
     ended runs again."""
     try:
+        if output:
+            check_location(output, get_settings())
         ids = resume_job(get_settings(), job_id, output=output)
     except DreambatchError as exc:
         raise fail(str(exc)) from None
@@ -231,13 +304,16 @@ def _top_tables(view) -> Group:
     jobs = Table("job", "model", "priority", "status", "done", "running", "failed", "cancelled", title="jobs",
                  title_justify="left")
     for j in view.jobs:
-        if j["finished_at"]:
+        if j["finished_at"] or j.get("submit_aborted"):
             continue
         c = j["counts"]
         status = j["status"] + (" (cancelling)" if j["cancel_requested"] else "")
         jobs.add_row(j["job_id"], j["model"], j["priority"], status, f"{lifecycle.ended(c)}/{j['total']}",
                      str(c.get("running", 0)), str(c.get("failed", 0)), str(c.get("cancelled", 0)))
-    return Group(queues, workers, jobs)
+    warnings = dict.fromkeys(no_worker_warning(view.workers, j["model"]) for j in view.jobs
+                             if not j["finished_at"] and not j.get("submit_aborted"))
+    lines = [Text.assemble(("warning:", "yellow"), " ", w) for w in warnings if w]
+    return Group(queues, workers, jobs, *lines)
 
 
 def top(
@@ -246,8 +322,6 @@ def top(
     interval: Annotated[float, typer.Option(help="seconds between refreshes")] = 1.0,
 ) -> None:
     """Queues (waiting items per model and priority), live workers (heartbeats) and unfinished jobs."""
-    from jobs.metrics import overview
-
     store = RedisStore.from_url(get_settings().redis_url)
     if json_:
         print(json.dumps(overview(store).as_dict()))
@@ -306,21 +380,31 @@ def _status_object(job: JobRecord) -> dict:
 
 
 def _watch(job_id: str, quiet: bool = False, interval: float = 0.5) -> JobRecord:
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+    columns = [TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
                TextColumn("failed {task.fields[failed]}"), TextColumn("{task.fields[rate]:.2f} items/s"),
                TimeRemainingColumn()]
-    with Progress(*columns, console=err, disable=quiet) as progress:
-        job = _load_job(job_id)
-        bar = progress.add_task(job_id, total=job.total, failed=0, rate=0.0)
-        start = time.monotonic()
-        while True:
-            job = _load_job(job_id)
-            ended = lifecycle.ended(job.counts)
-            rate = ended / max(time.monotonic() - start, 1e-6)
-            progress.update(bar, completed=ended, failed=job.counts.get("failed", 0), rate=rate)
-            if job.finished_at:
-                return job
-            time.sleep(interval)
+    job = _load_job(job_id)
+    if not job.finished_at and not quiet and (warning := _unserved(job)):
+        warn(warning)
+    try:
+        with Progress(*columns, console=err, disable=quiet) as progress:
+            bar = progress.add_task(job_id, total=job.total, failed=0, rate=0.0)
+            start = time.monotonic()
+            while True:
+                job = _load_job(job_id)
+                ended = lifecycle.ended(job.counts)
+                rate = ended / max(time.monotonic() - start, 1e-6)
+                progress.update(bar, completed=ended, failed=job.counts.get("failed", 0), rate=rate)
+                if job.finished_at or job.submit_aborted:
+                    return job
+                time.sleep(interval)
+    except KeyboardInterrupt:
+        err.print(f"stopped watching; job {job_id} goes on: dreambatch status {job_id} --watch", soft_wrap=True)
+        raise typer.Exit(130) from None
+
+
+def _unserved(job: JobRecord) -> str | None:
+    return no_worker_warning(RedisStore.from_url(get_settings().redis_url).workers(), job.model)
 
 
 def status(job_id: str, watch: Annotated[bool, typer.Option("--watch")] = False,
@@ -340,6 +424,12 @@ def status(job_id: str, watch: Annotated[bool, typer.Option("--watch")] = False,
               highlight=False, soft_wrap=True)
     if job.results_uri:
         out.print(f"results: {job.results_uri}", highlight=False, soft_wrap=True)
+    if job.submit_aborted:
+        warn(f"its submission failed, so nothing of it runs; submit the manifest again ({job.manifest})")
+    elif job.submitting:
+        warn("its submission has not completed: if the submit that made it failed, nothing of it runs")
+    elif not job.finished_at and not watch and (warning := _unserved(job)):
+        warn(warning)
 
 
 def results(job_id: str, format_: Annotated[str, typer.Option("--format", help="jsonl or csv")] = "jsonl") -> None:

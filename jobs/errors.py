@@ -4,6 +4,7 @@
     ├── InputError          bad input: permanent, reported per row, never retried
     │   └── BlockedAddress  (jobs.netguard) a URL points at an address dreambatch refuses to reach
     ├── TransientError      infrastructure hiccup (S3, network, Redis): retry with backoff
+    │   └── Unreachable     a service (Redis, S3, the model hub) does not answer: names it, the cause and the fix
     ├── ModelError          the model failed on this item: fail the item, keep the worker
     ├── ConfigError         the deployment is wrong (missing weights, bad settings): tell the operator
     ├── JobNotFound         no such job
@@ -37,6 +38,12 @@ class InputError(DreambatchError):
 
 class TransientError(DreambatchError):
     """Something outside us failed for now; the same call may succeed later."""
+
+
+class Unreachable(TransientError):
+    """A service dreambatch needs did not answer. The message says which one, at what address, why, and what to
+    do ("cannot reach Redis at redis://…: connection refused; start it … or set DREAMBATCH_REDIS_URL"): a command a
+    person runs prints it as one line and exits; a long-running process logs it and keeps trying."""
 
 
 class ModelError(DreambatchError):

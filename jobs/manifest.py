@@ -176,13 +176,31 @@ def _issues_from(line: int, exc: ValidationError, values: dict[str, Any]) -> lis
         value = values.get(str(err["loc"][0])) if err["loc"] else None
         if err["type"] == "missing":
             value = None
-        message = err["msg"].removeprefix("Value error, ").lower()
+        message = err["msg"].removeprefix("Value error, ")
+        message = message[:1].lower() + message[1:]  # "field required"; the rest as written ([A-Za-z0-9]…)
         issues.append(Issue(line, name, message, value))
     return issues
 
 
+# columns that only an edit (E1) row has: in a generation manifest they mean the wrong model was asked for
+EDIT_MARKERS = ("image", "instruction", "target_description")
+CLOSE = 0.8  # difflib ratio above which an unknown column is taken for a misspelled field ("stpes", "widht")
+
+
+def did_you_mean(name: str, known: set[str]) -> str | None:
+    """The field `name` is most likely a misspelling of, if any."""
+    import difflib
+
+    found = difflib.get_close_matches(name, sorted(known - {name}), n=1, cutoff=CLOSE)
+    return found[0] if found else None
+
+
 class RowChecker:
-    """Validates rows for one model with one set of job defaults."""
+    """Validates rows for one model with one set of job defaults.
+
+    A column that is not a field is kept as metadata (echoed in results and webhooks), unless it looks like a
+    misspelled field (`stpes`, `output_fromat`: an error with "did you mean"), or it is an edit column in a
+    generation manifest (an error saying to use an edit model)."""
 
     def __init__(self, model: str, defaults: dict[str, Any] | None = None, inputs: InputPolicy | None = None):
         if model not in MODELS:
@@ -190,14 +208,16 @@ class RowChecker:
         self.spec = MODELS[model]
         self.cls = row_class(model)
         self.fields = set(self.cls.model_fields)
+        self.spellings = self.fields | set(dialects.ALIASES) | dialects.NO_EFFECT | {"enable_base64_output"}
         self.defaults = dict(defaults or {})
         self.ids: set[str] = set()
         self.inputs = inputs or InputPolicy(Path.cwd())
 
     def check_defaults(self) -> list[Issue]:
         """Problems with `--set` values, reported once as `defaults: field: …`."""
-        unknown = [Issue(0, k, "not a field of this model", v) for k, v in self.defaults.items()
-                   if k not in self.fields or k == "id"]
+        unknown = [Issue(0, k, "not a field of this model" + (f"; did you mean {guess!r}?" if (
+                       guess := did_you_mean(k, self.fields - {"id"})) else ""), v)
+                   for k, v in self.defaults.items() if k not in self.fields or k == "id"]
         if unknown:
             return unknown
         probe = {**self._required_placeholders(), **self.spec.defaults, **self.defaults}
@@ -220,7 +240,7 @@ class RowChecker:
         metadata = {k: v for k, v in values.items() if k not in self.fields}
         merged = {**self.spec.defaults, **self.defaults, **known}
         item_id = str(known.get("id", raw.line))
-        issues = self._check_unique(raw.line, item_id, explicit="id" in known)
+        issues = self._check_columns(raw.line, metadata) + self._check_unique(raw.line, item_id, explicit="id" in known)
         try:
             row: CommonParams = self.cls.model_validate(merged)
         except ValidationError as exc:
@@ -235,6 +255,25 @@ class RowChecker:
             except InputError as exc:
                 return CheckedRow(raw.line, item_id, None, metadata, [Issue(raw.line, "image", str(exc), row.image)])
         return CheckedRow(raw.line, item_id, params, metadata, notes=notes)
+
+    def _check_columns(self, line: int, extra: dict[str, Any]) -> list[Issue]:
+        """Columns that are not fields but look like a mistake: an edit column for a generation model, a
+        misspelled field. The others stay metadata."""
+        issues = []
+        edit_columns = [name for name in extra if name in EDIT_MARKERS] if self.spec.kind == "generate" else []
+        if edit_columns:
+            edit_models = " or ".join(m for m, spec in MODELS.items() if spec.kind == "edit")
+            also = f" (so is {' and '.join(edit_columns[1:])})" if edit_columns[1:] else ""
+            issues.append(Issue(line, edit_columns[0], f"an edit column{also}, and {self.spec.name} generates images: "
+                                                       "this looks like an edit manifest, so use an edit model "
+                                                       f"(--model {edit_models})"))
+        for name, value in extra.items():
+            if name in edit_columns:
+                continue
+            if name not in dialects.NO_EFFECT and (guess := did_you_mean(name, self.spellings)):
+                issues.append(Issue(line, name, f"not a field; did you mean {guess!r}? (rename the column; columns "
+                                                "that are not fields are kept as metadata)", value))
+        return issues
 
     def _check_unique(self, line: int, item_id: str, explicit: bool) -> list[Issue]:
         """Ids (explicit, or the line number) must be unique; every id seen is remembered."""
@@ -262,6 +301,7 @@ class CheckReport:
     valid: int = 0
     issues: list[Issue] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    metadata_columns: list[str] = field(default_factory=list)  # columns kept as metadata, in order of appearance
 
 
 def check_manifest(path: Path, checker: RowChecker) -> Iterator[CheckedRow | Issue]:
@@ -293,6 +333,7 @@ def validate_manifest(path: Path, model: str, defaults: dict[str, Any] | None = 
     report = CheckReport(issues=checker.check_defaults())
     if report.issues:
         return report
+    columns: dict[str, None] = {}
     for entry in check_manifest(path, checker):
         if isinstance(entry, Issue):
             report.issues.append(entry)
@@ -301,4 +342,9 @@ def validate_manifest(path: Path, model: str, defaults: dict[str, Any] | None = 
         report.valid += entry.ok
         report.issues.extend(entry.issues)
         report.notes.extend(entry.notes)
+        if entry.ok:
+            columns.update(dict.fromkeys(entry.metadata))
+    report.metadata_columns = list(columns)
+    if report.rows == 0 and not report.issues:  # submit refuses it too: say so here
+        report.issues.append(Issue(-1, "rows", "the manifest has no rows"))
     return report

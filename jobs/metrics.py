@@ -61,9 +61,27 @@ def overview(store: RedisStore, recent: int = RECENT_JOBS) -> Overview:
             items[status] += job.counts.get(status, 0)
         jobs.append({"job_id": job.job_id, "model": job.model, "status": job.status, "priority": job.priority,
                      "total": job.total, "counts": job.counts, "cancel_requested": job.cancel_requested,
+                     "submit_aborted": job.submit_aborted,
                      "round": job.round, "created_at": job.created_at, "finished_at": job.finished_at})
     return Overview(at=time.time(), queues=queues, workers=store.workers(), jobs=jobs, items=items,
                     job_counts=job_counts)
+
+
+def unserved(workers: list[dict[str, Any]], model: str) -> list[str]:
+    """The queues a job of `model` needs that no live worker (a current heartbeat) serves: its model's queue,
+    where its items run, and io, where it is finalized and its webhooks go."""
+    live = {w.get("queue") for w in workers}
+    return [q for q in (keys.gpu_queue(model), keys.IO_QUEUE) if q not in live]
+
+
+def no_worker_warning(workers: list[dict[str, Any]], model: str) -> str | None:
+    """What to tell a person whose job of `model` nobody will run (None when every queue it needs is served)."""
+    missing = unserved(workers, model)
+    if not missing:
+        return None
+    start = {keys.gpu_queue(model): f"dreambatch worker --model {model}", keys.IO_QUEUE: "dreambatch worker --io"}
+    return (f"no live worker serves {' or '.join(missing)} (none has a current heartbeat), so the job waits until "
+            f"one starts: {'; '.join(start[q] for q in missing)}")
 
 
 class ControlPlaneCollector:

@@ -294,6 +294,7 @@ class JobRecord(BaseModel):
     results_uri: str | None = None
     cancel_requested: bool = False  # `cancel JOB` was asked: running items stop at their next step
     round: int = 0  # how many times `retry JOB` re-opened it
+    interrupted_at: str | None = None  # a local run stopped by Ctrl-C then; `dreambatch run … --resume` goes on
 
 
 def _round_suffix(round_: int) -> str:

@@ -4,16 +4,24 @@ Variables use the prefix `DREAMBATCH_` (nested with `__`, e.g. `DREAMBATCH_CELER
 S3 credentials and endpoint come from boto3's own variables (`AWS_ENDPOINT_URL_S3`,
 `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_DEFAULT_REGION`), which boto3 reads itself.
 Tests build a `Settings(...)` directly and pass it in; nothing is constructed at import time.
+
+`get_settings()` (the one accessor the commands use) also reads `.env` in the current directory when there is
+one — the file docker compose reads — for every variable the environment does not set (AWS_* and HF_* too,
+so boto3 and huggingface_hub see them); `DREAMBATCH_ENV_FILE` names another file, or "" for none.
+A `Settings(...)` built directly never reads it.
 """
 
 from __future__ import annotations
 
 import os
 from functools import lru_cache
+from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from jobs.errors import ConfigError
 
 
 class CelerySettings(BaseModel):
@@ -43,6 +51,9 @@ class S3Settings(BaseModel):
     endpoint_url: str | None = Field(None, description="defaults to boto3's AWS_ENDPOINT_URL_S3")
     region: str | None = None
     presign_expires: int = Field(0, description="seconds; >0 adds presigned HTTPS URLs to results")
+    public_endpoint_url: str | None = Field(
+        None, description="the S3 endpoint presigned links name, as clients reach it (compose: http://127.0.0.1:9000, "
+                          "where workers use http://minio:9000); default: the endpoint dreambatch uses")
     connect_timeout: float = 5.0
     read_timeout: float = 60.0
     max_attempts: int = 5
@@ -154,6 +165,8 @@ class Settings(BaseSettings):
 
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_retry_s: float = Field(120.0, description="s a Redis call or a publish keeps retrying while Redis is down")
+    redis_wait_s: float = Field(3.0, ge=0, description="s a command a person runs (status, submit, keys…) waits for "
+                                                       "Redis to answer before it says it cannot reach it")
     reconcile_locations: str = Field(
         "", description="output locations (comma-separated) swept for lost jobs, besides DREAMBATCH_OUTPUT")
     output: str | None = Field(None, description="default output location, s3://bucket/prefix")
@@ -194,7 +207,34 @@ class Settings(BaseSettings):
         return self.s3.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
 
 
+ENV_FILE = ".env"  # read by get_settings() from the current directory, when there is one
+
+
+def load_env_file() -> Path | None:
+    """Put the variables of `.env` (or DREAMBATCH_ENV_FILE's file) that the environment does not set into it;
+    returns the file read, or None."""
+    name = os.environ.get("DREAMBATCH_ENV_FILE", ENV_FILE)
+    path = Path(name).expanduser() if name else None
+    if path is None or not path.is_file():
+        return None
+    from dotenv import load_dotenv
+
+    load_dotenv(path, override=False)
+    return path
+
+
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    """The process-wide settings, built on first use."""
-    return Settings()
+    """The process-wide settings, built on first use from the environment and `.env` (see the module docstring).
+    Invalid values are a ConfigError naming the setting."""
+    read = load_env_file()
+    try:
+        return Settings()
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        where = ".".join(str(p) for p in first["loc"]) or "settings"
+        loc = [str(p) for p in first["loc"]]
+        nested = len(loc) == 1 and isinstance(getattr(Settings.model_fields.get(loc[0]), "default", None), BaseModel)
+        variable = "DREAMBATCH_" + "__".join(loc).upper() + ("__…" if nested else "") if loc else "DREAMBATCH_…"
+        raise ConfigError(f"setting {where}: {first['msg'].removeprefix('Value error, ')}; fix {variable} in the "
+                          f"environment{f' or {read}' if read else ''}") from None

@@ -9,10 +9,11 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Iterator
+from functools import lru_cache
 from pathlib import Path
 from typing import Protocol
 
-from jobs.errors import ConfigError, InputError, TransientError
+from jobs.errors import ConfigError, InputError, TransientError, Unreachable
 from jobs.settings import Settings
 
 
@@ -55,33 +56,53 @@ def split_s3_key(uri: str) -> tuple[str, str]:
 
 # S3 error codes that say the setup is wrong (no such bucket, bad credentials): a ConfigError, never retried
 SETUP_ERRORS = ("NoSuchBucket", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch")
+_SETUP_FIXES = {
+    "NoSuchBucket": "create the bucket (compose's minio-setup makes DREAMBATCH_BUCKET; else mc mb or aws s3 mb) "
+                    "or fix the s3:// location",
+    "AccessDenied": "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and the bucket's policy",
+    "InvalidAccessKeyId": "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY to keys the S3 endpoint knows",
+    "SignatureDoesNotMatch": "set AWS_SECRET_ACCESS_KEY to the secret of AWS_ACCESS_KEY_ID",
+}
+ENDPOINT_FIX = "start it (docker compose up -d minio) or set AWS_ENDPOINT_URL_S3 to the endpoint you use"
 
 
 def s3_error(location: str, exc: Exception, doing: str | None = None) -> ConfigError | TransientError:
-    """What a boto error at `location` means to the caller: a ConfigError for a setup error (SETUP_ERRORS), else
-    a TransientError (try again later) naming what was being done, else S3's error code or HTTP status."""
+    """What a boto error at `location` means to the caller: a ConfigError for a setup error (SETUP_ERRORS, no
+    credentials), an Unreachable for an endpoint that does not answer, else a TransientError (try again later)
+    naming what was being done, else S3's error code or HTTP status. Setup errors and unreachable endpoints say
+    how to fix them."""
+    from botocore.exceptions import ConnectTimeoutError, EndpointConnectionError, NoCredentialsError
+
     response = getattr(exc, "response", None)  # a ClientError's; a BotoCoreError got no answer from S3
     code = (response or {}).get("Error", {}).get("Code", "")
     if code in SETUP_ERRORS:
-        return ConfigError(f"S3 {location}: {code}: {exc}")
+        return ConfigError(f"S3 {location}: {code}: {exc}; {_SETUP_FIXES[code]}")
+    if isinstance(exc, NoCredentialsError):
+        return ConfigError(f"S3 {location}: no credentials; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+                           "(in the environment, or in .env)")
+    if isinstance(exc, EndpointConnectionError | ConnectTimeoutError):
+        return Unreachable(f"cannot reach S3 for {location} ({exc}); {ENDPOINT_FIX}")
     if doing is None and response is not None:  # S3 answered: its code, or the HTTP status when it gave none
         doing = code or response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
     return TransientError(f"S3 {location}: {exc}" if doing is None else f"S3 {location}: {doing}: {exc}")
 
 
-def s3_client(settings: Settings):
-    """A boto3 S3 client with explicit timeouts, standard retries and checksums that non-AWS stores accept."""
+def s3_client(settings: Settings, *, endpoint: str | None = None, probe: bool = False):
+    """A boto3 S3 client with explicit timeouts, standard retries and checksums that non-AWS stores accept.
+    `endpoint` overrides the configured one (presigned links for clients: `s3.public_endpoint_url`); `probe`:
+    one attempt with short timeouts, for a check that must answer within seconds."""
     import boto3
     from botocore.config import Config
 
-    endpoint = settings.s3_endpoint()
+    endpoint = endpoint or settings.s3_endpoint()
     extra = {}
     if endpoint:  # MinIO, Ceph, moto…: only send checksums the operation requires
         extra = {"request_checksum_calculation": "when_required", "response_checksum_validation": "when_required"}
     config = Config(
-        connect_timeout=settings.s3.connect_timeout,
-        read_timeout=settings.s3.read_timeout,
-        retries={"mode": "standard", "max_attempts": settings.s3.max_attempts},
+        connect_timeout=min(settings.s3.connect_timeout, 3.0) if probe else settings.s3.connect_timeout,
+        read_timeout=5.0 if probe else settings.s3.read_timeout,
+        retries={"mode": "standard", "total_max_attempts": 1} if probe
+        else {"mode": "standard", "max_attempts": settings.s3.max_attempts},
         s3={"addressing_style": "path"} if endpoint else None,
         **extra,
     )
@@ -91,12 +112,40 @@ def s3_client(settings: Settings):
     )
 
 
+def check_location(location: str, settings: Settings) -> None:
+    """Make sure an output location can be used before anything is written to it, answering in seconds: an
+    s3:// bucket exists and the credentials reach it (one HEAD, no retries); raises ConfigError or Unreachable
+    with the fix. A local folder is always usable (it is made when needed)."""
+    if not location.startswith("s3://"):
+        return
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, _ = split_s3(location)
+    try:
+        s3_client(settings, probe=True).head_bucket(Bucket=bucket)
+    except ClientError as exc:
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        code = exc.response.get("Error", {}).get("Code", "")
+        if status == 404 or code in ("404", "NoSuchBucket"):
+            raise ConfigError(f"S3 {location}: bucket {bucket!r} does not exist at "
+                              f"{settings.s3_endpoint() or 'AWS'}; {_SETUP_FIXES['NoSuchBucket']}") from None
+        if status == 403 or code in ("403", "AccessDenied"):
+            raise ConfigError(f"S3 {location}: access denied to bucket {bucket!r}; "
+                              f"{_SETUP_FIXES['AccessDenied']}") from None
+        raise s3_error(location, exc) from None
+    except BotoCoreError as exc:
+        raise s3_error(location, exc) from None
+
+
 class S3Store:
-    def __init__(self, location: str, client, presign_expires: int = 0):
+    def __init__(self, location: str, client, presign_expires: int = 0, presigner=None):
+        """`presigner`: the client presigned links are made with, when clients reach S3 at another address than
+        dreambatch does (`s3.public_endpoint_url`); default `client`."""
         self.location = location
         self.bucket, self.prefix = split_s3(location)
         self.client = client
         self.presign_expires = presign_expires
+        self.presigner = presigner
 
     def _key(self, key: str) -> str:
         return self.prefix + key
@@ -165,9 +214,23 @@ class S3Store:
         expires = self.presign_expires if expires is None else expires
         if expires <= 0:
             return None
-        return self.client.generate_presigned_url(
+        return (self.presigner or self.client).generate_presigned_url(
             "get_object", Params={"Bucket": self.bucket, "Key": self._key(key)}, ExpiresIn=expires
         )
+
+
+@lru_cache(maxsize=1)
+def _umask() -> int:
+    """This process's umask, read once (from /proc where there is one: setting it to read it is not thread-safe)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 class LocalStore:
@@ -187,6 +250,7 @@ class LocalStore:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it 0600: give it what any new file gets
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
         os.replace(tmp, path)  # atomic: a reader never sees half a file
@@ -233,5 +297,7 @@ def key_of(location: str, uri: str) -> str | None:
 
 def open_store(location: str, settings: Settings, client=None) -> ObjectStore:
     if location.startswith("s3://"):
-        return S3Store(location, client or s3_client(settings), settings.s3.presign_expires)
+        public = settings.s3.public_endpoint_url
+        presigner = s3_client(settings, endpoint=public) if public and public != settings.s3_endpoint() else None
+        return S3Store(location, client or s3_client(settings), settings.s3.presign_expires, presigner)
     return LocalStore(location)

@@ -7,6 +7,10 @@ terminal once per round (`finish_job` uses HSETNX; `reopen_job`, for `retry JOB`
 after its failed items were moved back to queued, so a finalize in between finds the job still
 ended and leaves it alone). `MemoryStore` is the same contract in one process, for the local `run` mode.
 
+`reach` and `unreachable` are how a command a person runs finds out, in a few seconds, that Redis is not
+there, and what it then prints (an `Unreachable` naming the address, the cause and the fix); long-running
+processes use `problem` to say so in their logs and ride the outage out with `RedisStore.from_url`'s retries.
+
 Job control lives here too: the cancel flag (a field of the job hash, read by workers between
 denoising steps), per-job concurrency slots (a sorted set of leases, taken atomically), queue
 depths and worker heartbeats (for metrics and `top`).
@@ -17,11 +21,12 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from jobs import keys
+from jobs.errors import ConfigError, Unreachable
 from jobs.lifecycle import TERMINAL_ITEM, ItemStatus, JobStatus, allowed_sources, job_progress_status
 from jobs.models import ApiKeyRecord, ItemRecord, JobRecord
 
@@ -119,6 +124,85 @@ return {1, cur, attempts, done, total}
 """
 
 
+# --- reaching Redis -----------------------------------------------------------------------------
+REDIS_FIX = "start it (docker compose up -d redis, or redis-server) or point DREAMBATCH_REDIS_URL at yours"
+
+
+def redis_errors() -> tuple[type[BaseException], ...]:
+    """What a client raises when Redis cannot be reached or used (redis-py's, and kombu's when publishing)."""
+    import redis
+    from kombu.exceptions import OperationalError
+
+    return redis.ConnectionError, redis.TimeoutError, OperationalError
+
+
+def shown_url(url: str) -> str:
+    """`url` without its password, fit to print."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if not parts.password:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return parts._replace(netloc=f"{user}:***@{netloc}").geturl()
+
+
+def unreachable(url: str, exc: BaseException) -> Unreachable:
+    """The one line a person reads when Redis at `url` cannot be used: where, why, and what to do."""
+    import redis
+
+    cause = str(exc).strip().rstrip(".") or type(exc).__name__
+    if isinstance(exc, redis.AuthenticationError) or "NOAUTH" in cause or "WRONGPASS" in cause:
+        fix = "put its password in DREAMBATCH_REDIS_URL (redis://:PASSWORD@HOST:6379/0)"
+    else:
+        fix = REDIS_FIX
+    return Unreachable(f"cannot reach Redis at {shown_url(url)} ({cause}); {fix}")
+
+
+def problem(url: str, timeout: float = 2.0) -> Unreachable | ConfigError | None:
+    """None when Redis at `url` answers a PING within `timeout` s (one try, no retries); else what is wrong."""
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout,
+                                      retry=Retry(NoBackoff(), 0))
+    except ValueError as exc:
+        return ConfigError(f"DREAMBATCH_REDIS_URL={shown_url(url)!r} is not a Redis URL ({exc}); "
+                           "set it to redis://HOST:6379/0")
+    try:
+        client.ping()
+    except (redis.RedisError, OSError) as exc:
+        return unreachable(url, exc)
+    finally:
+        client.close()
+    return None
+
+
+def reach(url: str, wait_s: float) -> None:
+    """Return once Redis at `url` answers; raise what `problem` found if it has not within `wait_s` s."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        left = deadline - time.monotonic()
+        found = problem(url, timeout=min(2.0, max(left, 0.2)))
+        if found is None:
+            return
+        if isinstance(found, ConfigError) or time.monotonic() + 0.25 >= deadline:
+            raise found
+        time.sleep(0.25)
+
+
+def say_if_unreachable(url: str, log, who: str, meanwhile: str = "") -> bool:
+    """For a long-running process at its start: log, in one line, that Redis at `url` does not answer and that
+    `who` ("This worker") waits for it (its clients retry), doing `meanwhile`; True when it answers."""
+    found = problem(url)
+    if found is not None:
+        log.warning("%s. %s keeps trying%s and carries on once Redis answers", found, who, meanwhile)
+    return found is None
+
+
 def _retries_for(window: float, cap: float, base: float) -> int:
     """How many exponential-backoff retries (doubling from `base`, at most `cap` apart) span `window` s."""
     n, spent, delay = 0, 0.0, base
@@ -141,7 +225,12 @@ def _job_from(fields: dict[str, str]) -> JobRecord:
     job = JobRecord.model_validate_json(fields["record"])
     job.total = int(fields.get("total", 0))
     job.counts = {s: int(fields.get(f"n_{s}", 0)) for s in STATUSES}
-    job.status = JobStatus(fields["terminal"]) if fields.get("terminal") else job_progress_status(job.counts)
+    if fields.get("terminal"):
+        job.status = JobStatus(fields["terminal"])
+    elif fields.get("submit_aborted"):  # its submission failed: nothing of it runs, it never ends otherwise
+        job.status = JobStatus.CANCELLED
+    else:
+        job.status = job_progress_status(job.counts)
     job.finished_at = fields.get("finished_at")
     job.results_uri = fields.get("results_uri")
     job.webhook_disabled = bool(fields.get("webhook_disabled"))
@@ -425,9 +514,11 @@ class RedisStore:
 
 
 class MemoryStore:
-    """The same contract in one process's memory (local `run` mode)."""
+    """The same contract in one process's memory (local `run` mode). `on_step(job_id, item_id, step, steps)` hears
+    each denoising step a running item reports (the local run's progress bar; it may raise to stop the item)."""
 
-    def __init__(self):
+    def __init__(self, on_step: Callable[[str, str, int, int], None] | None = None):
+        self.on_step = on_step
         self._lock = threading.Lock()
         self._jobs: dict[str, dict[str, Any]] = {}
         self._items: dict[tuple[str, str], dict[str, Any]] = {}
@@ -583,6 +674,8 @@ class MemoryStore:
             self._slots.get(job_id, {}).pop(item_id, None)
 
     def record_step(self, job_id: str, item_id: str, step: int, steps: int) -> bool:
+        if self.on_step is not None:
+            self.on_step(job_id, item_id, step, steps)
         return self.cancel_requested(job_id)
 
 

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from services import S3_ENV, Receiver, RedisServer, Worker, s3_client, service_env, start_s3
 
+os.environ["DREAMBATCH_ENV_FILE"] = ""  # get_settings() in this process never reads a developer's .env
+
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory) -> Iterator[RedisServer]:

@@ -243,6 +243,7 @@ def service_env(redis_url: str, s3: str, tiny: Path, **extra: str) -> dict[str, 
         "HF_HUB_OFFLINE": "1",
         "DREAMBATCH_ALLOW_PRIVATE_HOSTS": "127.0.0.1",  # the loopback webhook receiver
         "PYTHONUNBUFFERED": "1",
+        "DREAMBATCH_ENV_FILE": "",  # a developer's .env (docker compose's) never leaks into a test
     })
     env.update(extra)
     return env

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import socket
 from pathlib import Path
 from typing import Annotated
@@ -16,10 +17,10 @@ from typing import Annotated
 import typer
 
 from jobs import cli as jobs_cli
-from jobs import keys
+from jobs import keys, lifecycle
 from jobs.api import keys_cli
 from jobs.catalog import cli as catalog_cli
-from jobs.cli import ModelOpt, PresetOpt, SetOpt, err, fail, out, report_invalid
+from jobs.cli import ModelOpt, PresetOpt, SetOpt, err, fail, guarded, out, report_invalid, warn
 from jobs.errors import DreambatchError
 from jobs.lifecycle import JobStatus
 from jobs.manifest import parse_sets
@@ -46,12 +47,6 @@ def _settings(i1_full: str | None = None, llama: str | None = None):
     return settings.model_copy(update={"runner": settings.runner.model_copy(update=given)})
 
 
-def _default_device() -> str:
-    import torch
-
-    return "cuda:0" if torch.cuda.is_available() else "cpu"
-
-
 def worker(
     model: Annotated[str | None, typer.Option("--model", "-m", help="serve this model's queue")] = None,
     weights: WeightsOpt = None,
@@ -68,7 +63,7 @@ def worker(
         help="serve Prometheus metrics on this port (/metrics); off by default")] = None,
 ) -> None:
     """Run a worker: one process per GPU (`--model`), or an I/O worker (`--io`)."""
-    from jobs import broker, logs
+    from jobs import broker, logs, store
     from worker.heartbeat import Heartbeat
     from worker.runtime import Runtime
     from worker.tasks import register
@@ -81,6 +76,7 @@ def worker(
         raise fail(f"--log-format: expected text or json (got {log_format!r})", 2)
     logs.configure(loglevel, log_format)
     settings = _settings(i1_full, llama)
+    store.say_if_unreachable(settings.redis_url, logging.getLogger("dreambatch.worker"), "This worker")
     celery = broker.make_celery(settings)
     if io:
         from worker import sweeper
@@ -89,7 +85,9 @@ def worker(
         queue, threads, name = keys.IO_QUEUE, concurrency or 8, "io"
         sweeper.start(settings, celery)  # periodic reconciliation of jobs whose live state was lost
     else:
-        runtime = Runtime(settings, celery, model=model, weights=weights, device=device or _default_device())
+        from worker.runtime import check_device
+
+        runtime = Runtime(settings, celery, model=model, weights=weights, device=check_device(device))
         try:
             runtime.runner()  # load the model now, in this process, so a bad setup fails at start
         except DreambatchError as exc:
@@ -137,7 +135,7 @@ def _expiry_chore(settings, runtime, celery):
 def run(
     manifest: Path,
     model: ModelOpt = "i1-fast",
-    out_dir: Annotated[str, typer.Option("--out", help="folder for images and results.jsonl")] = "out",
+    out_dir: Annotated[str, typer.Option("--out", help="folder (or s3://bucket/prefix) for images, results")] = "out",
     weights: WeightsOpt = None,
     device: DeviceOpt = "",
     i1_full: I1FullOpt = None,
@@ -146,30 +144,43 @@ def run(
     preset: PresetOpt = None,
     webhook: Annotated[str | None, typer.Option()] = None,
     skip_invalid: Annotated[bool, typer.Option()] = False,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="go on with the run of MANIFEST that Ctrl-C stopped in --out: its unended items")] = False,
 ) -> None:
-    """Local mode: run MANIFEST in this process (no Redis, no S3), same item code path as a worker."""
+    """Local mode: run MANIFEST in this process (no Redis), same item code path as a worker. Ctrl-C stops at the
+    running item's next step; --resume then runs the rest."""
+    import threading
+
     from worker.local import run_local
+    from worker.progress import RunProgress, ctrl_c_stops
+    from worker.runtime import check_device
 
-    done = {"n": 0}
-
-    def on_item(item_id: str, status: str) -> None:
-        done["n"] += 1
-        err.print(f"[{done['n']}] {item_id}: {status}", highlight=False)
-
+    stop = threading.Event()
     try:
         settings = _settings(i1_full, llama)
         defaults = job_defaults(preset, parse_sets(set_ or []), settings)
-        sub = run_local(manifest, model=model, defaults=defaults, out=out_dir, settings=settings,
-                        weights=weights, device=device or _default_device(), webhook=webhook,
-                        skip_invalid=skip_invalid, on_item=on_item)
+        device = check_device(device)
+        with RunProgress(err) as progress, ctrl_c_stops(stop):
+            sub = run_local(manifest, model=model, defaults=defaults, out=out_dir, settings=settings,
+                            weights=weights, device=device, webhook=webhook, skip_invalid=skip_invalid,
+                            observer=progress, stop=stop, resume=resume)
     except ManifestInvalid as exc:
         raise report_invalid(exc) from None
-    except DreambatchError as exc:
-        raise fail(str(exc)) from None
+    except KeyboardInterrupt:
+        raise fail("interrupted before any item ran; nothing to resume", 130) from None
     job = sub.job
-    out.print(f"{job.job_id}: {job.status} — {job.counts.get('completed', 0)} completed, "
-              f"{job.counts.get('failed', 0)} failed of {job.total}", highlight=False, soft_wrap=True)
-    out.print(f"results: {job.results_uri}", highlight=False, soft_wrap=True)
+    c = job.counts
+    if job.interrupted_at:
+        again = ["dreambatch", "run", str(manifest), "--model", model, "--out", out_dir, "--resume",
+                 *(["--weights", weights] if weights else []), *(["--device", device] if device != "cpu" else [])]
+        out.print(f"{job.job_id}: interrupted — {c.get('completed', 0)} completed, {c.get('failed', 0)} failed, "
+                  f"{job.total - lifecycle.ended(c)} not run of {job.total}", soft_wrap=True)
+        out.print(f"results so far: {job.results_uri}", soft_wrap=True)
+        out.print(f"to run the rest: {shlex.join(again)}", soft_wrap=True)
+        raise typer.Exit(130)
+    out.print(f"{job.job_id}: {job.status} — {c.get('completed', 0)} completed, {c.get('failed', 0)} failed of "
+              f"{job.total}", soft_wrap=True)
+    out.print(f"results: {job.results_uri}", soft_wrap=True)
     if job.status != JobStatus.COMPLETED:
         raise typer.Exit(1)
 
@@ -183,23 +194,42 @@ def sheet(
 ) -> None:
     """Make JOB_ID's review contact sheet: sheet.html (before/after pairs, ids, metadata, output links)
     and sheet.png, written next to the job."""
-    from jobs.store import RedisStore
+    from jobs import store
+    from jobs.storage import check_location
     from worker.contact_sheet import make_sheet
     from worker.runtime import Runtime
 
     settings = get_settings()
     try:
-        if output is None:
-            job = RedisStore.from_url(settings.redis_url).get_job(job_id)
-            output = job.output if job else settings.output
+        if output is None:  # the job's own location, from Redis; without Redis, DREAMBATCH_OUTPUT
+            if (away := store.problem(settings.redis_url)) is None:
+                job = store.RedisStore.from_url(settings.redis_url).get_job(job_id)
+                output = job.output if job else settings.output
+            elif settings.output:
+                warn(f"{away}; looking for the job under DREAMBATCH_OUTPUT ({settings.output})")
+                output = settings.output
+            else:
+                raise away
         if not output:
             raise fail("--output is required (the job is not in Redis and DREAMBATCH_OUTPUT is not set)")
+        check_location(output, settings)
         runtime = Runtime(settings)
         pages = make_sheet(job_id, runtime.objects(output), settings, runtime.objects, page_size, to)
     except DreambatchError as exc:
         raise fail(str(exc)) from None
     for page in pages:
         out.print(f"{page.html_uri}  {page.png_uri}  ({page.pairs} rows)", highlight=False, soft_wrap=True)
+
+
+def download(model: Annotated[str, typer.Argument(help=f"one of: {', '.join(MODELS)}")]) -> None:
+    """Download MODEL's weights and the components it needs (HiDream-I1-Full for E1, the Llama 3.1 text encoder)
+    into the local Hugging Face cache (HF_HOME; the compose GPU worker mounts it). Needs the hub; the Llama
+    repo is gated (accept its licence, then hf auth login)."""
+    from worker.hub import download as fetch
+
+    for folder in fetch(model, say=lambda line: err.print(line, soft_wrap=True)):
+        out.print(str(folder))
+    err.print(f"done: dreambatch worker --model {model} finds them in the cache", soft_wrap=True)
 
 
 def make_tiny(variant: str, directory: Path) -> None:
@@ -212,9 +242,16 @@ def make_tiny(variant: str, directory: Path) -> None:
     out.print(str(path), highlight=False)
 
 
+# commands a person runs against the live state: Redis is reached first, or they say in seconds that it is not there
+NEEDS_REDIS = {"submit", "reconcile", "cancel", "retry", "resume", "top", "webhooks", "status", "results",
+               "keys", "schedules"}
+
+
 def build_app() -> typer.Typer:
     """The `dreambatch` command line. Every command and group is added here, in the order `--help` lists
-    them; the modules named only define the commands."""
+    them; the modules named only define the commands. Each runs `guarded` (jobs.cli): one line, never a
+    traceback, for what it could not do; those in NEEDS_REDIS reach Redis first. Long-running processes
+    (worker, api, beat) are not held to that: they say in their logs that Redis is away and wait for it."""
     app = typer.Typer(help="dreambatch: batch HiDream image jobs on your own GPUs.", no_args_is_help=True,
                       pretty_exceptions_enable=False)
     commands = {
@@ -232,14 +269,15 @@ def build_app() -> typer.Typer:
                  {"create": keys_cli.create, "list": keys_cli.list_keys, "revoke": keys_cli.revoke}),
         "schedules": ("Scheduled catalog runs (the schedules file).",
                       {"list": catalog_cli.list_schedules, "run": catalog_cli.run_now}),
-        "models": ("Model weights: build tiny random-weight pipelines.", {"make-tiny": make_tiny}),
+        "models": ("Model weights: download them into the local hub cache, or build tiny random ones.",
+                   {"download": download, "make-tiny": make_tiny}),
     }
     for name, command in commands.items():
-        app.command(name)(command)
+        app.command(name)(guarded(command, needs_redis=name in NEEDS_REDIS))
     for name, (help_text, subcommands) in groups.items():
         group = typer.Typer(help=help_text, no_args_is_help=True)
         for sub, command in subcommands.items():
-            group.command(sub)(command)
+            group.command(sub)(guarded(command, needs_redis=name in NEEDS_REDIS))
         app.add_typer(group, name=name)
     return app
 

@@ -1,4 +1,5 @@
-"""A job's review contact sheet: before/after pairs a merchandiser checks before publishing.
+"""A job's review contact sheet: before/after pairs a merchandiser checks before publishing (for a generation
+job, which has no input image, each card shows the prompt beside the output).
 
     {prefix}{job_id}/sheet.html   one card per row: id, line, status, metadata (sku…), the input and the
                                   output side by side, a link to each output; images inlined as small JPEG
@@ -16,6 +17,7 @@ import base64
 import html
 import io
 import json
+import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +48,7 @@ class Pair:
     before: Image.Image | None
     before_error: str | None
     after: list[Image.Image] = field(default_factory=list)
+    prompt: str | None = None  # a generation row: what the output was made from, shown where an input would be
     links: list[str] = field(default_factory=list)
 
 
@@ -62,29 +65,34 @@ def _thumb(data: bytes, max_pixels: int) -> Image.Image:
     return image
 
 
-def _lines_and_inputs(job: JobRecord, objects: ObjectStore) -> tuple[list[dict], dict[str, str | None]]:
+def _lines_and_inputs(job: JobRecord, objects: ObjectStore) -> tuple[list[dict], dict[str, dict]]:
+    """The results lines, and each row's params by id (its input image, or its prompt)."""
     lines = records.read_results(objects, job.job_id)
     if lines is None:
         raise InputError(f"job {job.job_id} has no results.jsonl yet: make the sheet when the job has ended")
     raw_rows = objects.get(keys.S3_JOB_ROWS.format(prefix="", job_id=job.job_id)) or b""
-    images = {}
+    params = {}
     for text in raw_rows.decode().splitlines():
         row = json.loads(text)
-        images[row["id"]] = (row.get("params") or {}).get("image")
-    return lines, images
+        params[row["id"]] = row.get("params") or {}
+    return lines, params
 
 
-def _load_pairs(job: JobRecord, lines: list[dict], images: dict[str, str | None], settings: Settings,
+def _load_pairs(job: JobRecord, lines: list[dict], params: dict[str, dict], settings: Settings,
                 fetch_store: Callable[[str], ObjectStore]) -> list[Pair]:
     """The thumbnails of one page's rows (a page at a time, so a large job never holds every image)."""
     pairs = []
     for line in lines:
         pair = Pair(line["id"], line["line"], line["status"], line["metadata"], line["error"], None, None)
-        ref = images.get(line["id"])
+        row = params.get(line["id"], {})
+        ref = row.get("image")
         try:
-            if ref is None:
+            if ref is not None:
+                pair.before = _thumb(inputs.fetch(ref, job, settings, fetch_store), settings.inputs.max_pixels)
+            elif row.get("prompt"):  # a generation row: nothing came before the output but its prompt
+                pair.prompt = str(row["prompt"])
+            else:
                 raise InputError("no input image on this row")
-            pair.before = _thumb(inputs.fetch(ref, job, settings, fetch_store), settings.inputs.max_pixels)
         except DreambatchError as exc:
             pair.before_error = str(exc)
         for out in line["output"]["images"]:
@@ -116,6 +124,7 @@ h1{font-size:18px} .grid{display:grid;grid-template-columns:repeat(auto-fill,min
 .pair figure{margin:0;flex:1} figcaption{font-size:11px;color:#666}
 img{max-width:192px;max-height:192px;display:block;background:#eee}
 .meta{font-size:12px;color:#444;word-break:break-all} .error{color:#b00;font-size:12px}
+.prompt{font-size:12px;color:#333;max-width:192px;white-space:pre-wrap}
 """
 COUNT_SCRIPT = """
 window.addEventListener('load', function () {
@@ -133,8 +142,13 @@ def render_html(job: JobRecord, pairs: list[Pair], page: int, pages: int) -> str
     cards = []
     for p in pairs:
         meta = " · ".join(f"{e(str(k))}: {e(str(v))}" for k, v in p.metadata.items())
-        before = (f'<img class="before" alt="before {e(p.item_id)}" src="{_data_uri(p.before)}">' if p.before
-                  else f'<div class="error">input: {e(p.before_error or "")}</div>')
+        if p.before:
+            before = f'<img class="before" alt="before {e(p.item_id)}" src="{_data_uri(p.before)}">'
+        elif p.prompt is not None:
+            before = f'<div class="prompt">{e(p.prompt)}</div>'
+        else:
+            before = f'<div class="error">input: {e(p.before_error or "")}</div>'
+        caption = "prompt" if p.prompt is not None else "before"
         afters = "".join(
             f'<a href="{e(_href(link))}"><img class="after" alt="after {e(p.item_id)}" src="{_data_uri(img)}"></a>'
             for img, link in zip(p.after, p.links, strict=False))
@@ -143,7 +157,7 @@ def render_html(job: JobRecord, pairs: list[Pair], page: int, pages: int) -> str
         cards.append(
             f'<section class="card {e(p.status)}" data-id="{e(p.item_id)}">'
             f'<div><b>{e(p.item_id)}</b> · line {p.line} · {e(p.status)}</div><div class="meta">{meta}</div>'
-            f'<div class="pair"><figure>{before}<figcaption>before</figcaption></figure>'
+            f'<div class="pair"><figure>{before}<figcaption>{caption}</figcaption></figure>'
             f'<figure>{afters or "<div class=error>no output</div>"}<figcaption>after</figcaption></figure></div>'
             f'{error}<div class="meta">{links}</div></section>')
     title = f"{job.job_id} — review ({job.model}{f', page {page} of {pages}' if pages > 1 else ''})"
@@ -164,7 +178,11 @@ def render_png(pairs: list[Pair]) -> bytes:
         x, y = pad + (n % GRID_COLUMNS) * cell_w, pad + (n // GRID_COLUMNS) * cell_h
         for k, image in enumerate([p.before, p.after[0] if p.after else None]):
             left = x + k * (THUMB + 4)
-            if image is None:
+            if image is None and k == 0 and p.prompt is not None:  # a generation row: its prompt, wrapped
+                draw.rectangle((left, y, left + THUMB - 1, y + THUMB - 1), outline=(190, 190, 190))
+                lines = textwrap.wrap(p.prompt, 30)[:13]
+                draw.multiline_text((left + 6, y + 6), "\n".join(lines), fill=(40, 40, 40), font=font)
+            elif image is None:
                 draw.rectangle((left, y, left + THUMB - 1, y + THUMB - 1), outline=(200, 40, 40))
                 draw.text((left + 6, y + 6), "input failed" if k == 0 else p.status, fill=(180, 0, 0), font=font)
             else:
@@ -186,12 +204,12 @@ def make_sheet(job_id: str, objects: ObjectStore, settings: Settings, fetch_stor
     if spec is None:
         raise JobNotFound(f"no job {job_id!r} under {objects.location}")
     job = JobRecord.model_validate_json(spec)
-    lines, images = _lines_and_inputs(job, objects)
+    lines, params = _lines_and_inputs(job, objects)
     chunks = [lines[i:i + page_size] for i in range(0, len(lines), page_size)] or [[]]
     pages = []
     for n, chunk_lines in enumerate(chunks, start=1):
         suffix = "" if n == 1 else f"-{n}"
-        chunk = _load_pairs(job, chunk_lines, images, settings, fetch_store)
+        chunk = _load_pairs(job, chunk_lines, params, settings, fetch_store)
         page_html = render_html(job, chunk, n, len(chunks)).encode()
         page_png = render_png(chunk)
         html_key = keys.S3_SHEET.format(prefix="", job_id=job_id, page=suffix, ext="html")

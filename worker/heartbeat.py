@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from jobs.store import redis_errors, unreachable
 from jobs.submit import now_iso
 from worker.runtime import Runtime
 
@@ -44,7 +45,9 @@ class Heartbeat(threading.Thread):
                 self.beat()
                 if self.chores:
                     self.chores()
-            except Exception:  # Redis away for a moment: the next beat tries again
+            except redis_errors() as exc:  # Redis away for longer than the client's retries: the next beat tries again
+                log.warning("heartbeat not sent: %s", unreachable(self.runtime.settings.redis_url, exc))
+            except Exception:
                 log.warning("heartbeat failed", exc_info=True)
             if self._halt.wait(self.every):
                 return

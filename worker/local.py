@@ -1,36 +1,83 @@
-"""Local embedded mode: one process, no Redis, no S3, the same item code path as a worker.
+"""Local embedded mode: one process, no Redis, the same item code path as a worker.
 
-Items run one after another through `worker.process`; the store is in memory, outputs and the
-durable record go to a local folder, webhooks are delivered inline with the same retry rules.
+Items run one after another through `worker.process`; the store is in memory, outputs and the durable
+record go to the `--out` location (a local folder, or s3://bucket/prefix), webhooks are delivered inline
+with the same retry rules.
+
+The model is loaded before the job is created, so bad weights or a bad device stop the run with their
+message before any item fails. A run can be stopped (`stop`, set by the CLI on Ctrl-C): the running item
+stops at its next denoising step and is left unended, `results.jsonl` lists the items that ended, and
+`job.json` says when it was interrupted; `resume=True` finds that job in the same location (its durable
+record, as `dreambatch reconcile` reads it) and runs the items that have no result.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from jobs import netguard
-from jobs.manifest import input_policy
-from jobs.models import item_event_id
+from jobs import keys, netguard, records
+from jobs.errors import InputError
+from jobs.manifest import CheckReport, input_policy, validate_manifest
+from jobs.models import ItemRecord, JobRecord, item_event_id
+from jobs.reconcile import reconcile
 from jobs.settings import Settings
-from jobs.storage import LocalStore
+from jobs.storage import check_location, open_store
 from jobs.store import MemoryStore
-from jobs.submit import Submission, create_job
+from jobs.submit import Submission, create_job, now_iso
 from worker import process, webhooks
 from worker.runtime import Runtime
 
 log = logging.getLogger("dreambatch.local")
 
 
+class Observer:
+    """What a local run reports as it goes (the CLI draws its progress bar from it); each method may be left
+    as it is here, doing nothing."""
+
+    def loading(self) -> None:
+        """The model is about to load (it may take a while)."""
+
+    def begin(self, job: JobRecord, pending: int) -> None:
+        """The job exists (or was found, resuming) and the model is loaded; `pending` items will run."""
+
+    def started(self, item_id: str) -> None:
+        """An item starts."""
+
+    def step(self, item_id: str, step: int, steps: int) -> None:
+        """The running item finished denoising step `step` of `steps`."""
+
+    def ended(self, item: ItemRecord) -> None:
+        """An item ended (its status, error and output are in `item`)."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, delivered at a denoising step (or between items): the running item is left unended."""
+
+
 def run_local(manifest: Path, *, model: str, defaults: dict[str, Any], out: str, settings: Settings,
               weights: str | None = None, device: str = "cpu", webhook: str | None = None,
-              skip_invalid: bool = False, on_item: Callable[[str, str], None] | None = None) -> Submission:
-    store = MemoryStore()
-    objects = LocalStore(out)
+              skip_invalid: bool = False, on_item: Callable[[str, str], None] | None = None,
+              observer: Observer | None = None, stop: threading.Event | None = None,
+              resume: bool = False) -> Submission:
+    """Run `manifest` here. Returns the submission, its `job` as it ended (or, when `stop` was set, as it was
+    left: `interrupted_at` set)."""
+    watch = observer or Observer()
+    stop = stop or threading.Event()
+
+    def on_step(job_id: str, item_id: str, step: int, steps: int) -> None:
+        watch.step(item_id, step, steps)
+        if stop.is_set():
+            raise Interrupted
+
+    check_location(out, settings)
+    store = MemoryStore(on_step=on_step)
+    objects = open_store(out, settings)
     runtime = Runtime(settings, model=model, weights=weights, device=device, store=store)
     queue: deque[str] = deque()
     finals: list[str] = []
@@ -39,30 +86,56 @@ def run_local(manifest: Path, *, model: str, defaults: dict[str, Any], out: str,
                           notify=events.extend, finalize=finals.append,
                           revision=lambda: runtime.model_revision, safety=runtime.safety)
 
-    # 1. validate and create the job; queued ids land in a local queue
-    if webhook:
-        netguard.check_url(webhook, settings.netpolicy())
-    sub = create_job(manifest, model=model, defaults=defaults, output=objects.location, webhook=webhook,
-                     store=store, objects=objects, dispatch=queue.extend, skip_invalid=skip_invalid,
-                     policy=input_policy(manifest, settings),
-                     on_rejected=lambda items: events.extend(
-                         (i.job_id, i.item_id, item_event_id(i.job_id, i.item_id, i.status))
-                         for i in items if webhook))
-    if sub.job_done:
-        finals.append(sub.job.job_id)
+    # 1. the job: found again (resume), or validated, then the model loaded, then created; ids go to a local queue
+    if resume:
+        job_id = _interrupted_job(objects, manifest, model)
+        watch.loading()
+        runtime.runner()
+        spec = JobRecord.model_validate_json(objects.get(keys.S3_JOB_SPEC.format(prefix="", job_id=job_id)))
+        records.write_job_spec(objects, spec.model_copy(update={"interrupted_at": None}))
+        reconcile(job_id, objects, store, queue.extend, finals.append, batch=settings.celery.publish_batch)
+        sub = Submission(store.get_job(job_id), len(queue), 0, CheckReport(), job_done=bool(finals))
+        webhook = sub.job.webhook
+    else:
+        if webhook:
+            netguard.check_url(webhook, settings.netpolicy())
+        policy = input_policy(manifest, settings)
+        report = validate_manifest(manifest, model, defaults, policy)
+        if report.valid and (skip_invalid or not report.issues):  # else create_job says what is wrong
+            watch.loading()
+            runtime.runner()
+        sub = create_job(manifest, model=model, defaults=defaults, output=objects.location, webhook=webhook,
+                         store=store, objects=objects, dispatch=queue.extend, skip_invalid=skip_invalid,
+                         policy=policy,
+                         on_rejected=lambda items: events.extend(
+                             (i.job_id, i.item_id, item_event_id(i.job_id, i.item_id, i.status))
+                             for i in items if webhook))
+        if sub.job_done:
+            finals.append(sub.job.job_id)
+        job_id = sub.job.job_id
+    watch.begin(store.get_job(job_id), len(queue))
 
-    # 2. run every item, retrying transient failures after their backoff
-    job_id = sub.job.job_id
-    while queue:
-        item_id = queue.popleft()
-        outcome = process.process_item(ctx, job_id, item_id)
-        if outcome.retry_in is not None:
-            time.sleep(outcome.retry_in)
-            queue.appendleft(item_id)
-            continue
-        if on_item:
-            on_item(item_id, str(outcome))
-        _flush_events(ctx, events)
+    # 2. run every item, retrying transient failures after their backoff; Ctrl-C stops at the next step
+    try:
+        while queue:
+            if stop.is_set():
+                raise Interrupted
+            item_id = queue.popleft()
+            watch.started(item_id)
+            outcome = process.process_item(ctx, job_id, item_id)
+            if outcome.retry_in is not None:
+                time.sleep(outcome.retry_in)
+                queue.appendleft(item_id)
+                continue
+            item = store.get_item(job_id, item_id)
+            if item is not None and item.status.terminal:
+                watch.ended(item)
+            if on_item:
+                on_item(item_id, str(outcome))
+            _flush_events(ctx, events)
+    except KeyboardInterrupt:
+        sub.job = _interrupt(ctx, store, objects, job_id, events)
+        return sub
 
     # 3. finalize (results.jsonl) and send the job's event
     for job in dict.fromkeys(finals):
@@ -72,12 +145,44 @@ def run_local(manifest: Path, *, model: str, defaults: dict[str, Any], out: str,
     return sub
 
 
+def _interrupted_job(objects, manifest: Path, model: str) -> str:
+    """The newest unfinished job of `manifest` and `model` in this location (its `_open` marker is there)."""
+    found = []
+    for job_id in records.open_jobs(objects):
+        raw = objects.get(keys.S3_JOB_SPEC.format(prefix="", job_id=job_id))
+        if raw is None:
+            continue
+        job = JobRecord.model_validate_json(raw)
+        same = job.manifest and (job.manifest == str(manifest)
+                                 or Path(job.manifest).resolve() == manifest.resolve())
+        if same and job.model == model and not job.submitting:
+            found.append(job)
+    if not found:
+        raise InputError(f"nothing to resume in {objects.location}: no unfinished run of {manifest} with model "
+                         f"{model}; run it without --resume")
+    return max(found, key=lambda j: j.created_at).job_id
+
+
+def _interrupt(ctx: process.Context, store: MemoryStore, objects, job_id: str,
+               events: list[tuple[str, str | None, str]]) -> JobRecord:
+    """Leave a stopped run resumable: results.jsonl lists the items that ended (their records are written
+    already), job.json says when it stopped; the unended items run with `--resume`."""
+    ended = [item for item in store.items(job_id) if item.status.terminal]
+    uri, _ = records.write_results(objects, job_id, ended)
+    job = store.get_job(job_id).model_copy(update={"interrupted_at": now_iso(), "results_uri": uri})
+    records.write_job_spec(objects, job)
+    _flush_events(ctx, events, tries=1)  # the ended items' webhooks: one quick try each, the person is waiting
+    log.info("job %s interrupted: %d of %d item(s) ended", job_id, len(ended), job.total)
+    return job
+
+
 LOCAL_WEBHOOK_ATTEMPTS = 5  # local mode ends with the command: a few quick tries, not the worker's day-long window
 
 
-def _flush_events(ctx: process.Context, events: list[tuple[str, str | None, str]]) -> None:
+def _flush_events(ctx: process.Context, events: list[tuple[str, str | None, str]],
+                  tries: int = LOCAL_WEBHOOK_ATTEMPTS) -> None:
     cfg = ctx.settings.webhooks
-    tries = min(cfg.max_attempts or LOCAL_WEBHOOK_ATTEMPTS, LOCAL_WEBHOOK_ATTEMPTS)
+    tries = min(cfg.max_attempts or tries, tries)
     while events:
         job_id, item_id, event_id = events.pop(0)
         for n in range(1, tries + 1):

@@ -31,6 +31,7 @@ def build_runner(model: str, weights: str | None, device: str, options: RunnerSe
     runner is wrapped in a `MicroBatcher` when `options.batch_max` is not 1."""
     options = options or RunnerSettings()
     kind = MODELS[model].kind if model in MODELS else None
+    find_weights(model, weights, options)
     if kind == "generate":
         from worker.runners.hidream_i1 import HiDreamI1Runner
 
@@ -45,6 +46,48 @@ def build_runner(model: str, weights: str | None, device: str, options: RunnerSe
 
         return HiDreamE1Runner(model, weights=weights, device=device, options=options)
     raise ConfigError(f"no runner for model {model!r}; expected one of {', '.join(MODELS)}")
+
+
+def check_device(device: str) -> str:
+    """`device` as given (or, empty, this machine's default: cuda:0 when there is a GPU, else cpu), checked
+    against what this machine has: a device it lacks is a ConfigError saying what it has, before a model loads."""
+    import torch
+
+    if not device:
+        return "cuda:0" if torch.cuda.is_available() else "cpu"
+    try:
+        wanted = torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise ConfigError(f"--device {device!r}: {exc}; use cpu, cuda:0, cuda:1, …") from None
+    if wanted.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+            raise ConfigError(f"--device {device}: {why} on this machine; use --device cpu (or a machine with a GPU)")
+        count = torch.cuda.device_count()
+        if wanted.index is not None and wanted.index >= count:
+            raise ConfigError(f"--device {device}: this machine has {count} CUDA device(s), cuda:0…cuda:{count - 1}")
+    elif wanted.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ConfigError(f"--device {device}: MPS is not available here; use --device cpu")
+    elif wanted.type != "cpu":
+        raise ConfigError(f"--device {device}: dreambatch runs on cpu, cuda:N or mps")
+    return device
+
+
+def find_weights(model: str, weights: str | None, options: RunnerSettings) -> None:
+    """Look for a model's weights before its pipeline code is imported (seconds of torch and diffusers): weights
+    that are nowhere raise WeightsNotFound, saying where they were looked for, that much sooner. The runner looks
+    again as it loads (a few file lookups)."""
+    if weights == "tiny" or model not in MODELS:
+        return  # tiny weights are built on demand; an unknown model is build_runner's to refuse
+    if MODELS[model].kind == "generate":
+        from worker.runners.weights import resolve_weights
+
+        resolve_weights(model, weights, options)
+    else:
+        from worker.runners.weights_e1 import resolve_edit_weights
+
+        resolve_edit_weights(model, weights, options)
 
 
 def batches(model: str | None, options: RunnerSettings) -> bool:

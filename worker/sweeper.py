@@ -14,7 +14,7 @@ from jobs import broker, keys
 from jobs.reconcile import sweep
 from jobs.settings import Settings
 from jobs.storage import open_store
-from jobs.store import RedisStore
+from jobs.store import RedisStore, redis_errors, unreachable
 
 log = logging.getLogger("dreambatch.sweeper")
 
@@ -51,6 +51,9 @@ def start(settings: Settings, celery: Celery) -> threading.Thread | None:
             try:
                 if store.claim(keys.RECONCILE_LOCK, interval * 0.9):
                     sweep_once(settings, store, celery)
+            except redis_errors() as exc:
+                log.warning("reconcile sweep skipped (%s); trying again in %ss",
+                            unreachable(settings.redis_url, exc), interval)
             except Exception:
                 log.exception("reconcile sweep failed; trying again in %ss", interval)
 

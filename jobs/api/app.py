@@ -1,5 +1,8 @@
 """The FastAPI application: auth, one error shape, a body-size limit, health, metrics, routers.
 
+While Redis is away the API keeps running: requests wait out DREAMBATCH_REDIS_RETRY_S, then get a 503 that says
+so; `/healthz` answers at once with whether Redis and the output location can be reached.
+
 Every route needs a bearer API key with the route's scope (jobs.api.deps): none or an unknown key
 is a 401, a key without the scope a 403. Errors are `{"error": {"message", "type", "code", "param"}}`
 (OpenAI's shape, so OpenAI clients raise readable exceptions); validation errors add `errors`, one
@@ -23,6 +26,10 @@ from jobs.api.service import ApiError, Services
 from jobs.errors import ConfigError, DreambatchError, InputError, JobNotFound, JobStateError, TransientError
 from jobs.models import ApiKeyRecord
 from jobs.settings import Settings
+from jobs.storage import check_location
+from jobs.store import problem as redis_problem
+from jobs.store import redis_errors, say_if_unreachable
+from jobs.store import unreachable as unreachable_redis
 
 log = logging.getLogger("dreambatch.api")
 
@@ -75,10 +82,32 @@ def create_app(settings: Settings) -> FastAPI:
             return _error(request, ApiError(500, str(exc), type_="server_error", code="misconfigured"))
         raise exc
 
+    async def unreachable(request: Request, exc: Exception):
+        """Redis went away mid-request, past the client's retries (DREAMBATCH_REDIS_RETRY_S): a 503 saying so."""
+        found = unreachable_redis(settings.redis_url, exc)
+        log.warning("%s", found)
+        return _error(ApiError(503, str(found), type_="server_error", code="unavailable"))
+
+    for error_class in redis_errors():
+        app.add_exception_handler(error_class, unreachable)
+
     @app.get("/healthz", include_in_schema=False)
-    def healthz(svc: ServicesDep) -> dict:
-        """Unauthenticated liveness: the API answers and reaches Redis."""
-        return {"ok": svc.store.ping()}
+    def healthz(svc: ServicesDep) -> JSONResponse:
+        """Unauthenticated: whether the API reaches Redis and its output location (S3: the bucket, with the
+        credentials it has), each with the error when not; 200 when both do, else 503. Answers in seconds."""
+        redis_found = redis_problem(svc.settings.redis_url, timeout=2.0)
+        output, s3_error = svc.settings.output, None
+        try:
+            if not output:
+                raise ConfigError("DREAMBATCH_OUTPUT is not set: the API has nowhere to write (s3://bucket/prefix)")
+            check_location(output, svc.settings)
+        except DreambatchError as exc:
+            s3_error = str(exc)
+        body = {"ok": redis_found is None and s3_error is None,
+                "redis": {"ok": redis_found is None, "error": None if redis_found is None else str(redis_found)},
+                "s3": {"ok": s3_error is None, "location": output, "error": s3_error,
+                       "used": bool(output and output.startswith("s3://"))}}
+        return JSONResponse(body, 200 if body["ok"] else 503)
 
     @app.get("/metrics", tags=["operations"], response_class=Response,
              responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"},
@@ -110,8 +139,10 @@ def serve(settings: Settings, host: str, port: int, ssl_certfile: str | None = N
     if bool(certfile) != bool(keyfile):
         raise ConfigError("TLS needs both a certificate and its key (--ssl-certfile and --ssl-keyfile)")
     app = create_app(settings)
-    live = [k for k in app.state.services.store.api_keys() if k.revoked_at is None]
-    if not live:
+    if not say_if_unreachable(settings.redis_url, log, "The API",
+                              " (requests get a 503 and /healthz says so meanwhile)"):
+        pass  # the key check below would wait out the outage
+    elif not [k for k in app.state.services.store.api_keys() if k.revoked_at is None]:
         log.warning("no API keys yet: every request will get 401; create one with "
                     "`dreambatch keys create --name NAME --scope jobs:read --scope jobs:write --scope images`")
     uvicorn.run(app, host=host, port=port, log_level="info", proxy_headers=False, ssl_certfile=certfile,

@@ -183,7 +183,7 @@ async def create(request: Request, svc: ServicesDep, key: Writer, idempotency_ke
     finally:
         upload.close()
     job = await anyio.to_thread.run_sync(svc.job, job_id)
-    out = {**job_status(job), **created}
+    out = {**job_status(job, workers=await anyio.to_thread.run_sync(svc.store.workers)), **created}
     return JSONResponse(out, 201, headers={"Idempotent-Replayed": "true"} if replayed else None)
 
 
@@ -191,13 +191,14 @@ async def create(request: Request, svc: ServicesDep, key: Writer, idempotency_ke
 def list_jobs(svc: ServicesDep, _key: Reader, limit: Annotated[int, Query(ge=1, le=200)] = 50) -> dict:
     """The most recent jobs, newest first."""
     jobs = [j for j in (svc.store.get_job(i) for i in svc.store.job_ids(limit)) if j]
-    return {"object": "list", "data": [job_status(j) for j in jobs]}
+    workers = svc.store.workers()
+    return {"object": "list", "data": [job_status(j, workers=workers) for j in jobs]}
 
 
 @router.get("/v1/jobs/{job_id}", responses={200: {"model": schemas.JobStatus}, **ERRORS, **ONE_JOB})
 def get_job(job_id: JobId, svc: ServicesDep, _key: Reader) -> dict:
-    """Status, counts, throughput (items/s since submission) and ETA."""
-    return job_status(svc.job(job_id))
+    """Status, counts, throughput (items/s since submission) and ETA; `warning` when no live worker serves it."""
+    return job_status(svc.job(job_id), workers=svc.store.workers())
 
 
 @router.get("/v1/jobs/{job_id}/items", responses={200: {"model": schemas.ItemList}, **ERRORS, **ONE_JOB})

@@ -33,6 +33,7 @@ class JobStatus(BaseModel):
     results_uri: str | None
     created_at: str
     finished_at: str | None
+    warning: str | None = None  # e.g. no live worker serves the queues the job needs: which one to start
 
 
 class JobCreated(JobStatus):

@@ -25,6 +25,7 @@ from jobs import broker, lifecycle, netguard
 from jobs.errors import ConfigError, InputError
 from jobs.inputs import InputPolicy
 from jobs.lifecycle import ItemStatus
+from jobs.metrics import no_worker_warning
 from jobs.models import MODELS, ItemRecord, JobRecord, OutputImage, item_event_id
 from jobs.settings import Settings
 from jobs.storage import ObjectStore, key_of, open_store, s3_client
@@ -211,12 +212,23 @@ class StillRunning(ApiError):
 async def wait_for(svc: Services, job_id: str, timeout: float, interval: float = 0.1, *, request=None,
                    where: str | None = None, headers: dict[str, str] | None = None) -> JobRecord:
     """The job once it has ended; StillRunning (a 504, code `timeout`) when it has not within `timeout` s or
-    the client of `request` went away."""
+    the client of `request` went away, and 503 (code `no_worker`) as soon as no live worker has served one of
+    the queues it needs for two heartbeats."""
     deadline = time.monotonic() + timeout
+    grace = 2 * svc.settings.celery.heartbeat
+    unserved_since, looked = None, 0.0
     while True:
         job = await anyio.to_thread.run_sync(svc.job, job_id)
         if job.finished_at:
             return job
+        if time.monotonic() - looked >= min(grace / 4, 1.0):
+            looked = time.monotonic()
+            warning = no_worker_warning(await anyio.to_thread.run_sync(svc.store.workers), job.model)
+            unserved_since = (unserved_since or looked) if warning else None
+            if warning and looked - unserved_since >= grace:
+                raise ApiError(503, f"job {job_id}: {warning}; it stays queued and runs then: "
+                                    f"{where or f'GET /v1/jobs/{job_id}'}", type_="server_error", code="no_worker",
+                               headers=headers)
         if time.monotonic() >= deadline or (request is not None and await request.is_disconnected()):
             raise StillRunning(job, timeout, where or f"GET /v1/jobs/{job_id}", headers)
         await anyio.sleep(min(interval, max(deadline - time.monotonic(), 0)))
@@ -228,8 +240,9 @@ def _epoch(iso: str | None) -> float | None:
     return datetime.fromisoformat(iso).timestamp() if iso else None
 
 
-def job_status(job: JobRecord, now: float | None = None) -> dict[str, Any]:
-    """Status, counts, throughput since submission (items/s) and, while running, the ETA in seconds."""
+def job_status(job: JobRecord, now: float | None = None, workers: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Status, counts, throughput since submission (items/s) and, while running, the ETA in seconds. Given the
+    live `workers` (heartbeats), an unfinished job nobody serves gets a `warning` saying which worker to start."""
     counts = {"total": job.total, **{s.value: job.counts.get(s, 0) for s in ItemStatus}}
     ended = lifecycle.ended(job.counts)
     elapsed = (_epoch(job.finished_at) or now or time.time()) - _epoch(job.created_at)
@@ -240,7 +253,9 @@ def job_status(job: JobRecord, now: float | None = None) -> dict[str, Any]:
             "priority": job.priority, "max_concurrency": job.max_concurrency, "expires_at": job.expires_at,
             "cancel_requested": job.cancel_requested, "round": job.round,
             "webhook": job.webhook, "results_uri": job.results_uri, "created_at": job.created_at,
-            "finished_at": job.finished_at}
+            "finished_at": job.finished_at,
+            "warning": None if workers is None or job.finished_at or job.submit_aborted
+            else no_worker_warning(workers, job.model)}
 
 
 def sign_file(svc: Services, job_id: str, key: str, expires: int) -> str:

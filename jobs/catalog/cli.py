@@ -19,7 +19,8 @@ from jobs.errors import DreambatchError
 from jobs.manifest import parse_sets
 from jobs.presets import load_presets
 from jobs.settings import get_settings
-from jobs.store import RedisStore, ScheduleState
+from jobs.storage import check_location
+from jobs.store import RedisStore, ScheduleState, say_if_unreachable
 
 JsonOpt = Annotated[bool, typer.Option("--json")]
 
@@ -76,6 +77,9 @@ def run_now(
     settings = get_settings()
     try:
         schedule = get_schedule(settings, name)
+        for location in (schedule.source.prefix or schedule.source.manifest, schedule.output):
+            if location:
+                check_location(location, settings)  # a bucket that is not there: say so in seconds
         report = run_schedule(schedule, settings, Services.connect(settings), sets=parse_sets(set_ or []),
                               dry_run=dry_run, retry_failed=retry_failed)
     except DreambatchError as exc:
@@ -112,6 +116,7 @@ def beat(loglevel: Annotated[str, typer.Option()] = "INFO") -> None:
 
     logging.basicConfig(level=loglevel, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     settings = get_settings()
+    say_if_unreachable(settings.redis_url, logging.getLogger("dreambatch.beat"), "Beat", " (it fires nothing)")
     try:
         load_schedules(settings)
     except DreambatchError as exc:

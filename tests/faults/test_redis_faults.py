@@ -59,9 +59,10 @@ def test_redis_restart_mid_job_workers_and_a_submit_in_flight_carry_on(own_redis
     wait_until(lambda: store.get_job(job_a).counts["completed"] >= 2, 90, 0.05, what="two items completed")
 
     own_redis.stop()  # Redis is gone…
+    patient = {**env, "DREAMBATCH_REDIS_WAIT_S": "120"}  # a script's submit may wait for Redis (a person's: 3 s)
     late = subprocess.Popen([sys.executable, "-m", "worker", "submit", str(manifest(tmp_path / "b.jsonl", ids_b)),
                              "--model", "i1-fast", "--set", "steps=2", "--output", f"s3://{bucket}/r", "--json"],
-                            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=patient, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(6)
     assert late.poll() is None  # …the submit waits for it instead of failing
     own_redis.start()  # …and comes back with its data (append-only file)
