@@ -730,7 +730,8 @@ def test_retries_back_off_stop_before_the_next_slot_and_an_unreachable_s3_is_ret
     by_hand.write_text(schedules.read_text().replace('cron = "0 2 * * *"\n', ""))
     settings.catalog.schedules_file = str(by_hand)
     fired = run_fired(name, settings, slot=just_after.isoformat(), attempt=2)
-    assert fired.retry_in == 60 and "Unreachable: cannot reach S3 for s3://b/edited (Could not connect" in fired.summary["error"]
+    assert fired.retry_in == 60
+    assert "Unreachable: cannot reach S3 for s3://b/edited (Could not connect" in fired.summary["error"]
     assert ScheduleState.from_url(settings.redis_url).last_run(name)["error"] == fired.summary["error"]
     settings.catalog.schedules_file = str(tmp_path / "missing.toml")
     assert run_fired(name, settings, slot=just_after.isoformat()).retry_in is None  # a config error: not retried
