@@ -19,7 +19,7 @@ from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from jobs import broker, export, keys, lifecycle, netguard
+from jobs import broker, export, keys, lifecycle, netguard, records
 from jobs.control import cancel_job, parse_duration, resume_job, retry_job
 from jobs.errors import ConfigError, DreambatchError, InputError, JobNotFound
 from jobs.lifecycle import ItemStatus, JobStatus
@@ -153,10 +153,9 @@ def reconcile(
     try:
         celery = broker.make_celery(settings)
         objects = open_store(output, settings)
-        spec = objects.get(keys.S3_JOB_SPEC.format(prefix="", job_id=job_id))
+        spec = records.read_job(objects, job_id)
         if spec is None:
             raise JobNotFound(f"no job {job_id!r} under {output}")
-        spec = JobRecord.model_validate_json(spec)
         report = reconcile_job(job_id, objects, RedisStore.from_url(settings.redis_url),
                                dispatch=lambda ids: broker.publish_items(celery, spec.model, job_id, ids,
                                                                          priority=spec.priority),

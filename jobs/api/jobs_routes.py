@@ -17,7 +17,7 @@ from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from jobs import control, export
+from jobs import control, export, keys
 from jobs.api import schemas
 from jobs.api.deps import ServicesDep, require
 from jobs.api.service import (
@@ -306,7 +306,7 @@ def file(job_id: JobId, key: str, svc: ServicesDep, expires: Annotated[int, Quer
     import hmac
 
     good = hmac.compare_digest(sign_file(svc, job_id, key, expires).encode(), signature.encode())
-    if not good or expires < time.time() or not key.startswith(f"{job_id}/"):
+    if not good or expires < time.time() or not key.startswith(keys.S3_JOB_FOLDER.format(prefix="", job_id=job_id)):
         raise ApiError(403, "invalid or expired link", type_="permission_error", code="invalid_signature")
     job = svc.job(job_id)
     data = svc.objects(job.output).get(key, svc.settings.api.max_upload_bytes)
