@@ -19,9 +19,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from jobs import metrics as job_metrics
 from jobs.api import fal_routes, jobs_routes, openai_routes
 from jobs.api.deps import ServicesDep, require
-from jobs.api.service import ApiError, Services
+from jobs.api.service import ApiError
 from jobs.errors import ConfigError, DreambatchError, InputError, JobNotFound, JobStateError, TransientError
 from jobs.models import ApiKeyRecord
+from jobs.services import Services
 from jobs.settings import Settings
 
 log = logging.getLogger("dreambatch.api")
@@ -45,7 +46,7 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="dreambatch", version="1", max_body_size=settings.api.max_upload_bytes + 2**20,
                   description="Batch HiDream image jobs; OpenAI-compatible images and a fal-style queue. "
                               "See docs/api.md.")
-    app.state.services = Services.from_settings(settings)
+    app.state.services = Services(settings)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError):

@@ -1,4 +1,4 @@
-"""What the routes share: one `Services` per app (settings, store, Celery, object stores), submitting
+"""What the routes share: the app's `Services` (jobs.services: settings, store, Celery, object stores), submitting
 rows or a manifest as a job exactly as `dreambatch submit` does, waiting for a job, its status with
 rate and ETA, and links to its images (presigned S3 URLs, or signed URLs this server serves).
 """
@@ -9,7 +9,6 @@ import base64
 import hashlib
 import hmac
 import json
-import secrets
 import shutil
 import tempfile
 import time
@@ -25,9 +24,8 @@ from jobs.errors import ConfigError, InputError
 from jobs.inputs import InputPolicy
 from jobs.lifecycle import ItemStatus
 from jobs.models import MODELS, ItemRecord, JobRecord, OutputImage, item_event_id
-from jobs.settings import Settings
-from jobs.storage import ObjectStore, key_of, open_store, s3_client
-from jobs.store import RedisStore
+from jobs.services import Services
+from jobs.storage import key_of
 from jobs.submit import Submission, create_job, new_job_id
 
 IDEMPOTENCY_TTL = 24 * 3600
@@ -67,40 +65,6 @@ class JobOptions:
     expires_after: float | None = None  # s from submission
 
 
-@dataclass
-class Services:
-    settings: Settings
-    store: RedisStore
-    celery: Any
-    url_secret: bytes
-    _objects: dict[str, ObjectStore] = field(default_factory=dict)
-    _s3: Any = None
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> Services:
-        secret = (settings.api.url_secret or secrets.token_hex(32)).encode()
-        return cls(settings, RedisStore.from_url(settings.redis_url), broker.make_celery(settings), secret)
-
-    def output(self) -> str:
-        if not self.settings.output:
-            raise ConfigError("the API needs DREAMBATCH_OUTPUT (s3://bucket/prefix or a folder the workers share)")
-        return self.settings.output
-
-    def objects(self, location: str) -> ObjectStore:
-        """Object storage for a job's output location (one S3 client for all of them)."""
-        if location not in self._objects:
-            if location.startswith("s3://"):
-                self._s3 = self._s3 or s3_client(self.settings)
-            self._objects[location] = open_store(location, self.settings, self._s3)
-        return self._objects[location]
-
-    def job(self, job_id: str) -> JobRecord:
-        job = self.store.get_job(job_id)
-        if job is None:
-            raise not_found(job_id)
-        return job
-
-
 # --- submitting ---------------------------------------------------------------------------------
 class Upload:
     """A private folder for one request: the manifest, and the only place its local image paths may point."""
@@ -129,7 +93,9 @@ def submit(svc: Services, manifest: Path, options: JobOptions, upload: Upload) -
         raise InputError(f"model: unknown model {options.model!r}; choose one of {', '.join(MODELS)}")
     if options.webhook:
         netguard.check_url(options.webhook, settings.netpolicy())
-    output = svc.output()
+    output = settings.output
+    if not output:
+        raise ConfigError("the API needs DREAMBATCH_OUTPUT (s3://bucket/prefix or a folder the workers share)")
     job_id = new_job_id()
     celery, webhook = svc.celery, options.webhook
 
