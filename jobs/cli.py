@@ -27,6 +27,7 @@ from jobs.manifest import input_policy, parse_sets, validate_manifest
 from jobs.models import MODELS, JobRecord, event_item_id, item_event_id
 from jobs.presets import job_defaults
 from jobs.reconcile import reconcile as reconcile_job
+from jobs.services import Services
 from jobs.settings import get_settings
 from jobs.storage import open_store
 from jobs.store import RedisStore
@@ -175,7 +176,7 @@ def cancel(job_id: str, json_: Annotated[bool, typer.Option("--json")] = False) 
     """Cancel JOB_ID: queued items end cancelled now, running ones stop at their next step; outputs
     already written are kept. The job ends `cancelled` (with its webhook) when its running items stop."""
     try:
-        job = cancel_job(get_settings(), job_id)
+        job = cancel_job(Services(get_settings()), job_id)
     except DreambatchError as exc:
         raise fail(str(exc)) from None
     if json_:
@@ -198,7 +199,7 @@ def retry(job_id: str, json_: Annotated[bool, typer.Option("--json")] = False) -
     """Re-queue only JOB_ID's failed items, in the same job (same ids and manifest lines); the job runs
     again and ends once more. Rows rejected at submit are not retried."""
     try:
-        ids = retry_job(get_settings(), job_id)
+        ids = retry_job(Services(get_settings()), job_id)
     except DreambatchError as exc:
         raise fail(str(exc)) from None
     _requeued(job_id, ids, "failed", json_)
@@ -212,7 +213,7 @@ def resume(
     """Re-queue JOB_ID's items that have no result (after an outage lost their messages); nothing that
     ended runs again."""
     try:
-        ids = resume_job(get_settings(), job_id, output=output)
+        ids = resume_job(Services(get_settings()), job_id, output=output)
     except DreambatchError as exc:
         raise fail(str(exc)) from None
     _requeued(job_id, ids, "unfinished", json_)

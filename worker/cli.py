@@ -68,7 +68,8 @@ def worker(
         help="serve Prometheus metrics on this port (/metrics); off by default")] = None,
 ) -> None:
     """Run a worker: one process per GPU (`--model`), or an I/O worker (`--io`)."""
-    from jobs import broker, logs
+    from jobs import logs
+    from jobs.services import Services
     from worker.heartbeat import Heartbeat
     from worker.runtime import Runtime
     from worker.tasks import register
@@ -81,15 +82,16 @@ def worker(
         raise fail(f"--log-format: expected text or json (got {log_format!r})", 2)
     logs.configure(loglevel, log_format)
     settings = _settings(i1_full, llama)
-    celery = broker.make_celery(settings)
+    services = Services(settings)
+    celery = services.celery
     if io:
         from worker import sweeper
 
-        runtime = Runtime(settings, celery)
+        runtime = Runtime(services)
         queue, threads, name = keys.IO_QUEUE, concurrency or 8, "io"
-        sweeper.start(settings, celery)  # periodic reconciliation of jobs whose live state was lost
+        sweeper.start(services)  # periodic reconciliation of jobs whose live state was lost
     else:
-        runtime = Runtime(settings, celery, model=model, weights=weights, device=device or _default_device())
+        runtime = Runtime(services, model=model, weights=weights, device=device or _default_device())
         try:
             runtime.runner()  # load the model now, in this process, so a bad setup fails at start
         except DreambatchError as exc:
@@ -101,7 +103,7 @@ def worker(
         runtime.metrics.serve(metrics_port)
     worker_name = f"{name}.{os.getpid()}@{socket.gethostname()}"
     Heartbeat(runtime, worker_name, queue, settings.celery.heartbeat,
-              chores=_expiry_chore(settings, runtime, celery) if io else None).start()
+              chores=_expiry_chore(runtime) if io else None).start()
     celery.worker_main(["worker", "-Q", queue, "-P", "threads", "-c", str(threads), "-n", f"{name}.{os.getpid()}@%h",
                         "-l", loglevel, "--without-gossip", "--without-mingle", "--without-heartbeat"])
 
@@ -121,14 +123,14 @@ def default_threads(model: str, options: RunnerSettings) -> int:
     return PIPELINE_THREADS * (options.batch_max or AUTO_MAX)
 
 
-def _expiry_chore(settings, runtime, celery):
+def _expiry_chore(runtime):
     """An I/O worker ends never-started items of jobs past their deadline, even when no GPU reaches them."""
     from jobs.control import expire_due
 
     log = logging.getLogger("dreambatch.worker")
 
     def chore() -> None:
-        for job_id, ids in expire_due(settings, store=runtime.store, celery=celery, objects=runtime.objects).items():
+        for job_id, ids in expire_due(runtime.services).items():
             log.info("job %s: %d item(s) expired before they started", job_id, len(ids), extra={"job_id": job_id})
 
     return chore
@@ -183,19 +185,18 @@ def sheet(
 ) -> None:
     """Make JOB_ID's review contact sheet: sheet.html (before/after pairs, ids, metadata, output links)
     and sheet.png, written next to the job."""
-    from jobs.store import RedisStore
+    from jobs.services import Services
     from worker.contact_sheet import make_sheet
-    from worker.runtime import Runtime
 
     settings = get_settings()
+    services = Services(settings)
     try:
         if output is None:
-            job = RedisStore.from_url(settings.redis_url).get_job(job_id)
+            job = services.store.get_job(job_id)
             output = job.output if job else settings.output
         if not output:
             raise fail("--output is required (the job is not in Redis and DREAMBATCH_OUTPUT is not set)")
-        runtime = Runtime(settings)
-        pages = make_sheet(job_id, runtime.objects(output), settings, runtime.objects, page_size, to)
+        pages = make_sheet(job_id, services.objects(output), settings, services.objects, page_size, to)
     except DreambatchError as exc:
         raise fail(str(exc)) from None
     for page in pages:

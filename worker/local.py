@@ -16,6 +16,7 @@ from typing import Any
 from jobs import netguard
 from jobs.manifest import input_policy
 from jobs.models import item_event_id
+from jobs.services import Services
 from jobs.settings import Settings
 from jobs.storage import LocalStore
 from jobs.store import MemoryStore
@@ -29,14 +30,16 @@ log = logging.getLogger("dreambatch.local")
 def run_local(manifest: Path, *, model: str, defaults: dict[str, Any], out: str, settings: Settings,
               weights: str | None = None, device: str = "cpu", webhook: str | None = None,
               skip_invalid: bool = False, on_item: Callable[[str, str], None] | None = None) -> Submission:
-    store = MemoryStore()
-    objects = LocalStore(out)
-    runtime = Runtime(settings, model=model, weights=weights, device=device, store=store)
     queue: deque[str] = deque()
     finals: list[str] = []
     events: list[tuple[str, str | None, str]] = []
-    ctx = process.Context(settings=settings, store=store, runner=runtime.runner, objects=lambda _loc: objects,
-                          notify=events.extend, finalize=finals.append,
+    objects = LocalStore(out)
+    services = Services(settings, store=MemoryStore(), objects=lambda _loc: objects,
+                        publish=lambda _job, ids: queue.extend(ids), notify=events.extend, finalize=finals.append)
+    store = services.store
+    runtime = Runtime(services, model=model, weights=weights, device=device)
+    ctx = process.Context(settings=settings, store=store, runner=runtime.runner, objects=services.objects,
+                          notify=services.notify, finalize=services.finalize,
                           revision=lambda: runtime.model_revision)
 
     # 1. validate and create the job; queued ids land in a local queue

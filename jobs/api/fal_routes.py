@@ -144,5 +144,5 @@ def cancel_request(namespace: Segment, name: Segment, request_id: RequestId, svc
     job = _job(svc, model_of(namespace, name), request_id)
     if job.finished_at or job.cancel_requested:
         return JSONResponse({"status": "ALREADY_COMPLETED"}, 400)
-    control.cancel_job(svc.settings, request_id, store=svc.store, celery=svc.celery)
+    control.cancel_job(svc, request_id)
     return {"status": "CANCELLATION_REQUESTED"}

@@ -277,7 +277,7 @@ def cancel(job_id: JobId, svc: ServicesDep, _key: Writer) -> dict:
     `cancelled` (webhook sent) when they have. Outputs already written are kept. 409 for a job that
     already ended otherwise; cancelling a cancelled job changes nothing."""
     svc.job(job_id)
-    return job_status(control.cancel_job(svc.settings, job_id, store=svc.store, celery=svc.celery))
+    return job_status(control.cancel_job(svc, job_id))
 
 
 @router.post("/v1/jobs/{job_id}/retry", responses={200: {"model": schemas.JobRequeued}})
@@ -285,7 +285,7 @@ def retry(job_id: JobId, svc: ServicesDep, _key: Writer) -> dict:
     """Re-queue only the failed items, in the same job (same ids and lines, attempts counted); `requeued`
     lists their ids ([] when none failed)."""
     svc.job(job_id)
-    requeued = control.retry_job(svc.settings, job_id, store=svc.store, celery=svc.celery)
+    requeued = control.retry_job(svc, job_id)
     return {**job_status(svc.job(job_id)), "requeued": requeued}
 
 
@@ -294,7 +294,7 @@ def resume(job_id: JobId, svc: ServicesDep, _key: Writer) -> dict:
     """Re-queue the items that have no result (after an outage lost their messages); nothing that ended
     runs again."""
     svc.job(job_id)
-    requeued = control.resume_job(svc.settings, job_id, store=svc.store, celery=svc.celery)
+    requeued = control.resume_job(svc, job_id)
     return {**job_status(svc.job(job_id)), "requeued": requeued}
 
 

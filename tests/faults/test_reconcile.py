@@ -163,10 +163,11 @@ def test_cancel_records_queued_items_before_they_move_so_a_rebuild_keeps_them_ca
     the cancelled items as cancelled and queues none of them again."""
     from PIL import Image
 
-    from jobs import broker, records
+    from jobs import records
     from jobs.control import cancel_job
     from jobs.models import ItemRecord, JobRecord
     from jobs.reconcile import reconcile
+    from jobs.services import Services
     from jobs.settings import Settings
     from jobs.storage import LocalStore
     from jobs.store import MemoryStore
@@ -206,7 +207,7 @@ def test_cancel_records_queued_items_before_they_move_so_a_rebuild_keeps_them_ca
     ctx = process.Context(settings=settings, store=store, runner=Tiny, objects=lambda _: objects,
                           notify=lambda events: None, finalize=lambda _: None)
     assert process.process_item(ctx, job_id, "a").ended == "completed"  # a worker ends a
-    cancel_job(settings, job_id, store=store, celery=broker.make_celery(settings), objects=objects)  # b, c
+    cancel_job(Services(settings, store=store, objects=lambda _: objects), job_id)  # b, c
     assert {i.item_id: i.status for i in store.items(job_id)} == {"a": "completed", "b": "cancelled",
                                                                  "c": "cancelled"}
     for item_id in "bc":
