@@ -11,15 +11,14 @@ from typing import Annotated
 
 import typer
 
-from jobs import broker
-from jobs.catalog.run import Services, run_schedule
+from jobs.catalog.run import run_schedule
 from jobs.catalog.schedules import get_schedule, load_schedules
 from jobs.cli import SetOpt, err, fail, out
 from jobs.errors import DreambatchError
 from jobs.manifest import parse_sets
 from jobs.presets import load_presets
+from jobs.services import Services
 from jobs.settings import get_settings
-from jobs.store import RedisStore, ScheduleState
 
 JsonOpt = Annotated[bool, typer.Option("--json")]
 
@@ -29,8 +28,8 @@ def list_schedules(json_: JsonOpt = False) -> None:
     settings = get_settings()
     try:
         schedules = load_schedules(settings)
-        state = ScheduleState.from_url(settings.redis_url)
-        store = RedisStore.from_url(settings.redis_url)
+        services = Services(settings)
+        state, store = services.schedule_state, services.store
         now = datetime.now(UTC)
         rows = []
         for s in schedules.values():
@@ -76,8 +75,8 @@ def run_now(
     settings = get_settings()
     try:
         schedule = get_schedule(settings, name)
-        report = run_schedule(schedule, settings, Services.connect(settings), sets=parse_sets(set_ or []),
-                              dry_run=dry_run, retry_failed=retry_failed)
+        report = run_schedule(schedule, Services(settings), sets=parse_sets(set_ or []), dry_run=dry_run,
+                              retry_failed=retry_failed)
     except DreambatchError as exc:
         raise fail(str(exc)) from None
     if json_:
@@ -116,9 +115,9 @@ def beat(loglevel: Annotated[str, typer.Option()] = "INFO") -> None:
         load_schedules(settings)
     except DreambatchError as exc:
         raise fail(str(exc)) from None
-    celery = broker.make_celery(settings)
-    service = Service(celery, max_interval=settings.catalog.beat_interval,
-                      scheduler_cls=partial(CatalogScheduler, settings=settings))
+    services = Services(settings)
+    service = Service(services.celery, max_interval=settings.catalog.beat_interval,
+                      scheduler_cls=partial(CatalogScheduler, services=services))
 
     def stop(signum, frame):
         raise SystemExit(0)
