@@ -27,10 +27,8 @@ from jobs.manifest import input_policy, parse_sets, validate_manifest
 from jobs.models import MODELS, JobRecord, event_item_id, item_event_id
 from jobs.presets import job_defaults
 from jobs.reconcile import reconcile as reconcile_job
-from jobs.services import Services
+from jobs.services import get_services
 from jobs.settings import get_settings
-from jobs.storage import open_store
-from jobs.store import RedisStore
 from jobs.submit import ManifestInvalid, create_job, new_job_id
 
 err = Console(stderr=True)
@@ -111,11 +109,11 @@ def submit(
         if webhook:
             netguard.check_url(webhook, settings.netpolicy())
         defaults = job_defaults(preset, parse_sets(set_ or []), settings)
-        celery = broker.make_celery(settings)
+        services = get_services()
+        celery = services.celery
         job_id = new_job_id()
         sub = create_job(manifest, model=model, defaults=defaults, output=output, webhook=webhook,
-                         store=RedisStore.from_url(settings.redis_url, settings.redis_retry_s),
-                         objects=open_store(output, settings), retry_window=settings.redis_retry_s,
+                         store=services.store, objects=services.objects(output), retry_window=settings.redis_retry_s,
                          dispatch=lambda ids: broker.publish_items(celery, model, job_id, ids, priority=priority),
                          skip_invalid=skip_invalid, batch=settings.celery.publish_batch, job_id=job_id,
                          policy=input_policy(manifest, settings),
@@ -152,16 +150,13 @@ def reconcile(
     if not output or not output.startswith("s3://"):
         raise fail("--output s3://bucket/prefix is required (or set DREAMBATCH_OUTPUT)")
     try:
-        celery = broker.make_celery(settings)
-        objects = open_store(output, settings)
+        services = get_services()
+        objects = services.objects(output)
         spec = records.read_job(objects, job_id)
         if spec is None:
             raise JobNotFound(f"no job {job_id!r} under {output}")
-        report = reconcile_job(job_id, objects, RedisStore.from_url(settings.redis_url),
-                               dispatch=lambda ids: broker.publish_items(celery, spec.model, job_id, ids,
-                                                                         priority=spec.priority),
-                               finalize=lambda jid: broker.send_finalize(celery, jid),
-                               batch=settings.celery.publish_batch)
+        report = reconcile_job(job_id, objects, services.store, dispatch=lambda ids: services.publish(spec, ids),
+                               finalize=services.finalize, batch=settings.celery.publish_batch)
     except DreambatchError as exc:
         raise fail(str(exc)) from None
     if json_:
@@ -176,7 +171,7 @@ def cancel(job_id: str, json_: Annotated[bool, typer.Option("--json")] = False) 
     """Cancel JOB_ID: queued items end cancelled now, running ones stop at their next step; outputs
     already written are kept. The job ends `cancelled` (with its webhook) when its running items stop."""
     try:
-        job = cancel_job(Services(get_settings()), job_id)
+        job = cancel_job(get_services(), job_id)
     except DreambatchError as exc:
         raise fail(str(exc)) from None
     if json_:
@@ -199,7 +194,7 @@ def retry(job_id: str, json_: Annotated[bool, typer.Option("--json")] = False) -
     """Re-queue only JOB_ID's failed items, in the same job (same ids and manifest lines); the job runs
     again and ends once more. Rows rejected at submit are not retried."""
     try:
-        ids = retry_job(Services(get_settings()), job_id)
+        ids = retry_job(get_services(), job_id)
     except DreambatchError as exc:
         raise fail(str(exc)) from None
     _requeued(job_id, ids, "failed", json_)
@@ -213,7 +208,7 @@ def resume(
     """Re-queue JOB_ID's items that have no result (after an outage lost their messages); nothing that
     ended runs again."""
     try:
-        ids = resume_job(Services(get_settings()), job_id, output=output)
+        ids = resume_job(get_services(), job_id, output=output)
     except DreambatchError as exc:
         raise fail(str(exc)) from None
     _requeued(job_id, ids, "unfinished", json_)
@@ -248,7 +243,7 @@ def top(
     """Queues (waiting items per model and priority), live workers (heartbeats) and unfinished jobs."""
     from jobs.metrics import overview
 
-    store = RedisStore.from_url(get_settings().redis_url)
+    store = get_services().store
     if json_:
         print(json.dumps(overview(store).as_dict()))
         return
@@ -266,12 +261,12 @@ def top(
 
 def webhooks(job_id: str, redeliver: Annotated[bool, typer.Option(help="send every event again")] = False) -> None:
     """List every webhook delivery attempt of a job (time, status, latency, error); --redeliver re-sends."""
-    settings = get_settings()
+    services = get_services()
     try:
         job = _load_job(job_id)
     except DreambatchError as exc:
         raise fail(str(exc)) from None
-    events = RedisStore.from_url(settings.redis_url).events(job_id)
+    events = services.store.events(job_id)
     for event_id, attempts in events.items():
         for n, a in enumerate(attempts, 1):
             out.print(f"{event_id}  #{n}  {time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(a['at']))}Z  "
@@ -280,9 +275,7 @@ def webhooks(job_id: str, redeliver: Annotated[bool, typer.Option(help="send eve
     if redeliver:
         if not job.webhook:
             raise fail(f"job {job_id} has no webhook")
-        celery = broker.make_celery(settings)
-        for event_id in events:
-            broker.send_webhook(celery, job_id, event_item_id(job_id, event_id), event_id)
+        services.notify([(job_id, event_item_id(job_id, event_id), event_id) for event_id in events])
         err.print(f"re-sending {len(events)} event(s)", highlight=False)
 
 
@@ -292,7 +285,7 @@ def _notify_rejected(celery, webhook: str | None, items) -> None:
 
 
 def _load_job(job_id: str) -> JobRecord:
-    job = RedisStore.from_url(get_settings().redis_url).get_job(job_id)
+    job = get_services().store.get_job(job_id)
     if job is None:
         raise JobNotFound(f"no job {job_id!r} in {get_settings().redis_url}")
     return job
@@ -344,12 +337,11 @@ def status(job_id: str, watch: Annotated[bool, typer.Option("--watch")] = False,
 
 def results(job_id: str, format_: Annotated[str, typer.Option("--format", help="jsonl or csv")] = "jsonl") -> None:
     """Print a job's results, one line per manifest row (live state while it runs)."""
-    settings = get_settings()
     if format_ not in ("jsonl", "csv"):
         raise fail(f"--format: expected jsonl or csv (got {format_!r})", 2)
     try:
         job = _load_job(job_id)
-        lines = list(export.result_lines(job, RedisStore.from_url(settings.redis_url), settings))
+        lines = list(export.result_lines(job, get_services()))
     except DreambatchError as exc:
         raise fail(str(exc)) from None
     sys.stdout.writelines(export.jsonl_rows(lines) if format_ == "jsonl" else export.csv_rows(lines))

@@ -1,7 +1,8 @@
 """The composition root: every collaborator a process talks to, built from Settings on first use, once,
 and handed to whoever needs it.
 
-    services = Services(settings)   one per process: a CLI command, the API app, a worker (worker.runtime), beat
+    services = Services(settings)   one per process: the API app, a worker (worker.runtime), beat; a CLI
+                                    command's is `get_services()`, over `get_settings()`
     services.store                  the live state (jobs.store) on the process's Redis client, which rides out
                                     an outage of `redis_retry_s` seconds
     services.schedule_state         the schedules' Redis state (jobs.catalog), on that same client
@@ -21,6 +22,7 @@ from __future__ import annotations
 import secrets
 import threading
 from collections.abc import Callable, Iterable
+from functools import lru_cache
 from typing import Any
 
 from celery import Celery
@@ -29,7 +31,7 @@ from jobs import broker
 from jobs.ending import Event
 from jobs.errors import JobNotFound
 from jobs.models import JobRecord
-from jobs.settings import Settings
+from jobs.settings import Settings, get_settings
 from jobs.storage import ObjectStore, open_store, s3_client
 from jobs.store import RedisStore, ScheduleState, Store, redis_client
 
@@ -133,3 +135,9 @@ class Services:
         if self._finalize is not None:
             return self._finalize(job_id)
         broker.send_finalize(self.celery, job_id)
+
+
+@lru_cache(maxsize=1)
+def get_services() -> Services:
+    """The process-wide services over `get_settings()`, built on first use (what a CLI command uses)."""
+    return Services(get_settings())

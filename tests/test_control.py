@@ -365,7 +365,7 @@ def test_workers_and_the_control_plane_export_metrics_top_shows_them_and_logs_ca
     # leftover webhook retries may reach this I/O worker too: every attempt is timed, whatever its outcome)
 
     # the control plane's gauges, as the API serves them
-    body, content_type = metrics.render(Settings(redis_url=redis_server.url))
+    body, content_type = metrics.render(RedisStore.from_url(redis_server.url))
     assert content_type.startswith("text/plain")
     cp = _samples(body.decode())
     assert cp[("dreambatch_workers", (("queue", "gpu.i1-fast"),))] >= 1  # (earlier tests' heartbeats may linger)

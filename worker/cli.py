@@ -185,11 +185,11 @@ def sheet(
 ) -> None:
     """Make JOB_ID's review contact sheet: sheet.html (before/after pairs, ids, metadata, output links)
     and sheet.png, written next to the job."""
-    from jobs.services import Services
+    from jobs.services import get_services
     from worker.contact_sheet import make_sheet
 
     settings = get_settings()
-    services = Services(settings)
+    services = get_services()
     try:
         if output is None:
             job = services.store.get_job(job_id)

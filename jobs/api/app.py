@@ -86,7 +86,7 @@ def create_app(settings: Settings) -> FastAPI:
     def metrics(svc: ServicesDep, _key: Annotated[ApiKeyRecord, Depends(require("metrics"))]) -> Response:
         """Prometheus metrics of the control plane (jobs.metrics: items by status, queue depth per model and
         priority, live workers). Each worker serves its own (`--metrics-port`)."""
-        body, content_type = job_metrics.render(svc.settings, svc.store)
+        body, content_type = job_metrics.render(svc.store)
         return Response(body, media_type=content_type)
 
     app.include_router(jobs_routes.router)

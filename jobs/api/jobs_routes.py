@@ -223,7 +223,7 @@ def results(job_id: JobId, svc: ServicesDep, _key: Reader,
     """One line per manifest row (live state while the job runs). CSV cells that a spreadsheet would run
     (starting with = + - @) are quoted."""
     job = svc.job(job_id)
-    lines = export.result_lines(job, svc.store, svc.settings)
+    lines = export.result_lines(job, svc)
     if format == "csv":
         return StreamingResponse(export.csv_rows(lines), media_type="text/csv",
                                  headers={"Content-Disposition": f'attachment; filename="{job_id}.csv"'})

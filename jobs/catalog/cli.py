@@ -17,7 +17,7 @@ from jobs.cli import SetOpt, err, fail, out
 from jobs.errors import DreambatchError
 from jobs.manifest import parse_sets
 from jobs.presets import load_presets
-from jobs.services import Services
+from jobs.services import get_services
 from jobs.settings import get_settings
 
 JsonOpt = Annotated[bool, typer.Option("--json")]
@@ -28,7 +28,7 @@ def list_schedules(json_: JsonOpt = False) -> None:
     settings = get_settings()
     try:
         schedules = load_schedules(settings)
-        services = Services(settings)
+        services = get_services()
         state, store = services.schedule_state, services.store
         now = datetime.now(UTC)
         rows = []
@@ -75,7 +75,7 @@ def run_now(
     settings = get_settings()
     try:
         schedule = get_schedule(settings, name)
-        report = run_schedule(schedule, Services(settings), sets=parse_sets(set_ or []), dry_run=dry_run,
+        report = run_schedule(schedule, get_services(), sets=parse_sets(set_ or []), dry_run=dry_run,
                               retry_failed=retry_failed)
     except DreambatchError as exc:
         raise fail(str(exc)) from None
@@ -115,7 +115,7 @@ def beat(loglevel: Annotated[str, typer.Option()] = "INFO") -> None:
         load_schedules(settings)
     except DreambatchError as exc:
         raise fail(str(exc)) from None
-    services = Services(settings)
+    services = get_services()
     service = Service(services.celery, max_interval=settings.catalog.beat_interval,
                       scheduler_cls=partial(CatalogScheduler, services=services))
 
