@@ -20,11 +20,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from jobs import broker, export, keys, lifecycle, netguard, records
-from jobs.control import cancel_job, parse_duration, resume_job, retry_job
+from jobs.control import cancel_job, resume_job, retry_job
 from jobs.errors import ConfigError, DreambatchError, InputError, JobNotFound
 from jobs.lifecycle import ItemStatus, JobStatus
 from jobs.manifest import input_policy, parse_sets, validate_manifest
-from jobs.models import MODELS, JobRecord, event_item_id, item_event_id
+from jobs.models import MODELS, JobRecord, event_item_id, item_event_id, parse_duration
 from jobs.presets import job_defaults
 from jobs.reconcile import reconcile as reconcile_job
 from jobs.services import get_services

@@ -18,7 +18,6 @@ the CLI (`dreambatch cancel|retry|resume JOB`), the HTTP API and the I/O worker 
 
 from __future__ import annotations
 
-import re
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -27,7 +26,7 @@ from itertools import islice
 
 from jobs import records
 from jobs.ending import end_items
-from jobs.errors import InputError, JobNotFound, JobStateError
+from jobs.errors import JobNotFound, JobStateError
 from jobs.lifecycle import ItemStatus, JobStatus
 from jobs.models import ItemRecord, JobRecord, Timings
 from jobs.reconcile import reconcile
@@ -35,22 +34,6 @@ from jobs.services import Services
 from jobs.storage import ObjectStore
 from jobs.store import RedisStore
 from jobs.submit import now_iso
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|d)?\s*$")
-_UNIT = {None: 1, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
-MAX_DURATION_S = 30 * 86400
-
-
-def parse_duration(text: str) -> float:
-    """Seconds in "90", "90s", "15m", "2h" or "1d" (at most 30 days)."""
-    match = _DURATION.match(str(text))
-    if not match:
-        raise InputError(f"expected a duration like 90s, 15m, 2h or 1d (got {text!r})")
-    seconds = float(match.group(1)) * _UNIT[match.group(2)]
-    if not 0 < seconds <= MAX_DURATION_S:
-        raise InputError(f"duration must be more than 0 and at most 30d (got {text!r})")
-    return seconds
-
 
 HOLD_S = 30.0  # s cancel or expiry holds a queued item's execution lease while it ends the item
 HOLD_BATCH = 100  # items held at a time

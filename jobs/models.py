@@ -7,12 +7,13 @@ Rows are validated with pydantic. A generation row (HiDream-I1) and an edit row 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from jobs.errors import ErrorKind, recorded_kind
+from jobs.errors import ErrorKind, InputError, recorded_kind
 from jobs.formats import CONTENT_TYPES, EXTENSIONS, SUFFIXES  # noqa: F401  (CONTENT_TYPES, EXTENSIONS: re-exported)
 from jobs.lifecycle import ItemStatus, JobStatus
 
@@ -257,6 +258,22 @@ class ItemRecord(BaseModel):
             "timings": self.timings.model_dump(),
             "model_revision": self.model_revision,
         }
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|d)?\s*$")
+_UNIT = {None: 1, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
+MAX_DURATION_S = 30 * 86400
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in "90", "90s", "15m", "2h" or "1d" (at most 30 days)."""
+    match = _DURATION.match(str(text))
+    if not match:
+        raise InputError(f"expected a duration like 90s, 15m, 2h or 1d (got {text!r})")
+    seconds = float(match.group(1)) * _UNIT[match.group(2)]
+    if not 0 < seconds <= MAX_DURATION_S:
+        raise InputError(f"duration must be more than 0 and at most 30d (got {text!r})")
+    return seconds
 
 
 Priority = Literal["high", "normal", "low"]

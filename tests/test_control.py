@@ -423,15 +423,15 @@ def test_a_retried_job_ignores_a_late_finalize_until_its_items_end_again(redis_s
 @pytest.mark.parametrize(("text", "seconds"), [("90", 90), ("90s", 90), ("15m", 900), ("2h", 7200), ("1d", 86400),
                                                ("0.5h", 1800)])
 def test_durations_read_as_seconds(text, seconds):
-    from jobs.control import parse_duration
+    from jobs.models import parse_duration
 
     assert parse_duration(text) == seconds
 
 
 @pytest.mark.parametrize("text", ["", "soon", "0s", "-5m", "31d", "5 weeks"])
 def test_bad_durations_say_what_was_expected(text):
-    from jobs.control import parse_duration
     from jobs.errors import InputError
+    from jobs.models import parse_duration
 
     with pytest.raises(InputError, match="duration"):
         parse_duration(text)

@@ -32,12 +32,11 @@ from jobs.api.service import (
     sign_file,
     submit,
 )
-from jobs.control import parse_duration
 from jobs.errors import InputError
 from jobs.formats import CONTENT_TYPES, EXTENSIONS
 from jobs.lifecycle import ItemStatus
 from jobs.manifest import parse_sets
-from jobs.models import ApiKeyRecord, JobRecord, Priority
+from jobs.models import ApiKeyRecord, JobRecord, Priority, parse_duration
 from jobs.submit import ManifestInvalid
 
 router = APIRouter(tags=["jobs"])
