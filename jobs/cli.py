@@ -19,17 +19,17 @@ from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from jobs import broker, export, keys, lifecycle, netguard, records
+from jobs import export, keys, lifecycle, records
 from jobs.control import cancel_job, resume_job, retry_job
 from jobs.errors import ConfigError, DreambatchError, InputError, JobNotFound
 from jobs.lifecycle import ItemStatus, JobStatus
 from jobs.manifest import input_policy, parse_sets, validate_manifest
-from jobs.models import MODELS, JobRecord, event_item_id, item_event_id, parse_duration
+from jobs.models import MODELS, JobRecord, JobSpec, event_item_id, parse_duration
 from jobs.presets import job_defaults
 from jobs.reconcile import reconcile as reconcile_job
 from jobs.services import get_services
 from jobs.settings import get_settings
-from jobs.submit import ManifestInvalid, create_job, new_job_id
+from jobs.submit import ManifestInvalid, create_job
 
 err = Console(stderr=True)
 out = Console()
@@ -102,30 +102,19 @@ def submit(
     if max_concurrency is not None and max_concurrency < 1:
         raise fail(f"--max-concurrency: expected 1 or more (got {max_concurrency})", 2)
     try:
-        expires_at = time.time() + parse_duration(expires_after) if expires_after else None
+        expires_s = parse_duration(expires_after) if expires_after else None
     except InputError as exc:
         raise fail(f"--expires-after: {exc}", 2) from None
     try:
-        if webhook:
-            netguard.check_url(webhook, settings.netpolicy())
-        defaults = job_defaults(preset, parse_sets(set_ or []), settings)
-        services = get_services()
-        celery = services.celery
-        job_id = new_job_id()
-        sub = create_job(manifest, model=model, defaults=defaults, output=output, webhook=webhook,
-                         store=services.store, objects=services.objects(output), retry_window=settings.redis_retry_s,
-                         dispatch=lambda ids: broker.publish_items(celery, model, job_id, ids, priority=priority),
-                         skip_invalid=skip_invalid, batch=settings.celery.publish_batch, job_id=job_id,
-                         policy=input_policy(manifest, settings),
-                         on_rejected=lambda items: _notify_rejected(celery, webhook, items),
-                         priority=priority, max_concurrency=max_concurrency, expires_at=expires_at,
-                         review_sheet=sheet)
+        spec = JobSpec(model=model, defaults=job_defaults(preset, parse_sets(set_ or []), settings), output=output,
+                       webhook=webhook, priority=priority, max_concurrency=max_concurrency, expires_after=expires_s,
+                       review_sheet=sheet, skip_invalid=skip_invalid)
+        sub = create_job(spec, manifest, get_services())
     except ManifestInvalid as exc:
         raise report_invalid(exc) from None
     except DreambatchError as exc:
         raise fail(str(exc)) from None
-    if sub.job_done:
-        broker.send_finalize(celery, job_id)
+    job_id = sub.job.job_id
     if json_:
         print(json.dumps({"job_id": job_id, "queued": sub.queued, "rejected": sub.rejected,
                           "total": sub.job.total}))
@@ -277,11 +266,6 @@ def webhooks(job_id: str, redeliver: Annotated[bool, typer.Option(help="send eve
             raise fail(f"job {job_id} has no webhook")
         services.notify([(job_id, event_item_id(job_id, event_id), event_id) for event_id in events])
         err.print(f"re-sending {len(events)} event(s)", highlight=False)
-
-
-def _notify_rejected(celery, webhook: str | None, items) -> None:
-    for item in items if webhook else []:
-        broker.send_webhook(celery, item.job_id, item.item_id, item_event_id(item.job_id, item.item_id, item.status))
 
 
 def _load_job(job_id: str) -> JobRecord:

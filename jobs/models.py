@@ -1,4 +1,4 @@
-"""Data only: model presets, manifest rows, job and item records.
+"""Data only: model presets, manifest rows, the job spec, job and item records.
 
 Rows are validated with pydantic. A generation row (HiDream-I1) and an edit row (HiDream-E1) share
 `CommonParams`; each model names the row class it accepts in `MODELS`.
@@ -277,6 +277,26 @@ def parse_duration(text: str) -> float:
 
 
 Priority = Literal["high", "normal", "low"]
+WebhookFormat = Literal["dreambatch", "fal"]  # fal: one envelope when the (one-item) request ends
+
+
+class JobSpec(BaseModel):
+    """How a manifest becomes a job: every job option, declared once. The CLI's flags, the API's bodies, a
+    schedule and local mode each build one; `jobs.submit.create_job(spec, manifest, services)` makes the job."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str  # one of MODELS
+    defaults: dict[str, Any] = Field(default_factory=dict)  # job defaults (`--set`, a preset); a row overrides them
+    output: str | None = None  # s3://bucket/prefix or a folder the workers share; None: DREAMBATCH_OUTPUT
+    webhook: str | None = None  # POSTed on every item and job terminal state
+    webhook_format: WebhookFormat = "dreambatch"
+    priority: Priority = "normal"  # a worker takes high items first, low ones last
+    max_concurrency: int | None = Field(None, ge=1)  # at most this many of its items running at once
+    expires_after: float | None = Field(None, gt=0, le=MAX_DURATION_S)  # s from submission: items not started
+    #                                                                     by then end cancelled, reason "expired"
+    review_sheet: bool = False  # write the review contact sheet when the job ends
+    skip_invalid: bool = False  # queue the valid rows and record the invalid ones as failed (else: queue nothing)
 
 
 class JobRecord(BaseModel):
@@ -288,7 +308,7 @@ class JobRecord(BaseModel):
     defaults: dict[str, Any] = Field(default_factory=dict)
     output: str  # s3://bucket/prefix or a local folder
     webhook: str | None = None
-    webhook_format: Literal["dreambatch", "fal"] = "dreambatch"  # fal: one envelope when the request ends
+    webhook_format: WebhookFormat = "dreambatch"
     webhook_disabled: bool = False  # the endpoint answered 410 Gone: no more events for this job
     submitting: bool = False  # its submission has not committed yet: workers hold its items back
     submit_aborted: bool = False  # its submission failed: nothing of it runs
@@ -303,6 +323,9 @@ class JobRecord(BaseModel):
     results_uri: str | None = None
     cancel_requested: bool = False  # `cancel JOB` was asked: running items stop at their next step
     round: int = 0  # how many times `retry JOB` re-opened it
+
+
+Event = tuple[str, str | None, str]  # one webhook message: (job_id, item_id or None for the job's own, event_id)
 
 
 def _round_suffix(round_: int) -> str:

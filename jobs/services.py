@@ -28,9 +28,8 @@ from typing import Any
 from celery import Celery
 
 from jobs import broker
-from jobs.ending import Event
 from jobs.errors import JobNotFound
-from jobs.models import JobRecord
+from jobs.models import Event, JobRecord
 from jobs.settings import Settings, get_settings
 from jobs.storage import ObjectStore, open_store, s3_client
 from jobs.store import RedisStore, ScheduleState, Store, redis_client

@@ -23,7 +23,7 @@ from jobs.cli import ModelOpt, PresetOpt, SetOpt, err, fail, out, report_invalid
 from jobs.errors import DreambatchError
 from jobs.lifecycle import JobStatus
 from jobs.manifest import parse_sets
-from jobs.models import MODELS
+from jobs.models import MODELS, JobSpec
 from jobs.presets import job_defaults
 from jobs.settings import RunnerSettings, get_settings
 from jobs.submit import ManifestInvalid
@@ -161,9 +161,9 @@ def run(
     try:
         settings = _settings(i1_full, llama)
         defaults = job_defaults(preset, parse_sets(set_ or []), settings)
-        sub = run_local(manifest, model=model, defaults=defaults, out=out_dir, settings=settings,
-                        weights=weights, device=device or _default_device(), webhook=webhook,
-                        skip_invalid=skip_invalid, on_item=on_item)
+        spec = JobSpec(model=model, defaults=defaults, output=out_dir, webhook=webhook, skip_invalid=skip_invalid)
+        sub = run_local(manifest, spec, settings=settings, weights=weights, device=device or _default_device(),
+                        on_item=on_item)
     except ManifestInvalid as exc:
         raise report_invalid(exc) from None
     except DreambatchError as exc:

@@ -11,11 +11,8 @@ import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-from jobs import netguard
-from jobs.manifest import input_policy
-from jobs.models import item_event_id
+from jobs.models import JobSpec
 from jobs.services import Services
 from jobs.settings import Settings
 from jobs.storage import LocalStore
@@ -27,32 +24,23 @@ from worker.runtime import Runtime
 log = logging.getLogger("dreambatch.local")
 
 
-def run_local(manifest: Path, *, model: str, defaults: dict[str, Any], out: str, settings: Settings,
-              weights: str | None = None, device: str = "cpu", webhook: str | None = None,
-              skip_invalid: bool = False, on_item: Callable[[str, str], None] | None = None) -> Submission:
+def run_local(manifest: Path, spec: JobSpec, *, settings: Settings, weights: str | None = None, device: str = "cpu",
+              on_item: Callable[[str, str], None] | None = None) -> Submission:
+    """Run `manifest` as `spec` says, here; `spec.output` is the folder for images and the durable record."""
     queue: deque[str] = deque()
     finals: list[str] = []
     events: list[tuple[str, str | None, str]] = []
-    objects = LocalStore(out)
+    objects = LocalStore(spec.output or "out")
     services = Services(settings, store=MemoryStore(), objects=lambda _loc: objects,
                         publish=lambda _job, ids: queue.extend(ids), notify=events.extend, finalize=finals.append)
     store = services.store
-    runtime = Runtime(services, model=model, weights=weights, device=device)
+    runtime = Runtime(services, model=spec.model, weights=weights, device=device)
     ctx = process.Context(settings=settings, store=store, runner=runtime.runner, objects=services.objects,
                           notify=services.notify, finalize=services.finalize,
                           revision=lambda: runtime.model_revision)
 
     # 1. validate and create the job; queued ids land in a local queue
-    if webhook:
-        netguard.check_url(webhook, settings.netpolicy())
-    sub = create_job(manifest, model=model, defaults=defaults, output=objects.location, webhook=webhook,
-                     store=store, objects=objects, dispatch=queue.extend, skip_invalid=skip_invalid,
-                     policy=input_policy(manifest, settings),
-                     on_rejected=lambda items: events.extend(
-                         (i.job_id, i.item_id, item_event_id(i.job_id, i.item_id, i.status))
-                         for i in items if webhook))
-    if sub.job_done:
-        finals.append(sub.job.job_id)
+    sub = create_job(spec.model_copy(update={"output": objects.location}), manifest, services)
 
     # 2. run every item, retrying transient failures after their backoff
     job_id = sub.job.job_id

@@ -27,7 +27,6 @@ from jobs.api import schemas
 from jobs.api.deps import ServicesDep, require
 from jobs.api.service import (
     ApiError,
-    JobOptions,
     Services,
     Upload,
     fingerprint,
@@ -38,7 +37,7 @@ from jobs.api.service import (
 )
 from jobs.errors import InputError
 from jobs.lifecycle import ItemStatus, JobStatus
-from jobs.models import MODELS, JobRecord
+from jobs.models import MODELS, JobRecord, JobSpec
 from jobs.submit import ManifestInvalid
 
 router = APIRouter(prefix="/queue", tags=["fal queue"])
@@ -94,7 +93,7 @@ async def submit_request(
     def create() -> str:
         upload = Upload()
         try:
-            options = JobOptions(model=model, webhook=webhook, webhook_format="fal")
+            options = JobSpec(model=model, webhook=webhook, webhook_format="fal")
             return submit(svc, upload.write_rows([row]), options, upload).job.job_id
         except ManifestInvalid as exc:
             errors = list(dict.fromkeys(re.sub(r"^line \d+: ", "", e) for e in exc.issues))

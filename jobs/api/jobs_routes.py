@@ -22,7 +22,6 @@ from jobs.api import schemas
 from jobs.api.deps import ServicesDep, require
 from jobs.api.service import (
     ApiError,
-    JobOptions,
     Services,
     Upload,
     fingerprint,
@@ -36,7 +35,7 @@ from jobs.errors import InputError
 from jobs.formats import CONTENT_TYPES, EXTENSIONS
 from jobs.lifecycle import ItemStatus
 from jobs.manifest import parse_sets
-from jobs.models import ApiKeyRecord, JobRecord, Priority, parse_duration
+from jobs.models import ApiKeyRecord, JobRecord, JobSpec, Priority, parse_duration
 from jobs.submit import ManifestInvalid
 
 router = APIRouter(tags=["jobs"])
@@ -48,6 +47,7 @@ IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_lengt
 MANIFEST_TYPES = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", "text/csv": "csv",
                   "application/x-ndjson": "jsonl", "application/jsonl": "jsonl", "application/x-jsonlines": "jsonl"}
 Scalar = str | int | float | bool
+NOT_ASKED = {"output", "review_sheet"}  # spec fields a request does not set (left out of its fingerprint)
 
 
 class JobCreate(BaseModel):
@@ -110,7 +110,7 @@ async def _read_capped(upload, limit: int, dest: Path) -> bytes:
     return data
 
 
-async def _parse_create(request: Request, svc: Services, upload: Upload) -> tuple[Path, JobOptions, str]:
+async def _parse_create(request: Request, svc: Services, upload: Upload) -> tuple[Path, JobSpec, str]:
     """The manifest file, the job options and a fingerprint of both, from either body shape."""
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind == "multipart/form-data":
@@ -137,10 +137,10 @@ async def _parse_create(request: Request, svc: Services, upload: Upload) -> tupl
             raise ApiError(422, "; ".join(lines), errors=lines) from None
         path = upload.root / f"manifest.{fmt}"
         data = await _read_capped(file, svc.settings.api.max_upload_bytes, path)
-        options = JobOptions(model=fields.model, defaults=defaults, webhook=fields.webhook,
-                             skip_invalid=fields.skip_invalid, priority=fields.priority,
-                             max_concurrency=fields.max_concurrency, expires_after=_duration(fields.expires_after))
-        return path, options, fingerprint("manifest", fmt, data, options.__dict__)
+        options = JobSpec(model=fields.model, defaults=defaults, webhook=fields.webhook,
+                          skip_invalid=fields.skip_invalid, priority=fields.priority,
+                          max_concurrency=fields.max_concurrency, expires_after=_duration(fields.expires_after))
+        return path, options, fingerprint("manifest", fmt, data, options.model_dump(exclude=NOT_ASKED))
     if kind not in ("application/json", ""):
         raise ApiError(415, f"send application/json rows or a multipart/form-data manifest (got {kind!r})",
                        code="unsupported_media_type")
@@ -152,9 +152,9 @@ async def _parse_create(request: Request, svc: Services, upload: Upload) -> tupl
     if len(body.rows) > svc.settings.api.max_json_rows:
         raise ApiError(413, f"rows: at most {svc.settings.api.max_json_rows} rows in a JSON body; upload a manifest "
                             "file for more", code="too_large", param="rows")
-    options = JobOptions(model=body.model, defaults={k: str(v) for k, v in body.defaults.items()},
-                         webhook=body.webhook, skip_invalid=body.skip_invalid, priority=body.priority,
-                         max_concurrency=body.max_concurrency, expires_after=_duration(body.expires_after))
+    options = JobSpec(model=body.model, defaults={k: str(v) for k, v in body.defaults.items()},
+                      webhook=body.webhook, skip_invalid=body.skip_invalid, priority=body.priority,
+                      max_concurrency=body.max_concurrency, expires_after=_duration(body.expires_after))
     return upload.write_rows(body.rows), options, fingerprint("rows", body.model_dump())
 
 

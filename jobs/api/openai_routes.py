@@ -21,7 +21,6 @@ from jobs.api import schemas
 from jobs.api.deps import ServicesDep, require
 from jobs.api.service import (
     ApiError,
-    JobOptions,
     Services,
     Upload,
     fingerprint,
@@ -33,7 +32,7 @@ from jobs.api.service import (
 )
 from jobs.errors import ErrorKind
 from jobs.lifecycle import ItemStatus
-from jobs.models import MAX_SEED, MODELS, JobRecord
+from jobs.models import MAX_SEED, MODELS, JobRecord, JobSpec
 from jobs.submit import ManifestInvalid
 
 router = APIRouter(tags=["openai images"])
@@ -93,7 +92,7 @@ async def run_images(svc: Services, key_id: str, idempotency_key: str | None, mo
 
     def create() -> str:
         try:
-            return submit(svc, upload.write_rows(rows), JobOptions(model=model), upload).job.job_id
+            return submit(svc, upload.write_rows(rows), JobSpec(model=model), upload).job.job_id
         except ManifestInvalid as exc:  # one request: its lines are the request's fields
             errors = [re.sub(r"^line \d+: ", "", e) for e in exc.issues]
             errors = list(dict.fromkeys(errors))

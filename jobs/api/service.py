@@ -12,21 +12,19 @@ import json
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import anyio
 
-from jobs import broker, lifecycle, netguard
-from jobs.errors import ConfigError, InputError
+from jobs import lifecycle
 from jobs.inputs import InputPolicy
 from jobs.lifecycle import ItemStatus
-from jobs.models import MODELS, ItemRecord, JobRecord, OutputImage, item_event_id
+from jobs.models import JobRecord, JobSpec, OutputImage
 from jobs.services import Services
 from jobs.storage import key_of
-from jobs.submit import Submission, create_job, new_job_id
+from jobs.submit import Submission, create_job
 
 IDEMPOTENCY_TTL = 24 * 3600
 
@@ -51,20 +49,6 @@ def not_found(job_id: str) -> ApiError:
     return ApiError(404, f"no job {job_id!r}", code="not_found")
 
 
-@dataclass(kw_only=True)
-class JobOptions:
-    """How a set of rows becomes a job (the `dreambatch submit` options)."""
-
-    model: str
-    defaults: dict[str, Any] = field(default_factory=dict)
-    webhook: str | None = None
-    skip_invalid: bool = False
-    webhook_format: str = "dreambatch"  # "fal": one fal envelope when the (one-item) job ends
-    priority: str = "normal"
-    max_concurrency: int | None = None
-    expires_after: float | None = None  # s from submission
-
-
 # --- submitting ---------------------------------------------------------------------------------
 class Upload:
     """A private folder for one request: the manifest, and the only place its local image paths may point."""
@@ -85,36 +69,10 @@ class Upload:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-def submit(svc: Services, manifest: Path, options: JobOptions, upload: Upload) -> Submission:
-    """Validate and queue a manifest exactly as `dreambatch submit` does. Local image paths may only
+def submit(svc: Services, manifest: Path, spec: JobSpec, upload: Upload) -> Submission:
+    """Validate and queue a manifest as every job is made (jobs.submit.create_job). Local image paths may only
     name files uploaded with this request (the upload's inputs folder), never the server's own files."""
-    settings = svc.settings
-    if options.model not in MODELS:
-        raise InputError(f"model: unknown model {options.model!r}; choose one of {', '.join(MODELS)}")
-    if options.webhook:
-        netguard.check_url(options.webhook, settings.netpolicy())
-    output = settings.output
-    if not output:
-        raise ConfigError("the API needs DREAMBATCH_OUTPUT (s3://bucket/prefix or a folder the workers share)")
-    job_id = new_job_id()
-    celery, webhook = svc.celery, options.webhook
-
-    def rejected(items: list[ItemRecord]) -> None:
-        for item in items if webhook else []:
-            broker.send_webhook(celery, job_id, item.item_id, item_event_id(job_id, item.item_id, item.status))
-
-    sub = create_job(manifest, model=options.model, defaults=options.defaults, output=output, webhook=webhook,
-                     store=svc.store, objects=svc.objects(output),
-                     dispatch=lambda ids: broker.publish_items(celery, options.model, job_id, ids,
-                                                               priority=options.priority),
-                     skip_invalid=options.skip_invalid, batch=settings.celery.publish_batch, job_id=job_id,
-                     policy=InputPolicy(upload.inputs, (), settings.inputs.max_bytes), on_rejected=rejected,
-                     priority=options.priority, max_concurrency=options.max_concurrency,
-                     expires_at=time.time() + options.expires_after if options.expires_after else None,
-                     webhook_format=options.webhook_format)
-    if sub.job_done:
-        broker.send_finalize(celery, job_id)
-    return sub
+    return create_job(spec, manifest, svc, policy=InputPolicy(upload.inputs, (), svc.settings.inputs.max_bytes))
 
 
 def fingerprint(*parts: Any) -> str:

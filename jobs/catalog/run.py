@@ -23,7 +23,7 @@ from jobs.errors import ConfigError, InputError, TransientError
 from jobs.identity import Identities
 from jobs.inputs import InputPolicy
 from jobs.manifest import CheckedRow, Issue, RawRow, RowChecker, input_policy, read_rows
-from jobs.models import MODELS, ItemRecord, item_event_id
+from jobs.models import MODELS
 from jobs.services import Services
 from jobs.settings import Settings
 from jobs.storage import ObjectStore, S3Store, split_s3, split_s3_key
@@ -113,7 +113,7 @@ def _run_scan(run: _Run) -> None:
         with manifest.open("w") as fh:
             for cand in todo:
                 fh.write(json.dumps(cand.row) + "\n")
-        _submit(schedule, settings, services, manifest, plan.defaults, job_id, InputPolicy(Path(tmp)), report)
+        _submit(schedule, services, manifest, plan.defaults, job_id, InputPolicy(Path(tmp)), report)
 
 
 def _start_run(run: _Run, ledger: Ledger, output: ObjectStore, seen: set[str],
@@ -198,7 +198,7 @@ def _run_manifest(run: _Run) -> None:
         # 3. the run's record, then the job (of the rows to run only)
         job_id = _start_run(run, ledger, output, seen, todo)
         if job_id is not None:
-            _submit(schedule, settings, services, subset, defaults, job_id, policy, report)
+            _submit(schedule, services, subset, defaults, job_id, policy, report)
 
 
 def _manifest_file(run: _Run, tmp: Path) -> tuple[Path, InputPolicy]:
@@ -228,19 +228,9 @@ def _image_ref(row: CheckedRow, raw: RawRow, model: str) -> str | None:
     return image if isinstance(image, str) and image else None
 
 
-def _submit(schedule: Schedule, settings: Settings, services: Services, manifest: Path, defaults: dict[str, Any],
-            job_id: str, policy: InputPolicy, report: RunReport) -> None:
-    def rejected(items: list[ItemRecord]) -> None:
-        services.notify([(i.job_id, i.item_id, item_event_id(i.job_id, i.item_id, i.status))
-                         for i in items if schedule.webhook])
-
-    sub = create_job(manifest, model=schedule.model, defaults=defaults, output=schedule.output,
-                     webhook=schedule.webhook, store=services.store, objects=services.objects(schedule.output),
-                     dispatch=lambda ids: services.publish(services.job(job_id), ids), skip_invalid=True,
-                     batch=settings.celery.publish_batch, job_id=job_id, policy=policy, on_rejected=rejected,
-                     review_sheet=schedule.contact_sheet)
-    if sub.job_done:
-        services.finalize(job_id)
+def _submit(schedule: Schedule, services: Services, manifest: Path, defaults: dict[str, Any], job_id: str,
+            policy: InputPolicy, report: RunReport) -> None:
+    sub = create_job(schedule.job_spec(defaults), manifest, services, policy=policy, job_id=job_id)
     report.job_id, report.queued, report.rejected = job_id, sub.queued, sub.rejected
 
 

@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from jobs import templates
 from jobs.errors import ConfigError, InputError
-from jobs.models import MODELS, row_class
+from jobs.models import MODELS, JobSpec, row_class
 from jobs.presets import read_config_text, read_toml
 from jobs.settings import Settings
 from jobs.storage import split_s3
@@ -162,6 +162,12 @@ class Schedule(BaseModel):
         if croniter.match(self.cron, local) and local.second == 0 and local.microsecond == 0:
             return local.astimezone(UTC)
         return croniter(self.cron, local).get_prev(datetime).astimezone(UTC)
+
+    def job_spec(self, defaults: dict[str, Any]) -> JobSpec:
+        """How each run's rows become its job (`defaults`: the run's plan: preset, params, rendered texts). A row
+        the job rejects is recorded as failed and the rest run."""
+        return JobSpec(model=self.model, defaults=defaults, output=self.output, webhook=self.webhook,
+                       review_sheet=self.contact_sheet, skip_invalid=True)
 
     def key_template(self) -> templates.KeyTemplate | None:
         if self.source.path is None:
