@@ -12,6 +12,7 @@ import re
 import shutil
 import signal
 import subprocess
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -495,6 +496,39 @@ def test_a_manifest_source_queues_every_row_with_the_schedules_preset_and_a_dry_
     job = RedisStore.from_url(settings.redis_url).get_job(report.job_id)
     assert "autumn" in job.defaults["instruction"] and job.review_sheet
     assert ScheduleState.from_url(settings.redis_url).last_run(name)["job_id"] == report.job_id
+
+
+def test_a_schedules_priority_concurrency_cap_and_expiry_reach_its_jobs(redis_server, s3_endpoint, bucket, tmp_path):
+    """A schedule says how urgent its runs are, how many of their items may run at once and how long they may
+    wait; each run's job carries all three, as `dreambatch submit --priority/--max-concurrency/--expires-after`."""
+    s3_client(s3_endpoint).put_object(Bucket=bucket, Key="in/a.jpg", Body=photo(1, "jpg"), ContentType="image/jpeg")
+    manifest = tmp_path / "tonight.csv"
+    manifest.write_text(f"image,sku\ns3://{bucket}/in/a.jpg,A\n")
+    name, path = f"opts-{uuid.uuid4().hex[:6]}", tmp_path / "schedules.toml"
+
+    def write(priority: str = '"high"', cap: str = "2", expires: str = '"2h"') -> None:
+        path.write_text(f'[schedules.{name}]\nmodel = "e1-1"\npreset = "seasonal"\noutput = "s3://{bucket}/out"\n'
+                        f'priority = {priority}\nmax_concurrency = {cap}\nexpires_after = {expires}\n'
+                        f'[schedules.{name}.source]\nmanifest = "{manifest}"\n')
+
+    write()
+    settings = Settings(redis_url=redis_server.url[:-1] + "8", s3=S3Settings(endpoint_url=s3_endpoint),
+                        catalog=CatalogSettings(schedules_file=str(path)))
+    published: list[tuple[str, list[str]]] = []
+    services = Services(settings, publish=lambda job, ids: published.append((job.priority, ids)))
+
+    before = time.time()
+    report = run_schedule(load_schedules(settings)[name], services, sets={"theme": "autumn"})
+    job = RedisStore.from_url(settings.redis_url).get_job(report.job_id)
+    assert (job.priority, job.max_concurrency) == ("high", 2)
+    assert before + 7200 <= job.expires_at <= time.time() + 7200
+    assert published == [("high", ["2"])]  # its items wait in the high-priority list
+
+    for bad, why in [({"priority": '"urgent"'}, "priority"), ({"cap": "0"}, "max_concurrency"),
+                     ({"expires": '"soon"'}, "expires_after: expected a duration")]:
+        write(**bad)
+        with pytest.raises(ConfigError, match=f"schedules.{name}: {why}"):
+            load_schedules(settings)
 
 
 def test_a_large_job_gets_sheet_pages_and_a_failed_row_shows_its_error(tmp_path):
