@@ -137,13 +137,13 @@ def reconcile(
 def sweep(
     objects: ObjectStore,
     store: Store,
-    publish: Callable[[str, str, list[str]], None],
+    publish: Callable[[JobRecord, list[str]], None],
     finalize: Callable[[str], None],
     batch: int = 500,
 ) -> list[ReconcileReport]:
     """Reconcile every job committed in this location (it has an `_open` marker) that the live store
-    no longer knows: Redis lost it. `publish(model, job_id, ids)` queues a batch of items. A marker
-    left by a job that has ended is removed."""
+    no longer knows: Redis lost it. `publish(job, ids)` queues a batch of the job's items (at its priority).
+    A marker left by a job that has ended is removed."""
     reports = []
     for job_id in records.open_jobs(objects):
         live = store.get_job(job_id)
@@ -154,8 +154,7 @@ def sweep(
         spec = records.read_job(objects, job_id)
         if spec is None or spec.submitting:
             continue
-        model = spec.model
-        report = reconcile(job_id, objects, store, lambda ids, m=model, j=job_id: publish(m, j, ids), finalize, batch)
+        report = reconcile(job_id, objects, store, lambda ids, job=spec: publish(job, ids), finalize, batch)
         if report.restored_terminal:
             records.mark_ended(objects, job_id)
         reports.append(report)

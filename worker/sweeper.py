@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import threading
 
-from jobs import broker, keys
+from jobs import keys
 from jobs.reconcile import sweep
 from jobs.services import Services
 from jobs.settings import Settings
@@ -26,9 +26,7 @@ def sweep_once(services: Services) -> int:
     count, settings = 0, services.settings
     for location in locations(settings):
         objects = services.objects(location)
-        reports = sweep(objects, services.store,
-                        lambda model, job_id, ids: broker.publish_items(services.celery, model, job_id, ids),
-                        services.finalize, settings.celery.publish_batch)
+        reports = sweep(objects, services.store, services.publish, services.finalize, settings.celery.publish_batch)
         for r in reports:
             log.warning("reconciled job %s from %s: %d item(s), %d ended, %d re-queued", r.job_id, location,
                         r.total, r.ended, r.requeued)

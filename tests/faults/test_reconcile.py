@@ -109,6 +109,31 @@ def _recorded_job(tmp_path, statuses: dict[str, str | None], rejected: tuple[str
     return objects, job
 
 
+def test_the_periodic_sweep_requeues_a_lost_jobs_items_at_the_jobs_priority(redis_server, tmp_path):
+    """After Redis lost a job, the I/O worker's sweep queues its unfinished items again in its priority's list,
+    as submit did: a high job's items do not go behind every normal one."""
+    import redis
+
+    from jobs import keys, records
+    from jobs.services import Services
+    from jobs.settings import Settings
+    from jobs.store import MemoryStore
+    from worker import sweeper
+
+    objects, job = _recorded_job(tmp_path, {"a": "completed", "b": None})
+    records.write_job_spec(objects, job.model_copy(update={"priority": "high"}))
+    records.mark_open(objects, job)
+    url = redis_server.url[:-1] + "13"  # a database of its own: no other test's queue sees these messages
+    services = Services(Settings(redis_url=url, output=objects.location), store=MemoryStore())  # the job is lost
+    lists, queue = redis.Redis.from_url(url), keys.gpu_queue("i1-fast")
+    try:
+        assert sweeper.sweep_once(services) == 1
+        assert {p: lists.llen(name) for p, name in keys.priority_lists(queue).items()} == {
+            "high": 1, "normal": 0, "low": 0}
+    finally:
+        lists.flushdb()
+
+
 def test_reconcile_rebuilds_counts_and_queues_only_items_without_a_result(tmp_path):
     from jobs.reconcile import reconcile
     from jobs.store import MemoryStore
