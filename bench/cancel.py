@@ -45,11 +45,10 @@ def main() -> None:
                 proxy = S3Proxy(endpoint, slow_puts)
                 endpoint = proxy.url
             os.environ["AWS_ENDPOINT_URL_S3"] = endpoint
-            from jobs import broker
             from jobs.control import cancel_job
             from jobs.models import ItemRecord, JobRecord
+            from jobs.services import Services
             from jobs.settings import Settings
-            from jobs.storage import open_store
             from jobs.store import RedisStore
 
             settings = Settings(redis_url=redis_server.url)
@@ -59,8 +58,7 @@ def main() -> None:
             store.add_items([ItemRecord(job_id="J", item_id=f"i{n}", line=n, params={"prompt": "x"}, created_at=AT,
                                         updated_at=AT) for n in range(args.items)])
             t0 = time.perf_counter()
-            job = cancel_job(settings, "J", store=store, celery=broker.make_celery(settings),
-                             objects=open_store(output, settings))
+            job = cancel_job(Services(settings, store=store), "J")
             wall = time.perf_counter() - t0
         finally:
             if proxy is not None:

@@ -31,9 +31,10 @@ def main() -> None:
     ap.add_argument("--objects", type=int, default=20_000)
     args = ap.parse_args()
     os.environ.update(S3_ENV)
-    from jobs.catalog.run import Services, run_schedule
+    from jobs.catalog.run import run_schedule
     from jobs.catalog.schedules import load_schedules
     from jobs.lifecycle import JobStatus
+    from jobs.services import Services
     from jobs.settings import CatalogSettings, S3Settings, Settings
 
     with tempfile.TemporaryDirectory() as d:
@@ -73,7 +74,7 @@ path = "products/{category*}/{sku}.jpg"
 """)
             settings = Settings(redis_url=redis_server.url, s3=S3Settings(endpoint_url=endpoint),
                                 catalog=CatalogSettings(schedules_file=str(schedules)))
-            services = Services.connect(settings)
+            services = Services(settings)
             schedule = load_schedules(settings)["bench"]
 
             t0 = time.perf_counter()  # the listing alone (S3 server + botocore parsing), for comparison
@@ -81,10 +82,10 @@ path = "products/{category*}/{sku}.jpg"
                          s3.get_paginator("list_objects_v2").paginate(Bucket="catalog", Prefix="products/"))
             list_s = time.perf_counter() - t0
             t0 = time.perf_counter()
-            dry = run_schedule(schedule, settings, services, dry_run=True)
+            dry = run_schedule(schedule, services, dry_run=True)
             dry_s = time.perf_counter() - t0
             t0 = time.perf_counter()
-            first = run_schedule(schedule, settings, services)
+            first = run_schedule(schedule, services)
             first_s = time.perf_counter() - t0
 
             # what the workers would leave behind: every item completed, results.jsonl, the job ended
@@ -96,7 +97,7 @@ path = "products/{category*}/{sku}.jpg"
             services.store.finish_job(first.job_id, JobStatus.COMPLETED, None, "2026-01-01T00:00:00+00:00")
 
             t0 = time.perf_counter()
-            second = run_schedule(schedule, settings, services)
+            second = run_schedule(schedule, services)
             second_s = time.perf_counter() - t0
         finally:
             s3_proc.terminate()

@@ -44,22 +44,16 @@ def main() -> None:
         os.environ["AWS_ENDPOINT_URL_S3"] = endpoint
         s3_client(endpoint).create_bucket(Bucket="fan")
         try:
-            from jobs import broker
+            from jobs.models import JobSpec
+            from jobs.services import Services
             from jobs.settings import Settings
-            from jobs.storage import open_store
-            from jobs.store import RedisStore
-            from jobs.submit import create_job, new_job_id
+            from jobs.submit import create_job
 
             settings = Settings(redis_url=redis_server.url)
-            app = broker.make_celery(settings)
 
             def fan_out() -> tuple[float, int]:
-                job_id = new_job_id()
                 t0 = time.perf_counter()
-                sub = create_job(manifest, model="i1-fast", defaults={}, output="s3://fan/x", webhook=None,
-                                 store=RedisStore.from_url(redis_server.url),
-                                 objects=open_store("s3://fan/x", settings), job_id=job_id,
-                                 dispatch=lambda ids: broker.publish_items(app, "i1-fast", job_id, ids))
+                sub = create_job(JobSpec(model="i1-fast", output="s3://fan/x"), manifest, Services(settings))
                 return time.perf_counter() - t0, sub.queued
 
             wall, queued = fan_out()  # timed run

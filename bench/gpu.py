@@ -369,7 +369,8 @@ def run_plain(b: Bench, scheduler: Any, rows: list[dict], folder: Path, steps: i
 def run_dreambatch(b: Bench, runner: Any, rows: list[dict], folder: Path, steps: int) -> dict[str, Any]:
     """C: dreambatch's item path, as a GPU worker runs it: the job made by `create_job`, each item through
     `process_item` from C_THREADS threads that share one GPU lock; in-memory store, local object store."""
-    from jobs.manifest import input_policy
+    from jobs.models import JobSpec
+    from jobs.services import Services
     from jobs.storage import LocalStore
     from jobs.store import MemoryStore
     from jobs.submit import create_job
@@ -384,9 +385,11 @@ def run_dreambatch(b: Bench, runner: Any, rows: list[dict], folder: Path, steps:
     manifest = folder / "manifest.jsonl"
     manifest.write_text("".join(json.dumps({**row, "steps": steps}) + "\n" for row in rows))
     queued: list[str] = []
+    services = Services(config, store=store, objects=lambda _location: objects,
+                        publish=lambda _job, ids: queued.extend(ids), notify=lambda _events: None,
+                        finalize=lambda _job_id: None)
     t0 = time.perf_counter()
-    job = create_job(manifest, model=MODEL, defaults={}, output=objects.location, webhook=None, store=store,
-                     objects=objects, dispatch=queued.extend, policy=input_policy(manifest, config)).job
+    job = create_job(JobSpec(model=MODEL, output=objects.location), manifest, services).job
     submit_s = time.perf_counter() - t0
     started = time.perf_counter()
     with ThreadPoolExecutor(C_THREADS) as pool:

@@ -25,19 +25,19 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from jobs import broker, export, keys, lifecycle, netguard, store
-from jobs.control import cancel_job, parse_duration, resume_job, retry_job
+from jobs import export, keys, lifecycle, records, store
+from jobs.control import cancel_job, resume_job, retry_job
 from jobs.errors import ConfigError, DreambatchError, InputError, JobNotFound
 from jobs.lifecycle import ItemStatus, JobStatus
 from jobs.manifest import input_policy, parse_sets, validate_manifest
 from jobs.metrics import no_worker_warning, overview
-from jobs.models import MODELS, JobRecord, event_item_id, item_event_id
+from jobs.models import MODELS, JobRecord, JobSpec, event_item_id, parse_duration
 from jobs.presets import job_defaults
 from jobs.reconcile import reconcile as reconcile_job
+from jobs.services import get_services
 from jobs.settings import get_settings
-from jobs.storage import check_location, open_store
-from jobs.store import RedisStore
-from jobs.submit import ManifestInvalid, create_job, new_job_id
+from jobs.storage import check_location
+from jobs.submit import ManifestInvalid, create_job
 
 # user text (file names, messages, `pip install 'dreambatch[api]'`) is printed as it is: no markup, no highlighting
 err = Console(stderr=True, markup=False, highlight=False)
@@ -169,39 +169,27 @@ def submit(
     if max_concurrency is not None and max_concurrency < 1:
         raise fail(f"--max-concurrency: expected 1 or more (got {max_concurrency})", 2)
     try:
-        expires_at = time.time() + parse_duration(expires_after) if expires_after else None
+        expires_s = parse_duration(expires_after) if expires_after else None
     except InputError as exc:
         raise fail(f"--expires-after: {exc}", 2) from None
     try:
         check_location(output, settings)  # a bucket that is not there: say so before a job exists
-        if webhook:
-            netguard.check_url(webhook, settings.netpolicy())
-        defaults = job_defaults(preset, parse_sets(set_ or []), settings)
-        celery = broker.make_celery(settings)
-        live = RedisStore.from_url(settings.redis_url, settings.redis_retry_s)
-        job_id = new_job_id()
-        sub = create_job(manifest, model=model, defaults=defaults, output=output, webhook=webhook,
-                         store=live,
-                         objects=open_store(output, settings), retry_window=settings.redis_retry_s,
-                         dispatch=lambda ids: broker.publish_items(celery, model, job_id, ids, priority=priority),
-                         skip_invalid=skip_invalid, batch=settings.celery.publish_batch, job_id=job_id,
-                         policy=input_policy(manifest, settings),
-                         on_rejected=lambda items: _notify_rejected(celery, webhook, items),
-                         priority=priority, max_concurrency=max_concurrency, expires_at=expires_at,
-                         review_sheet=sheet)
+        spec = JobSpec(model=model, defaults=job_defaults(preset, parse_sets(set_ or []), settings), output=output,
+                       webhook=webhook, priority=priority, max_concurrency=max_concurrency, expires_after=expires_s,
+                       review_sheet=sheet, skip_invalid=skip_invalid)
+        sub = create_job(spec, manifest, get_services())
     except ManifestInvalid as exc:
         raise report_invalid(exc) from None
     except DreambatchError as exc:
         raise fail(str(exc)) from None
-    if sub.job_done:
-        broker.send_finalize(celery, job_id)
+    job_id = sub.job.job_id
     if json_:
         print(json.dumps({"job_id": job_id, "queued": sub.queued, "rejected": sub.rejected,
                           "total": sub.job.total}))
     else:
         out.print(job_id, highlight=False)
         err.print(f"queued {sub.queued} item(s), rejected {sub.rejected}", highlight=False)
-    if sub.queued and (warning := no_worker_warning(live.workers(), model)):
+    if sub.queued and (warning := no_worker_warning(get_services().store.workers(), model)):
         warn(warning)
     if wait:
         job = _watch(job_id, quiet=json_)
@@ -222,17 +210,13 @@ def reconcile(
         raise fail("--output s3://bucket/prefix is required (or set DREAMBATCH_OUTPUT)")
     try:
         check_location(output, settings)
-        celery = broker.make_celery(settings)
-        objects = open_store(output, settings)
-        spec = objects.get(keys.S3_JOB_SPEC.format(prefix="", job_id=job_id))
+        services = get_services()
+        objects = services.objects(output)
+        spec = records.read_job(objects, job_id)
         if spec is None:
             raise JobNotFound(f"no job {job_id!r} under {output}")
-        spec = JobRecord.model_validate_json(spec)
-        report = reconcile_job(job_id, objects, RedisStore.from_url(settings.redis_url),
-                               dispatch=lambda ids: broker.publish_items(celery, spec.model, job_id, ids,
-                                                                         priority=spec.priority),
-                               finalize=lambda jid: broker.send_finalize(celery, jid),
-                               batch=settings.celery.publish_batch)
+        report = reconcile_job(job_id, objects, services.store, dispatch=lambda ids: services.publish(spec, ids),
+                               finalize=services.finalize, batch=settings.celery.publish_batch)
     except DreambatchError as exc:
         raise fail(str(exc)) from None
     if json_:
@@ -247,7 +231,7 @@ def cancel(job_id: str, json_: Annotated[bool, typer.Option("--json")] = False) 
     """Cancel JOB_ID: queued items end cancelled now, running ones stop at their next step; outputs
     already written are kept. The job ends `cancelled` (with its webhook) when its running items stop."""
     try:
-        job = cancel_job(get_settings(), job_id)
+        job = cancel_job(get_services(), job_id)
     except DreambatchError as exc:
         raise fail(str(exc)) from None
     if json_:
@@ -270,7 +254,7 @@ def retry(job_id: str, json_: Annotated[bool, typer.Option("--json")] = False) -
     """Re-queue only JOB_ID's failed items, in the same job (same ids and manifest lines); the job runs
     again and ends once more. Rows rejected at submit are not retried."""
     try:
-        ids = retry_job(get_settings(), job_id)
+        ids = retry_job(get_services(), job_id)
     except DreambatchError as exc:
         raise fail(str(exc)) from None
     _requeued(job_id, ids, "failed", json_)
@@ -286,7 +270,7 @@ def resume(
     try:
         if output:
             check_location(output, get_settings())
-        ids = resume_job(get_settings(), job_id, output=output)
+        ids = resume_job(get_services(), job_id, output=output)
     except DreambatchError as exc:
         raise fail(str(exc)) from None
     _requeued(job_id, ids, "unfinished", json_)
@@ -322,7 +306,7 @@ def top(
     interval: Annotated[float, typer.Option(help="seconds between refreshes")] = 1.0,
 ) -> None:
     """Queues (waiting items per model and priority), live workers (heartbeats) and unfinished jobs."""
-    store = RedisStore.from_url(get_settings().redis_url)
+    store = get_services().store
     if json_:
         print(json.dumps(overview(store).as_dict()))
         return
@@ -340,12 +324,12 @@ def top(
 
 def webhooks(job_id: str, redeliver: Annotated[bool, typer.Option(help="send every event again")] = False) -> None:
     """List every webhook delivery attempt of a job (time, status, latency, error); --redeliver re-sends."""
-    settings = get_settings()
+    services = get_services()
     try:
         job = _load_job(job_id)
     except DreambatchError as exc:
         raise fail(str(exc)) from None
-    events = RedisStore.from_url(settings.redis_url).events(job_id)
+    events = services.store.events(job_id)
     for event_id, attempts in events.items():
         for n, a in enumerate(attempts, 1):
             out.print(f"{event_id}  #{n}  {time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(a['at']))}Z  "
@@ -354,19 +338,12 @@ def webhooks(job_id: str, redeliver: Annotated[bool, typer.Option(help="send eve
     if redeliver:
         if not job.webhook:
             raise fail(f"job {job_id} has no webhook")
-        celery = broker.make_celery(settings)
-        for event_id in events:
-            broker.send_webhook(celery, job_id, event_item_id(job_id, event_id), event_id)
+        services.notify([(job_id, event_item_id(job_id, event_id), event_id) for event_id in events])
         err.print(f"re-sending {len(events)} event(s)", highlight=False)
 
 
-def _notify_rejected(celery, webhook: str | None, items) -> None:
-    for item in items if webhook else []:
-        broker.send_webhook(celery, item.job_id, item.item_id, item_event_id(item.job_id, item.item_id, item.status))
-
-
 def _load_job(job_id: str) -> JobRecord:
-    job = RedisStore.from_url(get_settings().redis_url).get_job(job_id)
+    job = get_services().store.get_job(job_id)
     if job is None:
         raise JobNotFound(f"no job {job_id!r} in {get_settings().redis_url}")
     return job
@@ -404,7 +381,7 @@ def _watch(job_id: str, quiet: bool = False, interval: float = 0.5) -> JobRecord
 
 
 def _unserved(job: JobRecord) -> str | None:
-    return no_worker_warning(RedisStore.from_url(get_settings().redis_url).workers(), job.model)
+    return no_worker_warning(get_services().store.workers(), job.model)
 
 
 def status(job_id: str, watch: Annotated[bool, typer.Option("--watch")] = False,
@@ -434,12 +411,11 @@ def status(job_id: str, watch: Annotated[bool, typer.Option("--watch")] = False,
 
 def results(job_id: str, format_: Annotated[str, typer.Option("--format", help="jsonl or csv")] = "jsonl") -> None:
     """Print a job's results, one line per manifest row (live state while it runs)."""
-    settings = get_settings()
     if format_ not in ("jsonl", "csv"):
         raise fail(f"--format: expected jsonl or csv (got {format_!r})", 2)
     try:
         job = _load_job(job_id)
-        lines = list(export.result_lines(job, RedisStore.from_url(settings.redis_url), settings))
+        lines = list(export.result_lines(job, get_services()))
     except DreambatchError as exc:
         raise fail(str(exc)) from None
     sys.stdout.writelines(export.jsonl_rows(lines) if format_ == "jsonl" else export.csv_rows(lines))

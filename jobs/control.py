@@ -1,4 +1,4 @@
-"""Job control: cancel, retry, resume, expiry. Plain functions over the store and the broker, called by
+"""Job control: cancel, retry, resume, expiry. Plain functions over a process's services (jobs.services), called by
 the CLI (`dreambatch cancel|retry|resume JOB`), the HTTP API and the I/O worker (expiry sweep).
 
 - cancel: the job's cancel flag goes up; every queued item ends `cancelled` (reason "cancelled") at once,
@@ -18,52 +18,22 @@ the CLI (`dreambatch cancel|retry|resume JOB`), the HTTP API and the I/O worker 
 
 from __future__ import annotations
 
-import re
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from itertools import islice
 
-from celery import Celery
-
-from jobs import broker, records
+from jobs import records
 from jobs.ending import end_items
-from jobs.errors import InputError, JobNotFound, JobStateError
+from jobs.errors import JobNotFound, JobStateError
 from jobs.lifecycle import ItemStatus, JobStatus
 from jobs.models import ItemRecord, JobRecord, Timings
 from jobs.reconcile import reconcile
-from jobs.settings import Settings
-from jobs.storage import ObjectStore, open_store
+from jobs.services import Services
+from jobs.storage import ObjectStore
 from jobs.store import RedisStore
 from jobs.submit import now_iso
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|d)?\s*$")
-_UNIT = {None: 1, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
-MAX_DURATION_S = 30 * 86400
-
-
-def parse_duration(text: str) -> float:
-    """Seconds in "90", "90s", "15m", "2h" or "1d" (at most 30 days)."""
-    match = _DURATION.match(str(text))
-    if not match:
-        raise InputError(f"expected a duration like 90s, 15m, 2h or 1d (got {text!r})")
-    seconds = float(match.group(1)) * _UNIT[match.group(2)]
-    if not 0 < seconds <= MAX_DURATION_S:
-        raise InputError(f"duration must be more than 0 and at most 30d (got {text!r})")
-    return seconds
-
-
-def _collaborators(settings: Settings, store: RedisStore | None, celery: Celery | None):
-    return store or RedisStore.from_url(settings.redis_url), celery or broker.make_celery(settings)
-
-
-def _job(store: RedisStore, job_id: str) -> JobRecord:
-    job = store.get_job(job_id)
-    if job is None:
-        raise JobNotFound(f"no job {job_id!r}")
-    return job
-
 
 HOLD_S = 30.0  # s cancel or expiry holds a queued item's execution lease while it ends the item
 HOLD_BATCH = 100  # items held at a time
@@ -83,7 +53,7 @@ def _held(store: RedisStore, job_id: str, items: list[ItemRecord]) -> Iterator[l
             store.release_lease(job_id, item.item_id, token)
 
 
-def _end_queued(store: RedisStore, celery: Celery, objects: ObjectStore, job: JobRecord, reason: str,
+def _end_queued(services: Services, objects: ObjectStore, job: JobRecord, reason: str,
                 items: Iterable[ItemRecord]) -> list[str]:
     """End as cancelled the queued ones among `items`, as a worker ends an item (jobs.ending: record, move,
     webhook, finalize), each under its execution lease: a worker that starts one first wins, and that item
@@ -91,42 +61,37 @@ def _end_queued(store: RedisStore, celery: Celery, objects: ObjectStore, job: Jo
     ended: list[str] = []
     queued = (item for item in items if item.status == ItemStatus.QUEUED)
     while batch := list(islice(queued, HOLD_BATCH)):
-        with _held(store, job.job_id, batch) as still_queued:
-            ended += end_items(store, objects, job, still_queued, ItemStatus.CANCELLED, reason=reason,
-                               publish=lambda events: broker.send_webhooks(celery, events),
-                               finalize=lambda job_id: broker.send_finalize(celery, job_id))
+        with _held(services.store, job.job_id, batch) as still_queued:
+            ended += end_items(services.store, objects, job, still_queued, ItemStatus.CANCELLED, reason=reason,
+                               publish=services.notify, finalize=services.finalize)
     return ended
 
 
-def cancel_job(settings: Settings, job_id: str, *, store: RedisStore | None = None, celery: Celery | None = None,
-               objects: ObjectStore | None = None) -> JobRecord:
+def cancel_job(services: Services, job_id: str) -> JobRecord:
     """Cancel a job: queued items end now, running ones at their next step. Returns the job as it is after.
 
     Cancelling a job that is already cancelled (or being cancelled) is a no-op; one that ended otherwise
     raises JobStateError."""
-    store, celery = _collaborators(settings, store, celery)
-    job = _job(store, job_id)
+    store, job = services.store, services.job(job_id)
     if job.finished_at:
         if job.status == JobStatus.CANCELLED:
             return job
         raise JobStateError(f"job {job_id} already ended {job.status}; nothing to cancel")
-    objects = objects or open_store(job.output, settings)
+    objects = services.objects(job.output)
     # 1. the flag first: a worker that starts an item from now on, or reaches its next step, sees it
     if store.request_cancel(job_id, now_iso()):
         job.cancel_requested = True
         # the durable record says so too, so a rebuild after Redis loss does not run these items again
         records.write_job_spec(objects, job)
     # 2. every queued item ends cancelled at once
-    _end_queued(store, celery, objects, job, "cancelled", store.items(job_id))
+    _end_queued(services, objects, job, "cancelled", store.items(job_id))
     return store.get_job(job_id)
 
 
-def retry_job(settings: Settings, job_id: str, *, store: RedisStore | None = None,
-              celery: Celery | None = None) -> list[str]:
+def retry_job(services: Services, job_id: str) -> list[str]:
     """Re-queue the job's failed items (those that ran; rows rejected at submit stay failed) in a new round.
     Returns their ids, in manifest order; [] when none failed."""
-    store, celery = _collaborators(settings, store, celery)
-    job = _job(store, job_id)
+    store, job, batch = services.store, services.job(job_id), services.settings.celery.publish_batch
     round_ = job.round + 1
     at, now = now_iso(), time.time()
     ids: list[str] = []
@@ -144,50 +109,43 @@ def retry_job(settings: Settings, job_id: str, *, store: RedisStore | None = Non
         return []
     # 2. re-open the job (a new round of finalize), then 3. publish
     store.reopen_job(job_id, round_)
-    for start in range(0, len(ids), settings.celery.publish_batch):
-        broker.publish_items(celery, job.model, job_id, ids[start:start + settings.celery.publish_batch],
-                             priority=job.priority)
+    for start in range(0, len(ids), batch):
+        services.publish(job, ids[start:start + batch])
     return ids
 
 
-def resume_job(settings: Settings, job_id: str, *, store: RedisStore | None = None, celery: Celery | None = None,
-               objects: ObjectStore | None = None, output: str | None = None) -> list[str]:
+def resume_job(services: Services, job_id: str, *, output: str | None = None) -> list[str]:
     """Publish again every item that has no result (after an outage lost their messages); returns their ids.
 
     When Redis lost the job too, give its `output` location: the job is rebuilt from its S3 record."""
-    store, celery = _collaborators(settings, store, celery)
+    store = services.store
     live = store.get_job(job_id)
-    if live is None and output is None and objects is None:
+    if live is None and output is None:
         raise JobNotFound(f"no job {job_id!r} in Redis; give its output location to rebuild it from S3")
     if live is not None and live.finished_at:
         return []
-    objects = objects or open_store(output or live.output, settings)
+    objects = services.objects(output or live.output)
     queued: list[str] = []
 
     def dispatch(ids: list[str]) -> None:
-        job = live or store.get_job(job_id)  # rebuilt by reconcile before it dispatches
-        broker.publish_items(celery, job.model, job_id, ids, priority=job.priority)
+        services.publish(live or services.job(job_id), ids)  # (rebuilt by reconcile before it dispatches)
         queued.extend(ids)
 
-    reconcile(job_id, objects, store, dispatch, lambda j: broker.send_finalize(celery, j),
-              batch=settings.celery.publish_batch)
+    reconcile(job_id, objects, store, dispatch, services.finalize, batch=services.settings.celery.publish_batch)
     return queued
 
 
-def expire_due(settings: Settings, *, store: RedisStore | None = None, celery: Celery | None = None,
-               objects: Callable[[str], ObjectStore] | None = None, now: float | None = None, scan: int = 1000,
+def expire_due(services: Services, *, now: float | None = None, scan: int = 1000,
                on_expired: Callable[[str, list[str]], None] | None = None) -> dict[str, list[str]]:
     """End, as cancelled with reason "expired", the never-started items of every recent unfinished job past
-    its deadline. Returns {job_id: item ids}. Safe to run from several processes at once.
-    `objects(location)` gives a job's object store (default: one opened per job)."""
-    store, celery = _collaborators(settings, store, celery)
-    objects = objects or (lambda location: open_store(location, settings))
+    its deadline. Returns {job_id: item ids}. Safe to run from several processes at once."""
+    store = services.store
     now = time.time() if now is None else now
     expired: dict[str, list[str]] = {}
     for job in store.get_jobs(store.job_ids(scan)):
         if job.finished_at or not job.expires_at or job.expires_at > now or not job.counts.get(ItemStatus.QUEUED):
             continue
-        ids = _end_queued(store, celery, objects(job.output), job, "expired", store.items(job.job_id))
+        ids = _end_queued(services, services.objects(job.output), job, "expired", store.items(job.job_id))
         if ids:
             expired[job.job_id] = ids
             if on_expired:

@@ -19,12 +19,11 @@ from concurrent.futures import ThreadPoolExecutor
 from jobs import records
 from jobs.errors import Failure
 from jobs.lifecycle import ItemStatus
-from jobs.models import ItemRecord, JobRecord, item_event_id
+from jobs.models import Event, ItemRecord, JobRecord, item_event_id
 from jobs.storage import ObjectStore
 from jobs.store import Store, Transition
 from jobs.submit import now_iso
 
-Event = tuple[str, str | None, str]  # one webhook message: (job_id, item_id or None for the job's own, event_id)
 Publish = Callable[[list[Event]], None]
 AT_ONCE = 16  # items of one call ended side by side (each one's record write, then its move)
 

@@ -13,20 +13,18 @@ from typing import Any
 
 from jobs import records
 from jobs.models import JobRecord
-from jobs.settings import Settings
-from jobs.storage import open_store
-from jobs.store import RedisStore
+from jobs.services import Services
 
 CSV_HEADER = ["id", "line", "status", "error", "seed", "outputs", "metadata"]
 
 
-def result_lines(job: JobRecord, store: RedisStore, settings: Settings) -> Iterator[dict[str, Any]]:
+def result_lines(job: JobRecord, services: Services) -> Iterator[dict[str, Any]]:
     """One result line per manifest row, in manifest order."""
-    lines = records.read_results(open_store(job.output, settings), job.job_id) if job.finished_at else None
+    lines = records.read_results(services.objects(job.output), job.job_id) if job.finished_at else None
     if lines is not None:
         yield from lines
         return
-    for item in store.items(job.job_id):
+    for item in services.store.items(job.job_id):
         yield item.result_line()
 
 

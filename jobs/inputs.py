@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from jobs import records
 from jobs.errors import InputError
 from jobs.formats import BY_CONTENT_TYPE, EXTENSIONS
 from jobs.storage import ObjectStore
@@ -98,9 +99,9 @@ def stage(ref: str, objects: ObjectStore, job_id: str, item_id: str, max_bytes: 
     kind = kind_of(ref)
     if kind == "local":
         path = Path(ref)
-        key = f"{job_id}/inputs/{item_id}{path.suffix.lower()}"
-        return objects.put(key, path.read_bytes(), "application/octet-stream")
+        return records.write_input(objects, job_id, item_id, path.suffix.lower(), path.read_bytes(),
+                                   "application/octet-stream")
     if kind == "data":
         data, content_type = decode_data_uri(ref, max_bytes)
-        return objects.put(f"{job_id}/inputs/{item_id}{EXT_FOR_TYPE[content_type]}", data, content_type)
+        return records.write_input(objects, job_id, item_id, EXT_FOR_TYPE[content_type], data, content_type)
     return ref

@@ -45,8 +45,11 @@ SCHEDULE_RUNNING = "db:schedule:{name}:running"  # string, NX with expiry: one r
 SCHEDULE_LAST_RUN = "db:schedule:{name}:last"  # string: JSON summary of the last run (job id, counts)
 
 # --- S3 keys (durable record, next to the outputs) -----------------------------------------
+S3_JOB_FOLDER = "{prefix}{job_id}/"  # everything of one job (its record, staged inputs, default output keys)
 S3_JOB_SPEC = "{prefix}{job_id}/job.json"  # normalized job spec, written at submit
 S3_JOB_ROWS = "{prefix}{job_id}/rows.jsonl"  # normalized rows, one per manifest row, at submit
+S3_INPUT = "{prefix}{job_id}/inputs/{item_id}{ext}"  # a local file or data URI a row named, staged at submit
+S3_ITEMS = "{prefix}{job_id}/items/"  # the folder of the item records below
 S3_ITEM_RESULT = "{prefix}{job_id}/items/{item_id}.json"  # one small record when an item ends
 S3_OPEN_JOB = "{prefix}_open/{job_id}"  # exists from a job's commit until it ends: what periodic reconcile scans
 S3_RESULTS = "{prefix}{job_id}/results.jsonl"  # one line per manifest row when the job ends

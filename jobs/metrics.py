@@ -9,7 +9,7 @@ same numbers as one `Overview` for `dreambatch top`.
 
 Per-item histograms (inference, upload, queue wait), webhook outcomes and GPU memory are counted where
 they happen, on each worker (`dreambatch worker --metrics-port P`, see worker/metrics.py).
-`render(settings)` is what the API serves at /metrics.
+`render(store)` is what the API serves at /metrics.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from prometheus_client.core import GaugeMetricFamily
 from jobs import keys
 from jobs.lifecycle import ItemStatus, JobStatus
 from jobs.models import MODELS
-from jobs.settings import Settings
 from jobs.store import RedisStore
 
 RECENT_JOBS = 1000  # jobs counted by the item/job gauges and listed by `top`, newest first
@@ -116,8 +115,8 @@ class ControlPlaneCollector:
         yield from (depth, items, jobs, workers, active)
 
 
-def render(settings: Settings, store: RedisStore | None = None, recent: int = RECENT_JOBS) -> tuple[bytes, str]:
+def render(store: RedisStore, recent: int = RECENT_JOBS) -> tuple[bytes, str]:
     """The control-plane metrics in Prometheus' text format: (body, content type)."""
     registry = CollectorRegistry()
-    registry.register(ControlPlaneCollector(store or RedisStore.from_url(settings.redis_url), recent))
+    registry.register(ControlPlaneCollector(store, recent))
     return generate_latest(registry), CONTENT_TYPE_LATEST

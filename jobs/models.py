@@ -1,4 +1,4 @@
-"""Data only: model presets, manifest rows, job and item records.
+"""Data only: model presets, manifest rows, the job spec, job and item records.
 
 Rows are validated with pydantic. A generation row (HiDream-I1) and an edit row (HiDream-E1) share
 `CommonParams`; each model names the row class it accepts in `MODELS`.
@@ -7,12 +7,13 @@ Rows are validated with pydantic. A generation row (HiDream-I1) and an edit row 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from jobs.errors import ErrorKind, recorded_kind
+from jobs.errors import ErrorKind, InputError, recorded_kind
 from jobs.formats import CONTENT_TYPES, EXTENSIONS, SUFFIXES  # noqa: F401  (CONTENT_TYPES, EXTENSIONS: re-exported)
 from jobs.lifecycle import ItemStatus, JobStatus
 
@@ -265,7 +266,45 @@ class ItemRecord(BaseModel):
         }
 
 
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|d)?\s*$")
+_UNIT = {None: 1, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
+MAX_DURATION_S = 30 * 86400
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in "90", "90s", "15m", "2h" or "1d" (at most 30 days)."""
+    match = _DURATION.match(str(text))
+    if not match:
+        raise InputError(f"expected a duration like 90s, 15m, 2h or 1d (got {text!r})")
+    seconds = float(match.group(1)) * _UNIT[match.group(2)]
+    if not 0 < seconds <= MAX_DURATION_S:
+        raise InputError(f"duration must be more than 0 and at most 30d (got {text!r})")
+    return seconds
+
+
 Priority = Literal["high", "normal", "low"]
+# dreambatch: an event per item and one per job; a vendor's (jobs.vendors): one envelope when the request ends
+WebhookFormat = Literal["dreambatch", "fal", "inferencesh", "wavespeed"]
+
+
+class JobSpec(BaseModel):
+    """How a manifest becomes a job: every job option, declared once. The CLI's flags, the API's bodies, a
+    schedule and local mode each build one; `jobs.submit.create_job(spec, manifest, services)` makes the job."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str  # one of MODELS
+    defaults: dict[str, Any] = Field(default_factory=dict)  # job defaults (`--set`, a preset); a row overrides them
+    output: str | None = None  # s3://bucket/prefix or a folder the workers share; None: DREAMBATCH_OUTPUT
+    webhook: str | None = None  # POSTed on every item and job terminal state
+    webhook_format: WebhookFormat = "dreambatch"
+    api: dict[str, Any] = Field(default_factory=dict)  # what the vendor protocol that made it answers with
+    priority: Priority = "normal"  # a worker takes high items first, low ones last
+    max_concurrency: int | None = Field(None, ge=1)  # at most this many of its items running at once
+    expires_after: float | None = Field(None, gt=0, le=MAX_DURATION_S)  # s from submission: items not started
+    #                                                                     by then end cancelled, reason "expired"
+    review_sheet: bool = False  # write the review contact sheet when the job ends
+    skip_invalid: bool = False  # queue the valid rows and record the invalid ones as failed (else: queue nothing)
 
 
 class JobRecord(BaseModel):
@@ -277,8 +316,7 @@ class JobRecord(BaseModel):
     defaults: dict[str, Any] = Field(default_factory=dict)
     output: str  # s3://bucket/prefix or a local folder
     webhook: str | None = None
-    # dreambatch: an event per item and one per job; a vendor's (jobs.vendors): one envelope when the request ends
-    webhook_format: Literal["dreambatch", "fal", "inferencesh", "wavespeed"] = "dreambatch"
+    webhook_format: WebhookFormat = "dreambatch"
     api: dict[str, Any] = Field(default_factory=dict)  # what the vendor protocol that made it answers with
     webhook_disabled: bool = False  # the endpoint answered 410 Gone: no more events for this job
     submitting: bool = False  # its submission has not committed yet: workers hold its items back
@@ -295,6 +333,9 @@ class JobRecord(BaseModel):
     cancel_requested: bool = False  # `cancel JOB` was asked: running items stop at their next step
     round: int = 0  # how many times `retry JOB` re-opened it
     interrupted_at: str | None = None  # a local run stopped by Ctrl-C then; `dreambatch run … --resume` goes on
+
+
+Event = tuple[str, str | None, str]  # one webhook message: (job_id, item_id or None for the job's own, event_id)
 
 
 def _round_suffix(round_: int) -> str:

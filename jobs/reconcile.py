@@ -17,12 +17,11 @@ is still queued or running is harmless: a worker skips an item that already ende
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from jobs import keys, records
+from jobs import records
 from jobs.errors import ErrorKind, JobNotFound
 from jobs.lifecycle import ItemStatus, JobStatus, job_outcome
 from jobs.models import ItemOutput, ItemRecord, JobRecord, Timings
@@ -42,31 +41,6 @@ class ReconcileReport:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _json(objects: ObjectStore, key: str) -> Any:
-    data = objects.get(key)
-    return None if data is None else json.loads(data)
-
-
-def read_rows(objects: ObjectStore, job_id: str) -> list[dict[str, Any]]:
-    data = objects.get(keys.S3_JOB_ROWS.format(prefix="", job_id=job_id))
-    if data is None:
-        raise JobNotFound(f"no rows.jsonl for job {job_id!r} under {getattr(objects, 'location', '?')}")
-    return [json.loads(line) for line in data.decode().splitlines() if line.strip()]
-
-
-def read_item_results(objects: ObjectStore, job_id: str) -> dict[str, dict[str, Any]]:
-    prefix = f"{job_id}/items/"
-    found: dict[str, dict[str, Any]] = {}
-    for key in objects.keys(prefix):
-        name = key[len(prefix):]
-        if "/" in name or not name.endswith(".json"):
-            continue
-        rec = _json(objects, key)
-        if rec is not None:
-            found[str(rec.get("id", name.removesuffix(".json")))] = rec
-    return found
 
 
 def _item(job: JobRecord, row: dict[str, Any], result: dict[str, Any] | None) -> ItemRecord:
@@ -96,16 +70,17 @@ def reconcile(
 ) -> ReconcileReport:
     """Rebuild job `job_id` in `store` from its record in `objects` (its output location) and re-queue
     exactly the items that have no result. `dispatch` publishes a batch of item ids."""
-    spec = _json(objects, keys.S3_JOB_SPEC.format(prefix="", job_id=job_id))
-    if spec is None:
+    job = records.read_job(objects, job_id)
+    if job is None:
         raise JobNotFound(f"no job.json for job {job_id!r} under {getattr(objects, 'location', '?')}")
-    job = JobRecord.model_validate(spec)
     if job.submitting:
         raise JobNotFound(f"job {job_id!r} never finished its submission (nothing of it was queued); "
                           f"submit the manifest again")
-    rows = read_rows(objects, job_id)
-    results = read_item_results(objects, job_id)
-    has_results = objects.get(keys.S3_RESULTS.format(prefix="", job_id=job_id)) is not None
+    rows = records.read_rows(objects, job_id)
+    if rows is None:
+        raise JobNotFound(f"no rows.jsonl for job {job_id!r} under {getattr(objects, 'location', '?')}")
+    results = records.read_item_results(objects, job_id)
+    has_results = records.has_results(objects, job_id)
     items = [_item(job, row, results.get(str(row["id"]))) for row in rows]
 
     live = store.get_job(job_id)
@@ -149,7 +124,7 @@ def reconcile(
     if not to_queue and now is not None and not now.finished_at and now.total and ended >= now.total:
         if has_results and recreated:  # the job had ended: put its terminal state back, do not rewrite results
             status = job.status if job.status.terminal else job_outcome(now.counts)
-            uri = job.results_uri or keys.S3_RESULTS.format(prefix="", job_id=job_id)
+            uri = job.results_uri or records.results_key(job_id)
             restored = store.finish_job(job_id, status, uri, job.finished_at or job.updated_at)
         else:
             finalize_now = True
@@ -162,13 +137,13 @@ def reconcile(
 def sweep(
     objects: ObjectStore,
     store: Store,
-    publish: Callable[[str, str, list[str]], None],
+    publish: Callable[[JobRecord, list[str]], None],
     finalize: Callable[[str], None],
     batch: int = 500,
 ) -> list[ReconcileReport]:
     """Reconcile every job committed in this location (it has an `_open` marker) that the live store
-    no longer knows: Redis lost it. `publish(model, job_id, ids)` queues a batch of items. A marker
-    left by a job that has ended is removed."""
+    no longer knows: Redis lost it. `publish(job, ids)` queues a batch of the job's items (at its priority).
+    A marker left by a job that has ended is removed."""
     reports = []
     for job_id in records.open_jobs(objects):
         live = store.get_job(job_id)
@@ -176,11 +151,10 @@ def sweep(
             if live.finished_at:
                 records.mark_ended(objects, job_id)
             continue
-        spec = _json(objects, keys.S3_JOB_SPEC.format(prefix="", job_id=job_id))
-        if spec is None or spec.get("submitting"):
+        spec = records.read_job(objects, job_id)
+        if spec is None or spec.submitting:
             continue
-        model = spec["model"]
-        report = reconcile(job_id, objects, store, lambda ids, m=model, j=job_id: publish(m, j, ids), finalize, batch)
+        report = reconcile(job_id, objects, store, lambda ids, job=spec: publish(job, ids), finalize, batch)
         if report.restored_terminal:
             records.mark_ended(objects, job_id)
         reports.append(report)

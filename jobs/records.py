@@ -1,10 +1,17 @@
-"""The durable record of a job, written next to its outputs in object storage.
+"""The durable record of a job, written next to its outputs in object storage. The only module that
+reads or writes it (the key templates are jobs.keys'):
 
-    {prefix}{job_id}/job.json            normalized job spec, at submit
-    {prefix}{job_id}/rows.jsonl          normalized rows (one per manifest row), at submit
-    {prefix}{job_id}/items/{item}.json   one small record per item, when it ends
-    {prefix}{job_id}/results.jsonl       one line per manifest row, when the job ends
-    {prefix}_open/{job_id}               from the job's commit until it ends (periodic reconcile scans it)
+    {prefix}{job_id}/job.json            normalized job spec, at submit      write_job_spec, read_job
+    {prefix}{job_id}/rows.jsonl          normalized rows (one per manifest   write_rows, read_rows
+                                         row), at submit
+    {prefix}{job_id}/inputs/{item}.ext   a row's local file or data URI,     write_input
+                                         staged at submit (workers read it by the URI this returns)
+    {prefix}{job_id}/items/{item}.json   one small record per item, when     write_item_result, read_item_result,
+                                         it ends                             read_item_results
+    {prefix}{job_id}/results.jsonl       one line per manifest row, when     write_results, read_results,
+                                         the job ends                        has_results
+    {prefix}_open/{job_id}               from the job's commit until it      mark_open, mark_ended, open_jobs
+                                         ends (periodic reconcile scans it)
 
 Redis holds the live state; these files are what survives it.
 """
@@ -15,6 +22,7 @@ import json
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from jobs import keys
 from jobs.models import ItemRecord, JobRecord
@@ -24,11 +32,23 @@ JSON = "application/json"
 JSONL = "application/x-ndjson"
 
 
+def _json_lines(data: bytes) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in data.decode().splitlines() if line.strip()]
+
+
+# --- job.json ---------------------------------------------------------------------------------
 def write_job_spec(store: ObjectStore, job: JobRecord) -> str:
     key = keys.S3_JOB_SPEC.format(prefix="", job_id=job.job_id)
     return store.put(key, job.model_dump_json(indent=2).encode(), JSON)
 
 
+def read_job(store: ObjectStore, job_id: str) -> JobRecord | None:
+    """The job's spec as last written (at submit, at cancel, when it ended), or None when there is none."""
+    data = store.get(keys.S3_JOB_SPEC.format(prefix="", job_id=job_id))
+    return None if data is None else JobRecord.model_validate_json(data)
+
+
+# --- the _open marker -------------------------------------------------------------------------
 def mark_open(store: ObjectStore, job: JobRecord) -> str:
     return store.put(keys.S3_OPEN_JOB.format(prefix="", job_id=job.job_id),
                      json.dumps({"job_id": job.job_id, "created_at": job.created_at}).encode(), JSON)
@@ -44,14 +64,53 @@ def open_jobs(store: ObjectStore) -> list[str]:
     return [key.removeprefix(marker) for key in store.keys(marker)]
 
 
+# --- rows.jsonl and inputs/ -------------------------------------------------------------------
 def write_rows(store: ObjectStore, job_id: str, rows_file: Path) -> str:
     return store.put_file(keys.S3_JOB_ROWS.format(prefix="", job_id=job_id), rows_file, JSONL)
 
 
+def read_rows(store: ObjectStore, job_id: str) -> list[dict[str, Any]] | None:
+    """Every row as submitted ({id, line, params, metadata, error}), or None when the job has no rows.jsonl."""
+    data = store.get(keys.S3_JOB_ROWS.format(prefix="", job_id=job_id))
+    return None if data is None else _json_lines(data)
+
+
+def write_input(store: ObjectStore, job_id: str, item_id: str, ext: str, data: bytes, content_type: str) -> str:
+    """Stage a row's input image (`ext`: ".png", …) next to the job; returns the reference workers read."""
+    return store.put(keys.S3_INPUT.format(prefix="", job_id=job_id, item_id=item_id, ext=ext), data, content_type)
+
+
+# --- items/ -----------------------------------------------------------------------------------
 def write_item_result(store: ObjectStore, item: ItemRecord) -> str:
     key = keys.S3_ITEM_RESULT.format(prefix="", job_id=item.job_id, item_id=item.item_id)
     line = {"job_id": item.job_id, **item.result_line()}
     return store.put(key, json.dumps(line).encode(), JSON)
+
+
+def read_item_result(store: ObjectStore, job_id: str, item_id: str) -> dict[str, Any] | None:
+    """One ended item's record (its results line and job id), or None when it has not ended."""
+    data = store.get(keys.S3_ITEM_RESULT.format(prefix="", job_id=job_id, item_id=item_id))
+    return None if data is None else json.loads(data)
+
+
+def read_item_results(store: ObjectStore, job_id: str) -> dict[str, dict[str, Any]]:
+    """Every ended item's record, by item id."""
+    prefix = keys.S3_ITEMS.format(prefix="", job_id=job_id)
+    found: dict[str, dict[str, Any]] = {}
+    for key in store.keys(prefix):
+        name = key[len(prefix):]
+        if "/" in name or not name.endswith(".json"):
+            continue
+        data = store.get(key)
+        if data is not None:
+            rec = json.loads(data)
+            found[str(rec.get("id", name.removesuffix(".json")))] = rec
+    return found
+
+
+# --- results.jsonl ----------------------------------------------------------------------------
+def results_key(job_id: str) -> str:
+    return keys.S3_RESULTS.format(prefix="", job_id=job_id)
 
 
 def write_results(store: ObjectStore, job_id: str, items: Iterable[ItemRecord]) -> tuple[str, int]:
@@ -63,12 +122,16 @@ def write_results(store: ObjectStore, job_id: str, items: Iterable[ItemRecord]) 
             count += 1
         path = Path(fh.name)
     try:
-        uri = store.put_file(keys.S3_RESULTS.format(prefix="", job_id=job_id), path, JSONL)
+        uri = store.put_file(results_key(job_id), path, JSONL)
     finally:
         path.unlink(missing_ok=True)
     return uri, count
 
 
 def read_results(store: ObjectStore, job_id: str) -> list[dict] | None:
-    data = store.get(keys.S3_RESULTS.format(prefix="", job_id=job_id))
+    data = store.get(results_key(job_id))
     return None if data is None else [json.loads(line) for line in data.decode().splitlines() if line]
+
+
+def has_results(store: ObjectStore, job_id: str) -> bool:
+    return store.get(results_key(job_id)) is not None

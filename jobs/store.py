@@ -260,6 +260,20 @@ return 0
 """
 
 
+def redis_client(url: str, retry_s: float):
+    """A Redis client that rides out an outage of about `retry_s` seconds before a call fails (jobs.services
+    builds one per process, from Settings)."""
+    import redis
+    from redis.backoff import ExponentialBackoff
+    from redis.retry import Retry
+
+    return redis.Redis.from_url(
+        url, decode_responses=True, socket_timeout=10, socket_connect_timeout=5, health_check_interval=30,
+        retry=Retry(ExponentialBackoff(cap=5.0, base=0.2), retries=_retries_for(retry_s, cap=5.0, base=0.2)),
+        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+    )
+
+
 class RedisStore:
     def __init__(self, client):
         self.r = client
@@ -271,17 +285,8 @@ class RedisStore:
 
     @classmethod
     def from_url(cls, url: str, retry_s: float = 120.0) -> RedisStore:
-        """A client that rides out a Redis outage of about `retry_s` seconds before a call fails."""
-        import redis
-        from redis.backoff import ExponentialBackoff
-        from redis.retry import Retry
-
-        client = redis.Redis.from_url(
-            url, decode_responses=True, socket_timeout=10, socket_connect_timeout=5, health_check_interval=30,
-            retry=Retry(ExponentialBackoff(cap=5.0, base=0.2), retries=_retries_for(retry_s, cap=5.0, base=0.2)),
-            retry_on_error=[redis.ConnectionError, redis.TimeoutError],
-        )
-        return cls(client)
+        """A store on a client of its own (tests and scripts; a process gets its store from jobs.services)."""
+        return cls(redis_client(url, retry_s))
 
     def create_job(self, job: JobRecord) -> None:
         fields = _job_fields(job)
@@ -708,7 +713,8 @@ class ScheduleState:
 
     @classmethod
     def from_url(cls, url: str, retry_s: float = 120.0) -> ScheduleState:
-        return cls(RedisStore.from_url(url, retry_s).r)
+        """Schedule state on a client of its own (tests and scripts; a process's comes from jobs.services)."""
+        return cls(redis_client(url, retry_s))
 
     def hold_lock(self, key: str, owner: str, ttl_s: float) -> bool:
         """Take `key` for `owner`, or extend it when `owner` already holds it. False: someone else holds it."""

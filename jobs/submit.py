@@ -1,8 +1,11 @@
 """Fan-out: a manifest becomes a job record, item records and one queued task per valid row.
 
-Two streaming passes over the file: the first validates every row and collects every issue
-(nothing is created if any row is bad, unless `skip_invalid`); the second writes items in batches
-and hands each batch of ids to `dispatch` (Celery publishing, or the local runner).
+`create_job(spec, manifest, services)` is the one way a job is made (the CLI's `submit`, the HTTP API, a
+schedule's run, local mode): the `JobSpec` says how, the process's services (jobs.services) hold the
+store, the output location's object store and where the work goes. Two streaming passes over the file:
+the first validates every row and collects every issue (nothing is created if any row is bad, unless
+`skip_invalid`); the second writes items in batches and hands each batch of ids to `services.publish`
+(Celery messages, or local mode's queue). Rows rejected at submit get their webhooks once the job is real.
 """
 
 from __future__ import annotations
@@ -17,17 +20,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import redis.exceptions
 from kombu.exceptions import KombuError
 
-from jobs import inputs, lifecycle, records
-from jobs.errors import DreambatchError, ErrorKind, InputError, TransientError
+from jobs import inputs, lifecycle, netguard, records
+from jobs.errors import ConfigError, DreambatchError, ErrorKind, InputError, TransientError
 from jobs.inputs import InputPolicy
 from jobs.lifecycle import ItemStatus
 from jobs.manifest import CheckedRow, CheckReport, Issue, RowChecker, check_manifest, input_policy, validate_manifest
-from jobs.models import MAX_SEED, ItemRecord, JobRecord
+from jobs.models import MAX_SEED, MODELS, ItemRecord, JobRecord, JobSpec, item_event_id
+from jobs.services import Services
 from jobs.storage import ObjectStore
 from jobs.store import Store
 
@@ -59,7 +62,7 @@ class Submission:
     queued: int
     rejected: int
     report: CheckReport
-    job_done: bool  # every row was rejected: the job can be finalized at once
+    job_done: bool  # every row was rejected: the job was finalized at once
 
 
 def now_iso() -> str:
@@ -89,14 +92,14 @@ def _item(job_id: str, row: CheckedRow, at: str, objects: ObjectStore, max_bytes
                       created_at=at, updated_at=at)
 
 
-def _fan_out(manifest: Path, job: JobRecord, model: str, defaults: dict[str, Any], policy: InputPolicy,
-             store: Store, objects: ObjectStore, dispatch: Callable[[list[str]], None], batch: int,
-             retry_window: float, rejected_items: list[ItemRecord]) -> tuple[int, int]:
+def _fan_out(manifest: Path, job: JobRecord, policy: InputPolicy, store: Store, objects: ObjectStore,
+             dispatch: Callable[[list[str]], None], batch: int, retry_window: float,
+             rejected_items: list[ItemRecord]) -> tuple[int, int]:
     """3. Second pass: items in batches, each batch stored before its tasks are published; returns the
     queued and rejected counts. A publish that fails (broker unreachable) is retried for `retry_window`
     seconds: a batch published twice is harmless (items are added once; a second delivery of an item
     is skipped or waits for the first)."""
-    checker = RowChecker(model, defaults, policy)
+    checker = RowChecker(job.model, job.defaults, policy)
     queued = rejected = 0
     pending: list[ItemRecord] = []
     with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as rows_fh:
@@ -164,34 +167,27 @@ def _abort(store: Store, objects: ObjectStore, job_id: str) -> None:
         pass
 
 
-def create_job(
-    manifest: Path,
-    *,
-    model: str,
-    defaults: dict[str, Any],
-    output: str,
-    webhook: str | None,
-    store: Store,
-    objects: ObjectStore,
-    dispatch: Callable[[list[str]], None],
-    skip_invalid: bool = False,
-    batch: int = 500,
-    job_id: str | None = None,
-    policy: InputPolicy | None = None,
-    on_rejected: Callable[[list[ItemRecord]], None] | None = None,
-    retry_window: float = 120.0,
-    priority: str = "normal",
-    max_concurrency: int | None = None,
-    expires_at: float | None = None,
-    webhook_format: str = "dreambatch",
-    review_sheet: bool = False,
-    api: dict[str, Any] | None = None,
-) -> Submission:
+def create_job(spec: JobSpec, manifest: Path, services: Services, *, policy: InputPolicy | None = None,
+               job_id: str | None = None) -> Submission:
+    """Validate `manifest` and make it a job as `spec` says. `policy`: where the rows' local input paths may
+    point (default: the manifest's folder and the configured roots)."""
+    settings, store = services.settings, services.store
+    # 0. the spec: a known model, a webhook that may be called, somewhere to write
+    if spec.model not in MODELS:
+        raise InputError(f"model: unknown model {spec.model!r}; choose one of {', '.join(MODELS)}")
+    if spec.webhook:
+        netguard.check_url(spec.webhook, settings.netpolicy())
+    output = spec.output or settings.output
+    if not output:
+        raise ConfigError("no output location: give one, or set DREAMBATCH_OUTPUT (s3://bucket/prefix or a folder "
+                          "the workers share)")
+    objects = services.objects(output)
+
     # 1. validate every row; nothing is created when a row is bad (unless skip_invalid)
-    policy = policy or input_policy(manifest)
-    report = validate_manifest(manifest, model, defaults, policy)
+    policy = policy or input_policy(manifest, settings)
+    report = validate_manifest(manifest, spec.model, spec.defaults, policy)
     file_issues = [i for i in report.issues if i.line <= 0]
-    if file_issues or (report.issues and not skip_invalid):
+    if file_issues or (report.issues and not spec.skip_invalid):
         shown = [str(i) for i in report.issues]
         raise ManifestInvalid(f"{manifest}: {len(shown)} problem(s); nothing was queued", shown)
     if report.rows == 0:
@@ -199,15 +195,17 @@ def create_job(
 
     # 2. the job record, live only: workers hold its items back until the submission commits
     at = now_iso()
-    job = JobRecord(job_id=job_id or new_job_id(), model=model, defaults=defaults, output=output,
-                    webhook=webhook, manifest=str(manifest), total=report.rows, created_at=at, updated_at=at,
-                    priority=priority, max_concurrency=max_concurrency, expires_at=expires_at,
-                    webhook_format=webhook_format, submitting=True, review_sheet=review_sheet, api=api or {})
+    job = JobRecord(job_id=job_id or new_job_id(), model=spec.model, defaults=spec.defaults, output=output,
+                    webhook=spec.webhook, manifest=str(manifest), total=report.rows, created_at=at, updated_at=at,
+                    priority=spec.priority, max_concurrency=spec.max_concurrency,
+                    expires_at=time.time() + spec.expires_after if spec.expires_after else None,
+                    webhook_format=spec.webhook_format, submitting=True, review_sheet=spec.review_sheet,
+                    api=spec.api)
     store.create_job(job)
     rejected_items: list[ItemRecord] = []
     try:
-        queued, rejected = _fan_out(manifest, job, model, defaults, policy, store, objects, dispatch, batch,
-                                    retry_window, rejected_items)
+        queued, rejected = _fan_out(manifest, job, policy, store, objects, lambda ids: services.publish(job, ids),
+                                    settings.celery.publish_batch, settings.redis_retry_s, rejected_items)
         # 4. commit: the durable record first, then the live flag that lets workers start
         records.write_job_spec(objects, job)
         store.commit_job(job.job_id)
@@ -223,10 +221,13 @@ def create_job(
         records.mark_open(objects, job)
     except DreambatchError as exc:  # the job runs; only reconcile-after-Redis-loss is off for it
         log.warning("job %s is queued, but its durable record could not be completed: %s", job.job_id, exc)
-    if rejected_items and on_rejected:
-        on_rejected(rejected_items)  # their terminal-state webhooks, once the job is real
+    if rejected_items and job.webhook:  # their terminal-state webhooks, once the job is real
+        services.notify([(i.job_id, i.item_id, item_event_id(i.job_id, i.item_id, i.status)) for i in rejected_items])
 
-    # 5. rejected rows count as ended: if they were the last to end, the caller finalizes
+    # 5. rejected rows count as ended: if they were the last to end, the job is finalized now
     live = store.get_job(job.job_id)
     ended = lifecycle.ended(live.counts) if live else 0
-    return Submission(job, queued, rejected, report, job_done=rejected > 0 and ended >= job.total)
+    job_done = rejected > 0 and ended >= job.total
+    if job_done:
+        services.finalize(job.job_id)
+    return Submission(job, queued, rejected, report, job_done=job_done)

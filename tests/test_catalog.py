@@ -12,6 +12,7 @@ import re
 import shutil
 import signal
 import subprocess
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -25,12 +26,13 @@ from services import cli, s3_client, service_env, wait_until
 from jobs import keys
 from jobs.catalog.ledger import Ledger, fold, input_failure
 from jobs.catalog.plan import item_id_for
-from jobs.catalog.run import Services, run_schedule
+from jobs.catalog.run import run_schedule
 from jobs.catalog.schedules import load_schedules
 from jobs.errors import ConfigError, InputError
 from jobs.manifest import RawRow, RowChecker
 from jobs.models import JobRecord
 from jobs.presets import apply_preset, load_presets
+from jobs.services import Services
 from jobs.settings import CatalogSettings, S3Settings, Settings
 from jobs.storage import LocalStore
 from jobs.store import MemoryStore, RedisStore, ScheduleState
@@ -111,13 +113,13 @@ class Nightly:
         self.settings = Settings(redis_url=redis_url, s3=S3Settings(endpoint_url=s3_endpoint),
                                  catalog=CatalogSettings(schedules_file=str(schedules), **catalog),
                                  allow_private_hosts=allow_private_hosts)
-        self.services, self.name = Services.connect(self.settings), name
+        self.services, self.name = Services(self.settings), name
         self.env = service_env(redis_url, s3_endpoint, Path("."),
                                DREAMBATCH_CATALOG__SCHEDULES_FILE=str(schedules),
                                **{f"DREAMBATCH_CATALOG__{k.upper()}": str(v) for k, v in catalog.items()})
 
     def run(self, wait: bool = True, **kwargs):
-        report = run_schedule(load_schedules(self.settings)[self.name], self.settings, self.services, **kwargs)
+        report = run_schedule(load_schedules(self.settings)[self.name], self.services, **kwargs)
         if wait and report.job_id:
             wait_job(self.settings.redis_url, report.job_id)
         return report
@@ -222,10 +224,10 @@ def test_scheduled_scan_edits_every_image_once_then_only_what_changed_and_the_sh
     # the same night again: nothing new, so no job and no GPU work (runs in this process from here on)
     settings = Settings(redis_url=redis_url, s3=S3Settings(endpoint_url=s3_endpoint),
                         catalog=CatalogSettings(schedules_file=str(schedules)))
-    services = Services.connect(settings)
+    services = Services(settings)
 
     def run_now(**kwargs):
-        return run_schedule(load_schedules(settings)[name], settings, services, **kwargs)
+        return run_schedule(load_schedules(settings)[name], services, **kwargs)
 
     again = run_now()
     assert (again.job_id, again.queued, again.unchanged, again.folded) == (None, 0, 4, [job_id])
@@ -484,17 +486,49 @@ def test_a_manifest_source_queues_every_row_with_the_schedules_preset_and_a_dry_
     settings = Settings(redis_url=redis_server.url[:-1] + "8", s3=S3Settings(endpoint_url=s3_endpoint),
                         catalog=CatalogSettings(schedules_file=str(path)))
     published: list[tuple[str, str, list[str]]] = []
-    services = Services.connect(settings)
-    services.publish = lambda model, job_id, ids: published.append((model, job_id, ids))
+    services = Services(settings, publish=lambda job, ids: published.append((job.model, job.job_id, ids)))
     schedule = load_schedules(settings)[name]
 
-    dry = run_schedule(schedule, settings, services, dry_run=True, sets={"theme": "autumn"})
+    dry = run_schedule(schedule, services, dry_run=True, sets={"theme": "autumn"})
     assert (dry.images, dry.new, dry.job_id, published) == (2, ["2", "3"], None, [])
-    report = run_schedule(schedule, settings, services, sets={"theme": "autumn"})
+    report = run_schedule(schedule, services, sets={"theme": "autumn"})
     assert published == [("e1-1", report.job_id, ["2", "3"])]  # ids = line numbers
     job = RedisStore.from_url(settings.redis_url).get_job(report.job_id)
     assert "autumn" in job.defaults["instruction"] and job.review_sheet
     assert ScheduleState.from_url(settings.redis_url).last_run(name)["job_id"] == report.job_id
+
+
+def test_a_schedules_priority_concurrency_cap_and_expiry_reach_its_jobs(redis_server, s3_endpoint, bucket, tmp_path):
+    """A schedule says how urgent its runs are, how many of their items may run at once and how long they may
+    wait; each run's job carries all three, as `dreambatch submit --priority/--max-concurrency/--expires-after`."""
+    s3_client(s3_endpoint).put_object(Bucket=bucket, Key="in/a.jpg", Body=photo(1, "jpg"), ContentType="image/jpeg")
+    manifest = tmp_path / "tonight.csv"
+    manifest.write_text(f"image,sku\ns3://{bucket}/in/a.jpg,A\n")
+    name, path = f"opts-{uuid.uuid4().hex[:6]}", tmp_path / "schedules.toml"
+
+    def write(priority: str = '"high"', cap: str = "2", expires: str = '"2h"') -> None:
+        path.write_text(f'[schedules.{name}]\nmodel = "e1-1"\npreset = "seasonal"\noutput = "s3://{bucket}/out"\n'
+                        f'priority = {priority}\nmax_concurrency = {cap}\nexpires_after = {expires}\n'
+                        f'[schedules.{name}.source]\nmanifest = "{manifest}"\n')
+
+    write()
+    settings = Settings(redis_url=redis_server.url[:-1] + "8", s3=S3Settings(endpoint_url=s3_endpoint),
+                        catalog=CatalogSettings(schedules_file=str(path)))
+    published: list[tuple[str, list[str]]] = []
+    services = Services(settings, publish=lambda job, ids: published.append((job.priority, ids)))
+
+    before = time.time()
+    report = run_schedule(load_schedules(settings)[name], services, sets={"theme": "autumn"})
+    job = RedisStore.from_url(settings.redis_url).get_job(report.job_id)
+    assert (job.priority, job.max_concurrency) == ("high", 2)
+    assert before + 7200 <= job.expires_at <= time.time() + 7200
+    assert published == [("high", ["2"])]  # its items wait in the high-priority list
+
+    for bad, why in [({"priority": '"urgent"'}, "priority"), ({"cap": "0"}, "max_concurrency"),
+                     ({"expires": '"soon"'}, "expires_after: expected a duration")]:
+        write(**bad)
+        with pytest.raises(ConfigError, match=f"schedules.{name}: {why}"):
+            load_schedules(settings)
 
 
 def test_a_large_job_gets_sheet_pages_and_a_failed_row_shows_its_error(tmp_path):
@@ -689,12 +723,12 @@ def test_a_crashed_runs_lock_expires_within_its_ttl_while_a_live_run_keeps_renew
         time.sleep(3.5)  # over twice its TTL: the live holder's thread renewed it
         assert state.r.get(lock) == "holder"
         with pytest.raises(RunInProgress, match=f"schedule {name}: another run is in progress"):
-            run_schedule(schedule, settings, Services.connect(settings))
+            run_schedule(schedule, Services(settings))
         holder.kill()  # crashed: the lock is not released, and nobody renews it
         holder.wait(10)
         assert 0 < state.r.pttl(lock) <= 1500  # at most one TTL left: it runs out, nobody renews it
         wait_until(lambda: state.r.get(lock) is None, 5, 0.05, what="the crashed holder's lock to expire")
-        assert run_schedule(schedule, settings, Services.connect(settings)).images == 0
+        assert run_schedule(schedule, Services(settings)).images == 0
     finally:
         holder.kill()
         holder.wait(10)
@@ -729,12 +763,13 @@ def test_retries_back_off_stop_before_the_next_slot_and_an_unreachable_s3_is_ret
     by_hand = tmp_path / "by-hand.toml"
     by_hand.write_text(schedules.read_text().replace('cron = "0 2 * * *"\n', ""))
     settings.catalog.schedules_file = str(by_hand)
-    fired = run_fired(name, settings, slot=just_after.isoformat(), attempt=2)
+    services = Services(settings)
+    fired = run_fired(name, services, slot=just_after.isoformat(), attempt=2)
     assert fired.retry_in == 60
     assert "Unreachable: cannot reach S3 for s3://b/edited (Could not connect" in fired.summary["error"]
     assert ScheduleState.from_url(settings.redis_url).last_run(name)["error"] == fired.summary["error"]
     settings.catalog.schedules_file = str(tmp_path / "missing.toml")
-    assert run_fired(name, settings, slot=just_after.isoformat()).retry_in is None  # a config error: not retried
+    assert run_fired(name, services, slot=just_after.isoformat()).retry_in is None  # a config error: not retried
 
 
 # ---- the model revision -------------------------------------------------------------------------------
@@ -799,10 +834,10 @@ def test_new_weights_on_the_workers_re_run_every_image_once_then_nothing(
     gpu.wait_ready()
     settings = Settings(redis_url=redis_url, s3=S3Settings(endpoint_url=s3_endpoint),
                         catalog=CatalogSettings(schedules_file=str(schedules)))
-    services, store = Services.connect(settings), RedisStore.from_url(redis_url)
+    services, store = Services(settings), RedisStore.from_url(redis_url)
 
     def run_now(**kwargs):
-        return run_schedule(load_schedules(settings)[name], settings, services, **kwargs)
+        return run_schedule(load_schedules(settings)[name], services, **kwargs)
 
     def live_revisions() -> list:
         return sorted(w.get("model_revision") for w in store.workers() if w["model"] == "e1-1")

@@ -107,10 +107,9 @@ def test_an_item_a_worker_starts_while_cancel_or_expiry_ends_the_queued_ones_is_
         how, redis_server, tmp_path):
     """Cancel and the expiry sweep end the items they find queued; one that a worker takes (its execution lease)
     and starts in the meantime is that worker's to end, not moved to cancelled under it."""
-    from jobs import broker
     from jobs.control import cancel_job, expire_due
     from jobs.models import ItemRecord, JobRecord
-    from jobs.storage import LocalStore
+    from jobs.services import Services
 
     class AWorkerStartsB(RedisStore):
         def items(self, job_id, chunk=500):
@@ -120,16 +119,16 @@ def test_an_item_a_worker_starts_while_cancel_or_expiry_ends_the_queued_ones_is_
             return iter(seen)
 
     settings = Settings(redis_url=redis_server.url)
-    store, celery = AWorkerStartsB.from_url(redis_server.url), broker.make_celery(settings)
+    store = AWorkerStartsB.from_url(redis_server.url)
     job_id, at = f"race-{how}-{time.time_ns()}", "2026-01-01T00:00:00.000+00:00"
     store.create_job(JobRecord(job_id=job_id, model="i1-fast", output=str(tmp_path), total=3, created_at=at,
                                updated_at=at, expires_at=time.time() - 1 if how == "expire" else None))
     store.add_items([ItemRecord(job_id=job_id, item_id=i, line=n, params={"prompt": i}, created_at=at, updated_at=at)
                      for n, i in enumerate("abc", 1)])
     if how == "cancel":
-        cancel_job(settings, job_id, store=store, celery=celery, objects=LocalStore(str(tmp_path)))
+        cancel_job(Services(settings, store=store), job_id)
     else:
-        assert expire_due(settings, store=store, celery=celery) == {job_id: ["a", "c"]}
+        assert expire_due(Services(settings, store=store)) == {job_id: ["a", "c"]}
     assert {i.item_id: i.status for i in RedisStore.from_url(redis_server.url).items(job_id)} == {
         "a": "cancelled", "b": "running", "c": "cancelled"}
 
@@ -366,7 +365,7 @@ def test_workers_and_the_control_plane_export_metrics_top_shows_them_and_logs_ca
     # leftover webhook retries may reach this I/O worker too: every attempt is timed, whatever its outcome)
 
     # the control plane's gauges, as the API serves them
-    body, content_type = metrics.render(Settings(redis_url=redis_server.url))
+    body, content_type = metrics.render(RedisStore.from_url(redis_server.url))
     assert content_type.startswith("text/plain")
     cp = _samples(body.decode())
     assert cp[("dreambatch_workers", (("queue", "gpu.i1-fast"),))] >= 1  # (earlier tests' heartbeats may linger)
@@ -389,9 +388,9 @@ def test_workers_and_the_control_plane_export_metrics_top_shows_them_and_logs_ca
 
 
 def test_a_retried_job_ignores_a_late_finalize_until_its_items_end_again(redis_server, tmp_path):
-    from jobs import broker
     from jobs.control import retry_job
     from jobs.models import ItemRecord, JobRecord
+    from jobs.services import Services
     from jobs.storage import LocalStore
     from worker import process
 
@@ -407,7 +406,7 @@ def test_a_retried_job_ignores_a_late_finalize_until_its_items_end_again(redis_s
                           notify=lambda *a: None, finalize=lambda j: None)
     assert process.finalize_job(ctx, job_id) == "completed"
 
-    assert retry_job(settings, job_id, store=store, celery=broker.make_celery(settings)) == ["bad"]
+    assert retry_job(Services(settings, store=store), job_id) == ["bad"]
     job = store.get_job(job_id)
     assert (job.status, job.finished_at, job.round, job.counts["queued"]) == ("running", None, 1, 1)
     assert process.finalize_job(ctx, job_id) is None  # a duplicate finalize of round 0 changes nothing
@@ -424,15 +423,15 @@ def test_a_retried_job_ignores_a_late_finalize_until_its_items_end_again(redis_s
 @pytest.mark.parametrize(("text", "seconds"), [("90", 90), ("90s", 90), ("15m", 900), ("2h", 7200), ("1d", 86400),
                                                ("0.5h", 1800)])
 def test_durations_read_as_seconds(text, seconds):
-    from jobs.control import parse_duration
+    from jobs.models import parse_duration
 
     assert parse_duration(text) == seconds
 
 
 @pytest.mark.parametrize("text", ["", "soon", "0s", "-5m", "31d", "5 weeks"])
 def test_bad_durations_say_what_was_expected(text):
-    from jobs.control import parse_duration
     from jobs.errors import InputError
+    from jobs.models import parse_duration
 
     with pytest.raises(InputError, match="duration"):
         parse_duration(text)

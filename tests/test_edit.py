@@ -23,6 +23,7 @@ from services import cli, s3_client, service_env, wait_until
 from jobs import dialects
 from jobs.errors import InputError
 from jobs.manifest import RawRow, RowChecker, input_policy, validate_manifest
+from jobs.models import JobSpec
 from jobs.settings import Settings
 from jobs.store import RedisStore
 from worker import geometry, imaging
@@ -289,8 +290,8 @@ def local_run(manifest: Path, model: str, out: Path, **defaults: str):
     """Local `run` mode in this process (model loads are cheap once torch is imported). Returns
     (submission, results lines by id, job folder)."""
     settings = Settings(allow_private_hosts="", input_roots="")
-    sub = run_local(manifest, model=model, defaults={"steps": "2", **defaults}, out=str(out), settings=settings,
-                    weights="tiny", device="cpu", skip_invalid=True)
+    spec = JobSpec(model=model, defaults={"steps": "2", **defaults}, output=str(out), skip_invalid=True)
+    sub = run_local(manifest, spec, settings=settings, weights="tiny", device="cpu")
     folder = out / sub.job.job_id
     lines = [json.loads(x) for x in (folder / "results.jsonl").read_text().splitlines()]
     return sub, {x["id"]: x for x in lines}, folder

@@ -495,6 +495,9 @@ def test_a_base_install_without_torch_names_the_extra_to_install(places, tiny_di
 def test_a_submission_that_failed_reads_cancelled_not_queued(redis_server, tmp_path):
     from jobs.errors import TransientError
     from jobs.metrics import overview
+    from jobs.models import JobSpec
+    from jobs.services import Services
+    from jobs.settings import Settings
     from jobs.storage import LocalStore
     from jobs.store import RedisStore
     from jobs.submit import SubmitFailed, create_job
@@ -506,8 +509,9 @@ def test_a_submission_that_failed_reads_cancelled_not_queued(redis_server, tmp_p
     manifest = tmp_path / "m.jsonl"
     manifest.write_text('{"prompt": "a"}\n')
     store = RedisStore.from_url(redis_server.url.rsplit("/", 1)[0] + "/9", 1)
+    folder = S3Down(str(tmp_path))
+    services = Services(Settings(), store=store, objects=lambda _loc: folder, publish=lambda job, ids: None)
     with pytest.raises(SubmitFailed, match="nothing was queued"):
-        create_job(manifest, model="i1-fast", defaults={}, output=str(tmp_path), webhook=None, store=store,
-                   objects=S3Down(str(tmp_path)), dispatch=lambda ids: None, job_id="phantom")
+        create_job(JobSpec(model="i1-fast", output=str(tmp_path)), manifest, services, job_id="phantom")
     assert store.get_job("phantom").status == "cancelled"
     assert [j for j in overview(store).jobs if j["job_id"] == "phantom"][0]["submit_aborted"]

@@ -28,6 +28,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from services import torch_threads
 
+from jobs.models import JobSpec
 from jobs.settings import Settings
 from worker.local import run_local
 
@@ -135,7 +136,7 @@ def test_every_case_matches_the_published_code_through_the_local_run(group, tmp_
     cases = GROUPS[group]
     manifest = write_manifest(cases, tmp_path / "in")
     recorder = DecodeRecorder(monkeypatch)
-    sub = run_local(manifest, model=model, defaults={}, out=str(tmp_path / "out"), settings=Settings(),
+    sub = run_local(manifest, JobSpec(model=model, output=str(tmp_path / "out")), settings=Settings(),
                     weights=str(PARITY / weights), device="cpu", on_item=recorder.item_ended)
     out_dir = tmp_path / "out" / sub.job.job_id
     problems = []

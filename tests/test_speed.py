@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from services import load_offline
 
+from jobs.services import Services
 from jobs.settings import RunnerSettings, Settings
 from worker.runners.base import EditRequest, GenerateRequest
 from worker.runners.batching import MicroBatcher
@@ -339,9 +340,9 @@ def test_gpu_workers_default_to_a_three_stage_pipeline_of_items_or_of_micro_batc
 
 def test_a_batching_worker_runs_model_calls_on_the_batcher_thread_without_the_gpu_lock():
     settings = Settings(runner=RunnerSettings(batch_max=4))
-    runtime = Runtime(settings, model="i1-fast", weights="tiny")
+    runtime = Runtime(Services(settings), model="i1-fast", weights="tiny")
     assert runtime.context().gpu_lock is not runtime.gpu_lock  # a no-op: the batcher's thread serializes
-    plain = Runtime(Settings(), model="i1-fast", weights="tiny")
+    plain = Runtime(Services(Settings()), model="i1-fast", weights="tiny")
     assert plain.context().gpu_lock is plain.gpu_lock
 
 

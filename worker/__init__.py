@@ -5,7 +5,7 @@ The flow of one item (a message carries ids only):
 
     tasks.py        thin Celery tasks: run_item, finalize_job, send_webhook, run_schedule
     local.py        `dreambatch run`: the same item path in one process, no Redis, no S3
-    runtime.py      per-process resources, built on first use: store, object stores, the loaded runner
+    runtime.py      per-process resources, built on first use: the root's services (jobs.services), the runner
     process.py      one item, in numbered steps: load → lease → attempt → fetch input → model → encode +
                     upload → end (jobs.ending); and one job's finalization (results.jsonl)
     inputs.py       an edit's input bytes (S3, checked URLs, staged files); imaging.py decodes and encodes;

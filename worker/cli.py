@@ -24,7 +24,7 @@ from jobs.cli import ModelOpt, PresetOpt, SetOpt, err, fail, guarded, out, repor
 from jobs.errors import DreambatchError
 from jobs.lifecycle import JobStatus
 from jobs.manifest import parse_sets
-from jobs.models import MODELS
+from jobs.models import MODELS, JobSpec
 from jobs.presets import job_defaults
 from jobs.settings import RunnerSettings, get_settings
 from jobs.submit import ManifestInvalid
@@ -63,7 +63,8 @@ def worker(
         help="serve Prometheus metrics on this port (/metrics); off by default")] = None,
 ) -> None:
     """Run a worker: one process per GPU (`--model`), or an I/O worker (`--io`)."""
-    from jobs import broker, logs, store
+    from jobs import logs, store
+    from jobs.services import Services
     from worker.heartbeat import Heartbeat
     from worker.runtime import Runtime
     from worker.tasks import register
@@ -77,17 +78,18 @@ def worker(
     logs.configure(loglevel, log_format)
     settings = _settings(i1_full, llama)
     store.say_if_unreachable(settings.redis_url, logging.getLogger("dreambatch.worker"), "This worker")
-    celery = broker.make_celery(settings)
+    services = Services(settings)
+    celery = services.celery
     if io:
         from worker import sweeper
 
-        runtime = Runtime(settings, celery)
+        runtime = Runtime(services)
         queue, threads, name = keys.IO_QUEUE, concurrency or 8, "io"
-        sweeper.start(settings, celery)  # periodic reconciliation of jobs whose live state was lost
+        sweeper.start(services)  # periodic reconciliation of jobs whose live state was lost
     else:
         from worker.runtime import check_device
 
-        runtime = Runtime(settings, celery, model=model, weights=weights, device=check_device(device))
+        runtime = Runtime(services, model=model, weights=weights, device=check_device(device))
         try:
             runtime.runner()  # load the model now, in this process, so a bad setup fails at start
         except DreambatchError as exc:
@@ -99,7 +101,7 @@ def worker(
         runtime.metrics.serve(metrics_port)
     worker_name = f"{name}.{os.getpid()}@{socket.gethostname()}"
     Heartbeat(runtime, worker_name, queue, settings.celery.heartbeat,
-              chores=_expiry_chore(settings, runtime, celery) if io else None).start()
+              chores=_expiry_chore(runtime) if io else None).start()
     celery.worker_main(["worker", "-Q", queue, "-P", "threads", "-c", str(threads), "-n", f"{name}.{os.getpid()}@%h",
                         "-l", loglevel, "--without-gossip", "--without-mingle", "--without-heartbeat"])
 
@@ -119,14 +121,14 @@ def default_threads(model: str, options: RunnerSettings) -> int:
     return PIPELINE_THREADS * (options.batch_max or AUTO_MAX)
 
 
-def _expiry_chore(settings, runtime, celery):
+def _expiry_chore(runtime):
     """An I/O worker ends never-started items of jobs past their deadline, even when no GPU reaches them."""
     from jobs.control import expire_due
 
     log = logging.getLogger("dreambatch.worker")
 
     def chore() -> None:
-        for job_id, ids in expire_due(settings, store=runtime.store, celery=celery, objects=runtime.objects).items():
+        for job_id, ids in expire_due(runtime.services).items():
             log.info("job %s: %d item(s) expired before they started", job_id, len(ids), extra={"job_id": job_id})
 
     return chore
@@ -160,9 +162,9 @@ def run(
         settings = _settings(i1_full, llama)
         defaults = job_defaults(preset, parse_sets(set_ or []), settings)
         device = check_device(device)
+        spec = JobSpec(model=model, defaults=defaults, output=out_dir, webhook=webhook, skip_invalid=skip_invalid)
         with RunProgress(err) as progress, ctrl_c_stops(stop):
-            sub = run_local(manifest, model=model, defaults=defaults, out=out_dir, settings=settings,
-                            weights=weights, device=device, webhook=webhook, skip_invalid=skip_invalid,
+            sub = run_local(manifest, spec, settings=settings, weights=weights, device=device,
                             observer=progress, stop=stop, resume=resume)
     except ManifestInvalid as exc:
         raise report_invalid(exc) from None
@@ -195,15 +197,16 @@ def sheet(
     """Make JOB_ID's review contact sheet: sheet.html (before/after pairs, ids, metadata, output links)
     and sheet.png, written next to the job."""
     from jobs import store
+    from jobs.services import get_services
     from jobs.storage import check_location
     from worker.contact_sheet import make_sheet
-    from worker.runtime import Runtime
 
     settings = get_settings()
+    services = get_services()
     try:
         if output is None:  # the job's own location, from Redis; without Redis, DREAMBATCH_OUTPUT
             if (away := store.problem(settings.redis_url)) is None:
-                job = store.RedisStore.from_url(settings.redis_url).get_job(job_id)
+                job = services.store.get_job(job_id)
                 output = job.output if job else settings.output
             elif settings.output:
                 warn(f"{away}; looking for the job under DREAMBATCH_OUTPUT ({settings.output})")
@@ -213,8 +216,7 @@ def sheet(
         if not output:
             raise fail("--output is required (the job is not in Redis and DREAMBATCH_OUTPUT is not set)")
         check_location(output, settings)
-        runtime = Runtime(settings)
-        pages = make_sheet(job_id, runtime.objects(output), settings, runtime.objects, page_size, to)
+        pages = make_sheet(job_id, services.objects(output), settings, services.objects, page_size, to)
     except DreambatchError as exc:
         raise fail(str(exc)) from None
     for page in pages:

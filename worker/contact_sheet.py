@@ -16,7 +16,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -70,11 +69,7 @@ def _lines_and_inputs(job: JobRecord, objects: ObjectStore) -> tuple[list[dict],
     lines = records.read_results(objects, job.job_id)
     if lines is None:
         raise InputError(f"job {job.job_id} has no results.jsonl yet: make the sheet when the job has ended")
-    raw_rows = objects.get(keys.S3_JOB_ROWS.format(prefix="", job_id=job.job_id)) or b""
-    params = {}
-    for text in raw_rows.decode().splitlines():
-        row = json.loads(text)
-        params[row["id"]] = row.get("params") or {}
+    params = {row["id"]: row.get("params") or {} for row in records.read_rows(objects, job.job_id) or []}
     return lines, params
 
 
@@ -200,10 +195,9 @@ def make_sheet(job_id: str, objects: ObjectStore, settings: Settings, fetch_stor
     """Write the job's sheet page(s) next to it (and into `copy_to` when given); returns them."""
     if not 1 <= page_size <= MAX_PAGE_SIZE:
         raise InputError(f"--page-size must be 1..{MAX_PAGE_SIZE} (got {page_size})")
-    spec = objects.get(keys.S3_JOB_SPEC.format(prefix="", job_id=job_id))
-    if spec is None:
+    job = records.read_job(objects, job_id)
+    if job is None:
         raise JobNotFound(f"no job {job_id!r} under {objects.location}")
-    job = JobRecord.model_validate_json(spec)
     lines, params = _lines_and_inputs(job, objects)
     chunks = [lines[i:i + page_size] for i in range(0, len(lines), page_size)] or [[]]
     pages = []

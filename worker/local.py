@@ -19,15 +19,15 @@ import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-from jobs import keys, netguard, records
+from jobs import netguard, records
 from jobs.errors import InputError
 from jobs.manifest import CheckReport, input_policy, validate_manifest
-from jobs.models import ItemRecord, JobRecord, item_event_id
+from jobs.models import ItemRecord, JobRecord, JobSpec
 from jobs.reconcile import reconcile
+from jobs.services import Services
 from jobs.settings import Settings
-from jobs.storage import check_location, open_store
+from jobs.storage import check_location
 from jobs.store import MemoryStore
 from jobs.submit import Submission, create_job, now_iso
 from worker import process, webhooks
@@ -60,13 +60,13 @@ class Interrupted(KeyboardInterrupt):
     """Ctrl-C, delivered at a denoising step (or between items): the running item is left unended."""
 
 
-def run_local(manifest: Path, *, model: str, defaults: dict[str, Any], out: str, settings: Settings,
-              weights: str | None = None, device: str = "cpu", webhook: str | None = None,
-              skip_invalid: bool = False, on_item: Callable[[str, str], None] | None = None,
+def run_local(manifest: Path, spec: JobSpec, *, settings: Settings, weights: str | None = None,
+              device: str = "cpu", on_item: Callable[[str, str], None] | None = None,
               observer: Observer | None = None, stop: threading.Event | None = None,
               resume: bool = False) -> Submission:
-    """Run `manifest` here. Returns the submission, its `job` as it ended (or, when `stop` was set, as it was
-    left: `interrupted_at` set)."""
+    """Run `manifest` as `spec` says, here; `spec.output` (a folder, or s3://bucket/prefix; default `out`) is
+    where images and the durable record go. Returns the submission, its `job` as it ended (or, when `stop` was
+    set, as it was left: `interrupted_at` set)."""
     watch = observer or Observer()
     stop = stop or threading.Event()
 
@@ -75,15 +75,18 @@ def run_local(manifest: Path, *, model: str, defaults: dict[str, Any], out: str,
         if stop.is_set():
             raise Interrupted
 
+    out, model = spec.output or "out", spec.model
     check_location(out, settings)
-    store = MemoryStore(on_step=on_step)
-    objects = open_store(out, settings)
-    runtime = Runtime(settings, model=model, weights=weights, device=device, store=store)
     queue: deque[str] = deque()
     finals: list[str] = []
     events: list[tuple[str, str | None, str]] = []
+    services = Services(settings, store=MemoryStore(on_step=on_step),
+                        publish=lambda _job, ids: queue.extend(ids), notify=events.extend, finalize=finals.append)
+    store = services.store
+    objects = services.objects(out)
+    runtime = Runtime(services, model=model, weights=weights, device=device)
     ctx = process.Context(settings=settings, store=store, runner=runtime.runner, objects=lambda _loc: objects,
-                          notify=events.extend, finalize=finals.append,
+                          notify=services.notify, finalize=services.finalize,
                           revision=lambda: runtime.model_revision, safety=runtime.safety)
 
     # 1. the job: found again (resume), or validated, then the model loaded, then created; ids go to a local queue
@@ -91,27 +94,19 @@ def run_local(manifest: Path, *, model: str, defaults: dict[str, Any], out: str,
         job_id = _interrupted_job(objects, manifest, model)
         watch.loading()
         runtime.runner()
-        spec = JobRecord.model_validate_json(objects.get(keys.S3_JOB_SPEC.format(prefix="", job_id=job_id)))
-        records.write_job_spec(objects, spec.model_copy(update={"interrupted_at": None}))
+        record = records.read_job(objects, job_id)
+        records.write_job_spec(objects, record.model_copy(update={"interrupted_at": None}))
         reconcile(job_id, objects, store, queue.extend, finals.append, batch=settings.celery.publish_batch)
         sub = Submission(store.get_job(job_id), len(queue), 0, CheckReport(), job_done=bool(finals))
-        webhook = sub.job.webhook
     else:
-        if webhook:
-            netguard.check_url(webhook, settings.netpolicy())
+        if spec.webhook:
+            netguard.check_url(spec.webhook, settings.netpolicy())
         policy = input_policy(manifest, settings)
-        report = validate_manifest(manifest, model, defaults, policy)
-        if report.valid and (skip_invalid or not report.issues):  # else create_job says what is wrong
+        report = validate_manifest(manifest, model, spec.defaults, policy)
+        if report.valid and (spec.skip_invalid or not report.issues):  # else create_job says what is wrong
             watch.loading()
             runtime.runner()
-        sub = create_job(manifest, model=model, defaults=defaults, output=objects.location, webhook=webhook,
-                         store=store, objects=objects, dispatch=queue.extend, skip_invalid=skip_invalid,
-                         policy=policy,
-                         on_rejected=lambda items: events.extend(
-                             (i.job_id, i.item_id, item_event_id(i.job_id, i.item_id, i.status))
-                             for i in items if webhook))
-        if sub.job_done:
-            finals.append(sub.job.job_id)
+        sub = create_job(spec.model_copy(update={"output": objects.location}), manifest, services, policy=policy)
         job_id = sub.job.job_id
     watch.begin(store.get_job(job_id), len(queue))
 
@@ -149,10 +144,9 @@ def _interrupted_job(objects, manifest: Path, model: str) -> str:
     """The newest unfinished job of `manifest` and `model` in this location (its `_open` marker is there)."""
     found = []
     for job_id in records.open_jobs(objects):
-        raw = objects.get(keys.S3_JOB_SPEC.format(prefix="", job_id=job_id))
-        if raw is None:
+        job = records.read_job(objects, job_id)
+        if job is None:
             continue
-        job = JobRecord.model_validate_json(raw)
         same = job.manifest and (job.manifest == str(manifest)
                                  or Path(job.manifest).resolve() == manifest.resolve())
         if same and job.model == model and not job.submitting:

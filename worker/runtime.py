@@ -1,4 +1,5 @@
-"""Per-process resources of a worker: settings, store, object stores and the loaded model.
+"""Per-process resources of a worker: its services (jobs.services: settings, store, object stores, the
+Celery app), the loaded model, its execution leases and metrics.
 
 Built once per process, on first use, in the process that runs tasks (never at import time and
 never before a fork: CUDA does not survive one). Workers run Celery's threads pool (worker.cli), so
@@ -11,14 +12,12 @@ import contextlib
 import threading
 from collections.abc import Callable
 
-from celery import Celery
-
-from jobs import broker
 from jobs.errors import ConfigError
 from jobs.models import MODELS
-from jobs.settings import RunnerSettings, Settings
-from jobs.storage import ObjectStore, open_store, s3_client
-from jobs.store import RedisStore, Store
+from jobs.services import Services
+from jobs.settings import RunnerSettings
+from jobs.storage import ObjectStore
+from jobs.store import Store
 from worker import safety
 from worker.leases import Leases
 from worker.metrics import WorkerMetrics
@@ -96,21 +95,17 @@ def batches(model: str | None, options: RunnerSettings) -> bool:
 
 
 class Runtime:
-    def __init__(self, settings: Settings, app: Celery | None = None, *, model: str | None = None,
-                 weights: str | None = None, device: str = "cpu", store: Store | None = None,
-                 runner_factory: Callable[[], Runner] | None = None):
-        self.settings = settings
-        self.app = app
+    def __init__(self, services: Services, *, model: str | None = None, weights: str | None = None,
+                 device: str = "cpu", runner_factory: Callable[[], Runner] | None = None):
+        self.services = services
+        self.settings = settings = services.settings
         self.model = model
         self.safety = safety.Lazy(settings.safety, device)  # loaded on the first item it checks
-        self._store = store
         self._runner: Runner | None = None
         self._runner_factory = runner_factory or (lambda: build_runner(model, weights, device, settings.runner))
         # a micro-batching runner has its own model thread, the only one touching the GPU: no lock around calls
         self._model_lock = contextlib.nullcontext() if runner_factory is None and batches(model, settings.runner) \
             else None
-        self._objects: dict[str, ObjectStore] = {}
-        self._s3 = None
         self._lock = threading.Lock()
         self.gpu_lock = threading.Lock()
         self._leases: Leases | None = None
@@ -128,10 +123,7 @@ class Runtime:
 
     @property
     def store(self) -> Store:
-        with self._lock:
-            if self._store is None:
-                self._store = RedisStore.from_url(self.settings.redis_url, self.settings.redis_retry_s)
-            return self._store
+        return self.services.store
 
     def runner(self) -> Runner:
         with self._lock:
@@ -151,18 +143,12 @@ class Runtime:
             return self._runner.revision if self._runner is not None else None
 
     def objects(self, location: str) -> ObjectStore:
-        with self._lock:
-            if location not in self._objects:
-                if location.startswith("s3://") and self._s3 is None:
-                    self._s3 = s3_client(self.settings)
-                self._objects[location] = open_store(location, self.settings, client=self._s3)
-            return self._objects[location]
+        return self.services.objects(location)
 
     def context(self) -> Context:
         return Context(
-            settings=self.settings, store=self.store, runner=self.runner, objects=self.objects,
-            notify=lambda events: broker.send_webhooks(self.app, events),
-            finalize=lambda job_id: broker.send_finalize(self.app, job_id),
+            settings=self.settings, store=self.store, runner=self.runner, objects=self.services.objects,
+            notify=self.services.notify, finalize=self.services.finalize,
             gpu_lock=self._model_lock or self.gpu_lock, leases=self.leases, metrics=self.metrics,
             revision=lambda: self.model_revision, safety=self.safety,
         )

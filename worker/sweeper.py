@@ -8,13 +8,11 @@ from __future__ import annotations
 import logging
 import threading
 
-from celery import Celery
-
-from jobs import broker, keys
+from jobs import keys
 from jobs.reconcile import sweep
+from jobs.services import Services
 from jobs.settings import Settings
-from jobs.storage import open_store
-from jobs.store import RedisStore, redis_errors, unreachable
+from jobs.store import redis_errors, unreachable
 
 log = logging.getLogger("dreambatch.sweeper")
 
@@ -24,13 +22,12 @@ def locations(settings: Settings) -> list[str]:
     return list(dict.fromkeys([*([settings.output] if settings.output else []), *extra]))
 
 
-def sweep_once(settings: Settings, store: RedisStore, celery: Celery) -> int:
+def sweep_once(services: Services) -> int:
     """One sweep over every location; returns how many jobs were reconciled."""
-    count = 0
+    count, settings = 0, services.settings
     for location in locations(settings):
-        objects = open_store(location, settings)
-        reports = sweep(objects, store, lambda model, job_id, ids: broker.publish_items(celery, model, job_id, ids),
-                        lambda job_id: broker.send_finalize(celery, job_id), settings.celery.publish_batch)
+        objects = services.objects(location)
+        reports = sweep(objects, services.store, services.publish, services.finalize, settings.celery.publish_batch)
         for r in reports:
             log.warning("reconciled job %s from %s: %d item(s), %d ended, %d re-queued", r.job_id, location,
                         r.total, r.ended, r.requeued)
@@ -38,22 +35,21 @@ def sweep_once(settings: Settings, store: RedisStore, celery: Celery) -> int:
     return count
 
 
-def start(settings: Settings, celery: Celery) -> threading.Thread | None:
+def start(services: Services) -> threading.Thread | None:
     """Start the sweeping thread of this process, if periodic reconciliation is on and has somewhere to look."""
-    interval = settings.celery.reconcile_interval
-    if interval <= 0 or not locations(settings):
+    interval = services.settings.celery.reconcile_interval
+    if interval <= 0 or not locations(services.settings):
         return None
-    store = RedisStore.from_url(settings.redis_url, settings.redis_retry_s)
 
     def loop() -> None:
         stop = threading.Event()
         while not stop.wait(interval):
             try:
-                if store.claim(keys.RECONCILE_LOCK, interval * 0.9):
-                    sweep_once(settings, store, celery)
+                if services.store.claim(keys.RECONCILE_LOCK, interval * 0.9):
+                    sweep_once(services)
             except redis_errors() as exc:
                 log.warning("reconcile sweep skipped (%s); trying again in %ss",
-                            unreachable(settings.redis_url, exc), interval)
+                            unreachable(services.settings.redis_url, exc), interval)
             except Exception:
                 log.exception("reconcile sweep failed; trying again in %ss", interval)
 

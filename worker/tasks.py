@@ -51,7 +51,7 @@ def register(app: Celery, runtime: Runtime) -> None:
     def run_schedule(self, name: str, slot: str | None = None) -> dict:
         """Fired by beat: scan the schedule's source and submit what is new or changed (on an io worker).
         A transient failure is tried again with backoff, until shortly before the next slot."""
-        fired = run_fired(name, runtime.settings, app, slot, attempt=self.request.retries + 1)
+        fired = run_fired(name, runtime.services, slot, attempt=self.request.retries + 1)
         if fired.retry_in is not None:
             raise self.retry(countdown=fired.retry_in)
         return fired.summary

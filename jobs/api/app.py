@@ -22,9 +22,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from jobs import metrics as job_metrics
 from jobs.api import fal_routes, inferencesh_routes, jobs_routes, openai_routes, shapes, uploads, wavespeed_routes
 from jobs.api.deps import ServicesDep, require
-from jobs.api.service import ApiError, Services
+from jobs.api.service import ApiError
 from jobs.errors import ConfigError, DreambatchError, InputError, JobNotFound, JobStateError, TransientError
 from jobs.models import ApiKeyRecord
+from jobs.services import Services
 from jobs.settings import Settings
 from jobs.storage import check_location
 from jobs.store import problem as redis_problem
@@ -51,7 +52,7 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="dreambatch", version="1", max_body_size=settings.api.max_upload_bytes + 2**20,
                   description="Batch HiDream image jobs; the OpenAI, fal, inference.sh and WaveSpeed protocols "
                               "their SDKs speak. See docs/api.md.")
-    app.state.services = Services.from_settings(settings)
+    app.state.services = Services(settings)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError):
@@ -115,7 +116,7 @@ def create_app(settings: Settings) -> FastAPI:
     def metrics(svc: ServicesDep, _key: Annotated[ApiKeyRecord, Depends(require("metrics"))]) -> Response:
         """Prometheus metrics of the control plane (jobs.metrics: items by status, queue depth per model and
         priority, live workers). Each worker serves its own (`--metrics-port`)."""
-        body, content_type = job_metrics.render(svc.settings, svc.store)
+        body, content_type = job_metrics.render(svc.store)
         return Response(body, media_type=content_type)
 
     app.include_router(jobs_routes.router)

@@ -13,8 +13,9 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from jobs.api import auth
-from jobs.api.service import ApiError, Services
+from jobs.api.service import ApiError
 from jobs.models import ApiKeyRecord
+from jobs.services import Services
 
 bearer = HTTPBearer(auto_error=False, description="an API key from `dreambatch keys create`")
 

@@ -37,7 +37,6 @@ from jobs.api import retries, schemas, shapes, uploads
 from jobs.api.deps import ServicesDep, require
 from jobs.api.service import (
     ApiError,
-    JobOptions,
     Services,
     Upload,
     fingerprint,
@@ -48,7 +47,7 @@ from jobs.api.service import (
     wait_for,
 )
 from jobs.errors import InputError, JobStateError
-from jobs.models import MODELS, ApiKeyRecord, JobRecord, OutputImage
+from jobs.models import MODELS, ApiKeyRecord, JobRecord, JobSpec, OutputImage
 from jobs.vendors import common, fal
 
 
@@ -131,7 +130,7 @@ async def _create(svc: Services, request: Request, key: ApiKeyRecord, namespace:
         upload = Upload()
         try:
             uploads.resolve(svc, request, row, ("image_url", "image"), upload)
-            return submit_rows(svc, [row], JobOptions(model=model, webhook=webhook, webhook_format="fal", api=api),
+            return submit_rows(svc, [row], JobSpec(model=model, webhook=webhook, webhook_format="fal", api=api),
                                upload)
         finally:
             upload.close()
@@ -237,7 +236,7 @@ def cancel_request(namespace: Namespace, name: Name, request_id: RequestId, svc:
     if job.cancel_requested or common.ended(job, next(svc.store.items(request_id), None)):
         return JSONResponse({"status": "ALREADY_COMPLETED"}, 400)
     try:
-        control.cancel_job(svc.settings, request_id, store=svc.store, celery=svc.celery)
+        control.cancel_job(svc, request_id)
     except JobStateError:  # it ended in between
         return JSONResponse({"status": "ALREADY_COMPLETED"}, 400)
     return JSONResponse({"status": "CANCELLATION_REQUESTED"}, 202)

@@ -28,9 +28,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from jobs import control
 from jobs.api import retries, shapes, uploads
 from jobs.api.deps import ServicesDep, require
-from jobs.api.service import ApiError, JobOptions, Services, Upload, fingerprint, image_url, submit_rows
+from jobs.api.service import ApiError, Services, Upload, fingerprint, image_url, submit_rows
 from jobs.errors import InputError, JobStateError
-from jobs.models import MODELS, ApiKeyRecord, JobRecord
+from jobs.models import MODELS, ApiKeyRecord, JobRecord, JobSpec
 from jobs.vendors import common, inferencesh
 from jobs.vendors.inferencesh import TaskStatus
 
@@ -158,7 +158,7 @@ async def run_app(body: AppRun, request: Request, svc: ServicesDep, key: Images,
         upload = Upload()
         try:
             uploads.resolve(svc, request, row, IMAGE_FIELDS, upload)
-            options = JobOptions(model=model, webhook=body.webhook, webhook_format="inferencesh", api=api)
+            options = JobSpec(model=model, webhook=body.webhook, webhook_format="inferencesh", api=api)
             return submit_rows(svc, [row], options, upload)
         finally:
             upload.close()
@@ -182,7 +182,7 @@ def cancel_task(task_id: TaskId, request: Request, svc: ServicesDep, _key: Image
     job = _job(svc, task_id)
     if not job.cancel_requested and not common.ended(job, next(svc.store.items(task_id), None)):
         try:
-            control.cancel_job(svc.settings, task_id, store=svc.store, celery=svc.celery)
+            control.cancel_job(svc, task_id)
         except JobStateError:  # it ended in between: answered as it is
             pass
     return {"data": task_of(svc, task_id, str(request.base_url))}

@@ -17,12 +17,11 @@ from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from jobs import control, export
+from jobs import control, export, keys
 from jobs.api import schemas, shapes
 from jobs.api.deps import ServicesDep, require
 from jobs.api.service import (
     ApiError,
-    JobOptions,
     Services,
     Upload,
     fingerprint,
@@ -32,12 +31,11 @@ from jobs.api.service import (
     sign_file,
     submit,
 )
-from jobs.control import parse_duration
 from jobs.errors import InputError
 from jobs.formats import CONTENT_TYPES, EXTENSIONS
 from jobs.lifecycle import ItemStatus
 from jobs.manifest import parse_sets
-from jobs.models import ApiKeyRecord, JobRecord, Priority
+from jobs.models import ApiKeyRecord, JobRecord, JobSpec, Priority, parse_duration
 from jobs.submit import ManifestInvalid
 
 router = APIRouter(tags=["jobs"])
@@ -51,6 +49,7 @@ ONE_JOB = shapes.responses(shapes.OPENAI, 404, _404="no such job")
 MANIFEST_TYPES = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", "text/csv": "csv",
                   "application/x-ndjson": "jsonl", "application/jsonl": "jsonl", "application/x-jsonlines": "jsonl"}
 Scalar = str | int | float | bool
+NOT_ASKED = {"output", "review_sheet"}  # spec fields a request does not set (left out of its fingerprint)
 
 
 class JobCreate(BaseModel):
@@ -113,7 +112,7 @@ async def _read_capped(upload, limit: int, dest: Path) -> bytes:
     return data
 
 
-async def _parse_create(request: Request, svc: Services, upload: Upload) -> tuple[Path, JobOptions, str]:
+async def _parse_create(request: Request, svc: Services, upload: Upload) -> tuple[Path, JobSpec, str]:
     """The manifest file, the job options and a fingerprint of both, from either body shape."""
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind == "multipart/form-data":
@@ -140,10 +139,10 @@ async def _parse_create(request: Request, svc: Services, upload: Upload) -> tupl
             raise ApiError(422, "; ".join(lines), errors=lines) from None
         path = upload.root / f"manifest.{fmt}"
         data = await _read_capped(file, svc.settings.api.max_upload_bytes, path)
-        options = JobOptions(model=fields.model, defaults=defaults, webhook=fields.webhook,
-                             skip_invalid=fields.skip_invalid, priority=fields.priority,
-                             max_concurrency=fields.max_concurrency, expires_after=_duration(fields.expires_after))
-        return path, options, fingerprint("manifest", fmt, data, options.__dict__)
+        options = JobSpec(model=fields.model, defaults=defaults, webhook=fields.webhook,
+                          skip_invalid=fields.skip_invalid, priority=fields.priority,
+                          max_concurrency=fields.max_concurrency, expires_after=_duration(fields.expires_after))
+        return path, options, fingerprint("manifest", fmt, data, options.model_dump(exclude=NOT_ASKED))
     if kind not in ("application/json", ""):
         raise ApiError(415, f"send application/json rows or a multipart/form-data manifest (got {kind!r})",
                        code="unsupported_media_type")
@@ -155,9 +154,9 @@ async def _parse_create(request: Request, svc: Services, upload: Upload) -> tupl
     if len(body.rows) > svc.settings.api.max_json_rows:
         raise ApiError(413, f"rows: at most {svc.settings.api.max_json_rows} rows in a JSON body; upload a manifest "
                             "file for more", code="too_large", param="rows")
-    options = JobOptions(model=body.model, defaults={k: str(v) for k, v in body.defaults.items()},
-                         webhook=body.webhook, skip_invalid=body.skip_invalid, priority=body.priority,
-                         max_concurrency=body.max_concurrency, expires_after=_duration(body.expires_after))
+    options = JobSpec(model=body.model, defaults={k: str(v) for k, v in body.defaults.items()},
+                      webhook=body.webhook, skip_invalid=body.skip_invalid, priority=body.priority,
+                      max_concurrency=body.max_concurrency, expires_after=_duration(body.expires_after))
     return upload.write_rows(body.rows), options, fingerprint("rows", body.model_dump())
 
 
@@ -226,7 +225,7 @@ def results(job_id: JobId, svc: ServicesDep, _key: Reader,
     """One line per manifest row (live state while the job runs). CSV cells that a spreadsheet would run
     (starting with = + - @) are quoted."""
     job = svc.job(job_id)
-    lines = export.result_lines(job, svc.store, svc.settings)
+    lines = export.result_lines(job, svc)
     if format == "csv":
         return StreamingResponse(export.csv_rows(lines), media_type="text/csv",
                                  headers={"Content-Disposition": f'attachment; filename="{job_id}.csv"'})
@@ -281,7 +280,7 @@ def cancel(job_id: JobId, svc: ServicesDep, _key: Writer) -> dict:
     `cancelled` (webhook sent) when they have. Outputs already written are kept. 409 for a job that
     already ended otherwise; cancelling a cancelled job changes nothing."""
     svc.job(job_id)
-    return job_status(control.cancel_job(svc.settings, job_id, store=svc.store, celery=svc.celery))
+    return job_status(control.cancel_job(svc, job_id))
 
 
 @router.post("/v1/jobs/{job_id}/retry", responses={200: {"model": schemas.JobRequeued}, **ERRORS, **ONE_JOB,
@@ -290,7 +289,7 @@ def retry(job_id: JobId, svc: ServicesDep, _key: Writer) -> dict:
     """Re-queue only the failed items, in the same job (same ids and lines, attempts counted); `requeued`
     lists their ids ([] when none failed)."""
     svc.job(job_id)
-    requeued = control.retry_job(svc.settings, job_id, store=svc.store, celery=svc.celery)
+    requeued = control.retry_job(svc, job_id)
     return {**job_status(svc.job(job_id)), "requeued": requeued}
 
 
@@ -300,7 +299,7 @@ def resume(job_id: JobId, svc: ServicesDep, _key: Writer) -> dict:
     """Re-queue the items that have no result (after an outage lost their messages); nothing that ended
     runs again."""
     svc.job(job_id)
-    requeued = control.resume_job(svc.settings, job_id, store=svc.store, celery=svc.celery)
+    requeued = control.resume_job(svc, job_id)
     return {**job_status(svc.job(job_id)), "requeued": requeued}
 
 
@@ -313,7 +312,7 @@ def file(job_id: JobId, key: str, svc: ServicesDep, expires: Annotated[int, Quer
     import hmac
 
     good = hmac.compare_digest(sign_file(svc, job_id, key, expires).encode(), signature.encode())
-    if not good or expires < time.time() or not key.startswith(f"{job_id}/"):
+    if not good or expires < time.time() or not key.startswith(keys.S3_JOB_FOLDER.format(prefix="", job_id=job_id)):
         raise ApiError(403, "invalid or expired link", type_="permission_error", code="invalid_signature")
     job = svc.job(job_id)
     data = svc.objects(job.output).get(key, svc.settings.api.max_upload_bytes)

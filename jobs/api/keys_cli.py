@@ -9,13 +9,13 @@ from typing import Annotated
 import typer
 
 from jobs.api import auth
-from jobs.settings import get_settings
+from jobs.services import get_services
 from jobs.store import RedisStore
 from jobs.submit import now_iso
 
 
 def _store() -> RedisStore:
-    return RedisStore.from_url(get_settings().redis_url)
+    return get_services().store
 
 
 def create(

@@ -29,7 +29,6 @@ from jobs.api import retries, schemas, shapes
 from jobs.api.deps import ServicesDep, require
 from jobs.api.service import (
     ApiError,
-    JobOptions,
     Services,
     Upload,
     fingerprint,
@@ -40,7 +39,7 @@ from jobs.api.service import (
 )
 from jobs.errors import ErrorKind
 from jobs.lifecycle import ItemStatus
-from jobs.models import MAX_SEED, MODELS, JobRecord
+from jobs.models import MAX_SEED, MODELS, JobRecord, JobSpec
 from jobs.vendors import common
 
 router = APIRouter(tags=["openai images"])
@@ -104,7 +103,7 @@ async def run_images(svc: Services, key_id: str, idempotency_key: str | None, mo
     attempt = retries.Attempt.of(request)
     try:
         job_id, _ = await retries.once(svc, key_id, idempotency_key, body,
-                                       lambda: submit_rows(svc, rows, JobOptions(model=model), upload, status=400),
+                                       lambda: submit_rows(svc, rows, JobSpec(model=model), upload, status=400),
                                        attempt)
     finally:
         upload.close()

@@ -1,4 +1,4 @@
-"""What the routes share: one `Services` per app (settings, store, Celery, object stores), submitting
+"""What the routes share: the app's `Services` (jobs.services: settings, store, Celery, object stores), submitting
 rows or a manifest as a job exactly as `dreambatch submit` does, waiting for a job, its status with
 rate and ETA, and links to its images (presigned S3 URLs, or signed URLs this server serves).
 """
@@ -10,27 +10,23 @@ import hashlib
 import hmac
 import json
 import re
-import secrets
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import anyio
 
-from jobs import broker, lifecycle, netguard
-from jobs.errors import ConfigError, InputError
+from jobs import lifecycle
 from jobs.inputs import InputPolicy
 from jobs.lifecycle import ItemStatus
 from jobs.metrics import no_worker_warning
-from jobs.models import MODELS, ItemRecord, JobRecord, OutputImage, item_event_id
-from jobs.settings import Settings
-from jobs.storage import ObjectStore, key_of, open_store, s3_client
-from jobs.store import RedisStore
-from jobs.submit import ManifestInvalid, Submission, create_job, new_job_id
+from jobs.models import JobRecord, JobSpec, OutputImage
+from jobs.services import Services
+from jobs.storage import key_of
+from jobs.submit import ManifestInvalid, Submission, create_job
 
 IDEMPOTENCY_TTL = 24 * 3600
 
@@ -56,55 +52,6 @@ def not_found(job_id: str) -> ApiError:
     return ApiError(404, f"no job {job_id!r}", code="not_found")
 
 
-@dataclass(kw_only=True)
-class JobOptions:
-    """How a set of rows becomes a job (the `dreambatch submit` options)."""
-
-    model: str
-    defaults: dict[str, Any] = field(default_factory=dict)
-    webhook: str | None = None
-    skip_invalid: bool = False
-    webhook_format: str = "dreambatch"  # a vendor's (jobs.vendors): one envelope when the (one-item) job ends
-    api: dict[str, Any] = field(default_factory=dict)  # what the vendor route answers with (JobRecord.api)
-    priority: str = "normal"
-    max_concurrency: int | None = None
-    expires_after: float | None = None  # s from submission
-
-
-@dataclass
-class Services:
-    settings: Settings
-    store: RedisStore
-    celery: Any
-    url_secret: bytes
-    _objects: dict[str, ObjectStore] = field(default_factory=dict)
-    _s3: Any = None
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> Services:
-        secret = (settings.api.url_secret or secrets.token_hex(32)).encode()
-        return cls(settings, RedisStore.from_url(settings.redis_url), broker.make_celery(settings), secret)
-
-    def output(self) -> str:
-        if not self.settings.output:
-            raise ConfigError("the API needs DREAMBATCH_OUTPUT (s3://bucket/prefix or a folder the workers share)")
-        return self.settings.output
-
-    def objects(self, location: str) -> ObjectStore:
-        """Object storage for a job's output location (one S3 client for all of them)."""
-        if location not in self._objects:
-            if location.startswith("s3://"):
-                self._s3 = self._s3 or s3_client(self.settings)
-            self._objects[location] = open_store(location, self.settings, self._s3)
-        return self._objects[location]
-
-    def job(self, job_id: str) -> JobRecord:
-        job = self.store.get_job(job_id)
-        if job is None:
-            raise not_found(job_id)
-        return job
-
-
 # --- submitting ---------------------------------------------------------------------------------
 class Upload:
     """A private folder for one request: the manifest, and the only place its local image paths may point."""
@@ -125,42 +72,18 @@ class Upload:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-def submit(svc: Services, manifest: Path, options: JobOptions, upload: Upload) -> Submission:
-    """Validate and queue a manifest exactly as `dreambatch submit` does. Local image paths may only
+def submit(svc: Services, manifest: Path, spec: JobSpec, upload: Upload) -> Submission:
+    """Validate and queue a manifest as every job is made (jobs.submit.create_job). Local image paths may only
     name files uploaded with this request (the upload's inputs folder), never the server's own files."""
-    settings = svc.settings
-    if options.model not in MODELS:
-        raise InputError(f"model: unknown model {options.model!r}; choose one of {', '.join(MODELS)}")
-    if options.webhook:
-        netguard.check_url(options.webhook, settings.netpolicy())
-    output = svc.output()
-    job_id = new_job_id()
-    celery, webhook = svc.celery, options.webhook
-
-    def rejected(items: list[ItemRecord]) -> None:
-        for item in items if webhook else []:
-            broker.send_webhook(celery, job_id, item.item_id, item_event_id(job_id, item.item_id, item.status))
-
-    sub = create_job(manifest, model=options.model, defaults=options.defaults, output=output, webhook=webhook,
-                     store=svc.store, objects=svc.objects(output),
-                     dispatch=lambda ids: broker.publish_items(celery, options.model, job_id, ids,
-                                                               priority=options.priority),
-                     skip_invalid=options.skip_invalid, batch=settings.celery.publish_batch, job_id=job_id,
-                     policy=InputPolicy(upload.inputs, (), settings.inputs.max_bytes), on_rejected=rejected,
-                     priority=options.priority, max_concurrency=options.max_concurrency,
-                     expires_at=time.time() + options.expires_after if options.expires_after else None,
-                     webhook_format=options.webhook_format, api=options.api)
-    if sub.job_done:
-        broker.send_finalize(celery, job_id)
-    return sub
+    return create_job(spec, manifest, svc, policy=InputPolicy(upload.inputs, (), svc.settings.inputs.max_bytes))
 
 
-def submit_rows(svc: Services, rows: list[dict[str, Any]], options: JobOptions, upload: Upload,
+def submit_rows(svc: Services, rows: list[dict[str, Any]], spec: JobSpec, upload: Upload,
                 status: int = 422) -> str:
     """One request's rows as a job; returns its id. Bad rows are an ApiError `status` listing each problem once,
     without the `line N:` of a manifest (the request's fields are its only line)."""
     try:
-        return submit(svc, upload.write_rows(rows), options, upload).job.job_id
+        return submit(svc, upload.write_rows(rows), spec, upload).job.job_id
     except ManifestInvalid as exc:
         errors = list(dict.fromkeys(re.sub(r"^line \d+: ", "", e) for e in exc.issues))
         raise ApiError(status, "; ".join(errors) or str(exc), errors=errors) from None

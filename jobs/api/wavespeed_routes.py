@@ -26,7 +26,6 @@ from jobs.api import retries, shapes, uploads
 from jobs.api.deps import ServicesDep, require
 from jobs.api.service import (
     ApiError,
-    JobOptions,
     Services,
     StillRunning,
     Upload,
@@ -36,7 +35,7 @@ from jobs.api.service import (
     submit_rows,
     wait_for,
 )
-from jobs.models import MODELS, ApiKeyRecord, JobRecord, OutputImage
+from jobs.models import MODELS, ApiKeyRecord, JobRecord, JobSpec, OutputImage
 from jobs.vendors import wavespeed
 
 router = APIRouter(tags=["wavespeed"])
@@ -153,7 +152,7 @@ async def submit(owner: Segment, model: Segment, request: Request, svc: Services
         upload = Upload()
         try:
             uploads.resolve(svc, request, row, ("image", "image_url"), upload)
-            options = JobOptions(model=ours, webhook=webhook, webhook_format="wavespeed", api=api)
+            options = JobSpec(model=ours, webhook=webhook, webhook_format="wavespeed", api=api)
             return submit_rows(svc, [row], options, upload, status=400)
         finally:
             upload.close()

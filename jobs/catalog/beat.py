@@ -24,7 +24,7 @@ from celery.beat import Scheduler
 from jobs import keys
 from jobs.catalog.schedules import Schedule, load_schedules
 from jobs.errors import DreambatchError
-from jobs.settings import Settings
+from jobs.services import Services
 from jobs.store import ScheduleState
 
 log = logging.getLogger("dreambatch.beat")
@@ -61,10 +61,10 @@ def fire_due(schedule: Schedule, state: ScheduleState, send: Callable[[str, str]
 class CatalogScheduler(Scheduler):
     """A Celery beat scheduler whose entries are the schedules file, guarded by the beat lock."""
 
-    def __init__(self, *args, settings: Settings, **kwargs):
-        self.settings = settings
+    def __init__(self, *args, services: Services, **kwargs):
+        self.settings = services.settings
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self.state = ScheduleState.from_url(settings.redis_url)
+        self.state = services.schedule_state
         self.holding: bool | None = None  # unknown until the first tick, so either state is logged once
         self.schedules: dict[str, Schedule] = {}
         self._mtime: float | None = None

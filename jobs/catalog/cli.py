@@ -11,16 +11,16 @@ from typing import Annotated
 
 import typer
 
-from jobs import broker
-from jobs.catalog.run import Services, run_schedule
+from jobs.catalog.run import run_schedule
 from jobs.catalog.schedules import get_schedule, load_schedules
 from jobs.cli import SetOpt, err, fail, out
 from jobs.errors import DreambatchError
 from jobs.manifest import parse_sets
 from jobs.presets import load_presets
+from jobs.services import get_services
 from jobs.settings import get_settings
 from jobs.storage import check_location
-from jobs.store import RedisStore, ScheduleState, say_if_unreachable
+from jobs.store import say_if_unreachable
 
 JsonOpt = Annotated[bool, typer.Option("--json")]
 
@@ -30,8 +30,8 @@ def list_schedules(json_: JsonOpt = False) -> None:
     settings = get_settings()
     try:
         schedules = load_schedules(settings)
-        state = ScheduleState.from_url(settings.redis_url)
-        store = RedisStore.from_url(settings.redis_url)
+        services = get_services()
+        state, store = services.schedule_state, services.store
         now = datetime.now(UTC)
         rows = []
         for s in schedules.values():
@@ -80,8 +80,8 @@ def run_now(
         for location in (schedule.source.prefix or schedule.source.manifest, schedule.output):
             if location:
                 check_location(location, settings)  # a bucket that is not there: say so in seconds
-        report = run_schedule(schedule, settings, Services.connect(settings), sets=parse_sets(set_ or []),
-                              dry_run=dry_run, retry_failed=retry_failed)
+        report = run_schedule(schedule, get_services(), sets=parse_sets(set_ or []), dry_run=dry_run,
+                              retry_failed=retry_failed)
     except DreambatchError as exc:
         raise fail(str(exc)) from None
     if json_:
@@ -121,9 +121,9 @@ def beat(loglevel: Annotated[str, typer.Option()] = "INFO") -> None:
         load_schedules(settings)
     except DreambatchError as exc:
         raise fail(str(exc)) from None
-    celery = broker.make_celery(settings)
-    service = Service(celery, max_interval=settings.catalog.beat_interval,
-                      scheduler_cls=partial(CatalogScheduler, settings=settings))
+    services = get_services()
+    service = Service(services.celery, max_interval=settings.catalog.beat_interval,
+                      scheduler_cls=partial(CatalogScheduler, services=services))
 
     def stop(signum, frame):
         raise SystemExit(0)

@@ -91,12 +91,8 @@ def fold(ledger: Ledger, objects: ObjectStore, store: Store, name: str) -> tuple
 
 
 def _item_records(objects: ObjectStore, job_id: str, items: dict[str, Any]) -> list[dict[str, Any]]:
-    found = []
-    for item_id in items:
-        data = objects.get(keys.S3_ITEM_RESULT.format(prefix="", job_id=job_id, item_id=item_id))
-        if data is not None:
-            found.append(json.loads(data))
-    return found
+    found = (records.read_item_result(objects, job_id, item_id) for item_id in items)
+    return [record for record in found if record is not None]
 
 
 def live_revision(workers: list[dict[str, Any]], model: str) -> tuple[str | None, str | None]:

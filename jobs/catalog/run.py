@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from jobs import broker, dialects, keys, netguard, records, templates
+from jobs import dialects, keys, netguard, records, templates
 from jobs.catalog.ledger import Diff, Ledger, fold, live_revision
 from jobs.catalog.lock import RunLock
 from jobs.catalog.plan import make_plan, row_fingerprint
@@ -23,57 +23,24 @@ from jobs.errors import ConfigError, InputError, TransientError
 from jobs.identity import Identities
 from jobs.inputs import InputPolicy
 from jobs.manifest import CheckedRow, Issue, RawRow, RowChecker, input_policy, read_rows
-from jobs.models import MODELS, ItemRecord, item_event_id
+from jobs.models import MODELS
+from jobs.services import Services
 from jobs.settings import Settings
-from jobs.storage import ObjectStore, S3Store, open_store, s3_client, split_s3, split_s3_key
-from jobs.store import RedisStore, ScheduleState, Store
+from jobs.storage import ObjectStore, S3Store, split_s3, split_s3_key
+from jobs.store import ScheduleState
 from jobs.submit import CONNECTION_ERRORS, create_job, new_job_id, now_iso
 
 SHOWN_NOTES = 20  # rows named in the notes of one run (a count stands for the rest)
+RECORD_RETRY_S = 5.0  # s a failed run's summary waits for Redis before it is only logged
 
 log = logging.getLogger("dreambatch.catalog")
 
 
-@dataclass
-class Services:
-    """What a run talks to: live state, schedule state, object stores and the queues."""
-
-    store: Store
-    state: ScheduleState
-    objects: Callable[[str], ObjectStore]  # location → store
-    publish: Callable[[str, str, list[str]], None]  # (model, job_id, item ids)
-    finalize: Callable[[str], None]  # (job_id)
-    notify_rejected: Callable[[str | None, list[ItemRecord]], None]  # (webhook, rejected rows)
-    workers: Callable[[], list[dict[str, Any]]] = lambda: []  # live workers' heartbeats (model, model_revision)
-
-    @classmethod
-    def connect(cls, settings: Settings, celery=None) -> Services:
-        """Redis, S3 and Celery from settings (the CLI and the io worker's task)."""
-        celery = celery or broker.make_celery(settings)
-        client = s3_client(settings)
-        stores: dict[str, ObjectStore] = {}
-
-        def objects(location: str) -> ObjectStore:
-            if location not in stores:
-                stores[location] = open_store(location, settings, client=client)
-            return stores[location]
-
-        def notify_rejected(webhook: str | None, items: list[ItemRecord]) -> None:
-            for item in items if webhook else []:
-                broker.send_webhook(celery, item.job_id, item.item_id,
-                                    item_event_id(item.job_id, item.item_id, item.status))
-
-        store = RedisStore.from_url(settings.redis_url)
-        return cls(store=store, state=ScheduleState.from_url(settings.redis_url), objects=objects,
-                   publish=lambda model, job_id, ids: broker.publish_items(celery, model, job_id, ids),
-                   finalize=lambda job_id: broker.send_finalize(celery, job_id), notify_rejected=notify_rejected,
-                   workers=store.workers)
-
-
-def run_schedule(schedule: Schedule, settings: Settings, services: Services, *, sets: dict[str, Any] | None = None,
+def run_schedule(schedule: Schedule, services: Services, *, sets: dict[str, Any] | None = None,
                  dry_run: bool = False, slot: str | None = None, retry_failed: bool = False) -> RunReport:
     """Scan, diff, submit. A dry run reads everything and writes nothing. `retry_failed` queues again the keys
     that failed `catalog.max_failures` runs in a row (otherwise skipped)."""
+    settings = services.settings
     report = RunReport(schedule.name, dry_run, slot=slot)
     if schedule.webhook:
         netguard.check_url(schedule.webhook, settings.netpolicy())
@@ -81,10 +48,10 @@ def run_schedule(schedule: Schedule, settings: Settings, services: Services, *, 
     if dry_run:  # reads only: needs no lock
         run.go()
         return report
-    with RunLock(services.state, schedule.name, new_job_id(), settings.catalog.run_lock_ttl) as lock:
+    with RunLock(services.schedule_state, schedule.name, new_job_id(), settings.catalog.run_lock_ttl) as lock:
         run.check = lock.check
         run.go()
-    services.state.set_last_run(schedule.name, report.summary())
+    services.schedule_state.set_last_run(schedule.name, report.summary())
     return report
 
 
@@ -109,7 +76,7 @@ class _Run:
         output = self.services.objects(self.schedule.output)
         ledger = Ledger.load(output, self.schedule.name)
         self.report.folded, in_flight = fold(ledger, output, self.services.store, self.schedule.name)
-        self.report.model_revision, note = live_revision(self.services.workers(), self.schedule.model)
+        self.report.model_revision, note = live_revision(self.services.store.workers(), self.schedule.model)
         self.report.notes.extend([note] if note else [])
         return output, ledger, Diff(ledger, in_flight, self.report.model_revision,
                                     self.settings.catalog.max_failures, self.retry_failed, self.schedule.name)
@@ -146,7 +113,7 @@ def _run_scan(run: _Run) -> None:
         with manifest.open("w") as fh:
             for cand in todo:
                 fh.write(json.dumps(cand.row) + "\n")
-        _submit(schedule, settings, services, manifest, plan.defaults, job_id, InputPolicy(Path(tmp)), report)
+        _submit(schedule, services, manifest, plan.defaults, job_id, InputPolicy(Path(tmp)), report)
 
 
 def _start_run(run: _Run, ledger: Ledger, output: ObjectStore, seen: set[str],
@@ -231,7 +198,7 @@ def _run_manifest(run: _Run) -> None:
         # 3. the run's record, then the job (of the rows to run only)
         job_id = _start_run(run, ledger, output, seen, todo)
         if job_id is not None:
-            _submit(schedule, settings, services, subset, defaults, job_id, policy, report)
+            _submit(schedule, services, subset, defaults, job_id, policy, report)
 
 
 def _manifest_file(run: _Run, tmp: Path) -> tuple[Path, InputPolicy]:
@@ -261,16 +228,9 @@ def _image_ref(row: CheckedRow, raw: RawRow, model: str) -> str | None:
     return image if isinstance(image, str) and image else None
 
 
-def _submit(schedule: Schedule, settings: Settings, services: Services, manifest: Path, defaults: dict[str, Any],
-            job_id: str, policy: InputPolicy, report: RunReport) -> None:
-    sub = create_job(manifest, model=schedule.model, defaults=defaults, output=schedule.output,
-                     webhook=schedule.webhook, store=services.store, objects=services.objects(schedule.output),
-                     dispatch=lambda ids: services.publish(schedule.model, job_id, ids), skip_invalid=True,
-                     batch=settings.celery.publish_batch, job_id=job_id, policy=policy,
-                     on_rejected=lambda items: services.notify_rejected(schedule.webhook, items),
-                     review_sheet=schedule.contact_sheet)
-    if sub.job_done:
-        services.finalize(job_id)
+def _submit(schedule: Schedule, services: Services, manifest: Path, defaults: dict[str, Any], job_id: str,
+            policy: InputPolicy, report: RunReport) -> None:
+    sub = create_job(schedule.job_spec(defaults), manifest, services, policy=policy, job_id=job_id)
     report.job_id, report.queued, report.rejected = job_id, sub.queued, sub.rejected
 
 
@@ -299,38 +259,36 @@ def retry_delay(schedule: Schedule | None, slot: str | None, attempt: int, setti
     return delay
 
 
-def run_fired(name: str, settings: Settings, celery=None, slot: str | None = None, attempt: int = 1,
-              services: Services | None = None) -> Fired:
+def run_fired(name: str, services: Services, slot: str | None = None, attempt: int = 1) -> Fired:
     """The beat-fired run of schedule `name` (the io worker's task), logged. A transient failure (S3, Redis or
     the broker unreachable, another run in progress) asks for a retry; any other failure is logged and ends it.
     The last run's summary in Redis says what happened either way (when Redis can be reached)."""
-    schedule = None
+    schedule, settings = None, services.settings
     try:
         schedule = get_schedule(settings, name)
-        report = run_schedule(schedule, settings, services or Services.connect(settings, celery), slot=slot)
+        report = run_schedule(schedule, services, slot=slot)
     except (TransientError, *CONNECTION_ERRORS) as exc:
         delay = retry_delay(schedule, slot, attempt, settings)
         what = f"retrying in {delay:.0f}s" if delay is not None else f"giving up after {attempt} attempt(s)"
         (log.warning if delay is not None else log.error)(
             "schedule %s (slot %s): attempt %d failed: %s; %s", name, slot, attempt, exc, what)
-        return Fired(_failed(settings, name, slot, attempt, exc, delay, services), delay)
+        return Fired(_failed(services, name, slot, attempt, exc, delay), delay)
     except Exception as exc:
         log.exception("schedule %s (slot %s): run failed; not retried (fix the cause, then run it by hand: "
                       "dreambatch schedules run %s)", name, slot, name)
-        return Fired(_failed(settings, name, slot, attempt, exc, None, services))
+        return Fired(_failed(services, name, slot, attempt, exc, None))
     log.info("schedule %s (slot %s): %d image(s), %d queued, %d unchanged, %d in flight, %d skipped; job %s",
              name, slot, report.images, report.queued, report.unchanged, report.in_flight, len(report.skipped),
              report.job_id or "-")
     return Fired(report.summary())
 
 
-def _failed(settings: Settings, name: str, slot: str | None, attempt: int, exc: Exception, retry_in: float | None,
-            services: Services | None) -> dict[str, Any]:
+def _failed(services: Services, name: str, slot: str | None, attempt: int, exc: Exception,
+            retry_in: float | None) -> dict[str, Any]:
     summary = {"at": now_iso(), "slot": slot, "job_id": None, "error": f"{type(exc).__name__}: {exc}",
                "attempt": attempt, "retry_in": retry_in}
-    try:
-        state = services.state if services else ScheduleState.from_url(settings.redis_url, retry_s=5)
-        state.set_last_run(name, summary)
+    try:  # on a client that gives up soon: Redis may be what failed
+        ScheduleState(services.redis(retry_s=RECORD_RETRY_S)).set_last_run(name, summary)
     except Exception as err:  # Redis may be what failed
         log.warning("schedule %s: last run not recorded: %s", name, err)
     return summary

@@ -9,6 +9,9 @@ TOML, or YAML when the file is named `.yaml`/`.yml` (the same structure: a `sche
     params = { steps = 28, seed = 7 }  # E1 job defaults; win over the preset's
     output = "s3://catalog/edited"
     webhook = "https://example.com/hooks/catalog"
+    priority = "low"                   # each run's job, as `dreambatch submit`: --priority, --max-concurrency,
+    max_concurrency = 4                # --expires-after (90s, 15m, 2h, 1d)
+    expires_after = "6h"
     layout = "mirror"                  # products/shoes/123.jpg → edited/shoes/123.png; "job": {job_id}/{id}.png
     keep_format = true                 # … → edited/shoes/123.jpg, written as JPEG like its source
     [schedules.nightly-white.source]
@@ -32,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from jobs import templates
 from jobs.errors import ConfigError, InputError
-from jobs.models import MODELS, row_class
+from jobs.models import MODELS, JobSpec, Priority, parse_duration, row_class
 from jobs.presets import read_config_text, read_toml
 from jobs.settings import Settings
 from jobs.storage import split_s3
@@ -75,6 +78,10 @@ class Schedule(BaseModel):
     params: dict[str, Any] = Field(default_factory=dict)
     output: str
     webhook: str | None = None
+    priority: Priority = Field("normal", description="the queue order of each run's items: high, normal or low")
+    max_concurrency: int | None = Field(None, ge=1, description="at most this many of a run's items at once")
+    expires_after: float | None = Field(None, description="a run's items not started within this long (90s, 15m, "
+                                                          "2h, 1d) end cancelled, reason expired")
     layout: Literal["mirror", "job"] | None = None  # default: mirror for a prefix scan, job for a manifest
     keep_format: bool = False
     revision: str = Field("", max_length=200, description="the model weights' revision; change it to re-run all")
@@ -86,6 +93,14 @@ class Schedule(BaseModel):
         if value is not None and not croniter.is_valid(value):
             raise ValueError(f"not a cron expression: {value!r} (e.g. '0 2 * * *' = 02:00 every day)")
         return value
+
+    @field_validator("expires_after", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> float | None:
+        try:
+            return None if value is None else parse_duration(str(value))
+        except InputError as exc:
+            raise ValueError(str(exc)) from None
 
     @field_validator("timezone")
     @classmethod
@@ -162,6 +177,13 @@ class Schedule(BaseModel):
         if croniter.match(self.cron, local) and local.second == 0 and local.microsecond == 0:
             return local.astimezone(UTC)
         return croniter(self.cron, local).get_prev(datetime).astimezone(UTC)
+
+    def job_spec(self, defaults: dict[str, Any]) -> JobSpec:
+        """How each run's rows become its job (`defaults`: the run's plan: preset, params, rendered texts). A row
+        the job rejects is recorded as failed and the rest run."""
+        return JobSpec(model=self.model, defaults=defaults, output=self.output, webhook=self.webhook,
+                       priority=self.priority, max_concurrency=self.max_concurrency, expires_after=self.expires_after,
+                       review_sheet=self.contact_sheet, skip_invalid=True)
 
     def key_template(self) -> templates.KeyTemplate | None:
         if self.source.path is None:

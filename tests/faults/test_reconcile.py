@@ -109,6 +109,31 @@ def _recorded_job(tmp_path, statuses: dict[str, str | None], rejected: tuple[str
     return objects, job
 
 
+def test_the_periodic_sweep_requeues_a_lost_jobs_items_at_the_jobs_priority(redis_server, tmp_path):
+    """After Redis lost a job, the I/O worker's sweep queues its unfinished items again in its priority's list,
+    as submit did: a high job's items do not go behind every normal one."""
+    import redis
+
+    from jobs import keys, records
+    from jobs.services import Services
+    from jobs.settings import Settings
+    from jobs.store import MemoryStore
+    from worker import sweeper
+
+    objects, job = _recorded_job(tmp_path, {"a": "completed", "b": None})
+    records.write_job_spec(objects, job.model_copy(update={"priority": "high"}))
+    records.mark_open(objects, job)
+    url = redis_server.url[:-1] + "13"  # a database of its own: no other test's queue sees these messages
+    services = Services(Settings(redis_url=url, output=objects.location), store=MemoryStore())  # the job is lost
+    lists, queue = redis.Redis.from_url(url), keys.gpu_queue("i1-fast")
+    try:
+        assert sweeper.sweep_once(services) == 1
+        assert {p: lists.llen(name) for p, name in keys.priority_lists(queue).items()} == {
+            "high": 1, "normal": 0, "low": 0}
+    finally:
+        lists.flushdb()
+
+
 def test_reconcile_rebuilds_counts_and_queues_only_items_without_a_result(tmp_path):
     from jobs.reconcile import reconcile
     from jobs.store import MemoryStore
@@ -163,10 +188,11 @@ def test_cancel_records_queued_items_before_they_move_so_a_rebuild_keeps_them_ca
     the cancelled items as cancelled and queues none of them again."""
     from PIL import Image
 
-    from jobs import broker, records
+    from jobs import records
     from jobs.control import cancel_job
     from jobs.models import ItemRecord, JobRecord
     from jobs.reconcile import reconcile
+    from jobs.services import Services
     from jobs.settings import Settings
     from jobs.storage import LocalStore
     from jobs.store import MemoryStore
@@ -206,7 +232,7 @@ def test_cancel_records_queued_items_before_they_move_so_a_rebuild_keeps_them_ca
     ctx = process.Context(settings=settings, store=store, runner=Tiny, objects=lambda _: objects,
                           notify=lambda events: None, finalize=lambda _: None)
     assert process.process_item(ctx, job_id, "a").ended == "completed"  # a worker ends a
-    cancel_job(settings, job_id, store=store, celery=broker.make_celery(settings), objects=objects)  # b, c
+    cancel_job(Services(settings, store=store, objects=lambda _: objects), job_id)  # b, c
     assert {i.item_id: i.status for i in store.items(job_id)} == {"a": "completed", "b": "cancelled",
                                                                  "c": "cancelled"}
     for item_id in "bc":

@@ -15,8 +15,9 @@ from ledger import check_ledger
 from services import ROOT, RedisServer, cli, s3_client, service_env, wait_until
 
 from jobs import broker, keys
+from jobs.models import JobSpec
+from jobs.services import Services
 from jobs.settings import Settings
-from jobs.storage import open_store
 from jobs.store import RedisStore
 from jobs.submit import SubmitFailed, create_job
 
@@ -80,21 +81,19 @@ def test_redis_restart_mid_job_workers_and_a_submit_in_flight_carry_on(own_redis
 def test_a_submit_that_outlives_its_retry_window_queues_nothing(own_redis, s3_endpoint, tiny_dir, bucket,
                                                                 start_worker, tmp_path):
     settings = Settings(redis_url=own_redis.url, redis_retry_s=3, celery={"publish_batch": 2})
-    celery = broker.make_celery(settings)
-    objects = open_store(f"s3://{bucket}/n", settings)
     published: list[str] = []
 
-    def dispatch(ids):
+    def publish(job, ids):
         if published:  # the broker dies after the first batch went out
             own_redis.stop()
-        broker.publish_items(celery, "i1-fast", "job-n", ids)
+        broker.publish_items(services.celery, job.model, job.job_id, ids)
         published.extend(ids)
 
+    services = Services(settings, publish=publish)  # Redis and publishing retried for 3 s, 2 tasks a batch
     ids = [f"n{n}" for n in range(6)]
     with pytest.raises(SubmitFailed, match="nothing was queued"):
-        create_job(manifest(tmp_path / "n.jsonl", ids), model="i1-fast", defaults={"steps": 2},
-                   output=objects.location, webhook=None, store=RedisStore.from_url(own_redis.url, 3),
-                   objects=objects, dispatch=dispatch, batch=2, job_id="job-n", retry_window=3)
+        create_job(JobSpec(model="i1-fast", defaults={"steps": 2}, output=f"s3://{bucket}/n"),
+                   manifest(tmp_path / "n.jsonl", ids), services, job_id="job-n")
     assert published == ["n0", "n1"]  # a first batch did reach the queue before Redis went away
 
     own_redis.start()  # it comes back with those two tasks; the job never committed
