@@ -189,7 +189,8 @@ def test_local_run_writes_the_same_result_files(env, bucket, redis_server, start
     for t in (x["timings"] for x in local_lines + remote_lines):
         assert t["started_at"] - 0.001 <= t["model_started_at"] <= t["model_started_at"] + t["inference_s"] \
             <= t["started_at"] + t["total_s"] + 0.01  # (started_at is rounded to the millisecond)
-        assert t["model_wait_s"] >= 0 and t["total_s"] >= t["inference_s"] + t["upload_s"]
+        # (each of the three is rounded to 0.1 ms on its own, so their sum may pass the total by that much)
+        assert t["model_wait_s"] >= 0 and t["total_s"] >= t["inference_s"] + t["upload_s"] - 0.0002
     # both ran the same tiny weights, and both results say which (the catalog compares it)
     revisions = {x["model_revision"] for x in local_lines + remote_lines}
     assert len(revisions) == 1 and revisions.pop().startswith("sha256:")

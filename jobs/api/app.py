@@ -44,7 +44,8 @@ def _validation_lines(exc: RequestValidationError) -> list[str]:
     for err in exc.errors():
         where = ".".join(str(p) for p in err["loc"] if p not in ("body", "query", "path", "header", "form"))
         got = "" if err.get("type") == "missing" or "input" not in err else f" (got {err['input']!r:.80})"
-        lines.append(f"{where or 'body'}: {err['msg'].lower()}{got}")
+        msg = err["msg"][:1].lower() + err["msg"][1:]  # "Field required" → "field required"; patterns keep their case
+        lines.append(f"{where or 'body'}: {msg}{got}")
     return lines
 
 
