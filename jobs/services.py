@@ -28,7 +28,7 @@ from typing import Any
 from celery import Celery
 
 from jobs import broker
-from jobs.errors import JobNotFound
+from jobs.errors import ConfigError, JobNotFound
 from jobs.models import Event, JobRecord
 from jobs.settings import Settings, get_settings
 from jobs.storage import ObjectStore, open_store, s3_client
@@ -52,6 +52,14 @@ class Services:
         self._open = objects
         self._publish, self._notify, self._finalize = publish, notify, finalize
         self._url_secret: bytes | None = None
+
+    def output(self, given: str | None = None) -> str:
+        """Where a job (or an upload) is written: `given`, else DREAMBATCH_OUTPUT; a ConfigError when neither."""
+        location = given or self.settings.output
+        if not location:
+            raise ConfigError("no output location: give one, or set DREAMBATCH_OUTPUT (s3://bucket/prefix or a "
+                              "folder the workers share)")
+        return location
 
     # --- clients ----------------------------------------------------------------------------------
     def redis(self, retry_s: float | None = None):

@@ -25,7 +25,7 @@ import redis.exceptions
 from kombu.exceptions import KombuError
 
 from jobs import inputs, lifecycle, netguard, records
-from jobs.errors import ConfigError, DreambatchError, ErrorKind, InputError, TransientError
+from jobs.errors import DreambatchError, ErrorKind, InputError, TransientError
 from jobs.inputs import InputPolicy
 from jobs.lifecycle import ItemStatus
 from jobs.manifest import CheckedRow, CheckReport, Issue, RowChecker, check_manifest, input_policy, validate_manifest
@@ -177,10 +177,7 @@ def create_job(spec: JobSpec, manifest: Path, services: Services, *, policy: Inp
         raise InputError(f"model: unknown model {spec.model!r}; choose one of {', '.join(MODELS)}")
     if spec.webhook:
         netguard.check_url(spec.webhook, settings.netpolicy())
-    output = spec.output or settings.output
-    if not output:
-        raise ConfigError("no output location: give one, or set DREAMBATCH_OUTPUT (s3://bucket/prefix or a folder "
-                          "the workers share)")
+    output = services.output(spec.output)
     objects = services.objects(output)
 
     # 1. validate every row; nothing is created when a row is bad (unless skip_invalid)

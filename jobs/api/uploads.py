@@ -30,7 +30,6 @@ from jobs import formats, keys
 from jobs.api import shapes
 from jobs.api.deps import ServicesDep
 from jobs.api.service import ApiError, Services, Upload
-from jobs.errors import ConfigError
 from jobs.submit import now_iso
 
 router = APIRouter(tags=["uploads"])
@@ -77,17 +76,10 @@ def new_ticket(svc: Services, request: Request, key_id: str, filename: str | Non
     kind = (content_type or "application/octet-stream")[:100]
     expires = int(time.time()) + svc.settings.api.url_expires
     svc.store.put_upload(upload_id, {"filename": name, "content_type": kind, "size": size, "key_id": key_id,
-                                     "output": _output(svc), "done": False, "created_at": now_iso()}, UPLOAD_TTL)
+                                     "output": svc.output(), "done": False, "created_at": now_iso()}, UPLOAD_TTL)
     base = _base(svc, request)
     return Ticket(upload_id, name, kind, f"{base}/uploads/{upload_id}?expires={expires}&signature="
                   f"{_sign(svc, upload_id, expires)}", f"{base}/uploads/{upload_id}/{name}", expires)
-
-
-def _output(svc: Services) -> str:
-    """Where uploads are kept: the API's output location."""
-    if not svc.settings.output:
-        raise ConfigError("the API needs DREAMBATCH_OUTPUT (s3://bucket/prefix or a folder the workers share)")
-    return svc.settings.output
 
 
 def _object_key(record: dict[str, Any], upload_id: str) -> str:
