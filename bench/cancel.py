@@ -38,6 +38,7 @@ def main() -> None:
         try:
             s3_client(endpoint).create_bucket(Bucket="cancel")
             if args.put_delay_ms:
+
                 def slow_puts(method: str, path: str):
                     if method == "PUT":
                         time.sleep(args.put_delay_ms / 1000)
@@ -53,10 +54,17 @@ def main() -> None:
 
             settings = Settings(redis_url=redis_server.url)
             store, output = RedisStore.from_url(redis_server.url), "s3://cancel/x"
-            store.create_job(JobRecord(job_id="J", model="i1-fast", output=output, total=args.items, created_at=AT,
-                                       updated_at=AT))
-            store.add_items([ItemRecord(job_id="J", item_id=f"i{n}", line=n, params={"prompt": "x"}, created_at=AT,
-                                        updated_at=AT) for n in range(args.items)])
+            store.create_job(
+                JobRecord(job_id="J", model="i1-fast", output=output, total=args.items, created_at=AT, updated_at=AT)
+            )
+            store.add_items(
+                [
+                    ItemRecord(
+                        job_id="J", item_id=f"i{n}", line=n, params={"prompt": "x"}, created_at=AT, updated_at=AT
+                    )
+                    for n in range(args.items)
+                ]
+            )
             t0 = time.perf_counter()
             job = cancel_job(Services(settings, store=store), "J")
             wall = time.perf_counter() - t0
@@ -65,8 +73,17 @@ def main() -> None:
                 proxy.close()
             s3.kill()
             redis_server.stop()
-    print(json.dumps({"items": args.items, "put_delay_ms": args.put_delay_ms, "cancelled": job.counts["cancelled"],
-                      "s": round(wall, 2), "items_per_s": round(args.items / wall)}))
+    print(
+        json.dumps(
+            {
+                "items": args.items,
+                "put_delay_ms": args.put_delay_ms,
+                "cancelled": job.counts["cancelled"],
+                "s": round(wall, 2),
+                "items_per_s": round(args.items / wall),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

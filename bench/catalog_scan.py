@@ -51,8 +51,12 @@ def main() -> None:
                 if n % 20 == 19:
                     s3.put_object(Bucket="catalog", Key=f"products/c{n % 37}/notes-{n}.txt", Body=b"notes")
                 else:
-                    s3.put_object(Bucket="catalog", Key=f"products/c{n % 37}/sub{n % 3}/{n}.jpg",
-                                  Body=f"jpeg bytes {n}".encode(), ContentType="image/jpeg")
+                    s3.put_object(
+                        Bucket="catalog",
+                        Key=f"products/c{n % 37}/sub{n % 3}/{n}.jpg",
+                        Body=f"jpeg bytes {n}".encode(),
+                        ContentType="image/jpeg",
+                    )
 
             t0 = time.perf_counter()
             with ThreadPoolExecutor(16) as pool:
@@ -72,14 +76,19 @@ keep_format = true
 prefix = "s3://catalog/products/"
 path = "products/{category*}/{sku}.jpg"
 """)
-            settings = Settings(redis_url=redis_server.url, s3=S3Settings(endpoint_url=endpoint),
-                                catalog=CatalogSettings(schedules_file=str(schedules)))
+            settings = Settings(
+                redis_url=redis_server.url,
+                s3=S3Settings(endpoint_url=endpoint),
+                catalog=CatalogSettings(schedules_file=str(schedules)),
+            )
             services = Services(settings)
             schedule = load_schedules(settings)["bench"]
 
             t0 = time.perf_counter()  # the listing alone (S3 server + botocore parsing), for comparison
-            listed = sum(len(page.get("Contents", [])) for page in
-                         s3.get_paginator("list_objects_v2").paginate(Bucket="catalog", Prefix="products/"))
+            listed = sum(
+                len(page.get("Contents", []))
+                for page in s3.get_paginator("list_objects_v2").paginate(Bucket="catalog", Prefix="products/")
+            )
             list_s = time.perf_counter() - t0
             t0 = time.perf_counter()
             dry = run_schedule(schedule, services, dry_run=True)
@@ -90,8 +99,7 @@ path = "products/{category*}/{sku}.jpg"
 
             # what the workers would leave behind: every item completed, results.jsonl, the job ended
             out = services.objects("s3://catalog/edited")
-            lines = [dict(item.result_line(), status="completed")
-                     for item in services.store.items(first.job_id)]
+            lines = [dict(item.result_line(), status="completed") for item in services.store.items(first.job_id)]
             body = "\n".join(json.dumps(x) for x in lines).encode()
             out.put(f"{first.job_id}/results.jsonl", body, "application/x-ndjson")
             services.store.finish_job(first.job_id, JobStatus.COMPLETED, None, "2026-01-01T00:00:00+00:00")
@@ -104,15 +112,30 @@ path = "products/{category*}/{sku}.jpg"
             redis_server.stop()
 
     n = args.objects
-    print(json.dumps({
-        "objects": n, "images": first.images, "skipped": len(first.skipped), "upload_s": round(upload_s, 2),
-        "list_only_s": round(list_s, 2), "listed": listed,
-        "dry_run_s": round(dry_s, 2), "dry_run_objects_per_s": round(n / dry_s),
-        "first_night": {"queued": first.queued, "s": round(first_s, 2), "objects_per_s": round(n / first_s)},
-        "second_night": {"queued": second.queued, "unchanged": second.unchanged, "folded": len(second.folded),
-                         "s": round(second_s, 2), "objects_per_s": round(n / second_s)},
-        "dry_run_would_process": len(dry.new),
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "objects": n,
+                "images": first.images,
+                "skipped": len(first.skipped),
+                "upload_s": round(upload_s, 2),
+                "list_only_s": round(list_s, 2),
+                "listed": listed,
+                "dry_run_s": round(dry_s, 2),
+                "dry_run_objects_per_s": round(n / dry_s),
+                "first_night": {"queued": first.queued, "s": round(first_s, 2), "objects_per_s": round(n / first_s)},
+                "second_night": {
+                    "queued": second.queued,
+                    "unchanged": second.unchanged,
+                    "folded": len(second.folded),
+                    "s": round(second_s, 2),
+                    "objects_per_s": round(n / second_s),
+                },
+                "dry_run_would_process": len(dry.new),
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -31,8 +31,9 @@ def main() -> None:
             image = Image.new("RGB", (w, h), "white")
             times = {}
             for refine in (0.0, 0.3):
-                request = EditRequest(image=image, instruction="make it blue", width=w, height=h, steps=28,
-                                      refine_strength=refine, seed=1)
+                request = EditRequest(
+                    image=image, instruction="make it blue", width=w, height=h, steps=28, refine_strength=refine, seed=1
+                )
                 runner.edit(request)  # warm-up
                 t0 = time.perf_counter()
                 runner.edit(request)
@@ -40,13 +41,17 @@ def main() -> None:
             cost = runner.switch_cost(repeats=5)
             pipe = runner.load()
             held = {id(m): m for m in (pipe.transformers.edit(), pipe.transformers.refine(), pipe.base.transformer)}
-            print(f"{model}: canvas {w}x{h}, load {load:.2f}s, 28-step edit {times[0.0]:.2f}s (refine 0), "
-                  f"{times[0.3]:.2f}s (refine 0.3), switch to refine {cost['to_refine'] * 1e3:.2f} ms, "
-                  f"back {cost['to_edit'] * 1e3:.2f} ms, {len(held)} transformer(s) held, "
-                  f"{sum(module_bytes(m) for m in held.values()) / 2**20:.2f} MiB")
+            print(
+                f"{model}: canvas {w}x{h}, load {load:.2f}s, 28-step edit {times[0.0]:.2f}s (refine 0), "
+                f"{times[0.3]:.2f}s (refine 0.3), switch to refine {cost['to_refine'] * 1e3:.2f} ms, "
+                f"back {cost['to_edit'] * 1e3:.2f} ms, {len(held)} transformer(s) held, "
+                f"{sum(module_bytes(m) for m in held.values()) / 2**20:.2f} MiB"
+            )
     real = module_bytes(build_transformer("meta"))
-    print(f"real size, bf16: one HiDream transformer = {real / 1e9:.1f} GB ({real / 2**30:.1f} GiB); "
-          f"each E1 model holds one (E1.1 used to hold two: {2 * real / 1e9:.1f} GB)")
+    print(
+        f"real size, bf16: one HiDream transformer = {real / 1e9:.1f} GB ({real / 2**30:.1f} GiB); "
+        f"each E1 model holds one (E1.1 used to hold two: {2 * real / 1e9:.1f} GB)"
+    )
 
 
 if __name__ == "__main__":

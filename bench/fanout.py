@@ -35,7 +35,7 @@ def main() -> None:
         with manifest.open("w") as fh:
             fh.write("id,prompt,seed,sku\n")
             for i in range(args.rows):
-                fh.write(f"r{i},\"product {i}, white background\",{i},SKU{i}\n")
+                fh.write(f'r{i},"product {i}, white background",{i},SKU{i}\n')
         (tmp / "redis").mkdir()
         redis_server = RedisServer(tmp / "redis")
         redis_server.start()

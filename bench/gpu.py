@@ -82,8 +82,17 @@ C_THREADS = 3  # a GPU worker's item threads (worker.cli.default_threads): model
 SECTIONS = ["peak", "build", "step", "pipeline", "batch", "e1", "fp8", "compile", "plans"]
 # rough seconds each section takes: (real size on an H200, tiny on a 2-core CPU); a section starts only if
 # its estimate fits in the budget left, and the loops inside one stop at their section's estimate
-ESTIMATES = {"peak": (10, 2), "build": (60, 5), "step": (30, 10), "pipeline": (90, 30), "batch": (20, 5),
-             "e1": (40, 10), "fp8": (45, 2), "compile": (150, 30), "plans": (30, 5)}
+ESTIMATES = {
+    "peak": (10, 2),
+    "build": (60, 5),
+    "step": (30, 10),
+    "pipeline": (90, 30),
+    "batch": (20, 5),
+    "e1": (40, 10),
+    "fp8": (45, 2),
+    "compile": (150, 30),
+    "plans": (30, 5),
+}
 
 
 def log(line: str = "") -> None:
@@ -134,8 +143,11 @@ class Bench:
     def mfu(self, flops: float, seconds: float) -> dict[str, float | None]:
         """Achieved TFLOP/s and MFU against the table's rate and against this run's matmul."""
         achieved = flops / seconds / 1e12
-        return {"tflops": achieved, "mfu": achieved / self.peak if self.peak else None,
-                "mfu_vs_matmul": achieved / self.matmul if self.matmul else None}
+        return {
+            "tflops": achieved,
+            "mfu": achieved / self.peak if self.peak else None,
+            "mfu_vs_matmul": achieved / self.matmul if self.matmul else None,
+        }
 
     def write_json(self) -> None:
         if not self.args.json:
@@ -208,12 +220,22 @@ def section_peak(b: Bench) -> dict[str, Any]:
     table, datasheet = card_peak(card), datasheet_peak(card)
     b.peak = b.args.peak_tflops or table
     source = "--peak-tflops" if b.args.peak_tflops else "fullsize.PEAKS"
-    log(f"card {card}, torch {torch.__version__}: {n}³ {str(dtype).removeprefix('torch.')} matmul at "
+    log(
+        f"card {card}, torch {torch.__version__}: {n}³ {str(dtype).removeprefix('torch.')} matmul at "
         f"{b.matmul:.4g} TFLOP/s now; MFU below against {b.peak or 'n/a'} TFLOP/s ({source}; datasheet "
-        f"{datasheet or 'n/a'}) and against this matmul")
-    return {"card": card, "torch": torch.__version__, "matmul_n": n, "matmul_dtype": str(dtype),
-            "matmul_tflops": b.matmul, "peak_tflops": b.peak, "peak_source": source, "table_tflops": table,
-            "datasheet_tflops": datasheet}
+        f"{datasheet or 'n/a'}) and against this matmul"
+    )
+    return {
+        "card": card,
+        "torch": torch.__version__,
+        "matmul_n": n,
+        "matmul_dtype": str(dtype),
+        "matmul_tflops": b.matmul,
+        "peak_tflops": b.peak,
+        "peak_source": source,
+        "table_tflops": table,
+        "datasheet_tflops": datasheet,
+    }
 
 
 def section_build(b: Bench) -> dict[str, Any]:
@@ -243,13 +265,18 @@ def section_build(b: Bench) -> dict[str, Any]:
     for name, module in pipe.components.items():
         if isinstance(module, torch.nn.Module):
             params = sum(p.numel() for p in module.parameters())
-            components[name] = {"class": type(module).__name__, "params": params,
-                                "gib": sum(p.numel() * p.element_size() for p in module.parameters()) / 2**30}
+            components[name] = {
+                "class": type(module).__name__,
+                "params": params,
+                "gib": sum(p.numel() * p.element_size() for p in module.parameters()) / 2**30,
+            }
     total = sum(c["params"] for c in components.values())
     gib = sum(c["gib"] for c in components.values())
     weights = "tiny" if b.args.tiny else "random, real size"
-    log(f"HiDream-I1 ({weights}, {str(b.dtype).removeprefix('torch.')}) built on {b.device} in {seconds:.1f} s: "
-        f"{total / 1e9:.3f} B parameters, {gib:.2f} GiB")
+    log(
+        f"HiDream-I1 ({weights}, {str(b.dtype).removeprefix('torch.')}) built on {b.device} in {seconds:.1f} s: "
+        f"{total / 1e9:.3f} B parameters, {gib:.2f} GiB"
+    )
     for name, c in components.items():
         log(f"  {name:15} {c['class']:30} {c['params'] / 1e6:10.3f} M parameters {c['gib']:7.3f} GiB")
     out: dict[str, Any] = {"seconds": seconds, "params": total, "gib": gib, "components": components}
@@ -261,20 +288,23 @@ def section_build(b: Bench) -> dict[str, Any]:
     out["render_px"] = b.latent_side * b.pipe.vae_scale_factor
     if b.cuda:
         out["gpu_allocated_gib"] = torch.cuda.memory_allocated(b.device) / 2**30
-        log(f"  GPU memory allocated: {out['gpu_allocated_gib']:.1f} GiB; routing as the runner sets it: "
-            f"{out['routing']}")
+        log(
+            f"  GPU memory allocated: {out['gpu_allocated_gib']:.1f} GiB; routing as the runner sets it: "
+            f"{out['routing']}"
+        )
     return out
 
 
 def section_step(b: Bench) -> dict[str, Any]:
     transformer, side = b.pipe.transformer, b.latent_side
     generator = torch.Generator(b.device).manual_seed(0)
-    b.inputs = random_inputs(transformer, 1, side * LATENT_FACTOR, side * LATENT_FACTOR, b.device, b.dtype,
-                             generator)
+    b.inputs = random_inputs(transformer, 1, side * LATENT_FACTOR, side * LATENT_FACTOR, b.device, b.dtype, generator)
     flops = forward_flops(transformer, side, side)
     steps = _steps()
-    log(f"{MODEL} at {side * b.pipe.vae_scale_factor}² ({(side // 2) ** 2} image tokens), batch 1: "
-        f"{flops / 1e12:.3g} TFLOP per step")
+    log(
+        f"{MODEL} at {side * b.pipe.vae_scale_factor}² ({(side // 2) ** 2} image tokens), batch 1: "
+        f"{flops / 1e12:.3g} TFLOP per step"
+    )
     out = {"flops_per_step": flops, "variants": {}}
     first = b.args.variants.split(",")[0]
     for name in b.args.variants.split(","):
@@ -288,10 +318,11 @@ def section_step(b: Bench) -> dict[str, Any]:
             b.reference = result
         diff = (result.float() - b.reference.float()).abs().max().item()
         rates = b.mfu(flops, seconds)
-        out["variants"][name] = {"s_per_step": seconds, "s_per_image": seconds * steps, "max_abs_diff": diff,
-                                 **rates}
-        log(f"  {name}: {seconds:.4f} s/step, {seconds * steps:.2f} s/image ({steps} steps), {rate_text(rates)}, "
-            f"max |diff| vs {first} {diff:.3g}")
+        out["variants"][name] = {"s_per_step": seconds, "s_per_image": seconds * steps, "max_abs_diff": diff, **rates}
+        log(
+            f"  {name}: {seconds:.4f} s/step, {seconds * steps:.2f} s/image ({steps} steps), {rate_text(rates)}, "
+            f"max |diff| vs {first} {diff:.3g}"
+        )
     as_runner_sets_it(b)
     return out
 
@@ -309,8 +340,10 @@ class TransformerClock:
         self.device = device
         self.spans: list[tuple[Any, Any]] = []
         self._open: dict[int, Any] = {}
-        self._handles = [transformer.register_forward_pre_hook(self._start),
-                         transformer.register_forward_hook(self._stop)]
+        self._handles = [
+            transformer.register_forward_pre_hook(self._start),
+            transformer.register_forward_hook(self._stop),
+        ]
 
     def _now(self) -> Any:
         if self.device.type == "cuda":
@@ -356,14 +389,20 @@ def run_plain(b: Bench, scheduler: Any, rows: list[dict], folder: Path, steps: i
         generator = torch.Generator(b.device).manual_seed(row["seed"])
         scheduler.generator = generator
         b.pipe.scheduler = scheduler
-        image = b.pipe(prompt=row["prompt"], num_inference_steps=steps, guidance_scale=0.0,
-                       generator=generator).images[0]
+        image = b.pipe(prompt=row["prompt"], num_inference_steps=steps, guidance_scale=0.0, generator=generator).images[
+            0
+        ]
         model_s.append(time.perf_counter() - t0)
         images[row["seed"]] = folder / f"{row['seed']}.png"
         image.save(images[row["seed"]])
     wall = time.perf_counter() - started
-    return {"wall_s": wall, "images_per_s": len(rows) / wall, "model_share": sum(model_s) / wall,
-            "outside_model_s": (wall - sum(model_s)) / len(rows), "images": images}  # (each image's own, too)
+    return {
+        "wall_s": wall,
+        "images_per_s": len(rows) / wall,
+        "model_share": sum(model_s) / wall,
+        "outside_model_s": (wall - sum(model_s)) / len(rows),
+        "images": images,
+    }  # (each image's own, too)
 
 
 def run_dreambatch(b: Bench, runner: Any, rows: list[dict], folder: Path, steps: int) -> dict[str, Any]:
@@ -378,16 +417,28 @@ def run_dreambatch(b: Bench, runner: Any, rows: list[dict], folder: Path, steps:
 
     config = settings()
     store, objects = MemoryStore(), LocalStore(str(folder))
-    ctx = process.Context(settings=config, store=store, runner=lambda: runner, objects=lambda _location: objects,
-                          notify=lambda job_id, item_id, event_id: None, finalize=lambda job_id: None,
-                          gpu_lock=threading.Lock(), revision=lambda: runner.revision)
+    ctx = process.Context(
+        settings=config,
+        store=store,
+        runner=lambda: runner,
+        objects=lambda _location: objects,
+        notify=lambda job_id, item_id, event_id: None,
+        finalize=lambda job_id: None,
+        gpu_lock=threading.Lock(),
+        revision=lambda: runner.revision,
+    )
     folder.mkdir(parents=True, exist_ok=True)
     manifest = folder / "manifest.jsonl"
     manifest.write_text("".join(json.dumps({**row, "steps": steps}) + "\n" for row in rows))
     queued: list[str] = []
-    services = Services(config, store=store, objects=lambda _location: objects,
-                        publish=lambda _job, ids: queued.extend(ids), notify=lambda _events: None,
-                        finalize=lambda _job_id: None)
+    services = Services(
+        config,
+        store=store,
+        objects=lambda _location: objects,
+        publish=lambda _job, ids: queued.extend(ids),
+        notify=lambda _events: None,
+        finalize=lambda _job_id: None,
+    )
     t0 = time.perf_counter()
     job = create_job(JobSpec(model=MODEL, output=objects.location), manifest, services).job
     submit_s = time.perf_counter() - t0
@@ -403,18 +454,29 @@ def run_dreambatch(b: Bench, runner: Any, rows: list[dict], folder: Path, steps:
         raise RuntimeError(f"{len(done)} of {len(rows)} items completed ({[o.status for o in outcomes]}): {errors}")
     model_s = sum(item.timings.inference_s for item in done)
     outside = [item.timings.total_s - item.timings.inference_s - item.timings.model_wait_s for item in done]
-    return {"wall_s": wall, "images_per_s": len(rows) / wall, "model_share": model_s / wall,
-            "outside_model_s": (wall - model_s) / len(rows), "item_outside_model_s": statistics.mean(outside),
-            "submit_s": submit_s,
-            "images": {item.seed: Path(item.output.images[0].s3_uri) for item in done}}
+    return {
+        "wall_s": wall,
+        "images_per_s": len(rows) / wall,
+        "model_share": model_s / wall,
+        "outside_model_s": (wall - model_s) / len(rows),
+        "item_outside_model_s": statistics.mean(outside),
+        "submit_s": submit_s,
+        "images": {item.seed: Path(item.output.images[0].s3_uri) for item in done},
+    }
 
 
 def max_pixel_diff(a: dict[int, Path], c: dict[int, Path]) -> int:
     import numpy as np
     from PIL import Image
 
-    return max(int(np.abs(np.asarray(Image.open(a[seed]), dtype=np.int16) -
-                          np.asarray(Image.open(c[seed]), dtype=np.int16)).max()) for seed in a)
+    return max(
+        int(
+            np.abs(
+                np.asarray(Image.open(a[seed]), dtype=np.int16) - np.asarray(Image.open(c[seed]), dtype=np.int16)
+            ).max()
+        )
+        for seed in a
+    )
 
 
 def section_pipeline(b: Bench) -> dict[str, Any]:
@@ -430,8 +492,10 @@ def section_pipeline(b: Bench) -> dict[str, Any]:
     flops = forward_flops(b.pipe.transformer, side, side)
     clock = TransformerClock(b.pipe.transformer, b.device)
     pairs, in_model = [], {"A": [0, 0.0], "C": [0, 0.0]}
-    log(f"{MODEL}, {steps} steps at {side * b.pipe.vae_scale_factor}², {b.args.items} images per run, "
-        f"C with {C_THREADS} threads; routing {routing['modes']}")
+    log(
+        f"{MODEL}, {steps} steps at {side * b.pipe.vae_scale_factor}², {b.args.items} images per run, "
+        f"C with {C_THREADS} threads; routing {routing['modes']}"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         # warm-up: one image each way (kernel selection, allocator, the routing check), not counted
@@ -458,28 +522,42 @@ def section_pipeline(b: Bench) -> dict[str, Any]:
             pairs.append({"A": a, "C": c, "c_over_a": ratio, "max_pixel_diff": diff})
             log(f"  pair {pair + 1}: C/A {ratio:.3f}, max pixel diff A vs C {diff}")
             for path, run in (("A", a), ("C", c)):
-                own = (f", each item's own work outside the model call {run['item_outside_model_s'] * 1000:.1f} ms, "
-                       f"submit {run['submit_s'] * 1000:.0f} ms") if path == "C" else ""
-                log(f"    {path}: {run['images_per_s']:.4g} images/s; busy: model call {run['model_share']:.1%} of the "
+                own = (
+                    (
+                        f", each item's own work outside the model call {run['item_outside_model_s'] * 1000:.1f} ms, "
+                        f"submit {run['submit_s'] * 1000:.0f} ms"
+                    )
+                    if path == "C"
+                    else ""
+                )
+                log(
+                    f"    {path}: {run['images_per_s']:.4g} images/s; busy: model call {run['model_share']:.1%} of the "
                     f"wall, transformer {run['transformer_share']:.1%}; outside the model "
-                    f"{run['outside_model_s'] * 1000:.1f} ms/image of the wall{own}")
+                    f"{run['outside_model_s'] * 1000:.1f} ms/image of the wall{own}"
+                )
             if b.section_time_left("pipeline") < 1.5 * (time.monotonic() - started):
                 break
     clock.close()
-    out: dict[str, Any] = {"steps": steps, "items_per_run": b.args.items, "threads": C_THREADS,
-                           "routing": routing, "pairs": pairs,
-                           "c_over_a_median": statistics.median(p["c_over_a"] for p in pairs),
-                           "a_images_per_s_median": statistics.median(p["A"]["images_per_s"] for p in pairs),
-                           "c_images_per_s_median": statistics.median(p["C"]["images_per_s"] for p in pairs),
-                           "max_pixel_diff": max(p["max_pixel_diff"] for p in pairs),
-                           "peak_gpu_gib": peak_memory_gib(b.device)}
+    out: dict[str, Any] = {
+        "steps": steps,
+        "items_per_run": b.args.items,
+        "threads": C_THREADS,
+        "routing": routing,
+        "pairs": pairs,
+        "c_over_a_median": statistics.median(p["c_over_a"] for p in pairs),
+        "a_images_per_s_median": statistics.median(p["A"]["images_per_s"] for p in pairs),
+        "c_images_per_s_median": statistics.median(p["C"]["images_per_s"] for p in pairs),
+        "max_pixel_diff": max(p["max_pixel_diff"] for p in pairs),
+        "peak_gpu_gib": peak_memory_gib(b.device),
+    }
     for path, (forwards, seconds) in in_model.items():
         if forwards:
             per_step = seconds / forwards
             out[f"transformer_{path}"] = {"s_per_step": per_step, **b.mfu(flops, per_step)}
             log(f"  transformer inside {path}: {per_step:.4f} s/step, {rate_text(b.mfu(flops, per_step))}")
-    summary = (f"  C/A median {out['c_over_a_median']:.3f} over {len(pairs)} pairs; max pixel diff "
-               f"{out['max_pixel_diff']}")
+    summary = (
+        f"  C/A median {out['c_over_a_median']:.3f} over {len(pairs)} pairs; max pixel diff {out['max_pixel_diff']}"
+    )
     if out["peak_gpu_gib"] is not None:
         summary += f"; peak GPU memory {out['peak_gpu_gib']:.1f} GiB"
     log(summary)
@@ -500,10 +578,16 @@ def section_batch(b: Bench) -> dict[str, Any]:
             out["sizes"][batch] = {"failed": "out of memory"}
             break
         rates = b.mfu(forward_flops(transformer, side, side, batch), seconds)
-        out["sizes"][batch] = {"s_per_step": seconds, "s_per_step_per_image": seconds / batch,
-                               "s_per_image": seconds * steps / batch, **rates}
-        log(f"  micro-batch {batch}: {seconds / batch:.4f} s/step per image, {seconds * steps / batch:.2f} s/image, "
-            f"{rate_text(rates)}")
+        out["sizes"][batch] = {
+            "s_per_step": seconds,
+            "s_per_step_per_image": seconds / batch,
+            "s_per_image": seconds * steps / batch,
+            **rates,
+        }
+        log(
+            f"  micro-batch {batch}: {seconds / batch:.4f} s/step per image, {seconds * steps / batch:.2f} s/image, "
+            f"{rate_text(rates)}"
+        )
         if b.section_time_left("batch") < 2.5 * (time.monotonic() - started):
             break
     return out
@@ -537,10 +621,19 @@ def section_e1(b: Bench) -> dict[str, Any]:
     def edit(steps: int, hook: Callable | None = None) -> float:
         generator = torch.Generator(b.device).manual_seed(0)
         started = time.perf_counter()
-        e1(image, "make the sky a deep blue", negative_prompt=defaults["negative_prompt"],
-           refine_prompt="a landscape under a deep blue sky", steps=steps, guidance_scale=defaults["guidance_scale"],
-           image_guidance_scale=defaults["image_guidance_scale"], clip_cfg_norm=True, refine_strength=0.5,
-           generator=generator, on_step=hook)
+        e1(
+            image,
+            "make the sky a deep blue",
+            negative_prompt=defaults["negative_prompt"],
+            refine_prompt="a landscape under a deep blue sky",
+            steps=steps,
+            guidance_scale=defaults["guidance_scale"],
+            image_guidance_scale=defaults["image_guidance_scale"],
+            clip_cfg_norm=True,
+            refine_strength=0.5,
+            generator=generator,
+            on_step=hook,
+        )
         return time.perf_counter() - started
 
     try:
@@ -565,17 +658,32 @@ def section_e1(b: Bench) -> dict[str, Any]:
     no_refine = total + (full_steps - ran["edit"]) * edit_s - ran["refine"] * refine_s
     edit_rates = b.mfu(forward_flops(transformer, 2 * latent, latent, 3), edit_s)
     refine_rates = b.mfu(forward_flops(transformer, latent, latent, 2), refine_s)
-    log(f"E1.1 at a {side}² canvas ({tokens} target tokens, edit pass {2 * tokens} x 3 branches, refine x 2), "
-        f"one transformer; routing {routing['modes']}")
+    log(
+        f"E1.1 at a {side}² canvas ({tokens} target tokens, edit pass {2 * tokens} x 3 branches, refine x 2), "
+        f"one transformer; routing {routing['modes']}"
+    )
     log(f"  measured: {steps} steps (refine 0.5: {ran['edit']} edit + {ran['refine']} refine) in {total:.2f} s")
     log(f"  edit step {edit_s:.4f} s, {rate_text(edit_rates)}; refine step {refine_s:.4f} s, {rate_text(refine_rates)}")
-    log(f"  ≈ {per_image:.2f} s/image at {full_steps} steps, refine {strength} ({edit_n} edit + {refine_n} refine); "
-        f"≈ {no_refine:.2f} s/image with refine 0")
-    return {"canvas_px": side, "target_tokens": tokens, "measured_steps": steps, "measured_s": total,
-            "edit_steps_run": ran["edit"], "refine_steps_run": ran["refine"],
-            "edit_s_per_step": edit_s, "edit": edit_rates, "refine_s_per_step": refine_s, "refine": refine_rates,
-            "s_per_image": per_image, "s_per_image_no_refine": no_refine, "steps": full_steps,
-            "refine_strength": strength}
+    log(
+        f"  ≈ {per_image:.2f} s/image at {full_steps} steps, refine {strength} ({edit_n} edit + {refine_n} refine); "
+        f"≈ {no_refine:.2f} s/image with refine 0"
+    )
+    return {
+        "canvas_px": side,
+        "target_tokens": tokens,
+        "measured_steps": steps,
+        "measured_s": total,
+        "edit_steps_run": ran["edit"],
+        "refine_steps_run": ran["refine"],
+        "edit_s_per_step": edit_s,
+        "edit": edit_rates,
+        "refine_s_per_step": refine_s,
+        "refine": refine_rates,
+        "s_per_image": per_image,
+        "s_per_image_no_refine": no_refine,
+        "steps": full_steps,
+        "refine_strength": strength,
+    }
 
 
 def section_fp8(b: Bench) -> dict[str, Any] | str:
@@ -606,12 +714,21 @@ def section_fp8(b: Bench) -> dict[str, Any] | str:
     diff = (result.float() - b.reference.float()).abs().max().item()
     scale = b.reference.float().abs().max().item()
     b.fp8 = fp8
-    log(f"  torchao {torchao.__version__} float8 (dynamic activations, per-row weights), diffusers' routing: "
+    log(
+        f"  torchao {torchao.__version__} float8 (dynamic activations, per-row weights), diffusers' routing: "
         f"quantized in {quantize_s:.1f} s; {seconds:.4f} s/step, {seconds * _steps():.2f} s/image, "
-        f"{rate_text(rates)} (of the bf16 rate); max |diff| vs bf16 {diff:.3g} (outputs reach {scale:.3g})")
-    return {"torchao": torchao.__version__, "config": "Float8DynamicActivationFloat8WeightConfig(PerRow)",
-            "routing": "diffusers", "quantize_s": quantize_s, "s_per_step": seconds, "max_abs_diff": diff,
-            "output_max_abs": scale, **rates}
+        f"{rate_text(rates)} (of the bf16 rate); max |diff| vs bf16 {diff:.3g} (outputs reach {scale:.3g})"
+    )
+    return {
+        "torchao": torchao.__version__,
+        "config": "Float8DynamicActivationFloat8WeightConfig(PerRow)",
+        "routing": "diffusers",
+        "quantize_s": quantize_s,
+        "s_per_step": seconds,
+        "max_abs_diff": diff,
+        "output_max_abs": scale,
+        **rates,
+    }
 
 
 def section_compile(b: Bench) -> dict[str, Any]:
@@ -638,10 +755,17 @@ def section_compile(b: Bench) -> dict[str, Any]:
         first_s = time.perf_counter() - started - seconds * b.args.repeats
         diff = (result.float() - b.reference.float()).abs().max().item()
         rates = b.mfu(flops, seconds)
-        out["variants"][label] = {"s_per_step": seconds, "s_per_image": seconds * _steps(), "compile_s": first_s,
-                                  "max_abs_diff": diff, **rates}
-        log(f"  {label} ({backend}): first call (compile) {first_s:.1f} s; {seconds:.4f} s/step, "
-            f"{seconds * _steps():.2f} s/image, {rate_text(rates)}, max |diff| vs diffusers {diff:.3g}")
+        out["variants"][label] = {
+            "s_per_step": seconds,
+            "s_per_image": seconds * _steps(),
+            "compile_s": first_s,
+            "max_abs_diff": diff,
+            **rates,
+        }
+        log(
+            f"  {label} ({backend}): first call (compile) {first_s:.1f} s; {seconds:.4f} s/step, "
+            f"{seconds * _steps():.2f} s/image, {rate_text(rates)}, max |diff| vs diffusers {diff:.3g}"
+        )
     b.fp8 = None
     if b.cuda:
         torch.cuda.empty_cache()
@@ -678,16 +802,33 @@ def section_plans(b: Bench) -> dict[str, Any]:
             run_plain(b, scheduler, _rows(50, 1), Path(tmp), 2)
         peak = peak_memory_gib(b.device)
         out["plans"][name] = {"peak_gpu_gib": peak, "seconds": time.perf_counter() - started}
-        log(f"  plan {name}: peak GPU memory {'n/a on the CPU' if peak is None else f'{peak:.1f} GiB'} "
-            f"(one 2-step image, {out['plans'][name]['seconds']:.1f} s with applying the plan)")
+        log(
+            f"  plan {name}: peak GPU memory {'n/a on the CPU' if peak is None else f'{peak:.1f} GiB'} "
+            f"(one 2-step image, {out['plans'][name]['seconds']:.1f} s with applying the plan)"
+        )
     return out
 
 
-RUN = {"peak": section_peak, "build": section_build, "step": section_step, "pipeline": section_pipeline,
-       "batch": section_batch, "e1": section_e1, "fp8": section_fp8, "compile": section_compile,
-       "plans": section_plans}
-NEEDS = {"step": "build", "pipeline": "build", "batch": "build", "e1": "build", "fp8": "step",
-         "compile": "step", "plans": "build"}  # a section runs only once this one has
+RUN = {
+    "peak": section_peak,
+    "build": section_build,
+    "step": section_step,
+    "pipeline": section_pipeline,
+    "batch": section_batch,
+    "e1": section_e1,
+    "fp8": section_fp8,
+    "compile": section_compile,
+    "plans": section_plans,
+}
+NEEDS = {
+    "step": "build",
+    "pipeline": "build",
+    "batch": "build",
+    "e1": "build",
+    "fp8": "step",
+    "compile": "step",
+    "plans": "build",
+}  # a section runs only once this one has
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -697,8 +838,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default=None, help="cuda (default when there is one), cpu, or meta (shapes only)")
     ap.add_argument("--budget-s", type=float, default=420.0, help="skip sections that would end past this")
     ap.add_argument("--json", default=None, help="write every figure here too (rewritten after each section)")
-    ap.add_argument("--peak-tflops", type=float, default=None,
-                    help="the bf16 rate MFU is taken against; default: fullsize.PEAKS by card (H200: 790)")
+    ap.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="the bf16 rate MFU is taken against; default: fullsize.PEAKS by card (H200: 790)",
+    )
     ap.add_argument("--sections", default=",".join(SECTIONS), help="the sections to run, in their order")
     ap.add_argument("--variants", default="diffusers,grouped,grouped+fold", help="step section's variants")
     ap.add_argument("--repeats", type=int, default=None, help="timed forwards per variant (default 5; quick 2)")
@@ -720,12 +865,21 @@ def main(argv: list[str] | None = None) -> int:
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     b = Bench(args, device, dtype, Budget(args.budget_s))
     wanted = args.sections.split(",")
-    b.results = {"argv": sys.argv[1:] if argv is None else argv, "started": datetime.now(UTC).isoformat(),
-                 "host": platform.node(), "cpus": os.cpu_count(), "load_at_start": os.getloadavg(),
-                 "device": str(device), "weights": "tiny" if args.tiny else "random, real size",
-                 "budget_s": args.budget_s, "sections": {}}
-    log(f"bench/gpu.py on {device} ({b.results['weights']}), budget {args.budget_s:.0f} s, "
-        f"load {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
+    b.results = {
+        "argv": sys.argv[1:] if argv is None else argv,
+        "started": datetime.now(UTC).isoformat(),
+        "host": platform.node(),
+        "cpus": os.cpu_count(),
+        "load_at_start": os.getloadavg(),
+        "device": str(device),
+        "weights": "tiny" if args.tiny else "random, real size",
+        "budget_s": args.budget_s,
+        "sections": {},
+    }
+    log(
+        f"bench/gpu.py on {device} ({b.results['weights']}), budget {args.budget_s:.0f} s, "
+        f"load {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs"
+    )
     for name in SECTIONS:
         results = b.results["sections"]
         reason = None

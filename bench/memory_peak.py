@@ -34,9 +34,15 @@ def measure(model: str, weights: str | None, plan: str, steps: int | None, devic
     started = time.perf_counter()
     runner.load()
     loaded_s = time.perf_counter() - started
-    request = GenerateRequest(prompt="a lighthouse at dusk, watercolor", negative_prompt="blurry", seed=1,
-                              steps=steps or preset["steps"], guidance_scale=preset["guidance_scale"],
-                              shift=preset["shift"], scheduler=preset["scheduler"])
+    request = GenerateRequest(
+        prompt="a lighthouse at dusk, watercolor",
+        negative_prompt="blurry",
+        seed=1,
+        steps=steps or preset["steps"],
+        guidance_scale=preset["guidance_scale"],
+        shift=preset["shift"],
+        scheduler=preset["scheduler"],
+    )
     runner.generate(request)  # warm-up
     cuda = torch.device(device).type == "cuda"  # a CPU run checks the script's path only (tiny weights)
     if cuda:
@@ -50,10 +56,14 @@ def measure(model: str, weights: str | None, plan: str, steps: int | None, devic
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - started)
-    return {"plan": plan, "load_s": round(loaded_s, 1), "s_per_image": round(min(times), 2),
-            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
-            "card": torch.cuda.get_device_name() if cuda else device,
-            "total_gib": round(torch.cuda.mem_get_info()[1] / 2**30, 1) if cuda else None}
+    return {
+        "plan": plan,
+        "load_s": round(loaded_s, 1),
+        "s_per_image": round(min(times), 2),
+        "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+        "card": torch.cuda.get_device_name() if cuda else device,
+        "total_gib": round(torch.cuda.mem_get_info()[1] / 2**30, 1) if cuda else None,
+    }
 
 
 def main() -> None:
@@ -79,8 +89,10 @@ def main() -> None:
             print(f"| {plan} | failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else '?'} | | |")
             continue
         row = json.loads(done.stdout.strip().splitlines()[-1])
-        print(f"| {plan} | {row['peak_gib']} | {row['s_per_image']} | {row['load_s']} |  ({row['card']}, "
-              f"{row['total_gib']} GiB)")
+        print(
+            f"| {plan} | {row['peak_gib']} | {row['s_per_image']} | {row['load_s']} |  ({row['card']}, "
+            f"{row['total_gib']} GiB)"
+        )
 
 
 if __name__ == "__main__":

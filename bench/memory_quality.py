@@ -54,10 +54,14 @@ def main() -> None:
     if args.cases:
         cases = [c for c in cases if c["id"] in args.cases.split(",")]
     variants = [v for v in args.variants.split(",") if not v.endswith("nf4") or _has_bitsandbytes()]
-    print(f"torch {torch.__version__}, torchao {_version('torchao')}, bitsandbytes {_version('bitsandbytes')}; "
-          f"{len(cases)} cases, variants {', '.join(variants)}")
-    print("| case | variant | PSNR vs fp32 (dB) | max diff vs fp32 | PSNR vs bf16 (dB) | max diff vs bf16 | "
-          "transformer + Llama bytes |")
+    print(
+        f"torch {torch.__version__}, torchao {_version('torchao')}, bitsandbytes {_version('bitsandbytes')}; "
+        f"{len(cases)} cases, variants {', '.join(variants)}"
+    )
+    print(
+        "| case | variant | PSNR vs fp32 (dB) | max diff vs fp32 | PSNR vs bf16 (dB) | max diff vs bf16 | "
+        "transformer + Llama bytes |"
+    )
     print("|---|---|---|---|---|---|---|")
     for case in cases:
         references: dict[str, np.ndarray] = {}
@@ -80,8 +84,13 @@ def main() -> None:
 
 def run_case(parity: Path, case: dict, variant: str) -> tuple[np.ndarray, int]:
     """The case's images under `variant` (stacked), and the bytes of the transformer and Llama as run."""
-    dtype, _, quantized = variant.rpartition("-") if "-" in variant else ("bf16", "", "") if variant == "bf16" \
+    dtype, _, quantized = (
+        variant.rpartition("-")
+        if "-" in variant
+        else ("bf16", "", "")
+        if variant == "bf16"
         else ("fp32", "", "" if variant == "fp32" else variant)
+    )
     plan = "int8" if quantized == "int8" else "resident"
     runner = make_runner(case["model"], str(parity / case["weights"]), plan, dtype)
     pipe = runner.load()
@@ -122,10 +131,16 @@ def nf4(component: str, module: torch.nn.Module) -> None:
     import bitsandbytes as bnb
 
     for name, linear in memory.int8_targets(component, module):
-        quantized = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                                      compute_dtype=linear.weight.dtype, quant_type="nf4")
-        quantized.weight = bnb.nn.Params4bit(linear.weight.data.clone(), requires_grad=False,
-                                             quant_type="nf4")._quantize("cpu")
+        quantized = bnb.nn.Linear4bit(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            compute_dtype=linear.weight.dtype,
+            quant_type="nf4",
+        )
+        quantized.weight = bnb.nn.Params4bit(
+            linear.weight.data.clone(), requires_grad=False, quant_type="nf4"
+        )._quantize("cpu")
         if linear.bias is not None:
             quantized.bias = linear.bias
         module.set_submodule(name, quantized)

@@ -49,8 +49,15 @@ WORK = {
 }
 
 
-def seconds_per_image(model: str, plan: memory.MemoryPlan, card: Card, sizes: memory.ComponentSizes,
-                      transformer, mfu: float, cpu_tflops: float) -> float:
+def seconds_per_image(
+    model: str,
+    plan: memory.MemoryPlan,
+    card: Card,
+    sizes: memory.ComponentSizes,
+    transformer,
+    mfu: float,
+    cpu_tflops: float,
+) -> float:
     """Transformer time (FLOPs at `mfu` of the card's rate; a streamed transformer's steps take at least its
     bytes over PCIe, the copy overlapping the compute), plus encoding one new text (the row's prompt; a job's
     one negative prompt comes from the prompt cache): on the CPU at `cpu_tflops`, or streamed over PCIe."""
@@ -80,8 +87,10 @@ def main() -> None:
     ap.add_argument("--cpu-tflops", type=float, default=1.0, help="the host's bf16 rate for text-cpu encoding")
     args = ap.parse_args()
     sizes, transformer = memory.real_sizes(), build_transformer("meta")
-    print("component sizes (bf16, computed on meta): " + ", ".join(
-        f"{name} {b / 1e9:.2f} GB" for name, b in sizes.weights.items()))
+    print(
+        "component sizes (bf16, computed on meta): "
+        + ", ".join(f"{name} {b / 1e9:.2f} GB" for name, b in sizes.weights.items())
+    )
     print("int8: " + ", ".join(f"{name} {b / 1e9:.2f} GB" for name, b in sizes.int8.items()))
     print("activations (estimate): " + ", ".join(f"{m} {b / memory.GiB:.2f} GiB" for m, b in sizes.activations.items()))
     print()
@@ -91,8 +100,10 @@ def main() -> None:
         for label, card in CARDS.items():
             choice = memory.choose_plan(model, int(card.total_gib * memory.GiB), sizes)
             seconds = seconds_per_image(model, choice.plan, card, sizes, transformer, args.mfu, args.cpu_tflops)
-            print(f"| {model} | {label} ({card.name}) | `{choice.plan.name}` | {choice.peak_bytes / memory.GiB:.1f} | "
-                  f"{seconds:.0f} |")
+            print(
+                f"| {model} | {label} ({card.name}) | `{choice.plan.name}` | {choice.peak_bytes / memory.GiB:.1f} | "
+                f"{seconds:.0f} |"
+            )
     print()
     print("every plan on every card (peak GiB / s per image, i1-full; * = does not fit):")
     print("| plan | " + " | ".join(CARDS) + " |")

@@ -85,9 +85,13 @@ def main() -> None:
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--batch-sweep", default="1,2,4", help="micro-batch sizes timed for i1-fast (best variant)")
-    ap.add_argument("--peak-tflops", type=float, default=None,
-                    help="the card's dense bf16 rate; default: fullsize.PEAKS by the card's name (H200: 790 "
-                         "measured, 989 datasheet)")
+    ap.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="the card's dense bf16 rate; default: fullsize.PEAKS by the card's name (H200: 790 "
+        "measured, 989 datasheet)",
+    )
     args = ap.parse_args()
     variants = args.variants.split(",")
     device = torch.device(args.device)
@@ -103,16 +107,20 @@ def main() -> None:
         base = build_transformer(device, dtype)
         latent_side = 1024
     real = cost(build_transformer("meta"), 1024, 1024)
-    print(f"transformer ({args.weights}): {real.total_params / 1e9:.2f} B parameters, "
-          f"{real.active_params / 1e9:.2f} B active per image token, "
-          f"{real.flops_per_forward / 1e12:.1f} TFLOP per forward at 1024² ({real.image_tokens} image + "
-          f"{real.text_tokens} text tokens)")
+    print(
+        f"transformer ({args.weights}): {real.total_params / 1e9:.2f} B parameters, "
+        f"{real.active_params / 1e9:.2f} B active per image token, "
+        f"{real.flops_per_forward / 1e12:.1f} TFLOP per forward at 1024² ({real.image_tokens} image + "
+        f"{real.text_tokens} text tokens)"
+    )
     if device.type == "meta":
         for model, (width, height, wide, batch, steps) in NATIVE.items():
             c = cost(base, width * wide, height)
-            print(f"  {model}: {width}x{height}, transformer input {width * wide}x{height} ({c.image_tokens} image "
-                  f"tokens), batch {batch}, {steps} steps: {c.flops_per_forward * batch / 1e12:.1f} TFLOP per step, "
-                  f"{c.flops_per_forward * batch * steps / 1e15:.2f} PFLOP per image")
+            print(
+                f"  {model}: {width}x{height}, transformer input {width * wide}x{height} ({c.image_tokens} image "
+                f"tokens), batch {batch}, {steps} steps: {c.flops_per_forward * batch / 1e12:.1f} TFLOP per step, "
+                f"{c.flops_per_forward * batch * steps / 1e15:.2f} PFLOP per image"
+            )
         print("meta device: shapes only; run on a GPU for timings")
         return
     if device.type == "cuda":
@@ -142,8 +150,9 @@ def main() -> None:
                 continue
             reference = out if reference is None else reference
             diff = (out.float() - reference.float()).abs().max().item()
-            line = (f"  {model} {name}: {seconds:.4f} s/step (batch {batch}), "
-                    f"{seconds * steps:.2f} s/image ({steps} steps)")
+            line = (
+                f"  {model} {name}: {seconds:.4f} s/step (batch {batch}), {seconds * steps:.2f} s/image ({steps} steps)"
+            )
             if flops:
                 achieved = flops / seconds / 1e12
                 line += f", {achieved:.0f} TFLOP/s"
@@ -170,8 +179,10 @@ def main() -> None:
         except torch.cuda.OutOfMemoryError:
             print(f"  i1-fast micro-batch {batch}: out of memory")
             break
-        print(f"  i1-fast micro-batch {batch}: {seconds / batch:.4f} s/step per image, "
-              f"{seconds * steps / batch:.2f} s/image")
+        print(
+            f"  i1-fast micro-batch {batch}: {seconds / batch:.4f} s/step per image, "
+            f"{seconds * steps / batch:.2f} s/image"
+        )
 
 
 if __name__ == "__main__":

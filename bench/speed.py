@@ -42,8 +42,12 @@ def duty_cycle(spans: list[tuple[float, float]], warmup: int) -> dict:
     busy = sum(end - start for start, end in spans)
     wall = spans[-1][1] - spans[0][0]
     gaps = [b[0] - a[1] for a, b in zip(spans, spans[1:], strict=False)]
-    return {"duty": busy / wall, "gap_median_ms": statistics.median(gaps) * 1000,
-            "gap_p90_ms": sorted(gaps)[int(0.9 * (len(gaps) - 1))] * 1000, "calls": len(spans)}
+    return {
+        "duty": busy / wall,
+        "gap_median_ms": statistics.median(gaps) * 1000,
+        "gap_p90_ms": sorted(gaps)[int(0.9 * (len(gaps) - 1))] * 1000,
+        "calls": len(spans),
+    }
 
 
 def model_spans(timings: list[dict]) -> list[tuple[float, float]]:
@@ -63,8 +67,10 @@ def pipelining(args, tmp: Path) -> list[str]:
     proxy = S3Proxy(endpoint, lambda method, path: time.sleep(delay["s"]) if method == "PUT" else None)
     env = service_env(redis_server.url, proxy.url, tmp / "tiny", OMP_NUM_THREADS=str(args.model_threads))
     cases = [("no pipelining (1 thread)", 1, {}), ("2 threads", 2, {}), ("default (3 threads)", None, {})]
-    cases += [(f"micro-batches ≤{b} (default {3 * b} threads)", None, {"DREAMBATCH_RUNNER__BATCH_MAX": str(b)})
-              for b in args.batches]
+    cases += [
+        (f"micro-batches ≤{b} (default {3 * b} threads)", None, {"DREAMBATCH_RUNNER__BATCH_MAX": str(b)})
+        for b in args.batches
+    ]
     lines = []
     try:
         for io_ms in args.io_ms:
@@ -85,11 +91,13 @@ def _pipelining_cases(args, cases, env, tmp: Path, endpoint: str) -> list[str]:
     for name, threads, extra in cases:
         run = dreambatch_run(args.items, {**env, **extra}, tmp, endpoint, threads, steps=args.steps)
         cycle = duty_cycle(model_spans(run["timings"]), args.warmup)
-        lines.append(f"  {name}: {run['items_per_s']:.2f} items/s ({run['completed']}/{args.items} completed), "
-                     f"duty cycle {cycle['duty']:.1%}, gap between model calls median "
-                     f"{cycle['gap_median_ms']:.1f} ms, p90 {cycle['gap_p90_ms']:.1f} ms ({cycle['calls']} "
-                     f"model calls of {run['mean_inference_s'] * 1000:.0f} ms; per item outside the model "
-                     f"{run['mean_outside_model_s'] * 1000:.0f} ms)")
+        lines.append(
+            f"  {name}: {run['items_per_s']:.2f} items/s ({run['completed']}/{args.items} completed), "
+            f"duty cycle {cycle['duty']:.1%}, gap between model calls median "
+            f"{cycle['gap_median_ms']:.1f} ms, p90 {cycle['gap_p90_ms']:.1f} ms ({cycle['calls']} "
+            f"model calls of {run['mean_inference_s'] * 1000:.0f} ms; per item outside the model "
+            f"{run['mean_outside_model_s'] * 1000:.0f} ms)"
+        )
         print(lines[-1], flush=True)
     return lines
 
@@ -101,8 +109,15 @@ def prompt_cache(args, tmp: Path) -> list[str]:
     from worker.runners.base import GenerateRequest
     from worker.runners.hidream_i1 import HiDreamI1Runner
 
-    request = GenerateRequest(prompt="a watercolor painting of a lighthouse at dusk", negative_prompt="blurry",
-                              guidance_scale=5.0, scheduler="flow_unipc", steps=args.steps, width=64, height=64)
+    request = GenerateRequest(
+        prompt="a watercolor painting of a lighthouse at dusk",
+        negative_prompt="blurry",
+        guidance_scale=5.0,
+        scheduler="flow_unipc",
+        steps=args.steps,
+        width=64,
+        height=64,
+    )
     runners, text_s = {}, {}
     for label, megabytes in [("off", 0), ("on", 64)]:
         runner = HiDreamI1Runner("i1-full", "tiny", options=RunnerSettings(prompt_cache_mb=megabytes))
@@ -123,14 +138,18 @@ def prompt_cache(args, tmp: Path) -> list[str]:
             per_text[label].append(text_s[label][0] / args.items)
     lines = []
     for label, runner in runners.items():
-        lines.append(f"  cache {label}: {statistics.median(per_image[label]) * 1000:.1f} ms per image, of which "
-                     f"text embeddings {statistics.median(per_text[label]) * 1000:.2f} ms (median of "
-                     f"{args.repeats}; i1-full tiny, CFG, {args.steps} steps), {runner.prompts.hits} hits / "
-                     f"{runner.prompts.misses} misses")
+        lines.append(
+            f"  cache {label}: {statistics.median(per_image[label]) * 1000:.1f} ms per image, of which "
+            f"text embeddings {statistics.median(per_text[label]) * 1000:.2f} ms (median of "
+            f"{args.repeats}; i1-full tiny, CFG, {args.steps} steps), {runner.prompts.hits} hits / "
+            f"{runner.prompts.misses} misses"
+        )
         print(lines[-1], flush=True)
     gain = 1 - statistics.median(per_image["on"]) / statistics.median(per_image["off"])
-    lines.append(f"  gain per image {gain:.1%}; text embeddings "
-                 f"{statistics.median(per_text['off']) / max(statistics.median(per_text['on']), 1e-9):.0f}x faster")
+    lines.append(
+        f"  gain per image {gain:.1%}; text embeddings "
+        f"{statistics.median(per_text['off']) / max(statistics.median(per_text['on']), 1e-9):.0f}x faster"
+    )
     print(lines[-1], flush=True)
     return lines
 
@@ -154,8 +173,12 @@ def micro_batching(args) -> list[str]:
 
     runner = HiDreamI1Runner("i1-fast", "tiny", options=RunnerSettings())
     runner.load()
-    requests = [GenerateRequest(prompt=f"a photo of a cat, take {i}", seed=i, steps=args.steps, width=64, height=64,
-                                scheduler="flash_flow") for i in range(args.items)]
+    requests = [
+        GenerateRequest(
+            prompt=f"a photo of a cat, take {i}", seed=i, steps=args.steps, width=64, height=64, scheduler="flash_flow"
+        )
+        for i in range(args.items)
+    ]
     lines = []
     for batch in [1, *args.batches]:
         batcher = MicroBatcher(runner, batch, args.window_ms / 1000)
@@ -180,8 +203,10 @@ def micro_batching(args) -> list[str]:
             feeder.join()
         wall = time.perf_counter() - started
         sizes = batcher.batch_sizes
-        lines.append(f"  batch ≤{batch}: {args.items / wall:.2f} images/s, mean batch {statistics.mean(sizes):.1f} "
-                     f"(i1-fast tiny, {args.steps} steps, 64², model calls only)")
+        lines.append(
+            f"  batch ≤{batch}: {args.items / wall:.2f} images/s, mean batch {statistics.mean(sizes):.1f} "
+            f"(i1-fast tiny, {args.steps} steps, 64², model calls only)"
+        )
         print(lines[-1], flush=True)
     return lines
 
@@ -190,22 +215,33 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--items", type=int, default=40)
     ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--io-ms", type=lambda s: [float(x) for x in s.split(",")], default=[40.0, 100.0],
-                    help="added to every S3 PUT (2 per item); a comma-separated list runs each in turn")
+    ap.add_argument(
+        "--io-ms",
+        type=lambda s: [float(x) for x in s.split(",")],
+        default=[40.0, 100.0],
+        help="added to every S3 PUT (2 per item); a comma-separated list runs each in turn",
+    )
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=3, help="prompt cache: off/on rounds, alternating")
     ap.add_argument("--window-ms", type=float, default=20.0)
     ap.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[2, 4])
     ap.add_argument("--overhead-items", type=int, default=200, help="0 skips the Celery overhead ratio")
-    ap.add_argument("--model-threads", type=int, default=1,
-                    help="torch intra-op threads: 1 leaves the other core to I/O, as a GPU leaves the host's cores")
+    ap.add_argument(
+        "--model-threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads: 1 leaves the other core to I/O, as a GPU leaves the host's cores",
+    )
     args = ap.parse_args()
     import torch
 
     torch.set_num_threads(args.model_threads)
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads, {os.cpu_count()} CPUs, "
-          f"load average {os.getloadavg()[0]:.1f} at start", flush=True)
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads, {os.cpu_count()} CPUs, "
+        f"load average {os.getloadavg()[0]:.1f} at start",
+        flush=True,
+    )
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         print(f"duty cycle, {args.items} items, {args.steps} steps:", flush=True)
@@ -215,8 +251,7 @@ def main() -> None:
         print(f"micro-batching, {args.items} images:", flush=True)
         micro_batching(args)
     if args.overhead_items:
-        print(f"end to end through Celery, {args.overhead_items} items (bench/queue_throughput.py's runs):",
-              flush=True)
+        print(f"end to end through Celery, {args.overhead_items} items (bench/queue_throughput.py's runs):", flush=True)
         overhead(args)
 
 
@@ -245,16 +280,24 @@ def overhead(args) -> None:
             s3.stop()
             redis_server.stop()
     for name, run in runs.items():
-        print(f"  {name}: {run['items_per_s']:.1f} items/s ({run['completed']}/{run['items']} completed, "
-              f"submit {run['submit_s']:.2f} s), per item: wall {run['per_item_wall_s'] * 1000:.1f} ms, "
-              f"model call {run['mean_inference_s'] * 1000:.1f} ms, "
-              f"encode+upload {run['mean_upload_s'] * 1000:.1f} ms, the item's own time outside the model "
-              f"{run['mean_outside_model_s'] * 1000:.1f} ms", flush=True)
-    print(f"  plain Celery, empty task, 3 threads: {plain['items_per_s']:.1f} items/s ({plain['items']} tasks)",
-          flush=True)
+        print(
+            f"  {name}: {run['items_per_s']:.1f} items/s ({run['completed']}/{run['items']} completed, "
+            f"submit {run['submit_s']:.2f} s), per item: wall {run['per_item_wall_s'] * 1000:.1f} ms, "
+            f"model call {run['mean_inference_s'] * 1000:.1f} ms, "
+            f"encode+upload {run['mean_upload_s'] * 1000:.1f} ms, the item's own time outside the model "
+            f"{run['mean_outside_model_s'] * 1000:.1f} ms",
+            flush=True,
+        )
+    print(
+        f"  plain Celery, empty task, 3 threads: {plain['items_per_s']:.1f} items/s ({plain['items']} tasks)",
+        flush=True,
+    )
     first = next(iter(runs.values()))
-    print(f"  overhead ratio (plain items/s ÷ dreambatch items/s, default threads): "
-          f"{plain['items_per_s'] / first['items_per_s']:.1f}x", flush=True)
+    print(
+        f"  overhead ratio (plain items/s ÷ dreambatch items/s, default threads): "
+        f"{plain['items_per_s'] / first['items_per_s']:.1f}x",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -31,8 +31,10 @@ def make_celery(settings: Settings) -> Celery:
         task_time_limit=c.task_time_limit,
         task_queues=[Queue(keys.gpu_queue(m)) for m in MODELS] + [Queue(keys.IO_QUEUE)],
         task_default_queue=keys.IO_QUEUE,
-        task_routes={keys.TASK_FINALIZE_JOB: {"queue": keys.IO_QUEUE},
-                     keys.TASK_SEND_WEBHOOK: {"queue": keys.IO_QUEUE}},
+        task_routes={
+            keys.TASK_FINALIZE_JOB: {"queue": keys.IO_QUEUE},
+            keys.TASK_SEND_WEBHOOK: {"queue": keys.IO_QUEUE},
+        },
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,
         broker_transport_options={
@@ -53,8 +55,9 @@ def make_celery(settings: Settings) -> Celery:
     return app
 
 
-def publish_items(app: Celery, model: str, job_id: str, item_ids: Iterable[str], batch: int = 500,
-                  priority: str = "normal") -> int:
+def publish_items(
+    app: Celery, model: str, job_id: str, item_ids: Iterable[str], batch: int = 500, priority: str = "normal"
+) -> int:
     """Queue one run_item task per id at the job's priority: one producer, Redis commands pipelined
     `batch` at a time (kombu's publish batch); an error discards what was not yet flushed."""
     count = 0
@@ -62,8 +65,7 @@ def publish_items(app: Celery, model: str, job_id: str, item_ids: Iterable[str],
     level = keys.PRIORITIES[priority]
     with app.producer_or_acquire() as producer, producer.batch(max_size=batch):
         for item_id in item_ids:
-            app.send_task(keys.TASK_RUN_ITEM, args=[job_id, item_id], queue=queue, producer=producer,
-                          priority=level)
+            app.send_task(keys.TASK_RUN_ITEM, args=[job_id, item_id], queue=queue, producer=producer, priority=level)
             count += 1
     return count
 
@@ -81,7 +83,8 @@ def send_webhooks(app: Celery, events: Iterable[tuple[str, str | None, str]], ba
     count = 0
     with app.producer_or_acquire() as producer, producer.batch(max_size=batch):
         for job_id, item_id, event_id in events:
-            app.send_task(keys.TASK_SEND_WEBHOOK, args=[job_id, item_id, event_id], queue=keys.IO_QUEUE,
-                          producer=producer)
+            app.send_task(
+                keys.TASK_SEND_WEBHOOK, args=[job_id, item_id, event_id], queue=keys.IO_QUEUE, producer=producer
+            )
             count += 1
     return count

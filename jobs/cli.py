@@ -45,8 +45,12 @@ out = Console(markup=False, highlight=False)
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help=f"one of: {', '.join(MODELS)}")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="job default, key=value (a row overrides it)")]
-PresetOpt = Annotated[str | None, typer.Option("--preset", help="an edit preset (ops/presets.toml): instruction + "
-                                                                  "params; --set NAME=value fills its {NAME}")]
+PresetOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--preset", help="an edit preset (ops/presets.toml): instruction + params; --set NAME=value fills its {NAME}"
+    ),
+]
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
@@ -60,8 +64,17 @@ def warn(message: str) -> None:
 
 # modules an extra brings: a command that imports one without it says which extra to install
 EXTRA_MODULES = {
-    "worker": {"torch", "diffusers", "transformers", "accelerate", "safetensors", "sentencepiece", "tokenizers",
-               "peft", "torchao"},
+    "worker": {
+        "torch",
+        "diffusers",
+        "transformers",
+        "accelerate",
+        "safetensors",
+        "sentencepiece",
+        "tokenizers",
+        "peft",
+        "torchao",
+    },
     "api": {"fastapi", "uvicorn", "multipart", "python_multipart"},
 }
 
@@ -77,8 +90,10 @@ def explain(exc: BaseException) -> str | None:
         if extra is None:
             return None
         torch = "pip install torch, then " if extra == "worker" else ""
-        return (f"this command needs the {extra} extra ({top} is not installed): {torch}"
-                f"pip install 'dreambatch[{extra}]' (from a checkout: pip install -e '.[{extra}]')")
+        return (
+            f"this command needs the {extra} extra ({top} is not installed): {torch}"
+            f"pip install 'dreambatch[{extra}]' (from a checkout: pip install -e '.[{extra}]')"
+        )
     if type(exc).__module__.startswith("botocore"):
         from jobs.storage import s3_error
 
@@ -115,8 +130,13 @@ def report_invalid(exc: ManifestInvalid) -> typer.Exit:
     return fail(str(exc), 2)
 
 
-def validate(manifest: Path, model: ModelOpt = "i1-fast", set_: SetOpt = None, preset: PresetOpt = None,
-             json_: Annotated[bool, typer.Option("--json")] = False) -> None:
+def validate(
+    manifest: Path,
+    model: ModelOpt = "i1-fast",
+    set_: SetOpt = None,
+    preset: PresetOpt = None,
+    json_: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
     """Check every row of MANIFEST; print each problem as `line N: field: message (got value)`."""
     try:
         policy = input_policy(manifest, get_settings())
@@ -125,8 +145,17 @@ def validate(manifest: Path, model: ModelOpt = "i1-fast", set_: SetOpt = None, p
     except (InputError, ConfigError) as exc:
         raise fail(str(exc), 2) from None
     if json_:
-        print(json.dumps({"rows": report.rows, "valid": report.valid, "errors": [str(i) for i in report.issues],
-                          "notes": report.notes, "metadata_columns": report.metadata_columns}))
+        print(
+            json.dumps(
+                {
+                    "rows": report.rows,
+                    "valid": report.valid,
+                    "errors": [str(i) for i in report.issues],
+                    "notes": report.notes,
+                    "metadata_columns": report.metadata_columns,
+                }
+            )
+        )
     else:
         for issue in report.issues:
             err.print(str(issue), highlight=False, markup=False, soft_wrap=True)
@@ -135,8 +164,11 @@ def validate(manifest: Path, model: ModelOpt = "i1-fast", set_: SetOpt = None, p
         if len(report.notes) > 20:
             err.print(f"note: … and {len(report.notes) - 20} more size adjustments", highlight=False)
         if report.metadata_columns:
-            err.print(f"note: kept as metadata (not used by the model; echoed in results and webhooks): "
-                      f"{', '.join(report.metadata_columns)}", soft_wrap=True)
+            err.print(
+                f"note: kept as metadata (not used by the model; echoed in results and webhooks): "
+                f"{', '.join(report.metadata_columns)}",
+                soft_wrap=True,
+            )
         out.print(f"{report.rows} rows, {report.valid} valid, {len(report.issues)} error(s)", highlight=False)
     if report.issues:
         raise typer.Exit(2)
@@ -154,10 +186,13 @@ def submit(
     sheet: Annotated[bool, typer.Option("--sheet", help="write a review contact sheet when the job ends")] = False,
     json_: Annotated[bool, typer.Option("--json")] = False,
     priority: Annotated[str, typer.Option(help="high, normal or low: a worker takes high items first")] = "normal",
-    max_concurrency: Annotated[int | None, typer.Option(
-        help="at most N of this job's items running at once, across all workers")] = None,
-    expires_after: Annotated[str | None, typer.Option(
-        help="items not started within this long (90s, 15m, 2h, 1d) end cancelled, reason expired")] = None,
+    max_concurrency: Annotated[
+        int | None, typer.Option(help="at most N of this job's items running at once, across all workers")
+    ] = None,
+    expires_after: Annotated[
+        str | None,
+        typer.Option(help="items not started within this long (90s, 15m, 2h, 1d) end cancelled, reason expired"),
+    ] = None,
 ) -> None:
     """Validate MANIFEST and queue one task per row; prints the job id."""
     settings = get_settings()
@@ -174,9 +209,17 @@ def submit(
         raise fail(f"--expires-after: {exc}", 2) from None
     try:
         check_location(output, settings)  # a bucket that is not there: say so before a job exists
-        spec = JobSpec(model=model, defaults=job_defaults(preset, parse_sets(set_ or []), settings), output=output,
-                       webhook=webhook, priority=priority, max_concurrency=max_concurrency, expires_after=expires_s,
-                       review_sheet=sheet, skip_invalid=skip_invalid)
+        spec = JobSpec(
+            model=model,
+            defaults=job_defaults(preset, parse_sets(set_ or []), settings),
+            output=output,
+            webhook=webhook,
+            priority=priority,
+            max_concurrency=max_concurrency,
+            expires_after=expires_s,
+            review_sheet=sheet,
+            skip_invalid=skip_invalid,
+        )
         sub = create_job(spec, manifest, get_services())
     except ManifestInvalid as exc:
         raise report_invalid(exc) from None
@@ -184,8 +227,7 @@ def submit(
         raise fail(str(exc)) from None
     job_id = sub.job.job_id
     if json_:
-        print(json.dumps({"job_id": job_id, "queued": sub.queued, "rejected": sub.rejected,
-                          "total": sub.job.total}))
+        print(json.dumps({"job_id": job_id, "queued": sub.queued, "rejected": sub.rejected, "total": sub.job.total}))
     else:
         out.print(job_id, highlight=False)
         err.print(f"queued {sub.queued} item(s), rejected {sub.rejected}", highlight=False)
@@ -198,8 +240,9 @@ def submit(
 
 def reconcile(
     job_id: str,
-    output: Annotated[str | None, typer.Option(help="s3://bucket/prefix the job was submitted with "
-                                                    "(default DREAMBATCH_OUTPUT)")] = None,
+    output: Annotated[
+        str | None, typer.Option(help="s3://bucket/prefix the job was submitted with (default DREAMBATCH_OUTPUT)")
+    ] = None,
     json_: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Rebuild JOB_ID's live state from its durable record (after Redis lost its data) and re-queue
@@ -215,16 +258,25 @@ def reconcile(
         spec = records.read_job(objects, job_id)
         if spec is None:
             raise JobNotFound(f"no job {job_id!r} under {output}")
-        report = reconcile_job(job_id, objects, services.store, dispatch=lambda ids: services.publish(spec, ids),
-                               finalize=services.finalize, batch=settings.celery.publish_batch)
+        report = reconcile_job(
+            job_id,
+            objects,
+            services.store,
+            dispatch=lambda ids: services.publish(spec, ids),
+            finalize=services.finalize,
+            batch=settings.celery.publish_batch,
+        )
     except DreambatchError as exc:
         raise fail(str(exc)) from None
     if json_:
         print(json.dumps(report.as_dict()))
     else:
-        out.print(f"{job_id}: {report.total} item(s), {report.ended} ended, {report.requeued} re-queued"
-                  f"{'' if report.recreated else ' (repaired in place)'}"
-                  f"{', finalizing' if report.finalized else ''}", highlight=False)
+        out.print(
+            f"{job_id}: {report.total} item(s), {report.ended} ended, {report.requeued} re-queued"
+            f"{'' if report.recreated else ' (repaired in place)'}"
+            f"{', finalizing' if report.finalized else ''}",
+            highlight=False,
+        )
 
 
 def cancel(job_id: str, json_: Annotated[bool, typer.Option("--json")] = False) -> None:
@@ -238,9 +290,12 @@ def cancel(job_id: str, json_: Annotated[bool, typer.Option("--json")] = False) 
         print(json.dumps(_status_object(job)))
     else:
         c = job.counts
-        out.print(f"{job_id}: cancelling — {c.get('cancelled', 0)} cancelled, {c.get('running', 0)} running "
-                  f"(stop at their next step), {c.get('completed', 0)} completed kept", highlight=False,
-                  soft_wrap=True)
+        out.print(
+            f"{job_id}: cancelling — {c.get('cancelled', 0)} cancelled, {c.get('running', 0)} running "
+            f"(stop at their next step), {c.get('completed', 0)} completed kept",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 def _requeued(job_id: str, ids: list[str], what: str, json_: bool) -> None:
@@ -283,19 +338,45 @@ def _top_tables(view) -> Group:
         queues.add_row(queue, *(str(by_pri[p]) for p in keys.PRIORITIES), str(sum(by_pri.values())))
     workers = Table("worker", "queue", "running", "ended", "seen", title="workers", title_justify="left")
     for w in view.workers:
-        workers.add_row(w["name"], w["queue"], " ".join(w.get("active", [])) or "-", str(w.get("ended", 0)),
-                        f"{now - w['seen']:.0f}s ago")
-    jobs = Table("job", "model", "priority", "status", "done", "running", "failed", "cancelled", title="jobs",
-                 title_justify="left")
+        workers.add_row(
+            w["name"],
+            w["queue"],
+            " ".join(w.get("active", [])) or "-",
+            str(w.get("ended", 0)),
+            f"{now - w['seen']:.0f}s ago",
+        )
+    jobs = Table(
+        "job",
+        "model",
+        "priority",
+        "status",
+        "done",
+        "running",
+        "failed",
+        "cancelled",
+        title="jobs",
+        title_justify="left",
+    )
     for j in view.jobs:
         if j["finished_at"] or j.get("submit_aborted"):
             continue
         c = j["counts"]
         status = j["status"] + (" (cancelling)" if j["cancel_requested"] else "")
-        jobs.add_row(j["job_id"], j["model"], j["priority"], status, f"{lifecycle.ended(c)}/{j['total']}",
-                     str(c.get("running", 0)), str(c.get("failed", 0)), str(c.get("cancelled", 0)))
-    warnings = dict.fromkeys(no_worker_warning(view.workers, j["model"]) for j in view.jobs
-                             if not j["finished_at"] and not j.get("submit_aborted"))
+        jobs.add_row(
+            j["job_id"],
+            j["model"],
+            j["priority"],
+            status,
+            f"{lifecycle.ended(c)}/{j['total']}",
+            str(c.get("running", 0)),
+            str(c.get("failed", 0)),
+            str(c.get("cancelled", 0)),
+        )
+    warnings = dict.fromkeys(
+        no_worker_warning(view.workers, j["model"])
+        for j in view.jobs
+        if not j["finished_at"] and not j.get("submit_aborted")
+    )
     lines = [Text.assemble(("warning:", "yellow"), " ", w) for w in warnings if w]
     return Group(queues, workers, jobs, *lines)
 
@@ -332,9 +413,13 @@ def webhooks(job_id: str, redeliver: Annotated[bool, typer.Option(help="send eve
     events = services.store.events(job_id)
     for event_id, attempts in events.items():
         for n, a in enumerate(attempts, 1):
-            out.print(f"{event_id}  #{n}  {time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(a['at']))}Z  "
-                      f"{a['status_code'] or '-'}  {a['latency_s'] * 1000:.0f} ms  {a['error'] or 'delivered'}",
-                      highlight=False, markup=False, soft_wrap=True)
+            out.print(
+                f"{event_id}  #{n}  {time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(a['at']))}Z  "
+                f"{a['status_code'] or '-'}  {a['latency_s'] * 1000:.0f} ms  {a['error'] or 'delivered'}",
+                highlight=False,
+                markup=False,
+                soft_wrap=True,
+            )
     if redeliver:
         if not job.webhook:
             raise fail(f"job {job_id} has no webhook")
@@ -351,15 +436,29 @@ def _load_job(job_id: str) -> JobRecord:
 
 def _status_object(job: JobRecord) -> dict:
     counts = {"total": job.total, **{s.value: job.counts.get(s, 0) for s in ItemStatus}}
-    return {"job_id": job.job_id, "status": job.status, "model": job.model, "counts": counts,
-            "results": job.results_uri, "created_at": job.created_at, "finished_at": job.finished_at,
-            "priority": job.priority, "cancel_requested": job.cancel_requested, "round": job.round}
+    return {
+        "job_id": job.job_id,
+        "status": job.status,
+        "model": job.model,
+        "counts": counts,
+        "results": job.results_uri,
+        "created_at": job.created_at,
+        "finished_at": job.finished_at,
+        "priority": job.priority,
+        "cancel_requested": job.cancel_requested,
+        "round": job.round,
+    }
 
 
 def _watch(job_id: str, quiet: bool = False, interval: float = 0.5) -> JobRecord:
-    columns = [TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
-               TextColumn("failed {task.fields[failed]}"), TextColumn("{task.fields[rate]:.2f} items/s"),
-               TimeRemainingColumn()]
+    columns = [
+        TextColumn("{task.description}", markup=False),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("failed {task.fields[failed]}"),
+        TextColumn("{task.fields[rate]:.2f} items/s"),
+        TimeRemainingColumn(),
+    ]
     job = _load_job(job_id)
     if not job.finished_at and not quiet and (warning := _unserved(job)):
         warn(warning)
@@ -384,8 +483,11 @@ def _unserved(job: JobRecord) -> str | None:
     return no_worker_warning(get_services().store.workers(), job.model)
 
 
-def status(job_id: str, watch: Annotated[bool, typer.Option("--watch")] = False,
-           json_: Annotated[bool, typer.Option("--json")] = False) -> None:
+def status(
+    job_id: str,
+    watch: Annotated[bool, typer.Option("--watch")] = False,
+    json_: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
     """Show a job's status and counts (`--watch`: a live progress bar until it ends)."""
     try:
         job = _watch(job_id) if watch else _load_job(job_id)
@@ -396,9 +498,12 @@ def status(job_id: str, watch: Annotated[bool, typer.Option("--watch")] = False,
         print(json.dumps(obj))
         return
     c = obj["counts"]
-    out.print(f"{job.job_id}  {job.status}  model={job.model}  total={c['total']} queued={c['queued']} "
-              f"running={c['running']} completed={c['completed']} failed={c['failed']} cancelled={c['cancelled']}",
-              highlight=False, soft_wrap=True)
+    out.print(
+        f"{job.job_id}  {job.status}  model={job.model}  total={c['total']} queued={c['queued']} "
+        f"running={c['running']} completed={c['completed']} failed={c['failed']} cancelled={c['cancelled']}",
+        highlight=False,
+        soft_wrap=True,
+    )
     if job.results_uri:
         out.print(f"results: {job.results_uri}", highlight=False, soft_wrap=True)
     if job.submit_aborted:
@@ -421,14 +526,17 @@ def results(job_id: str, format_: Annotated[str, typer.Option("--format", help="
     sys.stdout.writelines(export.jsonl_rows(lines) if format_ == "jsonl" else export.csv_rows(lines))
 
 
-def api(host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
-        port: Annotated[int, typer.Option(help="port to listen on")] = 8000,
-        ssl_certfile: Annotated[str | None, typer.Option(
+def api(
+    host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port to listen on")] = 8000,
+    ssl_certfile: Annotated[
+        str | None,
+        typer.Option(
             help="serve HTTPS with this PEM certificate (fal-client speaks only https); DREAMBATCH_API__SSL_CERTFILE"
-        )] = None,
-        ssl_keyfile: Annotated[str | None, typer.Option(
-            help="its PEM private key; DREAMBATCH_API__SSL_KEYFILE")] = None,
-        ) -> None:
+        ),
+    ] = None,
+    ssl_keyfile: Annotated[str | None, typer.Option(help="its PEM private key; DREAMBATCH_API__SSL_KEYFILE")] = None,
+) -> None:
     """Serve the HTTP API (docs/api.md): jobs, OpenAI-compatible images, and the fal, inference.sh and
     WaveSpeed protocols. Needs the `api` extra and a key from `dreambatch keys create`."""
     try:
@@ -439,4 +547,3 @@ def api(host: Annotated[str, typer.Option(help="address to listen on")] = "127.0
         serve(get_settings(), host, port, ssl_certfile, ssl_keyfile)
     except ConfigError as exc:
         raise fail(str(exc)) from None
-

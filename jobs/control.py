@@ -53,8 +53,9 @@ def _held(store: RedisStore, job_id: str, items: list[ItemRecord]) -> Iterator[l
             store.release_lease(job_id, item.item_id, token)
 
 
-def _end_queued(services: Services, objects: ObjectStore, job: JobRecord, reason: str,
-                items: Iterable[ItemRecord]) -> list[str]:
+def _end_queued(
+    services: Services, objects: ObjectStore, job: JobRecord, reason: str, items: Iterable[ItemRecord]
+) -> list[str]:
     """End as cancelled the queued ones among `items`, as a worker ends an item (jobs.ending: record, move,
     webhook, finalize), each under its execution lease: a worker that starts one first wins, and that item
     is left to it. Returns the ids of the items ended here."""
@@ -62,8 +63,16 @@ def _end_queued(services: Services, objects: ObjectStore, job: JobRecord, reason
     queued = (item for item in items if item.status == ItemStatus.QUEUED)
     while batch := list(islice(queued, HOLD_BATCH)):
         with _held(services.store, job.job_id, batch) as still_queued:
-            ended += end_items(services.store, objects, job, still_queued, ItemStatus.CANCELLED, reason=reason,
-                               publish=services.notify, finalize=services.finalize)
+            ended += end_items(
+                services.store,
+                objects,
+                job,
+                still_queued,
+                ItemStatus.CANCELLED,
+                reason=reason,
+                publish=services.notify,
+                finalize=services.finalize,
+            )
     return ended
 
 
@@ -99,10 +108,20 @@ def retry_job(services: Services, job_id: str) -> list[str]:
     for item in store.items(job_id):
         if item.status != ItemStatus.FAILED or not item.params:
             continue
-        again = item.model_copy(update={
-            "status": ItemStatus.QUEUED, "error": None, "error_kind": None, "reason": None, "output": None,
-            "round": round_, "round_start_attempts": item.attempts, "enqueued_at": now, "updated_at": at,
-            "timings": Timings()})
+        again = item.model_copy(
+            update={
+                "status": ItemStatus.QUEUED,
+                "error": None,
+                "error_kind": None,
+                "reason": None,
+                "output": None,
+                "round": round_,
+                "round_start_attempts": item.attempts,
+                "enqueued_at": now,
+                "updated_at": at,
+                "timings": Timings(),
+            }
+        )
         if store.transition(again, ItemStatus.QUEUED).applied:
             ids.append(item.item_id)
     if not ids:
@@ -110,7 +129,7 @@ def retry_job(services: Services, job_id: str) -> list[str]:
     # 2. re-open the job (a new round of finalize), then 3. publish
     store.reopen_job(job_id, round_)
     for start in range(0, len(ids), batch):
-        services.publish(job, ids[start:start + batch])
+        services.publish(job, ids[start : start + batch])
     return ids
 
 
@@ -135,8 +154,13 @@ def resume_job(services: Services, job_id: str, *, output: str | None = None) ->
     return queued
 
 
-def expire_due(services: Services, *, now: float | None = None, scan: int = 1000,
-               on_expired: Callable[[str, list[str]], None] | None = None) -> dict[str, list[str]]:
+def expire_due(
+    services: Services,
+    *,
+    now: float | None = None,
+    scan: int = 1000,
+    on_expired: Callable[[str, list[str]], None] | None = None,
+) -> dict[str, list[str]]:
     """End, as cancelled with reason "expired", the never-started items of every recent unfinished job past
     its deadline. Returns {job_id: item ids}. Safe to run from several processes at once."""
     store = services.store

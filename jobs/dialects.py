@@ -36,8 +36,11 @@ ALIASES: dict[str, str] = {
     "enable_safety_checker": "safety_check",
 }
 NO_EFFECT = {"sync_mode"}  # kept as metadata
-E1_PROMPT = re.compile(r"^\s*editing instruction\s*:\s*(?P<instruction>.*?)\s*\.?\s*"
-                       r"target image description\s*:\s*(?P<description>.*?)\s*$", re.IGNORECASE | re.DOTALL)
+E1_PROMPT = re.compile(
+    r"^\s*editing instruction\s*:\s*(?P<instruction>.*?)\s*\.?\s*"
+    r"target image description\s*:\s*(?P<description>.*?)\s*$",
+    re.IGNORECASE | re.DOTALL,
+)
 TRUE = {"1", "true", "yes", "on"}
 
 

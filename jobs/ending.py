@@ -28,9 +28,18 @@ Publish = Callable[[list[Event]], None]
 AT_ONCE = 16  # items of one call ended side by side (each one's record write, then its move)
 
 
-def end_items(store: Store, objects: ObjectStore, job: JobRecord, items: Iterable[ItemRecord], status: ItemStatus,
-              *, publish: Publish, finalize: Callable[[str], None], failure: Failure | None = None,
-              reason: str | None = None) -> list[str]:
+def end_items(
+    store: Store,
+    objects: ObjectStore,
+    job: JobRecord,
+    items: Iterable[ItemRecord],
+    status: ItemStatus,
+    *,
+    publish: Publish,
+    finalize: Callable[[str], None],
+    failure: Failure | None = None,
+    reason: str | None = None,
+) -> list[str]:
     """End each of `items` (of `job`, whose record lives in `objects`) as `status`, with `failure` (why it has
     no output) or `reason` (why it was cancelled). Returns the ids of those this call ended."""
     at = now_iso()
@@ -51,20 +60,35 @@ def end_items(store: Store, objects: ObjectStore, job: JobRecord, items: Iterabl
     ended = [item for item, move in zip(items, moves, strict=True) if move.applied]
     # 3. the events of the items this call ended, together
     if job.webhook and ended:
-        announce(store, publish, [(job.job_id, i.item_id, item_event_id(job.job_id, i.item_id, status, i.round))
-                                  for i in ended])
+        announce(
+            store,
+            publish,
+            [(job.job_id, i.item_id, item_event_id(job.job_id, i.item_id, status, i.round)) for i in ended],
+        )
     # 4. the finalize, once
     if any(move.job_done for move in moves):
         finalize(job.job_id)
     return [i.item_id for i in ended]
 
 
-def end_item(store: Store, objects: ObjectStore, job: JobRecord, item: ItemRecord, status: ItemStatus,
-             *, publish: Publish, finalize: Callable[[str], None], failure: Failure | None = None,
-             reason: str | None = None) -> bool:
+def end_item(
+    store: Store,
+    objects: ObjectStore,
+    job: JobRecord,
+    item: ItemRecord,
+    status: ItemStatus,
+    *,
+    publish: Publish,
+    finalize: Callable[[str], None],
+    failure: Failure | None = None,
+    reason: str | None = None,
+) -> bool:
     """`end_items` for one item: whether this call ended it."""
-    return bool(end_items(store, objects, job, [item], status, publish=publish, finalize=finalize,
-                          failure=failure, reason=reason))
+    return bool(
+        end_items(
+            store, objects, job, [item], status, publish=publish, finalize=finalize, failure=failure, reason=reason
+        )
+    )
 
 
 def announce(store: Store, publish: Publish, events: list[Event]) -> None:

@@ -107,9 +107,13 @@ class Failure:
 
 # Records written before kinds were stored: the message began with the exception's class name.
 _KIND_OF_PREFIX = {
-    "invalid row": ErrorKind.INPUT, "InputError": ErrorKind.INPUT, "BlockedAddress": ErrorKind.INPUT,
-    "TransientError": ErrorKind.TRANSIENT, "ModelError": ErrorKind.MODEL,
-    "ConfigError": ErrorKind.CONFIG, "WeightsNotFound": ErrorKind.CONFIG,
+    "invalid row": ErrorKind.INPUT,
+    "InputError": ErrorKind.INPUT,
+    "BlockedAddress": ErrorKind.INPUT,
+    "TransientError": ErrorKind.TRANSIENT,
+    "ModelError": ErrorKind.MODEL,
+    "ConfigError": ErrorKind.CONFIG,
+    "WeightsNotFound": ErrorKind.CONFIG,
 }
 
 

@@ -41,8 +41,20 @@ def csv_rows(lines: Iterable[dict[str, Any]]) -> Iterator[str]:
     writer.writerow(CSV_HEADER)
     for line in lines:
         uris = " ".join(img.get("s3_uri") or "" for img in line["output"]["images"])
-        writer.writerow([csv_cell(v) for v in (line["id"], line["line"], line["status"], line["error"] or "",
-                                                line["seed"], uris, json.dumps(line["metadata"]))])
+        writer.writerow(
+            [
+                csv_cell(v)
+                for v in (
+                    line["id"],
+                    line["line"],
+                    line["status"],
+                    line["error"] or "",
+                    line["seed"],
+                    uris,
+                    json.dumps(line["metadata"]),
+                )
+            ]
+        )
         yield buf.getvalue()
         buf.seek(0)
         buf.truncate()

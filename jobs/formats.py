@@ -34,13 +34,28 @@ BY_SUFFIX = {s: f.name for f in TABLE for s in f.suffixes}  # .jpeg → jpeg
 BY_CONTENT_TYPE = {t: f.name for f in TABLE for t in (f.content_type, *f.also_types)}  # image/jpg → jpeg
 IMAGE_SUFFIXES = tuple(BY_SUFFIX)  # .png .jpg .jpeg .webp
 PIL_NAMES = {f.pil for f in TABLE}  # what Pillow may open an input as
-UNREAD_SUFFIXES = {".gif", ".bmp", ".tif", ".tiff", ".heic", ".heif", ".avif", ".svg", ".psd", ".ico", ".jxl",
-                   ".raw", ".cr2", ".nef", ".dng"}  # images, but in a format that is not read
+UNREAD_SUFFIXES = {
+    ".gif",
+    ".bmp",
+    ".tif",
+    ".tiff",
+    ".heic",
+    ".heif",
+    ".avif",
+    ".svg",
+    ".psd",
+    ".ico",
+    ".jxl",
+    ".raw",
+    ".cr2",
+    ".nef",
+    ".dng",
+}  # images, but in a format that is not read
 
 
 def sniff(data: bytes) -> str | None:
     """The format of a file from its first bytes (its magic number), or None when it is none of ours."""
     for f in TABLE:
-        if all(data[at:at + len(magic)] == magic for at, magic in f.signature):
+        if all(data[at : at + len(magic)] == magic for at, magic in f.signature):
             return f.name
     return None

@@ -22,8 +22,11 @@ from jobs.errors import InputError
 from jobs.formats import BY_CONTENT_TYPE, EXTENSIONS
 from jobs.storage import ObjectStore
 
-DATA_URI = re.compile(r"^data:(?P<type>" + "|".join(map(re.escape, BY_CONTENT_TYPE)) + r");base64,"
-                      r"(?P<data>[A-Za-z0-9+/=\s]+)$", re.I)
+DATA_URI = re.compile(
+    r"^data:(?P<type>" + "|".join(map(re.escape, BY_CONTENT_TYPE)) + r");base64,"
+    r"(?P<data>[A-Za-z0-9+/=\s]+)$",
+    re.I,
+)
 EXT_FOR_TYPE = {t: f".{EXTENSIONS[name]}" for t, name in BY_CONTENT_TYPE.items()}  # image/jpg → .jpg
 
 
@@ -99,8 +102,9 @@ def stage(ref: str, objects: ObjectStore, job_id: str, item_id: str, max_bytes: 
     kind = kind_of(ref)
     if kind == "local":
         path = Path(ref)
-        return records.write_input(objects, job_id, item_id, path.suffix.lower(), path.read_bytes(),
-                                   "application/octet-stream")
+        return records.write_input(
+            objects, job_id, item_id, path.suffix.lower(), path.read_bytes(), "application/octet-stream"
+        )
     if kind == "data":
         data, content_type = decode_data_uri(ref, max_bytes)
         return records.write_input(objects, job_id, item_id, EXT_FOR_TYPE[content_type], data, content_type)

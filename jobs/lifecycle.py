@@ -48,9 +48,7 @@ TERMINAL_JOB = frozenset({JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCE
 
 ITEM_TRANSITIONS: dict[ItemStatus, frozenset[ItemStatus]] = {
     ItemStatus.QUEUED: frozenset({ItemStatus.RUNNING, ItemStatus.FAILED, ItemStatus.CANCELLED}),
-    ItemStatus.RUNNING: frozenset(
-        {ItemStatus.RUNNING, ItemStatus.COMPLETED, ItemStatus.FAILED, ItemStatus.CANCELLED}
-    ),
+    ItemStatus.RUNNING: frozenset({ItemStatus.RUNNING, ItemStatus.COMPLETED, ItemStatus.FAILED, ItemStatus.CANCELLED}),
     ItemStatus.COMPLETED: frozenset(),
     ItemStatus.FAILED: frozenset({ItemStatus.QUEUED}),
     ItemStatus.CANCELLED: frozenset(),

@@ -215,9 +215,17 @@ class RowChecker:
 
     def check_defaults(self) -> list[Issue]:
         """Problems with `--set` values, reported once as `defaults: field: …`."""
-        unknown = [Issue(0, k, "not a field of this model" + (f"; did you mean {guess!r}?" if (
-                       guess := did_you_mean(k, self.fields - {"id"})) else ""), v)
-                   for k, v in self.defaults.items() if k not in self.fields or k == "id"]
+        unknown = [
+            Issue(
+                0,
+                k,
+                "not a field of this model"
+                + (f"; did you mean {guess!r}?" if (guess := did_you_mean(k, self.fields - {"id"})) else ""),
+                v,
+            )
+            for k, v in self.defaults.items()
+            if k not in self.fields or k == "id"
+        ]
         if unknown:
             return unknown
         probe = {**self._required_placeholders(), **self.spec.defaults, **self.defaults}
@@ -234,8 +242,13 @@ class RowChecker:
         try:
             values = dialects.normalize(raw.values, self.spec.kind)
         except dialects.DialectConflict as exc:
-            return CheckedRow(raw.line, str(raw.values.get("id", raw.line)), None, {},
-                              [Issue(raw.line, exc.field, exc.message, exc.value)])
+            return CheckedRow(
+                raw.line,
+                str(raw.values.get("id", raw.line)),
+                None,
+                {},
+                [Issue(raw.line, exc.field, exc.message, exc.value)],
+            )
         known = {k: v for k, v in values.items() if k in self.fields}
         metadata = {k: v for k, v in values.items() if k not in self.fields}
         merged = {**self.spec.defaults, **self.defaults, **known}
@@ -264,15 +277,28 @@ class RowChecker:
         if edit_columns:
             edit_models = " or ".join(m for m, spec in MODELS.items() if spec.kind == "edit")
             also = f" (so is {' and '.join(edit_columns[1:])})" if edit_columns[1:] else ""
-            issues.append(Issue(line, edit_columns[0], f"an edit column{also}, and {self.spec.name} generates images: "
-                                                       "this looks like an edit manifest, so use an edit model "
-                                                       f"(--model {edit_models})"))
+            issues.append(
+                Issue(
+                    line,
+                    edit_columns[0],
+                    f"an edit column{also}, and {self.spec.name} generates images: "
+                    "this looks like an edit manifest, so use an edit model "
+                    f"(--model {edit_models})",
+                )
+            )
         for name, value in extra.items():
             if name in edit_columns:
                 continue
             if name not in dialects.NO_EFFECT and (guess := did_you_mean(name, self.spellings)):
-                issues.append(Issue(line, name, f"not a field; did you mean {guess!r}? (rename the column; columns "
-                                                "that are not fields are kept as metadata)", value))
+                issues.append(
+                    Issue(
+                        line,
+                        name,
+                        f"not a field; did you mean {guess!r}? (rename the column; columns "
+                        "that are not fields are kept as metadata)",
+                        value,
+                    )
+                )
         return issues
 
     def _check_unique(self, line: int, item_id: str, explicit: bool) -> list[Issue]:
@@ -288,8 +314,10 @@ class RowChecker:
         w, h = rendered_size(params["width"], params["height"], self.spec.base_size)
         notes = []
         if (w, h) != (params["width"], params["height"]):
-            notes.append(f"line {line}: width/height: {params['width']}x{params['height']} "
-                         f"renders as {w}x{h} (HiDream renders ~{self.spec.base_size}² px, sides multiple of 16)")
+            notes.append(
+                f"line {line}: width/height: {params['width']}x{params['height']} "
+                f"renders as {w}x{h} (HiDream renders ~{self.spec.base_size}² px, sides multiple of 16)"
+            )
         params["requested_size"] = [params["width"], params["height"]]
         params["width"], params["height"] = w, h
         return notes
@@ -326,8 +354,9 @@ def input_policy(path: Path, settings: Settings | None = None) -> InputPolicy:
     return InputPolicy(path.resolve().parent, tuple(Path(r) for r in settings.roots()), settings.inputs.max_bytes)
 
 
-def validate_manifest(path: Path, model: str, defaults: dict[str, Any] | None = None,
-                      inputs: InputPolicy | None = None) -> CheckReport:
+def validate_manifest(
+    path: Path, model: str, defaults: dict[str, Any] | None = None, inputs: InputPolicy | None = None
+) -> CheckReport:
     """Check a whole manifest; collects every issue (rows themselves are not kept)."""
     checker = RowChecker(model, defaults, inputs or input_policy(path))
     report = CheckReport(issues=checker.check_defaults())

@@ -58,12 +58,24 @@ def overview(store: RedisStore, recent: int = RECENT_JOBS) -> Overview:
         job_counts[job.status] = job_counts.get(job.status, 0) + 1
         for status in items:
             items[status] += job.counts.get(status, 0)
-        jobs.append({"job_id": job.job_id, "model": job.model, "status": job.status, "priority": job.priority,
-                     "total": job.total, "counts": job.counts, "cancel_requested": job.cancel_requested,
-                     "submit_aborted": job.submit_aborted,
-                     "round": job.round, "created_at": job.created_at, "finished_at": job.finished_at})
-    return Overview(at=time.time(), queues=queues, workers=store.workers(), jobs=jobs, items=items,
-                    job_counts=job_counts)
+        jobs.append(
+            {
+                "job_id": job.job_id,
+                "model": job.model,
+                "status": job.status,
+                "priority": job.priority,
+                "total": job.total,
+                "counts": job.counts,
+                "cancel_requested": job.cancel_requested,
+                "submit_aborted": job.submit_aborted,
+                "round": job.round,
+                "created_at": job.created_at,
+                "finished_at": job.finished_at,
+            }
+        )
+    return Overview(
+        at=time.time(), queues=queues, workers=store.workers(), jobs=jobs, items=items, job_counts=job_counts
+    )
 
 
 def unserved(workers: list[dict[str, Any]], model: str) -> list[str]:
@@ -79,8 +91,10 @@ def no_worker_warning(workers: list[dict[str, Any]], model: str) -> str | None:
     if not missing:
         return None
     start = {keys.gpu_queue(model): f"dreambatch worker --model {model}", keys.IO_QUEUE: "dreambatch worker --io"}
-    return (f"no live worker serves {' or '.join(missing)} (none has a current heartbeat), so the job waits until "
-            f"one starts: {'; '.join(start[q] for q in missing)}")
+    return (
+        f"no live worker serves {' or '.join(missing)} (none has a current heartbeat), so the job waits until "
+        f"one starts: {'; '.join(start[q] for q in missing)}"
+    )
 
 
 class ControlPlaneCollector:
@@ -89,17 +103,18 @@ class ControlPlaneCollector:
 
     def collect(self):
         view = overview(self.store, self.recent)
-        depth = GaugeMetricFamily("dreambatch_queue_depth", "messages waiting in a queue, by priority",
-                                  labels=["queue", "priority"])
+        depth = GaugeMetricFamily(
+            "dreambatch_queue_depth", "messages waiting in a queue, by priority", labels=["queue", "priority"]
+        )
         for queue, by_pri in view.queues.items():
             for pri, n in by_pri.items():
                 depth.add_metric([queue, pri], n)
-        items = GaugeMetricFamily("dreambatch_items", f"items of the {self.recent} most recent jobs, by status",
-                                  labels=["status"])
+        items = GaugeMetricFamily(
+            "dreambatch_items", f"items of the {self.recent} most recent jobs, by status", labels=["status"]
+        )
         for status, n in view.items.items():
             items.add_metric([status], n)
-        jobs = GaugeMetricFamily("dreambatch_jobs", f"the {self.recent} most recent jobs, by status",
-                                 labels=["status"])
+        jobs = GaugeMetricFamily("dreambatch_jobs", f"the {self.recent} most recent jobs, by status", labels=["status"])
         for status, n in view.job_counts.items():
             jobs.add_metric([status], n)
         workers = GaugeMetricFamily("dreambatch_workers", "workers with a current heartbeat", labels=["queue"])
@@ -108,8 +123,9 @@ class ControlPlaneCollector:
             by_queue[w["queue"]] = by_queue.get(w["queue"], 0) + 1
         for queue, n in by_queue.items():
             workers.add_metric([queue], n)
-        active = GaugeMetricFamily("dreambatch_worker_active_items", "items a live worker is running",
-                                   labels=["worker"])
+        active = GaugeMetricFamily(
+            "dreambatch_worker_active_items", "items a live worker is running", labels=["worker"]
+        )
         for w in view.workers:
             active.add_metric([w["name"]], len(w.get("active", [])))
         yield from (depth, items, jobs, workers, active)

@@ -43,28 +43,50 @@ class ModelSpec:
 # ../shared/parity/ holds the outputs those scripts produce; tests/test_parity.py holds us to them.
 MODELS: dict[str, ModelSpec] = {
     "i1-full": ModelSpec(
-        "i1-full", "HiDream-ai/HiDream-I1-Full", "generate",
+        "i1-full",
+        "HiDream-ai/HiDream-I1-Full",
+        "generate",
         {"steps": 50, "guidance_scale": 5.0, "shift": 3.0, "scheduler": "flow_unipc"},
     ),
     "i1-dev": ModelSpec(
-        "i1-dev", "HiDream-ai/HiDream-I1-Dev", "generate",
+        "i1-dev",
+        "HiDream-ai/HiDream-I1-Dev",
+        "generate",
         {"steps": 28, "guidance_scale": 0.0, "shift": 6.0, "scheduler": "flash_flow"},
     ),
     "i1-fast": ModelSpec(
-        "i1-fast", "HiDream-ai/HiDream-I1-Fast", "generate",
+        "i1-fast",
+        "HiDream-ai/HiDream-I1-Fast",
+        "generate",
         {"steps": 16, "guidance_scale": 0.0, "shift": 3.0, "scheduler": "flash_flow"},
     ),
     # E1.1: direct instructions, dynamic resolution around 1 MP (sides multiple of 16)
     "e1-1": ModelSpec(
-        "e1-1", "HiDream-ai/HiDream-E1-1", "edit",
-        {"steps": 28, "guidance_scale": 3.0, "image_guidance_scale": 1.5, "refine_strength": 0.3,
-         "negative_prompt": "low quality, blurry, distorted", "clip_cfg_norm": True},
+        "e1-1",
+        "HiDream-ai/HiDream-E1-1",
+        "edit",
+        {
+            "steps": 28,
+            "guidance_scale": 3.0,
+            "image_guidance_scale": 1.5,
+            "refine_strength": 0.3,
+            "negative_prompt": "low quality, blurry, distorted",
+            "clip_cfg_norm": True,
+        },
     ),
     # E1-Full: 768×768, "Editing Instruction: …. Target Image Description: …" prompts; LoRA on I1-Full
     "e1-full": ModelSpec(
-        "e1-full", "HiDream-ai/HiDream-E1-Full", "edit",
-        {"steps": 28, "guidance_scale": 5.0, "image_guidance_scale": 4.0, "refine_strength": 0.3,
-         "negative_prompt": "low resolution, blur", "clip_cfg_norm": True},
+        "e1-full",
+        "HiDream-ai/HiDream-E1-Full",
+        "edit",
+        {
+            "steps": 28,
+            "guidance_scale": 5.0,
+            "image_guidance_scale": 4.0,
+            "refine_strength": 0.3,
+            "negative_prompt": "low resolution, blur",
+            "clip_cfg_norm": True,
+        },
         base_size=768,
     ),
 }
@@ -86,11 +108,17 @@ class CommonParams(BaseModel):
     num_images: int = Field(1, ge=1, le=8)
     output_format: OutputFormat = "png"
     output_quality: int = Field(95, ge=1, le=100)
-    output_key: str | None = Field(None, pattern=OUTPUT_KEY_PATTERN,
-                                   description="object key under the job's output, e.g. shoes/123.jpg (mirrors a "
-                                               "catalog layout); its extension must match output_format")
-    safety_check: bool | None = Field(None, description="run the worker's safety checker on the outputs; None: "
-                                                        "whenever the worker has one (worker/safety.py)")
+    output_key: str | None = Field(
+        None,
+        pattern=OUTPUT_KEY_PATTERN,
+        description="object key under the job's output, e.g. shoes/123.jpg (mirrors a "
+        "catalog layout); its extension must match output_format",
+    )
+    safety_check: bool | None = Field(
+        None,
+        description="run the worker's safety checker on the outputs; None: "
+        "whenever the worker has one (worker/safety.py)",
+    )
 
     @field_validator("output_format", mode="before")
     @classmethod
@@ -106,8 +134,10 @@ class CommonParams(BaseModel):
             if any(part in ("", ".", "..") for part in key.split("/")):
                 raise ValueError(f"output_key {key!r}: no empty, '.' or '..' path segments")
             if not key.lower().endswith(SUFFIXES[self.output_format]):
-                raise ValueError(f"output_key {key!r} must end with {' or '.join(SUFFIXES[self.output_format])} "
-                                 f"(output_format is {self.output_format})")
+                raise ValueError(
+                    f"output_key {key!r} must end with {' or '.join(SUFFIXES[self.output_format])} "
+                    f"(output_format is {self.output_format})"
+                )
         return self
 
 
@@ -119,8 +149,11 @@ class GenerateRow(CommonParams):
     height: int = Field(1024, ge=64, le=4096)
     shift: float = Field(3.0, gt=0.0, le=100.0)
     scheduler: SchedulerName = "flash_flow"
-    exact_size: bool = Field(False, description="return exactly width x height: render at the nearest size HiDream "
-                                                "supports (~1 MP, same aspect), then resize to the size asked for")
+    exact_size: bool = Field(
+        False,
+        description="return exactly width x height: render at the nearest size HiDream "
+        "supports (~1 MP, same aspect), then resize to the size asked for",
+    )
 
 
 SIZE_PATTERN = r"^(same|\d{2,5}x\d{2,5})$"
@@ -133,8 +166,12 @@ RESOLUTION_PATTERN = r"^(0\.5K|1K|2K|4K|0\.25|0\.5|1|2|4)$"
 class EditRow(CommonParams):
     """A HiDream-E1 edit row: an input image and what to change."""
 
-    image: str = Field(..., min_length=1, max_length=8 * 1024 * 1024,
-                       description="local path, s3://bucket/key, https:// URL or data: URI")
+    image: str = Field(
+        ...,
+        min_length=1,
+        max_length=8 * 1024 * 1024,
+        description="local path, s3://bucket/key, https:// URL or data: URI",
+    )
     instruction: str = Field("", max_length=4000)
     target_description: str = Field("", max_length=4000)
     prompt: str = Field("", max_length=8000, description="a full prompt, used instead of instruction + description")
@@ -145,7 +182,8 @@ class EditRow(CommonParams):
     aspect_ratio: str | None = Field(None, pattern=RATIO_PATTERN)
     resolution: str | None = Field(None, pattern=RESOLUTION_PATTERN, description="0.5K/1K/2K/4K or megapixels")
     geometry: Literal["pad", "crop", "stretch"] = Field(
-        "pad", description="how the input fits the model canvas and the output shape: pad keeps proportions")
+        "pad", description="how the input fits the model canvas and the output shape: pad keeps proportions"
+    )
     response_format: Literal["url", "b64_json"] = "url"
 
     @field_validator("size")

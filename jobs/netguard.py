@@ -22,11 +22,15 @@ from jobs.errors import InputError, TransientError
 Resolver = Callable[[str, int], list[str]]  # (host, port) → IP address strings
 IP = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-EXTRA_BLOCKED = [ipaddress.ip_network(n) for n in (
-    "100.64.0.0/10",  # carrier-grade NAT
-    "192.0.0.0/24", "198.18.0.0/15",  # IETF protocol assignments, benchmarking
-    "fd00:ec2::/32",  # AWS IPv6 metadata
-)]
+EXTRA_BLOCKED = [
+    ipaddress.ip_network(n)
+    for n in (
+        "100.64.0.0/10",  # carrier-grade NAT
+        "192.0.0.0/24",
+        "198.18.0.0/15",  # IETF protocol assignments, benchmarking
+        "fd00:ec2::/32",  # AWS IPv6 metadata
+    )
+]
 
 
 class BlockedAddress(InputError):
@@ -99,7 +103,8 @@ def check_url(url: str, policy: Policy, *, schemes: tuple[str, ...] = ("https", 
         if not (named or policy.allows(ip) or is_public(ip)):
             raise BlockedAddress(
                 f"{url!r}: {host} resolves to {ip}, a private/loopback/link-local/reserved address; "
-                "allow it with DREAMBATCH_ALLOW_PRIVATE_HOSTS if it is yours")
+                "allow it with DREAMBATCH_ALLOW_PRIVATE_HOSTS if it is yours"
+            )
     return host, port, str(addresses[0])
 
 
@@ -164,8 +169,7 @@ def head(url: str, policy: Policy, *, timeout: float, max_redirects: int = 5, cl
             client.close()
 
 
-def fetch(url: str, policy: Policy, *, max_bytes: int, timeout: float, max_redirects: int = 5,
-          client=None) -> bytes:
+def fetch(url: str, policy: Policy, *, max_bytes: int, timeout: float, max_redirects: int = 5, client=None) -> bytes:
     """GET a URL with every hop checked, at most `max_bytes`, within `timeout` seconds in all."""
     import time
 

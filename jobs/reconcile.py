@@ -46,15 +46,29 @@ class ReconcileReport:
 def _item(job: JobRecord, row: dict[str, Any], result: dict[str, Any] | None) -> ItemRecord:
     item_id = str(row["id"])
     params = row.get("params") or {}
-    base = dict(job_id=job.job_id, item_id=item_id, line=int(row["line"]), params=params,
-                metadata=row.get("metadata") or {}, created_at=job.created_at, updated_at=job.updated_at)
+    base = dict(
+        job_id=job.job_id,
+        item_id=item_id,
+        line=int(row["line"]),
+        params=params,
+        metadata=row.get("metadata") or {},
+        created_at=job.created_at,
+        updated_at=job.updated_at,
+    )
     if result is not None and ItemStatus(result["status"]).terminal:
         output = result.get("output")
-        return ItemRecord(**base, status=result["status"], seed=result.get("seed"), error=result.get("error"),
-                          error_kind=result.get("error_kind"), reason=result.get("reason"),
-                          model_revision=result.get("model_revision"), attempts=int(result.get("attempts") or 0),
-                          output=ItemOutput.model_validate(output) if output and output.get("images") else None,
-                          timings=Timings.model_validate(result.get("timings") or {}))
+        return ItemRecord(
+            **base,
+            status=result["status"],
+            seed=result.get("seed"),
+            error=result.get("error"),
+            error_kind=result.get("error_kind"),
+            reason=result.get("reason"),
+            model_revision=result.get("model_revision"),
+            attempts=int(result.get("attempts") or 0),
+            output=ItemOutput.model_validate(output) if output and output.get("images") else None,
+            timings=Timings.model_validate(result.get("timings") or {}),
+        )
     if row.get("error") and not params:  # rejected at submit (--skip-invalid)
         return ItemRecord(**base, status=ItemStatus.FAILED, error=row["error"], error_kind=ErrorKind.INPUT)
     return ItemRecord(**base, seed=params.get("seed"))
@@ -74,8 +88,9 @@ def reconcile(
     if job is None:
         raise JobNotFound(f"no job.json for job {job_id!r} under {getattr(objects, 'location', '?')}")
     if job.submitting:
-        raise JobNotFound(f"job {job_id!r} never finished its submission (nothing of it was queued); "
-                          f"submit the manifest again")
+        raise JobNotFound(
+            f"job {job_id!r} never finished its submission (nothing of it was queued); submit the manifest again"
+        )
     rows = records.read_rows(objects, job_id)
     if rows is None:
         raise JobNotFound(f"no rows.jsonl for job {job_id!r} under {getattr(objects, 'location', '?')}")
@@ -87,13 +102,20 @@ def reconcile(
     recreated = live is None
     finalize_now = False
     if recreated:
-        fresh = job.model_copy(update={"total": len(items), "counts": {}, "status": JobStatus.QUEUED,
-                                       "finished_at": None, "results_uri": None})
+        fresh = job.model_copy(
+            update={
+                "total": len(items),
+                "counts": {},
+                "status": JobStatus.QUEUED,
+                "finished_at": None,
+                "results_uri": None,
+            }
+        )
         store.create_job(fresh)
         if job.cancel_requested:  # `cancel JOB` was asked before Redis lost it: workers still stop its items
             store.request_cancel(job_id, job.updated_at)
         for start in range(0, len(items), batch):
-            store.add_items(items[start:start + batch])
+            store.add_items(items[start : start + batch])
         to_queue = [i.item_id for i in items if i.status == ItemStatus.QUEUED]
     else:
         to_queue = []
@@ -116,7 +138,7 @@ def reconcile(
             store.add_items(missing)
 
     for start in range(0, len(to_queue), batch):
-        dispatch(to_queue[start:start + batch])
+        dispatch(to_queue[start : start + batch])
 
     ended = sum(1 for i in items if i.status.terminal)
     restored = False
@@ -130,8 +152,15 @@ def reconcile(
             finalize_now = True
     if finalize_now:
         finalize(job_id)
-    return ReconcileReport(job_id=job_id, total=len(items), ended=ended, requeued=len(to_queue),
-                           recreated=recreated, finalized=finalize_now, restored_terminal=restored)
+    return ReconcileReport(
+        job_id=job_id,
+        total=len(items),
+        ended=ended,
+        requeued=len(to_queue),
+        recreated=recreated,
+        finalized=finalize_now,
+        restored_terminal=restored,
+    )
 
 
 def sweep(

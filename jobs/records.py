@@ -50,8 +50,11 @@ def read_job(store: ObjectStore, job_id: str) -> JobRecord | None:
 
 # --- the _open marker -------------------------------------------------------------------------
 def mark_open(store: ObjectStore, job: JobRecord) -> str:
-    return store.put(keys.S3_OPEN_JOB.format(prefix="", job_id=job.job_id),
-                     json.dumps({"job_id": job.job_id, "created_at": job.created_at}).encode(), JSON)
+    return store.put(
+        keys.S3_OPEN_JOB.format(prefix="", job_id=job.job_id),
+        json.dumps({"job_id": job.job_id, "created_at": job.created_at}).encode(),
+        JSON,
+    )
 
 
 def mark_ended(store: ObjectStore, job_id: str) -> None:
@@ -98,7 +101,7 @@ def read_item_results(store: ObjectStore, job_id: str) -> dict[str, dict[str, An
     prefix = keys.S3_ITEMS.format(prefix="", job_id=job_id)
     found: dict[str, dict[str, Any]] = {}
     for key in store.keys(prefix):
-        name = key[len(prefix):]
+        name = key[len(prefix) :]
         if "/" in name or not name.endswith(".json"):
             continue
         data = store.get(key)

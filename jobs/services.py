@@ -36,11 +36,17 @@ from jobs.store import RedisStore, ScheduleState, Store, redis_client
 
 
 class Services:
-    def __init__(self, settings: Settings, *, store: Store | None = None,
-                 objects: Callable[[str], ObjectStore] | None = None, celery: Celery | None = None,
-                 publish: Callable[[JobRecord, list[str]], None] | None = None,
-                 notify: Callable[[list[Event]], None] | None = None,
-                 finalize: Callable[[str], None] | None = None):
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        store: Store | None = None,
+        objects: Callable[[str], ObjectStore] | None = None,
+        celery: Celery | None = None,
+        publish: Callable[[JobRecord, list[str]], None] | None = None,
+        notify: Callable[[list[Event]], None] | None = None,
+        finalize: Callable[[str], None] | None = None,
+    ):
         self.settings = settings
         self._lock = threading.RLock()
         self._clients: dict[float, Any] = {}  # retry window (s) → Redis client
@@ -57,8 +63,10 @@ class Services:
         """Where a job (or an upload) is written: `given`, else DREAMBATCH_OUTPUT; a ConfigError when neither."""
         location = given or self.settings.output
         if not location:
-            raise ConfigError("no output location: give one, or set DREAMBATCH_OUTPUT (s3://bucket/prefix or a "
-                              "folder the workers share)")
+            raise ConfigError(
+                "no output location: give one, or set DREAMBATCH_OUTPUT (s3://bucket/prefix or a "
+                "folder the workers share)"
+            )
         return location
 
     # --- clients ----------------------------------------------------------------------------------

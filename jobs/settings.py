@@ -43,7 +43,8 @@ class CelerySettings(BaseModel):
         if self.visibility_timeout <= self.task_time_limit:
             raise ValueError(
                 f"visibility_timeout ({self.visibility_timeout}s) must exceed task_time_limit "
-                f"({self.task_time_limit}s), or a running item is delivered a second time")
+                f"({self.task_time_limit}s), or a running item is delivered a second time"
+            )
         return self
 
 
@@ -52,8 +53,10 @@ class S3Settings(BaseModel):
     region: str | None = None
     presign_expires: int = Field(0, description="seconds; >0 adds presigned HTTPS URLs to results")
     public_endpoint_url: str | None = Field(
-        None, description="the S3 endpoint presigned links name, as clients reach it (compose: http://127.0.0.1:9000, "
-                          "where workers use http://minio:9000); default: the endpoint dreambatch uses")
+        None,
+        description="the S3 endpoint presigned links name, as clients reach it (compose: http://127.0.0.1:9000, "
+        "where workers use http://minio:9000); default: the endpoint dreambatch uses",
+    )
     connect_timeout: float = 5.0
     read_timeout: float = 60.0
     max_attempts: int = 5
@@ -74,17 +77,24 @@ class InputSettings(BaseModel):
 
 
 class ApiSettings(BaseModel):
-    wait_timeout: float = Field(600.0, description="s a waiting request (/v1/images, fal's run, WaveSpeed's sync "
-                                                   "mode) waits for its job; shortened to end before the client's "
-                                                   "own read timeout when it sends one")
+    wait_timeout: float = Field(
+        600.0,
+        description="s a waiting request (/v1/images, fal's run, WaveSpeed's sync "
+        "mode) waits for its job; shortened to end before the client's "
+        "own read timeout when it sends one",
+    )
     url_expires: int = Field(3600, description="s a presigned (or served) image URL in a response stays valid")
     max_upload_bytes: int = Field(50 * 2**20, description="largest uploaded manifest or image (vendor uploads too)")
     max_json_rows: int = Field(10_000, description="rows in one JSON POST /v1/jobs body; upload a file for more")
     public_url: str | None = Field(None, description="base URL clients reach the API at (default: the request's)")
     url_secret: str | None = Field(None, description="signs served image URLs; random per process when unset")
-    retry_window: float = Field(30.0, ge=0, description="s within which the same request body from the same key "
-                                                       "attaches to the job it made (clients that retry a POST "
-                                                       "without marking it); 0 = off")
+    retry_window: float = Field(
+        30.0,
+        ge=0,
+        description="s within which the same request body from the same key "
+        "attaches to the job it made (clients that retry a POST "
+        "without marking it); 0 = off",
+    )
     ssl_certfile: str | None = Field(None, description="serve HTTPS with this certificate (PEM); with ssl_keyfile")
     ssl_keyfile: str | None = Field(None, description="the certificate's private key (PEM)")
 
@@ -92,11 +102,16 @@ class ApiSettings(BaseModel):
 class SafetySettings(BaseModel):
     """The safety checker workers run on outputs (worker/safety.py)."""
 
-    checker: str = Field("off", description="off, tiny (random weights, for tests), or a local folder (or a hub id "
-                                            "in the local cache) laid out as CompVis/stable-diffusion-safety-checker")
+    checker: str = Field(
+        "off",
+        description="off, tiny (random weights, for tests), or a local folder (or a hub id "
+        "in the local cache) laid out as CompVis/stable-diffusion-safety-checker",
+    )
     action: Literal["flag", "black"] = Field(
-        "flag", description="flag: report flagged images and keep them; black: also replace them with black images "
-                            "(as diffusers' pipelines do)")
+        "flag",
+        description="flag: report flagged images and keep them; black: also replace them with black images "
+        "(as diffusers' pipelines do)",
+    )
     device: str | None = Field(None, description="where the checker runs (default: the worker's --device)")
 
 
@@ -107,13 +122,20 @@ class CatalogSettings(BaseModel):
     beat_lock_ttl: float = Field(30.0, description="s a beat keeps the lock without renewing it")
     max_objects: int = Field(1_000_000, description="objects one prefix scan may list")
     max_manifest_bytes: int = Field(256 * 2**20, description="largest manifest a schedule downloads")
-    run_lock_ttl: float = Field(60.0, ge=1, description="s a schedule's run lock outlives its holder; renewed "
-                                                        "every third of it while the run goes")
+    run_lock_ttl: float = Field(
+        60.0,
+        ge=1,
+        description="s a schedule's run lock outlives its holder; renewed every third of it while the run goes",
+    )
     run_retries: int = Field(10, ge=0, description="retries of a fired run that failed for a transient reason")
     run_retry_base: float = Field(30.0, gt=0, description="s before the first retry of a fired run; doubles")
     run_retry_max: float = Field(600.0, gt=0, description="longest wait between two retries of a fired run")
-    max_failures: int = Field(3, ge=0, description="runs in a row an image may fail with the same fingerprint "
-                                                   "before its schedule skips it; 0 = never skip")
+    max_failures: int = Field(
+        3,
+        ge=0,
+        description="runs in a row an image may fail with the same fingerprint "
+        "before its schedule skips it; 0 = never skip",
+    )
 
 
 class RunnerSettings(BaseModel):
@@ -121,35 +143,45 @@ class RunnerSettings(BaseModel):
     its weights folder does not hold are found (a folder, or a hub id in the local cache)."""
 
     i1_full: str | None = Field(
-        None, description="HiDream-I1-Full: E1-Full's base transformer and both E1 models' VAE, text encoders and "
-                          "scheduler (default: the E1 folder's refine/, then the hub cache)")
+        None,
+        description="HiDream-I1-Full: E1-Full's base transformer and both E1 models' VAE, text encoders and "
+        "scheduler (default: the E1 folder's refine/, then the hub cache)",
+    )
     llama: str | None = Field(
-        None, description="Llama 3.1 8B Instruct, text encoder 4 (default: the pipeline folder's text_encoder_4/, "
-                          "then the hub cache under meta-llama/Llama-3.1-8B-Instruct or Meta-Llama-3.1-8B-Instruct)")
+        None,
+        description="Llama 3.1 8B Instruct, text encoder 4 (default: the pipeline folder's text_encoder_4/, "
+        "then the hub cache under meta-llama/Llama-3.1-8B-Instruct or Meta-Llama-3.1-8B-Instruct)",
+    )
 
     moe: Literal["auto", "grouped", "dense", "off"] = Field(
-        "auto", description="expert routing: grouped/dense are sync-free; off = diffusers'; auto picks per device")
+        "auto", description="expert routing: grouped/dense are sync-free; off = diffusers'; auto picks per device"
+    )
     prompt_cache_mb: int = Field(1024, ge=0, description="encoded prompts kept per worker, MiB; 0 = off")
-    memory_plan: Literal["auto", "resident", "text-cpu", "text-stream", "int8", "stream",
-                         "int8-stream"] = Field(
-        "auto", description="what lives on the GPU, what in CPU memory, what in int8 (docs/memory.md); auto: the "
-                            "fastest plan that fits the card's free memory (on a CPU device: resident)")
+    memory_plan: Literal["auto", "resident", "text-cpu", "text-stream", "int8", "stream", "int8-stream"] = Field(
+        "auto",
+        description="what lives on the GPU, what in CPU memory, what in int8 (docs/memory.md); auto: the "
+        "fastest plan that fits the card's free memory (on a CPU device: resident)",
+    )
     text_encoders: Literal["auto", "device", "cpu"] = Field(
-        "auto", description="older spelling of memory_plan, used while memory_plan is auto: cpu = text-cpu, "
-                            "device = resident")
+        "auto",
+        description="older spelling of memory_plan, used while memory_plan is auto: cpu = text-cpu, device = resident",
+    )
     batch_max: int = Field(1, ge=0, description="most I1 items denoised together; 1 = off, 0 = from free GPU memory")
     batch_window_ms: float = Field(20.0, ge=0, description="how long a batch waits for more items to arrive")
     fold_padding: bool = Field(True, description="non-square latents: one token stands for the padding")
     compile: Literal["off", "inductor", "cudagraphs", "aot_eager", "eager"] = Field(
-        "off", description="torch.compile each transformer block with this backend (one graph per block when "
-                           "the expert routing is sync-free); the first items pay the compile time")
+        "off",
+        description="torch.compile each transformer block with this backend (one graph per block when "
+        "the expert routing is sync-free); the first items pay the compile time",
+    )
 
     @model_validator(mode="after")
     def _one_memory_setting(self) -> RunnerSettings:
         if self.memory_plan != "auto" and self.text_encoders != "auto":
             raise ValueError(
                 f"runner.text_encoders={self.text_encoders!r} and runner.memory_plan={self.memory_plan!r} are both "
-                "set; set memory_plan alone (text_encoders=cpu is memory_plan=text-cpu, device is resident)")
+                "set; set memory_plan alone (text_encoders=cpu is memory_plan=text-cpu, device is resident)"
+            )
         return self
 
     def effective_memory_plan(self) -> str:
@@ -165,13 +197,19 @@ class Settings(BaseSettings):
 
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_retry_s: float = Field(120.0, description="s a Redis call or a publish keeps retrying while Redis is down")
-    redis_wait_s: float = Field(3.0, ge=0, description="s a command a person runs (status, submit, keys…) waits for "
-                                                       "Redis to answer before it says it cannot reach it")
+    redis_wait_s: float = Field(
+        3.0,
+        ge=0,
+        description="s a command a person runs (status, submit, keys…) waits for "
+        "Redis to answer before it says it cannot reach it",
+    )
     reconcile_locations: str = Field(
-        "", description="output locations (comma-separated) swept for lost jobs, besides DREAMBATCH_OUTPUT")
+        "", description="output locations (comma-separated) swept for lost jobs, besides DREAMBATCH_OUTPUT"
+    )
     output: str | None = Field(None, description="default output location, s3://bucket/prefix")
     webhook_secret: str | None = Field(
-        None, description="whsec_… secret that signs webhooks; several (space or comma separated) while rotating keys")
+        None, description="whsec_… secret that signs webhooks; several (space or comma separated) while rotating keys"
+    )
     input_roots: str = Field("", description="extra folders (comma-separated) local input paths may come from")
     allow_private_hosts: str = Field("", description="hosts or CIDRs (comma-separated) URLs may reach though private")
     inputs: InputSettings = InputSettings()
@@ -188,7 +226,8 @@ class Settings(BaseSettings):
         if self.webhooks.backoff_max >= self.celery.visibility_timeout:
             raise ValueError(
                 f"webhooks.backoff_max ({self.webhooks.backoff_max}s) must stay below celery.visibility_timeout "
-                f"({self.celery.visibility_timeout}s): a retry waiting longer is delivered twice")
+                f"({self.celery.visibility_timeout}s): a retry waiting longer is delivered twice"
+            )
         return self
 
     def signing_secrets(self) -> list[str]:
@@ -236,5 +275,7 @@ def get_settings() -> Settings:
         loc = [str(p) for p in first["loc"]]
         nested = len(loc) == 1 and isinstance(getattr(Settings.model_fields.get(loc[0]), "default", None), BaseModel)
         variable = "DREAMBATCH_" + "__".join(loc).upper() + ("__…" if nested else "") if loc else "DREAMBATCH_…"
-        raise ConfigError(f"setting {where}: {first['msg'].removeprefix('Value error, ')}; fix {variable} in the "
-                          f"environment{f' or {read}' if read else ''}") from None
+        raise ConfigError(
+            f"setting {where}: {first['msg'].removeprefix('Value error, ')}; fix {variable} in the "
+            f"environment{f' or {read}' if read else ''}"
+        ) from None

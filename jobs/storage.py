@@ -51,14 +51,14 @@ def split_s3(location: str) -> tuple[str, str]:
 def split_s3_key(uri: str) -> tuple[str, str]:
     """`s3://bucket/some/key.jpg` → ("bucket", "some/key.jpg"): an object's bucket and its key, as given."""
     bucket, _ = split_s3(uri)
-    return bucket, uri.removeprefix("s3://")[len(bucket) + 1:]
+    return bucket, uri.removeprefix("s3://")[len(bucket) + 1 :]
 
 
 # S3 error codes that say the setup is wrong (no such bucket, bad credentials): a ConfigError, never retried
 SETUP_ERRORS = ("NoSuchBucket", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch")
 _SETUP_FIXES = {
     "NoSuchBucket": "create the bucket (compose's minio-setup makes DREAMBATCH_BUCKET; else mc mb or aws s3 mb) "
-                    "or fix the s3:// location",
+    "or fix the s3:// location",
     "AccessDenied": "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and the bucket's policy",
     "InvalidAccessKeyId": "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY to keys the S3 endpoint knows",
     "SignatureDoesNotMatch": "set AWS_SECRET_ACCESS_KEY to the secret of AWS_ACCESS_KEY_ID",
@@ -78,8 +78,10 @@ def s3_error(location: str, exc: Exception, doing: str | None = None) -> ConfigE
     if code in SETUP_ERRORS:
         return ConfigError(f"S3 {location}: {code}: {exc}; {_SETUP_FIXES[code]}")
     if isinstance(exc, NoCredentialsError):
-        return ConfigError(f"S3 {location}: no credentials; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
-                           "(in the environment, or in .env)")
+        return ConfigError(
+            f"S3 {location}: no credentials; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+            "(in the environment, or in .env)"
+        )
     if isinstance(exc, EndpointConnectionError | ConnectTimeoutError):
         return Unreachable(f"cannot reach S3 for {location} ({exc}); {ENDPOINT_FIX}")
     if doing is None and response is not None:  # S3 answered: its code, or the HTTP status when it gave none
@@ -101,13 +103,16 @@ def s3_client(settings: Settings, *, endpoint: str | None = None, probe: bool = 
     config = Config(
         connect_timeout=min(settings.s3.connect_timeout, 3.0) if probe else settings.s3.connect_timeout,
         read_timeout=5.0 if probe else settings.s3.read_timeout,
-        retries={"mode": "standard", "total_max_attempts": 1} if probe
+        retries={"mode": "standard", "total_max_attempts": 1}
+        if probe
         else {"mode": "standard", "max_attempts": settings.s3.max_attempts},
         s3={"addressing_style": "path"} if endpoint else None,
         **extra,
     )
     return boto3.session.Session().client(
-        "s3", endpoint_url=endpoint, region_name=settings.s3.region or os.environ.get("AWS_DEFAULT_REGION"),
+        "s3",
+        endpoint_url=endpoint,
+        region_name=settings.s3.region or os.environ.get("AWS_DEFAULT_REGION"),
         config=config,
     )
 
@@ -127,11 +132,14 @@ def check_location(location: str, settings: Settings) -> None:
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
         code = exc.response.get("Error", {}).get("Code", "")
         if status == 404 or code in ("404", "NoSuchBucket"):
-            raise ConfigError(f"S3 {location}: bucket {bucket!r} does not exist at "
-                              f"{settings.s3_endpoint() or 'AWS'}; {_SETUP_FIXES['NoSuchBucket']}") from None
+            raise ConfigError(
+                f"S3 {location}: bucket {bucket!r} does not exist at "
+                f"{settings.s3_endpoint() or 'AWS'}; {_SETUP_FIXES['NoSuchBucket']}"
+            ) from None
         if status == 403 or code in ("403", "AccessDenied"):
-            raise ConfigError(f"S3 {location}: access denied to bucket {bucket!r}; "
-                              f"{_SETUP_FIXES['AccessDenied']}") from None
+            raise ConfigError(
+                f"S3 {location}: access denied to bucket {bucket!r}; {_SETUP_FIXES['AccessDenied']}"
+            ) from None
         raise s3_error(location, exc) from None
     except BotoCoreError as exc:
         raise s3_error(location, exc) from None
@@ -165,14 +173,25 @@ class S3Store:
             raise s3_error(self.location, exc) from None
 
     def put(self, key: str, data: bytes, content_type: str, metadata: dict[str, str] | None = None) -> str:
-        self._call(self.client.put_object, Bucket=self.bucket, Key=self._key(key), Body=data,
-                   ContentType=content_type, Metadata=metadata or {})
+        self._call(
+            self.client.put_object,
+            Bucket=self.bucket,
+            Key=self._key(key),
+            Body=data,
+            ContentType=content_type,
+            Metadata=metadata or {},
+        )
         return f"s3://{self.bucket}/{self._key(key)}"
 
     def put_file(self, key: str, path: Path, content_type: str) -> str:
         with path.open("rb") as fh:
-            self._call(self.client.upload_fileobj, Fileobj=fh, Bucket=self.bucket, Key=self._key(key),
-                       ExtraArgs={"ContentType": content_type})
+            self._call(
+                self.client.upload_fileobj,
+                Fileobj=fh,
+                Bucket=self.bucket,
+                Key=self._key(key),
+                ExtraArgs={"ContentType": content_type},
+            )
         return f"s3://{self.bucket}/{self._key(key)}"
 
     def get(self, key: str, max_bytes: int | None = None) -> bytes | None:
@@ -181,8 +200,9 @@ class S3Store:
             return None
         if max_bytes is not None and resp.get("ContentLength", 0) > max_bytes:
             resp["Body"].close()
-            raise InputError(f"s3://{self.bucket}/{self._key(key)}: {resp['ContentLength']} bytes is over the "
-                             f"{max_bytes}-byte limit")
+            raise InputError(
+                f"s3://{self.bucket}/{self._key(key)}: {resp['ContentLength']} bytes is over the {max_bytes}-byte limit"
+            )
         return resp["Body"].read()
 
     def head(self, key: str) -> dict | None:
@@ -205,7 +225,7 @@ class S3Store:
         paginator = self.client.get_paginator("list_objects_v2")
         for page in paginator.paginate(Bucket=self.bucket, Prefix=self._key(prefix)):
             for obj in page.get("Contents", []):
-                yield obj["Key"][len(self.prefix):]
+                yield obj["Key"][len(self.prefix) :]
 
     def delete(self, key: str) -> None:
         self._call(self.client.delete_object, Bucket=self.bucket, Key=self._key(key))
@@ -290,7 +310,7 @@ def key_of(location: str, uri: str) -> str | None:
     if location.startswith("s3://"):
         bucket, prefix = split_s3(location)
         head = f"s3://{bucket}/{prefix}"
-        return uri[len(head):] if uri.startswith(head) else None
+        return uri[len(head) :] if uri.startswith(head) else None
     root, path = Path(location).expanduser().resolve(), Path(uri)
     return path.relative_to(root).as_posix() if path.is_relative_to(root) else None
 

@@ -167,11 +167,13 @@ def problem(url: str, timeout: float = 2.0) -> Unreachable | ConfigError | None:
     from redis.retry import Retry
 
     try:
-        client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout,
-                                      retry=Retry(NoBackoff(), 0))
+        client = redis.Redis.from_url(
+            url, socket_connect_timeout=timeout, socket_timeout=timeout, retry=Retry(NoBackoff(), 0)
+        )
     except ValueError as exc:
-        return ConfigError(f"DREAMBATCH_REDIS_URL={shown_url(url)!r} is not a Redis URL ({exc}); "
-                           "set it to redis://HOST:6379/0")
+        return ConfigError(
+            f"DREAMBATCH_REDIS_URL={shown_url(url)!r} is not a Redis URL ({exc}); set it to redis://HOST:6379/0"
+        )
     try:
         client.ping()
     except (redis.RedisError, OSError) as exc:
@@ -268,7 +270,11 @@ def redis_client(url: str, retry_s: float):
     from redis.retry import Retry
 
     return redis.Redis.from_url(
-        url, decode_responses=True, socket_timeout=10, socket_connect_timeout=5, health_check_interval=30,
+        url,
+        decode_responses=True,
+        socket_timeout=10,
+        socket_connect_timeout=5,
+        health_check_interval=30,
         retry=Retry(ExponentialBackoff(cap=5.0, base=0.2), retries=_retries_for(retry_s, cap=5.0, base=0.2)),
         retry_on_error=[redis.ConnectionError, redis.TimeoutError],
     )
@@ -300,10 +306,13 @@ class RedisStore:
         for item in items:
             terminal = int(item.status.terminal)
             by_job.setdefault(item.job_id, []).extend(
-                [item.item_id, item.status, item.model_dump_json(), terminal, item.attempts])
+                [item.item_id, item.status, item.model_dump_json(), terminal, item.attempts]
+            )
         for job_id, args in by_job.items():
-            self._add_items(keys=[keys.job_key(job_id), keys.JOB_ORDER.format(job_id=job_id)],
-                            args=[keys.ITEM.format(job_id=job_id, item_id=""), *args])
+            self._add_items(
+                keys=[keys.job_key(job_id), keys.JOB_ORDER.format(job_id=job_id)],
+                args=[keys.ITEM.format(job_id=job_id, item_id=""), *args],
+            )
 
     def commit_job(self, job_id: str) -> None:
         self.r.hdel(keys.job_key(job_id), "submitting")
@@ -323,8 +332,14 @@ class RedisStore:
         record = item.model_copy(update={"status": to})
         res = self._transition(
             keys=[keys.ITEM.format(job_id=item.job_id, item_id=item.item_id), keys.job_key(item.job_id)],
-            args=[to.value, int(count_attempt), record.model_dump_json(), int(to.terminal), _TERMINAL,
-                  *allowed_sources(to)],
+            args=[
+                to.value,
+                int(count_attempt),
+                record.model_dump_json(),
+                int(to.terminal),
+                _TERMINAL,
+                *allowed_sources(to),
+            ],
         )
         applied, previous, attempts, done, total = res
         return Transition(applied == 1, previous or None, int(attempts), int(done), int(total))
@@ -360,8 +375,9 @@ class RedisStore:
 
     def events(self, job_id: str) -> dict[str, list[dict[str, Any]]]:
         base = keys.JOB_EVENTS.format(job_id=job_id)
-        return {eid: [json.loads(e) for e in self.r.lrange(f"{base}:{eid}", 0, -1)]
-                for eid in sorted(self.r.smembers(base))}
+        return {
+            eid: [json.loads(e) for e in self.r.lrange(f"{base}:{eid}", 0, -1)] for eid in sorted(self.r.smembers(base))
+        }
 
     def mark_sent(self, job_id: str, *event_ids: str) -> None:
         """Note that these events' webhook messages were published (after publishing them)."""
@@ -392,6 +408,7 @@ class RedisStore:
 
     def release_lease(self, job_id: str, item_id: str, token: str) -> None:
         self._release(keys=[keys.ITEM_LEASE.format(job_id=job_id, item_id=item_id)], args=[token])
+
     # --- the HTTP API: keys and idempotency records ---------------------------------------------
     def ping(self) -> bool:
         return bool(self.r.ping())
@@ -427,7 +444,6 @@ class RedisStore:
             self.r.delete(key)
         else:
             self.r.set(key, json.dumps({"fingerprint": fingerprint, "job_id": job_id}), ex=ttl)
-
 
     def recent_request(self, key_id: str, digest: str) -> str | None:
         """The job a recent request with this digest made; "" while it is being made; None: none."""
@@ -473,8 +489,12 @@ class RedisStore:
     def acquire_slot(self, job_id: str, item_id: str, cap: int, lease_s: float) -> bool:
         """Take one of the job's `cap` running slots for `lease_s` seconds (a lost worker's lease runs out)."""
         now = time.time()
-        return self._acquire_slot(keys=[keys.JOB_SLOTS.format(job_id=job_id)],
-                                  args=[now, item_id, cap, now + lease_s, lease_s]) == 1
+        return (
+            self._acquire_slot(
+                keys=[keys.JOB_SLOTS.format(job_id=job_id)], args=[now, item_id, cap, now + lease_s, lease_s]
+            )
+            == 1
+        )
 
     def release_slot(self, job_id: str, item_id: str) -> None:
         self.r.zrem(keys.JOB_SLOTS.format(job_id=job_id), item_id)
@@ -553,7 +573,10 @@ class MemoryStore:
                 if (item.job_id, item.item_id) in self._items:
                     continue
                 self._items[(item.job_id, item.item_id)] = {
-                    "status": item.status, "attempts": item.attempts, "record": item.model_dump_json()}
+                    "status": item.status,
+                    "attempts": item.attempts,
+                    "record": item.model_dump_json(),
+                }
                 self._order[item.job_id].append(item.item_id)
                 self._jobs[item.job_id][f"n_{item.status}"] += 1
                 self._jobs[item.job_id]["done"] += int(item.status.terminal)
@@ -645,6 +668,7 @@ class MemoryStore:
         with self._lock:
             if self._leases.get((job_id, item_id), (None,))[0] == token:
                 del self._leases[(job_id, item_id)]
+
     def request_cancel(self, job_id: str, at: str) -> bool:
         with self._lock:
             job = self._jobs[job_id]

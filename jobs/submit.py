@@ -37,8 +37,13 @@ from jobs.store import Store
 log = logging.getLogger("dreambatch.submit")
 
 # a broker or store connection that failed: worth retrying (a batch that was half-sent is resent whole)
-CONNECTION_ERRORS = (ConnectionError, TimeoutError, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
-                     KombuError)
+CONNECTION_ERRORS = (
+    ConnectionError,
+    TimeoutError,
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    KombuError,
+)
 
 
 class SubmitFailed(TransientError):
@@ -83,18 +88,42 @@ def _item(job_id: str, row: CheckedRow, at: str, objects: ObjectStore, max_bytes
         params = {**row.params, "seed": resolve_seed(row.params["seed"])}
         if "image" in params:  # local files and data URIs move next to the job, for any worker to read
             params["image"] = inputs.stage(params["image"], objects, job_id, row.item_id, max_bytes)
-        return ItemRecord(job_id=job_id, item_id=row.item_id, line=row.line, params=params,
-                          metadata=row.metadata, seed=params["seed"], created_at=at, updated_at=at,
-                          enqueued_at=time.time())
+        return ItemRecord(
+            job_id=job_id,
+            item_id=row.item_id,
+            line=row.line,
+            params=params,
+            metadata=row.metadata,
+            seed=params["seed"],
+            created_at=at,
+            updated_at=at,
+            enqueued_at=time.time(),
+        )
     error = "; ".join(str(i) for i in row.issues)
-    return ItemRecord(job_id=job_id, item_id=row.item_id, line=row.line, status=ItemStatus.FAILED,
-                      metadata=row.metadata, error=f"invalid row: {error}", error_kind=ErrorKind.INPUT,
-                      created_at=at, updated_at=at)
+    return ItemRecord(
+        job_id=job_id,
+        item_id=row.item_id,
+        line=row.line,
+        status=ItemStatus.FAILED,
+        metadata=row.metadata,
+        error=f"invalid row: {error}",
+        error_kind=ErrorKind.INPUT,
+        created_at=at,
+        updated_at=at,
+    )
 
 
-def _fan_out(manifest: Path, job: JobRecord, policy: InputPolicy, store: Store, objects: ObjectStore,
-             dispatch: Callable[[list[str]], None], batch: int, retry_window: float,
-             rejected_items: list[ItemRecord]) -> tuple[int, int]:
+def _fan_out(
+    manifest: Path,
+    job: JobRecord,
+    policy: InputPolicy,
+    store: Store,
+    objects: ObjectStore,
+    dispatch: Callable[[list[str]], None],
+    batch: int,
+    retry_window: float,
+    rejected_items: list[ItemRecord],
+) -> tuple[int, int]:
     """3. Second pass: items in batches, each batch stored before its tasks are published; returns the
     queued and rejected counts. A publish that fails (broker unreachable) is retried for `retry_window`
     seconds: a batch published twice is harmless (items are added once; a second delivery of an item
@@ -124,8 +153,18 @@ def _fan_out(manifest: Path, job: JobRecord, policy: InputPolicy, store: Store, 
                 if isinstance(row, Issue):  # file-level issues were refused in step 1
                     continue
                 item = _item(job.job_id, row, job.created_at, objects, policy.max_bytes)
-                rows_fh.write(json.dumps({"id": item.item_id, "line": item.line, "params": item.params,
-                                          "metadata": item.metadata, "error": item.error}) + "\n")
+                rows_fh.write(
+                    json.dumps(
+                        {
+                            "id": item.item_id,
+                            "line": item.line,
+                            "params": item.params,
+                            "metadata": item.metadata,
+                            "error": item.error,
+                        }
+                    )
+                    + "\n"
+                )
                 pending.append(item)
                 if len(pending) >= batch:
                     flush()
@@ -159,16 +198,18 @@ def _abort(store: Store, objects: ObjectStore, job_id: str) -> None:
     try:
         store.abort_submission(job_id)
     except Exception as exc:
-        log.warning("could not mark job %s aborted (%s); workers will drop its items after the grace period",
-                    job_id, exc)
+        log.warning(
+            "could not mark job %s aborted (%s); workers will drop its items after the grace period", job_id, exc
+        )
     try:
         records.mark_ended(objects, job_id)
     except Exception:
         pass
 
 
-def create_job(spec: JobSpec, manifest: Path, services: Services, *, policy: InputPolicy | None = None,
-               job_id: str | None = None) -> Submission:
+def create_job(
+    spec: JobSpec, manifest: Path, services: Services, *, policy: InputPolicy | None = None, job_id: str | None = None
+) -> Submission:
     """Validate `manifest` and make it a job as `spec` says. `policy`: where the rows' local input paths may
     point (default: the manifest's folder and the configured roots)."""
     settings, store = services.settings, services.store
@@ -192,25 +233,48 @@ def create_job(spec: JobSpec, manifest: Path, services: Services, *, policy: Inp
 
     # 2. the job record, live only: workers hold its items back until the submission commits
     at = now_iso()
-    job = JobRecord(job_id=job_id or new_job_id(), model=spec.model, defaults=spec.defaults, output=output,
-                    webhook=spec.webhook, manifest=str(manifest), total=report.rows, created_at=at, updated_at=at,
-                    priority=spec.priority, max_concurrency=spec.max_concurrency,
-                    expires_at=time.time() + spec.expires_after if spec.expires_after else None,
-                    webhook_format=spec.webhook_format, submitting=True, review_sheet=spec.review_sheet,
-                    api=spec.api)
+    job = JobRecord(
+        job_id=job_id or new_job_id(),
+        model=spec.model,
+        defaults=spec.defaults,
+        output=output,
+        webhook=spec.webhook,
+        manifest=str(manifest),
+        total=report.rows,
+        created_at=at,
+        updated_at=at,
+        priority=spec.priority,
+        max_concurrency=spec.max_concurrency,
+        expires_at=time.time() + spec.expires_after if spec.expires_after else None,
+        webhook_format=spec.webhook_format,
+        submitting=True,
+        review_sheet=spec.review_sheet,
+        api=spec.api,
+    )
     store.create_job(job)
     rejected_items: list[ItemRecord] = []
     try:
-        queued, rejected = _fan_out(manifest, job, policy, store, objects, lambda ids: services.publish(job, ids),
-                                    settings.celery.publish_batch, settings.redis_retry_s, rejected_items)
+        queued, rejected = _fan_out(
+            manifest,
+            job,
+            policy,
+            store,
+            objects,
+            lambda ids: services.publish(job, ids),
+            settings.celery.publish_batch,
+            settings.redis_retry_s,
+            rejected_items,
+        )
         # 4. commit: the durable record first, then the live flag that lets workers start
         records.write_job_spec(objects, job)
         store.commit_job(job.job_id)
     except BaseException as exc:
         _abort(store, objects, job.job_id)
         if isinstance(exc, Exception) and not isinstance(exc, (InputError, KeyboardInterrupt)):
-            raise SubmitFailed(f"job {job.job_id}: {type(exc).__name__}: {exc}; nothing was queued "
-                               f"(anything already published is discarded by the workers)") from exc
+            raise SubmitFailed(
+                f"job {job.job_id}: {type(exc).__name__}: {exc}; nothing was queued "
+                f"(anything already published is discarded by the workers)"
+            ) from exc
         raise
     job.submitting = False
     try:

@@ -25,8 +25,10 @@ def names(template: str, where: str) -> list[str]:
         if token in ("{{", "}}"):
             continue
         if match.group(1) is None:
-            raise InputError(f"{where}: bad placeholder {token!r} in {template!r}; use {{name}} "
-                             f"(letters, digits, _), {{meta.key}}, or {{{{ }}}} for literal braces")
+            raise InputError(
+                f"{where}: bad placeholder {token!r} in {template!r}; use {{name}} "
+                f"(letters, digits, _), {{meta.key}}, or {{{{ }}}} for literal braces"
+            )
         found.append(match.group(1))
     return found
 
@@ -70,7 +72,7 @@ class KeyTemplate:
             self.any_image_suffix = False
         pattern, pos, self.names = "", 0, []
         for match in self._PART.finditer(body):
-            pattern += re.escape(body[pos:match.start()])
+            pattern += re.escape(body[pos : match.start()])
             name, many = match.group(1), match.group(2)
             if name in self.names:
                 raise InputError(f"{where}: {{{name}}} appears twice in {template!r}")

@@ -58,12 +58,15 @@ def start_worker(redis_server, s3_endpoint, tiny_dir, tmp_path) -> Iterator:
     workers: list[Worker] = []
 
     def start(*args: str, program: list[str] | None = None, redis_url: str | None = None, **env: str) -> Worker:
-        w = Worker(list(args), service_env(redis_url or redis_server.url, s3_endpoint, tiny_dir, **env),
-                   tmp_path / f"worker-{len(workers)}.log", program)
+        w = Worker(
+            list(args),
+            service_env(redis_url or redis_server.url, s3_endpoint, tiny_dir, **env),
+            tmp_path / f"worker-{len(workers)}.log",
+            program,
+        )
         workers.append(w)
         return w
 
     yield start
     for w in workers:
         w.kill(signal.SIGKILL)
-

@@ -15,8 +15,9 @@ class Ledger:
     extra_attempts: int  # executions beyond the first, summed over rows (redeliveries, retries)
 
 
-def check_ledger(s3, bucket: str, prefix: str, job_id: str, ids: list[str], *,
-                 expect: dict[str, str] | str = "completed") -> Ledger:
+def check_ledger(
+    s3, bucket: str, prefix: str, job_id: str, ids: list[str], *, expect: dict[str, str] | str = "completed"
+) -> Ledger:
     base = f"{prefix.strip('/')}/{job_id}/" if prefix.strip("/") else f"{job_id}/"
     body = s3.get_object(Bucket=bucket, Key=f"{base}results.jsonl")["Body"].read().decode()
     lines = [json.loads(x) for x in body.splitlines()]

@@ -63,9 +63,24 @@ class RedisServer:
         if exe is None:
             raise RuntimeError("redis-server is not installed (apt-get install redis-server; .ci/run does it)")
         self.proc = subprocess.Popen(
-            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "yes" if self.persistent else "no", "--appendfsync", "always",
-             "--dir", str(self.workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                exe,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "yes" if self.persistent else "no",
+                "--appendfsync",
+                "always",
+                "--dir",
+                str(self.workdir),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         import redis
 
         client = redis.Redis.from_url(self.url)
@@ -112,8 +127,11 @@ def start_s3_process() -> tuple[subprocess.Popen, str]:
     import urllib.request
 
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     endpoint = f"http://127.0.0.1:{port}"
 
     def up() -> bool:
@@ -130,8 +148,13 @@ def start_s3_process() -> tuple[subprocess.Popen, str]:
 def s3_client(endpoint: str):
     import boto3
 
-    return boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
-                        aws_access_key_id="testing", aws_secret_access_key="testing")
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
 
 
 class S3Proxy:
@@ -205,8 +228,14 @@ class Receiver:
                 body = self.rfile.read(int(self.headers.get("content-length", 0)))
                 with receiver._lock:
                     code = receiver.script.pop(0) if receiver.script else 200
-                    receiver.requests.append({"headers": {k.lower(): v for k, v in self.headers.items()},
-                                              "body": body, "json": json.loads(body or b"null"), "code": code})
+                    receiver.requests.append(
+                        {
+                            "headers": {k.lower(): v for k, v in self.headers.items()},
+                            "body": body,
+                            "json": json.loads(body or b"null"),
+                            "code": code,
+                        }
+                    )
                 self.send_response(code)
                 self.end_headers()
 
@@ -231,20 +260,22 @@ class Receiver:
 def service_env(redis_url: str, s3: str, tiny: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DREAMBATCH_")}
     env.update(S3_ENV)
-    env.update({
-        "DREAMBATCH_REDIS_URL": redis_url,
-        "AWS_ENDPOINT_URL_S3": s3,
-        "DREAMBATCH_TINY_DIR": str(tiny),
-        "DREAMBATCH_CELERY__VISIBILITY_TIMEOUT": "20",
-        "DREAMBATCH_CELERY__TASK_TIME_LIMIT": "15",
-        "DREAMBATCH_CELERY__RESTORE_INTERVAL": "1",
-        "DREAMBATCH_WEBHOOKS__BACKOFF_BASE": "0.2",
-        "DREAMBATCH_WEBHOOKS__BACKOFF_MAX": "1",
-        "HF_HUB_OFFLINE": "1",
-        "DREAMBATCH_ALLOW_PRIVATE_HOSTS": "127.0.0.1",  # the loopback webhook receiver
-        "PYTHONUNBUFFERED": "1",
-        "DREAMBATCH_ENV_FILE": "",  # a developer's .env (docker compose's) never leaks into a test
-    })
+    env.update(
+        {
+            "DREAMBATCH_REDIS_URL": redis_url,
+            "AWS_ENDPOINT_URL_S3": s3,
+            "DREAMBATCH_TINY_DIR": str(tiny),
+            "DREAMBATCH_CELERY__VISIBILITY_TIMEOUT": "20",
+            "DREAMBATCH_CELERY__TASK_TIME_LIMIT": "15",
+            "DREAMBATCH_CELERY__RESTORE_INTERVAL": "1",
+            "DREAMBATCH_WEBHOOKS__BACKOFF_BASE": "0.2",
+            "DREAMBATCH_WEBHOOKS__BACKOFF_MAX": "1",
+            "HF_HUB_OFFLINE": "1",
+            "DREAMBATCH_ALLOW_PRIVATE_HOSTS": "127.0.0.1",  # the loopback webhook receiver
+            "PYTHONUNBUFFERED": "1",
+            "DREAMBATCH_ENV_FILE": "",  # a developer's .env (docker compose's) never leaks into a test
+        }
+    )
     env.update(extra)
     return env
 
@@ -256,8 +287,14 @@ class Worker:
         self._fh = log.open("w")
         if program:
             env = {**env, "PYTHONPATH": str(ROOT)}
-        self.proc = subprocess.Popen([*(program or [sys.executable, "-m", "worker"]), *args], env=env, cwd=ROOT,
-                                     stdout=self._fh, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [*(program or [sys.executable, "-m", "worker"]), *args],
+            env=env,
+            cwd=ROOT,
+            stdout=self._fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     def wait_ready(self, timeout: float = 120) -> Worker:
         def ready():
@@ -276,8 +313,9 @@ class Worker:
 
 
 def cli(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "worker", *args], env=env, cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "worker", *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def fake_hub_snapshot(cache: Path, repo: str, source: Path, *skip: str) -> Path:
@@ -319,8 +357,15 @@ class ApiServer:
         self.app = create_app(settings)
         self.port = free_port()
         self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off",
-                                ssl_certfile=tls[0] if tls else None, ssl_keyfile=tls[1] if tls else None)
+        config = uvicorn.Config(
+            self.app,
+            host="127.0.0.1",
+            port=self.port,
+            log_level="warning",
+            lifespan="off",
+            ssl_certfile=tls[0] if tls else None,
+            ssl_keyfile=tls[1] if tls else None,
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
@@ -354,21 +399,41 @@ def self_signed_cert(folder: Path, host: str = "127.0.0.1") -> tuple[Path, Path]
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "dreambatch test")])
     now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=2))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(host)),
-                                                        x509.DNSName("localhost")]), critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                         content_commitment=False, key_encipherment=False, data_encipherment=False,
-                                         key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key()), critical=False)
-            .sign(key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=2))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(host)), x509.DNSName("localhost")]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
     cert_path, key_path = folder / "cert.pem", folder / "key.pem"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     return cert_path, key_path

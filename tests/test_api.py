@@ -29,8 +29,12 @@ REDIS_DB = 1
 def api(redis_server, s3_endpoint):
     bucket = f"t-api-{uuid.uuid4().hex[:8]}"
     s3_client(s3_endpoint).create_bucket(Bucket=bucket)
-    settings = Settings(redis_url=redis_server.url.rsplit("/", 1)[0] + f"/{REDIS_DB}", output=f"s3://{bucket}/api",
-                        s3={"endpoint_url": s3_endpoint}, api={"wait_timeout": 0.05})
+    settings = Settings(
+        redis_url=redis_server.url.rsplit("/", 1)[0] + f"/{REDIS_DB}",
+        output=f"s3://{bucket}/api",
+        s3={"endpoint_url": s3_endpoint},
+        api={"wait_timeout": 0.05},
+    )
     server = ApiServer(settings)
     yield server
     server.stop()
@@ -80,7 +84,7 @@ def test_manifest_upload_with_bad_lines_is_a_422_listing_every_one_and_queues_no
 
 
 def test_json_rows_become_a_queued_job_with_status_items_and_results(api, redis_db):
-    rows = [{"id": f"r{n}", "prompt": f"a red chair, view {n}", "sku": f"=HYPERLINK(\"x{n}\")"} for n in range(3)]
+    rows = [{"id": f"r{n}", "prompt": f"a red chair, view {n}", "sku": f'=HYPERLINK("x{n}")'} for n in range(3)]
     with client(api, "jobs:write", "jobs:read") as http:
         res = http.post("/v1/jobs", json={"model": "i1-fast", "rows": rows, "defaults": {"steps": 2}})
         assert res.status_code == 201, res.text
@@ -113,18 +117,23 @@ def test_json_rows_with_bad_values_list_every_row(api):
     with client(api, "jobs:write") as http:
         res = http.post("/v1/jobs", json={"model": "i1-fast", "rows": rows})
         assert res.status_code == 422
-        assert res.json()["error"]["errors"] == ["line 2: steps: input should be greater than or equal to 1 (got 0)",
-                                                 "line 3: prompt: field required"]
+        assert res.json()["error"]["errors"] == [
+            "line 2: steps: input should be greater than or equal to 1 (got 0)",
+            "line 3: prompt: field required",
+        ]
         unknown = http.post("/v1/jobs", json={"model": "i9", "rows": rows[:1]})
         assert unknown.status_code == 422 and "unknown model 'i9'" in unknown.json()["error"]["message"]
         assert http.post("/v1/jobs", json={"model": "i1-fast", "rows": []}).status_code == 422
         late = http.post("/v1/jobs", json={"model": "i1-fast", "rows": rows[:1], "expires_after": "soon"})
         assert late.status_code == 422 and late.json()["error"]["param"] == "expires_after"
-        low = http.post("/v1/jobs", json={"model": "i1-fast", "rows": rows[:1], "priority": "low",
-                                          "max_concurrency": 2, "expires_after": "2h"}).json()
+        low = http.post(
+            "/v1/jobs",
+            json={"model": "i1-fast", "rows": rows[:1], "priority": "low", "max_concurrency": 2, "expires_after": "2h"},
+        ).json()
         assert low["priority"] == "low" and low["max_concurrency"] == 2 and low["expires_at"] > 0
-        assert http.post("/v1/jobs", content=b"{not json", headers={"content-type": "application/json"}
-                         ).status_code == 422
+        assert (
+            http.post("/v1/jobs", content=b"{not json", headers={"content-type": "application/json"}).status_code == 422
+        )
 
 
 def test_idempotency_key_same_body_same_job_other_body_422(api, redis_db):
@@ -138,8 +147,9 @@ def test_idempotency_key_same_body_same_job_other_body_422(api, redis_db):
         assert again.json()["id"] == first.json()["id"] and again.headers["Idempotent-Replayed"] == "true"
         assert queued_messages(redis_db) == queued  # nothing queued the second time
 
-        other = http.post("/v1/jobs", json={**body, "rows": [{"prompt": "something else"}]},
-                          headers={"Idempotency-Key": key})
+        other = http.post(
+            "/v1/jobs", json={**body, "rows": [{"prompt": "something else"}]}, headers={"Idempotency-Key": key}
+        )
         assert other.status_code == 422 and other.json()["error"]["code"] == "idempotency_key_reused"
 
         # the same manifest uploaded twice (different multipart boundaries) is the same request
@@ -157,8 +167,10 @@ def test_idempotency_key_same_body_same_job_other_body_422(api, redis_db):
 
 def test_oversized_bodies_are_refused_with_413(api):
     settings = api.app.state.services.settings.model_copy(
-        update={"api": api.app.state.services.settings.api.model_copy(update={"max_upload_bytes": 4096,
-                                                                              "max_json_rows": 5})})
+        update={
+            "api": api.app.state.services.settings.api.model_copy(update={"max_upload_bytes": 4096, "max_json_rows": 5})
+        }
+    )
     small = ApiServer(settings)
     try:
         headers = {"Authorization": f"Bearer {small.key('jobs:write', 'images')}"}
@@ -166,8 +178,9 @@ def test_oversized_bodies_are_refused_with_413(api):
             big = "".join(json.dumps({"prompt": f"row {n}"}) + "\n" for n in range(200))  # ~5 KB: file over 4 KB
             res = http.post("/v1/jobs", data={"model": "i1-fast"}, files={"manifest": ("m.jsonl", big)})
             assert res.status_code == 413 and "4096-byte limit" in res.json()["error"]["message"]
-            huge = http.post("/v1/jobs", content=b"x" * (4096 + 2**20 + 1),
-                             headers={"content-type": "application/json"})
+            huge = http.post(
+                "/v1/jobs", content=b"x" * (4096 + 2**20 + 1), headers={"content-type": "application/json"}
+            )
             assert huge.status_code == 413  # over the whole-body limit, refused before it is read
             rows = http.post("/v1/jobs", json={"model": "i1-fast", "rows": [{"prompt": "x"}] * 6})
             assert rows.status_code == 413 and rows.json()["error"]["param"] == "rows"
@@ -290,13 +303,14 @@ def test_schemathesis_finds_no_server_errors_and_no_undeclared_status_codes(api,
         upload = http.post("/files", json={"files": [{"filename": "f.png", "content_type": "image/png"}]}).json()
         assert httpx.put(upload["data"][0]["upload_url"], content=b"\x89PNG\r\n\x1a\n").status_code == 200
     config = tmp_path / "schemathesis.toml"
-    config.write_text(textwrap.dedent(f"""
+    config.write_text(
+        textwrap.dedent(f"""
         [parameters]
         "path.job_id" = "{job}"
         "path.request_id" = "{request}"
-        "path.task_id" = "{task['data']['id']}"
-        "path.prediction_id" = "{prediction['data']['id']}"
-        "path.upload_id" = "{upload['data'][0]['id']}"
+        "path.task_id" = "{task["data"]["id"]}"
+        "path.prediction_id" = "{prediction["data"]["id"]}"
+        "path.upload_id" = "{upload["data"][0]["id"]}"
         "path.filename" = "f.png"
         "path.namespace" = "fal-ai"
         "path.name" = "hidream-i1-fast"
@@ -310,22 +324,54 @@ def test_schemathesis_finds_no_server_errors_and_no_undeclared_status_codes(api,
         [[operations]]
         include-path-regex = "^/v1/images/|^/run/"
         checks.not_a_server_error.expected-statuses = ["2XX", "3XX", "4XX", "504"]
-    """))
+    """)
+    )
     env = {**os.environ, "SCHEMATHESIS_HOOKS": ""}
     res = subprocess.run(
-        [sys.executable, "-m", "schemathesis.cli", "--config-file", str(config), "run", f"{api.url}/openapi.json",
-         "--checks", "not_a_server_error,status_code_conformance,response_schema_conformance,content_type_conformance",
-         "--max-examples", "25", "--phases", "examples,fuzzing",  # (its coverage phase trips over a hypothesis bug)
-         "-H", f"Authorization: Bearer {token}", "--request-timeout", "10", "--workers", "2", "--seed", "1"],
-        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+        [
+            sys.executable,
+            "-m",
+            "schemathesis.cli",
+            "--config-file",
+            str(config),
+            "run",
+            f"{api.url}/openapi.json",
+            "--checks",
+            "not_a_server_error,status_code_conformance,response_schema_conformance,content_type_conformance",
+            "--max-examples",
+            "25",
+            "--phases",
+            "examples,fuzzing",  # (its coverage phase trips over a hypothesis bug)
+            "-H",
+            f"Authorization: Bearer {token}",
+            "--request-timeout",
+            "10",
+            "--workers",
+            "2",
+            "--seed",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=tmp_path,
+    )
     assert res.returncode == 0, res.stdout[-8000:] + res.stderr[-2000:]
     assert "No issues found" in res.stdout or "passed" in res.stdout
 
 
 def test_csv_export_quotes_cells_a_spreadsheet_would_run():
     """The CSV that `dreambatch results --format csv` and GET /v1/jobs/{id}/results?format=csv share."""
-    line = {"id": "r1", "line": 1, "status": "failed", "error": "=cmd|' /C calc'!A0", "seed": -1,
-            "metadata": {"sku": "@SUM(1)"}, "output": {"images": [{"s3_uri": "+s3://b/k.png"}]}}
+    line = {
+        "id": "r1",
+        "line": 1,
+        "status": "failed",
+        "error": "=cmd|' /C calc'!A0",
+        "seed": -1,
+        "metadata": {"sku": "@SUM(1)"},
+        "output": {"images": [{"s3_uri": "+s3://b/k.png"}]},
+    }
     rows = list(csv.reader(io.StringIO("".join(export.csv_rows([line, {**line, "error": "ok"}])))))
     assert rows[0] == export.CSV_HEADER
     assert rows[1] == ["r1", "1", "failed", "'=cmd|' /C calc'!A0", "'-1", "'+s3://b/k.png", '{"sku": "@SUM(1)"}']
@@ -333,10 +379,17 @@ def test_csv_export_quotes_cells_a_spreadsheet_would_run():
 
 
 def test_the_api_imports_no_torch_and_no_worker_code():
-    code = ("import sys; from jobs.api.app import create_app; from jobs.settings import Settings; "
-            "create_app(Settings(output='s3://b/p')); "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'diffusers', 'worker')))")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                         cwd=Path(__file__).resolve().parent.parent)
+    code = (
+        "import sys; from jobs.api.app import create_app; from jobs.settings import Settings; "
+        "create_app(Settings(output='s3://b/p')); "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'diffusers', 'worker')))"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "[]"

@@ -32,11 +32,18 @@ def stack(redis_server, s3_endpoint, tiny_dir, tmp_path_factory):
     env = service_env(redis_url, s3_endpoint, tiny_dir)
     logs = tmp_path_factory.mktemp("api-workers")
     tiny = ["--weights", "tiny", "--device", "cpu", "--concurrency", "1"]
-    workers = [Worker(["worker", "--io"], env, logs / "io.log"),
-               Worker(["worker", "--model", "i1-fast", *tiny], env, logs / "i1.log"),
-               Worker(["worker", "--model", "e1-1", *tiny], env, logs / "e1.log")]
-    settings = Settings(redis_url=redis_url, output=f"s3://{bucket}/api", s3={"endpoint_url": s3_endpoint},
-                        allow_private_hosts="127.0.0.1", api={"wait_timeout": 120})
+    workers = [
+        Worker(["worker", "--io"], env, logs / "io.log"),
+        Worker(["worker", "--model", "i1-fast", *tiny], env, logs / "i1.log"),
+        Worker(["worker", "--model", "e1-1", *tiny], env, logs / "e1.log"),
+    ]
+    settings = Settings(
+        redis_url=redis_url,
+        output=f"s3://{bucket}/api",
+        s3={"endpoint_url": s3_endpoint},
+        allow_private_hosts="127.0.0.1",
+        api={"wait_timeout": 120},
+    )
     api = ApiServer(settings)
     try:
         for w in workers:
@@ -70,8 +77,14 @@ def png_bytes(width: int = 96, height: int = 64) -> bytes:
 def test_openai_client_generates_and_edits_images(stack, token):
     client = openai.OpenAI(api_key=token, base_url=f"{stack.url}/v1", max_retries=0, timeout=120)
 
-    generated = client.images.generate(model="hidream-i1-fast", prompt="a red chair on white", n=2,
-                                       size="512x512", response_format="url", extra_body={"steps": 1, "seed": 7})
+    generated = client.images.generate(
+        model="hidream-i1-fast",
+        prompt="a red chair on white",
+        n=2,
+        size="512x512",
+        response_format="url",
+        extra_body={"steps": 1, "seed": 7},
+    )
     assert len(generated.data) == 2 and generated.created > 0
     fetched = [httpx.get(d.url) for d in generated.data]  # presigned S3 URLs: no API key needed
     assert [r.status_code for r in fetched] == [200, 200]
@@ -80,20 +93,34 @@ def test_openai_client_generates_and_edits_images(stack, token):
     assert fetched[0].content != fetched[1].content  # n items, seeds 7 and 8
     assert generated.data[0].revised_prompt == "a red chair on white"
 
-    b64 = client.images.generate(model="hidream-i1-fast", prompt="a lamp", response_format="b64_json",
-                                 output_format="jpeg", extra_body={"steps": 1})
+    b64 = client.images.generate(
+        model="hidream-i1-fast",
+        prompt="a lamp",
+        response_format="b64_json",
+        output_format="jpeg",
+        extra_body={"steps": 1},
+    )
     assert len(b64.data) == 1 and b64.data[0].url is None
     assert Image.open(io.BytesIO(base64.b64decode(b64.data[0].b64_json))).format == "JPEG"
     assert b64.output_format == "jpeg"
 
-    edited = client.images.edit(model="hidream-e1-1", image=("photo.png", png_bytes(), "image/png"),
-                                prompt="make the square blue", size="96x64", response_format="b64_json",
-                                extra_body={"steps": 1, "refine_strength": 0})
+    edited = client.images.edit(
+        model="hidream-e1-1",
+        image=("photo.png", png_bytes(), "image/png"),
+        prompt="make the square blue",
+        size="96x64",
+        response_format="b64_json",
+        extra_body={"steps": 1, "refine_strength": 0},
+    )
     out = Image.open(io.BytesIO(base64.b64decode(edited.data[0].b64_json)))
     assert out.size == (96, 64) and edited.size == "96x64"
 
-    by_url = client.images.edit(model="hidream-e1-1", image=("photo.png", png_bytes(), "image/png"),
-                                prompt="make it green", extra_body={"steps": 1, "refine_strength": 0})
+    by_url = client.images.edit(
+        model="hidream-e1-1",
+        image=("photo.png", png_bytes(), "image/png"),
+        prompt="make it green",
+        extra_body={"steps": 1, "refine_strength": 0},
+    )
     assert Image.open(io.BytesIO(httpx.get(by_url.data[0].url).content)).size == (96, 64)  # size 'same'
 
     with pytest.raises(openai.NotFoundError, match="does not exist"):
@@ -127,17 +154,23 @@ def test_local_output_folder_gives_signed_links_this_server_serves(stack, redis_
         job_id, key = path.split("/", 1)[0], path.split("/", 1)[1]
         past = int(time.time()) - 1  # correctly signed, but expired
         signature = sign_file(local.app.state.services, job_id, key, past)
-        assert httpx.get(f"{local.url}/v1/files/{path}", params={"expires": past, "signature": signature}
-                         ).status_code == 403
+        assert (
+            httpx.get(f"{local.url}/v1/files/{path}", params={"expires": past, "signature": signature}).status_code
+            == 403
+        )
     finally:
         local.stop()
 
 
 def test_manifest_job_over_http_streams_progress_and_serves_results(http):
-    manifest = "".join(json.dumps({"id": f"m{n}", "prompt": f"product {n}", "sku": f"=SUM({n})"}) + "\n"
-                       for n in range(3))
-    res = http.post("/v1/jobs", files={"manifest": ("m.jsonl", manifest, "application/x-ndjson")},
-                    data={"model": "i1-fast", "set": ["steps=1", "width=256", "height=256"], "priority": "high"})
+    manifest = "".join(
+        json.dumps({"id": f"m{n}", "prompt": f"product {n}", "sku": f"=SUM({n})"}) + "\n" for n in range(3)
+    )
+    res = http.post(
+        "/v1/jobs",
+        files={"manifest": ("m.jsonl", manifest, "application/x-ndjson")},
+        data={"model": "i1-fast", "set": ["steps=1", "width=256", "height=256"], "priority": "high"},
+    )
     assert res.status_code == 201, res.text
     job = res.json()
     assert job["queued"] == 3 and job["priority"] == "high"
@@ -163,8 +196,11 @@ def test_manifest_job_over_http_streams_progress_and_serves_results(http):
 
 
 def test_fal_queue_round_trip_with_webhook(stack, http, receiver):
-    res = http.post("/fal-ai/hidream-i1-fast", params={"fal_webhook": receiver.url},
-                    json={"prompt": "a blue vase", "num_inference_steps": 1, "image_size": "square", "seed": 3})
+    res = http.post(
+        "/fal-ai/hidream-i1-fast",
+        params={"fal_webhook": receiver.url},
+        json={"prompt": "a blue vase", "num_inference_steps": 1, "image_size": "square", "seed": 3},
+    )
     assert res.status_code == 200, res.text
     submitted = res.json()
     request_id = submitted["request_id"]
@@ -172,8 +208,12 @@ def test_fal_queue_round_trip_with_webhook(stack, http, receiver):
     early = http.get(f"/queue/fal-ai/hidream-i1-fast/requests/{request_id}/status").json()  # the old path too
     assert early["status"] in ("IN_QUEUE", "IN_PROGRESS", "COMPLETED")
 
-    wait_until(lambda: http.get(submitted["status_url"]).json()["status"] == "COMPLETED", 120, 0.2,
-               what="the fal request to complete")
+    wait_until(
+        lambda: http.get(submitted["status_url"]).json()["status"] == "COMPLETED",
+        120,
+        0.2,
+        what="the fal request to complete",
+    )
     result = http.get(submitted["response_url"]).json()
     assert result["seed"] == 3 and result["prompt"] == "a blue vase"
     (image,) = result["images"]
@@ -195,11 +235,22 @@ def test_fal_queue_round_trip_with_webhook(stack, http, receiver):
 
 def test_fal_request_that_fails_reports_error_by_status_result_and_webhook(http, receiver):
     broken = "data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\n broken").decode()
-    submitted = http.post("/fal-ai/hidream-e1-1", json={
-        "image_url": broken, "edit_instruction": "make it blue", "num_inference_steps": 1, "refine_strength": 0,
-        "webhookUrl": receiver.url}).json()
-    status = wait_until(lambda: (s := http.get(submitted["status_url"]).json())["status"] == "COMPLETED" and s,
-                        120, 0.2, what="the failed fal request to end")
+    submitted = http.post(
+        "/fal-ai/hidream-e1-1",
+        json={
+            "image_url": broken,
+            "edit_instruction": "make it blue",
+            "num_inference_steps": 1,
+            "refine_strength": 0,
+            "webhookUrl": receiver.url,
+        },
+    ).json()
+    status = wait_until(
+        lambda: (s := http.get(submitted["status_url"]).json())["status"] == "COMPLETED" and s,
+        120,
+        0.2,
+        what="the failed fal request to end",
+    )
     assert "InputError" in status["error"]
     result = http.get(submitted["response_url"])
     assert result.status_code == 422 and "InputError" in result.json()["detail"][0]["msg"]
@@ -212,33 +263,58 @@ def test_fal_request_that_fails_reports_error_by_status_result_and_webhook(http,
 def test_cancel_and_retry_over_http(http):
     # a long item keeps the i1 worker busy while the cancel comes: the queued ones end cancelled at once
     rows = [{"id": "long", "prompt": "slow", "steps": 150}] + [{"id": f"q{n}", "prompt": "wait"} for n in range(3)]
-    job = http.post("/v1/jobs", json={"model": "i1-fast", "rows": rows,
-                                      "defaults": {"steps": 1, "width": 256, "height": 256}}).json()
-    wait_until(lambda: http.get(f"/v1/jobs/{job['id']}").json()["counts"]["running"] == 1, 60, 0.1,
-               what="the long item to start")
+    job = http.post(
+        "/v1/jobs", json={"model": "i1-fast", "rows": rows, "defaults": {"steps": 1, "width": 256, "height": 256}}
+    ).json()
+    wait_until(
+        lambda: http.get(f"/v1/jobs/{job['id']}").json()["counts"]["running"] == 1,
+        60,
+        0.1,
+        what="the long item to start",
+    )
     cancel = http.post(f"/v1/jobs/{job['id']}/cancel")
     assert cancel.status_code == 200 and cancel.json()["cancel_requested"] is True
-    ended = wait_until(lambda: (s := http.get(f"/v1/jobs/{job['id']}").json())["finished_at"] and s, 60, 0.2,
-                       what="the cancelled job to end")
+    ended = wait_until(
+        lambda: (s := http.get(f"/v1/jobs/{job['id']}").json())["finished_at"] and s,
+        60,
+        0.2,
+        what="the cancelled job to end",
+    )
     assert ended["status"] == "cancelled" and ended["counts"]["cancelled"] == 4
     assert http.post(f"/v1/jobs/{job['id']}/cancel").json()["status"] == "cancelled"  # again: no change
 
     # one good edit and one whose input is not an image: only the failed one is re-queued
     bad = "data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\n broken").decode()
     good = "data:image/png;base64," + base64.b64encode(png_bytes()).decode()
-    job = http.post("/v1/jobs", json={"model": "e1-1", "defaults": {"steps": 1, "refine_strength": 0}, "rows": [
-        {"id": "ok", "image": good, "instruction": "make it blue"},
-        {"id": "broken", "image": bad, "instruction": "make it blue"}]}).json()
-    first = wait_until(lambda: (s := http.get(f"/v1/jobs/{job['id']}").json())["finished_at"] and s, 120, 0.2,
-                       what="the edit job to end")
+    job = http.post(
+        "/v1/jobs",
+        json={
+            "model": "e1-1",
+            "defaults": {"steps": 1, "refine_strength": 0},
+            "rows": [
+                {"id": "ok", "image": good, "instruction": "make it blue"},
+                {"id": "broken", "image": bad, "instruction": "make it blue"},
+            ],
+        },
+    ).json()
+    first = wait_until(
+        lambda: (s := http.get(f"/v1/jobs/{job['id']}").json())["finished_at"] and s,
+        120,
+        0.2,
+        what="the edit job to end",
+    )
     assert first["counts"]["completed"] == 1 and first["counts"]["failed"] == 1
     failed = http.get(f"/v1/jobs/{job['id']}/items", params={"status": "failed"}).json()["data"]
     assert [i["id"] for i in failed] == ["broken"]
 
     retried = http.post(f"/v1/jobs/{job['id']}/retry").json()
     assert retried["requeued"] == ["broken"] and retried["round"] == 1
-    again = wait_until(lambda: (s := http.get(f"/v1/jobs/{job['id']}").json())["finished_at"] and s, 120, 0.2,
-                       what="the retried job to end")
+    again = wait_until(
+        lambda: (s := http.get(f"/v1/jobs/{job['id']}").json())["finished_at"] and s,
+        120,
+        0.2,
+        what="the retried job to end",
+    )
     assert again["counts"]["completed"] == 1 and again["counts"]["failed"] == 1
     items = {i["id"]: i for i in http.get(f"/v1/jobs/{job['id']}/items").json()["data"]}
     assert items["broken"]["attempts"] == 2 and items["ok"]["attempts"] == 1  # the good one did not run again

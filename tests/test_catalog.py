@@ -76,7 +76,7 @@ preset = "white-studio"
 params = {{ steps = 1, seed = 3 }}
 output = "s3://{bucket}/edited"
 keep_format = true
-{f'instruction = "{instruction}"' if instruction else ''}
+{f'instruction = "{instruction}"' if instruction else ""}
 [schedules.{name}.source]
 prefix = "s3://{bucket}/products/"
 path = "products/{{category*}}/{{sku}}.jpg"
@@ -94,8 +94,10 @@ def e1_workers(redis_server, s3_endpoint, tiny_dir, tmp_path_factory):
     redis_url = redis_server.url[:-1] + "11"
     logs = tmp_path_factory.mktemp("e1-workers")
     env = service_env(redis_url, s3_endpoint, tiny_dir)
-    workers = [Worker(["worker", "--model", "e1-1", "--weights", "tiny", "--device", "cpu"], env, logs / "gpu.log"),
-               Worker(["worker", "--io"], env, logs / "io.log")]
+    workers = [
+        Worker(["worker", "--model", "e1-1", "--weights", "tiny", "--device", "cpu"], env, logs / "gpu.log"),
+        Worker(["worker", "--io"], env, logs / "io.log"),
+    ]
     try:
         for w in workers:
             w.wait_ready()
@@ -108,15 +110,23 @@ def e1_workers(redis_server, s3_endpoint, tiny_dir, tmp_path_factory):
 class Nightly:
     """Runs of one schedule in this process, against the shared workers, as beat would fire them."""
 
-    def __init__(self, redis_url: str, s3_endpoint: str, schedules: Path, name: str, allow_private_hosts: str = "",
-                 **catalog):
-        self.settings = Settings(redis_url=redis_url, s3=S3Settings(endpoint_url=s3_endpoint),
-                                 catalog=CatalogSettings(schedules_file=str(schedules), **catalog),
-                                 allow_private_hosts=allow_private_hosts)
+    def __init__(
+        self, redis_url: str, s3_endpoint: str, schedules: Path, name: str, allow_private_hosts: str = "", **catalog
+    ):
+        self.settings = Settings(
+            redis_url=redis_url,
+            s3=S3Settings(endpoint_url=s3_endpoint),
+            catalog=CatalogSettings(schedules_file=str(schedules), **catalog),
+            allow_private_hosts=allow_private_hosts,
+        )
         self.services, self.name = Services(self.settings), name
-        self.env = service_env(redis_url, s3_endpoint, Path("."),
-                               DREAMBATCH_CATALOG__SCHEDULES_FILE=str(schedules),
-                               **{f"DREAMBATCH_CATALOG__{k.upper()}": str(v) for k, v in catalog.items()})
+        self.env = service_env(
+            redis_url,
+            s3_endpoint,
+            Path("."),
+            DREAMBATCH_CATALOG__SCHEDULES_FILE=str(schedules),
+            **{f"DREAMBATCH_CATALOG__{k.upper()}": str(v) for k, v in catalog.items()},
+        )
 
     def run(self, wait: bool = True, **kwargs):
         report = run_schedule(load_schedules(self.settings)[self.name], self.services, **kwargs)
@@ -142,7 +152,8 @@ def results(s3, bucket: str, job_id: str) -> list[dict]:
 
 
 def test_scheduled_scan_edits_every_image_once_then_only_what_changed_and_the_sheet_shows_every_pair(
-        redis_server, s3_endpoint, tiny_dir, bucket, start_worker, tmp_path):
+    redis_server, s3_endpoint, tiny_dir, bucket, start_worker, tmp_path
+):
     s3 = s3_client(s3_endpoint)
     for n, (key, (fmt, ctype)) in enumerate(IMAGES.items()):
         s3.put_object(Bucket=bucket, Key=key, Body=photo(n, fmt), ContentType=ctype)
@@ -151,8 +162,11 @@ def test_scheduled_scan_edits_every_image_once_then_only_what_changed_and_the_sh
     name = f"nightly-{uuid.uuid4().hex[:6]}"
     schedules = schedule_file(tmp_path / "schedules.toml", name, bucket)
     redis_url = redis_server.url[:-1] + "6"  # its own database: the beat lock is not shared with other tests
-    extra = {"DREAMBATCH_REDIS_URL": redis_url, "DREAMBATCH_CATALOG__SCHEDULES_FILE": str(schedules),
-             "DREAMBATCH_CATALOG__BEAT_INTERVAL": "0.3"}
+    extra = {
+        "DREAMBATCH_REDIS_URL": redis_url,
+        "DREAMBATCH_CATALOG__SCHEDULES_FILE": str(schedules),
+        "DREAMBATCH_CATALOG__BEAT_INTERVAL": "0.3",
+    }
     env = service_env(redis_server.url, s3_endpoint, tiny_dir, **extra)
 
     # beat was down at 02:00 for three nights: when it comes back it fires once, an io worker scans
@@ -191,8 +205,10 @@ def test_scheduled_scan_edits_every_image_once_then_only_what_changed_and_the_sh
     # every pair renders in a real browser, with its id, sku and a link to its output
     def sheet_written():
         listed = s3.list_objects_v2(Bucket=bucket, Prefix=f"edited/{job_id}/sheet")
-        return {o["Key"] for o in listed.get("Contents", [])} == {f"edited/{job_id}/sheet.html",
-                                                                   f"edited/{job_id}/sheet.png"}
+        return {o["Key"] for o in listed.get("Contents", [])} == {
+            f"edited/{job_id}/sheet.html",
+            f"edited/{job_id}/sheet.png",
+        }
 
     wait_until(sheet_written, 30, 0.2, what="the job's review sheet")
     written = s3.get_object(Bucket=bucket, Key=f"edited/{job_id}/sheet.html")
@@ -200,8 +216,12 @@ def test_scheduled_scan_edits_every_image_once_then_only_what_changed_and_the_sh
     page = tmp_path / "written" / "sheet.html"
     page.parent.mkdir()
     page.write_bytes(written["Body"].read())
-    dom = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", page.as_uri()],
-                         capture_output=True, text=True, timeout=60).stdout
+    dom = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", page.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
     assert 'data-images="8"' in dom and 'data-loaded="8"' in dom  # 4 befores + 4 afters, all decoded
     for line in lines:
         card = re.search(rf'<section class="card completed" data-id="{re.escape(line["id"])}">(.*?)</section>', dom)
@@ -215,15 +235,30 @@ def test_scheduled_scan_edits_every_image_once_then_only_what_changed_and_the_sh
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "sheet" / "sheet.html").read_bytes() == page.read_bytes()
     shot = tmp_path / "sheet.png"
-    subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                    f"--screenshot={shot}", "--window-size=1000,800", page.as_uri()], capture_output=True, timeout=60)
+    subprocess.run(
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            f"--screenshot={shot}",
+            "--window-size=1000,800",
+            page.as_uri(),
+        ],
+        capture_output=True,
+        timeout=60,
+    )
     assert np.asarray(Image.open(shot).convert("L")).std() > 10  # the page drew pictures, not a blank
     grid = Image.open(io.BytesIO(s3.get_object(Bucket=bucket, Key=f"edited/{job_id}/sheet.png")["Body"].read()))
     assert grid.size == (4 * (2 * 192 + 12) + 8, 1 * (192 + 34 + 8) + 8)  # one row of four pairs
 
     # the same night again: nothing new, so no job and no GPU work (runs in this process from here on)
-    settings = Settings(redis_url=redis_url, s3=S3Settings(endpoint_url=s3_endpoint),
-                        catalog=CatalogSettings(schedules_file=str(schedules)))
+    settings = Settings(
+        redis_url=redis_url,
+        s3=S3Settings(endpoint_url=s3_endpoint),
+        catalog=CatalogSettings(schedules_file=str(schedules)),
+    )
     services = Services(settings)
 
     def run_now(**kwargs):
@@ -263,12 +298,17 @@ def test_scheduled_scan_edits_every_image_once_then_only_what_changed_and_the_sh
 
 
 def test_two_beats_started_together_fire_a_missed_slot_once_and_a_standby_takes_over(
-        redis_server, s3_endpoint, tiny_dir, bucket, start_worker, tmp_path):
+    redis_server, s3_endpoint, tiny_dir, bucket, start_worker, tmp_path
+):
     name = f"twobeats-{uuid.uuid4().hex[:6]}"
     schedules = schedule_file(tmp_path / "schedules.toml", name, bucket)
     redis_url = redis_server.url[:-1] + "7"
-    extra = {"DREAMBATCH_REDIS_URL": redis_url, "DREAMBATCH_CATALOG__SCHEDULES_FILE": str(schedules),
-             "DREAMBATCH_CATALOG__BEAT_INTERVAL": "0.2", "DREAMBATCH_CATALOG__BEAT_LOCK_TTL": "1.5"}
+    extra = {
+        "DREAMBATCH_REDIS_URL": redis_url,
+        "DREAMBATCH_CATALOG__SCHEDULES_FILE": str(schedules),
+        "DREAMBATCH_CATALOG__BEAT_INTERVAL": "0.2",
+        "DREAMBATCH_CATALOG__BEAT_LOCK_TTL": "1.5",
+    }
     state = ScheduleState.from_url(redis_url)
     state.set_last_fired(name, (datetime.now(UTC) - timedelta(days=2, hours=1)).isoformat())
     beats = [start_worker("beat", **extra), start_worker("beat", **extra)]  # no io worker: messages stay queued
@@ -276,8 +316,11 @@ def test_two_beats_started_together_fire_a_missed_slot_once_and_a_standby_takes_
     def fired() -> list[list]:
         """The run_schedule messages waiting in the io queue (Celery protocol 2 bodies: [args, kwargs, embed])."""
         messages = [json.loads(m) for m in state.r.lrange(keys.IO_QUEUE, 0, -1)]
-        return [json.loads(base64.b64decode(m["body"]) if m["properties"].get("body_encoding") == "base64"
-                           else m["body"]) for m in messages if m["headers"]["task"] == keys.TASK_RUN_SCHEDULE]
+        return [
+            json.loads(base64.b64decode(m["body"]) if m["properties"].get("body_encoding") == "base64" else m["body"])
+            for m in messages
+            if m["headers"]["task"] == keys.TASK_RUN_SCHEDULE
+        ]
 
     wait_until(fired, 30, 0.1, what="beat to fire")
     wait_until(lambda: all("ready." in b.log.read_text() for b in beats), 10, what="both beats up")
@@ -301,18 +344,29 @@ def test_only_completed_items_of_an_ended_run_are_recorded_and_a_run_in_flight_i
     run = {"items": {"a-1": {"key": "p/a.jpg", "fp": "fa"}, "b-2": {"key": "p/b.jpg", "fp": "fb"}}}
     objects.put(keys.S3_CATALOG_RUN.format(prefix="", name="n", job_id="J1"), json.dumps(run).encode(), "x")
     ledger = Ledger(pending=["J1"])
-    store.create_job(JobRecord(job_id="J1", model="e1-1", output=str(tmp_path), created_at="2026-01-01T00:00:00+00:00",
-                               updated_at="2026-01-01T00:00:00+00:00", total=2))
+    store.create_job(
+        JobRecord(
+            job_id="J1",
+            model="e1-1",
+            output=str(tmp_path),
+            created_at="2026-01-01T00:00:00+00:00",
+            updated_at="2026-01-01T00:00:00+00:00",
+            total=2,
+        )
+    )
     assert fold(ledger, objects, store, "n") == ([], {"p/a.jpg": "fa", "p/b.jpg": "fb"})  # still running
-    lines = [{"id": "a-1", "status": "completed", "output": {"images": [{"s3_uri": "s3://x/a.jpg"}]}},
-             {"id": "b-2", "status": "failed", "output": {"images": []}}]
+    lines = [
+        {"id": "a-1", "status": "completed", "output": {"images": [{"s3_uri": "s3://x/a.jpg"}]}},
+        {"id": "b-2", "status": "failed", "output": {"images": []}},
+    ]
     objects.put("J1/results.jsonl", "\n".join(json.dumps(x) for x in lines).encode(), "x")
     assert fold(ledger, objects, store, "n") == (["J1"], {})
     assert set(ledger.entries) == {"p/a.jpg"} and ledger.entries["p/a.jpg"]["fp"] == "fa" and ledger.pending == []
 
 
 def test_rejected_and_failed_items_count_failed_runs_per_fingerprint_and_an_aborted_submission_is_not_in_flight(
-        tmp_path):
+    tmp_path,
+):
     objects, store = LocalStore(str(tmp_path)), MemoryStore()
     at = "2026-01-01T00:00:00+00:00"
     ledger = Ledger()
@@ -321,15 +375,30 @@ def test_rejected_and_failed_items_count_failed_runs_per_fingerprint_and_an_abor
         """A run of items (item id, fingerprint, status), written as the run record and its results."""
         run = {"items": {i: {"key": f"p/{i}.jpg", "fp": fp} for i, fp, _ in lines}}
         objects.put(keys.S3_CATALOG_RUN.format(prefix="", name="n", job_id=job_id), json.dumps(run).encode(), "x")
-        store.create_job(JobRecord(job_id=job_id, model="e1-1", output=str(tmp_path), created_at=at, updated_at=at,
-                                   total=len(lines), submitting=aborted))
+        store.create_job(
+            JobRecord(
+                job_id=job_id,
+                model="e1-1",
+                output=str(tmp_path),
+                created_at=at,
+                updated_at=at,
+                total=len(lines),
+                submitting=aborted,
+            )
+        )
         ledger.pending.append(job_id)
         if aborted:  # its submission failed: no results will ever come, and nothing of it runs
             store.abort_submission(job_id)
             return
-        results = [{"id": i, "status": st, "error": "invalid row: line 2: steps: should be >= 1" if st == "failed"
-                    else None, "output": {"images": [{"s3_uri": f"s3://x/{i}"}] if st == "completed" else []}}
-                   for i, _, st in lines]
+        results = [
+            {
+                "id": i,
+                "status": st,
+                "error": "invalid row: line 2: steps: should be >= 1" if st == "failed" else None,
+                "output": {"images": [{"s3_uri": f"s3://x/{i}"}] if st == "completed" else []},
+            }
+            for i, _, st in lines
+        ]
         objects.put(f"{job_id}/results.jsonl", "\n".join(json.dumps(x) for x in results).encode(), "x")
 
     ended_run("J0", [("a", "fa", "queued")], aborted=True)
@@ -344,8 +413,11 @@ def test_rejected_and_failed_items_count_failed_runs_per_fingerprint_and_an_abor
     assert ledger.failures["p/a.jpg"]["count"] == 1 and set(ledger.entries) == {"p/c.jpg"}
 
     # failures that are not the input's never count: an outage or a model error must not give up on images
-    for error in ("TransientError: S3 PUT: SlowDown (after 3 attempts)", "ModelError: CUDA out of memory",
-                  "gave up after 3 attempts that did not finish (worker lost or timed out)"):
+    for error in (
+        "TransientError: S3 PUT: SlowDown (after 3 attempts)",
+        "ModelError: CUDA out of memory",
+        "gave up after 3 attempts that did not finish (worker lost or timed out)",
+    ):
         assert not input_failure({"status": "failed", "attempts": 3, "error": error})
     assert input_failure({"status": "failed", "attempts": 1, "error": "InputError: not a JPEG, PNG or WebP"})
     assert input_failure({"status": "failed", "attempts": 0, "error": "line 2: steps: should be >= 1"})
@@ -363,17 +435,48 @@ def test_an_image_url_the_address_guard_refuses_is_an_input_failure_to_every_rea
     from jobs.models import ItemRecord
     from worker import process, webhooks
 
-    objects, store, at, url = LocalStore(str(tmp_path)), MemoryStore(), "2026-01-01T00:00:00+00:00", "http://127.0.0.1:9/a.jpg"
-    store.create_job(JobRecord(job_id="J", model="e1-1", output=str(tmp_path), total=1, created_at=at, updated_at=at,
-                               webhook="https://hooks.example/j"))
-    store.add_items([ItemRecord(job_id="J", item_id="a", line=1, seed=1, created_at=at, updated_at=at,
-                                params={"image": url, "instruction": "make it blue", "steps": 1})])
+    objects, store, at, url = (
+        LocalStore(str(tmp_path)),
+        MemoryStore(),
+        "2026-01-01T00:00:00+00:00",
+        "http://127.0.0.1:9/a.jpg",
+    )
+    store.create_job(
+        JobRecord(
+            job_id="J",
+            model="e1-1",
+            output=str(tmp_path),
+            total=1,
+            created_at=at,
+            updated_at=at,
+            webhook="https://hooks.example/j",
+        )
+    )
+    store.add_items(
+        [
+            ItemRecord(
+                job_id="J",
+                item_id="a",
+                line=1,
+                seed=1,
+                created_at=at,
+                updated_at=at,
+                params={"image": url, "instruction": "make it blue", "steps": 1},
+            )
+        ]
+    )
 
     def no_model():
         raise AssertionError("a refused input never reaches the model")
 
-    ctx = process.Context(settings=Settings(allow_private_hosts=""), store=store, runner=no_model,
-                          objects=lambda _: objects, notify=lambda *event: None, finalize=lambda _: None)
+    ctx = process.Context(
+        settings=Settings(allow_private_hosts=""),
+        store=store,
+        runner=no_model,
+        objects=lambda _: objects,
+        notify=lambda *event: None,
+        finalize=lambda _: None,
+    )
     assert process.process_item(ctx, "J", "a").ended == "failed"
     process.finalize_job(ctx, "J")
 
@@ -398,8 +501,10 @@ def test_an_image_url_the_address_guard_refuses_is_an_input_failure_to_every_rea
 def test_the_diff_keeps_in_flight_items_back_even_for_new_weights_and_gives_up_on_keys_that_keep_failing():
     from jobs.catalog.ledger import Diff
 
-    ledger = Ledger(entries={"k": {"fp": "f", "model_revision": "A"}},
-                    failures={"bad": {"fp": "g", "count": 3, "error": "InputError: not an image"}})
+    ledger = Ledger(
+        entries={"k": {"fp": "f", "model_revision": "A"}},
+        failures={"bad": {"fp": "g", "count": 3, "error": "InputError: not an image"}},
+    )
 
     def verdict(key, fp, revision="A", in_flight=None, always=None, retry_failed=False):
         return Diff(ledger, in_flight or {}, revision, 3, retry_failed, "n").verdict(key, fp, always)
@@ -440,8 +545,10 @@ def test_key_templates_and_text_templates_name_what_is_wrong(tmp_path):
         render("{sku.__class__.__mro__[1]}", {"sku": "7"}, "w")
     assert item_id_for("shoes/1 2.jpg") != item_id_for("shoes/1_2.jpg")
     bad = tmp_path / "s.toml"
-    bad.write_text('[schedules.x]\ncron = "61 * * * *"\noutput = "s3://b/o"\npreset = "white-studio"\n'
-                   '[schedules.x.source]\nprefix = "s3://b/p/"\n')
+    bad.write_text(
+        '[schedules.x]\ncron = "61 * * * *"\noutput = "s3://b/o"\npreset = "white-studio"\n'
+        '[schedules.x.source]\nprefix = "s3://b/p/"\n'
+    )
     with pytest.raises(ConfigError, match=r"schedules\.x: cron: not a cron expression: '61 \* \* \* \*'"):
         load_schedules(Settings(), bad)
 
@@ -460,8 +567,20 @@ def test_validate_with_a_preset_fills_the_instruction_and_compose_runs_beat(tmp_
     runner = CliRunner()
     bare = runner.invoke(app, ["validate", str(manifest), "--model", "e1-1"])
     assert bare.exit_code == 2 and "an edit row needs an instruction" in bare.output
-    preset = runner.invoke(app, ["validate", str(manifest), "--model", "e1-1", "--preset", "seasonal",
-                                 "--set", "theme=autumn leaves", "--json"])
+    preset = runner.invoke(
+        app,
+        [
+            "validate",
+            str(manifest),
+            "--model",
+            "e1-1",
+            "--preset",
+            "seasonal",
+            "--set",
+            "theme=autumn leaves",
+            "--json",
+        ],
+    )
     assert preset.exit_code == 0, preset.output
     assert json.loads(preset.stdout)["valid"] == 1
     unknown = runner.invoke(app, ["validate", str(manifest), "--model", "e1-1", "--preset", "studio"])
@@ -474,17 +593,23 @@ def test_validate_with_a_preset_fills_the_instruction_and_compose_runs_beat(tmp_
 
 
 def test_a_manifest_source_queues_every_row_with_the_schedules_preset_and_a_dry_run_queues_nothing(
-        redis_server, s3_endpoint, bucket, tmp_path):
+    redis_server, s3_endpoint, bucket, tmp_path
+):
     s3 = s3_client(s3_endpoint)
     s3.put_object(Bucket=bucket, Key="in/a.jpg", Body=photo(1, "jpg"), ContentType="image/jpeg")
     manifest = "image,sku\n" + f"s3://{bucket}/in/a.jpg,A\n" + f"s3://{bucket}/in/a.jpg,B\n"
     s3.put_object(Bucket=bucket, Key="manifests/tonight.csv", Body=manifest.encode())
     name = f"m-{uuid.uuid4().hex[:6]}"
     path = tmp_path / "schedules.toml"
-    path.write_text(f'[schedules.{name}]\nmodel = "e1-1"\npreset = "seasonal"\noutput = "s3://{bucket}/out"\n'
-                    f'[schedules.{name}.source]\nmanifest = "s3://{bucket}/manifests/tonight.csv"\n')
-    settings = Settings(redis_url=redis_server.url[:-1] + "8", s3=S3Settings(endpoint_url=s3_endpoint),
-                        catalog=CatalogSettings(schedules_file=str(path)))
+    path.write_text(
+        f'[schedules.{name}]\nmodel = "e1-1"\npreset = "seasonal"\noutput = "s3://{bucket}/out"\n'
+        f'[schedules.{name}.source]\nmanifest = "s3://{bucket}/manifests/tonight.csv"\n'
+    )
+    settings = Settings(
+        redis_url=redis_server.url[:-1] + "8",
+        s3=S3Settings(endpoint_url=s3_endpoint),
+        catalog=CatalogSettings(schedules_file=str(path)),
+    )
     published: list[tuple[str, str, list[str]]] = []
     services = Services(settings, publish=lambda job, ids: published.append((job.model, job.job_id, ids)))
     schedule = load_schedules(settings)[name]
@@ -507,13 +632,18 @@ def test_a_schedules_priority_concurrency_cap_and_expiry_reach_its_jobs(redis_se
     name, path = f"opts-{uuid.uuid4().hex[:6]}", tmp_path / "schedules.toml"
 
     def write(priority: str = '"high"', cap: str = "2", expires: str = '"2h"') -> None:
-        path.write_text(f'[schedules.{name}]\nmodel = "e1-1"\npreset = "seasonal"\noutput = "s3://{bucket}/out"\n'
-                        f'priority = {priority}\nmax_concurrency = {cap}\nexpires_after = {expires}\n'
-                        f'[schedules.{name}.source]\nmanifest = "{manifest}"\n')
+        path.write_text(
+            f'[schedules.{name}]\nmodel = "e1-1"\npreset = "seasonal"\noutput = "s3://{bucket}/out"\n'
+            f"priority = {priority}\nmax_concurrency = {cap}\nexpires_after = {expires}\n"
+            f'[schedules.{name}.source]\nmanifest = "{manifest}"\n'
+        )
 
     write()
-    settings = Settings(redis_url=redis_server.url[:-1] + "8", s3=S3Settings(endpoint_url=s3_endpoint),
-                        catalog=CatalogSettings(schedules_file=str(path)))
+    settings = Settings(
+        redis_url=redis_server.url[:-1] + "8",
+        s3=S3Settings(endpoint_url=s3_endpoint),
+        catalog=CatalogSettings(schedules_file=str(path)),
+    )
     published: list[tuple[str, list[str]]] = []
     services = Services(settings, publish=lambda job, ids: published.append((job.priority, ids)))
 
@@ -524,8 +654,11 @@ def test_a_schedules_priority_concurrency_cap_and_expiry_reach_its_jobs(redis_se
     assert before + 7200 <= job.expires_at <= time.time() + 7200
     assert published == [("high", ["2"])]  # its items wait in the high-priority list
 
-    for bad, why in [({"priority": '"urgent"'}, "priority"), ({"cap": "0"}, "max_concurrency"),
-                     ({"expires": '"soon"'}, "expires_after: expected a duration")]:
+    for bad, why in [
+        ({"priority": '"urgent"'}, "priority"),
+        ({"cap": "0"}, "max_concurrency"),
+        ({"expires": '"soon"'}, "expires_after: expected a duration"),
+    ]:
         write(**bad)
         with pytest.raises(ConfigError, match=f"schedules.{name}: {why}"):
             load_schedules(settings)
@@ -543,21 +676,30 @@ def test_a_large_job_gets_sheet_pages_and_a_failed_row_shows_its_error(tmp_path)
         before = objects.put(f"J/inputs/r{n}.png", photo(n, "png"), "image/png")
         after = objects.put(f"J/r{n}.png", photo(10 + n, "png"), "image/png") if status == "completed" else None
         rows.append({"id": f"r{n}", "line": n + 2, "params": {"image": before}, "metadata": {}})
-        lines.append({"id": f"r{n}", "line": n + 2, "status": status, "metadata": {"sku": f"<b>{n}</b>"},
-                      "error": None if after else "InputError: not a JPEG, PNG or WebP image", "seed": 1,
-                      "output": {"images": [{"s3_uri": after, "url": None}] if after else []}})
+        lines.append(
+            {
+                "id": f"r{n}",
+                "line": n + 2,
+                "status": status,
+                "metadata": {"sku": f"<b>{n}</b>"},
+                "error": None if after else "InputError: not a JPEG, PNG or WebP image",
+                "seed": 1,
+                "output": {"images": [{"s3_uri": after, "url": None}] if after else []},
+            }
+        )
     objects.put("J/rows.jsonl", "\n".join(json.dumps(r) for r in rows).encode(), "x")
     objects.put("J/results.jsonl", "\n".join(json.dumps(x) for x in lines).encode(), "x")
 
     pages = make_sheet("J", objects, Settings(), lambda _loc: objects, page_size=2)
     assert [(Path(p.html_uri).name, Path(p.png_uri).name, p.pairs) for p in pages] == [
-        ("sheet.html", "sheet.png", 2), ("sheet-2.html", "sheet-2.png", 1)]
+        ("sheet.html", "sheet.png", 2),
+        ("sheet-2.html", "sheet-2.png", 1),
+    ]
     first = Path(pages[0].html_uri).read_text()
     assert first.count('class="before"') == 2 and first.count('class="after"') == 1
     assert "InputError: not a JPEG, PNG or WebP image" in first and "no output" in first
     assert "sku: &lt;b&gt;0&lt;/b&gt;" in first and "<b>0</b>" not in first  # metadata is escaped
     assert f'href="{Path(lines[0]["output"]["images"][0]["s3_uri"]).as_uri()}"' in first
-
 
 
 def scan_once(tmp_path, s3_endpoint: str, bucket: str, name: str, fields: str) -> tuple[list, list, object]:
@@ -575,18 +717,28 @@ def scan_once(tmp_path, s3_endpoint: str, bucket: str, name: str, fields: str) -
     store, plan = S3Store(f"s3://{bucket}/p/", s3_client(s3_endpoint)), make_plan(schedule, {}, settings)
     return list(candidates(schedule, plan, store, settings, skipped)), skipped, plan
 
+
 def test_instruction_templates_read_object_metadata_and_an_object_without_it_is_skipped_with_the_reason(
-        s3_endpoint, bucket, tmp_path):
+    s3_endpoint, bucket, tmp_path
+):
 
     s3 = s3_client(s3_endpoint)
     s3.put_object(Bucket=bucket, Key="p/red.jpg", Body=photo(1, "jpg"), Metadata={"Color": "red"})
     s3.put_object(Bucket=bucket, Key="p/plain.jpg", Body=photo(2, "jpg"))
-    found, skipped, _ = scan_once(tmp_path, s3_endpoint, bucket, "m", f'model = "e1-1"\ninstruction = "Make the '
-                               f'{{meta.color}} shoe {{stem}} pop"\noutput = "s3://{bucket}/out"\nlayout = "job"\n')
+    found, skipped, _ = scan_once(
+        tmp_path,
+        s3_endpoint,
+        bucket,
+        "m",
+        f'model = "e1-1"\ninstruction = "Make the '
+        f'{{meta.color}} shoe {{stem}} pop"\noutput = "s3://{bucket}/out"\nlayout = "job"\n',
+    )
     assert [(c.key, c.row["instruction"], "output_key" in c.row) for c in found] == [
-        ("p/red.jpg", "Make the red shoe red pop", False)]
+        ("p/red.jpg", "Make the red shoe red pop", False)
+    ]
     assert [(s.key, s.reason) for s in skipped] == [
-        ("p/plain.jpg", "no object metadata x-amz-meta-color (the instruction uses {meta.color})")]
+        ("p/plain.jpg", "no object metadata x-amz-meta-color (the instruction uses {meta.color})")
+    ]
 
 
 def test_a_yaml_schedules_file_loads_as_the_same_schedules_and_a_broken_one_names_its_line(tmp_path):
@@ -614,46 +766,67 @@ schedules:
     with pytest.raises(ConfigError, match=r"schedules file .*broken\.yml: line 3, column 1: found character '\\t'"):
         load_schedules(Settings(), broken)
     wrong = tmp_path / "wrong.yaml"
-    wrong.write_text("schedules:\n  x:\n    output: s3://b/o\n    preset: white-studio\n    revision: 2025-07-01\n"
-                     "    source: {prefix: 's3://b/p/'}\n")
+    wrong.write_text(
+        "schedules:\n  x:\n    output: s3://b/o\n    preset: white-studio\n    revision: 2025-07-01\n"
+        "    source: {prefix: 's3://b/p/'}\n"
+    )
     with pytest.raises(ConfigError, match=r"wrong\.yaml: schedules\.x: revision: Input should be a valid string"):
         load_schedules(Settings(), wrong)
 
 
-@pytest.mark.parametrize(("source", "output"), [("s3://b/products/", "s3://b/products/edited"),
-                                                ("s3://b/products", "s3://b/products/"),
-                                                ("s3://b/", "s3://b/edited"), ("s3://b", "s3://b/")])
+@pytest.mark.parametrize(
+    ("source", "output"),
+    [
+        ("s3://b/products/", "s3://b/products/edited"),
+        ("s3://b/products", "s3://b/products/"),
+        ("s3://b/", "s3://b/edited"),
+        ("s3://b", "s3://b/"),
+    ],
+)
 def test_a_schedule_whose_output_is_inside_its_source_prefix_is_refused_naming_both(tmp_path, source, output):
     path = tmp_path / "s.toml"
-    path.write_text(f'[schedules.loop]\npreset = "white-studio"\noutput = "{output}"\n'
-                    f'[schedules.loop.source]\nprefix = "{source}"\n')
+    path.write_text(
+        f'[schedules.loop]\npreset = "white-studio"\noutput = "{output}"\n'
+        f'[schedules.loop.source]\nprefix = "{source}"\n'
+    )
     with pytest.raises(ConfigError) as caught:
         load_schedules(Settings(), path)
     assert f"schedules.loop: output: {output.rstrip('/')} is inside source.prefix {source}:" in str(caught.value)
 
 
-@pytest.mark.parametrize("output", ["s3://b/products-edited", "s3://b/edited/products", "s3://other/products/edited",
-                                    "s3://b"])
+@pytest.mark.parametrize(
+    "output", ["s3://b/products-edited", "s3://b/edited/products", "s3://other/products/edited", "s3://b"]
+)
 def test_an_output_beside_the_source_prefix_is_accepted(tmp_path, output):
     path = tmp_path / "s.toml"
-    path.write_text(f'[schedules.ok]\npreset = "white-studio"\noutput = "{output}"\n'
-                    f'[schedules.ok.source]\nprefix = "s3://b/products/"\n')
+    path.write_text(
+        f'[schedules.ok]\npreset = "white-studio"\noutput = "{output}"\n'
+        f'[schedules.ok.source]\nprefix = "s3://b/products/"\n'
+    )
     assert load_schedules(Settings(), path)["ok"].output == output
 
 
 def test_keep_format_gives_an_extensionless_image_the_extension_of_its_format_so_its_row_is_valid(
-        s3_endpoint, bucket, tmp_path):
+    s3_endpoint, bucket, tmp_path
+):
 
     s3 = s3_client(s3_endpoint)
     s3.put_object(Bucket=bucket, Key="p/hats/cap", Body=photo(1, "png"), ContentType="image/png")
     s3.put_object(Bucket=bucket, Key="p/hats/beanie", Body=photo(2, "jpg"), ContentType="image/jpeg; charset=x")
     s3.put_object(Bucket=bucket, Key="p/hats/visor.WEBP", Body=photo(3, "webp"), ContentType="image/webp")
-    found, skipped, plan = scan_once(tmp_path, s3_endpoint, bucket, "k",
-                               f'preset = "white-studio"\noutput = "s3://{bucket}/out"\nkeep_format = true\n')
+    found, skipped, plan = scan_once(
+        tmp_path,
+        s3_endpoint,
+        bucket,
+        "k",
+        f'preset = "white-studio"\noutput = "s3://{bucket}/out"\nkeep_format = true\n',
+    )
     assert skipped == []
     assert {c.key: (c.row["output_key"], c.row["output_format"]) for c in found} == {
-        "p/hats/beanie": ("hats/beanie.jpg", "jpeg"), "p/hats/cap": ("hats/cap.png", "png"),
-        "p/hats/visor.WEBP": ("hats/visor.WEBP", "webp")}
+        "p/hats/beanie": ("hats/beanie.jpg", "jpeg"),
+        "p/hats/cap": ("hats/cap.png", "png"),
+        "p/hats/visor.WEBP": ("hats/visor.WEBP", "webp"),
+    }
     checker = RowChecker("e1-1", plan.defaults)
     for c in found:  # what submit will check: each output key's extension matches its format
         checked = checker.check(RawRow(1, c.row))
@@ -664,7 +837,8 @@ def test_keep_format_gives_an_extensionless_image_the_extension_of_its_format_so
 
 
 def test_a_fired_run_that_finds_the_schedule_running_retries_and_runs_once_the_lock_is_free(
-        redis_server, s3_endpoint, bucket, start_worker, tmp_path):
+    redis_server, s3_endpoint, bucket, start_worker, tmp_path
+):
     from jobs import broker
 
     s3 = s3_client(s3_endpoint)
@@ -672,26 +846,41 @@ def test_a_fired_run_that_finds_the_schedule_running_retries_and_runs_once_the_l
     name = f"retry-{uuid.uuid4().hex[:6]}"
     schedules = schedule_file(tmp_path / "schedules.toml", name, bucket)
     redis_url = redis_server.url.rsplit("/", 1)[0] + "/9"
-    extra = {"DREAMBATCH_REDIS_URL": redis_url, "DREAMBATCH_CATALOG__SCHEDULES_FILE": str(schedules),
-             "DREAMBATCH_CATALOG__RUN_RETRY_BASE": "0.4", "DREAMBATCH_CATALOG__RUN_RETRY_MAX": "0.8"}
+    extra = {
+        "DREAMBATCH_REDIS_URL": redis_url,
+        "DREAMBATCH_CATALOG__SCHEDULES_FILE": str(schedules),
+        "DREAMBATCH_CATALOG__RUN_RETRY_BASE": "0.4",
+        "DREAMBATCH_CATALOG__RUN_RETRY_MAX": "0.8",
+    }
     io_worker = start_worker("worker", "--io", **extra).wait_ready()
-    settings = Settings(redis_url=redis_url, s3=S3Settings(endpoint_url=s3_endpoint),
-                        catalog=CatalogSettings(schedules_file=str(schedules)))
+    settings = Settings(
+        redis_url=redis_url,
+        s3=S3Settings(endpoint_url=s3_endpoint),
+        catalog=CatalogSettings(schedules_file=str(schedules)),
+    )
     state = ScheduleState.from_url(redis_url)
     lock = keys.SCHEDULE_RUNNING.format(name=name)
     assert state.hold_lock(lock, "another-run", 30)  # a run of this schedule is going on elsewhere
 
     slot = load_schedules(settings)[name].latest_slot(datetime.now(UTC)).isoformat()
     broker.make_celery(settings).send_task(keys.TASK_RUN_SCHEDULE, args=[name, slot], queue=keys.IO_QUEUE)
-    failed = wait_until(lambda: (last := state.last_run(name)) and last.get("attempt", 0) >= 2 and last, 30, 0.1,
-                        what="two attempts that found the schedule running")
+    failed = wait_until(
+        lambda: (last := state.last_run(name)) and last.get("attempt", 0) >= 2 and last,
+        30,
+        0.1,
+        what="two attempts that found the schedule running",
+    )
     assert "another run is in progress" in failed["error"] and failed["retry_in"] == 0.8
     assert "attempt 1 failed: schedule " in io_worker.log.read_text() and "retrying in" in io_worker.log.read_text()
     assert state.r.get(lock) == "another-run"  # the waiting run never took it
 
     state.release_lock(lock, "another-run")
-    done = wait_until(lambda: (last := state.last_run(name)) and "error" not in last and last, 30, 0.1,
-                      what="the run after the lock was freed")
+    done = wait_until(
+        lambda: (last := state.last_run(name)) and "error" not in last and last,
+        30,
+        0.1,
+        what="the run after the lock was freed",
+    )
     assert (done["slot"], done["queued"]) == (slot, 1) and done["job_id"]
     assert state.r.get(lock) is None  # released at the end
     res = cli("schedules", "list", env=service_env(redis_url, s3_endpoint, tmp_path, **extra))
@@ -699,7 +888,8 @@ def test_a_fired_run_that_finds_the_schedule_running_retries_and_runs_once_the_l
 
 
 def test_a_crashed_runs_lock_expires_within_its_ttl_while_a_live_run_keeps_renewing_it(
-        redis_server, s3_endpoint, bucket, tmp_path):
+    redis_server, s3_endpoint, bucket, tmp_path
+):
     import sys
     import time
 
@@ -708,14 +898,24 @@ def test_a_crashed_runs_lock_expires_within_its_ttl_while_a_live_run_keeps_renew
     name = f"lock-{uuid.uuid4().hex[:6]}"
     schedules = schedule_file(tmp_path / "schedules.toml", name, bucket)
     redis_url = redis_server.url.rsplit("/", 1)[0] + "/9"
-    settings = Settings(redis_url=redis_url, s3=S3Settings(endpoint_url=s3_endpoint),
-                        catalog=CatalogSettings(schedules_file=str(schedules), run_lock_ttl=1.5))
+    settings = Settings(
+        redis_url=redis_url,
+        s3=S3Settings(endpoint_url=s3_endpoint),
+        catalog=CatalogSettings(schedules_file=str(schedules), run_lock_ttl=1.5),
+    )
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import time\nfrom jobs.catalog.lock import RunLock\n"
-         "from jobs.store import ScheduleState\n"
-         f"with RunLock(ScheduleState.from_url({redis_url!r}), {name!r}, 'holder', 1.5):\n"
-         "    print('held', flush=True)\n    time.sleep(120)\n"],
-        cwd=Path(__file__).resolve().parent.parent, stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import time\nfrom jobs.catalog.lock import RunLock\n"
+            "from jobs.store import ScheduleState\n"
+            f"with RunLock(ScheduleState.from_url({redis_url!r}), {name!r}, 'holder', 1.5):\n"
+            "    print('held', flush=True)\n    time.sleep(120)\n",
+        ],
+        cwd=Path(__file__).resolve().parent.parent,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         state, lock = ScheduleState.from_url(redis_url), keys.SCHEDULE_RUNNING.format(name=name)
@@ -734,24 +934,32 @@ def test_a_crashed_runs_lock_expires_within_its_ttl_while_a_live_run_keeps_renew
         holder.wait(10)
 
 
-def test_retries_back_off_stop_before_the_next_slot_and_an_unreachable_s3_is_retried(redis_server, s3_endpoint,
-                                                                                     tmp_path):
+def test_retries_back_off_stop_before_the_next_slot_and_an_unreachable_s3_is_retried(
+    redis_server, s3_endpoint, tmp_path
+):
     from services import free_port
 
     from jobs.catalog.run import retry_delay, run_fired
 
     name = f"s3down-{uuid.uuid4().hex[:6]}"
     schedules = schedule_file(tmp_path / "schedules.toml", name, "b")
-    settings = Settings(redis_url=redis_server.url.rsplit("/", 1)[0] + "/9",
-                        s3=S3Settings(endpoint_url=f"http://127.0.0.1:{free_port()}", max_attempts=1,
-                                      connect_timeout=0.5),
-                        catalog=CatalogSettings(schedules_file=str(schedules), run_retry_base=30, run_retry_max=600,
-                                                run_retries=5))
+    settings = Settings(
+        redis_url=redis_server.url.rsplit("/", 1)[0] + "/9",
+        s3=S3Settings(endpoint_url=f"http://127.0.0.1:{free_port()}", max_attempts=1, connect_timeout=0.5),
+        catalog=CatalogSettings(schedules_file=str(schedules), run_retry_base=30, run_retry_max=600, run_retries=5),
+    )
     schedule = load_schedules(settings)[name]  # 02:00 Berlin daily
     slot = datetime(2026, 1, 10, 1, 0, tzinfo=UTC)  # 02:00 Berlin; the next slot is 24 h later
     just_after = slot + timedelta(minutes=1)
     assert [retry_delay(schedule, slot.isoformat(), n, settings, just_after) for n in range(1, 8)] == [
-        30, 60, 120, 240, 480, None, None]  # doubling, capped by run_retries
+        30,
+        60,
+        120,
+        240,
+        480,
+        None,
+        None,
+    ]  # doubling, capped by run_retries
     late = slot + timedelta(hours=23, minutes=58)  # 2 minutes before the next slot
     assert [retry_delay(schedule, slot.isoformat(), n, settings, late) for n in (1, 2, 3)] == [30, 60, None]
     assert retry_delay(schedule, slot.isoformat(), 1, settings, late + timedelta(seconds=100)) is None
@@ -785,8 +993,9 @@ def new_weights(tiny: Path, to: Path) -> Path:
     return to
 
 
-def test_the_weights_revision_is_the_hub_commit_or_a_digest_of_configs_and_weight_edges(tiny_dir, tmp_path,
-                                                                                        monkeypatch):
+def test_the_weights_revision_is_the_hub_commit_or_a_digest_of_configs_and_weight_edges(
+    tiny_dir, tmp_path, monkeypatch
+):
     from services import fake_hub_snapshot
 
     from worker.runners.revision import weights_revision
@@ -807,12 +1016,16 @@ def test_the_weights_revision_is_the_hub_commit_or_a_digest_of_configs_and_weigh
 
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     fake_hub_snapshot(tmp_path / "hub", "HiDream-ai/HiDream-E1-1", tiny)
-    assert weights_revision("e1-1", None) == weights_revision("e1-1", "HiDream-ai/HiDream-E1-1") == \
-        "HiDream-ai/HiDream-E1-1@" + "0" * 40
+    assert (
+        weights_revision("e1-1", None)
+        == weights_revision("e1-1", "HiDream-ai/HiDream-E1-1")
+        == "HiDream-ai/HiDream-E1-1@" + "0" * 40
+    )
 
 
 def test_new_weights_on_the_workers_re_run_every_image_once_then_nothing(
-        redis_server, s3_endpoint, tiny_dir, bucket, start_worker, tmp_path):
+    redis_server, s3_endpoint, tiny_dir, bucket, start_worker, tmp_path
+):
     from worker.runners.revision import weights_revision
     from worker.runners.tiny import ensure_tiny
 
@@ -823,8 +1036,11 @@ def test_new_weights_on_the_workers_re_run_every_image_once_then_nothing(
     name = f"rev-{uuid.uuid4().hex[:6]}"
     schedules = schedule_file(tmp_path / "schedules.toml", name, bucket)
     redis_url = redis_server.url[:-1] + "10"
-    extra = {"DREAMBATCH_REDIS_URL": redis_url, "DREAMBATCH_CATALOG__SCHEDULES_FILE": str(schedules),
-             "DREAMBATCH_CELERY__HEARTBEAT": "0.3"}
+    extra = {
+        "DREAMBATCH_REDIS_URL": redis_url,
+        "DREAMBATCH_CATALOG__SCHEDULES_FILE": str(schedules),
+        "DREAMBATCH_CELERY__HEARTBEAT": "0.3",
+    }
     env = service_env(redis_server.url, s3_endpoint, tiny_dir, **extra)
     tiny = ensure_tiny("e1-1")
     before, after = weights_revision("e1-1", "tiny"), weights_revision("e1-1", str(new_weights(tiny, tmp_path / "w2")))
@@ -832,8 +1048,11 @@ def test_new_weights_on_the_workers_re_run_every_image_once_then_nothing(
     gpu = start_worker("worker", "--model", "e1-1", "--weights", "tiny", "--device", "cpu", **extra)
     start_worker("worker", "--io", **extra).wait_ready()
     gpu.wait_ready()
-    settings = Settings(redis_url=redis_url, s3=S3Settings(endpoint_url=s3_endpoint),
-                        catalog=CatalogSettings(schedules_file=str(schedules)))
+    settings = Settings(
+        redis_url=redis_url,
+        s3=S3Settings(endpoint_url=s3_endpoint),
+        catalog=CatalogSettings(schedules_file=str(schedules)),
+    )
     services, store = Services(settings), RedisStore.from_url(redis_url)
 
     def run_now(**kwargs):
@@ -888,7 +1107,8 @@ def test_new_weights_on_the_workers_re_run_every_image_once_then_nothing(
 
 
 def test_an_image_that_keeps_failing_is_tried_three_nights_then_skipped_until_retried_or_fixed(
-        e1_workers, s3_endpoint, bucket, tmp_path):
+    e1_workers, s3_endpoint, bucket, tmp_path
+):
     s3 = s3_client(s3_endpoint)
     s3.put_object(Bucket=bucket, Key="products/shoes/1.jpg", Body=photo(1, "jpg"), ContentType="image/jpeg")
     bad = "products/shoes/broken.jpg"
@@ -909,8 +1129,9 @@ def test_an_image_that_keeps_failing_is_tried_three_nights_then_skipped_until_re
     fourth = nightly.run()  # night 4: skipped, with how to get it tried again
     assert (fourth.job_id, fourth.queued, fourth.given_up, fourth.unchanged) == (None, 0, 1, 1)
     [skip] = [s for s in fourth.skipped if s.key == bad]
-    assert skip.reason.startswith("failed 3 runs in a row with this image and these parameters (last error: "
-                                  "InputError: ")
+    assert skip.reason.startswith(
+        "failed 3 runs in a row with this image and these parameters (last error: InputError: "
+    )
     assert skip.reason.endswith(f"or a run with: dreambatch schedules run {name} --retry-failed")
     ledger = json.loads(s3.get_object(Bucket=bucket, Key=f"edited/_catalog/{name}/ledger.json")["Body"].read())
     assert ledger["failures"][bad]["count"] == 3 and bad not in ledger["entries"]
@@ -935,8 +1156,10 @@ def test_an_image_that_keeps_failing_is_tried_three_nights_then_skipped_until_re
 
 
 def manifest_schedule(path: Path, name: str, bucket: str, manifest: str) -> Path:
-    path.write_text(f'[schedules.{name}]\nmodel = "e1-1"\npreset = "white-studio"\nparams = {{ steps = 1 }}\n'
-                    f'output = "s3://{bucket}/out"\n[schedules.{name}.source]\nmanifest = "{manifest}"\n')
+    path.write_text(
+        f'[schedules.{name}]\nmodel = "e1-1"\npreset = "white-studio"\nparams = {{ steps = 1 }}\n'
+        f'output = "s3://{bucket}/out"\n[schedules.{name}.source]\nmanifest = "{manifest}"\n'
+    )
     return path
 
 
@@ -946,7 +1169,8 @@ def out_results(s3, bucket: str, job_id: str) -> dict[str, tuple[int, str]]:
 
 
 def test_a_local_manifest_runs_incrementally_and_a_changed_row_or_image_re_runs_alone(
-        e1_workers, s3_endpoint, bucket, tmp_path):
+    e1_workers, s3_endpoint, bucket, tmp_path
+):
     s3 = s3_client(s3_endpoint)
     folder = tmp_path / "catalog"
     folder.mkdir()
@@ -954,19 +1178,31 @@ def test_a_local_manifest_runs_incrementally_and_a_changed_row_or_image_re_runs_
     (folder / "b.png").write_bytes(photo(2, "png"))
     s3.put_object(Bucket=bucket, Key="in/c.jpg", Body=photo(3, "jpg"))
     manifest = folder / "tonight.csv"
-    rows = ["id,image,seed,sku", "a,a.jpg,1,A", "b,b.png,1,B", f"c,s3://{bucket}/in/c.jpg,1,C", ",a.jpg,2,D",
-            "a,b.png,9,Z"]  # the last row repeats an id: one ledger key, one row
+    rows = [
+        "id,image,seed,sku",
+        "a,a.jpg,1,A",
+        "b,b.png,1,B",
+        f"c,s3://{bucket}/in/c.jpg,1,C",
+        ",a.jpg,2,D",
+        "a,b.png,9,Z",
+    ]  # the last row repeats an id: one ledger key, one row
     manifest.write_text("\n".join(rows) + "\n")
     name = f"local-{uuid.uuid4().hex[:6]}"
-    nightly = Nightly(e1_workers, s3_endpoint, manifest_schedule(tmp_path / "s.toml", name, bucket, str(manifest)),
-                      name)
+    nightly = Nightly(
+        e1_workers, s3_endpoint, manifest_schedule(tmp_path / "s.toml", name, bucket, str(manifest)), name
+    )
 
     first = nightly.run()
     assert (first.images, first.queued, sorted(first.new)) == (4, 4, ["5", "a", "b", "c"])
     assert [(x.key, x.reason) for x in first.skipped] == [
-        ("line 6", "line 6: id: duplicate id; ids must be unique in a manifest (got 'a')")]
-    assert out_results(s3, bucket, first.job_id) == {"a": (2, "completed"), "b": (3, "completed"),
-                                                     "c": (4, "completed"), "5": (5, "completed")}
+        ("line 6", "line 6: id: duplicate id; ids must be unique in a manifest (got 'a')")
+    ]
+    assert out_results(s3, bucket, first.job_id) == {
+        "a": (2, "completed"),
+        "b": (3, "completed"),
+        "c": (4, "completed"),
+        "5": (5, "completed"),
+    }
     again = nightly.run()  # nothing changed: no job
     assert (again.job_id, again.queued, again.unchanged, again.folded) == (None, 0, 4, [first.job_id])
 
@@ -985,7 +1221,8 @@ def test_a_local_manifest_runs_incrementally_and_a_changed_row_or_image_re_runs_
 
 
 def test_an_s3_manifest_runs_incrementally_and_url_images_use_their_etag_or_run_every_time(
-        e1_workers, s3_endpoint, bucket, tmp_path):
+    e1_workers, s3_endpoint, bucket, tmp_path
+):
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
     from threading import Thread
 
@@ -1012,9 +1249,11 @@ def test_an_s3_manifest_runs_incrementally_and_url_images_use_their_etag_or_run_
     try:
         s3 = s3_client(s3_endpoint)
         s3.put_object(Bucket=bucket, Key="in/x.jpg", Body=photo(1, "jpg"))
-        lines = [{"id": "x", "image": f"s3://{bucket}/in/x.jpg", "seed": 1},
-                 {"id": "tagged", "image": f"{url}/tagged.jpg", "seed": 1},
-                 {"id": "plain", "image": f"{url}/plain.jpg", "seed": 1}]
+        lines = [
+            {"id": "x", "image": f"s3://{bucket}/in/x.jpg", "seed": 1},
+            {"id": "tagged", "image": f"{url}/tagged.jpg", "seed": 1},
+            {"id": "plain", "image": f"{url}/plain.jpg", "seed": 1},
+        ]
 
         def upload(rows):
             s3.put_object(Bucket=bucket, Key="manifests/m.jsonl", Body="".join(json.dumps(r) + "\n" for r in rows))
@@ -1025,8 +1264,11 @@ def test_an_s3_manifest_runs_incrementally_and_url_images_use_their_etag_or_run_
         nightly = Nightly(e1_workers, s3_endpoint, schedules, name, allow_private_hosts="127.0.0.1")  # loopback
 
         first = nightly.run()
-        assert out_results(s3, bucket, first.job_id) == {"x": (1, "completed"), "tagged": (2, "completed"),
-                                                         "plain": (3, "completed")}
+        assert out_results(s3, bucket, first.job_id) == {
+            "x": (1, "completed"),
+            "tagged": (2, "completed"),
+            "plain": (3, "completed"),
+        }
         second = nightly.run()  # the server gives no ETag or Last-Modified for plain.jpg: it runs every time
         plain = f"{url}/plain.jpg gives no ETag or Last-Modified: it runs every time"
         assert (second.changed, second.unchanged, second.reasons) == (["plain"], 2, {"plain": plain})
@@ -1047,10 +1289,14 @@ def test_an_s3_manifest_runs_incrementally_and_url_images_use_their_etag_or_run_
 
 
 def test_the_mirror_layout_without_keep_format_writes_png_keys_and_skips_a_second_source_of_one_key(
-        e1_workers, s3_endpoint, bucket, tmp_path):
+    e1_workers, s3_endpoint, bucket, tmp_path
+):
     s3 = s3_client(s3_endpoint)
-    for key, fmt in {"products/shoes/123.jpg": "jpg", "products/shoes/123.png": "png",
-                     "products/bags/7.webp": "webp"}.items():
+    for key, fmt in {
+        "products/shoes/123.jpg": "jpg",
+        "products/shoes/123.png": "png",
+        "products/bags/7.webp": "webp",
+    }.items():
         s3.put_object(Bucket=bucket, Key=key, Body=photo(len(key), fmt), ContentType=f"image/{fmt}")
     name = f"mirror-{uuid.uuid4().hex[:6]}"
     schedules = schedule_file(tmp_path / "s.toml", name, bucket)
@@ -1058,12 +1304,16 @@ def test_the_mirror_layout_without_keep_format_writes_png_keys_and_skips_a_secon
     report = Nightly(e1_workers, s3_endpoint, schedules, name).run()
     assert sorted(report.new) == ["products/bags/7.webp", "products/shoes/123.jpg"]
     assert [(s.key, s.reason) for s in report.skipped] == [
-        ("products/shoes/123.png", "its output shoes/123.png is also products/shoes/123.jpg's "
-                                   "(set keep_format = true to keep both)")]
+        (
+            "products/shoes/123.png",
+            "its output shoes/123.png is also products/shoes/123.jpg's (set keep_format = true to keep both)",
+        )
+    ]
     lines = {x["metadata"]["source_key"]: x for x in results(s3, bucket, report.job_id)}
     assert {k: [i["s3_uri"] for i in x["output"]["images"]] for k, x in lines.items()} == {
         "products/shoes/123.jpg": [f"s3://{bucket}/edited/shoes/123.png"],
-        "products/bags/7.webp": [f"s3://{bucket}/edited/bags/7.png"]}
+        "products/bags/7.webp": [f"s3://{bucket}/edited/bags/7.png"],
+    }
     for key in ("edited/shoes/123.png", "edited/bags/7.png"):
         stored = s3.get_object(Bucket=bucket, Key=key)
         assert stored["ContentType"] == "image/png"
@@ -1071,18 +1321,26 @@ def test_the_mirror_layout_without_keep_format_writes_png_keys_and_skips_a_secon
 
 
 def test_a_change_that_renders_differently_for_some_images_re_runs_exactly_those(
-        e1_workers, s3_endpoint, bucket, tmp_path):
+    e1_workers, s3_endpoint, bucket, tmp_path
+):
     s3 = s3_client(s3_endpoint)
     shades = {"a": ("red", "red"), "b": ("blue", "blue"), "c": ("blue", "navy")}  # {meta.color}, {meta.shade}
     for n, (stem, (color, shade)) in enumerate(shades.items()):
-        s3.put_object(Bucket=bucket, Key=f"p/{stem}.jpg", Body=photo(n, "jpg"), ContentType="image/jpeg",
-                      Metadata={"color": color, "shade": shade})
+        s3.put_object(
+            Bucket=bucket,
+            Key=f"p/{stem}.jpg",
+            Body=photo(n, "jpg"),
+            ContentType="image/jpeg",
+            Metadata={"color": color, "shade": shade},
+        )
     name = f"subset-{uuid.uuid4().hex[:6]}"
     schedules = tmp_path / "s.toml"
 
     def instruction(text: str) -> None:
-        schedules.write_text(f'[schedules.{name}]\ninstruction = "{text}"\nparams = {{ steps = 1 }}\n'
-                             f'output = "s3://{bucket}/out"\n[schedules.{name}.source]\nprefix = "s3://{bucket}/p/"\n')
+        schedules.write_text(
+            f'[schedules.{name}]\ninstruction = "{text}"\nparams = {{ steps = 1 }}\n'
+            f'output = "s3://{bucket}/out"\n[schedules.{name}.source]\nprefix = "s3://{bucket}/p/"\n'
+        )
 
     instruction("Make the {meta.color} shoe {stem} pop on white")
     nightly = Nightly(e1_workers, s3_endpoint, schedules, name)
@@ -1092,24 +1350,36 @@ def test_a_change_that_renders_differently_for_some_images_re_runs_exactly_those
     shade = nightly.run()
     assert (shade.changed, shade.unchanged) == (["p/c.jpg"], 2)
     # one object's metadata changed (same bytes, so the same ETag): only that image
-    s3.copy_object(Bucket=bucket, Key="p/a.jpg", CopySource={"Bucket": bucket, "Key": "p/a.jpg"},
-                   Metadata={"color": "red", "shade": "crimson"}, MetadataDirective="REPLACE", ContentType="image/jpeg")
+    s3.copy_object(
+        Bucket=bucket,
+        Key="p/a.jpg",
+        CopySource={"Bucket": bucket, "Key": "p/a.jpg"},
+        Metadata={"color": "red", "shade": "crimson"},
+        MetadataDirective="REPLACE",
+        ContentType="image/jpeg",
+    )
     meta = nightly.run()
     assert (meta.changed, meta.unchanged) == (["p/a.jpg"], 2)
-    [line] = [json.loads(x) for x in s3.get_object(Bucket=bucket, Key=f"out/{meta.job_id}/rows.jsonl")["Body"]
-              .read().decode().splitlines()]
+    [line] = [
+        json.loads(x)
+        for x in s3.get_object(Bucket=bucket, Key=f"out/{meta.job_id}/rows.jsonl")["Body"].read().decode().splitlines()
+    ]
     assert line["params"]["instruction"] == "Make the crimson shoe a pop on white"
     assert nightly.run().queued == 0  # and after that, nothing
 
 
 def test_a_presets_file_from_the_environment_replaces_a_builtin_preset_and_adds_its_own(tmp_path, monkeypatch):
     mine = tmp_path / "my-presets.toml"
-    mine.write_text('[white-studio]\ndescription = "Our white"\ninstruction = "Put it on our house white"\n'
-                    '[white-studio.params]\nsteps = 12\n\n'
-                    '[marble]\ndescription = "A {stone} slab"\ninstruction = "Place the product on a {stone} slab"\n'
-                    '[marble.vars]\nstone = "white marble"\n')
-    env = {**service_env("redis://127.0.0.1:1/0", "http://127.0.0.1:1", tmp_path),
-           "DREAMBATCH_CATALOG__PRESETS_FILE": str(mine)}
+    mine.write_text(
+        '[white-studio]\ndescription = "Our white"\ninstruction = "Put it on our house white"\n'
+        "[white-studio.params]\nsteps = 12\n\n"
+        '[marble]\ndescription = "A {stone} slab"\ninstruction = "Place the product on a {stone} slab"\n'
+        '[marble.vars]\nstone = "white marble"\n'
+    )
+    env = {
+        **service_env("redis://127.0.0.1:1/0", "http://127.0.0.1:1", tmp_path),
+        "DREAMBATCH_CATALOG__PRESETS_FILE": str(mine),
+    }
     listed = json.loads(cli("presets", "--json", env=env).stdout)
     assert listed["white-studio"]["instruction"] == "Put it on our house white"
     assert listed["white-studio"]["source"] == str(mine)

@@ -91,8 +91,9 @@ def test_every_variable_is_a_setting_or_one_compose_or_boto3_reads():
     env, used = env_example(), interpolated()
     in_containers = set(CONTAINER_VARIABLE.findall((ROOT / "docker-compose.yml").read_text()))
     for name in env:
-        assert is_setting(name) or name in BOTO or name in used or name in in_containers, \
+        assert is_setting(name) or name in BOTO or name in used or name in in_containers, (
             f".env.example sets {name}, which no setting, boto3 or docker-compose.yml reads"
+        )
     for name, default in used.items():
         assert name in env or default is not None, f"docker-compose.yml needs {name}: .env.example or a default"
     for name in DREAMBATCH:
@@ -122,15 +123,18 @@ def test_host_addresses_are_the_published_ports_and_services_reach_each_other_by
 
 def test_the_buckets_anything_writes_to_are_the_ones_minio_setup_creates():
     setup = compose()["services"]["minio-setup"]["command"][0]
-    created = {m.replace("$${DREAMBATCH_BUCKET:-dreambatch}", env_example()["DREAMBATCH_BUCKET"])
-               for m in re.findall(r"local/(\S+)", setup.split("mc mb", 1)[1])}
+    created = {
+        m.replace("$${DREAMBATCH_BUCKET:-dreambatch}", env_example()["DREAMBATCH_BUCKET"])
+        for m in re.findall(r"local/(\S+)", setup.split("mc mb", 1)[1])
+    }
     assert env_example()["DREAMBATCH_OUTPUT"].removeprefix("s3://").split("/")[0] in created
     schedules = tomllib.loads((ROOT / "ops" / "schedules.toml").read_text())["schedules"]
     for name, schedule in schedules.items():  # beat fires them: their buckets must exist
         for location in (schedule["output"], schedule.get("source", {}).get("prefix") or "s3://x"):
             bucket = location.removeprefix("s3://").split("/")[0]
-            assert bucket == "x" or bucket in created, f"schedule {name} uses bucket {bucket!r}; minio-setup " \
-                                                       f"creates {sorted(created)}"
+            assert bucket == "x" or bucket in created, (
+                f"schedule {name} uses bucket {bucket!r}; minio-setup creates {sorted(created)}"
+            )
 
 
 def test_the_gpu_worker_reads_weights_from_a_mounted_host_cache():
@@ -144,8 +148,9 @@ def test_the_gpu_worker_reads_weights_from_a_mounted_host_cache():
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
     env = {"PATH": "/usr/bin:/bin", "DREAMBATCH_ENV_FILE": "", "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "worker", *args], capture_output=True, text=True, cwd=ROOT,
-                          env=env, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "worker", *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=60
+    )
 
 
 @pytest.mark.parametrize("name", DREAMBATCH)

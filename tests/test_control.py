@@ -43,8 +43,9 @@ def submit(manifest: Path, env, *args: str, model: str = "i1-fast") -> str:
 
 
 def wait_job(store: RedisStore, job_id: str, timeout: float = 120):
-    return wait_until(lambda: (j := store.get_job(job_id)) and j.finished_at and j, timeout, 0.1,
-                      what=f"job {job_id} to end")
+    return wait_until(
+        lambda: (j := store.get_job(job_id)) and j.finished_at and j, timeout, 0.1, what=f"job {job_id} to end"
+    )
 
 
 def results(s3_endpoint: str, bucket: str, key: str) -> dict[str, dict]:
@@ -54,17 +55,21 @@ def results(s3_endpoint: str, bucket: str, key: str) -> dict[str, dict]:
 
 # --- cancel ------------------------------------------------------------------------------------
 def test_cancel_stops_the_running_item_at_a_step_ends_queued_ones_and_keeps_written_outputs(
-        env, bucket, receiver, start_worker, redis_server, s3_endpoint, tmp_path):
+    env, bucket, receiver, start_worker, redis_server, s3_endpoint, tmp_path
+):
     io_worker = start_worker("worker", "--io")
     gpu = start_worker(*TINY_I1, "--concurrency", "1")
     gpu.wait_ready()
     io_worker.wait_ready()
     # one quick item, then a long one (150 steps) that is running when the cancel comes, then three more
-    rows = [{"id": "a0", "prompt": "quick"},
-            {"id": "a1", "prompt": "long", "steps": 150, "width": 1024, "height": 1024, "num_images": 2}]
+    rows = [
+        {"id": "a0", "prompt": "quick"},
+        {"id": "a1", "prompt": "long", "steps": 150, "width": 1024, "height": 1024, "num_images": 2},
+    ]
     rows += [{"id": f"a{n}", "prompt": f"later {n}"} for n in range(2, 5)]
-    job_id = submit(write_rows(tmp_path / "c.jsonl", rows), env, "--output", f"s3://{bucket}/c",
-                    "--webhook", receiver.url)
+    job_id = submit(
+        write_rows(tmp_path / "c.jsonl", rows), env, "--output", f"s3://{bucket}/c", "--webhook", receiver.url
+    )
     store = RedisStore.from_url(redis_server.url)
     wait_until(lambda: store.step_of(job_id, "a1"), 120, 0.02, what="a1 past its first denoising step")
 
@@ -92,10 +97,16 @@ def test_cancel_stops_the_running_item_at_a_step_ends_queued_ones_and_keeps_writ
     assert lines["a1"]["reason"] == "cancelled" and lines["a1"]["output"]["images"] == []
 
     # webhooks: the job's cancelled event, and one per cancelled item
-    wait_until(lambda: any(h["json"]["type"] == "job.cancelled" for h in receiver.delivered()), 30,
-               what="job.cancelled webhook")
-    wait_until(lambda: len([h for h in receiver.delivered() if h["json"]["type"] == "item.cancelled"]) == 4, 30,
-               what="four item.cancelled webhooks")
+    wait_until(
+        lambda: any(h["json"]["type"] == "job.cancelled" for h in receiver.delivered()),
+        30,
+        what="job.cancelled webhook",
+    )
+    wait_until(
+        lambda: len([h for h in receiver.delivered() if h["json"]["type"] == "item.cancelled"]) == 4,
+        30,
+        what="four item.cancelled webhooks",
+    )
 
     # cancelling again is a no-op
     again = cli("cancel", job_id, "--json", env=env)
@@ -104,7 +115,8 @@ def test_cancel_stops_the_running_item_at_a_step_ends_queued_ones_and_keeps_writ
 
 @pytest.mark.parametrize("how", ["cancel", "expire"])
 def test_an_item_a_worker_starts_while_cancel_or_expiry_ends_the_queued_ones_is_left_to_that_worker(
-        how, redis_server, tmp_path):
+    how, redis_server, tmp_path
+):
     """Cancel and the expiry sweep end the items they find queued; one that a worker takes (its execution lease)
     and starts in the meantime is that worker's to end, not moved to cancelled under it."""
     from jobs.control import cancel_job, expire_due
@@ -121,16 +133,32 @@ def test_an_item_a_worker_starts_while_cancel_or_expiry_ends_the_queued_ones_is_
     settings = Settings(redis_url=redis_server.url)
     store = AWorkerStartsB.from_url(redis_server.url)
     job_id, at = f"race-{how}-{time.time_ns()}", "2026-01-01T00:00:00.000+00:00"
-    store.create_job(JobRecord(job_id=job_id, model="i1-fast", output=str(tmp_path), total=3, created_at=at,
-                               updated_at=at, expires_at=time.time() - 1 if how == "expire" else None))
-    store.add_items([ItemRecord(job_id=job_id, item_id=i, line=n, params={"prompt": i}, created_at=at, updated_at=at)
-                     for n, i in enumerate("abc", 1)])
+    store.create_job(
+        JobRecord(
+            job_id=job_id,
+            model="i1-fast",
+            output=str(tmp_path),
+            total=3,
+            created_at=at,
+            updated_at=at,
+            expires_at=time.time() - 1 if how == "expire" else None,
+        )
+    )
+    store.add_items(
+        [
+            ItemRecord(job_id=job_id, item_id=i, line=n, params={"prompt": i}, created_at=at, updated_at=at)
+            for n, i in enumerate("abc", 1)
+        ]
+    )
     if how == "cancel":
         cancel_job(Services(settings, store=store), job_id)
     else:
         assert expire_due(Services(settings, store=store)) == {job_id: ["a", "c"]}
     assert {i.item_id: i.status for i in RedisStore.from_url(redis_server.url).items(job_id)} == {
-        "a": "cancelled", "b": "running", "c": "cancelled"}
+        "a": "cancelled",
+        "b": "running",
+        "c": "cancelled",
+    }
 
 
 # --- retry -------------------------------------------------------------------------------------
@@ -141,19 +169,30 @@ def _png(color: str) -> bytes:
 
 
 def test_retry_requeues_only_the_failed_items_in_the_same_job_and_finalizes_again(
-        env, bucket, receiver, start_worker, redis_server, s3_endpoint, tmp_path):
+    env, bucket, receiver, start_worker, redis_server, s3_endpoint, tmp_path
+):
     gpu = start_worker("worker", "--model", "e1-1", "--weights", "tiny", "--device", "cpu")
     io_worker = start_worker("worker", "--io")
     s3 = s3_client(s3_endpoint)
     s3.put_object(Bucket=bucket, Key="in/red.png", Body=_png("red"))
-    rows = [{"id": "e0", "image": f"s3://{bucket}/in/red.png", "instruction": "make it blue"},
-            {"id": "e1", "image": f"s3://{bucket}/in/late.png", "instruction": "make it blue"},  # not there yet
-            {"id": "e2", "image": f"s3://{bucket}/in/red.png", "instruction": "make it green"},
-            {"id": "bad", "image": f"s3://{bucket}/in/red.png"}]  # no instruction: rejected at submit
+    rows = [
+        {"id": "e0", "image": f"s3://{bucket}/in/red.png", "instruction": "make it blue"},
+        {"id": "e1", "image": f"s3://{bucket}/in/late.png", "instruction": "make it blue"},  # not there yet
+        {"id": "e2", "image": f"s3://{bucket}/in/red.png", "instruction": "make it green"},
+        {"id": "bad", "image": f"s3://{bucket}/in/red.png"},
+    ]  # no instruction: rejected at submit
     gpu.wait_ready()
     io_worker.wait_ready()
-    job_id = submit(write_rows(tmp_path / "e.jsonl", rows), env, "--output", f"s3://{bucket}/e", "--webhook",
-                    receiver.url, "--skip-invalid", model="e1-1")
+    job_id = submit(
+        write_rows(tmp_path / "e.jsonl", rows),
+        env,
+        "--output",
+        f"s3://{bucket}/e",
+        "--webhook",
+        receiver.url,
+        "--skip-invalid",
+        model="e1-1",
+    )
     store = RedisStore.from_url(redis_server.url)
     first = wait_job(store, job_id)
     assert first.status == "completed" and first.counts["completed"] == 2 and first.counts["failed"] == 2
@@ -173,18 +212,28 @@ def test_retry_requeues_only_the_failed_items_in_the_same_job_and_finalizes_agai
     assert e1.line == 2 and e1.output.images  # the same manifest row, now with its output
     for kept in ("e0", "e2", "bad"):  # nothing else ran again
         item = store.get_item(job_id, kept)
-        assert (item.status, item.attempts, item.updated_at) == (before[kept].status, before[kept].attempts,
-                                                                 before[kept].updated_at)
+        assert (item.status, item.attempts, item.updated_at) == (
+            before[kept].status,
+            before[kept].attempts,
+            before[kept].updated_at,
+        )
     lines = results(s3_endpoint, bucket, f"e/{job_id}/results.jsonl")
     assert [lines[i]["status"] for i in ("e0", "e1", "e2", "bad")] == ["completed"] * 3 + ["failed"]
     assert lines["e1"]["attempts"] == 2
 
     # each round's terminal events have their own ids: the job ended twice, e1 failed then completed
-    wait_until(lambda: len([h for h in receiver.delivered() if h["json"]["type"].startswith("job.")]) == 2, 30,
-               what="the job's second terminal webhook")
+    wait_until(
+        lambda: len([h for h in receiver.delivered() if h["json"]["type"].startswith("job.")]) == 2,
+        30,
+        what="the job's second terminal webhook",
+    )
     ids = {h["headers"]["webhook-id"] for h in receiver.delivered()}
-    assert {f"evt_{job_id}_completed", f"evt_{job_id}_completed.r1", f"evt_{job_id}_e1_failed",
-            f"evt_{job_id}_e1_completed.r1"} <= ids
+    assert {
+        f"evt_{job_id}_completed",
+        f"evt_{job_id}_completed.r1",
+        f"evt_{job_id}_e1_failed",
+        f"evt_{job_id}_e1_completed.r1",
+    } <= ids
 
     assert json.loads(cli("retry", job_id, "--json", env=env).stdout)["requeued"] == []  # nothing failed now
     refused = cli("cancel", job_id, env=env)  # a job that completed cannot be cancelled
@@ -193,7 +242,8 @@ def test_retry_requeues_only_the_failed_items_in_the_same_job_and_finalizes_agai
 
 # --- resume ------------------------------------------------------------------------------------
 def test_resume_requeues_items_whose_messages_were_lost_and_nothing_that_ended(
-        env, bucket, start_worker, redis_server, s3_endpoint, tmp_path):
+    env, bucket, start_worker, redis_server, s3_endpoint, tmp_path
+):
     rows = [{"id": f"r{n}", "prompt": f"resumed {n}"} for n in range(3)]
     job_id = submit(write_rows(tmp_path / "r.jsonl", rows), env, "--output", f"s3://{bucket}/r")
     redis = redis_server.client()
@@ -220,23 +270,38 @@ def _started_order(store: RedisStore, *job_ids: str) -> list[str]:
 
 
 def test_a_single_worker_takes_high_before_normal_before_low_whatever_the_submit_order(
-        env, bucket, start_worker, redis_server, tmp_path):
+    env, bucket, start_worker, redis_server, tmp_path
+):
     out = ("--output", f"s3://{bucket}/p")
-    low = submit(write_rows(tmp_path / "low.jsonl", [{"id": f"low{n}", "prompt": "nightly"} for n in range(3)]),
-                 env, *out, "--priority", "low")
-    normal = submit(write_rows(tmp_path / "n.jsonl", [{"id": f"normal{n}", "prompt": "x"} for n in range(2)]),
-                    env, *out)
-    high = submit(write_rows(tmp_path / "h.jsonl", [{"id": f"high{n}", "prompt": "urgent"} for n in range(2)]),
-                  env, *out, "--priority", "high")
+    low = submit(
+        write_rows(tmp_path / "low.jsonl", [{"id": f"low{n}", "prompt": "nightly"} for n in range(3)]),
+        env,
+        *out,
+        "--priority",
+        "low",
+    )
+    normal = submit(
+        write_rows(tmp_path / "n.jsonl", [{"id": f"normal{n}", "prompt": "x"} for n in range(2)]), env, *out
+    )
+    high = submit(
+        write_rows(tmp_path / "h.jsonl", [{"id": f"high{n}", "prompt": "urgent"} for n in range(2)]),
+        env,
+        *out,
+        "--priority",
+        "high",
+    )
     lists = redis_server.client()
     assert [lists.llen(q) for q in ("gpu.i1-fast", "gpu.i1-fast\x06\x163", "gpu.i1-fast\x06\x166")] == [2, 2, 3]
 
     start_worker(*TINY_I1, "--concurrency", "1").wait_ready()
     store = RedisStore.from_url(redis_server.url)
-    wait_until(lambda: all(store.get_job(j).counts["completed"] == store.get_job(j).total
-                           for j in (low, normal, high)), 120, 0.2, what="every item to complete")
-    assert _started_order(store, low, normal, high) == ["high0", "high1", "normal0", "normal1", "low0", "low1",
-                                                        "low2"]
+    wait_until(
+        lambda: all(store.get_job(j).counts["completed"] == store.get_job(j).total for j in (low, normal, high)),
+        120,
+        0.2,
+        what="every item to complete",
+    )
+    assert _started_order(store, low, normal, high) == ["high0", "high1", "normal0", "normal1", "low0", "low1", "low2"]
 
 
 def _overlaps(store: RedisStore, job_id: str) -> int:
@@ -244,7 +309,7 @@ def _overlaps(store: RedisStore, job_id: str) -> int:
     from datetime import datetime
 
     spans = [(i.timings.started_at, datetime.fromisoformat(i.updated_at).timestamp()) for i in store.items(job_id)]
-    return sum(1 for n, a in enumerate(spans) for b in spans[n + 1:] if a[0] < b[1] and b[0] < a[1])
+    return sum(1 for n, a in enumerate(spans) for b in spans[n + 1 :] if a[0] < b[1] and b[0] < a[1])
 
 
 def test_max_concurrency_caps_a_job_across_worker_threads(env, bucket, start_worker, redis_server, tmp_path):
@@ -252,8 +317,9 @@ def test_max_concurrency_caps_a_job_across_worker_threads(env, bucket, start_wor
     rows = [{"id": f"k{n}", "prompt": f"capped {n}"} for n in range(4)]
     worker.wait_ready()
     store = RedisStore.from_url(redis_server.url)
-    capped = submit(write_rows(tmp_path / "k.jsonl", rows), env, "--output", f"s3://{bucket}/k",
-                    "--max-concurrency", "1")
+    capped = submit(
+        write_rows(tmp_path / "k.jsonl", rows), env, "--output", f"s3://{bucket}/k", "--max-concurrency", "1"
+    )
     wait_until(lambda: store.get_job(capped).counts["completed"] == 4, 120, 0.2, what="the capped job")
     assert _overlaps(store, capped) == 0
     # the same rows without a cap do overlap on this two-thread worker: the cap is what kept them apart
@@ -275,22 +341,35 @@ def test_concurrency_slots_are_taken_atomically_and_a_lost_workers_lease_runs_ou
 
 
 def test_items_not_started_before_the_deadline_end_cancelled_with_reason_expired(
-        env, bucket, receiver, start_worker, redis_server, s3_endpoint, tmp_path):
+    env, bucket, receiver, start_worker, redis_server, s3_endpoint, tmp_path
+):
     # no GPU worker at all: the I/O worker's sweep ends them
     io_worker = start_worker("worker", "--io", DREAMBATCH_CELERY__HEARTBEAT="0.3")
     io_worker.wait_ready()
     rows = [{"id": f"x{n}", "prompt": "too late"} for n in range(3)]
-    job_id = submit(write_rows(tmp_path / "x.jsonl", rows), env, "--output", f"s3://{bucket}/x",
-                    "--webhook", receiver.url, "--expires-after", "1s")
+    job_id = submit(
+        write_rows(tmp_path / "x.jsonl", rows),
+        env,
+        "--output",
+        f"s3://{bucket}/x",
+        "--webhook",
+        receiver.url,
+        "--expires-after",
+        "1s",
+    )
     store = RedisStore.from_url(redis_server.url)
     assert store.get_job(job_id).status == "queued"
     job = wait_job(store, job_id, 30)
     assert job.status == "cancelled" and job.counts["cancelled"] == 3
     lines = results(s3_endpoint, bucket, f"x/{job_id}/results.jsonl")
     assert {(line["status"], line["reason"], line["attempts"]) for line in lines.values()} == {
-        ("cancelled", "expired", 0)}
-    wait_until(lambda: any(h["json"]["type"] == "job.cancelled" for h in receiver.delivered()), 30,
-               what="job.cancelled webhook")
+        ("cancelled", "expired", 0)
+    }
+    wait_until(
+        lambda: any(h["json"]["type"] == "job.cancelled" for h in receiver.delivered()),
+        30,
+        what="job.cancelled webhook",
+    )
     bad = cli("submit", str(tmp_path / "x.jsonl"), "--output", f"s3://{bucket}/x", "--expires-after", "soon", env=env)
     assert bad.returncode == 2 and "--expires-after" in bad.stderr and "'soon'" in bad.stderr
 
@@ -306,12 +385,26 @@ def test_a_worker_ends_an_expired_item_it_picks_up_without_running_it(tmp_path):
 
     store, objects, finals = MemoryStore(), LocalStore(str(tmp_path)), []
     at = "2026-01-01T00:00:00.000+00:00"
-    store.create_job(JobRecord(job_id="j", model="i1-fast", output=str(tmp_path), total=1, created_at=at,
-                               updated_at=at, expires_at=time.time() - 1))
-    store.add_items([ItemRecord(job_id="j", item_id="i", line=1, params={"prompt": "x"}, created_at=at,
-                                updated_at=at)])
-    ctx = process.Context(settings=Settings(), store=store, runner=no_model, objects=lambda _: objects,
-                          notify=lambda *a: None, finalize=finals.append)
+    store.create_job(
+        JobRecord(
+            job_id="j",
+            model="i1-fast",
+            output=str(tmp_path),
+            total=1,
+            created_at=at,
+            updated_at=at,
+            expires_at=time.time() - 1,
+        )
+    )
+    store.add_items([ItemRecord(job_id="j", item_id="i", line=1, params={"prompt": "x"}, created_at=at, updated_at=at)])
+    ctx = process.Context(
+        settings=Settings(),
+        store=store,
+        runner=no_model,
+        objects=lambda _: objects,
+        notify=lambda *a: None,
+        finalize=finals.append,
+    )
     assert process.process_item(ctx, "j", "i").ended == "cancelled"
     item = store.get_item("j", "i")
     assert (item.status, item.reason, item.attempts) == ("cancelled", "expired", 0) and finals == ["j"]
@@ -327,12 +420,16 @@ def _scrape(port: int) -> dict[tuple[str, tuple], float]:
 def _samples(text: str) -> dict[tuple[str, tuple], float]:
     from prometheus_client.parser import text_string_to_metric_families
 
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 def test_workers_and_the_control_plane_export_metrics_top_shows_them_and_logs_carry_ids(
-        env, bucket, receiver, start_worker, redis_server, s3_endpoint, tmp_path):
+    env, bucket, receiver, start_worker, redis_server, s3_endpoint, tmp_path
+):
     from jobs import metrics
 
     gpu_port, io_port = free_port(), free_port()
@@ -341,8 +438,9 @@ def test_workers_and_the_control_plane_export_metrics_top_shows_them_and_logs_ca
     gpu.wait_ready()
     io_worker.wait_ready()
     rows = [{"id": f"m{n}", "prompt": f"measured {n}"} for n in range(2)]
-    job_id = submit(write_rows(tmp_path / "m.jsonl", rows), env, "--output", f"s3://{bucket}/m",
-                    "--webhook", receiver.url)
+    job_id = submit(
+        write_rows(tmp_path / "m.jsonl", rows), env, "--output", f"s3://{bucket}/m", "--webhook", receiver.url
+    )
     store = RedisStore.from_url(redis_server.url)
     wait_job(store, job_id)
     wait_until(lambda: len(receiver.delivered()) == 3, 30, what="three webhooks")
@@ -357,9 +455,15 @@ def test_workers_and_the_control_plane_export_metrics_top_shows_them_and_logs_ca
     lines = results(s3_endpoint, bucket, f"m/{job_id}/results.jsonl").values()
     ran = [line["timings"]["inference_s"] for line in lines]
     assert busy > 0 and busy == pytest.approx(sum(ran), abs=1e-3)  # the items' own model time, from their records
-    io_m = wait_until(lambda: (m := _scrape(io_port)).get(
-        ("dreambatch_worker_webhook_deliveries_total", (("outcome", "delivered"),))) == 3 and m, 10,
-        what="three delivered webhooks counted")
+    io_m = wait_until(
+        lambda: (
+            (m := _scrape(io_port)).get(("dreambatch_worker_webhook_deliveries_total", (("outcome", "delivered"),)))
+            == 3
+            and m
+        ),
+        10,
+        what="three delivered webhooks counted",
+    )
     attempts = sum(v for (name, _), v in io_m.items() if name == "dreambatch_worker_webhook_deliveries_total")
     assert io_m[("dreambatch_worker_webhook_latency_seconds_count", ())] == attempts >= 3  # (earlier tests'
     # leftover webhook retries may reach this I/O worker too: every attempt is timed, whatever its outcome)
@@ -397,13 +501,32 @@ def test_a_retried_job_ignores_a_late_finalize_until_its_items_end_again(redis_s
     settings = Settings(redis_url=redis_server.url)
     store, objects = RedisStore.from_url(redis_server.url), LocalStore(str(tmp_path))
     job_id, at = f"late-{time.time_ns()}", "2026-01-01T00:00:00.000+00:00"
-    store.create_job(JobRecord(job_id=job_id, model="e1-full", output=str(tmp_path), total=2, created_at=at,
-                               updated_at=at))
-    store.add_items([ItemRecord(job_id=job_id, item_id=i, line=n, status=s, params={"prompt": i}, attempts=1,
-                                created_at=at, updated_at=at) for n, (i, s) in enumerate([("ok", "completed"),
-                                                                                         ("bad", "failed")], 1)])
-    ctx = process.Context(settings=settings, store=store, runner=lambda: None, objects=lambda _: objects,
-                          notify=lambda *a: None, finalize=lambda j: None)
+    store.create_job(
+        JobRecord(job_id=job_id, model="e1-full", output=str(tmp_path), total=2, created_at=at, updated_at=at)
+    )
+    store.add_items(
+        [
+            ItemRecord(
+                job_id=job_id,
+                item_id=i,
+                line=n,
+                status=s,
+                params={"prompt": i},
+                attempts=1,
+                created_at=at,
+                updated_at=at,
+            )
+            for n, (i, s) in enumerate([("ok", "completed"), ("bad", "failed")], 1)
+        ]
+    )
+    ctx = process.Context(
+        settings=settings,
+        store=store,
+        runner=lambda: None,
+        objects=lambda _: objects,
+        notify=lambda *a: None,
+        finalize=lambda j: None,
+    )
     assert process.finalize_job(ctx, job_id) == "completed"
 
     assert retry_job(Services(settings, store=store), job_id) == ["bad"]
@@ -420,8 +543,9 @@ def test_a_retried_job_ignores_a_late_finalize_until_its_items_end_again(redis_s
     assert process.finalize_job(ctx, job_id) == "completed" and store.get_job(job_id).counts["completed"] == 2
 
 
-@pytest.mark.parametrize(("text", "seconds"), [("90", 90), ("90s", 90), ("15m", 900), ("2h", 7200), ("1d", 86400),
-                                               ("0.5h", 1800)])
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("90", 90), ("90s", 90), ("15m", 900), ("2h", 7200), ("1d", 86400), ("0.5h", 1800)]
+)
 def test_durations_read_as_seconds(text, seconds):
     from jobs.models import parse_duration
 

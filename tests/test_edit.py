@@ -179,24 +179,42 @@ def image_servers() -> Iterator[dict[str, ImageServer]]:
 
 def wait_job(redis_url: str, job_id: str, timeout: float = 180):
     store = RedisStore.from_url(redis_url)
-    return wait_until(lambda: (j := store.get_job(job_id)) and j.finished_at and j, timeout, 0.25,
-                      what=f"job {job_id} to end")
+    return wait_until(
+        lambda: (j := store.get_job(job_id)) and j.finished_at and j, timeout, 0.25, what=f"job {job_id} to end"
+    )
 
 
 def test_edit_manifest_of_real_files_runs_on_a_worker_good_rows_keep_their_size_bad_rows_fail_alone(
-        redis_server, s3_endpoint, tiny_dir, bucket, start_worker, image_servers, tmp_path):
+    redis_server, s3_endpoint, tiny_dir, bucket, start_worker, image_servers, tmp_path
+):
     # the worker: pixel cap 1 MP (the 1200×800 photo fits, the 3000² bomb does not), only 127.0.0.2 allowed
-    gpu = start_worker("worker", "--model", "e1-1", "--weights", "tiny", "--device", "cpu",
-                       DREAMBATCH_INPUTS__MAX_PIXELS="1000000", DREAMBATCH_ALLOW_PRIVATE_HOSTS="127.0.0.2")
+    gpu = start_worker(
+        "worker",
+        "--model",
+        "e1-1",
+        "--weights",
+        "tiny",
+        "--device",
+        "cpu",
+        DREAMBATCH_INPUTS__MAX_PIXELS="1000000",
+        DREAMBATCH_ALLOW_PRIVATE_HOSTS="127.0.0.2",
+    )
     io_worker = start_worker("worker", "--io")
 
     shoot = tmp_path / "shoot"
     shoot.mkdir()
     (tmp_path / "outside.jpg").write_bytes(jpeg(bar_photo(96, 64)))  # exists, but outside the manifest folder
     files = {
-        "bar.jpg": jpeg(bar_photo()), "rotated.jpg": exif_rotated_jpeg(), "alpha.png": rgba_png(),
-        "gray.png": gray_png(), "cmyk.jpg": cmyk_jpeg(), "clear.webp": rgba_webp(), "truncated.jpg": truncated_jpeg(),
-        "notes.jpg": b"this is a text file, not a photo\n", "bomb.png": bomb_png(), "huge.png": huge_header_png(),
+        "bar.jpg": jpeg(bar_photo()),
+        "rotated.jpg": exif_rotated_jpeg(),
+        "alpha.png": rgba_png(),
+        "gray.png": gray_png(),
+        "cmyk.jpg": cmyk_jpeg(),
+        "clear.webp": rgba_webp(),
+        "truncated.jpg": truncated_jpeg(),
+        "notes.jpg": b"this is a text file, not a photo\n",
+        "bomb.png": bomb_png(),
+        "huge.png": huge_header_png(),
     }
     for name, data in files.items():
         (shoot / name).write_bytes(data)
@@ -217,15 +235,31 @@ def test_edit_manifest_of_real_files_runs_on_a_worker_good_rows_keep_their_size_
         ("private", f"{blocked.base}/x.jpg", None),
         ("fetched", f"{allowed.base}/ok.jpg", (96, 64)),
     ]
-    manifest = write_csv(shoot / "edits.csv", ["id", "image", "instruction", "seed", "sku"],
-                         [{"id": i, "image": ref, "instruction": "make the background light grey", "seed": 40 + n,
-                           "sku": f"SKU-{i}"} for n, (i, ref, _) in enumerate(rows)])
+    manifest = write_csv(
+        shoot / "edits.csv",
+        ["id", "image", "instruction", "seed", "sku"],
+        [
+            {"id": i, "image": ref, "instruction": "make the background light grey", "seed": 40 + n, "sku": f"SKU-{i}"}
+            for n, (i, ref, _) in enumerate(rows)
+        ],
+    )
 
     env = service_env(redis_server.url, s3_endpoint, tiny_dir)
     gpu.wait_ready()
     io_worker.wait_ready()
-    res = cli("submit", str(manifest), "--model", "e1-1", "--set", "steps=2", "--output", f"s3://{bucket}/edits",
-              "--skip-invalid", "--json", env=env)
+    res = cli(
+        "submit",
+        str(manifest),
+        "--model",
+        "e1-1",
+        "--set",
+        "steps=2",
+        "--output",
+        f"s3://{bucket}/edits",
+        "--skip-invalid",
+        "--json",
+        env=env,
+    )
     assert res.returncode == 0, res.stderr
     sub = json.loads(res.stdout)
     assert (sub["total"], sub["queued"], sub["rejected"]) == (14, 12, 2)  # escape and missing: invalid rows
@@ -266,8 +300,7 @@ def test_edit_manifest_of_real_files_runs_on_a_worker_good_rows_keep_their_size_
     assert errors["notes"] == "InputError: not a JPEG, PNG or WebP image"
     assert errors["bomb"] == "InputError: image is 3000x3000 = 9000000 pixels, over the 1000000-pixel limit"
     assert errors["huge"].startswith("InputError: image too large") and "10000000000 pixels" in errors["huge"]
-    assert errors["escape"] == ("invalid row: line 12: image: path escapes the manifest folder "
-                                "(got '../outside.jpg')")
+    assert errors["escape"] == ("invalid row: line 12: image: path escapes the manifest folder (got '../outside.jpg')")
     assert errors["missing"] == "invalid row: line 13: image: file not found (got 'missing.jpg')"
     assert errors["private"].startswith(f"BlockedAddress: '{blocked.base}/x.jpg': 127.0.0.1 resolves to 127.0.0.1")
     assert "DREAMBATCH_ALLOW_PRIVATE_HOSTS" in errors["private"]
@@ -304,11 +337,15 @@ def output_bytes(line: dict, n: int = 0) -> bytes:
 @pytest.mark.parametrize("model", ["e1-1", "e1-full"])
 def test_same_seed_gives_the_same_bytes_across_jobs_and_refine_changes_them(tiny_dir, tmp_path, model):
     (tmp_path / "bar.jpg").write_bytes(jpeg(bar_photo(120, 80)))
-    manifest = write_csv(tmp_path / "seeds.csv", ["id", "image", "instruction", "seed", "refine_strength"], [
-        {"id": "plain", "image": "bar.jpg", "instruction": "make it red", "seed": 11, "refine_strength": 0},
-        {"id": "refined", "image": "bar.jpg", "instruction": "make it red", "seed": 11, "refine_strength": 0.3},
-        {"id": "other-seed", "image": "bar.jpg", "instruction": "make it red", "seed": 12, "refine_strength": 0},
-    ])
+    manifest = write_csv(
+        tmp_path / "seeds.csv",
+        ["id", "image", "instruction", "seed", "refine_strength"],
+        [
+            {"id": "plain", "image": "bar.jpg", "instruction": "make it red", "seed": 11, "refine_strength": 0},
+            {"id": "refined", "image": "bar.jpg", "instruction": "make it red", "seed": 11, "refine_strength": 0.3},
+            {"id": "other-seed", "image": "bar.jpg", "instruction": "make it red", "seed": 12, "refine_strength": 0},
+        ],
+    )
     first, a, _ = local_run(manifest, model, tmp_path / "a")
     second, b, _ = local_run(manifest, model, tmp_path / "b")
     assert first.job.job_id != second.job.job_id
@@ -334,25 +371,49 @@ def test_each_seed_dialect_manifest_runs_unchanged(tiny_dir, tmp_path, model):
     (tmp_path / "mug.png").write_bytes(png(bar_photo(48, 80)))
 
     # fal.ai
-    fal = write_csv(tmp_path / "fal.csv", ["id", "image_url", "edit_instruction", "target_image_description",
-                                          "num_inference_steps", "enable_safety_checker", "seed"],
-                    [{"id": "fal", "image_url": "shoe.jpg", "edit_instruction": "make the shoe blue",
-                      "target_image_description": "a blue shoe on white", "num_inference_steps": 3,
-                      "enable_safety_checker": "true", "seed": 5}])
+    fal = write_csv(
+        tmp_path / "fal.csv",
+        [
+            "id",
+            "image_url",
+            "edit_instruction",
+            "target_image_description",
+            "num_inference_steps",
+            "enable_safety_checker",
+            "seed",
+        ],
+        [
+            {
+                "id": "fal",
+                "image_url": "shoe.jpg",
+                "edit_instruction": "make the shoe blue",
+                "target_image_description": "a blue shoe on white",
+                "num_inference_steps": 3,
+                "enable_safety_checker": "true",
+                "seed": 5,
+            }
+        ],
+    )
     sub, res, folder = local_run(fal, model, tmp_path / "out-fal")
     assert sub.job.status == "completed" and res["fal"]["status"] == "completed"
     params = rows_of(folder)["fal"]["params"]
     assert (params["image"], params["instruction"], params["target_description"], params["steps"]) == (
-        str(folder / "inputs" / "fal.jpg"), "make the shoe blue", "a blue shoe on white", 3)
+        str(folder / "inputs" / "fal.jpg"),
+        "make the shoe blue",
+        "a blue shoe on white",
+        3,
+    )
     assert res["fal"]["metadata"] == {} and params["safety_check"] is True  # fal's name for our field
     # no checker is configured for this run: it did not run, and the result says so
     assert res["fal"]["output"]["nsfw"] is None and res["fal"]["output"]["safety"].startswith("off")
     assert (res["fal"]["output"]["images"][0]["width"], res["fal"]["output"]["images"][0]["height"]) == (96, 64)
 
     # WaveSpeed: base64 output in the results
-    wave = write_csv(tmp_path / "wave.csv", ["id", "prompt", "image", "enable_base64_output", "seed"],
-                     [{"id": "ws", "prompt": "turn the mug green", "image": "mug.png", "enable_base64_output": "true",
-                       "seed": 6}])
+    wave = write_csv(
+        tmp_path / "wave.csv",
+        ["id", "prompt", "image", "enable_base64_output", "seed"],
+        [{"id": "ws", "prompt": "turn the mug green", "image": "mug.png", "enable_base64_output": "true", "seed": 6}],
+    )
     sub, res, folder = local_run(wave, model, tmp_path / "out-wave")
     assert sub.job.status == "completed"
     assert rows_of(folder)["ws"]["params"]["instruction"] == "turn the mug green"
@@ -361,22 +422,43 @@ def test_each_seed_dialect_manifest_runs_unchanged(tiny_dir, tmp_path, model):
     assert size_of(base64.b64decode(image["b64_json"])) == (48, 80)
 
     # inference.sh: E1's own prompt format
-    infsh = write_csv(tmp_path / "infsh.csv", ["id", "prompt", "image"], [
-        {"id": "sh", "image": "shoe.jpg",
-         "prompt": "Editing Instruction: add a red lace. Target Image Description: a white shoe with a red lace"}])
+    infsh = write_csv(
+        tmp_path / "infsh.csv",
+        ["id", "prompt", "image"],
+        [
+            {
+                "id": "sh",
+                "image": "shoe.jpg",
+                "prompt": "Editing Instruction: add a red lace. Target Image Description: a white shoe with a red lace",
+            }
+        ],
+    )
     sub, res, folder = local_run(infsh, model, tmp_path / "out-infsh")
     assert sub.job.status == "completed" and res["sh"]["output"]["images"][0]["b64_json"] is None
     params = rows_of(folder)["sh"]["params"]
     assert (params["instruction"], params["target_description"], params["prompt"]) == (
-        "add a red lace", "a white shoe with a red lace", "")
+        "add a red lace",
+        "a white shoe with a red lace",
+        "",
+    )
 
     # Lumenfall (OpenAI-style): n, response_format, output_format + output_compression, size
-    lumen = write_csv(tmp_path / "lumen.csv", ["id", "prompt", "image", "n", "response_format", "output_format",
-                                               "output_compression", "size"], [
-        {"id": "two", "prompt": "make it night", "image": "shoe.jpg", "n": 2, "response_format": "b64_json",
-         "output_format": "jpeg", "output_compression": 60},
-        {"id": "sized", "prompt": "make it night", "image": "shoe.jpg", "size": "64x64"},
-    ])
+    lumen = write_csv(
+        tmp_path / "lumen.csv",
+        ["id", "prompt", "image", "n", "response_format", "output_format", "output_compression", "size"],
+        [
+            {
+                "id": "two",
+                "prompt": "make it night",
+                "image": "shoe.jpg",
+                "n": 2,
+                "response_format": "b64_json",
+                "output_format": "jpeg",
+                "output_compression": 60,
+            },
+            {"id": "sized", "prompt": "make it night", "image": "shoe.jpg", "size": "64x64"},
+        ],
+    )
     sub, res, folder = local_run(lumen, model, tmp_path / "out-lumen")
     assert sub.job.status == "completed"
     assert rows_of(folder)["two"]["params"]["output_quality"] == 60
@@ -393,18 +475,31 @@ def test_each_seed_dialect_manifest_runs_unchanged(tiny_dir, tmp_path, model):
 
 
 def test_dialect_names_map_to_ours_and_a_field_given_twice_is_an_error_naming_it(tmp_path):
-    assert dialects.normalize({"image_url": "a.jpg", "edit_instruction": "x", "target_image_description": "y",
-                               "num_inference_steps": "4", "sync_mode": "true"}, "edit") == {
-        "image": "a.jpg", "instruction": "x", "target_description": "y", "steps": "4", "sync_mode": "true"}
+    assert dialects.normalize(
+        {
+            "image_url": "a.jpg",
+            "edit_instruction": "x",
+            "target_image_description": "y",
+            "num_inference_steps": "4",
+            "sync_mode": "true",
+        },
+        "edit",
+    ) == {"image": "a.jpg", "instruction": "x", "target_description": "y", "steps": "4", "sync_mode": "true"}
     assert dialects.normalize({"prompt": "p", "image": "a.jpg", "enable_base64_output": "TRUE"}, "edit") == {
-        "image": "a.jpg", "instruction": "p", "response_format": "b64_json"}
+        "image": "a.jpg",
+        "instruction": "p",
+        "response_format": "b64_json",
+    }
     assert dialects.normalize({"prompt": "p", "image": "a", "enable_base64_output": "false"}, "edit") == {
-        "image": "a", "instruction": "p"}
-    assert dialects.normalize({"prompt": "p", "image": "a", "n": 2, "output_compression": 70, "cfg_scale": 3},
-                              "edit") == {"image": "a", "instruction": "p", "num_images": 2,
-                                          "output_quality": 70, "guidance_scale": 3}
-    e1 = dialects.normalize({"prompt": "editing instruction: remove the logo. Target Image Description: a plain mug",
-                             "image": "a"}, "edit")
+        "image": "a",
+        "instruction": "p",
+    }
+    assert dialects.normalize(
+        {"prompt": "p", "image": "a", "n": 2, "output_compression": 70, "cfg_scale": 3}, "edit"
+    ) == {"image": "a", "instruction": "p", "num_images": 2, "output_quality": 70, "guidance_scale": 3}
+    e1 = dialects.normalize(
+        {"prompt": "editing instruction: remove the logo. Target Image Description: a plain mug", "image": "a"}, "edit"
+    )
     assert (e1["instruction"], e1["target_description"]) == ("remove the logo", "a plain mug")
     assert dialects.normalize({"prompt": "a cat"}, "generate") == {"prompt": "a cat"}  # generation keeps prompt
 
@@ -426,11 +521,15 @@ def test_dialect_names_map_to_ours_and_a_field_given_twice_is_an_error_naming_it
     assert good.ok and good.params["steps"] == 7 and good.params["image"] == str(tmp_path / "a.jpg")
     assert good.params["guidance_scale"] == 5.0 and good.params["clip_cfg_norm"] is True  # e1-full's published defaults
 
-    manifest = write_csv(tmp_path / "m.csv", ["image_url", "image", "edit_instruction"],
-                         [{"image_url": "a.jpg", "image": "a.jpg", "edit_instruction": "x"}])
+    manifest = write_csv(
+        tmp_path / "m.csv",
+        ["image_url", "image", "edit_instruction"],
+        [{"image_url": "a.jpg", "image": "a.jpg", "edit_instruction": "x"}],
+    )
     report = validate_manifest(manifest, "e1-1")
     assert [str(i) for i in report.issues] == [
-        "line 2: image_url: both 'image_url' and 'image' given; keep one (got 'a.jpg')"]
+        "line 2: image_url: both 'image_url' and 'image' given; keep one (got 'a.jpg')"
+    ]
 
 
 # ---- 5. geometry, no model ------------------------------------------------------------------------------
@@ -452,16 +551,19 @@ def assert_close(actual, expected, tolerance: float) -> None:
     assert all(abs(a - e) <= tolerance for a, e in zip(actual, expected, strict=True)), (actual, expected)
 
 
-@pytest.mark.parametrize("canvas", [canvas_size(1200, 800, 1024, fixed=False), (768, 768)],
-                         ids=["e1-1-real", "e1-full-real"])
+@pytest.mark.parametrize(
+    "canvas", [canvas_size(1200, 800, 1024, fixed=False), (768, 768)], ids=["e1-1-real", "e1-full-real"]
+)
 def test_pad_fit_and_unfit_bring_a_thin_bar_back_in_place_and_in_proportion(canvas):
     photo = bar_photo()
     fitted, box = geometry.fit(photo, canvas, "pad")
     assert fitted.size == canvas
     # on the canvas the content keeps its proportions (3:2), centred, and so does the bar
     x0, y0, x1, y1 = box
-    assert abs((x1 - x0) * 800 - (y1 - y0) * 1200) <= 1200 and (x0, y0) == ((canvas[0] - (x1 - x0)) // 2,
-                                                                         (canvas[1] - (y1 - y0)) // 2)
+    assert abs((x1 - x0) * 800 - (y1 - y0) * 1200) <= 1200 and (x0, y0) == (
+        (canvas[0] - (x1 - x0)) // 2,
+        (canvas[1] - (y1 - y0)) // 2,
+    )
     width, height = bar_extent(fitted)
     assert abs(height / width - 600 / 12) < 2.5
     back = geometry.unfit(fitted, box, (1200, 800))
@@ -549,8 +651,9 @@ def test_decode_input_orients_flattens_and_converts_to_rgb():
     assert top[0] > 180 > top[2] and bottom[2] > 180 > bottom[0]  # red (stored left) is shown on top
 
     alpha = imaging.decode_input(rgba_png(), 10**6)
-    assert alpha.mode == "RGB" and alpha.getpixel((2, 2)) == (255, 255, 255) and alpha.getpixel((32, 24)) == (
-        255, 0, 0)  # transparent → white, opaque kept
+    assert (
+        alpha.mode == "RGB" and alpha.getpixel((2, 2)) == (255, 255, 255) and alpha.getpixel((32, 24)) == (255, 0, 0)
+    )  # transparent → white, opaque kept
 
     palette = Image.new("P", (20, 20), 0)
     palette.putpalette([0, 0, 0, 0, 200, 0])
@@ -587,13 +690,17 @@ def gif() -> bytes:
     return buf.getvalue()
 
 
-@pytest.mark.parametrize(("make", "message"), [
-    (truncated_jpeg, "image file is damaged or truncated"),
-    (lambda: b"this is a text file, not a photo\n", "not a JPEG, PNG or WebP image"),
-    (bomb_png, "image is 3000x3000 = 9000000 pixels, over the 1000000-pixel limit"),
-    (huge_header_png, "image too large"),
-    (gif, "not a JPEG, PNG or WebP image"),
-], ids=["truncated", "text", "bomb", "huge-header", "gif"])
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (truncated_jpeg, "image file is damaged or truncated"),
+        (lambda: b"this is a text file, not a photo\n", "not a JPEG, PNG or WebP image"),
+        (bomb_png, "image is 3000x3000 = 9000000 pixels, over the 1000000-pixel limit"),
+        (huge_header_png, "image too large"),
+        (gif, "not a JPEG, PNG or WebP image"),
+    ],
+    ids=["truncated", "text", "bomb", "huge-header", "gif"],
+)
 def test_decode_input_refuses_what_it_cannot_safely_open(make, message):
     with pytest.raises(InputError, match=message):
         imaging.decode_input(make(), 1_000_000)
@@ -606,12 +713,30 @@ def test_a_data_uri_input_is_staged_next_to_the_job_and_runs(tiny_dir, tmp_path)
     data = png(bar_photo(80, 56))
     uri = "data:image/png;base64," + base64.b64encode(data).decode()
     manifest = tmp_path / "inline.jsonl"
-    manifest.write_text(json.dumps({"id": "inline", "image": uri, "instruction": "make it sepia", "seed": 3}) + "\n"
-                        + json.dumps({"id": "gif", "image": "data:image/gif;base64,R0lGOD", "instruction": "x"})
-                        + "\n")
+    manifest.write_text(
+        json.dumps({"id": "inline", "image": uri, "instruction": "make it sepia", "seed": 3})
+        + "\n"
+        + json.dumps({"id": "gif", "image": "data:image/gif;base64,R0lGOD", "instruction": "x"})
+        + "\n"
+    )
     env = service_env("redis://127.0.0.1:9/0", "http://127.0.0.1:9", tiny_dir)  # local mode: neither is used
-    res = cli("run", str(manifest), "--model", "e1-1", "--weights", "tiny", "--device", "cpu", "--set", "steps=2",
-              "--out", str(tmp_path / "out"), "--skip-invalid", env=env, timeout=180)
+    res = cli(
+        "run",
+        str(manifest),
+        "--model",
+        "e1-1",
+        "--weights",
+        "tiny",
+        "--device",
+        "cpu",
+        "--set",
+        "steps=2",
+        "--out",
+        str(tmp_path / "out"),
+        "--skip-invalid",
+        env=env,
+        timeout=180,
+    )
     assert res.returncode == 0, res.stderr  # one row completed: the job completed
     [folder] = (tmp_path / "out").iterdir()
     lines = {x["id"]: x for x in map(json.loads, (folder / "results.jsonl").read_text().splitlines())}
@@ -623,15 +748,20 @@ def test_a_data_uri_input_is_staged_next_to_the_job_and_runs(tiny_dir, tmp_path)
     assert size_of(Path(image["s3_uri"]).read_bytes()) == (80, 56)
     assert lines["inline"]["output"]["input_size"] == [80, 56]
     assert lines["gif"]["status"] == "failed"
-    assert lines["gif"]["error"] == ("invalid row: line 2: image: data URI must be data:image/png|jpeg|webp;base64,… "
-                                     "(got 'data:image/gif;base64,R0lGOD')")
+    assert lines["gif"]["error"] == (
+        "invalid row: line 2: image: data URI must be data:image/png|jpeg|webp;base64,… "
+        "(got 'data:image/gif;base64,R0lGOD')"
+    )
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("size", "10x10", "each side must be 16..8192 px"),
-    ("size", "8192x16", "aspect ratio must be within 16:1"),
-    ("aspect_ratio", "40:1", "aspect ratio must be within 16:1"),
-])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("size", "10x10", "each side must be 16..8192 px"),
+        ("size", "8192x16", "aspect ratio must be within 16:1"),
+        ("aspect_ratio", "40:1", "aspect ratio must be within 16:1"),
+    ],
+)
 def test_output_shapes_out_of_bounds_are_invalid_rows_at_submit(tmp_path, field, value, message):
     Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
     (tmp_path / "m.jsonl").write_text(json.dumps({"image": "a.png", "instruction": "x", field: value}) + "\n")

@@ -36,8 +36,11 @@ LIMIT = 10.0  # s: every command answers within this
 JOB = "20260101-000000-0badc0de"  # a job nobody has
 LONG_RUNNING = {"worker", "api", "beat"}
 # complete commands the docs give in running text rather than in a code block
-PROSE = ["dreambatch worker --io", "dreambatch worker --model i1-fast --device cuda:0",
-         "dreambatch models make-tiny i1-fast|e1-1|e1-full DIR"]
+PROSE = [
+    "dreambatch worker --io",
+    "dreambatch worker --model i1-fast --device cuda:0",
+    "dreambatch models make-tiny i1-fast|e1-1|e1-full DIR",
+]
 
 
 # --- the commands, as the docs give them -------------------------------------------------------------------
@@ -124,11 +127,22 @@ def closed_port() -> int:
 def newcomer_env(places: Places, tiny_dir: Path, **extra: str) -> dict[str, str]:
     """A fresh shell: no dreambatch, AWS or hub variables of the test's, an empty home (no ~/.aws, an empty hub
     cache), the project on the path."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("DREAMBATCH_", "AWS_", "HF_")) and k not in ("XDG_CACHE_HOME", "PYTHONPATH")}
-    env.update({"PYTHONPATH": str(ROOT), "HOME": str(places.tmp / "home"), "DREAMBATCH_ENV_FILE": "",
-                "DREAMBATCH_TINY_DIR": str(tiny_dir), "PYTHONUNBUFFERED": "1",
-                "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent", "AWS_CONFIG_FILE": "/nonexistent"})
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("DREAMBATCH_", "AWS_", "HF_")) and k not in ("XDG_CACHE_HOME", "PYTHONPATH")
+    }
+    env.update(
+        {
+            "PYTHONPATH": str(ROOT),
+            "HOME": str(places.tmp / "home"),
+            "DREAMBATCH_ENV_FILE": "",
+            "DREAMBATCH_TINY_DIR": str(tiny_dir),
+            "PYTHONUNBUFFERED": "1",
+            "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
+            "AWS_CONFIG_FILE": "/nonexistent",
+        }
+    )
     env.update(extra)
     return env
 
@@ -156,8 +170,14 @@ class Answer:
 
 def answer(args: list[str], env: dict[str, str], cwd: Path = ROOT, program: list[str] | None = None) -> Answer:
     start = time.monotonic()
-    done = subprocess.run([*(program or [sys.executable, "-m", "worker"]), *args], env=env, cwd=cwd,
-                          capture_output=True, text=True, timeout=LIMIT + 50)
+    done = subprocess.run(
+        [*(program or [sys.executable, "-m", "worker"]), *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=LIMIT + 50,
+    )
     return Answer(args, done.returncode, done.stdout, done.stderr, time.monotonic() - start)
 
 
@@ -169,8 +189,9 @@ def answers(runs: list[tuple[list[str], dict[str, str]]], at_once: int = 6) -> l
 
 def shape(args: list[str]) -> tuple:
     """Commands of one shape take one code path: the command, its subcommand, the options it gives."""
-    sub = args[1] if len(args) > 1 and not args[1].startswith("-") and args[0] in ("keys", "schedules", "models") \
-        else ""
+    sub = (
+        args[1] if len(args) > 1 and not args[1].startswith("-") and args[0] in ("keys", "schedules", "models") else ""
+    )
     return args[0], sub, tuple(sorted(a for a in args if a.startswith("--")))
 
 
@@ -199,8 +220,15 @@ class Process:
     def __init__(self, args: list[str], env: dict[str, str]):
         self.args = args
         self.lines: list[str] = []
-        self.proc = subprocess.Popen([sys.executable, "-m", "worker", *args], env=env, cwd=ROOT, text=True,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "worker", *args],
+            env=env,
+            cwd=ROOT,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         self.reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True)
         self.reader.start()
         self.started = time.monotonic()
@@ -211,8 +239,12 @@ class Process:
 
     def wait_for(self, pattern: str, within: float = LIMIT) -> float:
         """Seconds until a line matching `pattern` came; fails if it did not within `within`."""
-        wait_until(lambda: re.search(pattern, self.text) or self.proc.poll() is not None, within, 0.1,
-                   what=f"/{pattern}/ from dreambatch {shlex.join(self.args)}")
+        wait_until(
+            lambda: re.search(pattern, self.text) or self.proc.poll() is not None,
+            within,
+            0.1,
+            what=f"/{pattern}/ from dreambatch {shlex.join(self.args)}",
+        )
         assert re.search(pattern, self.text), f"exited {self.proc.returncode} without /{pattern}/:\n{self.text}"
         return time.monotonic() - self.started
 
@@ -235,15 +267,40 @@ def head(args: list[str]) -> str:
 # --- the faults ---------------------------------------------------------------------------------------------
 def test_the_docs_give_the_commands_this_checks():
     commands = {c.text.split()[0] for c in doc_commands()}
-    assert {"run", "validate", "submit", "status", "results", "webhooks", "reconcile", "cancel", "retry", "resume",
-            "top", "worker", "keys", "api", "schedules", "beat", "sheet", "presets", "models"} <= commands
+    assert {
+        "run",
+        "validate",
+        "submit",
+        "status",
+        "results",
+        "webhooks",
+        "reconcile",
+        "cancel",
+        "retry",
+        "resume",
+        "top",
+        "worker",
+        "keys",
+        "api",
+        "schedules",
+        "beat",
+        "sheet",
+        "presets",
+        "models",
+    } <= commands
 
 
 def test_with_redis_down_every_command_says_so_in_one_line_or_does_not_need_it(places, tiny_dir, s3_endpoint):
     port = closed_port()
-    env = newcomer_env(places, tiny_dir, DREAMBATCH_REDIS_URL=f"redis://127.0.0.1:{port}/0",
-                       AWS_ENDPOINT_URL_S3=s3_endpoint, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
-                       AWS_DEFAULT_REGION="us-east-1")
+    env = newcomer_env(
+        places,
+        tiny_dir,
+        DREAMBATCH_REDIS_URL=f"redis://127.0.0.1:{port}/0",
+        AWS_ENDPOINT_URL_S3=s3_endpoint,
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing",
+        AWS_DEFAULT_REGION="us-east-1",
+    )
     runs = []
     for command in doc_commands():
         args = places.args(command)
@@ -273,18 +330,23 @@ def test_with_redis_down_a_long_running_process_says_so_and_keeps_running(places
     assert "Traceback" not in proc.text, proc.text
 
 
-def test_with_redis_down_or_s3_misconfigured_the_api_runs_and_healthz_tells_the_truth(places, tiny_dir, s3_endpoint,
-                                                                                    redis_server):
+def test_with_redis_down_or_s3_misconfigured_the_api_runs_and_healthz_tells_the_truth(
+    places, tiny_dir, s3_endpoint, redis_server
+):
     [command] = [c for c in doc_commands() if c.text.startswith("api ") and c.env]  # README's, with its output
     args = places.args(command)
     for option in ("--ssl-certfile", "--ssl-keyfile"):  # the README's HTTPS example: plain HTTP here
         if option in args:
-            del args[args.index(option):args.index(option) + 2]
+            del args[args.index(option) : args.index(option) + 2]
     port = free_port()
     args[args.index("--port") + 1] = str(port)
     redis_down = f"redis://127.0.0.1:{closed_port()}/0"
-    s3 = {"AWS_ENDPOINT_URL_S3": s3_endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-          "AWS_DEFAULT_REGION": "us-east-1"}
+    s3 = {
+        "AWS_ENDPOINT_URL_S3": s3_endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
     proc = Process(args, newcomer_env(places, tiny_dir, DREAMBATCH_REDIS_URL=redis_down, **dict(command.env), **s3))
     try:
         proc.wait_for(r"cannot reach Redis at .*The API keeps trying")
@@ -307,41 +369,66 @@ def s3_commands(places: Places) -> list[list[str]]:
     picked = []
     for command in doc_commands():
         args = places.args(command)
-        if head(args) == "submit" or (args[:2] == ["schedules", "run"]) or \
-                any(a.startswith("s3://") for a in args) and head(args) not in LONG_RUNNING | {"run"}:
+        if (
+            head(args) == "submit"
+            or (args[:2] == ["schedules", "run"])
+            or any(a.startswith("s3://") for a in args)
+            and head(args) not in LONG_RUNNING | {"run"}
+        ):
             picked.append(args)
     return one_of_each_shape(picked)
 
 
 @pytest.mark.parametrize("fault", ["no bucket", "no endpoint", "no credentials"])
-def test_with_s3_misconfigured_every_command_that_uses_it_says_what_to_fix(fault, places, tiny_dir, s3_endpoint,
-                                                                          redis_server):
-    s3 = {"AWS_ENDPOINT_URL_S3": s3_endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-          "AWS_DEFAULT_REGION": "us-east-1"}
+def test_with_s3_misconfigured_every_command_that_uses_it_says_what_to_fix(
+    fault, places, tiny_dir, s3_endpoint, redis_server
+):
+    s3 = {
+        "AWS_ENDPOINT_URL_S3": s3_endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
     if fault == "no endpoint":
         s3["AWS_ENDPOINT_URL_S3"] = f"http://127.0.0.1:{closed_port()}"
     if fault == "no credentials":
         del s3["AWS_ACCESS_KEY_ID"], s3["AWS_SECRET_ACCESS_KEY"]
-    env = newcomer_env(places, tiny_dir, DREAMBATCH_REDIS_URL=redis_server.url.rsplit("/", 1)[0] + "/7",
-                       DREAMBATCH_OUTPUT="s3://dreambatch/outputs", **s3)
+    env = newcomer_env(
+        places,
+        tiny_dir,
+        DREAMBATCH_REDIS_URL=redis_server.url.rsplit("/", 1)[0] + "/7",
+        DREAMBATCH_OUTPUT="s3://dreambatch/outputs",
+        **s3,
+    )
     runs = s3_commands(places)
     assert len(runs) >= 5
     if fault != "no bucket":
         runs = [r for r in runs if head(r) == "submit"][:2] + [r for r in runs if head(r) != "submit"][:2]
-    cause = {"no bucket": r"bucket '(dreambatch|catalog)' does not exist", "no endpoint": r"cannot reach S3",
-             "no credentials": r"no credentials"}[fault]
-    fix = {"no bucket": r"create the bucket", "no endpoint": r"AWS_ENDPOINT_URL_S3",
-           "no credentials": r"AWS_ACCESS_KEY_ID"}[fault]
+    cause = {
+        "no bucket": r"bucket '(dreambatch|catalog)' does not exist",
+        "no endpoint": r"cannot reach S3",
+        "no credentials": r"no credentials",
+    }[fault]
+    fix = {
+        "no bucket": r"create the bucket",
+        "no endpoint": r"AWS_ENDPOINT_URL_S3",
+        "no credentials": r"AWS_ACCESS_KEY_ID",
+    }[fault]
     for a in answers([(args, env) for args in runs]):
         check_answer(a, cause, fix)
 
 
-def test_run_writes_to_s3_when_out_is_s3_and_refuses_a_bucket_that_is_not_there(places, tiny_dir, s3_endpoint,
-                                                                                bucket):
+def test_run_writes_to_s3_when_out_is_s3_and_refuses_a_bucket_that_is_not_there(places, tiny_dir, s3_endpoint, bucket):
     manifest = places.tmp / "one.jsonl"
     manifest.write_text(json.dumps({"id": "one", "prompt": "a mug", "seed": 1, "steps": 2}) + "\n")
-    env = newcomer_env(places, tiny_dir, AWS_ENDPOINT_URL_S3=s3_endpoint, AWS_ACCESS_KEY_ID="testing",
-                       AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+    env = newcomer_env(
+        places,
+        tiny_dir,
+        AWS_ENDPOINT_URL_S3=s3_endpoint,
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing",
+        AWS_DEFAULT_REGION="us-east-1",
+    )
     missing = answer(["run", str(manifest), "--weights", "tiny", "--out", "s3://no-such-bucket/x"], env)
     check_answer(missing, r"bucket 'no-such-bucket' does not exist", r"create the bucket")
     assert "loading the model" not in missing.err  # refused before the model loads
@@ -356,16 +443,21 @@ def test_run_writes_to_s3_when_out_is_s3_and_refuses_a_bucket_that_is_not_there(
 
 def test_bad_weights_or_a_missing_device_stop_run_and_worker_at_once(places, tiny_dir):
     env = newcomer_env(places, tiny_dir)
-    [readme_run] = [places.args(c) for c in doc_commands() if c.text.startswith("run manifests/examples/quickstart")
-                    and "--resume" not in c.text]
+    [readme_run] = [
+        places.args(c)
+        for c in doc_commands()
+        if c.text.startswith("run manifests/examples/quickstart") and "--resume" not in c.text
+    ]
     nowhere = str(places.tmp / "no-such-weights")
     bad = [a if a != "tiny" else nowhere for a in readme_run]
     runs = [(bad, env), (["worker", "--model", "i1-fast", "--device", "cpu"], env)]  # the hub cache is empty
     import torch
 
     if not torch.cuda.is_available():
-        runs += [([*readme_run, "--device", "cuda:0"], env), (["worker", "--model", "i1-fast", "--device", "cuda:0"],
-                                                              env)]
+        runs += [
+            ([*readme_run, "--device", "cuda:0"], env),
+            (["worker", "--model", "i1-fast", "--device", "cuda:0"], env),
+        ]
     results = [answer(*run) for run in runs]  # one at a time: each imports torch and diffusers (seconds of CPU)
     check_answer(results[0], rf"no weights {re.escape(nowhere)} for model 'i1-fast'", r"--weights tiny")
     check_answer(results[1], r"no weights HiDream-ai/HiDream-I1-Fast", r"hf download HiDream-ai/HiDream-I1-Fast")
@@ -374,21 +466,31 @@ def test_bad_weights_or_a_missing_device_stop_run_and_worker_at_once(places, tin
     assert not (places.tmp / "out").exists() or not list((places.tmp / "out").glob("*/items/*.json"))
 
 
-def test_a_misspelled_manifest_is_refused_by_validate_submit_and_run_alike(places, tiny_dir, s3_endpoint,
-                                                                         redis_server, bucket):
+def test_a_misspelled_manifest_is_refused_by_validate_submit_and_run_alike(
+    places, tiny_dir, s3_endpoint, redis_server, bucket
+):
     manifest = places.tmp / "products[v2].csv"  # square brackets in its name are printed as they are
     manifest.write_text("id,prompt,stpes,output_fromat,sku\nshoe,a red shoe,4,png,S-1\n")
     empty = places.tmp / "empty.csv"
     empty.write_text("")
-    env = newcomer_env(places, tiny_dir, DREAMBATCH_REDIS_URL=redis_server.url.rsplit("/", 1)[0] + "/7",
-                       AWS_ENDPOINT_URL_S3=s3_endpoint, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
-                       AWS_DEFAULT_REGION="us-east-1")
+    env = newcomer_env(
+        places,
+        tiny_dir,
+        DREAMBATCH_REDIS_URL=redis_server.url.rsplit("/", 1)[0] + "/7",
+        AWS_ENDPOINT_URL_S3=s3_endpoint,
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing",
+        AWS_DEFAULT_REGION="us-east-1",
+    )
     out = ["--output", f"s3://{bucket}/typo"]
-    runs = [(["validate", str(manifest), "--model", "i1-fast"], env),
-            (["submit", str(manifest), "--model", "i1-fast", *out], env),
-            (["run", str(manifest), "--weights", "tiny", "--out", str(places.tmp / "typo")], env),
-            (["validate", str(places.e1), "--model", "i1-fast"], env),
-            (["validate", str(empty)], env), (["submit", str(empty), *out], env)]
+    runs = [
+        (["validate", str(manifest), "--model", "i1-fast"], env),
+        (["submit", str(manifest), "--model", "i1-fast", *out], env),
+        (["run", str(manifest), "--weights", "tiny", "--out", str(places.tmp / "typo")], env),
+        (["validate", str(places.e1), "--model", "i1-fast"], env),
+        (["validate", str(empty)], env),
+        (["submit", str(empty), *out], env),
+    ]
     validate, submit, run, e1_as_i1, validate_empty, submit_empty = answers(runs)
     for a in (validate, submit, run):
         assert a.rc == 2 and a.seconds < LIMIT and "Traceback" not in a.text, str(a)
@@ -404,8 +506,9 @@ def test_a_misspelled_manifest_is_refused_by_validate_submit_and_run_alike(place
 
 def test_ctrl_c_mid_run_keeps_what_ended_marks_the_job_and_resume_runs_the_rest(places, tiny_dir):
     manifest = places.tmp / "six.jsonl"
-    manifest.write_text("".join(json.dumps({"id": f"p{n}", "prompt": f"thing {n}", "seed": n, "steps": 24}) + "\n"
-                                for n in range(4)))
+    manifest.write_text(
+        "".join(json.dumps({"id": f"p{n}", "prompt": f"thing {n}", "seed": n, "steps": 24}) + "\n" for n in range(4))
+    )
     out = places.tmp / "ctrl-c"
     env = newcomer_env(places, tiny_dir)
     proc = Process(["run", str(manifest), "--weights", "tiny", "--device", "cpu", "--out", str(out)], env)
@@ -438,15 +541,25 @@ def test_ctrl_c_mid_run_keeps_what_ended_marks_the_job_and_resume_runs_the_rest(
     assert oct((folder / "p0.png").stat().st_mode & 0o777) != oct(0o600)  # the umask's, not mkstemp's 0600
 
 
-def test_a_job_nobody_serves_is_named_at_submit_in_status_and_top(places, tiny_dir, s3_endpoint, redis_server, bucket,
-                                                                receiver):
+def test_a_job_nobody_serves_is_named_at_submit_in_status_and_top(
+    places, tiny_dir, s3_endpoint, redis_server, bucket, receiver
+):
     [readme] = [places.args(c) for c in doc_commands() if c.text.startswith("submit manifests/examples/products")]
-    args = [receiver.url if a.startswith("https://example.com") else a.replace("s3://dreambatch/", f"s3://{bucket}/")
-            for a in readme]
+    args = [
+        receiver.url if a.startswith("https://example.com") else a.replace("s3://dreambatch/", f"s3://{bucket}/")
+        for a in readme
+    ]
     assert "--wait" in args
-    env = newcomer_env(places, tiny_dir, DREAMBATCH_REDIS_URL=redis_server.url.rsplit("/", 1)[0] + "/8",
-                       AWS_ENDPOINT_URL_S3=s3_endpoint, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
-                       AWS_DEFAULT_REGION="us-east-1", DREAMBATCH_ALLOW_PRIVATE_HOSTS="127.0.0.1")
+    env = newcomer_env(
+        places,
+        tiny_dir,
+        DREAMBATCH_REDIS_URL=redis_server.url.rsplit("/", 1)[0] + "/8",
+        AWS_ENDPOINT_URL_S3=s3_endpoint,
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing",
+        AWS_DEFAULT_REGION="us-east-1",
+        DREAMBATCH_ALLOW_PRIVATE_HOSTS="127.0.0.1",
+    )
     proc = Process(args, env)
     try:
         waited = proc.wait_for(r"warning: no live worker serves gpu\.i1-fast or io .*dreambatch worker --model i1-fast")
@@ -469,8 +582,10 @@ def test_the_cli_reads_dot_env_from_the_current_folder_and_the_environment_wins(
     (folder / ".env").write_text(f"DREAMBATCH_REDIS_URL=redis://127.0.0.1:{in_file}/0\n")
     env = newcomer_env(places, tiny_dir)
     del env["DREAMBATCH_ENV_FILE"]
-    from_file, from_env = answer(["status", JOB], env, cwd=folder), \
-        answer(["status", JOB], {**env, "DREAMBATCH_REDIS_URL": f"redis://127.0.0.1:{in_env}/0"}, cwd=folder)
+    from_file, from_env = (
+        answer(["status", JOB], env, cwd=folder),
+        answer(["status", JOB], {**env, "DREAMBATCH_REDIS_URL": f"redis://127.0.0.1:{in_env}/0"}, cwd=folder),
+    )
     check_answer(from_file, rf"cannot reach Redis at redis://127\.0\.0\.1:{in_file}/0")
     check_answer(from_env, rf"cannot reach Redis at redis://127\.0\.0\.1:{in_env}/0")
 
@@ -488,10 +603,15 @@ def test_models_download_without_the_hub_says_so_at_once(places, tiny_dir):
 
 def test_a_base_install_without_torch_names_the_extra_to_install(places, tiny_dir, tmp_path):
     blocker = tmp_path / "no_torch.py"  # as if `pip install dreambatch` without [worker]
-    blocker.write_text("import sys\nfor m in ('torch', 'diffusers', 'transformers'):\n    sys.modules[m] = None\n"
-                       "sys.argv = ['dreambatch', *sys.argv[1:]]\nfrom worker.cli import main\nmain()\n")
-    [readme_run] = [places.args(c) for c in doc_commands() if c.text.startswith("run manifests/examples/quickstart")
-                    and "--resume" not in c.text]
+    blocker.write_text(
+        "import sys\nfor m in ('torch', 'diffusers', 'transformers'):\n    sys.modules[m] = None\n"
+        "sys.argv = ['dreambatch', *sys.argv[1:]]\nfrom worker.cli import main\nmain()\n"
+    )
+    [readme_run] = [
+        places.args(c)
+        for c in doc_commands()
+        if c.text.startswith("run manifests/examples/quickstart") and "--resume" not in c.text
+    ]
     a = answer(readme_run, newcomer_env(places, tiny_dir), program=[sys.executable, str(blocker)])
     check_answer(a, r"needs the worker extra \(torch is not installed\)", r"pip install 'dreambatch\[worker\]'")
 

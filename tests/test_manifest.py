@@ -18,8 +18,7 @@ def rows_of(path: Path, model: str = "i1-fast", defaults=None):
 
 def test_csv_with_bom_crlf_and_quoted_newlines_keeps_line_numbers(tmp_path):
     path = tmp_path / "m.csv"
-    path.write_bytes("\ufeffid,prompt,sku\r\na,\"one, two\",S1\r\nb,\"multi\r\nline\",S2\r\nc,three,S3\r\n"
-                     .encode("utf-8"))
+    path.write_bytes('\ufeffid,prompt,sku\r\na,"one, two",S1\r\nb,"multi\r\nline",S2\r\nc,three,S3\r\n'.encode("utf-8"))
     rows = rows_of(path)
     assert [(r.item_id, r.line) for r in rows] == [("a", 2), ("b", 3), ("c", 5)]
     assert rows[0].params["prompt"] == "one, two"
@@ -49,15 +48,20 @@ def test_model_preset_then_defaults_then_row(tmp_path):
 
 def test_every_bad_row_is_reported_with_line_field_and_value(tmp_path):
     path = tmp_path / "m.jsonl"
-    path.write_text("\n".join([
-        json.dumps({"prompt": "ok"}),
-        json.dumps({"prompt": "x", "width": 10}),
-        "{not json",
-        json.dumps(["a list"]),
-        json.dumps({"id": "../../etc", "prompt": "x"}),
-        json.dumps({"id": "dup", "prompt": "x"}),
-        json.dumps({"id": "dup", "prompt": "x", "num_images": 99}),
-    ]) + "\n")
+    path.write_text(
+        "\n".join(
+            [
+                json.dumps({"prompt": "ok"}),
+                json.dumps({"prompt": "x", "width": 10}),
+                "{not json",
+                json.dumps(["a list"]),
+                json.dumps({"id": "../../etc", "prompt": "x"}),
+                json.dumps({"id": "dup", "prompt": "x"}),
+                json.dumps({"id": "dup", "prompt": "x", "num_images": 99}),
+            ]
+        )
+        + "\n"
+    )
     report = validate_manifest(path, "i1-fast")
     messages = [str(i) for i in report.issues]
     assert report.rows == 7 and report.valid == 2
@@ -76,15 +80,17 @@ def test_bad_defaults_are_reported_once(tmp_path):
     assert [str(i) for i in report.issues] == ["defaults: colour: not a field of this model (got 'red')"]
     report = validate_manifest(path, "i1-fast", {"steps": "zero"})
     assert [str(i) for i in report.issues] == [
-        "defaults: steps: input should be a valid integer, unable to parse string as an integer (got 'zero')"]
+        "defaults: steps: input should be a valid integer, unable to parse string as an integer (got 'zero')"
+    ]
 
 
 def test_sizes_are_rounded_to_what_hidream_renders_and_reported(tmp_path):
     path = tmp_path / "m.jsonl"
     path.write_text('{"prompt": "a", "width": 1000, "height": 700}\n{"prompt": "b"}\n')
     report = validate_manifest(path, "i1-fast")
-    assert report.notes == ["line 1: width/height: 1000x700 renders as 1216x848 "
-                            "(HiDream renders ~1024² px, sides multiple of 16)"]
+    assert report.notes == [
+        "line 1: width/height: 1000x700 renders as 1216x848 (HiDream renders ~1024² px, sides multiple of 16)"
+    ]
     rows = rows_of(path)
     assert (rows[0].params["width"], rows[0].params["height"]) == (1216, 848)
     assert rows[0].params["requested_size"] == [1000, 700]

@@ -23,8 +23,16 @@ from worker.runners.tiny import make_tiny, tiny_transformer
 
 # what torch.cuda.mem_get_info reports as total on a card of each size (RTX 4090, L40S, H100, H200)
 CARDS = {"24 GB": 23.6 * GiB, "48 GB": 44.4 * GiB, "80 GB": 79.1 * GiB, "141 GB": 139.8 * GiB}
-REQUEST = GenerateRequest(prompt="a cat holding a sign that says hello", steps=2, seed=7, width=64, height=64,
-                          guidance_scale=5.0, negative_prompt="blurry", scheduler="flow_unipc")
+REQUEST = GenerateRequest(
+    prompt="a cat holding a sign that says hello",
+    steps=2,
+    seed=7,
+    width=64,
+    height=64,
+    guidance_scale=5.0,
+    negative_prompt="blurry",
+    scheduler="flow_unipc",
+)
 
 
 @pytest.fixture(autouse=True)
@@ -60,10 +68,17 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 # ---- the planner, on HiDream's real sizes --------------------------------------------------------
 
+
 def test_real_sizes_come_from_the_published_configs_on_meta_tensors():
     sizes = real_sizes()
-    published = {"transformer": 17_105_733_184, "text_encoder_4": 8_030_261_248, "text_encoder_3": 4_762_310_656,
-                 "text_encoder": 123_781_632, "text_encoder_2": 694_878_720, "vae": 83_819_683}  # parameters
+    published = {
+        "transformer": 17_105_733_184,
+        "text_encoder_4": 8_030_261_248,
+        "text_encoder_3": 4_762_310_656,
+        "text_encoder": 123_781_632,
+        "text_encoder_2": 694_878_720,
+        "vae": 83_819_683,
+    }  # parameters
     assert sizes.weights.keys() == published.keys()
     for name, count in published.items():  # bf16: two bytes a parameter, + a few buffers (rotary, position ids)
         assert 0 <= sizes.weights[name] - 2 * count < 4096, name
@@ -75,8 +90,9 @@ def test_real_sizes_come_from_the_published_configs_on_meta_tensors():
 
 
 @pytest.mark.parametrize("model", list(MODELS))
-@pytest.mark.parametrize(("card", "plan"), [("24 GB", "int8"), ("48 GB", "text-cpu"), ("80 GB", "resident"),
-                                            ("141 GB", "resident")])
+@pytest.mark.parametrize(
+    ("card", "plan"), [("24 GB", "int8"), ("48 GB", "text-cpu"), ("80 GB", "resident"), ("141 GB", "resident")]
+)
 def test_planner_picks_the_fastest_plan_that_fits_the_card(model, card, plan):
     card_bytes = int(CARDS[card])
     choice = choose_plan(model, card_bytes, real_sizes())
@@ -131,6 +147,7 @@ def test_memory_plan_comes_from_the_environment_and_text_encoders_stays_its_olde
 
 
 # ---- int8 weight-only ----------------------------------------------------------------------------
+
 
 def test_int8_weight_only_transformer_stays_close_to_fp32_in_a_quarter_of_the_block_bytes():
     torch.manual_seed(0)
@@ -188,6 +205,7 @@ def test_quantized_experts_are_never_stacked_for_grouped_routing():
 
 # ---- streaming (diffusers group offloading) ------------------------------------------------------
 
+
 def grouped_tensors(module: torch.nn.Module) -> set[int]:
     """ids of every tensor some group-offloading hook under `module` moves."""
     found: set[int] = set()
@@ -200,13 +218,17 @@ def grouped_tensors(module: torch.nn.Module) -> set[int]:
     return found
 
 
-@pytest.mark.parametrize(("plan", "streamed", "same_as"), [
-    ("text-stream", memory.TEXT_ENCODERS, "resident"),
-    ("stream", (*memory.TEXT_ENCODERS, "transformer"), "resident"),
-    ("int8-stream", (*memory.TEXT_ENCODERS, "transformer"), "int8"),
-])
-def test_streamed_components_are_hooked_whole_and_give_the_same_images(tiny_dirs, resident, int8_image, monkeypatch,
-                                                                       plan, streamed, same_as):
+@pytest.mark.parametrize(
+    ("plan", "streamed", "same_as"),
+    [
+        ("text-stream", memory.TEXT_ENCODERS, "resident"),
+        ("stream", (*memory.TEXT_ENCODERS, "transformer"), "resident"),
+        ("int8-stream", (*memory.TEXT_ENCODERS, "transformer"), "int8"),
+    ],
+)
+def test_streamed_components_are_hooked_whole_and_give_the_same_images(
+    tiny_dirs, resident, int8_image, monkeypatch, plan, streamed, same_as
+):
     """On a CPU the onload device is the CPU, so streaming moves nothing; what can be checked is that every
     weight of a streamed component belongs to an offload group (on a GPU one left out is a device mismatch),
     that the groups onload as the pipeline runs, and that the images are those of the unstreamed plan."""

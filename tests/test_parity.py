@@ -50,8 +50,10 @@ for _case in CASES:
 
 
 def test_the_parity_fixtures_are_present():
-    assert CASES, (f"no parity fixtures at {PARITY} (cases.json missing or empty): the shared folder must lie "
-                   f"beside the checkout as ../shared, or set {PARITY_ENV}; these tests never pass without it")
+    assert CASES, (
+        f"no parity fixtures at {PARITY} (cases.json missing or empty): the shared folder must lie "
+        f"beside the checkout as ../shared, or set {PARITY_ENV}; these tests never pass without it"
+    )
     models = {case["model"] for case in CASES}
     assert models == {"e1-1", "e1-full", "i1-full", "i1-dev", "i1-fast"}, models
 
@@ -90,8 +92,10 @@ def compare_images(case: dict, out_dir: Path) -> list[str]:
         expected = np.asarray(Image.open(PARITY / expected_path).convert("RGB"), dtype=np.int16)
         got = np.asarray(Image.open(produced).convert("RGB"), dtype=np.int16)
         if got.shape != expected.shape:
-            problems.append(f"{case['id']}: {name} is {got.shape[1]}x{got.shape[0]}, expected "
-                            f"{expected.shape[1]}x{expected.shape[0]}")
+            problems.append(
+                f"{case['id']}: {name} is {got.shape[1]}x{got.shape[0]}, expected "
+                f"{expected.shape[1]}x{expected.shape[0]}"
+            )
         elif (diff := int(np.abs(got - expected).max())) > 1:
             problems.append(f"{case['id']}: {name} differs by up to {diff} on a pixel channel (tolerance 1)")
     return problems
@@ -136,8 +140,14 @@ def test_every_case_matches_the_published_code_through_the_local_run(group, tmp_
     cases = GROUPS[group]
     manifest = write_manifest(cases, tmp_path / "in")
     recorder = DecodeRecorder(monkeypatch)
-    sub = run_local(manifest, JobSpec(model=model, output=str(tmp_path / "out")), settings=Settings(),
-                    weights=str(PARITY / weights), device="cpu", on_item=recorder.item_ended)
+    sub = run_local(
+        manifest,
+        JobSpec(model=model, output=str(tmp_path / "out")),
+        settings=Settings(),
+        weights=str(PARITY / weights),
+        device="cpu",
+        on_item=recorder.item_ended,
+    )
     out_dir = tmp_path / "out" / sub.job.job_id
     problems = []
     for case in cases:
@@ -154,9 +164,25 @@ def test_dreambatch_run_on_a_parity_manifest_writes_the_expected_pngs(tmp_path):
     manifest = write_manifest(cases, tmp_path / "in")
     out = tmp_path / "out"
     done = subprocess.run(
-        [sys.executable, "-m", "worker", "run", str(manifest), "--model", "e1-1", "--weights",
-         str(PARITY / "weights" / "e1-1"), "--out", str(out), "--device", "cpu"],
-        capture_output=True, text=True, timeout=240, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        [
+            sys.executable,
+            "-m",
+            "worker",
+            "run",
+            str(manifest),
+            "--model",
+            "e1-1",
+            "--weights",
+            str(PARITY / "weights" / "e1-1"),
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert done.returncode == 0, done.stdout + done.stderr
     (job_dir,) = [path for path in out.iterdir() if path.is_dir()]

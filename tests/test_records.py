@@ -17,14 +17,24 @@ RECORD_KEYS = {"S3_JOB_SPEC", "S3_JOB_ROWS", "S3_INPUT", "S3_ITEMS", "S3_ITEM_RE
 
 def test_a_jobs_record_reads_back_as_it_was_written(tmp_path):
     objects = LocalStore(str(tmp_path / "out"))
-    job = JobRecord(job_id="j1", model="e1-1", output=objects.location, total=2, created_at=AT, updated_at=AT,
-                    priority="high", max_concurrency=2)
+    job = JobRecord(
+        job_id="j1",
+        model="e1-1",
+        output=objects.location,
+        total=2,
+        created_at=AT,
+        updated_at=AT,
+        priority="high",
+        max_concurrency=2,
+    )
     assert records.read_job(objects, "j1") is None and records.read_rows(objects, "j1") is None
 
     records.write_job_spec(objects, job)
     assert records.read_job(objects, "j1") == job
-    rows = [{"id": "a", "line": 1, "params": {"prompt": "x"}, "metadata": {}, "error": None},
-            {"id": "b", "line": 2, "params": {}, "metadata": {"sku": "2"}, "error": "invalid row: prompt"}]
+    rows = [
+        {"id": "a", "line": 1, "params": {"prompt": "x"}, "metadata": {}, "error": None},
+        {"id": "b", "line": 2, "params": {}, "metadata": {"sku": "2"}, "error": "invalid row: prompt"},
+    ]
     (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     records.write_rows(objects, "j1", tmp_path / "rows.jsonl")
     assert records.read_rows(objects, "j1") == rows
@@ -33,9 +43,18 @@ def test_a_jobs_record_reads_back_as_it_was_written(tmp_path):
 
     records.mark_open(objects, job)
     assert records.open_jobs(objects) == ["j1"]
-    done = ItemRecord(job_id="j1", item_id="a", line=1, status="completed", seed=7, created_at=AT, updated_at=AT,
-                      output=ItemOutput(seed=7, images=[OutputImage(s3_uri="s3://b/j1/a.png", width=8, height=8,
-                                                                    content_type="image/png")]))
+    done = ItemRecord(
+        job_id="j1",
+        item_id="a",
+        line=1,
+        status="completed",
+        seed=7,
+        created_at=AT,
+        updated_at=AT,
+        output=ItemOutput(
+            seed=7, images=[OutputImage(s3_uri="s3://b/j1/a.png", width=8, height=8, content_type="image/png")]
+        ),
+    )
     assert records.read_item_result(objects, "j1", "a") is None
     records.write_item_result(objects, done)
     assert records.read_item_result(objects, "j1", "a") == {"job_id": "j1", **done.result_line()}
@@ -64,7 +83,11 @@ def test_only_jobs_records_names_the_durable_records_keys():
                 offenders.append(f"{rel}:{node.lineno}: keys.{node.attr}")
             if isinstance(node, ast.JoinedStr) and rel != "jobs/keys.py" and len(node.values) > 1:
                 first, then = node.values[0], node.values[1]
-                if isinstance(first, ast.FormattedValue) and "job_id" in ast.unparse(first.value) \
-                        and isinstance(then, ast.Constant) and str(then.value).startswith("/"):
+                if (
+                    isinstance(first, ast.FormattedValue)
+                    and "job_id" in ast.unparse(first.value)
+                    and isinstance(then, ast.Constant)
+                    and str(then.value).startswith("/")
+                ):
                     offenders.append(f"{rel}:{node.lineno}: {ast.unparse(node)}")
     assert offenders == []

@@ -56,15 +56,22 @@ def source_image(width: int, height: int) -> Image.Image:
     """A real picture, not noise: a colour gradient with a dark square in it."""
     x, y = np.meshgrid(np.linspace(0, 255, width), np.linspace(0, 255, height))
     pixels = np.stack([x, y, 255 - x], axis=-1)
-    pixels[height // 4: height // 2, width // 4: width // 2] = 20
+    pixels[height // 4 : height // 2, width // 4 : width // 2] = 20
     return Image.fromarray(pixels.astype(np.uint8))
 
 
 def request(model: str, **overrides) -> EditRequest:
     width, height = CANVAS[model]
-    fields = {"image": source_image(width, height), "instruction": "make it a watercolor painting",
-              "target_description": "a watercolor painting of a lighthouse", "width": width, "height": height,
-              "steps": 3, "seed": 7, "refine_strength": 0.0} | overrides
+    fields = {
+        "image": source_image(width, height),
+        "instruction": "make it a watercolor painting",
+        "target_description": "a watercolor painting of a lighthouse",
+        "width": width,
+        "height": height,
+        "steps": 3,
+        "seed": 7,
+        "refine_strength": 0.0,
+    } | overrides
     return EditRequest(**fields)
 
 
@@ -82,8 +89,9 @@ def test_tiny_weights_have_the_hub_layout_with_a_whole_i1_full_inside(tiny_dirs,
     assert i1_full["_class_name"] == "HiDreamImagePipeline" and i1_full["scheduler"][1] == "UniPCMultistepScheduler"
     index = json.loads((folder / "transformer" / "diffusion_pytorch_model.safetensors.index.json").read_text())
     shards = set(index["weight_map"].values())
-    assert len(shards) == 2 and all((folder / "transformer" / shard).is_file() for shard in shards), \
+    assert len(shards) == 2 and all((folder / "transformer" / shard).is_file() for shard in shards), (
         "the transformer ships in shards with an index, as on the hub"
+    )
     assert sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) < 8_000_000
     if model == "e1-1":
         assert not (folder / "model_index.json").exists(), "HiDream-E1-1 is read for its transformer alone"
@@ -117,7 +125,8 @@ def _tensors(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def test_e1_full_switch_runs_edit_steps_as_the_merged_transformer_and_refine_steps_with_the_lora_off(
-        runners, tiny_dirs):
+    runners, tiny_dirs
+):
     """Adapter on = the repo's merged E1 transformer; off = I1-Full's transformer with E1's full tensors kept
     (what the published script's aliased refine state dict leaves), not I1-Full as downloaded."""
     switch = runners["e1-full"].load().transformers
@@ -127,11 +136,14 @@ def test_e1_full_switch_runs_edit_steps_as_the_merged_transformer_and_refine_ste
     kept = HiDreamImageTransformer2DModel.from_pretrained(tiny_dirs["e1-full"] / "refine" / "transformer")
     kept.load_state_dict(full, strict=False)
     generator = torch.Generator().manual_seed(0)
-    inputs = {"hidden_states": torch.randn(1, 4, 24, 24, generator=generator),
-              "timesteps": torch.tensor([500.0]),
-              "encoder_hidden_states_t5": torch.randn(1, 8, 32, generator=generator),
-              "encoder_hidden_states_llama3": torch.randn(2, 1, 8, 32, generator=generator),
-              "pooled_embeds": torch.randn(1, 64, generator=generator), "return_dict": False}
+    inputs = {
+        "hidden_states": torch.randn(1, 4, 24, 24, generator=generator),
+        "timesteps": torch.tensor([500.0]),
+        "encoder_hidden_states_t5": torch.randn(1, 8, 32, generator=generator),
+        "encoder_hidden_states_llama3": torch.randn(2, 1, 8, 32, generator=generator),
+        "pooled_embeds": torch.randn(1, 64, generator=generator),
+        "return_dict": False,
+    }
     with torch.no_grad():
         torch.testing.assert_close(switch.edit()(**inputs)[0], merged(**inputs)[0], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(switch.refine()(**inputs)[0], kept(**inputs)[0], rtol=1e-4, atol=1e-5)
@@ -140,8 +152,13 @@ def test_e1_full_switch_runs_edit_steps_as_the_merged_transformer_and_refine_ste
 
 
 def test_diffusers_format_lora_keys_are_read_as_hidream_names_them():
-    lora, full = split_lora_file({"transformer.final_layer.linear.lora_A.weight": 1,
-                                  "final_layer.linear.lora_B.default.weight": 2, "x_embedder.proj.bias": 3})
+    lora, full = split_lora_file(
+        {
+            "transformer.final_layer.linear.lora_A.weight": 1,
+            "final_layer.linear.lora_B.default.weight": 2,
+            "x_embedder.proj.bias": 3,
+        }
+    )
     assert lora == {"final_layer.linear.lora_A.default.weight": 1, "final_layer.linear.lora_B.default.weight": 2}
     assert full == {"x_embedder.proj.bias": 3}
 
@@ -202,7 +219,8 @@ def test_e1_1_refines_its_last_steps_on_its_own_transformer_without_the_source(r
     assert pipe.base.transformer.max_seq == 512, "the edit pass's token count, kept for the refine steps"
     shapes: list[tuple[int, ...]] = []
     hook = switch.edit().register_forward_pre_hook(
-        lambda _m, _a, kwargs: shapes.append(tuple(kwargs["hidden_states"].shape)), with_kwargs=True)
+        lambda _m, _a, kwargs: shapes.append(tuple(kwargs["hidden_states"].shape)), with_kwargs=True
+    )
     stages: list[str] = []
     try:
         runner.edit(request("e1-1", steps=10, refine_strength=0.3), on_step=lambda step: stages.append(step.stage))
@@ -223,15 +241,23 @@ def test_e1_1_never_reads_i1_full_transformer_weights(tiny_dirs, tmp_path, monke
     runner = HiDreamE1Runner("e1-1", weights=str(folder))
     out = runner.edit(request("e1-1", steps=2, refine_strength=0.5))
     assert out.images[0].size == CANVAS["e1-1"]
-    assert pixels(out.images[0]) == pixels(HiDreamE1Runner("e1-1", weights=str(tiny_dirs["e1-1"])).edit(
-        request("e1-1", steps=2, refine_strength=0.5)).images[0])
+    assert pixels(out.images[0]) == pixels(
+        HiDreamE1Runner("e1-1", weights=str(tiny_dirs["e1-1"]))
+        .edit(request("e1-1", steps=2, refine_strength=0.5))
+        .images[0]
+    )
 
 
 def test_guidance_off_takes_one_pass(runners):
     runner = runners["e1-1"]
     shapes: list[tuple[int, ...]] = []
-    hook = runner.load().transformers.edit().register_forward_pre_hook(
-        lambda _m, _a, kwargs: shapes.append(tuple(kwargs["hidden_states"].shape)), with_kwargs=True)
+    hook = (
+        runner.load()
+        .transformers.edit()
+        .register_forward_pre_hook(
+            lambda _m, _a, kwargs: shapes.append(tuple(kwargs["hidden_states"].shape)), with_kwargs=True
+        )
+    )
     try:
         out = runner.edit(request("e1-1", guidance_scale=1.0))
     finally:
@@ -244,14 +270,21 @@ def test_num_images_returns_that_many(runners):
     assert len(out.images) == 2 and pixels(out.images[0]) != pixels(out.images[1])
 
 
-@pytest.mark.parametrize(("model", "clip_cfg_norm"), [("e1-1", True), ("e1-1", False), ("e1-full", False),
-                                                      ("e1-full", True)])
+@pytest.mark.parametrize(
+    ("model", "clip_cfg_norm"), [("e1-1", True), ("e1-1", False), ("e1-full", False), ("e1-full", True)]
+)
 def test_first_step_guidance_is_the_published_formula(runners, model, clip_cfg_norm):
     """Step 0 recomputed by hand: three separate transformer calls, then HiDream's guidance arithmetic."""
     runner, g, g_img = runners[model], 5.0, 4.0
     pipe = runner.load()
-    req = request(model, steps=2, guidance_scale=g, image_guidance_scale=g_img, clip_cfg_norm=clip_cfg_norm,
-                  negative_prompt="low resolution, blur")
+    req = request(
+        model,
+        steps=2,
+        guidance_scale=g,
+        image_guidance_scale=g_img,
+        clip_cfg_norm=clip_cfg_norm,
+        negative_prompt="low resolution, blur",
+    )
     seen = []
     runner.edit(req, on_step=seen.append)
     step = seen[0]
@@ -271,9 +304,12 @@ def test_first_step_guidance_is_the_published_formula(runners, model, clip_cfg_n
         embeds = pipe.encode_text(text)
         with torch.no_grad():
             out = pipe.transformers.edit()(
-                hidden_states=torch.cat([latents, condition], dim=-1), timesteps=step.timestep.expand(1),
-                encoder_hidden_states_t5=embeds.t5, encoder_hidden_states_llama3=embeds.llama,
-                pooled_embeds=embeds.pooled, return_dict=False,
+                hidden_states=torch.cat([latents, condition], dim=-1),
+                timesteps=step.timestep.expand(1),
+                encoder_hidden_states_t5=embeds.t5,
+                encoder_hidden_states_llama3=embeds.llama,
+                pooled_embeds=embeds.pooled,
+                return_dict=False,
             )[0]
         return -out[..., : latents.shape[-1]]
 
@@ -293,18 +329,26 @@ def test_first_step_guidance_is_the_published_formula(runners, model, clip_cfg_n
 
 
 def test_e1_full_prompts_follow_its_training_format(runners):
-    req = request("e1-full", instruction="Convert the image into a Ghibli style.",
-                  target_description="A person in a light pink t-shirt, in a Ghibli style.", clip_cfg_norm=False)
+    req = request(
+        "e1-full",
+        instruction="Convert the image into a Ghibli style.",
+        target_description="A person in a light pink t-shirt, in a Ghibli style.",
+        clip_cfg_norm=False,
+    )
     prompt, refine = edit_prompts("e1-full", req)
-    assert prompt == ("Editing Instruction: Convert the image into a Ghibli style. "
-                      "Target Image Description: A person in a light pink t-shirt, in a Ghibli style.")
+    assert prompt == (
+        "Editing Instruction: Convert the image into a Ghibli style. "
+        "Target Image Description: A person in a light pink t-shirt, in a Ghibli style."
+    )
     assert refine == "A person in a light pink t-shirt, in a Ghibli style."
     no_description = "Editing Instruction: make it a watercolor painting."
     assert edit_prompts("e1-full", request("e1-full", target_description="")) == (no_description, no_description)
     full = "Editing Instruction: add a hat. Target Image Description: a cat in a hat"
     assert edit_prompts("e1-full", request("e1-full", prompt=full, target_description="")) == (full, "a cat in a hat")
-    assert edit_prompts("e1-1", request("e1-1")) == ("make it a watercolor painting",
-                                                     "a watercolor painting of a lighthouse")
+    assert edit_prompts("e1-1", request("e1-1")) == (
+        "make it a watercolor painting",
+        "a watercolor painting of a lighthouse",
+    )
     with pytest.raises(ModelError, match="instruction or a prompt"):
         edit_prompts("e1-1", request("e1-1", instruction=""))
 
@@ -327,8 +371,9 @@ def test_switch_cost_is_reported_for_both_directions(runners):
 # ---- weight lookup --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("model", "hub_id"), [("e1-1", "HiDream-ai/HiDream-E1-1"),
-                                                ("e1-full", "HiDream-ai/HiDream-E1-Full")])
+@pytest.mark.parametrize(
+    ("model", "hub_id"), [("e1-1", "HiDream-ai/HiDream-E1-1"), ("e1-full", "HiDream-ai/HiDream-E1-Full")]
+)
 def test_missing_weights_raise_weights_not_found_naming_the_hub_ids(tmp_path, monkeypatch, model, hub_id):
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
@@ -360,8 +405,9 @@ def test_components_can_live_anywhere_named_by_settings(tiny_dirs, tmp_path, mon
     shutil.copytree(tiny / "transformer", transformer)
     i1_full = tmp_path / "i1-full"
     shutil.copytree(tiny / "refine", i1_full, ignore=shutil.ignore_patterns("text_encoder_4", "tokenizer_4"))
-    llama = fake_hub_snapshot(tmp_path / "hub", "meta-llama/Meta-Llama-3.1-8B-Instruct", tiny / "refine" /
-                              "text_encoder_4")
+    llama = fake_hub_snapshot(
+        tmp_path / "hub", "meta-llama/Meta-Llama-3.1-8B-Instruct", tiny / "refine" / "text_encoder_4"
+    )
     for file in (tiny / "refine" / "tokenizer_4").iterdir():
         shutil.copy(file, llama)
 

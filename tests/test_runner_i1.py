@@ -37,8 +37,12 @@ def runners(tiny_dirs) -> dict[str, HiDreamI1Runner]:
 
 
 def request(model: str, **overrides) -> GenerateRequest:
-    fields = {"prompt": "a cat holding a sign that says hello", "steps": 2, "seed": 7,
-              "scheduler": PRESET_SCHEDULERS[model]} | overrides
+    fields = {
+        "prompt": "a cat holding a sign that says hello",
+        "steps": 2,
+        "seed": 7,
+        "scheduler": PRESET_SCHEDULERS[model],
+    } | overrides
     return GenerateRequest(**fields)
 
 
@@ -58,8 +62,13 @@ def test_tiny_weights_have_the_hub_layout_and_upstream_scheduler(tiny_dirs, mode
     assert index["text_encoder_4"] == ["transformers", "LlamaForCausalLM"]
     assert index["tokenizer"] == index["tokenizer_2"] == ["transformers", "CLIPTokenizer"]
     assert index["tokenizer_3"] == ["transformers", "T5Tokenizer"]
-    for part in ["scheduler", "vae", "transformer", *(f"text_encoder{s}" for s in ["", "_2", "_3", "_4"]),
-                 *(f"tokenizer{s}" for s in ["", "_2", "_3", "_4"])]:
+    for part in [
+        "scheduler",
+        "vae",
+        "transformer",
+        *(f"text_encoder{s}" for s in ["", "_2", "_3", "_4"]),
+        *(f"tokenizer{s}" for s in ["", "_2", "_3", "_4"]),
+    ]:
         assert (folder / part).is_dir(), part
     assert list(folder.glob("*/*.safetensors")), "weights are saved as safetensors"
     assert sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) < 5_000_000

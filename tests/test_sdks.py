@@ -50,22 +50,34 @@ def stack(redis_server, s3_endpoint, tiny_dir, tmp_path_factory):
     flagging = make_tiny_checker(folder / FLAGGING, flags_everything=True)
     env = service_env(redis_url, s3_endpoint, tiny_dir)
     tiny = ["--weights", "tiny", "--device", "cpu", "--concurrency", "1"]
-    workers = [Worker(["worker", "--io"], env, folder / "io.log"),
-               Worker(["worker", "--model", "i1-fast", *tiny], {**env, "DREAMBATCH_SAFETY__CHECKER": "tiny"},
-                      folder / "i1.log"),
-               Worker(["worker", "--model", "e1-full", *tiny], {**env, "DREAMBATCH_SAFETY__CHECKER": str(flagging)},
-                      folder / "e1-full.log"),
-               Worker(["worker", "--model", "e1-1", *tiny], env, folder / "e1-1.log")]
-    settings = Settings(redis_url=redis_url, output=f"s3://{bucket}/api", s3={"endpoint_url": s3_endpoint},
-                        allow_private_hosts="127.0.0.1", api={"wait_timeout": 120})
+    workers = [
+        Worker(["worker", "--io"], env, folder / "io.log"),
+        Worker(
+            ["worker", "--model", "i1-fast", *tiny], {**env, "DREAMBATCH_SAFETY__CHECKER": "tiny"}, folder / "i1.log"
+        ),
+        Worker(
+            ["worker", "--model", "e1-full", *tiny],
+            {**env, "DREAMBATCH_SAFETY__CHECKER": str(flagging)},
+            folder / "e1-full.log",
+        ),
+        Worker(["worker", "--model", "e1-1", *tiny], env, folder / "e1-1.log"),
+    ]
+    settings = Settings(
+        redis_url=redis_url,
+        output=f"s3://{bucket}/api",
+        s3={"endpoint_url": s3_endpoint},
+        allow_private_hosts="127.0.0.1",
+        api={"wait_timeout": 120},
+    )
     cert, key = self_signed_cert(folder)
     https, http = ApiServer(settings, tls=(str(cert), str(key))), ApiServer(settings)
     try:
         for w in workers:
             w.wait_ready()
         token = http.key("images", "jobs:read", "jobs:write")
-        yield SimpleNamespace(https=https, http=http, cert=cert, token=token, store=http.app.state.services.store,
-                              folder=folder)
+        yield SimpleNamespace(
+            https=https, http=http, cert=cert, token=token, store=http.app.state.services.store, folder=folder
+        )
     finally:
         https.stop()
         http.stop()
@@ -84,8 +96,14 @@ def png_file(folder: Path, width: int = 96, height: int = 64) -> Path:
 def run_example(name: str, image: Path, **env: str) -> dict:
     """One SDK example in its own process (the vendor's environment variables set as its docs say)."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("DREAMBATCH_", "FAL_", "OPENAI_"))}
-    res = subprocess.run([sys.executable, str(EXAMPLES / name), str(image)], env={**clean, **env}, cwd=ROOT,
-                         capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [sys.executable, str(EXAMPLES / name), str(image)],
+        env={**clean, **env},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
     return json.loads(res.stdout.strip().splitlines()[-1])
 
@@ -107,8 +125,15 @@ def hooks_for(receiver, key: str, value: str) -> list[dict]:
 # --- each SDK as its documentation runs it -------------------------------------------------------------------
 def test_fal_client_over_tls_runs_fals_documented_usage(stack, receiver, tmp_path):
     host = stack.https.url.removeprefix("https://")
-    seen = run_example("fal_example.py", png_file(tmp_path), FAL_KEY=stack.token, FAL_QUEUE_RUN_HOST=host,
-                       FAL_RUN_HOST=f"{host}/run", SSL_CERT_FILE=str(stack.cert), HOOK_URL=receiver.url)
+    seen = run_example(
+        "fal_example.py",
+        png_file(tmp_path),
+        FAL_KEY=stack.token,
+        FAL_QUEUE_RUN_HOST=host,
+        FAL_RUN_HOST=f"{host}/run",
+        SSL_CERT_FILE=str(stack.cert),
+        HOOK_URL=receiver.url,
+    )
 
     # subscribe: fal's output schema; e1-full's checker flags everything; fal's jpeg default
     result = seen["subscribe"]["result"]
@@ -124,8 +149,13 @@ def test_fal_client_over_tls_runs_fals_documented_usage(stack, receiver, tmp_pat
     # fal's defaults for hidream-e1-full apply to fal's requests (the page's values), not to manifests
     request_id = seen["queued"]["request_id"]
     params = item_of(stack, request_id).params
-    assert (params["steps"], params["guidance_scale"], params["image_guidance_scale"], params["negative_prompt"],
-            params["output_format"]) == (1, 3.5, 2.0, "low resolution, blur", "jpeg")
+    assert (
+        params["steps"],
+        params["guidance_scale"],
+        params["image_guidance_scale"],
+        params["negative_prompt"],
+        params["output_format"],
+    ) == (1, 3.5, 2.0, "low resolution, blur", "jpeg")
     assert MODELS["e1-full"].defaults["guidance_scale"] == 5.0  # HiDream's own, for everything else
 
     # the queued request: status with logs and metrics, sync_mode's data URI, the checker off on request
@@ -159,8 +189,13 @@ def test_fal_client_over_tls_runs_fals_documented_usage(stack, receiver, tmp_pat
 
 
 def test_inferencesh_sdk_runs_the_seed_pages_examples(stack, receiver, tmp_path):
-    seen = run_example("inferencesh_example.py", png_file(tmp_path), INFERENCE_API_KEY=stack.token,
-                       DREAMBATCH_URL=stack.http.url, HOOK_URL=receiver.url)
+    seen = run_example(
+        "inferencesh_example.py",
+        png_file(tmp_path),
+        INFERENCE_API_KEY=stack.token,
+        DREAMBATCH_URL=stack.http.url,
+        HOOK_URL=receiver.url,
+    )
 
     # run and get result: the local file went through POST /files and a PUT; the output is the edit
     run = seen["run"]
@@ -169,7 +204,10 @@ def test_inferencesh_sdk_runs_the_seed_pages_examples(stack, receiver, tmp_path)
     assert run["output"]["has_nsfw_concepts"] == [True] and run["output"]["safety_checker"] == FLAGGING
     params = item_of(stack, run["id"]).params
     assert (params["instruction"], params["target_description"], params["seed"]) == (
-        "make the square blue", "a blue square", 3)
+        "make the square blue",
+        "a blue square",
+        3,
+    )
     assert "/inputs/" in params["image"]  # the uploaded file, staged next to the job
 
     # stream: statuses only move forward, and the last update carries the output; sizes go to multiples of 8
@@ -195,22 +233,35 @@ def test_inferencesh_sdk_runs_the_seed_pages_examples(stack, receiver, tmp_path)
 
 def test_inferencesh_i1_fast_takes_scheduler_type(stack):
     headers = {"Authorization": f"Bearer {stack.token}"}
-    res = httpx.post(f"{stack.http.url}/apps/run", headers=headers, json={
-        "app": "infsh/hidream-i1-fast@v2", "input": {"prompt": "a mill", "scheduler_type": "flow_euler",
-                                                     "width": 1027, "height": 61}})
+    res = httpx.post(
+        f"{stack.http.url}/apps/run",
+        headers=headers,
+        json={
+            "app": "infsh/hidream-i1-fast@v2",
+            "input": {"prompt": "a mill", "scheduler_type": "flow_euler", "width": 1027, "height": 61},
+        },
+    )
     assert res.status_code == 200, res.text
     params = item_of(stack, res.json()["data"]["id"]).params
     assert params["scheduler"] == "flow_euler" and params["requested_size"] == [1024, 64] and params["exact_size"]
-    bad = httpx.post(f"{stack.http.url}/apps/run", headers=headers, json={
-        "app": "infsh/hidream-i1-fast", "input": {"prompt": "x", "scheduler_type": "dpm"}})
+    bad = httpx.post(
+        f"{stack.http.url}/apps/run",
+        headers=headers,
+        json={"app": "infsh/hidream-i1-fast", "input": {"prompt": "x", "scheduler_type": "dpm"}},
+    )
     assert bad.status_code == 422 and bad.headers["content-type"].startswith("application/problem+json")
     assert "scheduler" in bad.json()["detail"]
     httpx.post(f"{stack.http.url}/tasks/{res.json()['data']['id']}/cancel", headers=headers)
 
 
 def test_wavespeed_sdk_runs_its_documented_usage(stack, receiver, tmp_path):
-    seen = run_example("wavespeed_example.py", png_file(tmp_path), WAVESPEED_API_KEY=stack.token,
-                       DREAMBATCH_URL=stack.http.url, HOOK_URL=receiver.url)
+    seen = run_example(
+        "wavespeed_example.py",
+        png_file(tmp_path),
+        WAVESPEED_API_KEY=stack.token,
+        DREAMBATCH_URL=stack.http.url,
+        HOOK_URL=receiver.url,
+    )
     assert seen["upload"].startswith(f"{stack.http.url}/uploads/")
     (url,) = seen["run"]["outputs"]
     out = fetch_image(url)
@@ -228,8 +279,18 @@ def test_wavespeed_sdk_runs_its_documented_usage(stack, receiver, tmp_path):
     submitted = seen["rest_submit"]
     assert submitted["status"] == 200 and submitted["body"]["code"] == 200
     data = submitted["body"]["data"]
-    assert set(data) == {"id", "model", "outputs", "urls", "has_nsfw_contents", "status", "created_at", "error",
-                         "timings", "safety_checker"}
+    assert set(data) == {
+        "id",
+        "model",
+        "outputs",
+        "urls",
+        "has_nsfw_contents",
+        "status",
+        "created_at",
+        "error",
+        "timings",
+        "safety_checker",
+    }
     assert data["model"] == "wavespeed-ai/hidream-e1-full" and data["status"] in ("created", "processing")
     assert data["outputs"] == [] and isinstance(data["timings"]["inference"], int)
     assert seen["rest_result"]["data"]["id"] == data["id"]
@@ -237,21 +298,23 @@ def test_wavespeed_sdk_runs_its_documented_usage(stack, receiver, tmp_path):
 
     (hook,) = wait_until(lambda: hooks_for(receiver, "id", data["id"]), 90, what="the WaveSpeed webhook")
     assert hook["status"] == "completed" and hook["has_nsfw_contents"] == [True] and len(hook["outputs"]) == 1
-    assert hook["timings"]["inference"] > 0 and hook["urls"]["get"].endswith(f"/api/v3/predictions/{data['id']}"
-                                                                               "/result")
+    assert hook["timings"]["inference"] > 0 and hook["urls"]["get"].endswith(f"/api/v3/predictions/{data['id']}/result")
 
 
 def test_openai_sdk_runs_the_lumenfall_example_and_gets_exact_sizes(stack, tmp_path):
-    seen = run_example("openai_example.py", png_file(tmp_path), OPENAI_API_KEY=stack.token,
-                       OPENAI_BASE_URL=f"{stack.http.url}/v1")
+    seen = run_example(
+        "openai_example.py", png_file(tmp_path), OPENAI_API_KEY=stack.token, OPENAI_BASE_URL=f"{stack.http.url}/v1"
+    )
     assert fetch_image(seen["edit"]["url"]).size == (1024, 768)  # as asked, from a 96x64 input
     assert seen["edit"]["revised_prompt"] == "Add a starry night sky to this image"
     assert seen["edit"]["extra"]["has_nsfw_concepts"] is None  # no checker on the e1-1 worker: said so
     assert seen["edit"]["extra"]["safety_checker"] == "off: no safety checker configured on this worker"
     assert seen["generate"]["size"] == [1024, 768]  # HiDream rendered 1168x880; resized to what was asked
     assert seen["generate"]["response_size"] == "1024x768"
-    assert seen["generate"]["extra"]["has_nsfw_concepts"] == [False] and seen["generate"]["extra"]["safety_checker"] \
-        == "tiny"
+    assert (
+        seen["generate"]["extra"]["has_nsfw_concepts"] == [False]
+        and seen["generate"]["extra"]["safety_checker"] == "tiny"
+    )
 
 
 # --- retries never make a second job -------------------------------------------------------------------------
@@ -264,8 +327,12 @@ def test_openai_retry_storm_on_a_slow_queue_makes_one_job(stack):
     answered before the SDK times out, each retry attaches to the first attempt's job, and the last one raises
     with the job's id."""
     attempts = []
-    client = openai.OpenAI(api_key=stack.token, base_url=f"{stack.http.url}/v1", timeout=3.0,
-                           http_client=openai.DefaultHttpxClient(event_hooks={"request": [attempts.append]}))
+    client = openai.OpenAI(
+        api_key=stack.token,
+        base_url=f"{stack.http.url}/v1",
+        timeout=3.0,
+        http_client=openai.DefaultHttpxClient(event_hooks={"request": [attempts.append]}),
+    )
     before = jobs_of(stack, "i1-dev")
     started = time.monotonic()
     with pytest.raises(openai.InternalServerError) as raised:
@@ -278,20 +345,40 @@ def test_openai_retry_storm_on_a_slow_queue_makes_one_job(stack):
     # a retry of a request that already ended gets its images; a new attempt 0 is a new job
     body = {"model": "hidream-i1-fast", "prompt": "attached", "size": "256x256", "steps": 1}
     headers = {"Authorization": f"Bearer {stack.token}"}
-    first = httpx.post(f"{stack.http.url}/v1/images/generations", json=body, timeout=120,
-                       headers={**headers, "x-stainless-retry-count": "0"})
-    again = httpx.post(f"{stack.http.url}/v1/images/generations", json=body, timeout=120,
-                       headers={**headers, "x-stainless-retry-count": "1"})
-    other = httpx.post(f"{stack.http.url}/v1/images/generations", json=body, timeout=120,
-                       headers={**headers, "x-stainless-retry-count": "0"})
+    first = httpx.post(
+        f"{stack.http.url}/v1/images/generations",
+        json=body,
+        timeout=120,
+        headers={**headers, "x-stainless-retry-count": "0"},
+    )
+    again = httpx.post(
+        f"{stack.http.url}/v1/images/generations",
+        json=body,
+        timeout=120,
+        headers={**headers, "x-stainless-retry-count": "1"},
+    )
+    other = httpx.post(
+        f"{stack.http.url}/v1/images/generations",
+        json=body,
+        timeout=120,
+        headers={**headers, "x-stainless-retry-count": "0"},
+    )
     assert first.status_code == again.status_code == other.status_code == 200
     assert again.json()["id"] == first.json()["id"] != other.json()["id"]
 
     # an edit's retry sends the same file again (another multipart boundary): the same request, the same job
     photo = png_file(stack.folder, 48, 32).read_bytes()
     form = {"model": "hidream-e1-1", "prompt": "make it green", "steps": "1", "refine_strength": "0"}
-    edits = [httpx.post(f"{stack.http.url}/v1/images/edits", data=form, files={"image": ("p.png", photo, "image/png")},
-                        headers={**headers, "x-stainless-retry-count": str(n)}, timeout=120) for n in (0, 1)]
+    edits = [
+        httpx.post(
+            f"{stack.http.url}/v1/images/edits",
+            data=form,
+            files={"image": ("p.png", photo, "image/png")},
+            headers={**headers, "x-stainless-retry-count": str(n)},
+            timeout=120,
+        )
+        for n in (0, 1)
+    ]
     assert [e.status_code for e in edits] == [200, 200] and edits[0].json()["id"] == edits[1].json()["id"]
 
 
@@ -305,10 +392,16 @@ def test_fal_wavespeed_and_inferencesh_resubmits_of_one_body_make_one_job(stack)
     assert a == b and len({a, c, d}) == 3  # distinct Idempotency-Keys: distinct requests, on purpose
 
     bearer = {"Authorization": f"Bearer {stack.token}"}
-    ws = [httpx.post(f"{stack.http.url}/api/v3/dreambatch/i1-dev", json=body, headers=bearer).json()["data"]["id"]
-          for _ in range(2)]
-    sh = [httpx.post(f"{stack.http.url}/apps/run", json={"app": "dreambatch/i1-dev", "input": body},
-                     headers=bearer).json()["data"]["id"] for _ in range(2)]
+    ws = [
+        httpx.post(f"{stack.http.url}/api/v3/dreambatch/i1-dev", json=body, headers=bearer).json()["data"]["id"]
+        for _ in range(2)
+    ]
+    sh = [
+        httpx.post(
+            f"{stack.http.url}/apps/run", json={"app": "dreambatch/i1-dev", "input": body}, headers=bearer
+        ).json()["data"]["id"]
+        for _ in range(2)
+    ]
     assert ws[0] == ws[1] and sh[0] == sh[1] and len({a, ws[0], sh[0]}) == 3
     for job_id in {a, c, d, ws[0], sh[0]}:
         httpx.post(f"{stack.http.url}/v1/jobs/{job_id}/cancel", headers=bearer)
@@ -321,8 +414,11 @@ def test_inferencesh_stream_sends_heartbeats_repeats_the_state_and_closes_after_
     monkeypatch.setattr(inferencesh_routes, "HEARTBEAT_EVERY", 0.3)
     monkeypatch.setattr(inferencesh_routes, "REPEAT_EVERY", 1.0)
     headers = {"Authorization": f"Bearer {stack.token}"}
-    task = httpx.post(f"{stack.http.url}/apps/run", headers=headers, json={
-        "app": "infsh/hidream-i1-dev", "input": {"prompt": f"waits {uuid.uuid4().hex[:6]}"}}).json()["data"]
+    task = httpx.post(
+        f"{stack.http.url}/apps/run",
+        headers=headers,
+        json={"app": "infsh/hidream-i1-dev", "input": {"prompt": f"waits {uuid.uuid4().hex[:6]}"}},
+    ).json()["data"]
     lines, started = [], time.monotonic()
     with httpx.stream("GET", f"{stack.http.url}/tasks/{task['id']}/stream", headers=headers, timeout=30) as res:
         assert res.headers["content-type"].startswith("application/x-ndjson")
@@ -340,13 +436,17 @@ def test_inferencesh_stream_sends_heartbeats_repeats_the_state_and_closes_after_
 # --- uploads, safety checker units -------------------------------------------------------------------------
 def test_upload_urls_are_signed_and_map_back_to_their_objects(stack):
     headers = {"Authorization": f"Bearer {stack.token}"}
-    ticket = httpx.post(f"{stack.http.url}/files", headers=headers, json={"files": [
-        {"filename": "a.png", "content_type": "image/png", "size": 10}]}).json()["data"][0]
+    ticket = httpx.post(
+        f"{stack.http.url}/files",
+        headers=headers,
+        json={"files": [{"filename": "a.png", "content_type": "image/png", "size": 10}]},
+    ).json()["data"][0]
     tampered = ticket["upload_url"][:-1] + ("0" if ticket["upload_url"][-1] != "0" else "1")
     assert httpx.put(tampered, content=b"x").status_code == 403
     assert httpx.get(ticket["uri"]).status_code == 404  # nothing PUT yet
-    big = httpx.post(f"{stack.http.url}/api/v3/media/uploads", headers=headers,
-                     json={"filename": "huge.png", "size": 10**12})
+    big = httpx.post(
+        f"{stack.http.url}/api/v3/media/uploads", headers=headers, json={"filename": "huge.png", "size": 10**12}
+    )
     assert big.status_code == 413 and big.json()["code"] == 413
     data = png_file(stack.folder, 40, 30).read_bytes()
     assert httpx.put(ticket["upload_url"], content=data, headers={"Content-Type": "image/png"}).status_code == 200

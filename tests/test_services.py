@@ -40,9 +40,14 @@ def test_the_root_builds_nothing_until_asked_and_then_each_collaborator_once(tmp
 
 def test_local_mode_hands_in_its_own_store_folder_and_queues(tmp_path):
     folder, queued, events, finals = LocalStore(str(tmp_path)), [], [], []
-    services = Services(Settings(redis_url=NOWHERE), store=MemoryStore(), objects=lambda _location: folder,
-                        publish=lambda job, ids: queued.append((job.job_id, job.priority, ids)),
-                        notify=events.extend, finalize=finals.append)
+    services = Services(
+        Settings(redis_url=NOWHERE),
+        store=MemoryStore(),
+        objects=lambda _location: folder,
+        publish=lambda job, ids: queued.append((job.job_id, job.priority, ids)),
+        notify=events.extend,
+        finalize=finals.append,
+    )
     job = JobRecord(job_id="j", model="i1-fast", output=str(tmp_path), priority="high", created_at=AT, updated_at=AT)
     services.store.create_job(job)
     assert services.job("j").priority == "high" and services.objects("s3://anywhere/x") is folder

@@ -50,10 +50,12 @@ def forward(transformer, latents: torch.Tensor) -> torch.Tensor:
     generator = torch.Generator().manual_seed(1)
     with torch.inference_mode():
         return transformer(
-            hidden_states=latents, timesteps=torch.full((batch,), 500.0),
+            hidden_states=latents,
+            timesteps=torch.full((batch,), 500.0),
             encoder_hidden_states_t5=torch.randn(batch, 16, 32, generator=generator),
             encoder_hidden_states_llama3=torch.randn(2, batch, 16, 32, generator=generator),
-            pooled_embeds=torch.randn(batch, 64, generator=generator), return_dict=False,
+            pooled_embeds=torch.randn(batch, 64, generator=generator),
+            return_dict=False,
         )[0]
 
 
@@ -113,6 +115,7 @@ def test_sync_free_routing_traces_as_one_graph_where_diffusers_breaks():
     def keep(name):
         def hook(module, args, kwargs):
             captured[name] = kwargs
+
         return hook
 
     transformer.double_stream_blocks[0].register_forward_pre_hook(keep("double"), with_kwargs=True)
@@ -129,8 +132,9 @@ def test_padding_folded_into_one_token_gives_the_padded_outputs():
         install_fold_padding(folded)
         for shape in INPUTS[name]:
             latents = torch.randn(2, 4, *shape, generator=torch.Generator().manual_seed(3))
-            torch.testing.assert_close(forward(folded, latents), forward(transformer, latents), rtol=1e-5,
-                                       atol=1e-5, msg=f"{name} {shape}")
+            torch.testing.assert_close(
+                forward(folded, latents), forward(transformer, latents), rtol=1e-5, atol=1e-5, msg=f"{name} {shape}"
+            )
         remove_fold_padding(folded)  # back to diffusers' own path (the benchmark switches in place)
         latents = torch.randn(2, 4, *INPUTS[name][-1], generator=torch.Generator().manual_seed(3))
         assert torch.equal(forward(folded, latents), forward(transformer, latents))
@@ -169,8 +173,16 @@ def test_a_second_item_with_the_same_prompts_skips_the_text_encoders(runners, ti
     runner = runners["i1-full"]
     pipe = runner.load()
     calls = count_encoder_calls(pipe)
-    request = GenerateRequest(prompt="a watercolor painting of a lighthouse at dusk", negative_prompt="blurry",
-                              guidance_scale=5.0, steps=2, seed=4, scheduler="flow_unipc", width=48, height=64)
+    request = GenerateRequest(
+        prompt="a watercolor painting of a lighthouse at dusk",
+        negative_prompt="blurry",
+        guidance_scale=5.0,
+        steps=2,
+        seed=4,
+        scheduler="flow_unipc",
+        width=48,
+        height=64,
+    )
     first = runner.generate(request)
     assert calls[0] == 8  # four encoders, prompt and negative prompt
     second = runner.generate(GenerateRequest(**{**request.__dict__, "seed": 5}))
@@ -182,22 +194,35 @@ def test_a_second_item_with_the_same_prompts_skips_the_text_encoders(runners, ti
     # the cached embeddings give the image diffusers' own prompt path gives
     pipe.scheduler = runner._scheduler("flow_unipc", 3.0)
     with torch.inference_mode():
-        reference = pipe(prompt=request.prompt, negative_prompt="blurry", guidance_scale=5.0, width=48, height=64,
-                         num_inference_steps=2, generator=torch.Generator().manual_seed(4)).images[0]
+        reference = pipe(
+            prompt=request.prompt,
+            negative_prompt="blurry",
+            guidance_scale=5.0,
+            width=48,
+            height=64,
+            num_inference_steps=2,
+            generator=torch.Generator().manual_seed(4),
+        ).images[0]
     assert np.abs(pixels(reference) - pixels(first.images[0])).max() <= 1
 
     # E1: the same instruction on another image encodes nothing
     options = RunnerSettings(text_encoders="cpu")  # on a CPU worker this keeps them where they are
-    editor = load_offline(lambda model, weights: HiDreamE1Runner(model, weights, options=options), ["e1-1"],
-                          tiny_dirs)["e1-1"]
+    editor = load_offline(lambda model, weights: HiDreamE1Runner(model, weights, options=options), ["e1-1"], tiny_dirs)[
+        "e1-1"
+    ]
     edit_calls = count_encoder_calls(editor.load().base)
     images = [Image.new("RGB", (64, 48), colour) for colour in ("red", "navy")]
-    edits = [editor.edit(EditRequest(image=image, instruction="make it snowy", width=64, height=48, steps=2,
-                                     refine_strength=0.5)) for image in images]
+    edits = [
+        editor.edit(
+            EditRequest(image=image, instruction="make it snowy", width=64, height=48, steps=2, refine_strength=0.5)
+        )
+        for image in images
+    ]
     assert edit_calls[0] == 8 and editor.prompts.hits > 0
     fresh = HiDreamE1Runner("e1-1", str(tiny_dirs["e1-1"]), options=RunnerSettings(prompt_cache_mb=0))
-    uncached = fresh.edit(EditRequest(image=images[1], instruction="make it snowy", width=64, height=48, steps=2,
-                                      refine_strength=0.5))
+    uncached = fresh.edit(
+        EditRequest(image=images[1], instruction="make it snowy", width=64, height=48, steps=2, refine_strength=0.5)
+    )
     assert np.array_equal(pixels(uncached.images[0]), pixels(edits[1].images[0]))
 
 
@@ -222,9 +247,19 @@ def run_together(batcher: MicroBatcher, requests: list[GenerateRequest]) -> list
 @pytest.mark.parametrize("model, scheduler, guidance", [("i1-fast", "flash_flow", 0.0), ("i1-full", "flow_unipc", 5.0)])
 def test_micro_batch_gives_each_item_its_own_image_and_a_bad_item_fails_alone(runners, model, scheduler, guidance):
     runner = runners[model]
-    requests = [GenerateRequest(prompt=prompt, negative_prompt="blurry", seed=seed, steps=2, scheduler=scheduler,
-                                guidance_scale=guidance, width=64, height=48)
-                for prompt, seed in [("a photo of a cat", 11), ("an astronaut riding a horse", 12), ("a cat", 13)]]
+    requests = [
+        GenerateRequest(
+            prompt=prompt,
+            negative_prompt="blurry",
+            seed=seed,
+            steps=2,
+            scheduler=scheduler,
+            guidance_scale=guidance,
+            width=64,
+            height=48,
+        )
+        for prompt, seed in [("a photo of a cat", 11), ("an astronaut riding a horse", 12), ("a cat", 13)]
+    ]
     alone = [runner.generate(request).images[0] for request in requests]
 
     batcher = MicroBatcher(runner, max_batch=3, window_s=30.0)  # the batch is full long before the window
@@ -248,8 +283,10 @@ def test_requests_that_render_at_one_size_batch_together_and_a_cancel_leaves_its
 
     runner = runners["i1-fast"]
     assert runner.rendered_size(64, 48) == runner.rendered_size(128, 96)
-    requests = [GenerateRequest(prompt=f"a cat, take {n}", seed=n, steps=3, width=w, height=h)
-                for n, (w, h) in enumerate([(64, 48), (128, 96), (64, 48)])]
+    requests = [
+        GenerateRequest(prompt=f"a cat, take {n}", seed=n, steps=3, width=w, height=h)
+        for n, (w, h) in enumerate([(64, 48), (128, 96), (64, 48)])
+    ]
     alone = [runner.generate(request).images[0] for request in requests]
     steps: dict[int, list[int]] = {0: [], 1: [], 2: []}
 
@@ -258,6 +295,7 @@ def test_requests_that_render_at_one_size_batch_together_and_a_cancel_leaves_its
             steps[n].append(step)
             if cancel_after is not None and step >= cancel_after:
                 raise ItemCancelled(f"stopped after step {step + 1}")
+
         return check
 
     batcher = MicroBatcher(runner, max_batch=3, window_s=30.0)
@@ -292,8 +330,13 @@ def test_requests_that_render_at_one_size_batch_together_and_a_cancel_leaves_its
 def test_compiled_blocks_with_sync_free_routing_give_the_same_image(runners, tiny_dirs):
     """RUNNER__COMPILE: every block compiled as one graph (aot_eager here: the CPU check of the trace; a GPU
     worker uses inductor), same pixels as the plain runner."""
-    compiled = load_offline(lambda model, weights: HiDreamI1Runner(
-        model, weights, options=RunnerSettings(moe="dense", compile="aot_eager")), ["i1-fast"], tiny_dirs)["i1-fast"]
+    compiled = load_offline(
+        lambda model, weights: HiDreamI1Runner(
+            model, weights, options=RunnerSettings(moe="dense", compile="aot_eager")
+        ),
+        ["i1-fast"],
+        tiny_dirs,
+    )["i1-fast"]
     blocks = [*compiled.load().transformer.double_stream_blocks, *compiled.load().transformer.single_stream_blocks]
     assert blocks and all(block._compiled_call_impl is not None for block in blocks)
     request = GenerateRequest(prompt="a lighthouse", seed=3, steps=2, width=64, height=48)
@@ -305,8 +348,11 @@ def test_the_prompt_cache_keeps_at_most_its_bytes_dropping_the_least_recently_us
     from worker.runners.text_cache import PromptCache, TextEmbeds
 
     def embeds(value: float) -> TextEmbeds:  # 1,000 float32 values: 4,000 bytes
-        return TextEmbeds(t5=torch.full((1, 10, 50), value), llama=torch.full((1, 1, 10, 49), value),
-                          pooled=torch.full((1, 10), value))
+        return TextEmbeds(
+            t5=torch.full((1, 10, 50), value),
+            llama=torch.full((1, 1, 10, 49), value),
+            pooled=torch.full((1, 10), value),
+        )
 
     cache = PromptCache(max_bytes=10_000)  # room for two
     encoded: list[str] = []

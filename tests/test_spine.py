@@ -20,8 +20,14 @@ FORMATS = ["png", "jpeg", "webp"]
 def write_manifest(path: Path, rows: int, **extra) -> Path:
     with path.open("w") as fh:
         for n in range(rows):
-            row = {"id": f"p{n:02d}", "prompt": f"product photo number {n}", "sku": f"SKU-{n:03d}",
-                   "output_format": FORMATS[n % 3], "seed": 100 + n, **extra}
+            row = {
+                "id": f"p{n:02d}",
+                "prompt": f"product photo number {n}",
+                "sku": f"SKU-{n:03d}",
+                "output_format": FORMATS[n % 3],
+                "seed": 100 + n,
+                **extra,
+            }
             if n % 4 == 1:
                 row["num_images"] = 2
             if n % 4 == 2:
@@ -34,8 +40,9 @@ def write_manifest(path: Path, rows: int, **extra) -> Path:
 
 def wait_job(redis_url: str, job_id: str, timeout: float = 300):
     store = RedisStore.from_url(redis_url)
-    return wait_until(lambda: (j := store.get_job(job_id)) and j.finished_at and j, timeout, 0.25,
-                      what=f"job {job_id} to end")
+    return wait_until(
+        lambda: (j := store.get_job(job_id)) and j.finished_at and j, timeout, 0.25, what=f"job {job_id} to end"
+    )
 
 
 @pytest.fixture
@@ -49,8 +56,9 @@ def submit(manifest: Path, env, *args: str) -> dict:
     return json.loads(res.stdout)
 
 
-def test_twelve_row_manifest_lands_in_s3_with_results_and_webhooks(env, bucket, receiver, start_worker,
-                                                                    s3_endpoint, redis_server, tmp_path):
+def test_twelve_row_manifest_lands_in_s3_with_results_and_webhooks(
+    env, bucket, receiver, start_worker, s3_endpoint, redis_server, tmp_path
+):
     io = start_worker("worker", "--io")
     gpu = start_worker("worker", "--model", "i1-fast", "--weights", "tiny", "--device", "cpu")
     gpu.wait_ready()
@@ -64,8 +72,7 @@ def test_twelve_row_manifest_lands_in_s3_with_results_and_webhooks(env, bucket, 
 
     status = json.loads(cli("status", sub["job_id"], "--json", env=env).stdout)
     assert status["status"] == "completed"
-    assert status["counts"] == {"total": 12, "queued": 0, "running": 0, "completed": 12, "failed": 0,
-                                "cancelled": 0}
+    assert status["counts"] == {"total": 12, "queued": 0, "running": 0, "completed": 12, "failed": 0, "cancelled": 0}
 
     # every output is in S3 with its content type and seed metadata
     s3 = s3_client(s3_endpoint)
@@ -145,8 +152,7 @@ def test_invalid_manifest_queues_nothing_and_reports_every_bad_line(env, bucket,
     assert redis_server.client().llen("gpu.i1-fast") == 0
 
 
-def test_skip_invalid_records_bad_rows_as_failed_items(env, bucket, redis_server, start_worker, tmp_path,
-                                                       s3_endpoint):
+def test_skip_invalid_records_bad_rows_as_failed_items(env, bucket, redis_server, start_worker, tmp_path, s3_endpoint):
     io = start_worker("worker", "--io")
     io.wait_ready()
     manifest = tmp_path / "all-bad.jsonl"
@@ -163,8 +169,20 @@ def test_skip_invalid_records_bad_rows_as_failed_items(env, bucket, redis_server
 
 def test_local_run_writes_the_same_result_files(env, bucket, redis_server, start_worker, tmp_path, s3_endpoint):
     manifest = write_manifest(tmp_path / "same.jsonl", 4, steps=2)
-    local = cli("run", str(manifest), "--model", "i1-fast", "--weights", "tiny", "--device", "cpu",
-                "--out", str(tmp_path / "out"), env=env, timeout=300)
+    local = cli(
+        "run",
+        str(manifest),
+        "--model",
+        "i1-fast",
+        "--weights",
+        "tiny",
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp_path / "out"),
+        env=env,
+        timeout=300,
+    )
     assert local.returncode == 0, local.stderr
     results = next((tmp_path / "out").glob("*/results.jsonl"))
     local_lines = [json.loads(x) for x in results.read_text().splitlines()]
@@ -176,8 +194,13 @@ def test_local_run_writes_the_same_result_files(env, bucket, redis_server, start
     sub = submit(manifest, env, "--output", f"s3://{bucket}/same")
     wait_job(redis_server.url, sub["job_id"])
     s3 = s3_client(s3_endpoint)
-    remote_lines = [json.loads(x) for x in s3.get_object(
-        Bucket=bucket, Key=f"same/{sub['job_id']}/results.jsonl")["Body"].read().decode().splitlines()]
+    remote_lines = [
+        json.loads(x)
+        for x in s3.get_object(Bucket=bucket, Key=f"same/{sub['job_id']}/results.jsonl")["Body"]
+        .read()
+        .decode()
+        .splitlines()
+    ]
 
     def shape(line):
         imgs = [(i["width"], i["height"], i["content_type"]) for i in line["output"]["images"]]
@@ -187,8 +210,12 @@ def test_local_run_writes_the_same_result_files(env, bucket, redis_server, start
     assert [shape(x) for x in local_lines] == [shape(x) for x in remote_lines]
     # each item's timings place its model call inside its attempt (what bench/speed.py measures duty cycles by)
     for t in (x["timings"] for x in local_lines + remote_lines):
-        assert t["started_at"] - 0.001 <= t["model_started_at"] <= t["model_started_at"] + t["inference_s"] \
-            <= t["started_at"] + t["total_s"] + 0.01  # (started_at is rounded to the millisecond)
+        assert (
+            t["started_at"] - 0.001
+            <= t["model_started_at"]
+            <= t["model_started_at"] + t["inference_s"]
+            <= t["started_at"] + t["total_s"] + 0.01
+        )  # (started_at is rounded to the millisecond)
         # (each of the three is rounded to 0.1 ms on its own, so their sum may pass the total by that much)
         assert t["model_wait_s"] >= 0 and t["total_s"] >= t["inference_s"] + t["upload_s"] - 0.0002
     # both ran the same tiny weights, and both results say which (the catalog compares it)

@@ -33,8 +33,10 @@ def test_presigned_links_name_the_public_endpoint_and_still_serve_the_object(set
     """Workers reach S3 as http://minio:9000 in compose; a client on the host reaches it at 127.0.0.1:9000. Here
     the store writes through one address of the server and signs links for another (localhost vs 127.0.0.1)."""
     public = settings.s3_endpoint().replace("127.0.0.1", "localhost")
-    store = open_store(f"s3://{bucket}/pub/", settings.model_copy(
-        update={"s3": settings.s3.model_copy(update={"public_endpoint_url": public})}))
+    store = open_store(
+        f"s3://{bucket}/pub/",
+        settings.model_copy(update={"s3": settings.s3.model_copy(update={"public_endpoint_url": public})}),
+    )
     store.put("a.png", b"public-bytes", "image/png")
     url = store.url("a.png")
     assert url.startswith(f"{public}/{bucket}/pub/a.png?") and "Signature" in url

@@ -19,13 +19,25 @@ LOOPBACK = Policy.from_setting("127.0.0.1")
 
 
 def _job(job_id: str, total: int) -> JobRecord:
-    return JobRecord(job_id=job_id, model="i1-fast", output="s3://b/p", total=total,
-                     created_at="2026-11-22T00:00:00+00:00", updated_at="2026-11-22T00:00:00+00:00")
+    return JobRecord(
+        job_id=job_id,
+        model="i1-fast",
+        output="s3://b/p",
+        total=total,
+        created_at="2026-11-22T00:00:00+00:00",
+        updated_at="2026-11-22T00:00:00+00:00",
+    )
 
 
 def _item(job_id: str, item_id: str, line: int) -> ItemRecord:
-    return ItemRecord(job_id=job_id, item_id=item_id, line=line, params={"prompt": "x"},
-                      created_at="2026-11-22T00:00:00+00:00", updated_at="2026-11-22T00:00:00+00:00")
+    return ItemRecord(
+        job_id=job_id,
+        item_id=item_id,
+        line=line,
+        params={"prompt": "x"},
+        created_at="2026-11-22T00:00:00+00:00",
+        updated_at="2026-11-22T00:00:00+00:00",
+    )
 
 
 @pytest.fixture(params=["redis", "memory"])
@@ -63,8 +75,9 @@ def test_transitions_count_and_only_the_last_item_sees_the_job_done(store):
 
 def test_signed_webhook_verifies_with_the_standardwebhooks_package(receiver):
     secret = "whsec_" + base64.b64encode(os.urandom(24)).decode()
-    attempt = webhooks.deliver(receiver.url, "evt_1", {"id": "x", "status": "completed"}, secrets=[secret],
-                               timeout=5, policy=LOOPBACK)
+    attempt = webhooks.deliver(
+        receiver.url, "evt_1", {"id": "x", "status": "completed"}, secrets=[secret], timeout=5, policy=LOOPBACK
+    )
     assert attempt.delivered and attempt.status_code == 200
     req = receiver.requests[0]
     assert Webhook(secret).verify(req["body"], req["headers"]) == {"id": "x", "status": "completed"}
@@ -76,8 +89,9 @@ def test_during_a_key_rotation_each_event_verifies_with_the_old_and_the_new_secr
 
     old, new = ("whsec_" + base64.b64encode(os.urandom(24)).decode() for _ in range(2))
     settings = Settings(webhook_secret=f"{new} {old}")
-    attempt = webhooks.deliver(receiver.url, "evt_rot", {"id": "r"}, secrets=settings.signing_secrets(),
-                               timeout=5, policy=LOOPBACK)
+    attempt = webhooks.deliver(
+        receiver.url, "evt_rot", {"id": "r"}, secrets=settings.signing_secrets(), timeout=5, policy=LOOPBACK
+    )
     assert attempt.delivered
     req = receiver.requests[0]
     assert len(req["headers"]["webhook-signature"].split(" ")) == 2
@@ -127,8 +141,11 @@ def test_failed_delivery_is_reported_retryable_with_retry_after(receiver):
 
 
 def test_webhook_to_a_private_address_is_refused_before_any_connection(receiver):
-    for url in (receiver.url, receiver.url.replace("127.0.0.1", "localhost"),
-                receiver.url.replace("127.0.0.1", "2130706433")):
+    for url in (
+        receiver.url,
+        receiver.url.replace("127.0.0.1", "localhost"),
+        receiver.url.replace("127.0.0.1", "2130706433"),
+    ):
         attempt = webhooks.deliver(url, "evt_4", {}, secrets=[], timeout=2, policy=Policy.from_setting(""))
         assert not attempt.delivered and not attempt.retryable and attempt.error.startswith("blocked:")
     assert receiver.requests == []  # nothing reached the receiver
@@ -146,8 +163,14 @@ def test_410_disables_the_endpoint_for_the_job(receiver):
     job = _job("j-gone", 1).model_copy(update={"webhook": receiver.url})
     store.create_job(job)
     store.add_items([_item("j-gone", "a", 1)])
-    ctx = process.Context(settings=Settings(allow_private_hosts="127.0.0.1"), store=store, runner=None,
-                          objects=None, notify=None, finalize=None)
+    ctx = process.Context(
+        settings=Settings(allow_private_hosts="127.0.0.1"),
+        store=store,
+        runner=None,
+        objects=None,
+        notify=None,
+        finalize=None,
+    )
     receiver.script = [410]
     first = process.webhook_attempt(ctx, "j-gone", "a", "evt_a")
     assert first.status_code == 410 and not first.retryable
@@ -175,8 +198,14 @@ def test_an_item_that_keeps_losing_its_worker_ends_failed_at_the_attempt_cap(tmp
     def runner():
         raise AssertionError("a poison item must not reach the model again")
 
-    ctx = process.Context(settings=settings, store=store, runner=runner, objects=lambda _loc: objects,
-                          notify=lambda *a: None, finalize=finals.append)
+    ctx = process.Context(
+        settings=settings,
+        store=store,
+        runner=runner,
+        objects=lambda _loc: objects,
+        notify=lambda *a: None,
+        finalize=finals.append,
+    )
     outcome = process.process_item(ctx, "j-poison", "a")
     assert outcome.ended == "failed"
     ended = store.get_item("j-poison", "a")
@@ -201,14 +230,35 @@ def test_a_request_the_runner_refuses_fails_its_item_as_a_model_error_and_the_wo
                 raise ValueError("requests denoised together must share one batch key")
             return RunOutput([Image.new("RGB", (16, 16))], request.seed, 0.01)
 
-    params = {"negative_prompt": "", "width": 16, "height": 16, "seed": 1, "steps": 1, "guidance_scale": 0.0,
-              "shift": 3.0, "scheduler": "flash_flow", "num_images": 1, "output_format": "png", "output_quality": 90}
+    params = {
+        "negative_prompt": "",
+        "width": 16,
+        "height": 16,
+        "seed": 1,
+        "steps": 1,
+        "guidance_scale": 0.0,
+        "shift": 3.0,
+        "scheduler": "flash_flow",
+        "num_images": 1,
+        "output_format": "png",
+        "output_quality": 90,
+    }
     store, objects = MemoryStore(), LocalStore(str(tmp_path))
     store.create_job(_job("j-model", 2).model_copy(update={"output": str(tmp_path)}))
-    store.add_items([_item("j-model", i, n).model_copy(update={"params": {**params, "prompt": i}})
-                     for n, i in enumerate(("refused", "fine"), 1)])
-    ctx = process.Context(settings=Settings(), store=store, runner=Refusing, objects=lambda _loc: objects,
-                          notify=lambda *a: None, finalize=lambda _: None)
+    store.add_items(
+        [
+            _item("j-model", i, n).model_copy(update={"params": {**params, "prompt": i}})
+            for n, i in enumerate(("refused", "fine"), 1)
+        ]
+    )
+    ctx = process.Context(
+        settings=Settings(),
+        store=store,
+        runner=Refusing,
+        objects=lambda _loc: objects,
+        notify=lambda *a: None,
+        finalize=lambda _: None,
+    )
     assert process.process_item(ctx, "j-model", "refused").ended == "failed"
     assert process.process_item(ctx, "j-model", "fine").ended == "completed"
     refused = store.get_item("j-model", "refused")
@@ -236,8 +286,14 @@ def test_a_redelivered_item_that_ended_sends_its_lost_webhook_once_and_finalizes
     def runner():
         raise AssertionError("an item that ended must not reach the model again")
 
-    ctx = process.Context(settings=Settings(), store=store, runner=runner, objects=lambda _: LocalStore(str(tmp_path)),
-                          notify=notified.extend, finalize=finals.append)
+    ctx = process.Context(
+        settings=Settings(),
+        store=store,
+        runner=runner,
+        objects=lambda _: LocalStore(str(tmp_path)),
+        notify=notified.extend,
+        finalize=finals.append,
+    )
     c.updated_at = now_iso()  # c ended just now
     for item in (a, b, c):  # all ended; the worker died before publishing a's and c's events and finalizing
         store.transition(item, ItemStatus.RUNNING, count_attempt=True)

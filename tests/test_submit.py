@@ -19,11 +19,14 @@ from jobs.submit import create_job
 
 def _services(tmp_path, **settings):
     folder, sent = LocalStore(str(tmp_path / "out")), {"published": [], "events": [], "finals": []}
-    services = Services(Settings(redis_url="redis://127.0.0.1:1/0", allow_private_hosts="127.0.0.1", **settings),
-                        store=MemoryStore(),
-                        objects=lambda _location: folder,
-                        publish=lambda job, ids: sent["published"].append((job.job_id, job.priority, ids)),
-                        notify=sent["events"].extend, finalize=sent["finals"].append)
+    services = Services(
+        Settings(redis_url="redis://127.0.0.1:1/0", allow_private_hosts="127.0.0.1", **settings),
+        store=MemoryStore(),
+        objects=lambda _location: folder,
+        publish=lambda job, ids: sent["published"].append((job.job_id, job.priority, ids)),
+        notify=sent["events"].extend,
+        finalize=sent["finals"].append,
+    )
     return services, folder, sent
 
 
@@ -35,14 +38,30 @@ def _manifest(tmp_path, *rows):
 
 def test_a_job_spec_makes_a_job_with_every_option_it_names(tmp_path):
     services, folder, sent = _services(tmp_path)
-    spec = JobSpec(model="i1-fast", defaults={"steps": 2}, output=folder.location, webhook="http://127.0.0.1:9/h",
-                   priority="high", max_concurrency=3, expires_after=3600, review_sheet=True, skip_invalid=True)
+    spec = JobSpec(
+        model="i1-fast",
+        defaults={"steps": 2},
+        output=folder.location,
+        webhook="http://127.0.0.1:9/h",
+        priority="high",
+        max_concurrency=3,
+        expires_after=3600,
+        review_sheet=True,
+        skip_invalid=True,
+    )
     before = time.time()
     sub = create_job(spec, _manifest(tmp_path, {"id": "a", "prompt": "x"}, {"id": "b", "prompt": ""}), services)
 
     job = services.job(sub.job.job_id)
     assert (job.model, job.defaults, job.output, job.webhook, job.priority, job.max_concurrency, job.review_sheet) == (
-        "i1-fast", {"steps": 2}, folder.location, "http://127.0.0.1:9/h", "high", 3, True)
+        "i1-fast",
+        {"steps": 2},
+        folder.location,
+        "http://127.0.0.1:9/h",
+        "high",
+        3,
+        True,
+    )
     assert before + 3600 <= job.expires_at <= time.time() + 3600
     assert records.read_job(folder, job.job_id).priority == "high"  # the durable record says so too
     # the valid row queued at the job's priority; the rejected one reported once, by its webhook event
@@ -53,8 +72,11 @@ def test_a_job_spec_makes_a_job_with_every_option_it_names(tmp_path):
 
 def test_a_job_whose_every_row_is_rejected_is_finalized_at_once(tmp_path):
     services, folder, sent = _services(tmp_path)
-    sub = create_job(JobSpec(model="i1-fast", output=folder.location, skip_invalid=True),
-                     _manifest(tmp_path, {"id": "a", "prompt": ""}), services)
+    sub = create_job(
+        JobSpec(model="i1-fast", output=folder.location, skip_invalid=True),
+        _manifest(tmp_path, {"id": "a", "prompt": ""}),
+        services,
+    )
     assert sub.job_done and sent["finals"] == [sub.job.job_id] and sent["published"] == []
     assert sent["events"] == []  # no webhook: nothing to report to
 

@@ -29,13 +29,22 @@ from jobs.presets import job_defaults
 from jobs.settings import RunnerSettings, get_settings
 from jobs.submit import ManifestInvalid
 
-WeightsOpt = Annotated[str | None, typer.Option(
-    "--weights", help="'tiny', a local pipeline folder, or a hub id in the local cache (default: the model's)")]
+WeightsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--weights", help="'tiny', a local pipeline folder, or a hub id in the local cache (default: the model's)"
+    ),
+]
 DeviceOpt = Annotated[str, typer.Option("--device", help="cuda:0, cuda:1, … or cpu")]
-I1FullOpt = Annotated[str | None, typer.Option(
-    "--i1-full", help="HiDream-I1-Full folder or cached hub id, for E1 models (DREAMBATCH_RUNNER__I1_FULL)")]
-LlamaOpt = Annotated[str | None, typer.Option(
-    "--llama", help="Llama 3.1 8B Instruct folder or cached hub id (DREAMBATCH_RUNNER__LLAMA)")]
+I1FullOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--i1-full", help="HiDream-I1-Full folder or cached hub id, for E1 models (DREAMBATCH_RUNNER__I1_FULL)"
+    ),
+]
+LlamaOpt = Annotated[
+    str | None, typer.Option("--llama", help="Llama 3.1 8B Instruct folder or cached hub id (DREAMBATCH_RUNNER__LLAMA)")
+]
 
 
 def _settings(i1_full: str | None = None, llama: str | None = None):
@@ -54,13 +63,18 @@ def worker(
     i1_full: I1FullOpt = None,
     llama: LlamaOpt = None,
     io: Annotated[bool, typer.Option("--io", help="serve the I/O queue (finalize, webhooks)")] = False,
-    concurrency: Annotated[int, typer.Option(
-        help="item threads (default 3: one on the model, one fetching the next input, one uploading the last "
-             "output; with micro-batching 3 x the batch limit)")] = 0,
+    concurrency: Annotated[
+        int,
+        typer.Option(
+            help="item threads (default 3: one on the model, one fetching the next input, one uploading the last "
+            "output; with micro-batching 3 x the batch limit)"
+        ),
+    ] = 0,
     loglevel: Annotated[str, typer.Option()] = "INFO",
     log_format: Annotated[str, typer.Option(help="text, or json: one object per line with job_id/item_id")] = "text",
-    metrics_port: Annotated[int | None, typer.Option(
-        help="serve Prometheus metrics on this port (/metrics); off by default")] = None,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="serve Prometheus metrics on this port (/metrics); off by default")
+    ] = None,
 ) -> None:
     """Run a worker: one process per GPU (`--model`), or an I/O worker (`--io`)."""
     from jobs import logs, store
@@ -100,10 +114,27 @@ def worker(
     if metrics_port is not None:
         runtime.metrics.serve(metrics_port)
     worker_name = f"{name}.{os.getpid()}@{socket.gethostname()}"
-    Heartbeat(runtime, worker_name, queue, settings.celery.heartbeat,
-              chores=_expiry_chore(runtime) if io else None).start()
-    celery.worker_main(["worker", "-Q", queue, "-P", "threads", "-c", str(threads), "-n", f"{name}.{os.getpid()}@%h",
-                        "-l", loglevel, "--without-gossip", "--without-mingle", "--without-heartbeat"])
+    Heartbeat(
+        runtime, worker_name, queue, settings.celery.heartbeat, chores=_expiry_chore(runtime) if io else None
+    ).start()
+    celery.worker_main(
+        [
+            "worker",
+            "-Q",
+            queue,
+            "-P",
+            "threads",
+            "-c",
+            str(threads),
+            "-n",
+            f"{name}.{os.getpid()}@%h",
+            "-l",
+            loglevel,
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+        ]
+    )
 
 
 PIPELINE_THREADS = 3  # the model's item, the next item's fetch + decode, the last item's encode + upload
@@ -146,8 +177,10 @@ def run(
     preset: PresetOpt = None,
     webhook: Annotated[str | None, typer.Option()] = None,
     skip_invalid: Annotated[bool, typer.Option()] = False,
-    resume: Annotated[bool, typer.Option(
-        "--resume", help="go on with the run of MANIFEST that Ctrl-C stopped in --out: its unended items")] = False,
+    resume: Annotated[
+        bool,
+        typer.Option("--resume", help="go on with the run of MANIFEST that Ctrl-C stopped in --out: its unended items"),
+    ] = False,
 ) -> None:
     """Local mode: run MANIFEST in this process (no Redis), same item code path as a worker. Ctrl-C stops at the
     running item's next step; --resume then runs the rest."""
@@ -164,8 +197,16 @@ def run(
         device = check_device(device)
         spec = JobSpec(model=model, defaults=defaults, output=out_dir, webhook=webhook, skip_invalid=skip_invalid)
         with RunProgress(err) as progress, ctrl_c_stops(stop):
-            sub = run_local(manifest, spec, settings=settings, weights=weights, device=device,
-                            observer=progress, stop=stop, resume=resume)
+            sub = run_local(
+                manifest,
+                spec,
+                settings=settings,
+                weights=weights,
+                device=device,
+                observer=progress,
+                stop=stop,
+                resume=resume,
+            )
     except ManifestInvalid as exc:
         raise report_invalid(exc) from None
     except KeyboardInterrupt:
@@ -173,15 +214,30 @@ def run(
     job = sub.job
     c = job.counts
     if job.interrupted_at:
-        again = ["dreambatch", "run", str(manifest), "--model", model, "--out", out_dir, "--resume",
-                 *(["--weights", weights] if weights else []), *(["--device", device] if device != "cpu" else [])]
-        out.print(f"{job.job_id}: interrupted — {c.get('completed', 0)} completed, {c.get('failed', 0)} failed, "
-                  f"{job.total - lifecycle.ended(c)} not run of {job.total}", soft_wrap=True)
+        again = [
+            "dreambatch",
+            "run",
+            str(manifest),
+            "--model",
+            model,
+            "--out",
+            out_dir,
+            "--resume",
+            *(["--weights", weights] if weights else []),
+            *(["--device", device] if device != "cpu" else []),
+        ]
+        out.print(
+            f"{job.job_id}: interrupted — {c.get('completed', 0)} completed, {c.get('failed', 0)} failed, "
+            f"{job.total - lifecycle.ended(c)} not run of {job.total}",
+            soft_wrap=True,
+        )
         out.print(f"results so far: {job.results_uri}", soft_wrap=True)
         out.print(f"to run the rest: {shlex.join(again)}", soft_wrap=True)
         raise typer.Exit(130)
-    out.print(f"{job.job_id}: {job.status} — {c.get('completed', 0)} completed, {c.get('failed', 0)} failed of "
-              f"{job.total}", soft_wrap=True)
+    out.print(
+        f"{job.job_id}: {job.status} — {c.get('completed', 0)} completed, {c.get('failed', 0)} failed of {job.total}",
+        soft_wrap=True,
+    )
     out.print(f"results: {job.results_uri}", soft_wrap=True)
     if job.status != JobStatus.COMPLETED:
         raise typer.Exit(1)
@@ -189,8 +245,13 @@ def run(
 
 def sheet(
     job_id: str,
-    output: Annotated[str | None, typer.Option(help="where the job is: s3://bucket/prefix or a local folder "
-                                                    "(default: the job's own, else DREAMBATCH_OUTPUT)")] = None,
+    output: Annotated[
+        str | None,
+        typer.Option(
+            help="where the job is: s3://bucket/prefix or a local folder "
+            "(default: the job's own, else DREAMBATCH_OUTPUT)"
+        ),
+    ] = None,
     to: Annotated[Path | None, typer.Option("--to", help="also write the page(s) into this folder")] = None,
     page_size: Annotated[int, typer.Option(help="rows per page")] = 200,
 ) -> None:
@@ -245,8 +306,19 @@ def make_tiny(variant: str, directory: Path) -> None:
 
 
 # commands a person runs against the live state: Redis is reached first, or they say in seconds that it is not there
-NEEDS_REDIS = {"submit", "reconcile", "cancel", "retry", "resume", "top", "webhooks", "status", "results",
-               "keys", "schedules"}
+NEEDS_REDIS = {
+    "submit",
+    "reconcile",
+    "cancel",
+    "retry",
+    "resume",
+    "top",
+    "webhooks",
+    "status",
+    "results",
+    "keys",
+    "schedules",
+}
 
 
 def build_app() -> typer.Typer:
@@ -254,25 +326,45 @@ def build_app() -> typer.Typer:
     them; the modules named only define the commands. Each runs `guarded` (jobs.cli): one line, never a
     traceback, for what it could not do; those in NEEDS_REDIS reach Redis first. Long-running processes
     (worker, api, beat) are not held to that: they say in their logs that Redis is away and wait for it."""
-    app = typer.Typer(help="dreambatch: batch HiDream image jobs on your own GPUs.", no_args_is_help=True,
-                      pretty_exceptions_enable=False)
+    app = typer.Typer(
+        help="dreambatch: batch HiDream image jobs on your own GPUs.",
+        no_args_is_help=True,
+        pretty_exceptions_enable=False,
+    )
     commands = {
         # the control plane (jobs.cli): manifests and jobs
-        "validate": jobs_cli.validate, "submit": jobs_cli.submit, "reconcile": jobs_cli.reconcile,
-        "cancel": jobs_cli.cancel, "retry": jobs_cli.retry, "resume": jobs_cli.resume, "top": jobs_cli.top,
-        "webhooks": jobs_cli.webhooks, "status": jobs_cli.status, "results": jobs_cli.results, "api": jobs_cli.api,
+        "validate": jobs_cli.validate,
+        "submit": jobs_cli.submit,
+        "reconcile": jobs_cli.reconcile,
+        "cancel": jobs_cli.cancel,
+        "retry": jobs_cli.retry,
+        "resume": jobs_cli.resume,
+        "top": jobs_cli.top,
+        "webhooks": jobs_cli.webhooks,
+        "status": jobs_cli.status,
+        "results": jobs_cli.results,
+        "api": jobs_cli.api,
         # the catalog (jobs.catalog.cli)
-        "beat": catalog_cli.beat, "presets": catalog_cli.presets,
+        "beat": catalog_cli.beat,
+        "presets": catalog_cli.presets,
         # the data plane (this module)
-        "worker": worker, "run": run, "sheet": sheet,
+        "worker": worker,
+        "run": run,
+        "sheet": sheet,
     }
     groups = {
-        "keys": ("API keys for `dreambatch api`: create (shown once), list, revoke.",
-                 {"create": keys_cli.create, "list": keys_cli.list_keys, "revoke": keys_cli.revoke}),
-        "schedules": ("Scheduled catalog runs (the schedules file).",
-                      {"list": catalog_cli.list_schedules, "run": catalog_cli.run_now}),
-        "models": ("Model weights: download them into the local hub cache, or build tiny random ones.",
-                   {"download": download, "make-tiny": make_tiny}),
+        "keys": (
+            "API keys for `dreambatch api`: create (shown once), list, revoke.",
+            {"create": keys_cli.create, "list": keys_cli.list_keys, "revoke": keys_cli.revoke},
+        ),
+        "schedules": (
+            "Scheduled catalog runs (the schedules file).",
+            {"list": catalog_cli.list_schedules, "run": catalog_cli.run_now},
+        ),
+        "models": (
+            "Model weights: download them into the local hub cache, or build tiny random ones.",
+            {"download": download, "make-tiny": make_tiny},
+        ),
     }
     for name, command in commands.items():
         app.command(name)(guarded(command, needs_redis=name in NEEDS_REDIS))

@@ -73,8 +73,13 @@ def _lines_and_inputs(job: JobRecord, objects: ObjectStore) -> tuple[list[dict],
     return lines, params
 
 
-def _load_pairs(job: JobRecord, lines: list[dict], params: dict[str, dict], settings: Settings,
-                fetch_store: Callable[[str], ObjectStore]) -> list[Pair]:
+def _load_pairs(
+    job: JobRecord,
+    lines: list[dict],
+    params: dict[str, dict],
+    settings: Settings,
+    fetch_store: Callable[[str], ObjectStore],
+) -> list[Pair]:
     """The thumbnails of one page's rows (a page at a time, so a large job never holds every image)."""
     pairs = []
     for line in lines:
@@ -93,8 +98,9 @@ def _load_pairs(job: JobRecord, lines: list[dict], params: dict[str, dict], sett
         for out in line["output"]["images"]:
             pair.links.append(out.get("url") or out["s3_uri"])
             try:
-                pair.after.append(_thumb(inputs.fetch(out["s3_uri"], job, settings, fetch_store),
-                                         settings.inputs.max_pixels))
+                pair.after.append(
+                    _thumb(inputs.fetch(out["s3_uri"], job, settings, fetch_store), settings.inputs.max_pixels)
+                )
             except DreambatchError as exc:
                 pair.error = f"output not readable: {exc}"
         pairs.append(pair)
@@ -146,20 +152,24 @@ def render_html(job: JobRecord, pairs: list[Pair], page: int, pages: int) -> str
         caption = "prompt" if p.prompt is not None else "before"
         afters = "".join(
             f'<a href="{e(_href(link))}"><img class="after" alt="after {e(p.item_id)}" src="{_data_uri(img)}"></a>'
-            for img, link in zip(p.after, p.links, strict=False))
+            for img, link in zip(p.after, p.links, strict=False)
+        )
         links = " ".join(f'<a class="output" href="{e(_href(link))}">{e(link)}</a>' for link in p.links)
         error = f'<div class="error">{e(p.error)}</div>' if p.error else ""
         cards.append(
             f'<section class="card {e(p.status)}" data-id="{e(p.item_id)}">'
             f'<div><b>{e(p.item_id)}</b> · line {p.line} · {e(p.status)}</div><div class="meta">{meta}</div>'
             f'<div class="pair"><figure>{before}<figcaption>{caption}</figcaption></figure>'
-            f'<figure>{afters or "<div class=error>no output</div>"}<figcaption>after</figcaption></figure></div>'
-            f'{error}<div class="meta">{links}</div></section>')
+            f"<figure>{afters or '<div class=error>no output</div>'}<figcaption>after</figcaption></figure></div>"
+            f'{error}<div class="meta">{links}</div></section>'
+        )
     title = f"{job.job_id} — review ({job.model}{f', page {page} of {pages}' if pages > 1 else ''})"
-    return (f'<!doctype html><html><head><meta charset="utf-8"><title>{e(title)}</title><style>{CSS}</style>'
-            f"<script>{COUNT_SCRIPT}</script></head><body data-pairs=\"{len(pairs)}\"><h1>{e(title)}</h1>"
-            f'<p>{len(pairs)} row(s) · {sum(p.status == ItemStatus.COMPLETED for p in pairs)} completed · '
-            f'<span id="loaded"></span></p><div class="grid">{"".join(cards)}</div></body></html>')
+    return (
+        f'<!doctype html><html><head><meta charset="utf-8"><title>{e(title)}</title><style>{CSS}</style>'
+        f'<script>{COUNT_SCRIPT}</script></head><body data-pairs="{len(pairs)}"><h1>{e(title)}</h1>'
+        f"<p>{len(pairs)} row(s) · {sum(p.status == ItemStatus.COMPLETED for p in pairs)} completed · "
+        f'<span id="loaded"></span></p><div class="grid">{"".join(cards)}</div></body></html>'
+    )
 
 
 def render_png(pairs: list[Pair]) -> bytes:
@@ -190,8 +200,14 @@ def render_png(pairs: list[Pair]) -> bytes:
     return buf.getvalue()
 
 
-def make_sheet(job_id: str, objects: ObjectStore, settings: Settings, fetch_store: Callable[[str], ObjectStore],
-               page_size: int = 200, copy_to: Path | None = None) -> list[SheetPage]:
+def make_sheet(
+    job_id: str,
+    objects: ObjectStore,
+    settings: Settings,
+    fetch_store: Callable[[str], ObjectStore],
+    page_size: int = 200,
+    copy_to: Path | None = None,
+) -> list[SheetPage]:
     """Write the job's sheet page(s) next to it (and into `copy_to` when given); returns them."""
     if not 1 <= page_size <= MAX_PAGE_SIZE:
         raise InputError(f"--page-size must be 1..{MAX_PAGE_SIZE} (got {page_size})")
@@ -199,7 +215,7 @@ def make_sheet(job_id: str, objects: ObjectStore, settings: Settings, fetch_stor
     if job is None:
         raise JobNotFound(f"no job {job_id!r} under {objects.location}")
     lines, params = _lines_and_inputs(job, objects)
-    chunks = [lines[i:i + page_size] for i in range(0, len(lines), page_size)] or [[]]
+    chunks = [lines[i : i + page_size] for i in range(0, len(lines), page_size)] or [[]]
     pages = []
     for n, chunk_lines in enumerate(chunks, start=1):
         suffix = "" if n == 1 else f"-{n}"
@@ -208,8 +224,13 @@ def make_sheet(job_id: str, objects: ObjectStore, settings: Settings, fetch_stor
         page_png = render_png(chunk)
         html_key = keys.S3_SHEET.format(prefix="", job_id=job_id, page=suffix, ext="html")
         png_key = keys.S3_SHEET.format(prefix="", job_id=job_id, page=suffix, ext="png")
-        pages.append(SheetPage(objects.put(html_key, page_html, "text/html; charset=utf-8"),
-                               objects.put(png_key, page_png, CONTENT_TYPES["png"]), len(chunk)))
+        pages.append(
+            SheetPage(
+                objects.put(html_key, page_html, "text/html; charset=utf-8"),
+                objects.put(png_key, page_png, CONTENT_TYPES["png"]),
+                len(chunk),
+            )
+        )
         if copy_to is not None:
             copy_to.mkdir(parents=True, exist_ok=True)
             (copy_to / f"sheet{suffix}.html").write_bytes(page_html)

@@ -20,8 +20,9 @@ MAX_SIDE = 8192
 TIERS = {"0.5K": 512 * 512, "1K": 1024 * 1024, "2K": 2048 * 2048, "4K": 4096 * 4096}
 
 
-def output_size(input_size: tuple[int, int], size: str = "same", aspect_ratio: str | None = None,
-                resolution: str | None = None) -> tuple[int, int]:
+def output_size(
+    input_size: tuple[int, int], size: str = "same", aspect_ratio: str | None = None, resolution: str | None = None
+) -> tuple[int, int]:
     """Lumenfall semantics: `size` WxH wins; else `aspect_ratio` sets the shape and `resolution` the
     scale (each defaulting to the input's); 'same' with neither keeps the input's size."""
     if size != "same":

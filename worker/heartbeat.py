@@ -21,8 +21,7 @@ log = logging.getLogger("dreambatch.worker")
 
 
 class Heartbeat(threading.Thread):
-    def __init__(self, runtime: Runtime, name: str, queue: str, every: float,
-                 chores: Callable[[], None] | None = None):
+    def __init__(self, runtime: Runtime, name: str, queue: str, every: float, chores: Callable[[], None] | None = None):
         super().__init__(name="dreambatch-heartbeat", daemon=True)
         self.runtime, self.worker_name, self.queue, self.every = runtime, name, queue, every
         self.chores = chores
@@ -31,10 +30,18 @@ class Heartbeat(threading.Thread):
 
     def info(self) -> dict:
         rt = self.runtime
-        return {"name": self.worker_name, "queue": self.queue, "model": rt.model, "host": socket.gethostname(),
-                "model_revision": rt.model_revision,  # its weights' revision: what the catalog compares
-                "pid": os.getpid(), "started_at": self.started_at, "seen": time.time(),
-                "active": [f"{j}/{i}" for j, i in sorted(rt.active)], "ended": rt.ended}
+        return {
+            "name": self.worker_name,
+            "queue": self.queue,
+            "model": rt.model,
+            "host": socket.gethostname(),
+            "model_revision": rt.model_revision,  # its weights' revision: what the catalog compares
+            "pid": os.getpid(),
+            "started_at": self.started_at,
+            "seen": time.time(),
+            "active": [f"{j}/{i}" for j, i in sorted(rt.active)],
+            "ended": rt.ended,
+        }
 
     def beat(self) -> None:
         self.runtime.store.beat(self.worker_name, self.info(), ttl=self.every * 3)

@@ -40,8 +40,11 @@ def plan(model: str) -> list[Fetch]:
     if spec.kind == "generate":
         return [Fetch(spec.hub_id), llama]
     if model == "e1-1":  # its transformer; VAE, text encoders, tokenizers and scheduler from I1-Full
-        return [Fetch(spec.hub_id, allow=["transformer/*", "*.json"]),
-                Fetch(I1_FULL_HUB_ID, ignore=["transformer/*"]), llama]
+        return [
+            Fetch(spec.hub_id, allow=["transformer/*", "*.json"]),
+            Fetch(I1_FULL_HUB_ID, ignore=["transformer/*"]),
+            llama,
+        ]
     return [Fetch(spec.hub_id, allow=[LORA_FILE, "*.json"]), Fetch(I1_FULL_HUB_ID), llama]
 
 
@@ -55,9 +58,11 @@ def download(model: str, say=print) -> list[Path]:
     if model not in MODELS:
         raise ConfigError(f"unknown model {model!r}; choose one of {', '.join(MODELS)}")
     if _offline():
-        raise ConfigError("HF_HUB_OFFLINE is set, so nothing can be downloaded; run this with HF_HUB_OFFLINE=0 "
-                          "(docker compose run --rm -e HF_HUB_OFFLINE=0 worker-gpu dreambatch models download "
-                          f"{model})")
+        raise ConfigError(
+            "HF_HUB_OFFLINE is set, so nothing can be downloaded; run this with HF_HUB_OFFLINE=0 "
+            "(docker compose run --rm -e HF_HUB_OFFLINE=0 worker-gpu dreambatch models download "
+            f"{model})"
+        )
     from huggingface_hub import HfApi, constants, snapshot_download
 
     api = HfApi()
@@ -88,18 +93,24 @@ def _explain(exc: Exception, repo: str, model: str, endpoint: str) -> ConfigErro
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
 
     if isinstance(exc, GatedRepoError):
-        return ConfigError(f"{repo} is gated: accept its licence at https://huggingface.co/{repo} and log in "
-                           "(hf auth login, or set HF_TOKEN), then run this again")
+        return ConfigError(
+            f"{repo} is gated: accept its licence at https://huggingface.co/{repo} and log in "
+            "(hf auth login, or set HF_TOKEN), then run this again"
+        )
     if isinstance(exc, RepositoryNotFoundError):
-        return ConfigError(f"{repo} not found on {endpoint} (or it is private: log in with hf auth login, or set "
-                           "HF_TOKEN)")
+        return ConfigError(
+            f"{repo} not found on {endpoint} (or it is private: log in with hf auth login, or set HF_TOKEN)"
+        )
     if isinstance(exc, HfHubHTTPError) and getattr(exc, "response", None) is not None:
         status = exc.response.status_code
         if status in (401, 403):
-            return ConfigError(f"{repo}: the hub refused access ({status}); accept its licence at "
-                               f"https://huggingface.co/{repo} and log in (hf auth login, or set HF_TOKEN)")
+            return ConfigError(
+                f"{repo}: the hub refused access ({status}); accept its licence at "
+                f"https://huggingface.co/{repo} and log in (hf auth login, or set HF_TOKEN)"
+            )
     cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return Unreachable(
         f"cannot reach the Hugging Face hub at {endpoint} for {repo} ({cause}); on a machine that can, run "
         f"dreambatch models download {model} (or hf download {repo}), then copy its cache "
-        "(HF_HOME, default ~/.cache/huggingface) here, or mount it into the GPU worker (docker-compose.yml)")
+        "(HF_HOME, default ~/.cache/huggingface) here, or mount it into the GPU worker (docker-compose.yml)"
+    )

@@ -33,6 +33,7 @@ def requested_size(images: list[Image.Image], params: dict) -> list[Image.Image]
     size = (int(asked[0]), int(asked[1]))
     return [i if i.size == size else i.resize(size, Image.Resampling.LANCZOS) for i in images]
 
+
 BACKGROUND = (255, 255, 255)  # transparent pixels are composited onto white (the product-photo norm)
 
 

@@ -60,10 +60,18 @@ class Interrupted(KeyboardInterrupt):
     """Ctrl-C, delivered at a denoising step (or between items): the running item is left unended."""
 
 
-def run_local(manifest: Path, spec: JobSpec, *, settings: Settings, weights: str | None = None,
-              device: str = "cpu", on_item: Callable[[str, str], None] | None = None,
-              observer: Observer | None = None, stop: threading.Event | None = None,
-              resume: bool = False) -> Submission:
+def run_local(
+    manifest: Path,
+    spec: JobSpec,
+    *,
+    settings: Settings,
+    weights: str | None = None,
+    device: str = "cpu",
+    on_item: Callable[[str, str], None] | None = None,
+    observer: Observer | None = None,
+    stop: threading.Event | None = None,
+    resume: bool = False,
+) -> Submission:
     """Run `manifest` as `spec` says, here; `spec.output` (a folder, or s3://bucket/prefix; default `out`) is
     where images and the durable record go. Returns the submission, its `job` as it ended (or, when `stop` was
     set, as it was left: `interrupted_at` set)."""
@@ -80,14 +88,26 @@ def run_local(manifest: Path, spec: JobSpec, *, settings: Settings, weights: str
     queue: deque[str] = deque()
     finals: list[str] = []
     events: list[tuple[str, str | None, str]] = []
-    services = Services(settings, store=MemoryStore(on_step=on_step),
-                        publish=lambda _job, ids: queue.extend(ids), notify=events.extend, finalize=finals.append)
+    services = Services(
+        settings,
+        store=MemoryStore(on_step=on_step),
+        publish=lambda _job, ids: queue.extend(ids),
+        notify=events.extend,
+        finalize=finals.append,
+    )
     store = services.store
     objects = services.objects(out)
     runtime = Runtime(services, model=model, weights=weights, device=device)
-    ctx = process.Context(settings=settings, store=store, runner=runtime.runner, objects=lambda _loc: objects,
-                          notify=services.notify, finalize=services.finalize,
-                          revision=lambda: runtime.model_revision, safety=runtime.safety)
+    ctx = process.Context(
+        settings=settings,
+        store=store,
+        runner=runtime.runner,
+        objects=lambda _loc: objects,
+        notify=services.notify,
+        finalize=services.finalize,
+        revision=lambda: runtime.model_revision,
+        safety=runtime.safety,
+    )
 
     # 1. the job: found again (resume), or validated, then the model loaded, then created; ids go to a local queue
     if resume:
@@ -147,18 +167,20 @@ def _interrupted_job(objects, manifest: Path, model: str) -> str:
         job = records.read_job(objects, job_id)
         if job is None:
             continue
-        same = job.manifest and (job.manifest == str(manifest)
-                                 or Path(job.manifest).resolve() == manifest.resolve())
+        same = job.manifest and (job.manifest == str(manifest) or Path(job.manifest).resolve() == manifest.resolve())
         if same and job.model == model and not job.submitting:
             found.append(job)
     if not found:
-        raise InputError(f"nothing to resume in {objects.location}: no unfinished run of {manifest} with model "
-                         f"{model}; run it without --resume")
+        raise InputError(
+            f"nothing to resume in {objects.location}: no unfinished run of {manifest} with model "
+            f"{model}; run it without --resume"
+        )
     return max(found, key=lambda j: j.created_at).job_id
 
 
-def _interrupt(ctx: process.Context, store: MemoryStore, objects, job_id: str,
-               events: list[tuple[str, str | None, str]]) -> JobRecord:
+def _interrupt(
+    ctx: process.Context, store: MemoryStore, objects, job_id: str, events: list[tuple[str, str | None, str]]
+) -> JobRecord:
     """Leave a stopped run resumable: results.jsonl lists the items that ended (their records are written
     already), job.json says when it stopped; the unended items run with `--resume`."""
     ended = [item for item in store.items(job_id) if item.status.terminal]
@@ -173,8 +195,9 @@ def _interrupt(ctx: process.Context, store: MemoryStore, objects, job_id: str,
 LOCAL_WEBHOOK_ATTEMPTS = 5  # local mode ends with the command: a few quick tries, not the worker's day-long window
 
 
-def _flush_events(ctx: process.Context, events: list[tuple[str, str | None, str]],
-                  tries: int = LOCAL_WEBHOOK_ATTEMPTS) -> None:
+def _flush_events(
+    ctx: process.Context, events: list[tuple[str, str | None, str]], tries: int = LOCAL_WEBHOOK_ATTEMPTS
+) -> None:
     cfg = ctx.settings.webhooks
     tries = min(cfg.max_attempts or tries, tries)
     while events:

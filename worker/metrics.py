@@ -30,8 +30,9 @@ class GpuMemoryCollector:
         import sys
 
         torch = sys.modules.get("torch")  # never import torch just for a scrape (an --io worker has none)
-        family = GaugeMetricFamily("dreambatch_worker_gpu_memory_bytes", "CUDA memory held by this process",
-                                   labels=["device", "kind"])
+        family = GaugeMetricFamily(
+            "dreambatch_worker_gpu_memory_bytes", "CUDA memory held by this process", labels=["device", "kind"]
+        )
         if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
             for n in range(torch.cuda.device_count()):
                 family.add_metric([f"cuda:{n}", "allocated"], torch.cuda.memory_allocated(n))
@@ -44,18 +45,31 @@ class WorkerMetrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.items = Counter("dreambatch_worker_items", "items this worker ended", ["model", "status"], registry=r)
-        self.inference = Histogram("dreambatch_worker_inference_seconds", "model time per item", ["model"],
-                                   buckets=SECONDS, registry=r)
-        self.busy = Counter("dreambatch_worker_model_busy_seconds", "seconds the model worked on items "
-                            "(a micro-batch counted once); rate() = the model's duty cycle", ["model"], registry=r)
-        self.upload = Histogram("dreambatch_worker_upload_seconds", "encode + upload time per item", ["model"],
-                                buckets=SECONDS, registry=r)
-        self.queue_wait = Histogram("dreambatch_worker_queue_wait_seconds", "submit to first start per item",
-                                    ["model"], buckets=WAIT_SECONDS, registry=r)
-        self.webhooks = Counter("dreambatch_worker_webhook_deliveries", "webhook delivery attempts by outcome",
-                                ["outcome"], registry=r)
-        self.webhook_latency = Histogram("dreambatch_worker_webhook_latency_seconds", "per delivery attempt",
-                                         buckets=SECONDS, registry=r)
+        self.inference = Histogram(
+            "dreambatch_worker_inference_seconds", "model time per item", ["model"], buckets=SECONDS, registry=r
+        )
+        self.busy = Counter(
+            "dreambatch_worker_model_busy_seconds",
+            "seconds the model worked on items (a micro-batch counted once); rate() = the model's duty cycle",
+            ["model"],
+            registry=r,
+        )
+        self.upload = Histogram(
+            "dreambatch_worker_upload_seconds", "encode + upload time per item", ["model"], buckets=SECONDS, registry=r
+        )
+        self.queue_wait = Histogram(
+            "dreambatch_worker_queue_wait_seconds",
+            "submit to first start per item",
+            ["model"],
+            buckets=WAIT_SECONDS,
+            registry=r,
+        )
+        self.webhooks = Counter(
+            "dreambatch_worker_webhook_deliveries", "webhook delivery attempts by outcome", ["outcome"], registry=r
+        )
+        self.webhook_latency = Histogram(
+            "dreambatch_worker_webhook_latency_seconds", "per delivery attempt", buckets=SECONDS, registry=r
+        )
         r.register(GpuMemoryCollector())
 
     def item_ended(self, model: str, status: str, timings: Timings) -> None:

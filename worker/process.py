@@ -88,8 +88,13 @@ def _process_item(ctx: Context, job_id: str, item_id: str) -> Outcome:
         job = _await_commit(ctx, job)
         age = time.time() - datetime.fromisoformat(job.created_at).timestamp()
         if job.submit_aborted or (job.submitting and age > ctx.settings.celery.submit_grace):
-            return _end(ctx, job, item, ItemStatus.CANCELLED, Failure(
-                ErrorKind.CANCELLED, "its submission did not complete, so nothing of it runs"))
+            return _end(
+                ctx,
+                job,
+                item,
+                ItemStatus.CANCELLED,
+                Failure(ErrorKind.CANCELLED, "its submission did not complete, so nothing of it runs"),
+            )
         if job.submitting:
             return Outcome(note="waiting for its submission", retry_in=1.0)
     # a cancelled job's items, and items not started before the job's deadline, end here, unrun
@@ -144,8 +149,16 @@ def _attempt(ctx: Context, job: JobRecord, item: ItemRecord) -> Outcome:
     item.attempts = move.attempts
     this_round = move.attempts - item.round_start_attempts
     if this_round > ctx.settings.celery.max_attempts:
-        return _end(ctx, job, item, ItemStatus.FAILED, Failure(
-            ErrorKind.LOST, f"gave up after {this_round - 1} attempts that did not finish (worker lost or timed out)"))
+        return _end(
+            ctx,
+            job,
+            item,
+            ItemStatus.FAILED,
+            Failure(
+                ErrorKind.LOST,
+                f"gave up after {this_round - 1} attempts that did not finish (worker lost or timed out)",
+            ),
+        )
     log.info("item %s/%s started (attempt %d)", item.job_id, item.item_id, move.attempts)
 
     try:
@@ -166,8 +179,9 @@ def _attempt(ctx: Context, job: JobRecord, item: ItemRecord) -> Outcome:
 
         # 5b. the exact size a caller asked for, then the safety checker on what it will get (worker/safety.py)
         images = imaging.requested_size(images, item.params)
-        images, output.nsfw, output.safety = safety.screen(ctx.safety, item.params, images, ctx.gpu_lock,
-                                                           ctx.settings.safety.action)
+        images, output.nsfw, output.safety = safety.screen(
+            ctx.safety, item.params, images, ctx.gpu_lock, ctx.settings.safety.action
+        )
 
         # 6. encode and upload, outside the GPU lock so the next item's inference overlaps
         t0 = time.perf_counter()
@@ -210,9 +224,16 @@ def _step_check(ctx: Context, item: ItemRecord) -> Callable[[int], None]:
 def _request(item: ItemRecord) -> GenerateRequest:
     p = item.params
     return GenerateRequest(
-        prompt=p["prompt"], negative_prompt=p.get("negative_prompt", ""), width=p["width"], height=p["height"],
-        seed=item.seed if item.seed is not None else p["seed"], steps=p["steps"],
-        guidance_scale=p["guidance_scale"], shift=p["shift"], scheduler=p["scheduler"], num_images=p["num_images"],
+        prompt=p["prompt"],
+        negative_prompt=p.get("negative_prompt", ""),
+        width=p["width"],
+        height=p["height"],
+        seed=item.seed if item.seed is not None else p["seed"],
+        steps=p["steps"],
+        guidance_scale=p["guidance_scale"],
+        shift=p["shift"],
+        scheduler=p["scheduler"],
+        num_images=p["num_images"],
     )
 
 
@@ -232,10 +253,19 @@ def _run_edit(ctx: Context, job: JobRecord, item: ItemRecord) -> tuple[list, Ite
         canvas_size = runner.canvas_size(*shaped.size)
     canvas, box = geometry.fit(shaped, canvas_size, p["geometry"])
     request = EditRequest(
-        image=canvas, instruction=p["instruction"], target_description=p["target_description"],
-        negative_prompt=p["negative_prompt"], width=canvas_size[0], height=canvas_size[1], seed=item.seed,
-        steps=p["steps"], guidance_scale=p["guidance_scale"], image_guidance_scale=p["image_guidance_scale"],
-        refine_strength=p["refine_strength"], clip_cfg_norm=bool(p["clip_cfg_norm"]), num_images=p["num_images"],
+        image=canvas,
+        instruction=p["instruction"],
+        target_description=p["target_description"],
+        negative_prompt=p["negative_prompt"],
+        width=canvas_size[0],
+        height=canvas_size[1],
+        seed=item.seed,
+        steps=p["steps"],
+        guidance_scale=p["guidance_scale"],
+        image_guidance_scale=p["image_guidance_scale"],
+        refine_strength=p["refine_strength"],
+        clip_cfg_norm=bool(p["clip_cfg_norm"]),
+        num_images=p["num_images"],
     )
     check = _step_check(ctx, item)
     asked = time.time()
@@ -281,27 +311,57 @@ def _upload(objects: ObjectStore, item: ItemRecord, images, out: ItemOutput) -> 
             stem, dot, ext = item.params["output_key"].rpartition(".")
             key = f"{stem}{suffix}{dot}{ext}"
         else:
-            key = keys.S3_OUTPUT.format(prefix="", job_id=item.job_id, item_id=item.item_id, suffix=suffix,
-                                        ext=EXTENSIONS[fmt])
+            key = keys.S3_OUTPUT.format(
+                prefix="", job_id=item.job_id, item_id=item.item_id, suffix=suffix, ext=EXTENSIONS[fmt]
+            )
         uri = objects.put(key, data, content_type, {"seed": str(item.seed), "item": item.item_id})
         b64 = base64.b64encode(data).decode() if item.params.get("response_format") == "b64_json" else None
-        out.images.append(OutputImage(s3_uri=uri, url=objects.url(key), width=image.width,
-                                      height=image.height, content_type=content_type, b64_json=b64))
+        out.images.append(
+            OutputImage(
+                s3_uri=uri,
+                url=objects.url(key),
+                width=image.width,
+                height=image.height,
+                content_type=content_type,
+                b64_json=b64,
+            )
+        )
     return out
 
 
-def _end(ctx: Context, job: JobRecord, item: ItemRecord, status: ItemStatus, failure: Failure | None = None,
-         reason: str | None = None) -> Outcome:
+def _end(
+    ctx: Context,
+    job: JobRecord,
+    item: ItemRecord,
+    status: ItemStatus,
+    failure: Failure | None = None,
+    reason: str | None = None,
+) -> Outcome:
     """End the item as every caller does (jobs.ending: record, move, notify, finalize), with what only this
     process knows: the weights it ran with and its attempt's time."""
     item.model_revision = ctx.revision() or item.model_revision  # (loaded by now)
     if status == ItemStatus.COMPLETED and item.timings.started_at:
         item.timings.total_s = round(time.time() - item.timings.started_at, 4)
-    if not end_item(ctx.store, ctx.objects(job.output), job, item, status, publish=ctx.notify,
-                    finalize=ctx.finalize, failure=failure, reason=reason):
+    if not end_item(
+        ctx.store,
+        ctx.objects(job.output),
+        job,
+        item,
+        status,
+        publish=ctx.notify,
+        finalize=ctx.finalize,
+        failure=failure,
+        reason=reason,
+    ):
         return Outcome(note="skipped")
-    log.info("item %s/%s %s%s", item.job_id, item.item_id, status.value, f" ({reason})" if reason else "",
-             extra={"status": status.value, "error": item.error, "error_kind": item.error_kind})
+    log.info(
+        "item %s/%s %s%s",
+        item.job_id,
+        item.item_id,
+        status.value,
+        f" ({reason})" if reason else "",
+        extra={"status": status.value, "error": item.error, "error_kind": item.error_kind},
+    )
     if ctx.metrics:
         ctx.metrics.item_ended(job.model, status.value, item.timings)
     return Outcome(status)
@@ -343,12 +403,21 @@ def _announce_again(ctx: Context, job: JobRecord, item: ItemRecord) -> Outcome:
     a drained queue of a cancelled job does not flood the io queue)."""
     if job.webhook:
         try:
-            _send_if_unsent(ctx, item.job_id, item.item_id,
-                            item_event_id(item.job_id, item.item_id, item.status, item.round), item.updated_at)
+            _send_if_unsent(
+                ctx,
+                item.job_id,
+                item.item_id,
+                item_event_id(item.job_id, item.item_id, item.status, item.round),
+                item.updated_at,
+            )
         except SendLater as later:
             return Outcome(note="skipped", retry_in=later.seconds)
-    if not job.finished_at and job.total and lifecycle.ended(job.counts) >= job.total \
-            and ctx.store.nudge_finalize(item.job_id, NUDGE_EVERY):
+    if (
+        not job.finished_at
+        and job.total
+        and lifecycle.ended(job.counts) >= job.total
+        and ctx.store.nudge_finalize(item.job_id, NUDGE_EVERY)
+    ):
         ctx.finalize(item.job_id)
     return Outcome(note="skipped")
 
@@ -392,6 +461,8 @@ def _presigned(ctx: Context, job: JobRecord):
         return (objects.url(key, ctx.settings.api.url_expires) if key else None) or image.url or image.s3_uri
 
     return url_for
+
+
 def _review_sheet(ctx: Context, job: JobRecord) -> None:
     """Best effort: a sheet that cannot be made is logged; the job has ended either way."""
     from worker.contact_sheet import make_sheet
@@ -402,8 +473,9 @@ def _review_sheet(ctx: Context, job: JobRecord) -> None:
         log.exception("job %s: review sheet not made (make it with: dreambatch sheet %s)", job.job_id, job.job_id)
 
 
-def webhook_attempt(ctx: Context, job_id: str, item_id: str | None, event_id: str,
-                    client=None) -> webhooks.Attempt | None:
+def webhook_attempt(
+    ctx: Context, job_id: str, item_id: str | None, event_id: str, client=None
+) -> webhooks.Attempt | None:
     """One delivery attempt of one event, logged; None when there is nothing to send."""
     job = ctx.store.get_job(job_id)
     if job is None or not job.webhook or job.webhook_disabled:
@@ -419,8 +491,15 @@ def webhook_attempt(ctx: Context, job_id: str, item_id: str | None, event_id: st
         if item is None:
             return None
         payload = webhooks.item_payload(job, item)
-    attempt = webhooks.deliver(job.webhook, event_id, payload, secrets=ctx.settings.signing_secrets(),
-                               timeout=ctx.settings.webhooks.timeout, policy=ctx.settings.netpolicy(), client=client)
+    attempt = webhooks.deliver(
+        job.webhook,
+        event_id,
+        payload,
+        secrets=ctx.settings.signing_secrets(),
+        timeout=ctx.settings.webhooks.timeout,
+        policy=ctx.settings.netpolicy(),
+        client=client,
+    )
     ctx.store.log_event(job_id, event_id, attempt.as_dict())
     if ctx.metrics:
         ctx.metrics.webhook_attempt(attempt)

@@ -31,9 +31,15 @@ class RunProgress(Observer):
         self.console = console
         self.live = console.is_terminal
         self.progress = Progress(
-            TextColumn("{task.description}", markup=False), BarColumn(bar_width=24), MofNCompleteColumn(),
-            TextColumn("{task.fields[rate]}", markup=False), TextColumn("ETA {task.fields[eta]}", markup=False),
-            TextColumn("{task.fields[now]}", markup=False), console=console, disable=not self.live)
+            TextColumn("{task.description}", markup=False),
+            BarColumn(bar_width=24),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}", markup=False),
+            TextColumn("ETA {task.fields[eta]}", markup=False),
+            TextColumn("{task.fields[now]}", markup=False),
+            console=console,
+            disable=not self.live,
+        )
         self.task = self.progress.add_task("starting", total=None, rate="", eta="-:--:--", now="")
         self.total = self.done = self.ended_here = 0
         self.t0 = time.monotonic()
@@ -69,9 +75,13 @@ class RunProgress(Observer):
         elapsed = max(time.monotonic() - self.t0, 1e-6)
         rate = self.ended_here / elapsed
         left = self.total - self.done
-        self.progress.update(self.task, completed=self.done, now="",
-                             rate=f"{rate:.2f} items/s" if rate >= 1 else f"{1 / rate:.1f} s/item",
-                             eta=_clock(left / rate) if left else "0:00:00")
+        self.progress.update(
+            self.task,
+            completed=self.done,
+            now="",
+            rate=f"{rate:.2f} items/s" if rate >= 1 else f"{1 / rate:.1f} s/item",
+            eta=_clock(left / rate) if left else "0:00:00",
+        )
         if item.status != ItemStatus.COMPLETED:
             why = f": {item.error}" if item.error else (f" ({item.reason})" if item.reason else "")
             self.console.print(f"[{self.done}/{self.total}] {item.item_id}: {item.status}{why}", soft_wrap=True)
@@ -95,6 +105,7 @@ def _quiet_library_bars() -> None:
 def ctrl_c_stops(stop: threading.Event) -> Iterator[None]:
     """While inside: the first Ctrl-C sets `stop` (the run ends at the running item's next step); a second one
     interrupts at once."""
+
     def on_sigint(signum, frame):
         if stop.is_set():
             raise KeyboardInterrupt

@@ -95,8 +95,15 @@ def batches(model: str | None, options: RunnerSettings) -> bool:
 
 
 class Runtime:
-    def __init__(self, services: Services, *, model: str | None = None, weights: str | None = None,
-                 device: str = "cpu", runner_factory: Callable[[], Runner] | None = None):
+    def __init__(
+        self,
+        services: Services,
+        *,
+        model: str | None = None,
+        weights: str | None = None,
+        device: str = "cpu",
+        runner_factory: Callable[[], Runner] | None = None,
+    ):
         self.services = services
         self.settings = settings = services.settings
         self.model = model
@@ -104,8 +111,9 @@ class Runtime:
         self._runner: Runner | None = None
         self._runner_factory = runner_factory or (lambda: build_runner(model, weights, device, settings.runner))
         # a micro-batching runner has its own model thread, the only one touching the GPU: no lock around calls
-        self._model_lock = contextlib.nullcontext() if runner_factory is None and batches(model, settings.runner) \
-            else None
+        self._model_lock = (
+            contextlib.nullcontext() if runner_factory is None and batches(model, settings.runner) else None
+        )
         self._lock = threading.Lock()
         self.gpu_lock = threading.Lock()
         self._leases: Leases | None = None
@@ -147,8 +155,15 @@ class Runtime:
 
     def context(self) -> Context:
         return Context(
-            settings=self.settings, store=self.store, runner=self.runner, objects=self.services.objects,
-            notify=self.services.notify, finalize=self.services.finalize,
-            gpu_lock=self._model_lock or self.gpu_lock, leases=self.leases, metrics=self.metrics,
-            revision=lambda: self.model_revision, safety=self.safety,
+            settings=self.settings,
+            store=self.store,
+            runner=self.runner,
+            objects=self.services.objects,
+            notify=self.services.notify,
+            finalize=self.services.finalize,
+            gpu_lock=self._model_lock or self.gpu_lock,
+            leases=self.leases,
+            metrics=self.metrics,
+            revision=lambda: self.model_revision,
+            safety=self.safety,
         )

@@ -65,8 +65,10 @@ class ClipSafetyChecker:
             self.processor = CLIPImageProcessor.from_pretrained(source, local_files_only=True)
             model = StableDiffusionSafetyChecker.from_pretrained(source, local_files_only=True)
         except (OSError, ValueError) as exc:
-            raise ConfigError(f"safety checker {source!r}: cannot load it ({exc}); DREAMBATCH_SAFETY__CHECKER takes "
-                              "off, tiny, or a folder laid out as CompVis/stable-diffusion-safety-checker") from None
+            raise ConfigError(
+                f"safety checker {source!r}: cannot load it ({exc}); DREAMBATCH_SAFETY__CHECKER takes "
+                "off, tiny, or a folder laid out as CompVis/stable-diffusion-safety-checker"
+            ) from None
         self.model = model.to(device=device, dtype=self.dtype).eval()
         # its own warning says it returns black images; whether we do is `action`'s business
         logging.getLogger("diffusers.pipelines.stable_diffusion.safety_checker").setLevel(logging.ERROR)
@@ -91,12 +93,27 @@ def make_tiny_checker(folder: Path, *, flags_everything: bool = False, seed: int
 
     generator = torch.Generator().manual_seed(seed)
     config = CLIPConfig(
-        text_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
-                     "vocab_size": 64, "max_position_embeddings": 16, "bos_token_id": 0, "eos_token_id": 1,
-                     "pad_token_id": 1},
-        vision_config={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4,
-                       "image_size": 32, "patch_size": 8},
-        projection_dim=16)
+        text_config={
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "vocab_size": 64,
+            "max_position_embeddings": 16,
+            "bos_token_id": 0,
+            "eos_token_id": 1,
+            "pad_token_id": 1,
+        },
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 37,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "image_size": 32,
+            "patch_size": 8,
+        },
+        projection_dim=16,
+    )
     model = StableDiffusionSafetyChecker(config)
     threshold = -2.0 if flags_everything else 2.0
     with torch.no_grad():
@@ -160,9 +177,13 @@ class Lazy:
             return self._checker
 
 
-def screen(checker: Callable[[], SafetyChecker | None], params: dict[str, Any], images: list[Image.Image],
-           lock: AbstractContextManager | None = None, action: str = "flag"
-           ) -> tuple[list[Image.Image], list[bool] | None, str]:
+def screen(
+    checker: Callable[[], SafetyChecker | None],
+    params: dict[str, Any],
+    images: list[Image.Image],
+    lock: AbstractContextManager | None = None,
+    action: str = "flag",
+) -> tuple[list[Image.Image], list[bool] | None, str]:
     """Check an item's images unless its row turned the checker off. Returns the images (flagged ones blacked out
     when `action` is black), a flag per image (None when nothing ran) and what ran, or why nothing did."""
     if params.get("safety_check") is False:

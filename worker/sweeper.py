@@ -29,8 +29,14 @@ def sweep_once(services: Services) -> int:
         objects = services.objects(location)
         reports = sweep(objects, services.store, services.publish, services.finalize, settings.celery.publish_batch)
         for r in reports:
-            log.warning("reconciled job %s from %s: %d item(s), %d ended, %d re-queued", r.job_id, location,
-                        r.total, r.ended, r.requeued)
+            log.warning(
+                "reconciled job %s from %s: %d item(s), %d ended, %d re-queued",
+                r.job_id,
+                location,
+                r.total,
+                r.ended,
+                r.requeued,
+            )
         count += len(reports)
     return count
 
@@ -48,8 +54,11 @@ def start(services: Services) -> threading.Thread | None:
                 if services.store.claim(keys.RECONCILE_LOCK, interval * 0.9):
                     sweep_once(services)
             except redis_errors() as exc:
-                log.warning("reconcile sweep skipped (%s); trying again in %ss",
-                            unreachable(services.settings.redis_url, exc), interval)
+                log.warning(
+                    "reconcile sweep skipped (%s); trying again in %ss",
+                    unreachable(services.settings.redis_url, exc),
+                    interval,
+                )
             except Exception:
                 log.exception("reconcile sweep failed; trying again in %ss", interval)
 

@@ -97,14 +97,26 @@ class Attempt:
         return asdict(self)
 
 
-def deliver(url: str, event_id: str, payload: dict[str, Any], *, secrets: list[str], timeout: float,
-            policy: netguard.Policy, client: httpx.Client | None = None) -> Attempt:
+def deliver(
+    url: str,
+    event_id: str,
+    payload: dict[str, Any],
+    *,
+    secrets: list[str],
+    timeout: float,
+    policy: netguard.Policy,
+    client: httpx.Client | None = None,
+) -> Attempt:
     """POST once to the checked address of the URL's host (redirects are not followed); never raises for
     HTTP, network or address-policy failures, it reports them. A refused address is not retried."""
     body = json.dumps(payload, separators=(",", ":")).encode()
     ts = int(time.time())
-    headers = {"content-type": "application/json", "user-agent": USER_AGENT,
-               "webhook-id": event_id, "webhook-timestamp": str(ts)}
+    headers = {
+        "content-type": "application/json",
+        "user-agent": USER_AGENT,
+        "webhook-id": event_id,
+        "webhook-timestamp": str(ts),
+    }
     if secrets:
         headers["webhook-signature"] = signature_header(secrets, event_id, ts, body)
     start = time.monotonic()
@@ -138,8 +150,9 @@ def _retry_after(value: str | None) -> float | None:
         return None
 
 
-def next_retry(attempts: int, first_at: float, cfg, retry_after: float | None,
-               now: float | None = None) -> float | None:
+def next_retry(
+    attempts: int, first_at: float, cfg, retry_after: float | None, now: float | None = None
+) -> float | None:
     """Seconds to wait before the next attempt of an event, or None when its retry window (or the optional
     attempt cap) is spent. A wait that would end after the window is cut to end at it, so the window's
     last moment still gets an attempt."""

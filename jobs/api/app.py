@@ -50,9 +50,13 @@ def _validation_lines(exc: RequestValidationError) -> list[str]:
 
 
 def create_app(settings: Settings) -> FastAPI:
-    app = FastAPI(title="dreambatch", version="1", max_body_size=settings.api.max_upload_bytes + 2**20,
-                  description="Batch HiDream image jobs; the OpenAI, fal, inference.sh and WaveSpeed protocols "
-                              "their SDKs speak. See docs/api.md.")
+    app = FastAPI(
+        title="dreambatch",
+        version="1",
+        max_body_size=settings.api.max_upload_bytes + 2**20,
+        description="Batch HiDream image jobs; the OpenAI, fal, inference.sh and WaveSpeed protocols "
+        "their SDKs speak. See docs/api.md.",
+    )
     app.state.services = Services(settings)
 
     @app.exception_handler(ApiError)
@@ -66,8 +70,9 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
-        return _error(request, ApiError(exc.status_code, str(exc.detail),
-                                        code="not_found" if exc.status_code == 404 else None))
+        return _error(
+            request, ApiError(exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404 else None)
+        )
 
     @app.exception_handler(DreambatchError)
     async def dreambatch_error(request: Request, exc: DreambatchError):
@@ -105,15 +110,27 @@ def create_app(settings: Settings) -> FastAPI:
             check_location(output, svc.settings)
         except DreambatchError as exc:
             s3_error = str(exc)
-        body = {"ok": redis_found is None and s3_error is None,
-                "redis": {"ok": redis_found is None, "error": None if redis_found is None else str(redis_found)},
-                "s3": {"ok": s3_error is None, "location": output, "error": s3_error,
-                       "used": bool(output and output.startswith("s3://"))}}
+        body = {
+            "ok": redis_found is None and s3_error is None,
+            "redis": {"ok": redis_found is None, "error": None if redis_found is None else str(redis_found)},
+            "s3": {
+                "ok": s3_error is None,
+                "location": output,
+                "error": s3_error,
+                "used": bool(output and output.startswith("s3://")),
+            },
+        }
         return JSONResponse(body, 200 if body["ok"] else 503)
 
-    @app.get("/metrics", tags=["operations"], response_class=Response,
-             responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"},
-                        **shapes.responses(shapes.OPENAI, *shapes.AUTH, 503)})
+    @app.get(
+        "/metrics",
+        tags=["operations"],
+        response_class=Response,
+        responses={
+            200: {"content": {"text/plain": {}}, "description": "Prometheus text format"},
+            **shapes.responses(shapes.OPENAI, *shapes.AUTH, 503),
+        },
+    )
     def metrics(svc: ServicesDep, _key: Annotated[ApiKeyRecord, Depends(require("metrics"))]) -> Response:
         """Prometheus metrics of the control plane (jobs.metrics: items by status, queue depth per model and
         priority, live workers). Each worker serves its own (`--metrics-port`)."""
@@ -130,8 +147,9 @@ def create_app(settings: Settings) -> FastAPI:
     return app
 
 
-def serve(settings: Settings, host: str, port: int, ssl_certfile: str | None = None,
-          ssl_keyfile: str | None = None) -> None:
+def serve(
+    settings: Settings, host: str, port: int, ssl_certfile: str | None = None, ssl_keyfile: str | None = None
+) -> None:
     """Serve the API; over HTTPS when given a certificate and its key (or DREAMBATCH_API__SSL_CERTFILE/_KEYFILE):
     fal-client only speaks https."""
     import uvicorn
@@ -141,11 +159,15 @@ def serve(settings: Settings, host: str, port: int, ssl_certfile: str | None = N
     if bool(certfile) != bool(keyfile):
         raise ConfigError("TLS needs both a certificate and its key (--ssl-certfile and --ssl-keyfile)")
     app = create_app(settings)
-    if not say_if_unreachable(settings.redis_url, log, "The API",
-                              " (requests get a 503 and /healthz says so meanwhile)"):
+    if not say_if_unreachable(
+        settings.redis_url, log, "The API", " (requests get a 503 and /healthz says so meanwhile)"
+    ):
         pass  # the key check below would wait out the outage
     elif not [k for k in app.state.services.store.api_keys() if k.revoked_at is None]:
-        log.warning("no API keys yet: every request will get 401; create one with "
-                    "`dreambatch keys create --name NAME --scope jobs:read --scope jobs:write --scope images`")
-    uvicorn.run(app, host=host, port=port, log_level="info", proxy_headers=False, ssl_certfile=certfile,
-                ssl_keyfile=keyfile)
+        log.warning(
+            "no API keys yet: every request will get 401; create one with "
+            "`dreambatch keys create --name NAME --scope jobs:read --scope jobs:write --scope images`"
+        )
+    uvicorn.run(
+        app, host=host, port=port, log_level="info", proxy_headers=False, ssl_certfile=certfile, ssl_keyfile=keyfile
+    )

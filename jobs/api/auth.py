@@ -42,8 +42,9 @@ def mint(name: str, scopes: list[str], at: str) -> NewKey:
         raise ValueError(f"scopes must be among {', '.join(SCOPES)} (got {', '.join(unknown) or 'none'})")
     key_id = secrets.token_hex(6)
     token = f"{PREFIX}_{key_id}_{secrets.token_urlsafe(32)}"
-    record = ApiKeyRecord(key_id=key_id, name=name, token_sha256=digest(token), scopes=sorted(set(scopes)),
-                          created_at=at)
+    record = ApiKeyRecord(
+        key_id=key_id, name=name, token_sha256=digest(token), scopes=sorted(set(scopes)), created_at=at
+    )
     return NewKey(record, token)
 
 

@@ -30,19 +30,25 @@ ServicesDep = Annotated[Services, Depends(services)]
 def require(scope: str):
     """A dependency: the caller's API key, which must hold `scope`."""
 
-    async def check(request: Request,
-                    cred: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> ApiKeyRecord:
+    async def check(
+        request: Request, cred: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+    ) -> ApiKeyRecord:
         if cred is None or cred.scheme.lower() != "bearer":
-            raise ApiError(401, "missing API key: send Authorization: Bearer <key>", type_="authentication_error",
-                           code="missing_api_key")
+            raise ApiError(
+                401,
+                "missing API key: send Authorization: Bearer <key>",
+                type_="authentication_error",
+                code="missing_api_key",
+            )
         key_id = auth.key_id_of(cred.credentials)
         svc: Services = request.app.state.services
         record = await anyio.to_thread.run_sync(svc.store.get_api_key, key_id) if key_id else None
         if not auth.matches(record, cred.credentials):
             raise ApiError(401, "invalid or revoked API key", type_="authentication_error", code="invalid_api_key")
         if scope not in record.scopes:
-            raise ApiError(403, f"this API key lacks the {scope!r} scope", type_="permission_error",
-                           code="insufficient_scope")
+            raise ApiError(
+                403, f"this API key lacks the {scope!r} scope", type_="permission_error", code="insufficient_scope"
+            )
         return record
 
     return check

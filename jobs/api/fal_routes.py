@@ -65,8 +65,12 @@ class _Namespace(Convertor):
 
 register_url_convertor("falns", _Namespace())
 router = APIRouter(tags=["fal"])
-key_header = APIKeyHeader(name="Authorization", auto_error=False, scheme_name="falKey",
-                          description="fal's `Key <api key>` (or `Bearer <api key>`)")
+key_header = APIKeyHeader(
+    name="Authorization",
+    auto_error=False,
+    scheme_name="falKey",
+    description="fal's `Key <api key>` (or `Bearer <api key>`)",
+)
 _images = require("images")
 
 
@@ -74,14 +78,20 @@ async def fal_key(request: Request, header: Annotated[str | None, Depends(key_he
     """The API key from fal's `Authorization: Key …` (or Bearer), with the `images` scope."""
     scheme, _, token = (header or "").strip().partition(" ")
     given = scheme.lower() in ("key", "bearer") and token.strip()
-    return await _images(request, HTTPAuthorizationCredentials(scheme="Bearer", credentials=token.strip())
-                         if given else None)
+    return await _images(
+        request, HTTPAuthorizationCredentials(scheme="Bearer", credentials=token.strip()) if given else None
+    )
 
 
 Key = Annotated[ApiKeyRecord, Depends(fal_key)]
 Namespace = Annotated[Literal["fal-ai", "dreambatch"], PathParam(description="fal-ai, or dreambatch")]
-Name = Annotated[str, PathParam(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
-                                description="hidream-e1-full, hidream-i1-fast, … (or e1-full under dreambatch)")]
+Name = Annotated[
+    str,
+    PathParam(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+        description="hidream-e1-full, hidream-i1-fast, … (or e1-full under dreambatch)",
+    ),
+]
 RequestId = Annotated[str, PathParam(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
 SUBMIT = "/{namespace:falns}/{name}"
 REQUEST = "/{namespace:falns}/{name}/requests/{request_id}"
@@ -94,8 +104,11 @@ WAITS = shapes.responses(shapes.FAL, 400, 500, 504)
 def model_of(namespace: str, name: str) -> str:
     model = fal.model_of(namespace, name)
     if model is None:
-        raise ApiError(404, f"no model {namespace}/{name}; try fal-ai/hidream-{', fal-ai/hidream-'.join(MODELS)}",
-                       code="model_not_found")
+        raise ApiError(
+            404,
+            f"no model {namespace}/{name}; try fal-ai/hidream-{', fal-ai/hidream-'.join(MODELS)}",
+            code="model_not_found",
+        )
     return model
 
 
@@ -112,8 +125,16 @@ def _job(svc: Services, model: str, request_id: str) -> JobRecord:
     return job
 
 
-async def _create(svc: Services, request: Request, key: ApiKeyRecord, namespace: str, name: str,
-                  body: dict[str, Any], webhook: str | None, idempotency_key: str | None) -> tuple[str, str]:
+async def _create(
+    svc: Services,
+    request: Request,
+    key: ApiKeyRecord,
+    namespace: str,
+    name: str,
+    body: dict[str, Any],
+    webhook: str | None,
+    idempotency_key: str | None,
+) -> tuple[str, str]:
     """The request as a one-item job (or the job an earlier attempt of it made). Returns (model, request id)."""
     model = model_of(namespace, name)
     if len(body) > MAX_INPUT_KEYS:
@@ -130,33 +151,49 @@ async def _create(svc: Services, request: Request, key: ApiKeyRecord, namespace:
         upload = Upload()
         try:
             uploads.resolve(svc, request, row, ("image_url", "image"), upload)
-            return submit_rows(svc, [row], JobSpec(model=model, webhook=webhook, webhook_format="fal", api=api),
-                               upload)
+            return submit_rows(svc, [row], JobSpec(model=model, webhook=webhook, webhook_format="fal", api=api), upload)
         finally:
             upload.close()
 
-    job_id, _ = await retries.once(svc, key.key_id, idempotency_key, fingerprint("fal", model, body, webhook), create,
-                                   retries.Attempt.of(request))
+    job_id, _ = await retries.once(
+        svc, key.key_id, idempotency_key, fingerprint("fal", model, body, webhook), create, retries.Attempt.of(request)
+    )
     return model, job_id
 
 
 WebhookQuery = Annotated[str | None, Query(max_length=2048, description="fal's webhook parameter")]
 WebhookUrlQuery = Annotated[str | None, Query(alias="webhookUrl", max_length=2048)]
 IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)]
-Input = Annotated[dict[str, Any], Body(description="the model input, in fal's field names",
-                                       examples=[{"prompt": "a lighthouse at dusk", "image_size": "landscape_4_3"}])]
+Input = Annotated[
+    dict[str, Any],
+    Body(
+        description="the model input, in fal's field names",
+        examples=[{"prompt": "a lighthouse at dusk", "image_size": "landscape_4_3"}],
+    ),
+]
 
 
 @router.post(SUBMIT, status_code=200, responses={200: {"model": schemas.FalSubmitted}, **ERRORS, **SUBMITS})
-async def submit_request(namespace: Namespace, name: Name, request: Request, svc: ServicesDep, key: Key,
-                         body: Input, fal_webhook: WebhookQuery = None, webhook_url: WebhookUrlQuery = None,
-                         idempotency_key: IdempotencyKey = None) -> dict:
+async def submit_request(
+    namespace: Namespace,
+    name: Name,
+    request: Request,
+    svc: ServicesDep,
+    key: Key,
+    body: Input,
+    fal_webhook: WebhookQuery = None,
+    webhook_url: WebhookUrlQuery = None,
+    idempotency_key: IdempotencyKey = None,
+) -> dict:
     """Queue one request; answers at once with its id, URLs and queue position."""
-    model, job_id = await _create(svc, request, key, namespace, name, body, fal_webhook or webhook_url,
-                                  idempotency_key)
+    model, job_id = await _create(svc, request, key, namespace, name, body, fal_webhook or webhook_url, idempotency_key)
     job = await anyio.to_thread.run_sync(svc.job, job_id)
-    return {"request_id": job_id, "gateway_request_id": job_id, **_urls(request, svc, namespace, name, job_id),
-            "queue_position": await anyio.to_thread.run_sync(_position, svc, job) if not job.finished_at else None}
+    return {
+        "request_id": job_id,
+        "gateway_request_id": job_id,
+        **_urls(request, svc, namespace, name, job_id),
+        "queue_position": await anyio.to_thread.run_sync(_position, svc, job) if not job.finished_at else None,
+    }
 
 
 def _position(svc: Services, job: JobRecord) -> int:
@@ -174,30 +211,55 @@ def _flag(value: str | None) -> bool:
         return True
     if lowered in ("false", "0", "no", ""):
         return False
-    raise ApiError(422, f"logs: expected true or false (got {value!r:.20})", param="logs",
-                   errors=[f"logs: expected true or false (got {value!r:.20})"])
+    raise ApiError(
+        422,
+        f"logs: expected true or false (got {value!r:.20})",
+        param="logs",
+        errors=[f"logs: expected true or false (got {value!r:.20})"],
+    )
 
 
 @router.get(REQUEST + "/status", responses={200: {"model": schemas.FalStatus}, **ERRORS})
-def request_status(namespace: Namespace, name: Name, request_id: RequestId, request: Request, svc: ServicesDep,
-                   _key: Key, logs: Annotated[str | None, Query(max_length=8, description="true or false")] = None
-                   ) -> dict:
+def request_status(
+    namespace: Namespace,
+    name: Name,
+    request_id: RequestId,
+    request: Request,
+    svc: ServicesDep,
+    _key: Key,
+    logs: Annotated[str | None, Query(max_length=8, description="true or false")] = None,
+) -> dict:
     """IN_QUEUE (with `queue_position`), IN_PROGRESS, or COMPLETED (also when it failed or was cancelled: `error`
     and `error_type` say so)."""
     with_logs = _flag(logs)
     job = _job(svc, model_of(namespace, name), request_id)
     item = next(svc.store.items(request_id), None)
     position = _position(svc, job) if job.status == "queued" and not job.finished_at else 0
-    return {**fal.queue_status(job, item, position=position, logs=with_logs), "request_id": request_id,
-            **_urls(request, svc, namespace, name, request_id)}
+    return {
+        **fal.queue_status(job, item, position=position, logs=with_logs),
+        "request_id": request_id,
+        **_urls(request, svc, namespace, name, request_id),
+    }
 
 
-@router.get(REQUEST, responses={200: {"model": schemas.FalResult},
-                                **shapes.responses(shapes.FAL, 400, 422, 502, _400="the request has not ended yet",
-                                                   _422="the request failed or was cancelled: `detail` says why"),
-                                **ERRORS})
-async def request_result(namespace: Namespace, name: Name, request_id: RequestId, request: Request,
-                         svc: ServicesDep, _key: Key):
+@router.get(
+    REQUEST,
+    responses={
+        200: {"model": schemas.FalResult},
+        **shapes.responses(
+            shapes.FAL,
+            400,
+            422,
+            502,
+            _400="the request has not ended yet",
+            _422="the request failed or was cancelled: `detail` says why",
+        ),
+        **ERRORS,
+    },
+)
+async def request_result(
+    namespace: Namespace, name: Name, request_id: RequestId, request: Request, svc: ServicesDep, _key: Key
+):
     """The output in fal's schema: `images` (`url`, `width`, `height`, `content_type`), `seed`, `prompt`,
     `has_nsfw_concepts` (null when no safety checker ran; `safety_checker` says which ran, or why none did)."""
     model = model_of(namespace, name)
@@ -217,6 +279,7 @@ def _result(svc: Services, model: str, request_id: str, base_url: str):
 def _url_for(svc: Services, job: JobRecord, base_url: str):
     """Image links: a data URI with `sync_mode` (fal's meaning), else a presigned or signed URL."""
     if job.api.get("sync_mode"):
+
         def data_uri(image: OutputImage) -> str:
             return f"data:{image.content_type};base64,{image_b64(svc, job, image)}"
 
@@ -224,12 +287,21 @@ def _url_for(svc: Services, job: JobRecord, base_url: str):
     return lambda image: image_url(svc, job, image, base_url)
 
 
-@router.put(REQUEST + "/cancel", status_code=202, responses={
-    202: {"description": "CANCELLATION_REQUESTED", "content": {"application/json": {"example": {
-        "status": "CANCELLATION_REQUESTED"}}}},
-    400: {"description": "ALREADY_COMPLETED: the request has ended (or a cancel was already asked)",
-          "content": {"application/json": {"example": {"status": "ALREADY_COMPLETED"}}}},
-    **ERRORS})
+@router.put(
+    REQUEST + "/cancel",
+    status_code=202,
+    responses={
+        202: {
+            "description": "CANCELLATION_REQUESTED",
+            "content": {"application/json": {"example": {"status": "CANCELLATION_REQUESTED"}}},
+        },
+        400: {
+            "description": "ALREADY_COMPLETED: the request has ended (or a cancel was already asked)",
+            "content": {"application/json": {"example": {"status": "ALREADY_COMPLETED"}}},
+        },
+        **ERRORS,
+    },
+)
 def cancel_request(namespace: Namespace, name: Name, request_id: RequestId, svc: ServicesDep, _key: Key):
     """Cancel a request that has not finished: CANCELLATION_REQUESTED (202), or ALREADY_COMPLETED (400)."""
     job = _job(svc, model_of(namespace, name), request_id)
@@ -243,10 +315,19 @@ def cancel_request(namespace: Namespace, name: Name, request_id: RequestId, svc:
 
 
 # --- fal.run and fal.stream (FAL_RUN_HOST=HOST:PORT/run) --------------------------------------------------
-@router.post("/run" + SUBMIT, responses={200: {"model": schemas.FalResult}, **ERRORS, **SUBMITS, **WAITS,
-                                          **shapes.responses(shapes.FAL, 502)})
-async def run(namespace: Namespace, name: Name, request: Request, svc: ServicesDep, key: Key, body: Input,
-              idempotency_key: IdempotencyKey = None):
+@router.post(
+    "/run" + SUBMIT,
+    responses={200: {"model": schemas.FalResult}, **ERRORS, **SUBMITS, **WAITS, **shapes.responses(shapes.FAL, 502)},
+)
+async def run(
+    namespace: Namespace,
+    name: Name,
+    request: Request,
+    svc: ServicesDep,
+    key: Key,
+    body: Input,
+    idempotency_key: IdempotencyKey = None,
+):
     """fal's synchronous run: the result once the request ends (within the server's wait: then 504, naming the
     request's status URL, where it can be fetched when it ends)."""
     model, job_id = await _create(svc, request, key, namespace, name, body, None, idempotency_key)
@@ -260,12 +341,27 @@ def _sse(data: dict[str, Any]) -> str:
     return f"data: {json.dumps(data)}\n\n"
 
 
-@router.post("/run" + SUBMIT + "/stream", response_class=StreamingResponse, responses={
-    200: {"content": {"text/event-stream": {}},
-          "description": "status events (`status`, `progress`), then the result (or `{\"error\"}`) as the last"},
-    **ERRORS, **SUBMITS})
-async def stream(namespace: Namespace, name: Name, request: Request, svc: ServicesDep, key: Key, body: Input,
-                 idempotency_key: IdempotencyKey = None) -> StreamingResponse:
+@router.post(
+    "/run" + SUBMIT + "/stream",
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "content": {"text/event-stream": {}},
+            "description": 'status events (`status`, `progress`), then the result (or `{"error"}`) as the last',
+        },
+        **ERRORS,
+        **SUBMITS,
+    },
+)
+async def stream(
+    namespace: Namespace,
+    name: Name,
+    request: Request,
+    svc: ServicesDep,
+    key: Key,
+    body: Input,
+    idempotency_key: IdempotencyKey = None,
+) -> StreamingResponse:
     """fal's streaming run: a server-sent event whenever the request's status or progress changes (`status`,
     `request_id`, `progress` in percent), and its result (fal's output schema) as the last event."""
     model, job_id = await _create(svc, request, key, namespace, name, body, None, idempotency_key)
@@ -278,12 +374,14 @@ async def stream(namespace: Namespace, name: Name, request: Request, svc: Servic
             item = await anyio.to_thread.run_sync(lambda: next(svc.store.items(job_id), None))
             if common.ended(job, item):
                 result = await anyio.to_thread.run_sync(_result, svc, model, job_id, str(request.base_url))
-                yield _sse({"error": json.loads(result.body)["detail"]} if isinstance(result, JSONResponse)
-                           else result)
+                yield _sse({"error": json.loads(result.body)["detail"]} if isinstance(result, JSONResponse) else result)
                 return
             step = await anyio.to_thread.run_sync(svc.store.step_of, job_id, item.item_id) if item else None
-            state = {"status": fal.queue_status(job, item, position=0, logs=False)["status"], "request_id": job_id,
-                     "progress": common.progress(step)}
+            state = {
+                "status": fal.queue_status(job, item, position=0, logs=False)["status"],
+                "request_id": job_id,
+                "progress": common.progress(step),
+            }
             if state != last:
                 last = state
                 yield _sse(state)
@@ -293,6 +391,6 @@ async def stream(namespace: Namespace, name: Name, request: Request, svc: Servic
             await anyio.sleep(0.25)
             waited += 0.25
 
-    return StreamingResponse(events(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
+    return StreamingResponse(
+        events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )

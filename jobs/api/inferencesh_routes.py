@@ -51,18 +51,26 @@ class AppRun(BaseModel):
     """ApiAppRunRequest: the fields this server reads (others are accepted and ignored)."""
 
     model_config = ConfigDict(extra="allow")
-    app: str = Field(..., min_length=1, max_length=200, examples=["infsh/hidream-i1-fast"],
-                     description="infsh/hidream-e1-full, infsh/hidream-i1-fast, … (an @version or :function suffix "
-                                 "is fine)")
-    input: dict[str, Any] | None = Field(None, description="the app's input, as its page lists it",
-                                         examples=[{"prompt": "a lighthouse at dusk", "num_inference_steps": 16}])
+    app: str = Field(
+        ...,
+        min_length=1,
+        max_length=200,
+        examples=["infsh/hidream-i1-fast"],
+        description="infsh/hidream-e1-full, infsh/hidream-i1-fast, … (an @version or :function suffix is fine)",
+    )
+    input: dict[str, Any] | None = Field(
+        None,
+        description="the app's input, as its page lists it",
+        examples=[{"prompt": "a lighthouse at dusk", "num_inference_steps": 16}],
+    )
     webhook: str | None = Field(None, max_length=2048, description="POSTed once when the task ends")
 
 
 class TaskData(BaseModel):
     id: str
-    status: int = Field(..., description="TaskStatus: 2 queued, 7 running, 8 cancelling, 10 completed, 11 failed, "
-                                         "12 cancelled")
+    status: int = Field(
+        ..., description="TaskStatus: 2 queued, 7 running, 8 cancelling, 10 completed, 11 failed, 12 cancelled"
+    )
     status_text: str
     app: str
     input: dict[str, Any]
@@ -113,8 +121,9 @@ class FilesEnvelope(BaseModel):
 def model_of(app: str) -> str:
     model = inferencesh.model_of(app)
     if model is None:
-        raise ApiError(404, f"no app {app!r}; try infsh/hidream-{', infsh/hidream-'.join(MODELS)}",
-                       code="app_not_found")
+        raise ApiError(
+            404, f"no app {app!r}; try infsh/hidream-{', infsh/hidream-'.join(MODELS)}", code="app_not_found"
+        )
     return model
 
 
@@ -127,22 +136,32 @@ def _job(svc: Services, task_id: str) -> JobRecord:
 
 def _stored_input(values: dict[str, Any]) -> dict[str, Any]:
     """The input as the task echoes it, long strings (a data URI) cut short."""
-    return {k: (f"{v[:64]}… ({len(v)} characters)" if isinstance(v, str) and len(v) > 512 else v)
-            for k, v in values.items()}
+    return {
+        k: (f"{v[:64]}… ({len(v)} characters)" if isinstance(v, str) and len(v) > 512 else v) for k, v in values.items()
+    }
 
 
 def task_of(svc: Services, task_id: str, base_url: str, job: JobRecord | None = None) -> dict[str, Any]:
     job = job or _job(svc, task_id)
     item = next(svc.store.items(task_id), None)
     step = svc.store.step_of(task_id, item.item_id) if item is not None and not job.finished_at else None
-    return inferencesh.task(job, item, lambda image: image_url(svc, job, image, base_url),
-                            progress=common.progress(step))
+    return inferencesh.task(
+        job, item, lambda image: image_url(svc, job, image, base_url), progress=common.progress(step)
+    )
 
 
-@router.post("/apps/run", responses={200: {"model": TaskEnvelope}, **ERRORS, **SUBMITS,
-                                     **shapes.responses(shapes.INFERENCESH, 404, _404="no such app")})
-async def run_app(body: AppRun, request: Request, svc: ServicesDep, key: Images,
-                  idempotency_key: IdempotencyKey = None) -> dict:
+@router.post(
+    "/apps/run",
+    responses={
+        200: {"model": TaskEnvelope},
+        **ERRORS,
+        **SUBMITS,
+        **shapes.responses(shapes.INFERENCESH, 404, _404="no such app"),
+    },
+)
+async def run_app(
+    body: AppRun, request: Request, svc: ServicesDep, key: Images, idempotency_key: IdempotencyKey = None
+) -> dict:
     """Run an app: the task, queued (the SDK then streams or polls it)."""
     model = model_of(body.app)
     values = dict(body.input or {})
@@ -163,9 +182,14 @@ async def run_app(body: AppRun, request: Request, svc: ServicesDep, key: Images,
         finally:
             upload.close()
 
-    job_id, _ = await retries.once(svc, key.key_id, idempotency_key,
-                                   fingerprint("inferencesh", model, values, body.webhook), create,
-                                   retries.Attempt.of(request))
+    job_id, _ = await retries.once(
+        svc,
+        key.key_id,
+        idempotency_key,
+        fingerprint("inferencesh", model, values, body.webhook),
+        create,
+        retries.Attempt.of(request),
+    )
     return {"data": await anyio.to_thread.run_sync(task_of, svc, job_id, str(request.base_url))}
 
 
@@ -188,11 +212,18 @@ def cancel_task(task_id: TaskId, request: Request, svc: ServicesDep, _key: Image
     return {"data": task_of(svc, task_id, str(request.base_url))}
 
 
-@router.get("/tasks/{task_id}/stream", response_class=StreamingResponse, responses={
-    200: {"content": {"application/x-ndjson": {}},
-          "description": "one task object per line: the task now, then every change; `{\"type\": \"heartbeat\"}` "
-                         "lines in between; the stream closes after a terminal status"},
-    **TASK_ERRORS})
+@router.get(
+    "/tasks/{task_id}/stream",
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "content": {"application/x-ndjson": {}},
+            "description": 'one task object per line: the task now, then every change; `{"type": "heartbeat"}` '
+            "lines in between; the stream closes after a terminal status",
+        },
+        **TASK_ERRORS,
+    },
+)
 async def stream_task(task_id: TaskId, request: Request, svc: ServicesDep, _key: Images) -> StreamingResponse:
     """NDJSON task updates. A status never goes back; the unchanged state is sent again every 20 s and a heartbeat
     line every 15 s, so the SDK neither times out nor gives up on a task that waits in a long queue."""
@@ -217,12 +248,12 @@ async def stream_task(task_id: TaskId, request: Request, svc: ServicesDep, _key:
                 return
             await anyio.sleep(0.25)
 
-    return StreamingResponse(lines(), media_type="application/x-ndjson",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return StreamingResponse(
+        lines(), media_type="application/x-ndjson", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
 
 
-@router.post("/files", responses={200: {"model": FilesEnvelope}, **ERRORS,
-                                  **shapes.responses(shapes.INFERENCESH, 500)})
+@router.post("/files", responses={200: {"model": FilesEnvelope}, **ERRORS, **shapes.responses(shapes.INFERENCESH, 500)})
 def create_files(body: FilesRequest, request: Request, svc: ServicesDep, key: Images) -> dict:
     """Upload tickets: PUT each file's bytes to its `upload_url` (no Authorization), then send its `uri` as an
     app's `image`."""
@@ -230,7 +261,16 @@ def create_files(body: FilesRequest, request: Request, svc: ServicesDep, key: Im
     for file in body.files:
         ticket = uploads.new_ticket(svc, request, key.key_id, file.filename, file.content_type, file.size)
         at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        data.append({"id": ticket.upload_id, "uri": ticket.file_url, "upload_url": ticket.put_url,
-                     "filename": ticket.filename, "content_type": ticket.content_type, "size": file.size,
-                     "created_at": at, "updated_at": at})
+        data.append(
+            {
+                "id": ticket.upload_id,
+                "uri": ticket.file_url,
+                "upload_url": ticket.put_url,
+                "filename": ticket.filename,
+                "content_type": ticket.content_type,
+                "size": file.size,
+                "created_at": at,
+                "updated_at": at,
+            }
+        )
     return {"data": data}

@@ -42,12 +42,20 @@ router = APIRouter(tags=["jobs"])
 JobId = Annotated[str, PathParam(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$", description="a job id")]
 Reader = Annotated[ApiKeyRecord, Depends(require("jobs:read"))]
 Writer = Annotated[ApiKeyRecord, Depends(require("jobs:write"))]
-IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=255,
-                                              description="same key + same body → the same job")]
+IdempotencyKey = Annotated[
+    str | None, Header(alias="Idempotency-Key", max_length=255, description="same key + same body → the same job")
+]
 ERRORS = shapes.responses(shapes.OPENAI, *shapes.COMMON)  # every route here: a key, its input, Redis
 ONE_JOB = shapes.responses(shapes.OPENAI, 404, _404="no such job")
-MANIFEST_TYPES = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", "text/csv": "csv",
-                  "application/x-ndjson": "jsonl", "application/jsonl": "jsonl", "application/x-jsonlines": "jsonl"}
+MANIFEST_TYPES = {
+    ".csv": "csv",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    "text/csv": "csv",
+    "application/x-ndjson": "jsonl",
+    "application/jsonl": "jsonl",
+    "application/x-jsonlines": "jsonl",
+}
 Scalar = str | int | float | bool
 NOT_ASKED = {"output", "review_sheet"}  # spec fields a request does not set (left out of its fingerprint)
 
@@ -63,8 +71,9 @@ class JobCreate(BaseModel):
     skip_invalid: bool = Field(False, description="queue the valid rows, record the invalid ones as failed")
     priority: Priority = Field("normal", description="a worker takes high items first, low ones last")
     max_concurrency: int | None = Field(None, ge=1, le=100_000, description="at most N items running at once")
-    expires_after: str | None = Field(None, max_length=16, description="90s, 15m, 2h, 1d: items not started by "
-                                                                          "then end cancelled (reason expired)")
+    expires_after: str | None = Field(
+        None, max_length=16, description="90s, 15m, 2h, 1d: items not started by then end cancelled (reason expired)"
+    )
 
 
 class JobUpload(BaseModel):
@@ -80,10 +89,15 @@ class JobUpload(BaseModel):
     expires_after: str | None = Field(None, max_length=16)
 
 
-CREATE_BODY = {"requestBody": {"required": True, "content": {
-    "application/json": {"schema": JobCreate.model_json_schema()},
-    "multipart/form-data": {"schema": JobUpload.model_json_schema()},
-}}}
+CREATE_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": JobCreate.model_json_schema()},
+            "multipart/form-data": {"schema": JobUpload.model_json_schema()},
+        },
+    }
+}
 
 
 def _lines(exc: ValidationError) -> list[str]:
@@ -119,50 +133,85 @@ async def _parse_create(request: Request, svc: Services, upload: Upload) -> tupl
         form = await request.form(max_files=1, max_fields=200)
         file = form.get("manifest")
         if file is None or isinstance(file, str):
-            raise ApiError(422, "manifest: a manifest file is required", param="manifest",
-                           errors=["manifest: field required"])
+            raise ApiError(
+                422, "manifest: a manifest file is required", param="manifest", errors=["manifest: field required"]
+            )
         suffix = Path(file.filename or "").suffix.lower()
         fmt = MANIFEST_TYPES.get(suffix) or MANIFEST_TYPES.get((file.content_type or "").lower())
         if fmt is None:
-            raise ApiError(422, f"manifest: unknown manifest type {suffix or file.content_type!r}; use .csv or .jsonl",
-                           param="manifest")
+            raise ApiError(
+                422,
+                f"manifest: unknown manifest type {suffix or file.content_type!r}; use .csv or .jsonl",
+                param="manifest",
+            )
         try:
-            fields = JobUpload(manifest=b"", model=form.get("model"), set=form.getlist("set"),
-                               webhook=form.get("webhook") or None,
-                               skip_invalid=str(form.get("skip_invalid", "false")).lower() in ("1", "true", "yes"),
-                               priority=form.get("priority") or "normal",
-                               max_concurrency=form.get("max_concurrency") or None,
-                               expires_after=form.get("expires_after") or None)
+            fields = JobUpload(
+                manifest=b"",
+                model=form.get("model"),
+                set=form.getlist("set"),
+                webhook=form.get("webhook") or None,
+                skip_invalid=str(form.get("skip_invalid", "false")).lower() in ("1", "true", "yes"),
+                priority=form.get("priority") or "normal",
+                max_concurrency=form.get("max_concurrency") or None,
+                expires_after=form.get("expires_after") or None,
+            )
             defaults = parse_sets(fields.set)
         except ValidationError as exc:
             lines = _lines(exc)
             raise ApiError(422, "; ".join(lines), errors=lines) from None
         path = upload.root / f"manifest.{fmt}"
         data = await _read_capped(file, svc.settings.api.max_upload_bytes, path)
-        options = JobSpec(model=fields.model, defaults=defaults, webhook=fields.webhook,
-                          skip_invalid=fields.skip_invalid, priority=fields.priority,
-                          max_concurrency=fields.max_concurrency, expires_after=_duration(fields.expires_after))
+        options = JobSpec(
+            model=fields.model,
+            defaults=defaults,
+            webhook=fields.webhook,
+            skip_invalid=fields.skip_invalid,
+            priority=fields.priority,
+            max_concurrency=fields.max_concurrency,
+            expires_after=_duration(fields.expires_after),
+        )
         return path, options, fingerprint("manifest", fmt, data, options.model_dump(exclude=NOT_ASKED))
     if kind not in ("application/json", ""):
-        raise ApiError(415, f"send application/json rows or a multipart/form-data manifest (got {kind!r})",
-                       code="unsupported_media_type")
+        raise ApiError(
+            415,
+            f"send application/json rows or a multipart/form-data manifest (got {kind!r})",
+            code="unsupported_media_type",
+        )
     try:
         body = JobCreate.model_validate_json(await request.body())
     except ValidationError as exc:
         lines = _lines(exc)
         raise ApiError(422, "; ".join(lines), errors=lines) from None
     if len(body.rows) > svc.settings.api.max_json_rows:
-        raise ApiError(413, f"rows: at most {svc.settings.api.max_json_rows} rows in a JSON body; upload a manifest "
-                            "file for more", code="too_large", param="rows")
-    options = JobSpec(model=body.model, defaults={k: str(v) for k, v in body.defaults.items()},
-                      webhook=body.webhook, skip_invalid=body.skip_invalid, priority=body.priority,
-                      max_concurrency=body.max_concurrency, expires_after=_duration(body.expires_after))
+        raise ApiError(
+            413,
+            f"rows: at most {svc.settings.api.max_json_rows} rows in a JSON body; upload a manifest file for more",
+            code="too_large",
+            param="rows",
+        )
+    options = JobSpec(
+        model=body.model,
+        defaults={k: str(v) for k, v in body.defaults.items()},
+        webhook=body.webhook,
+        skip_invalid=body.skip_invalid,
+        priority=body.priority,
+        max_concurrency=body.max_concurrency,
+        expires_after=_duration(body.expires_after),
+    )
     return upload.write_rows(body.rows), options, fingerprint("rows", body.model_dump())
 
 
-@router.post("/v1/jobs", status_code=201, openapi_extra=CREATE_BODY, responses={
-    201: {"model": schemas.JobCreated}, **ERRORS, **shapes.responses(shapes.OPENAI, 409, 413, 415, 500),
-    422: {"model": schemas.Error, "description": "every bad line, as `line N: field: message (got value)`"}})
+@router.post(
+    "/v1/jobs",
+    status_code=201,
+    openapi_extra=CREATE_BODY,
+    responses={
+        201: {"model": schemas.JobCreated},
+        **ERRORS,
+        **shapes.responses(shapes.OPENAI, 409, 413, 415, 500),
+        422: {"model": schemas.Error, "description": "every bad line, as `line N: field: message (got value)`"},
+    },
+)
 async def create(request: Request, svc: ServicesDep, key: Writer, idempotency_key: IdempotencyKey = None):
     """Submit a manifest (multipart `manifest` file) or JSON rows as a job."""
     upload = Upload()
@@ -201,10 +250,14 @@ def get_job(job_id: JobId, svc: ServicesDep, _key: Reader) -> dict:
 
 
 @router.get("/v1/jobs/{job_id}/items", responses={200: {"model": schemas.ItemList}, **ERRORS, **ONE_JOB})
-def list_items(job_id: JobId, svc: ServicesDep, _key: Reader,
-               status: Annotated[ItemStatus | None, Query(description="only items in this status")] = None,
-               offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
-               limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> dict:
+def list_items(
+    job_id: JobId,
+    svc: ServicesDep,
+    _key: Reader,
+    status: Annotated[ItemStatus | None, Query(description="only items in this status")] = None,
+    offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> dict:
     """Items in manifest order, each as its results line (filter with `status=failed`)."""
     svc.job(job_id)
     data, seen = [], 0
@@ -214,21 +267,35 @@ def list_items(job_id: JobId, svc: ServicesDep, _key: Reader,
         if seen >= offset and len(data) < limit:
             data.append(item.result_line())
         seen += 1
-    return {"object": "list", "data": data, "total": seen,
-            "next_offset": offset + len(data) if offset + len(data) < seen else None}
+    return {
+        "object": "list",
+        "data": data,
+        "total": seen,
+        "next_offset": offset + len(data) if offset + len(data) < seen else None,
+    }
 
 
-@router.get("/v1/jobs/{job_id}/results", response_class=Response,
-            responses={200: {"content": {"application/x-ndjson": {}, "text/csv": {}}}, **ERRORS, **ONE_JOB})
-def results(job_id: JobId, svc: ServicesDep, _key: Reader,
-            format: Annotated[Literal["jsonl", "csv"], Query(description="jsonl or csv")] = "jsonl"):  # noqa: A002
+@router.get(
+    "/v1/jobs/{job_id}/results",
+    response_class=Response,
+    responses={200: {"content": {"application/x-ndjson": {}, "text/csv": {}}}, **ERRORS, **ONE_JOB},
+)
+def results(
+    job_id: JobId,
+    svc: ServicesDep,
+    _key: Reader,
+    format: Annotated[Literal["jsonl", "csv"], Query(description="jsonl or csv")] = "jsonl",
+):  # noqa: A002
     """One line per manifest row (live state while the job runs). CSV cells that a spreadsheet would run
     (starting with = + - @) are quoted."""
     job = svc.job(job_id)
     lines = export.result_lines(job, svc)
     if format == "csv":
-        return StreamingResponse(export.csv_rows(lines), media_type="text/csv",
-                                 headers={"Content-Disposition": f'attachment; filename="{job_id}.csv"'})
+        return StreamingResponse(
+            export.csv_rows(lines),
+            media_type="text/csv",
+            headers={"Content-Disposition": f'attachment; filename="{job_id}.csv"'},
+        )
     return StreamingResponse(export.jsonl_rows(lines), media_type="application/x-ndjson")
 
 
@@ -236,11 +303,17 @@ def _sse(event: str, data: dict, event_id: int) -> str:
     return f"id: {event_id}\nevent: {event}\ndata: {json.dumps(data)}\n\n"
 
 
-@router.get("/v1/jobs/{job_id}/events", response_class=StreamingResponse,
-            responses={200: {"content": {"text/event-stream": {}}}, **ERRORS, **ONE_JOB})
-async def events(job_id: JobId, svc: ServicesDep, _key: Reader,
-                 timeout: Annotated[float, Query(gt=0, le=86400, description="s before the stream closes")] = 3600
-                 ) -> StreamingResponse:
+@router.get(
+    "/v1/jobs/{job_id}/events",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}}, **ERRORS, **ONE_JOB},
+)
+async def events(
+    job_id: JobId,
+    svc: ServicesDep,
+    _key: Reader,
+    timeout: Annotated[float, Query(gt=0, le=86400, description="s before the stream closes")] = 3600,
+) -> StreamingResponse:
     """Server-sent events: `progress` (the status object) whenever status or counts change, then `end` when
     the job has ended (or `timeout` when the stream closes first; reconnect to go on)."""
     await anyio.to_thread.run_sync(svc.job, job_id)
@@ -269,12 +342,15 @@ async def events(job_id: JobId, svc: ServicesDep, _key: Reader,
                 return
             await anyio.sleep(0.5)
 
-    return StreamingResponse(stream(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return StreamingResponse(
+        stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
 
 
-@router.post("/v1/jobs/{job_id}/cancel", responses={200: {"model": schemas.JobStatus}, **ERRORS, **ONE_JOB,
-                                                   **shapes.responses(shapes.OPENAI, 409)})
+@router.post(
+    "/v1/jobs/{job_id}/cancel",
+    responses={200: {"model": schemas.JobStatus}, **ERRORS, **ONE_JOB, **shapes.responses(shapes.OPENAI, 409)},
+)
 def cancel(job_id: JobId, svc: ServicesDep, _key: Writer) -> dict:
     """Queued items end `cancelled` at once, running items stop at their next step; the job ends
     `cancelled` (webhook sent) when they have. Outputs already written are kept. 409 for a job that
@@ -283,8 +359,10 @@ def cancel(job_id: JobId, svc: ServicesDep, _key: Writer) -> dict:
     return job_status(control.cancel_job(svc, job_id))
 
 
-@router.post("/v1/jobs/{job_id}/retry", responses={200: {"model": schemas.JobRequeued}, **ERRORS, **ONE_JOB,
-                                                  **shapes.responses(shapes.OPENAI, 409)})
+@router.post(
+    "/v1/jobs/{job_id}/retry",
+    responses={200: {"model": schemas.JobRequeued}, **ERRORS, **ONE_JOB, **shapes.responses(shapes.OPENAI, 409)},
+)
 def retry(job_id: JobId, svc: ServicesDep, _key: Writer) -> dict:
     """Re-queue only the failed items, in the same job (same ids and lines, attempts counted); `requeued`
     lists their ids ([] when none failed)."""
@@ -293,8 +371,10 @@ def retry(job_id: JobId, svc: ServicesDep, _key: Writer) -> dict:
     return {**job_status(svc.job(job_id)), "requeued": requeued}
 
 
-@router.post("/v1/jobs/{job_id}/resume", responses={200: {"model": schemas.JobRequeued}, **ERRORS, **ONE_JOB,
-                                                   **shapes.responses(shapes.OPENAI, 409)})
+@router.post(
+    "/v1/jobs/{job_id}/resume",
+    responses={200: {"model": schemas.JobRequeued}, **ERRORS, **ONE_JOB, **shapes.responses(shapes.OPENAI, 409)},
+)
 def resume(job_id: JobId, svc: ServicesDep, _key: Writer) -> dict:
     """Re-queue the items that have no result (after an outage lost their messages); nothing that ended
     runs again."""
@@ -303,11 +383,22 @@ def resume(job_id: JobId, svc: ServicesDep, _key: Writer) -> dict:
     return {**job_status(svc.job(job_id)), "requeued": requeued}
 
 
-@router.get("/v1/files/{job_id}/{key:path}", response_class=Response, tags=["files"],
-            responses={200: {"content": {t: {} for t in CONTENT_TYPES.values()}},
-                       **shapes.responses(shapes.OPENAI, 403, 404, 422, 503)})
-def file(job_id: JobId, key: str, svc: ServicesDep, expires: Annotated[int, Query(ge=0, le=2**40)],
-         signature: Annotated[str, Query(max_length=64)]) -> Response:
+@router.get(
+    "/v1/files/{job_id}/{key:path}",
+    response_class=Response,
+    tags=["files"],
+    responses={
+        200: {"content": {t: {} for t in CONTENT_TYPES.values()}},
+        **shapes.responses(shapes.OPENAI, 403, 404, 422, 503),
+    },
+)
+def file(
+    job_id: JobId,
+    key: str,
+    svc: ServicesDep,
+    expires: Annotated[int, Query(ge=0, le=2**40)],
+    signature: Annotated[str, Query(max_length=64)],
+) -> Response:
     """An output image, by the signed link an images response gave (no API key: the signature is the key)."""
     import hmac
 

@@ -34,8 +34,11 @@ def create(
         typer.echo(json.dumps({"key_id": new.record.key_id, "token": new.token, "scopes": new.record.scopes}))
     else:
         typer.echo(new.token)
-        typer.echo(f"key {new.record.key_id} ({name}): {', '.join(new.record.scopes)}; "
-                   "store the token now, it is not shown again", err=True)
+        typer.echo(
+            f"key {new.record.key_id} ({name}): {', '.join(new.record.scopes)}; "
+            "store the token now, it is not shown again",
+            err=True,
+        )
 
 
 def list_keys(json_: Annotated[bool, typer.Option("--json")] = False) -> None:

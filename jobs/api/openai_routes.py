@@ -54,12 +54,21 @@ SIZE = re.compile(r"^(?:(?P<w>\d{2,5})x(?P<h>\d{2,5})|(?P<a>\d{1,3}):(?P<b>\d{1,
 def model_for(name: str | None, kind: str) -> str:
     model = MODEL_NAMES.get(name or DEFAULT_MODEL[kind])
     if model is None:
-        raise ApiError(404, f"model {name!r} does not exist; choose one of {', '.join(MODEL_NAMES)}",
-                       code="model_not_found", param="model")
+        raise ApiError(
+            404,
+            f"model {name!r} does not exist; choose one of {', '.join(MODEL_NAMES)}",
+            code="model_not_found",
+            param="model",
+        )
     if MODELS[model].kind != kind:
         other = "/v1/images/edits" if kind == "generate" else "/v1/images/generations"
-        raise ApiError(400, f"model {name!r} does not {'generate' if kind == 'generate' else 'edit'} images; "
-                            f"use {other} or another model", code="model_not_supported", param="model")
+        raise ApiError(
+            400,
+            f"model {name!r} does not {'generate' if kind == 'generate' else 'edit'} images; "
+            f"use {other} or another model",
+            code="model_not_supported",
+            param="model",
+        )
     return model
 
 
@@ -77,8 +86,10 @@ def size_fields(size: str | None, kind: str) -> dict[str, Any]:
             return {"aspect_ratio": f"{a}:{b}"}
         if not (a and b):
             raise ApiError(400, f"size: aspect ratio sides must be positive (got {size!r})", param="size")
-        return {"width": max(64, min(4096, round(1024 * (a / b) ** 0.5))),
-                "height": max(64, min(4096, round(1024 * (b / a) ** 0.5)))}
+        return {
+            "width": max(64, min(4096, round(1024 * (a / b) ** 0.5))),
+            "height": max(64, min(4096, round(1024 * (b / a) ** 0.5))),
+        }
     return {}
 
 
@@ -96,20 +107,40 @@ def _passthrough(values: dict[str, Any]) -> dict[str, Any]:
 RETRY_INTO_THE_SAME_JOB = {"x-should-retry": "true", "retry-after": "1"}
 
 
-async def run_images(svc: Services, key_id: str, idempotency_key: str | None, model: str, rows: list[dict],
-                     upload: Upload, body: str, request: Request, response_format: str) -> dict[str, Any]:
+async def run_images(
+    svc: Services,
+    key_id: str,
+    idempotency_key: str | None,
+    model: str,
+    rows: list[dict],
+    upload: Upload,
+    body: str,
+    request: Request,
+    response_format: str,
+) -> dict[str, Any]:
     """Submit the rows as one job (or attach to the job this request's first attempt made), wait for it within
     the client's read timeout, answer in OpenAI's shape."""
     attempt = retries.Attempt.of(request)
     try:
-        job_id, _ = await retries.once(svc, key_id, idempotency_key, body,
-                                       lambda: submit_rows(svc, rows, JobSpec(model=model), upload, status=400),
-                                       attempt)
+        job_id, _ = await retries.once(
+            svc,
+            key_id,
+            idempotency_key,
+            body,
+            lambda: submit_rows(svc, rows, JobSpec(model=model), upload, status=400),
+            attempt,
+        )
     finally:
         upload.close()
     wait = retries.wait_budget(svc.settings.api.wait_timeout, attempt)
-    job = await wait_for(svc, job_id, wait, request=request, headers=RETRY_INTO_THE_SAME_JOB,
-                         where=f"GET /v1/jobs/{job_id}; a retry of this request waits for the same job")
+    job = await wait_for(
+        svc,
+        job_id,
+        wait,
+        request=request,
+        headers=RETRY_INTO_THE_SAME_JOB,
+        where=f"GET /v1/jobs/{job_id}; a retry of this request waits for the same job",
+    )
     return await anyio.to_thread.run_sync(images_response, svc, job, str(request.base_url), response_format)
 
 
@@ -121,32 +152,54 @@ def images_response(svc: Services, job: JobRecord, base_url: str, response_forma
         error = item.error or f"the request was {item.status}"
         client_fault = item.error_kind == ErrorKind.INPUT or item.status == ItemStatus.CANCELLED
         # the job has ended: a retry would attach to it and fail the same way
-        raise ApiError(400 if client_fault else 500, error, type_="invalid_request_error" if client_fault
-                       else "server_error", code=item.status.value if item.status == ItemStatus.CANCELLED else
-                       (str(item.error_kind) if item.error_kind else None), headers={"x-should-retry": "false"})
+        raise ApiError(
+            400 if client_fault else 500,
+            error,
+            type_="invalid_request_error" if client_fault else "server_error",
+            code=item.status.value
+            if item.status == ItemStatus.CANCELLED
+            else (str(item.error_kind) if item.error_kind else None),
+            headers={"x-should-retry": "false"},
+        )
     data, prompt = [], None
     for item in items:
         prompt = item.params.get("prompt") or item.params.get("instruction")
         for image in item.output.images if item.output else []:
-            entry = ({"b64_json": image_b64(svc, job, image)} if response_format == "b64_json"
-                     else {"url": image_url(svc, job, image, base_url)})
+            entry = (
+                {"b64_json": image_b64(svc, job, image)}
+                if response_format == "b64_json"
+                else {"url": image_url(svc, job, image, base_url)}
+            )
             data.append({**entry, "revised_prompt": prompt})
     first = items[0].output.images[0] if items and items[0].output and items[0].output.images else None
     flags = [common.nsfw(i) for i in items]
-    return {"created": int(time.time()), "data": data,
-            "output_format": items[0].params.get("output_format") if items else None,
-            "size": f"{first.width}x{first.height}" if first else None,
-            "id": job.job_id,
-            "has_nsfw_concepts": None if any(f is None for f in flags) else [b for f in flags for b in f],
-            "safety_checker": common.safety(items[0]) if items else common.NOT_RUN}
+    return {
+        "created": int(time.time()),
+        "data": data,
+        "output_format": items[0].params.get("output_format") if items else None,
+        "size": f"{first.width}x{first.height}" if first else None,
+        "id": job.job_id,
+        "has_nsfw_concepts": None if any(f is None for f in flags) else [b for f in flags for b in f],
+        "safety_checker": common.safety(items[0]) if items else common.NOT_RUN,
+    }
 
 
-IMAGE_ERRORS = shapes.responses(shapes.OPENAI, 400, *shapes.COMMON, 404, 409, 413, 500, 502, 504,
-                                _400="bad request, a model that does not do this, or an item that failed on its "
-                                     "input or was cancelled",
-                                _404="no such model", _504="the job did not end within the wait (the client's read "
-                                "timeout, or DREAMBATCH_API__WAIT_TIMEOUT); retrying this request waits for the "
-                                "same job (`x-should-retry: true`)")
+IMAGE_ERRORS = shapes.responses(
+    shapes.OPENAI,
+    400,
+    *shapes.COMMON,
+    404,
+    409,
+    413,
+    500,
+    502,
+    504,
+    _400="bad request, a model that does not do this, or an item that failed on its input or was cancelled",
+    _404="no such model",
+    _504="the job did not end within the wait (the client's read "
+    "timeout, or DREAMBATCH_API__WAIT_TIMEOUT); retrying this request waits for the "
+    "same job (`x-should-retry: true`)",
+)
 
 
 class GenerationRequest(BaseModel):
@@ -163,16 +216,26 @@ class GenerationRequest(BaseModel):
 
 
 @router.post("/v1/images/generations", responses={200: {"model": schemas.ImagesResponse}, **IMAGE_ERRORS})
-async def generations(body: GenerationRequest, request: Request, svc: ServicesDep, key: Images,
-                      idempotency_key: IdempotencyKey = None) -> dict:
+async def generations(
+    body: GenerationRequest, request: Request, svc: ServicesDep, key: Images, idempotency_key: IdempotencyKey = None
+) -> dict:
     """Text to image (HiDream-I1). Waits for the images; `url` links are presigned S3 URLs (or signed
     links to this server when outputs are in a local folder)."""
     model = model_for(body.model, "generate")
     values = body.model_dump(exclude_none=True)
     row = {**_passthrough(values), **size_fields(body.size, "generate")}
     rows = item_rows(row, body.n, body.seed)
-    return await run_images(svc, key.key_id, idempotency_key, model, rows, Upload(),
-                            fingerprint("generations", values), request, body.response_format or "url")
+    return await run_images(
+        svc,
+        key.key_id,
+        idempotency_key,
+        model,
+        rows,
+        Upload(),
+        fingerprint("generations", values),
+        request,
+        body.response_format or "url",
+    )
 
 
 def _image_suffix(data: bytes) -> str | None:
@@ -199,17 +262,25 @@ class EditUpload(EditFields):
     image: bytes = Field(..., json_schema_extra={"format": "binary"}, description="one PNG, JPEG or WebP file")
 
 
-EDIT_BODY = {"requestBody": {"required": True, "content": {
-    "multipart/form-data": {"schema": EditUpload.model_json_schema()}}}}
+EDIT_BODY = {
+    "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": EditUpload.model_json_schema()}}}
+}
 
-@router.post("/v1/images/edits", openapi_extra=EDIT_BODY, responses={
-    200: {"model": schemas.ImagesResponse}, **IMAGE_ERRORS, **shapes.responses(shapes.OPENAI, 413, 415)})
+
+@router.post(
+    "/v1/images/edits",
+    openapi_extra=EDIT_BODY,
+    responses={200: {"model": schemas.ImagesResponse}, **IMAGE_ERRORS, **shapes.responses(shapes.OPENAI, 413, 415)},
+)
 async def edits(request: Request, svc: ServicesDep, key: Images, idempotency_key: IdempotencyKey = None) -> dict:
     """Edit one image (HiDream-E1) by an instruction. Waits for the result."""
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind not in ("multipart/form-data", "application/x-www-form-urlencoded"):
-        raise ApiError(415, f"send multipart/form-data with an image file (got {kind or 'no content type'!r})",
-                       code="unsupported_media_type")
+        raise ApiError(
+            415,
+            f"send multipart/form-data with an image file (got {kind or 'no content type'!r})",
+            code="unsupported_media_type",
+        )
     form = await request.form(max_files=4, max_fields=200)
     extras = {k: v for k, v in form.multi_items() if isinstance(v, str)}
     try:
@@ -230,13 +301,25 @@ async def edits(request: Request, svc: ServicesDep, key: Images, idempotency_key
     suffix = _image_suffix(data)
     if suffix is None:
         raise ApiError(400, "image: not a PNG, JPEG or WebP file", param="image")
-    values = {**extras, "prompt": fields.prompt, "output_format": fields.output_format,
-              "output_compression": fields.output_compression, "negative_prompt": fields.negative_prompt}
+    values = {
+        **extras,
+        "prompt": fields.prompt,
+        "output_format": fields.output_format,
+        "output_compression": fields.output_compression,
+        "negative_prompt": fields.negative_prompt,
+    }
     row = {**_passthrough(values), "image": f"image{suffix}", **size_fields(fields.size, "edit")}
     rows = item_rows(row, fields.n, fields.seed)
     upload = Upload()  # closed by run_images
     (upload.inputs / f"image{suffix}").write_bytes(data)
-    return await run_images(svc, key.key_id, idempotency_key, edit_model, rows, upload,
-                            fingerprint("edits", extras, data, fields.model, fields.n, fields.size,
-                                        fields.response_format, fields.seed),
-                            request, fields.response_format)
+    return await run_images(
+        svc,
+        key.key_id,
+        idempotency_key,
+        edit_model,
+        rows,
+        upload,
+        fingerprint("edits", extras, data, fields.model, fields.n, fields.size, fields.response_format, fields.seed),
+        request,
+        fields.response_format,
+    )

@@ -59,8 +59,14 @@ def wait_budget(configured: float, attempt: Attempt) -> float:
     return configured
 
 
-async def once(svc: Services, key_id: str, idempotency_key: str | None, fingerprint: str, create: Callable[[], str],
-               attempt: Attempt) -> tuple[str, bool]:
+async def once(
+    svc: Services,
+    key_id: str,
+    idempotency_key: str | None,
+    fingerprint: str,
+    create: Callable[[], str],
+    attempt: Attempt,
+) -> tuple[str, bool]:
     """Run `create()` (sync, returns a job id) unless this request is a retry of one that already made a job.
     Returns (job_id, attached)."""
     if idempotency_key is not None:

@@ -34,11 +34,26 @@ IDEMPOTENCY_TTL = 24 * 3600
 class ApiError(Exception):
     """An error the API answers with `status` and `{"error": {"message", "type", "code", "errors"?}}`."""
 
-    def __init__(self, status: int, message: str, *, type_: str = "invalid_request_error", code: str | None = None,
-                 errors: list[str] | None = None, param: str | None = None, headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type_: str = "invalid_request_error",
+        code: str | None = None,
+        errors: list[str] | None = None,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(status, message)
         self.status, self.message, self.type, self.code, self.errors, self.param = (
-            status, message, type_, code, errors, param)
+            status,
+            message,
+            type_,
+            code,
+            errors,
+            param,
+        )
         self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
@@ -78,8 +93,7 @@ def submit(svc: Services, manifest: Path, spec: JobSpec, upload: Upload) -> Subm
     return create_job(spec, manifest, svc, policy=InputPolicy(upload.inputs, (), svc.settings.inputs.max_bytes))
 
 
-def submit_rows(svc: Services, rows: list[dict[str, Any]], spec: JobSpec, upload: Upload,
-                status: int = 422) -> str:
+def submit_rows(svc: Services, rows: list[dict[str, Any]], spec: JobSpec, upload: Upload, status: int = 422) -> str:
     """One request's rows as a job; returns its id. Bad rows are an ApiError `status` listing each problem once,
     without the `line N:` of a manifest (the request's fields are its only line)."""
     try:
@@ -91,6 +105,7 @@ def submit_rows(svc: Services, rows: list[dict[str, Any]], spec: JobSpec, upload
 
 def fingerprint(*parts: Any) -> str:
     """A digest of what a request asked for (canonical JSON of its parts; bytes by their SHA-256)."""
+
     def canon(value: Any) -> Any:
         return hashlib.sha256(value).hexdigest() if isinstance(value, bytes) else value
 
@@ -109,11 +124,19 @@ async def idempotent(svc: Services, key_id: str, idempotency_key: str | None, bo
     seen = await anyio.to_thread.run_sync(svc.store.claim_idempotency, key_id, digest, body, IDEMPOTENCY_TTL)
     if seen is not None:
         if seen["fingerprint"] != body:
-            raise ApiError(422, "this Idempotency-Key was used with a different request body",
-                           code="idempotency_key_reused", param="Idempotency-Key")
+            raise ApiError(
+                422,
+                "this Idempotency-Key was used with a different request body",
+                code="idempotency_key_reused",
+                param="Idempotency-Key",
+            )
         if seen["job_id"] is None:
-            raise ApiError(409, "a request with this Idempotency-Key is still being processed",
-                           code="idempotency_key_in_use", param="Idempotency-Key")
+            raise ApiError(
+                409,
+                "a request with this Idempotency-Key is still being processed",
+                code="idempotency_key_in_use",
+                param="Idempotency-Key",
+            )
         return seen["job_id"], True
     job_id = None
     try:
@@ -127,13 +150,26 @@ class StillRunning(ApiError):
     """A waited-for job that has not ended in time (504); `job` is its latest state."""
 
     def __init__(self, job: JobRecord, timeout: float, where: str, headers: dict[str, str] | None = None):
-        super().__init__(504, f"job {job.job_id} has not ended after {timeout:g}s; it keeps running: {where}",
-                         type_="timeout", code="timeout", headers=headers)
+        super().__init__(
+            504,
+            f"job {job.job_id} has not ended after {timeout:g}s; it keeps running: {where}",
+            type_="timeout",
+            code="timeout",
+            headers=headers,
+        )
         self.job = job
 
 
-async def wait_for(svc: Services, job_id: str, timeout: float, interval: float = 0.1, *, request=None,
-                   where: str | None = None, headers: dict[str, str] | None = None) -> JobRecord:
+async def wait_for(
+    svc: Services,
+    job_id: str,
+    timeout: float,
+    interval: float = 0.1,
+    *,
+    request=None,
+    where: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JobRecord:
     """The job once it has ended; StillRunning (a 504, code `timeout`) when it has not within `timeout` s or
     the client of `request` went away, and 503 (code `no_worker`) as soon as no live worker has served one of
     the queues it needs for two heartbeats."""
@@ -149,9 +185,13 @@ async def wait_for(svc: Services, job_id: str, timeout: float, interval: float =
             warning = no_worker_warning(await anyio.to_thread.run_sync(svc.store.workers), job.model)
             unserved_since = (unserved_since or looked) if warning else None
             if warning and looked - unserved_since >= grace:
-                raise ApiError(503, f"job {job_id}: {warning}; it stays queued and runs then: "
-                                    f"{where or f'GET /v1/jobs/{job_id}'}", type_="server_error", code="no_worker",
-                               headers=headers)
+                raise ApiError(
+                    503,
+                    f"job {job_id}: {warning}; it stays queued and runs then: {where or f'GET /v1/jobs/{job_id}'}",
+                    type_="server_error",
+                    code="no_worker",
+                    headers=headers,
+                )
         if time.monotonic() >= deadline or (request is not None and await request.is_disconnected()):
             raise StillRunning(job, timeout, where or f"GET /v1/jobs/{job_id}", headers)
         await anyio.sleep(min(interval, max(deadline - time.monotonic(), 0)))
@@ -171,14 +211,27 @@ def job_status(job: JobRecord, now: float | None = None, workers: list[dict[str,
     elapsed = (_epoch(job.finished_at) or now or time.time()) - _epoch(job.created_at)
     rate = ended / elapsed if ended and elapsed > 0 else 0.0
     eta = (job.total - ended) / rate if rate and not job.finished_at else None
-    return {"id": job.job_id, "object": "job", "status": job.status, "model": job.model, "counts": counts,
-            "rate_per_s": round(rate, 4), "eta_s": None if eta is None else round(eta, 1),
-            "priority": job.priority, "max_concurrency": job.max_concurrency, "expires_at": job.expires_at,
-            "cancel_requested": job.cancel_requested, "round": job.round,
-            "webhook": job.webhook, "results_uri": job.results_uri, "created_at": job.created_at,
-            "finished_at": job.finished_at,
-            "warning": None if workers is None or job.finished_at or job.submit_aborted
-            else no_worker_warning(workers, job.model)}
+    return {
+        "id": job.job_id,
+        "object": "job",
+        "status": job.status,
+        "model": job.model,
+        "counts": counts,
+        "rate_per_s": round(rate, 4),
+        "eta_s": None if eta is None else round(eta, 1),
+        "priority": job.priority,
+        "max_concurrency": job.max_concurrency,
+        "expires_at": job.expires_at,
+        "cancel_requested": job.cancel_requested,
+        "round": job.round,
+        "webhook": job.webhook,
+        "results_uri": job.results_uri,
+        "created_at": job.created_at,
+        "finished_at": job.finished_at,
+        "warning": None
+        if workers is None or job.finished_at or job.submit_aborted
+        else no_worker_warning(workers, job.model),
+    }
 
 
 def sign_file(svc: Services, job_id: str, key: str, expires: int) -> str:

@@ -22,8 +22,11 @@ from jobs.api import schemas
 from jobs.api.service import ApiError
 
 OPENAI, INFERENCESH, WAVESPEED, FAL = "openai", "inferencesh", "wavespeed", "fal"
-PREFIXES = ((WAVESPEED, ("/api/v3/",)), (INFERENCESH, ("/apps/", "/tasks/", "/files")),
-            (FAL, ("/fal-ai/", "/dreambatch/", "/run/", "/queue/")))
+PREFIXES = (
+    (WAVESPEED, ("/api/v3/",)),
+    (INFERENCESH, ("/apps/", "/tasks/", "/files")),
+    (FAL, ("/fal-ai/", "/dreambatch/", "/run/", "/queue/")),
+)
 DESCRIPTIONS = {
     400: "the request cannot be run as sent (its message says why)",
     401: "no API key, or an unknown or revoked one",
@@ -39,8 +42,12 @@ DESCRIPTIONS = {
     504: "the job did not end within the server's wait; it keeps running (the message says where to look)",
 }
 MEDIA = {INFERENCESH: "application/problem+json"}
-MODELS: dict[str, type[BaseModel]] = {OPENAI: schemas.Error, INFERENCESH: schemas.Problem,
-                                      WAVESPEED: schemas.WaveSpeedError, FAL: schemas.FalError}
+MODELS: dict[str, type[BaseModel]] = {
+    OPENAI: schemas.Error,
+    INFERENCESH: schemas.Problem,
+    WAVESPEED: schemas.WaveSpeedError,
+    FAL: schemas.FalError,
+}
 
 
 def dialect_of(path: str) -> str:
@@ -54,8 +61,13 @@ def body(dialect: str, exc: ApiError) -> dict[str, Any]:
     if dialect == WAVESPEED:
         return {"code": exc.status, "message": exc.message, "data": None}
     if dialect == INFERENCESH:
-        out: dict[str, Any] = {"type": "about:blank", "title": _phrase(exc.status), "status": exc.status,
-                               "detail": exc.message, "code": exc.code}
+        out: dict[str, Any] = {
+            "type": "about:blank",
+            "title": _phrase(exc.status),
+            "status": exc.status,
+            "detail": exc.message,
+            "code": exc.code,
+        }
         if exc.errors is not None:
             out["errors"] = exc.errors
         return out
@@ -69,8 +81,9 @@ def render(path: str, exc: ApiError) -> JSONResponse:
     headers = dict(exc.headers)
     if exc.status == 401:
         headers.setdefault("WWW-Authenticate", "Key" if dialect == FAL else "Bearer")
-    return JSONResponse(body(dialect, exc), exc.status, headers=headers or None,
-                        media_type=MEDIA.get(dialect, "application/json"))
+    return JSONResponse(
+        body(dialect, exc), exc.status, headers=headers or None, media_type=MEDIA.get(dialect, "application/json")
+    )
 
 
 def _phrase(status: int) -> str:

@@ -64,33 +64,57 @@ def filename_of(name: str | None, content_type: str | None) -> str:
     return stem or f"upload{IMAGE_TYPES.get((content_type or '').lower(), '.bin')}"
 
 
-def new_ticket(svc: Services, request: Request, key_id: str, filename: str | None, content_type: str | None,
-               size: int | None) -> Ticket:
+def new_ticket(
+    svc: Services, request: Request, key_id: str, filename: str | None, content_type: str | None, size: int | None
+) -> Ticket:
     """A place for one file of at most the upload limit (`size`, when the client says it, is checked now)."""
     limit = svc.settings.api.max_upload_bytes
     if size is not None and size > limit:
-        raise ApiError(413, f"size: {size} bytes is over the {limit}-byte upload limit", code="too_large",
-                       param="size")
+        raise ApiError(413, f"size: {size} bytes is over the {limit}-byte upload limit", code="too_large", param="size")
     upload_id = secrets.token_hex(16)
     name = filename_of(filename, content_type)
     kind = (content_type or "application/octet-stream")[:100]
     expires = int(time.time()) + svc.settings.api.url_expires
-    svc.store.put_upload(upload_id, {"filename": name, "content_type": kind, "size": size, "key_id": key_id,
-                                     "output": svc.output(), "done": False, "created_at": now_iso()}, UPLOAD_TTL)
+    svc.store.put_upload(
+        upload_id,
+        {
+            "filename": name,
+            "content_type": kind,
+            "size": size,
+            "key_id": key_id,
+            "output": svc.output(),
+            "done": False,
+            "created_at": now_iso(),
+        },
+        UPLOAD_TTL,
+    )
     base = _base(svc, request)
-    return Ticket(upload_id, name, kind, f"{base}/uploads/{upload_id}?expires={expires}&signature="
-                  f"{_sign(svc, upload_id, expires)}", f"{base}/uploads/{upload_id}/{name}", expires)
+    return Ticket(
+        upload_id,
+        name,
+        kind,
+        f"{base}/uploads/{upload_id}?expires={expires}&signature={_sign(svc, upload_id, expires)}",
+        f"{base}/uploads/{upload_id}/{name}",
+        expires,
+    )
 
 
 def _object_key(record: dict[str, Any], upload_id: str) -> str:
     return keys.S3_UPLOAD.format(prefix="", upload_id=upload_id, filename=record["filename"])
 
 
-@router.put("/uploads/{upload_id}", status_code=200, responses={
-    200: {"description": "stored"}, **shapes.responses(shapes.OPENAI, 403, 404, 413, 422, 503)})
-async def put_upload(upload_id: UploadId, request: Request, svc: ServicesDep,
-                     expires: Annotated[int, Query(ge=0, le=2**40)], signature: Annotated[str, Query(max_length=64)]
-                     ) -> dict:
+@router.put(
+    "/uploads/{upload_id}",
+    status_code=200,
+    responses={200: {"description": "stored"}, **shapes.responses(shapes.OPENAI, 403, 404, 413, 422, 503)},
+)
+async def put_upload(
+    upload_id: UploadId,
+    request: Request,
+    svc: ServicesDep,
+    expires: Annotated[int, Query(ge=0, le=2**40)],
+    signature: Annotated[str, Query(max_length=64)],
+) -> dict:
     """The bytes of an upload, by the signed URL its ticket gave (no API key: the signature is the key)."""
     good = hmac.compare_digest(_sign(svc, upload_id, expires).encode(), signature.encode())
     if not good or expires < time.time():
@@ -115,11 +139,15 @@ async def put_upload(upload_id: UploadId, request: Request, svc: ServicesDep,
     return {"id": upload_id, "size": len(data)}
 
 
-@router.get("/uploads/{upload_id}/{filename}", response_class=Response, responses={
-    200: {"content": {**{kind: {} for kind in formats.CONTENT_TYPES.values()}, "application/octet-stream": {}}},
-    **shapes.responses(shapes.OPENAI, 404, 422, 503)})
-def get_upload(upload_id: UploadId, filename: Annotated[str, PathParam(max_length=200)], svc: ServicesDep
-               ) -> Response:
+@router.get(
+    "/uploads/{upload_id}/{filename}",
+    response_class=Response,
+    responses={
+        200: {"content": {**{kind: {} for kind in formats.CONTENT_TYPES.values()}, "application/octet-stream": {}}},
+        **shapes.responses(shapes.OPENAI, 404, 422, 503),
+    },
+)
+def get_upload(upload_id: UploadId, filename: Annotated[str, PathParam(max_length=200)], svc: ServicesDep) -> Response:
     """An uploaded file (images as themselves, anything else as an attachment)."""
     record, data = read(svc, upload_id)
     if record is None or data is None or filename != record["filename"]:
@@ -127,8 +155,14 @@ def get_upload(upload_id: UploadId, filename: Annotated[str, PathParam(max_lengt
     kind = record["content_type"]
     if kind.lower() in IMAGE_TYPES:
         return Response(data, media_type=kind, headers={"X-Content-Type-Options": "nosniff"})
-    return Response(data, media_type="application/octet-stream", headers={
-        "Content-Disposition": f'attachment; filename="{record["filename"]}"', "X-Content-Type-Options": "nosniff"})
+    return Response(
+        data,
+        media_type="application/octet-stream",
+        headers={
+            "Content-Disposition": f'attachment; filename="{record["filename"]}"',
+            "X-Content-Type-Options": "nosniff",
+        },
+    )
 
 
 def read(svc: Services, upload_id: str) -> tuple[dict[str, Any] | None, bytes | None]:
@@ -161,8 +195,12 @@ def resolve(svc: Services, request: Request, row: dict[str, Any], fields: tuple[
             continue
         record, data = read(svc, upload_id)
         if data is None:
-            raise ApiError(422, f"{field}: upload {upload_id} has no file (PUT it first, within a day)",
-                           param=field, errors=[f"{field}: upload {upload_id} has no file"])
+            raise ApiError(
+                422,
+                f"{field}: upload {upload_id} has no file (PUT it first, within a day)",
+                param=field,
+                errors=[f"{field}: upload {upload_id} has no file"],
+            )
         suffix = IMAGE_TYPES.get(record["content_type"].lower()) or "." + record["filename"].rsplit(".", 1)[-1][:5]
         name = f"{field}-{upload_id}{suffix.lower()}"
         (upload.inputs / name).write_bytes(data)

@@ -50,8 +50,9 @@ MAX_INPUT_KEYS = 64
 class Prediction(BaseModel):
     id: str
     model: str
-    outputs: list[str | None] = Field(..., description="URLs (data URIs with enable_base64_output); empty until "
-                                                       "completed")
+    outputs: list[str | None] = Field(
+        ..., description="URLs (data URIs with enable_base64_output); empty until completed"
+    )
     urls: dict[str, str]
     has_nsfw_contents: list[bool] = Field(..., description="one per output when a safety checker ran, else []")
     safety_checker: str
@@ -107,41 +108,64 @@ def prediction_of(svc: Services, request: Request, job: JobRecord, error: str | 
     item = next(svc.store.items(job.job_id), None)
     base_url = str(request.base_url)
     if job.api.get("base64"):
+
         def url_for(image: OutputImage) -> str:
             return f"data:{image.content_type};base64,{image_b64(svc, job, image)}"
     else:
+
         def url_for(image: OutputImage) -> str | None:
             return image_url(svc, job, image, base_url)
+
     return wavespeed.prediction(job, item, url_for, _result_url(svc, request, job.job_id), error)
 
 
 # registered before the model route: POST /api/v3/media/uploads is not a model
-@router.post("/api/v3/media/uploads", responses={200: {"model": UploadEnvelope}, **ERRORS,
-                                                 **shapes.responses(shapes.WAVESPEED, 500)})
+@router.post(
+    "/api/v3/media/uploads",
+    responses={200: {"model": UploadEnvelope}, **ERRORS, **shapes.responses(shapes.WAVESPEED, 500)},
+)
 def media_upload(body: UploadRequest, request: Request, svc: ServicesDep, key: Images) -> dict:
     """An upload ticket: PUT the bytes to `upload.url` with `upload.headers`, then send `download_url` as an
     input's `image`."""
     ticket = uploads.new_ticket(svc, request, key.key_id, body.filename, body.content_type, body.size)
-    return wavespeed.envelope({"upload": {"method": "PUT", "url": ticket.put_url,
-                                          "headers": {"Content-Type": ticket.content_type}},
-                               "download_url": ticket.file_url})
+    return wavespeed.envelope(
+        {
+            "upload": {"method": "PUT", "url": ticket.put_url, "headers": {"Content-Type": ticket.content_type}},
+            "download_url": ticket.file_url,
+        }
+    )
 
 
-@router.post("/api/v3/{owner}/{model}", responses={
-    200: {"model": PredictionEnvelope}, **ERRORS, **SUBMITS,
-    **shapes.responses(shapes.WAVESPEED, 404, _404="no such model")})
-async def submit(owner: Segment, model: Segment, request: Request, svc: ServicesDep, key: Images,
-                 body: Annotated[dict[str, Any], Body(description="the model's input, as its page lists it",
-                                                      examples=[{"prompt": "a lighthouse", "seed": -1}])],
-                 webhook: Annotated[str | None, Query(max_length=2048, description="POSTed once the prediction "
-                                                                                   "ends")] = None,
-                 idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)] = None
-                 ) -> dict:
+@router.post(
+    "/api/v3/{owner}/{model}",
+    responses={
+        200: {"model": PredictionEnvelope},
+        **ERRORS,
+        **SUBMITS,
+        **shapes.responses(shapes.WAVESPEED, 404, _404="no such model"),
+    },
+)
+async def submit(
+    owner: Segment,
+    model: Segment,
+    request: Request,
+    svc: ServicesDep,
+    key: Images,
+    body: Annotated[
+        dict[str, Any],
+        Body(description="the model's input, as its page lists it", examples=[{"prompt": "a lighthouse", "seed": -1}]),
+    ],
+    webhook: Annotated[str | None, Query(max_length=2048, description="POSTed once the prediction ends")] = None,
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)] = None,
+) -> dict:
     """Submit a prediction (HTTP 200, `data.status` created). With `enable_sync_mode` the answer waits for it."""
     ours = wavespeed.model_of(owner, model)
     if ours is None:
-        raise ApiError(404, f"no model {owner}/{model}; try wavespeed-ai/hidream-"
-                            f"{', wavespeed-ai/hidream-'.join(MODELS)}", code="model_not_found")
+        raise ApiError(
+            404,
+            f"no model {owner}/{model}; try wavespeed-ai/hidream-{', wavespeed-ai/hidream-'.join(MODELS)}",
+            code="model_not_found",
+        )
     if len(body) > MAX_INPUT_KEYS:
         raise ApiError(422, f"input: at most {MAX_INPUT_KEYS} fields")
     row = wavespeed.row(body, MODELS[ours].kind)
@@ -158,25 +182,33 @@ async def submit(owner: Segment, model: Segment, request: Request, svc: Services
             upload.close()
 
     attempt = retries.Attempt.of(request)
-    job_id, _ = await retries.once(svc, key.key_id, idempotency_key, fingerprint("wavespeed", ours, body, webhook),
-                                   create, attempt)
+    job_id, _ = await retries.once(
+        svc, key.key_id, idempotency_key, fingerprint("wavespeed", ours, body, webhook), create, attempt
+    )
     job = await anyio.to_thread.run_sync(svc.job, job_id)
     error = None
     if body.get("enable_sync_mode") is True:
         try:
-            job = await wait_for(svc, job_id, retries.wait_budget(svc.settings.api.wait_timeout, attempt),
-                                 request=request)
+            job = await wait_for(
+                svc, job_id, retries.wait_budget(svc.settings.api.wait_timeout, attempt), request=request
+            )
         except StillRunning as still:
             job = still.job
-            error = (f"Sync mode timed out after {svc.settings.api.wait_timeout:g}s; the prediction keeps running: "
-                     f"query the result later at {_result_url(svc, request, job_id)}")
+            error = (
+                f"Sync mode timed out after {svc.settings.api.wait_timeout:g}s; the prediction keeps running: "
+                f"query the result later at {_result_url(svc, request, job_id)}"
+            )
     data = await anyio.to_thread.run_sync(prediction_of, svc, request, job, error)
     return wavespeed.envelope(data)
 
 
-@router.get("/api/v3/predictions/{prediction_id}/result", responses={
-    200: {"model": PredictionEnvelope}, **shapes.responses(shapes.WAVESPEED, 404, 502, *shapes.COMMON,
-                                                           _404="no such prediction")})
+@router.get(
+    "/api/v3/predictions/{prediction_id}/result",
+    responses={
+        200: {"model": PredictionEnvelope},
+        **shapes.responses(shapes.WAVESPEED, 404, 502, *shapes.COMMON, _404="no such prediction"),
+    },
+)
 def result(prediction_id: PredictionId, request: Request, svc: ServicesDep, _key: Images) -> dict:
     """The prediction now (HTTP 200 whatever its status; `outputs` once it is completed)."""
     return wavespeed.envelope(prediction_of(svc, request, _job(svc, prediction_id)))

@@ -85,8 +85,11 @@ class CatalogScheduler(Scheduler):
         try:
             self.schedules = load_schedules(self.settings)
             self._mtime = mtime
-            log.info("schedules: %s", ", ".join(f"{s.name} ({s.cron} {s.timezone})" for s in
-                                                 self.schedules.values() if s.cron) or "none with a cron")
+            log.info(
+                "schedules: %s",
+                ", ".join(f"{s.name} ({s.cron} {s.timezone})" for s in self.schedules.values() if s.cron)
+                or "none with a cron",
+            )
         except DreambatchError as exc:
             log.error("schedules file not loaded, keeping the previous one: %s", exc)
             self._mtime = mtime

@@ -38,11 +38,20 @@ def list_schedules(json_: JsonOpt = False) -> None:
             last = state.last_run(s.name)
             job = store.get_job(last["job_id"]) if last and last.get("job_id") else None
             upcoming = s.next_fire(now)
-            rows.append({"name": s.name, "cron": s.cron, "timezone": s.timezone, "model": s.model,
-                         "source": s.source.prefix or s.source.manifest, "output": s.output,
-                         "next_fire": upcoming.isoformat() if upcoming else None,
-                         "next_fire_local": upcoming.astimezone(s.zone).isoformat() if upcoming else None,
-                         "last_run": last, "last_job_status": job.status if job else None})
+            rows.append(
+                {
+                    "name": s.name,
+                    "cron": s.cron,
+                    "timezone": s.timezone,
+                    "model": s.model,
+                    "source": s.source.prefix or s.source.manifest,
+                    "output": s.output,
+                    "next_fire": upcoming.isoformat() if upcoming else None,
+                    "next_fire_local": upcoming.astimezone(s.zone).isoformat() if upcoming else None,
+                    "last_run": last,
+                    "last_job_status": job.status if job else None,
+                }
+            )
     except DreambatchError as exc:
         raise fail(str(exc)) from None
     if json_:
@@ -54,22 +63,36 @@ def list_schedules(json_: JsonOpt = False) -> None:
         if not last:
             ran = "never run"
         elif last.get("error"):
-            then = (f"retrying in {last['retry_in']:.0f}s" if last.get("retry_in") is not None
-                    else "not retried: run it by hand")
+            then = (
+                f"retrying in {last['retry_in']:.0f}s"
+                if last.get("retry_in") is not None
+                else "not retried: run it by hand"
+            )
             ran = f"last run {last['at']}: failed (attempt {last['attempt']}): {last['error']}; {then}"
         else:
-            ran = (f"last run {last['at']}: job {last['job_id'] or '-'} ({r['last_job_status'] or 'no job'}), "
-                   f"{last['queued']} queued, {last['unchanged']} unchanged, {last['skipped']} skipped")
-        out.print(f"{r['name']}  {r['cron'] or '-'} {r['timezone']}  {when}  {ran}", highlight=False,
-                  markup=False, soft_wrap=True)
+            ran = (
+                f"last run {last['at']}: job {last['job_id'] or '-'} ({r['last_job_status'] or 'no job'}), "
+                f"{last['queued']} queued, {last['unchanged']} unchanged, {last['skipped']} skipped"
+            )
+        out.print(
+            f"{r['name']}  {r['cron'] or '-'} {r['timezone']}  {when}  {ran}",
+            highlight=False,
+            markup=False,
+            soft_wrap=True,
+        )
 
 
 def run_now(
     name: str,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="list what would be processed; queue nothing")] = False,
-    retry_failed: Annotated[bool, typer.Option(
-        "--retry-failed", help="also queue the images that failed DREAMBATCH_CATALOG__MAX_FAILURES runs in a row "
-                               "(skipped otherwise until the image or its parameters change)")] = False,
+    retry_failed: Annotated[
+        bool,
+        typer.Option(
+            "--retry-failed",
+            help="also queue the images that failed DREAMBATCH_CATALOG__MAX_FAILURES runs in a row "
+            "(skipped otherwise until the image or its parameters change)",
+        ),
+    ] = False,
     set_: SetOpt = None,
     json_: JsonOpt = False,
 ) -> None:
@@ -80,8 +103,9 @@ def run_now(
         for location in (schedule.source.prefix or schedule.source.manifest, schedule.output):
             if location:
                 check_location(location, settings)  # a bucket that is not there: say so in seconds
-        report = run_schedule(schedule, get_services(), sets=parse_sets(set_ or []), dry_run=dry_run,
-                              retry_failed=retry_failed)
+        report = run_schedule(
+            schedule, get_services(), sets=parse_sets(set_ or []), dry_run=dry_run, retry_failed=retry_failed
+        )
     except DreambatchError as exc:
         raise fail(str(exc)) from None
     if json_:
@@ -100,9 +124,13 @@ def run_now(
     for note in report.notes:
         err.print(f"note     {note}", highlight=False, markup=False, soft_wrap=True)
     count = len(report.new) + len(report.changed) if dry_run else report.queued
-    err.print(f"{name}: {report.images} image(s), {verb} {count}, {report.unchanged} unchanged, "
-              f"{report.in_flight} in flight, {len(report.skipped)} skipped"
-              f"{f'; job {report.job_id}' if report.job_id else ''}", highlight=False, soft_wrap=True)
+    err.print(
+        f"{name}: {report.images} image(s), {verb} {count}, {report.unchanged} unchanged, "
+        f"{report.in_flight} in flight, {len(report.skipped)} skipped"
+        f"{f'; job {report.job_id}' if report.job_id else ''}",
+        highlight=False,
+        soft_wrap=True,
+    )
     if report.job_id:
         out.print(report.job_id, highlight=False)
 
@@ -122,8 +150,11 @@ def beat(loglevel: Annotated[str, typer.Option()] = "INFO") -> None:
     except DreambatchError as exc:
         raise fail(str(exc)) from None
     services = get_services()
-    service = Service(services.celery, max_interval=settings.catalog.beat_interval,
-                      scheduler_cls=partial(CatalogScheduler, services=services))
+    service = Service(
+        services.celery,
+        max_interval=settings.catalog.beat_interval,
+        scheduler_cls=partial(CatalogScheduler, services=services),
+    )
 
     def stop(signum, frame):
         raise SystemExit(0)

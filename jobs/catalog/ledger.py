@@ -32,8 +32,17 @@ class Ledger:
         return cls(entries=raw.get("entries", {}), failures=raw.get("failures", {}), pending=raw.get("pending", []))
 
     def save(self, objects: ObjectStore, name: str) -> None:
-        body = json.dumps({"version": 1, "schedule": name, "updated_at": now_iso(), "pending": self.pending,
-                           "entries": self.entries, "failures": self.failures}, sort_keys=True).encode()
+        body = json.dumps(
+            {
+                "version": 1,
+                "schedule": name,
+                "updated_at": now_iso(),
+                "pending": self.pending,
+                "entries": self.entries,
+                "failures": self.failures,
+            },
+            sort_keys=True,
+        ).encode()
         objects.put(keys.S3_CATALOG_LEDGER.format(prefix="", name=name), body, records.JSON)
 
     def record(self, key: str, fp: str, job_id: str, line: dict[str, Any]) -> None:
@@ -42,15 +51,24 @@ class Ledger:
         fingerprint. Other failures (S3 or the broker down, a model error, a lost worker) and cancelled items
         change nothing: the image is tried again next run, however often that happens."""
         if line["status"] == ItemStatus.COMPLETED:
-            self.entries[key] = {"fp": fp, "job_id": job_id, "at": now_iso(),
-                                 "outputs": [i["s3_uri"] for i in line["output"]["images"]],
-                                 "model_revision": line.get("model_revision")}
+            self.entries[key] = {
+                "fp": fp,
+                "job_id": job_id,
+                "at": now_iso(),
+                "outputs": [i["s3_uri"] for i in line["output"]["images"]],
+                "model_revision": line.get("model_revision"),
+            }
             self.failures.pop(key, None)
         elif line["status"] == ItemStatus.FAILED and input_failure(line):
             before = self.failures.get(key)
             count = before["count"] + 1 if before and before["fp"] == fp else 1
-            self.failures[key] = {"fp": fp, "count": count, "error": str(line.get("error") or "")[:500],
-                                  "job_id": job_id, "at": now_iso()}
+            self.failures[key] = {
+                "fp": fp,
+                "count": count,
+                "error": str(line.get("error") or "")[:500],
+                "job_id": job_id,
+                "at": now_iso(),
+            }
 
     def forget(self, key: str) -> None:
         self.entries.pop(key, None)
@@ -143,7 +161,8 @@ class Diff:
                 return "given_up", (
                     f"failed {failed['count']} runs in a row with this image and these parameters (last error: "
                     f"{failed['error']}); not queued again until the image or its parameters change, or a run "
-                    f"with: dreambatch schedules run {self.schedule} --retry-failed")
+                    f"with: dreambatch schedules run {self.schedule} --retry-failed"
+                )
             why += f"; failed {failed['count']} run(s) in a row before, tried again"
         return ("new" if entry is None else "changed"), why
 

@@ -55,8 +55,9 @@ class RunLock:
         if self.lost is None and time.monotonic() - self._renewed > self.ttl:
             self.lost = f"not renewed for {self.ttl:.0f}s"
         if self.lost is not None:
-            raise TransientError(f"schedule {self.name}: lost its run lock ({self.lost}); stopped before "
-                                 f"queueing anything")
+            raise TransientError(
+                f"schedule {self.name}: lost its run lock ({self.lost}); stopped before queueing anything"
+            )
 
     def __exit__(self, *exc_info) -> None:
         self._stop.set()

@@ -39,10 +39,16 @@ def make_plan(schedule: Schedule, sets: dict[str, Any], settings: Settings | Non
     """`--set` pairs naming a row field override params; any other name fills a placeholder."""
     fields = set(row_class(schedule.model).model_fields)
     preset = get_preset(schedule.preset, settings) if schedule.preset else None
-    values = {**(preset.vars if preset else {}), **schedule.vars,
-              **{k: str(v) for k, v in sets.items() if k not in fields}}
-    defaults = {**(preset.params if preset else {}), **schedule.params,
-                **{k: v for k, v in sets.items() if k in fields}}
+    values = {
+        **(preset.vars if preset else {}),
+        **schedule.vars,
+        **{k: str(v) for k, v in sets.items() if k not in fields},
+    }
+    defaults = {
+        **(preset.params if preset else {}),
+        **schedule.params,
+        **{k: v for k, v in sets.items() if k in fields},
+    }
     texts = dict(preset.texts()) if preset else {}
     for name in ("instruction", "target_description", "negative_prompt"):
         if getattr(schedule, name):
@@ -56,10 +62,14 @@ def make_plan(schedule: Schedule, sets: dict[str, Any], settings: Settings | Non
             if name.startswith("meta."):
                 metadata_names.append(name.lower())
             elif name not in known:
-                raise ConfigError(f"schedule {schedule.name}: {text_field}: unknown placeholder {{{name}}} "
-                                  f"(known: {', '.join(sorted(known))}, meta.<object metadata key>)")
-    clash = sorted(set(path_names) & (fields | set(RESERVED_METADATA) | {"image_url", "edit_instruction",
-                                                                         "target_image_description", "n"}))
+                raise ConfigError(
+                    f"schedule {schedule.name}: {text_field}: unknown placeholder {{{name}}} "
+                    f"(known: {', '.join(sorted(known))}, meta.<object metadata key>)"
+                )
+    clash = sorted(
+        set(path_names)
+        & (fields | set(RESERVED_METADATA) | {"image_url", "edit_instruction", "target_image_description", "n"})
+    )
     if clash:
         raise ConfigError(f"schedule {schedule.name}: source.path: {{{clash[0]}}} is a row field's name; rename it")
     return Plan(defaults, texts, values, sorted(set(metadata_names)))
@@ -67,19 +77,31 @@ def make_plan(schedule: Schedule, sets: dict[str, Any], settings: Settings | Non
 
 def fingerprint(etag: str, size: int, row: dict[str, Any], defaults: dict[str, Any], schedule: Schedule) -> str:
     """Content + every input of the edit: a change to any of them changes this."""
-    basis = {"etag": etag, "size": size, "model": schedule.model, "weights": MODELS[schedule.model].hub_id,
-             "revision": schedule.revision, "defaults": defaults,
-             "row": {k: v for k, v in row.items() if k not in ("id", *RESERVED_METADATA)}}
+    basis = {
+        "etag": etag,
+        "size": size,
+        "model": schedule.model,
+        "weights": MODELS[schedule.model].hub_id,
+        "revision": schedule.revision,
+        "defaults": defaults,
+        "row": {k: v for k, v in row.items() if k not in ("id", *RESERVED_METADATA)},
+    }
     return hashlib.sha256(json.dumps(basis, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def row_fingerprint(row: CheckedRow, raw: RawRow, image: Identity | None, defaults: dict[str, Any],
-                    schedule: Schedule) -> str:
+def row_fingerprint(
+    row: CheckedRow, raw: RawRow, image: Identity | None, defaults: dict[str, Any], schedule: Schedule
+) -> str:
     """A manifest row's fingerprint: its normalized fields (its raw values when invalid), the job defaults,
     model and `revision` label, and its image's identity (jobs.identity; None for a prompt-only row)."""
-    basis = {"model": schedule.model, "weights": MODELS[schedule.model].hub_id, "revision": schedule.revision,
-             "defaults": defaults, "image": image.value if image else None,
-             "row": {"params": row.params, "metadata": row.metadata} if row.ok else {"invalid": raw.values}}
+    basis = {
+        "model": schedule.model,
+        "weights": MODELS[schedule.model].hub_id,
+        "revision": schedule.revision,
+        "defaults": defaults,
+        "image": image.value if image else None,
+        "row": {"params": row.params, "metadata": row.metadata} if row.ok else {"invalid": raw.values},
+    }
     return hashlib.sha256(json.dumps(basis, sort_keys=True, default=str).encode()).hexdigest()
 
 

@@ -16,7 +16,6 @@ class Skipped:
     reason: str
 
 
-
 @dataclass
 class RunReport:
     schedule: str
@@ -46,6 +45,14 @@ class RunReport:
 
     def summary(self) -> dict[str, Any]:
         """What `schedules list` shows about the last run."""
-        return {"at": self.at, "slot": self.slot, "job_id": self.job_id, "images": self.images,
-                "queued": self.queued, "unchanged": self.unchanged, "in_flight": self.in_flight,
-                "skipped": len(self.skipped), "given_up": self.given_up}
+        return {
+            "at": self.at,
+            "slot": self.slot,
+            "job_id": self.job_id,
+            "images": self.images,
+            "queued": self.queued,
+            "unchanged": self.unchanged,
+            "in_flight": self.in_flight,
+            "skipped": len(self.skipped),
+            "given_up": self.given_up,
+        }

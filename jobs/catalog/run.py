@@ -36,8 +36,15 @@ RECORD_RETRY_S = 5.0  # s a failed run's summary waits for Redis before it is on
 log = logging.getLogger("dreambatch.catalog")
 
 
-def run_schedule(schedule: Schedule, services: Services, *, sets: dict[str, Any] | None = None,
-                 dry_run: bool = False, slot: str | None = None, retry_failed: bool = False) -> RunReport:
+def run_schedule(
+    schedule: Schedule,
+    services: Services,
+    *,
+    sets: dict[str, Any] | None = None,
+    dry_run: bool = False,
+    slot: str | None = None,
+    retry_failed: bool = False,
+) -> RunReport:
     """Scan, diff, submit. A dry run reads everything and writes nothing. `retry_failed` queues again the keys
     that failed `catalog.max_failures` runs in a row (otherwise skipped)."""
     settings = services.settings
@@ -78,8 +85,18 @@ class _Run:
         self.report.folded, in_flight = fold(ledger, output, self.services.store, self.schedule.name)
         self.report.model_revision, note = live_revision(self.services.store.workers(), self.schedule.model)
         self.report.notes.extend([note] if note else [])
-        return output, ledger, Diff(ledger, in_flight, self.report.model_revision,
-                                    self.settings.catalog.max_failures, self.retry_failed, self.schedule.name)
+        return (
+            output,
+            ledger,
+            Diff(
+                ledger,
+                in_flight,
+                self.report.model_revision,
+                self.settings.catalog.max_failures,
+                self.retry_failed,
+                self.schedule.name,
+            ),
+        )
 
 
 def _run_scan(run: _Run) -> None:
@@ -116,8 +133,9 @@ def _run_scan(run: _Run) -> None:
         _submit(schedule, services, manifest, plan.defaults, job_id, InputPolicy(Path(tmp)), report)
 
 
-def _start_run(run: _Run, ledger: Ledger, output: ObjectStore, seen: set[str],
-               items: dict[str, dict[str, str]]) -> str | None:
+def _start_run(
+    run: _Run, ledger: Ledger, output: ObjectStore, seen: set[str], items: dict[str, dict[str, str]]
+) -> str | None:
     """Forget the keys no longer in the source (re-added later = new). Nothing to run: save the ledger, no job
     (None). Else write the run record ({item id: {key, fp}}), list the run as pending in the ledger and return
     its job id."""
@@ -128,11 +146,21 @@ def _start_run(run: _Run, ledger: Ledger, output: ObjectStore, seen: set[str],
         ledger.save(output, run.schedule.name)
         return None
     job_id, report = new_job_id(), run.report
-    record = {"job_id": job_id, "schedule": run.schedule.name, "slot": report.slot, "created_at": report.at,
-              "model_revision": report.model_revision, "items": items,
-              "skipped": [asdict(s) for s in report.skipped[:SHOWN_SKIPS]], "skipped_total": len(report.skipped)}
-    output.put(keys.S3_CATALOG_RUN.format(prefix="", name=run.schedule.name, job_id=job_id),
-               json.dumps(record).encode(), records.JSON)
+    record = {
+        "job_id": job_id,
+        "schedule": run.schedule.name,
+        "slot": report.slot,
+        "created_at": report.at,
+        "model_revision": report.model_revision,
+        "items": items,
+        "skipped": [asdict(s) for s in report.skipped[:SHOWN_SKIPS]],
+        "skipped_total": len(report.skipped),
+    }
+    output.put(
+        keys.S3_CATALOG_RUN.format(prefix="", name=run.schedule.name, job_id=job_id),
+        json.dumps(record).encode(),
+        records.JSON,
+    )
     ledger.pending.append(job_id)
     ledger.save(output, run.schedule.name)
     return job_id
@@ -166,8 +194,7 @@ def _run_manifest(run: _Run) -> None:
             for raw in read_rows(path):
                 if isinstance(raw, Issue):
                     if raw.line <= 0:  # the file itself (its header)
-                        raise InputError(f"schedule {schedule.name}: source.manifest {schedule.source.manifest}: "
-                                         f"{raw}")
+                        raise InputError(f"schedule {schedule.name}: source.manifest {schedule.source.manifest}: {raw}")
                     report.skipped.append(Skipped(f"line {raw.line}", str(raw)))
                     continue
                 check()
@@ -228,8 +255,15 @@ def _image_ref(row: CheckedRow, raw: RawRow, model: str) -> str | None:
     return image if isinstance(image, str) and image else None
 
 
-def _submit(schedule: Schedule, services: Services, manifest: Path, defaults: dict[str, Any], job_id: str,
-            policy: InputPolicy, report: RunReport) -> None:
+def _submit(
+    schedule: Schedule,
+    services: Services,
+    manifest: Path,
+    defaults: dict[str, Any],
+    job_id: str,
+    policy: InputPolicy,
+    report: RunReport,
+) -> None:
     sub = create_job(schedule.job_spec(defaults), manifest, services, policy=policy, job_id=job_id)
     report.job_id, report.queued, report.rejected = job_id, sub.queued, sub.rejected
 
@@ -242,8 +276,9 @@ class Fired:
     retry_in: float | None = None  # set: try again after so many seconds
 
 
-def retry_delay(schedule: Schedule | None, slot: str | None, attempt: int, settings: Settings,
-                now: datetime | None = None) -> float | None:
+def retry_delay(
+    schedule: Schedule | None, slot: str | None, attempt: int, settings: Settings, now: datetime | None = None
+) -> float | None:
     """Seconds before retry `attempt` (1 = the first) of a fired run, or None: give up. The wait doubles from
     `run_retry_base` up to `run_retry_max`; at most `run_retries` retries, and none that would start after the
     schedule's next slot less one base wait (that slot's run does the work)."""
@@ -271,22 +306,43 @@ def run_fired(name: str, services: Services, slot: str | None = None, attempt: i
         delay = retry_delay(schedule, slot, attempt, settings)
         what = f"retrying in {delay:.0f}s" if delay is not None else f"giving up after {attempt} attempt(s)"
         (log.warning if delay is not None else log.error)(
-            "schedule %s (slot %s): attempt %d failed: %s; %s", name, slot, attempt, exc, what)
+            "schedule %s (slot %s): attempt %d failed: %s; %s", name, slot, attempt, exc, what
+        )
         return Fired(_failed(services, name, slot, attempt, exc, delay), delay)
     except Exception as exc:
-        log.exception("schedule %s (slot %s): run failed; not retried (fix the cause, then run it by hand: "
-                      "dreambatch schedules run %s)", name, slot, name)
+        log.exception(
+            "schedule %s (slot %s): run failed; not retried (fix the cause, then run it by hand: "
+            "dreambatch schedules run %s)",
+            name,
+            slot,
+            name,
+        )
         return Fired(_failed(services, name, slot, attempt, exc, None))
-    log.info("schedule %s (slot %s): %d image(s), %d queued, %d unchanged, %d in flight, %d skipped; job %s",
-             name, slot, report.images, report.queued, report.unchanged, report.in_flight, len(report.skipped),
-             report.job_id or "-")
+    log.info(
+        "schedule %s (slot %s): %d image(s), %d queued, %d unchanged, %d in flight, %d skipped; job %s",
+        name,
+        slot,
+        report.images,
+        report.queued,
+        report.unchanged,
+        report.in_flight,
+        len(report.skipped),
+        report.job_id or "-",
+    )
     return Fired(report.summary())
 
 
-def _failed(services: Services, name: str, slot: str | None, attempt: int, exc: Exception,
-            retry_in: float | None) -> dict[str, Any]:
-    summary = {"at": now_iso(), "slot": slot, "job_id": None, "error": f"{type(exc).__name__}: {exc}",
-               "attempt": attempt, "retry_in": retry_in}
+def _failed(
+    services: Services, name: str, slot: str | None, attempt: int, exc: Exception, retry_in: float | None
+) -> dict[str, Any]:
+    summary = {
+        "at": now_iso(),
+        "slot": slot,
+        "job_id": None,
+        "error": f"{type(exc).__name__}: {exc}",
+        "attempt": attempt,
+        "retry_in": retry_in,
+    }
     try:  # on a client that gives up soon: Redis may be what failed
         ScheduleState(services.redis(retry_s=RECORD_RETRY_S)).set_last_run(name, summary)
     except Exception as err:  # Redis may be what failed

@@ -44,8 +44,9 @@ def scan(source: S3Store, settings: Settings, want_metadata: bool) -> Iterator[S
     for obj in source.listing():
         count += 1
         if count > limit:
-            raise ConfigError(f"{source.location}: more than {limit} objects "
-                              f"(DREAMBATCH_CATALOG__MAX_OBJECTS); narrow the prefix")
+            raise ConfigError(
+                f"{source.location}: more than {limit} objects (DREAMBATCH_CATALOG__MAX_OBJECTS); narrow the prefix"
+            )
         yield _classify(source, obj, max_bytes, want_metadata)
 
 
@@ -64,7 +65,7 @@ def _classify(source: S3Store, obj: dict, max_bytes: int, want_metadata: bool) -
         return Skipped(key, f"not an image ({suffix} file)")
     head = None
     if fmt is None or want_metadata:
-        head = source.head(key[len(source.prefix):])
+        head = source.head(key[len(source.prefix) :])
         if head is None:
             return Skipped(key, "deleted while scanning")
     if fmt is None:
@@ -77,8 +78,9 @@ def _classify(source: S3Store, obj: dict, max_bytes: int, want_metadata: bool) -
     return SourceObject(key, etag, size, fmt, {k.lower(): v for k, v in (head or {}).get("Metadata", {}).items()})
 
 
-def candidates(schedule: Schedule, plan: Plan, source: S3Store, settings: Settings,
-               skipped: list[Skipped]) -> Iterator[Candidate]:
+def candidates(
+    schedule: Schedule, plan: Plan, source: S3Store, settings: Settings, skipped: list[Skipped]
+) -> Iterator[Candidate]:
     """One row per image under the prefix, in listing order; what is not an image lands in `skipped`."""
     template = schedule.key_template()
     taken: dict[str, str] = {}  # output key → the source key that writes it
@@ -87,15 +89,23 @@ def candidates(schedule: Schedule, plan: Plan, source: S3Store, settings: Settin
         if isinstance(entry, Skipped):
             skipped.append(entry)
             continue
-        key, rel = entry.key, entry.key[len(source.prefix):]
+        key, rel = entry.key, entry.key[len(source.prefix) :]
         parts = template.match(key) if template else {}
         if parts is None:
             skipped.append(Skipped(key, f"does not match source.path {schedule.source.path!r}"))
             continue
         path = PurePosixPath(rel)
-        values = {**plan.values, "key": key, "path": rel, "dir": str(path.parent) if str(path.parent) != "." else "",
-                  "name": path.name, "stem": path.stem, "ext": path.suffix.lstrip("."), **parts,
-                  **{f"meta.{k}": v for k, v in entry.metadata.items()}}
+        values = {
+            **plan.values,
+            "key": key,
+            "path": rel,
+            "dir": str(path.parent) if str(path.parent) != "." else "",
+            "name": path.name,
+            "stem": path.stem,
+            "ext": path.suffix.lstrip("."),
+            **parts,
+            **{f"meta.{k}": v for k, v in entry.metadata.items()},
+        }
         missing = [n for n in plan.metadata_names if n not in values]
         if missing:
             name = missing[0].removeprefix("meta.")
@@ -118,12 +128,20 @@ def candidates(schedule: Schedule, plan: Plan, source: S3Store, settings: Settin
             else:  # no image extension (its Content-Type said what it is): the output key gets its format's
                 out_key = f"{rel}.{EXTENSIONS[fmt]}"
             if not re.match(OUTPUT_KEY_PATTERN, out_key) or len(out_key.encode()) > 900:
-                skipped.append(Skipped(key, f"mirror layout: {out_key!r} cannot be an output key "
-                                            f"(control characters, backslash, or over 900 bytes)"))
+                skipped.append(
+                    Skipped(
+                        key,
+                        f"mirror layout: {out_key!r} cannot be an output key "
+                        f"(control characters, backslash, or over 900 bytes)",
+                    )
+                )
                 continue
             if out_key in taken:
-                hint = ("set keep_format = true to keep both" if not schedule.keep_format else
-                        "an image without an extension takes its format's; rename one of them")
+                hint = (
+                    "set keep_format = true to keep both"
+                    if not schedule.keep_format
+                    else "an image without an extension takes its format's; rename one of them"
+                )
                 skipped.append(Skipped(key, f"its output {out_key} is also {taken[out_key]}'s ({hint})"))
                 continue
             taken[out_key] = key

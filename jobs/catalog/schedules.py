@@ -47,8 +47,9 @@ class Source(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     prefix: str | None = Field(None, description="s3://bucket/prefix/ to scan: every image under it is a row")
-    path: str | None = Field(None, description="key template naming parts of each key, e.g. products/{category}/"
-                                               "{sku}.jpg")
+    path: str | None = Field(
+        None, description="key template naming parts of each key, e.g. products/{category}/{sku}.jpg"
+    )
     manifest: str | None = Field(None, description="a CSV/JSONL manifest: a local path or s3://bucket/key")
 
     @model_validator(mode="after")
@@ -80,8 +81,9 @@ class Schedule(BaseModel):
     webhook: str | None = None
     priority: Priority = Field("normal", description="the queue order of each run's items: high, normal or low")
     max_concurrency: int | None = Field(None, ge=1, description="at most this many of a run's items at once")
-    expires_after: float | None = Field(None, description="a run's items not started within this long (90s, 15m, "
-                                                          "2h, 1d) end cancelled, reason expired")
+    expires_after: float | None = Field(
+        None, description="a run's items not started within this long (90s, 15m, 2h, 1d) end cancelled, reason expired"
+    )
     layout: Literal["mirror", "job"] | None = None  # default: mirror for a prefix scan, job for a manifest
     keep_format: bool = False
     revision: str = Field("", max_length=200, description="the model weights' revision; change it to re-run all")
@@ -150,9 +152,11 @@ class Schedule(BaseModel):
         except ConfigError as exc:
             raise ValueError(str(exc)) from None
         if src_bucket == out_bucket and out_prefix.startswith(src_prefix):
-            raise ValueError(f"output: {self.output} is inside source.prefix {self.source.prefix}: every run would "
-                             f"scan its own outputs as new images; choose an output outside that prefix "
-                             f"(e.g. s3://{out_bucket}/edited next to it)")
+            raise ValueError(
+                f"output: {self.output} is inside source.prefix {self.source.prefix}: every run would "
+                f"scan its own outputs as new images; choose an output outside that prefix "
+                f"(e.g. s3://{out_bucket}/edited next to it)"
+            )
         return self
 
     @property
@@ -181,9 +185,17 @@ class Schedule(BaseModel):
     def job_spec(self, defaults: dict[str, Any]) -> JobSpec:
         """How each run's rows become its job (`defaults`: the run's plan: preset, params, rendered texts). A row
         the job rejects is recorded as failed and the rest run."""
-        return JobSpec(model=self.model, defaults=defaults, output=self.output, webhook=self.webhook,
-                       priority=self.priority, max_concurrency=self.max_concurrency, expires_after=self.expires_after,
-                       review_sheet=self.contact_sheet, skip_invalid=True)
+        return JobSpec(
+            model=self.model,
+            defaults=defaults,
+            output=self.output,
+            webhook=self.webhook,
+            priority=self.priority,
+            max_concurrency=self.max_concurrency,
+            expires_after=self.expires_after,
+            review_sheet=self.contact_sheet,
+            skip_invalid=True,
+        )
 
     def key_template(self) -> templates.KeyTemplate | None:
         if self.source.path is None:
@@ -208,8 +220,9 @@ def read_schedules_file(path: Path) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"schedules file {path}: expected a mapping with a `schedules` key "
-                          f"(got a {type(data).__name__})")
+        raise ConfigError(
+            f"schedules file {path}: expected a mapping with a `schedules` key (got a {type(data).__name__})"
+        )
     return data
 
 
@@ -232,8 +245,9 @@ def load_schedules(settings: Settings, path: str | Path | None = None) -> dict[s
             first = exc.errors(include_url=False)[0]
             field = ".".join(str(p) for p in first["loc"])  # empty: a rule across fields, named in the message
             message = first["msg"].removeprefix("Value error, ")
-            raise ConfigError(f"schedules file {path}: schedules.{name}: {f'{field}: ' if field else ''}"
-                              f"{message}") from None
+            raise ConfigError(
+                f"schedules file {path}: schedules.{name}: {f'{field}: ' if field else ''}{message}"
+            ) from None
         except InputError as exc:
             raise ConfigError(f"schedules file {path}: {exc}") from None
         out[name] = schedule

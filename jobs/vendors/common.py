@@ -59,7 +59,7 @@ def prompt(item: ItemRecord | None) -> str:
 
 
 def progress(step: str | None) -> float | None:
-    """"3/16" (the store's step record) → 18.75 (percent), or None."""
+    """ "3/16" (the store's step record) → 18.75 (percent), or None."""
     if not step or "/" not in step:
         return None
     done, _, total = step.partition("/")

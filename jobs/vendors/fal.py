@@ -17,16 +17,28 @@ from jobs.vendors import common
 from jobs.vendors.common import UrlFor
 
 NAMESPACES = ("fal-ai", "dreambatch")  # fal-ai/hidream-e1-full, dreambatch/e1-full
-IMAGE_SIZES = {"square_hd": (1024, 1024), "square": (512, 512), "portrait_4_3": (768, 1024),
-               "portrait_16_9": (576, 1024), "landscape_4_3": (1024, 768), "landscape_16_9": (1024, 576)}
+IMAGE_SIZES = {
+    "square_hd": (1024, 1024),
+    "square": (512, 512),
+    "portrait_4_3": (768, 1024),
+    "portrait_16_9": (576, 1024),
+    "landscape_4_3": (1024, 768),
+    "landscape_16_9": (1024, 576),
+}
 
 # fal's defaults for its models, applied to fal-shaped requests only (manifests keep jobs.models.MODELS' defaults,
 # which are HiDream's published ones). Source: the fal.ai page for fal-ai/hidream-e1-full, "Input" (../shared/seeds/
 # 003): num_inference_steps 50, guidance_scale 3.5, image_guidance_scale 2, negative_prompt "low resolution, blur",
 # output_format jpeg, enable_safety_checker true. The other models' fal pages are not seeds: ours apply to them.
 DEFAULTS: dict[str, dict[str, Any]] = {
-    "e1-full": {"steps": 50, "guidance_scale": 3.5, "image_guidance_scale": 2.0,
-                "negative_prompt": "low resolution, blur", "output_format": "jpeg", "safety_check": True},
+    "e1-full": {
+        "steps": 50,
+        "guidance_scale": 3.5,
+        "image_guidance_scale": 2.0,
+        "negative_prompt": "low resolution, blur",
+        "output_format": "jpeg",
+        "safety_check": True,
+    },
 }
 
 
@@ -68,11 +80,18 @@ def _given(values: dict[str, Any], ours: str) -> bool:
 def output(item: ItemRecord, url_for: UrlFor) -> dict[str, Any]:
     """A completed request's result in fal's output schema. `has_nsfw_concepts` is the safety checker's flag per
     image, or null when no checker ran (`safety_checker` then says why)."""
-    images = [{"url": url_for(i), "width": i.width, "height": i.height, "content_type": i.content_type}
-              for i in common.images(item)]
-    return {"images": images, "seed": item.seed, "prompt": common.prompt(item),
-            "has_nsfw_concepts": common.nsfw(item), "safety_checker": common.safety(item),
-            "timings": {"inference": item.timings.inference_s}}
+    images = [
+        {"url": url_for(i), "width": i.width, "height": i.height, "content_type": i.content_type}
+        for i in common.images(item)
+    ]
+    return {
+        "images": images,
+        "seed": item.seed,
+        "prompt": common.prompt(item),
+        "has_nsfw_concepts": common.nsfw(item),
+        "safety_checker": common.safety(item),
+        "timings": {"inference": item.timings.inference_s},
+    }
 
 
 def queue_status(job: JobRecord, item: ItemRecord | None, *, position: int, logs: bool) -> dict[str, Any]:
@@ -80,8 +99,11 @@ def queue_status(job: JobRecord, item: ItemRecord | None, *, position: int, logs
     failed or was cancelled also is, with `error` and `error_type` (the item's error kind)."""
     log_lines = _logs(job, item) if logs else None
     if common.ended(job, item):
-        out: dict[str, Any] = {"status": "COMPLETED", "logs": log_lines,
-                               "metrics": {"inference_time": item.timings.inference_s if item else None}}
+        out: dict[str, Any] = {
+            "status": "COMPLETED",
+            "logs": log_lines,
+            "metrics": {"inference_time": item.timings.inference_s if item else None},
+        }
         if not common.completed(item):
             out.update(error=common.error(job, item), error_type=common.error_kind(job, item))
         return out
@@ -94,12 +116,23 @@ def _logs(job: JobRecord, item: ItemRecord | None) -> list[dict[str, Any]]:
     """What is known of the request's run, as fal log lines (no runner output is kept)."""
     lines = [{"message": "queued", "level": "INFO", "source": "dreambatch", "timestamp": job.created_at}]
     if item is not None and item.timings.started_at:
-        lines.append({"message": f"started (attempt {item.attempts})", "level": "INFO", "source": "dreambatch",
-                      "timestamp": _iso(item.timings.started_at)})
+        lines.append(
+            {
+                "message": f"started (attempt {item.attempts})",
+                "level": "INFO",
+                "source": "dreambatch",
+                "timestamp": _iso(item.timings.started_at),
+            }
+        )
     if item is not None and item.status.terminal:
-        lines.append({"message": item.status.value + (f": {item.error}" if item.error else ""),
-                      "level": "ERROR" if item.error else "INFO", "source": "dreambatch",
-                      "timestamp": item.updated_at})
+        lines.append(
+            {
+                "message": item.status.value + (f": {item.error}" if item.error else ""),
+                "level": "ERROR" if item.error else "INFO",
+                "source": "dreambatch",
+                "timestamp": item.updated_at,
+            }
+        )
     return lines
 
 
@@ -119,8 +152,7 @@ def webhook_body(job: JobRecord, item: ItemRecord | None, url_for: UrlFor) -> di
     body: dict[str, Any] = {"request_id": job.job_id, "gateway_request_id": job.job_id}
     if item is not None and common.completed(item):
         return {**body, "status": "OK", "payload": output(item, url_for), "error": None}
-    return {**body, "status": "ERROR", "error": common.error(job, item),
-            "payload": {"detail": error_detail(job, item)}}
+    return {**body, "status": "ERROR", "error": common.error(job, item), "payload": {"detail": error_detail(job, item)}}
 
 
 def position_in(depth: int) -> int:

@@ -79,7 +79,8 @@ def status_of(job: JobRecord, item: ItemRecord | None) -> TaskStatus:
     if common.ended(job, item):
         status = item.status if item is not None else job.status
         return {ItemStatus.COMPLETED: TaskStatus.COMPLETED, ItemStatus.CANCELLED: TaskStatus.CANCELLED}.get(
-            status, TaskStatus.FAILED)
+            status, TaskStatus.FAILED
+        )
     if job.cancel_requested:
         return TaskStatus.CANCELLING
     if job.status == JobStatus.RUNNING:
@@ -87,8 +88,9 @@ def status_of(job: JobRecord, item: ItemRecord | None) -> TaskStatus:
     return TaskStatus.QUEUED
 
 
-def file_of(url: str | None, content_type: str, name: str, width: int | None = None,
-            height: int | None = None) -> dict[str, Any]:
+def file_of(
+    url: str | None, content_type: str, name: str, width: int | None = None, height: int | None = None
+) -> dict[str, Any]:
     """An inference.sh File: `uri`, `content_type`, `filename` (and the image's size)."""
     out: dict[str, Any] = {"uri": url, "path": None, "content_type": content_type, "filename": name}
     if width is not None:
@@ -98,27 +100,47 @@ def file_of(url: str | None, content_type: str, name: str, width: int | None = N
 
 def output(item: ItemRecord, url_for: UrlFor) -> dict[str, Any]:
     """A completed task's output: `image` (the first), `images`, `seed`, and the safety verdict."""
-    files = [file_of(url_for(i), i.content_type, (i.s3_uri or "").rsplit("/", 1)[-1], i.width, i.height)
-             for i in common.images(item)]
-    return {"image": files[0] if files else None, "images": files, "seed": item.seed,
-            "has_nsfw_concepts": common.nsfw(item), "safety_checker": common.safety(item)}
+    files = [
+        file_of(url_for(i), i.content_type, (i.s3_uri or "").rsplit("/", 1)[-1], i.width, i.height)
+        for i in common.images(item)
+    ]
+    return {
+        "image": files[0] if files else None,
+        "images": files,
+        "seed": item.seed,
+        "has_nsfw_concepts": common.nsfw(item),
+        "safety_checker": common.safety(item),
+    }
 
 
-def task(job: JobRecord, item: ItemRecord | None, url_for: UrlFor, *, status: TaskStatus | None = None,
-         progress: float | None = None) -> dict[str, Any]:
+def task(
+    job: JobRecord,
+    item: ItemRecord | None,
+    url_for: UrlFor,
+    *,
+    status: TaskStatus | None = None,
+    progress: float | None = None,
+) -> dict[str, Any]:
     """The task object the SDK reads (TaskDTO's fields it uses: id, status, input, output, error, logs,
     session_id, created_at, updated_at), with `status_text` and `progress` (percent of denoising steps)."""
     status = status if status is not None else status_of(job, item)
     done = status == TaskStatus.COMPLETED and item is not None
     failed = status in (TaskStatus.FAILED, TaskStatus.CANCELLED)
     return {
-        "id": job.job_id, "short_id": job.job_id[-8:], "status": int(status), "status_text": status.name.lower(),
-        "app": app_of(job), "input": job.api.get("input", {}),
+        "id": job.job_id,
+        "short_id": job.job_id[-8:],
+        "status": int(status),
+        "status_text": status.name.lower(),
+        "app": app_of(job),
+        "input": job.api.get("input", {}),
         "output": output(item, url_for) if done else None,
         "error": common.error(job, item) if failed else "",
         "error_kind": common.error_kind(job, item) if failed else None,
-        "progress": 100.0 if done else progress, "logs": [], "session_id": None,
-        "webhook": job.webhook, "created_at": job.created_at,
+        "progress": 100.0 if done else progress,
+        "logs": [],
+        "session_id": None,
+        "webhook": job.webhook,
+        "created_at": job.created_at,
         "updated_at": (item.updated_at if item is not None else None) or job.updated_at,
     }
 

@@ -54,8 +54,9 @@ def status_of(job: JobRecord, item: ItemRecord | None) -> str:
     return "processing" if job.status == JobStatus.RUNNING else "created"
 
 
-def prediction(job: JobRecord, item: ItemRecord | None, url_for: UrlFor, result_url: str,
-               error: str | None = None) -> dict[str, Any]:
+def prediction(
+    job: JobRecord, item: ItemRecord | None, url_for: UrlFor, result_url: str, error: str | None = None
+) -> dict[str, Any]:
     """The prediction object (`data`), as the seed page lists it."""
     status = status_of(job, item)
     done = status == "completed"
@@ -63,7 +64,8 @@ def prediction(job: JobRecord, item: ItemRecord | None, url_for: UrlFor, result_
     inference = item.timings.inference_s if item is not None else None
     flags = common.nsfw(item) if done else None
     return {
-        "id": job.job_id, "model": model_id(job),
+        "id": job.job_id,
+        "model": model_id(job),
         "outputs": [url_for(i) for i in images],
         "urls": {"get": result_url},
         "has_nsfw_contents": flags if flags is not None else [],

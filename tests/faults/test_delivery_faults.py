@@ -18,8 +18,9 @@ pytestmark = pytest.mark.timeout(240)
 LOOPBACK = Policy.from_setting("127.0.0.1")
 
 
-def test_webhooks_survive_500_429_and_a_receiver_that_is_down(redis_server, s3_endpoint, tiny_dir, bucket,
-                                                              receiver, start_worker, tmp_path):
+def test_webhooks_survive_500_429_and_a_receiver_that_is_down(
+    redis_server, s3_endpoint, tiny_dir, bucket, receiver, start_worker, tmp_path
+):
     """500, then 429 with Retry-After, then success: each event arrives once as 2xx, with the same
     webhook-id on every attempt, and the job's outcome is unaffected."""
     env = service_env(redis_server.url, s3_endpoint, tiny_dir)
@@ -28,8 +29,17 @@ def test_webhooks_survive_500_429_and_a_receiver_that_is_down(redis_server, s3_e
     io.wait_ready()
     manifest = tmp_path / "bad.jsonl"
     manifest.write_text('{"prompt": ""}\n')  # one rejected row: the job ends at once, no GPU needed
-    res = cli("submit", str(manifest), "--output", f"s3://{bucket}/w", "--webhook", receiver.url,
-              "--skip-invalid", "--json", env=env)
+    res = cli(
+        "submit",
+        str(manifest),
+        "--output",
+        f"s3://{bucket}/w",
+        "--webhook",
+        receiver.url,
+        "--skip-invalid",
+        "--json",
+        env=env,
+    )
     job_id = json.loads(res.stdout)["job_id"]
     wait_until(lambda: len(receiver.delivered()) == 2, 60, what="both events delivered")
     time.sleep(1)
@@ -110,18 +120,31 @@ def test_oversized_endless_and_redirected_downloads_are_cut_off():
             s.close()
 
 
-@pytest.mark.parametrize("url", [
-    "http://127.0.0.1/", "http://localhost/", "http://2130706433/", "http://0x7f000001/", "http://0177.0.0.1/",
-    "http://[::1]/", "http://[::ffff:127.0.0.1]/", "http://[::ffff:a9fe:a9fe]/", "http://169.254.169.254/",
-    "http://10.0.0.8/", "http://192.168.1.1/", "http://100.64.0.1/", "http://[fd00:ec2::254]/", "http://0.0.0.0/",
-])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1/",
+        "http://localhost/",
+        "http://2130706433/",
+        "http://0x7f000001/",
+        "http://0177.0.0.1/",
+        "http://[::1]/",
+        "http://[::ffff:127.0.0.1]/",
+        "http://[::ffff:a9fe:a9fe]/",
+        "http://169.254.169.254/",
+        "http://10.0.0.8/",
+        "http://192.168.1.1/",
+        "http://100.64.0.1/",
+        "http://[fd00:ec2::254]/",
+        "http://0.0.0.0/",
+    ],
+)
 def test_private_addresses_in_every_spelling_are_refused_before_connecting(url):
     def no_dns(host, port):  # a stub resolver: 'localhost' resolves only through it, nothing leaves the box
         return {"localhost": ["127.0.0.1", "::1"]}[host]
 
     with pytest.raises(InputError, match="private/loopback"):
-        fetch(url, Policy.from_setting("", resolver=no_dns), max_bytes=100, timeout=2,
-              client=_ExplodingClient())
+        fetch(url, Policy.from_setting("", resolver=no_dns), max_bytes=100, timeout=2, client=_ExplodingClient())
 
 
 class _ExplodingClient:

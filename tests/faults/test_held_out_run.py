@@ -21,11 +21,16 @@ GPU = ("worker", "--model", "i1-fast", "--weights", "tiny", "--device", "cpu", "
 
 
 def test_kill_9_mid_job_with_a_refusing_receiver_ends_with_30_items_once_and_every_event_signed(
-        redis_server, s3_endpoint, tiny_dir, bucket, receiver, start_worker, tmp_path):
+    redis_server, s3_endpoint, tiny_dir, bucket, receiver, start_worker, tmp_path
+):
     secret = "whsec_" + base64.b64encode(os.urandom(32)).decode()
-    cfg = {"DREAMBATCH_WEBHOOK_SECRET": secret, "DREAMBATCH_CELERY__VISIBILITY_TIMEOUT": "4",
-           "DREAMBATCH_CELERY__TASK_TIME_LIMIT": "3", "DREAMBATCH_CELERY__LEASE_TTL": "3",
-           "DREAMBATCH_WEBHOOKS__BACKOFF_MAX": "1"}
+    cfg = {
+        "DREAMBATCH_WEBHOOK_SECRET": secret,
+        "DREAMBATCH_CELERY__VISIBILITY_TIMEOUT": "4",
+        "DREAMBATCH_CELERY__TASK_TIME_LIMIT": "3",
+        "DREAMBATCH_CELERY__LEASE_TTL": "3",
+        "DREAMBATCH_WEBHOOKS__BACKOFF_MAX": "1",
+    }
     env = service_env(redis_server.url, s3_endpoint, tiny_dir, **cfg)
     receiver.script = [503, 503]  # the first two deliveries are refused
     start_worker("worker", "--io", **cfg).wait_ready()
@@ -33,10 +38,23 @@ def test_kill_9_mid_job_with_a_refusing_receiver_ends_with_30_items_once_and_eve
     first.wait_ready()
     ids = [f"h{n:02d}" for n in range(30)]
     path = tmp_path / "h.jsonl"
-    path.write_text("".join(json.dumps({"id": i, "prompt": f"catalog shot {i}", "seed": n}) + "\n"
-                            for n, i in enumerate(ids)))
-    res = cli("submit", str(path), "--model", "i1-fast", "--set", "steps=3", "--output", f"s3://{bucket}/h",
-              "--webhook", receiver.url, "--json", env=env)
+    path.write_text(
+        "".join(json.dumps({"id": i, "prompt": f"catalog shot {i}", "seed": n}) + "\n" for n, i in enumerate(ids))
+    )
+    res = cli(
+        "submit",
+        str(path),
+        "--model",
+        "i1-fast",
+        "--set",
+        "steps=3",
+        "--output",
+        f"s3://{bucket}/h",
+        "--webhook",
+        receiver.url,
+        "--json",
+        env=env,
+    )
     assert res.returncode == 0, res.stderr
     job_id = json.loads(res.stdout)["job_id"]
     store = RedisStore.from_url(redis_server.url)
@@ -49,8 +67,9 @@ def test_kill_9_mid_job_with_a_refusing_receiver_ends_with_30_items_once_and_eve
     check_ledger(s3_client(s3_endpoint), bucket, "h", job_id, ids)
 
     expected = {f"evt_{job_id}_{i}_completed" for i in ids} | {f"evt_{job_id}_completed"}
-    wait_until(lambda: {r["headers"]["webhook-id"] for r in receiver.delivered()} >= expected, 60,
-               what="every event delivered")
+    wait_until(
+        lambda: {r["headers"]["webhook-id"] for r in receiver.delivered()} >= expected, 60, what="every event delivered"
+    )
     assert [r["code"] for r in receiver.requests[:2]] == [503, 503]
     verifier = Webhook(secret)
     for request in receiver.delivered():

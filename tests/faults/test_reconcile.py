@@ -18,8 +18,9 @@ pytestmark = pytest.mark.timeout(240)
 GPU = ("worker", "--model", "i1-fast", "--weights", "tiny", "--device", "cpu", "--concurrency", "1")
 
 
-def test_flushall_mid_job_then_reconcile_requeues_only_unfinished_items(redis_server, s3_endpoint, tiny_dir, bucket,
-                                                                        start_worker, tmp_path):
+def test_flushall_mid_job_then_reconcile_requeues_only_unfinished_items(
+    redis_server, s3_endpoint, tiny_dir, bucket, start_worker, tmp_path
+):
     env = service_env(redis_server.url, s3_endpoint, tiny_dir)
     io = start_worker("worker", "--io")
     gpu = start_worker(*GPU)
@@ -27,11 +28,11 @@ def test_flushall_mid_job_then_reconcile_requeues_only_unfinished_items(redis_se
     io.wait_ready()
     manifest = tmp_path / "m.jsonl"
     ids = [f"r{n}" for n in range(6)]
-    manifest.write_text("".join(json.dumps({"id": i, "prompt": f"photo {i}", "seed": n}) + "\n"
-                                for n, i in enumerate(ids)))
+    manifest.write_text(
+        "".join(json.dumps({"id": i, "prompt": f"photo {i}", "seed": n}) + "\n" for n, i in enumerate(ids))
+    )
     output = f"s3://{bucket}/rec"
-    res = cli("submit", str(manifest), "--model", "i1-fast", "--set", "steps=12",
-              "--output", output, "--json", env=env)
+    res = cli("submit", str(manifest), "--model", "i1-fast", "--set", "steps=12", "--output", output, "--json", env=env)
     assert res.returncode == 0, res.stderr
     job_id = json.loads(res.stdout)["job_id"]
 
@@ -71,8 +72,10 @@ def test_flushall_mid_job_then_reconcile_requeues_only_unfinished_items(redis_se
     outputs_after = {k: v for k, v in listing("").items() if k.endswith(".png")}
     for key, modified in outputs_before.items():
         assert outputs_after[key] == modified, key
-    lines = [json.loads(x) for x in s3.get_object(Bucket=bucket, Key=f"rec/{job_id}/results.jsonl")["Body"]
-             .read().decode().splitlines()]
+    lines = [
+        json.loads(x)
+        for x in s3.get_object(Bucket=bucket, Key=f"rec/{job_id}/results.jsonl")["Body"].read().decode().splitlines()
+    ]
     for line in lines:
         assert line["status"] == "completed" and line["output"]["images"], line
         if line["id"] in ended_before:
@@ -92,19 +95,38 @@ def _recorded_job(tmp_path, statuses: dict[str, str | None], rejected: tuple[str
     objects = LocalStore(str(tmp_path / "out"))
     at = "2024-01-01T00:00:00.000+00:00"
     ids = [*statuses, *rejected]
-    job = JobRecord(job_id="j1", model="i1-fast", output=str(tmp_path / "out"), total=len(ids), created_at=at,
-                    updated_at=at)
+    job = JobRecord(
+        job_id="j1", model="i1-fast", output=str(tmp_path / "out"), total=len(ids), created_at=at, updated_at=at
+    )
     records.write_job_spec(objects, job)
     rows = []
     for n, item_id in enumerate(ids, 1):
         bad = item_id in rejected
-        rows.append({"id": item_id, "line": n, "params": {} if bad else {"prompt": item_id, "seed": n},
-                     "metadata": {}, "error": "invalid row: prompt: field required" if bad else None})
+        rows.append(
+            {
+                "id": item_id,
+                "line": n,
+                "params": {} if bad else {"prompt": item_id, "seed": n},
+                "metadata": {},
+                "error": "invalid row: prompt: field required" if bad else None,
+            }
+        )
         status = "failed" if bad else statuses[item_id]
         if status:
-            records.write_item_result(objects, ItemRecord(
-                job_id="j1", item_id=item_id, line=n, status=status, seed=n, attempts=1,
-                error=rows[-1]["error"], created_at=at, updated_at=at))
+            records.write_item_result(
+                objects,
+                ItemRecord(
+                    job_id="j1",
+                    item_id=item_id,
+                    line=n,
+                    status=status,
+                    seed=n,
+                    attempts=1,
+                    error=rows[-1]["error"],
+                    created_at=at,
+                    updated_at=at,
+                ),
+            )
     objects.put("j1/rows.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode(), "application/x-ndjson")
     return objects, job
 
@@ -129,7 +151,10 @@ def test_the_periodic_sweep_requeues_a_lost_jobs_items_at_the_jobs_priority(redi
     try:
         assert sweeper.sweep_once(services) == 1
         assert {p: lists.llen(name) for p, name in keys.priority_lists(queue).items()} == {
-            "high": 1, "normal": 0, "low": 0}
+            "high": 1,
+            "normal": 0,
+            "low": 0,
+        }
     finally:
         lists.flushdb()
 
@@ -138,8 +163,7 @@ def test_reconcile_rebuilds_counts_and_queues_only_items_without_a_result(tmp_pa
     from jobs.reconcile import reconcile
     from jobs.store import MemoryStore
 
-    objects, _ = _recorded_job(tmp_path, {"a": "completed", "b": None, "c": "failed", "d": None},
-                               rejected=("e",))
+    objects, _ = _recorded_job(tmp_path, {"a": "completed", "b": None, "c": "failed", "d": None}, rejected=("e",))
     store, sent, finals = MemoryStore(), [], []
     report = reconcile("j1", objects, store, sent.append, finals.append, batch=1)
     assert (report.total, report.ended, report.requeued, report.recreated) == (5, 3, 2, True)
@@ -174,8 +198,12 @@ def test_reconcile_in_place_applies_results_the_live_state_missed(tmp_path):
     store, sent, finals = MemoryStore(), [], []
     store.create_job(job)
     at = job.created_at
-    store.add_items([ItemRecord(job_id="j1", item_id=i, line=n, status=s, created_at=at, updated_at=at)
-                     for n, (i, s) in enumerate([("a", "running"), ("b", "completed")], 1)])
+    store.add_items(
+        [
+            ItemRecord(job_id="j1", item_id=i, line=n, status=s, created_at=at, updated_at=at)
+            for n, (i, s) in enumerate([("a", "running"), ("b", "completed")], 1)
+        ]
+    )
     report = reconcile("j1", objects, store, sent.append, finals.append)
     assert not report.recreated and report.requeued == 0 and sent == []
     assert store.get_item("j1", "a").status == "completed"  # its result record was written, the move was not
@@ -215,26 +243,51 @@ def test_cancel_records_queued_items_before_they_move_so_a_rebuild_keeps_them_ca
         def generate(self, request, on_step=None):
             return RunOutput([Image.new("RGB", (16, 16))], request.seed, 0.01)
 
-    params = {"negative_prompt": "", "width": 16, "height": 16, "seed": 1, "steps": 1, "guidance_scale": 0.0,
-              "shift": 3.0, "scheduler": "flash_flow", "num_images": 1, "output_format": "png", "output_quality": 90}
+    params = {
+        "negative_prompt": "",
+        "width": 16,
+        "height": 16,
+        "seed": 1,
+        "steps": 1,
+        "guidance_scale": 0.0,
+        "shift": 3.0,
+        "scheduler": "flash_flow",
+        "num_images": 1,
+        "output_format": "png",
+        "output_quality": 90,
+    }
     job = JobRecord(job_id=job_id, model="i1-fast", output=str(out), total=3, created_at=at, updated_at=at)
-    items = [ItemRecord(job_id=job_id, item_id=i, line=n, params={**params, "prompt": i}, seed=n, created_at=at,
-                        updated_at=at) for n, i in enumerate("abc", 1)]
+    items = [
+        ItemRecord(
+            job_id=job_id, item_id=i, line=n, params={**params, "prompt": i}, seed=n, created_at=at, updated_at=at
+        )
+        for n, i in enumerate("abc", 1)
+    ]
     records.write_job_spec(objects, job)
-    objects.put(f"{job_id}/rows.jsonl", "".join(json.dumps({"id": i.item_id, "line": i.line, "params": i.params,
-                                                            "metadata": {}, "error": None}) + "\n" for i in items
-                                                ).encode(), records.JSONL)
+    objects.put(
+        f"{job_id}/rows.jsonl",
+        "".join(
+            json.dumps({"id": i.item_id, "line": i.line, "params": i.params, "metadata": {}, "error": None}) + "\n"
+            for i in items
+        ).encode(),
+        records.JSONL,
+    )
     settings = Settings(redis_url=redis_server.url)
     store = RecordFirst.from_url(redis_server.url)
     store.create_job(job)
     store.add_items(items)
 
-    ctx = process.Context(settings=settings, store=store, runner=Tiny, objects=lambda _: objects,
-                          notify=lambda events: None, finalize=lambda _: None)
+    ctx = process.Context(
+        settings=settings,
+        store=store,
+        runner=Tiny,
+        objects=lambda _: objects,
+        notify=lambda events: None,
+        finalize=lambda _: None,
+    )
     assert process.process_item(ctx, job_id, "a").ended == "completed"  # a worker ends a
     cancel_job(Services(settings, store=store, objects=lambda _: objects), job_id)  # b, c
-    assert {i.item_id: i.status for i in store.items(job_id)} == {"a": "completed", "b": "cancelled",
-                                                                 "c": "cancelled"}
+    assert {i.item_id: i.status for i in store.items(job_id)} == {"a": "completed", "b": "cancelled", "c": "cancelled"}
     for item_id in "bc":
         recorded = json.loads(objects.get(f"{job_id}/items/{item_id}.json"))
         assert (recorded["status"], recorded["reason"], recorded["attempts"]) == ("cancelled", "cancelled", 0)
@@ -243,4 +296,7 @@ def test_cancel_records_queued_items_before_they_move_so_a_rebuild_keeps_them_ca
     report = reconcile(job_id, objects, rebuilt, lambda ids: pytest.fail(f"{ids} queued again"), lambda _: None)
     assert (report.ended, report.requeued, report.finalized) == (3, 0, True)
     assert {i.item_id: (i.status, i.reason) for i in rebuilt.items(job_id)} == {
-        "a": ("completed", None), "b": ("cancelled", "cancelled"), "c": ("cancelled", "cancelled")}
+        "a": ("completed", None),
+        "b": ("cancelled", "cancelled"),
+        "c": ("cancelled", "cancelled"),
+    }

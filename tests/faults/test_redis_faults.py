@@ -27,14 +27,16 @@ GPU = ("worker", "--model", "i1-fast", "--weights", "tiny", "--device", "cpu")
 
 
 def manifest(path, ids):
-    path.write_text("".join(json.dumps({"id": i, "prompt": f"product {i}", "seed": n}) + "\n"
-                            for n, i in enumerate(ids)))
+    path.write_text(
+        "".join(json.dumps({"id": i, "prompt": f"product {i}", "seed": n}) + "\n" for n, i in enumerate(ids))
+    )
     return path
 
 
 def wait_end(store, job_id, timeout):
-    return wait_until(lambda: (j := store.get_job(job_id)) and j.finished_at and j, timeout, 0.25,
-                      what=f"job {job_id} to end")
+    return wait_until(
+        lambda: (j := store.get_job(job_id)) and j.finished_at and j, timeout, 0.25, what=f"job {job_id} to end"
+    )
 
 
 @pytest.fixture
@@ -46,14 +48,25 @@ def own_redis(tmp_path):
     server.stop()
 
 
-def test_redis_restart_mid_job_workers_and_a_submit_in_flight_carry_on(own_redis, s3_endpoint, tiny_dir, bucket,
-                                                                      start_worker, tmp_path):
+def test_redis_restart_mid_job_workers_and_a_submit_in_flight_carry_on(
+    own_redis, s3_endpoint, tiny_dir, bucket, start_worker, tmp_path
+):
     env = service_env(own_redis.url, s3_endpoint, tiny_dir)
     start_worker("worker", "--io", redis_url=own_redis.url).wait_ready()
     start_worker(*GPU, "--concurrency", "1", redis_url=own_redis.url).wait_ready()
     ids_a, ids_b = [f"a{n}" for n in range(8)], [f"b{n}" for n in range(3)]
-    res = cli("submit", str(manifest(tmp_path / "a.jsonl", ids_a)), "--model", "i1-fast", "--set", "steps=10",
-              "--output", f"s3://{bucket}/r", "--json", env=env)
+    res = cli(
+        "submit",
+        str(manifest(tmp_path / "a.jsonl", ids_a)),
+        "--model",
+        "i1-fast",
+        "--set",
+        "steps=10",
+        "--output",
+        f"s3://{bucket}/r",
+        "--json",
+        env=env,
+    )
     assert res.returncode == 0, res.stderr
     job_a = json.loads(res.stdout)["job_id"]
     store = RedisStore.from_url(own_redis.url)
@@ -61,9 +74,27 @@ def test_redis_restart_mid_job_workers_and_a_submit_in_flight_carry_on(own_redis
 
     own_redis.stop()  # Redis is gone…
     patient = {**env, "DREAMBATCH_REDIS_WAIT_S": "120"}  # a script's submit may wait for Redis (a person's: 3 s)
-    late = subprocess.Popen([sys.executable, "-m", "worker", "submit", str(manifest(tmp_path / "b.jsonl", ids_b)),
-                             "--model", "i1-fast", "--set", "steps=2", "--output", f"s3://{bucket}/r", "--json"],
-                            env=patient, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    late = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "worker",
+            "submit",
+            str(manifest(tmp_path / "b.jsonl", ids_b)),
+            "--model",
+            "i1-fast",
+            "--set",
+            "steps=2",
+            "--output",
+            f"s3://{bucket}/r",
+            "--json",
+        ],
+        env=patient,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     time.sleep(6)
     assert late.poll() is None  # …the submit waits for it instead of failing
     own_redis.start()  # …and comes back with its data (append-only file)
@@ -78,8 +109,9 @@ def test_redis_restart_mid_job_workers_and_a_submit_in_flight_carry_on(own_redis
     check_ledger(s3, bucket, "r", job_b, ids_b)
 
 
-def test_a_submit_that_outlives_its_retry_window_queues_nothing(own_redis, s3_endpoint, tiny_dir, bucket,
-                                                                start_worker, tmp_path):
+def test_a_submit_that_outlives_its_retry_window_queues_nothing(
+    own_redis, s3_endpoint, tiny_dir, bucket, start_worker, tmp_path
+):
     settings = Settings(redis_url=own_redis.url, redis_retry_s=3, celery={"publish_batch": 2})
     published: list[str] = []
 
@@ -92,8 +124,12 @@ def test_a_submit_that_outlives_its_retry_window_queues_nothing(own_redis, s3_en
     services = Services(settings, publish=publish)  # Redis and publishing retried for 3 s, 2 tasks a batch
     ids = [f"n{n}" for n in range(6)]
     with pytest.raises(SubmitFailed, match="nothing was queued"):
-        create_job(JobSpec(model="i1-fast", defaults={"steps": 2}, output=f"s3://{bucket}/n"),
-                   manifest(tmp_path / "n.jsonl", ids), services, job_id="job-n")
+        create_job(
+            JobSpec(model="i1-fast", defaults={"steps": 2}, output=f"s3://{bucket}/n"),
+            manifest(tmp_path / "n.jsonl", ids),
+            services,
+            job_id="job-n",
+        )
     assert published == ["n0", "n1"]  # a first batch did reach the queue before Redis went away
 
     own_redis.start()  # it comes back with those two tasks; the job never committed
@@ -102,29 +138,36 @@ def test_a_submit_that_outlives_its_retry_window_queues_nothing(own_redis, s3_en
     grace = {"DREAMBATCH_CELERY__SUBMIT_GRACE": "3"}
     start_worker("worker", "--io", redis_url=own_redis.url, **grace).wait_ready()
     start_worker(*GPU, redis_url=own_redis.url, **grace).wait_ready()
-    wait_until(lambda: all(store.get_item("job-n", i).status == "cancelled" for i in ("n0", "n1")), 60, 0.25,
-               what="the uncommitted job's items to be dropped")
+    wait_until(
+        lambda: all(store.get_item("job-n", i).status == "cancelled" for i in ("n0", "n1")),
+        60,
+        0.25,
+        what="the uncommitted job's items to be dropped",
+    )
     item = store.get_item("job-n", "n0")
     assert item.attempts == 0 and "did not complete" in item.error  # it never ran
     s3 = s3_client(s3_endpoint)
     keys_left = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="n/").get("Contents", [])]
     assert not [k for k in keys_left if k.endswith(".png")]  # no output was made
     assert not [k for k in keys_left if "/_open/" in k or k.startswith("n/_open")]  # nothing to reconcile
-    res = cli("reconcile", "job-n", "--output", f"s3://{bucket}/n", env=service_env(own_redis.url, s3_endpoint,
-                                                                                     tiny_dir))
+    res = cli(
+        "reconcile", "job-n", "--output", f"s3://{bucket}/n", env=service_env(own_redis.url, s3_endpoint, tiny_dir)
+    )
     assert res.returncode != 0 and "no job 'job-n'" in res.stderr  # its spec is written only at commit
 
 
-def test_after_a_flushall_the_io_worker_sweep_rebuilds_the_job_on_its_own(redis_server, s3_endpoint, tiny_dir,
-                                                                         bucket, start_worker, tmp_path):
+def test_after_a_flushall_the_io_worker_sweep_rebuilds_the_job_on_its_own(
+    redis_server, s3_endpoint, tiny_dir, bucket, start_worker, tmp_path
+):
     sweep = {"DREAMBATCH_OUTPUT": f"s3://{bucket}/sw", "DREAMBATCH_CELERY__RECONCILE_INTERVAL": "2"}
     env = service_env(redis_server.url, s3_endpoint, tiny_dir, **sweep)
     start_worker("worker", "--io", **sweep).wait_ready()
     gpu = start_worker(*GPU, "--concurrency", "1")
     gpu.wait_ready()
     ids = [f"s{n}" for n in range(6)]
-    res = cli("submit", str(manifest(tmp_path / "s.jsonl", ids)), "--model", "i1-fast", "--set", "steps=12",
-              "--json", env=env)
+    res = cli(
+        "submit", str(manifest(tmp_path / "s.jsonl", ids)), "--model", "i1-fast", "--set", "steps=12", "--json", env=env
+    )
     assert res.returncode == 0, res.stderr
     job_id = json.loads(res.stdout)["job_id"]
     store = RedisStore.from_url(redis_server.url)
@@ -138,5 +181,8 @@ def test_after_a_flushall_the_io_worker_sweep_rebuilds_the_job_on_its_own(redis_
     ledger = check_ledger(s3_client(s3_endpoint), bucket, "sw", job_id, ids)
     assert ledger.extra_attempts <= 1  # at most the item in flight at the kill ran twice
     open_marker = keys.S3_OPEN_JOB.format(prefix="sw/", job_id=job_id)
-    wait_until(lambda: "Contents" not in s3_client(s3_endpoint).list_objects_v2(Bucket=bucket, Prefix=open_marker),
-               10, what="the job's open marker to go")
+    wait_until(
+        lambda: "Contents" not in s3_client(s3_endpoint).list_objects_v2(Bucket=bucket, Prefix=open_marker),
+        10,
+        what="the job's open marker to go",
+    )

@@ -20,31 +20,42 @@ pytestmark = pytest.mark.timeout(300)
 GPU = ("worker", "--model", "i1-fast", "--weights", "tiny", "--device", "cpu")
 POISON = [sys.executable, str(Path(__file__).with_name("poison_worker.py"))]
 # redeliveries within seconds: an unacked task comes back after 4 s, leases expire after 3 s
-FAST_REDELIVERY = {"DREAMBATCH_CELERY__VISIBILITY_TIMEOUT": "4", "DREAMBATCH_CELERY__TASK_TIME_LIMIT": "3",
-                   "DREAMBATCH_CELERY__LEASE_TTL": "3", "DREAMBATCH_CELERY__RESTORE_INTERVAL": "1",
-                   "DREAMBATCH_WEBHOOKS__BACKOFF_MAX": "1"}
+FAST_REDELIVERY = {
+    "DREAMBATCH_CELERY__VISIBILITY_TIMEOUT": "4",
+    "DREAMBATCH_CELERY__TASK_TIME_LIMIT": "3",
+    "DREAMBATCH_CELERY__LEASE_TTL": "3",
+    "DREAMBATCH_CELERY__RESTORE_INTERVAL": "1",
+    "DREAMBATCH_WEBHOOKS__BACKOFF_MAX": "1",
+}
 
 
 def manifest(path: Path, ids: list[str], poison: str | None = None) -> Path:
-    path.write_text("".join(json.dumps({"id": i, "prompt": "poison" if i == poison else f"product {i}",
-                                        "seed": n}) + "\n" for n, i in enumerate(ids)))
+    path.write_text(
+        "".join(
+            json.dumps({"id": i, "prompt": "poison" if i == poison else f"product {i}", "seed": n}) + "\n"
+            for n, i in enumerate(ids)
+        )
+    )
     return path
 
 
 def submit(env, path: Path, output: str, steps: int) -> str:
-    res = cli("submit", str(path), "--model", "i1-fast", "--set", f"steps={steps}", "--output", output, "--json",
-              env=env)
+    res = cli(
+        "submit", str(path), "--model", "i1-fast", "--set", f"steps={steps}", "--output", output, "--json", env=env
+    )
     assert res.returncode == 0, res.stderr
     return json.loads(res.stdout)["job_id"]
 
 
 def wait_end(store: RedisStore, job_id: str, timeout: float):
-    return wait_until(lambda: (j := store.get_job(job_id)) and j.finished_at and j, timeout, 0.25,
-                      what=f"job {job_id} to end")
+    return wait_until(
+        lambda: (j := store.get_job(job_id)) and j.finished_at and j, timeout, 0.25, what=f"job {job_id} to end"
+    )
 
 
-def test_worker_sigkilled_mid_item_is_redelivered_and_the_ledger_balances(redis_server, s3_endpoint, tiny_dir,
-                                                                          bucket, start_worker, tmp_path):
+def test_worker_sigkilled_mid_item_is_redelivered_and_the_ledger_balances(
+    redis_server, s3_endpoint, tiny_dir, bucket, start_worker, tmp_path
+):
     env = service_env(redis_server.url, s3_endpoint, tiny_dir, **FAST_REDELIVERY)
     io = start_worker("worker", "--io", **FAST_REDELIVERY)
     first = start_worker(*GPU, "--concurrency", "1", **FAST_REDELIVERY)
@@ -64,7 +75,8 @@ def test_worker_sigkilled_mid_item_is_redelivered_and_the_ledger_balances(redis_
 
 
 def test_an_item_that_kills_its_worker_every_time_ends_failed_and_the_rest_complete(
-        redis_server, s3_endpoint, tiny_dir, bucket, start_worker, tmp_path):
+    redis_server, s3_endpoint, tiny_dir, bucket, start_worker, tmp_path
+):
     cfg = {**FAST_REDELIVERY, "DREAMBATCH_CELERY__MAX_ATTEMPTS": "2"}
     env = service_env(redis_server.url, s3_endpoint, tiny_dir, **cfg)
     start_worker("worker", "--io", **cfg).wait_ready()
@@ -83,15 +95,22 @@ def test_an_item_that_kills_its_worker_every_time_ends_failed_and_the_rest_compl
         w.kill()
     job = wait_end(store, job_id, 5)
     assert deaths == 2  # it took down its worker max_attempts times, then stopped looping
-    ledger = check_ledger(s3_client(s3_endpoint), bucket, "p", job_id, ids,
-                          expect={"a": "completed", "b": "completed", "poison": "failed", "c": "completed"})
+    ledger = check_ledger(
+        s3_client(s3_endpoint),
+        bucket,
+        "p",
+        job_id,
+        ids,
+        expect={"a": "completed", "b": "completed", "poison": "failed", "c": "completed"},
+    )
     poison = next(x for x in ledger.lines if x["id"] == "poison")
     assert "gave up after 2 attempts" in poison["error"]
     assert job.status == "completed" and job.counts["failed"] == 1
 
 
-def test_sigterm_finishes_the_running_item_and_leaves_the_rest_queued(redis_server, s3_endpoint, tiny_dir,
-                                                                     bucket, start_worker, tmp_path):
+def test_sigterm_finishes_the_running_item_and_leaves_the_rest_queued(
+    redis_server, s3_endpoint, tiny_dir, bucket, start_worker, tmp_path
+):
     env = service_env(redis_server.url, s3_endpoint, tiny_dir)
     start_worker("worker", "--io").wait_ready()
     gpu = start_worker(*GPU, "--concurrency", "1")
@@ -99,8 +118,9 @@ def test_sigterm_finishes_the_running_item_and_leaves_the_rest_queued(redis_serv
     ids = [f"t{n}" for n in range(4)]
     job_id = submit(env, manifest(tmp_path / "t.jsonl", ids), f"s3://{bucket}/t", 30)
     store = RedisStore.from_url(redis_server.url)
-    running = wait_until(lambda: next((i for i in store.items(job_id) if i.status == "running"), None), 60, 0.05,
-                         what="an item running")
+    running = wait_until(
+        lambda: next((i for i in store.items(job_id) if i.status == "running"), None), 60, 0.05, what="an item running"
+    )
     gpu.proc.send_signal(signal.SIGTERM)  # warm shutdown: the item in hand is finished first
     assert gpu.proc.wait(120) == 0, gpu.log.read_text()[-3000:]
     after = store.get_item(job_id, running.item_id)
@@ -115,16 +135,29 @@ def test_sigterm_finishes_the_running_item_and_leaves_the_rest_queued(redis_serv
     assert ledger.extra_attempts == 0  # nothing acknowledged unfinished, nothing run twice
 
 
-def test_an_item_running_past_the_visibility_timeout_is_not_run_twice_at_once(redis_server, s3_endpoint, tiny_dir,
-                                                                              bucket, start_worker, tmp_path):
+def test_an_item_running_past_the_visibility_timeout_is_not_run_twice_at_once(
+    redis_server, s3_endpoint, tiny_dir, bucket, start_worker, tmp_path
+):
     env = service_env(redis_server.url, s3_endpoint, tiny_dir, **FAST_REDELIVERY)
     start_worker("worker", "--io", **FAST_REDELIVERY).wait_ready()
     cfg = {**FAST_REDELIVERY, "DREAMBATCH_CELERY__VISIBILITY_TIMEOUT": "2", "DREAMBATCH_CELERY__TASK_TIME_LIMIT": "1"}
     gpu = start_worker(*GPU, "--concurrency", "2", **cfg)  # a free thread takes the redelivery
     gpu.wait_ready()
     path = tmp_path / "v.jsonl"
-    path.write_text(json.dumps({"id": "slow", "prompt": "a long one", "seed": 1, "width": 1024, "height": 1024,
-                                "steps": 150, "num_images": 3}) + "\n")
+    path.write_text(
+        json.dumps(
+            {
+                "id": "slow",
+                "prompt": "a long one",
+                "seed": 1,
+                "width": 1024,
+                "height": 1024,
+                "steps": 150,
+                "num_images": 3,
+            }
+        )
+        + "\n"
+    )
     job_id = submit(env, path, f"s3://{bucket}/v", 150)
     store = RedisStore.from_url(redis_server.url)
     job = wait_end(store, job_id, 240)

@@ -15,45 +15,72 @@ image, seen = sys.argv[1], {}
 updates = []
 result = fal_client.subscribe(
     "fal-ai/hidream-e1-full",
-    arguments={"image_url": fal_client.encode_file(image), "edit_instruction": "Convert the image into a 3D "
-               "animated style.", "num_inference_steps": 1, "refine_strength": 0},
+    arguments={
+        "image_url": fal_client.encode_file(image),
+        "edit_instruction": "Convert the image into a 3D animated style.",
+        "num_inference_steps": 1,
+        "refine_strength": 0,
+    },
     with_logs=True,
-    on_queue_update=lambda update: updates.append(type(update).__name__ + (
-        f":{len(update.logs or [])}" if isinstance(update, fal_client.InProgress | fal_client.Completed) else "")),
+    on_queue_update=lambda update: updates.append(
+        type(update).__name__
+        + (f":{len(update.logs or [])}" if isinstance(update, fal_client.InProgress | fal_client.Completed) else "")
+    ),
 )
 seen["subscribe"] = {"result": result, "updates": updates}
 
 # "Queue": submit with a webhook, status with logs, result
-handle = fal_client.submit("fal-ai/hidream-e1-full", arguments={
-    "image_url": fal_client.encode_file(image), "edit_instruction": "make it blue", "num_inference_steps": 1,
-    "refine_strength": 0, "enable_safety_checker": False, "sync_mode": True}, webhook_url=os.environ["HOOK_URL"])
+handle = fal_client.submit(
+    "fal-ai/hidream-e1-full",
+    arguments={
+        "image_url": fal_client.encode_file(image),
+        "edit_instruction": "make it blue",
+        "num_inference_steps": 1,
+        "refine_strength": 0,
+        "enable_safety_checker": False,
+        "sync_mode": True,
+    },
+    webhook_url=os.environ["HOOK_URL"],
+)
 first = fal_client.status("fal-ai/hidream-e1-full", handle.request_id, with_logs=True)
 seen["first_status"] = type(first).__name__
 seen["first_position"] = getattr(first, "position", None)
-while not isinstance(status := fal_client.status("fal-ai/hidream-e1-full", handle.request_id, with_logs=True),
-                     fal_client.Completed):
+while not isinstance(
+    status := fal_client.status("fal-ai/hidream-e1-full", handle.request_id, with_logs=True), fal_client.Completed
+):
     time.sleep(0.2)
 seen["completed"] = {"logs": status.logs, "metrics": status.metrics, "error": status.error}
-seen["queued"] = {"request_id": handle.request_id,
-                  "result": fal_client.result("fal-ai/hidream-e1-full", handle.request_id)}
+seen["queued"] = {
+    "request_id": handle.request_id,
+    "result": fal_client.result("fal-ai/hidream-e1-full", handle.request_id),
+}
 
 # cancel a request that waits in a queue no worker serves
 waiting = fal_client.submit("fal-ai/hidream-i1-dev", arguments={"prompt": "never runs"})
 fal_client.cancel("fal-ai/hidream-i1-dev", waiting.request_id)
 while not isinstance(ended := fal_client.status("fal-ai/hidream-i1-dev", waiting.request_id), fal_client.Completed):
     time.sleep(0.2)
-seen["cancelled"] = {"status": type(ended).__name__, "error": getattr(ended, "error", None),
-                     "error_type": getattr(ended, "error_type", None)}
+seen["cancelled"] = {
+    "status": type(ended).__name__,
+    "error": getattr(ended, "error", None),
+    "error_type": getattr(ended, "error_type", None),
+}
 try:
     fal_client.cancel("fal-ai/hidream-i1-dev", waiting.request_id)
 except fal_client.FalClientHTTPError as exc:
     seen["cancel_again"] = exc.status_code
 
 # fal.run (synchronous) and fal.stream (server-sent events) on the run host
-seen["run"] = fal_client.run("fal-ai/hidream-i1-fast", arguments={
-    "prompt": "a red chair", "image_size": "landscape_4_3", "num_inference_steps": 1, "seed": 4})
-seen["stream"] = list(fal_client.stream("fal-ai/hidream-i1-fast", arguments={
-    "prompt": "a blue chair", "image_size": {"width": 320, "height": 240}, "num_inference_steps": 2}))
+seen["run"] = fal_client.run(
+    "fal-ai/hidream-i1-fast",
+    arguments={"prompt": "a red chair", "image_size": "landscape_4_3", "num_inference_steps": 1, "seed": 4},
+)
+seen["stream"] = list(
+    fal_client.stream(
+        "fal-ai/hidream-i1-fast",
+        arguments={"prompt": "a blue chair", "image_size": {"width": 320, "height": 240}, "num_inference_steps": 2},
+    )
+)
 
 # errors come back as fal's: FalClientHTTPError with the server's detail
 try:

@@ -18,10 +18,17 @@ response = client.images.edit(
     size="1024x768",
     extra_body={"steps": 1, "refine_strength": 0},
 )
-seen["edit"] = {"url": response.data[0].url, "revised_prompt": response.data[0].revised_prompt,
-                "extra": response.model_extra}
-generated = client.images.generate(model="hidream-i1-fast", prompt="a red chair", size="1024x768",
-                                   response_format="b64_json", extra_body={"steps": 1})
-seen["generate"] = {"size": Image.open(io.BytesIO(base64.b64decode(generated.data[0].b64_json))).size,
-                    "response_size": generated.size, "extra": generated.model_extra}
+seen["edit"] = {
+    "url": response.data[0].url,
+    "revised_prompt": response.data[0].revised_prompt,
+    "extra": response.model_extra,
+}
+generated = client.images.generate(
+    model="hidream-i1-fast", prompt="a red chair", size="1024x768", response_format="b64_json", extra_body={"steps": 1}
+)
+seen["generate"] = {
+    "size": Image.open(io.BytesIO(base64.b64decode(generated.data[0].b64_json))).size,
+    "response_size": generated.size,
+    "extra": generated.model_extra,
+}
 print(json.dumps(seen))

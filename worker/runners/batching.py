@@ -140,8 +140,9 @@ class MicroBatcher:
                 return
             if _out_of_memory(exc):
                 self._limit = max(1, len(group) // 2)
-            log.warning("batch of %d failed (%s: %s); running its items one by one",
-                        len(group), type(exc).__name__, exc)
+            log.warning(
+                "batch of %d failed (%s: %s); running its items one by one", len(group), type(exc).__name__, exc
+            )
             for call in group:
                 if call.stopped:
                     call.result.set_exception(call.stopped)
@@ -170,8 +171,12 @@ class MicroBatcher:
         self._per_item_bytes = max(1, torch.cuda.max_memory_allocated(self.device) - before)
         free, _ = torch.cuda.mem_get_info(self.device)
         self._limit = max(1, min(AUTO_MAX, int(0.8 * free) // self._per_item_bytes))
-        log.info("micro-batch limit %d (%.0f MiB per image, %.0f MiB free)", self._limit,
-                 self._per_item_bytes / 2**20, free / 2**20)
+        log.info(
+            "micro-batch limit %d (%.0f MiB per image, %.0f MiB free)",
+            self._limit,
+            self._per_item_bytes / 2**20,
+            free / 2**20,
+        )
         return output
 
 
@@ -201,7 +206,7 @@ def _groups(calls: list[_Call], limit: int) -> list[list[_Call]]:
     groups: dict[Any, list[_Call]] = {}
     for n, call in enumerate(calls):
         groups.setdefault(call.key if call.key is not None else ("alone", n), []).append(call)
-    return [group[i:i + limit] for group in groups.values() for i in range(0, len(group), limit)]
+    return [group[i : i + limit] for group in groups.values() for i in range(0, len(group), limit)]
 
 
 def _out_of_memory(exc: BaseException) -> bool:

@@ -17,47 +17,113 @@ import torch
 
 # HiDream-ai/HiDream-I1-{Full,Dev,Fast} transformer/config.json (one architecture for all three and E1)
 I1_TRANSFORMER_CONFIG: dict[str, Any] = {
-    "patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 16, "num_single_layers": 32,
-    "attention_head_dim": 128, "num_attention_heads": 20, "caption_channels": [4096, 4096], "text_emb_dim": 2048,
-    "num_routed_experts": 4, "num_activated_experts": 2, "axes_dims_rope": [64, 32, 32],
-    "max_resolution": [128, 128], "llama_layers": [*range(32), *[31] * 16],
+    "patch_size": 2,
+    "in_channels": 16,
+    "out_channels": 16,
+    "num_layers": 16,
+    "num_single_layers": 32,
+    "attention_head_dim": 128,
+    "num_attention_heads": 20,
+    "caption_channels": [4096, 4096],
+    "text_emb_dim": 2048,
+    "num_routed_experts": 4,
+    "num_activated_experts": 2,
+    "axes_dims_rope": [64, 32, 32],
+    "max_resolution": [128, 128],
+    "llama_layers": [*range(32), *[31] * 16],
 }
 # HiDream-ai/HiDream-I1-Full text_encoder/config.json: CLIP ViT-L/14's text tower, 248 positions (Long-CLIP)
 CLIP_L_CONFIG: dict[str, Any] = {
-    "vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "projection_dim": 768,
-    "num_hidden_layers": 12, "num_attention_heads": 12, "max_position_embeddings": 248, "hidden_act": "quick_gelu",
-    "layer_norm_eps": 1e-5, "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1,
+    "vocab_size": 49408,
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "projection_dim": 768,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "max_position_embeddings": 248,
+    "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-5,
+    "bos_token_id": 0,
+    "eos_token_id": 2,
+    "pad_token_id": 1,
 }
 # text_encoder_2/config.json: OpenCLIP ViT-bigG/14's text tower (the "CLIP-G" of SDXL), 248 positions
 CLIP_G_CONFIG: dict[str, Any] = {
-    "vocab_size": 49408, "hidden_size": 1280, "intermediate_size": 5120, "projection_dim": 1280,
-    "num_hidden_layers": 32, "num_attention_heads": 20, "max_position_embeddings": 248, "hidden_act": "gelu",
-    "layer_norm_eps": 1e-5, "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1,
+    "vocab_size": 49408,
+    "hidden_size": 1280,
+    "intermediate_size": 5120,
+    "projection_dim": 1280,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 20,
+    "max_position_embeddings": 248,
+    "hidden_act": "gelu",
+    "layer_norm_eps": 1e-5,
+    "bos_token_id": 0,
+    "eos_token_id": 2,
+    "pad_token_id": 1,
 }
 # text_encoder_3/config.json: google/t5-v1_1-xxl, encoder only
 T5_XXL_CONFIG: dict[str, Any] = {
-    "vocab_size": 32128, "d_model": 4096, "d_kv": 64, "d_ff": 10240, "num_layers": 24, "num_heads": 64,
-    "relative_attention_num_buckets": 32, "relative_attention_max_distance": 128, "feed_forward_proj": "gated-gelu",
-    "layer_norm_epsilon": 1e-6, "dropout_rate": 0.1, "tie_word_embeddings": False, "pad_token_id": 0,
-    "eos_token_id": 1, "decoder_start_token_id": 0,
+    "vocab_size": 32128,
+    "d_model": 4096,
+    "d_kv": 64,
+    "d_ff": 10240,
+    "num_layers": 24,
+    "num_heads": 64,
+    "relative_attention_num_buckets": 32,
+    "relative_attention_max_distance": 128,
+    "feed_forward_proj": "gated-gelu",
+    "layer_norm_epsilon": 1e-6,
+    "dropout_rate": 0.1,
+    "tie_word_embeddings": False,
+    "pad_token_id": 0,
+    "eos_token_id": 1,
+    "decoder_start_token_id": 0,
 }
 # meta-llama/Llama-3.1-8B-Instruct config.json (text encoder 4, LlamaForCausalLM as dreambatch loads it)
 LLAMA_8B_CONFIG: dict[str, Any] = {
-    "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
-    "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "hidden_act": "silu",
-    "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
-    "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                     "original_max_position_embeddings": 8192},
-    "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False,
-    "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009],
+    "vocab_size": 128256,
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "hidden_act": "silu",
+    "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0,
+    "rope_scaling": {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    },
+    "attention_bias": False,
+    "mlp_bias": False,
+    "tie_word_embeddings": False,
+    "bos_token_id": 128000,
+    "eos_token_id": [128001, 128008, 128009],
 }
 # vae/config.json: FLUX.1's AutoencoderKL, 8x down, 16 latent channels
 FLUX_VAE_CONFIG: dict[str, Any] = {
-    "in_channels": 3, "out_channels": 3, "latent_channels": 16, "block_out_channels": [128, 256, 512, 512],
-    "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "layers_per_block": 2, "norm_num_groups": 32, "act_fn": "silu", "sample_size": 1024,
-    "scaling_factor": 0.3611, "shift_factor": 0.1159, "use_quant_conv": False, "use_post_quant_conv": False,
-    "mid_block_add_attention": True, "force_upcast": True,
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 16,
+    "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "act_fn": "silu",
+    "sample_size": 1024,
+    "scaling_factor": 0.3611,
+    "shift_factor": 0.1159,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
+    "mid_block_add_attention": True,
+    "force_upcast": True,
 }
 T5_TOKENS = LLAMA_TOKENS = 128  # the pipeline's max_sequence_length
 LLAMA_HIDDEN_STATES = 33  # Llama 3.1 8B: embeddings + 32 layers
@@ -68,8 +134,14 @@ LATENT_FACTOR = 8  # the FLUX VAE HiDream uses: 8x down, 16 channels
 # cards). MFU is taken against the measured rate where there is one (H200: an 8192³ bf16 matmul runs at
 # 769-798 TFLOP/s there), else the datasheet's; --peak-tflops overrides either.
 PEAKS: dict[str, tuple[float, float | None]] = {
-    "H200": (989.0, 790.0), "H100 SXM": (989.0, None), "H100 80GB HBM3": (989.0, None), "H100 NVL": (835.0, None),
-    "H100 PCIe": (756.0, None), "A100": (312.0, None), "L40S": (362.0, None), "B200": (2250.0, None),
+    "H200": (989.0, 790.0),
+    "H100 SXM": (989.0, None),
+    "H100 80GB HBM3": (989.0, None),
+    "H100 NVL": (835.0, None),
+    "H100 PCIe": (756.0, None),
+    "A100": (312.0, None),
+    "L40S": (362.0, None),
+    "B200": (2250.0, None),
     "GH200": (989.0, None),
 }
 
@@ -103,8 +175,12 @@ def build_transformer(device: str | torch.device = "meta", dtype: torch.dtype = 
     return _created(device, dtype, lambda: HiDreamImageTransformer2DModel(**I1_TRANSFORMER_CONFIG))
 
 
-def build_components(device: str | torch.device = "meta", dtype: torch.dtype = torch.bfloat16,
-                     token_ids: dict[str, dict[str, Any]] | None = None, transformer: Any = None) -> dict[str, Any]:
+def build_components(
+    device: str | torch.device = "meta",
+    dtype: torch.dtype = torch.bfloat16,
+    token_ids: dict[str, dict[str, Any]] | None = None,
+    transformer: Any = None,
+) -> dict[str, Any]:
     """HiDream-I1's modules at real size with random weights, each created on `device` in `dtype`, keyed by
     their pipeline names. `token_ids` overrides the text encoders' special-token ids ("clip", "t5", "llama");
     `transformer` (optional) is used as given, else one is built."""
@@ -122,20 +198,29 @@ def build_components(device: str | torch.device = "meta", dtype: torch.dtype = t
     clip = {"clip_l": CLIP_L_CONFIG, "clip_g": CLIP_G_CONFIG}
     return {
         "vae": _created(device, dtype, lambda: AutoencoderKL(**FLUX_VAE_CONFIG)),
-        "text_encoder": _created(device, dtype, lambda: CLIPTextModelWithProjection(
-            CLIPTextConfig(**{**clip["clip_l"], **ids.get("clip", {})}))),
-        "text_encoder_2": _created(device, dtype, lambda: CLIPTextModelWithProjection(
-            CLIPTextConfig(**{**clip["clip_g"], **ids.get("clip", {})}))),
-        "text_encoder_3": _created(device, dtype, lambda: T5EncoderModel(
-            T5Config(**{**T5_XXL_CONFIG, **ids.get("t5", {})}))),
-        "text_encoder_4": _created(device, dtype, lambda: LlamaForCausalLM(
-            LlamaConfig(**{**LLAMA_8B_CONFIG, **ids.get("llama", {})}))),
+        "text_encoder": _created(
+            device,
+            dtype,
+            lambda: CLIPTextModelWithProjection(CLIPTextConfig(**{**clip["clip_l"], **ids.get("clip", {})})),
+        ),
+        "text_encoder_2": _created(
+            device,
+            dtype,
+            lambda: CLIPTextModelWithProjection(CLIPTextConfig(**{**clip["clip_g"], **ids.get("clip", {})})),
+        ),
+        "text_encoder_3": _created(
+            device, dtype, lambda: T5EncoderModel(T5Config(**{**T5_XXL_CONFIG, **ids.get("t5", {})}))
+        ),
+        "text_encoder_4": _created(
+            device, dtype, lambda: LlamaForCausalLM(LlamaConfig(**{**LLAMA_8B_CONFIG, **ids.get("llama", {})}))
+        ),
         "transformer": transformer if transformer is not None else build_transformer(device, dtype),
     }
 
 
-def build_pipeline(scheduler: Any, device: str | torch.device = "meta", dtype: torch.dtype = torch.bfloat16,
-                   transformer: Any = None) -> Any:
+def build_pipeline(
+    scheduler: Any, device: str | torch.device = "meta", dtype: torch.dtype = torch.bfloat16, transformer: Any = None
+) -> Any:
     """A `HiDreamImagePipeline` at real shapes with random weights, every component created on `device`.
 
     The tokenizers are the tiny ones (`tiny._clip_tokenizer` …): every id they give lies inside the real
@@ -152,13 +237,17 @@ def build_pipeline(scheduler: Any, device: str | torch.device = "meta", dtype: t
     def ids(tokenizer: Any, *names: str) -> dict[str, Any]:
         return {f"{name}_token_id": getattr(tokenizer, f"{name}_token_id") for name in names}
 
-    for tokenizer, size in ((clip, CLIP_L_CONFIG["vocab_size"]), (t5, T5_XXL_CONFIG["vocab_size"]),
-                            (llama, LLAMA_8B_CONFIG["vocab_size"])):
+    for tokenizer, size in (
+        (clip, CLIP_L_CONFIG["vocab_size"]),
+        (t5, T5_XXL_CONFIG["vocab_size"]),
+        (llama, LLAMA_8B_CONFIG["vocab_size"]),
+    ):
         assert len(tokenizer) <= size, f"tokenizer of {len(tokenizer)} ids for a vocabulary of {size}"
     token_ids = {"clip": ids(clip, "bos", "eos", "pad"), "t5": ids(t5, "pad", "eos"), "llama": ids(llama, "bos", "eos")}
     components = build_components(device, dtype, token_ids, transformer)
-    return HiDreamImagePipeline(scheduler=scheduler, tokenizer=clip, tokenizer_2=clip, tokenizer_3=t5,
-                                tokenizer_4=llama, **components)
+    return HiDreamImagePipeline(
+        scheduler=scheduler, tokenizer=clip, tokenizer_2=clip, tokenizer_3=t5, tokenizer_4=llama, **components
+    )
 
 
 @dataclass(frozen=True)
@@ -210,8 +299,15 @@ def _moe_active(moe: Any, k: int) -> int:
     return _params(moe.shared_experts) + _params(moe.gate) + k * _params(moe.experts[0])
 
 
-def random_inputs(transformer: Any, batch: int, width: int, height: int, device: Any, dtype: torch.dtype,
-                  generator: torch.Generator | None = None) -> dict[str, Any]:
+def random_inputs(
+    transformer: Any,
+    batch: int,
+    width: int,
+    height: int,
+    device: Any,
+    dtype: torch.dtype,
+    generator: torch.Generator | None = None,
+) -> dict[str, Any]:
     """Transformer inputs of the real shapes (random latents and text states) for one denoising step."""
     config = transformer.config
 

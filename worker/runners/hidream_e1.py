@@ -64,8 +64,14 @@ class StepInfo:
     noise_pred: torch.Tensor  # the guided prediction handed to the scheduler (target half, sign applied)
 
 
-def guide_edit(uncond: torch.Tensor, image: torch.Tensor, full: torch.Tensor, guidance_scale: float,
-               image_guidance_scale: float, clip_cfg_norm: bool) -> torch.Tensor:
+def guide_edit(
+    uncond: torch.Tensor,
+    image: torch.Tensor,
+    full: torch.Tensor,
+    guidance_scale: float,
+    image_guidance_scale: float,
+    clip_cfg_norm: bool,
+) -> torch.Tensor:
     """Three-way guidance of the edit stage (the module docstring has both rules)."""
     if not clip_cfg_norm:
         return uncond + image_guidance_scale * (image - uncond) + guidance_scale * (full - image)
@@ -105,10 +111,16 @@ class AdapterSwitch:
 
 class HiDreamE1Pipeline:
     """Instruction-based editing with HiDream-E1; holds diffusers' I1 components (`base`, its transformer the E1
-one) and the switch that sets that transformer up for each stage."""
+    one) and the switch that sets that transformer up for each stage."""
 
-    def __init__(self, base: HiDreamImagePipeline, transformers: AdapterSwitch, token_budget: int,
-                 prompts: PromptCache | None = None, cache_key: tuple = ()):
+    def __init__(
+        self,
+        base: HiDreamImagePipeline,
+        transformers: AdapterSwitch,
+        token_budget: int,
+        prompts: PromptCache | None = None,
+        cache_key: tuple = (),
+    ):
         self.base = base  # VAE, text encoders, tokenizers, scheduler: one set for both stages
         self.transformers = transformers
         self.prompts = prompts  # encoded texts kept across calls, keyed by cache_key + (text,)
@@ -127,6 +139,7 @@ one) and the switch that sets that transformer up for each stage."""
 
     def encode_text(self, prompt: str) -> TextEmbeds:
         """`prompt` through the four text encoders; from the prompt cache when it holds it."""
+
         def encode() -> TextEmbeds:
             return encode_text(self.base, prompt, self.device, self.dtype)
 
@@ -144,8 +157,10 @@ one) and the switch that sets that transformer up for each stage."""
             raise ModelError(f"canvas {width}x{height}: each side must be a multiple of {step}")
         tokens = (width // step) * (height // step)
         if tokens > self.token_budget:
-            raise ModelError(f"canvas {width}x{height} is {tokens} tokens; this model takes at most "
-                             f"{self.token_budget} (fit the image with canvas_size first)")
+            raise ModelError(
+                f"canvas {width}x{height} is {tokens} tokens; this model takes at most "
+                f"{self.token_budget} (fit the image with canvas_size first)"
+            )
 
     @torch.no_grad()
     def __call__(
@@ -265,8 +280,11 @@ def canvas_size(width: int, height: int, side: int, fixed: bool) -> tuple[int, i
         return side, side
     step, budget = CANVAS_MULTIPLE, side * side
     scale = math.sqrt(budget / (width * height))
-    picks = [(snap_w(width * scale) // step * step, snap_h(height * scale) // step * step)
-             for snap_w in (round, math.floor) for snap_h in (round, math.floor)]
+    picks = [
+        (snap_w(width * scale) // step * step, snap_h(height * scale) // step * step)
+        for snap_w in (round, math.floor)
+        for snap_h in (round, math.floor)
+    ]
     fitting = [(w, h) for w, h in picks if w * h <= budget]  # (floor, floor) always fits
     w, h = max(fitting, key=lambda size: size[0] * size[1])
     w, h = max(w, step), max(h, step)  # a very thin input: one 16-pixel row, the other side shortened
@@ -280,8 +298,14 @@ class HiDreamE1Runner(HiDreamRunner):
 
     kind = "edit"
 
-    def __init__(self, model: str, weights: str | None, device: str = "cpu", dtype: str | None = None,
-                 options: RunnerSettings | None = None):
+    def __init__(
+        self,
+        model: str,
+        weights: str | None,
+        device: str = "cpu",
+        dtype: str | None = None,
+        options: RunnerSettings | None = None,
+    ):
         super().__init__(model, weights, device, dtype, options)
         self._side: int | None = None  # canvas side (e1-full) or side of the pixel budget (e1-1)
 
@@ -296,8 +320,9 @@ class HiDreamE1Runner(HiDreamRunner):
             lora, full = split_lora_file(load_file(found.lora_file))
             add_lora_adapter(transformer, lora)
             load_full_tensors(transformer, full)
-        base = load_pipeline(found.components, self.device, self.dtype, transformer=transformer,
-                             options=self.options, model=self.model)
+        base = load_pipeline(
+            found.components, self.device, self.dtype, transformer=transformer, options=self.options, model=self.model
+        )
         base.transformer.requires_grad_(False)
         # the canvas: ModelSpec.base_size (768 e1-full, 1024 e1-1) scaled to this transformer's native side
         config = base.transformer.config
@@ -309,8 +334,13 @@ class HiDreamE1Runner(HiDreamRunner):
         base.transformer.max_seq = 2 * tokens
         self.source = found.source
         self.revision = read_revision(self.model, lambda: edit_revision(found))
-        return HiDreamE1Pipeline(base, AdapterSwitch(base.transformer), token_budget=tokens, prompts=self.prompts,
-                                 cache_key=(self.model, found.source, str(self.dtype)))
+        return HiDreamE1Pipeline(
+            base,
+            AdapterSwitch(base.transformer),
+            token_budget=tokens,
+            prompts=self.prompts,
+            cache_key=(self.model, found.source, str(self.dtype)),
+        )
 
     def canvas_size(self, width: int, height: int) -> tuple[int, int]:
         """The (width, height) this model edits an input of width x height at; fit the image to it first.
@@ -343,8 +373,10 @@ class HiDreamE1Runner(HiDreamRunner):
         """Edit `request.image` into `request.num_images` images of the same size, reproducibly for a seed."""
         pipe = self.load()
         if request.image.size != (request.width, request.height):
-            raise ModelError(f"image is {request.image.size[0]}x{request.image.size[1]} but the request says "
-                             f"{request.width}x{request.height}; fit it to canvas_size() first")
+            raise ModelError(
+                f"image is {request.image.size[0]}x{request.image.size[1]} but the request says "
+                f"{request.width}x{request.height}; fit it to canvas_size() first"
+            )
         prompt, refine_prompt = edit_prompts(self.model, request)
         generator = torch.Generator(self.device).manual_seed(request.seed)
         started, started_at = time.perf_counter(), time.time()

@@ -32,8 +32,14 @@ from worker.runners.schedulers import SeededFlowMatchLCMScheduler, make_schedule
 from worker.runners.text_cache import PromptCache, TextEmbeds, encode_text, encode_texts
 from worker.runners.weights import ResolvedWeights, resolve_weights
 
-_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
-           "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
+_DTYPES = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+}
 
 
 def native_latent_side(patch_size: int, max_resolution: tuple[int, int] | list[int]) -> int:
@@ -54,8 +60,12 @@ def parse_dtype(dtype: str | None, device: str) -> torch.dtype:
 
 
 def load_pipeline(
-    found: ResolvedWeights, device: str, dtype: torch.dtype, transformer: Any = None,
-    options: RunnerSettings | None = None, model: str | None = None,
+    found: ResolvedWeights,
+    device: str,
+    dtype: torch.dtype,
+    transformer: Any = None,
+    options: RunnerSettings | None = None,
+    model: str | None = None,
 ) -> HiDreamImagePipeline:
     """The `HiDreamImagePipeline` in `found` on `device`, with the Llama text encoder found beside it.
 
@@ -98,6 +108,8 @@ def _step_callback(on_step: Callable[[int], None]) -> Callable[..., dict]:
         return tensors
 
     return callback
+
+
 def speed_up_transformer(transformer: Any, options: RunnerSettings) -> None:
     """Sync-free expert routing, padding folding and compiled blocks, as `options` ask (outputs stay equal)."""
     routing = install_moe_dispatch(transformer, options.moe)
@@ -122,8 +134,14 @@ class HiDreamRunner:
 
     kind = ""  # "generate" or "edit"
 
-    def __init__(self, model: str, weights: str | None, device: str = "cpu", dtype: str | None = None,
-                 options: RunnerSettings | None = None):
+    def __init__(
+        self,
+        model: str,
+        weights: str | None,
+        device: str = "cpu",
+        dtype: str | None = None,
+        options: RunnerSettings | None = None,
+    ):
         if model not in MODELS or MODELS[model].kind != self.kind:
             names = ", ".join(name for name, spec in MODELS.items() if spec.kind == self.kind)
             raise ConfigError(f"{type(self).__name__} runs {names}; not {model!r}")
@@ -152,8 +170,14 @@ class HiDreamI1Runner(HiDreamRunner):
 
     kind = "generate"
 
-    def __init__(self, model: str, weights: str | None, device: str = "cpu", dtype: str | None = None,
-                 options: RunnerSettings | None = None):
+    def __init__(
+        self,
+        model: str,
+        weights: str | None,
+        device: str = "cpu",
+        dtype: str | None = None,
+        options: RunnerSettings | None = None,
+    ):
         super().__init__(model, weights, device, dtype, options)
         self._schedulers: dict[tuple[str, float], Any] = {}
         self._scheduler_config: FrozenDict | None = None  # the loaded model's own scheduler config
@@ -176,8 +200,9 @@ class HiDreamI1Runner(HiDreamRunner):
         """The (width, height) the pipeline renders for a request: `jobs.models.rendered_size` (the rule the
         submit side reports) at the loaded pipeline's native area, snapped to its own multiple."""
         pipe = self.load()
-        return rendered_size(width, height, pipe.default_sample_size * pipe.vae_scale_factor,
-                             multiple=pipe.vae_scale_factor * 2)
+        return rendered_size(
+            width, height, pipe.default_sample_size * pipe.vae_scale_factor, multiple=pipe.vae_scale_factor * 2
+        )
 
     def edit(self, request: EditRequest, on_step: Callable[[Any], None] | None = None) -> RunOutput:
         raise ModelError(f"{self.model} generates images from text; it does not edit (use e1-1 or e1-full)")
@@ -196,8 +221,14 @@ class HiDreamI1Runner(HiDreamRunner):
         the size they render at (its aspect bucket), so 800x600 and 1600x1200 batch together."""
         if request.num_images != 1 or request.extra:
             return None
-        return ("generate", *self.rendered_size(request.width, request.height), request.steps,
-                float(request.guidance_scale), request.scheduler, float(request.shift))
+        return (
+            "generate",
+            *self.rendered_size(request.width, request.height),
+            request.steps,
+            float(request.guidance_scale),
+            request.scheduler,
+            float(request.shift),
+        )
 
     def embeds(self, texts: list[str]) -> TextEmbeds:
         """`texts` through the four text encoders as one batch, each text encoded once per process while it
@@ -209,13 +240,15 @@ class HiDreamI1Runner(HiDreamRunner):
 
         missing = [text for text in dict.fromkeys(texts) if self.prompts.peek(key(text)) is None]
         fresh = dict(zip(missing, encode_texts(pipe, missing, pipe.device, self.dtype), strict=True)) if missing else {}
+
         def encoded(text: str) -> TextEmbeds:
             return fresh.get(text) or encode_text(pipe, text, pipe.device, self.dtype)
 
         return TextEmbeds.batch([self.prompts.get(key(text), functools.partial(encoded, text)) for text in texts])
 
-    def generate_batch(self, requests: list[GenerateRequest],
-                       on_step: Callable[[int], None] | None = None) -> list[RunOutput]:
+    def generate_batch(
+        self, requests: list[GenerateRequest], on_step: Callable[[int], None] | None = None
+    ) -> list[RunOutput]:
         """Render several requests with one denoising loop; each gets the images it would get alone.
 
         More than one request: all must share a `batch_key` (so one image each). `inference_s` of each
@@ -223,8 +256,9 @@ class HiDreamI1Runner(HiDreamRunner):
         """
         pipe = self.load()
         first = requests[0]
-        if len(requests) > 1 and (self.batch_key(first) is None or
-                                  any(self.batch_key(r) != self.batch_key(first) for r in requests)):
+        if len(requests) > 1 and (
+            self.batch_key(first) is None or any(self.batch_key(r) != self.batch_key(first) for r in requests)
+        ):
             raise ValueError("requests denoised together must share one batch key")
         generators = [torch.Generator(self.device).manual_seed(r.seed) for r in requests]
         generator = generators[0] if len(requests) == 1 else generators  # one per row of the batch
@@ -254,8 +288,10 @@ class HiDreamI1Runner(HiDreamRunner):
             )
         share = (time.perf_counter() - started) / len(requests)
         images, n = list(result.images), first.num_images
-        return [RunOutput(images=images[i * n:(i + 1) * n], seed=r.seed, inference_s=share, started_at=started_at)
-                for i, r in enumerate(requests)]
+        return [
+            RunOutput(images=images[i * n : (i + 1) * n], seed=r.seed, inference_s=share, started_at=started_at)
+            for i, r in enumerate(requests)
+        ]
 
     def _scheduler(self, name: str, shift: float) -> Any:
         """The scheduler for (name, shift), built once from the loaded model's scheduler config."""

@@ -11,5 +11,17 @@ REFINE_DIR = "refine"  # inside an E1 folder: HiDream-I1-Full's pipeline folder 
 TRANSFORMER_CLASS = "HiDreamImageTransformer2DModel"
 EDITING_PIPELINE = "HiDreamImageEditingPipeline"  # the class HiDream-E1-Full's model_index.json names
 # The modules HiDream's E1-Full LoRA adapts (its published LoraConfig); the tiny build adapts the same.
-LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out", "to_k_t", "to_q_t", "to_v_t", "to_out_t",
-                "w1", "w2", "w3", "final_layer.linear"]
+LORA_TARGETS = [
+    "to_k",
+    "to_q",
+    "to_v",
+    "to_out",
+    "to_k_t",
+    "to_q_t",
+    "to_v_t",
+    "to_out_t",
+    "w1",
+    "w2",
+    "w3",
+    "final_layer.linear",
+]

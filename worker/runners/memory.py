@@ -54,8 +54,10 @@ Where = Literal["device", "cpu", "stream"]
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3", "text_encoder_4")
 TRANSFORMER_BLOCKS = ("double_stream_blocks", "single_stream_blocks")
 # the modules int8 plans quantize, by component: every nn.Linear under one of these names
-INT8_UNDER: dict[str, tuple[str, ...]] = {"transformer": TRANSFORMER_BLOCKS,
-                                          "text_encoder_4": ("model.layers", "lm_head")}
+INT8_UNDER: dict[str, tuple[str, ...]] = {
+    "transformer": TRANSFORMER_BLOCKS,
+    "text_encoder_4": ("model.layers", "lm_head"),
+}
 GiB = 2**30
 RUNTIME_OVERHEAD = GiB  # CUDA context, cuBLAS workspaces: device memory no tensor of ours accounts for
 USABLE = 0.95  # share of the device's memory a plan may fill (the allocator's fragmentation takes the rest)
@@ -73,18 +75,41 @@ class MemoryPlan:
 
 
 _INT8 = ("transformer", "text_encoder_4")
-PLANS: dict[str, MemoryPlan] = {plan.name: plan for plan in (
-    MemoryPlan("resident", "device", "device", (), "every component on the GPU in its loaded dtype"),
-    MemoryPlan("text-cpu", "device", "cpu", (), "the text encoders in CPU memory, encoding there"),
-    MemoryPlan("text-stream", "device", "stream", (),
-               "the text encoders in CPU memory, streamed to the GPU layer by layer to encode"),
-    MemoryPlan("int8", "device", "stream", _INT8,
-               "transformer and Llama int8 weight-only; the text encoders streamed from CPU memory"),
-    MemoryPlan("stream", "stream", "stream", (),
-               "every component in CPU memory, the transformer streamed to the GPU block by block in bf16"),
-    MemoryPlan("int8-stream", "stream", "stream", _INT8,
-               "transformer and Llama int8 weight-only, every component streamed from CPU memory"),
-)}
+PLANS: dict[str, MemoryPlan] = {
+    plan.name: plan
+    for plan in (
+        MemoryPlan("resident", "device", "device", (), "every component on the GPU in its loaded dtype"),
+        MemoryPlan("text-cpu", "device", "cpu", (), "the text encoders in CPU memory, encoding there"),
+        MemoryPlan(
+            "text-stream",
+            "device",
+            "stream",
+            (),
+            "the text encoders in CPU memory, streamed to the GPU layer by layer to encode",
+        ),
+        MemoryPlan(
+            "int8",
+            "device",
+            "stream",
+            _INT8,
+            "transformer and Llama int8 weight-only; the text encoders streamed from CPU memory",
+        ),
+        MemoryPlan(
+            "stream",
+            "stream",
+            "stream",
+            (),
+            "every component in CPU memory, the transformer streamed to the GPU block by block in bf16",
+        ),
+        MemoryPlan(
+            "int8-stream",
+            "stream",
+            "stream",
+            _INT8,
+            "transformer and Llama int8 weight-only, every component streamed from CPU memory",
+        ),
+    )
+}
 # what "auto" tries, fastest first. Not among them: text-stream beats text-cpu only where the host's CPU
 # encodes slower than PCIe moves 27 GB, and text-cpu is what 48 GB cards already ran; stream keeps bf16 on a
 # 24 GB card, and by FLOPs about int8's speed when PCIe keeps up, but pins 61 GB in host memory (int8
@@ -94,6 +119,7 @@ PLAN_NAMES = ("auto", *PLANS)
 
 
 # ---- sizes ----------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class ComponentSizes:
@@ -121,8 +147,13 @@ def module_bytes(module: nn.Module) -> int:
 def int8_targets(component: str, module: nn.Module) -> list[tuple[str, nn.Linear]]:
     """The linears of `component` that int8 plans quantize: under `INT8_UNDER`, never a LoRA adapter's own."""
     under = INT8_UNDER.get(component, ())
-    return [(name, m) for name, m in module.named_modules() if isinstance(m, nn.Linear)
-            and any(name == p or name.startswith(p + ".") for p in under) and ".lora_" not in name]
+    return [
+        (name, m)
+        for name, m in module.named_modules()
+        if isinstance(m, nn.Linear)
+        and any(name == p or name.startswith(p + ".") for p in under)
+        and ".lora_" not in name
+    ]
 
 
 def int8_bytes(component: str, module: nn.Module) -> int:
@@ -142,8 +173,10 @@ def largest_group(component: str, module: nn.Module) -> int:
         blocks = [b for name in TRANSFORMER_BLOCKS for b in getattr(module, name, ())]
         return max((module_bytes(b) for b in blocks), default=module_bytes(module))
     leaves = [m for m in module.modules() if not list(m.children())]
-    return max((sum(tensor_bytes(t) for t in (*m.parameters(recurse=False), *m.buffers(recurse=False)))
-                for m in leaves), default=0)
+    return max(
+        (sum(tensor_bytes(t) for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))) for m in leaves),
+        default=0,
+    )
 
 
 def activation_bytes(model: str, transformer_config: Any, vae_config: Any, bytes_per_value: int = 2) -> int:
@@ -211,14 +244,22 @@ def real_sizes() -> ComponentSizes:
     components = real_components("meta")
     sizes = sizes_of(components)
     transformer = components["transformer"]
-    return ComponentSizes(sizes.weights, sizes.int8, sizes.largest_group, sizes.activations,
-                          extra={"e1-full": lora_bytes(transformer, E1_FULL_LORA_RANK)})
+    return ComponentSizes(
+        sizes.weights,
+        sizes.int8,
+        sizes.largest_group,
+        sizes.activations,
+        extra={"e1-full": lora_bytes(transformer, E1_FULL_LORA_RANK)},
+    )
 
 
 def lora_bytes(transformer: nn.Module, rank: int) -> int:
     """Bytes of a rank-`rank` LoRA (A: rank × in, B: out × rank) on the linears E1-Full adapts."""
-    linears = [m for name, m in transformer.named_modules() if isinstance(m, nn.Linear)
-               and any(name == t or name.endswith("." + t) for t in LORA_TARGETS)]
+    linears = [
+        m
+        for name, m in transformer.named_modules()
+        if isinstance(m, nn.Linear) and any(name == t or name.endswith("." + t) for t in LORA_TARGETS)
+    ]
     return sum(rank * (m.in_features + m.out_features) * m.weight.element_size() for m in linears)
 
 
@@ -230,6 +271,7 @@ def real_components(device: str | torch.device = "meta") -> dict[str, nn.Module]
 
 
 # ---- the planner ----------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Choice:
@@ -244,11 +286,14 @@ def peak_bytes(plan: MemoryPlan, model: str | None, sizes: ComponentSizes) -> in
 
     Resident weights, plus the larger of the two phases: encoding (two streamed leaves in flight: one
     running, one prefetched) and denoising or decoding (activations, and two streamed blocks in flight)."""
+
     def stored(name: str) -> int:
         return sizes.int8[name] if name in plan.int8 else sizes.weights[name]
 
-    where = {name: plan.text_encoders if name in TEXT_ENCODERS else
-             plan.transformer if name == "transformer" else "device" for name in sizes.weights}
+    where = {
+        name: plan.text_encoders if name in TEXT_ENCODERS else plan.transformer if name == "transformer" else "device"
+        for name in sizes.weights
+    }
     extra = sizes.extra.get(model, 0) if model else max(sizes.extra.values(), default=0)
     resident = sum(stored(name) for name, at in where.items() if at == "device") + extra
     streamed = [name for name, at in where.items() if at == "stream" and name in TEXT_ENCODERS]
@@ -258,8 +303,9 @@ def peak_bytes(plan: MemoryPlan, model: str | None, sizes: ComponentSizes) -> in
     return resident + max(encode, denoise) + RUNTIME_OVERHEAD
 
 
-def choose_plan(model: str | None, device_bytes: int, sizes: ComponentSizes,
-                order: Iterable[str] = AUTO_ORDER) -> Choice:
+def choose_plan(
+    model: str | None, device_bytes: int, sizes: ComponentSizes, order: Iterable[str] = AUTO_ORDER
+) -> Choice:
     """The first plan of `order` whose computed peak fits in USABLE × `device_bytes`; pure."""
     budget = int(USABLE * device_bytes)
     tried: list[str] = []
@@ -267,12 +313,16 @@ def choose_plan(model: str | None, device_bytes: int, sizes: ComponentSizes,
         plan, peak = PLANS[name], peak_bytes(PLANS[name], model, sizes)
         if peak <= budget:
             skipped = f" ({', '.join(tried)} would not fit)" if tried else ""
-            reason = (f"{name}: needs {peak / GiB:.1f} GiB of the {budget / GiB:.1f} GiB usable "
-                      f"({USABLE:.0%} of {device_bytes / GiB:.1f} GiB){skipped}")
+            reason = (
+                f"{name}: needs {peak / GiB:.1f} GiB of the {budget / GiB:.1f} GiB usable "
+                f"({USABLE:.0%} of {device_bytes / GiB:.1f} GiB){skipped}"
+            )
             return Choice(plan, peak, budget, reason)
         tried.append(f"{name} {peak / GiB:.1f} GiB")
-    raise ConfigError(f"no memory plan fits {model or 'these models'} in {device_bytes / GiB:.1f} GiB of device "
-                      f"memory ({budget / GiB:.1f} GiB usable): {', '.join(tried)}; use a larger card")
+    raise ConfigError(
+        f"no memory plan fits {model or 'these models'} in {device_bytes / GiB:.1f} GiB of device "
+        f"memory ({budget / GiB:.1f} GiB usable): {', '.join(tried)}; use a larger card"
+    )
 
 
 def plan_for(setting: str, model: str | None, device: str, pipe: Any) -> Choice:
@@ -282,8 +332,12 @@ def plan_for(setting: str, model: str | None, device: str, pipe: Any) -> Choice:
         raise ConfigError(f"unknown memory plan {setting!r}; expected one of {', '.join(PLAN_NAMES)}")
     if torch.device(device).type != "cuda":
         plan = PLANS["resident" if setting == "auto" else setting]
-        choice = Choice(plan, 0, 0, f"{plan.name}: {'auto on ' if setting == 'auto' else ''}a {device} device "
-                                    "(one memory, nothing to plan)")
+        choice = Choice(
+            plan,
+            0,
+            0,
+            f"{plan.name}: {'auto on ' if setting == 'auto' else ''}a {device} device (one memory, nothing to plan)",
+        )
     else:
         free, total = torch.cuda.mem_get_info(device)
         sizes = pipeline_sizes(pipe)
@@ -291,26 +345,39 @@ def plan_for(setting: str, model: str | None, device: str, pipe: Any) -> Choice:
             choice = choose_plan(model, free, sizes)
         else:
             peak = peak_bytes(PLANS[setting], model, sizes)
-            choice = Choice(PLANS[setting], peak, int(USABLE * free),
-                            f"{setting}: set by RUNNER__MEMORY_PLAN; needs {peak / GiB:.1f} GiB")
+            choice = Choice(
+                PLANS[setting],
+                peak,
+                int(USABLE * free),
+                f"{setting}: set by RUNNER__MEMORY_PLAN; needs {peak / GiB:.1f} GiB",
+            )
             if peak > choice.budget_bytes:
-                log.warning("memory plan %s needs %.1f GiB but %.1f GiB are usable on %s: it may run out of memory",
-                            setting, peak / GiB, choice.budget_bytes / GiB, device)
-        choice = Choice(choice.plan, choice.peak_bytes, choice.budget_bytes,
-                        f"{choice.reason}; {free / GiB:.1f} of {total / GiB:.1f} GiB free on {device}")
+                log.warning(
+                    "memory plan %s needs %.1f GiB but %.1f GiB are usable on %s: it may run out of memory",
+                    setting,
+                    peak / GiB,
+                    choice.budget_bytes / GiB,
+                    device,
+                )
+        choice = Choice(
+            choice.plan,
+            choice.peak_bytes,
+            choice.budget_bytes,
+            f"{choice.reason}; {free / GiB:.1f} of {total / GiB:.1f} GiB free on {device}",
+        )
     log.info("memory plan %s (%s): %s", choice.plan.name, choice.plan.summary, choice.reason)
     return choice
 
 
 # ---- carrying a plan out -------------------------------------------------------------------------
 
+
 def apply_plan(pipe: Any, plan: MemoryPlan, device: str | torch.device) -> None:
     """Quantize, place and stream `pipe`'s components on `device` as `plan` says."""
     device = torch.device(device)
     modules = {name: c for name, c in pipe.components.items() if isinstance(c, nn.Module)}
     for name, module in modules.items():
-        where = (plan.text_encoders if name in TEXT_ENCODERS else plan.transformer if name == "transformer"
-                 else "device")
+        where = plan.text_encoders if name in TEXT_ENCODERS else plan.transformer if name == "transformer" else "device"
         # 1. int8 on the device it will run on, linear by linear: the bf16 module is never whole there
         if name in plan.int8:
             quantize_int8(name, module, device if where == "device" else None)
@@ -337,11 +404,18 @@ def stream(component: str, module: nn.Module, device: torch.device) -> None:
 
     use_stream = device.type == "cuda"
     if component == "transformer":
-        apply_group_offloading(module, onload_device=device, offload_device="cpu", offload_type="block_level",
-                               num_blocks_per_group=1, use_stream=use_stream)
+        apply_group_offloading(
+            module,
+            onload_device=device,
+            offload_device="cpu",
+            offload_type="block_level",
+            num_blocks_per_group=1,
+            use_stream=use_stream,
+        )
     else:
-        apply_group_offloading(module, onload_device=device, offload_device="cpu", offload_type="leaf_level",
-                               use_stream=use_stream)
+        apply_group_offloading(
+            module, onload_device=device, offload_device="cpu", offload_type="leaf_level", use_stream=use_stream
+        )
 
 
 def streamed_onto(module: nn.Module) -> torch.device | None:

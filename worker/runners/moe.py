@@ -59,8 +59,10 @@ def install_moe_dispatch(transformer: Any, mode: str = "auto") -> str:
         raise ConfigError(f"unknown moe mode {mode!r}; expected one of {', '.join(MODES)}")
     layers = moe_layers(transformer)
     if mode == "grouped" and not hasattr(F, "grouped_mm"):
-        raise ConfigError(f"moe mode 'grouped' needs torch.nn.functional.grouped_mm (torch {torch.__version__} "
-                         "has none); use 'auto', 'dense' or 'off'")
+        raise ConfigError(
+            f"moe mode 'grouped' needs torch.nn.functional.grouped_mm (torch {torch.__version__} "
+            "has none); use 'auto', 'dense' or 'off'"
+        )
     if mode == "auto":
         mode = _auto_mode(layers)
     for layer in layers:
@@ -91,28 +93,36 @@ def grouped_agrees(layer: Any, tokens: int = 256) -> bool:
 
     weight = layer.experts[0].w1.weight
     x = torch.randn(1, tokens, weight.shape[1], device=weight.device, dtype=weight.dtype)
-    probe = types.SimpleNamespace(gate=layer.gate, experts=layer.experts, shared_experts=layer.shared_experts,
-                                  _stacked={name: torch.stack([getattr(e, name).weight for e in layer.experts])
-                                            for name in ("w1", "w2", "w3")})
+    probe = types.SimpleNamespace(
+        gate=layer.gate,
+        experts=layer.experts,
+        shared_experts=layer.shared_experts,
+        _stacked={name: torch.stack([getattr(e, name).weight for e in layer.experts]) for name in ("w1", "w2", "w3")},
+    )
     try:
         with torch.no_grad():
             expected = type(layer).forward(layer, x)
             got = _grouped_forward(probe, x)
         agrees = torch.allclose(got.float(), expected.float(), rtol=2e-2, atol=2e-2)
     except Exception as exc:  # a device or dtype grouped_mm does not run on
-        logging.getLogger("dreambatch.worker").warning("grouped expert routing unavailable (%s: %s); "
-                                                      "using diffusers' routing", type(exc).__name__, exc)
+        logging.getLogger("dreambatch.worker").warning(
+            "grouped expert routing unavailable (%s: %s); using diffusers' routing", type(exc).__name__, exc
+        )
         return False
     if not agrees:
-        logging.getLogger("dreambatch.worker").warning("grouped expert routing disagrees with diffusers' here; "
-                                                      "using diffusers' routing")
+        logging.getLogger("dreambatch.worker").warning(
+            "grouped expert routing disagrees with diffusers' here; using diffusers' routing"
+        )
     return agrees
 
 
 def _plain(layer: Any) -> bool:
     """Experts of plain `nn.Linear`s with plain weights: no LoRA wrapper, no quantized (int8) weight subclass."""
-    return all(type(getattr(expert, name)) is nn.Linear and type(getattr(expert, name).weight) is nn.Parameter
-               for expert in layer.experts for name in ("w1", "w2", "w3"))
+    return all(
+        type(getattr(expert, name)) is nn.Linear and type(getattr(expert, name).weight) is nn.Parameter
+        for expert in layer.experts
+        for name in ("w1", "w2", "w3")
+    )
 
 
 def _route(layer: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -173,6 +183,14 @@ def _grouped_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
 def describe(transformer: Any) -> dict[str, Any]:
     """What a transformer's MoE layers are set to, for logs and benchmarks."""
     layers = moe_layers(transformer)
-    modes = {("grouped" if getattr(layer.forward, "__func__", None) is _grouped_forward else
-              "dense" if getattr(layer.forward, "__func__", None) is _dense_forward else "off") for layer in layers}
+    modes = {
+        (
+            "grouped"
+            if getattr(layer.forward, "__func__", None) is _grouped_forward
+            else "dense"
+            if getattr(layer.forward, "__func__", None) is _dense_forward
+            else "off"
+        )
+        for layer in layers
+    }
     return {"moe_layers": len(layers), "modes": sorted(modes)}

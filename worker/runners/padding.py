@@ -87,9 +87,16 @@ class FoldedAttnProcessor:
     """HiDream attention where a key's mask entry m means: m > 0 a key; m = 0 a zeroed key; m < 0 a zeroed
     key standing for −m identical ones. Without a mask it computes what diffusers' processor computes."""
 
-    def __call__(self, attn: Any, hidden_states: torch.Tensor, hidden_states_masks: torch.Tensor | None = None,
-                 encoder_hidden_states: torch.Tensor | None = None, image_rotary_emb: torch.Tensor | None = None,
-                 *args, **kwargs):
+    def __call__(
+        self,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        hidden_states_masks: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        image_rotary_emb: torch.Tensor | None = None,
+        *args,
+        **kwargs,
+    ):
         dtype, batch = hidden_states.dtype, hidden_states.shape[0]
         heads = attn.heads
         query = attn.q_rms_norm(attn.to_q(hidden_states)).to(dtype=dtype)

@@ -57,8 +57,15 @@ def pipeline_revision(found) -> str:
 
 def edit_revision(found) -> str:
     """The revision of resolved E1 weights (`weights_e1.resolve_edit_weights`): what a runner loaded."""
-    return places_revision([found.folder, found.transformer_dir, found.components.pipeline_dir,
-                            found.components.llama_dir, found.components.llama_tokenizer_dir])
+    return places_revision(
+        [
+            found.folder,
+            found.transformer_dir,
+            found.components.pipeline_dir,
+            found.components.llama_dir,
+            found.components.llama_tokenizer_dir,
+        ]
+    )
 
 
 def places_revision(places: list[Path]) -> str:

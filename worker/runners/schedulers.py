@@ -35,7 +35,10 @@ def make_scheduler(name: str, shift: float, base_config: FrozenDict | dict | Non
     base = dict(base_config or {"num_train_timesteps": 1000})
     if name == "flow_unipc":
         return UniPCMultistepScheduler.from_config(
-            base, use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=shift,
+            base,
+            use_flow_sigmas=True,
+            prediction_type="flow_prediction",
+            flow_shift=shift,
             use_dynamic_shifting=False,
         )
     if name == "flash_flow":

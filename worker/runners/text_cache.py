@@ -109,10 +109,15 @@ def encode_texts(pipe, texts: list[str], device: torch.device, dtype: torch.dtyp
     """Several texts through the encoders as one batch (every text is padded to the same 128 tokens, so
     each row is what it would be alone, within float rounding); one `TextEmbeds` per text."""
     t5, _, llama, _, pooled, _ = pipe.encode_prompt(
-        prompt=list(texts), device=encoder_device(pipe), dtype=dtype, do_classifier_free_guidance=False,
+        prompt=list(texts),
+        device=encoder_device(pipe),
+        dtype=dtype,
+        do_classifier_free_guidance=False,
         max_sequence_length=MAX_SEQUENCE_LENGTH,
     )
     t5, llama, pooled = t5.to(device), llama.to(device), pooled.to(device)
     # each row its own storage: a cached view would keep the whole batch alive behind a one-row size
-    return [TextEmbeds(t5=t5[i : i + 1].clone(), llama=llama[:, i : i + 1].clone(), pooled=pooled[i : i + 1].clone())
-            for i in range(len(texts))]
+    return [
+        TextEmbeds(t5=t5[i : i + 1].clone(), llama=llama[:, i : i + 1].clone(), pooled=pooled[i : i + 1].clone())
+        for i in range(len(texts))
+    ]

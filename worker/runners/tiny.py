@@ -32,8 +32,12 @@ _ALPHABET = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789
 
 
 _TINY_LORA_RANK = 4  # the real one: 16
-_TINY_FULL_TENSORS = ["x_embedder.proj.weight", "x_embedder.proj.bias",
-                      "final_layer.adaLN_modulation.1.weight", "final_layer.adaLN_modulation.1.bias"]
+_TINY_FULL_TENSORS = [
+    "x_embedder.proj.weight",
+    "x_embedder.proj.bias",
+    "final_layer.adaLN_modulation.1.weight",
+    "final_layer.adaLN_modulation.1.bias",
+]
 
 
 def tiny_dir(model: str) -> Path:
@@ -179,9 +183,7 @@ def _llama_tokenizer() -> Any:
     backend.post_processor = processors.TemplateProcessing(
         single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, vocab[bos])]
     )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token=bos, eos_token=eos, model_max_length=_TEXT_LEN
-    )
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=bos, eos_token=eos, model_max_length=_TEXT_LEN)
 
 
 def _t5_tokenizer() -> Any:
@@ -198,9 +200,15 @@ def _tiny_clip(tokenizer: Any) -> Any:
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     config = CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=_CLIP_DIM, intermediate_size=64, projection_dim=_CLIP_DIM,
-        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=_TEXT_LEN,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=_CLIP_DIM,
+        intermediate_size=64,
+        projection_dim=_CLIP_DIM,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=_TEXT_LEN,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
     return CLIPTextModelWithProjection(config).eval()
@@ -210,9 +218,16 @@ def _tiny_t5(tokenizer: Any) -> Any:
     from transformers import T5Config, T5EncoderModel
 
     config = T5Config(
-        vocab_size=len(tokenizer), d_model=_T5_DIM, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-        relative_attention_num_buckets=8, feed_forward_proj="gated-gelu",
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        d_model=_T5_DIM,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        feed_forward_proj="gated-gelu",
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
     )
     return T5EncoderModel(config).eval()
 
@@ -221,9 +236,14 @@ def _tiny_llama(tokenizer: Any) -> Any:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=_LLAMA_DIM, intermediate_size=64,
-        num_hidden_layers=_LLAMA_LAYERS, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=_TEXT_LEN * 2, bos_token_id=tokenizer.bos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=_LLAMA_DIM,
+        intermediate_size=64,
+        num_hidden_layers=_LLAMA_LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=_TEXT_LEN * 2,
+        bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
     return LlamaForCausalLM(config).eval()
@@ -234,10 +254,17 @@ def _tiny_vae() -> Any:
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4,
-        sample_size=64, scaling_factor=0.3611, shift_factor=0.1159,
-        use_quant_conv=False, use_post_quant_conv=False,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=64,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
     ).eval()
 
 
@@ -246,12 +273,20 @@ def tiny_transformer() -> Any:
     from diffusers import HiDreamImageTransformer2DModel
 
     return HiDreamImageTransformer2DModel(
-        patch_size=2, in_channels=4, num_layers=1, num_single_layers=1,
-        attention_head_dim=8, num_attention_heads=4, caption_channels=[_T5_DIM, _LLAMA_DIM],
-        text_emb_dim=2 * _CLIP_DIM, num_routed_experts=4, num_activated_experts=2,
-        axes_dims_rope=(4, 2, 2), max_resolution=(32, 32), llama_layers=list(range(_LLAMA_LAYERS)),
+        patch_size=2,
+        in_channels=4,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        caption_channels=[_T5_DIM, _LLAMA_DIM],
+        text_emb_dim=2 * _CLIP_DIM,
+        num_routed_experts=4,
+        num_activated_experts=2,
+        axes_dims_rope=(4, 2, 2),
+        max_resolution=(32, 32),
+        llama_layers=list(range(_LLAMA_LAYERS)),
     ).eval()
-
 
 
 def make_tiny_edit(model: str, out_dir: Path, seed: int = 0) -> Path:
@@ -306,8 +341,7 @@ def _tiny_lora_over(base: Any) -> tuple[Any, dict[str, Any]]:
             elif name in _TINY_FULL_TENSORS:
                 param.add_(torch.randn_like(param), alpha=0.05)
     state = adapted.state_dict()
-    contents = {key: value.contiguous() for key, value in state.items()
-                if ".lora_" in key or key in _TINY_FULL_TENSORS}
+    contents = {key: value.contiguous() for key, value in state.items() if ".lora_" in key or key in _TINY_FULL_TENSORS}
     merged = copy.deepcopy(base)
     with torch.no_grad():
         for name, param in merged.named_parameters():

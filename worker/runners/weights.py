@@ -23,6 +23,8 @@ LLAMA_HUB_IDS = (LLAMA_HUB_ID, "meta-llama/Meta-Llama-3.1-8B-Instruct")  # the s
 TINY = "tiny"  # the `weights` value that asks for tiny random weights
 
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
 class WeightsNotFound(ConfigError):
     """No weights for a model in any place looked at; the message says where we looked and how to fix it."""
 
@@ -94,8 +96,9 @@ def llama_dirs(model: str, pipeline_dir: Path, setting: str | None = None) -> tu
             raise WeightsNotFound(_not_found(model, setting, looked, llama=True))
         llama, where = cached_snapshot(setting, "config.json")
         if llama is None:
-            raise WeightsNotFound(_not_found(model, setting, [f"DREAMBATCH_RUNNER__LLAMA={setting}: {where}"],
-                                             llama=True))
+            raise WeightsNotFound(
+                _not_found(model, setting, [f"DREAMBATCH_RUNNER__LLAMA={setting}: {where}"], llama=True)
+            )
         return llama, llama
     model_dir, tokenizer_dir = pipeline_dir / "text_encoder_4", pipeline_dir / "tokenizer_4"
     if (model_dir / "config.json").is_file() and tokenizer_dir.is_dir():
@@ -120,5 +123,3 @@ def _not_found(model: str, wanted: str, looked: list[str], llama: bool = False) 
     ]
     lines = [f"no {what} for model {model!r}; looked in:", *(f"  - {place}" for place in looked)]
     return "\n".join([*lines, "to get them, one of:", *(f"  - {fix}" for fix in fixes)])
-
-

@@ -42,6 +42,8 @@ from worker.runners.weights import (
 )
 
 EDIT_HUB_IDS = {name: spec.hub_id for name, spec in MODELS.items() if spec.kind == "edit"}
+
+
 @dataclass(frozen=True)
 class ResolvedEditWeights:
     folder: Path  # the E1 weights folder itself (or e1-1's transformer-only folder)
@@ -51,8 +53,9 @@ class ResolvedEditWeights:
     source: str  # "hub:<id>", "local:<dir>" or "tiny:<dir>"
 
 
-def resolve_edit_weights(model: str, weights: str | None = None,
-                         options: RunnerSettings | None = None) -> ResolvedEditWeights:
+def resolve_edit_weights(
+    model: str, weights: str | None = None, options: RunnerSettings | None = None
+) -> ResolvedEditWeights:
     """Find an E1 model's weights on this machine: None = its hub id, "tiny", a local folder or a hub id.
 
     For e1-1 the folder may be the E1 download (with `transformer/`) or a transformer-only folder."""
@@ -66,8 +69,9 @@ def resolve_edit_weights(model: str, weights: str | None = None,
     elif Path(wanted).expanduser().is_dir() or not _HUB_ID.match(wanted):
         folder, source = Path(wanted).expanduser().resolve(), "local"
         if not ((folder / required).is_file() or (model == "e1-1" and _is_transformer(folder))):
-            place = f"local folder {folder} (missing, or no {required}" + \
-                    (" and not a transformer folder)" if model == "e1-1" else ")")
+            place = f"local folder {folder} (missing, or no {required}" + (
+                " and not a transformer folder)" if model == "e1-1" else ")"
+            )
             raise WeightsNotFound(_not_found(model, f"weights {wanted}", [place]))
     else:
         found, where = cached_snapshot(wanted, required)
@@ -80,9 +84,11 @@ def resolve_edit_weights(model: str, weights: str | None = None,
     if i1_full is None and model == "e1-1" and (folder / "model_index.json").is_file():
         i1_full = folder  # an E1.1 folder that is a whole pipeline brings its own components
     if i1_full is None:
-        what = f"HiDream-I1-Full ({I1_FULL_HUB_ID}; " + \
-               ("the LoRA's base transformer and the pipeline components)" if model == "e1-full"
-                else "VAE, text encoders, tokenizers, scheduler; not its transformer)")
+        what = f"HiDream-I1-Full ({I1_FULL_HUB_ID}; " + (
+            "the LoRA's base transformer and the pipeline components)"
+            if model == "e1-full"
+            else "VAE, text encoders, tokenizers, scheduler; not its transformer)"
+        )
         raise WeightsNotFound(_not_found(model, what, looked))
     if model == "e1-full":
         transformer_dir = i1_full / "transformer"
@@ -133,10 +139,15 @@ def _i1_full(folder: Path, required: str, setting: str | None) -> tuple[Path | N
 def _not_found(model: str, what: str, looked: list[str]) -> str:
     hub_id = EDIT_HUB_IDS[model]
     fixes = [
-        f"hf download {hub_id}  (for e1-full, the file {LORA_FILE} is enough)" if model == "e1-full"
+        f"hf download {hub_id}  (for e1-full, the file {LORA_FILE} is enough)"
+        if model == "e1-full"
         else f"hf download {hub_id} --include 'transformer/*'",
-        f"hf download {I1_FULL_HUB_ID}" + (" --exclude 'transformer/*'  (its transformer is not needed for e1-1)"
-                                           if model == "e1-1" else "  (the LoRA's base and the components)"),
+        f"hf download {I1_FULL_HUB_ID}"
+        + (
+            " --exclude 'transformer/*'  (its transformer is not needed for e1-1)"
+            if model == "e1-1"
+            else "  (the LoRA's base and the components)"
+        ),
         f"accept the Llama 3.1 licence on huggingface.co/{LLAMA_HUB_ID}, then hf download {LLAMA_HUB_ID}",
         "point at folders you have: DREAMBATCH_RUNNER__I1_FULL (or --i1-full) for HiDream-I1-Full, "
         "DREAMBATCH_RUNNER__LLAMA (or --llama) for Llama; or put (or link) HiDream-I1-Full in the E1 folder's "
@@ -177,8 +188,11 @@ def add_lora_adapter(transformer: Any, lora: dict[str, Any]) -> str:
     """
     from peft import LoraConfig
 
-    down = {key.split(".lora_A.")[0]: (key.split(".lora_A.")[1].split(".")[0], value)
-            for key, value in lora.items() if ".lora_A." in key}
+    down = {
+        key.split(".lora_A.")[0]: (key.split(".lora_A.")[1].split(".")[0], value)
+        for key, value in lora.items()
+        if ".lora_A." in key
+    }
     if not down:
         raise ConfigError("the E1-Full weights file holds no LoRA tensors (no '.lora_A.' keys)")
     adapters = {name for name, _ in down.values()}
@@ -192,8 +206,9 @@ def add_lora_adapter(transformer: Any, lora: dict[str, Any]) -> str:
     loaded = transformer.load_state_dict(lora, strict=False)
     missing = [key for key in loaded.missing_keys if ".lora_" in key]
     if loaded.unexpected_keys or missing:
-        raise ConfigError(f"LoRA weights do not fit the transformer: unexpected {loaded.unexpected_keys[:5]}, "
-                          f"missing {missing[:5]}")
+        raise ConfigError(
+            f"LoRA weights do not fit the transformer: unexpected {loaded.unexpected_keys[:5]}, missing {missing[:5]}"
+        )
     return adapter
 
 
@@ -209,5 +224,3 @@ def load_full_tensors(transformer: Any, full: dict[str, Any]) -> None:
     with torch.no_grad():
         for name, value in full.items():
             tensors[name].copy_(value)
-
-
