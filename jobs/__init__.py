@@ -22,6 +22,9 @@ Beside the spine:
     keys.py         every name crossing a process: queues, task names, Redis and S3 keys
     netguard.py     which addresses may be reached for a user (image URLs, webhooks)
     cli.py          validate, submit, status, results…    api/        the HTTP API over the same functions
-    catalog.py      scheduled catalog runs (schedules.py, beat.py, identity.py, catalog_cli.py)
-    metrics.py, logs.py, export.py, fal.py
+    catalog/        scheduled catalog runs: plan, scan, ledger, lock, run, report, schedules, beat, cli
+                    (identity.py: what a source image is, to tell when it changed)
+    vendors/        the hosted APIs' request and response shapes (fal, inference.sh, WaveSpeedAI, OpenAI),
+                    served by api/*_routes.py
+    metrics.py, logs.py, export.py (results as CSV/Parquet…), formats.py (the one image-format table)
 """

@@ -94,7 +94,7 @@ def cancel_job(services: Services, job_id: str) -> JobRecord:
         records.write_job_spec(objects, job)
     # 2. every queued item ends cancelled at once
     _end_queued(services, objects, job, "cancelled", store.items(job_id))
-    return store.get_job(job_id)
+    return store.get_job(job_id) or job
 
 
 def retry_job(services: Services, job_id: str) -> list[str]:
@@ -139,11 +139,12 @@ def resume_job(services: Services, job_id: str, *, output: str | None = None) ->
     When Redis lost the job too, give its `output` location: the job is rebuilt from its S3 record."""
     store = services.store
     live = store.get_job(job_id)
-    if live is None and output is None:
+    where = output or (live.output if live is not None else None)
+    if where is None:
         raise JobNotFound(f"no job {job_id!r} in Redis; give its output location to rebuild it from S3")
     if live is not None and live.finished_at:
         return []
-    objects = services.objects(output or live.output)
+    objects = services.objects(where)
     queued: list[str] = []
 
     def dispatch(ids: list[str]) -> None:

@@ -36,17 +36,19 @@ class ContextFilter(logging.Filter):
     """Puts the current job/item ids on every record (an `extra=` value given explicitly wins)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if getattr(record, "job_id", None) is None:
-            record.job_id = _JOB.get()
-        if getattr(record, "item_id", None) is None:
-            record.item_id = _ITEM.get()
-        ids = " ".join(f"{k}={v}" for k, v in (("job", record.job_id), ("item", record.item_id)) if v)
-        record.ids = f" [{ids}]" if ids else ""
+        fields = record.__dict__  # the ids travel as extra attributes of the record
+        if fields.get("job_id") is None:
+            fields["job_id"] = _JOB.get()
+        if fields.get("item_id") is None:
+            fields["item_id"] = _ITEM.get()
+        ids = " ".join(f"{k}={v}" for k, v in (("job", fields["job_id"]), ("item", fields["item_id"])) if v)
+        fields["ids"] = f" [{ids}]" if ids else ""
         return True
 
 
 class JsonFormatter(logging.Formatter):
-    converter = time.gmtime
+    def converter(self, secs: float | None = None) -> time.struct_time:
+        return time.gmtime(secs)
 
     def format(self, record: logging.LogRecord) -> str:
         entry = {

@@ -32,6 +32,10 @@ class ObjectStore(Protocol):
 
     def keys(self, prefix: str) -> Iterator[str]: ...
 
+    def head(self, key: str) -> dict | None:
+        """The object's metadata (ContentLength, ETag where the store has one…), or None when it does not exist."""
+        ...
+
     def delete(self, key: str) -> None: ...
 
     def url(self, key: str, expires: int | None = None) -> str | None:
@@ -294,6 +298,10 @@ class LocalStore:
             rel = path.relative_to(self.root).as_posix()
             if path.is_file() and rel.startswith(prefix) and not path.name.startswith(".tmp-"):
                 yield rel
+
+    def head(self, key: str) -> dict | None:
+        path = self._path(key)
+        return {"ContentLength": path.stat().st_size} if path.is_file() else None
 
     def delete(self, key: str) -> None:
         path = self._path(key)

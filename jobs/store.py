@@ -58,6 +58,8 @@ class Store(Protocol):
     def finish_job(self, job_id: str, status: JobStatus, results_uri: str | None, at: str) -> bool: ...
     def items(self, job_id: str) -> Iterator[ItemRecord]: ...
     def disable_webhook(self, job_id: str) -> None: ...
+    def beat(self, name: str, info: dict[str, Any], ttl: float) -> None: ...
+    def workers(self) -> list[dict[str, Any]]: ...
     def log_event(self, job_id: str, event_id: str, entry: dict[str, Any]) -> None: ...
     def events(self, job_id: str) -> dict[str, list[dict[str, Any]]]: ...
     def mark_sent(self, job_id: str, *event_ids: str) -> None: ...
@@ -128,7 +130,7 @@ return {1, cur, attempts, done, total}
 REDIS_FIX = "start it (docker compose up -d redis, or redis-server) or point DREAMBATCH_REDIS_URL at yours"
 
 
-def redis_errors() -> tuple[type[BaseException], ...]:
+def redis_errors() -> tuple[type[Exception], ...]:
     """What a client raises when Redis cannot be reached or used (redis-py's, and kombu's when publishing)."""
     import redis
     from kombu.exceptions import OperationalError
@@ -302,7 +304,7 @@ class RedisStore:
         pipe.execute()
 
     def add_items(self, items: list[ItemRecord]) -> None:
-        by_job: dict[str, list[str]] = {}
+        by_job: dict[str, list[str | int]] = {}
         for item in items:
             terminal = int(item.status.terminal)
             by_job.setdefault(item.job_id, []).extend(
@@ -553,6 +555,16 @@ class MemoryStore:
         self._slots: dict[str, dict[str, float]] = {}
         self._sent: set[tuple[str, str]] = set()
         self._nudges: dict[str, float] = {}  # job id → when another finalize nudge may go
+        self._beats: dict[str, tuple[dict[str, Any], float]] = {}  # worker name → (heartbeat, expiry)
+
+    def beat(self, name: str, info: dict[str, Any], ttl: float) -> None:
+        with self._lock:
+            self._beats[name] = (info, time.monotonic() + ttl)
+
+    def workers(self) -> list[dict[str, Any]]:
+        with self._lock:
+            now = time.monotonic()
+            return [info for _, (info, until) in sorted(self._beats.items()) if until > now]
 
     def create_job(self, job: JobRecord) -> None:
         with self._lock:

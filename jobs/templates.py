@@ -70,7 +70,8 @@ class KeyTemplate:
                 break
         else:
             self.any_image_suffix = False
-        pattern, pos, self.names = "", 0, []
+        pattern, pos = "", 0
+        self.names: list[str] = []
         for match in self._PART.finditer(body):
             pattern += re.escape(body[pos : match.start()])
             name, many = match.group(1), match.group(2)

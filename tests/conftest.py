@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import uuid
@@ -20,6 +21,17 @@ def redis_server(tmp_path_factory) -> Iterator[RedisServer]:
     server.start()
     yield server
     server.stop()
+
+
+_databases = itertools.count(100)
+
+
+@pytest.fixture(autouse=True)
+def _own_redis_database(request) -> None:
+    """Every test that uses the session's Redis gets a database of its own (queues included: kombu keeps a
+    database's lists and broadcast channels apart), so leftovers of an earlier test never reach it."""
+    if "redis_server" in request.fixturenames:
+        request.getfixturevalue("redis_server").db = next(_databases)
 
 
 @pytest.fixture(scope="session")

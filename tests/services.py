@@ -49,14 +49,26 @@ def wait_until(predicate, timeout: float, interval: float = 0.1, what: str = "co
 
 
 # --- Redis --------------------------------------------------------------------------------------
+DATABASES = 10_000  # one per test (from 100 up) and a few fixed ones for module-wide stacks
+
+
 class RedisServer:
     def __init__(self, workdir: Path, persistent: bool = False):
         """`persistent`: an append-only file in `workdir`, so a restart keeps the data (as in docker-compose)."""
         self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.base_url = f"redis://127.0.0.1:{self.port}"
+        self.db = 0  # the database `url` names: conftest gives every test its own
         self.workdir = workdir
         self.persistent = persistent
         self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"{self.base_url}/{self.db}"
+
+    def database(self, n: int) -> str:
+        """The URL of database `n` (a module's shared stack keeps a fixed one of its own, below 100)."""
+        return f"{self.base_url}/{n}"
 
     def start(self) -> None:
         exe = shutil.which("redis-server")
@@ -75,6 +87,8 @@ class RedisServer:
                 "yes" if self.persistent else "no",
                 "--appendfsync",
                 "always",
+                "--databases",
+                str(DATABASES),
                 "--dir",
                 str(self.workdir),
             ],

@@ -30,7 +30,7 @@ def api(redis_server, s3_endpoint):
     bucket = f"t-api-{uuid.uuid4().hex[:8]}"
     s3_client(s3_endpoint).create_bucket(Bucket=bucket)
     settings = Settings(
-        redis_url=redis_server.url.rsplit("/", 1)[0] + f"/{REDIS_DB}",
+        redis_url=redis_server.database(REDIS_DB),
         output=f"s3://{bucket}/api",
         s3={"endpoint_url": s3_endpoint},
         api={"wait_timeout": 0.05},
@@ -44,7 +44,7 @@ def api(redis_server, s3_endpoint):
 def redis_db(redis_server):
     import redis
 
-    return redis.Redis.from_url(redis_server.url.rsplit("/", 1)[0] + f"/{REDIS_DB}", decode_responses=True)
+    return redis.Redis.from_url(redis_server.database(REDIS_DB), decode_responses=True)
 
 
 def queued_messages(redis_db, model: str = "i1-fast") -> int:
@@ -273,7 +273,7 @@ def test_metrics_need_the_metrics_scope_and_count_jobs_by_status(api):
 
 
 def test_keys_cli_creates_lists_and_revokes(api, redis_server, s3_endpoint, tiny_dir):
-    env = service_env(redis_server.url.rsplit("/", 1)[0] + f"/{REDIS_DB}", s3_endpoint, tiny_dir)
+    env = service_env(redis_server.database(REDIS_DB), s3_endpoint, tiny_dir)
     res = cli("keys", "create", "--name", "ops", "--scope", "jobs:read", "--json", env=env)
     assert res.returncode == 0, res.stderr
     made = json.loads(res.stdout)

@@ -26,7 +26,7 @@ REDIS_DB = 2
 
 @pytest.fixture(scope="module")
 def stack(redis_server, s3_endpoint, tiny_dir, tmp_path_factory):
-    redis_url = redis_server.url.rsplit("/", 1)[0] + f"/{REDIS_DB}"
+    redis_url = redis_server.database(REDIS_DB)
     bucket = f"t-apiw-{uuid.uuid4().hex[:8]}"
     s3_client(s3_endpoint).create_bucket(Bucket=bucket)
     env = service_env(redis_url, s3_endpoint, tiny_dir)

@@ -91,7 +91,7 @@ def e1_workers(redis_server, s3_endpoint, tiny_dir, tmp_path_factory):
     that need items to run (each uses its own bucket and schedule name)."""
     from services import Worker
 
-    redis_url = redis_server.url[:-1] + "11"
+    redis_url = redis_server.database(11)
     logs = tmp_path_factory.mktemp("e1-workers")
     env = service_env(redis_url, s3_endpoint, tiny_dir)
     workers = [
@@ -161,7 +161,7 @@ def test_scheduled_scan_edits_every_image_once_then_only_what_changed_and_the_sh
         s3.put_object(Bucket=bucket, Key=key, Body=body, ContentType=ctype)
     name = f"nightly-{uuid.uuid4().hex[:6]}"
     schedules = schedule_file(tmp_path / "schedules.toml", name, bucket)
-    redis_url = redis_server.url[:-1] + "6"  # its own database: the beat lock is not shared with other tests
+    redis_url = redis_server.url
     extra = {
         "DREAMBATCH_REDIS_URL": redis_url,
         "DREAMBATCH_CATALOG__SCHEDULES_FILE": str(schedules),
@@ -302,7 +302,7 @@ def test_two_beats_started_together_fire_a_missed_slot_once_and_a_standby_takes_
 ):
     name = f"twobeats-{uuid.uuid4().hex[:6]}"
     schedules = schedule_file(tmp_path / "schedules.toml", name, bucket)
-    redis_url = redis_server.url[:-1] + "7"
+    redis_url = redis_server.url
     extra = {
         "DREAMBATCH_REDIS_URL": redis_url,
         "DREAMBATCH_CATALOG__SCHEDULES_FILE": str(schedules),
@@ -606,7 +606,7 @@ def test_a_manifest_source_queues_every_row_with_the_schedules_preset_and_a_dry_
         f'[schedules.{name}.source]\nmanifest = "s3://{bucket}/manifests/tonight.csv"\n'
     )
     settings = Settings(
-        redis_url=redis_server.url[:-1] + "8",
+        redis_url=redis_server.url,
         s3=S3Settings(endpoint_url=s3_endpoint),
         catalog=CatalogSettings(schedules_file=str(path)),
     )
@@ -640,7 +640,7 @@ def test_a_schedules_priority_concurrency_cap_and_expiry_reach_its_jobs(redis_se
 
     write()
     settings = Settings(
-        redis_url=redis_server.url[:-1] + "8",
+        redis_url=redis_server.url,
         s3=S3Settings(endpoint_url=s3_endpoint),
         catalog=CatalogSettings(schedules_file=str(path)),
     )
@@ -845,7 +845,7 @@ def test_a_fired_run_that_finds_the_schedule_running_retries_and_runs_once_the_l
     s3.put_object(Bucket=bucket, Key="products/shoes/1.jpg", Body=photo(1, "jpg"), ContentType="image/jpeg")
     name = f"retry-{uuid.uuid4().hex[:6]}"
     schedules = schedule_file(tmp_path / "schedules.toml", name, bucket)
-    redis_url = redis_server.url.rsplit("/", 1)[0] + "/9"
+    redis_url = redis_server.url
     extra = {
         "DREAMBATCH_REDIS_URL": redis_url,
         "DREAMBATCH_CATALOG__SCHEDULES_FILE": str(schedules),
@@ -897,7 +897,7 @@ def test_a_crashed_runs_lock_expires_within_its_ttl_while_a_live_run_keeps_renew
 
     name = f"lock-{uuid.uuid4().hex[:6]}"
     schedules = schedule_file(tmp_path / "schedules.toml", name, bucket)
-    redis_url = redis_server.url.rsplit("/", 1)[0] + "/9"
+    redis_url = redis_server.url
     settings = Settings(
         redis_url=redis_url,
         s3=S3Settings(endpoint_url=s3_endpoint),
@@ -944,7 +944,7 @@ def test_retries_back_off_stop_before_the_next_slot_and_an_unreachable_s3_is_ret
     name = f"s3down-{uuid.uuid4().hex[:6]}"
     schedules = schedule_file(tmp_path / "schedules.toml", name, "b")
     settings = Settings(
-        redis_url=redis_server.url.rsplit("/", 1)[0] + "/9",
+        redis_url=redis_server.url,
         s3=S3Settings(endpoint_url=f"http://127.0.0.1:{free_port()}", max_attempts=1, connect_timeout=0.5),
         catalog=CatalogSettings(schedules_file=str(schedules), run_retry_base=30, run_retry_max=600, run_retries=5),
     )
@@ -1035,7 +1035,7 @@ def test_new_weights_on_the_workers_re_run_every_image_once_then_nothing(
         s3.put_object(Bucket=bucket, Key=key, Body=body)
     name = f"rev-{uuid.uuid4().hex[:6]}"
     schedules = schedule_file(tmp_path / "schedules.toml", name, bucket)
-    redis_url = redis_server.url[:-1] + "10"
+    redis_url = redis_server.url
     extra = {
         "DREAMBATCH_REDIS_URL": redis_url,
         "DREAMBATCH_CATALOG__SCHEDULES_FILE": str(schedules),

@@ -396,7 +396,7 @@ def test_with_s3_misconfigured_every_command_that_uses_it_says_what_to_fix(
     env = newcomer_env(
         places,
         tiny_dir,
-        DREAMBATCH_REDIS_URL=redis_server.url.rsplit("/", 1)[0] + "/7",
+        DREAMBATCH_REDIS_URL=redis_server.url,
         DREAMBATCH_OUTPUT="s3://dreambatch/outputs",
         **s3,
     )
@@ -476,7 +476,7 @@ def test_a_misspelled_manifest_is_refused_by_validate_submit_and_run_alike(
     env = newcomer_env(
         places,
         tiny_dir,
-        DREAMBATCH_REDIS_URL=redis_server.url.rsplit("/", 1)[0] + "/7",
+        DREAMBATCH_REDIS_URL=redis_server.url,
         AWS_ENDPOINT_URL_S3=s3_endpoint,
         AWS_ACCESS_KEY_ID="testing",
         AWS_SECRET_ACCESS_KEY="testing",
@@ -553,7 +553,7 @@ def test_a_job_nobody_serves_is_named_at_submit_in_status_and_top(
     env = newcomer_env(
         places,
         tiny_dir,
-        DREAMBATCH_REDIS_URL=redis_server.url.rsplit("/", 1)[0] + "/8",
+        DREAMBATCH_REDIS_URL=redis_server.url,
         AWS_ENDPOINT_URL_S3=s3_endpoint,
         AWS_ACCESS_KEY_ID="testing",
         AWS_SECRET_ACCESS_KEY="testing",
@@ -632,7 +632,7 @@ def test_a_submission_that_failed_reads_cancelled_not_queued(redis_server, tmp_p
 
     manifest = tmp_path / "m.jsonl"
     manifest.write_text('{"prompt": "a"}\n')
-    store = RedisStore.from_url(redis_server.url.rsplit("/", 1)[0] + "/9", 1)
+    store = RedisStore.from_url(redis_server.url, 1)
     folder = S3Down(str(tmp_path))
     services = Services(Settings(), store=store, objects=lambda _loc: folder, publish=lambda job, ids: None)
     with pytest.raises(SubmitFailed, match="nothing was queued"):

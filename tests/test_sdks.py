@@ -43,7 +43,7 @@ FLAGGING = "flags-everything"  # the e1-full worker's checker folder
 def stack(redis_server, s3_endpoint, tiny_dir, tmp_path_factory):
     from worker.safety import make_tiny_checker
 
-    redis_url = redis_server.url.rsplit("/", 1)[0] + f"/{REDIS_DB}"
+    redis_url = redis_server.database(REDIS_DB)
     bucket = f"t-sdk-{uuid.uuid4().hex[:8]}"
     s3_client(s3_endpoint).create_bucket(Bucket=bucket)
     folder = tmp_path_factory.mktemp("sdks")

@@ -49,7 +49,7 @@ def decode_input(data: bytes, max_pixels: int) -> Image.Image:
     from jobs.errors import InputError
 
     try:
-        image = Image.open(io.BytesIO(data), formats=sorted(PIL_NAMES))
+        image: Image.Image = Image.open(io.BytesIO(data), formats=sorted(PIL_NAMES))
     except UnidentifiedImageError:
         raise InputError("not a JPEG, PNG or WebP image") from None
     except Image.DecompressionBombError as exc:

@@ -93,7 +93,7 @@ def create_app(settings: Settings) -> FastAPI:
         """Redis went away mid-request, past the client's retries (DREAMBATCH_REDIS_RETRY_S): a 503 saying so."""
         found = unreachable_redis(settings.redis_url, exc)
         log.warning("%s", found)
-        return _error(ApiError(503, str(found), type_="server_error", code="unavailable"))
+        return _error(request, ApiError(503, str(found), type_="server_error", code="unavailable"))
 
     for error_class in redis_errors():
         app.add_exception_handler(error_class, unreachable)

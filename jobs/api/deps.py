@@ -43,7 +43,7 @@ def require(scope: str):
         key_id = auth.key_id_of(cred.credentials)
         svc: Services = request.app.state.services
         record = await anyio.to_thread.run_sync(svc.store.get_api_key, key_id) if key_id else None
-        if not auth.matches(record, cred.credentials):
+        if record is None or not auth.matches(record, cred.credentials):
             raise ApiError(401, "invalid or revoked API key", type_="authentication_error", code="invalid_api_key")
         if scope not in record.scopes:
             raise ApiError(

@@ -271,7 +271,7 @@ def _result(svc: Services, model: str, request_id: str, base_url: str):
     item = next(svc.store.items(request_id), None)
     if not common.ended(job, item):
         return JSONResponse({"detail": "Request is still in progress", "status": "IN_PROGRESS"}, 400)
-    if not common.completed(item):
+    if item is None or not common.completed(item):
         return JSONResponse({"detail": fal.error_detail(job, item), "error_type": common.error_kind(job, item)}, 422)
     return fal.output(item, _url_for(svc, job, base_url))
 
@@ -374,7 +374,9 @@ async def stream(
             item = await anyio.to_thread.run_sync(lambda: next(svc.store.items(job_id), None))
             if common.ended(job, item):
                 result = await anyio.to_thread.run_sync(_result, svc, model, job_id, str(request.base_url))
-                yield _sse({"error": json.loads(result.body)["detail"]} if isinstance(result, JSONResponse) else result)
+                yield _sse(
+                    {"error": json.loads(bytes(result.body))["detail"]} if isinstance(result, JSONResponse) else result
+                )
                 return
             step = await anyio.to_thread.run_sync(svc.store.step_of, job_id, item.item_id) if item else None
             state = {

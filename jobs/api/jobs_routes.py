@@ -260,7 +260,8 @@ def list_items(
 ) -> dict:
     """Items in manifest order, each as its results line (filter with `status=failed`)."""
     svc.job(job_id)
-    data, seen = [], 0
+    data: list[dict] = []
+    seen = 0
     for item in svc.store.items(job_id):
         if status is not None and item.status != status:
             continue

@@ -179,7 +179,7 @@ def images_response(svc: Services, job: JobRecord, base_url: str, response_forma
         "output_format": items[0].params.get("output_format") if items else None,
         "size": f"{first.width}x{first.height}" if first else None,
         "id": job.job_id,
-        "has_nsfw_concepts": None if any(f is None for f in flags) else [b for f in flags for b in f],
+        "has_nsfw_concepts": None if any(f is None for f in flags) else [b for f in flags for b in f or ()],
         "safety_checker": common.safety(items[0]) if items else common.NOT_RUN,
     }
 

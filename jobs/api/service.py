@@ -184,7 +184,7 @@ async def wait_for(
             looked = time.monotonic()
             warning = no_worker_warning(await anyio.to_thread.run_sync(svc.store.workers), job.model)
             unserved_since = (unserved_since or looked) if warning else None
-            if warning and looked - unserved_since >= grace:
+            if warning and unserved_since is not None and looked - unserved_since >= grace:
                 raise ApiError(
                     503,
                     f"job {job_id}: {warning}; it stays queued and runs then: {where or f'GET /v1/jobs/{job_id}'}",
@@ -208,7 +208,7 @@ def job_status(job: JobRecord, now: float | None = None, workers: list[dict[str,
     live `workers` (heartbeats), an unfinished job nobody serves gets a `warning` saying which worker to start."""
     counts = {"total": job.total, **{s.value: job.counts.get(s, 0) for s in ItemStatus}}
     ended = lifecycle.ended(job.counts)
-    elapsed = (_epoch(job.finished_at) or now or time.time()) - _epoch(job.created_at)
+    elapsed = (_epoch(job.finished_at) or now or time.time()) - datetime.fromisoformat(job.created_at).timestamp()
     rate = ended / elapsed if ended and elapsed > 0 else 0.0
     eta = (job.total - ended) / rate if rate and not job.finished_at else None
     return {

@@ -194,7 +194,7 @@ def resolve(svc: Services, request: Request, row: dict[str, Any], fields: tuple[
         if upload_id is None:
             continue
         record, data = read(svc, upload_id)
-        if data is None:
+        if record is None or data is None:
             raise ApiError(
                 422,
                 f"{field}: upload {upload_id} has no file (PUT it first, within a day)",

@@ -15,6 +15,7 @@ once it ends. WaveSpeed's defaults for its models (jpeg) apply to these requests
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Any
 
 import anyio
@@ -107,9 +108,10 @@ def _result_url(svc: Services, request: Request, prediction_id: str) -> str:
 def prediction_of(svc: Services, request: Request, job: JobRecord, error: str | None = None) -> dict[str, Any]:
     item = next(svc.store.items(job.job_id), None)
     base_url = str(request.base_url)
+    url_for: Callable[[OutputImage], str | None]
     if job.api.get("base64"):
 
-        def url_for(image: OutputImage) -> str:
+        def url_for(image: OutputImage) -> str | None:
             return f"data:{image.content_type};base64,{image_b64(svc, job, image)}"
     else:
 

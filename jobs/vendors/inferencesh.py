@@ -78,9 +78,11 @@ def row(model: str, values: dict[str, Any]) -> dict[str, Any]:
 def status_of(job: JobRecord, item: ItemRecord | None) -> TaskStatus:
     if common.ended(job, item):
         status = item.status if item is not None else job.status
-        return {ItemStatus.COMPLETED: TaskStatus.COMPLETED, ItemStatus.CANCELLED: TaskStatus.CANCELLED}.get(
-            status, TaskStatus.FAILED
-        )
+        ended_as: dict[str, TaskStatus] = {
+            ItemStatus.COMPLETED: TaskStatus.COMPLETED,
+            ItemStatus.CANCELLED: TaskStatus.CANCELLED,
+        }
+        return ended_as.get(status, TaskStatus.FAILED)
     if job.cancel_requested:
         return TaskStatus.CANCELLING
     if job.status == JobStatus.RUNNING:
@@ -133,7 +135,7 @@ def task(
         "status_text": status.name.lower(),
         "app": app_of(job),
         "input": job.api.get("input", {}),
-        "output": output(item, url_for) if done else None,
+        "output": output(item, url_for) if done and item is not None else None,
         "error": common.error(job, item) if failed else "",
         "error_kind": common.error_kind(job, item) if failed else None,
         "progress": 100.0 if done else progress,

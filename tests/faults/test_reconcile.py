@@ -50,7 +50,7 @@ def test_flushall_mid_job_then_reconcile_requeues_only_unfinished_items(
     assert 2 <= len(ended_before) < 6, ended_before
     assert not listing("results.jsonl")
 
-    redis_server.client().flushall()
+    redis_server.client().flushdb()
     assert store.get_job(job_id) is None
 
     second = start_worker(*GPU)
@@ -145,7 +145,7 @@ def test_the_periodic_sweep_requeues_a_lost_jobs_items_at_the_jobs_priority(redi
     objects, job = _recorded_job(tmp_path, {"a": "completed", "b": None})
     records.write_job_spec(objects, job.model_copy(update={"priority": "high"}))
     records.mark_open(objects, job)
-    url = redis_server.url[:-1] + "13"  # a database of its own: no other test's queue sees these messages
+    url = redis_server.url
     services = Services(Settings(redis_url=url, output=objects.location), store=MemoryStore())  # the job is lost
     lists, queue = redis.Redis.from_url(url), keys.gpu_queue("i1-fast")
     try:

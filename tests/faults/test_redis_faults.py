@@ -173,7 +173,7 @@ def test_after_a_flushall_the_io_worker_sweep_rebuilds_the_job_on_its_own(
     store = RedisStore.from_url(redis_server.url)
     wait_until(lambda: store.get_job(job_id).counts["completed"] >= 2, 90, 0.05, what="two items completed")
     gpu.kill(signal.SIGKILL)
-    redis_server.client().flushall()  # the live state is gone; nobody runs `dreambatch reconcile`
+    redis_server.client().flushdb()  # the live state is gone; nobody runs `dreambatch reconcile`
 
     start_worker(*GPU).wait_ready()
     job = wait_end(store, job_id, 180)
