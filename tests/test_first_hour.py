@@ -347,7 +347,8 @@ def test_with_redis_down_or_s3_misconfigured_the_api_runs_and_healthz_tells_the_
         "AWS_SECRET_ACCESS_KEY": "testing",
         "AWS_DEFAULT_REGION": "us-east-1",
     }
-    proc = Process(args, newcomer_env(places, tiny_dir, DREAMBATCH_REDIS_URL=redis_down, **dict(command.env), **s3))
+    env = newcomer_env(places, tiny_dir, DREAMBATCH_REDIS_URL=redis_down, **dict(command.env), **s3)
+    proc = Process(args, {**env, "DREAMBATCH_REDIS_RETRY_S": "1"})  # a request gives up on Redis after 1 s
     try:
         proc.wait_for(r"cannot reach Redis at .*The API keeps trying")
         # a long-running process: its start-up (imports, a loaded CI box) is not a command's answer time
@@ -359,6 +360,14 @@ def test_with_redis_down_or_s3_misconfigured_the_api_runs_and_healthz_tells_the_
         body = health.json()
         assert not body["ok"] and not body["redis"]["ok"] and "DREAMBATCH_REDIS_URL" in body["redis"]["error"]
         assert not body["s3"]["ok"] and "does not exist" in body["s3"]["error"]  # nobody made the bucket
+        # a route that needs Redis (checking the key) answers 503 saying why, in the client's own error shape
+        listed = httpx.get(
+            f"http://127.0.0.1:{port}/v1/jobs",
+            headers={"Authorization": f"Bearer dbk_{'0' * 12}_{'a' * 43}"},
+            timeout=60,
+        )
+        assert listed.status_code == 503, listed.text
+        assert "Redis" in listed.text and "DREAMBATCH_REDIS_URL" in listed.text
     finally:
         proc.stop()
     assert "Traceback" not in proc.text, proc.text
