@@ -57,6 +57,7 @@ S3_OUTPUT = "{prefix}{job_id}/{item_id}{suffix}.{ext}"  # suffix "" or "_{n}" fo
 S3_SHEET = "{prefix}{job_id}/sheet{page}.{ext}"  # review contact sheet (html, png); page "" or "-2", "-3"…
 S3_CATALOG_LEDGER = "{prefix}_catalog/{name}/ledger.json"  # what each source image was last edited as
 S3_CATALOG_RUN = "{prefix}_catalog/{name}/runs/{job_id}.json"  # one scheduled run: its items and fingerprints
+S3_LORA = "{prefix}_loras/{sha256}.safetensors"  # a LoRA a row named as a local file, staged once by content
 S3_UPLOAD = "{prefix}_uploads/{upload_id}/{filename}"  # a file a client PUT to a vendor upload URL
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from jobs import dialects
+from jobs import dialects, loras
 from jobs.errors import InputError
 from jobs.inputs import InputPolicy, check_ref
 from jobs.models import MODELS, CommonParams, EditRow, GenerateRow, rendered_size, row_class
@@ -267,6 +267,13 @@ class RowChecker:
                 params["image"] = check_ref(row.image, self.inputs)
             except InputError as exc:
                 return CheckedRow(raw.line, item_id, None, metadata, [Issue(raw.line, "image", str(exc), row.image)])
+        if row.lora is None:  # rows without one keep the params (and catalog fingerprints) they always had
+            del params["lora"], params["lora_scale"]
+        else:
+            try:
+                params["lora"] = loras.check_ref(row.lora, self.spec.name, self.inputs)
+            except InputError as exc:
+                return CheckedRow(raw.line, item_id, None, metadata, [Issue(raw.line, "lora", str(exc), row.lora)])
         return CheckedRow(raw.line, item_id, params, metadata, notes=notes)
 
     def _check_columns(self, line: int, extra: dict[str, Any]) -> list[Issue]:

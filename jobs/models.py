@@ -32,6 +32,7 @@ class ModelSpec:
     kind: Literal["generate", "edit"]
     defaults: dict[str, Any] = field(default_factory=dict)  # upstream preset
     base_size: int = 1024  # the pipeline renders at about base_size² pixels
+    loras: bool = True  # takes a row's LoRA adapter (e1-full's transformer already carries its own LoRA)
 
 
 # The upstream defaults of each model: what its published inference code uses when a caller passes nothing.
@@ -88,6 +89,7 @@ MODELS: dict[str, ModelSpec] = {
             "clip_cfg_norm": True,
         },
         base_size=768,
+        loras=False,
     ),
 }
 # HiDream-I1-Full: E1-Full's base transformer, and where both E1 scripts take the VAE, text encoders 1-3,
@@ -119,6 +121,14 @@ class CommonParams(BaseModel):
         description="run the worker's safety checker on the outputs; None: "
         "whenever the worker has one (worker/safety.py)",
     )
+    lora: str | None = Field(
+        None,
+        min_length=1,
+        max_length=2048,
+        description="a LoRA adapter for the model's transformer: a local .safetensors file or s3://bucket/key "
+        "(diffusers' LoRA format); see docs/lora.md",
+    )
+    lora_scale: float = Field(1.0, ge=-8.0, le=8.0, description="the LoRA's strength (its weight in set_adapters)")
 
     @field_validator("output_format", mode="before")
     @classmethod
@@ -241,6 +251,7 @@ class ItemOutput(BaseModel):
     seed: int | None = None
     processed_size: list[int] | None = None  # the canvas the model worked at (edits)
     input_size: list[int] | None = None  # the input image's size after EXIF orientation (edits)
+    lora: dict[str, Any] | None = None  # the adapter it ran with: {source, sha256, scale}
     nsfw: list[bool] | None = None  # per image, when a safety checker ran; None when none ran (see `safety`)
     safety: str | None = None  # the checker that ran ("tiny", a weights folder's name) or "off: <why it did not>"
 

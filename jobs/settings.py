@@ -167,6 +167,8 @@ class RunnerSettings(BaseModel):
         description="older spelling of memory_plan, used while memory_plan is auto: cpu = text-cpu, device = resident",
     )
     batch_max: int = Field(1, ge=0, description="most I1 items denoised together; 1 = off, 0 = from free GPU memory")
+    lora_cache: int = Field(4, ge=1, description="user LoRA adapters kept loaded per worker (least recently used go)")
+    lora_dir: str = Field("~/.cache/dreambatch/loras", description="where workers keep the LoRA files rows name")
     batch_window_ms: float = Field(20.0, ge=0, description="how long a batch waits for more items to arrive")
     fold_padding: bool = Field(True, description="non-square latents: one token stands for the padding")
     compile: Literal["off", "inductor", "cudagraphs", "aot_eager", "eager"] = Field(

@@ -24,7 +24,7 @@ from pathlib import Path
 import redis.exceptions
 from kombu.exceptions import KombuError
 
-from jobs import inputs, lifecycle, netguard, records
+from jobs import inputs, lifecycle, loras, netguard, records
 from jobs.errors import DreambatchError, ErrorKind, InputError, TransientError
 from jobs.inputs import InputPolicy
 from jobs.lifecycle import ItemStatus
@@ -88,6 +88,9 @@ def _item(job_id: str, row: CheckedRow, at: str, objects: ObjectStore, max_bytes
         params = {**row.params, "seed": resolve_seed(row.params["seed"])}
         if "image" in params:  # local files and data URIs move next to the job, for any worker to read
             params["image"] = inputs.stage(params["image"], objects, job_id, row.item_id, max_bytes)
+        if params.get("lora"):  # a local LoRA file: staged once by content, for every row and job naming it
+            params["lora_source"] = params["lora"]
+            params["lora"], params["lora_sha256"] = loras.stage(params["lora"], objects)
         return ItemRecord(
             job_id=job_id,
             item_id=row.item_id,

@@ -35,10 +35,11 @@ from jobs.settings import Settings
 from jobs.storage import ObjectStore, key_of
 from jobs.store import Store
 from jobs.submit import now_iso
-from worker import geometry, imaging, inputs, safety, webhooks
+from worker import geometry, imaging, inputs, loras, safety, webhooks
 from worker.leases import Leases
 from worker.metrics import WorkerMetrics
 from worker.runners.base import EditRequest, GenerateRequest, Runner
+from worker.runners.lora import LoraChoice
 
 log = logging.getLogger("dreambatch.worker")
 
@@ -169,13 +170,14 @@ def _attempt(ctx: Context, job: JobRecord, item: ItemRecord) -> Outcome:
             images, output = _run_edit(ctx, job, item)
         else:
             runner = ctx.runner()  # (loads the model on first use in local mode: not a wait for the GPU)
+            lora = loras.choice(item, job, ctx.settings, ctx.objects)  # its file in the local cache, if any
             asked = time.time()
             with ctx.gpu_lock:
                 _stop_if_cancelled(ctx, item)
                 with _model_failures():
-                    result = runner.generate(_request(item), on_step=_step_check(ctx, item))
+                    result = runner.generate(_request(item, lora), on_step=_step_check(ctx, item))
             _record_model_time(item, result, asked)
-            images, output = result.images, ItemOutput(seed=item.seed)
+            images, output = result.images, ItemOutput(seed=item.seed, lora=loras.recorded(item, lora))
 
         # 5b. the exact size a caller asked for, then the safety checker on what it will get (worker/safety.py)
         images = imaging.requested_size(images, item.params)
@@ -221,7 +223,7 @@ def _step_check(ctx: Context, item: ItemRecord) -> Callable[[int], None]:
     return check
 
 
-def _request(item: ItemRecord) -> GenerateRequest:
+def _request(item: ItemRecord, lora: LoraChoice | None = None) -> GenerateRequest:
     p = item.params
     return GenerateRequest(
         prompt=p["prompt"],
@@ -234,6 +236,7 @@ def _request(item: ItemRecord) -> GenerateRequest:
         shift=p["shift"],
         scheduler=p["scheduler"],
         num_images=p["num_images"],
+        lora=lora,
     )
 
 
@@ -252,6 +255,7 @@ def _run_edit(ctx: Context, job: JobRecord, item: ItemRecord) -> tuple[list, Ite
     with _model_failures():
         canvas_size = runner.canvas_size(*shaped.size)
     canvas, box = geometry.fit(shaped, canvas_size, p["geometry"])
+    lora = loras.choice(item, job, ctx.settings, ctx.objects)
     request = EditRequest(
         image=canvas,
         instruction=p["instruction"],
@@ -266,6 +270,7 @@ def _run_edit(ctx: Context, job: JobRecord, item: ItemRecord) -> tuple[list, Ite
         refine_strength=p["refine_strength"],
         clip_cfg_norm=bool(p["clip_cfg_norm"]),
         num_images=p["num_images"],
+        lora=lora,
     )
     check = _step_check(ctx, item)
     asked = time.time()
@@ -274,7 +279,12 @@ def _run_edit(ctx: Context, job: JobRecord, item: ItemRecord) -> tuple[list, Ite
         with _model_failures():
             result = runner.edit(request, on_step=lambda info: check(info.index))
     _record_model_time(item, result, asked)
-    output = ItemOutput(seed=item.seed, processed_size=list(canvas_size), input_size=list(source.size))
+    output = ItemOutput(
+        seed=item.seed,
+        processed_size=list(canvas_size),
+        input_size=list(source.size),
+        lora=loras.recorded(item, lora),
+    )
     return [geometry.unfit(image, box, target) for image in result.images], output
 
 

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 from PIL import Image
 
 from jobs.models import MODELS
+from worker.runners.lora import LoraChoice
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class GenerateRequest:
     shift: float = 3.0
     scheduler: str = "flash_flow"
     num_images: int = 1
+    lora: LoraChoice | None = None  # a user LoRA adapter to run with (worker/runners/lora.py)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -57,6 +59,7 @@ class EditRequest:
     refine_strength: float = _E11["refine_strength"]
     clip_cfg_norm: bool = _E11["clip_cfg_norm"]
     num_images: int = 1
+    lora: LoraChoice | None = None  # a user LoRA adapter to run with (e1-1; e1-full carries its own)
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -378,6 +378,7 @@ class HiDreamE1Runner(HiDreamRunner):
                 f"{request.width}x{request.height}; fit it to canvas_size() first"
             )
         prompt, refine_prompt = edit_prompts(self.model, request)
+        self.use_lora(request.lora, pipe.base.transformer)
         generator = torch.Generator(self.device).manual_seed(request.seed)
         started, started_at = time.perf_counter(), time.time()
         images = pipe(

@@ -20,10 +20,11 @@ import torch
 from diffusers import HiDreamImagePipeline
 from diffusers.configuration_utils import FrozenDict
 
-from jobs.errors import ConfigError, ModelError
+from jobs.errors import ConfigError, InputError, ModelError
 from jobs.models import MODELS, rendered_size
 from jobs.settings import RunnerSettings
 from worker.runners.base import EditRequest, GenerateRequest, RunOutput
+from worker.runners.lora import Adapters, LoraChoice
 from worker.runners.memory import apply_plan, plan_for
 from worker.runners.moe import install_moe_dispatch
 from worker.runners.padding import install_fold_padding
@@ -154,6 +155,7 @@ class HiDreamRunner:
         self.source: str | None = None  # where the weights came from, once loaded
         self.revision: str | None = None  # their revision (worker.runners.revision), once loaded
         self._pipe: Any = None
+        self.adapters: Adapters | None = None  # user LoRA adapters, from the first request that names one
 
     def load(self) -> Any:
         """Load the pipeline (and its weights) once; later calls return it."""
@@ -163,6 +165,20 @@ class HiDreamRunner:
 
     def _load(self) -> Any:
         raise NotImplementedError
+
+    def use_lora(self, choice: LoraChoice | None, transformer: Any) -> None:
+        """Make `choice` the only active adapter of `transformer` (None: none); on the thread running the model."""
+        if choice is not None and not MODELS[self.model].loras:
+            raise ModelError(f"{self.model} carries its own LoRA and takes no other")
+        if choice is None and self.adapters is None:
+            return
+        if self.adapters is None:
+            self.adapters = Adapters(transformer, self.options.lora_cache)
+        try:
+            self.adapters.use(choice)
+        except (ValueError, KeyError, OSError) as exc:
+            assert choice is not None
+            raise InputError(f"LoRA {choice.file}: it does not fit {self.model}'s transformer ({exc})") from None
 
 
 class HiDreamI1Runner(HiDreamRunner):
@@ -223,6 +239,7 @@ class HiDreamI1Runner(HiDreamRunner):
             return None
         return (
             "generate",
+            request.lora.key() if request.lora else None,
             *self.rendered_size(request.width, request.height),
             request.steps,
             float(request.guidance_scale),
@@ -263,6 +280,7 @@ class HiDreamI1Runner(HiDreamRunner):
         generators = [torch.Generator(self.device).manual_seed(r.seed) for r in requests]
         generator = generators[0] if len(requests) == 1 else generators  # one per row of the batch
         pipe.scheduler = self._scheduler(first.scheduler, first.shift)
+        self.use_lora(first.lora, pipe.transformer)
         if isinstance(pipe.scheduler, SeededFlowMatchLCMScheduler):
             pipe.scheduler.generator = generator
         started, started_at = time.perf_counter(), time.time()

@@ -352,3 +352,24 @@ def _tiny_lora_over(base: Any) -> tuple[Any, dict[str, Any]]:
             if name in _TINY_FULL_TENSORS:
                 param.copy_(state[name])
     return merged, contents
+
+
+def make_tiny_lora(path: Path, seed: int = 0, rank: int = _TINY_LORA_RANK) -> Path:
+    """A random user LoRA for every tiny transformer (they share one shape), in diffusers' LoRA format: what a
+    trainer exports and a row's `lora` names. Its B matrices are random, so it changes the image."""
+    import torch
+    from diffusers import HiDreamImagePipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    torch.manual_seed(seed)
+    transformer = tiny_transformer()
+    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=LORA_TARGETS), adapter_name="user")
+    with torch.no_grad():
+        for name, param in transformer.named_parameters():
+            if ".lora_B." in name:
+                param.normal_(0.0, 0.05)
+    state = get_peft_model_state_dict(transformer, adapter_name="user")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    HiDreamImagePipeline.save_lora_weights(path.parent, transformer_lora_layers=state, weight_name=path.name)
+    return path
