@@ -74,15 +74,18 @@ function countsText(status) {
   return parts.join(" · ");
 }
 
-// Extra figures a newer API may add (step progress, GPU time); shown when there, skipped when not.
+// Figures a newer API adds (a job's GPU-seconds `gpu_s`, its running items' denoising steps `running`:
+// [{id, step, steps}]): shown when the server sends them, left out when it does not.
 function extras(obj) {
   const out = [];
-  if (obj.step) out.push(`step ${obj.step}`);
-  if (obj.progress && typeof obj.progress === "object" && obj.progress.steps)
-    out.push(`step ${obj.progress.step}/${obj.progress.steps}`);
-  if (typeof obj.gpu_seconds === "number") out.push(`GPU ${obj.gpu_seconds.toFixed(1)} s`);
   if (typeof obj.gpu_s === "number") out.push(`GPU ${obj.gpu_s.toFixed(1)} s`);
+  if (typeof obj.step === "number" && typeof obj.steps === "number") out.push(`step ${obj.step}/${obj.steps}`);
   return out;
+}
+
+function steps(status) {
+  const running = Array.isArray(status.running) ? status.running : [];
+  return new Map(running.filter((r) => r && r.id !== undefined).map((r) => [String(r.id), r]));
 }
 
 // --- the jobs list --------------------------------------------------------------------------------
@@ -121,7 +124,7 @@ async function image(img, path) {
   }
 }
 
-function card(job, item) {
+function card(job, item, step) {
   const base = `/v1/jobs/${encodeURIComponent(job.id)}/items/${encodeURIComponent(item.id)}`;
   const round = `${item.attempts}.${(item.output && item.output.images.length) || 0}`;
   const before = job.model.startsWith("i1")
@@ -133,7 +136,8 @@ function card(job, item) {
         el("img", { class: "after", alt: `after ${rowName(item)}`, "data-src": `${base}/output/${n}?v=${round}` }),
       )
     : [el("div", { class: "missing" }, item.status === "completed" ? "no output" : item.status)];
-  const cancelled = item.status === "cancelled" ? (item.reason === "expired" ? "expired before it ran" : "cancelled") : null;
+  const expired = item.reason === "expired";
+  const cancelled = item.status === "cancelled" ? (expired ? "expired before it ran" : "cancelled") : null;
   const why = item.error || cancelled;
   const act = async (what) => {
     try {
@@ -151,7 +155,7 @@ function card(job, item) {
     el(
       "div",
       { class: "meta" },
-      [`line ${item.line}`, item.status, `attempt ${item.attempts}`, metaText(item), ...extras(item)]
+      [`line ${item.line}`, item.status, `attempt ${item.attempts}`, metaText(item), ...extras(step || {})]
         .filter(Boolean)
         .join(" · "),
     ),
@@ -169,7 +173,8 @@ function card(job, item) {
       item.status === "failed" ? el("button", { class: "retry", onclick: () => act("retry") }, "retry") : null,
     ),
   );
-  node.dataset.sig = JSON.stringify([item.status, item.attempts, item.error, item.reason, outputs.length, extras(item)]);
+  const shown = [item.status, item.attempts, item.error, item.reason, outputs.length, extras(step || {})];
+  node.dataset.sig = JSON.stringify(shown);
   return node;
 }
 
@@ -209,8 +214,9 @@ async function showJob(jobId) {
   // keyed update: a card is redrawn only when its item changed, so images do not flicker
   const grid = $("grid");
   const old = new Map([...grid.children].map((c) => [c.dataset.id, c]));
+  const running = steps(job);
   const cards = items.data.map((item) => {
-    const fresh = card(job, item);
+    const fresh = card(job, item, item.status === "running" ? running.get(String(item.id)) : null);
     const kept = old.get(item.id);
     if (kept && kept.dataset.sig === fresh.dataset.sig) return kept;
     for (const img of fresh.querySelectorAll("img[data-src]")) image(img, img.dataset.src);
