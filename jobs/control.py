@@ -167,8 +167,10 @@ def cancel_item(services: Services, job_id: str, item_id: str) -> ItemRecord:
 def retry_item(services: Services, job_id: str, item_id: str) -> ItemRecord:
     """Re-queue one failed item, as `retry_job` re-queues a job's failed items (a new round, attempts counted,
     the job re-opened if it had ended). Returns the item as it is after; JobStateError when it is not a failed
-    item that ran."""
-    services.job(job_id)
+    item that ran, or while its job is being cancelled (a retry re-opens the job, which would undo the cancel)."""
+    job = services.job(job_id)
+    if job.cancel_requested and not job.finished_at:
+        raise JobStateError(f"job {job_id} is being cancelled; retry item {item_id} once the job has ended")
     item = _item(services, job_id, item_id)
     if item.status != ItemStatus.FAILED or not item.params:
         rejected = item.status == ItemStatus.FAILED

@@ -207,6 +207,18 @@ def test_item_routes_cancel_retry_and_serve_images_with_the_api_key(stack):
     assert unknown.status_code == 404 and "no item 'nope'" in unknown.json()["error"]["message"]
 
 
+def test_the_page_is_served_with_a_strict_policy_and_holds_no_data(stack):
+    page = httpx.get(f"{stack.api.url}/ui/")  # no key: the page is public, its data is not
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "default-src 'self'" in page.headers["content-security-policy"] and 'id="login"' in page.text
+    assert httpx.get(f"{stack.api.url}/ui", follow_redirects=True).url.path == "/ui/"
+    script = httpx.get(f"{stack.api.url}/ui/app.js")
+    assert script.headers["content-type"].startswith("text/javascript") and "sessionStorage" in script.text
+    missing = httpx.get(f"{stack.api.url}/ui/secrets.env")
+    assert missing.status_code == 404 and "the review page is /ui/" in missing.json()["error"]["message"]
+    assert httpx.get(f"{stack.api.url}/v1/jobs").status_code == 401
+
+
 def test_static_sheet_heads_each_card_with_the_rows_name_and_a_scheduled_run_with_its_schedule():
     from worker.contact_sheet import Pair, render_html, render_png
 
