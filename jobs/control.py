@@ -9,8 +9,9 @@ the CLI (`dreambatch cancel|retry|resume JOB`), the HTTP API and the I/O worker 
 - retry: only `failed` items that ran (not rows rejected at submit) go back to `queued` in the same job,
   same item ids and manifest lines, in a new round: attempts keep counting, the attempt cap counts per
   round, webhook event ids get the round (`….r1`). The job is re-opened and is finalized once more.
-- one item: `cancel_item` ends one queued item as cancel does, `retry_item` re-queues one failed item as retry
-  does (both the same code as for the whole job, narrowed to that item).
+- one item: `cancel_item` ends one queued item as cancel does (a running one stops at its next step: the item's
+  own stop, read with the job's flag), `retry_item` re-queues one failed item as retry does (both the same code
+  as for the whole job, narrowed to that item).
 - resume: items with no result (queued or running in Redis, no item record in S3) are published again,
   for when their messages were lost (broker outage, purged queue); nothing that ended runs twice.
 - expiry: items of a job past its `expires_at` that never started end `cancelled` with reason "expired";
@@ -128,7 +129,8 @@ def retry_job(services: Services, job_id: str, only: set[str] | None = None) -> 
             ids.append(item.item_id)
     if not ids:
         return []
-    # 2. re-open the job (a new round of finalize), then 3. publish
+    # 2. re-open the job (a new round of finalize; no item keeps an earlier stop), then 3. publish
+    store.clear_item_stop(job_id, ids)
     store.reopen_job(job_id, round_)
     for start in range(0, len(ids), batch):
         services.publish(job, ids[start : start + batch])
@@ -143,24 +145,22 @@ def _item(services: Services, job_id: str, item_id: str) -> ItemRecord:
 
 
 def cancel_item(services: Services, job_id: str, item_id: str) -> ItemRecord:
-    """Cancel one queued item of a job: it ends `cancelled` (reason "cancelled") at once, as `cancel_job` ends
-    each of a job's queued items; the rest of the job runs on. Returns the item as it is after.
+    """Cancel one item of a job, as `cancel_job` cancels each of its items: queued, it ends `cancelled` (reason
+    "cancelled") at once; running, it stops at its next denoising step (its worker reads the item's stop there,
+    beside the job's flag) or, past the model already, finishes. The rest of the job runs on. Returns the item
+    as it is after.
 
-    Cancelling a cancelled item is a no-op; a running item (a worker holds it: only its job's cancel stops it
-    mid-run) or one that ended otherwise raises JobStateError."""
-    services.job(job_id)
+    Cancelling a cancelled item is a no-op; one that ended otherwise raises JobStateError."""
+    job = services.job(job_id)
     item = _item(services, job_id, item_id)
     if item.status == ItemStatus.QUEUED:
-        job = services.job(job_id)
         _end_queued(services, services.objects(job.output), job, "cancelled", [item])
         item = _item(services, job_id, item_id)
+    if item.status == ItemStatus.RUNNING:
+        services.store.request_item_stop(job_id, item_id)
+        return item
     if item.status == ItemStatus.CANCELLED:
         return item
-    if item.status == ItemStatus.RUNNING:
-        raise JobStateError(
-            f"item {item_id} of job {job_id} is running; a running item stops only with its job "
-            f"(cancel job {job_id}) or ends on its own"
-        )
     raise JobStateError(f"item {item_id} of job {job_id} already ended {item.status}; nothing to cancel")
 
 

@@ -206,6 +206,23 @@ def test_item_routes_cancel_retry_and_serve_images_with_the_api_key(stack):
     unknown = http.post(f"/v1/jobs/{job_id}/items/nope/retry")
     assert unknown.status_code == 404 and "no item 'nope'" in unknown.json()["error"]["message"]
 
+    # a running item cancelled alone stops at its next step; the job's other item runs on and completes
+    rows = [
+        {"id": "long", "image": stack.put("in/long.png", good), "instruction": "red", "steps": 150},
+        {"id": "next", "image": stack.put("in/next.png", good), "instruction": "red"},
+    ]
+    job_id = stack.submit(rows)
+    wait_until(lambda: stack.api.app.state.services.store.step_of(job_id, "long"), 120, 0.1, what="a step of long")
+    stop = http.post(f"/v1/jobs/{job_id}/items/long/cancel")
+    assert stop.status_code == 200 and stop.json()["status"] == "running", stop.text
+    ended = wait_until(
+        lambda: (s := http.get(f"/v1/jobs/{job_id}").json())["finished_at"] and s, 120, 0.2, what="the job to end"
+    )
+    assert ended["counts"]["cancelled"] == 1 and ended["counts"]["completed"] == 1 and not ended["cancel_requested"]
+    items = {i["id"]: i for i in http.get(f"/v1/jobs/{job_id}/items").json()["data"]}
+    assert items["long"]["status"] == "cancelled" and items["long"]["reason"] == "cancelled"
+    assert items["long"]["output"]["images"] == [] and items["next"]["status"] == "completed"
+
 
 def test_the_page_is_served_with_a_strict_policy_and_holds_no_data(stack):
     page = httpx.get(f"{stack.api.url}/ui/")  # no key: the page is public, its data is not

@@ -52,9 +52,9 @@ def _item(svc: Services, job_id: str, item_id: str) -> tuple[JobRecord, ItemReco
 
 @router.post("/v1/jobs/{job_id}/items/{item_id}/cancel", responses=ONE_ITEM)
 def cancel_item(job_id: JobId, item_id: ItemId, svc: ServicesDep, _key: Writer) -> dict:
-    """A queued item ends `cancelled` at once (its webhook sent); the rest of the job runs on. Cancelling a
-    cancelled item changes nothing; a running item (only its job's cancel stops it) or one that ended
-    otherwise is a 409."""
+    """A queued item ends `cancelled` at once (its webhook sent), a running one at its next denoising step (it
+    answers `running` then); the rest of the job runs on. Cancelling a cancelled item changes nothing; one that
+    ended otherwise is a 409."""
     return control.cancel_item(svc, job_id, item_id).result_line()
 
 

@@ -142,7 +142,7 @@ function card(job, item, step) {
   const act = async (what) => {
     try {
       await api(`${base}/${what}`, "POST");
-      notice(`${what} ${rowName(item)}: done`);
+      notice(`${what} ${rowName(item)}: ${item.status === "running" ? "it stops at its next step" : "done"}`);
       refresh();
     } catch (err) {
       notice(err.message, true);
@@ -169,7 +169,9 @@ function card(job, item, step) {
     el(
       "div",
       { class: "actions" },
-      item.status === "queued" ? el("button", { class: "cancel", onclick: () => act("cancel") }, "cancel") : null,
+      ["queued", "running"].includes(item.status)
+        ? el("button", { class: "cancel", onclick: () => act("cancel") }, "cancel")
+        : null,
       item.status === "failed" ? el("button", { class: "retry", onclick: () => act("retry") }, "retry") : null,
     ),
   );
