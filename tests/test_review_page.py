@@ -224,6 +224,32 @@ def test_item_routes_cancel_retry_and_serve_images_with_the_api_key(stack):
     assert items["long"]["output"]["images"] == [] and items["next"]["status"] == "completed"
 
 
+def test_one_failed_item_is_not_retried_while_its_job_is_being_cancelled(stack):
+    stack.start_e1()
+    http, store = stack.http, stack.api.app.state.services.store
+    job_id = stack.submit(
+        [
+            {"id": "bad", "image": stack.put("in/bad.png", BROKEN), "instruction": "red"},
+            {"id": "long", "image": stack.put("in/long2.png", png((9, 9, 9))), "instruction": "red", "steps": 150},
+        ]
+    )
+    wait_until(lambda: store.step_of(job_id, "long"), 120, 0.1, what="bad to fail and long to run")
+    assert http.post(f"/v1/jobs/{job_id}/cancel").json()["cancel_requested"] is True
+    refused = http.post(f"/v1/jobs/{job_id}/items/bad/retry")
+    assert refused.status_code == 409 and "is being cancelled" in refused.json()["error"]["message"]
+    ended = wait_until(lambda: (s := http.get(f"/v1/jobs/{job_id}").json())["finished_at"] and s, 120, 0.2, what="end")
+    assert ended["status"] == "cancelled" and ended["counts"]["failed"] == 1
+    again = http.post(f"/v1/jobs/{job_id}/items/bad/retry")  # once the job has ended, it may run again
+    assert again.status_code == 200 and again.json()["status"] in ("queued", "running", "failed"), again.text
+    bad = wait_until(
+        lambda: (i := store.get_item(job_id, "bad")) and i.attempts == 2 and i.status == "failed" and i,
+        120,
+        0.2,
+        what="bad's second run",
+    )
+    assert bad.round == 1
+
+
 def test_the_page_is_served_with_a_strict_policy_and_holds_no_data(stack):
     page = httpx.get(f"{stack.api.url}/ui/")  # no key: the page is public, its data is not
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
