@@ -9,6 +9,9 @@ the CLI (`dreambatch cancel|retry|resume JOB`), the HTTP API and the I/O worker 
 - retry: only `failed` items that ran (not rows rejected at submit) go back to `queued` in the same job,
   same item ids and manifest lines, in a new round: attempts keep counting, the attempt cap counts per
   round, webhook event ids get the round (`….r1`). The job is re-opened and is finalized once more.
+- one item: `cancel_item` ends one queued item as cancel does (a running one stops at its next step: the item's
+  own stop, read with the job's flag), `retry_item` re-queues one failed item as retry does (both the same code
+  as for the whole job, narrowed to that item).
 - resume: items with no result (queued or running in Redis, no item record in S3) are published again,
   for when their messages were lost (broker outage, purged queue); nothing that ended runs twice.
 - expiry: items of a job past its `expires_at` that never started end `cancelled` with reason "expired";
@@ -97,16 +100,16 @@ def cancel_job(services: Services, job_id: str) -> JobRecord:
     return store.get_job(job_id) or job
 
 
-def retry_job(services: Services, job_id: str) -> list[str]:
-    """Re-queue the job's failed items (those that ran; rows rejected at submit stay failed) in a new round.
-    Returns their ids, in manifest order; [] when none failed."""
+def retry_job(services: Services, job_id: str, only: set[str] | None = None) -> list[str]:
+    """Re-queue the job's failed items (those that ran; rows rejected at submit stay failed) in a new round;
+    with `only`, just those of them whose ids it holds. Returns their ids, in manifest order; [] when none failed."""
     store, job, batch = services.store, services.job(job_id), services.settings.celery.publish_batch
     round_ = job.round + 1
     at, now = now_iso(), time.time()
     ids: list[str] = []
     # 1. failed → queued while the job still reads as ended, so no finalize can slip in between
     for item in store.items(job_id):
-        if item.status != ItemStatus.FAILED or not item.params:
+        if item.status != ItemStatus.FAILED or not item.params or (only is not None and item.item_id not in only):
             continue
         again = item.model_copy(
             update={
@@ -126,11 +129,55 @@ def retry_job(services: Services, job_id: str) -> list[str]:
             ids.append(item.item_id)
     if not ids:
         return []
-    # 2. re-open the job (a new round of finalize), then 3. publish
+    # 2. re-open the job (a new round of finalize; no item keeps an earlier stop), then 3. publish
+    store.clear_item_stop(job_id, ids)
     store.reopen_job(job_id, round_)
     for start in range(0, len(ids), batch):
         services.publish(job, ids[start : start + batch])
     return ids
+
+
+def _item(services: Services, job_id: str, item_id: str) -> ItemRecord:
+    item = services.store.get_item(job_id, item_id)
+    if item is None:
+        raise JobNotFound(f"job {job_id} has no item {item_id!r}")
+    return item
+
+
+def cancel_item(services: Services, job_id: str, item_id: str) -> ItemRecord:
+    """Cancel one item of a job, as `cancel_job` cancels each of its items: queued, it ends `cancelled` (reason
+    "cancelled") at once; running, it stops at its next denoising step (its worker reads the item's stop there,
+    beside the job's flag) or, past the model already, finishes. The rest of the job runs on. Returns the item
+    as it is after.
+
+    Cancelling a cancelled item is a no-op; one that ended otherwise raises JobStateError."""
+    job = services.job(job_id)
+    item = _item(services, job_id, item_id)
+    if item.status == ItemStatus.QUEUED:
+        _end_queued(services, services.objects(job.output), job, "cancelled", [item])
+        item = _item(services, job_id, item_id)
+    if item.status == ItemStatus.RUNNING:
+        services.store.request_item_stop(job_id, item_id)
+        return item
+    if item.status == ItemStatus.CANCELLED:
+        return item
+    raise JobStateError(f"item {item_id} of job {job_id} already ended {item.status}; nothing to cancel")
+
+
+def retry_item(services: Services, job_id: str, item_id: str) -> ItemRecord:
+    """Re-queue one failed item, as `retry_job` re-queues a job's failed items (a new round, attempts counted,
+    the job re-opened if it had ended). Returns the item as it is after; JobStateError when it is not a failed
+    item that ran, or while its job is being cancelled (a retry re-opens the job, which would undo the cancel)."""
+    job = services.job(job_id)
+    if job.cancel_requested and not job.finished_at:
+        raise JobStateError(f"job {job_id} is being cancelled; retry item {item_id} once the job has ended")
+    item = _item(services, job_id, item_id)
+    if item.status != ItemStatus.FAILED or not item.params:
+        rejected = item.status == ItemStatus.FAILED
+        why = "it was rejected at submit: fix the row and submit it again" if rejected else f"it is {item.status}"
+        raise JobStateError(f"item {item_id} of job {job_id} is not a failed item that ran ({why}); nothing to retry")
+    retry_job(services, job_id, only={item_id})
+    return _item(services, job_id, item_id)
 
 
 def resume_job(services: Services, job_id: str, *, output: str | None = None) -> list[str]:

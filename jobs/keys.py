@@ -15,7 +15,7 @@ TASK_RUN_SCHEDULE = "dreambatch.run_schedule"  # args: schedule name, slot (ISO 
 # --- Redis keys (live state) ---------------------------------------------------------------
 REDIS_PREFIX = "db"
 JOB = "db:job:{job_id}"  # hash: record (JSON), total, done, n_<status> counters, terminal status
-ITEM = "db:item:{job_id}:{item_id}"  # hash: status, attempts, record (JSON)
+ITEM = "db:item:{job_id}:{item_id}"  # hash: status, attempts, record (JSON), step; stop: a running item's cancel
 ITEM_LEASE = "db:item:{job_id}:{item_id}:lease"  # string: token of the execution running the item; expires
 JOB_ORDER = "db:job:{job_id}:order"  # list: item ids in manifest order
 JOB_EVENTS = "db:job:{job_id}:events"  # set of webhook event ids; list "<key>:<event_id>" = attempts

@@ -353,6 +353,7 @@ class JobSpec(BaseModel):
     expires_after: float | None = Field(None, gt=0, le=MAX_DURATION_S)  # s from submission: items not started
     #                                                                     by then end cancelled, reason "expired"
     review_sheet: bool = False  # write the review contact sheet when the job ends
+    schedule: str | None = None  # the catalog schedule whose run this is (jobs.catalog), named on its review sheet
     skip_invalid: bool = False  # queue the valid rows and record the invalid ones as failed (else: queue nothing)
 
 
@@ -371,6 +372,7 @@ class JobRecord(BaseModel):
     submitting: bool = False  # its submission has not committed yet: workers hold its items back
     submit_aborted: bool = False  # its submission failed: nothing of it runs
     review_sheet: bool = False  # write the review contact sheet (sheet.html, sheet.png) when the job ends
+    schedule: str | None = None  # the catalog schedule whose run made it (None: submitted by hand or over HTTP)
     manifest: str | None = None
     status: JobStatus = JobStatus.QUEUED
     total: int = 0

@@ -74,6 +74,8 @@ class Store(Protocol):
     def acquire_slot(self, job_id: str, item_id: str, cap: int, lease_s: float) -> bool: ...
     def release_slot(self, job_id: str, item_id: str) -> None: ...
     def record_step(self, job_id: str, item_id: str, step: int, steps: int) -> bool: ...
+    def request_item_stop(self, job_id: str, item_id: str) -> None: ...
+    def clear_item_stop(self, job_id: str, item_ids: list[str]) -> None: ...
 
 
 # An item's execution lease: one token at a time; only its holder renews or releases it.
@@ -502,11 +504,24 @@ class RedisStore:
         self.r.zrem(keys.JOB_SLOTS.format(job_id=job_id), item_id)
 
     def record_step(self, job_id: str, item_id: str, step: int, steps: int) -> bool:
-        """Note a running item's denoising progress; returns whether its job was asked to cancel."""
+        """Note a running item's denoising progress; returns whether its job, or the item alone, was asked to
+        cancel."""
         pipe = self.r.pipeline(transaction=False)
         pipe.hset(keys.ITEM.format(job_id=job_id, item_id=item_id), "step", f"{step}/{steps}")
         pipe.hexists(keys.job_key(job_id), "cancel_requested")
-        return bool(pipe.execute()[1])
+        pipe.hexists(keys.ITEM.format(job_id=job_id, item_id=item_id), "stop")
+        _, job_cancelled, item_stopped = pipe.execute()
+        return bool(job_cancelled or item_stopped)
+
+    def request_item_stop(self, job_id: str, item_id: str) -> None:
+        """Ask a running item to stop at its next denoising step (`cancel` of that item alone)."""
+        self.r.hset(keys.ITEM.format(job_id=job_id, item_id=item_id), "stop", 1)
+
+    def clear_item_stop(self, job_id: str, item_ids: list[str]) -> None:
+        pipe = self.r.pipeline(transaction=False)
+        for item_id in item_ids:
+            pipe.hdel(keys.ITEM.format(job_id=job_id, item_id=item_id), "stop")
+        pipe.execute()
 
     def step_of(self, job_id: str, item_id: str) -> str | None:
         return self.r.hget(keys.ITEM.format(job_id=job_id, item_id=item_id), "step")
@@ -717,7 +732,18 @@ class MemoryStore:
     def record_step(self, job_id: str, item_id: str, step: int, steps: int) -> bool:
         if self.on_step is not None:
             self.on_step(job_id, item_id, step, steps)
-        return self.cancel_requested(job_id)
+        with self._lock:
+            stopped = bool(self._items.get((job_id, item_id), {}).get("stop"))
+        return self.cancel_requested(job_id) or stopped
+
+    def request_item_stop(self, job_id: str, item_id: str) -> None:
+        with self._lock:
+            self._items[(job_id, item_id)]["stop"] = True
+
+    def clear_item_stop(self, job_id: str, item_ids: list[str]) -> None:
+        with self._lock:
+            for item_id in item_ids:
+                self._items.get((job_id, item_id), {}).pop("stop", None)
 
 
 def _epoch(iso: str) -> float:

@@ -252,6 +252,7 @@ def create_job(
         webhook_format=spec.webhook_format,
         submitting=True,
         review_sheet=spec.review_sheet,
+        schedule=spec.schedule,
         api=spec.api,
     )
     store.create_job(job)

@@ -223,12 +223,13 @@ def test_scheduled_scan_edits_every_image_once_then_only_what_changed_and_the_sh
         timeout=60,
     ).stdout
     assert 'data-images="8"' in dom and 'data-loaded="8"' in dom  # 4 befores + 4 afters, all decoded
+    assert f"<h1>{name} · " in dom  # the header names the schedule and the run's date
     for line in lines:
         card = re.search(rf'<section class="card completed" data-id="{re.escape(line["id"])}">(.*?)</section>', dom)
         assert card, line["id"]
         pair = card.group(1)
         assert pair.count('<img class="before"') == 1 and pair.count('<img class="after"') == 1, line["id"]
-        assert f"sku: {line['metadata']['sku']}" in pair
+        assert f'<h2 class="name">{line["metadata"]["sku"]}</h2>' in pair and "etag" not in pair  # its own name
         assert f'href="{line["output"]["images"][0]["s3_uri"]}"' in pair
     # made again on demand into a folder, it is the same page
     res = cli("sheet", job_id, "--to", str(tmp_path / "sheet"), env=env)
@@ -698,7 +699,7 @@ def test_a_large_job_gets_sheet_pages_and_a_failed_row_shows_its_error(tmp_path)
     first = Path(pages[0].html_uri).read_text()
     assert first.count('class="before"') == 2 and first.count('class="after"') == 1
     assert "InputError: not a JPEG, PNG or WebP image" in first and "no output" in first
-    assert "sku: &lt;b&gt;0&lt;/b&gt;" in first and "<b>0</b>" not in first  # metadata is escaped
+    assert '<h2 class="name">&lt;b&gt;0&lt;/b&gt;</h2>' in first and "<b>0</b>" not in first  # the sku, escaped
     assert f'href="{Path(lines[0]["output"]["images"][0]["s3_uri"]).as_uri()}"' in first
 
 

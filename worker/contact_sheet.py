@@ -1,9 +1,11 @@
 """A job's review contact sheet: before/after pairs a merchandiser checks before publishing (for a generation
 job, which has no input image, each card shows the prompt beside the output).
 
-    {prefix}{job_id}/sheet.html   one card per row: id, line, status, metadata (sku…), the input and the
-                                  output side by side, a link to each output; images inlined as small JPEG
-                                  thumbnails, so the page is one self-contained file
+    {prefix}{job_id}/sheet.html   one card per row, headed by the row's own name (its sku, else its source
+                                  object or path, else its row id): line, status, metadata (no etags), the
+                                  input and the output side by side, a link to each output; images inlined as
+                                  small JPEG thumbnails, so the page is one self-contained file. A scheduled
+                                  run's sheet names its schedule and date at the top
     {prefix}{job_id}/sheet.png    the same pairs as one PNG grid
 Large jobs are split into pages of `page_size` rows: sheet.html, sheet-2.html, … (and .png).
 
@@ -35,6 +37,20 @@ from worker import imaging, inputs
 THUMB = 192  # px, the longer side of each thumbnail
 GRID_COLUMNS = 4
 MAX_PAGE_SIZE = 1000
+NAME_FIELDS = ("sku", "source_key", "source_path", "path")  # metadata that names a row, first found wins
+
+
+def row_name(metadata: dict, row_id: str) -> tuple[str, str | None]:
+    """What a person calls a row, and the metadata field it came from (None: the manifest's row id)."""
+    for field_name in NAME_FIELDS:
+        if metadata.get(field_name):
+            return str(metadata[field_name]), field_name
+    return row_id, None
+
+
+def shown_metadata(metadata: dict, named_by: str | None) -> dict:
+    """The metadata worth a reader's eye: not the field the heading already shows, no etags."""
+    return {k: v for k, v in metadata.items() if k != named_by and not str(k).lower().endswith("etag")}
 
 
 @dataclass
@@ -49,6 +65,10 @@ class Pair:
     after: list[Image.Image] = field(default_factory=list)
     prompt: str | None = None  # a generation row: what the output was made from, shown where an input would be
     links: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return row_name(self.metadata, self.item_id)[0]
 
 
 @dataclass
@@ -119,7 +139,8 @@ def _href(link: str) -> str:
 
 CSS = """
 body{font:14px system-ui,sans-serif;margin:16px;background:#f4f4f4;color:#222}
-h1{font-size:18px} .grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(420px,1fr));gap:12px}
+h1{font-size:18px} h2.name{font-size:14px;margin:0 0 2px;word-break:break-all}
+.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(420px,1fr));gap:12px}
 .card{background:#fff;border:1px solid #ddd;border-radius:6px;padding:8px}
 .card.failed{border-color:#d33} .pair{display:flex;gap:6px;align-items:flex-start}
 .pair figure{margin:0;flex:1} figcaption{font-size:11px;color:#666}
@@ -142,32 +163,35 @@ def render_html(job: JobRecord, pairs: list[Pair], page: int, pages: int) -> str
     e = html.escape
     cards = []
     for p in pairs:
-        meta = " · ".join(f"{e(str(k))}: {e(str(v))}" for k, v in p.metadata.items())
+        name, named_by = row_name(p.metadata, p.item_id)
+        meta = " · ".join(f"{e(str(k))}: {e(str(v))}" for k, v in shown_metadata(p.metadata, named_by).items())
         if p.before:
-            before = f'<img class="before" alt="before {e(p.item_id)}" src="{_data_uri(p.before)}">'
+            before = f'<img class="before" alt="before {e(name)}" src="{_data_uri(p.before)}">'
         elif p.prompt is not None:
             before = f'<div class="prompt">{e(p.prompt)}</div>'
         else:
             before = f'<div class="error">input: {e(p.before_error or "")}</div>'
         caption = "prompt" if p.prompt is not None else "before"
         afters = "".join(
-            f'<a href="{e(_href(link))}"><img class="after" alt="after {e(p.item_id)}" src="{_data_uri(img)}"></a>'
+            f'<a href="{e(_href(link))}"><img class="after" alt="after {e(name)}" src="{_data_uri(img)}"></a>'
             for img, link in zip(p.after, p.links, strict=False)
         )
         links = " ".join(f'<a class="output" href="{e(_href(link))}">{e(link)}</a>' for link in p.links)
         error = f'<div class="error">{e(p.error)}</div>' if p.error else ""
         cards.append(
             f'<section class="card {e(p.status)}" data-id="{e(p.item_id)}">'
-            f'<div><b>{e(p.item_id)}</b> · line {p.line} · {e(p.status)}</div><div class="meta">{meta}</div>'
+            f'<h2 class="name">{e(name)}</h2><div>line {p.line} · {e(p.status)}</div><div class="meta">{meta}</div>'
             f'<div class="pair"><figure>{before}<figcaption>{caption}</figcaption></figure>'
             f"<figure>{afters or '<div class=error>no output</div>'}<figcaption>after</figcaption></figure></div>"
             f'{error}<div class="meta">{links}</div></section>'
         )
-    title = f"{job.job_id} — review ({job.model}{f', page {page} of {pages}' if pages > 1 else ''})"
+    what = f"{job.schedule} · {job.created_at[:10]}" if job.schedule else job.job_id  # a scheduled run: its name, date
+    title = f"{what} — review ({job.model}{f', page {page} of {pages}' if pages > 1 else ''})"
     return (
         f'<!doctype html><html><head><meta charset="utf-8"><title>{e(title)}</title><style>{CSS}</style>'
         f'<script>{COUNT_SCRIPT}</script></head><body data-pairs="{len(pairs)}"><h1>{e(title)}</h1>'
-        f"<p>{len(pairs)} row(s) · {sum(p.status == ItemStatus.COMPLETED for p in pairs)} completed · "
+        f"<p>job {e(job.job_id)} · {len(pairs)} row(s) · "
+        f"{sum(p.status == ItemStatus.COMPLETED for p in pairs)} completed · "
         f'<span id="loaded"></span></p><div class="grid">{"".join(cards)}</div></body></html>'
     )
 
@@ -192,9 +216,9 @@ def render_png(pairs: list[Pair]) -> bytes:
                 draw.text((left + 6, y + 6), "input failed" if k == 0 else p.status, fill=(180, 0, 0), font=font)
             else:
                 sheet.paste(image, (left + (THUMB - image.width) // 2, y + (THUMB - image.height) // 2))
-        sku = p.metadata.get("sku") or p.metadata.get("source_key") or ""
-        draw.text((x, y + THUMB + 4), f"{p.item_id} ({p.status})"[:60], fill=(20, 20, 20), font=font)
-        draw.text((x, y + THUMB + 18), str(sku)[:60], fill=(90, 90, 90), font=font)
+        name = p.name if len(p.name) <= 60 else "…" + p.name[-59:]  # a long path: its end says the most
+        draw.text((x, y + THUMB + 4), name, fill=(20, 20, 20), font=font)
+        draw.text((x, y + THUMB + 18), f"line {p.line} · {p.status}"[:60], fill=(90, 90, 90), font=font)
     buf = io.BytesIO()
     sheet.save(buf, "PNG", optimize=True)
     return buf.getvalue()

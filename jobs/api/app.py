@@ -20,7 +20,17 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from jobs import metrics as job_metrics
-from jobs.api import fal_routes, inferencesh_routes, jobs_routes, openai_routes, shapes, uploads, wavespeed_routes
+from jobs.api import (
+    fal_routes,
+    inferencesh_routes,
+    item_routes,
+    jobs_routes,
+    openai_routes,
+    shapes,
+    ui,
+    uploads,
+    wavespeed_routes,
+)
 from jobs.api.deps import ServicesDep, require
 from jobs.api.service import ApiError
 from jobs.errors import ConfigError, DreambatchError, InputError, JobNotFound, JobStateError, TransientError
@@ -138,6 +148,8 @@ def create_app(settings: Settings) -> FastAPI:
         return Response(body, media_type=content_type)
 
     app.include_router(jobs_routes.router)
+    app.include_router(item_routes.router)  # /v1/jobs/{id}/items/{item}/…: cancel, retry, its images
+    app.include_router(ui.router)  # /ui/: the review page
     app.include_router(openai_routes.router)
     app.include_router(inferencesh_routes.router)  # /apps, /tasks, /files at the root, as the SDK appends them
     app.include_router(wavespeed_routes.router)  # /api/v3/…

@@ -29,6 +29,7 @@ class JobStatus(BaseModel):
     expires_at: float | None
     cancel_requested: bool
     round: int
+    schedule: str | None = None  # the catalog schedule whose run this is
     webhook: str | None
     results_uri: str | None
     created_at: str

@@ -194,6 +194,7 @@ class Schedule(BaseModel):
             max_concurrency=self.max_concurrency,
             expires_after=self.expires_after,
             review_sheet=self.contact_sheet,
+            schedule=self.name,
             skip_invalid=True,
         )
 
