@@ -79,9 +79,7 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack(redis_server, s3_endpoint, tiny_dir, tmp_path_factory):
-    s = Stack(
-        redis_server.url.rsplit("/", 1)[0] + f"/{REDIS_DB}", s3_endpoint, tiny_dir, tmp_path_factory.mktemp("review")
-    )
+    s = Stack(redis_server.database(REDIS_DB), s3_endpoint, tiny_dir, tmp_path_factory.mktemp("review"))
     try:
         s.workers[0].wait_ready()
         yield s
