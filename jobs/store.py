@@ -463,6 +463,14 @@ class RedisStore:
         else:
             self.r.set(key, job_id, px=max(1, int(ttl * 1000)))
 
+    def count_request(self, key_id: str, window: int) -> int:
+        """Count one request of an API key in minute `window` (epoch s // 60); returns the count so far."""
+        key = keys.RATE.format(key_id=key_id, window=window)
+        pipe = self.r.pipeline()
+        pipe.incr(key)
+        pipe.expire(key, 120)
+        return int(pipe.execute()[0])
+
     def put_upload(self, upload_id: str, record: dict[str, Any], ttl: int) -> None:
         self.r.set(keys.UPLOAD.format(upload_id=upload_id), json.dumps(record), ex=ttl)
 
