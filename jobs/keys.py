@@ -23,6 +23,7 @@ JOB_SENT = "db:job:{job_id}:sent"  # set of event ids whose webhook message was 
 JOB_FINALIZE_NUDGE = "db:job:{job_id}:nudge"  # string with a TTL: a redelivery sent this job a finalize lately
 RECONCILE_LOCK = "db:reconcile:lock"  # string with a TTL: one io worker sweeps unfinished jobs at a time
 JOBS_INDEX = "db:jobs"  # sorted set: job_id by created time
+TENANT_JOBS = "db:tenant:{tenant}:jobs"  # sorted set: one tenant's job_ids by created time (jobs.api.tenancy)
 API_KEY = "db:apikey:{key_id}"  # string: ApiKeyRecord JSON (the token's SHA-256, never the token)
 API_KEYS = "db:apikeys"  # sorted set: key_id by created time
 IDEMPOTENCY = "db:idem:{key_id}:{digest}"  # JSON {fingerprint, job_id}, per API key, expires after a day

@@ -299,6 +299,8 @@ class RedisStore:
         pipe = self.r.pipeline()
         pipe.hset(keys.job_key(job.job_id), mapping=fields)
         pipe.zadd(keys.JOBS_INDEX, {job.job_id: _epoch(job.created_at)})
+        if job.tenant is not None:
+            pipe.zadd(keys.TENANT_JOBS.format(tenant=job.tenant), {job.job_id: _epoch(job.created_at)})
         pipe.execute()
 
     def add_items(self, items: list[ItemRecord]) -> None:
@@ -366,8 +368,10 @@ class RedisStore:
                     yield _item_from(fields)
             start += chunk
 
-    def job_ids(self, limit: int = 50) -> list[str]:
-        return self.r.zrevrange(keys.JOBS_INDEX, 0, limit - 1)
+    def job_ids(self, limit: int = 50, tenant: str | None = None) -> list[str]:
+        """The most recent job ids, newest first; `tenant`: only that tenant's."""
+        index = keys.JOBS_INDEX if tenant is None else keys.TENANT_JOBS.format(tenant=tenant)
+        return self.r.zrevrange(index, 0, limit - 1)
 
     def log_event(self, job_id: str, event_id: str, entry: dict[str, Any]) -> None:
         self.r.rpush(f"{keys.JOB_EVENTS.format(job_id=job_id)}:{event_id}", json.dumps(entry))
