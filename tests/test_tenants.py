@@ -242,12 +242,23 @@ def test_rate_limit_answers_429_with_retry_after_in_every_clients_shape(stack):
         assert unlimited.get("/v1/jobs").status_code == 200  # another key's limit is its own
 
 
-def test_the_cli_sees_every_tenants_jobs(stack):
+def test_the_cli_sees_every_tenants_jobs_and_its_own_belong_to_no_tenant(stack, tmp_path):
     with http(stack, stack.a) as a:
         job_id = make_job(a)
     res = cli("status", job_id, "--json", env=stack.env)
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["job_id"] == job_id
+
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"prompt": "an operator\'s job"}\n')
+    res = cli("submit", str(manifest), "--model", "i1-fast", "--json", env=stack.env)
+    assert res.returncode == 0, res.stderr
+    operators = json.loads(res.stdout)["job_id"]
+    assert stack.svc.store.get_job(operators).tenant is None
+    with http(stack, stack.a) as a, http(stack, stack.admin) as admin:
+        assert a.get(f"/v1/jobs/{operators}").status_code == 404
+        assert operators not in [j["id"] for j in a.get("/v1/jobs", params={"limit": 200}).json()["data"]]
+        assert admin.get(f"/v1/jobs/{operators}").status_code == 200
 
 
 def test_keys_cli_makes_tenant_keys_with_prefix_and_rate_and_says_what_is_wrong(stack):
