@@ -35,8 +35,9 @@ def stack(s3_endpoint, tmp_path_factory):
     redis.start()
     bucket = f"t-ten-{uuid.uuid4().hex[:8]}"
     s3_client(s3_endpoint).create_bucket(Bucket=bucket)
+    output = f"s3://{bucket}/api"
     settings = Settings(
-        redis_url=redis.url, output=f"s3://{bucket}/api", s3={"endpoint_url": s3_endpoint}, api={"wait_timeout": 0.05}
+        redis_url=redis.url, output=output, s3={"endpoint_url": s3_endpoint}, api={"wait_timeout": 0.05}
     )
     cert, key = self_signed_cert(folder)
     api, https = ApiServer(settings), ApiServer(settings, tls=(str(cert), str(key)))
@@ -48,7 +49,7 @@ def stack(s3_endpoint, tmp_path_factory):
             redis=redis,
             bucket=bucket,
             svc=api.app.state.services,
-            env=service_env(redis.url, s3_endpoint, folder, DREAMBATCH_OUTPUT=settings.output),
+            env=service_env(redis.url, s3_endpoint, folder, DREAMBATCH_OUTPUT=output),
             a=api.key(*ALL, tenant="acme"),
             b=api.key(*ALL, tenant="bolt"),
             admin=api.key("admin", name="ops"),
@@ -161,8 +162,8 @@ def test_a_listing_finds_a_tenants_jobs_behind_many_of_anothers(stack):
 
 def test_the_vendor_sdks_of_another_tenant_see_no_such_request(stack):
     """inference.sh's and WaveSpeed's SDKs in this process, fal-client in its own (it reads its host at import)."""
-    import wavespeed
-    from inferencesh import inference
+    import wavespeed  # type: ignore[import-untyped]
+    from inferencesh import inference  # type: ignore[import-untyped]
 
     with http(stack, stack.a) as a:
         task, prediction, request = make_task(a), make_prediction(a), make_fal(a)
