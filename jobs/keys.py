@@ -23,9 +23,11 @@ JOB_SENT = "db:job:{job_id}:sent"  # set of event ids whose webhook message was 
 JOB_FINALIZE_NUDGE = "db:job:{job_id}:nudge"  # string with a TTL: a redelivery sent this job a finalize lately
 RECONCILE_LOCK = "db:reconcile:lock"  # string with a TTL: one io worker sweeps unfinished jobs at a time
 JOBS_INDEX = "db:jobs"  # sorted set: job_id by created time
+TENANT_JOBS = "db:tenant:{tenant}:jobs"  # sorted set: one tenant's job_ids by created time (jobs.api.tenancy)
 API_KEY = "db:apikey:{key_id}"  # string: ApiKeyRecord JSON (the token's SHA-256, never the token)
 API_KEYS = "db:apikeys"  # sorted set: key_id by created time
 IDEMPOTENCY = "db:idem:{key_id}:{digest}"  # JSON {fingerprint, job_id}, per API key, expires after a day
+RATE = "db:rate:{key_id}:{window}"  # counter with a TTL: requests an API key made in one minute (its rate limit)
 RECENT_REQUEST = "db:recent:{key_id}:{digest}"  # string: the job a request body made ("" while it is being made)
 UPLOAD = "db:upload:{upload_id}"  # JSON UploadRecord of a vendor file upload (POST /files, media/uploads); expires
 JOB_SLOTS = "db:job:{job_id}:slots"  # sorted set: item ids holding a --max-concurrency slot, score = lease end
@@ -59,6 +61,9 @@ S3_CATALOG_LEDGER = "{prefix}_catalog/{name}/ledger.json"  # what each source im
 S3_CATALOG_RUN = "{prefix}_catalog/{name}/runs/{job_id}.json"  # one scheduled run: its items and fingerprints
 S3_LORA = "{prefix}_loras/{sha256}.safetensors"  # a LoRA a row named as a local file, staged once by content
 S3_UPLOAD = "{prefix}_uploads/{upload_id}/{filename}"  # a file a client PUT to a vendor upload URL
+S3_API_KEYS = "{prefix}_keys/"  # the folder of the API key records below
+S3_API_KEY = "{prefix}_keys/{key_id}.json"  # an ApiKeyRecord (the token's SHA-256, never the token): Redis caches it
+S3_IDEMPOTENCY = "{prefix}_idempotency/{key_id}/{digest}.json"  # {fingerprint, job_id, expires}: an Idempotency-Key
 
 
 def gpu_queue(model: str) -> str:

@@ -355,6 +355,7 @@ class JobSpec(BaseModel):
     review_sheet: bool = False  # write the review contact sheet when the job ends
     schedule: str | None = None  # the catalog schedule whose run this is (jobs.catalog), named on its review sheet
     skip_invalid: bool = False  # queue the valid rows and record the invalid ones as failed (else: queue nothing)
+    tenant: str | None = None  # whose job it is (the API key's tenant); None: the operator's (the CLI's)
 
 
 class JobRecord(BaseModel):
@@ -384,6 +385,7 @@ class JobRecord(BaseModel):
     cancel_requested: bool = False  # `cancel JOB` was asked: running items stop at their next step
     round: int = 0  # how many times `retry JOB` re-opened it
     interrupted_at: str | None = None  # a local run stopped by Ctrl-C then; `dreambatch run … --resume` goes on
+    tenant: str | None = None  # the tenant of the API key that made it; None: made by the operator (the CLI)
 
 
 Event = tuple[str, str | None, str]  # one webhook message: (job_id, item_id or None for the job's own, event_id)
@@ -417,3 +419,11 @@ class ApiKeyRecord(BaseModel):
     scopes: list[str]
     created_at: str
     revoked_at: str | None = None
+    tenant: str | None = None  # whose jobs the key makes and sees (None, as keys made before tenants: its name)
+    prefix: str | None = None  # its jobs write under this prefix of the output location
+    rate: int | None = None  # at most this many requests a minute (then 429 with Retry-After)
+
+    @property
+    def owner(self) -> str:
+        """The tenant the key's jobs belong to."""
+        return self.tenant or self.name

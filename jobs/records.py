@@ -13,6 +13,13 @@ reads or writes it (the key templates are jobs.keys'):
     {prefix}_open/{job_id}               from the job's commit until it      mark_open, mark_ended, open_jobs
                                          ends (periodic reconcile scans it)
 
+And, under the API's own output location (DREAMBATCH_OUTPUT), what its clients hold it to:
+
+    {prefix}_keys/{key_id}.json          an API key: its token's SHA-256,    write_api_key, read_api_key,
+                                         scopes, tenant, prefix, rate        read_api_keys
+    {prefix}_idempotency/{key_id}/       the job an Idempotency-Key made,    write_idempotency, read_idempotency
+        {digest}.json                    until it expires
+
 Redis holds the live state; these files are what survives it.
 """
 
@@ -20,12 +27,13 @@ from __future__ import annotations
 
 import json
 import tempfile
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from jobs import keys
-from jobs.models import ItemRecord, JobRecord
+from jobs.models import ApiKeyRecord, ItemRecord, JobRecord
 from jobs.storage import ObjectStore
 
 JSON = "application/json"
@@ -138,3 +146,36 @@ def read_results(store: ObjectStore, job_id: str) -> list[dict] | None:
 
 def has_results(store: ObjectStore, job_id: str) -> bool:
     return store.get(results_key(job_id)) is not None
+
+
+# --- API keys and idempotency records ---------------------------------------------------------
+def write_api_key(store: ObjectStore, key: ApiKeyRecord) -> str:
+    return store.put(keys.S3_API_KEY.format(prefix="", key_id=key.key_id), key.model_dump_json().encode(), JSON)
+
+
+def read_api_key(store: ObjectStore, key_id: str) -> ApiKeyRecord | None:
+    data = store.get(keys.S3_API_KEY.format(prefix="", key_id=key_id))
+    return None if data is None else ApiKeyRecord.model_validate_json(data)
+
+
+def read_api_keys(store: ObjectStore) -> list[ApiKeyRecord]:
+    """Every key recorded here, oldest first."""
+    found = [store.get(key) for key in store.keys(keys.S3_API_KEYS.format(prefix="")) if key.endswith(".json")]
+    return sorted((ApiKeyRecord.model_validate_json(d) for d in found if d is not None), key=lambda k: k.created_at)
+
+
+def write_idempotency(
+    store: ObjectStore, key_id: str, digest: str, fingerprint: str, job_id: str, expires: float
+) -> str:
+    key = keys.S3_IDEMPOTENCY.format(prefix="", key_id=key_id, digest=digest)
+    record = {"fingerprint": fingerprint, "job_id": job_id, "expires": expires}
+    return store.put(key, json.dumps(record).encode(), JSON)
+
+
+def read_idempotency(store: ObjectStore, key_id: str, digest: str) -> dict[str, Any] | None:
+    """{fingerprint, job_id, expires} of a settled Idempotency-Key, or None (also once it has expired)."""
+    data = store.get(keys.S3_IDEMPOTENCY.format(prefix="", key_id=key_id, digest=digest))
+    if data is None:
+        return None
+    record = json.loads(data)
+    return record if record.get("expires", 0) > time.time() else None

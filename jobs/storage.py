@@ -323,6 +323,11 @@ def key_of(location: str, uri: str) -> str | None:
     return path.relative_to(root).as_posix() if path.is_relative_to(root) else None
 
 
+def location_under(location: str, prefix: str | None) -> str:
+    """`location` with `prefix` below it (an API key's output prefix): s3://b/api and acme → s3://b/api/acme."""
+    return f"{location.rstrip('/')}/{prefix.strip('/')}" if prefix else location
+
+
 def open_store(location: str, settings: Settings, client=None) -> ObjectStore:
     if location.startswith("s3://"):
         public = settings.s3.public_endpoint_url

@@ -303,6 +303,8 @@ class RedisStore:
         pipe = self.r.pipeline()
         pipe.hset(keys.job_key(job.job_id), mapping=fields)
         pipe.zadd(keys.JOBS_INDEX, {job.job_id: _epoch(job.created_at)})
+        if job.tenant is not None:
+            pipe.zadd(keys.TENANT_JOBS.format(tenant=job.tenant), {job.job_id: _epoch(job.created_at)})
         pipe.execute()
 
     def add_items(self, items: list[ItemRecord]) -> None:
@@ -370,8 +372,10 @@ class RedisStore:
                     yield _item_from(fields)
             start += chunk
 
-    def job_ids(self, limit: int = 50) -> list[str]:
-        return self.r.zrevrange(keys.JOBS_INDEX, 0, limit - 1)
+    def job_ids(self, limit: int = 50, tenant: str | None = None) -> list[str]:
+        """The most recent job ids, newest first; `tenant`: only that tenant's."""
+        index = keys.JOBS_INDEX if tenant is None else keys.TENANT_JOBS.format(tenant=tenant)
+        return self.r.zrevrange(index, 0, limit - 1)
 
     def log_event(self, job_id: str, event_id: str, entry: dict[str, Any]) -> None:
         self.r.rpush(f"{keys.JOB_EVENTS.format(job_id=job_id)}:{event_id}", json.dumps(entry))
@@ -466,6 +470,14 @@ class RedisStore:
             self.r.delete(key)
         else:
             self.r.set(key, job_id, px=max(1, int(ttl * 1000)))
+
+    def count_request(self, key_id: str, window: int) -> int:
+        """Count one request of an API key in minute `window` (epoch s // 60); returns the count so far."""
+        key = keys.RATE.format(key_id=key_id, window=window)
+        pipe = self.r.pipeline()
+        pipe.incr(key)
+        pipe.expire(key, 120)
+        return int(pipe.execute()[0])
 
     def put_upload(self, upload_id: str, record: dict[str, Any], ttl: int) -> None:
         self.r.set(keys.UPLOAD.format(upload_id=upload_id), json.dumps(record), ex=ttl)

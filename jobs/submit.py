@@ -254,6 +254,7 @@ def create_job(
         review_sheet=spec.review_sheet,
         schedule=spec.schedule,
         api=spec.api,
+        tenant=spec.tenant,
     )
     store.create_job(job)
     rejected_items: list[ItemRecord] = []

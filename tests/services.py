@@ -385,13 +385,14 @@ class ApiServer:
         self.thread.start()
         wait_until(lambda: self.server.started, 15, 0.05, what="the API server")
 
-    def key(self, *scopes: str, name: str = "test") -> str:
-        """A fresh API key with these scopes (minted as `dreambatch keys create` does)."""
-        from jobs.api import auth
+    def key(self, *scopes: str, name: str = "test", **options) -> str:
+        """A fresh API key with these scopes (minted and kept as `dreambatch keys create` does); `options`:
+        tenant, prefix, rate."""
+        from jobs.api import auth, keyring
         from jobs.submit import now_iso
 
-        new = auth.mint(name, list(scopes), now_iso())
-        self.app.state.services.store.put_api_key(new.record)
+        new = auth.mint(name, list(scopes), now_iso(), **options)
+        keyring.save(self.app.state.services, new.record)
         return new.token
 
     def stop(self) -> None:

@@ -23,7 +23,7 @@ pytestmark = [
     pytest.mark.timeout(400),
     pytest.mark.skipif(not __import__("os").path.exists(CHROMIUM), reason="needs chromium (apt-get install chromium)"),
 ]
-REDIS_DB = 11
+REDIS_DB = 12  # its own: test_catalog.py keeps 11
 BROKEN = b"\x89PNG\r\n\x1a\n not really a picture"
 
 

@@ -8,10 +8,11 @@ from __future__ import annotations
 import logging
 import threading
 
-from jobs import keys
+from jobs import keys, records
 from jobs.reconcile import sweep
 from jobs.services import Services
 from jobs.settings import Settings
+from jobs.storage import location_under
 from jobs.store import redis_errors, unreachable
 
 log = logging.getLogger("dreambatch.sweeper")
@@ -22,10 +23,19 @@ def locations(settings: Settings) -> list[str]:
     return list(dict.fromkeys([*([settings.output] if settings.output else []), *extra]))
 
 
+def tenant_locations(services: Services) -> list[str]:
+    """Where the API keys with an output prefix put their jobs (jobs.api.tenancy), from the keys' durable records."""
+    output = services.settings.output
+    if not output:
+        return []
+    found = records.read_api_keys(services.objects(output))
+    return list(dict.fromkeys(location_under(output, k.prefix) for k in found if k.prefix))
+
+
 def sweep_once(services: Services) -> int:
-    """One sweep over every location; returns how many jobs were reconciled."""
+    """One sweep over every location (and every tenant's prefix of them); returns how many jobs were reconciled."""
     count, settings = 0, services.settings
-    for location in locations(settings):
+    for location in dict.fromkeys([*locations(settings), *tenant_locations(services)]):
         objects = services.objects(location)
         reports = sweep(objects, services.store, services.publish, services.finalize, settings.celery.publish_batch)
         for r in reports:

@@ -3,6 +3,9 @@
     app.py          the application: routers, error handlers, /metrics, /healthz; TLS in `serve`
     deps.py         what the routes depend on: the shared services, the API-key check (`require(scope)`)
     auth.py         API keys: minted, hashed at rest, scoped; the bearer-token check
+    keyring.py      where keys live: durably next to the outputs (jobs.records), Redis as the cache
+    tenancy.py      whose jobs a key sees (`job_for`: 404 for another tenant's; `jobs_of`), where its jobs write
+                    (`own`: its tenant and output prefix), its rate limit (429); every route naming a job uses it
     service.py      what the routes share: submit rows as a job, wait for it, status, image links
     shapes.py       errors in each client's own shape; every status code a route answers, for OpenAPI
     retries.py      a retried request attaches to its first attempt's job; waits end before the client's timeout

@@ -25,6 +25,7 @@ from jobs.api import (
     inferencesh_routes,
     item_routes,
     jobs_routes,
+    keyring,
     openai_routes,
     shapes,
     ui,
@@ -175,10 +176,10 @@ def serve(
         settings.redis_url, log, "The API", " (requests get a 503 and /healthz says so meanwhile)"
     ):
         pass  # the key check below would wait out the outage
-    elif not [k for k in app.state.services.store.api_keys() if k.revoked_at is None]:
+    elif not [k for k in keyring.every(app.state.services) if k.revoked_at is None]:
         log.warning(
             "no API keys yet: every request will get 401; create one with "
-            "`dreambatch keys create --name NAME --scope jobs:read --scope jobs:write --scope images`"
+            "`dreambatch keys create --tenant NAME --scope jobs:read --scope jobs:write --scope images`"
         )
     uvicorn.run(
         app, host=host, port=port, log_level="info", proxy_headers=False, ssl_certfile=certfile, ssl_keyfile=keyfile

@@ -12,7 +12,7 @@ import anyio
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from jobs.api import auth
+from jobs.api import auth, keyring, tenancy
 from jobs.api.service import ApiError
 from jobs.models import ApiKeyRecord
 from jobs.services import Services
@@ -42,13 +42,14 @@ def require(scope: str):
             )
         key_id = auth.key_id_of(cred.credentials)
         svc: Services = request.app.state.services
-        record = await anyio.to_thread.run_sync(svc.store.get_api_key, key_id) if key_id else None
+        record = await anyio.to_thread.run_sync(keyring.find, svc, key_id) if key_id else None
         if record is None or not auth.matches(record, cred.credentials):
             raise ApiError(401, "invalid or revoked API key", type_="authentication_error", code="invalid_api_key")
-        if scope not in record.scopes:
+        if scope not in record.scopes and tenancy.ADMIN not in record.scopes:
             raise ApiError(
                 403, f"this API key lacks the {scope!r} scope", type_="permission_error", code="insufficient_scope"
             )
+        await anyio.to_thread.run_sync(tenancy.limit_rate, svc, record)
         return record
 
     return check

@@ -33,7 +33,7 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials
 from starlette.convertors import Convertor, register_url_convertor
 
 from jobs import control, keys
-from jobs.api import retries, schemas, shapes, uploads
+from jobs.api import retries, schemas, shapes, tenancy, uploads
 from jobs.api.deps import ServicesDep, require
 from jobs.api.service import (
     ApiError,
@@ -118,9 +118,9 @@ def _urls(request: Request, svc: Services, namespace: str, name: str, request_id
     return {"response_url": response, "status_url": f"{response}/status", "cancel_url": f"{response}/cancel"}
 
 
-def _job(svc: Services, model: str, request_id: str) -> JobRecord:
+def _job(svc: Services, key: ApiKeyRecord, model: str, request_id: str) -> JobRecord:
     job = svc.store.get_job(request_id)
-    if job is None or job.model != model or job.webhook_format != "fal":
+    if job is None or job.model != model or job.webhook_format != "fal" or not tenancy.sees(key, job):
         raise not_found(request_id)
     return job
 
@@ -151,7 +151,8 @@ async def _create(
         upload = Upload()
         try:
             uploads.resolve(svc, request, row, ("image_url", "image"), upload)
-            return submit_rows(svc, [row], JobSpec(model=model, webhook=webhook, webhook_format="fal", api=api), upload)
+            spec = JobSpec(model=model, webhook=webhook, webhook_format="fal", api=api)
+            return submit_rows(svc, [row], tenancy.own(svc, key, spec), upload)
         finally:
             upload.close()
 
@@ -226,13 +227,13 @@ def request_status(
     request_id: RequestId,
     request: Request,
     svc: ServicesDep,
-    _key: Key,
+    key: Key,
     logs: Annotated[str | None, Query(max_length=8, description="true or false")] = None,
 ) -> dict:
     """IN_QUEUE (with `queue_position`), IN_PROGRESS, or COMPLETED (also when it failed or was cancelled: `error`
     and `error_type` say so)."""
     with_logs = _flag(logs)
-    job = _job(svc, model_of(namespace, name), request_id)
+    job = _job(svc, key, model_of(namespace, name), request_id)
     item = next(svc.store.items(request_id), None)
     position = _position(svc, job) if job.status == "queued" and not job.finished_at else 0
     return {
@@ -258,16 +259,16 @@ def request_status(
     },
 )
 async def request_result(
-    namespace: Namespace, name: Name, request_id: RequestId, request: Request, svc: ServicesDep, _key: Key
+    namespace: Namespace, name: Name, request_id: RequestId, request: Request, svc: ServicesDep, key: Key
 ):
     """The output in fal's schema: `images` (`url`, `width`, `height`, `content_type`), `seed`, `prompt`,
     `has_nsfw_concepts` (null when no safety checker ran; `safety_checker` says which ran, or why none did)."""
     model = model_of(namespace, name)
-    return await anyio.to_thread.run_sync(_result, svc, model, request_id, str(request.base_url))
+    return await anyio.to_thread.run_sync(_result, svc, key, model, request_id, str(request.base_url))
 
 
-def _result(svc: Services, model: str, request_id: str, base_url: str):
-    job = _job(svc, model, request_id)
+def _result(svc: Services, key: ApiKeyRecord, model: str, request_id: str, base_url: str):
+    job = _job(svc, key, model, request_id)
     item = next(svc.store.items(request_id), None)
     if not common.ended(job, item):
         return JSONResponse({"detail": "Request is still in progress", "status": "IN_PROGRESS"}, 400)
@@ -302,9 +303,9 @@ def _url_for(svc: Services, job: JobRecord, base_url: str):
         **ERRORS,
     },
 )
-def cancel_request(namespace: Namespace, name: Name, request_id: RequestId, svc: ServicesDep, _key: Key):
+def cancel_request(namespace: Namespace, name: Name, request_id: RequestId, svc: ServicesDep, key: Key):
     """Cancel a request that has not finished: CANCELLATION_REQUESTED (202), or ALREADY_COMPLETED (400)."""
-    job = _job(svc, model_of(namespace, name), request_id)
+    job = _job(svc, key, model_of(namespace, name), request_id)
     if job.cancel_requested or common.ended(job, next(svc.store.items(request_id), None)):
         return JSONResponse({"status": "ALREADY_COMPLETED"}, 400)
     try:
@@ -334,7 +335,7 @@ async def run(
     urls = _urls(request, svc, namespace, name, job_id)
     wait = retries.wait_budget(svc.settings.api.wait_timeout, retries.Attempt.of(request))
     await wait_for(svc, job_id, wait, request=request, where=f"GET {urls['status_url']}")
-    return await anyio.to_thread.run_sync(_result, svc, model, job_id, str(request.base_url))
+    return await anyio.to_thread.run_sync(_result, svc, key, model, job_id, str(request.base_url))
 
 
 def _sse(data: dict[str, Any]) -> str:
@@ -373,7 +374,7 @@ async def stream(
             job: JobRecord = await anyio.to_thread.run_sync(svc.job, job_id)
             item = await anyio.to_thread.run_sync(lambda: next(svc.store.items(job_id), None))
             if common.ended(job, item):
-                result = await anyio.to_thread.run_sync(_result, svc, model, job_id, str(request.base_url))
+                result = await anyio.to_thread.run_sync(_result, svc, key, model, job_id, str(request.base_url))
                 yield _sse(
                     {"error": json.loads(bytes(result.body))["detail"]} if isinstance(result, JSONResponse) else result
                 )

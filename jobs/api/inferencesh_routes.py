@@ -26,7 +26,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from jobs import control
-from jobs.api import retries, shapes, uploads
+from jobs.api import retries, shapes, tenancy, uploads
 from jobs.api.deps import ServicesDep, require
 from jobs.api.service import ApiError, Services, Upload, fingerprint, image_url, submit_rows
 from jobs.errors import InputError, JobStateError
@@ -127,9 +127,9 @@ def model_of(app: str) -> str:
     return model
 
 
-def _job(svc: Services, task_id: str) -> JobRecord:
+def _job(svc: Services, key: ApiKeyRecord, task_id: str) -> JobRecord:
     job = svc.store.get_job(task_id)
-    if job is None or job.webhook_format != "inferencesh":
+    if job is None or job.webhook_format != "inferencesh" or not tenancy.sees(key, job):
         raise ApiError(404, f"no task {task_id!r}", code="not_found")
     return job
 
@@ -141,8 +141,10 @@ def _stored_input(values: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def task_of(svc: Services, task_id: str, base_url: str, job: JobRecord | None = None) -> dict[str, Any]:
-    job = job or _job(svc, task_id)
+def task_of(
+    svc: Services, key: ApiKeyRecord, task_id: str, base_url: str, job: JobRecord | None = None
+) -> dict[str, Any]:
+    job = job or _job(svc, key, task_id)
     item = next(svc.store.items(task_id), None)
     step = svc.store.step_of(task_id, item.item_id) if item is not None and not job.finished_at else None
     return inferencesh.task(
@@ -178,7 +180,7 @@ async def run_app(
         try:
             uploads.resolve(svc, request, row, IMAGE_FIELDS, upload)
             options = JobSpec(model=model, webhook=body.webhook, webhook_format="inferencesh", api=api)
-            return submit_rows(svc, [row], options, upload)
+            return submit_rows(svc, [row], tenancy.own(svc, key, options), upload)
         finally:
             upload.close()
 
@@ -190,26 +192,26 @@ async def run_app(
         create,
         retries.Attempt.of(request),
     )
-    return {"data": await anyio.to_thread.run_sync(task_of, svc, job_id, str(request.base_url))}
+    return {"data": await anyio.to_thread.run_sync(task_of, svc, key, job_id, str(request.base_url))}
 
 
 @router.get("/tasks/{task_id}", responses={200: {"model": TaskEnvelope}, **TASK_ERRORS})
-def get_task(task_id: TaskId, request: Request, svc: ServicesDep, _key: Images) -> dict:
+def get_task(task_id: TaskId, request: Request, svc: ServicesDep, key: Images) -> dict:
     """The task now."""
-    return {"data": task_of(svc, task_id, str(request.base_url))}
+    return {"data": task_of(svc, key, task_id, str(request.base_url))}
 
 
 @router.post("/tasks/{task_id}/cancel", responses={200: {"model": TaskEnvelope}, **TASK_ERRORS})
-def cancel_task(task_id: TaskId, request: Request, svc: ServicesDep, _key: Images) -> dict:
+def cancel_task(task_id: TaskId, request: Request, svc: ServicesDep, key: Images) -> dict:
     """Cancel a task that has not ended: CANCELLING until its item stops, then CANCELLED. A task that has ended
     is answered as it is."""
-    job = _job(svc, task_id)
+    job = _job(svc, key, task_id)
     if not job.cancel_requested and not common.ended(job, next(svc.store.items(task_id), None)):
         try:
             control.cancel_job(svc, task_id)
         except JobStateError:  # it ended in between: answered as it is
             pass
-    return {"data": task_of(svc, task_id, str(request.base_url))}
+    return {"data": task_of(svc, key, task_id, str(request.base_url))}
 
 
 @router.get(
@@ -224,16 +226,16 @@ def cancel_task(task_id: TaskId, request: Request, svc: ServicesDep, _key: Image
         **TASK_ERRORS,
     },
 )
-async def stream_task(task_id: TaskId, request: Request, svc: ServicesDep, _key: Images) -> StreamingResponse:
+async def stream_task(task_id: TaskId, request: Request, svc: ServicesDep, key: Images) -> StreamingResponse:
     """NDJSON task updates. A status never goes back; the unchanged state is sent again every 20 s and a heartbeat
     line every 15 s, so the SDK neither times out nor gives up on a task that waits in a long queue."""
     base_url = str(request.base_url)
-    await anyio.to_thread.run_sync(_job, svc, task_id)
+    await anyio.to_thread.run_sync(_job, svc, key, task_id)
 
     async def lines():
         highest, last, sent, beat = TaskStatus.UNKNOWN, None, 0.0, time.monotonic()
         while True:
-            task = await anyio.to_thread.run_sync(task_of, svc, task_id, base_url)
+            task = await anyio.to_thread.run_sync(task_of, svc, key, task_id, base_url)
             highest = max(highest, TaskStatus(task["status"]))
             task["status"], task["status_text"] = int(highest), highest.name.lower()
             state = (task["status"], task["progress"], task["output"] is not None)

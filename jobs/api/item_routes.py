@@ -18,13 +18,13 @@ from fastapi import Path as PathParam
 from fastapi.responses import Response
 
 from jobs import control, netguard
-from jobs.api import shapes
+from jobs.api import shapes, tenancy
 from jobs.api.deps import ServicesDep
 from jobs.api.jobs_routes import ERRORS, ONE_JOB, JobId, Reader, Writer
 from jobs.api.service import ApiError, Services
 from jobs.errors import JobNotFound
 from jobs.formats import CONTENT_TYPES, sniff
-from jobs.models import ItemRecord, JobRecord
+from jobs.models import ApiKeyRecord, ItemRecord, JobRecord
 from jobs.storage import key_of, split_s3_key
 
 router = APIRouter(tags=["jobs"])
@@ -42,8 +42,9 @@ ONE_ITEM = {
 }
 
 
-def _item(svc: Services, job_id: str, item_id: str) -> tuple[JobRecord, ItemRecord]:
-    job = svc.job(job_id)
+def _item(svc: Services, key: ApiKeyRecord, job_id: str, item_id: str) -> tuple[JobRecord, ItemRecord]:
+    """The job and item when `key` may see them (another tenant's: 404, as for none)."""
+    job = tenancy.job_for(svc, key, job_id)
     item = svc.store.get_item(job_id, item_id)
     if item is None:
         raise JobNotFound(f"job {job_id} has no item {item_id!r}")
@@ -51,17 +52,19 @@ def _item(svc: Services, job_id: str, item_id: str) -> tuple[JobRecord, ItemReco
 
 
 @router.post("/v1/jobs/{job_id}/items/{item_id}/cancel", responses=ONE_ITEM)
-def cancel_item(job_id: JobId, item_id: ItemId, svc: ServicesDep, _key: Writer) -> dict:
+def cancel_item(job_id: JobId, item_id: ItemId, svc: ServicesDep, key: Writer) -> dict:
     """A queued item ends `cancelled` at once (its webhook sent), a running one at its next denoising step (it
     answers `running` then); the rest of the job runs on. Cancelling a cancelled item changes nothing; one that
     ended otherwise is a 409."""
+    _item(svc, key, job_id, item_id)
     return control.cancel_item(svc, job_id, item_id).result_line()
 
 
 @router.post("/v1/jobs/{job_id}/items/{item_id}/retry", responses=ONE_ITEM)
-def retry_item(job_id: JobId, item_id: ItemId, svc: ServicesDep, _key: Writer) -> dict:
+def retry_item(job_id: JobId, item_id: ItemId, svc: ServicesDep, key: Writer) -> dict:
     """Re-queue one failed item in a new round of its job (same id and line, attempts counted), as
     `POST /v1/jobs/{job_id}/retry` does for all of them; a 409 when it is not a failed item that ran."""
+    _item(svc, key, job_id, item_id)
     return control.retry_item(svc, job_id, item_id).result_line()
 
 
@@ -89,9 +92,9 @@ def _image(data: bytes | None, what: str) -> Response:
 
 
 @router.get("/v1/jobs/{job_id}/items/{item_id}/input", response_class=Response, responses=IMAGE)
-def item_input(job_id: JobId, item_id: ItemId, svc: ServicesDep, _key: Reader) -> Response:
+def item_input(job_id: JobId, item_id: ItemId, svc: ServicesDep, key: Reader) -> Response:
     """The item's input image (an edit row's `image`); 404 for a generation row, which has none."""
-    job, item = _item(svc, job_id, item_id)
+    job, item = _item(svc, key, job_id, item_id)
     ref = item.params.get("image")
     if not ref:
         raise ApiError(404, f"item {item_id} has no input image (a generation row or a rejected one)")
@@ -100,10 +103,10 @@ def item_input(job_id: JobId, item_id: ItemId, svc: ServicesDep, _key: Reader) -
 
 @router.get("/v1/jobs/{job_id}/items/{item_id}/output/{n}", response_class=Response, responses=IMAGE)
 def item_output(
-    job_id: JobId, item_id: ItemId, n: Annotated[int, PathParam(ge=0, le=1000)], svc: ServicesDep, _key: Reader
+    job_id: JobId, item_id: ItemId, n: Annotated[int, PathParam(ge=0, le=1000)], svc: ServicesDep, key: Reader
 ) -> Response:
     """The item's n-th output image (from 0), once it has one."""
-    job, item = _item(svc, job_id, item_id)
+    job, item = _item(svc, key, job_id, item_id)
     images = item.output.images if item.output else []
     if n >= len(images) or not images[n].s3_uri:
         raise ApiError(404, f"item {item_id} has no output {n} (it has {len(images)})")

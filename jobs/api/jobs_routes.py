@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from jobs import control, export, keys
-from jobs.api import schemas, shapes
+from jobs.api import schemas, shapes, tenancy
 from jobs.api.deps import ServicesDep, require
 from jobs.api.service import (
     ApiError,
@@ -221,7 +221,7 @@ async def create(request: Request, svc: ServicesDep, key: Writer, idempotency_ke
 
         def create_job() -> str:
             try:
-                sub = submit(svc, manifest, options, upload)
+                sub = submit(svc, manifest, tenancy.own(svc, key, options), upload)
             except ManifestInvalid as exc:
                 raise ApiError(422, str(exc).replace(str(manifest), "manifest"), errors=exc.issues) from None
             created.update(queued=sub.queued, rejected=sub.rejected, notes=sub.report.notes[:100])
@@ -236,30 +236,30 @@ async def create(request: Request, svc: ServicesDep, key: Writer, idempotency_ke
 
 
 @router.get("/v1/jobs", responses={200: {"model": schemas.JobList}, **ERRORS})
-def list_jobs(svc: ServicesDep, _key: Reader, limit: Annotated[int, Query(ge=1, le=200)] = 50) -> dict:
-    """The most recent jobs, newest first."""
-    jobs = [j for j in (svc.store.get_job(i) for i in svc.store.job_ids(limit)) if j]
+def list_jobs(svc: ServicesDep, key: Reader, limit: Annotated[int, Query(ge=1, le=200)] = 50) -> dict:
+    """The most recent jobs of the key's tenant (every tenant's with `admin`), newest first."""
+    jobs = tenancy.jobs_of(svc, key, limit)
     workers = svc.store.workers()
     return {"object": "list", "data": [job_status(j, workers=workers) for j in jobs]}
 
 
 @router.get("/v1/jobs/{job_id}", responses={200: {"model": schemas.JobStatus}, **ERRORS, **ONE_JOB})
-def get_job(job_id: JobId, svc: ServicesDep, _key: Reader) -> dict:
+def get_job(job_id: JobId, svc: ServicesDep, key: Reader) -> dict:
     """Status, counts, throughput (items/s since submission) and ETA; `warning` when no live worker serves it."""
-    return job_status(svc.job(job_id), workers=svc.store.workers())
+    return job_status(tenancy.job_for(svc, key, job_id), workers=svc.store.workers())
 
 
 @router.get("/v1/jobs/{job_id}/items", responses={200: {"model": schemas.ItemList}, **ERRORS, **ONE_JOB})
 def list_items(
     job_id: JobId,
     svc: ServicesDep,
-    _key: Reader,
+    key: Reader,
     status: Annotated[ItemStatus | None, Query(description="only items in this status")] = None,
     offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> dict:
     """Items in manifest order, each as its results line (filter with `status=failed`)."""
-    svc.job(job_id)
+    tenancy.job_for(svc, key, job_id)
     data: list[dict] = []
     seen = 0
     for item in svc.store.items(job_id):
@@ -284,12 +284,12 @@ def list_items(
 def results(
     job_id: JobId,
     svc: ServicesDep,
-    _key: Reader,
+    key: Reader,
     format: Annotated[Literal["jsonl", "csv"], Query(description="jsonl or csv")] = "jsonl",
 ):  # noqa: A002
     """One line per manifest row (live state while the job runs). CSV cells that a spreadsheet would run
     (starting with = + - @) are quoted."""
-    job = svc.job(job_id)
+    job = tenancy.job_for(svc, key, job_id)
     lines = export.result_lines(job, svc)
     if format == "csv":
         return StreamingResponse(
@@ -312,12 +312,12 @@ def _sse(event: str, data: dict, event_id: int) -> str:
 async def events(
     job_id: JobId,
     svc: ServicesDep,
-    _key: Reader,
+    key: Reader,
     timeout: Annotated[float, Query(gt=0, le=86400, description="s before the stream closes")] = 3600,
 ) -> StreamingResponse:
     """Server-sent events: `progress` (the status object) whenever status or counts change, then `end` when
     the job has ended (or `timeout` when the stream closes first; reconnect to go on)."""
-    await anyio.to_thread.run_sync(svc.job, job_id)
+    await anyio.to_thread.run_sync(tenancy.job_for, svc, key, job_id)
     deadline = time.monotonic() + timeout
 
     async def stream():
@@ -352,11 +352,11 @@ async def events(
     "/v1/jobs/{job_id}/cancel",
     responses={200: {"model": schemas.JobStatus}, **ERRORS, **ONE_JOB, **shapes.responses(shapes.OPENAI, 409)},
 )
-def cancel(job_id: JobId, svc: ServicesDep, _key: Writer) -> dict:
+def cancel(job_id: JobId, svc: ServicesDep, key: Writer) -> dict:
     """Queued items end `cancelled` at once, running items stop at their next step; the job ends
     `cancelled` (webhook sent) when they have. Outputs already written are kept. 409 for a job that
     already ended otherwise; cancelling a cancelled job changes nothing."""
-    svc.job(job_id)
+    tenancy.job_for(svc, key, job_id)
     return job_status(control.cancel_job(svc, job_id))
 
 
@@ -364,10 +364,10 @@ def cancel(job_id: JobId, svc: ServicesDep, _key: Writer) -> dict:
     "/v1/jobs/{job_id}/retry",
     responses={200: {"model": schemas.JobRequeued}, **ERRORS, **ONE_JOB, **shapes.responses(shapes.OPENAI, 409)},
 )
-def retry(job_id: JobId, svc: ServicesDep, _key: Writer) -> dict:
+def retry(job_id: JobId, svc: ServicesDep, key: Writer) -> dict:
     """Re-queue only the failed items, in the same job (same ids and lines, attempts counted); `requeued`
     lists their ids ([] when none failed)."""
-    svc.job(job_id)
+    tenancy.job_for(svc, key, job_id)
     requeued = control.retry_job(svc, job_id)
     return {**job_status(svc.job(job_id)), "requeued": requeued}
 
@@ -376,10 +376,10 @@ def retry(job_id: JobId, svc: ServicesDep, _key: Writer) -> dict:
     "/v1/jobs/{job_id}/resume",
     responses={200: {"model": schemas.JobRequeued}, **ERRORS, **ONE_JOB, **shapes.responses(shapes.OPENAI, 409)},
 )
-def resume(job_id: JobId, svc: ServicesDep, _key: Writer) -> dict:
+def resume(job_id: JobId, svc: ServicesDep, key: Writer) -> dict:
     """Re-queue the items that have no result (after an outage lost their messages); nothing that ended
     runs again."""
-    svc.job(job_id)
+    tenancy.job_for(svc, key, job_id)
     requeued = control.resume_job(svc, job_id)
     return {**job_status(svc.job(job_id)), "requeued": requeued}
 

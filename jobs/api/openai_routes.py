@@ -25,7 +25,7 @@ from fastapi import APIRouter, Depends, Header, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from jobs import formats
-from jobs.api import retries, schemas, shapes
+from jobs.api import retries, schemas, shapes, tenancy
 from jobs.api.deps import ServicesDep, require
 from jobs.api.service import (
     ApiError,
@@ -39,7 +39,7 @@ from jobs.api.service import (
 )
 from jobs.errors import ErrorKind
 from jobs.lifecycle import ItemStatus
-from jobs.models import MAX_SEED, MODELS, JobRecord, JobSpec
+from jobs.models import MAX_SEED, MODELS, ApiKeyRecord, JobRecord, JobSpec
 from jobs.vendors import common
 
 router = APIRouter(tags=["openai images"])
@@ -109,7 +109,7 @@ RETRY_INTO_THE_SAME_JOB = {"x-should-retry": "true", "retry-after": "1"}
 
 async def run_images(
     svc: Services,
-    key_id: str,
+    key: ApiKeyRecord,
     idempotency_key: str | None,
     model: str,
     rows: list[dict],
@@ -124,10 +124,10 @@ async def run_images(
     try:
         job_id, _ = await retries.once(
             svc,
-            key_id,
+            key.key_id,
             idempotency_key,
             body,
-            lambda: submit_rows(svc, rows, JobSpec(model=model), upload, status=400),
+            lambda: submit_rows(svc, rows, tenancy.own(svc, key, JobSpec(model=model)), upload, status=400),
             attempt,
         )
     finally:
@@ -227,7 +227,7 @@ async def generations(
     rows = item_rows(row, body.n, body.seed)
     return await run_images(
         svc,
-        key.key_id,
+        key,
         idempotency_key,
         model,
         rows,
@@ -314,7 +314,7 @@ async def edits(request: Request, svc: ServicesDep, key: Images, idempotency_key
     (upload.inputs / f"image{suffix}").write_bytes(data)
     return await run_images(
         svc,
-        key.key_id,
+        key,
         idempotency_key,
         edit_model,
         rows,

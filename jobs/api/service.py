@@ -9,6 +9,7 @@ import base64
 import hashlib
 import hmac
 import json
+import logging
 import re
 import shutil
 import tempfile
@@ -19,7 +20,9 @@ from typing import Any
 
 import anyio
 
-from jobs import lifecycle
+from jobs import lifecycle, records
+from jobs.api import keyring
+from jobs.errors import DreambatchError
 from jobs.inputs import InputPolicy
 from jobs.lifecycle import ItemStatus
 from jobs.metrics import no_worker_warning
@@ -29,6 +32,7 @@ from jobs.storage import key_of
 from jobs.submit import ManifestInvalid, Submission, create_job
 
 IDEMPOTENCY_TTL = 24 * 3600
+log = logging.getLogger("dreambatch.api")
 
 
 class ApiError(Exception):
@@ -122,6 +126,8 @@ async def idempotent(svc: Services, key_id: str, idempotency_key: str | None, bo
         raise ApiError(422, "Idempotency-Key must be 1..255 printable characters", param="Idempotency-Key")
     digest = hashlib.sha256(idempotency_key.encode()).hexdigest()
     seen = await anyio.to_thread.run_sync(svc.store.claim_idempotency, key_id, digest, body, IDEMPOTENCY_TTL)
+    if seen is None:  # new to Redis: the durable record says whether it was settled before a Redis loss
+        seen = await anyio.to_thread.run_sync(_settled_before, svc, key_id, digest)
     if seen is not None:
         if seen["fingerprint"] != body:
             raise ApiError(
@@ -141,9 +147,32 @@ async def idempotent(svc: Services, key_id: str, idempotency_key: str | None, bo
     job_id = None
     try:
         job_id = await anyio.to_thread.run_sync(create)
+        await anyio.to_thread.run_sync(_keep_durably, svc, key_id, digest, body, job_id)
         return job_id, False
     finally:
         await anyio.to_thread.run_sync(svc.store.settle_idempotency, key_id, digest, body, job_id, IDEMPOTENCY_TTL)
+
+
+def _settled_before(svc: Services, key_id: str, digest: str) -> dict[str, Any] | None:
+    """A key Redis did not know: its durable record (cached in Redis again), or None to go ahead."""
+    objects = keyring.durable(svc)
+    found = records.read_idempotency(objects, key_id, digest) if objects is not None else None
+    if found is None:
+        return None
+    ttl = max(1, int(found["expires"] - time.time()))
+    svc.store.settle_idempotency(key_id, digest, found["fingerprint"], found["job_id"], ttl)
+    return found
+
+
+def _keep_durably(svc: Services, key_id: str, digest: str, body: str, job_id: str) -> None:
+    """The settled key, next to the API's keys; a failed write leaves it in Redis alone (and says so)."""
+    objects = keyring.durable(svc)
+    if objects is None:
+        return
+    try:
+        records.write_idempotency(objects, key_id, digest, body, job_id, time.time() + IDEMPOTENCY_TTL)
+    except DreambatchError as exc:
+        log.warning("Idempotency-Key of job %s is kept in Redis only: %s", job_id, exc)
 
 
 class StillRunning(ApiError):

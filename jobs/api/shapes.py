@@ -31,10 +31,11 @@ DESCRIPTIONS = {
     400: "the request cannot be run as sent (its message says why)",
     401: "no API key, or an unknown or revoked one",
     403: "the API key lacks this route's scope, or a signed link is invalid or expired",
-    404: "no such job, request, task, prediction, file or model",
+    404: "no such job, request, task, prediction, file or model (or one of another tenant's)",
     409: "the job's state does not allow this, or the same Idempotency-Key is still being processed",
     413: "the body or an uploaded file is over the size limit",
     415: "unsupported content type",
+    429: "the API key's rate limit (`dreambatch keys create --rate`) is spent; retry after `Retry-After` seconds",
     422: "invalid parameters; `errors` (or `detail`) lists every problem",
     500: "the model failed on this request, or the server is misconfigured",
     502: "an output is missing from storage",
@@ -107,5 +108,5 @@ def responses(dialect: str, *codes: int, **described: str) -> dict[int | str, di
     return out
 
 
-AUTH = (401, 403)  # every route behind an API key
+AUTH = (401, 403, 429)  # every route behind an API key (429: its rate limit)
 COMMON = (*AUTH, 422, 503)  # ... that validates its input and reads Redis

@@ -23,7 +23,7 @@ from fastapi import APIRouter, Body, Depends, Header, Query, Request
 from fastapi import Path as PathParam
 from pydantic import BaseModel, ConfigDict, Field
 
-from jobs.api import retries, shapes, uploads
+from jobs.api import retries, shapes, tenancy, uploads
 from jobs.api.deps import ServicesDep, require
 from jobs.api.service import (
     ApiError,
@@ -93,9 +93,9 @@ class UploadEnvelope(BaseModel):
     data: UploadTicket
 
 
-def _job(svc: Services, prediction_id: str) -> JobRecord:
+def _job(svc: Services, key: ApiKeyRecord, prediction_id: str) -> JobRecord:
     job = svc.store.get_job(prediction_id)
-    if job is None or job.webhook_format != "wavespeed":
+    if job is None or job.webhook_format != "wavespeed" or not tenancy.sees(key, job):
         raise ApiError(404, f"no prediction {prediction_id!r}", code="not_found")
     return job
 
@@ -179,7 +179,7 @@ async def submit(
         try:
             uploads.resolve(svc, request, row, ("image", "image_url"), upload)
             options = JobSpec(model=ours, webhook=webhook, webhook_format="wavespeed", api=api)
-            return submit_rows(svc, [row], options, upload, status=400)
+            return submit_rows(svc, [row], tenancy.own(svc, key, options), upload, status=400)
         finally:
             upload.close()
 
@@ -211,6 +211,6 @@ async def submit(
         **shapes.responses(shapes.WAVESPEED, 404, 502, *shapes.COMMON, _404="no such prediction"),
     },
 )
-def result(prediction_id: PredictionId, request: Request, svc: ServicesDep, _key: Images) -> dict:
+def result(prediction_id: PredictionId, request: Request, svc: ServicesDep, key: Images) -> dict:
     """The prediction now (HTTP 200 whatever its status; `outputs` once it is completed)."""
-    return wavespeed.envelope(prediction_of(svc, request, _job(svc, prediction_id)))
+    return wavespeed.envelope(prediction_of(svc, request, _job(svc, key, prediction_id)))
