@@ -56,6 +56,8 @@ S3_RESULTS = "{prefix}{job_id}/results.jsonl"  # one line per manifest row when 
 S3_OUTPUT = "{prefix}{job_id}/{item_id}{suffix}.{ext}"  # suffix "" or "_{n}" for several images
 S3_SHEET = "{prefix}{job_id}/sheet{page}.{ext}"  # review contact sheet (html, png); page "" or "-2", "-3"…
 S3_CATALOG_LEDGER = "{prefix}_catalog/{name}/ledger.json"  # what each source image was last edited as
+S3_CATALOG_LEDGER_DELTAS = "{prefix}_catalog/{name}/ledger/"  # the ledger's changes since ledger.json, one per save
+S3_CATALOG_LEDGER_DELTA = "{prefix}_catalog/{name}/ledger/{seq:010d}.json"  # one save's changed keys (seq order)
 S3_CATALOG_RUN = "{prefix}_catalog/{name}/runs/{job_id}.json"  # one scheduled run: its items and fingerprints
 S3_UPLOAD = "{prefix}_uploads/{upload_id}/{filename}"  # a file a client PUT to a vendor upload URL
 

@@ -343,6 +343,7 @@ class JobSpec(BaseModel):
     #                                                                     by then end cancelled, reason "expired"
     review_sheet: bool = False  # write the review contact sheet when the job ends
     skip_invalid: bool = False  # queue the valid rows and record the invalid ones as failed (else: queue nothing)
+    catalog: dict[str, Any] | None = None  # a scheduled run's: schedule, sheet, deleted and skipped objects
 
 
 class JobRecord(BaseModel):
@@ -360,6 +361,7 @@ class JobRecord(BaseModel):
     submitting: bool = False  # its submission has not committed yet: workers hold its items back
     submit_aborted: bool = False  # its submission failed: nothing of it runs
     review_sheet: bool = False  # write the review contact sheet (sheet.html, sheet.png) when the job ends
+    catalog: dict[str, Any] | None = None  # made by a scheduled run (jobs.catalog): in its job webhook and sheet
     manifest: str | None = None
     status: JobStatus = JobStatus.QUEUED
     total: int = 0

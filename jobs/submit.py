@@ -250,6 +250,7 @@ def create_job(
         submitting=True,
         review_sheet=spec.review_sheet,
         api=spec.api,
+        catalog=spec.catalog,
     )
     store.create_job(job)
     rejected_items: list[ItemRecord] = []

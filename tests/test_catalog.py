@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import time
+import urllib.request
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -141,6 +142,13 @@ def run_cli(*args: str, env: dict) -> dict:
     return json.loads(res.stdout)
 
 
+def stored_ledger(s3_endpoint: str, bucket: str, name: str) -> Ledger:
+    """The schedule's ledger as a run reads it (its snapshot and the deltas after it)."""
+    return Ledger.load(
+        Services(Settings(s3=S3Settings(endpoint_url=s3_endpoint))).objects(f"s3://{bucket}/edited"), name
+    )
+
+
 def wait_job(redis_url: str, job_id: str):
     store = RedisStore.from_url(redis_url)
     return wait_until(lambda: (j := store.get_job(job_id)) and j.finished_at and j, 120, 0.2, what=f"job {job_id}")
@@ -266,8 +274,8 @@ def test_scheduled_scan_edits_every_image_once_then_only_what_changed_and_the_sh
 
     again = run_now()
     assert (again.job_id, again.queued, again.unchanged, again.folded) == (None, 0, 4, [job_id])
-    ledger = json.loads(s3.get_object(Bucket=bucket, Key=f"edited/_catalog/{name}/ledger.json")["Body"].read())
-    assert sorted(ledger["entries"]) == sorted(IMAGES) and ledger["pending"] == []
+    ledger = stored_ledger(s3_endpoint, bucket, name)
+    assert sorted(ledger.entries) == sorted(IMAGES) and ledger.pending == []
 
     # one photo re-shot: the dry run (CLI) names it alone, the run edits it alone
     s3.put_object(Bucket=bucket, Key="products/shoes/102.png", Body=photo(99, "png"), ContentType="image/png")
@@ -1072,8 +1080,8 @@ def test_new_weights_on_the_workers_re_run_every_image_once_then_nothing(
         assert json.loads(record)["model_revision"] == before
     again = run_now()
     assert (again.queued, again.unchanged) == (0, 2)
-    ledger = json.loads(s3.get_object(Bucket=bucket, Key=f"edited/_catalog/{name}/ledger.json")["Body"].read())
-    assert {e["model_revision"] for e in ledger["entries"].values()} == {before}
+    ledger = stored_ledger(s3_endpoint, bucket, name)
+    assert {e["model_revision"] for e in ledger.entries.values()} == {before}
 
     # the workers move to new weights: every image is changed once ("model revision changed"), then nothing
     gpu.kill()
@@ -1106,7 +1114,7 @@ def test_new_weights_on_the_workers_re_run_every_image_once_then_nothing(
 # ---- images that keep failing ---------------------------------------------------------------------------
 
 
-def test_an_image_that_keeps_failing_is_tried_three_nights_then_skipped_until_retried_or_fixed(
+def test_a_corrupt_upload_fails_once_is_reported_once_then_skipped_until_retried_or_re_uploaded(
     e1_workers, s3_endpoint, bucket, tmp_path
 ):
     s3 = s3_client(s3_endpoint)
@@ -1119,22 +1127,20 @@ def test_an_image_that_keeps_failing_is_tried_three_nights_then_skipped_until_re
     def status_of(job_id: str) -> dict:
         return {x["metadata"]["source_key"]: x["status"] for x in results(s3, bucket, job_id)}
 
-    first = nightly.run()  # night 1: both run; the broken one fails (it cannot be decoded)
+    first = nightly.run()  # night 1: both run; the broken one fails, and says it is a damaged JPEG
     assert status_of(first.job_id) == {"products/shoes/1.jpg": "completed", bad: "failed"}
-    for night in (2, 3):  # tried again, alone, and the report says it failed before
-        again = nightly.run()
-        assert (again.queued, again.new, again.unchanged) == (1, [bad], 1)
-        assert again.reasons[bad] == f"new; failed {night - 1} run(s) in a row before, tried again"
-        assert status_of(again.job_id) == {bad: "failed"}
-    fourth = nightly.run()  # night 4: skipped, with how to get it tried again
-    assert (fourth.job_id, fourth.queued, fourth.given_up, fourth.unchanged) == (None, 0, 1, 1)
-    [skip] = [s for s in fourth.skipped if s.key == bad]
-    assert skip.reason.startswith(
-        "failed 3 runs in a row with this image and these parameters (last error: InputError: "
-    )
+    [failed] = [x for x in results(s3, bucket, first.job_id) if x["status"] == "failed"]
+    assert failed["error"].startswith("InputError: damaged JPEG"), failed["error"]
+    second = nightly.run()  # night 2: reported once (alerts), not queued again: the same bytes fail the same way
+    assert (second.job_id, second.queued, second.given_up, second.unchanged) == (None, 0, 1, 1)
+    assert [a["key"] for a in second.alerts] == [bad] and "damaged JPEG" in second.alerts[0]["error"]
+    [skip] = [s for s in second.skipped if s.key == bad]
+    assert skip.reason.startswith(f"failed in job {first.job_id} with this image and these parameters (last error: ")
     assert skip.reason.endswith(f"or a run with: dreambatch schedules run {name} --retry-failed")
-    ledger = json.loads(s3.get_object(Bucket=bucket, Key=f"edited/_catalog/{name}/ledger.json")["Body"].read())
-    assert ledger["failures"][bad]["count"] == 3 and bad not in ledger["entries"]
+    third = nightly.run()  # night 3: still skipped, and not reported again
+    assert (third.queued, third.given_up, third.alerts) == (0, 1, [])
+    ledger = stored_ledger(s3_endpoint, bucket, name)
+    assert ledger.failures[bad]["count"] == 1 and bad not in ledger.entries
 
     # --retry-failed queues it once more (it fails again: still skipped by a plain run afterwards)
     forced = run_cli("schedules", "run", name, "--retry-failed", env=nightly.env)
@@ -1148,8 +1154,8 @@ def test_an_image_that_keeps_failing_is_tried_three_nights_then_skipped_until_re
     assert (fixed.queued, fixed.reasons[bad]) == (1, "new") and status_of(fixed.job_id) == {bad: "completed"}
     after = nightly.run()
     assert (after.queued, after.unchanged, after.given_up) == (0, 2, 0)
-    ledger = json.loads(s3.get_object(Bucket=bucket, Key=f"edited/_catalog/{name}/ledger.json")["Body"].read())
-    assert ledger["failures"] == {} and bad in ledger["entries"]
+    ledger = stored_ledger(s3_endpoint, bucket, name)
+    assert ledger.failures == {} and bad in ledger.entries
 
 
 # ---- incremental manifest sources -------------------------------------------------------------------------
@@ -1395,3 +1401,136 @@ def test_a_presets_file_from_the_environment_replaces_a_builtin_preset_and_adds_
     manifest.write_text("image\nshoe.jpg\n")
     checked = cli("validate", str(manifest), "--model", "e1-1", "--preset", "marble", "--json", env=env)
     assert checked.returncode == 0 and json.loads(checked.stdout)["valid"] == 1, checked.stderr
+
+
+# ---- catalog hygiene: deleted products, excluded folders, corrupt and empty uploads -----------------------
+
+
+def hygiene_schedule(path: Path, name: str, bucket: str, webhook: str) -> Path:
+    path.write_text(
+        f"""
+[schedules.{name}]
+model = "e1-1"
+preset = "white-studio"
+params = {{ steps = 1, seed = 3 }}
+output = "s3://{bucket}/edited"
+keep_format = true
+webhook = "{webhook}"
+on_deleted = "move"
+move_deleted_to = "s3://{bucket}/attic"
+[schedules.{name}.source]
+prefix = "s3://{bucket}/products/"
+exclude = ["_thumbs/", "*.tmp"]
+"""
+    )
+    return path
+
+
+def test_three_nights_report_a_deleted_product_move_its_outputs_skip_thumbs_and_alert_a_corrupt_upload_once(
+    e1_workers, s3_endpoint, bucket, tmp_path, receiver
+):
+    s3 = s3_client(s3_endpoint)
+    s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    products = {
+        "products/shoes/101.jpg": photo(1, "jpg"),
+        "products/shoes/102.png": photo(2, "png"),
+        "products/bags/201.webp": photo(3, "webp"),
+    }
+    for key, body in products.items():
+        s3.put_object(Bucket=bucket, Key=key, Body=body)
+    for key in ("products/shoes/_thumbs/101.jpg", "products/bags/_thumbs/201.jpg", "products/upload.tmp"):
+        s3.put_object(Bucket=bucket, Key=key, Body=photo(9, "jpg"))
+    bad, empty, gif = "products/shoes/broken.jpg", "products/hats/301.jpg", "products/bags/scan.gif"
+    s3.put_object(Bucket=bucket, Key=bad, Body=b"\xff\xd8 not really a JPEG")
+    s3.put_object(Bucket=bucket, Key=empty, Body=b"")
+    s3.put_object(Bucket=bucket, Key=gif, Body=b"GIF89a....")
+    name = f"hygiene-{uuid.uuid4().hex[:6]}"
+    schedules = hygiene_schedule(tmp_path / "s.toml", name, bucket, receiver.url)
+    nightly = Nightly(e1_workers, s3_endpoint, schedules, name, allow_private_hosts="127.0.0.1")
+
+    def job_event(job_id: str) -> dict:
+        def sent():
+            return next(
+                (
+                    r["json"]
+                    for r in receiver.delivered()
+                    if r["json"].get("type", "").startswith("job.") and r["json"]["job_id"] == job_id
+                ),
+                None,
+            )
+
+        return wait_until(sent, 60, 0.2, what=f"job {job_id}'s webhook")
+
+    def run_record(job_id: str) -> dict:
+        return json.loads(s3.get_object(Bucket=bucket, Key=f"edited/_catalog/{name}/runs/{job_id}.json")["Body"].read())
+
+    # night 1: three products and the corrupt upload run; thumbnails and the .tmp are left out, counted;
+    # the empty object and the GIF are reported in the run record, the webhook and the sheet
+    first = nightly.run()
+    assert first.queued == 4 and first.excluded == {"_thumbs/": 2, "*.tmp": 1}
+    assert not any("_thumbs" in s.key or s.key.endswith(".tmp") for s in first.skipped)
+    kinds = {s.key: s.kind for s in first.skipped}
+    assert (kinds[empty], kinds[gif]) == ("empty", "unsupported")
+    record = run_record(first.job_id)
+    assert {p["key"]: p["reason"] for p in record["problems"]} == {
+        empty: "empty object (0 bytes)",
+        gif: "unsupported image format .gif (JPEG, PNG and WebP are read)",
+    }
+    event = job_event(first.job_id)
+    assert event["counts"]["failed"] == 1 and event["catalog"]["schedule"] == name
+    assert {p["key"] for p in event["catalog"]["problems"]} == {empty, gif}
+    assert (
+        event["catalog"]["deleted"] == []
+        and event["catalog"]["sheet"] == f"s3://{bucket}/edited/{first.job_id}/sheet.html"
+    )
+    with urllib.request.urlopen(event["catalog"]["sheet_url"], timeout=30) as resp:  # the sheet, from the link
+        sheet = resp.read().decode()
+    assert (
+        f'<li data-key="{empty}"><b>{empty}</b>: empty object (0 bytes)</li>' in sheet and f'data-key="{gif}"' in sheet
+    )
+    [failed] = [x for x in results(s3, bucket, first.job_id) if x["status"] == "failed"]
+    assert failed["error"].startswith("InputError: damaged JPEG"), failed["error"]
+    # every edited object names the upload it was made from: its key, ETag and version
+    for key in products:
+        source = s3.head_object(Bucket=bucket, Key=key)
+        edited = s3.head_object(Bucket=bucket, Key=f"edited/{key.removeprefix('products/')}")["Metadata"]
+        assert edited["source-key"] == key and edited["source-etag"] == source["ETag"].strip('"')
+        assert edited["source-version"] == source["VersionId"]
+
+    # night 2: a product was deleted and one re-shot: the deletion is in the run record, the job webhook and
+    # `schedules list`, its output moved to the attic; the corrupt upload is reported (once) and not re-run
+    s3.delete_object(Bucket=bucket, Key="products/bags/201.webp")
+    s3.put_object(Bucket=bucket, Key="products/shoes/102.png", Body=photo(22, "png"))
+    second = nightly.run()
+    assert (second.queued, second.changed, second.given_up) == (1, ["products/shoes/102.png"], 1)
+    assert [a["key"] for a in second.alerts] == [bad]
+    [gone] = second.deleted
+    assert (gone["key"], gone["why"], gone["action"]) == ("products/bags/201.webp", "deleted from the source", "moved")
+    assert gone["outputs"] == [f"s3://{bucket}/edited/bags/201.webp"]
+    assert gone["moved_to"] == [f"s3://{bucket}/attic/bags/201.webp"]
+    listed = s3.list_objects_v2(Bucket=bucket, Prefix="edited/bags/").get("Contents", [])
+    assert listed == []
+    moved = s3.head_object(Bucket=bucket, Key="attic/bags/201.webp")
+    assert moved["ContentType"] == "image/webp" and moved["Metadata"]["source-key"] == "products/bags/201.webp"
+    record = run_record(second.job_id)
+    assert [d["key"] for d in record["deleted"]] == ["products/bags/201.webp"]
+    assert [a["key"] for a in record["alerts"]] == [bad]
+    event = job_event(second.job_id)
+    assert [d["key"] for d in event["catalog"]["deleted"]] == ["products/bags/201.webp"]
+    assert [a["key"] for a in event["catalog"]["alerts"]] == [bad] and event["catalog"]["schedule"] == name
+    [row] = [s for s in run_cli("schedules", "list", env=nightly.env) if s["name"] == name]
+    assert row["last_run"]["deleted_keys"] == ["products/bags/201.webp"] and row["last_run"]["alerts"] == [bad]
+    text = cli("schedules", "list", env=nightly.env)
+    assert "1 deleted from the source (outputs moved: products/bags/201.webp)" in text.stdout, text.stdout
+    assert f"1 failed for the first time ({bad})" in text.stdout
+
+    # night 3: nothing changed: no job, nothing deleted, the corrupt upload skipped without a second alert
+    third = nightly.run()
+    assert (third.job_id, third.queued, third.deleted, third.alerts, third.given_up) == (None, 0, [], [], 1)
+    assert third.excluded == {"_thumbs/": 2, "*.tmp": 1} and third.unchanged == 2
+    [row] = [s for s in run_cli("schedules", "list", env=nightly.env) if s["name"] == name]
+    assert (row["last_run"]["deleted"], row["last_run"]["alerts"]) == (0, [])
+    alerted = [r for r in receiver.delivered() if r["json"].get("catalog", {}).get("alerts")]
+    assert len(alerted) == 1  # one job webhook across three nights said the upload is corrupt
+    ledger = stored_ledger(s3_endpoint, bucket, name)
+    assert sorted(ledger.entries) == ["products/shoes/101.jpg", "products/shoes/102.png"]
