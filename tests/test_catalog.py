@@ -1501,6 +1501,9 @@ def test_three_nights_report_a_deleted_product_move_its_outputs_skip_thumbs_and_
     # `schedules list`, its output moved to the attic; the corrupt upload is reported (once) and not re-run
     s3.delete_object(Bucket=bucket, Key="products/bags/201.webp")
     s3.put_object(Bucket=bucket, Key="products/shoes/102.png", Body=photo(22, "png"))
+    dry = run_cli("schedules", "run", name, "--dry-run", env=nightly.env)  # says what it would do, does nothing
+    assert [(d["key"], d["action"]) for d in dry["deleted"]] == [("products/bags/201.webp", "would be moved")]
+    assert s3.head_object(Bucket=bucket, Key="edited/bags/201.webp")["ContentType"] == "image/webp"
     second = nightly.run()
     assert (second.queued, second.changed, second.given_up) == (1, ["products/shoes/102.png"], 1)
     assert [a["key"] for a in second.alerts] == [bad]
@@ -1534,3 +1537,93 @@ def test_three_nights_report_a_deleted_product_move_its_outputs_skip_thumbs_and_
     assert len(alerted) == 1  # one job webhook across three nights said the upload is corrupt
     ledger = stored_ledger(s3_endpoint, bucket, name)
     assert sorted(ledger.entries) == ["products/shoes/101.jpg", "products/shoes/102.png"]
+
+
+@pytest.mark.parametrize(
+    ("rel", "pattern"),
+    [
+        ("shoes/_thumbs/101.jpg", "_thumbs/"),
+        ("_thumbs/101.jpg", "_thumbs/"),
+        ("bags/old/2019/7.jpg", "bags/old/"),
+        ("upload.tmp", "*.tmp"),
+        ("shoes/upload.tmp", "*.tmp"),
+        ("shoes/draft-101.jpg", "**/draft-*"),
+        ("shoes/101.jpg", None),
+        ("shoes/_thumbs.jpg", None),  # a file named like the folder is not in it
+        ("old/bags/7.jpg", None),  # bags/old/ is that folder below the prefix, not any folder named old
+    ],
+)
+def test_source_excludes_match_folders_at_any_depth_a_folder_path_and_globs(rel, pattern):
+    from jobs.catalog.scan import excluded_by
+
+    assert excluded_by(rel, ["_thumbs/", "bags/old/", "*.tmp", "**/draft-*"]) == pattern
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ('on_deleted = "move"', "on_deleted = 'move' needs move_deleted_to = 's3://bucket/prefix'"),
+        ('move_deleted_to = "s3://b/attic"', "move_deleted_to is set but on_deleted is 'keep'"),
+        ('on_deleted = "move"\nmove_deleted_to = "s3://b/products/attic"', "is inside source.prefix"),
+        ('on_deleted = "wipe"', "on_deleted: Input should be 'keep', 'delete' or 'move'"),
+    ],
+)
+def test_a_schedule_whose_deleted_outputs_have_nowhere_to_go_is_refused_naming_the_field(tmp_path, fields, message):
+    path = tmp_path / "s.toml"
+    path.write_text(
+        f'[schedules.x]\npreset = "white-studio"\noutput = "s3://b/edited"\n{fields}\n'
+        '[schedules.x.source]\nprefix = "s3://b/products/"\n'
+    )
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_schedules(Settings(), path)
+
+
+def test_an_exclude_that_leaves_out_everything_is_refused(tmp_path):
+    path = tmp_path / "s.toml"
+    path.write_text(
+        '[schedules.x]\npreset = "white-studio"\noutput = "s3://b/edited"\n'
+        '[schedules.x.source]\nprefix = "s3://b/products/"\nexclude = ["_thumbs/", "**"]\n'
+    )
+    with pytest.raises(
+        ConfigError, match=re.escape("schedules.x: source.exclude: entry 2, '**': would leave out every object")
+    ):
+        load_schedules(Settings(), path)
+
+
+def test_the_ledger_saves_only_what_changed_and_compacts_into_a_snapshot_that_loads_the_same(tmp_path, monkeypatch):
+    from jobs.catalog import ledger as ledger_module
+
+    objects = LocalStore(str(tmp_path))
+
+    def completed(job_id: str, n: int) -> dict:
+        return {"status": "completed", "output": {"images": [{"s3_uri": f"s3://b/edited/{n}.jpg"}]}}
+
+    ledger = Ledger.load(objects, "n")
+    for n in range(200):
+        ledger.record(f"k{n}", f"fp{n}", "J1", completed("J1", n))
+    ledger.save(objects, "n")  # the first save: larger than a quarter of no snapshot: a snapshot
+    snapshot = (tmp_path / "_catalog/n/ledger.json").stat().st_size
+    assert ledger.written == snapshot and not (tmp_path / "_catalog/n/ledger").exists()
+
+    again = Ledger.load(objects, "n")  # nothing changed: nothing written
+    again.save(objects, "n")
+    assert again.written == 0
+    again.record("k7", "fp7b", "J2", completed("J2", 7))
+    again.forget("k9")
+    again.pending = ["J3"]
+    again.save(objects, "n")  # two keys and the pending list: one small delta, the snapshot untouched
+    [delta] = sorted((tmp_path / "_catalog/n/ledger").iterdir())
+    assert delta.name == "0000000001.json" and again.written == delta.stat().st_size < snapshot / 20
+    assert (tmp_path / "_catalog/n/ledger.json").stat().st_size == snapshot
+    loaded = Ledger.load(objects, "n")
+    assert loaded.entries == again.entries and loaded.pending == ["J3"] and "k9" not in loaded.entries
+    assert loaded.entries["k7"]["fp"] == "fp7b" and loaded.seq == 1
+
+    monkeypatch.setattr(ledger_module, "COMPACT_AFTER_DELTAS", 2)
+    for n in (2, 3):  # the third delta would pass the limit: the save writes a snapshot and deletes the deltas
+        loaded.record(f"k{n}", f"fp{n}-{n}", f"J{n}", completed(f"J{n}", n))
+        loaded.save(objects, "n")
+    assert list((tmp_path / "_catalog/n").glob("ledger/*")) == []
+    compacted = Ledger.load(objects, "n")
+    assert compacted.entries == loaded.entries and compacted.seq == 2 and compacted.deltas == []
+    assert json.loads((tmp_path / "_catalog/n/ledger.json").read_bytes())["seq"] == 2

@@ -114,6 +114,8 @@ class Ledger:
         for key in self.deltas:
             objects.delete(key)
         self.deltas, self.delta_bytes, self.snapshot_bytes, self.written = [], 0, len(body), len(body)
+        self.dirty.clear()
+        self.stored_pending = list(self.pending)
 
     def record(self, key: str, fp: str, job_id: str, line: dict[str, Any]) -> None:
         """Fold one ended item in: a completed one is the key's edit now; one that failed because of its input

@@ -126,7 +126,7 @@ def _run_scan(run: _Run) -> None:
         if diff.count(report, cand.key, cand.fingerprint):
             todo.append(cand)
     gone = sorted(ledger.keys() - seen)
-    report.deleted = _deleted(schedule, ledger, gone, source.prefix)
+    report.deleted = _deleted(schedule, ledger, gone, source.prefix, report.dry_run)
     if report.dry_run:
         return
     _act_on_deleted(schedule, services, output, report.deleted)
@@ -144,7 +144,7 @@ def _run_scan(run: _Run) -> None:
         _submit(schedule, services, manifest, plan.defaults, job_id, InputPolicy(Path(tmp)), report, catalog)
 
 
-def _deleted(schedule: Schedule, ledger: Ledger, gone: list[str], prefix: str) -> list[dict[str, Any]]:
+def _deleted(schedule: Schedule, ledger: Ledger, gone: list[str], prefix: str, dry_run: bool) -> list[dict[str, Any]]:
     """The images the ledger holds outputs of that this scan did not find: deleted from the source, or left
     out by source.exclude now; and what becomes of their outputs (schedule.on_deleted)."""
     found = []
@@ -154,6 +154,7 @@ def _deleted(schedule: Schedule, ledger: Ledger, gone: list[str], prefix: str) -
             continue
         pattern = excluded_by(key[len(prefix) :], schedule.source.exclude) if key.startswith(prefix) else None
         action = {"keep": "kept", "delete": "deleted", "move": "moved"}[schedule.on_deleted]
+        action = f"would be {action}" if dry_run and action != "kept" else action
         found.append(
             {
                 "key": key,
@@ -293,7 +294,7 @@ def _run_manifest(run: _Run) -> None:
         report.notes.extend(every_time[:SHOWN_NOTES])
         if len(every_time) > SHOWN_NOTES:
             report.notes.append(f"… and {len(every_time) - SHOWN_NOTES} more rows whose image runs every time")
-        report.deleted = _deleted(schedule, ledger, sorted(ledger.keys() - seen), "")
+        report.deleted = _deleted(schedule, ledger, sorted(ledger.keys() - seen), "", report.dry_run)
         if report.dry_run:
             return
         _act_on_deleted(schedule, services, output, report.deleted)

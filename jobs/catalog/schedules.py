@@ -67,9 +67,9 @@ class Source(BaseModel):
     def _patterns(cls, value: list[str]) -> list[str]:
         for n, pattern in enumerate(value):
             if not pattern.strip() or pattern.strip() in ("/", "*", "**", "**/*"):
-                raise ValueError(f"exclude[{n}]: {pattern!r} would leave out every object; name a folder or a glob")
+                raise ValueError(f"entry {n + 1}, {pattern!r}: would leave out every object; name a folder or a glob")
             if pattern.startswith("/") or "\\" in pattern:
-                raise ValueError(f"exclude[{n}]: {pattern!r}: give it relative to source.prefix, with / separators")
+                raise ValueError(f"entry {n + 1}, {pattern!r}: give it relative to source.prefix, with / separators")
         return value
 
     @model_validator(mode="after")
