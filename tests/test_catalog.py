@@ -1627,3 +1627,42 @@ def test_the_ledger_saves_only_what_changed_and_compacts_into_a_snapshot_that_lo
     compacted = Ledger.load(objects, "n")
     assert compacted.entries == loaded.entries and compacted.seq == 2 and compacted.deltas == []
     assert json.loads((tmp_path / "_catalog/n/ledger.json").read_bytes())["seq"] == 2
+
+
+def test_a_source_emptied_at_once_holds_back_deleting_outputs_until_a_run_confirms_it(
+    redis_server, s3_endpoint, bucket, tmp_path
+):
+    s3 = s3_client(s3_endpoint)
+    s3.put_object(Bucket=bucket, Key="products/README.txt", Body=b"notes")  # every product image is gone
+    name = f"emptied-{uuid.uuid4().hex[:6]}"
+    path = tmp_path / "s.toml"
+    path.write_text(
+        f'[schedules.{name}]\npreset = "white-studio"\noutput = "s3://{bucket}/edited"\non_deleted = "delete"\n'
+        f'[schedules.{name}.source]\nprefix = "s3://{bucket}/products/"\n'
+    )
+    settings = Settings(
+        redis_url=redis_server.url,
+        s3=S3Settings(endpoint_url=s3_endpoint),
+        catalog=CatalogSettings(schedules_file=str(path)),
+    )
+    services = Services(settings)
+    output = services.objects(f"s3://{bucket}/edited")
+    ledger = Ledger()
+    for n in range(12):  # twelve images edited by an earlier run
+        s3.put_object(Bucket=bucket, Key=f"edited/shoes/{n}.png", Body=photo(n, "png"))
+        line = {"status": "completed", "output": {"images": [{"s3_uri": f"s3://{bucket}/edited/shoes/{n}.png"}]}}
+        ledger.record(f"products/shoes/{n}.png", f"fp{n}", "J0", line)
+    ledger.save(output, name)
+    schedule = load_schedules(settings)[name]
+
+    held = run_schedule(schedule, services)
+    assert len(held.deleted) == 12 and {d["action"] for d in held.deleted} == {"held back"}
+    assert any("--confirm-deleted" in note and "12 of 12 edited images" in note for note in held.notes)
+    assert len(s3.list_objects_v2(Bucket=bucket, Prefix="edited/shoes/")["Contents"]) == 12
+    assert len(Ledger.load(output, name).entries) == 12  # still held: reported again next run
+    assert len(run_schedule(schedule, services).deleted) == 12
+
+    confirmed = run_schedule(schedule, services, confirm_deleted=True)
+    assert {d["action"] for d in confirmed.deleted} == {"deleted"}
+    assert s3.list_objects_v2(Bucket=bucket, Prefix="edited/shoes/").get("Contents", []) == []
+    assert Ledger.load(output, name).entries == {} and run_schedule(schedule, services).deleted == []

@@ -110,6 +110,14 @@ def run_now(
             "(skipped otherwise until the image or its parameters change)",
         ),
     ] = False,
+    confirm_deleted: Annotated[
+        bool,
+        typer.Option(
+            "--confirm-deleted",
+            help="let on_deleted delete or move the outputs of more than half of the edited images at once "
+            "(held back otherwise: a source emptied by mistake)",
+        ),
+    ] = False,
     set_: SetOpt = None,
     json_: JsonOpt = False,
 ) -> None:
@@ -121,7 +129,12 @@ def run_now(
             if location:
                 check_location(location, settings)  # a bucket that is not there: say so in seconds
         report = run_schedule(
-            schedule, get_services(), sets=parse_sets(set_ or []), dry_run=dry_run, retry_failed=retry_failed
+            schedule,
+            get_services(),
+            sets=parse_sets(set_ or []),
+            dry_run=dry_run,
+            retry_failed=retry_failed,
+            confirm_deleted=confirm_deleted,
         )
     except DreambatchError as exc:
         raise fail(str(exc)) from None

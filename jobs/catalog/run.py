@@ -44,14 +44,16 @@ def run_schedule(
     dry_run: bool = False,
     slot: str | None = None,
     retry_failed: bool = False,
+    confirm_deleted: bool = False,
 ) -> RunReport:
     """Scan, diff, submit. A dry run reads everything and writes nothing. `retry_failed` queues again the keys
-    that failed `catalog.max_failures` runs in a row (otherwise skipped)."""
+    that failed `catalog.max_failures` runs in a row (otherwise skipped); `confirm_deleted` lets `on_deleted` act
+    on more than half of the edited images at once (`hold_mass_deletion`)."""
     settings = services.settings
     report = RunReport(schedule.name, dry_run, slot=slot)
     if schedule.webhook:
         netguard.check_url(schedule.webhook, settings.netpolicy())
-    run = _Run(schedule, settings, services, sets or {}, report, lambda: None, retry_failed)
+    run = _Run(schedule, settings, services, sets or {}, report, lambda: None, retry_failed, confirm_deleted)
     if dry_run:  # reads only: needs no lock
         run.go()
         return report
@@ -71,6 +73,7 @@ class _Run:
     report: RunReport
     check: Callable[[], None]  # raises when the run lost its lock
     retry_failed: bool
+    confirm_deleted: bool = False
 
     def go(self) -> None:
         if self.schedule.source.manifest is not None:
@@ -127,6 +130,7 @@ def _run_scan(run: _Run) -> None:
             todo.append(cand)
     gone = sorted(ledger.keys() - seen)
     report.deleted = _deleted(schedule, ledger, gone, source.prefix, report.dry_run)
+    seen |= hold_mass_deletion(run, ledger)
     if report.dry_run:
         return
     _act_on_deleted(schedule, services, output, report.deleted)
@@ -168,11 +172,37 @@ def _deleted(schedule: Schedule, ledger: Ledger, gone: list[str], prefix: str, d
     return found
 
 
+MASS_DELETION = 0.5  # more than this share of the edited images gone at once: on_deleted waits for a confirmation
+MASS_DELETION_MIN = 10  # … when more than this many are gone
+
+
+def hold_mass_deletion(run: _Run, ledger: Ledger) -> set[str]:
+    """A source emptied by mistake (a wrong prefix, a sync that failed) must not delete or move every output: when
+    more than MASS_DELETION of the edited images are gone at once and `on_deleted` would act, nothing is done
+    to them, they stay in the ledger (reported again by every run) and the note says how to confirm. Returns
+    the keys held back (the run treats them as still there)."""
+    deleted, schedule = run.report.deleted, run.schedule
+    if schedule.on_deleted == "keep" or run.confirm_deleted:
+        return set()
+    if len(deleted) <= MASS_DELETION_MIN or len(deleted) <= MASS_DELETION * len(ledger.entries):
+        return set()
+    for item in deleted:
+        item["action"] = "held back"
+    run.report.notes.append(
+        f"{len(deleted)} of {len(ledger.entries)} edited images are gone from the source at once: their outputs "
+        f"were not {'moved' if schedule.on_deleted == 'move' else 'deleted'} and they stay in the ledger; check "
+        f"source.prefix, and if they were deleted on purpose: dreambatch schedules run {schedule.name} "
+        f"--confirm-deleted"
+    )
+    return {item["key"] for item in deleted}
+
+
 def _act_on_deleted(schedule: Schedule, services: Services, output: ObjectStore, deleted: list[dict[str, Any]]) -> None:
     """Delete the outputs of deleted images, or move them under move_deleted_to (same key below it), as the
     schedule says. Safe to run twice: an output already gone is skipped."""
     if schedule.on_deleted == "keep":
         return
+    deleted = [item for item in deleted if item["action"] != "held back"]
     target = schedule.move_deleted_to if schedule.on_deleted == "move" else None
     attic = services.objects(target) if target else None
     for item in deleted:
@@ -295,6 +325,7 @@ def _run_manifest(run: _Run) -> None:
         if len(every_time) > SHOWN_NOTES:
             report.notes.append(f"… and {len(every_time) - SHOWN_NOTES} more rows whose image runs every time")
         report.deleted = _deleted(schedule, ledger, sorted(ledger.keys() - seen), "", report.dry_run)
+        seen |= hold_mass_deletion(run, ledger)
         if report.dry_run:
             return
         _act_on_deleted(schedule, services, output, report.deleted)
