@@ -152,6 +152,7 @@ def _deleted(schedule: Schedule, ledger: Ledger, gone: list[str], prefix: str, d
     """The images the ledger holds outputs of that this scan did not find: deleted from the source, or left
     out by source.exclude now; and what becomes of their outputs (schedule.on_deleted)."""
     found = []
+    gone_from = "removed from the manifest" if schedule.source.manifest else "deleted from the source"
     for key in gone:
         entry = ledger.entries.get(key)
         if entry is None:  # never edited (it only failed): nothing of it to report
@@ -162,7 +163,7 @@ def _deleted(schedule: Schedule, ledger: Ledger, gone: list[str], prefix: str, d
         found.append(
             {
                 "key": key,
-                "why": f"excluded by {pattern!r}" if pattern else "deleted from the source",
+                "why": f"excluded by {pattern!r}" if pattern else gone_from,
                 "outputs": entry.get("outputs", []),
                 "job_id": entry.get("job_id"),
                 "action": action,
