@@ -18,12 +18,17 @@ class ImageFormat:
     suffixes: tuple[str, ...]  # recognised in keys and file names; outputs are written with the first
     signature: tuple[tuple[int, bytes], ...]  # (offset, bytes) that every file of the format has
     also_types: tuple[str, ...] = ()  # other content types read as this format
+    label: str = ""  # how messages name it (default: its Pillow name)
+
+    @property
+    def shown(self) -> str:
+        return self.label or self.pil
 
 
 TABLE = (
     ImageFormat("png", "PNG", "image/png", (".png",), ((0, b"\x89PNG\r\n\x1a\n"),)),
     ImageFormat("jpeg", "JPEG", "image/jpeg", (".jpg", ".jpeg"), ((0, b"\xff\xd8\xff"),), ("image/jpg",)),
-    ImageFormat("webp", "WEBP", "image/webp", (".webp",), ((0, b"RIFF"), (8, b"WEBP"))),
+    ImageFormat("webp", "WEBP", "image/webp", (".webp",), ((0, b"RIFF"), (8, b"WEBP")), label="WebP"),
 )
 FORMATS = {f.name: f for f in TABLE}
 
@@ -57,5 +62,16 @@ def sniff(data: bytes) -> str | None:
     """The format of a file from its first bytes (its magic number), or None when it is none of ours."""
     for f in TABLE:
         if all(data[at : at + len(magic)] == magic for at, magic in f.signature):
+            return f.name
+    return None
+
+
+def begins_like(data: bytes) -> str | None:
+    """The format a file claims by its first bytes even when the rest is damaged: its magic number's first two
+    bytes (a JPEG's SOI marker, PNG's \\x89P, RIFF) and every further part of the signature. For "damaged JPEG"
+    rather than "not an image" when the bytes say what the file was meant to be."""
+    for f in TABLE:
+        (at, magic), rest = f.signature[0], f.signature[1:]
+        if data[at : at + 2] == magic[:2] and all(data[o : o + len(m)] == m for o, m in rest):
             return f.name
     return None

@@ -356,6 +356,7 @@ class JobSpec(BaseModel):
     schedule: str | None = None  # the catalog schedule whose run this is (jobs.catalog), named on its review sheet
     skip_invalid: bool = False  # queue the valid rows and record the invalid ones as failed (else: queue nothing)
     tenant: str | None = None  # whose job it is (the API key's tenant); None: the operator's (the CLI's)
+    catalog: dict[str, Any] | None = None  # a scheduled run's: schedule, sheet, deleted and skipped objects
 
 
 class JobRecord(BaseModel):
@@ -374,6 +375,7 @@ class JobRecord(BaseModel):
     submit_aborted: bool = False  # its submission failed: nothing of it runs
     review_sheet: bool = False  # write the review contact sheet (sheet.html, sheet.png) when the job ends
     schedule: str | None = None  # the catalog schedule whose run made it (None: submitted by hand or over HTTP)
+    catalog: dict[str, Any] | None = None  # made by a scheduled run (jobs.catalog): in its job webhook and sheet
     manifest: str | None = None
     status: JobStatus = JobStatus.QUEUED
     total: int = 0

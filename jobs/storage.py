@@ -225,6 +225,29 @@ class S3Store:
         except (ClientError, BotoCoreError) as exc:
             raise s3_error(self.location, exc, "listing failed") from None
 
+    def versioned(self) -> bool | None:
+        """Whether the bucket keeps versions (versioning Enabled or Suspended); None when it may not be asked."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return self.client.get_bucket_versioning(Bucket=self.bucket).get("Status") in ("Enabled", "Suspended")
+        except ClientError:
+            return None  # no s3:GetBucketVersioning: the versions are not known
+        except BotoCoreError as exc:
+            raise s3_error(self.location, exc, "versioning check failed") from None
+
+    def version_listing(self, prefix: str = "") -> Iterator[dict]:
+        """As `listing`, each object's current version (VersionId added), in key order; deleted ones (a delete
+        marker on top) are left out."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        paginator = self.client.get_paginator("list_object_versions")
+        try:
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=self._key(prefix)):
+                yield from (v for v in page.get("Versions", []) if v.get("IsLatest"))
+        except (ClientError, BotoCoreError) as exc:
+            raise s3_error(self.location, exc, "listing failed") from None
+
     def keys(self, prefix: str) -> Iterator[str]:
         paginator = self.client.get_paginator("list_objects_v2")
         for page in paginator.paginate(Bucket=self.bucket, Prefix=self._key(prefix)):
@@ -233,6 +256,14 @@ class S3Store:
 
     def delete(self, key: str) -> None:
         self._call(self.client.delete_object, Bucket=self.bucket, Key=self._key(key))
+
+    def copy_from(self, key: str, source_uri: str) -> str | None:
+        """Copy the object `source_uri` (s3://bucket/key) to `key`, server-side, its type and metadata kept;
+        returns the new URI, or None when the source is not there."""
+        bucket, source_key = split_s3_key(source_uri)
+        source = {"Bucket": bucket, "Key": source_key}
+        done = self._call(self.client.copy_object, Bucket=self.bucket, Key=self._key(key), CopySource=source)
+        return None if done is None else f"s3://{self.bucket}/{self._key(key)}"
 
     def url(self, key: str, expires: int | None = None) -> str | None:
         expires = self.presign_expires if expires is None else expires

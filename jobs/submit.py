@@ -255,6 +255,7 @@ def create_job(
         schedule=spec.schedule,
         api=spec.api,
         tenant=spec.tenant,
+        catalog=spec.catalog,
     )
     store.create_job(job)
     rejected_items: list[ItemRecord] = []

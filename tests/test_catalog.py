@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import time
+import urllib.request
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -141,6 +142,13 @@ def run_cli(*args: str, env: dict) -> dict:
     return json.loads(res.stdout)
 
 
+def stored_ledger(s3_endpoint: str, bucket: str, name: str) -> Ledger:
+    """The schedule's ledger as a run reads it (its snapshot and the deltas after it)."""
+    return Ledger.load(
+        Services(Settings(s3=S3Settings(endpoint_url=s3_endpoint))).objects(f"s3://{bucket}/edited"), name
+    )
+
+
 def wait_job(redis_url: str, job_id: str):
     store = RedisStore.from_url(redis_url)
     return wait_until(lambda: (j := store.get_job(job_id)) and j.finished_at and j, 120, 0.2, what=f"job {job_id}")
@@ -267,8 +275,8 @@ def test_scheduled_scan_edits_every_image_once_then_only_what_changed_and_the_sh
 
     again = run_now()
     assert (again.job_id, again.queued, again.unchanged, again.folded) == (None, 0, 4, [job_id])
-    ledger = json.loads(s3.get_object(Bucket=bucket, Key=f"edited/_catalog/{name}/ledger.json")["Body"].read())
-    assert sorted(ledger["entries"]) == sorted(IMAGES) and ledger["pending"] == []
+    ledger = stored_ledger(s3_endpoint, bucket, name)
+    assert sorted(ledger.entries) == sorted(IMAGES) and ledger.pending == []
 
     # one photo re-shot: the dry run (CLI) names it alone, the run edits it alone
     s3.put_object(Bucket=bucket, Key="products/shoes/102.png", Body=photo(99, "png"), ContentType="image/png")
@@ -1073,8 +1081,8 @@ def test_new_weights_on_the_workers_re_run_every_image_once_then_nothing(
         assert json.loads(record)["model_revision"] == before
     again = run_now()
     assert (again.queued, again.unchanged) == (0, 2)
-    ledger = json.loads(s3.get_object(Bucket=bucket, Key=f"edited/_catalog/{name}/ledger.json")["Body"].read())
-    assert {e["model_revision"] for e in ledger["entries"].values()} == {before}
+    ledger = stored_ledger(s3_endpoint, bucket, name)
+    assert {e["model_revision"] for e in ledger.entries.values()} == {before}
 
     # the workers move to new weights: every image is changed once ("model revision changed"), then nothing
     gpu.kill()
@@ -1107,7 +1115,7 @@ def test_new_weights_on_the_workers_re_run_every_image_once_then_nothing(
 # ---- images that keep failing ---------------------------------------------------------------------------
 
 
-def test_an_image_that_keeps_failing_is_tried_three_nights_then_skipped_until_retried_or_fixed(
+def test_a_corrupt_upload_fails_once_is_reported_once_then_skipped_until_retried_or_re_uploaded(
     e1_workers, s3_endpoint, bucket, tmp_path
 ):
     s3 = s3_client(s3_endpoint)
@@ -1120,22 +1128,20 @@ def test_an_image_that_keeps_failing_is_tried_three_nights_then_skipped_until_re
     def status_of(job_id: str) -> dict:
         return {x["metadata"]["source_key"]: x["status"] for x in results(s3, bucket, job_id)}
 
-    first = nightly.run()  # night 1: both run; the broken one fails (it cannot be decoded)
+    first = nightly.run()  # night 1: both run; the broken one fails, and says it is a damaged JPEG
     assert status_of(first.job_id) == {"products/shoes/1.jpg": "completed", bad: "failed"}
-    for night in (2, 3):  # tried again, alone, and the report says it failed before
-        again = nightly.run()
-        assert (again.queued, again.new, again.unchanged) == (1, [bad], 1)
-        assert again.reasons[bad] == f"new; failed {night - 1} run(s) in a row before, tried again"
-        assert status_of(again.job_id) == {bad: "failed"}
-    fourth = nightly.run()  # night 4: skipped, with how to get it tried again
-    assert (fourth.job_id, fourth.queued, fourth.given_up, fourth.unchanged) == (None, 0, 1, 1)
-    [skip] = [s for s in fourth.skipped if s.key == bad]
-    assert skip.reason.startswith(
-        "failed 3 runs in a row with this image and these parameters (last error: InputError: "
-    )
+    [failed] = [x for x in results(s3, bucket, first.job_id) if x["status"] == "failed"]
+    assert failed["error"].startswith("InputError: damaged JPEG"), failed["error"]
+    second = nightly.run()  # night 2: reported once (alerts), not queued again: the same bytes fail the same way
+    assert (second.job_id, second.queued, second.given_up, second.unchanged) == (None, 0, 1, 1)
+    assert [a["key"] for a in second.alerts] == [bad] and "damaged JPEG" in second.alerts[0]["error"]
+    [skip] = [s for s in second.skipped if s.key == bad]
+    assert skip.reason.startswith(f"failed in job {first.job_id} with this image and these parameters (last error: ")
     assert skip.reason.endswith(f"or a run with: dreambatch schedules run {name} --retry-failed")
-    ledger = json.loads(s3.get_object(Bucket=bucket, Key=f"edited/_catalog/{name}/ledger.json")["Body"].read())
-    assert ledger["failures"][bad]["count"] == 3 and bad not in ledger["entries"]
+    third = nightly.run()  # night 3: still skipped, and not reported again
+    assert (third.queued, third.given_up, third.alerts) == (0, 1, [])
+    ledger = stored_ledger(s3_endpoint, bucket, name)
+    assert ledger.failures[bad]["count"] == 1 and bad not in ledger.entries
 
     # --retry-failed queues it once more (it fails again: still skipped by a plain run afterwards)
     forced = run_cli("schedules", "run", name, "--retry-failed", env=nightly.env)
@@ -1149,8 +1155,8 @@ def test_an_image_that_keeps_failing_is_tried_three_nights_then_skipped_until_re
     assert (fixed.queued, fixed.reasons[bad]) == (1, "new") and status_of(fixed.job_id) == {bad: "completed"}
     after = nightly.run()
     assert (after.queued, after.unchanged, after.given_up) == (0, 2, 0)
-    ledger = json.loads(s3.get_object(Bucket=bucket, Key=f"edited/_catalog/{name}/ledger.json")["Body"].read())
-    assert ledger["failures"] == {} and bad in ledger["entries"]
+    ledger = stored_ledger(s3_endpoint, bucket, name)
+    assert ledger.failures == {} and bad in ledger.entries
 
 
 # ---- incremental manifest sources -------------------------------------------------------------------------
@@ -1396,3 +1402,268 @@ def test_a_presets_file_from_the_environment_replaces_a_builtin_preset_and_adds_
     manifest.write_text("image\nshoe.jpg\n")
     checked = cli("validate", str(manifest), "--model", "e1-1", "--preset", "marble", "--json", env=env)
     assert checked.returncode == 0 and json.loads(checked.stdout)["valid"] == 1, checked.stderr
+
+
+# ---- catalog hygiene: deleted products, excluded folders, corrupt and empty uploads -----------------------
+
+
+def hygiene_schedule(path: Path, name: str, bucket: str, webhook: str) -> Path:
+    path.write_text(
+        f"""
+[schedules.{name}]
+model = "e1-1"
+preset = "white-studio"
+params = {{ steps = 1, seed = 3 }}
+output = "s3://{bucket}/edited"
+keep_format = true
+webhook = "{webhook}"
+on_deleted = "move"
+move_deleted_to = "s3://{bucket}/attic"
+[schedules.{name}.source]
+prefix = "s3://{bucket}/products/"
+exclude = ["_thumbs/", "*.tmp"]
+"""
+    )
+    return path
+
+
+def test_three_nights_report_a_deleted_product_move_its_outputs_skip_thumbs_and_alert_a_corrupt_upload_once(
+    e1_workers, s3_endpoint, bucket, tmp_path, receiver
+):
+    s3 = s3_client(s3_endpoint)
+    s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    products = {
+        "products/shoes/101.jpg": photo(1, "jpg"),
+        "products/shoes/102.png": photo(2, "png"),
+        "products/bags/201.webp": photo(3, "webp"),
+    }
+    for key, body in products.items():
+        s3.put_object(Bucket=bucket, Key=key, Body=body)
+    for key in ("products/shoes/_thumbs/101.jpg", "products/bags/_thumbs/201.jpg", "products/upload.tmp"):
+        s3.put_object(Bucket=bucket, Key=key, Body=photo(9, "jpg"))
+    bad, empty, gif = "products/shoes/broken.jpg", "products/hats/301.jpg", "products/bags/scan.gif"
+    s3.put_object(Bucket=bucket, Key=bad, Body=b"\xff\xd8 not really a JPEG")
+    s3.put_object(Bucket=bucket, Key=empty, Body=b"")
+    s3.put_object(Bucket=bucket, Key=gif, Body=b"GIF89a....")
+    name = f"hygiene-{uuid.uuid4().hex[:6]}"
+    schedules = hygiene_schedule(tmp_path / "s.toml", name, bucket, receiver.url)
+    nightly = Nightly(e1_workers, s3_endpoint, schedules, name, allow_private_hosts="127.0.0.1")
+
+    def job_event(job_id: str) -> dict:
+        def sent():
+            return next(
+                (
+                    r["json"]
+                    for r in receiver.delivered()
+                    if r["json"].get("type", "").startswith("job.") and r["json"]["job_id"] == job_id
+                ),
+                None,
+            )
+
+        return wait_until(sent, 60, 0.2, what=f"job {job_id}'s webhook")
+
+    def run_record(job_id: str) -> dict:
+        return json.loads(s3.get_object(Bucket=bucket, Key=f"edited/_catalog/{name}/runs/{job_id}.json")["Body"].read())
+
+    # night 1: three products and the corrupt upload run; thumbnails and the .tmp are left out, counted;
+    # the empty object and the GIF are reported in the run record, the webhook and the sheet
+    first = nightly.run()
+    assert first.queued == 4 and first.excluded == {"_thumbs/": 2, "*.tmp": 1}
+    assert not any("_thumbs" in s.key or s.key.endswith(".tmp") for s in first.skipped)
+    kinds = {s.key: s.kind for s in first.skipped}
+    assert (kinds[empty], kinds[gif]) == ("empty", "unsupported")
+    record = run_record(first.job_id)
+    assert {p["key"]: p["reason"] for p in record["problems"]} == {
+        empty: "empty object (0 bytes)",
+        gif: "unsupported image format .gif (JPEG, PNG and WebP are read)",
+    }
+    event = job_event(first.job_id)
+    assert event["counts"]["failed"] == 1 and event["catalog"]["schedule"] == name
+    assert {p["key"] for p in event["catalog"]["problems"]} == {empty, gif}
+    assert (
+        event["catalog"]["deleted"] == []
+        and event["catalog"]["sheet"] == f"s3://{bucket}/edited/{first.job_id}/sheet.html"
+    )
+    with urllib.request.urlopen(event["catalog"]["sheet_url"], timeout=30) as resp:  # the sheet, from the link
+        sheet = resp.read().decode()
+    assert (
+        f'<li data-key="{empty}"><b>{empty}</b>: empty object (0 bytes)</li>' in sheet and f'data-key="{gif}"' in sheet
+    )
+    [failed] = [x for x in results(s3, bucket, first.job_id) if x["status"] == "failed"]
+    assert failed["error"].startswith("InputError: damaged JPEG"), failed["error"]
+    # every edited object names the upload it was made from: its key, ETag and version
+    for key in products:
+        source = s3.head_object(Bucket=bucket, Key=key)
+        edited = s3.head_object(Bucket=bucket, Key=f"edited/{key.removeprefix('products/')}")["Metadata"]
+        assert edited["source-key"] == key and edited["source-etag"] == source["ETag"].strip('"')
+        assert edited["source-version"] == source["VersionId"]
+
+    # night 2: a product was deleted and one re-shot: the deletion is in the run record, the job webhook and
+    # `schedules list`, its output moved to the attic; the corrupt upload is reported (once) and not re-run
+    s3.delete_object(Bucket=bucket, Key="products/bags/201.webp")
+    s3.put_object(Bucket=bucket, Key="products/shoes/102.png", Body=photo(22, "png"))
+    dry = run_cli("schedules", "run", name, "--dry-run", env=nightly.env)  # says what it would do, does nothing
+    assert [(d["key"], d["action"]) for d in dry["deleted"]] == [("products/bags/201.webp", "would be moved")]
+    assert s3.head_object(Bucket=bucket, Key="edited/bags/201.webp")["ContentType"] == "image/webp"
+    second = nightly.run()
+    assert (second.queued, second.changed, second.given_up) == (1, ["products/shoes/102.png"], 1)
+    assert [a["key"] for a in second.alerts] == [bad]
+    [gone] = second.deleted
+    assert (gone["key"], gone["why"], gone["action"]) == ("products/bags/201.webp", "deleted from the source", "moved")
+    assert gone["outputs"] == [f"s3://{bucket}/edited/bags/201.webp"]
+    assert gone["moved_to"] == [f"s3://{bucket}/attic/bags/201.webp"]
+    listed = s3.list_objects_v2(Bucket=bucket, Prefix="edited/bags/").get("Contents", [])
+    assert listed == []
+    moved = s3.head_object(Bucket=bucket, Key="attic/bags/201.webp")
+    assert moved["ContentType"] == "image/webp" and moved["Metadata"]["source-key"] == "products/bags/201.webp"
+    record = run_record(second.job_id)
+    assert [d["key"] for d in record["deleted"]] == ["products/bags/201.webp"]
+    assert [a["key"] for a in record["alerts"]] == [bad]
+    event = job_event(second.job_id)
+    assert [d["key"] for d in event["catalog"]["deleted"]] == ["products/bags/201.webp"]
+    assert [a["key"] for a in event["catalog"]["alerts"]] == [bad] and event["catalog"]["schedule"] == name
+    [row] = [s for s in run_cli("schedules", "list", env=nightly.env) if s["name"] == name]
+    assert row["last_run"]["deleted_keys"] == ["products/bags/201.webp"] and row["last_run"]["alerts"] == [bad]
+    text = cli("schedules", "list", env=nightly.env)
+    assert "1 deleted from the source (outputs moved: products/bags/201.webp)" in text.stdout, text.stdout
+    assert f"1 failed for the first time ({bad})" in text.stdout
+
+    # night 3: nothing changed: no job, nothing deleted, the corrupt upload skipped without a second alert
+    third = nightly.run()
+    assert (third.job_id, third.queued, third.deleted, third.alerts, third.given_up) == (None, 0, [], [], 1)
+    assert third.excluded == {"_thumbs/": 2, "*.tmp": 1} and third.unchanged == 2
+    [row] = [s for s in run_cli("schedules", "list", env=nightly.env) if s["name"] == name]
+    assert (row["last_run"]["deleted"], row["last_run"]["alerts"]) == (0, [])
+    alerted = [r for r in receiver.delivered() if r["json"].get("catalog", {}).get("alerts")]
+    assert len(alerted) == 1  # one job webhook across three nights said the upload is corrupt
+    ledger = stored_ledger(s3_endpoint, bucket, name)
+    assert sorted(ledger.entries) == ["products/shoes/101.jpg", "products/shoes/102.png"]
+
+
+@pytest.mark.parametrize(
+    ("rel", "pattern"),
+    [
+        ("shoes/_thumbs/101.jpg", "_thumbs/"),
+        ("_thumbs/101.jpg", "_thumbs/"),
+        ("bags/old/2019/7.jpg", "bags/old/"),
+        ("upload.tmp", "*.tmp"),
+        ("shoes/upload.tmp", "*.tmp"),
+        ("shoes/draft-101.jpg", "**/draft-*"),
+        ("shoes/101.jpg", None),
+        ("shoes/_thumbs.jpg", None),  # a file named like the folder is not in it
+        ("old/bags/7.jpg", None),  # bags/old/ is that folder below the prefix, not any folder named old
+    ],
+)
+def test_source_excludes_match_folders_at_any_depth_a_folder_path_and_globs(rel, pattern):
+    from jobs.catalog.scan import excluded_by
+
+    assert excluded_by(rel, ["_thumbs/", "bags/old/", "*.tmp", "**/draft-*"]) == pattern
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ('on_deleted = "move"', "on_deleted = 'move' needs move_deleted_to = 's3://bucket/prefix'"),
+        ('move_deleted_to = "s3://b/attic"', "move_deleted_to is set but on_deleted is 'keep'"),
+        ('on_deleted = "move"\nmove_deleted_to = "s3://b/products/attic"', "is inside source.prefix"),
+        ('on_deleted = "wipe"', "on_deleted: Input should be 'keep', 'delete' or 'move'"),
+    ],
+)
+def test_a_schedule_whose_deleted_outputs_have_nowhere_to_go_is_refused_naming_the_field(tmp_path, fields, message):
+    path = tmp_path / "s.toml"
+    path.write_text(
+        f'[schedules.x]\npreset = "white-studio"\noutput = "s3://b/edited"\n{fields}\n'
+        '[schedules.x.source]\nprefix = "s3://b/products/"\n'
+    )
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_schedules(Settings(), path)
+
+
+def test_an_exclude_that_leaves_out_everything_is_refused(tmp_path):
+    path = tmp_path / "s.toml"
+    path.write_text(
+        '[schedules.x]\npreset = "white-studio"\noutput = "s3://b/edited"\n'
+        '[schedules.x.source]\nprefix = "s3://b/products/"\nexclude = ["_thumbs/", "**"]\n'
+    )
+    with pytest.raises(
+        ConfigError, match=re.escape("schedules.x: source.exclude: entry 2, '**': would leave out every object")
+    ):
+        load_schedules(Settings(), path)
+
+
+def test_the_ledger_saves_only_what_changed_and_compacts_into_a_snapshot_that_loads_the_same(tmp_path, monkeypatch):
+    from jobs.catalog import ledger as ledger_module
+
+    objects = LocalStore(str(tmp_path))
+
+    def completed(job_id: str, n: int) -> dict:
+        return {"status": "completed", "output": {"images": [{"s3_uri": f"s3://b/edited/{n}.jpg"}]}}
+
+    ledger = Ledger.load(objects, "n")
+    for n in range(200):
+        ledger.record(f"k{n}", f"fp{n}", "J1", completed("J1", n))
+    ledger.save(objects, "n")  # the first save: larger than a quarter of no snapshot: a snapshot
+    snapshot = (tmp_path / "_catalog/n/ledger.json").stat().st_size
+    assert ledger.written == snapshot and not (tmp_path / "_catalog/n/ledger").exists()
+
+    again = Ledger.load(objects, "n")  # nothing changed: nothing written
+    again.save(objects, "n")
+    assert again.written == 0
+    again.record("k7", "fp7b", "J2", completed("J2", 7))
+    again.forget("k9")
+    again.pending = ["J3"]
+    again.save(objects, "n")  # two keys and the pending list: one small delta, the snapshot untouched
+    [delta] = sorted((tmp_path / "_catalog/n/ledger").iterdir())
+    assert delta.name == "0000000001.json" and again.written == delta.stat().st_size < snapshot / 20
+    assert (tmp_path / "_catalog/n/ledger.json").stat().st_size == snapshot
+    loaded = Ledger.load(objects, "n")
+    assert loaded.entries == again.entries and loaded.pending == ["J3"] and "k9" not in loaded.entries
+    assert loaded.entries["k7"]["fp"] == "fp7b" and loaded.seq == 1
+
+    monkeypatch.setattr(ledger_module, "COMPACT_AFTER_DELTAS", 2)
+    for n in (2, 3):  # the third delta would pass the limit: the save writes a snapshot and deletes the deltas
+        loaded.record(f"k{n}", f"fp{n}-{n}", f"J{n}", completed(f"J{n}", n))
+        loaded.save(objects, "n")
+    assert list((tmp_path / "_catalog/n").glob("ledger/*")) == []
+    compacted = Ledger.load(objects, "n")
+    assert compacted.entries == loaded.entries and compacted.seq == 2 and compacted.deltas == []
+    assert json.loads((tmp_path / "_catalog/n/ledger.json").read_bytes())["seq"] == 2
+
+
+def test_a_source_emptied_at_once_holds_back_deleting_outputs_until_a_run_confirms_it(
+    redis_server, s3_endpoint, bucket, tmp_path
+):
+    s3 = s3_client(s3_endpoint)
+    s3.put_object(Bucket=bucket, Key="products/README.txt", Body=b"notes")  # every product image is gone
+    name = f"emptied-{uuid.uuid4().hex[:6]}"
+    path = tmp_path / "s.toml"
+    path.write_text(
+        f'[schedules.{name}]\npreset = "white-studio"\noutput = "s3://{bucket}/edited"\non_deleted = "delete"\n'
+        f'[schedules.{name}.source]\nprefix = "s3://{bucket}/products/"\n'
+    )
+    settings = Settings(
+        redis_url=redis_server.url,
+        s3=S3Settings(endpoint_url=s3_endpoint),
+        catalog=CatalogSettings(schedules_file=str(path)),
+    )
+    services = Services(settings)
+    output = services.objects(f"s3://{bucket}/edited")
+    ledger = Ledger()
+    for n in range(12):  # twelve images edited by an earlier run
+        s3.put_object(Bucket=bucket, Key=f"edited/shoes/{n}.png", Body=photo(n, "png"))
+        line = {"status": "completed", "output": {"images": [{"s3_uri": f"s3://{bucket}/edited/shoes/{n}.png"}]}}
+        ledger.record(f"products/shoes/{n}.png", f"fp{n}", "J0", line)
+    ledger.save(output, name)
+    schedule = load_schedules(settings)[name]
+
+    held = run_schedule(schedule, services)
+    assert len(held.deleted) == 12 and {d["action"] for d in held.deleted} == {"held back"}
+    assert any("--confirm-deleted" in note and "12 of 12 edited images" in note for note in held.notes)
+    assert len(s3.list_objects_v2(Bucket=bucket, Prefix="edited/shoes/")["Contents"]) == 12
+    assert len(Ledger.load(output, name).entries) == 12  # still held: reported again next run
+    assert len(run_schedule(schedule, services).deleted) == 12
+
+    confirmed = run_schedule(schedule, services, confirm_deleted=True)
+    assert {d["action"] for d in confirmed.deleted} == {"deleted"}
+    assert s3.list_objects_v2(Bucket=bucket, Prefix="edited/shoes/").get("Contents", []) == []
+    assert Ledger.load(output, name).entries == {} and run_schedule(schedule, services).deleted == []

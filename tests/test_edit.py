@@ -296,7 +296,7 @@ def test_edit_manifest_of_real_files_runs_on_a_worker_good_rows_keep_their_size_
 
     # bad rows: each failed alone, its error naming the problem
     errors = {item_id: by_id[item_id]["error"] for item_id, _, size in rows if size is None}
-    assert errors["truncated"].startswith("InputError: image file is damaged or truncated")
+    assert errors["truncated"].startswith("InputError: damaged JPEG")
     assert errors["notes"] == "InputError: not a JPEG, PNG or WebP image"
     assert errors["bomb"] == "InputError: image is 3000x3000 = 9000000 pixels, over the 1000000-pixel limit"
     assert errors["huge"].startswith("InputError: image too large") and "10000000000 pixels" in errors["huge"]
@@ -693,13 +693,15 @@ def gif() -> bytes:
 @pytest.mark.parametrize(
     ("make", "message"),
     [
-        (truncated_jpeg, "image file is damaged or truncated"),
+        (truncated_jpeg, "damaged JPEG"),
+        (lambda: b"\xff\xd8 an upload cut off after its first bytes", "damaged JPEG: it begins like one"),
+        (lambda: b"\x89PNG\r\n\x1a\n and then nothing", "damaged PNG"),
         (lambda: b"this is a text file, not a photo\n", "not a JPEG, PNG or WebP image"),
         (bomb_png, "image is 3000x3000 = 9000000 pixels, over the 1000000-pixel limit"),
         (huge_header_png, "image too large"),
         (gif, "not a JPEG, PNG or WebP image"),
     ],
-    ids=["truncated", "text", "bomb", "huge-header", "gif"],
+    ids=["truncated", "damaged-jpeg", "damaged-png", "text", "bomb", "huge-header", "gif"],
 )
 def test_decode_input_refuses_what_it_cannot_safely_open(make, message):
     with pytest.raises(InputError, match=message):

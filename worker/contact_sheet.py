@@ -192,7 +192,25 @@ def render_html(job: JobRecord, pairs: list[Pair], page: int, pages: int) -> str
         f'<script>{COUNT_SCRIPT}</script></head><body data-pairs="{len(pairs)}"><h1>{e(title)}</h1>'
         f"<p>job {e(job.job_id)} · {len(pairs)} row(s) · "
         f"{sum(p.status == ItemStatus.COMPLETED for p in pairs)} completed · "
-        f'<span id="loaded"></span></p><div class="grid">{"".join(cards)}</div></body></html>'
+        f'<span id="loaded"></span></p><div class="grid">{"".join(cards)}</div>'
+        f"{_catalog_section(job) if page == 1 else ''}</body></html>"
+    )
+
+
+def _catalog_section(job: JobRecord) -> str:
+    """A scheduled run's job: the source objects it did not edit and why (empty, a format not read, failed
+    before), and the images deleted from the source; from the run's record (`job.catalog`)."""
+    found = job.catalog or {}
+    e = html.escape
+    rows = [(p["key"], p["reason"]) for p in found.get("problems", [])]
+    rows += [(d["key"], f"{d['why']}; outputs {d['action']}") for d in found.get("deleted", [])]
+    if not rows:
+        return ""
+    more = found.get("problems_total", 0) + found.get("deleted_total", 0) - len(rows)
+    items = "".join(f'<li data-key="{e(k)}"><b>{e(k)}</b>: {e(why)}</li>' for k, why in rows)
+    return (
+        f'<section class="catalog-skipped"><h2>Not edited in this run ({e(str(found.get("schedule")))})</h2>'
+        f"<ul>{items}</ul>{f'<p>… and {more} more (the run record lists them)</p>' if more > 0 else ''}</section>"
     )
 
 

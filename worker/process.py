@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
+from urllib.parse import quote
 
 from jobs import keys, lifecycle, logs, records, vendors
 from jobs.ending import Publish, announce, end_item
@@ -324,7 +325,7 @@ def _upload(objects: ObjectStore, item: ItemRecord, images, out: ItemOutput) -> 
             key = keys.S3_OUTPUT.format(
                 prefix="", job_id=item.job_id, item_id=item.item_id, suffix=suffix, ext=EXTENSIONS[fmt]
             )
-        uri = objects.put(key, data, content_type, {"seed": str(item.seed), "item": item.item_id})
+        uri = objects.put(key, data, content_type, {"seed": str(item.seed), "item": item.item_id, **_source(item)})
         b64 = base64.b64encode(data).decode() if item.params.get("response_format") == "b64_json" else None
         out.images.append(
             OutputImage(
@@ -337,6 +338,14 @@ def _upload(objects: ObjectStore, item: ItemRecord, images, out: ItemOutput) -> 
             )
         )
     return out
+
+
+def _source(item: ItemRecord) -> dict[str, str]:
+    """The S3 metadata naming the object an edit was made from (a catalog row's source_key, source_etag and
+    source_version), so an edited object says which upload it is."""
+    names = ("source_key", "source_etag", "source_version")
+    found = {n.replace("_", "-"): str(item.metadata[n]) for n in names if item.metadata.get(n)}
+    return {k: v if v.isascii() else quote(v) for k, v in found.items()}  # S3 metadata is ASCII: a key URL-quoted
 
 
 def _end(
@@ -483,6 +492,14 @@ def _review_sheet(ctx: Context, job: JobRecord) -> None:
         log.exception("job %s: review sheet not made (make it with: dreambatch sheet %s)", job.job_id, job.job_id)
 
 
+def _sheet_url(ctx: Context, job: JobRecord) -> str | None:
+    """The review sheet's first page as a URL the receiver can open (presigned when the store can), or None."""
+    if not job.review_sheet:
+        return None
+    key = keys.S3_SHEET.format(prefix="", job_id=job.job_id, page="", ext="html")
+    return ctx.objects(job.output).url(key, ctx.settings.api.url_expires) or (job.catalog or {}).get("sheet")
+
+
 def webhook_attempt(
     ctx: Context, job_id: str, item_id: str | None, event_id: str, client=None
 ) -> webhooks.Attempt | None:
@@ -496,6 +513,8 @@ def webhook_attempt(
         payload = vendors.webhook_body(job, next(ctx.store.items(job_id), None), _presigned(ctx, job))
     elif item_id is None:
         payload = webhooks.job_payload(job)
+        if job.catalog:  # a scheduled run's job: its schedule, what it found deleted or skipped, its sheet
+            payload["catalog"] = {**job.catalog, "sheet_url": _sheet_url(ctx, job)}
     else:
         item = ctx.store.get_item(job_id, item_id)
         if item is None:

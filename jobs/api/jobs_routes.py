@@ -57,7 +57,7 @@ MANIFEST_TYPES = {
     "application/x-jsonlines": "jsonl",
 }
 Scalar = str | int | float | bool
-NOT_ASKED = {"output", "review_sheet"}  # spec fields a request does not set (left out of its fingerprint)
+NOT_ASKED = {"output", "review_sheet", "catalog"}  # spec fields a request does not set (left out of its fingerprint)
 
 
 class JobCreate(BaseModel):

@@ -17,8 +17,9 @@ Where each step lives:
     report.py     what a run found and did
     cli.py        `dreambatch schedules list|run`, `beat`, `presets`
 
-The ledger is durable and lives next to the outputs: `{output}/_catalog/{name}/ledger.json` says, for
-each source key, the fingerprint it was last edited with and the weights revision it ran with. A
+The ledger is durable and lives next to the outputs: `{output}/_catalog/{name}/ledger.json` (a snapshot) and
+`ledger/{seq}.json` (each save's changed keys, compacted into a new snapshot now and then) say, for each
+source key, the fingerprint it was last edited with and the weights revision it ran with. A
 fingerprint covers the image's content (ETag + size) and everything that decides the edit: instruction,
 target description, parameters, output key and format, model and the schedule's `revision` label. When the
 live workers of the model all publish one weights revision (their heartbeat) and an image was last edited
@@ -27,7 +28,13 @@ with another, it is changed too ("model revision changed"). Each run also writes
 ledger; the next run folds a pending run in once its job has ended, recording the items that completed
 and counting, per key, the runs in a row that failed with the same fingerprint: after
 `catalog.max_failures` of them the key is skipped (with the reason) until its image or parameters change or
-a run asks for `retry_failed`. A run still in flight keeps its items from being queued twice.
+a run asks for `retry_failed` (a prefix scan's image after one such run: the same bytes fail the same way, so a
+corrupt upload fails and is reported once). A run still in flight keeps its items from being queued twice.
+
+Hygiene, reported in the run record, the job's `catalog` block (its webhook, its sheet) and `schedules list`:
+keys the ledger holds that the scan no longer finds are `deleted` (their outputs kept, deleted or moved, as
+`on_deleted` says; held back when over half are gone at once); `source.exclude` folders and globs are counted,
+not listed; empty and unreadable objects are the run's `problems`; first input failures are its `alerts`.
 
 Two runs of one schedule never overlap: a run holds `keys.SCHEDULE_RUNNING`, a lock with a short TTL that a
 thread renews while the run goes, so a crashed holder blocks the schedule for one TTL, not for hours. A

@@ -73,6 +73,7 @@ def list_schedules(json_: JsonOpt = False) -> None:
             ran = (
                 f"last run {last['at']}: job {last['job_id'] or '-'} ({r['last_job_status'] or 'no job'}), "
                 f"{last['queued']} queued, {last['unchanged']} unchanged, {last['skipped']} skipped"
+                f"{_found(last)}"
             )
         out.print(
             f"{r['name']}  {r['cron'] or '-'} {r['timezone']}  {when}  {ran}",
@@ -80,6 +81,22 @@ def list_schedules(json_: JsonOpt = False) -> None:
             markup=False,
             soft_wrap=True,
         )
+
+
+def _found(last: dict) -> str:
+    """What the last run found that a person should act on: deleted images (and what became of their outputs),
+    objects that failed for the first time, empty or unreadable objects."""
+    parts = []
+    if last.get("deleted"):
+        shown = ", ".join(last.get("deleted_keys", [])[:5]) + (" …" if last["deleted"] > 5 else "")
+        parts.append(f"{last['deleted']} deleted from the source (outputs {last.get('deleted_action')}: {shown})")
+    if last.get("alerts"):
+        parts.append(f"{len(last['alerts'])} failed for the first time ({', '.join(last['alerts'][:5])})")
+    if last.get("problems"):
+        parts.append(f"{last['problems']} empty or unreadable")
+    if last.get("excluded"):
+        parts.append(f"{last['excluded']} excluded")
+    return "".join(f"; {p}" for p in parts)
 
 
 def run_now(
@@ -93,6 +110,14 @@ def run_now(
             "(skipped otherwise until the image or its parameters change)",
         ),
     ] = False,
+    confirm_deleted: Annotated[
+        bool,
+        typer.Option(
+            "--confirm-deleted",
+            help="let on_deleted delete or move the outputs of more than half of the edited images at once "
+            "(held back otherwise: a source emptied by mistake)",
+        ),
+    ] = False,
     set_: SetOpt = None,
     json_: JsonOpt = False,
 ) -> None:
@@ -104,7 +129,12 @@ def run_now(
             if location:
                 check_location(location, settings)  # a bucket that is not there: say so in seconds
         report = run_schedule(
-            schedule, get_services(), sets=parse_sets(set_ or []), dry_run=dry_run, retry_failed=retry_failed
+            schedule,
+            get_services(),
+            sets=parse_sets(set_ or []),
+            dry_run=dry_run,
+            retry_failed=retry_failed,
+            confirm_deleted=confirm_deleted,
         )
     except DreambatchError as exc:
         raise fail(str(exc)) from None
@@ -121,12 +151,22 @@ def run_now(
         err.print(f"skipped  {s.key}: {s.reason}", highlight=False, markup=False, soft_wrap=True)
     if len(report.skipped) > 200:
         err.print(f"skipped  … and {len(report.skipped) - 200} more", highlight=False)
+    for gone in report.deleted[:200]:
+        outputs = ", ".join(gone["outputs"]) or "none"
+        err.print(
+            f"deleted  {gone['key']}: {gone['why']}; its outputs {gone['action']}: {outputs}",
+            highlight=False,
+            markup=False,
+            soft_wrap=True,
+        )
+    for alert in report.alerts:
+        err.print(f"failed   {alert['key']}: {alert['error']}", highlight=False, markup=False, soft_wrap=True)
     for note in report.notes:
         err.print(f"note     {note}", highlight=False, markup=False, soft_wrap=True)
     count = len(report.new) + len(report.changed) if dry_run else report.queued
     err.print(
         f"{name}: {report.images} image(s), {verb} {count}, {report.unchanged} unchanged, "
-        f"{report.in_flight} in flight, {len(report.skipped)} skipped"
+        f"{report.in_flight} in flight, {len(report.skipped)} skipped, {len(report.deleted)} deleted"
         f"{f'; job {report.job_id}' if report.job_id else ''}",
         highlight=False,
         soft_wrap=True,

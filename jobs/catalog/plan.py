@@ -18,7 +18,7 @@ from jobs.presets import get_preset
 from jobs.settings import Settings
 
 BUILTIN_NAMES = ("key", "path", "dir", "name", "stem", "ext")
-RESERVED_METADATA = ("source_key", "source_etag")
+RESERVED_METADATA = ("source_key", "source_etag", "source_version")
 
 
 @dataclass

@@ -10,10 +10,17 @@ from jobs.submit import now_iso
 SHOWN_SKIPS = 1000  # skipped objects kept in a run record (the counts cover all of them)
 
 
+SHOWN_DELETED = 1000  # deleted images named in a run record (the count covers all of them)
+SHOWN_IN_JOB = 50  # deleted images, alerts and problem objects named in a job's `catalog` block (its webhook)
+PROBLEMS = ("empty", "unsupported", "given_up")  # kinds of skipped object a person should look at (the sheet)
+
+
 @dataclass(frozen=True)
 class Skipped:
     key: str
     reason: str
+    kind: str = "other"  # empty, unsupported (an image format not read), not_image, folder, too_large, given_up
+    #                      (its image failed for its content and has not changed since), other
 
 
 @dataclass
@@ -36,12 +43,38 @@ class RunReport:
     folded: list[str] = field(default_factory=list)  # earlier runs whose completed items were recorded now
     at: str = field(default_factory=now_iso)
     slot: str | None = None
+    # images the ledger held that the source no longer has (or source.exclude now leaves out):
+    # {key, why, outputs, action (kept, deleted, moved, would …), moved_to}
+    deleted: list[dict[str, Any]] = field(default_factory=list)
+    excluded: dict[str, int] = field(default_factory=dict)  # source.exclude pattern → objects it left out
+    alerts: list[dict[str, Any]] = field(default_factory=list)  # {key, error, job_id}: failed for the first time
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["skipped"] = [asdict(s) for s in self.skipped[:SHOWN_SKIPS]]
         data["skipped_total"] = len(self.skipped)
+        data["deleted"] = self.deleted[:SHOWN_DELETED]
+        data["deleted_total"] = len(self.deleted)
         return data
+
+    def problems(self) -> list[Skipped]:
+        """The skipped objects a person should look at: empty, in a format not read, failed for its content."""
+        return [s for s in self.skipped if s.kind in PROBLEMS]
+
+    def for_job(self, sheet: str | None) -> dict[str, Any]:
+        """What the run's job carries (`JobRecord.catalog`: its job webhook and its sheet show it)."""
+        problems = self.problems()
+        return {
+            "schedule": self.schedule,
+            "slot": self.slot,
+            "sheet": sheet,
+            "deleted": self.deleted[:SHOWN_IN_JOB],
+            "deleted_total": len(self.deleted),
+            "alerts": self.alerts[:SHOWN_IN_JOB],
+            "problems": [asdict(s) for s in problems[:SHOWN_IN_JOB]],
+            "problems_total": len(problems),
+            "excluded": sum(self.excluded.values()),
+        }
 
     def summary(self) -> dict[str, Any]:
         """What `schedules list` shows about the last run."""
@@ -55,4 +88,10 @@ class RunReport:
             "in_flight": self.in_flight,
             "skipped": len(self.skipped),
             "given_up": self.given_up,
+            "deleted": len(self.deleted),
+            "deleted_keys": [d["key"] for d in self.deleted[:SHOWN_IN_JOB]],
+            "deleted_action": self.deleted[0]["action"] if self.deleted else None,
+            "excluded": sum(self.excluded.values()),
+            "alerts": [a["key"] for a in self.alerts[:SHOWN_IN_JOB]],
+            "problems": len(self.problems()),
         }

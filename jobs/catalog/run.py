@@ -17,7 +17,7 @@ from jobs.catalog.ledger import Diff, Ledger, fold, live_revision
 from jobs.catalog.lock import RunLock
 from jobs.catalog.plan import make_plan, row_fingerprint
 from jobs.catalog.report import SHOWN_SKIPS, RunReport, Skipped
-from jobs.catalog.scan import Candidate, candidates
+from jobs.catalog.scan import Candidate, candidates, excluded_by
 from jobs.catalog.schedules import Schedule, get_schedule
 from jobs.errors import ConfigError, InputError, TransientError
 from jobs.identity import Identities
@@ -26,7 +26,7 @@ from jobs.manifest import CheckedRow, Issue, RawRow, RowChecker, input_policy, r
 from jobs.models import MODELS
 from jobs.services import Services
 from jobs.settings import Settings
-from jobs.storage import ObjectStore, S3Store, split_s3, split_s3_key
+from jobs.storage import ObjectStore, S3Store, key_of, split_s3, split_s3_key
 from jobs.store import ScheduleState
 from jobs.submit import CONNECTION_ERRORS, create_job, new_job_id, now_iso
 
@@ -44,14 +44,16 @@ def run_schedule(
     dry_run: bool = False,
     slot: str | None = None,
     retry_failed: bool = False,
+    confirm_deleted: bool = False,
 ) -> RunReport:
     """Scan, diff, submit. A dry run reads everything and writes nothing. `retry_failed` queues again the keys
-    that failed `catalog.max_failures` runs in a row (otherwise skipped)."""
+    that failed `catalog.max_failures` runs in a row (otherwise skipped); `confirm_deleted` lets `on_deleted` act
+    on more than half of the edited images at once (`hold_mass_deletion`)."""
     settings = services.settings
     report = RunReport(schedule.name, dry_run, slot=slot)
     if schedule.webhook:
         netguard.check_url(schedule.webhook, settings.netpolicy())
-    run = _Run(schedule, settings, services, sets or {}, report, lambda: None, retry_failed)
+    run = _Run(schedule, settings, services, sets or {}, report, lambda: None, retry_failed, confirm_deleted)
     if dry_run:  # reads only: needs no lock
         run.go()
         return report
@@ -71,6 +73,7 @@ class _Run:
     report: RunReport
     check: Callable[[], None]  # raises when the run lost its lock
     retry_failed: bool
+    confirm_deleted: bool = False
 
     def go(self) -> None:
         if self.schedule.source.manifest is not None:
@@ -79,10 +82,17 @@ class _Run:
             _run_scan(self)
 
     def open_ledger(self) -> tuple[ObjectStore, Ledger, Diff]:
-        """The schedule's output store, its ledger with every ended run folded in, and how to diff against it."""
+        """The schedule's output store, its ledger with every ended run folded in, and how to diff against it.
+        A prefix scan's image that failed for its content is not queued again until its object changes (its
+        bytes are the same, so is the outcome: a corrupt upload fails, and is reported, once); a manifest's
+        rows get `catalog.max_failures` runs."""
         output = self.services.objects(self.schedule.output)
         ledger = Ledger.load(output, self.schedule.name)
         self.report.folded, in_flight = fold(ledger, output, self.services.store, self.schedule.name)
+        self.report.alerts = ledger.alerts
+        max_failures = self.settings.catalog.max_failures
+        if self.schedule.source.prefix is not None:
+            max_failures = min(max_failures, 1)
         self.report.model_revision, note = live_revision(self.services.store.workers(), self.schedule.model)
         self.report.notes.extend([note] if note else [])
         return (
@@ -92,7 +102,7 @@ class _Run:
                 ledger,
                 in_flight,
                 self.report.model_revision,
-                self.settings.catalog.max_failures,
+                max_failures,
                 self.retry_failed,
                 self.schedule.name,
             ),
@@ -112,25 +122,103 @@ def _run_scan(run: _Run) -> None:
         raise ConfigError(f"source.prefix {schedule.source.prefix!r}: expected s3://bucket/prefix")
     todo: list[Candidate] = []
     seen: set[str] = set()
-    for cand in candidates(schedule, plan, source, settings, report.skipped):
+    for cand in candidates(schedule, plan, source, settings, report.skipped, report.excluded):
         check()  # still holding the run lock (a long scan keeps renewing it)
         seen.add(cand.key)
         report.images += 1
         if diff.count(report, cand.key, cand.fingerprint):
             todo.append(cand)
+    gone = sorted(ledger.keys() - seen)
+    report.deleted = _deleted(schedule, ledger, gone, source.prefix, report.dry_run)
+    seen |= hold_mass_deletion(run, ledger)
     if report.dry_run:
         return
+    _act_on_deleted(schedule, services, output, report.deleted)
 
     # 3. the run's record first (so a crash cannot lose which fingerprints it was for), then the job
     job_id = _start_run(run, ledger, output, seen, {c.item_id: {"key": c.key, "fp": c.fingerprint} for c in todo})
     if job_id is None:
         return
+    catalog = report.for_job(f"{schedule.output}/{job_id}/sheet.html" if schedule.contact_sheet else None)
     with tempfile.TemporaryDirectory(prefix="dreambatch-scan-") as tmp:
         manifest = Path(tmp) / f"{schedule.name}.jsonl"
         with manifest.open("w") as fh:
             for cand in todo:
                 fh.write(json.dumps(cand.row) + "\n")
-        _submit(schedule, services, manifest, plan.defaults, job_id, InputPolicy(Path(tmp)), report)
+        _submit(schedule, services, manifest, plan.defaults, job_id, InputPolicy(Path(tmp)), report, catalog)
+
+
+def _deleted(schedule: Schedule, ledger: Ledger, gone: list[str], prefix: str, dry_run: bool) -> list[dict[str, Any]]:
+    """The images the ledger holds outputs of that this scan did not find: deleted from the source, or left
+    out by source.exclude now; and what becomes of their outputs (schedule.on_deleted)."""
+    found = []
+    gone_from = "removed from the manifest" if schedule.source.manifest else "deleted from the source"
+    for key in gone:
+        entry = ledger.entries.get(key)
+        if entry is None:  # never edited (it only failed): nothing of it to report
+            continue
+        pattern = excluded_by(key[len(prefix) :], schedule.source.exclude) if key.startswith(prefix) else None
+        action = {"keep": "kept", "delete": "deleted", "move": "moved"}[schedule.on_deleted]
+        action = f"would be {action}" if dry_run and action != "kept" else action
+        found.append(
+            {
+                "key": key,
+                "why": f"excluded by {pattern!r}" if pattern else gone_from,
+                "outputs": entry.get("outputs", []),
+                "job_id": entry.get("job_id"),
+                "action": action,
+                "moved_to": None,
+            }
+        )
+    return found
+
+
+MASS_DELETION = 0.5  # more than this share of the edited images gone at once: on_deleted waits for a confirmation
+MASS_DELETION_MIN = 10  # … when more than this many are gone
+
+
+def hold_mass_deletion(run: _Run, ledger: Ledger) -> set[str]:
+    """A source emptied by mistake (a wrong prefix, a sync that failed) must not delete or move every output: when
+    more than MASS_DELETION of the edited images are gone at once and `on_deleted` would act, nothing is done
+    to them, they stay in the ledger (reported again by every run) and the note says how to confirm. Returns
+    the keys held back (the run treats them as still there)."""
+    deleted, schedule = run.report.deleted, run.schedule
+    if schedule.on_deleted == "keep" or run.confirm_deleted:
+        return set()
+    if len(deleted) <= MASS_DELETION_MIN or len(deleted) <= MASS_DELETION * len(ledger.entries):
+        return set()
+    for item in deleted:
+        item["action"] = "held back"
+    run.report.notes.append(
+        f"{len(deleted)} of {len(ledger.entries)} edited images are gone from the source at once: their outputs "
+        f"were not {'moved' if schedule.on_deleted == 'move' else 'deleted'} and they stay in the ledger; check "
+        f"source.prefix, and if they were deleted on purpose: dreambatch schedules run {schedule.name} "
+        f"--confirm-deleted"
+    )
+    return {item["key"] for item in deleted}
+
+
+def _act_on_deleted(schedule: Schedule, services: Services, output: ObjectStore, deleted: list[dict[str, Any]]) -> None:
+    """Delete the outputs of deleted images, or move them under move_deleted_to (same key below it), as the
+    schedule says. Safe to run twice: an output already gone is skipped."""
+    if schedule.on_deleted == "keep":
+        return
+    deleted = [item for item in deleted if item["action"] != "held back"]
+    target = schedule.move_deleted_to if schedule.on_deleted == "move" else None
+    attic = services.objects(target) if target else None
+    for item in deleted:
+        moved = []
+        for uri in item["outputs"]:
+            key = key_of(schedule.output, uri)
+            if key is None:
+                continue  # not under the schedule's output (written elsewhere): left alone
+            if isinstance(attic, S3Store):
+                new = attic.copy_from(key, uri)
+                if new:
+                    moved.append(new)
+            output.delete(key)
+        if attic is not None:
+            item["moved_to"] = moved
 
 
 def _start_run(
@@ -142,11 +230,31 @@ def _start_run(
     for gone in ledger.keys() - seen:
         ledger.forget(gone)
     run.check()
+    job_id, report = new_job_id(), run.report
     if not items:
         ledger.save(output, run.schedule.name)
+        if report.deleted or report.alerts:  # nothing to run, but something to say: a record of the run
+            output.put(
+                keys.S3_CATALOG_RUN.format(prefix="", name=run.schedule.name, job_id=job_id),
+                json.dumps(_run_record(run, None, {})).encode(),
+                records.JSON,
+            )
         return None
-    job_id, report = new_job_id(), run.report
-    record = {
+    output.put(
+        keys.S3_CATALOG_RUN.format(prefix="", name=run.schedule.name, job_id=job_id),
+        json.dumps(_run_record(run, job_id, items)).encode(),
+        records.JSON,
+    )
+    ledger.pending.append(job_id)
+    ledger.save(output, run.schedule.name)
+    return job_id
+
+
+def _run_record(run: _Run, job_id: str | None, items: dict[str, dict[str, str]]) -> dict[str, Any]:
+    """`_catalog/{name}/runs/{id}.json`: what one run queued (item → key, fingerprint), skipped, found deleted."""
+    report = run.report
+    problems = report.problems()
+    return {
         "job_id": job_id,
         "schedule": run.schedule.name,
         "slot": report.slot,
@@ -155,15 +263,13 @@ def _start_run(
         "items": items,
         "skipped": [asdict(s) for s in report.skipped[:SHOWN_SKIPS]],
         "skipped_total": len(report.skipped),
+        "problems": [asdict(s) for s in problems[:SHOWN_SKIPS]],
+        "problems_total": len(problems),
+        "deleted": report.deleted[:SHOWN_SKIPS],
+        "deleted_total": len(report.deleted),
+        "excluded": report.excluded,
+        "alerts": report.alerts,
     }
-    output.put(
-        keys.S3_CATALOG_RUN.format(prefix="", name=run.schedule.name, job_id=job_id),
-        json.dumps(record).encode(),
-        records.JSON,
-    )
-    ledger.pending.append(job_id)
-    ledger.save(output, run.schedule.name)
-    return job_id
 
 
 def _run_manifest(run: _Run) -> None:
@@ -219,13 +325,17 @@ def _run_manifest(run: _Run) -> None:
         report.notes.extend(every_time[:SHOWN_NOTES])
         if len(every_time) > SHOWN_NOTES:
             report.notes.append(f"… and {len(every_time) - SHOWN_NOTES} more rows whose image runs every time")
+        report.deleted = _deleted(schedule, ledger, sorted(ledger.keys() - seen), "", report.dry_run)
+        seen |= hold_mass_deletion(run, ledger)
         if report.dry_run:
             return
+        _act_on_deleted(schedule, services, output, report.deleted)
 
         # 3. the run's record, then the job (of the rows to run only)
         job_id = _start_run(run, ledger, output, seen, todo)
         if job_id is not None:
-            _submit(schedule, services, subset, defaults, job_id, policy, report)
+            sheet = f"{schedule.output}/{job_id}/sheet.html" if schedule.contact_sheet else None
+            _submit(schedule, services, subset, defaults, job_id, policy, report, report.for_job(sheet))
 
 
 def _manifest_file(run: _Run, tmp: Path) -> tuple[Path, InputPolicy]:
@@ -263,8 +373,10 @@ def _submit(
     job_id: str,
     policy: InputPolicy,
     report: RunReport,
+    catalog: dict[str, Any] | None = None,
 ) -> None:
-    sub = create_job(schedule.job_spec(defaults), manifest, services, policy=policy, job_id=job_id)
+    spec = schedule.job_spec(defaults).model_copy(update={"catalog": catalog})
+    sub = create_job(spec, manifest, services, policy=policy, job_id=job_id)
     report.job_id, report.queued, report.rejected = job_id, sub.queued, sub.rejected
 
 

@@ -17,6 +17,11 @@ TOML, or YAML when the file is named `.yaml`/`.yml` (the same structure: a `sche
     [schedules.nightly-white.source]
     prefix = "s3://catalog/products/"  # every image under it is a row; or manifest = "s3://…/x.csv" / a path
     path = "products/{category}/{sku}.jpg"
+    exclude = ["_thumbs/", "*.tmp"]    # folders (at any depth) and globs under the prefix that are not products
+
+An image deleted from the source is reported (the run record, the job webhook's `catalog.deleted`,
+`schedules list`); `on_deleted = "delete"` deletes its edited outputs, `"move"` moves them under
+`move_deleted_to = "s3://catalog/attic"`; the default, `"keep"`, leaves them.
 
 A prefix scan's `output` may not lie inside its `source.prefix` (each run would rescan its own outputs).
 See docs/catalog.md for the whole workflow.
@@ -51,6 +56,21 @@ class Source(BaseModel):
         None, description="key template naming parts of each key, e.g. products/{category}/{sku}.jpg"
     )
     manifest: str | None = Field(None, description="a CSV/JSONL manifest: a local path or s3://bucket/key")
+    exclude: list[str] = Field(
+        default_factory=list,
+        description="keys under the prefix to leave out: a folder name ending in / (_thumbs/: at any depth; "
+        "shoes/old/: that folder) or a glob over the key below the prefix (*.tmp, **/draft-*)",
+    )
+
+    @field_validator("exclude")
+    @classmethod
+    def _patterns(cls, value: list[str]) -> list[str]:
+        for n, pattern in enumerate(value):
+            if not pattern.strip() or pattern.strip() in ("/", "*", "**", "**/*"):
+                raise ValueError(f"entry {n + 1}, {pattern!r}: would leave out every object; name a folder or a glob")
+            if pattern.startswith("/") or "\\" in pattern:
+                raise ValueError(f"entry {n + 1}, {pattern!r}: give it relative to source.prefix, with / separators")
+        return value
 
     @model_validator(mode="after")
     def _one_kind(self) -> Source:
@@ -60,6 +80,8 @@ class Source(BaseModel):
             raise ValueError(f"source.prefix must be s3://bucket/prefix (got {self.prefix!r})")
         if self.path is not None and self.prefix is None:
             raise ValueError("source.path applies to a prefix scan only")
+        if self.exclude and self.prefix is None:
+            raise ValueError("source.exclude applies to a prefix scan only")
         return self
 
 
@@ -88,6 +110,12 @@ class Schedule(BaseModel):
     keep_format: bool = False
     revision: str = Field("", max_length=200, description="the model weights' revision; change it to re-run all")
     contact_sheet: bool = Field(True, description="write each run's review sheet (sheet.html, sheet.png) at its end")
+    on_deleted: Literal["keep", "delete", "move"] = Field(
+        "keep",
+        description="the edited outputs of an image deleted from the source (always reported): keep them, "
+        "delete them, or move them under move_deleted_to",
+    )
+    move_deleted_to: str | None = Field(None, description="s3://bucket/prefix the outputs of deleted images move to")
 
     @field_validator("cron")
     @classmethod
@@ -140,6 +168,25 @@ class Schedule(BaseModel):
         unknown = sorted(set(self.params) - fields - {"id"})
         if unknown:
             raise ValueError(f"params: {', '.join(unknown)}: not a field of {self.model}")
+        return self
+
+    @model_validator(mode="after")
+    def _where_deleted_outputs_go(self) -> Schedule:
+        if self.on_deleted == "move":
+            target = self.move_deleted_to or ""
+            if not target.startswith("s3://") or len(target.rstrip("/")) <= 5:
+                raise ValueError(
+                    f"on_deleted = 'move' needs move_deleted_to = 's3://bucket/prefix' (got {self.move_deleted_to!r})"
+                )
+            if self.source.prefix:
+                (src_bucket, src_prefix), (to_bucket, to_prefix) = split_s3(self.source.prefix), split_s3(target)
+                if src_bucket == to_bucket and to_prefix.startswith(src_prefix):
+                    raise ValueError(
+                        f"move_deleted_to: {target} is inside source.prefix {self.source.prefix}: the next run "
+                        f"would scan the moved outputs as images; choose a prefix beside it"
+                    )
+        elif self.move_deleted_to is not None:
+            raise ValueError(f"move_deleted_to is set but on_deleted is {self.on_deleted!r}: set on_deleted = 'move'")
         return self
 
     @model_validator(mode="after")
