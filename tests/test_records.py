@@ -57,8 +57,9 @@ def test_a_jobs_record_reads_back_as_it_was_written(tmp_path):
     )
     assert records.read_item_result(objects, "j1", "a") is None
     records.write_item_result(objects, done)
-    assert records.read_item_result(objects, "j1", "a") == {"job_id": "j1", **done.result_line()}
-    assert records.read_item_results(objects, "j1") == {"a": {"job_id": "j1", **done.result_line()}}
+    recorded = {"job_id": "j1", **done.result_line(), **done.model_dump(mode="json", include=records.RECORD_FIELDS)}
+    assert records.read_item_result(objects, "j1", "a") == recorded
+    assert records.read_item_results(objects, "j1") == {"a": recorded}
 
     assert not records.has_results(objects, "j1") and records.read_results(objects, "j1") is None
     uri, count = records.write_results(objects, "j1", [done])
