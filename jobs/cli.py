@@ -524,6 +524,8 @@ def status(
     except DreambatchError as exc:
         raise fail(str(exc)) from None
     obj = _status_object(job)
+    if not get_services().store.get_job(job_id) and (note := purged_message(get_services(), job_id)):
+        warn(f"{note}: this is what that record says")
     if json_:
         print(json.dumps(obj))
         return
@@ -536,8 +538,6 @@ def status(
     )
     if job.results_uri:
         out.print(f"results: {job.results_uri}", highlight=False, soft_wrap=True)
-    if not get_services().store.get_job(job_id) and (note := purged_message(get_services(), job_id)):
-        warn(f"{note}: this is what that record says")
     if job.submit_aborted:
         warn(f"its submission failed, so nothing of it runs; submit the manifest again ({job.manifest})")
     elif job.submitting:

@@ -157,10 +157,10 @@ def test_reconcile_and_the_sweep_send_again_every_event_nobody_knows_was_deliver
 
 
 # --- on real processes: workers, the CLI, a webhook receiver ------------------------------------
-def _submit(tmp_path, env, ids, *args: str) -> str:
+def _submit(tmp_path, env, ids, *args: str, model: str = "i1-fast") -> str:
     path = tmp_path / "m.jsonl"
     path.write_text("".join(json.dumps({"id": i, "prompt": f"photo {i}", "seed": n}) + "\n" for n, i in enumerate(ids)))
-    res = cli("submit", str(path), "--model", "i1-fast", "--set", "steps=2", *args, "--json", env=env)
+    res = cli("submit", str(path), "--model", model, "--set", "steps=2", *args, "--json", env=env)
     assert res.returncode == 0, res.stderr
     return json.loads(res.stdout)["job_id"]
 
@@ -213,3 +213,100 @@ def test_events_pending_when_redis_is_wiped_reach_the_receiver_under_their_own_i
     assert {by_id[e]["type"] for e in first_ids} == {"item.completed", "job.completed"}
     assert store.get_job(job_id).status == "completed"
     print(f"{who}: {len(delivered)} deliveries for {len(first_ids)} events (duplicates share their webhook-id)")
+
+
+def _live_keys(store, job_id: str) -> list[str]:
+    """Every Redis key of the job but the note a purge leaves."""
+    return sorted(k for k in store.r.scan_iter(f"*{job_id}*") if k != keys.PURGED.format(job_id=job_id))
+
+
+def test_retention_purges_an_ended_jobs_live_state_and_reads_fall_back_to_its_record(
+    redis_server, s3_endpoint, tiny_dir, bucket, start_worker, tmp_path
+):
+    """With DREAMBATCH_RETENTION=2 the I/O worker's sweep drops the live state of a job 2 s after it ended; `status`
+    and `results` then read its durable record and say so. `purge --outputs` deletes its outputs and record, and a
+    read says that in one line. A job that has not ended is purged only with --force, and never rebuilt after."""
+    output = f"s3://{bucket}/ret"
+    settings = {"DREAMBATCH_OUTPUT": output, "DREAMBATCH_RETENTION": "2", "DREAMBATCH_CELERY__RECONCILE_INTERVAL": "1"}
+    env = service_env(redis_server.url, s3_endpoint, tiny_dir, DREAMBATCH_OUTPUT=output)
+    io = start_worker("worker", "--io", **settings)
+    gpu = start_worker(*GPU)
+    io.wait_ready()
+    gpu.wait_ready()
+    store = RedisStore.from_url(redis_server.url)
+    job_id = _submit(tmp_path, env, ["a", "b"])
+    wait_until(lambda: _ended(store, job_id), 120, 0.2, what="the job to end")
+    assert len(_live_keys(store, job_id)) >= 4  # its hash, order, two items
+    wait_until(lambda: not _live_keys(store, job_id), 60, 0.25, what="its live state to expire")
+    assert store.purged(job_id)["why"] == "retention"
+
+    res = cli("status", job_id, "--json", env=env)
+    assert res.returncode == 0, res.stderr
+    shown = json.loads(res.stdout)
+    assert shown["status"] == "completed" and shown["counts"]["completed"] == 2, shown
+    assert "purged" in res.stderr and "retention" in res.stderr, res.stderr
+    res = cli("results", job_id, env=env)
+    assert res.returncode == 0, res.stderr
+    assert [json.loads(line)["id"] for line in res.stdout.splitlines()] == ["a", "b"]
+
+    s3 = s3_client(s3_endpoint)
+    assert s3.list_objects_v2(Bucket=bucket, Prefix=f"ret/{job_id}/")["KeyCount"] > 0
+    res = cli("purge", job_id, "--outputs", "--json", env=env)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["objects_deleted"] >= 6  # job.json, rows, results, 2 records, 2 images
+    assert s3.list_objects_v2(Bucket=bucket, Prefix=f"ret/{job_id}/")["KeyCount"] == 0
+    res = cli("status", job_id, env=env)
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert "purged" in res.stderr and "deleted" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+    # a job nobody serves (no i1-dev worker) stays queued: purge refuses it, --force purges it for good
+    waiting = _submit(tmp_path, env, ["x"], model="i1-dev")
+    res = cli("purge", waiting, env=env)
+    assert res.returncode == 1 and "--force" in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert _live_keys(store, waiting)
+    res = cli("purge", waiting, "--force", env=env)
+    assert res.returncode == 0, res.stderr
+    assert not _live_keys(store, waiting)
+    opened = keys.S3_OPEN_JOB.format(prefix="ret/", job_id=waiting)
+    assert s3.list_objects_v2(Bucket=bucket, Prefix=opened)["KeyCount"] == 0  # the sweep will not rebuild it
+    res = cli("status", waiting, env=env)
+    assert res.returncode == 0 and "purged" in res.stderr, res.stderr
+
+
+def test_retention_keeps_a_webhook_job_until_its_events_retry_window_has_closed(redis_server, tmp_path):
+    """A job with a webhook is not purged while its events may still be retried (they would find no job)."""
+    from datetime import datetime
+
+    import httpx
+    from services import ApiServer
+
+    from jobs.lifecycle import JobStatus
+    from jobs.retention import expire_ended
+    from jobs.services import Services
+    from jobs.settings import Settings
+    from jobs.storage import LocalStore
+
+    objects = LocalStore(str(tmp_path / "out"))
+    settings = Settings(redis_url=_db(redis_server, 11), retention=10, webhooks={"retry_window": 100})
+    services = Services(settings, objects=lambda _: objects)
+    store = services.store
+    try:
+        plain, _ = _ended_job(objects, store)
+        hooked, _ = _ended_job(objects, store, webhook="http://127.0.0.1:9/hook")
+        for job in (plain, hooked):
+            store.finish_job(job.job_id, JobStatus.COMPLETED, "r", AT)
+        ended = datetime.fromisoformat(AT).timestamp()
+        assert expire_ended(services, now=ended + 5) == []  # inside the retention
+        assert [p.job_id for p in expire_ended(services, now=ended + 50)] == [plain.job_id]
+        assert store.get_job(hooked.job_id) is not None and store.get_job(plain.job_id) is None
+        api = ApiServer(settings)  # a read of the purged job says what happened to it
+        try:
+            token = api.key("jobs:read")
+            res = httpx.get(f"{api.url}/v1/jobs/{plain.job_id}", headers={"Authorization": f"Bearer {token}"})
+            assert res.status_code == 404 and "purged" in res.text and "retention" in res.text, res.text
+        finally:
+            api.stop()
+        assert [p.job_id for p in expire_ended(services, now=ended + 150)] == [hooked.job_id]
+        assert not _live_keys(store, hooked.job_id) and store.purged(hooked.job_id)["why"] == "retention"
+    finally:
+        store.r.flushdb()
