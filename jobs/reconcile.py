@@ -13,6 +13,13 @@ When Redis still has the job, nothing is recreated: missing items are added, ite
 record exists but whose live status is not terminal are moved to the recorded status, and items
 with no result record that are not terminal are re-queued (a duplicate message for an item that
 is still queued or running is harmless: a worker skips an item that already ended).
+
+Webhook events are derived from the record too: an ended item's event id is its id, status and round
+(jobs.models.item_event_id), the job's its status and round. A recreated job has every event with no
+delivered attempt in the delivery log sent again, under that same id (a receiver that already got one
+drops the duplicate); a job that had ended only while its `_outbox` marker says its events may still be
+pending (their retry window). Repaired in place, only the events of items it moved to their recorded end
+are sent (nobody had sent them).
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ reads or writes it (the key templates are jobs.keys'):
     {prefix}{job_id}/inputs/{item}.ext   a row's local file or data URI,     write_input
                                          staged at submit (workers read it by the URI this returns)
     {prefix}{job_id}/items/{item}.json   one small record per item, when     write_item_result, read_item_result,
-                                         it ends                             read_item_results
+                                         it ends: its results line and       read_item_results
+                                         every other field but its params
     {prefix}{job_id}/results.jsonl       one line per manifest row, when     write_results, read_results,
                                          the job ends                        has_results
     {prefix}_open/{job_id}               from the job's commit until it      mark_open, mark_ended, open_jobs

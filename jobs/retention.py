@@ -63,32 +63,30 @@ def purge(
     """Remove job `job_id`'s live state (and, with `outputs`, its outputs and durable record). A job that has not
     ended is refused unless `force` (its cancel flag is raised first, so running items stop at their next step)."""
     store = services.store
-    live = store.get_job(job_id)
-    if live is not None:
-        if not live.finished_at and not force:
-            c = live.counts
-            raise JobStateError(
-                f"job {job_id} has not ended ({c.get('queued', 0)} queued, {c.get('running', 0)} running); "
-                f"cancel it first (dreambatch cancel {job_id}) or purge it anyway with --force"
-            )
-        if not live.finished_at:
-            store.request_cancel(job_id, _iso(time.time()))
-        location = live.output
-    else:
-        note = store.purged(job_id)
-        location = (note or {}).get("output") or services.output(output)
-        if note is None and records.read_job(services.objects(location), job_id) is None:
-            raise JobNotFound(f"no job {job_id!r} in Redis or under {location}")
+    live, earlier = store.get_job(job_id), store.purged(job_id)
+    location = live.output if live else (earlier or {}).get("output") or services.output(output)
     objects = services.objects(location)
+    known = live or records.read_job(objects, job_id)  # after an earlier purge or a Redis loss: its record
+    if known is None and earlier is None:
+        raise JobNotFound(f"no job {job_id!r} in Redis or under {location}")
+    running = known is not None and not (known.finished_at or known.status.terminal)
+    if running and not force:
+        c = known.counts if known else {}
+        raise JobStateError(
+            f"job {job_id} has not ended ({c.get('queued', 0)} queued, {c.get('running', 0)} running); "
+            f"cancel it first (dreambatch cancel {job_id}) or purge it anyway with --force"
+        )
+    if running and live is not None:  # running items stop at their next step
+        store.request_cancel(job_id, _iso(time.time()))
     note = {
         "job_id": job_id,
         "output": location,
-        "status": live.status.value if live else None,
-        "finished_at": live.finished_at if live else None,
-        "results_uri": live.results_uri if live else None,
+        "status": known.status.value if known else (earlier or {}).get("status"),
+        "finished_at": known.finished_at if known else (earlier or {}).get("finished_at"),
+        "results_uri": known.results_uri if known else (earlier or {}).get("results_uri"),
         "purged_at": _iso(time.time()),
         "why": why,
-        "outputs_deleted": outputs,
+        "outputs_deleted": outputs or bool((earlier or {}).get("outputs_deleted")),
     }
     deleted = store.purge_job(job_id, note, NOTE_TTL)
     records.mark_ended(objects, job_id)  # the reconcile sweep does not bring it back
@@ -112,7 +110,7 @@ def _delete_outputs(objects: ObjectStore, location: str, job_id: str) -> int:
     return len(doomed)
 
 
-def expire_ended(services: Services, now: float | None = None, limit: int = 1000) -> list[PurgeReport]:
+def expire_ended(services: Services, now: float | None = None, page: int = 1000) -> list[PurgeReport]:
     """Purge the live state of each job that ended more than `settings.retention` s ago (one with a webhook:
     not before `webhooks.retry_window` s either, so no pending event is dropped). Nothing when retention is 0."""
     settings = services.settings
@@ -120,8 +118,20 @@ def expire_ended(services: Services, now: float | None = None, limit: int = 1000
     if retention <= 0:
         return []
     now = time.time() if now is None else now
-    reports = []
-    for job in services.store.get_jobs(services.store.jobs_created_before(now - retention, limit)):
+    store, reports, start = services.store, [], 0
+    candidates: list[str] = []
+    while ids := store.jobs_created_before(now - retention, start, page):
+        candidates += ids
+        start += len(ids)
+    for at in range(0, len(candidates), page):
+        reports += _expire(services, store.get_jobs(candidates[at : at + page]), now)
+    return reports
+
+
+def _expire(services: Services, jobs: list[JobRecord], now: float) -> list[PurgeReport]:
+    settings, reports = services.settings, []
+    retention = settings.retention
+    for job in jobs:
         if not job.finished_at:
             continue
         keep = max(retention, settings.webhooks.retry_window) if job.webhook else retention

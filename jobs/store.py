@@ -538,9 +538,10 @@ class RedisStore:
         return [json.loads(b) for b in beats if b is not None]
 
     # --- retention: dropping an ended job's live state (jobs.retention) -------------------------------
-    def jobs_created_before(self, epoch: float, limit: int = 1000) -> list[str]:
-        """Ids of the jobs created before `epoch` (the oldest first): those that may have ended long enough ago."""
-        return self.r.zrangebyscore(keys.JOBS_INDEX, "-inf", epoch, start=0, num=limit)
+    def jobs_created_before(self, epoch: float, start: int = 0, count: int = 1000) -> list[str]:
+        """Ids of the jobs created before `epoch`, oldest first, `count` from `start`: those that may have ended
+        long enough ago."""
+        return self.r.zrangebyscore(keys.JOBS_INDEX, "-inf", epoch, start=start, num=count)
 
     def purge_job(self, job_id: str, note: dict[str, Any], note_ttl: float, chunk: int = 500) -> int:
         """Delete every live key of the job (its hash, items, leases, order, delivery log, sent set, slots) and
