@@ -236,7 +236,11 @@ def sweep(
         spec = records.read_job(objects, job_id)
         if spec is None or spec.submitting:
             continue
-        report = reconcile(job_id, objects, store, lambda ids, job=spec: publish(job, ids), finalize, batch, notify)
+
+        def dispatch(ids: list[str], job: JobRecord = spec) -> None:
+            publish(job, ids)
+
+        report = reconcile(job_id, objects, store, dispatch, finalize, batch, notify)
         if report.restored_terminal and job_id in opened:
             records.mark_ended(objects, job_id)
         reports.append(report)
