@@ -7,7 +7,9 @@ at once (with --outputs, the outputs too; a job that has not ended only with --f
 from __future__ import annotations
 
 import json
+import threading
 import uuid
+from http.server import ThreadingHTTPServer
 
 import pytest
 from services import cli, s3_client, service_env, wait_until
@@ -173,9 +175,9 @@ def _ended(store, job_id):
 def test_events_pending_when_redis_is_wiped_reach_the_receiver_under_their_own_ids(
     who, redis_server, s3_endpoint, tiny_dir, bucket, start_worker, receiver, tmp_path
 ):
-    """The receiver is down (503) while a job ends, so its 4 events are being retried when Redis loses its data
-    (FLUSHALL). `dreambatch reconcile` (or, with nobody running it, the I/O worker's sweep) sends every one again;
-    once the receiver is back each arrives under the webhook-id it first had."""
+    """The receiver is down (its port refuses connections) while a job ends, so its 4 events are being retried
+    when Redis loses its data (FLUSHALL). `dreambatch reconcile` (or, with nobody running it, the I/O worker's
+    sweep) sends every one again; once the receiver is back each arrives under the webhook-id it first had."""
     output = f"s3://{bucket}/hooks"
     sweep = {"DREAMBATCH_OUTPUT": output, "DREAMBATCH_CELERY__RECONCILE_INTERVAL": "1"} if who == "sweep" else {}
     env = service_env(redis_server.url, s3_endpoint, tiny_dir)
@@ -183,7 +185,9 @@ def test_events_pending_when_redis_is_wiped_reach_the_receiver_under_their_own_i
     gpu = start_worker(*GPU)
     io.wait_ready()
     gpu.wait_ready()
-    receiver.script = [503] * 100_000  # down
+    port, handler = receiver.server.server_address[1], receiver.server.RequestHandlerClass
+    receiver.server.shutdown()  # down: its port refuses connections
+    receiver.server.server_close()
     ids = ["a", "b", "c"]
     job_id = _submit(tmp_path, env, ids, "--output", output, "--webhook", receiver.url)
     store = RedisStore.from_url(redis_server.url)
@@ -200,7 +204,8 @@ def test_events_pending_when_redis_is_wiped_reach_the_receiver_under_their_own_i
         assert res.returncode == 0, res.stderr
         report = json.loads(res.stdout)
         assert report["recreated"] and report["restored_terminal"] and report["resent"] == 4, report
-    receiver.script = []  # up
+    receiver.server = ThreadingHTTPServer(("127.0.0.1", port), handler)  # up again, at the same address
+    threading.Thread(target=receiver.server.serve_forever, daemon=True).start()
     wait_until(
         lambda: {r["headers"]["webhook-id"] for r in receiver.delivered()} >= first_ids,
         120,
