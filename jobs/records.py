@@ -11,6 +11,7 @@ reads or writes it (the key templates are jobs.keys'):
                                          every other field but its params
     {prefix}{job_id}/results.jsonl       one line per manifest row, when     write_results, read_results,
                                          the job ends                        has_results
+    {prefix}{job_id}/                    all of the above, and its outputs   delete_job (`purge --outputs`)
     {prefix}_open/{job_id}               from the job's commit until it      mark_open, mark_ended, open_jobs
                                          ends (periodic reconcile scans it)
     {prefix}_outbox/{job_id}/{until}     from a job with a webhook's end     mark_outbox, clear_outbox,
@@ -30,7 +31,7 @@ from typing import Any
 
 from jobs import keys
 from jobs.models import ItemRecord, JobRecord
-from jobs.storage import ObjectStore
+from jobs.storage import ObjectStore, key_of
 
 JSON = "application/json"
 JSONL = "application/x-ndjson"
@@ -173,3 +174,19 @@ def read_results(store: ObjectStore, job_id: str) -> list[dict] | None:
 
 def has_results(store: ObjectStore, job_id: str) -> bool:
     return store.get(results_key(job_id)) is not None
+
+
+# --- the whole job ----------------------------------------------------------------------------
+def delete_job(store: ObjectStore, location: str, job_id: str) -> int:
+    """Delete every image the job's item records name (a row's own output_key may sit outside the job folder),
+    then everything under the job folder: its record, staged inputs, outputs and review sheet. Returns the count."""
+    doomed: set[str] = set()
+    for result in read_item_results(store, job_id).values():
+        for image in (result.get("output") or {}).get("images") or []:
+            key = key_of(location, image.get("s3_uri") or "")
+            if key:
+                doomed.add(key)
+    doomed.update(store.keys(keys.S3_JOB_FOLDER.format(prefix="", job_id=job_id)))
+    for key in sorted(doomed):
+        store.delete(key)
+    return len(doomed)

@@ -20,10 +20,9 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from jobs import keys, records
+from jobs import records
 from jobs.errors import JobNotFound, JobStateError
 from jobs.models import MAX_DURATION_S, JobRecord
-from jobs.storage import ObjectStore, key_of
 
 if TYPE_CHECKING:
     from jobs.services import Services
@@ -91,23 +90,8 @@ def purge(
     deleted = store.purge_job(job_id, note, NOTE_TTL)
     records.mark_ended(objects, job_id)  # the reconcile sweep does not bring it back
     records.clear_outbox(objects, job_id)
-    removed = _delete_outputs(objects, location, job_id) if outputs else 0
+    removed = records.delete_job(objects, location, job_id) if outputs else 0
     return PurgeReport(job_id, location, deleted, removed, why)
-
-
-def _delete_outputs(objects: ObjectStore, location: str, job_id: str) -> int:
-    """Every image the job's item records name (a row's own output_key may sit outside the job folder), then
-    everything under the job folder: its record, staged inputs, outputs and review sheet."""
-    doomed: set[str] = set()
-    for result in records.read_item_results(objects, job_id).values():
-        for image in (result.get("output") or {}).get("images") or []:
-            key = key_of(location, image.get("s3_uri") or "")
-            if key:
-                doomed.add(key)
-    doomed.update(objects.keys(keys.S3_JOB_FOLDER.format(prefix="", job_id=job_id)))
-    for key in sorted(doomed):
-        objects.delete(key)
-    return len(doomed)
 
 
 def expire_ended(services: Services, now: float | None = None, page: int = 1000) -> list[PurgeReport]:

@@ -12,7 +12,16 @@ from jobs.storage import LocalStore
 
 ROOT = Path(__file__).resolve().parent.parent
 AT = "2026-01-01T00:00:00.000+00:00"
-RECORD_KEYS = {"S3_JOB_SPEC", "S3_JOB_ROWS", "S3_INPUT", "S3_ITEMS", "S3_ITEM_RESULT", "S3_RESULTS", "S3_OPEN_JOB"}
+RECORD_KEYS = {
+    "S3_JOB_SPEC",
+    "S3_JOB_ROWS",
+    "S3_INPUT",
+    "S3_ITEMS",
+    "S3_ITEM_RESULT",
+    "S3_RESULTS",
+    "S3_OPEN_JOB",
+    "S3_OUTBOX",
+}
 
 
 def test_a_jobs_record_reads_back_as_it_was_written(tmp_path):
