@@ -14,6 +14,7 @@ The flow, in the order an item meets it:
                     rows.jsonl, inputs/, items/, results.jsonl
     (worker/)       the tasks run the model and write the outputs; see worker/__init__.py
     control.py      cancel, retry, resume, expiry; reconcile.py rebuilds the live state from the durable record
+                    (and sends its pending webhook events again); retention.py purges ended jobs' live state
 
 Beside the spine:
     settings.py     one typed Settings, built lazily      errors.py   the error tree, and each error's kind

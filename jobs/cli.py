@@ -34,6 +34,8 @@ from jobs.metrics import no_worker_warning, overview
 from jobs.models import MODELS, JobRecord, JobSpec, event_item_id, parse_duration
 from jobs.presets import job_defaults
 from jobs.reconcile import reconcile as reconcile_job
+from jobs.retention import purge as purge_job
+from jobs.retention import purged_job, purged_message
 from jobs.services import get_services
 from jobs.settings import get_settings
 from jobs.storage import check_location
@@ -265,6 +267,7 @@ def reconcile(
             dispatch=lambda ids: services.publish(spec, ids),
             finalize=services.finalize,
             batch=settings.celery.publish_batch,
+            notify=services.notify,
         )
     except DreambatchError as exc:
         raise fail(str(exc)) from None
@@ -274,9 +277,35 @@ def reconcile(
         out.print(
             f"{job_id}: {report.total} item(s), {report.ended} ended, {report.requeued} re-queued"
             f"{'' if report.recreated else ' (repaired in place)'}"
-            f"{', finalizing' if report.finalized else ''}",
+            f"{', finalizing' if report.finalized else ''}"
+            f"{f', {report.resent} webhook event(s) sent again' if report.resent else ''}",
             highlight=False,
         )
+
+
+def purge(
+    job_id: str,
+    outputs: Annotated[
+        bool, typer.Option("--outputs", help="delete its images and its whole job folder (record included) too")
+    ] = False,
+    force: Annotated[bool, typer.Option("--force", help="purge a job that has not ended (it is cancelled)")] = False,
+    output: Annotated[
+        str | None,
+        typer.Option(help="where the job was written, if Redis no longer has it (default DREAMBATCH_OUTPUT)"),
+    ] = None,
+    json_: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Remove JOB_ID's live state from Redis now (its durable record stays, and `status`/`results` read it);
+    --outputs deletes its outputs and record as well. A job that has not ended needs --force."""
+    try:
+        report = purge_job(get_services(), job_id, output=output, outputs=outputs, force=force)
+    except DreambatchError as exc:
+        raise fail(str(exc)) from None
+    if json_:
+        print(json.dumps(report.as_dict()))
+    else:
+        kept = f"{report.objects_deleted} object(s) deleted" if outputs else f"its record stays under {report.output}"
+        out.print(f"{job_id}: {report.keys_deleted} live key(s) removed; {kept}", highlight=False, soft_wrap=True)
 
 
 def cancel(job_id: str, json_: Annotated[bool, typer.Option("--json")] = False) -> None:
@@ -428,9 +457,10 @@ def webhooks(job_id: str, redeliver: Annotated[bool, typer.Option(help="send eve
 
 
 def _load_job(job_id: str) -> JobRecord:
+    """The job's live state; for a job whose live state was purged, its durable record (or why there is none)."""
     job = get_services().store.get_job(job_id)
     if job is None:
-        raise JobNotFound(f"no job {job_id!r} in {get_settings().redis_url}")
+        return purged_job(get_services(), job_id)
     return job
 
 
@@ -494,6 +524,8 @@ def status(
     except DreambatchError as exc:
         raise fail(str(exc)) from None
     obj = _status_object(job)
+    if not get_services().store.get_job(job_id) and (note := purged_message(get_services(), job_id)):
+        warn(f"{note}: this is what that record says")
     if json_:
         print(json.dumps(obj))
         return

@@ -198,7 +198,8 @@ def resume_job(services: Services, job_id: str, *, output: str | None = None) ->
         services.publish(live or services.job(job_id), ids)  # (rebuilt by reconcile before it dispatches)
         queued.extend(ids)
 
-    reconcile(job_id, objects, store, dispatch, services.finalize, batch=services.settings.celery.publish_batch)
+    batch = services.settings.celery.publish_batch
+    reconcile(job_id, objects, store, dispatch, services.finalize, batch=batch, notify=services.notify)
     return queued
 
 

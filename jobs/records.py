@@ -7,11 +7,16 @@ reads or writes it (the key templates are jobs.keys'):
     {prefix}{job_id}/inputs/{item}.ext   a row's local file or data URI,     write_input
                                          staged at submit (workers read it by the URI this returns)
     {prefix}{job_id}/items/{item}.json   one small record per item, when     write_item_result, read_item_result,
-                                         it ends                             read_item_results
+                                         it ends: its results line and       read_item_results
+                                         every other field but its params
     {prefix}{job_id}/results.jsonl       one line per manifest row, when     write_results, read_results,
                                          the job ends                        has_results
+    {prefix}{job_id}/                    all of the above, and its outputs   delete_job (`purge --outputs`)
     {prefix}_open/{job_id}               from the job's commit until it      mark_open, mark_ended, open_jobs
                                          ends (periodic reconcile scans it)
+    {prefix}_outbox/{job_id}/{until}     from a job with a webhook's end     mark_outbox, clear_outbox,
+                                         until its events' retry window      outbox_jobs
+                                         closes (reconcile re-sends them)
 
 And, under the API's own output location (DREAMBATCH_OUTPUT), what its clients hold it to:
 
@@ -34,7 +39,7 @@ from typing import Any
 
 from jobs import keys
 from jobs.models import ApiKeyRecord, ItemRecord, JobRecord
-from jobs.storage import ObjectStore
+from jobs.storage import ObjectStore, key_of
 
 JSON = "application/json"
 JSONL = "application/x-ndjson"
@@ -75,6 +80,33 @@ def open_jobs(store: ObjectStore) -> list[str]:
     return [key.removeprefix(marker) for key in store.keys(marker)]
 
 
+# --- the _outbox marker -----------------------------------------------------------------------
+def mark_outbox(store: ObjectStore, job_id: str, until: float) -> str:
+    """An ended job whose webhook events may still be on their way until `until` (epoch s): if Redis loses
+    it before then, reconcile sends every event again (same webhook-id)."""
+    return store.put(keys.S3_OUTBOX.format(prefix="", job_id=job_id, until=int(until)), b"", JSON)
+
+
+def clear_outbox(store: ObjectStore, job_id: str) -> None:
+    for key in list(store.keys(keys.S3_OUTBOX.format(prefix="", job_id=job_id, until=""))):
+        store.delete(key)
+
+
+def outbox_jobs(store: ObjectStore) -> dict[str, float]:
+    """Ended jobs whose events may still be undelivered: job id → when their retry window closes (epoch s)."""
+    marker = keys.S3_OUTBOX.format(prefix="", job_id="", until="").removesuffix("/")
+    found: dict[str, float] = {}
+    for key in store.keys(marker):
+        job_id, _, until = key.removeprefix(marker).rpartition("/")
+        if job_id and until.isdigit():
+            found[job_id] = max(found.get(job_id, 0.0), float(until))
+    return found
+
+
+def has_outbox(store: ObjectStore, job_id: str) -> bool:
+    return any(True for _ in store.keys(keys.S3_OUTBOX.format(prefix="", job_id=job_id, until="")))
+
+
 # --- rows.jsonl and inputs/ -------------------------------------------------------------------
 def write_rows(store: ObjectStore, job_id: str, rows_file: Path) -> str:
     return store.put_file(keys.S3_JOB_ROWS.format(prefix="", job_id=job_id), rows_file, JSONL)
@@ -92,9 +124,13 @@ def write_input(store: ObjectStore, job_id: str, item_id: str, ext: str, data: b
 
 
 # --- items/ -----------------------------------------------------------------------------------
+# what an item record keeps beside its results line: every field of the item but its params (rows.jsonl has them)
+RECORD_FIELDS = {"round", "round_start_attempts", "enqueued_at", "created_at", "updated_at"}
+
+
 def write_item_result(store: ObjectStore, item: ItemRecord) -> str:
     key = keys.S3_ITEM_RESULT.format(prefix="", job_id=item.job_id, item_id=item.item_id)
-    line = {"job_id": item.job_id, **item.result_line()}
+    line = {"job_id": item.job_id, **item.result_line(), **item.model_dump(mode="json", include=RECORD_FIELDS)}
     return store.put(key, json.dumps(line).encode(), JSON)
 
 
@@ -179,3 +215,19 @@ def read_idempotency(store: ObjectStore, key_id: str, digest: str) -> dict[str, 
         return None
     record = json.loads(data)
     return record if record.get("expires", 0) > time.time() else None
+
+
+# --- the whole job ----------------------------------------------------------------------------
+def delete_job(store: ObjectStore, location: str, job_id: str) -> int:
+    """Delete every image the job's item records name (a row's own output_key may sit outside the job folder),
+    then everything under the job folder: its record, staged inputs, outputs and review sheet. Returns the count."""
+    doomed: set[str] = set()
+    for result in read_item_results(store, job_id).values():
+        for image in (result.get("output") or {}).get("images") or []:
+            key = key_of(location, image.get("s3_uri") or "")
+            if key:
+                doomed.add(key)
+    doomed.update(store.keys(keys.S3_JOB_FOLDER.format(prefix="", job_id=job_id)))
+    for key in sorted(doomed):
+        store.delete(key)
+    return len(doomed)

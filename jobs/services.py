@@ -129,7 +129,9 @@ class Services:
         """The job's live record; JobNotFound when the store has no such job."""
         job = self.store.get_job(job_id)
         if job is None:
-            raise JobNotFound(f"no job {job_id!r}")
+            from jobs.retention import purged_message
+
+            raise JobNotFound(purged_message(self, job_id) or f"no job {job_id!r}")
         return job
 
     # --- handing work on --------------------------------------------------------------------------

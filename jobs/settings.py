@@ -209,6 +209,12 @@ class Settings(BaseSettings):
         "", description="output locations (comma-separated) swept for lost jobs, besides DREAMBATCH_OUTPUT"
     )
     output: str | None = Field(None, description="default output location, s3://bucket/prefix")
+    retention: float = Field(
+        0.0,
+        ge=0,
+        description="s after a job ends that its live state stays in Redis (an I/O worker's sweep then purges "
+        "it; the durable record stays); 0: kept until `dreambatch purge`",
+    )
     webhook_secret: str | None = Field(
         None, description="whsec_… secret that signs webhooks; several (space or comma separated) while rotating keys"
     )

@@ -566,6 +566,45 @@ class RedisStore:
             self.r.srem(keys.WORKERS, *gone)
         return [json.loads(b) for b in beats if b is not None]
 
+    # --- retention: dropping an ended job's live state (jobs.retention) -------------------------------
+    def jobs_created_before(self, epoch: float, start: int = 0, count: int = 1000) -> list[str]:
+        """Ids of the jobs created before `epoch`, oldest first, `count` from `start`: those that may have ended
+        long enough ago."""
+        return self.r.zrangebyscore(keys.JOBS_INDEX, "-inf", epoch, start=start, num=count)
+
+    def purge_job(self, job_id: str, note: dict[str, Any], note_ttl: float, chunk: int = 500) -> int:
+        """Delete every live key of the job (its hash, items, leases, order, delivery log, sent set, slots) and
+        leave `note` (what a read of it then says) for `note_ttl` s. Returns how many keys were deleted."""
+        order, events = keys.JOB_ORDER.format(job_id=job_id), keys.JOB_EVENTS.format(job_id=job_id)
+        job = self.get_job(job_id)  # (its tenant's job index lists it too)
+        deleted, start = 0, 0
+        while ids := self.r.lrange(order, start, start + chunk - 1):
+            names = [keys.ITEM.format(job_id=job_id, item_id=i) for i in ids]
+            deleted += self.r.unlink(*names, *(f"{n}:lease" for n in names))
+            start += chunk
+        logged = [f"{events}:{e}" for e in self.r.smembers(events)]
+        for at in range(0, len(logged), chunk):
+            deleted += self.r.unlink(*logged[at : at + chunk])
+        pipe = self.r.pipeline()
+        pipe.set(keys.PURGED.format(job_id=job_id), json.dumps(note), px=max(1, int(note_ttl * 1000)))
+        pipe.zrem(keys.JOBS_INDEX, job_id)
+        if job is not None and job.tenant is not None:
+            pipe.zrem(keys.TENANT_JOBS.format(tenant=job.tenant), job_id)
+        pipe.unlink(
+            keys.job_key(job_id),
+            order,
+            events,
+            keys.JOB_SENT.format(job_id=job_id),
+            keys.JOB_SLOTS.format(job_id=job_id),
+            keys.JOB_FINALIZE_NUDGE.format(job_id=job_id),
+        )
+        return deleted + int(pipe.execute()[-1])
+
+    def purged(self, job_id: str) -> dict[str, Any] | None:
+        """The note `purge_job` left for the job, or None."""
+        raw = self.r.get(keys.PURGED.format(job_id=job_id))
+        return json.loads(raw) if raw else None
+
 
 class MemoryStore:
     """The same contract in one process's memory (local `run` mode). `on_step(job_id, item_id, step, steps)` hears

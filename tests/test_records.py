@@ -12,7 +12,16 @@ from jobs.storage import LocalStore
 
 ROOT = Path(__file__).resolve().parent.parent
 AT = "2026-01-01T00:00:00.000+00:00"
-RECORD_KEYS = {"S3_JOB_SPEC", "S3_JOB_ROWS", "S3_INPUT", "S3_ITEMS", "S3_ITEM_RESULT", "S3_RESULTS", "S3_OPEN_JOB"}
+RECORD_KEYS = {
+    "S3_JOB_SPEC",
+    "S3_JOB_ROWS",
+    "S3_INPUT",
+    "S3_ITEMS",
+    "S3_ITEM_RESULT",
+    "S3_RESULTS",
+    "S3_OPEN_JOB",
+    "S3_OUTBOX",
+}
 
 
 def test_a_jobs_record_reads_back_as_it_was_written(tmp_path):
@@ -57,8 +66,9 @@ def test_a_jobs_record_reads_back_as_it_was_written(tmp_path):
     )
     assert records.read_item_result(objects, "j1", "a") is None
     records.write_item_result(objects, done)
-    assert records.read_item_result(objects, "j1", "a") == {"job_id": "j1", **done.result_line()}
-    assert records.read_item_results(objects, "j1") == {"a": {"job_id": "j1", **done.result_line()}}
+    recorded = {"job_id": "j1", **done.result_line(), **done.model_dump(mode="json", include=records.RECORD_FIELDS)}
+    assert records.read_item_result(objects, "j1", "a") == recorded
+    assert records.read_item_results(objects, "j1") == {"a": recorded}
 
     assert not records.has_results(objects, "j1") and records.read_results(objects, "j1") is None
     uri, count = records.write_results(objects, "j1", [done])

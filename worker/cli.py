@@ -309,6 +309,7 @@ def make_tiny(variant: str, directory: Path) -> None:
 NEEDS_REDIS = {
     "submit",
     "reconcile",
+    "purge",
     "cancel",
     "retry",
     "resume",
@@ -336,6 +337,7 @@ def build_app() -> typer.Typer:
         "validate": jobs_cli.validate,
         "submit": jobs_cli.submit,
         "reconcile": jobs_cli.reconcile,
+        "purge": jobs_cli.purge,
         "cancel": jobs_cli.cancel,
         "retry": jobs_cli.retry,
         "resume": jobs_cli.resume,

@@ -34,7 +34,7 @@ from jobs.lifecycle import ItemStatus, job_outcome
 from jobs.models import EXTENSIONS, MODELS, ItemOutput, ItemRecord, JobRecord, OutputImage, item_event_id, job_event_id
 from jobs.settings import Settings
 from jobs.storage import ObjectStore, key_of
-from jobs.store import Store
+from jobs.store import MemoryStore, Store
 from jobs.submit import now_iso
 from worker import geometry, imaging, inputs, loras, safety, webhooks
 from worker.leases import Leases
@@ -461,6 +461,9 @@ def finalize_job(ctx: Context, job_id: str) -> str | None:
         return None
     job = ctx.store.get_job(job_id)
     records.write_job_spec(ctx.objects(job.output), job)
+    if job.webhook and not isinstance(ctx.store, MemoryStore):  # (a local run has no Redis to lose)
+        # its events may be retried for a while: a Redis loss meanwhile has reconcile send them again
+        records.mark_outbox(ctx.objects(job.output), job_id, time.time() + ctx.settings.webhooks.retry_window)
     records.mark_ended(ctx.objects(job.output), job_id)
     log.info("job %s %s", job_id, status.value, extra={"job_id": job_id, "status": status.value})
     # 4. the review contact sheet, when the job asked for one (before the webhook, so it is there to open)

@@ -1,7 +1,9 @@
 """Periodic reconciliation, run by I/O workers: every `celery.reconcile_interval` seconds one of them
 (whoever claims the Redis lock) looks for jobs that were committed in the configured output
 locations, have not ended, and are unknown to Redis — Redis lost its data — and rebuilds them from
-their durable record (jobs.reconcile), re-queueing exactly the items with no result."""
+their durable record (jobs.reconcile), re-queueing exactly the items with no result and sending again the
+webhook events of ended items (and of ended jobs still inside their events' retry window). The same sweep
+purges the live state of jobs that ended more than DREAMBATCH_RETENTION s ago (jobs.retention)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import threading
 
 from jobs import keys, records
 from jobs.reconcile import sweep
+from jobs.retention import expire_ended
 from jobs.services import Services
 from jobs.settings import Settings
 from jobs.storage import location_under
@@ -37,24 +40,40 @@ def sweep_once(services: Services) -> int:
     count, settings = 0, services.settings
     for location in dict.fromkeys([*locations(settings), *tenant_locations(services)]):
         objects = services.objects(location)
-        reports = sweep(objects, services.store, services.publish, services.finalize, settings.celery.publish_batch)
+        reports = sweep(
+            objects,
+            services.store,
+            services.publish,
+            services.finalize,
+            settings.celery.publish_batch,
+            services.notify,
+        )
         for r in reports:
             log.warning(
-                "reconciled job %s from %s: %d item(s), %d ended, %d re-queued",
+                "reconciled job %s from %s: %d item(s), %d ended, %d re-queued, %d webhook event(s) sent again",
                 r.job_id,
                 location,
                 r.total,
                 r.ended,
                 r.requeued,
+                r.resent,
             )
         count += len(reports)
+    for p in expire_ended(services):
+        log.info(
+            "job %s ended more than %ss ago: its live state was purged (%d keys)",
+            p.job_id,
+            settings.retention,
+            p.keys_deleted,
+            extra={"job_id": p.job_id},
+        )
     return count
 
 
 def start(services: Services) -> threading.Thread | None:
     """Start the sweeping thread of this process, if periodic reconciliation is on and has somewhere to look."""
     interval = services.settings.celery.reconcile_interval
-    if interval <= 0 or not locations(services.settings):
+    if interval <= 0 or not (locations(services.settings) or services.settings.retention > 0):
         return None
 
     def loop() -> None:
