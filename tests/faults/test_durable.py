@@ -23,10 +23,6 @@ GPU = ("worker", "--model", "i1-fast", "--weights", "tiny", "--device", "cpu", "
 AT = "2024-01-01T00:00:00.000+00:00"
 
 
-def _db(redis_server, n: int) -> str:
-    return redis_server.url.rsplit("/", 1)[0] + f"/{n}"  # a database of its own: FLUSHDB touches no other test
-
-
 def _ended_job(objects, store, webhook: str | None = None):
     """A job of four items ended the way every caller ends one (jobs.ending): completed on a retry round with
     an output, timings and a weights revision; failed with a kind; cancelled with a reason; one still queued."""
@@ -81,7 +77,7 @@ def test_a_rebuilt_item_has_every_field_the_ended_one_had(redis_server, tmp_path
     from jobs.storage import LocalStore
 
     objects = LocalStore(str(tmp_path / "out"))
-    store = RedisStore.from_url(_db(redis_server, 11))
+    store = RedisStore.from_url(redis_server.url)
     try:
         job, items = _ended_job(objects, store)
         before = {i.item_id: store.get_item(job.job_id, i.item_id) for i in items}
@@ -113,7 +109,7 @@ def test_reconcile_and_the_sweep_send_again_every_event_nobody_knows_was_deliver
     from jobs.storage import LocalStore
 
     objects = LocalStore(str(tmp_path / "out"))
-    store = RedisStore.from_url(_db(redis_server, 11))
+    store = RedisStore.from_url(redis_server.url)
     try:
         job, items = _ended_job(objects, store, webhook="http://127.0.0.1:9/hook")
         expected = {
@@ -198,7 +194,7 @@ def test_events_pending_when_redis_is_wiped_reach_the_receiver_under_their_own_i
     outbox = keys.S3_OUTBOX.format(prefix="hooks/", job_id=job_id, until="")
     assert s3_client(s3_endpoint).list_objects_v2(Bucket=bucket, Prefix=outbox)["KeyCount"] == 1
 
-    store.r.flushall()
+    store.r.flushdb()  # (the test's own database: the job's whole live state)
     if who == "reconcile":
         res = cli("reconcile", job_id, "--output", output, "--json", env=env)
         assert res.returncode == 0, res.stderr
@@ -292,7 +288,7 @@ def test_retention_keeps_a_webhook_job_until_its_events_retry_window_has_closed(
     from jobs.storage import LocalStore
 
     objects = LocalStore(str(tmp_path / "out"))
-    settings = Settings(redis_url=_db(redis_server, 11), retention=10, webhooks={"retry_window": 100})
+    settings = Settings(redis_url=redis_server.url, retention=10, webhooks={"retry_window": 100})
     services = Services(settings, objects=lambda _: objects)
     store = services.store
     try:
