@@ -11,8 +11,9 @@ import logging
 import os
 import shlex
 import socket
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -94,7 +95,7 @@ def worker(
     store.say_if_unreachable(settings.redis_url, logging.getLogger("dreambatch.worker"), "This worker")
     services = Services(settings)
     celery = services.celery
-    if io:
+    if model is None:  # (--io: the check above)
         from worker import sweeper
 
         runtime = Runtime(services)
@@ -332,7 +333,7 @@ def build_app() -> typer.Typer:
         no_args_is_help=True,
         pretty_exceptions_enable=False,
     )
-    commands = {
+    commands: dict[str, Callable[..., Any]] = {
         # the control plane (jobs.cli): manifests and jobs
         "validate": jobs_cli.validate,
         "submit": jobs_cli.submit,
@@ -354,7 +355,7 @@ def build_app() -> typer.Typer:
         "run": run,
         "sheet": sheet,
     }
-    groups = {
+    groups: dict[str, tuple[str, dict[str, Callable[..., Any]]]] = {
         "keys": (
             "API keys for `dreambatch api`: create (shown once), list, revoke.",
             {"create": keys_cli.create, "list": keys_cli.list_keys, "revoke": keys_cli.revoke},

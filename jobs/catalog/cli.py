@@ -7,7 +7,7 @@ import logging
 import signal
 from datetime import UTC, datetime
 from functools import partial
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -33,7 +33,7 @@ def list_schedules(json_: JsonOpt = False) -> None:
         services = get_services()
         state, store = services.schedule_state, services.store
         now = datetime.now(UTC)
-        rows = []
+        rows: list[dict[str, Any]] = []
         for s in schedules.values():
             last = state.last_run(s.name)
             job = store.get_job(last["job_id"]) if last and last.get("job_id") else None

@@ -231,7 +231,7 @@ class Diff:
         `always` (why) when nothing tells whether it changed: a match in the ledger does not keep it back."""
         entry, failed = self.ledger.entries.get(key), self.ledger.failures.get(key)
         same = entry is not None and entry["fp"] == fp
-        ran = entry.get("model_revision") if same else None
+        ran = entry.get("model_revision") if entry is not None and same else None
         moved = bool(self.revision and ran and ran != self.revision)  # edited with other weights than today's
         if same and not moved and always is None:
             return "unchanged", None
@@ -242,7 +242,7 @@ class Diff:
         elif moved:
             why = f"model revision changed ({ran} → {self.revision})"
         elif same:  # the same, as far as anyone can tell: `always` says why it runs anyway
-            why = always
+            why = always or ""
         else:
             why = "changed (content, instruction or parameters)"
         if failed and failed["fp"] == fp:
@@ -268,6 +268,6 @@ class Diff:
             report.skipped.append(Skipped(key, why or "", "given_up"))
         else:
             (report.changed if what == "changed" else report.new).append(key)
-            report.reasons[key] = why
+            report.reasons[key] = why or ""
             return True
         return False

@@ -54,7 +54,8 @@ def make_plan(schedule: Schedule, sets: dict[str, Any], settings: Settings | Non
         if getattr(schedule, name):
             texts[name] = getattr(schedule, name)
         defaults.pop(name, None)
-    path_names = schedule.key_template().names if schedule.key_template() else []
+    template = schedule.key_template()
+    path_names = template.names if template else []
     known = set(values) | set(BUILTIN_NAMES) | set(path_names)
     metadata_names: list[str] = []
     for text_field, text in texts.items():

@@ -116,6 +116,7 @@ def _run_scan(run: _Run) -> None:
     output, ledger, diff = run.open_ledger()
 
     # 2. scan: one candidate per image; keep those whose fingerprint the ledger does not hold
+    assert schedule.source.prefix is not None  # (a prefix source: the caller's branch)
     bucket, prefix = split_s3(schedule.source.prefix)
     source = services.objects(f"s3://{bucket}/{prefix}")
     if not isinstance(source, S3Store):
@@ -341,6 +342,7 @@ def _run_manifest(run: _Run) -> None:
 def _manifest_file(run: _Run, tmp: Path) -> tuple[Path, InputPolicy]:
     """The schedule's manifest as a local file (downloaded when in S3), and the policy for its local paths."""
     ref, settings = run.schedule.source.manifest, run.settings
+    assert ref is not None  # (a manifest source: the caller's branch)
     if not ref.startswith("s3://"):
         path = Path(ref).expanduser()
         return path, input_policy(path, settings)

@@ -102,7 +102,7 @@ def _classify(source: S3Store, obj: dict, max_bytes: int, want_metadata: bool) -
         if head is None:
             return Skipped(key, "deleted while scanning")
     if fmt is None:
-        content_type = (head.get("ContentType") or "").split(";")[0].strip().lower()
+        content_type = ((head or {}).get("ContentType") or "").split(";")[0].strip().lower()
         fmt = BY_CONTENT_TYPE.get(content_type)
         if fmt is None:
             return Skipped(key, f"not an image (no extension, content-type {content_type or 'unset'})", "not_image")
