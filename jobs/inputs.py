@@ -52,6 +52,8 @@ def kind_of(ref: str) -> str:
 
 def check_ref(ref: str, policy: InputPolicy) -> str:
     """Validate one reference; returns it normalized (local paths made absolute). Raises InputError."""
+    if bad := next((c for c in ref if ord(c) < 32 or ord(c) == 127), None):
+        raise InputError(f"holds a control character ({bad!r}); a path or URL never does")
     kind = kind_of(ref)
     if kind == "data":
         decode_data_uri(ref, policy.max_bytes)

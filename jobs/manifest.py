@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,11 +20,12 @@ from pydantic import ValidationError
 from jobs import dialects
 from jobs.errors import InputError
 from jobs.inputs import InputPolicy, check_ref
-from jobs.models import MODELS, CommonParams, EditRow, GenerateRow, rendered_size, row_class
+from jobs.models import ID_PATTERN, MODELS, CommonParams, EditRow, GenerateRow, rendered_size, row_class
 from jobs.settings import Settings
 
 MAX_LINE_BYTES = 1 << 20  # one JSONL line; bounds memory on hostile input
 MAX_ROWS = 1_000_000
+MAX_DEPTH = 32  # arrays/objects inside a JSONL row's values: metadata is echoed, never walked deeper
 csv.field_size_limit(MAX_LINE_BYTES)
 
 
@@ -112,29 +114,61 @@ class _Lines:
 
 
 def _read_csv(lines: _Lines) -> Iterator[RawRow | Issue]:
-    reader = csv.reader(lines)
+    # strict: a stray quote is an error naming its line, not a silently rejoined field
+    reader = csv.reader(lines, strict=True)
     try:
         header = next(reader)
     except StopIteration:
+        return
+    except csv.Error as exc:
+        yield Issue(-1, "header", f"line 1: malformed CSV: {_csv_error(exc, 1)}")
         return
     names = [h.strip() for h in header]
     if len(set(names)) != len(names) or "" in names:
         yield Issue(-1, "header", "line 1: column names must be unique and non-empty", ",".join(header))
         return
+    if any(_has_control(name) for name in names):
+        message = "line 1: a column name holds a control character; is this a CSV file?"
+        yield Issue(-1, "header", message, ",".join(header))
+        return
     start = reader.line_num + 1
-    try:
-        for record in reader:
-            line, start = start, reader.line_num + 1
-            if not any(cell.strip() for cell in record):
-                continue
-            if issue := lines.undecodable(line, reader.line_num):
-                yield issue
-            elif len(record) != len(names):
-                yield Issue(line, "row", f"has {len(record)} fields, the header has {len(names)}")
-            else:
-                yield RawRow(line, {k: v for k, v in zip(names, record, strict=True) if v.strip() != ""})
-    except csv.Error as exc:
-        yield Issue(start, "row", f"malformed CSV: {exc}")
+    while True:
+        try:
+            record = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            if "end of data" in str(exc):  # a quote never closed: it swallowed every line after it
+                yield Issue(-1, "row", f"line {start}: malformed CSV: {_csv_error(exc, start)}")
+                return
+            yield Issue(start, "row", f"malformed CSV: {_csv_error(exc, start)}")
+            start = reader.line_num + 1
+            continue
+        line, start = start, reader.line_num + 1
+        if not any(cell.strip() for cell in record):
+            continue
+        if issue := lines.undecodable(line, reader.line_num):
+            yield issue
+        elif len(record) != len(names):
+            yield Issue(line, "row", f"has {len(record)} fields, the header has {len(names)}")
+        else:
+            yield RawRow(line, {k: v for k, v in zip(names, record, strict=True) if v.strip() != ""})
+
+
+def _csv_error(exc: csv.Error, line: int) -> str:
+    text = str(exc)
+    if "end of data" in text:
+        return (
+            f"the quoted field opened on line {line} is never closed, so it runs to the end of the file; "
+            'close the quote (a quote inside a quoted field is written "")'
+        )
+    if "expected after" in text:
+        return f'{text}: a quote inside a quoted field is written "" (or quote the whole field)'
+    return text
+
+
+def _has_control(text: str) -> bool:
+    return any(ord(c) < 32 or ord(c) == 127 for c in text)
 
 
 def _read_jsonl(lines: _Lines) -> Iterator[RawRow | Issue]:
@@ -152,10 +186,40 @@ def _read_jsonl(lines: _Lines) -> Iterator[RawRow | Issue]:
         except json.JSONDecodeError as exc:
             yield Issue(number, "row", f"invalid JSON: {exc.msg} at column {exc.colno}")
             continue
+        except RecursionError:
+            yield Issue(number, "row", f"invalid JSON: nested deeper than {MAX_DEPTH} levels")
+            continue
+        except ValueError as exc:  # an integer of more than 4,300 digits (int_max_str_digits)
+            yield Issue(number, "row", f"invalid JSON: {str(exc).split(';')[0]}")
+            continue
         if not isinstance(value, dict):
             yield Issue(number, "row", "each line must be a JSON object", value)
             continue
+        if (deep := _too_deep(value)) is not None:
+            yield Issue(number, deep, f"nested deeper than {MAX_DEPTH} levels")
+            continue
         yield RawRow(number, {k: v for k, v in value.items() if v is not None and v != ""})
+
+
+def _well_formed_id(value: Any) -> str | None:
+    """`value` as a row id (surrounding whitespace dropped, as validation drops it), or None if it is not one."""
+    own = value.strip() if isinstance(value, str) else None
+    return own if own and re.fullmatch(ID_PATTERN, own) else None
+
+
+def _too_deep(row: dict[str, Any]) -> str | None:
+    """The first field of `row` whose value nests more than MAX_DEPTH levels, else None (no recursion)."""
+    for name, value in row.items():
+        stack = [(value, 1)]
+        while stack:
+            item, depth = stack.pop()
+            if depth > MAX_DEPTH:
+                return name
+            if isinstance(item, dict):
+                stack.extend((v, depth + 1) for v in item.values())
+            elif isinstance(item, list):
+                stack.extend((v, depth + 1) for v in item)
+    return None
 
 
 def parse_sets(pairs: list[str]) -> dict[str, str]:
@@ -242,24 +306,27 @@ class RowChecker:
         try:
             values = dialects.normalize(raw.values, self.spec.kind)
         except dialects.DialectConflict as exc:
-            return CheckedRow(
-                raw.line,
-                str(raw.values.get("id", raw.line)),
-                None,
-                {},
-                [Issue(raw.line, exc.field, exc.message, exc.value)],
-            )
+            issue = Issue(raw.line, exc.field, exc.message, exc.value)
+            return CheckedRow(raw.line, self.rejected_id(raw.line, raw.values.get("id")), None, {}, [issue])
         known = {k: v for k, v in values.items() if k in self.fields}
         metadata = {k: v for k, v in values.items() if k not in self.fields}
         merged = {**self.spec.defaults, **self.defaults, **known}
-        item_id = str(known.get("id", raw.line))
-        issues = self._check_columns(raw.line, metadata) + self._check_unique(raw.line, item_id, explicit="id" in known)
+        issues = self._check_columns(raw.line, metadata)
+        # the id as validated (whitespace stripped, no control characters), claimed before the rest is checked
+        own = _well_formed_id(known.get("id"))
+        claimed = own is not None and not (dup := self._check_unique(raw.line, own, explicit=True))
+        if own is not None and not claimed:
+            issues += dup
         try:
             row: CommonParams = self.cls.model_validate(merged)
         except ValidationError as exc:
             issues = _issues_from(raw.line, exc, merged) + issues
+        else:
+            if "id" not in known:
+                issues += self._check_unique(raw.line, str(raw.line), explicit=False)
         if issues:
-            return CheckedRow(raw.line, item_id, None, metadata, issues)
+            return CheckedRow(raw.line, own if own and claimed else f"_line{raw.line}", None, metadata, issues)
+        item_id = own or str(raw.line)
         params = row.model_dump(exclude={"id"})
         notes = self._fit_size(raw.line, params) if isinstance(row, GenerateRow) else []
         if isinstance(row, EditRow):
@@ -268,6 +335,20 @@ class RowChecker:
             except InputError as exc:
                 return CheckedRow(raw.line, item_id, None, metadata, [Issue(raw.line, "image", str(exc), row.image)])
         return CheckedRow(raw.line, item_id, params, metadata, notes=notes)
+
+    def unreadable(self, issue: Issue) -> CheckedRow:
+        """A row that could not be read (bad JSON, malformed CSV): still a row, ending in the results as failed."""
+        return CheckedRow(issue.line, self.rejected_id(issue.line), None, {}, [issue])
+
+    def rejected_id(self, line: int, wanted: Any = None) -> str:
+        """The id a rejected row is recorded under: its own when it is a well-formed id no other row holds, else
+        `_lineN`. Ids a row may give start with a letter or digit, so `_lineN` never takes one a later row names:
+        every item of a job keeps its own id (its record, S3 keys and webhook ids), and the job can end."""
+        own = _well_formed_id(wanted)
+        if own is not None and own not in self.ids:
+            self.ids.add(own)
+            return own
+        return f"_line{line}"
 
     def _check_columns(self, line: int, extra: dict[str, Any]) -> list[Issue]:
         """Columns that are not fields but look like a mistake: an edit column for a generation model, a
@@ -338,7 +419,7 @@ def check_manifest(path: Path, checker: RowChecker) -> Iterator[CheckedRow | Iss
     for raw in read_rows(path):
         if isinstance(raw, Issue):
             # an unreadable row is still a row: it ends in the results as failed
-            yield CheckedRow(raw.line, str(raw.line), None, {}, [raw]) if raw.field == "row" else raw
+            yield checker.unreadable(raw) if raw.line > 0 else raw
             continue
         count += 1
         if count > MAX_ROWS:
