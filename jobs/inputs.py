@@ -5,7 +5,10 @@ A reference is a local path, `s3://bucket/key`, an `https://` (or `http://`) URL
   (`DREAMBATCH_INPUT_ROOTS`): no `..` escapes, no symlinks pointing out; size-capped.
 - Local files and data URIs are copied at submit to `{job_id}/inputs/` in the job's storage, so
   any worker can read them and messages never carry image bytes.
-- URLs and S3 keys are fetched by the worker (jobs.netguard checks URL hosts then).
+- Before any GPU time (`ImageChecks`, at `validate` and `submit`): every image's header is read (format, pixel
+  count), `s3://` objects are HEADed and URLs fetched through jobs.netguard with the worker's caps; a URL fetched
+  then is staged like a local file, so the worker reads that copy. `--no-remote-checks` (or
+  DREAMBATCH_INPUTS__CHECK_REMOTE=false) leaves S3 keys and URLs to the worker, for inputs that exist only later.
 """
 
 from __future__ import annotations
@@ -111,3 +114,168 @@ def stage(ref: str, objects: ObjectStore, job_id: str, item_id: str, max_bytes: 
         data, content_type = decode_data_uri(ref, max_bytes)
         return records.write_input(objects, job_id, item_id, EXT_FOR_TYPE[content_type], data, content_type)
     return ref
+
+
+# --- submit-time checks: every edit row's image before any GPU time ----------------------------------------------
+
+
+def check_header(data: bytes | Path, max_pixels: int) -> tuple[str, int, int]:
+    """(format, width, height) of an image from its header alone (Pillow's lazy open: no pixel is decoded), with
+    the worker's rules: JPEG, PNG or WebP, at most `max_pixels`. Raises InputError as the worker would."""
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    from jobs.formats import PIL_NAMES
+
+    source = io.BytesIO(data) if isinstance(data, bytes) else data
+    try:
+        with Image.open(source, formats=sorted(PIL_NAMES)) as image:
+            fmt, (w, h) = image.format or "", image.size
+    except UnidentifiedImageError:
+        raise InputError("not a JPEG, PNG or WebP image") from None
+    except Image.DecompressionBombError as exc:
+        raise InputError(f"image too large: {exc}") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise InputError(f"image file is damaged or truncated: {exc}") from None
+    if w * h > max_pixels:
+        raise InputError(f"image is {w}x{h} = {w * h} pixels, over the {max_pixels}-pixel limit")
+    return fmt, w, h
+
+
+@dataclass
+class Checked:
+    """What the submit-time check of one reference found: an error (the row is bad), nothing (it is fine), or
+    `unchecked` with why (the network part was off, the budget ran out, the network failed: the worker checks it).
+    `copy` is a fetched URL's bytes on disk, which submit stages so the worker does not fetch it again."""
+
+    error: InputError | None = None
+    unchecked: str | None = None
+    copy: Path | None = None
+
+
+class ImageChecks:
+    """The submit-time checks of edit rows' input images, for `validate` and for both passes of a submission.
+
+    Local files and data URIs: the header is read (format, pixel count), always. With `remote` on: `s3://` objects
+    are HEADed (exists, size cap) and URLs fetched through jobs.netguard's guard with the worker's caps, then their
+    header read; the fetched bytes are kept (`copy`) for submit to stage. Up to `workers` checks run at once, and
+    network checks stop when `budget_s` is spent (the rest are left to the worker and counted in `unchecked`).
+    Results are cached by reference, so the second pass of a submission checks nothing twice."""
+
+    def __init__(self, settings, objects=None, *, remote: bool | None = None):
+        """`objects(location)`: an ObjectStore (the S3 client for `s3://bucket`); None: S3 objects go unchecked."""
+        import tempfile
+        import time
+
+        self.settings = settings
+        self.objects = objects
+        self.remote = settings.inputs.check_remote if remote is None else remote
+        self.deadline = time.monotonic() + settings.inputs.check_budget_s
+        self.results: dict[str, Checked] = {}
+        self._folder = tempfile.TemporaryDirectory(prefix="dreambatch-inputs-")
+
+    def close(self) -> None:
+        self._folder.cleanup()
+
+    def __enter__(self) -> ImageChecks:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def check_all(self, refs: list[str]) -> list[Checked]:
+        """Check each reference (in parallel, bounded), cached; results in the order given."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        todo = list(dict.fromkeys(r for r in refs if _digest(r) not in self.results))
+        if len(todo) > 1:
+            workers = min(self.settings.inputs.check_workers, len(todo))
+            with ThreadPoolExecutor(workers, thread_name_prefix="input-check") as pool:
+                found = list(pool.map(self._check, todo))
+        else:
+            found = [self._check(r) for r in todo]
+        for ref, result in zip(todo, found, strict=True):
+            self.results[_digest(ref)] = result
+        return [self.results[_digest(r)] for r in refs]
+
+    def result(self, ref: str) -> Checked | None:
+        return self.results.get(_digest(ref))
+
+    def unchecked(self) -> dict[str, int]:
+        """Why references went unchecked → how many."""
+        counts: dict[str, int] = {}
+        for found in self.results.values():
+            if found.unchecked:
+                counts[found.unchecked] = counts.get(found.unchecked, 0) + 1
+        return counts
+
+    def _check(self, ref: str) -> Checked:
+        from jobs.errors import ConfigError, TransientError
+
+        kind = kind_of(ref)
+        limit, pixels = self.settings.inputs.max_bytes, self.settings.inputs.max_pixels
+        try:
+            if kind == "local":
+                check_header(Path(ref), pixels)
+                return Checked()
+            if kind == "data":
+                check_header(decode_data_uri(ref, limit)[0], pixels)
+                return Checked()
+            if not self.remote:
+                return Checked(unchecked="remote checks are off (--no-remote-checks)")
+            left = self._time_left()
+            if left <= 0:
+                return Checked(unchecked=f"the {self.settings.inputs.check_budget_s:g}s check budget ran out")
+            return self._check_s3(ref, limit) if kind == "s3" else self._check_url(ref, limit, pixels, left)
+        except InputError as exc:
+            return Checked(error=exc)
+        except (TransientError, ConfigError) as exc:  # not the row's fault: the worker tries it again
+            return Checked(unchecked=f"{type(exc).__name__}: {exc}")
+
+    def _time_left(self) -> float:
+        import time
+
+        return self.deadline - time.monotonic()
+
+    def _check_s3(self, ref: str, limit: int) -> Checked:
+        from jobs.storage import S3Store, split_s3_key
+
+        bucket, key = split_s3_key(ref)
+        store = self.objects(f"s3://{bucket}") if self.objects else None
+        if not isinstance(store, S3Store):
+            return Checked(unchecked="no S3 client to check s3:// inputs with")
+        head = store.head(key)
+        if head is None:
+            raise InputError(f"{ref}: no such object")
+        if head.get("ContentLength", 0) > limit:
+            raise InputError(f"{ref}: {head['ContentLength']} bytes is over the {limit}-byte limit")
+        return Checked()
+
+    def _check_url(self, ref: str, limit: int, pixels: int, left: float) -> Checked:
+        import uuid
+
+        from jobs import netguard
+
+        timeout = min(self.settings.inputs.download_timeout, left)
+        data = netguard.fetch(ref, self.settings.netpolicy(), max_bytes=limit, timeout=timeout)
+        check_header(data, pixels)
+        path = Path(self._folder.name) / uuid.uuid4().hex
+        path.write_bytes(data)
+        return Checked(copy=path)
+
+
+def _digest(ref: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(ref.encode()).hexdigest()
+
+
+def stage_copy(copy: Path, objects: ObjectStore, job_id: str, item_id: str) -> str:
+    """Stage a URL's bytes fetched at submit next to the job, as a local file is; returns the reference workers
+    read (so the worker does not fetch the URL a second time)."""
+    from jobs.formats import CONTENT_TYPES, sniff
+
+    data = copy.read_bytes()
+    fmt = sniff(data) or "png"
+    return records.write_input(objects, job_id, item_id, EXT_FOR_TYPE[CONTENT_TYPES[fmt]], data, CONTENT_TYPES[fmt])

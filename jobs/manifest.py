@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from jobs import dialects
 from jobs.errors import InputError
-from jobs.inputs import InputPolicy, check_ref
+from jobs.inputs import ImageChecks, InputPolicy, check_ref
 from jobs.models import ID_PATTERN, MODELS, CommonParams, EditRow, GenerateRow, rendered_size, row_class
 from jobs.settings import Settings
 
@@ -428,6 +428,31 @@ def check_manifest(path: Path, checker: RowChecker) -> Iterator[CheckedRow | Iss
         yield checker.check(raw)
 
 
+CHECK_WINDOW = 256  # rows whose images are checked together (in parallel) while the manifest streams
+
+
+def check_images(entries: Iterable[CheckedRow | Issue], checks: ImageChecks) -> Iterator[CheckedRow | Issue]:
+    """The entries with each valid edit row's image checked (jobs.inputs.ImageChecks): a bad image makes its row
+    invalid, `line N: image: …`, like every other error. Order is kept; rows are checked a window at a time."""
+    window: list[CheckedRow | Issue] = []
+
+    def drain() -> Iterator[CheckedRow | Issue]:
+        edits = [e for e in window if isinstance(e, CheckedRow) and e.params and "image" in e.params]
+        rows = [(e, e.params["image"]) for e in edits if e.params]
+        for (row, ref), found in zip(rows, checks.check_all([ref for _, ref in rows]), strict=True):
+            if found.error is not None:
+                row.issues.append(Issue(row.line, "image", str(found.error), ref))
+                row.params = None
+        yield from window
+        window.clear()
+
+    for entry in entries:
+        window.append(entry)
+        if len(window) >= CHECK_WINDOW:
+            yield from drain()
+    yield from drain()
+
+
 def input_policy(path: Path, settings: Settings | None = None) -> InputPolicy:
     """Local inputs of a manifest may come from its own folder and the configured roots."""
     if settings is None:
@@ -436,15 +461,21 @@ def input_policy(path: Path, settings: Settings | None = None) -> InputPolicy:
 
 
 def validate_manifest(
-    path: Path, model: str, defaults: dict[str, Any] | None = None, inputs: InputPolicy | None = None
+    path: Path,
+    model: str,
+    defaults: dict[str, Any] | None = None,
+    inputs: InputPolicy | None = None,
+    checks: ImageChecks | None = None,
 ) -> CheckReport:
-    """Check a whole manifest; collects every issue (rows themselves are not kept)."""
+    """Check a whole manifest; collects every issue (rows themselves are not kept). `checks`: also check each edit
+    row's image (its header; S3 objects and URLs unless remote checks are off)."""
     checker = RowChecker(model, defaults, inputs or input_policy(path))
     report = CheckReport(issues=checker.check_defaults())
     if report.issues:
         return report
     columns: dict[str, None] = {}
-    for entry in check_manifest(path, checker):
+    entries = check_manifest(path, checker)
+    for entry in check_images(entries, checks) if checks else entries:
         if isinstance(entry, Issue):
             report.issues.append(entry)
             continue
@@ -457,4 +488,6 @@ def validate_manifest(
     report.metadata_columns = list(columns)
     if report.rows == 0 and not report.issues:  # submit refuses it too: say so here
         report.issues.append(Issue(-1, "rows", "the manifest has no rows"))
+    for why, count in (checks.unchecked() if checks else {}).items():
+        report.notes.append(f"{count} input image(s) not checked before queueing ({why}); the worker checks them")
     return report

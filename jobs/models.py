@@ -343,6 +343,7 @@ class JobSpec(BaseModel):
     #                                                                     by then end cancelled, reason "expired"
     review_sheet: bool = False  # write the review contact sheet when the job ends
     skip_invalid: bool = False  # queue the valid rows and record the invalid ones as failed (else: queue nothing)
+    check_remote: bool | None = None  # HEAD s3:// inputs, fetch URLs at submit; None: DREAMBATCH_INPUTS__CHECK_REMOTE
 
 
 class JobRecord(BaseModel):
