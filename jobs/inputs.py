@@ -159,9 +159,10 @@ class ImageChecks:
 
     Local files and data URIs: the header is read (format, pixel count), always. With `remote` on: `s3://` objects
     are HEADed (exists, size cap) and URLs fetched through jobs.netguard's guard with the worker's caps, then their
-    header read; the fetched bytes are kept (`copy`) for submit to stage. Up to `workers` checks run at once, and
-    network checks stop when `budget_s` is spent (the rest are left to the worker and counted in `unchecked`).
-    Results are cached by reference, so the second pass of a submission checks nothing twice."""
+    header read; the fetched bytes are kept (`copy`) for submit to stage. Up to `inputs.check_workers` checks run at
+    once, and network checks stop when `inputs.check_budget_s` is spent (the rest are left to the worker and
+    counted in `unchecked`).
+    Network results are cached by reference, so the second pass of a submission fetches nothing twice."""
 
     def __init__(self, settings, objects=None, *, remote: bool | None = None):
         """`objects(location)`: an ObjectStore (the S3 client for `s3://bucket`); None: S3 objects go unchecked."""
@@ -188,19 +189,21 @@ class ImageChecks:
         """Check each reference (in parallel, bounded), cached; results in the order given."""
         from concurrent.futures import ThreadPoolExecutor
 
-        todo = list(dict.fromkeys(r for r in refs if _digest(r) not in self.results))
+        todo = list(dict.fromkeys(r for r in refs if self.result(r) is None))
         if len(todo) > 1:
             workers = min(self.settings.inputs.check_workers, len(todo))
             with ThreadPoolExecutor(workers, thread_name_prefix="input-check") as pool:
-                found = list(pool.map(self._check, todo))
+                found = dict(zip(todo, pool.map(self._check, todo), strict=True))
         else:
-            found = [self._check(r) for r in todo]
-        for ref, result in zip(todo, found, strict=True):
-            self.results[_digest(ref)] = result
-        return [self.results[_digest(r)] for r in refs]
+            found = {r: self._check(r) for r in todo}
+        for ref, result in found.items():
+            if kind_of(ref) in ("s3", "url"):  # a header read again costs little; a fetch is what is kept
+                self.results[_digest(ref)] = result
+        return [self.result(r) or found[r] for r in refs]
 
     def result(self, ref: str) -> Checked | None:
-        return self.results.get(_digest(ref))
+        """The cached check of an S3 object or URL (None for a local file or data URI: those are read again)."""
+        return self.results.get(_digest(ref)) if kind_of(ref) in ("s3", "url") else None
 
     def unchecked(self) -> dict[str, int]:
         """Why references went unchecked → how many."""

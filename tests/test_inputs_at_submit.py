@@ -148,6 +148,24 @@ def test_no_remote_checks_leaves_s3_and_urls_to_the_worker_and_says_so(setup, im
     assert json.loads(off.stdout)["errors"] == report["errors"] and images.requests == []
 
 
+def test_when_the_check_budget_is_spent_the_rest_is_left_to_the_worker(setup, images):
+    manifest, env = setup
+    res = cli(
+        "validate",
+        str(manifest),
+        "--model",
+        "e1-1",
+        "--json",
+        env={**env, "DREAMBATCH_INPUTS__CHECK_BUDGET_S": "0.001"},
+    )
+    report = json.loads(res.stdout)
+    assert [e.split(":")[0] for e in report["errors"]] == [BAD[i].split(":")[0] for i in BAD if i not in REMOTE]
+    assert report["notes"] == [
+        "5 input image(s) not checked before queueing (the 0.001s check budget ran out); the worker checks them"
+    ]
+    assert images.requests == []
+
+
 def test_submit_refuses_bad_images_and_skip_invalid_makes_them_failed_items(setup, images, redis_server, bucket):
     manifest, env = setup
     refused = cli("submit", str(manifest), "--model", "e1-1", "--output", f"s3://{bucket}/o", env=env)
