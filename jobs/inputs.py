@@ -16,6 +16,8 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -30,6 +32,7 @@ DATA_URI = re.compile(
     r"(?P<data>[A-Za-z0-9+/=\s]+)$",
     re.I,
 )
+_FOLDER_LOCK = threading.Lock()  # the check threads make an ImageChecks' copy folder once
 EXT_FOR_TYPE = {t: f".{EXTENSIONS[name]}" for t, name in BY_CONTENT_TYPE.items()}  # image/jpg → .jpg
 
 
@@ -166,7 +169,6 @@ class ImageChecks:
 
     def __init__(self, settings, objects=None, *, remote: bool | None = None):
         """`objects(location)`: an ObjectStore (the S3 client for `s3://bucket`); None: S3 objects go unchecked."""
-        import tempfile
         import time
 
         self.settings = settings
@@ -174,10 +176,11 @@ class ImageChecks:
         self.remote = settings.inputs.check_remote if remote is None else remote
         self.deadline = time.monotonic() + settings.inputs.check_budget_s
         self.results: dict[str, Checked] = {}
-        self._folder = tempfile.TemporaryDirectory(prefix="dreambatch-inputs-")
+        self._folder: tempfile.TemporaryDirectory | None = None  # made for the first URL copy
 
     def close(self) -> None:
-        self._folder.cleanup()
+        if self._folder is not None:
+            self._folder.cleanup()
 
     def __enter__(self) -> ImageChecks:
         return self
@@ -263,6 +266,9 @@ class ImageChecks:
         timeout = min(self.settings.inputs.download_timeout, left)
         data = netguard.fetch(ref, self.settings.netpolicy(), max_bytes=limit, timeout=timeout)
         check_header(data, pixels)
+        with _FOLDER_LOCK:
+            if self._folder is None:
+                self._folder = tempfile.TemporaryDirectory(prefix="dreambatch-inputs-")
         path = Path(self._folder.name) / uuid.uuid4().hex
         path.write_bytes(data)
         return Checked(copy=path)
