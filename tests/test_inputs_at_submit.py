@@ -191,3 +191,44 @@ def test_submit_refuses_bad_images_and_skip_invalid_makes_them_failed_items(setu
     body = s3_client(env["AWS_ENDPOINT_URL_S3"]).get_object(Bucket=bucket, Key=staged.split("/", 3)[3])["Body"]
     assert body.read() == png(48, 32)
     assert items["in-s3"].params["image"] == f"s3://{bucket}/in/ok.png"  # S3 objects are read where they are
+
+
+def test_url_checks_run_in_parallel_within_the_bound_and_each_url_is_fetched_once():
+    import time
+
+    from jobs.inputs import ImageChecks
+    from jobs.settings import Settings
+
+    body, lock, state = png(), threading.Lock(), {"now": 0, "most": 0, "gets": 0}
+
+    class Slow(BaseHTTPRequestHandler):
+        def do_GET(self):
+            with lock:
+                state["now"] += 1
+                state["gets"] += 1
+                state["most"] = max(state["most"], state["now"])
+            time.sleep(0.2)  # long enough for the checks to overlap if they can
+            with lock:
+                state["now"] -= 1
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.2", 0), Slow)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        settings = Settings(allow_private_hosts="127.0.0.2", inputs={"check_workers": 3})
+        urls = [f"http://127.0.0.2:{httpd.server_port}/{n}.png" for n in range(9)]
+        with ImageChecks(settings) as checks:
+            found = checks.check_all(urls + urls[:4])  # a URL twice in a manifest is fetched once
+            assert [f.error for f in found] == [None] * 13 and all(f.copy and f.copy.is_file() for f in found)
+            assert checks.check_all(urls[:2])[0] is found[0]  # the second pass of a submission: from the cache
+        assert state["gets"] == 9 and 1 <= state["most"] <= 3
+        assert not found[0].copy.exists()  # the copies go with the checks
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
