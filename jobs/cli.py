@@ -246,6 +246,8 @@ def submit(
     else:
         out.print(job_id, highlight=False)
         err.print(f"queued {sub.queued} item(s), rejected {sub.rejected}", highlight=False)
+        for note in (n for n in sub.report.notes if "not checked before queueing" in n):  # jobs.manifest
+            err.print(f"note: {note}", highlight=False, soft_wrap=True)
     if sub.queued and (warning := no_worker_warning(get_services().store.workers(), model)):
         warn(warning)
     if wait:

@@ -192,6 +192,23 @@ def test_submit_refuses_bad_images_and_skip_invalid_makes_them_failed_items(setu
     assert body.read() == png(48, 32)
     assert items["in-s3"].params["image"] == f"s3://{bucket}/in/ok.png"  # S3 objects are read where they are
 
+    # with the network part off, submit queues the remote rows and says they are the worker's to check
+    images.requests.clear()
+    later = cli(
+        "submit",
+        str(manifest),
+        "--model",
+        "e1-1",
+        "--output",
+        f"s3://{bucket}/o",
+        "--skip-invalid",
+        "--no-remote-checks",
+        env=env,
+    )
+    assert later.returncode == 0 and "queued 7 item(s), rejected 3" in later.stderr, later.stderr
+    assert "note: 5 input image(s) not checked before queueing (remote checks are off" in later.stderr
+    assert images.requests == []
+
 
 def test_url_checks_run_in_parallel_within_the_bound_and_each_url_is_fetched_once():
     import time
