@@ -163,7 +163,7 @@ class ImageChecks:
     Local files and data URIs: the header is read (format, pixel count), always. With `remote` on: `s3://` objects
     are HEADed (exists, size cap) and URLs fetched through jobs.netguard's guard with the worker's caps, then their
     header read; the fetched bytes are kept (`copy`) for submit to stage. Up to `inputs.check_workers` checks run at
-    once, and network checks stop when `inputs.check_budget_s` is spent (the rest are left to the worker and
+    once, and no network check starts once `inputs.check_budget_s` is spent (the rest are left to the worker and
     counted in `unchecked`).
     Network results are cached by reference, so the second pass of a submission fetches nothing twice."""
 
@@ -230,10 +230,9 @@ class ImageChecks:
                 return Checked()
             if not self.remote:
                 return Checked(unchecked="remote checks are off (--no-remote-checks)")
-            left = self._time_left()
-            if left <= 0:
+            if self._time_left() <= 0:  # a check started in time runs to its own cap (download_timeout)
                 return Checked(unchecked=f"the {self.settings.inputs.check_budget_s:g}s check budget ran out")
-            return self._check_s3(ref, limit) if kind == "s3" else self._check_url(ref, limit, pixels, left)
+            return self._check_s3(ref, limit) if kind == "s3" else self._check_url(ref, limit, pixels)
         except InputError as exc:
             return Checked(error=exc)
         except (TransientError, ConfigError) as exc:  # not the row's fault: the worker tries it again
@@ -258,12 +257,13 @@ class ImageChecks:
             raise InputError(f"{ref}: {head['ContentLength']} bytes is over the {limit}-byte limit")
         return Checked()
 
-    def _check_url(self, ref: str, limit: int, pixels: int, left: float) -> Checked:
+    def _check_url(self, ref: str, limit: int, pixels: int) -> Checked:
         import uuid
 
         from jobs import netguard
 
-        timeout = min(self.settings.inputs.download_timeout, left)
+        # the worker's caps, so a verdict here is the one the worker would reach
+        timeout = self.settings.inputs.download_timeout
         data = netguard.fetch(ref, self.settings.netpolicy(), max_bytes=limit, timeout=timeout)
         check_header(data, pixels)
         with _FOLDER_LOCK:

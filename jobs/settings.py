@@ -78,7 +78,7 @@ class InputSettings(BaseModel):
         True, description="at submit and validate, HEAD s3:// inputs and fetch URL inputs (off: the worker does)"
     )
     check_workers: int = Field(8, ge=1, description="input checks at once at submit")
-    check_budget_s: float = Field(120.0, gt=0, description="s a submission spends on network input checks in all")
+    check_budget_s: float = Field(120.0, gt=0, description="s into a submission after which no network check starts")
 
 
 class ApiSettings(BaseModel):
