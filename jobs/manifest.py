@@ -336,6 +336,12 @@ class RowChecker:
                 return CheckedRow(raw.line, item_id, None, metadata, [Issue(raw.line, "image", str(exc), row.image)])
         return CheckedRow(raw.line, item_id, params, metadata, notes=notes)
 
+    @staticmethod
+    def named_id(raw: RawRow) -> str:
+        """The id a row names (as validated), else its line number: what a repeated id repeats. A rejected row's
+        item id may differ (`rejected_id`)."""
+        return _well_formed_id(raw.values.get("id")) or str(raw.line)
+
     def unreadable(self, issue: Issue) -> CheckedRow:
         """A row that could not be read (bad JSON, malformed CSV): still a row, ending in the results as failed."""
         return CheckedRow(issue.line, self.rejected_id(issue.line), None, {}, [issue])
