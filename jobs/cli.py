@@ -28,6 +28,7 @@ from rich.text import Text
 from jobs import export, keys, lifecycle, records, store
 from jobs.control import cancel_job, resume_job, retry_job
 from jobs.errors import ConfigError, DreambatchError, InputError, JobNotFound
+from jobs.inputs import ImageChecks
 from jobs.lifecycle import ItemStatus, JobStatus
 from jobs.manifest import input_policy, parse_sets, validate_manifest
 from jobs.metrics import no_worker_warning, overview
@@ -51,6 +52,16 @@ PresetOpt = Annotated[
     str | None,
     typer.Option(
         "--preset", help="an edit preset (ops/presets.toml): instruction + params; --set NAME=value fills its {NAME}"
+    ),
+]
+
+RemoteChecksOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--remote-checks/--no-remote-checks",
+        help="HEAD s3:// inputs and fetch URL inputs now (default DREAMBATCH_INPUTS__CHECK_REMOTE, on); "
+        "off for inputs that exist only later: the worker checks them",
+        show_default=False,
     ),
 ]
 
@@ -138,12 +149,14 @@ def validate(
     set_: SetOpt = None,
     preset: PresetOpt = None,
     json_: Annotated[bool, typer.Option("--json")] = False,
+    remote_checks: RemoteChecksOpt = None,
 ) -> None:
     """Check every row of MANIFEST; print each problem as `line N: field: message (got value)`."""
     try:
         policy = input_policy(manifest, get_settings())
         defaults = job_defaults(preset, parse_sets(set_ or []), get_settings())
-        report = validate_manifest(manifest, model, defaults, policy)
+        with ImageChecks(get_settings(), get_services().objects, remote=remote_checks) as checks:
+            report = validate_manifest(manifest, model, defaults, policy, checks)
     except (InputError, ConfigError) as exc:
         raise fail(str(exc), 2) from None
     if json_:
@@ -195,6 +208,7 @@ def submit(
         str | None,
         typer.Option(help="items not started within this long (90s, 15m, 2h, 1d) end cancelled, reason expired"),
     ] = None,
+    remote_checks: RemoteChecksOpt = None,
 ) -> None:
     """Validate MANIFEST and queue one task per row; prints the job id."""
     settings = get_settings()
@@ -221,6 +235,7 @@ def submit(
             expires_after=expires_s,
             review_sheet=sheet,
             skip_invalid=skip_invalid,
+            check_remote=remote_checks,
         )
         sub = create_job(spec, manifest, get_services())
     except ManifestInvalid as exc:
@@ -233,6 +248,8 @@ def submit(
     else:
         out.print(job_id, highlight=False)
         err.print(f"queued {sub.queued} item(s), rejected {sub.rejected}", highlight=False)
+        for note in (n for n in sub.report.notes if "not checked before queueing" in n):  # jobs.manifest
+            err.print(f"note: {note}", highlight=False, soft_wrap=True)
     if sub.queued and (warning := no_worker_warning(get_services().store.workers(), model)):
         warn(warning)
     if wait:

@@ -5,7 +5,10 @@ A reference is a local path, `s3://bucket/key`, an `https://` (or `http://`) URL
   (`DREAMBATCH_INPUT_ROOTS`): no `..` escapes, no symlinks pointing out; size-capped.
 - Local files and data URIs are copied at submit to `{job_id}/inputs/` in the job's storage, so
   any worker can read them and messages never carry image bytes.
-- URLs and S3 keys are fetched by the worker (jobs.netguard checks URL hosts then).
+- Before any GPU time (`ImageChecks`, at `validate` and `submit`): every image's header is read (format, pixel
+  count), `s3://` objects are HEADed and URLs fetched through jobs.netguard with the worker's caps; a URL fetched
+  then is staged like a local file, so the worker reads that copy. `--no-remote-checks` (or
+  DREAMBATCH_INPUTS__CHECK_REMOTE=false) leaves S3 keys and URLs to the worker, for inputs that exist only later.
 """
 
 from __future__ import annotations
@@ -13,8 +16,11 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, Any
 from urllib.parse import urlsplit
 
 from jobs import records
@@ -27,6 +33,7 @@ DATA_URI = re.compile(
     r"(?P<data>[A-Za-z0-9+/=\s]+)$",
     re.I,
 )
+_FOLDER_LOCK = threading.Lock()  # the check threads make an ImageChecks' copy folder once
 EXT_FOR_TYPE = {t: f".{EXTENSIONS[name]}" for t, name in BY_CONTENT_TYPE.items()}  # image/jpg → .jpg
 
 
@@ -52,6 +59,8 @@ def kind_of(ref: str) -> str:
 
 def check_ref(ref: str, policy: InputPolicy) -> str:
     """Validate one reference; returns it normalized (local paths made absolute). Raises InputError."""
+    if bad := next((c for c in ref if ord(c) < 32 or ord(c) == 127), None):
+        raise InputError(f"holds a control character ({bad!r}); a path or URL never does")
     kind = kind_of(ref)
     if kind == "data":
         decode_data_uri(ref, policy.max_bytes)
@@ -109,3 +118,198 @@ def stage(ref: str, objects: ObjectStore, job_id: str, item_id: str, max_bytes: 
         data, content_type = decode_data_uri(ref, max_bytes)
         return records.write_input(objects, job_id, item_id, EXT_FOR_TYPE[content_type], data, content_type)
     return ref
+
+
+# --- submit-time checks: every edit row's image before any GPU time ----------------------------------------------
+
+
+def open_image(data: bytes | Path, max_pixels: int) -> Any:
+    """The image opened lazily (Pillow reads its header; no pixel is decoded), under the rules every reader of
+    an input shares, here at submit and on the worker (worker/imaging.py): JPEG, PNG or WebP, at most
+    `max_pixels` (a decompression bomb fails before any decoding). Raises InputError saying what is wrong:
+    "damaged JPEG" when the first bytes say which format the file was meant to be."""
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    from jobs.formats import PIL_NAMES, begins_like
+
+    source: IO[bytes] | Path
+    if isinstance(data, bytes):
+        head, source = data[:64], io.BytesIO(data)
+    else:
+        with data.open("rb") as fh:
+            head, source = fh.read(64), data
+    try:
+        image = Image.open(source, formats=sorted(PIL_NAMES))
+    except UnidentifiedImageError:
+        if claimed := begins_like(head):
+            raise InputError(f"{damaged(claimed)}: it begins like one but its data cannot be read") from None
+        raise InputError("not a JPEG, PNG or WebP image") from None
+    except Image.DecompressionBombError as exc:
+        raise InputError(f"image too large: {exc}") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise InputError(f"{damaged(begins_like(head))}: {exc}") from None
+    w, h = image.size
+    if w * h > max_pixels:
+        image.close()
+        raise InputError(f"image is {w}x{h} = {w * h} pixels, over the {max_pixels}-pixel limit")
+    return image
+
+
+def damaged(fmt: str | None) -> str:
+    """ "damaged JPEG" (or PNG, WebP) when the bytes say which format the file was meant to be."""
+    from jobs.formats import FORMATS
+
+    return f"damaged {FORMATS[fmt].shown}" if fmt else "image file is damaged or truncated"
+
+
+def check_header(data: bytes | Path, max_pixels: int) -> tuple[str, int, int]:
+    """(format, width, height) of an image from its header alone (`open_image`). Raises InputError as the
+    worker would."""
+    with open_image(data, max_pixels) as image:
+        return image.format or "", *image.size
+
+
+@dataclass
+class Checked:
+    """What the submit-time check of one reference found: an error (the row is bad), nothing (it is fine), or
+    `unchecked` with why (the network part was off, the budget ran out, the network failed: the worker checks it).
+    `copy` is a fetched URL's bytes on disk, which submit stages so the worker does not fetch it again."""
+
+    error: InputError | None = None
+    unchecked: str | None = None
+    copy: Path | None = None
+
+
+class ImageChecks:
+    """The submit-time checks of edit rows' input images, for `validate` and for both passes of a submission.
+
+    Local files and data URIs: the header is read (format, pixel count), always. With `remote` on: `s3://` objects
+    are HEADed (exists, size cap) and URLs fetched through jobs.netguard's guard with the worker's caps, then their
+    header read; the fetched bytes are kept (`copy`) for submit to stage. Up to `inputs.check_workers` checks run at
+    once, and no network check starts once `inputs.check_budget_s` is spent (the rest are left to the worker and
+    counted in `unchecked`).
+    Network results are cached by reference, so the second pass of a submission fetches nothing twice."""
+
+    def __init__(self, settings, objects=None, *, remote: bool | None = None):
+        """`objects(location)`: an ObjectStore (the S3 client for `s3://bucket`); None: S3 objects go unchecked."""
+        import time
+
+        self.settings = settings
+        self.objects = objects
+        self.remote = settings.inputs.check_remote if remote is None else remote
+        self.deadline = time.monotonic() + settings.inputs.check_budget_s
+        self.results: dict[str, Checked] = {}
+        self._folder: tempfile.TemporaryDirectory | None = None  # made for the first URL copy
+
+    def close(self) -> None:
+        if self._folder is not None:
+            self._folder.cleanup()
+
+    def __enter__(self) -> ImageChecks:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def check_all(self, refs: list[str]) -> list[Checked]:
+        """Check each reference (in parallel, bounded), cached; results in the order given."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        todo = list(dict.fromkeys(r for r in refs if self.result(r) is None))
+        if len(todo) > 1:
+            workers = min(self.settings.inputs.check_workers, len(todo))
+            with ThreadPoolExecutor(workers, thread_name_prefix="input-check") as pool:
+                found = dict(zip(todo, pool.map(self._check, todo), strict=True))
+        else:
+            found = {r: self._check(r) for r in todo}
+        for ref, result in found.items():
+            if kind_of(ref) in ("s3", "url"):  # a header read again costs little; a fetch is what is kept
+                self.results[_digest(ref)] = result
+        return [self.result(r) or found[r] for r in refs]
+
+    def result(self, ref: str) -> Checked | None:
+        """The cached check of an S3 object or URL (None for a local file or data URI: those are read again)."""
+        return self.results.get(_digest(ref)) if kind_of(ref) in ("s3", "url") else None
+
+    def unchecked(self) -> dict[str, int]:
+        """Why references went unchecked → how many."""
+        counts: dict[str, int] = {}
+        for found in self.results.values():
+            if found.unchecked:
+                counts[found.unchecked] = counts.get(found.unchecked, 0) + 1
+        return counts
+
+    def _check(self, ref: str) -> Checked:
+        from jobs.errors import ConfigError, TransientError
+
+        kind = kind_of(ref)
+        limit, pixels = self.settings.inputs.max_bytes, self.settings.inputs.max_pixels
+        try:
+            if kind == "local":
+                check_header(Path(ref), pixels)
+                return Checked()
+            if kind == "data":
+                check_header(decode_data_uri(ref, limit)[0], pixels)
+                return Checked()
+            if not self.remote:
+                return Checked(unchecked="remote checks are off (--no-remote-checks)")
+            if self._time_left() <= 0:  # a check started in time runs to its own cap (download_timeout)
+                return Checked(unchecked=f"the {self.settings.inputs.check_budget_s:g}s check budget ran out")
+            return self._check_s3(ref, limit) if kind == "s3" else self._check_url(ref, limit, pixels)
+        except InputError as exc:
+            return Checked(error=exc)
+        except (TransientError, ConfigError) as exc:  # not the row's fault: the worker tries it again
+            return Checked(unchecked=f"{type(exc).__name__}: {exc}")
+
+    def _time_left(self) -> float:
+        import time
+
+        return self.deadline - time.monotonic()
+
+    def _check_s3(self, ref: str, limit: int) -> Checked:
+        from jobs.storage import S3Store, split_s3_key
+
+        bucket, key = split_s3_key(ref)
+        store = self.objects(f"s3://{bucket}") if self.objects else None
+        if not isinstance(store, S3Store):
+            return Checked(unchecked="no S3 client to check s3:// inputs with")
+        head = store.head(key)
+        if head is None:
+            raise InputError(f"{ref}: no such object")
+        if head.get("ContentLength", 0) > limit:
+            raise InputError(f"{ref}: {head['ContentLength']} bytes is over the {limit}-byte limit")
+        return Checked()
+
+    def _check_url(self, ref: str, limit: int, pixels: int) -> Checked:
+        import uuid
+
+        from jobs import netguard
+
+        # the worker's caps, so a verdict here is the one the worker would reach
+        timeout = self.settings.inputs.download_timeout
+        data = netguard.fetch(ref, self.settings.netpolicy(), max_bytes=limit, timeout=timeout)
+        check_header(data, pixels)
+        with _FOLDER_LOCK:
+            if self._folder is None:
+                self._folder = tempfile.TemporaryDirectory(prefix="dreambatch-inputs-")
+        path = Path(self._folder.name) / uuid.uuid4().hex
+        path.write_bytes(data)
+        return Checked(copy=path)
+
+
+def _digest(ref: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(ref.encode()).hexdigest()
+
+
+def stage_copy(copy: Path, objects: ObjectStore, job_id: str, item_id: str) -> str:
+    """Stage a URL's bytes fetched at submit next to the job, as a local file is; returns the reference workers
+    read (so the worker does not fetch the URL a second time)."""
+    from jobs.formats import CONTENT_TYPES, sniff
+
+    data = copy.read_bytes()
+    fmt = sniff(data) or "png"
+    return records.write_input(objects, job_id, item_id, EXT_FOR_TYPE[CONTENT_TYPES[fmt]], data, CONTENT_TYPES[fmt])

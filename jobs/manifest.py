@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterator
+import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,12 +19,13 @@ from pydantic import ValidationError
 
 from jobs import dialects, loras
 from jobs.errors import InputError
-from jobs.inputs import InputPolicy, check_ref
-from jobs.models import MODELS, CommonParams, EditRow, GenerateRow, rendered_size, row_class
+from jobs.inputs import ImageChecks, InputPolicy, check_ref
+from jobs.models import ID_PATTERN, MODELS, CommonParams, EditRow, GenerateRow, rendered_size, row_class
 from jobs.settings import Settings
 
 MAX_LINE_BYTES = 1 << 20  # one JSONL line; bounds memory on hostile input
 MAX_ROWS = 1_000_000
+MAX_DEPTH = 32  # arrays/objects inside a JSONL row's values: metadata is echoed, never walked deeper
 csv.field_size_limit(MAX_LINE_BYTES)
 
 
@@ -112,29 +114,61 @@ class _Lines:
 
 
 def _read_csv(lines: _Lines) -> Iterator[RawRow | Issue]:
-    reader = csv.reader(lines)
+    # strict: a stray quote is an error naming its line, not a silently rejoined field
+    reader = csv.reader(lines, strict=True)
     try:
         header = next(reader)
     except StopIteration:
+        return
+    except csv.Error as exc:
+        yield Issue(-1, "header", f"line 1: malformed CSV: {_csv_error(exc, 1)}")
         return
     names = [h.strip() for h in header]
     if len(set(names)) != len(names) or "" in names:
         yield Issue(-1, "header", "line 1: column names must be unique and non-empty", ",".join(header))
         return
+    if any(_has_control(name) for name in names):
+        message = "line 1: a column name holds a control character; is this a CSV file?"
+        yield Issue(-1, "header", message, ",".join(header))
+        return
     start = reader.line_num + 1
-    try:
-        for record in reader:
-            line, start = start, reader.line_num + 1
-            if not any(cell.strip() for cell in record):
-                continue
-            if issue := lines.undecodable(line, reader.line_num):
-                yield issue
-            elif len(record) != len(names):
-                yield Issue(line, "row", f"has {len(record)} fields, the header has {len(names)}")
-            else:
-                yield RawRow(line, {k: v for k, v in zip(names, record, strict=True) if v.strip() != ""})
-    except csv.Error as exc:
-        yield Issue(start, "row", f"malformed CSV: {exc}")
+    while True:
+        try:
+            record = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            if "end of data" in str(exc):  # a quote never closed: it swallowed every line after it
+                yield Issue(-1, "row", f"line {start}: malformed CSV: {_csv_error(exc, start)}")
+                return
+            yield Issue(start, "row", f"malformed CSV: {_csv_error(exc, start)}")
+            start = reader.line_num + 1
+            continue
+        line, start = start, reader.line_num + 1
+        if not any(cell.strip() for cell in record):
+            continue
+        if issue := lines.undecodable(line, reader.line_num):
+            yield issue
+        elif len(record) != len(names):
+            yield Issue(line, "row", f"has {len(record)} fields, the header has {len(names)}")
+        else:
+            yield RawRow(line, {k: v for k, v in zip(names, record, strict=True) if v.strip() != ""})
+
+
+def _csv_error(exc: csv.Error, line: int) -> str:
+    text = str(exc)
+    if "end of data" in text:
+        return (
+            f"the quoted field opened on line {line} is never closed, so it runs to the end of the file; "
+            'close the quote (a quote inside a quoted field is written "")'
+        )
+    if "expected after" in text:
+        return f'{text}: a quote inside a quoted field is written "" (or quote the whole field)'
+    return text
+
+
+def _has_control(text: str) -> bool:
+    return any(ord(c) < 32 or ord(c) == 127 for c in text)
 
 
 def _read_jsonl(lines: _Lines) -> Iterator[RawRow | Issue]:
@@ -152,10 +186,40 @@ def _read_jsonl(lines: _Lines) -> Iterator[RawRow | Issue]:
         except json.JSONDecodeError as exc:
             yield Issue(number, "row", f"invalid JSON: {exc.msg} at column {exc.colno}")
             continue
+        except RecursionError:
+            yield Issue(number, "row", f"invalid JSON: nested deeper than {MAX_DEPTH} levels")
+            continue
+        except ValueError as exc:  # an integer of more than 4,300 digits (int_max_str_digits)
+            yield Issue(number, "row", f"invalid JSON: {str(exc).split(';')[0]}")
+            continue
         if not isinstance(value, dict):
             yield Issue(number, "row", "each line must be a JSON object", value)
             continue
+        if (deep := _too_deep(value)) is not None:
+            yield Issue(number, deep, f"nested deeper than {MAX_DEPTH} levels")
+            continue
         yield RawRow(number, {k: v for k, v in value.items() if v is not None and v != ""})
+
+
+def _well_formed_id(value: Any) -> str | None:
+    """`value` as a row id (surrounding whitespace dropped, as validation drops it), or None if it is not one."""
+    own = value.strip() if isinstance(value, str) else None
+    return own if own and re.fullmatch(ID_PATTERN, own) else None
+
+
+def _too_deep(row: dict[str, Any]) -> str | None:
+    """The first field of `row` whose value nests more than MAX_DEPTH levels, else None (no recursion)."""
+    for name, value in row.items():
+        stack = [(value, 1)]
+        while stack:
+            item, depth = stack.pop()
+            if depth > MAX_DEPTH:
+                return name
+            if isinstance(item, dict):
+                stack.extend((v, depth + 1) for v in item.values())
+            elif isinstance(item, list):
+                stack.extend((v, depth + 1) for v in item)
+    return None
 
 
 def parse_sets(pairs: list[str]) -> dict[str, str]:
@@ -242,24 +306,27 @@ class RowChecker:
         try:
             values = dialects.normalize(raw.values, self.spec.kind)
         except dialects.DialectConflict as exc:
-            return CheckedRow(
-                raw.line,
-                str(raw.values.get("id", raw.line)),
-                None,
-                {},
-                [Issue(raw.line, exc.field, exc.message, exc.value)],
-            )
+            issue = Issue(raw.line, exc.field, exc.message, exc.value)
+            return CheckedRow(raw.line, self.rejected_id(raw.line, raw.values.get("id")), None, {}, [issue])
         known = {k: v for k, v in values.items() if k in self.fields}
         metadata = {k: v for k, v in values.items() if k not in self.fields}
         merged = {**self.spec.defaults, **self.defaults, **known}
-        item_id = str(known.get("id", raw.line))
-        issues = self._check_columns(raw.line, metadata) + self._check_unique(raw.line, item_id, explicit="id" in known)
+        issues = self._check_columns(raw.line, metadata)
+        # the id as validated (whitespace stripped, no control characters), claimed before the rest is checked
+        own = _well_formed_id(known.get("id"))
+        claimed = own is not None and not (dup := self._check_unique(raw.line, own, explicit=True))
+        if own is not None and not claimed:
+            issues += dup
         try:
             row: CommonParams = self.cls.model_validate(merged)
         except ValidationError as exc:
             issues = _issues_from(raw.line, exc, merged) + issues
+        else:
+            if "id" not in known:
+                issues += self._check_unique(raw.line, str(raw.line), explicit=False)
         if issues:
-            return CheckedRow(raw.line, item_id, None, metadata, issues)
+            return CheckedRow(raw.line, own if own and claimed else f"_line{raw.line}", None, metadata, issues)
+        item_id = own or str(raw.line)
         params = row.model_dump(exclude={"id"})
         notes = self._fit_size(raw.line, params) if isinstance(row, GenerateRow) else []
         if isinstance(row, EditRow):
@@ -275,6 +342,26 @@ class RowChecker:
             except InputError as exc:
                 return CheckedRow(raw.line, item_id, None, metadata, [Issue(raw.line, "lora", str(exc), row.lora)])
         return CheckedRow(raw.line, item_id, params, metadata, notes=notes)
+
+    @staticmethod
+    def named_id(raw: RawRow) -> str:
+        """The id a row names (as validated), else its line number: what a repeated id repeats. A rejected row's
+        item id may differ (`rejected_id`)."""
+        return _well_formed_id(raw.values.get("id")) or str(raw.line)
+
+    def unreadable(self, issue: Issue) -> CheckedRow:
+        """A row that could not be read (bad JSON, malformed CSV): still a row, ending in the results as failed."""
+        return CheckedRow(issue.line, self.rejected_id(issue.line), None, {}, [issue])
+
+    def rejected_id(self, line: int, wanted: Any = None) -> str:
+        """The id a rejected row is recorded under: its own when it is a well-formed id no other row holds, else
+        `_lineN`. Ids a row may give start with a letter or digit, so `_lineN` never takes one a later row names:
+        every item of a job keeps its own id (its record, S3 keys and webhook ids), and the job can end."""
+        own = _well_formed_id(wanted)
+        if own is not None and own not in self.ids:
+            self.ids.add(own)
+            return own
+        return f"_line{line}"
 
     def _check_columns(self, line: int, extra: dict[str, Any]) -> list[Issue]:
         """Columns that are not fields but look like a mistake: an edit column for a generation model, a
@@ -345,13 +432,38 @@ def check_manifest(path: Path, checker: RowChecker) -> Iterator[CheckedRow | Iss
     for raw in read_rows(path):
         if isinstance(raw, Issue):
             # an unreadable row is still a row: it ends in the results as failed
-            yield CheckedRow(raw.line, str(raw.line), None, {}, [raw]) if raw.field == "row" else raw
+            yield checker.unreadable(raw) if raw.line > 0 else raw
             continue
         count += 1
         if count > MAX_ROWS:
             yield Issue(-1, "rows", f"manifest has more than {MAX_ROWS} rows")
             return
         yield checker.check(raw)
+
+
+CHECK_WINDOW = 256  # rows whose images are checked together (in parallel) while the manifest streams
+
+
+def check_images(entries: Iterable[CheckedRow | Issue], checks: ImageChecks) -> Iterator[CheckedRow | Issue]:
+    """The entries with each valid edit row's image checked (jobs.inputs.ImageChecks): a bad image makes its row
+    invalid, `line N: image: …`, like every other error. Order is kept; rows are checked a window at a time."""
+    window: list[CheckedRow | Issue] = []
+
+    def drain() -> Iterator[CheckedRow | Issue]:
+        edits = [e for e in window if isinstance(e, CheckedRow) and e.params and "image" in e.params]
+        rows = [(e, e.params["image"]) for e in edits if e.params]
+        for (row, ref), found in zip(rows, checks.check_all([ref for _, ref in rows]), strict=True):
+            if found.error is not None:
+                row.issues.append(Issue(row.line, "image", str(found.error), ref))
+                row.params = None
+        yield from window
+        window.clear()
+
+    for entry in entries:
+        window.append(entry)
+        if len(window) >= CHECK_WINDOW:
+            yield from drain()
+    yield from drain()
 
 
 def input_policy(path: Path, settings: Settings | None = None) -> InputPolicy:
@@ -362,15 +474,21 @@ def input_policy(path: Path, settings: Settings | None = None) -> InputPolicy:
 
 
 def validate_manifest(
-    path: Path, model: str, defaults: dict[str, Any] | None = None, inputs: InputPolicy | None = None
+    path: Path,
+    model: str,
+    defaults: dict[str, Any] | None = None,
+    inputs: InputPolicy | None = None,
+    checks: ImageChecks | None = None,
 ) -> CheckReport:
-    """Check a whole manifest; collects every issue (rows themselves are not kept)."""
+    """Check a whole manifest; collects every issue (rows themselves are not kept). `checks`: also check each edit
+    row's image (its header; S3 objects and URLs unless remote checks are off)."""
     checker = RowChecker(model, defaults, inputs or input_policy(path))
     report = CheckReport(issues=checker.check_defaults())
     if report.issues:
         return report
     columns: dict[str, None] = {}
-    for entry in check_manifest(path, checker):
+    entries = check_manifest(path, checker)
+    for entry in check_images(entries, checks) if checks else entries:
         if isinstance(entry, Issue):
             report.issues.append(entry)
             continue
@@ -383,4 +501,6 @@ def validate_manifest(
     report.metadata_columns = list(columns)
     if report.rows == 0 and not report.issues:  # submit refuses it too: say so here
         report.issues.append(Issue(-1, "rows", "the manifest has no rows"))
+    for why, count in (checks.unchecked() if checks else {}).items():
+        report.notes.append(f"{count} input image(s) not checked before queueing ({why}); the worker checks them")
     return report

@@ -357,6 +357,7 @@ class JobSpec(BaseModel):
     skip_invalid: bool = False  # queue the valid rows and record the invalid ones as failed (else: queue nothing)
     tenant: str | None = None  # whose job it is (the API key's tenant); None: the operator's (the CLI's)
     catalog: dict[str, Any] | None = None  # a scheduled run's: schedule, sheet, deleted and skipped objects
+    check_remote: bool | None = None  # HEAD s3:// inputs, fetch URLs at submit; None: DREAMBATCH_INPUTS__CHECK_REMOTE
 
 
 class JobRecord(BaseModel):

@@ -74,6 +74,11 @@ class InputSettings(BaseModel):
     max_bytes: int = Field(50 * 2**20, description="largest input image file")
     max_pixels: int = Field(64_000_000, description="larger images fail their item (decompression bombs)")
     download_timeout: float = Field(30.0, description="s for one URL download, redirects included")
+    check_remote: bool = Field(
+        True, description="at submit and validate, HEAD s3:// inputs and fetch URL inputs (off: the worker does)"
+    )
+    check_workers: int = Field(8, ge=1, description="input checks at once at submit")
+    check_budget_s: float = Field(120.0, gt=0, description="s into a submission after which no network check starts")
 
 
 class ApiSettings(BaseModel):

@@ -26,9 +26,18 @@ from kombu.exceptions import KombuError
 
 from jobs import inputs, lifecycle, loras, netguard, records
 from jobs.errors import DreambatchError, ErrorKind, InputError, TransientError
-from jobs.inputs import InputPolicy
+from jobs.inputs import ImageChecks, InputPolicy
 from jobs.lifecycle import ItemStatus
-from jobs.manifest import CheckedRow, CheckReport, Issue, RowChecker, check_manifest, input_policy, validate_manifest
+from jobs.manifest import (
+    CheckedRow,
+    CheckReport,
+    Issue,
+    RowChecker,
+    check_images,
+    check_manifest,
+    input_policy,
+    validate_manifest,
+)
 from jobs.models import MAX_SEED, MODELS, ItemRecord, JobRecord, JobSpec, item_event_id
 from jobs.services import Services
 from jobs.storage import ObjectStore
@@ -83,10 +92,15 @@ def resolve_seed(seed: int) -> int:
     return secrets.randbelow(MAX_SEED + 1) if seed < 0 else seed
 
 
-def _item(job_id: str, row: CheckedRow, at: str, objects: ObjectStore, max_bytes: int) -> ItemRecord:
+def _item(
+    job_id: str, row: CheckedRow, at: str, objects: ObjectStore, max_bytes: int, checks: ImageChecks | None = None
+) -> ItemRecord:
     if row.ok:
         params = {**row.params, "seed": resolve_seed(row.params["seed"])}
-        if "image" in params:  # local files and data URIs move next to the job, for any worker to read
+        fetched = checks.result(params["image"]) if checks and "image" in params else None
+        if fetched and fetched.copy:  # a URL fetched by the submit-time check: the worker reads this copy
+            params["image"] = inputs.stage_copy(fetched.copy, objects, job_id, row.item_id)
+        elif "image" in params:  # local files and data URIs move next to the job, for any worker to read
             params["image"] = inputs.stage(params["image"], objects, job_id, row.item_id, max_bytes)
         if params.get("lora"):  # a local LoRA file: staged once by content, for every row and job naming it
             params["lora_source"] = params["lora"]
@@ -126,6 +140,7 @@ def _fan_out(
     batch: int,
     retry_window: float,
     rejected_items: list[ItemRecord],
+    checks: ImageChecks | None = None,
 ) -> tuple[int, int]:
     """3. Second pass: items in batches, each batch stored before its tasks are published; returns the
     queued and rejected counts. A publish that fails (broker unreachable) is retried for `retry_window`
@@ -152,10 +167,11 @@ def _fan_out(
             pending.clear()
 
         try:
-            for row in check_manifest(manifest, checker):
+            rows = check_manifest(manifest, checker)
+            for row in check_images(rows, checks) if checks else rows:  # images: the answers cached in step 1
                 if isinstance(row, Issue):  # file-level issues were refused in step 1
                     continue
-                item = _item(job.job_id, row, job.created_at, objects, policy.max_bytes)
+                item = _item(job.job_id, row, job.created_at, objects, policy.max_bytes, checks)
                 rows_fh.write(
                     json.dumps(
                         {
@@ -224,9 +240,10 @@ def create_job(
     output = services.output(spec.output)
     objects = services.objects(output)
 
-    # 1. validate every row; nothing is created when a row is bad (unless skip_invalid)
+    # 1. validate every row and its input image; nothing is created when a row is bad (unless skip_invalid)
     policy = policy or input_policy(manifest, settings)
-    report = validate_manifest(manifest, spec.model, spec.defaults, policy)
+    checks = ImageChecks(settings, services.objects, remote=spec.check_remote)  # its copies go when it does
+    report = validate_manifest(manifest, spec.model, spec.defaults, policy, checks)
     file_issues = [i for i in report.issues if i.line <= 0]
     if file_issues or (report.issues and not spec.skip_invalid):
         shown = [str(i) for i in report.issues]
@@ -270,6 +287,7 @@ def create_job(
             settings.celery.publish_batch,
             settings.redis_retry_s,
             rejected_items,
+            checks,
         )
         # 4. commit: the durable record first, then the live flag that lets workers start
         records.write_job_spec(objects, job)

@@ -66,6 +66,12 @@ def http(stack, token):
         yield client
 
 
+def truncated_png() -> bytes:
+    """A PNG cut off inside its pixel data: its header passes the check at submit, its decode fails on the worker."""
+    data = png_bytes()
+    return data[: len(data) // 2]
+
+
 def png_bytes(width: int = 96, height: int = 64) -> bytes:
     image = Image.new("RGB", (width, height), "white")
     image.paste((200, 0, 0), (20, 10, 50, 40))
@@ -234,7 +240,7 @@ def test_fal_queue_round_trip_with_webhook(stack, http, receiver):
 
 
 def test_fal_request_that_fails_reports_error_by_status_result_and_webhook(http, receiver):
-    broken = "data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\n broken").decode()
+    broken = "data:image/png;base64," + base64.b64encode(truncated_png()).decode()  # fails on the worker
     submitted = http.post(
         "/fal-ai/hidream-e1-1",
         json={
@@ -284,7 +290,7 @@ def test_cancel_and_retry_over_http(http):
     assert http.post(f"/v1/jobs/{job['id']}/cancel").json()["status"] == "cancelled"  # again: no change
 
     # one good edit and one whose input is not an image: only the failed one is re-queued
-    bad = "data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\n broken").decode()
+    bad = "data:image/png;base64," + base64.b64encode(truncated_png()).decode()
     good = "data:image/png;base64," + base64.b64encode(png_bytes()).decode()
     job = http.post(
         "/v1/jobs",

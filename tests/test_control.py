@@ -191,6 +191,7 @@ def test_retry_requeues_only_the_failed_items_in_the_same_job_and_finalizes_agai
         "--webhook",
         receiver.url,
         "--skip-invalid",
+        "--no-remote-checks",  # e1's object is uploaded only later: the worker checks it, not submit
         model="e1-1",
     )
     store = RedisStore.from_url(redis_server.url)

@@ -244,7 +244,7 @@ def test_edit_manifest_of_real_files_runs_on_a_worker_good_rows_keep_their_size_
         ],
     )
 
-    env = service_env(redis_server.url, s3_endpoint, tiny_dir)
+    env = service_env(redis_server.url, s3_endpoint, tiny_dir, DREAMBATCH_ALLOW_PRIVATE_HOSTS="127.0.0.2")
     gpu.wait_ready()
     io_worker.wait_ready()
     res = cli(
@@ -262,7 +262,10 @@ def test_edit_manifest_of_real_files_runs_on_a_worker_good_rows_keep_their_size_
     )
     assert res.returncode == 0, res.stderr
     sub = json.loads(res.stdout)
-    assert (sub["total"], sub["queued"], sub["rejected"]) == (14, 12, 2)  # escape and missing: invalid rows
+    # refused at submit (before any GPU time): not an image, a header over the pixel cap, a path escaping the
+    # folder, a missing file, a private address; the truncated file and the bomb (under the submitter's default
+    # pixel cap, over the worker's) fail on the worker
+    assert (sub["total"], sub["queued"], sub["rejected"]) == (14, 9, 5)
     job_id = sub["job_id"]
     job = wait_job(redis_server.url, job_id)
     assert job.status == "completed"
@@ -297,20 +300,23 @@ def test_edit_manifest_of_real_files_runs_on_a_worker_good_rows_keep_their_size_
     # bad rows: each failed alone, its error naming the problem
     errors = {item_id: by_id[item_id]["error"] for item_id, _, size in rows if size is None}
     assert errors["truncated"].startswith("InputError: damaged JPEG")
-    assert errors["notes"] == "InputError: not a JPEG, PNG or WebP image"
+    assert errors["notes"] == f"invalid row: line 9: image: not a JPEG, PNG or WebP image (got '{shoot / 'notes.jpg'}')"
     assert errors["bomb"] == "InputError: image is 3000x3000 = 9000000 pixels, over the 1000000-pixel limit"
-    assert errors["huge"].startswith("InputError: image too large") and "10000000000 pixels" in errors["huge"]
+    assert errors["huge"].startswith("invalid row: line 11: image: image too large") and "10000000000" in errors["huge"]
     assert errors["escape"] == ("invalid row: line 12: image: path escapes the manifest folder (got '../outside.jpg')")
     assert errors["missing"] == "invalid row: line 13: image: file not found (got 'missing.jpg')"
-    assert errors["private"].startswith(f"BlockedAddress: '{blocked.base}/x.jpg': 127.0.0.1 resolves to 127.0.0.1")
+    assert errors["private"].startswith(f"invalid row: line 14: image: '{blocked.base}/x.jpg': 127.0.0.1 resolves to")
     assert "DREAMBATCH_ALLOW_PRIVATE_HOSTS" in errors["private"]
-    # the guard refused before connecting; the allow-listed address was fetched once
+    # the guard refused before connecting; the allow-listed address was fetched once, at submit: the worker read
+    # the copy submit staged
     assert blocked.requests == [] and allowed.requests == ["/ok.jpg"]
 
     # S3 holds the staged local inputs (valid rows only) and outputs for the completed rows only
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=f"edits/{job_id}/")["Contents"]}
     staged = {k.rsplit("/", 1)[1] for k in keys if k.startswith(f"edits/{job_id}/inputs/")}
-    assert staged == {f"{i}{Path(ref).suffix}" for i, ref, _ in rows[:10]}
+    assert staged == {f"{i}{Path(ref).suffix}" for i, ref, _ in rows[:10] if i not in ("notes", "huge")} | {
+        "fetched.jpg"
+    }
     assert s3.get_object(Bucket=bucket, Key=f"edits/{job_id}/inputs/bar.jpg")["Body"].read() == files["bar.jpg"]
     outputs = {k.rsplit("/", 1)[1] for k in keys if k.endswith(".png") and "/inputs/" not in k}
     assert outputs == {f"{i}.png" for i, _, size in rows if size is not None}

@@ -8,7 +8,7 @@ import io
 from PIL import Image
 
 from jobs import formats
-from jobs.formats import CONTENT_TYPES, PIL_NAMES
+from jobs.formats import CONTENT_TYPES
 
 
 def encode(image: Image.Image, fmt: str, quality: int) -> tuple[bytes, str]:
@@ -45,34 +45,18 @@ def decode_input(data: bytes, max_pixels: int) -> Image.Image:
     decoding, so a decompression bomb fails its item instead of the worker. RGBA/LA/P-with-alpha
     are composited onto white; CMYK, grayscale and 16-bit modes are converted to RGB.
     """
-    from PIL import ImageOps, UnidentifiedImageError
+    from PIL import ImageOps
 
     from jobs.errors import InputError
+    from jobs.inputs import damaged, open_image
 
-    try:
-        image: Image.Image = Image.open(io.BytesIO(data), formats=sorted(PIL_NAMES))
-    except UnidentifiedImageError:
-        if claimed := formats.begins_like(data):
-            raise InputError(f"{_damaged(claimed)}: it begins like one but its data cannot be read") from None
-        raise InputError("not a JPEG, PNG or WebP image") from None
-    except Image.DecompressionBombError as exc:
-        raise InputError(f"image too large: {exc}") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise InputError(f"{_damaged(formats.begins_like(data))}: {exc}") from None
-    w, h = image.size
-    if w * h > max_pixels:
-        raise InputError(f"image is {w}x{h} = {w * h} pixels, over the {max_pixels}-pixel limit")
+    image: Image.Image = open_image(data, max_pixels)  # the header checks submit made too
     try:
         image.load()
         image = ImageOps.exif_transpose(image)
     except (OSError, SyntaxError, ValueError) as exc:
-        raise InputError(f"{_damaged(formats.sniff(data) or formats.begins_like(data))}: {exc}") from None
+        raise InputError(f"{damaged(formats.sniff(data) or formats.begins_like(data))}: {exc}") from None
     return to_rgb(image)
-
-
-def _damaged(fmt: str | None) -> str:
-    """ "damaged JPEG" (or PNG, WebP) when the bytes say which format the file was meant to be."""
-    return f"damaged {formats.FORMATS[fmt].shown}" if fmt else "image file is damaged or truncated"
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -306,7 +306,7 @@ def _run_manifest(run: _Run) -> None:
                     continue
                 check()
                 row = checker.check(raw)
-                if row.item_id in seen:  # one ledger key, one row: the later one is not run
+                if checker.named_id(raw) in seen:  # one ledger key, one row: the later one is not run
                     report.skipped.append(Skipped(f"line {raw.line}", "; ".join(map(str, row.issues))))
                     continue
                 report.images += 1

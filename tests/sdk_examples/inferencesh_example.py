@@ -9,7 +9,8 @@ import sys
 from inferencesh import inference
 
 image, seen = sys.argv[1], {}
-BROKEN = "data:image/png;base64,iVBORw0KGgpicm9rZW4="  # a PNG signature, then nothing
+# a PNG cut off inside its pixel data: its header passes the checks at submit, its decode fails on the worker
+BROKEN = "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAEAAAABACAIAAAAlC+aJAAAAYElEQVR4nO3PQQ0A"
 client = inference(base_url=os.environ["DREAMBATCH_URL"])
 
 # "run and get result", with a local file that the SDK uploads (POST /files, then a PUT to upload_url)

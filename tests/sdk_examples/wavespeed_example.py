@@ -10,7 +10,8 @@ import requests
 import wavespeed
 
 image, seen = sys.argv[1], {}
-BROKEN = "data:image/png;base64,iVBORw0KGgpicm9rZW4="  # a PNG signature, then nothing
+# a PNG cut off inside its pixel data: its header passes the checks at submit, its decode fails on the worker
+BROKEN = "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAEAAAABACAIAAAAlC+aJAAAAYElEQVR4nO3PQQ0A"
 client = wavespeed.Client(base_url=os.environ["DREAMBATCH_URL"])
 
 # upload a file, then edit it (the seed page's model and fields)
