@@ -99,7 +99,7 @@ def edit_rows(folder: Path, bucket: str, images: ImageServer) -> list[dict]:
 
 
 BAD = {
-    "corrupt": "line 2: image: image file is damaged or truncated",
+    "corrupt": "line 2: image: damaged PNG",
     "huge": "line 3: image: image too large",
     "tiny-uri": "line 5: image: not a JPEG, PNG or WebP image",
     "missing-s3": "line 7: image: s3://",
