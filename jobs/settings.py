@@ -35,6 +35,9 @@ class CelerySettings(BaseModel):
     reconcile_interval: int = Field(300, description="s between sweeps for jobs whose live state was lost; 0: off")
     slot_wait: float = Field(2.0, description="s before an item over its job's --max-concurrency is tried again")
     heartbeat: float = Field(5.0, description="s between a worker's heartbeats in Redis (dreambatch top)")
+    recovery_interval: float = Field(
+        15.0, description="s between scans that re-queue the items of a dead worker (lease gone, no heartbeat); 0: off"
+    )
 
     @model_validator(mode="after")
     def _visibility_above_time_limit(self) -> CelerySettings:
@@ -60,6 +63,11 @@ class S3Settings(BaseModel):
     connect_timeout: float = 5.0
     read_timeout: float = 60.0
     max_attempts: int = 5
+    outage_wait: float = Field(
+        60.0,
+        description="s an item waits, in its thread, for S3 to answer again before it hands its message back to "
+        "the broker (an outage never spends an item's attempts; it is waited out however long it lasts)",
+    )
 
 
 class WebhookSettings(BaseModel):

@@ -113,7 +113,10 @@ def worker(
     register(celery, runtime)
     if metrics_port is not None:
         runtime.metrics.serve(metrics_port)
-    worker_name = f"{name}.{os.getpid()}@{socket.gethostname()}"
+    worker_name = runtime.name = f"{name}.{os.getpid()}@{socket.gethostname()}"
+    from worker import recovery
+
+    recovery.start(services)  # items of workers that died are queued again once their leases expire
     Heartbeat(
         runtime, worker_name, queue, settings.celery.heartbeat, chores=_expiry_chore(runtime) if io else None
     ).start()

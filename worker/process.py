@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import base64
 import logging
+import random
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import TypeVar
 
 from jobs import keys, lifecycle, logs, records, vendors
 from jobs.ending import Publish, announce, end_item
@@ -27,6 +29,7 @@ from jobs.errors import (
     InputError,
     ItemCancelled,
     ModelError,
+    StorageUnavailable,
     TransientError,
 )
 from jobs.lifecycle import ItemStatus, job_outcome
@@ -41,6 +44,7 @@ from worker.metrics import WorkerMetrics
 from worker.runners.base import EditRequest, GenerateRequest, Runner
 
 log = logging.getLogger("dreambatch.worker")
+T = TypeVar("T")
 
 
 @dataclass
@@ -72,7 +76,27 @@ class Outcome:
 
 def process_item(ctx: Context, job_id: str, item_id: str) -> Outcome:
     with logs.context(job_id=job_id, item_id=item_id):
-        return _process_item(ctx, job_id, item_id)
+        try:
+            return _process_item(ctx, job_id, item_id)
+        except StorageUnavailable as exc:  # S3 is away for longer than an item waits in its thread: hand it back
+            log.warning("item %s/%s waits for object storage: %s", job_id, item_id, exc)
+            return Outcome(note=f"waiting for object storage: {exc}", retry_in=random.uniform(5.0, 30.0))
+
+
+def _patiently(ctx: Context, what: Callable[[], T]) -> T:
+    """`what()`, tried again with backoff while object storage fails, for up to `s3.outage_wait` s; then the
+    StorageUnavailable goes up, to `process_item`, which hands the message back without spending an attempt."""
+    deadline, n = time.monotonic() + ctx.settings.s3.outage_wait, 0
+    while True:
+        try:
+            return what()
+        except StorageUnavailable as exc:
+            n += 1
+            wait = webhooks.backoff(n, 0.5, 10.0)
+            if time.monotonic() + wait > deadline:
+                raise
+            log.warning("object storage failed (%s); trying again in %.1fs", exc, wait)
+            time.sleep(wait)
 
 
 def _process_item(ctx: Context, job_id: str, item_id: str) -> Outcome:
@@ -160,7 +184,14 @@ def _attempt(ctx: Context, job: JobRecord, item: ItemRecord) -> Outcome:
             ),
         )
     log.info("item %s/%s started (attempt %d)", item.job_id, item.item_id, move.attempts)
+    try:
+        return _run_attempt(ctx, job, item, this_round)
+    except StorageUnavailable:  # object storage's outage, not the item's: the attempt does not count
+        ctx.store.refund_attempt(item.job_id, item.item_id)
+        raise
 
+
+def _run_attempt(ctx: Context, job: JobRecord, item: ItemRecord, this_round: int) -> Outcome:
     try:
         # 4. fetch the input (edits) and 5. run the model: the only step that holds the GPU.
         # Between denoising steps the job's cancel flag is read; a cancel stops the item there.
@@ -185,13 +216,16 @@ def _attempt(ctx: Context, job: JobRecord, item: ItemRecord) -> Outcome:
 
         # 6. encode and upload, outside the GPU lock so the next item's inference overlaps
         t0 = time.perf_counter()
-        item.output = _upload(ctx.objects(job.output), item, images, output)
+        objects = ctx.objects(job.output)
+        item.output = _patiently(ctx, lambda: _upload(objects, item, images, output.model_copy(deep=True)))
         item.timings.upload_s = round(time.perf_counter() - t0, 4)
     except ItemCancelled as exc:
         log.info("item %s/%s stopped: %s", item.job_id, item.item_id, exc)
         return _end(ctx, job, item, ItemStatus.CANCELLED, reason="cancelled")
     except (InputError, ModelError, ConfigError) as exc:
         return _end(ctx, job, item, ItemStatus.FAILED, Failure.of(exc))
+    except StorageUnavailable:
+        raise
     except TransientError as exc:
         if this_round >= ctx.settings.celery.max_attempts:
             return _end(ctx, job, item, ItemStatus.FAILED, Failure.of(exc, f"{exc} (after {this_round} attempts)"))
@@ -241,7 +275,7 @@ def _run_edit(ctx: Context, job: JobRecord, item: ItemRecord) -> tuple[list, Ite
     """Fetch and decode the input, fit it to the model's canvas, edit, and bring it back to the output size.
     Returns the images and the item's output record with the sizes it worked at."""
     p = item.params
-    data = inputs.fetch(p["image"], job, ctx.settings, ctx.objects)
+    data = _patiently(ctx, lambda: inputs.fetch(p["image"], job, ctx.settings, ctx.objects))
     source = imaging.decode_input(data, ctx.settings.inputs.max_pixels)
     try:
         target = geometry.output_size(source.size, p["size"], p.get("aspect_ratio"), p.get("resolution"))
@@ -342,17 +376,21 @@ def _end(
     item.model_revision = ctx.revision() or item.model_revision  # (loaded by now)
     if status == ItemStatus.COMPLETED and item.timings.started_at:
         item.timings.total_s = round(time.time() - item.timings.started_at, 4)
-    if not end_item(
-        ctx.store,
-        ctx.objects(job.output),
-        job,
-        item,
-        status,
-        publish=ctx.notify,
-        finalize=ctx.finalize,
-        failure=failure,
-        reason=reason,
-    ):
+    ended = _patiently(
+        ctx,
+        lambda: end_item(
+            ctx.store,
+            ctx.objects(job.output),
+            job,
+            item,
+            status,
+            publish=ctx.notify,
+            finalize=ctx.finalize,
+            failure=failure,
+            reason=reason,
+        ),
+    )
+    if not ended:
         return Outcome(note="skipped")
     log.info(
         "item %s/%s %s%s",

@@ -120,6 +120,7 @@ class Runtime:
         self.metrics = WorkerMetrics()
         self.active: set[tuple[str, str]] = set()  # (job_id, item_id) running in this process, for heartbeats
         self.ended = 0  # items this process ran to an end
+        self.name = ""  # the worker's name in its heartbeats (worker.cli sets it; worker.recovery reads it)
 
     @property
     def leases(self) -> Leases:

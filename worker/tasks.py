@@ -8,7 +8,7 @@ from celery import Celery
 
 from jobs import keys
 from jobs.catalog.run import run_fired
-from worker import process, webhooks
+from worker import process, recovery, webhooks
 from worker.runtime import Runtime
 
 
@@ -18,6 +18,7 @@ def register(app: Celery, runtime: Runtime) -> None:
     @app.task(name=keys.TASK_RUN_ITEM, bind=True, max_retries=None, acks_late=True)
     def run_item(self, job_id: str, item_id: str) -> str:
         runtime.active.add((job_id, item_id))
+        held = recovery.holding(runtime, job_id, item_id)  # this worker holds the message (worker.recovery)
         try:
             outcome = process.process_item(runtime.context(), job_id, item_id)
         finally:
@@ -25,7 +26,9 @@ def register(app: Celery, runtime: Runtime) -> None:
         if outcome.ended:
             runtime.ended += 1
         if outcome.retry_in is not None:
+            held.passed_to_broker()
             raise self.retry(countdown=outcome.retry_in)
+        held.done()
         return str(outcome)
 
     @app.task(name=keys.TASK_FINALIZE_JOB, bind=True, max_retries=10, acks_late=True)

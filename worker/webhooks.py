@@ -20,7 +20,7 @@ from typing import Any
 
 import httpx
 
-from jobs import netguard
+from jobs import netclient, netguard
 from jobs.errors import TransientError
 from jobs.lifecycle import JobStatus
 from jobs.models import ItemRecord, JobRecord
@@ -107,8 +107,9 @@ def deliver(
     policy: netguard.Policy,
     client: httpx.Client | None = None,
 ) -> Attempt:
-    """POST once to the checked address of the URL's host (redirects are not followed); never raises for
-    HTTP, network or address-policy failures, it reports them. A refused address is not retried."""
+    """POST once to the checked address of the URL's host (redirects are not followed), within `timeout` seconds
+    in all, on this process's pooled client unless `client` is given; never raises for HTTP, network or
+    address-policy failures, it reports them. A refused address is not retried."""
     body = json.dumps(payload, separators=(",", ":")).encode()
     ts = int(time.time())
     headers = {
@@ -120,18 +121,20 @@ def deliver(
     if secrets:
         headers["webhook-signature"] = signature_header(secrets, event_id, ts, body)
     start = time.monotonic()
-    own = client is None
-    client = client or httpx.Client(timeout=timeout)
+    client = client or netclient.shared()
     try:
-        with netguard.pinned_request(client, "POST", url, policy, content=body, headers=headers) as resp:
-            status, retry_after = resp.status_code, resp.headers.get("retry-after")
+        with netclient.deadline(timeout):  # `timeout` is the whole attempt's: a receiver trickling bytes is cut off
+            with netguard.pinned_request(
+                client, "POST", url, policy, content=body, headers=headers, timeout=timeout
+            ) as resp:
+                status, retry_after = resp.status_code, resp.headers.get("retry-after")
     except netguard.BlockedAddress as exc:
         return Attempt(time.time(), None, 0.0, f"blocked: {exc}", refused=True)
+    except httpx.TimeoutException as exc:
+        took = time.monotonic() - start
+        return Attempt(time.time(), None, took, f"{type(exc).__name__}: no answer within {timeout}s ({exc})")
     except (httpx.HTTPError, TransientError) as exc:
         return Attempt(time.time(), None, time.monotonic() - start, f"{type(exc).__name__}: {exc}")
-    finally:
-        if own:
-            client.close()
     latency = time.monotonic() - start
     error = None if 200 <= status < 300 else f"HTTP {status}"
     return Attempt(time.time(), status, latency, error, _retry_after(retry_after))
