@@ -66,7 +66,12 @@ class S3Settings(BaseModel):
     outage_wait: float = Field(
         60.0,
         description="s an item waits, in its thread, for S3 to answer again before it hands its message back to "
-        "the broker (an outage never spends an item's attempts; it is waited out however long it lasts)",
+        "the broker (an outage spends none of an item's attempts, up to s3.outage_limit)",
+    )
+    outage_limit: float = Field(
+        1800.0,
+        description="s an item waits for S3 without spending attempts; past it, S3 errors count as attempts and "
+        "an item S3 keeps refusing ends failed after celery.max_attempts",
     )
 
 

@@ -60,6 +60,7 @@ class Context:
     metrics: WorkerMetrics | None = None  # this process's Prometheus metrics, when it exports them
     revision: Callable[[], str | None] = lambda: None  # the revision of this process's weights
     safety: Callable[[], safety.SafetyChecker | None] = lambda: None  # this process's safety checker, if any
+    outage_since: float | None = None  # epoch s this item's message first found object storage away (its retries)
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,7 @@ class Outcome:
     ended: ItemStatus | None = None  # the status this call ended the item with
     note: str = ""  # when it did not end it: what happened instead, in words
     retry_in: float | None = None  # set: run this item again after so many seconds
+    outage_since: float | None = None  # set: the retry waits for object storage, away since then (epoch s)
 
     def __str__(self) -> str:
         return self.ended.value if self.ended else self.note
@@ -80,7 +82,15 @@ def process_item(ctx: Context, job_id: str, item_id: str) -> Outcome:
             return _process_item(ctx, job_id, item_id)
         except StorageUnavailable as exc:  # S3 is away for longer than an item waits in its thread: hand it back
             log.warning("item %s/%s waits for object storage: %s", job_id, item_id, exc)
-            return Outcome(note=f"waiting for object storage: {exc}", retry_in=random.uniform(5.0, 30.0))
+            wait = random.uniform(0.5, 1.0) * min(30.0, max(1.0, ctx.settings.s3.outage_wait))
+            since = ctx.outage_since or time.time()
+            return Outcome(note=f"waiting for object storage: {exc}", retry_in=wait, outage_since=since)
+
+
+def _outage_too_long(ctx: Context) -> bool:
+    """Whether object storage has failed this item for longer than `s3.outage_limit`: from then on its
+    errors count as attempts, and an item S3 keeps refusing ends failed after `celery.max_attempts`."""
+    return ctx.outage_since is not None and time.time() - ctx.outage_since > ctx.settings.s3.outage_limit
 
 
 def _patiently(ctx: Context, what: Callable[[], T]) -> T:
@@ -187,7 +197,8 @@ def _attempt(ctx: Context, job: JobRecord, item: ItemRecord) -> Outcome:
     try:
         return _run_attempt(ctx, job, item, this_round)
     except StorageUnavailable:  # object storage's outage, not the item's: the attempt does not count
-        ctx.store.refund_attempt(item.job_id, item.item_id)
+        if not _outage_too_long(ctx):
+            ctx.store.refund_attempt(item.job_id, item.item_id)
         raise
 
 
@@ -224,13 +235,15 @@ def _run_attempt(ctx: Context, job: JobRecord, item: ItemRecord, this_round: int
         return _end(ctx, job, item, ItemStatus.CANCELLED, reason="cancelled")
     except (InputError, ModelError, ConfigError) as exc:
         return _end(ctx, job, item, ItemStatus.FAILED, Failure.of(exc))
-    except StorageUnavailable:
-        raise
     except TransientError as exc:
+        storage = isinstance(exc, StorageUnavailable)
+        if storage and not _outage_too_long(ctx):
+            raise  # waited out by process_item, the attempt refunded by _attempt
         if this_round >= ctx.settings.celery.max_attempts:
             return _end(ctx, job, item, ItemStatus.FAILED, Failure.of(exc, f"{exc} (after {this_round} attempts)"))
         log.warning("item %s/%s attempt %d: %s; retrying", item.job_id, item.item_id, item.attempts, exc)
-        return Outcome(note=f"retrying: {exc}", retry_in=webhooks.backoff(this_round, 1.0, 30.0))
+        since = ctx.outage_since if storage else None
+        return Outcome(note=f"retrying: {exc}", retry_in=webhooks.backoff(this_round, 1.0, 30.0), outage_since=since)
     except Exception as exc:  # a bug must not take the worker down with it
         log.exception("item %s/%s failed", item.job_id, item.item_id)
         return _end(ctx, job, item, ItemStatus.FAILED, Failure.of(exc))

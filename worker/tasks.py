@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import random
 import time
 
 from celery import Celery
 
 from jobs import keys
 from jobs.catalog.run import run_fired
+from jobs.errors import StorageUnavailable
 from worker import process, recovery, webhooks
 from worker.runtime import Runtime
 
@@ -16,18 +18,21 @@ def register(app: Celery, runtime: Runtime) -> None:
     """Register the four tasks on `app`, bound to this process's runtime."""
 
     @app.task(name=keys.TASK_RUN_ITEM, bind=True, max_retries=None, acks_late=True)
-    def run_item(self, job_id: str, item_id: str) -> str:
+    def run_item(self, job_id: str, item_id: str, outage_since: float | None = None) -> str:
         runtime.active.add((job_id, item_id))
         held = recovery.holding(runtime, job_id, item_id)  # this worker holds the message (worker.recovery)
+        ctx = runtime.context()
+        ctx.outage_since = outage_since  # (set on the retries of an item waiting for object storage)
         try:
-            outcome = process.process_item(runtime.context(), job_id, item_id)
+            outcome = process.process_item(ctx, job_id, item_id)
         finally:
             runtime.active.discard((job_id, item_id))
         if outcome.ended:
             runtime.ended += 1
         if outcome.retry_in is not None:
             held.passed_to_broker()
-            raise self.retry(countdown=outcome.retry_in)
+            since = {"outage_since": outcome.outage_since} if outcome.outage_since else {}
+            raise self.retry(countdown=outcome.retry_in, args=[job_id, item_id], kwargs=since)
         held.done()
         return str(outcome)
 
@@ -37,6 +42,8 @@ def register(app: Celery, runtime: Runtime) -> None:
             return process.finalize_job(runtime.context(), job_id)
         except process.SendLater as later:  # a job that just ended: its finalizer may be sending the event
             raise self.retry(countdown=later.seconds) from None
+        except StorageUnavailable as exc:  # results.jsonl waits for S3, however long it is away
+            raise self.retry(countdown=random.uniform(2.0, 15.0), max_retries=None, exc=exc) from None
 
     @app.task(name=keys.TASK_SEND_WEBHOOK, bind=True, max_retries=None, acks_late=True)
     def send_webhook(self, job_id: str, item_id: str | None, event_id: str, first_at: float | None = None) -> str:
