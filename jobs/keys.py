@@ -9,7 +9,7 @@ IO_QUEUE = "io"  # finalize + webhooks, so a GPU never waits on an HTTP call
 # --- Celery task names (stable: renaming one strands queued messages) ---------------------
 TASK_RUN_ITEM = "dreambatch.run_item"  # args: job_id, item_id; kwargs: outage_since (waiting for S3)
 TASK_FINALIZE_JOB = "dreambatch.finalize_job"  # args: job_id
-TASK_SEND_WEBHOOK = "dreambatch.send_webhook"  # args: job_id, item_id | None, event_id
+TASK_SEND_WEBHOOK = "dreambatch.send_webhook"  # args: job_id, item_id | None, event_id[, first_at, tries]
 TASK_RUN_SCHEDULE = "dreambatch.run_schedule"  # args: schedule name, slot (ISO UTC) it fires for
 
 # --- Redis keys (live state) ---------------------------------------------------------------

@@ -11,6 +11,7 @@ import logging
 import os
 import shlex
 import socket
+import threading
 from pathlib import Path
 from typing import Annotated
 
@@ -99,6 +100,8 @@ def worker(
 
         runtime = Runtime(services)
         queue, threads, name = keys.IO_QUEUE, concurrency or 8, "io"
+        # slow receivers can hold at most all but two threads: finalizing a job never waits behind them
+        runtime.deliveries = threading.BoundedSemaphore(max(1, threads - FREE_FOR_FINALIZE))
         sweeper.start(services)  # periodic reconciliation of jobs whose live state was lost
     else:
         from worker.runtime import check_device
@@ -140,6 +143,7 @@ def worker(
     )
 
 
+FREE_FOR_FINALIZE = 2  # threads of an I/O worker webhook deliveries never take
 PIPELINE_THREADS = 3  # the model's item, the next item's fetch + decode, the last item's encode + upload
 
 

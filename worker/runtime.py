@@ -121,6 +121,8 @@ class Runtime:
         self.active: set[tuple[str, str]] = set()  # (job_id, item_id) running in this process, for heartbeats
         self.ended = 0  # items this process ran to an end
         self.name = ""  # the worker's name in its heartbeats (worker.cli sets it; worker.recovery reads it)
+        # webhook deliveries at once; an I/O worker keeps threads beyond them for finalizing jobs (worker.cli)
+        self.deliveries = threading.BoundedSemaphore(1_000_000)
 
     @property
     def leases(self) -> Leases:

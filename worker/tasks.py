@@ -46,16 +46,24 @@ def register(app: Celery, runtime: Runtime) -> None:
             raise self.retry(countdown=random.uniform(2.0, 15.0), max_retries=None, exc=exc) from None
 
     @app.task(name=keys.TASK_SEND_WEBHOOK, bind=True, max_retries=None, acks_late=True)
-    def send_webhook(self, job_id: str, item_id: str | None, event_id: str, first_at: float | None = None) -> str:
+    def send_webhook(
+        self, job_id: str, item_id: str | None, event_id: str, first_at: float | None = None, tries: int | None = None
+    ) -> str:
         first_at = first_at or time.time()  # the retry window starts at an event's first attempt
-        attempt = process.webhook_attempt(runtime.context(), job_id, item_id, event_id)
+        tries = self.request.retries if tries is None else tries  # attempts made before this one
+        if not runtime.deliveries.acquire(blocking=False):  # every delivery thread is busy: leave this thread free
+            raise self.retry(countdown=random.uniform(0.5, 2.0), args=[job_id, item_id, event_id, first_at, tries])
+        try:
+            attempt = process.webhook_attempt(runtime.context(), job_id, item_id, event_id)
+        finally:
+            runtime.deliveries.release()
         if attempt is None or attempt.delivered or not attempt.retryable:
             return "done" if attempt is None or attempt.delivered else f"gave up: {attempt.error}"
-        attempts = self.request.retries + 1
+        attempts = tries + 1
         delay = webhooks.next_retry(attempts, first_at, runtime.settings.webhooks, attempt.retry_after)
         if delay is None:
             return f"gave up after {attempts} attempts in {time.time() - first_at:.0f}s: {attempt.error}"
-        raise self.retry(countdown=delay, args=[job_id, item_id, event_id, first_at])
+        raise self.retry(countdown=delay, args=[job_id, item_id, event_id, first_at, attempts])
 
     @app.task(name=keys.TASK_RUN_SCHEDULE, bind=True, max_retries=None, acks_late=True)
     def run_schedule(self, name: str, slot: str | None = None) -> dict:

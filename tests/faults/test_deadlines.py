@@ -3,19 +3,22 @@ one pooled client per process still connects only to the address the guard check
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
 
 import httpx
 import pytest
+from services import cli, service_env, wait_until
 
 from jobs import netclient
 from jobs.errors import InputError, TransientError
 from jobs.netguard import Policy, fetch
+from jobs.store import RedisStore
 from worker import webhooks
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(240)
 LOOPBACK = Policy.from_setting("127.0.0.1")
 
 
@@ -146,3 +149,36 @@ def test_a_request_on_the_pooled_client_costs_no_client_construction():
         server.close()
     print(f"\nfetch on the pooled client: {pooled * 1000:.2f} ms; with a new httpx.Client each: {fresh * 1000:.2f} ms")
     assert server.connections <= 1 + n  # the pooled ones shared one connection; each fresh client opened its own
+
+
+def _submit_rejected(env, path, rows: int, output: str, webhook: str) -> str:
+    """A job of `rows` rejected rows: it ends at once, no GPU needed, with rows + 1 webhook events."""
+    path.write_text('{"prompt": ""}\n' * rows)
+    res = cli("submit", str(path), "--output", output, "--webhook", webhook, "--skip-invalid", "--json", env=env)
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout)["job_id"]
+
+
+def test_slow_receivers_do_not_keep_another_job_from_finalizing(
+    redis_server, s3_endpoint, tiny_dir, bucket, receiver, start_worker, tmp_path
+):
+    """Three I/O threads, three events for a receiver that trickles its headers (each delivery may take 20 s,
+    enough to hold every thread): they get one thread; another job still finalizes within seconds (its submit
+    included), and its events arrive."""
+    cfg = {"DREAMBATCH_WEBHOOKS__TIMEOUT": "20", "DREAMBATCH_WEBHOOKS__BACKOFF_MAX": "2"}
+    env = service_env(redis_server.url, s3_endpoint, tiny_dir, **cfg)
+    slow = RawServer(trickle)
+    try:
+        start_worker("worker", "--io", "--concurrency", "3", **cfg).wait_ready()
+        _submit_rejected(env, tmp_path / "a.jsonl", 2, f"s3://{bucket}/sa", slow.url)
+        wait_until(lambda: slow.connections >= 1, 60, 0.1, what="a delivery to the slow receiver")
+        started = time.monotonic()
+        job_b = _submit_rejected(env, tmp_path / "b.jsonl", 1, f"s3://{bucket}/sb", receiver.url)
+        store = RedisStore.from_url(redis_server.url)
+        wait_until(lambda: store.get_job(job_b).finished_at, 60, 0.1, what="the other job to finalize")
+        took = time.monotonic() - started
+        print(f"\nthe other job finalized {took:.1f}s after its submit began, with slow deliveries in flight")
+        assert took < 15, f"finalizing waited {took:.1f}s behind deliveries to a slow receiver"
+        wait_until(lambda: len(receiver.delivered()) == 2, 120, 0.2, what="the other job's two events")
+    finally:
+        slow.close()
