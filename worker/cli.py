@@ -97,11 +97,12 @@ def worker(
     celery = services.celery
     if io:
         from worker import sweeper
+        from worker.webhooks import DeliverySlots
 
         runtime = Runtime(services)
         queue, threads, name = keys.IO_QUEUE, concurrency or 8, "io"
-        # slow receivers can hold at most all but two threads: finalizing a job never waits behind them
-        runtime.deliveries = threading.BoundedSemaphore(max(1, threads - FREE_FOR_FINALIZE))
+        # deliveries take all but two threads (a third of those per receiver host): finalizing never waits on them
+        runtime.deliveries = DeliverySlots.for_threads(threads, FREE_FOR_FINALIZE)
         sweeper.start(services)  # periodic reconciliation of jobs whose live state was lost
     else:
         from worker.runtime import check_device
@@ -119,28 +120,67 @@ def worker(
     worker_name = runtime.name = f"{name}.{os.getpid()}@{socket.gethostname()}"
     from worker import recovery
 
-    recovery.start(services)  # items of workers that died are queued again once their leases expire
+    recovery.start(services, worker_name)  # items of workers that died are queued again once their leases expire
     Heartbeat(
         runtime, worker_name, queue, settings.celery.heartbeat, chores=_expiry_chore(runtime) if io else None
     ).start()
-    celery.worker_main(
-        [
-            "worker",
-            "-Q",
-            queue,
-            "-P",
-            "threads",
-            "-c",
-            str(threads),
-            "-n",
-            f"{name}.{os.getpid()}@%h",
-            "-l",
-            loglevel,
-            "--without-gossip",
-            "--without-mingle",
-            "--without-heartbeat",
-        ]
+    asked_to_stop = _stop_requests()
+    argv = [
+        "worker",
+        "-Q",
+        queue,
+        "-P",
+        "threads",
+        "-c",
+        str(threads),
+        "-n",
+        f"{name}.{os.getpid()}@%h",
+        "-l",
+        loglevel,
+        "--without-gossip",
+        "--without-mingle",
+        "--without-heartbeat",
+    ]
+    try:
+        celery.worker_main(argv)
+        code: object = 0
+    except SystemExit as exc:
+        code = exc.code
+    if not asked_to_stop.is_set():  # Celery gave up on its own (a broker crash it did not recover from)
+        _restart_in_place(code)
+    raise SystemExit(code)
+
+
+def _stop_requests() -> threading.Event:
+    """Set once a signal (SIGTERM, SIGINT, SIGQUIT) asks this worker to stop."""
+    from celery.signals import worker_shutting_down
+
+    asked = threading.Event()
+    worker_shutting_down.connect(lambda *args, **kwargs: asked.set(), weak=False)
+    return asked
+
+
+RESTART_PAUSE = 2.0  # s before a worker that stopped on its own starts again
+
+
+def _restart_in_place(code: object) -> None:
+    """A worker that nobody asked to stop must not stay stopped: Celery ends its main loop on an error it
+    cannot recover from (a broker connection that broke the wrong way: "Unrecoverable error" above), and
+    its process would exit as if all were well. Start it again in this process (same pid, same command),
+    so it picks its queue up as soon as the broker answers; its items in flight are recovered
+    (worker.recovery), since the warm shutdown before this let its threads finish."""
+    import sys
+    import time
+
+    log = logging.getLogger("dreambatch.worker")
+    log.error(
+        "this worker stopped on its own (exit code %s), most likely after its broker connection broke; "
+        "restarting it in place in %.0fs",
+        code,
+        RESTART_PAUSE,
     )
+    time.sleep(RESTART_PAUSE)
+    os.execv(sys.executable, sys.orig_argv)
 
 
 FREE_FOR_FINALIZE = 2  # threads of an I/O worker webhook deliveries never take

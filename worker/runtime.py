@@ -23,6 +23,7 @@ from worker.leases import Leases
 from worker.metrics import WorkerMetrics
 from worker.process import Context
 from worker.runners.base import Runner
+from worker.webhooks import DeliverySlots
 
 
 def build_runner(model: str, weights: str | None, device: str, options: RunnerSettings | None = None) -> Runner:
@@ -122,7 +123,7 @@ class Runtime:
         self.ended = 0  # items this process ran to an end
         self.name = ""  # the worker's name in its heartbeats (worker.cli sets it; worker.recovery reads it)
         # webhook deliveries at once; an I/O worker keeps threads beyond them for finalizing jobs (worker.cli)
-        self.deliveries = threading.BoundedSemaphore(1_000_000)
+        self.deliveries = DeliverySlots(1_000_000, 1_000_000)
 
     @property
     def leases(self) -> Leases:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import time
+from urllib.parse import urlsplit
 
 from celery import Celery
 
@@ -51,12 +52,14 @@ def register(app: Celery, runtime: Runtime) -> None:
     ) -> str:
         first_at = first_at or time.time()  # the retry window starts at an event's first attempt
         tries = self.request.retries if tries is None else tries  # attempts made before this one
-        if not runtime.deliveries.acquire(blocking=False):  # every delivery thread is busy: leave this thread free
+        job = runtime.store.get_job(job_id)
+        host = urlsplit(job.webhook).netloc if job and job.webhook else ""  # the receiver: host and port
+        if not runtime.deliveries.take(host):  # the delivery slots (or this host's) are busy: free this thread
             raise self.retry(countdown=random.uniform(0.5, 2.0), args=[job_id, item_id, event_id, first_at, tries])
         try:
             attempt = process.webhook_attempt(runtime.context(), job_id, item_id, event_id)
         finally:
-            runtime.deliveries.release()
+            runtime.deliveries.give(host)
         if attempt is None or attempt.delivered or not attempt.retryable:
             return "done" if attempt is None or attempt.delivered else f"gave up: {attempt.error}"
         attempts = tries + 1

@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import json
 import random
+import threading
 import time
 from dataclasses import asdict, dataclass
 from email.utils import parsedate_to_datetime
@@ -172,3 +173,31 @@ def backoff(attempt: int, base: float, cap: float, retry_after: float | None = N
     """Exponential backoff with full jitter; a server's Retry-After wins when it asks for longer."""
     delay = random.uniform(0, min(cap, base * (2 ** max(0, attempt - 1))))
     return max(delay, retry_after or 0.0)
+
+
+class DeliverySlots:
+    """How many deliveries an I/O worker makes at once: `total` in all, so threads stay free for finalizing
+    jobs, and `per_host` to one receiver (its host and port), so a slow receiver cannot take every slot."""
+
+    def __init__(self, total: int, per_host: int):
+        self.total, self.per_host = total, per_host
+        self._busy: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def take(self, host: str) -> bool:
+        with self._lock:
+            if sum(self._busy.values()) >= self.total or self._busy.get(host, 0) >= self.per_host:
+                return False
+            self._busy[host] = self._busy.get(host, 0) + 1
+            return True
+
+    def give(self, host: str) -> None:
+        with self._lock:
+            self._busy[host] -= 1
+            if not self._busy[host]:
+                del self._busy[host]
+
+    @classmethod
+    def for_threads(cls, threads: int, free: int) -> DeliverySlots:
+        total = max(1, threads - free)
+        return cls(total, max(1, total // 3))

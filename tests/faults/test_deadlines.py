@@ -162,14 +162,14 @@ def _submit_rejected(env, path, rows: int, output: str, webhook: str) -> str:
 def test_slow_receivers_do_not_keep_another_job_from_finalizing(
     redis_server, s3_endpoint, tiny_dir, bucket, receiver, start_worker, tmp_path
 ):
-    """Three I/O threads, three events for a receiver that trickles its headers (each delivery may take 20 s,
-    enough to hold every thread): they get one thread; another job still finalizes within seconds (its submit
-    included), and its events arrive."""
+    """Four I/O threads, three events for a receiver that trickles its headers (each delivery may take 20 s,
+    retried every 2 s: enough to hold every thread): they get one thread, that receiver's share; another job
+    still finalizes within seconds (its submit included), and its events arrive while the slow ones retry."""
     cfg = {"DREAMBATCH_WEBHOOKS__TIMEOUT": "20", "DREAMBATCH_WEBHOOKS__BACKOFF_MAX": "2"}
     env = service_env(redis_server.url, s3_endpoint, tiny_dir, **cfg)
     slow = RawServer(trickle)
     try:
-        start_worker("worker", "--io", "--concurrency", "3", **cfg).wait_ready()
+        start_worker("worker", "--io", "--concurrency", "4", **cfg).wait_ready()
         _submit_rejected(env, tmp_path / "a.jsonl", 2, f"s3://{bucket}/sa", slow.url)
         wait_until(lambda: slow.connections >= 1, 60, 0.1, what="a delivery to the slow receiver")
         started = time.monotonic()
@@ -179,6 +179,6 @@ def test_slow_receivers_do_not_keep_another_job_from_finalizing(
         took = time.monotonic() - started
         print(f"\nthe other job finalized {took:.1f}s after its submit began, with slow deliveries in flight")
         assert took < 15, f"finalizing waited {took:.1f}s behind deliveries to a slow receiver"
-        wait_until(lambda: len(receiver.delivered()) == 2, 120, 0.2, what="the other job's two events")
+        wait_until(lambda: len(receiver.delivered()) == 2, 60, 0.2, what="the other job's two events")
     finally:
         slow.close()
