@@ -76,7 +76,7 @@ class S3Settings(BaseModel):
 
 
 class WebhookSettings(BaseModel):
-    timeout: float = Field(15.0, description="s for one delivery attempt")
+    timeout: float = Field(15.0, description="s for one delivery attempt, in all (connect, headers, body)")
     retry_window: float = Field(86400.0, description="s after an event's first attempt during which it is retried")
     max_attempts: int = Field(0, description="stop after this many attempts even inside the window; 0: no cap")
     backoff_base: float = Field(5.0, description="s before the second attempt; doubles each time")
