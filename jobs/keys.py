@@ -21,7 +21,8 @@ JOB_ORDER = "db:job:{job_id}:order"  # list: item ids in manifest order
 JOB_EVENTS = "db:job:{job_id}:events"  # set of webhook event ids; list "<key>:<event_id>" = attempts
 JOB_SENT = "db:job:{job_id}:sent"  # set of event ids whose webhook message was published (marked after)
 JOB_FINALIZE_NUDGE = "db:job:{job_id}:nudge"  # string with a TTL: a redelivery sent this job a finalize lately
-EXECUTIONS = "db:executions"  # hash: "job_id/item_id" → the worker holding its message ("": the broker does)
+EXECUTIONS = "db:executions"  # hash: EXECUTION → the worker holding the item's message ("": the broker does)
+EXECUTION = "{job_id}/{item_id}"  # a field of EXECUTIONS
 RECOVERY_LOCK = "db:recovery:lock"  # string with a TTL: one worker scans for items of dead workers at a time
 RECONCILE_LOCK = "db:reconcile:lock"  # string with a TTL: one io worker sweeps unfinished jobs at a time
 JOBS_INDEX = "db:jobs"  # sorted set: job_id by created time

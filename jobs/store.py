@@ -435,12 +435,12 @@ class RedisStore:
 
     def note_execution(self, job_id: str, item_id: str, worker: str) -> None:
         """`worker` holds the item's message now (it is running it, or about to)."""
-        self.r.hset(keys.EXECUTIONS, f"{job_id}/{item_id}", worker)
+        self.r.hset(keys.EXECUTIONS, keys.EXECUTION.format(job_id=job_id, item_id=item_id), worker)
 
     def pass_execution(self, job_id: str, item_id: str, worker: str, to: str | None) -> bool:
         """Hand the entry `worker` holds on to `to` ("": a message for the item is in the broker), or drop it
         (None); False when the entry no longer names `worker`."""
-        args = [f"{job_id}/{item_id}", worker, to or "", "1" if to is None else "0"]
+        args = [keys.EXECUTION.format(job_id=job_id, item_id=item_id), worker, to or "", "1" if to is None else "0"]
         return bool(self._execution_swap(keys=[keys.EXECUTIONS], args=args))
 
     def executions(self) -> dict[tuple[str, str], str]:
