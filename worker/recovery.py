@@ -50,13 +50,13 @@ class Recovery:
         for gone in set(self._suspect) - set(entries):
             del self._suspect[gone]
         for (job_id, item_id), worker in entries.items():
-            if not worker:  # the broker holds a message for it (queued, or waiting out a retry's countdown)
-                self._suspect.pop((job_id, item_id), None)
-                continue
             # 1. ended or gone: nothing to recover
             item = store.get_item(job_id, item_id)
             if item is None or item.status.terminal:
                 store.pass_execution(job_id, item_id, worker, None)
+                self._suspect.pop((job_id, item_id), None)
+                continue
+            if not worker:  # the broker holds a message for it (queued, or waiting out a retry's countdown)
                 self._suspect.pop((job_id, item_id), None)
                 continue
             # 2. a live execution, or a live worker that holds the message

@@ -114,4 +114,6 @@ def test_an_item_is_queued_again_only_when_its_lease_is_gone_its_worker_silent_a
     store.note_execution("jr", "a", "gpu-2")  # 4. the new message ran on gpu-2, which ended it, then died
     store.transition(item, ItemStatus.COMPLETED)
     assert recovery.scan(now=500) == [] and store.executions() == {}
+    store.note_execution("jr", "a", "")  # a message the broker held for it, once the item ended, is forgotten too
+    assert recovery.scan(now=600) == [] and store.executions() == {}
     assert len(published) == 1
