@@ -407,6 +407,10 @@ class RedisStore:
     def was_sent(self, job_id: str, event_id: str) -> bool:
         return bool(self.r.sismember(keys.JOB_SENT.format(job_id=job_id), event_id))
 
+    def sent_events(self, job_id: str) -> set[str]:
+        """The events whose webhook messages were published (delivered, tried, or still on their way)."""
+        return set(self.r.smembers(keys.JOB_SENT.format(job_id=job_id)))
+
     def nudge_finalize(self, job_id: str, ttl: float) -> bool:
         """True for one caller per `ttl` s: the one that may send the job a finalize on others' behalf."""
         return self.claim(keys.JOB_FINALIZE_NUDGE.format(job_id=job_id), ttl)
