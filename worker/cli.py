@@ -12,6 +12,7 @@ import os
 import shlex
 import socket
 import threading
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -141,13 +142,14 @@ def worker(
         "--without-mingle",
         "--without-heartbeat",
     ]
+    started = time.monotonic()
     try:
         celery.worker_main(argv)
         code: object = 0
     except SystemExit as exc:
         code = exc.code
     if not asked_to_stop.is_set():  # Celery gave up on its own (a broker crash it did not recover from)
-        _restart_in_place(code)
+        _restart_in_place(code, time.monotonic() - started)
     raise SystemExit(code)
 
 
@@ -161,18 +163,27 @@ def _stop_requests() -> threading.Event:
 
 
 RESTART_PAUSE = 2.0  # s before a worker that stopped on its own starts again
+RESTARTS_IN_A_ROW = 5  # …at most this many times when each run lasts under a minute (then it exits 1)
+RESTARTS = "DREAMBATCH_WORKER_RESTARTS"  # env: restarts in a row so far (set for the restarted process)
 
 
-def _restart_in_place(code: object) -> None:
+def _restart_in_place(code: object, ran_s: float) -> None:
     """A worker that nobody asked to stop must not stay stopped: Celery ends its main loop on an error it
     cannot recover from (a broker connection that broke the wrong way: "Unrecoverable error" above), and
     its process would exit as if all were well. Start it again in this process (same pid, same command),
     so it picks its queue up as soon as the broker answers; its items in flight are recovered
     (worker.recovery), since the warm shutdown before this let its threads finish."""
     import sys
-    import time
 
     log = logging.getLogger("dreambatch.worker")
+    in_a_row = int(os.environ.get(RESTARTS, "0")) + 1 if ran_s < 60 else 1
+    if in_a_row > RESTARTS_IN_A_ROW:
+        log.error(
+            "this worker stopped on its own %d times in a row, each within a minute of starting; not starting it "
+            "again (see the errors above; check DREAMBATCH_REDIS_URL and that Redis answers)",
+            in_a_row - 1,
+        )
+        raise SystemExit(1)
     log.error(
         "this worker stopped on its own (exit code %s), most likely after its broker connection broke; "
         "restarting it in place in %.0fs",
@@ -180,6 +191,7 @@ def _restart_in_place(code: object) -> None:
         RESTART_PAUSE,
     )
     time.sleep(RESTART_PAUSE)
+    os.environ[RESTARTS] = str(in_a_row)
     os.execv(sys.executable, sys.orig_argv)
 
 

@@ -217,3 +217,13 @@ def test_an_io_worker_whose_consumer_dies_on_a_broker_error_restarts_itself_and_
     wait_until(lambda: len(receiver.delivered()) == 2, 60, 0.2, what="both events delivered")
     assert io.proc.poll() is None  # the same process, still serving
     assert "Unrecoverable error" in io.log.read_text()
+
+
+def test_a_worker_that_keeps_stopping_on_its_own_gives_up_with_exit_code_1(start_worker):
+    """A consumer that dies within a minute of every start (a setup problem, not a passing crash) is started
+    again a few times, then the worker exits 1 and says why, for its supervisor to show."""
+    program = [sys.executable, str(ROOT / "tests" / "faults" / "broken_consumer_worker.py"), "always"]
+    io = start_worker("worker", "--io", program=program)
+    assert io.proc.wait(240) == 1, io.log.read_text()[-3000:]
+    log = io.log.read_text()
+    assert log.count("restarting it in place") == 5 and "stopped on its own 5 times in a row" in log, log[-3000:]
