@@ -26,10 +26,15 @@ GPU = ("worker", "--model", "i1-fast", "--weights", "tiny", "--device", "cpu")
 # leases expire 3 s after their worker dies, heartbeats every 0.5 s, a scan every second; the visibility
 # timeout keeps its default (4,200 s): nothing here waits for Redis to restore a message
 # (DREAMBATCH_TEST_DEFAULT_RECOVERY=1 runs them with the default settings instead, to measure them: ~2 min)
+DEFAULT_VISIBILITY = {  # the settings' defaults, over tests/services.py's short test values
+    "DREAMBATCH_CELERY__VISIBILITY_TIMEOUT": "4200",
+    "DREAMBATCH_CELERY__TASK_TIME_LIMIT": "3000",
+}
 QUICK_RECOVERY = (
-    {}
+    DEFAULT_VISIBILITY
     if os.environ.get("DREAMBATCH_TEST_DEFAULT_RECOVERY")
     else {
+        **DEFAULT_VISIBILITY,
         "DREAMBATCH_CELERY__LEASE_TTL": "3",
         "DREAMBATCH_CELERY__HEARTBEAT": "0.5",
         "DREAMBATCH_CELERY__RECOVERY_INTERVAL": "1",

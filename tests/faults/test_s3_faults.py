@@ -153,6 +153,9 @@ def test_an_s3_outage_is_waited_out_without_spending_attempts_or_dropping_a_mess
             "DREAMBATCH_S3__MAX_ATTEMPTS": "2",
             "DREAMBATCH_S3__OUTAGE_WAIT": "2",  # hand the message back after 2 s in the thread
             "DREAMBATCH_CELERY__MAX_ATTEMPTS": "2",  # …which, counted, would fail every item twice over
+            # the default visibility timeout: nothing here is rescued by Redis redelivering an acknowledged-late task
+            "DREAMBATCH_CELERY__VISIBILITY_TIMEOUT": "4200",
+            "DREAMBATCH_CELERY__TASK_TIME_LIMIT": "3000",
         }
         io = start_worker("worker", "--io", **cfg)
         gpu = start_worker("worker", "--model", "i1-fast", "--weights", "tiny", "--device", "cpu", **cfg)
