@@ -90,13 +90,6 @@ def start(services: Services, name: str = "") -> threading.Thread | None:
     """Start this process's recovery thread (every worker runs one; one of them scans at a time). Entries that
     name this worker (`name`) are from a previous life of its process (worker.cli restarts it in place, with
     the same name): they are renamed, so the scan sees their worker gone."""
-    if name:
-        try:
-            for (job_id, item_id), worker in services.store.executions().items():
-                if worker == name:
-                    services.store.pass_execution(job_id, item_id, worker, f"{name} (before a restart)")
-        except redis_errors() as exc:
-            log.warning("could not look for items of this worker's previous run: %s", exc)
     cfg = services.settings.celery
     interval = cfg.recovery_interval
     if interval <= 0:
@@ -104,6 +97,13 @@ def start(services: Services, name: str = "") -> threading.Thread | None:
     recovery = Recovery(services.store, services.publish, settle=3 * cfg.heartbeat)
 
     def loop() -> None:
+        if name:  # (in this thread: a worker starting while Redis is away does not wait for it here)
+            try:
+                for (job_id, item_id), worker in services.store.executions().items():
+                    if worker == name:
+                        services.store.pass_execution(job_id, item_id, worker, f"{name} (before a restart)")
+            except redis_errors() as exc:
+                log.warning("could not look for items of this worker's previous run: %s", exc)
         stop = threading.Event()
         while not stop.wait(interval):
             try:
