@@ -466,11 +466,15 @@ def webhooks(job_id: str, redeliver: Annotated[bool, typer.Option(help="send eve
                 markup=False,
                 soft_wrap=True,
             )
+    unattempted = sorted(services.store.sent_events(job_id) - set(events))  # published; no attempt logged yet
+    for event_id in unattempted:
+        out.print(f"{event_id}  published, no delivery attempt logged", highlight=False, markup=False, soft_wrap=True)
     if redeliver:
         if not job.webhook:
             raise fail(f"job {job_id} has no webhook")
-        services.notify([(job_id, event_item_id(job_id, event_id), event_id) for event_id in events])
-        err.print(f"re-sending {len(events)} event(s)", highlight=False)
+        every = [*events, *unattempted]
+        services.notify([(job_id, event_item_id(job_id, event_id), event_id) for event_id in every])
+        err.print(f"re-sending {len(every)} event(s)", highlight=False)
 
 
 def _load_job(job_id: str) -> JobRecord:

@@ -4,7 +4,8 @@
     ├── InputError          bad input: permanent, reported per row, never retried
     │   └── BlockedAddress  (jobs.netguard) a URL points at an address dreambatch refuses to reach
     ├── TransientError      infrastructure hiccup (S3, network, Redis): retry with backoff
-    │   └── Unreachable     a service (Redis, S3, the model hub) does not answer: names it, the cause and the fix
+    │   ├── Unreachable     a service (Redis, S3, the model hub) does not answer: names it, the cause and the fix
+    │   └── StorageUnavailable  object storage failed for now: waited out, however long, without spending attempts
     ├── ModelError          the model failed on this item: fail the item, keep the worker
     ├── ConfigError         the deployment is wrong (missing weights, bad settings): tell the operator
     ├── JobNotFound         no such job
@@ -44,6 +45,15 @@ class Unreachable(TransientError):
     """A service dreambatch needs did not answer. The message says which one, at what address, why, and what to
     do ("cannot reach Redis at redis://…: connection refused; start it … or set DREAMBATCH_REDIS_URL"): a command a
     person runs prints it as one line and exits; a long-running process logs it and keeps trying."""
+
+
+class StorageUnavailable(TransientError):
+    """Object storage (S3) failed or did not answer, for now. An item waits an outage out, for minutes if need
+    be, and the time does not count as one of its attempts (worker.process)."""
+
+
+class StorageUnreachable(Unreachable, StorageUnavailable):
+    """The S3 endpoint does not answer: the fix is in the message, as for every Unreachable."""
 
 
 class ModelError(DreambatchError):

@@ -7,9 +7,9 @@ GPU_QUEUE = "gpu.{model}"  # one queue per model, e.g. gpu.i1-fast; GPU workers 
 IO_QUEUE = "io"  # finalize + webhooks, so a GPU never waits on an HTTP call
 
 # --- Celery task names (stable: renaming one strands queued messages) ---------------------
-TASK_RUN_ITEM = "dreambatch.run_item"  # args: job_id, item_id
+TASK_RUN_ITEM = "dreambatch.run_item"  # args: job_id, item_id; kwargs: outage_since (waiting for S3)
 TASK_FINALIZE_JOB = "dreambatch.finalize_job"  # args: job_id
-TASK_SEND_WEBHOOK = "dreambatch.send_webhook"  # args: job_id, item_id | None, event_id
+TASK_SEND_WEBHOOK = "dreambatch.send_webhook"  # args: job_id, item_id | None, event_id[, first_at, tries]
 TASK_RUN_SCHEDULE = "dreambatch.run_schedule"  # args: schedule name, slot (ISO UTC) it fires for
 
 # --- Redis keys (live state) ---------------------------------------------------------------
@@ -21,6 +21,9 @@ JOB_ORDER = "db:job:{job_id}:order"  # list: item ids in manifest order
 JOB_EVENTS = "db:job:{job_id}:events"  # set of webhook event ids; list "<key>:<event_id>" = attempts
 JOB_SENT = "db:job:{job_id}:sent"  # set of event ids whose webhook message was published (marked after)
 JOB_FINALIZE_NUDGE = "db:job:{job_id}:nudge"  # string with a TTL: a redelivery sent this job a finalize lately
+EXECUTIONS = "db:executions"  # hash: EXECUTION → the worker holding the item's message ("": the broker does)
+EXECUTION = "{job_id}/{item_id}"  # a field of EXECUTIONS
+RECOVERY_LOCK = "db:recovery:lock"  # string with a TTL: one worker scans for items of dead workers at a time
 RECONCILE_LOCK = "db:reconcile:lock"  # string with a TTL: one io worker sweeps unfinished jobs at a time
 PURGED = "db:purged:{job_id}"  # JSON {output, status, finished_at, purged_at, why}: its live state was purged; expires
 JOBS_INDEX = "db:jobs"  # sorted set: job_id by created time

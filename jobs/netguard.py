@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 from jobs.errors import InputError, TransientError
@@ -122,24 +123,38 @@ def _addresses(host: str, port: int, policy: Policy) -> list[IP]:
     return [ipaddress.ip_address(a.split("%", 1)[0]) for a in policy.resolver(host, port)]
 
 
-def pinned_request(client, method: str, url: str, policy: Policy, **kwargs):
-    """Send one request to the checked address of `url`'s host (no redirects); returns an open stream
-    context manager. The Host header and TLS server name keep the original name."""
+@contextmanager
+def pinned_request(client, method: str, url: str, policy: Policy, **kwargs) -> Iterator[Any]:
+    """Send one request to the checked address of `url`'s host (no redirects), as an open stream. A
+    GuardedClient (jobs.netclient) connects to that address itself; another client is sent to the address in
+    the URL, with the Host header and TLS server name keeping the original name."""
+    from jobs import netclient
+
     host, port, address = check_url(url, policy)
+    if isinstance(client, netclient.GuardedClient):
+        with (
+            netclient.pinned(host, port, address),
+            client.stream(method, url, follow_redirects=False, **kwargs) as resp,
+        ):
+            yield resp
+        return
     parts = urlsplit(url)
     netloc = f"[{address}]" if ":" in address else address
     target = parts._replace(netloc=f"{netloc}:{port}").geturl()
     headers = {**kwargs.pop("headers", {}), "host": parts.netloc.rsplit("@", 1)[-1]}
     extensions = {"sni_hostname": host} if parts.scheme == "https" else {}
-    return client.stream(method, target, headers=headers, extensions=extensions, follow_redirects=False, **kwargs)
+    with client.stream(
+        method, target, headers=headers, extensions=extensions, follow_redirects=False, **kwargs
+    ) as resp:
+        yield resp
 
 
 @contextmanager
-def _checked_response(client, method: str, url: str, policy: Policy, max_redirects: int):
+def _checked_response(client, method: str, url: str, policy: Policy, max_redirects: int, timeout: float):
     """(final URL, response) at the end of `url`'s redirects, every hop's address checked: a 200, else
     InputError (4xx, too many redirects) or TransientError (5xx, 429)."""
     for _ in range(max_redirects + 1):
-        with pinned_request(client, method, url, policy) as resp:
+        with pinned_request(client, method, url, policy, timeout=timeout) as resp:
             if resp.is_redirect:
                 url = urljoin(url, resp.headers.get("location", ""))
                 continue
@@ -153,33 +168,40 @@ def _checked_response(client, method: str, url: str, policy: Policy, max_redirec
 
 
 def head(url: str, policy: Policy, *, timeout: float, max_redirects: int = 5, client=None) -> dict[str, str]:
-    """HEAD a URL with every hop checked, as `fetch` does; returns the final response's headers (lower-case
-    names). InputError for a refused address or a 4xx, TransientError for a network error or a 5xx."""
+    """HEAD a URL with every hop checked, as `fetch` does, within `timeout` seconds in all; returns the final
+    response's headers (lower-case names). InputError for a refused address or a 4xx, TransientError for a
+    network error or a 5xx. `client`: this process's pooled GuardedClient unless given."""
     import httpx
 
-    own = client is None
-    client = client or httpx.Client(timeout=timeout)
+    from jobs import netclient
+
+    client = client or netclient.shared()
     try:
-        with _checked_response(client, "HEAD", url, policy, max_redirects) as (_, resp):
-            return {k.lower(): v for k, v in resp.headers.items()}
+        with netclient.deadline(timeout), _checked_response(client, "HEAD", url, policy, max_redirects, timeout) as hop:
+            return {k.lower(): v for k, v in hop[1].headers.items()}
     except httpx.HTTPError as exc:
         raise TransientError(f"{url}: {type(exc).__name__}: {exc}") from None
-    finally:
-        if own:
-            client.close()
 
 
 def fetch(url: str, policy: Policy, *, max_bytes: int, timeout: float, max_redirects: int = 5, client=None) -> bytes:
-    """GET a URL with every hop checked, at most `max_bytes`, within `timeout` seconds in all."""
+    """GET a URL with every hop checked, at most `max_bytes`, within `timeout` seconds in all: connecting, the
+    headers (however slowly they come) and the body. `client`: this process's pooled GuardedClient unless given."""
     import time
 
     import httpx
 
+    from jobs import netclient
+
     deadline = time.monotonic() + timeout
-    own = client is None
-    client = client or httpx.Client(timeout=timeout)
+    client = client or netclient.shared()
     try:
-        with _checked_response(client, "GET", url, policy, max_redirects) as (url, resp):
+        with (
+            netclient.deadline(timeout),
+            _checked_response(client, "GET", url, policy, max_redirects, timeout) as (
+                url,
+                resp,
+            ),
+        ):
             declared = resp.headers.get("content-length")
             if declared and declared.isdigit() and int(declared) > max_bytes:
                 raise InputError(f"{url}: {int(declared)} bytes is over the {max_bytes}-byte limit")
@@ -193,9 +215,6 @@ def fetch(url: str, policy: Policy, *, max_bytes: int, timeout: float, max_redir
                 chunks.append(chunk)
             return b"".join(chunks)
     except httpx.TimeoutException:
-        raise TransientError(f"{url}: timed out after {timeout}s") from None
+        raise TransientError(f"{url}: timed out after {timeout}s (in all)") from None
     except httpx.HTTPError as exc:
         raise TransientError(f"{url}: {type(exc).__name__}: {exc}") from None
-    finally:
-        if own:
-            client.close()

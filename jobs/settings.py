@@ -35,6 +35,9 @@ class CelerySettings(BaseModel):
     reconcile_interval: int = Field(300, description="s between sweeps for jobs whose live state was lost; 0: off")
     slot_wait: float = Field(2.0, description="s before an item over its job's --max-concurrency is tried again")
     heartbeat: float = Field(5.0, description="s between a worker's heartbeats in Redis (dreambatch top)")
+    recovery_interval: float = Field(
+        15.0, description="s between scans that re-queue the items of a dead worker (lease gone, no heartbeat); 0: off"
+    )
 
     @model_validator(mode="after")
     def _visibility_above_time_limit(self) -> CelerySettings:
@@ -60,10 +63,20 @@ class S3Settings(BaseModel):
     connect_timeout: float = 5.0
     read_timeout: float = 60.0
     max_attempts: int = 5
+    outage_wait: float = Field(
+        60.0,
+        description="s an item waits, in its thread, for S3 to answer again before it hands its message back to "
+        "the broker (an outage spends none of an item's attempts, up to s3.outage_limit)",
+    )
+    outage_limit: float = Field(
+        1800.0,
+        description="s an item waits for S3 without spending attempts; past it, S3 errors count as attempts and "
+        "an item S3 keeps refusing ends failed after celery.max_attempts",
+    )
 
 
 class WebhookSettings(BaseModel):
-    timeout: float = Field(15.0, description="s for one delivery attempt")
+    timeout: float = Field(15.0, description="s for one delivery attempt, in all (connect, headers, body)")
     retry_window: float = Field(86400.0, description="s after an event's first attempt during which it is retried")
     max_attempts: int = Field(0, description="stop after this many attempts even inside the window; 0: no cap")
     backoff_base: float = Field(5.0, description="s before the second attempt; doubles each time")

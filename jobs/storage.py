@@ -13,7 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Protocol
 
-from jobs.errors import ConfigError, InputError, TransientError, Unreachable
+from jobs.errors import ConfigError, InputError, StorageUnavailable, StorageUnreachable, TransientError
 from jobs.settings import Settings
 
 
@@ -87,10 +87,10 @@ def s3_error(location: str, exc: Exception, doing: str | None = None) -> ConfigE
             "(in the environment, or in .env)"
         )
     if isinstance(exc, EndpointConnectionError | ConnectTimeoutError):
-        return Unreachable(f"cannot reach S3 for {location} ({exc}); {ENDPOINT_FIX}")
+        return StorageUnreachable(f"cannot reach S3 for {location} ({exc}); {ENDPOINT_FIX}")
     if doing is None and response is not None:  # S3 answered: its code, or the HTTP status when it gave none
         doing = code or response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-    return TransientError(f"S3 {location}: {exc}" if doing is None else f"S3 {location}: {doing}: {exc}")
+    return StorageUnavailable(f"S3 {location}: {exc}" if doing is None else f"S3 {location}: {doing}: {exc}")
 
 
 def s3_client(settings: Settings, *, endpoint: str | None = None, probe: bool = False):

@@ -55,6 +55,7 @@ class Store(Protocol):
     def get_job(self, job_id: str) -> JobRecord | None: ...
     def get_item(self, job_id: str, item_id: str) -> ItemRecord | None: ...
     def transition(self, item: ItemRecord, to: ItemStatus, *, count_attempt: bool = False) -> Transition: ...
+    def refund_attempt(self, job_id: str, item_id: str) -> None: ...
     def finish_job(self, job_id: str, status: JobStatus, results_uri: str | None, at: str) -> bool: ...
     def items(self, job_id: str) -> Iterator[ItemRecord]: ...
     def disable_webhook(self, job_id: str) -> None: ...
@@ -78,9 +79,22 @@ class Store(Protocol):
     def clear_item_stop(self, job_id: str, item_ids: list[str]) -> None: ...
 
 
-# An item's execution lease: one token at a time; only its holder renews or releases it.
+# An item's execution lease: one token at a time; only its holder renews or releases it. A holder whose lease
+# expired while nobody else took it (Redis was away for longer than the TTL) takes it back as it renews.
 _LEASE_RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 2 end
+return 0
+"""
+# The executions registry (keys.EXECUTIONS): change an entry only while it still names ARGV[2].
+_EXECUTION_SWAP = """
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
+if ARGV[4] == '1' then return redis.call('HDEL', KEYS[1], ARGV[1]) end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+return 1
+"""
+_REFUND_ATTEMPT = """
+if tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0') > 0 then redis.call('HINCRBY', KEYS[1], 'attempts', -1) end
 return 0
 """
 _LEASE_RELEASE = """
@@ -291,6 +305,8 @@ class RedisStore:
         self._add_items = client.register_script(_ADD_ITEMS)
         self._renew = client.register_script(_LEASE_RENEW)
         self._release = client.register_script(_LEASE_RELEASE)
+        self._execution_swap = client.register_script(_EXECUTION_SWAP)
+        self._refund = client.register_script(_REFUND_ATTEMPT)
         self._acquire_slot = client.register_script(_ACQUIRE_SLOT)
 
     @classmethod
@@ -350,6 +366,10 @@ class RedisStore:
         applied, previous, attempts, done, total = res
         return Transition(applied == 1, previous or None, int(attempts), int(done), int(total))
 
+    def refund_attempt(self, job_id: str, item_id: str) -> None:
+        """Take back an attempt that object storage's outage cut short: it does not count toward max_attempts."""
+        self._refund(keys=[keys.ITEM.format(job_id=job_id, item_id=item_id)])
+
     def finish_job(self, job_id: str, status: JobStatus, results_uri: str | None, at: str) -> bool:
         key = keys.job_key(job_id)
         if not self.r.hsetnx(key, "terminal", status.value):
@@ -395,6 +415,10 @@ class RedisStore:
     def was_sent(self, job_id: str, event_id: str) -> bool:
         return bool(self.r.sismember(keys.JOB_SENT.format(job_id=job_id), event_id))
 
+    def sent_events(self, job_id: str) -> set[str]:
+        """The events whose webhook messages were published (delivered, tried, or still on their way)."""
+        return set(self.r.smembers(keys.JOB_SENT.format(job_id=job_id)))
+
     def nudge_finalize(self, job_id: str, ttl: float) -> bool:
         """True for one caller per `ttl` s: the one that may send the job a finalize on others' behalf."""
         return self.claim(keys.JOB_FINALIZE_NUDGE.format(job_id=job_id), ttl)
@@ -416,6 +440,32 @@ class RedisStore:
 
     def release_lease(self, job_id: str, item_id: str, token: str) -> None:
         self._release(keys=[keys.ITEM_LEASE.format(job_id=job_id, item_id=item_id)], args=[token])
+
+    # --- executions: which worker holds each item's message (worker.recovery) ------------------------
+    def lease_held(self, job_id: str, item_id: str) -> bool:
+        return bool(self.r.exists(keys.ITEM_LEASE.format(job_id=job_id, item_id=item_id)))
+
+    def note_execution(self, job_id: str, item_id: str, worker: str) -> None:
+        """`worker` holds the item's message now (it is running it, or about to)."""
+        self.r.hset(keys.EXECUTIONS, keys.EXECUTION.format(job_id=job_id, item_id=item_id), worker)
+
+    def pass_execution(self, job_id: str, item_id: str, worker: str, to: str | None) -> bool:
+        """Hand the entry `worker` holds on to `to` ("": a message for the item is in the broker), or drop it
+        (None); False when the entry no longer names `worker`."""
+        args = [keys.EXECUTION.format(job_id=job_id, item_id=item_id), worker, to or "", "1" if to is None else "0"]
+        return bool(self._execution_swap(keys=[keys.EXECUTIONS], args=args))
+
+    def executions(self) -> dict[tuple[str, str], str]:
+        """(job_id, item_id) → the worker holding its message ("": the broker holds it)."""
+        out = {}
+        for field, worker in self.r.hgetall(keys.EXECUTIONS).items():
+            job_id, _, item_id = field.partition("/")
+            out[(job_id, item_id)] = worker
+        return out
+
+    def worker_alive(self, name: str) -> bool:
+        """Whether `name` sent a heartbeat within its TTL."""
+        return bool(self.r.exists(keys.WORKER.format(name=name)))
 
     # --- the HTTP API: keys and idempotency records ---------------------------------------------
     def ping(self) -> bool:
@@ -684,6 +734,12 @@ class MemoryStore:
             job[f"n_{to.value}"] += 1
             job["done"] += int(to.terminal) - int(ItemStatus(cur).terminal)
             return Transition(True, cur, fields["attempts"], job["done"], job["total"])
+
+    def refund_attempt(self, job_id: str, item_id: str) -> None:
+        with self._lock:
+            fields = self._items.get((job_id, item_id))
+            if fields is not None and fields["attempts"] > 0:
+                fields["attempts"] -= 1
 
     def finish_job(self, job_id: str, status: JobStatus, results_uri: str | None, at: str) -> bool:
         with self._lock:

@@ -11,6 +11,8 @@ import logging
 import os
 import shlex
 import socket
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -97,9 +99,12 @@ def worker(
     celery = services.celery
     if model is None:  # (--io: the check above)
         from worker import sweeper
+        from worker.webhooks import DeliverySlots
 
         runtime = Runtime(services)
         queue, threads, name = keys.IO_QUEUE, concurrency or 8, "io"
+        # deliveries take all but two threads (a third of those per receiver host): finalizing never waits on them
+        runtime.deliveries = DeliverySlots.for_threads(threads, FREE_FOR_FINALIZE)
         sweeper.start(services)  # periodic reconciliation of jobs whose live state was lost
     else:
         from worker.runtime import check_device
@@ -114,30 +119,84 @@ def worker(
     register(celery, runtime)
     if metrics_port is not None:
         runtime.metrics.serve(metrics_port)
-    worker_name = f"{name}.{os.getpid()}@{socket.gethostname()}"
+    worker_name = runtime.name = f"{name}.{os.getpid()}@{socket.gethostname()}"
+    from worker import recovery
+
+    recovery.start(services, worker_name)  # items of workers that died are queued again once their leases expire
     Heartbeat(
         runtime, worker_name, queue, settings.celery.heartbeat, chores=_expiry_chore(runtime) if io else None
     ).start()
-    celery.worker_main(
-        [
-            "worker",
-            "-Q",
-            queue,
-            "-P",
-            "threads",
-            "-c",
-            str(threads),
-            "-n",
-            f"{name}.{os.getpid()}@%h",
-            "-l",
-            loglevel,
-            "--without-gossip",
-            "--without-mingle",
-            "--without-heartbeat",
-        ]
+    asked_to_stop = _stop_requests()
+    argv = [
+        "worker",
+        "-Q",
+        queue,
+        "-P",
+        "threads",
+        "-c",
+        str(threads),
+        "-n",
+        f"{name}.{os.getpid()}@%h",
+        "-l",
+        loglevel,
+        "--without-gossip",
+        "--without-mingle",
+        "--without-heartbeat",
+    ]
+    started = time.monotonic()
+    try:
+        celery.worker_main(argv)
+        code: object = 0
+    except SystemExit as exc:
+        code = exc.code
+    if not asked_to_stop.is_set():  # Celery gave up on its own (a broker crash it did not recover from)
+        _restart_in_place(code, time.monotonic() - started)
+    raise SystemExit(code)
+
+
+def _stop_requests() -> threading.Event:
+    """Set once a signal (SIGTERM, SIGINT, SIGQUIT) asks this worker to stop."""
+    from celery.signals import worker_shutting_down
+
+    asked = threading.Event()
+    worker_shutting_down.connect(lambda *args, **kwargs: asked.set(), weak=False)
+    return asked
+
+
+RESTART_PAUSE = 2.0  # s before a worker that stopped on its own starts again
+RESTARTS_IN_A_ROW = 5  # …at most this many times when each run lasts under a minute (then it exits 1)
+RESTARTS = "DREAMBATCH_WORKER_RESTARTS"  # env: restarts in a row so far (set for the restarted process)
+
+
+def _restart_in_place(code: object, ran_s: float) -> None:
+    """A worker that nobody asked to stop must not stay stopped: Celery ends its main loop on an error it
+    cannot recover from (a broker connection that broke the wrong way: "Unrecoverable error" above), and
+    its process would exit as if all were well. Start it again in this process (same pid, same command),
+    so it picks its queue up as soon as the broker answers; its items in flight are recovered
+    (worker.recovery), since the warm shutdown before this let its threads finish."""
+    import sys
+
+    log = logging.getLogger("dreambatch.worker")
+    in_a_row = int(os.environ.get(RESTARTS, "0")) + 1 if ran_s < 60 else 1
+    if in_a_row > RESTARTS_IN_A_ROW:
+        log.error(
+            "this worker stopped on its own %d times in a row, each within a minute of starting; not starting it "
+            "again (see the errors above; check DREAMBATCH_REDIS_URL and that Redis answers)",
+            in_a_row - 1,
+        )
+        raise SystemExit(1)
+    log.error(
+        "this worker stopped on its own (exit code %s), most likely after its broker connection broke; "
+        "restarting it in place in %.0fs",
+        code,
+        RESTART_PAUSE,
     )
+    time.sleep(RESTART_PAUSE)
+    os.environ[RESTARTS] = str(in_a_row)
+    os.execv(sys.executable, sys.orig_argv)
 
 
+FREE_FOR_FINALIZE = 2  # threads of an I/O worker webhook deliveries never take
 PIPELINE_THREADS = 3  # the model's item, the next item's fetch + decode, the last item's encode + upload
 
 

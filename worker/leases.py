@@ -56,6 +56,9 @@ class Leases:
             with self._lock:
                 held = dict(self._held)
             for (job_id, item_id), token in held.items():
+                with self._lock:  # released since: not renewed (a renewal takes back an expired lease)
+                    if self._held.get((job_id, item_id)) != token:
+                        continue
                 try:
                     if not self.store.renew_lease(job_id, item_id, token, self.ttl):
                         log.error("lost the lease of %s/%s (expired while running)", job_id, item_id)

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import base64
 import logging
+import random
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import TypeVar
 from urllib.parse import quote
 
 from jobs import keys, lifecycle, logs, records, vendors
@@ -28,6 +30,7 @@ from jobs.errors import (
     InputError,
     ItemCancelled,
     ModelError,
+    StorageUnavailable,
     TransientError,
 )
 from jobs.lifecycle import ItemStatus, job_outcome
@@ -43,6 +46,7 @@ from worker.runners.base import EditRequest, GenerateRequest, Runner
 from worker.runners.lora import LoraChoice
 
 log = logging.getLogger("dreambatch.worker")
+T = TypeVar("T")
 
 
 @dataclass
@@ -58,6 +62,7 @@ class Context:
     metrics: WorkerMetrics | None = None  # this process's Prometheus metrics, when it exports them
     revision: Callable[[], str | None] = lambda: None  # the revision of this process's weights
     safety: Callable[[], safety.SafetyChecker | None] = lambda: None  # this process's safety checker, if any
+    outage_since: float | None = None  # epoch s this item's message first found object storage away (its retries)
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,7 @@ class Outcome:
     ended: ItemStatus | None = None  # the status this call ended the item with
     note: str = ""  # when it did not end it: what happened instead, in words
     retry_in: float | None = None  # set: run this item again after so many seconds
+    outage_since: float | None = None  # set: the retry waits for object storage, away since then (epoch s)
 
     def __str__(self) -> str:
         return self.ended.value if self.ended else self.note
@@ -74,7 +80,35 @@ class Outcome:
 
 def process_item(ctx: Context, job_id: str, item_id: str) -> Outcome:
     with logs.context(job_id=job_id, item_id=item_id):
-        return _process_item(ctx, job_id, item_id)
+        try:
+            return _process_item(ctx, job_id, item_id)
+        except StorageUnavailable as exc:  # S3 is away for longer than an item waits in its thread: hand it back
+            log.warning("item %s/%s waits for object storage: %s", job_id, item_id, exc)
+            wait = random.uniform(0.5, 1.0) * min(30.0, max(1.0, ctx.settings.s3.outage_wait))
+            since = ctx.outage_since or time.time()
+            return Outcome(note=f"waiting for object storage: {exc}", retry_in=wait, outage_since=since)
+
+
+def _outage_too_long(ctx: Context) -> bool:
+    """Whether object storage has failed this item for longer than `s3.outage_limit`: from then on its
+    errors count as attempts, and an item S3 keeps refusing ends failed after `celery.max_attempts`."""
+    return ctx.outage_since is not None and time.time() - ctx.outage_since > ctx.settings.s3.outage_limit
+
+
+def _patiently(ctx: Context, what: Callable[[], T]) -> T:
+    """`what()`, tried again with backoff while object storage fails, for up to `s3.outage_wait` s; then the
+    StorageUnavailable goes up, to `process_item`, which hands the message back without spending an attempt."""
+    deadline, n = time.monotonic() + ctx.settings.s3.outage_wait, 0
+    while True:
+        try:
+            return what()
+        except StorageUnavailable as exc:
+            n += 1
+            wait = webhooks.backoff(n, 0.5, 10.0)
+            if time.monotonic() + wait > deadline:
+                raise
+            log.warning("object storage failed (%s); trying again in %.1fs", exc, wait)
+            time.sleep(wait)
 
 
 def _process_item(ctx: Context, job_id: str, item_id: str) -> Outcome:
@@ -162,7 +196,15 @@ def _attempt(ctx: Context, job: JobRecord, item: ItemRecord) -> Outcome:
             ),
         )
     log.info("item %s/%s started (attempt %d)", item.job_id, item.item_id, move.attempts)
+    try:
+        return _run_attempt(ctx, job, item, this_round)
+    except StorageUnavailable:  # object storage's outage, not the item's: the attempt does not count
+        if not _outage_too_long(ctx):
+            ctx.store.refund_attempt(item.job_id, item.item_id)
+        raise
 
+
+def _run_attempt(ctx: Context, job: JobRecord, item: ItemRecord, this_round: int) -> Outcome:
     try:
         # 4. fetch the input (edits) and 5. run the model: the only step that holds the GPU.
         # Between denoising steps the job's cancel flag is read; a cancel stops the item there.
@@ -188,7 +230,8 @@ def _attempt(ctx: Context, job: JobRecord, item: ItemRecord) -> Outcome:
 
         # 6. encode and upload, outside the GPU lock so the next item's inference overlaps
         t0 = time.perf_counter()
-        item.output = _upload(ctx.objects(job.output), item, images, output)
+        objects = ctx.objects(job.output)
+        item.output = _patiently(ctx, lambda: _upload(objects, item, images, output.model_copy(deep=True)))
         item.timings.upload_s = round(time.perf_counter() - t0, 4)
     except ItemCancelled as exc:
         log.info("item %s/%s stopped: %s", item.job_id, item.item_id, exc)
@@ -196,10 +239,14 @@ def _attempt(ctx: Context, job: JobRecord, item: ItemRecord) -> Outcome:
     except (InputError, ModelError, ConfigError) as exc:
         return _end(ctx, job, item, ItemStatus.FAILED, Failure.of(exc))
     except TransientError as exc:
+        storage = isinstance(exc, StorageUnavailable)
+        if storage and not _outage_too_long(ctx):
+            raise  # waited out by process_item, the attempt refunded by _attempt
         if this_round >= ctx.settings.celery.max_attempts:
             return _end(ctx, job, item, ItemStatus.FAILED, Failure.of(exc, f"{exc} (after {this_round} attempts)"))
         log.warning("item %s/%s attempt %d: %s; retrying", item.job_id, item.item_id, item.attempts, exc)
-        return Outcome(note=f"retrying: {exc}", retry_in=webhooks.backoff(this_round, 1.0, 30.0))
+        since = ctx.outage_since if storage else None
+        return Outcome(note=f"retrying: {exc}", retry_in=webhooks.backoff(this_round, 1.0, 30.0), outage_since=since)
     except Exception as exc:  # a bug must not take the worker down with it
         log.exception("item %s/%s failed", item.job_id, item.item_id)
         return _end(ctx, job, item, ItemStatus.FAILED, Failure.of(exc))
@@ -245,7 +292,7 @@ def _run_edit(ctx: Context, job: JobRecord, item: ItemRecord) -> tuple[list, Ite
     """Fetch and decode the input, fit it to the model's canvas, edit, and bring it back to the output size.
     Returns the images and the item's output record with the sizes it worked at."""
     p = item.params
-    data = inputs.fetch(p["image"], job, ctx.settings, ctx.objects)
+    data = _patiently(ctx, lambda: inputs.fetch(p["image"], job, ctx.settings, ctx.objects))
     source = imaging.decode_input(data, ctx.settings.inputs.max_pixels)
     try:
         target = geometry.output_size(source.size, p["size"], p.get("aspect_ratio"), p.get("resolution"))
@@ -361,17 +408,21 @@ def _end(
     item.model_revision = ctx.revision() or item.model_revision  # (loaded by now)
     if status == ItemStatus.COMPLETED and item.timings.started_at:
         item.timings.total_s = round(time.time() - item.timings.started_at, 4)
-    if not end_item(
-        ctx.store,
-        ctx.objects(job.output),
-        job,
-        item,
-        status,
-        publish=ctx.notify,
-        finalize=ctx.finalize,
-        failure=failure,
-        reason=reason,
-    ):
+    ended = _patiently(
+        ctx,
+        lambda: end_item(
+            ctx.store,
+            ctx.objects(job.output),
+            job,
+            item,
+            status,
+            publish=ctx.notify,
+            finalize=ctx.finalize,
+            failure=failure,
+            reason=reason,
+        ),
+    )
+    if not ended:
         return Outcome(note="skipped")
     log.info(
         "item %s/%s %s%s",

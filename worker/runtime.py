@@ -23,6 +23,7 @@ from worker.leases import Leases
 from worker.metrics import WorkerMetrics
 from worker.process import Context
 from worker.runners.base import Runner
+from worker.webhooks import DeliverySlots
 
 
 def build_runner(model: str, weights: str | None, device: str, options: RunnerSettings | None = None) -> Runner:
@@ -120,6 +121,9 @@ class Runtime:
         self.metrics = WorkerMetrics()
         self.active: set[tuple[str, str]] = set()  # (job_id, item_id) running in this process, for heartbeats
         self.ended = 0  # items this process ran to an end
+        self.name = ""  # the worker's name in its heartbeats (worker.cli sets it; worker.recovery reads it)
+        # webhook deliveries at once; an I/O worker keeps threads beyond them for finalizing jobs (worker.cli)
+        self.deliveries = DeliverySlots(1_000_000, 1_000_000)
 
     @property
     def leases(self) -> Leases:

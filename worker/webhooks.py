@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import json
 import random
+import threading
 import time
 from dataclasses import asdict, dataclass
 from email.utils import parsedate_to_datetime
@@ -20,7 +21,7 @@ from typing import Any
 
 import httpx
 
-from jobs import netguard
+from jobs import netclient, netguard
 from jobs.errors import TransientError
 from jobs.lifecycle import JobStatus
 from jobs.models import ItemRecord, JobRecord
@@ -107,8 +108,9 @@ def deliver(
     policy: netguard.Policy,
     client: httpx.Client | None = None,
 ) -> Attempt:
-    """POST once to the checked address of the URL's host (redirects are not followed); never raises for
-    HTTP, network or address-policy failures, it reports them. A refused address is not retried."""
+    """POST once to the checked address of the URL's host (redirects are not followed), within `timeout` seconds
+    in all, on this process's pooled client unless `client` is given; never raises for HTTP, network or
+    address-policy failures, it reports them. A refused address is not retried."""
     body = json.dumps(payload, separators=(",", ":")).encode()
     ts = int(time.time())
     headers = {
@@ -120,18 +122,20 @@ def deliver(
     if secrets:
         headers["webhook-signature"] = signature_header(secrets, event_id, ts, body)
     start = time.monotonic()
-    own = client is None
-    client = client or httpx.Client(timeout=timeout)
+    client = client or netclient.shared()
     try:
-        with netguard.pinned_request(client, "POST", url, policy, content=body, headers=headers) as resp:
-            status, retry_after = resp.status_code, resp.headers.get("retry-after")
+        with netclient.deadline(timeout):  # `timeout` is the whole attempt's: a receiver trickling bytes is cut off
+            with netguard.pinned_request(
+                client, "POST", url, policy, content=body, headers=headers, timeout=timeout
+            ) as resp:
+                status, retry_after = resp.status_code, resp.headers.get("retry-after")
     except netguard.BlockedAddress as exc:
         return Attempt(time.time(), None, 0.0, f"blocked: {exc}", refused=True)
+    except httpx.TimeoutException as exc:
+        took = time.monotonic() - start
+        return Attempt(time.time(), None, took, f"{type(exc).__name__}: no answer within {timeout}s ({exc})")
     except (httpx.HTTPError, TransientError) as exc:
         return Attempt(time.time(), None, time.monotonic() - start, f"{type(exc).__name__}: {exc}")
-    finally:
-        if own:
-            client.close()
     latency = time.monotonic() - start
     error = None if 200 <= status < 300 else f"HTTP {status}"
     return Attempt(time.time(), status, latency, error, _retry_after(retry_after))
@@ -169,3 +173,31 @@ def backoff(attempt: int, base: float, cap: float, retry_after: float | None = N
     """Exponential backoff with full jitter; a server's Retry-After wins when it asks for longer."""
     delay = random.uniform(0, min(cap, base * (2 ** max(0, attempt - 1))))
     return max(delay, retry_after or 0.0)
+
+
+class DeliverySlots:
+    """How many deliveries an I/O worker makes at once: `total` in all, so threads stay free for finalizing
+    jobs, and `per_host` to one receiver (its host and port), so a slow receiver cannot take every slot."""
+
+    def __init__(self, total: int, per_host: int):
+        self.total, self.per_host = total, per_host
+        self._busy: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def take(self, host: str) -> bool:
+        with self._lock:
+            if sum(self._busy.values()) >= self.total or self._busy.get(host, 0) >= self.per_host:
+                return False
+            self._busy[host] = self._busy.get(host, 0) + 1
+            return True
+
+    def give(self, host: str) -> None:
+        with self._lock:
+            self._busy[host] -= 1
+            if not self._busy[host]:
+                del self._busy[host]
+
+    @classmethod
+    def for_threads(cls, threads: int, free: int) -> DeliverySlots:
+        total = max(1, threads - free)
+        return cls(total, max(1, total // 3))

@@ -155,3 +155,43 @@ class _ExplodingClient:
 
     def close(self):
         pass
+
+
+def test_an_event_whose_message_was_lost_before_any_attempt_is_listed_and_redelivered(
+    redis_server, s3_endpoint, tiny_dir, bucket, receiver, start_worker, tmp_path
+):
+    """An event noted as published whose message the broker lost (a crash between the consumer's pop and its
+    unacked record) has no attempt logged: `webhooks JOB` lists it and `--redeliver` sends it."""
+    from jobs import keys
+    from jobs.store import RedisStore
+
+    env = service_env(redis_server.url, s3_endpoint, tiny_dir)
+    start_worker("worker", "--io").wait_ready()
+    manifest = tmp_path / "lost.jsonl"
+    manifest.write_text('{"prompt": ""}\n')  # one rejected row: the job ends at once, with two events
+    res = cli(
+        "submit",
+        str(manifest),
+        "--output",
+        f"s3://{bucket}/l",
+        "--webhook",
+        receiver.url,
+        "--skip-invalid",
+        "--json",
+        env=env,
+    )
+    job_id = json.loads(res.stdout)["job_id"]
+    wait_until(lambda: len(receiver.delivered()) == 2, 60, 0.2, what="both events delivered")
+    store = RedisStore.from_url(redis_server.url)
+    lost = f"evt_{job_id}_failed"  # as if the job event's message had vanished before its first attempt:
+    events_key = keys.JOB_EVENTS.format(job_id=job_id)
+    store.r.srem(events_key, lost)
+    store.r.delete(f"{events_key}:{lost}")
+    assert store.was_sent(job_id, lost) and lost not in store.events(job_id)
+    listed = cli("webhooks", job_id, env=env)
+    assert f"{lost}  published, no delivery attempt logged" in listed.stdout, listed.stdout + listed.stderr
+    res = cli("webhooks", job_id, "--redeliver", env=env)
+    assert res.returncode == 0 and "re-sending 2 event(s)" in res.stderr, res.stderr
+    wait_until(
+        lambda: [r["headers"]["webhook-id"] for r in receiver.delivered()].count(lost) == 2, 60, 0.2, what="it again"
+    )

@@ -186,3 +186,44 @@ def test_after_a_flushall_the_io_worker_sweep_rebuilds_the_job_on_its_own(
         10,
         what="the job's open marker to go",
     )
+
+
+def test_an_io_worker_whose_consumer_dies_on_a_broker_error_restarts_itself_and_says_so(
+    redis_server, s3_endpoint, tiny_dir, bucket, receiver, start_worker, tmp_path
+):
+    """Celery ends its consumer on an error it cannot recover from (a broker crash that broke the connection
+    the wrong way) and would exit 0; the worker starts itself again in place, and jobs finalize and notify."""
+    program = [sys.executable, str(ROOT / "tests" / "faults" / "broken_consumer_worker.py"), str(tmp_path / "m")]
+    io = start_worker("worker", "--io", program=program)
+    wait_until(lambda: "restarting it in place" in io.log.read_text(), 120, 0.2, what="the worker to say so")
+    io.wait_ready()
+    env = service_env(redis_server.url, s3_endpoint, tiny_dir)
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"prompt": ""}\n')  # one rejected row: the job ends at once, no GPU needed
+    res = cli(
+        "submit",
+        str(path),
+        "--output",
+        f"s3://{bucket}/x",
+        "--webhook",
+        receiver.url,
+        "--skip-invalid",
+        "--json",
+        env=env,
+    )
+    job_id = json.loads(res.stdout)["job_id"]
+    store = RedisStore.from_url(redis_server.url)
+    wait_end(store, job_id, 120)
+    wait_until(lambda: len(receiver.delivered()) == 2, 60, 0.2, what="both events delivered")
+    assert io.proc.poll() is None  # the same process, still serving
+    assert "Unrecoverable error" in io.log.read_text()
+
+
+def test_a_worker_that_keeps_stopping_on_its_own_gives_up_with_exit_code_1(start_worker):
+    """A consumer that dies within a minute of every start (a setup problem, not a passing crash) is started
+    again a few times, then the worker exits 1 and says why, for its supervisor to show."""
+    program = [sys.executable, str(ROOT / "tests" / "faults" / "broken_consumer_worker.py"), "always"]
+    io = start_worker("worker", "--io", program=program)
+    assert io.proc.wait(240) == 1, io.log.read_text()[-3000:]
+    log = io.log.read_text()
+    assert log.count("restarting it in place") == 5 and "stopped on its own 5 times in a row" in log, log[-3000:]

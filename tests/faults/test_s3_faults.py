@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
 import pytest
 from ledger import check_ledger
@@ -66,6 +67,9 @@ def test_a_503_burst_is_retried_and_a_persistent_failure_fails_only_its_item(
             AWS_ENDPOINT_URL_S3=forever.url,
             DREAMBATCH_CELERY__MAX_ATTEMPTS="3",
             DREAMBATCH_S3__MAX_ATTEMPTS="3",
+            # S3 errors count as attempts at once (no outage is waited out): a failure for good fails its item
+            DREAMBATCH_S3__OUTAGE_WAIT="0",
+            DREAMBATCH_S3__OUTAGE_LIMIT="0",
         )
         gpu.wait_ready()
         io.wait_ready()
@@ -93,7 +97,10 @@ def test_a_503_burst_is_retried_and_a_persistent_failure_fails_only_its_item(
             ("p02", "completed"),
             ("p03", "completed"),
         ]
-        assert lines[0]["attempts"] >= 2  # the burst outlasted one call's retries: the item ran again
+        # the burst outlasted one call's retries: the item ran again, and its first try, cut short by S3, was
+        # not counted (later ones are: DREAMBATCH_S3__OUTAGE_LIMIT=0)
+        assert gpu.log.read_text().count(f"item {job_id}/p00 started") >= 2
+        assert lines[0]["attempts"] >= 1
         assert "SlowDown" in lines[1]["error"] and "after 3 attempts" in lines[1]["error"]
         assert job.status == "completed" and job.counts["completed"] == 3 and job.counts["failed"] == 1
         keys = {
@@ -111,3 +118,69 @@ def test_a_503_burst_is_retried_and_a_persistent_failure_fails_only_its_item(
     finally:
         forever.close()
         burst.close()
+
+
+class OutageProxy(S3Proxy):
+    """Forwards to the real endpoint, but answers every request 503 ServiceUnavailable while `down` is set."""
+
+    UNAVAILABLE = (
+        b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>ServiceUnavailable</Code>'
+        b"<Message>Service is unable to handle request.</Message></Error>"
+    )
+
+    def __init__(self, upstream: str):
+        self.down = threading.Event()
+        self.refused = 0
+
+        def intercept(method: str, path: str):
+            if not self.down.is_set():
+                return None
+            self.refused += 1
+            return 503, self.UNAVAILABLE
+
+        super().__init__(upstream, intercept)
+
+
+def test_an_s3_outage_is_waited_out_without_spending_attempts_or_dropping_a_message(
+    redis_server, s3_endpoint, tiny_dir, bucket, start_worker, tmp_path
+):
+    """S3 answers nothing but 503 for 20 s while items upload and end (and the job would finalize): every
+    item completes once S3 is back, on its first counted attempt, and the job's ledger balances."""
+    proxy = OutageProxy(s3_endpoint)
+    try:
+        cfg = {
+            "AWS_ENDPOINT_URL_S3": proxy.url,
+            "DREAMBATCH_S3__MAX_ATTEMPTS": "2",
+            "DREAMBATCH_S3__OUTAGE_WAIT": "2",  # hand the message back after 2 s in the thread
+            "DREAMBATCH_CELERY__MAX_ATTEMPTS": "2",  # …which, counted, would fail every item twice over
+            # the default visibility timeout: nothing here is rescued by Redis redelivering an acknowledged-late task
+            "DREAMBATCH_CELERY__VISIBILITY_TIMEOUT": "4200",
+            "DREAMBATCH_CELERY__TASK_TIME_LIMIT": "3000",
+        }
+        io = start_worker("worker", "--io", **cfg)
+        gpu = start_worker("worker", "--model", "i1-fast", "--weights", "tiny", "--device", "cpu", **cfg)
+        gpu.wait_ready()
+        io.wait_ready()
+        ids = [f"o{n}" for n in range(6)]
+        manifest = tmp_path / "o.jsonl"
+        manifest.write_text(
+            "".join(json.dumps({"id": i, "prompt": f"x {i}", "seed": n}) + "\n" for n, i in enumerate(ids))
+        )
+        direct = service_env(redis_server.url, s3_endpoint, tiny_dir)
+        res = cli("submit", str(manifest), "--output", f"s3://{bucket}/o", "--set", "steps=1", "--json", env=direct)
+        job_id = json.loads(res.stdout)["job_id"]
+        proxy.down.set()  # from the first item on, S3 is away
+        store = RedisStore.from_url(redis_server.url)
+        wait_until(lambda: proxy.refused >= 10, 60, 0.1, what="S3 refusing the workers")
+        outage_end = time.monotonic() + 20
+        while time.monotonic() < outage_end:
+            assert not store.get_job(job_id).finished_at
+            time.sleep(0.5)
+        proxy.down.clear()
+        job = wait_until(lambda: (j := store.get_job(job_id)) and j.finished_at and j, 180, 0.2, what="job end")
+        assert job.status == "completed", job.counts
+        ledger = check_ledger(s3_client(s3_endpoint), bucket, "o", job_id, ids)
+        assert all(line["attempts"] == 1 for line in ledger.lines), [x["attempts"] for x in ledger.lines]
+        assert "waits for object storage" in gpu.log.read_text()
+    finally:
+        proxy.close()
