@@ -14,10 +14,10 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TypeVar
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 from jobs import keys, lifecycle, logs, records, vendors
@@ -57,7 +57,7 @@ class Context:
     objects: Callable[[str], ObjectStore]  # output location → store
     notify: Publish  # publish webhook messages: [(job_id, item_id or None, event_id)]
     finalize: Callable[[str], None]  # (job_id)
-    gpu_lock: threading.Lock = field(default_factory=threading.Lock)
+    gpu_lock: AbstractContextManager[Any] = field(default_factory=threading.Lock)
     leases: Leases | None = None  # None in local mode, where one consumer runs items one at a time
     metrics: WorkerMetrics | None = None  # this process's Prometheus metrics, when it exports them
     revision: Callable[[], str | None] = lambda: None  # the revision of this process's weights

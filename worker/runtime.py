@@ -110,7 +110,9 @@ class Runtime:
         self.model = model
         self.safety = safety.Lazy(settings.safety, device)  # loaded on the first item it checks
         self._runner: Runner | None = None
-        self._runner_factory = runner_factory or (lambda: build_runner(model, weights, device, settings.runner))
+        self._runner_factory = runner_factory or (
+            lambda: build_runner(self._model_name(), weights, device, settings.runner)
+        )
         # a micro-batching runner has its own model thread, the only one touching the GPU: no lock around calls
         self._model_lock = (
             contextlib.nullcontext() if runner_factory is None and batches(model, settings.runner) else None
@@ -146,6 +148,11 @@ class Runtime:
                 runner.load()
                 self._runner = runner
             return self._runner
+
+    def _model_name(self) -> str:
+        if self.model is None:
+            raise ConfigError("an I/O worker runs no model (start a GPU worker with --model)")
+        return self.model
 
     @property
     def model_revision(self) -> str | None:

@@ -76,9 +76,20 @@ class Runner(Protocol):
     this. Which of `generate` / `edit` an item needs is its model's kind in `jobs.models.MODELS`; a runner
     asked for the other raises ModelError."""
 
-    model: str  # dreambatch model name, e.g. "i1-fast"
-    source: str | None  # where the weights came from ("tiny:…", "local:…", "hub:…"), once loaded
-    revision: str | None  # the weights' revision (worker.runners.revision), once loaded
+    @property
+    def model(self) -> str:
+        """dreambatch model name, e.g. "i1-fast"."""
+        ...
+
+    @property
+    def source(self) -> str | None:
+        """Where the weights came from ("tiny:…", "local:…", "hub:…"), once loaded."""
+        ...
+
+    @property
+    def revision(self) -> str | None:
+        """The weights' revision (worker.runners.revision), once loaded."""
+        ...
 
     def load(self) -> object:
         """Load the weights (once); workers call it at start so a bad setup fails before any item."""

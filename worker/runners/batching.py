@@ -80,12 +80,12 @@ class MicroBatcher:
     def canvas_size(self, width: int, height: int) -> tuple[int, int]:
         return self.runner.canvas_size(width, height)
 
-    def generate(self, request: GenerateRequest, on_step=None) -> RunOutput:
+    def generate(self, request: GenerateRequest, on_step: Callable[[int], None] | None = None) -> RunOutput:
         key = self.runner.batch_key(request)
         alone = None if key else (lambda: self.runner.generate(request, on_step=on_step))
         return self._submit(_Call(request, alone, key, on_step))
 
-    def edit(self, request: EditRequest, on_step=None) -> RunOutput:
+    def edit(self, request: EditRequest, on_step: Callable[[Any], None] | None = None) -> RunOutput:
         return self._submit(_Call(request, lambda: self.runner.edit(request, on_step=on_step), None))
 
     def _submit(self, call: _Call) -> RunOutput:
