@@ -59,7 +59,7 @@ def end_items(
         moves = [end(item) for item in items]
     ended = [item for item, move in zip(items, moves, strict=True) if move.applied]
     # 3. the events of the items this call ended, together
-    if job.webhook and ended:
+    if job.wants("item") and ended:  # (vendor formats: their one envelope goes with the job's event)
         announce(
             store,
             publish,

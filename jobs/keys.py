@@ -28,6 +28,8 @@ API_KEYS = "db:apikeys"  # sorted set: key_id by created time
 IDEMPOTENCY = "db:idem:{key_id}:{digest}"  # JSON {fingerprint, job_id}, per API key, expires after a day
 RECENT_REQUEST = "db:recent:{key_id}:{digest}"  # string: the job a request body made ("" while it is being made)
 UPLOAD = "db:upload:{upload_id}"  # JSON UploadRecord of a vendor file upload (POST /files, media/uploads); expires
+JOB_STEPS = "db:job:{job_id}:steps"  # hash: item id → "step/steps" its run reached (pruned of ended items as read)
+JOB_GPU = "gpu_s"  # field of the job hash: seconds its items held the model, every attempt, summed (HINCRBYFLOAT)
 JOB_SLOTS = "db:job:{job_id}:slots"  # sorted set: item ids holding a --max-concurrency slot, score = lease end
 WORKER = "db:worker:{name}"  # string: a worker's last heartbeat (JSON: model, model_revision, active…); expires
 WORKERS = "db:workers"  # set: names of workers that have sent a heartbeat

@@ -72,6 +72,8 @@ class Store(Protocol):
     def acquire_slot(self, job_id: str, item_id: str, cap: int, lease_s: float) -> bool: ...
     def release_slot(self, job_id: str, item_id: str) -> None: ...
     def record_step(self, job_id: str, item_id: str, step: int, steps: int) -> bool: ...
+    def running_steps(self, job_id: str) -> dict[str, tuple[int, int]]: ...
+    def add_gpu_seconds(self, job_id: str, seconds: float) -> None: ...
 
 
 # An item's execution lease: one token at a time; only its holder renews or releases it.
@@ -240,7 +242,13 @@ def _job_from(fields: dict[str, str]) -> JobRecord:
     job.submit_aborted = bool(fields.get("submit_aborted"))
     job.cancel_requested = bool(fields.get("cancel_requested"))
     job.round = int(fields.get("round", 0))
+    job.gpu_s = round(float(fields.get(keys.JOB_GPU, 0) or 0), 4)
     return job
+
+
+def _step_pair(step: str) -> tuple[int, int]:
+    done, _, total = step.partition("/")
+    return int(done), int(total or 0)
 
 
 def _item_from(fields: dict[str, str]) -> ItemRecord:
@@ -504,7 +512,33 @@ class RedisStore:
         pipe = self.r.pipeline(transaction=False)
         pipe.hset(keys.ITEM.format(job_id=job_id, item_id=item_id), "step", f"{step}/{steps}")
         pipe.hexists(keys.job_key(job_id), "cancel_requested")
+        pipe.hset(keys.JOB_STEPS.format(job_id=job_id), item_id, f"{step}/{steps}")
+        pipe.expire(keys.JOB_STEPS.format(job_id=job_id), 86400)
         return bool(pipe.execute()[1])
+
+    def running_steps(self, job_id: str) -> dict[str, tuple[int, int]]:
+        """Running items' denoising progress, {item id: (step, steps)}, in two round trips; items that have
+        ended since they recorded a step are dropped from the record here."""
+        key = keys.JOB_STEPS.format(job_id=job_id)
+        recorded = self.r.hgetall(key)
+        if not recorded:
+            return {}
+        pipe = self.r.pipeline(transaction=False)
+        for item_id in recorded:
+            pipe.hget(keys.ITEM.format(job_id=job_id, item_id=item_id), "status")
+        running, gone = {}, []
+        for (item_id, step), status in zip(recorded.items(), pipe.execute(), strict=True):
+            if status == ItemStatus.RUNNING:
+                running[item_id] = _step_pair(step)
+            elif status != ItemStatus.QUEUED:  # (queued: retried, its next run records anew)
+                gone.append(item_id)
+        if gone:
+            self.r.hdel(key, *gone)
+        return running
+
+    def add_gpu_seconds(self, job_id: str, seconds: float) -> None:
+        """Count `seconds` of model time to the job (JobRecord.gpu_s)."""
+        self.r.hincrbyfloat(keys.job_key(job_id), keys.JOB_GPU, round(seconds, 4))
 
     def step_of(self, job_id: str, item_id: str) -> str | None:
         return self.r.hget(keys.ITEM.format(job_id=job_id, item_id=item_id), "step")
@@ -553,6 +587,7 @@ class MemoryStore:
         self._slots: dict[str, dict[str, float]] = {}
         self._sent: set[tuple[str, str]] = set()
         self._nudges: dict[str, float] = {}  # job id → when another finalize nudge may go
+        self._steps: dict[str, dict[str, tuple[int, int]]] = {}  # job id → item id → (step, steps)
 
     def create_job(self, job: JobRecord) -> None:
         with self._lock:
@@ -703,9 +738,29 @@ class MemoryStore:
             self._slots.get(job_id, {}).pop(item_id, None)
 
     def record_step(self, job_id: str, item_id: str, step: int, steps: int) -> bool:
+        with self._lock:
+            self._steps.setdefault(job_id, {})[item_id] = (step, steps)
         if self.on_step is not None:
             self.on_step(job_id, item_id, step, steps)
         return self.cancel_requested(job_id)
+
+    def running_steps(self, job_id: str) -> dict[str, tuple[int, int]]:
+        with self._lock:
+            steps = self._steps.get(job_id, {})
+            running = {
+                i: s for i, s in steps.items() if self._items.get((job_id, i), {}).get("status") == ItemStatus.RUNNING
+            }
+            self._steps[job_id] = {
+                i: s
+                for i, s in steps.items()
+                if self._items.get((job_id, i), {}).get("status") in (ItemStatus.RUNNING, ItemStatus.QUEUED)
+            }
+            return running
+
+    def add_gpu_seconds(self, job_id: str, seconds: float) -> None:
+        with self._lock:
+            job = self._jobs[job_id]
+            job[keys.JOB_GPU] = float(job.get(keys.JOB_GPU, 0)) + round(seconds, 4)
 
 
 def _epoch(iso: str) -> float:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -30,7 +31,18 @@ from jobs.errors import (
     TransientError,
 )
 from jobs.lifecycle import ItemStatus, job_outcome
-from jobs.models import EXTENSIONS, MODELS, ItemOutput, ItemRecord, JobRecord, OutputImage, item_event_id, job_event_id
+from jobs.models import (
+    EXTENSIONS,
+    MODELS,
+    ItemOutput,
+    ItemRecord,
+    JobRecord,
+    OutputImage,
+    Timings,
+    WebhookEvent,
+    item_event_id,
+    job_event_id,
+)
 from jobs.settings import Settings
 from jobs.storage import ObjectStore, key_of
 from jobs.store import Store
@@ -160,6 +172,7 @@ def _attempt(ctx: Context, job: JobRecord, item: ItemRecord) -> Outcome:
             ),
         )
     log.info("item %s/%s started (attempt %d)", item.job_id, item.item_id, move.attempts)
+    _announce_start(ctx, job)
 
     try:
         # 4. fetch the input (edits) and 5. run the model: the only step that holds the GPU.
@@ -174,7 +187,7 @@ def _attempt(ctx: Context, job: JobRecord, item: ItemRecord) -> Outcome:
                 _stop_if_cancelled(ctx, item)
                 with _model_failures():
                     result = runner.generate(_request(item), on_step=_step_check(ctx, item))
-            _record_model_time(item, result, asked)
+            _record_model_time(ctx, item, result, asked)
             images, output = result.images, ItemOutput(seed=item.seed)
 
         # 5b. the exact size a caller asked for, then the safety checker on what it will get (worker/safety.py)
@@ -186,7 +199,7 @@ def _attempt(ctx: Context, job: JobRecord, item: ItemRecord) -> Outcome:
         # 6. encode and upload, outside the GPU lock so the next item's inference overlaps
         t0 = time.perf_counter()
         item.output = _upload(ctx.objects(job.output), item, images, output)
-        item.timings.upload_s = round(time.perf_counter() - t0, 4)
+        item.timings.upload_s = round(time.perf_counter() - t0 - (item.timings.encode_s or 0.0), 4)
     except ItemCancelled as exc:
         log.info("item %s/%s stopped: %s", item.job_id, item.item_id, exc)
         return _end(ctx, job, item, ItemStatus.CANCELLED, reason="cancelled")
@@ -203,6 +216,15 @@ def _attempt(ctx: Context, job: JobRecord, item: ItemRecord) -> Outcome:
 
     # 7. record the result, move it, notify, and finalize the job if this was its last item
     return _end(ctx, job, item, ItemStatus.COMPLETED)
+
+
+def _announce_start(ctx: Context, job: JobRecord) -> None:
+    """A job whose webhook asked for "start" gets job.running when its first item starts (once per round; two
+    items starting at once may both send it: the same webhook-id, which a receiver keeps once)."""
+    if job.wants("start") and job.webhook_format not in vendors.WEBHOOKS:
+        event_id = job_event_id(job.job_id, "running", job.round)
+        if not ctx.store.was_sent(job.job_id, event_id):
+            _notify(ctx, job.job_id, None, event_id)
 
 
 def _stop_if_cancelled(ctx: Context, item: ItemRecord) -> None:
@@ -241,6 +263,7 @@ def _run_edit(ctx: Context, job: JobRecord, item: ItemRecord) -> tuple[list, Ite
     """Fetch and decode the input, fit it to the model's canvas, edit, and bring it back to the output size.
     Returns the images and the item's output record with the sizes it worked at."""
     p = item.params
+    fetching = time.perf_counter()
     data = inputs.fetch(p["image"], job, ctx.settings, ctx.objects)
     source = imaging.decode_input(data, ctx.settings.inputs.max_pixels)
     try:
@@ -252,6 +275,7 @@ def _run_edit(ctx: Context, job: JobRecord, item: ItemRecord) -> tuple[list, Ite
     with _model_failures():
         canvas_size = runner.canvas_size(*shaped.size)
     canvas, box = geometry.fit(shaped, canvas_size, p["geometry"])
+    item.timings.fetch_s = round(time.perf_counter() - fetching, 4)
     request = EditRequest(
         image=canvas,
         instruction=p["instruction"],
@@ -273,7 +297,7 @@ def _run_edit(ctx: Context, job: JobRecord, item: ItemRecord) -> tuple[list, Ite
         _stop_if_cancelled(ctx, item)
         with _model_failures():
             result = runner.edit(request, on_step=lambda info: check(info.index))
-    _record_model_time(item, result, asked)
+    _record_model_time(ctx, item, result, asked)
     output = ItemOutput(seed=item.seed, processed_size=list(canvas_size), input_size=list(source.size))
     return [geometry.unfit(image, box, target) for image in result.images], output
 
@@ -292,10 +316,15 @@ def _model_failures() -> Iterator[None]:
         raise ModelError(f"{type(exc).__name__}: {exc}") from exc
 
 
-def _record_model_time(item: ItemRecord, result, asked: float) -> None:
-    """The model's time for the item, when it started, and how long the item waited for it (`asked`: when
-    the item was ready for the model: the GPU lock, or a micro-batch, kept it waiting from then)."""
+def _record_model_time(ctx: Context, item: ItemRecord, result, asked: float) -> None:
+    """The model's time for the item, by stage, when it started, and how long the item waited for it (`asked`:
+    when the item was ready for the model: the GPU lock, or a micro-batch, kept it waiting from then). The job's
+    GPU-seconds count every attempt's."""
     item.timings.inference_s = round(result.inference_s, 4)
+    for stage, seconds in result.stages.items():
+        if f"{stage}_s" in Timings.model_fields:
+            setattr(item.timings, f"{stage}_s", round(seconds, 4))
+    ctx.store.add_gpu_seconds(item.job_id, result.inference_s)
     if result.started_at is not None:
         item.timings.model_started_at = round(result.started_at, 4)
         item.timings.model_wait_s = round(max(0.0, result.started_at - asked), 4)
@@ -304,8 +333,11 @@ def _record_model_time(item: ItemRecord, result, asked: float) -> None:
 def _upload(objects: ObjectStore, item: ItemRecord, images, out: ItemOutput) -> ItemOutput:
     """Encode and store each image; their URIs and sizes are added to `out`."""
     fmt, quality = item.params["output_format"], item.params["output_quality"]
+    item.timings.encode_s = 0.0
     for n, image in enumerate(images):
+        encoding = time.perf_counter()
         data, content_type = imaging.encode(image, fmt, quality)
+        item.timings.encode_s = round(item.timings.encode_s + time.perf_counter() - encoding, 4)
         suffix = "" if len(images) == 1 else f"_{n}"
         if item.params.get("output_key"):  # the row names its key (a mirrored catalog layout)
             stem, dot, ext = item.params["output_key"].rpartition(".")
@@ -401,7 +433,7 @@ def _announce_again(ctx: Context, job: JobRecord, item: ItemRecord) -> Outcome:
     and the messages that follow it (or when `cancel` ended it while queued). Send its webhook if nobody
     did, and nudge the finalizer if every item has ended and the job has not (one nudge per NUDGE_EVERY s:
     a drained queue of a cancelled job does not flood the io queue)."""
-    if job.webhook:
+    if job.wants("item"):
         try:
             _send_if_unsent(
                 ctx,
@@ -429,13 +461,13 @@ def finalize_job(ctx: Context, job_id: str) -> str | None:
     if job is None:
         return None
     if job.finished_at:  # (SendLater: the finalizer that ended it may still be sending the event)
-        if job.webhook:
+        if job.wants("job"):
             _send_if_unsent(ctx, job_id, None, job_event_id(job_id, job.status, job.round), job.finished_at)
         return None
     if job.counts.get(ItemStatus.QUEUED, 0) or job.counts.get(ItemStatus.RUNNING, 0):
         return None  # a late duplicate for a job that `retry` re-opened: its last item finalizes it
     # 2. results: one line per manifest row, in manifest order
-    uri, _ = records.write_results(ctx.objects(job.output), job_id, ctx.store.items(job_id))
+    uri, _ = records.write_results(ctx.objects(job.output), job_id, ctx.store.items(job_id), job.model)
     # 3. terminal exactly once, then tell the webhook
     status = job_outcome(job.counts, cancelled=job.cancel_requested)
     if not ctx.store.finish_job(job_id, status, uri, now_iso()):
@@ -447,7 +479,7 @@ def finalize_job(ctx: Context, job_id: str) -> str | None:
     # 4. the review contact sheet, when the job asked for one (before the webhook, so it is there to open)
     if job.review_sheet:
         _review_sheet(ctx, job)
-    if job.webhook:
+    if job.wants("job"):
         _notify(ctx, job_id, None, job_event_id(job_id, status.value, job.round))
     return status.value
 
@@ -473,6 +505,14 @@ def _review_sheet(ctx: Context, job: JobRecord) -> None:
         log.exception("job %s: review sheet not made (make it with: dreambatch sheet %s)", job.job_id, job.job_id)
 
 
+def _event_kind(job_id: str, item_id: str | None, event_id: str) -> WebhookEvent:
+    """Which of a webhook's event kinds (jobs.models.WEBHOOK_EVENTS) an event is."""
+    if item_id is not None:
+        return "item"
+    status = re.sub(r"\.r\d+$", "", event_id.removeprefix(f"evt_{job_id}_"))  # (a retry round's suffix)
+    return "start" if status == "running" else "job"
+
+
 def webhook_attempt(
     ctx: Context, job_id: str, item_id: str | None, event_id: str, client=None
 ) -> webhooks.Attempt | None:
@@ -480,12 +520,15 @@ def webhook_attempt(
     job = ctx.store.get_job(job_id)
     if job is None or not job.webhook or job.webhook_disabled:
         return None
+    kind = _event_kind(job_id, item_id, event_id)
+    if not job.wants(kind):  # (an event queued before it was filtered out)
+        return None
     if job.webhook_format in vendors.WEBHOOKS:  # a vendor's envelope, once, when the request (a one-item job) ends
         if item_id is not None:
             return None
         payload = vendors.webhook_body(job, next(ctx.store.items(job_id), None), _presigned(ctx, job))
     elif item_id is None:
-        payload = webhooks.job_payload(job)
+        payload = webhooks.job_payload(job, started=kind == "start")
     else:
         item = ctx.store.get_item(job_id, item_id)
         if item is None:

@@ -41,21 +41,25 @@ def item_payload(job: JobRecord, item: ItemRecord) -> dict[str, Any]:
         "error": item.error,
         "error_kind": item.error_kind,
         "metadata": item.metadata,
+        "timings": item.timings.model_dump(),
         "created_at": item.created_at,
         "updated_at": item.updated_at,
     }
 
 
-def job_payload(job: JobRecord) -> dict[str, Any]:
+def job_payload(job: JobRecord, started: bool = False) -> dict[str, Any]:
+    """The job's end (or, `started`, its job.running event, whatever it is by the time it is sent)."""
+    status = JobStatus.RUNNING if started else job.status
     return {
-        "type": f"job.{job.status}",
+        "type": f"job.{status}",
         "id": job.job_id,
         "job_id": job.job_id,
         "model": job.model,
-        "status": job.status,
+        "status": status,
         "counts": {"total": job.total, **job.counts},
+        "gpu_s": job.gpu_s,  # seconds its items held the model, every attempt counted
         "output": {"results": job.results_uri},
-        "error": None if job.status != JobStatus.FAILED else "every item failed",
+        "error": None if status != JobStatus.FAILED else "every item failed",
         "metadata": {},
         "created_at": job.created_at,
         "updated_at": job.finished_at or job.updated_at,
