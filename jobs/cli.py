@@ -189,7 +189,7 @@ def submit(
     webhook: Annotated[str | None, typer.Option(help="POSTed on every item and job terminal state")] = None,
     webhook_events: Annotated[
         str | None,
-        typer.Option(help="which events the webhook gets: start,item,job (default item,job; job: only its end)"),
+        typer.Option(help="events the webhook gets: start,progress,item,job (default item,job; job: only its end)"),
     ] = None,
     set_: SetOpt = None,
     preset: PresetOpt = None,

@@ -20,6 +20,7 @@ ITEM_LEASE = "db:item:{job_id}:{item_id}:lease"  # string: token of the executio
 JOB_ORDER = "db:job:{job_id}:order"  # list: item ids in manifest order
 JOB_EVENTS = "db:job:{job_id}:events"  # set of webhook event ids; list "<key>:<event_id>" = attempts
 JOB_SENT = "db:job:{job_id}:sent"  # set of event ids whose webhook message was published (marked after)
+JOB_PROGRESS_SENT = "db:job:{job_id}:progress"  # string with a TTL: a job.progress event went out lately
 JOB_FINALIZE_NUDGE = "db:job:{job_id}:nudge"  # string with a TTL: a redelivery sent this job a finalize lately
 RECONCILE_LOCK = "db:reconcile:lock"  # string with a TTL: one io worker sweeps unfinished jobs at a time
 JOBS_INDEX = "db:jobs"  # sorted set: job_id by created time

@@ -335,9 +335,11 @@ def parse_duration(text: str) -> float:
 
 Priority = Literal["high", "normal", "low"]
 # which events a job's webhook gets (Replicate's webhook_events_filter, in our words): "start" (job.running, when its
-# first item starts), "item" (each item's end: item.completed, item.failed, item.cancelled), "job" (the job's end)
-WebhookEvent = Literal["start", "item", "job"]
-WEBHOOK_EVENTS: tuple[WebhookEvent, ...] = ("start", "item", "job")
+# first item starts), "progress" (job.progress: counts, rate, ETA, at most every PROGRESS_EVERY s as items end),
+# "item" (each item's end: item.completed, item.failed, item.cancelled), "job" (the job's end)
+WebhookEvent = Literal["start", "progress", "item", "job"]
+WEBHOOK_EVENTS: tuple[WebhookEvent, ...] = ("start", "progress", "item", "job")
+PROGRESS_EVERY = 10.0  # s: at most one job.progress event per job this often
 DEFAULT_WEBHOOK_EVENTS: list[WebhookEvent] = ["item", "job"]
 
 
@@ -349,7 +351,7 @@ def parse_webhook_events(text: str | list[str]) -> list[WebhookEvent]:
     if unknown or not events:
         raise InputError(
             f"webhook_events: expected some of {', '.join(WEBHOOK_EVENTS)}, comma-separated (got {text!r}); "
-            "e.g. job (only the job's end) or start,item,job (everything)"
+            "e.g. job (only the job's end) or start,progress,item,job (everything)"
         )
     return [e for e in WEBHOOK_EVENTS if e in events]
 
@@ -427,6 +429,11 @@ def item_event_id(job_id: str, item_id: str, status: str, round_: int = 0) -> st
 
 def job_event_id(job_id: str, status: str, round_: int = 0) -> str:
     return f"evt_{job_id}_{status}{_round_suffix(round_)}"
+
+
+def progress_event_id(job_id: str, ended: int, round_: int = 0) -> str:
+    """A job.progress event's id: one per count of ended items (a job event to `event_item_id`)."""
+    return job_event_id(job_id, f"progress.{ended}", round_)
 
 
 def event_item_id(job_id: str, event_id: str) -> str | None:

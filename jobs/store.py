@@ -74,6 +74,7 @@ class Store(Protocol):
     def record_step(self, job_id: str, item_id: str, step: int, steps: int) -> bool: ...
     def running_steps(self, job_id: str) -> dict[str, tuple[int, int]]: ...
     def add_gpu_seconds(self, job_id: str, seconds: float) -> None: ...
+    def progress_due(self, job_id: str, every: float) -> bool: ...
 
 
 # An item's execution lease: one token at a time; only its holder renews or releases it.
@@ -540,6 +541,10 @@ class RedisStore:
         """Count `seconds` of model time to the job (JobRecord.gpu_s)."""
         self.r.hincrbyfloat(keys.job_key(job_id), keys.JOB_GPU, round(seconds, 4))
 
+    def progress_due(self, job_id: str, every: float) -> bool:
+        """True for one caller per `every` s: the one that sends the job's next job.progress webhook event."""
+        return self.claim(keys.JOB_PROGRESS_SENT.format(job_id=job_id), every)
+
     def step_of(self, job_id: str, item_id: str) -> str | None:
         return self.r.hget(keys.ITEM.format(job_id=job_id, item_id=item_id), "step")
 
@@ -588,6 +593,7 @@ class MemoryStore:
         self._sent: set[tuple[str, str]] = set()
         self._nudges: dict[str, float] = {}  # job id → when another finalize nudge may go
         self._steps: dict[str, dict[str, tuple[int, int]]] = {}  # job id → item id → (step, steps)
+        self._progress: dict[str, float] = {}  # job id → when its next job.progress event may go
 
     def create_job(self, job: JobRecord) -> None:
         with self._lock:
@@ -761,6 +767,14 @@ class MemoryStore:
         with self._lock:
             job = self._jobs[job_id]
             job[keys.JOB_GPU] = float(job.get(keys.JOB_GPU, 0)) + round(seconds, 4)
+
+    def progress_due(self, job_id: str, every: float) -> bool:
+        with self._lock:
+            now = time.monotonic()
+            if self._progress.get(job_id, 0.0) > now:
+                return False
+            self._progress[job_id] = now + every
+            return True
 
 
 def _epoch(iso: str) -> float:

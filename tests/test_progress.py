@@ -253,6 +253,25 @@ def test_a_job_event_filter_sends_only_the_jobs_end_and_refuses_unknown_names(st
     wait_until(lambda: [d for d in receiver.delivered() if d["json"]["job_id"] == job_id], 60, what="the job event")
     assert [d["json"]["type"] for d in receiver.delivered() if d["json"]["job_id"] == job_id] == ["job.completed"]
 
+    # "progress": a job.progress event (counts, rate, ETA) as items end, at most every PROGRESS_EVERY s
+    rows3 = [{"id": f"q{n}", "prompt": f"q {n}", "steps": 1, "width": 128, "height": 128} for n in range(3)]
+    res = http.post(
+        "/v1/jobs",
+        json={"model": "i1-fast", "rows": rows3, "webhook": receiver.url, "webhook_events": ["progress", "job"]},
+    )
+    assert res.status_code == 201, res.text
+    job_id = res.json()["id"]
+    wait_job(stack.store, job_id)
+    wait_until(
+        lambda: "job.completed" in [d["json"]["type"] for d in receiver.delivered() if d["json"]["job_id"] == job_id],
+        60,
+        what="the job's end",
+    )
+    sent = [d["json"] for d in receiver.delivered() if d["json"]["job_id"] == job_id]
+    progress = [s for s in sent if s["type"] == "job.progress"]
+    assert progress and {s["type"] for s in sent} == {"job.progress", "job.completed"}  # no item events
+    assert progress[0]["counts"]["total"] == 3 and "rate_per_s" in progress[0] and "running" in progress[0]
+
     bad = http.post(
         "/v1/jobs", json={"model": "i1-fast", "rows": rows, "webhook": receiver.url, "webhook_events": ["output"]}
     )
@@ -265,7 +284,8 @@ def test_a_job_event_filter_sends_only_the_jobs_end_and_refuses_unknown_names(st
     assert form.status_code == 422 and "bogus" in form.json()["error"]["message"]
     manifest = write_rows(tmp_path / "m.jsonl", rows)
     cli_bad = cli("submit", str(manifest), "--webhook-events", "completed", env=stack.env)
-    assert cli_bad.returncode == 2 and "--webhook-events" in cli_bad.stderr and "start, item, job" in cli_bad.stderr
+    assert cli_bad.returncode == 2 and "--webhook-events" in cli_bad.stderr
+    assert "start, progress, item, job" in cli_bad.stderr
     assert "Traceback" not in cli_bad.stderr
 
 

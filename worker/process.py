@@ -510,7 +510,9 @@ def _event_kind(job_id: str, item_id: str | None, event_id: str) -> WebhookEvent
     if item_id is not None:
         return "item"
     status = re.sub(r"\.r\d+$", "", event_id.removeprefix(f"evt_{job_id}_"))  # (a retry round's suffix)
-    return "start" if status == "running" else "job"
+    if status == "running":
+        return "start"
+    return "progress" if status.startswith("progress.") else "job"
 
 
 def webhook_attempt(
@@ -524,9 +526,11 @@ def webhook_attempt(
     if not job.wants(kind):  # (an event queued before it was filtered out)
         return None
     if job.webhook_format in vendors.WEBHOOKS:  # a vendor's envelope, once, when the request (a one-item job) ends
-        if item_id is not None:
+        if item_id is not None or kind != "job":
             return None
         payload = vendors.webhook_body(job, next(ctx.store.items(job_id), None), _presigned(ctx, job))
+    elif kind == "progress":
+        payload = webhooks.progress_payload(job, ctx.store.running_steps(job_id))
     elif item_id is None:
         payload = webhooks.job_payload(job, started=kind == "start")
     else:

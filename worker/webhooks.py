@@ -20,7 +20,7 @@ from typing import Any
 
 import httpx
 
-from jobs import netguard
+from jobs import netguard, pace
 from jobs.errors import TransientError
 from jobs.lifecycle import JobStatus
 from jobs.models import ItemRecord, JobRecord
@@ -63,6 +63,16 @@ def job_payload(job: JobRecord, started: bool = False) -> dict[str, Any]:
         "metadata": {},
         "created_at": job.created_at,
         "updated_at": job.finished_at or job.updated_at,
+    }
+
+
+def progress_payload(job: JobRecord, steps: dict[str, tuple[int, int]]) -> dict[str, Any]:
+    """job.progress: the job's counts, rate and ETA (jobs.pace) and its running items' steps, as it is now."""
+    return {
+        **job_payload(job),
+        "type": "job.progress",
+        **pace.since(job).as_dict(),
+        "running": pace.running(steps),
     }
 
 

@@ -9,7 +9,7 @@ TOML, or YAML when the file is named `.yaml`/`.yml` (the same structure: a `sche
     params = { steps = 28, seed = 7 }  # E1 job defaults; win over the preset's
     output = "s3://catalog/edited"
     webhook = "https://example.com/hooks/catalog"
-    webhook_events = ["job"]           # which events it gets: start, item, job (default item and job)
+    webhook_events = ["job"]           # which events it gets: start, progress, item, job (default item, job)
     priority = "low"                   # each run's job, as `dreambatch submit`: --priority, --max-concurrency,
     max_concurrency = 4                # --expires-after (90s, 15m, 2h, 1d)
     expires_after = "6h"
@@ -81,7 +81,7 @@ class Schedule(BaseModel):
     output: str
     webhook: str | None = None
     webhook_events: list[WebhookEvent] = Field(
-        default_factory=lambda: list(DEFAULT_WEBHOOK_EVENTS), min_length=1, description="some of start, item, job"
+        default_factory=lambda: list(DEFAULT_WEBHOOK_EVENTS), min_length=1, description="some of start, progress, item, job"
     )
     priority: Priority = Field("normal", description="the queue order of each run's items: high, normal or low")
     max_concurrency: int | None = Field(None, ge=1, description="at most this many of a run's items at once")
