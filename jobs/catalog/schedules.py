@@ -81,7 +81,9 @@ class Schedule(BaseModel):
     output: str
     webhook: str | None = None
     webhook_events: list[WebhookEvent] = Field(
-        default_factory=lambda: list(DEFAULT_WEBHOOK_EVENTS), min_length=1, description="some of start, progress, item, job"
+        default_factory=lambda: list(DEFAULT_WEBHOOK_EVENTS),
+        min_length=1,
+        description="some of start, progress, item, job",
     )
     priority: Priority = Field("normal", description="the queue order of each run's items: high, normal or low")
     max_concurrency: int | None = Field(None, ge=1, description="at most this many of a run's items at once")
