@@ -223,6 +223,8 @@ def _job_fields(job: JobRecord) -> dict[str, Any]:
     fields.update({f"n_{s}": 0 for s in STATUSES})
     if job.submitting:
         fields["submitting"] = 1
+    if job.gpu_s:  # (a job rebuilt from its durable record keeps the model time it had used)
+        fields[keys.JOB_GPU] = job.gpu_s
     return fields
 
 
