@@ -9,6 +9,8 @@ Redis database of this module's own."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -168,8 +170,21 @@ def test_a_running_items_step_shows_in_status_items_events_and_watch(stack, http
                     if len(steps) == 2:
                         break
         assert steps[1] > steps[0]  # a new event as the step moved on, counts unchanged
+
+        # status --watch, attached to the running job, follows it to its end (the cancel below)
+        watch = subprocess.Popen(
+            [sys.executable, "-m", "worker", "status", job_id, "--watch"],
+            env=stack.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
     finally:
         assert cli("cancel", job_id, env=stack.env).returncode == 0
+    out, err = watch.communicate(timeout=120)
+    assert watch.returncode == 0, err
+    assert "1/1" in err and "failed 0" in err and "ETA" in err and ("items/s" in err or "s/item" in err), err
+    assert f"{job_id}  cancelled" in out
     job = wait_job(stack.store, job_id)
     assert job.status == "cancelled" and stack.store.running_steps(job_id) == {}  # an ended item leaves the list
 
