@@ -479,7 +479,7 @@ def finalize_job(ctx: Context, job_id: str) -> str | None:
     # 4. the review contact sheet, when the job asked for one (before the webhook, so it is there to open)
     if job.review_sheet:
         _review_sheet(ctx, job)
-    if job.wants("job"):
+    if job is not None and job.wants("job"):
         _notify(ctx, job_id, None, job_event_id(job_id, status.value, job.round))
     return status.value
 
