@@ -21,18 +21,26 @@ from typing import Annotated
 import typer
 from rich.console import Console, Group
 from rich.live import Live
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 from rich.text import Text
 
-from jobs import export, keys, lifecycle, records, store
+from jobs import export, keys, lifecycle, pace, records, store
 from jobs.control import cancel_job, resume_job, retry_job
 from jobs.errors import ConfigError, DreambatchError, InputError, JobNotFound
 from jobs.inputs import ImageChecks
 from jobs.lifecycle import ItemStatus, JobStatus
 from jobs.manifest import input_policy, parse_sets, validate_manifest
 from jobs.metrics import no_worker_warning, overview
-from jobs.models import MODELS, JobRecord, JobSpec, event_item_id, parse_duration
+from jobs.models import (
+    DEFAULT_WEBHOOK_EVENTS,
+    MODELS,
+    JobRecord,
+    JobSpec,
+    event_item_id,
+    parse_duration,
+    parse_webhook_events,
+)
 from jobs.presets import job_defaults
 from jobs.reconcile import reconcile as reconcile_job
 from jobs.retention import purge as purge_job
@@ -194,6 +202,10 @@ def submit(
     model: ModelOpt = "i1-fast",
     output: Annotated[str | None, typer.Option(help="s3://bucket/prefix (default DREAMBATCH_OUTPUT)")] = None,
     webhook: Annotated[str | None, typer.Option(help="POSTed on every item and job terminal state")] = None,
+    webhook_events: Annotated[
+        str | None,
+        typer.Option(help="events the webhook gets: start,progress,item,job (default item,job; job: only its end)"),
+    ] = None,
     set_: SetOpt = None,
     preset: PresetOpt = None,
     skip_invalid: Annotated[bool, typer.Option(help="queue valid rows, record invalid ones as failed")] = False,
@@ -224,12 +236,17 @@ def submit(
     except InputError as exc:
         raise fail(f"--expires-after: {exc}", 2) from None
     try:
+        events = parse_webhook_events(webhook_events) if webhook_events is not None else DEFAULT_WEBHOOK_EVENTS
+    except InputError as exc:
+        raise fail(f"--webhook-events: {exc}", 2) from None
+    try:
         check_location(output, settings)  # a bucket that is not there: say so before a job exists
         spec = JobSpec(
             model=model,
             defaults=job_defaults(preset, parse_sets(set_ or []), settings),
             output=output,
             webhook=webhook,
+            webhook_events=events,
             priority=priority,
             max_concurrency=max_concurrency,
             expires_after=expires_s,
@@ -485,7 +502,7 @@ def _load_job(job_id: str) -> JobRecord:
     return job
 
 
-def _status_object(job: JobRecord) -> dict:
+def _status_object(job: JobRecord, steps: dict[str, tuple[int, int]] | None = None) -> dict:
     counts = {"total": job.total, **{s.value: job.counts.get(s, 0) for s in ItemStatus}}
     return {
         "job_id": job.job_id,
@@ -498,30 +515,46 @@ def _status_object(job: JobRecord) -> dict:
         "priority": job.priority,
         "cancel_requested": job.cancel_requested,
         "round": job.round,
+        **pace.since(job).as_dict(),
+        "gpu_s": job.gpu_s,
+        "running": pace.running(steps or {}),
     }
 
 
 def _watch(job_id: str, quiet: bool = False, interval: float = 0.5) -> JobRecord:
+    """A live bar until the job ends: ended/total, failed, the rate and ETA of what ended while watching
+    (jobs.pace.Meter) and the running items' denoising steps."""
     columns = [
         TextColumn("{task.description}", markup=False),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("failed {task.fields[failed]}"),
-        TextColumn("{task.fields[rate]:.2f} items/s"),
-        TimeRemainingColumn(),
+        TextColumn("failed {task.fields[failed]}", markup=False),
+        TextColumn("{task.fields[rate]}", markup=False),
+        TextColumn("ETA {task.fields[eta]}", markup=False),
+        TextColumn("{task.fields[steps]}", markup=False),
     ]
+    services = get_services()
     job = _load_job(job_id)
     if not job.finished_at and not quiet and (warning := _unserved(job)):
         warn(warning)
+    meter = pace.Meter()
     try:
         with Progress(*columns, console=err, disable=quiet) as progress:
-            bar = progress.add_task(job_id, total=job.total, failed=0, rate=0.0)
-            start = time.monotonic()
+            bar = progress.add_task(job_id, total=job.total, failed=0, rate="", eta="", steps="")
             while True:
                 job = _load_job(job_id)
                 ended = lifecycle.ended(job.counts)
-                rate = ended / max(time.monotonic() - start, 1e-6)
-                progress.update(bar, completed=ended, failed=job.counts.get("failed", 0), rate=rate)
+                now = meter.observe(ended, job.total, job)
+                steps = {} if job.finished_at else services.store.running_steps(job_id)
+                progress.update(
+                    bar,
+                    total=job.total,
+                    completed=ended,
+                    failed=job.counts.get("failed", 0),
+                    rate=now.text(),
+                    eta=now.eta_text(),
+                    steps=pace.steps_text(steps),
+                )
                 if job.finished_at or job.submit_aborted:
                     return job
                 time.sleep(interval)
@@ -542,9 +575,10 @@ def status(
     """Show a job's status and counts (`--watch`: a live progress bar until it ends)."""
     try:
         job = _watch(job_id) if watch else _load_job(job_id)
+        steps = {} if job.finished_at else get_services().store.running_steps(job_id)
     except DreambatchError as exc:
         raise fail(str(exc)) from None
-    obj = _status_object(job)
+    obj = _status_object(job, steps)
     if not get_services().store.get_job(job_id) and (note := purged_message(get_services(), job_id)):
         warn(f"{note}: this is what that record says")
     if json_:
@@ -557,6 +591,16 @@ def status(
         highlight=False,
         soft_wrap=True,
     )
+    rate = pace.since(job)
+    out.print(
+        f"rate: {rate.text()}  "
+        + ("" if job.finished_at else f"ETA {rate.eta_text()}  ")
+        + f"model time: {job.gpu_s:.1f} GPU-s",
+        highlight=False,
+        soft_wrap=True,
+    )
+    if steps:
+        out.print(f"running: {pace.steps_text(steps, limit=10)}", highlight=False, soft_wrap=True)
     if job.results_uri:
         out.print(f"results: {job.results_uri}", highlight=False, soft_wrap=True)
     if job.submit_aborted:

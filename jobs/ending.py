@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from jobs import records
 from jobs.errors import Failure
 from jobs.lifecycle import ItemStatus
-from jobs.models import Event, ItemRecord, JobRecord, item_event_id
+from jobs.models import PROGRESS_EVERY, Event, ItemRecord, JobRecord, item_event_id, progress_event_id
 from jobs.storage import ObjectStore
 from jobs.store import Store, Transition
 from jobs.submit import now_iso
@@ -59,15 +59,18 @@ def end_items(
         moves = [end(item) for item in items]
     ended = [item for item, move in zip(items, moves, strict=True) if move.applied]
     # 3. the events of the items this call ended, together
-    if job.webhook and ended:
+    if job.wants("item") and ended:  # (vendor formats: their one envelope goes with the job's event)
         announce(
             store,
             publish,
             [(job.job_id, i.item_id, item_event_id(job.job_id, i.item_id, status, i.round)) for i in ended],
         )
-    # 4. the finalize, once
+    # 4. the finalize, once; or, for a webhook that asked for "progress", a job.progress event now and then
     if any(move.job_done for move in moves):
         finalize(job.job_id)
+    elif ended and job.wants("progress") and store.progress_due(job.job_id, PROGRESS_EVERY):
+        done = max(move.done for move in moves)
+        announce(store, publish, [(job.job_id, None, progress_event_id(job.job_id, done, job.round))])
     return [i.item_id for i in ended]
 
 

@@ -15,7 +15,7 @@ from jobs import records
 from jobs.models import JobRecord
 from jobs.services import Services
 
-CSV_HEADER = ["id", "line", "status", "error", "seed", "outputs", "metadata"]
+CSV_HEADER = ["id", "line", "status", "error", "seed", "outputs", "metadata", "model", "params"]
 
 
 def result_lines(job: JobRecord, services: Services) -> Iterator[dict[str, Any]]:
@@ -25,7 +25,7 @@ def result_lines(job: JobRecord, services: Services) -> Iterator[dict[str, Any]]
         yield from lines
         return
     for item in services.store.items(job.job_id):
-        yield item.result_line()
+        yield item.result_line(job.model)
 
 
 def csv_cell(value) -> str:
@@ -52,6 +52,8 @@ def csv_rows(lines: Iterable[dict[str, Any]]) -> Iterator[str]:
                     line["seed"],
                     uris,
                     json.dumps(line["metadata"]),
+                    line.get("model") or "",
+                    json.dumps(line.get("params") or {}),
                 )
             ]
         )

@@ -20,6 +20,7 @@ ITEM_LEASE = "db:item:{job_id}:{item_id}:lease"  # string: token of the executio
 JOB_ORDER = "db:job:{job_id}:order"  # list: item ids in manifest order
 JOB_EVENTS = "db:job:{job_id}:events"  # set of webhook event ids; list "<key>:<event_id>" = attempts
 JOB_SENT = "db:job:{job_id}:sent"  # set of event ids whose webhook message was published (marked after)
+JOB_PROGRESS_SENT = "db:job:{job_id}:progress"  # string with a TTL: a job.progress event went out lately
 JOB_FINALIZE_NUDGE = "db:job:{job_id}:nudge"  # string with a TTL: a redelivery sent this job a finalize lately
 EXECUTIONS = "db:executions"  # hash: EXECUTION → the worker holding the item's message ("": the broker does)
 EXECUTION = "{job_id}/{item_id}"  # a field of EXECUTIONS
@@ -34,6 +35,8 @@ IDEMPOTENCY = "db:idem:{key_id}:{digest}"  # JSON {fingerprint, job_id}, per API
 RATE = "db:rate:{key_id}:{window}"  # counter with a TTL: requests an API key made in one minute (its rate limit)
 RECENT_REQUEST = "db:recent:{key_id}:{digest}"  # string: the job a request body made ("" while it is being made)
 UPLOAD = "db:upload:{upload_id}"  # JSON UploadRecord of a vendor file upload (POST /files, media/uploads); expires
+JOB_STEPS = "db:job:{job_id}:steps"  # hash: item id → "step/steps" its run reached (pruned of ended items as read)
+JOB_GPU = "gpu_s"  # field of the job hash: seconds its items held the model, every attempt, summed (HINCRBYFLOAT)
 JOB_SLOTS = "db:job:{job_id}:slots"  # sorted set: item ids holding a --max-concurrency slot, score = lease end
 WORKER = "db:worker:{name}"  # string: a worker's last heartbeat (JSON: model, model_revision, active…); expires
 WORKERS = "db:workers"  # set: names of workers that have sent a heartbeat

@@ -6,6 +6,7 @@ same numbers as one `Overview` for `dreambatch top`.
     dreambatch_jobs{status}                    the most recent jobs, by status
     dreambatch_workers{queue}                  workers whose heartbeat is current, by queue
     dreambatch_worker_active_items{worker}     items each live worker is running
+    dreambatch_job_gpu_seconds{job_id,model}   model seconds each recent job's items used, every attempt counted
 
 Per-item histograms (inference, upload, queue wait), webhook outcomes and GPU memory are counted where
 they happen, on each worker (`dreambatch worker --metrics-port P`, see worker/metrics.py).
@@ -69,6 +70,7 @@ def overview(store: RedisStore, recent: int = RECENT_JOBS) -> Overview:
                 "cancel_requested": job.cancel_requested,
                 "submit_aborted": job.submit_aborted,
                 "round": job.round,
+                "gpu_s": job.gpu_s,
                 "created_at": job.created_at,
                 "finished_at": job.finished_at,
             }
@@ -128,7 +130,14 @@ class ControlPlaneCollector:
         )
         for w in view.workers:
             active.add_metric([w["name"]], len(w.get("active", [])))
-        yield from (depth, items, jobs, workers, active)
+        gpu = GaugeMetricFamily(
+            "dreambatch_job_gpu_seconds",
+            f"model seconds the items of the {self.recent} most recent jobs used (every attempt counted)",
+            labels=["job_id", "model"],
+        )
+        for job in view.jobs:
+            gpu.add_metric([job["job_id"], job["model"]], job.get("gpu_s", 0.0))
+        yield from (depth, items, jobs, workers, active, gpu)
 
 
 def render(store: RedisStore, recent: int = RECENT_JOBS) -> tuple[bytes, str]:

@@ -257,12 +257,22 @@ class ItemOutput(BaseModel):
 
 
 class Timings(BaseModel):
+    """The last attempt's time, by stage (s): fetch (edits), the model's own stages (inference_s split into
+    text_encode, image_encode, denoise, refine, vae_decode, as far as the runner separates them), encode, upload."""
+
     started_at: float | None = None  # epoch s when the last attempt started
     queue_wait_s: float | None = None
-    inference_s: float | None = None
+    fetch_s: float | None = None  # an edit's input: fetched, decoded, fitted to the canvas
+    inference_s: float | None = None  # the model's time: the GPU-seconds it used (its share of a micro-batch's)
+    text_encode_s: float | None = None
+    image_encode_s: float | None = None  # (edits) the source image through the VAE
+    denoise_s: float | None = None
+    refine_s: float | None = None  # (edits) the refine steps
+    vae_decode_s: float | None = None  # latents to images
     model_started_at: float | None = None  # epoch s when the model began it (with inference_s: its model span)
     model_wait_s: float | None = None  # ready for the model → the model began it (another item had the GPU)
-    upload_s: float | None = None
+    encode_s: float | None = None  # images to PNG/JPEG/WebP bytes
+    upload_s: float | None = None  # bytes to the output store
     total_s: float | None = None  # a completed attempt, start to result (before its record's own writes)
 
 
@@ -297,12 +307,15 @@ class ItemRecord(BaseModel):
             data = {**data, "error_kind": recorded_kind(data)}
         return data
 
-    def result_line(self) -> dict[str, Any]:
-        """The item's line in results.jsonl."""
+    def result_line(self, model: str | None = None) -> dict[str, Any]:
+        """The item's line in results.jsonl. `model` and `params` (the row as it ran: its prompt or instruction,
+        negative prompt, steps, guidance, size, seed, refine…, job defaults applied) reproduce it alone."""
         return {
             "id": self.item_id,
             "line": self.line,
             "status": self.status,
+            "model": model,
+            "params": self.params,
             "error": self.error,
             "error_kind": self.error_kind,
             "reason": self.reason,
@@ -332,6 +345,28 @@ def parse_duration(text: str) -> float:
 
 
 Priority = Literal["high", "normal", "low"]
+# which events a job's webhook gets (Replicate's webhook_events_filter, in our words): "start" (job.running, when its
+# first item starts), "progress" (job.progress: counts, rate, ETA, at most every PROGRESS_EVERY s as items end),
+# "item" (each item's end: item.completed, item.failed, item.cancelled), "job" (the job's end)
+WebhookEvent = Literal["start", "progress", "item", "job"]
+WEBHOOK_EVENTS: tuple[WebhookEvent, ...] = ("start", "progress", "item", "job")
+PROGRESS_EVERY = 10.0  # s: at most one job.progress event per job this often
+DEFAULT_WEBHOOK_EVENTS: list[WebhookEvent] = ["item", "job"]
+
+
+def parse_webhook_events(text: str | list[str]) -> list[WebhookEvent]:
+    """ "item,job" (or a list of names) → the events, checked; an unknown name is an InputError naming it."""
+    names = text if isinstance(text, list) else [text]
+    events = [n.strip().lower() for name in names for n in str(name).replace(" ", ",").split(",") if n.strip()]
+    unknown = [n for n in events if n not in WEBHOOK_EVENTS]
+    if unknown or not events:
+        raise InputError(
+            f"webhook_events: expected some of {', '.join(WEBHOOK_EVENTS)}, comma-separated (got {text!r}); "
+            "e.g. job (only the job's end) or start,progress,item,job (everything)"
+        )
+    return [e for e in WEBHOOK_EVENTS if e in events]
+
+
 # dreambatch: an event per item and one per job; a vendor's (jobs.vendors): one envelope when the request ends
 WebhookFormat = Literal["dreambatch", "fal", "inferencesh", "wavespeed"]
 
@@ -347,6 +382,7 @@ class JobSpec(BaseModel):
     output: str | None = None  # s3://bucket/prefix or a folder the workers share; None: DREAMBATCH_OUTPUT
     webhook: str | None = None  # POSTed on every item and job terminal state
     webhook_format: WebhookFormat = "dreambatch"
+    webhook_events: list[WebhookEvent] = Field(default_factory=lambda: list(DEFAULT_WEBHOOK_EVENTS), min_length=1)
     api: dict[str, Any] = Field(default_factory=dict)  # what the vendor protocol that made it answers with
     priority: Priority = "normal"  # a worker takes high items first, low ones last
     max_concurrency: int | None = Field(None, ge=1)  # at most this many of its items running at once
@@ -370,6 +406,7 @@ class JobRecord(BaseModel):
     output: str  # s3://bucket/prefix or a local folder
     webhook: str | None = None
     webhook_format: WebhookFormat = "dreambatch"
+    webhook_events: list[WebhookEvent] = Field(default_factory=lambda: list(DEFAULT_WEBHOOK_EVENTS))
     api: dict[str, Any] = Field(default_factory=dict)  # what the vendor protocol that made it answers with
     webhook_disabled: bool = False  # the endpoint answered 410 Gone: no more events for this job
     submitting: bool = False  # its submission has not committed yet: workers hold its items back
@@ -389,6 +426,11 @@ class JobRecord(BaseModel):
     round: int = 0  # how many times `retry JOB` re-opened it
     interrupted_at: str | None = None  # a local run stopped by Ctrl-C then; `dreambatch run … --resume` goes on
     tenant: str | None = None  # the tenant of the API key that made it; None: made by the operator (the CLI)
+    gpu_s: float = 0.0  # seconds its items held the model, every attempt counted (the live store's sum)
+
+    def wants(self, event: WebhookEvent) -> bool:
+        """Whether its webhook gets `event` events (start, item, job: `webhook_events`)."""
+        return bool(self.webhook) and event in self.webhook_events
 
 
 Event = tuple[str, str | None, str]  # one webhook message: (job_id, item_id or None for the job's own, event_id)
@@ -405,6 +447,11 @@ def item_event_id(job_id: str, item_id: str, status: str, round_: int = 0) -> st
 
 def job_event_id(job_id: str, status: str, round_: int = 0) -> str:
     return f"evt_{job_id}_{status}{_round_suffix(round_)}"
+
+
+def progress_event_id(job_id: str, ended: int, round_: int = 0) -> str:
+    """A job.progress event's id: one per count of ended items (a job event to `event_item_id`)."""
+    return job_event_id(job_id, f"progress.{ended}", round_)
 
 
 def event_item_id(job_id: str, event_id: str) -> str | None:

@@ -160,12 +160,15 @@ def results_key(job_id: str) -> str:
     return keys.S3_RESULTS.format(prefix="", job_id=job_id)
 
 
-def write_results(store: ObjectStore, job_id: str, items: Iterable[ItemRecord]) -> tuple[str, int]:
-    """Stream every item's result line into results.jsonl; returns its URI and the line count."""
+def write_results(
+    store: ObjectStore, job_id: str, items: Iterable[ItemRecord], model: str | None = None
+) -> tuple[str, int]:
+    """Stream every item's result line (of a job of `model`) into results.jsonl; returns its URI and the line
+    count."""
     count = 0
     with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as fh:
         for item in items:
-            fh.write(json.dumps(item.result_line()) + "\n")
+            fh.write(json.dumps(item.result_line(model)) + "\n")
             count += 1
         path = Path(fh.name)
     try:

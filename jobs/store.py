@@ -77,6 +77,9 @@ class Store(Protocol):
     def record_step(self, job_id: str, item_id: str, step: int, steps: int) -> bool: ...
     def request_item_stop(self, job_id: str, item_id: str) -> None: ...
     def clear_item_stop(self, job_id: str, item_ids: list[str]) -> None: ...
+    def running_steps(self, job_id: str) -> dict[str, tuple[int, int]]: ...
+    def add_gpu_seconds(self, job_id: str, seconds: float) -> None: ...
+    def progress_due(self, job_id: str, every: float) -> bool: ...
 
 
 # An item's execution lease: one token at a time; only its holder renews or releases it. A holder whose lease
@@ -238,6 +241,8 @@ def _job_fields(job: JobRecord) -> dict[str, Any]:
     fields.update({f"n_{s}": 0 for s in STATUSES})
     if job.submitting:
         fields["submitting"] = 1
+    if job.gpu_s:  # (a job rebuilt from its durable record keeps the model time it had used)
+        fields[keys.JOB_GPU] = job.gpu_s
     return fields
 
 
@@ -258,7 +263,13 @@ def _job_from(fields: dict[str, str]) -> JobRecord:
     job.submit_aborted = bool(fields.get("submit_aborted"))
     job.cancel_requested = bool(fields.get("cancel_requested"))
     job.round = int(fields.get("round", 0))
+    job.gpu_s = round(float(fields.get(keys.JOB_GPU, 0) or 0), 4)
     return job
+
+
+def _step_pair(step: str) -> tuple[int, int]:
+    done, _, total = step.partition("/")
+    return int(done), int(total or 0)
 
 
 def _item_from(fields: dict[str, str]) -> ItemRecord:
@@ -572,7 +583,9 @@ class RedisStore:
         pipe.hset(keys.ITEM.format(job_id=job_id, item_id=item_id), "step", f"{step}/{steps}")
         pipe.hexists(keys.job_key(job_id), "cancel_requested")
         pipe.hexists(keys.ITEM.format(job_id=job_id, item_id=item_id), "stop")
-        _, job_cancelled, item_stopped = pipe.execute()
+        pipe.hset(keys.JOB_STEPS.format(job_id=job_id), item_id, f"{step}/{steps}")
+        pipe.expire(keys.JOB_STEPS.format(job_id=job_id), 86400)
+        _, job_cancelled, item_stopped, *_ = pipe.execute()
         return bool(job_cancelled or item_stopped)
 
     def request_item_stop(self, job_id: str, item_id: str) -> None:
@@ -584,6 +597,34 @@ class RedisStore:
         for item_id in item_ids:
             pipe.hdel(keys.ITEM.format(job_id=job_id, item_id=item_id), "stop")
         pipe.execute()
+
+    def running_steps(self, job_id: str) -> dict[str, tuple[int, int]]:
+        """Running items' denoising progress, {item id: (step, steps)}, in two round trips; items that have
+        ended since they recorded a step are dropped from the record here."""
+        key = keys.JOB_STEPS.format(job_id=job_id)
+        recorded = self.r.hgetall(key)
+        if not recorded:
+            return {}
+        pipe = self.r.pipeline(transaction=False)
+        for item_id in recorded:
+            pipe.hget(keys.ITEM.format(job_id=job_id, item_id=item_id), "status")
+        running, gone = {}, []
+        for (item_id, step), status in zip(recorded.items(), pipe.execute(), strict=True):
+            if status == ItemStatus.RUNNING:
+                running[item_id] = _step_pair(step)
+            elif status != ItemStatus.QUEUED:  # (queued: retried, its next run records anew)
+                gone.append(item_id)
+        if gone:
+            self.r.hdel(key, *gone)
+        return running
+
+    def add_gpu_seconds(self, job_id: str, seconds: float) -> None:
+        """Count `seconds` of model time to the job (JobRecord.gpu_s)."""
+        self.r.hincrbyfloat(keys.job_key(job_id), keys.JOB_GPU, round(seconds, 4))
+
+    def progress_due(self, job_id: str, every: float) -> bool:
+        """True for one caller per `every` s: the one that sends the job's next job.progress webhook event."""
+        return self.claim(keys.JOB_PROGRESS_SENT.format(job_id=job_id), every)
 
     def step_of(self, job_id: str, item_id: str) -> str | None:
         return self.r.hget(keys.ITEM.format(job_id=job_id, item_id=item_id), "step")
@@ -647,6 +688,8 @@ class RedisStore:
             keys.JOB_SENT.format(job_id=job_id),
             keys.JOB_SLOTS.format(job_id=job_id),
             keys.JOB_FINALIZE_NUDGE.format(job_id=job_id),
+            keys.JOB_STEPS.format(job_id=job_id),
+            keys.JOB_PROGRESS_SENT.format(job_id=job_id),
         )
         return deleted + int(pipe.execute()[-1])
 
@@ -672,6 +715,8 @@ class MemoryStore:
         self._sent: set[tuple[str, str]] = set()
         self._nudges: dict[str, float] = {}  # job id → when another finalize nudge may go
         self._beats: dict[str, tuple[dict[str, Any], float]] = {}  # worker name → (heartbeat, expiry)
+        self._steps: dict[str, dict[str, tuple[int, int]]] = {}  # job id → item id → (step, steps)
+        self._progress: dict[str, float] = {}  # job id → when its next job.progress event may go
 
     def beat(self, name: str, info: dict[str, Any], ttl: float) -> None:
         with self._lock:
@@ -837,6 +882,8 @@ class MemoryStore:
             self._slots.get(job_id, {}).pop(item_id, None)
 
     def record_step(self, job_id: str, item_id: str, step: int, steps: int) -> bool:
+        with self._lock:
+            self._steps.setdefault(job_id, {})[item_id] = (step, steps)
         if self.on_step is not None:
             self.on_step(job_id, item_id, step, steps)
         with self._lock:
@@ -851,6 +898,32 @@ class MemoryStore:
         with self._lock:
             for item_id in item_ids:
                 self._items.get((job_id, item_id), {}).pop("stop", None)
+
+    def running_steps(self, job_id: str) -> dict[str, tuple[int, int]]:
+        with self._lock:
+            steps = self._steps.get(job_id, {})
+            running = {
+                i: s for i, s in steps.items() if self._items.get((job_id, i), {}).get("status") == ItemStatus.RUNNING
+            }
+            self._steps[job_id] = {
+                i: s
+                for i, s in steps.items()
+                if self._items.get((job_id, i), {}).get("status") in (ItemStatus.RUNNING, ItemStatus.QUEUED)
+            }
+            return running
+
+    def add_gpu_seconds(self, job_id: str, seconds: float) -> None:
+        with self._lock:
+            job = self._jobs[job_id]
+            job[keys.JOB_GPU] = float(job.get(keys.JOB_GPU, 0)) + round(seconds, 4)
+
+    def progress_due(self, job_id: str, every: float) -> bool:
+        with self._lock:
+            now = time.monotonic()
+            if self._progress.get(job_id, 0.0) > now:
+                return False
+            self._progress[job_id] = now + every
+            return True
 
 
 def _epoch(iso: str) -> float:

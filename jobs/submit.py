@@ -267,6 +267,7 @@ def create_job(
         max_concurrency=spec.max_concurrency,
         expires_at=time.time() + spec.expires_after if spec.expires_after else None,
         webhook_format=spec.webhook_format,
+        webhook_events=spec.webhook_events,
         submitting=True,
         review_sheet=spec.review_sheet,
         schedule=spec.schedule,
@@ -306,7 +307,7 @@ def create_job(
         records.mark_open(objects, job)
     except DreambatchError as exc:  # the job runs; only reconcile-after-Redis-loss is off for it
         log.warning("job %s is queued, but its durable record could not be completed: %s", job.job_id, exc)
-    if rejected_items and job.webhook:  # their terminal-state webhooks, once the job is real
+    if rejected_items and job.wants("item"):  # their terminal-state webhooks, once the job is real
         services.notify([(i.job_id, i.item_id, item_event_id(i.job_id, i.item_id, i.status)) for i in rejected_items])
 
     # 5. rejected rows count as ended: if they were the last to end, the job is finalized now

@@ -105,7 +105,7 @@ def test_json_rows_become_a_queued_job_with_status_items_and_results(api, redis_
         assert [json.loads(x)["metadata"]["sku"] for x in lines] == [r["sku"] for r in rows]
         csv = http.get(f"/v1/jobs/{job['id']}/results", params={"format": "csv"})
         assert csv.headers["content-type"].startswith("text/csv")
-        assert csv.text.splitlines()[0] == "id,line,status,error,seed,outputs,metadata"
+        assert csv.text.splitlines()[0] == "id,line,status,error,seed,outputs,metadata,model,params"
         assert csv.text.splitlines()[1].startswith("r0,1,queued,,")
 
         assert http.get("/v1/jobs/nope-0").status_code == 404
@@ -372,10 +372,12 @@ def test_csv_export_quotes_cells_a_spreadsheet_would_run():
         "metadata": {"sku": "@SUM(1)"},
         "output": {"images": [{"s3_uri": "+s3://b/k.png"}]},
     }
-    rows = list(csv.reader(io.StringIO("".join(export.csv_rows([line, {**line, "error": "ok"}])))))
+    ran = {**line, "error": "ok", "model": "i1-fast", "params": {"prompt": "=x", "steps": 16}}
+    rows = list(csv.reader(io.StringIO("".join(export.csv_rows([line, ran])))))
     assert rows[0] == export.CSV_HEADER
-    assert rows[1] == ["r1", "1", "failed", "'=cmd|' /C calc'!A0", "'-1", "'+s3://b/k.png", '{"sku": "@SUM(1)"}']
-    assert rows[2][3] == "ok"
+    assert rows[1][:7] == ["r1", "1", "failed", "'=cmd|' /C calc'!A0", "'-1", "'+s3://b/k.png", '{"sku": "@SUM(1)"}']
+    assert rows[1][7:] == ["", "{}"]  # (a line without model and params: written before they were recorded)
+    assert rows[2][3] == "ok" and rows[2][7:] == ["i1-fast", '{"prompt": "=x", "steps": 16}']
 
 
 def test_the_api_imports_no_torch_and_no_worker_code():

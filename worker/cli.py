@@ -295,7 +295,8 @@ def run(
         out.print(f"to run the rest: {shlex.join(again)}", soft_wrap=True)
         raise typer.Exit(130)
     out.print(
-        f"{job.job_id}: {job.status} — {c.get('completed', 0)} completed, {c.get('failed', 0)} failed of {job.total}",
+        f"{job.job_id}: {job.status} — {c.get('completed', 0)} completed, {c.get('failed', 0)} failed of {job.total}"
+        f" ({job.gpu_s:.1f} GPU-s of model time)",
         soft_wrap=True,
     )
     out.print(f"results: {job.results_uri}", soft_wrap=True)

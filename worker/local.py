@@ -184,8 +184,10 @@ def _interrupt(
     """Leave a stopped run resumable: results.jsonl lists the items that ended (their records are written
     already), job.json says when it stopped; the unended items run with `--resume`."""
     ended = [item for item in store.items(job_id) if item.status.terminal]
-    uri, _ = records.write_results(objects, job_id, ended)
-    job = store.get_job(job_id).model_copy(update={"interrupted_at": now_iso(), "results_uri": uri})
+    job = store.get_job(job_id)
+    assert job is not None  # (this run's own job)
+    uri, _ = records.write_results(objects, job_id, ended, job.model)
+    job = job.model_copy(update={"interrupted_at": now_iso(), "results_uri": uri})
     records.write_job_spec(objects, job)
     _flush_events(ctx, events, tries=1)  # the ended items' webhooks: one quick try each, the person is waiting
     log.info("job %s interrupted: %d of %d item(s) ended", job_id, len(ended), job.total)

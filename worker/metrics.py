@@ -4,6 +4,8 @@
     dreambatch_worker_inference_seconds{model}               model time per item (histogram)
     dreambatch_worker_model_busy_seconds_total{model}        model time in all; its rate() is the duty cycle
     dreambatch_worker_upload_seconds{model}                  encode + upload time per item (histogram)
+    dreambatch_worker_stage_seconds_total{model,stage}       item time by stage (fetch, text_encode, image_encode,
+                                                             denoise, refine, vae_decode, encode, upload)
     dreambatch_worker_queue_wait_seconds{model}              submit → first start (histogram)
     dreambatch_worker_webhook_deliveries_total{outcome}      delivered | http_error | network_error | refused
     dreambatch_worker_webhook_latency_seconds                per delivery attempt (histogram)
@@ -20,6 +22,7 @@ from prometheus_client.core import GaugeMetricFamily
 from jobs.models import Timings
 
 SECONDS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900)
+STAGES = ("fetch", "text_encode", "image_encode", "denoise", "refine", "vae_decode", "encode", "upload")
 WAIT_SECONDS = (0.1, 1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 12 * 3600, 24 * 3600)
 
 
@@ -57,6 +60,12 @@ class WorkerMetrics:
         self.upload = Histogram(
             "dreambatch_worker_upload_seconds", "encode + upload time per item", ["model"], buckets=SECONDS, registry=r
         )
+        self.stages = Counter(
+            "dreambatch_worker_stage_seconds",
+            "seconds items spent in each stage (the model's stages add up to model_busy_seconds)",
+            ["model", "stage"],
+            registry=r,
+        )
         self.queue_wait = Histogram(
             "dreambatch_worker_queue_wait_seconds",
             "submit to first start per item",
@@ -78,7 +87,11 @@ class WorkerMetrics:
             self.inference.labels(model).observe(timings.inference_s)
             self.busy.labels(model).inc(timings.inference_s)
         if timings.upload_s is not None:
-            self.upload.labels(model).observe(timings.upload_s)
+            self.upload.labels(model).observe(timings.upload_s + (timings.encode_s or 0.0))
+        for stage in STAGES:
+            seconds = getattr(timings, f"{stage}_s")
+            if seconds is not None:
+                self.stages.labels(model, stage).inc(seconds)
         if timings.queue_wait_s is not None:
             self.queue_wait.labels(model).observe(timings.queue_wait_s)
 

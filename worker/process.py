@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import logging
 import random
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -34,7 +35,18 @@ from jobs.errors import (
     TransientError,
 )
 from jobs.lifecycle import ItemStatus, job_outcome
-from jobs.models import EXTENSIONS, MODELS, ItemOutput, ItemRecord, JobRecord, OutputImage, item_event_id, job_event_id
+from jobs.models import (
+    EXTENSIONS,
+    MODELS,
+    ItemOutput,
+    ItemRecord,
+    JobRecord,
+    OutputImage,
+    Timings,
+    WebhookEvent,
+    item_event_id,
+    job_event_id,
+)
 from jobs.settings import Settings
 from jobs.storage import ObjectStore, key_of
 from jobs.store import MemoryStore, Store
@@ -196,6 +208,7 @@ def _attempt(ctx: Context, job: JobRecord, item: ItemRecord) -> Outcome:
             ),
         )
     log.info("item %s/%s started (attempt %d)", item.job_id, item.item_id, move.attempts)
+    _announce_start(ctx, job)
     try:
         return _run_attempt(ctx, job, item, this_round)
     except StorageUnavailable:  # object storage's outage, not the item's: the attempt does not count
@@ -219,7 +232,7 @@ def _run_attempt(ctx: Context, job: JobRecord, item: ItemRecord, this_round: int
                 _stop_if_cancelled(ctx, item)
                 with _model_failures():
                     result = runner.generate(_request(item, lora), on_step=_step_check(ctx, item))
-            _record_model_time(item, result, asked)
+            _record_model_time(ctx, item, result, asked)
             images, output = result.images, ItemOutput(seed=item.seed, lora=loras.recorded(item, lora))
 
         # 5b. the exact size a caller asked for, then the safety checker on what it will get (worker/safety.py)
@@ -232,7 +245,7 @@ def _run_attempt(ctx: Context, job: JobRecord, item: ItemRecord, this_round: int
         t0 = time.perf_counter()
         objects = ctx.objects(job.output)
         item.output = _patiently(ctx, lambda: _upload(objects, item, images, output.model_copy(deep=True)))
-        item.timings.upload_s = round(time.perf_counter() - t0, 4)
+        item.timings.upload_s = round(time.perf_counter() - t0 - (item.timings.encode_s or 0.0), 4)
     except ItemCancelled as exc:
         log.info("item %s/%s stopped: %s", item.job_id, item.item_id, exc)
         return _end(ctx, job, item, ItemStatus.CANCELLED, reason="cancelled")
@@ -253,6 +266,15 @@ def _run_attempt(ctx: Context, job: JobRecord, item: ItemRecord, this_round: int
 
     # 7. record the result, move it, notify, and finalize the job if this was its last item
     return _end(ctx, job, item, ItemStatus.COMPLETED)
+
+
+def _announce_start(ctx: Context, job: JobRecord) -> None:
+    """A job whose webhook asked for "start" gets job.running when its first item starts (once per round; two
+    items starting at once may both send it: the same webhook-id, which a receiver keeps once)."""
+    if job.wants("start") and job.webhook_format not in vendors.WEBHOOKS:
+        event_id = job_event_id(job.job_id, "running", job.round)
+        if not ctx.store.was_sent(job.job_id, event_id):
+            _notify(ctx, job.job_id, None, event_id)
 
 
 def _stop_if_cancelled(ctx: Context, item: ItemRecord) -> None:
@@ -292,6 +314,7 @@ def _run_edit(ctx: Context, job: JobRecord, item: ItemRecord) -> tuple[list, Ite
     """Fetch and decode the input, fit it to the model's canvas, edit, and bring it back to the output size.
     Returns the images and the item's output record with the sizes it worked at."""
     p = item.params
+    fetching = time.perf_counter()
     data = _patiently(ctx, lambda: inputs.fetch(p["image"], job, ctx.settings, ctx.objects))
     source = imaging.decode_input(data, ctx.settings.inputs.max_pixels)
     try:
@@ -303,6 +326,7 @@ def _run_edit(ctx: Context, job: JobRecord, item: ItemRecord) -> tuple[list, Ite
     with _model_failures():
         canvas_size = runner.canvas_size(*shaped.size)
     canvas, box = geometry.fit(shaped, canvas_size, p["geometry"])
+    item.timings.fetch_s = round(time.perf_counter() - fetching, 4)
     lora = loras.choice(item, job, ctx.settings, ctx.objects)
     request = EditRequest(
         image=canvas,
@@ -326,7 +350,7 @@ def _run_edit(ctx: Context, job: JobRecord, item: ItemRecord) -> tuple[list, Ite
         _stop_if_cancelled(ctx, item)
         with _model_failures():
             result = runner.edit(request, on_step=lambda info: check(info.index))
-    _record_model_time(item, result, asked)
+    _record_model_time(ctx, item, result, asked)
     output = ItemOutput(
         seed=item.seed,
         processed_size=list(canvas_size),
@@ -350,10 +374,15 @@ def _model_failures() -> Iterator[None]:
         raise ModelError(f"{type(exc).__name__}: {exc}") from exc
 
 
-def _record_model_time(item: ItemRecord, result, asked: float) -> None:
-    """The model's time for the item, when it started, and how long the item waited for it (`asked`: when
-    the item was ready for the model: the GPU lock, or a micro-batch, kept it waiting from then)."""
+def _record_model_time(ctx: Context, item: ItemRecord, result, asked: float) -> None:
+    """The model's time for the item, by stage, when it started, and how long the item waited for it (`asked`:
+    when the item was ready for the model: the GPU lock, or a micro-batch, kept it waiting from then). The job's
+    GPU-seconds count every attempt's."""
     item.timings.inference_s = round(result.inference_s, 4)
+    for stage, seconds in result.stages.items():
+        if f"{stage}_s" in Timings.model_fields:
+            setattr(item.timings, f"{stage}_s", round(seconds, 4))
+    ctx.store.add_gpu_seconds(item.job_id, result.inference_s)
     if result.started_at is not None:
         item.timings.model_started_at = round(result.started_at, 4)
         item.timings.model_wait_s = round(max(0.0, result.started_at - asked), 4)
@@ -362,8 +391,11 @@ def _record_model_time(item: ItemRecord, result, asked: float) -> None:
 def _upload(objects: ObjectStore, item: ItemRecord, images, out: ItemOutput) -> ItemOutput:
     """Encode and store each image; their URIs and sizes are added to `out`."""
     fmt, quality = item.params["output_format"], item.params["output_quality"]
+    item.timings.encode_s = 0.0
     for n, image in enumerate(images):
+        encoding = time.perf_counter()
         data, content_type = imaging.encode(image, fmt, quality)
+        item.timings.encode_s = round(item.timings.encode_s + time.perf_counter() - encoding, 4)
         suffix = "" if len(images) == 1 else f"_{n}"
         if item.params.get("output_key"):  # the row names its key (a mirrored catalog layout)
             stem, dot, ext = item.params["output_key"].rpartition(".")
@@ -471,7 +503,7 @@ def _announce_again(ctx: Context, job: JobRecord, item: ItemRecord) -> Outcome:
     and the messages that follow it (or when `cancel` ended it while queued). Send its webhook if nobody
     did, and nudge the finalizer if every item has ended and the job has not (one nudge per NUDGE_EVERY s:
     a drained queue of a cancelled job does not flood the io queue)."""
-    if job.webhook:
+    if job.wants("item"):
         try:
             _send_if_unsent(
                 ctx,
@@ -499,13 +531,13 @@ def finalize_job(ctx: Context, job_id: str) -> str | None:
     if job is None:
         return None
     if job.finished_at:  # (SendLater: the finalizer that ended it may still be sending the event)
-        if job.webhook:
+        if job.wants("job"):
             _send_if_unsent(ctx, job_id, None, job_event_id(job_id, job.status, job.round), job.finished_at)
         return None
     if job.counts.get(ItemStatus.QUEUED, 0) or job.counts.get(ItemStatus.RUNNING, 0):
         return None  # a late duplicate for a job that `retry` re-opened: its last item finalizes it
     # 2. results: one line per manifest row, in manifest order
-    uri, _ = records.write_results(ctx.objects(job.output), job_id, ctx.store.items(job_id))
+    uri, _ = records.write_results(ctx.objects(job.output), job_id, ctx.store.items(job_id), job.model)
     # 3. terminal exactly once, then tell the webhook
     status = job_outcome(job.counts, cancelled=job.cancel_requested)
     if not ctx.store.finish_job(job_id, status, uri, now_iso()):
@@ -520,7 +552,7 @@ def finalize_job(ctx: Context, job_id: str) -> str | None:
     # 4. the review contact sheet, when the job asked for one (before the webhook, so it is there to open)
     if job.review_sheet:
         _review_sheet(ctx, job)
-    if job.webhook:
+    if job is not None and job.wants("job"):
         _notify(ctx, job_id, None, job_event_id(job_id, status.value, job.round))
     return status.value
 
@@ -554,6 +586,16 @@ def _sheet_url(ctx: Context, job: JobRecord) -> str | None:
     return ctx.objects(job.output).url(key, ctx.settings.api.url_expires) or (job.catalog or {}).get("sheet")
 
 
+def _event_kind(job_id: str, item_id: str | None, event_id: str) -> WebhookEvent:
+    """Which of a webhook's event kinds (jobs.models.WEBHOOK_EVENTS) an event is."""
+    if item_id is not None:
+        return "item"
+    status = re.sub(r"\.r\d+$", "", event_id.removeprefix(f"evt_{job_id}_"))  # (a retry round's suffix)
+    if status == "running":
+        return "start"
+    return "progress" if status.startswith("progress.") else "job"
+
+
 def webhook_attempt(
     ctx: Context, job_id: str, item_id: str | None, event_id: str, client=None
 ) -> webhooks.Attempt | None:
@@ -561,12 +603,17 @@ def webhook_attempt(
     job = ctx.store.get_job(job_id)
     if job is None or not job.webhook or job.webhook_disabled:
         return None
+    kind = _event_kind(job_id, item_id, event_id)
+    if not job.wants(kind):  # (an event queued before it was filtered out)
+        return None
     if job.webhook_format in vendors.WEBHOOKS:  # a vendor's envelope, once, when the request (a one-item job) ends
-        if item_id is not None:
+        if item_id is not None or kind != "job":
             return None
         payload = vendors.webhook_body(job, next(ctx.store.items(job_id), None), _presigned(ctx, job))
+    elif kind == "progress":
+        payload = webhooks.progress_payload(job, ctx.store.running_steps(job_id))
     elif item_id is None:
-        payload = webhooks.job_payload(job)
+        payload = webhooks.job_payload(job, started=kind == "start")
         if job.catalog:  # a scheduled run's job: its schedule, what it found deleted or skipped, its sheet
             payload["catalog"] = {**job.catalog, "sheet_url": _sheet_url(ctx, job)}
     else:

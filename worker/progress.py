@@ -9,21 +9,16 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
+from jobs import pace
 from jobs.lifecycle import ItemStatus
 from jobs.models import ItemRecord, JobRecord
 from worker.local import Observer
-
-
-def _clock(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 class RunProgress(Observer):
@@ -41,8 +36,8 @@ class RunProgress(Observer):
             disable=not self.live,
         )
         self.task = self.progress.add_task("starting", total=None, rate="", eta="-:--:--", now="")
-        self.total = self.done = self.ended_here = 0
-        self.t0 = time.monotonic()
+        self.total = self.done = 0
+        self.meter = pace.Meter()  # the rate of the items this run ended (jobs.pace: the one rate/ETA rule)
 
     def __enter__(self) -> RunProgress:
         self.progress.start()
@@ -59,7 +54,8 @@ class RunProgress(Observer):
 
     def begin(self, job: JobRecord, pending: int) -> None:
         self.total, self.done = job.total, job.total - pending
-        self.t0 = time.monotonic()
+        self.meter = pace.Meter()
+        self.meter.observe(self.done, self.total)
         self.console.print(f"{job.job_id}: {pending} of {self.total} item(s) to run, into {job.output}", soft_wrap=True)
         self.progress.update(self.task, description="", total=self.total, completed=self.done)
 
@@ -71,22 +67,16 @@ class RunProgress(Observer):
 
     def ended(self, item: ItemRecord) -> None:
         self.done += 1
-        self.ended_here += 1
-        elapsed = max(time.monotonic() - self.t0, 1e-6)
-        rate = self.ended_here / elapsed
-        left = self.total - self.done
-        self.progress.update(
-            self.task,
-            completed=self.done,
-            now="",
-            rate=f"{rate:.2f} items/s" if rate >= 1 else f"{1 / rate:.1f} s/item",
-            eta=_clock(left / rate) if left else "0:00:00",
-        )
+        now = self.meter.observe(self.done, self.total)
+        self.progress.update(self.task, completed=self.done, now="", rate=now.text(), eta=now.eta_text())
         if item.status != ItemStatus.COMPLETED:
             why = f": {item.error}" if item.error else (f" ({item.reason})" if item.reason else "")
             self.console.print(f"[{self.done}/{self.total}] {item.item_id}: {item.status}{why}", soft_wrap=True)
         elif not self.live:
-            self.console.print(f"[{self.done}/{self.total}] {item.item_id}: {item.status}", soft_wrap=True)
+            self.console.print(
+                f"[{self.done}/{self.total}] {item.item_id}: {item.status} ({now.text()}, ETA {now.eta_text()})",
+                soft_wrap=True,
+            )
 
 
 def _quiet_library_bars() -> None:

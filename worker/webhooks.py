@@ -21,7 +21,7 @@ from typing import Any
 
 import httpx
 
-from jobs import netclient, netguard
+from jobs import netclient, netguard, pace
 from jobs.errors import TransientError
 from jobs.lifecycle import JobStatus
 from jobs.models import ItemRecord, JobRecord
@@ -42,24 +42,38 @@ def item_payload(job: JobRecord, item: ItemRecord) -> dict[str, Any]:
         "error": item.error,
         "error_kind": item.error_kind,
         "metadata": item.metadata,
+        "timings": item.timings.model_dump(),
         "created_at": item.created_at,
         "updated_at": item.updated_at,
     }
 
 
-def job_payload(job: JobRecord) -> dict[str, Any]:
+def job_payload(job: JobRecord, started: bool = False) -> dict[str, Any]:
+    """The job's end (or, `started`, its job.running event, whatever it is by the time it is sent)."""
+    status = JobStatus.RUNNING if started else job.status
     return {
-        "type": f"job.{job.status}",
+        "type": f"job.{status}",
         "id": job.job_id,
         "job_id": job.job_id,
         "model": job.model,
-        "status": job.status,
+        "status": status,
         "counts": {"total": job.total, **job.counts},
+        "gpu_s": job.gpu_s,  # seconds its items held the model, every attempt counted
         "output": {"results": job.results_uri},
-        "error": None if job.status != JobStatus.FAILED else "every item failed",
+        "error": None if status != JobStatus.FAILED else "every item failed",
         "metadata": {},
         "created_at": job.created_at,
         "updated_at": job.finished_at or job.updated_at,
+    }
+
+
+def progress_payload(job: JobRecord, steps: dict[str, tuple[int, int]]) -> dict[str, Any]:
+    """job.progress: the job's counts, rate and ETA (jobs.pace) and its running items' steps, as it is now."""
+    return {
+        **job_payload(job),
+        "type": "job.progress",
+        **pace.since(job).as_dict(),
+        "running": pace.running(steps),
     }
 
 

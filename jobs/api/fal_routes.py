@@ -236,8 +236,9 @@ def request_status(
     job = _job(svc, key, model_of(namespace, name), request_id)
     item = next(svc.store.items(request_id), None)
     position = _position(svc, job) if job.status == "queued" and not job.finished_at else 0
+    step = svc.store.step_of(request_id, item.item_id) if with_logs and item and item.status == "running" else None
     return {
-        **fal.queue_status(job, item, position=position, logs=with_logs),
+        **fal.queue_status(job, item, position=position, logs=with_logs, step=step),
         "request_id": request_id,
         **_urls(request, svc, namespace, name, request_id),
     }

@@ -35,7 +35,16 @@ from jobs.errors import InputError
 from jobs.formats import CONTENT_TYPES, EXTENSIONS
 from jobs.lifecycle import ItemStatus
 from jobs.manifest import parse_sets
-from jobs.models import ApiKeyRecord, JobRecord, JobSpec, Priority, parse_duration
+from jobs.models import (
+    DEFAULT_WEBHOOK_EVENTS,
+    ApiKeyRecord,
+    JobRecord,
+    JobSpec,
+    Priority,
+    WebhookEvent,
+    parse_duration,
+    parse_webhook_events,
+)
 from jobs.submit import ManifestInvalid
 
 router = APIRouter(tags=["jobs"])
@@ -68,6 +77,11 @@ class JobCreate(BaseModel):
     rows: list[dict[str, Any]] = Field(..., min_length=1, description="manifest rows")
     defaults: dict[str, Scalar] = Field(default_factory=dict, description="job defaults (`--set`)")
     webhook: str | None = Field(None, max_length=2048, description="POSTed on every item and job terminal state")
+    webhook_events: list[WebhookEvent] = Field(
+        default_factory=lambda: list(DEFAULT_WEBHOOK_EVENTS),
+        min_length=1,
+        description="which events the webhook gets: start (job.running), item (each item's end), job (the job's end)",
+    )
     skip_invalid: bool = Field(False, description="queue the valid rows, record the invalid ones as failed")
     priority: Priority = Field("normal", description="a worker takes high items first, low ones last")
     max_concurrency: int | None = Field(None, ge=1, le=100_000, description="at most N items running at once")
@@ -83,6 +97,7 @@ class JobUpload(BaseModel):
     model: str
     set: list[str] = Field(default_factory=list, description="job defaults, key=value")
     webhook: str | None = None
+    webhook_events: str | None = Field(None, max_length=64, description="start,item,job (default item,job)")
     skip_invalid: bool = False
     priority: Priority = "normal"
     max_concurrency: int | None = Field(None, ge=1, le=100_000)
@@ -150,6 +165,7 @@ async def _parse_create(request: Request, svc: Services, upload: Upload) -> tupl
                 model=form.get("model"),
                 set=form.getlist("set"),
                 webhook=form.get("webhook") or None,
+                webhook_events=form.get("webhook_events") or None,
                 skip_invalid=str(form.get("skip_invalid", "false")).lower() in ("1", "true", "yes"),
                 priority=form.get("priority") or "normal",
                 max_concurrency=form.get("max_concurrency") or None,
@@ -159,12 +175,17 @@ async def _parse_create(request: Request, svc: Services, upload: Upload) -> tupl
         except ValidationError as exc:
             lines = _lines(exc)
             raise ApiError(422, "; ".join(lines), errors=lines) from None
+        try:
+            events = parse_webhook_events(fields.webhook_events) if fields.webhook_events else DEFAULT_WEBHOOK_EVENTS
+        except InputError as exc:
+            raise ApiError(422, str(exc), param="webhook_events", errors=[str(exc)]) from None
         path = upload.root / f"manifest.{fmt}"
         data = await _read_capped(file, svc.settings.api.max_upload_bytes, path)
         options = JobSpec(
             model=fields.model,
             defaults=defaults,
             webhook=fields.webhook,
+            webhook_events=events,
             skip_invalid=fields.skip_invalid,
             priority=fields.priority,
             max_concurrency=fields.max_concurrency,
@@ -193,6 +214,7 @@ async def _parse_create(request: Request, svc: Services, upload: Upload) -> tupl
         model=body.model,
         defaults={k: str(v) for k, v in body.defaults.items()},
         webhook=body.webhook,
+        webhook_events=body.webhook_events,
         skip_invalid=body.skip_invalid,
         priority=body.priority,
         max_concurrency=body.max_concurrency,
@@ -246,7 +268,9 @@ def list_jobs(svc: ServicesDep, key: Reader, limit: Annotated[int, Query(ge=1, l
 @router.get("/v1/jobs/{job_id}", responses={200: {"model": schemas.JobStatus}, **ERRORS, **ONE_JOB})
 def get_job(job_id: JobId, svc: ServicesDep, key: Reader) -> dict:
     """Status, counts, throughput (items/s since submission) and ETA; `warning` when no live worker serves it."""
-    return job_status(tenancy.job_for(svc, key, job_id), workers=svc.store.workers())
+    job = tenancy.job_for(svc, key, job_id)
+    steps = None if job.finished_at else svc.store.running_steps(job_id)
+    return job_status(job, workers=svc.store.workers(), steps=steps)
 
 
 @router.get("/v1/jobs/{job_id}/items", responses={200: {"model": schemas.ItemList}, **ERRORS, **ONE_JOB})
@@ -258,15 +282,20 @@ def list_items(
     offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> dict:
-    """Items in manifest order, each as its results line (filter with `status=failed`)."""
-    tenancy.job_for(svc, key, job_id)
+    """Items in manifest order, each as its results line (filter with `status=failed`); a running item's line
+    has `progress`, its denoising step: {"step": 3, "steps": 16}."""
+    job = tenancy.job_for(svc, key, job_id)
+    steps = {} if job.finished_at else svc.store.running_steps(job_id)
     data: list[dict] = []
     seen = 0
     for item in svc.store.items(job_id):
         if status is not None and item.status != status:
             continue
         if seen >= offset and len(data) < limit:
-            data.append(item.result_line())
+            line = item.result_line(job.model)
+            if item.status == ItemStatus.RUNNING and item.item_id in steps:
+                line["progress"] = dict(zip(("step", "steps"), steps[item.item_id], strict=True))
+            data.append(line)
         seen += 1
     return {
         "object": "list",
@@ -315,8 +344,8 @@ async def events(
     key: Reader,
     timeout: Annotated[float, Query(gt=0, le=86400, description="s before the stream closes")] = 3600,
 ) -> StreamingResponse:
-    """Server-sent events: `progress` (the status object) whenever status or counts change, then `end` when
-    the job has ended (or `timeout` when the stream closes first; reconnect to go on)."""
+    """Server-sent events: `progress` (the status object) whenever status, counts or a running item's denoising
+    step change, then `end` when the job has ended (or `timeout` when the stream closes first; reconnect to go on)."""
     await anyio.to_thread.run_sync(tenancy.job_for, svc, key, job_id)
     deadline = time.monotonic() + timeout
 
@@ -327,8 +356,9 @@ async def events(
             if job is None:
                 yield _sse("error", not_found(job_id).body(), n + 1)
                 return
-            status = job_status(job)
-            state = (status["status"], tuple(status["counts"].values()))
+            steps = None if job.finished_at else await anyio.to_thread.run_sync(svc.store.running_steps, job_id)
+            status = job_status(job, steps=steps)
+            state = (status["status"], tuple(status["counts"].values()), tuple(sorted((steps or {}).items())))
             if state != last:
                 last, n, beat = state, n + 1, time.monotonic()
                 yield _sse("progress", status, n)

@@ -16,6 +16,12 @@ class Counts(BaseModel):
     cancelled: int
 
 
+class RunningItem(BaseModel):
+    id: str
+    step: int  # denoising steps done
+    steps: int  # of this many
+
+
 class JobStatus(BaseModel):
     id: str
     object: Literal["job"] = "job"
@@ -24,6 +30,8 @@ class JobStatus(BaseModel):
     counts: Counts
     rate_per_s: float
     eta_s: float | None
+    gpu_s: float = 0.0  # seconds its items held the model, every attempt counted
+    running: list[RunningItem] = []  # running items' denoising progress
     priority: Literal["high", "normal", "low"]
     max_concurrency: int | None
     expires_at: float | None
@@ -31,6 +39,7 @@ class JobStatus(BaseModel):
     round: int
     schedule: str | None = None  # the catalog schedule whose run this is
     webhook: str | None
+    webhook_events: list[str] = ["item", "job"]
     results_uri: str | None
     created_at: str
     finished_at: str | None

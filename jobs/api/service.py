@@ -14,13 +14,12 @@ import re
 import shutil
 import tempfile
 import time
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import anyio
 
-from jobs import lifecycle, records
+from jobs import pace, records
 from jobs.api import keyring
 from jobs.errors import DreambatchError
 from jobs.inputs import InputPolicy
@@ -228,26 +227,26 @@ async def wait_for(
 
 
 # --- reading ------------------------------------------------------------------------------------
-def _epoch(iso: str | None) -> float | None:
-    return datetime.fromisoformat(iso).timestamp() if iso else None
-
-
-def job_status(job: JobRecord, now: float | None = None, workers: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """Status, counts, throughput since submission (items/s) and, while running, the ETA in seconds. Given the
-    live `workers` (heartbeats), an unfinished job nobody serves gets a `warning` saying which worker to start."""
+def job_status(
+    job: JobRecord,
+    now: float | None = None,
+    workers: list[dict[str, Any]] | None = None,
+    steps: dict[str, tuple[int, int]] | None = None,
+) -> dict[str, Any]:
+    """Status, counts, throughput since submission (items/s, jobs.pace) and, while running, the ETA in seconds,
+    the model seconds its items used (`gpu_s`) and, given the store's `steps`, each running item's denoising
+    step. Given the live `workers` (heartbeats), an unfinished job nobody serves gets a `warning` saying which
+    worker to start."""
     counts = {"total": job.total, **{s.value: job.counts.get(s, 0) for s in ItemStatus}}
-    ended = lifecycle.ended(job.counts)
-    elapsed = (_epoch(job.finished_at) or now or time.time()) - datetime.fromisoformat(job.created_at).timestamp()
-    rate = ended / elapsed if ended and elapsed > 0 else 0.0
-    eta = (job.total - ended) / rate if rate and not job.finished_at else None
     return {
         "id": job.job_id,
         "object": "job",
         "status": job.status,
         "model": job.model,
         "counts": counts,
-        "rate_per_s": round(rate, 4),
-        "eta_s": None if eta is None else round(eta, 1),
+        **pace.since(job, now).as_dict(),
+        "gpu_s": job.gpu_s,
+        "running": pace.running(steps or {}),
         "priority": job.priority,
         "max_concurrency": job.max_concurrency,
         "expires_at": job.expires_at,
@@ -255,6 +254,7 @@ def job_status(job: JobRecord, now: float | None = None, workers: list[dict[str,
         "round": job.round,
         "schedule": job.schedule,
         "webhook": job.webhook,
+        "webhook_events": job.webhook_events,
         "results_uri": job.results_uri,
         "created_at": job.created_at,
         "finished_at": job.finished_at,

@@ -9,6 +9,7 @@ TOML, or YAML when the file is named `.yaml`/`.yml` (the same structure: a `sche
     params = { steps = 28, seed = 7 }  # E1 job defaults; win over the preset's
     output = "s3://catalog/edited"
     webhook = "https://example.com/hooks/catalog"
+    webhook_events = ["job"]           # which events it gets: start, progress, item, job (default item, job)
     priority = "low"                   # each run's job, as `dreambatch submit`: --priority, --max-concurrency,
     max_concurrency = 4                # --expires-after (90s, 15m, 2h, 1d)
     expires_after = "6h"
@@ -40,7 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from jobs import templates
 from jobs.errors import ConfigError, InputError
-from jobs.models import MODELS, JobSpec, Priority, parse_duration, row_class
+from jobs.models import DEFAULT_WEBHOOK_EVENTS, MODELS, JobSpec, Priority, WebhookEvent, parse_duration, row_class
 from jobs.presets import read_config_text, read_toml
 from jobs.settings import Settings
 from jobs.storage import split_s3
@@ -101,6 +102,11 @@ class Schedule(BaseModel):
     params: dict[str, Any] = Field(default_factory=dict)
     output: str
     webhook: str | None = None
+    webhook_events: list[WebhookEvent] = Field(
+        default_factory=lambda: list(DEFAULT_WEBHOOK_EVENTS),
+        min_length=1,
+        description="some of start, progress, item, job",
+    )
     priority: Priority = Field("normal", description="the queue order of each run's items: high, normal or low")
     max_concurrency: int | None = Field(None, ge=1, description="at most this many of a run's items at once")
     expires_after: float | None = Field(
@@ -237,6 +243,7 @@ class Schedule(BaseModel):
             defaults=defaults,
             output=self.output,
             webhook=self.webhook,
+            webhook_events=self.webhook_events,
             priority=self.priority,
             max_concurrency=self.max_concurrency,
             expires_after=self.expires_after,

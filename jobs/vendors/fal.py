@@ -9,6 +9,7 @@ when the request ends: `{"request_id", "gateway_request_id", "status": "OK" | "E
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 from jobs.errors import InputError
@@ -94,10 +95,13 @@ def output(item: ItemRecord, url_for: UrlFor) -> dict[str, Any]:
     }
 
 
-def queue_status(job: JobRecord, item: ItemRecord | None, *, position: int, logs: bool) -> dict[str, Any]:
+def queue_status(
+    job: JobRecord, item: ItemRecord | None, *, position: int, logs: bool, step: str | None = None
+) -> dict[str, Any]:
     """fal's status object: IN_QUEUE (with `queue_position`), IN_PROGRESS, or COMPLETED, which a request that
-    failed or was cancelled also is, with `error` and `error_type` (the item's error kind)."""
-    log_lines = _logs(job, item) if logs else None
+    failed or was cancelled also is, with `error` and `error_type` (the item's error kind). `step`: the running
+    item's denoising step ("3/16"), a log line of its own while it runs."""
+    log_lines = _logs(job, item, step) if logs else None
     if common.ended(job, item):
         out: dict[str, Any] = {
             "status": "COMPLETED",
@@ -112,7 +116,7 @@ def queue_status(job: JobRecord, item: ItemRecord | None, *, position: int, logs
     return {"status": "IN_PROGRESS", "logs": log_lines}
 
 
-def _logs(job: JobRecord, item: ItemRecord | None) -> list[dict[str, Any]]:
+def _logs(job: JobRecord, item: ItemRecord | None, step: str | None = None) -> list[dict[str, Any]]:
     """What is known of the request's run, as fal log lines (no runner output is kept)."""
     lines = [{"message": "queued", "level": "INFO", "source": "dreambatch", "timestamp": job.created_at}]
     if item is not None and item.timings.started_at:
@@ -122,6 +126,16 @@ def _logs(job: JobRecord, item: ItemRecord | None) -> list[dict[str, Any]]:
                 "level": "INFO",
                 "source": "dreambatch",
                 "timestamp": _iso(item.timings.started_at),
+            }
+        )
+    if item is not None and step and item.status == "running":
+        percent = common.progress(step)
+        lines.append(
+            {
+                "message": f"denoising step {step}" + (f" ({percent:g}%)" if percent is not None else ""),
+                "level": "INFO",
+                "source": "dreambatch",
+                "timestamp": _iso(time.time()),
             }
         )
     if item is not None and item.status.terminal:

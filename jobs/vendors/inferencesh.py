@@ -124,7 +124,9 @@ def task(
     progress: float | None = None,
 ) -> dict[str, Any]:
     """The task object the SDK reads (TaskDTO's fields it uses: id, status, input, output, error, logs,
-    session_id, created_at, updated_at), with `status_text` and `progress` (percent of denoising steps)."""
+    session_id, created_at, updated_at), with `status_text` and `progress` (percent of denoising steps). The SDK
+    reads no progress field of its own; it hands `logs` to the caller, so a running task's step is a TASK log
+    line there too."""
     status = status if status is not None else status_of(job, item)
     done = status == TaskStatus.COMPLETED and item is not None
     failed = status in (TaskStatus.FAILED, TaskStatus.CANCELLED)
@@ -139,11 +141,23 @@ def task(
         "error": common.error(job, item) if failed else "",
         "error_kind": common.error_kind(job, item) if failed else None,
         "progress": 100.0 if done else progress,
-        "logs": [],
+        "logs": [] if done or failed or progress is None else [_step_log(job, progress)],
         "session_id": None,
         "webhook": job.webhook,
         "created_at": job.created_at,
         "updated_at": (item.updated_at if item is not None else None) or job.updated_at,
+    }
+
+
+def _step_log(job: JobRecord, progress: float) -> dict[str, Any]:
+    """A TaskLog (log_type 4: TASK) saying how far the running item's denoising is."""
+    return {
+        "id": f"{job.job_id}-progress",
+        "task_id": job.job_id,
+        "log_type": 4,
+        "content": f"denoising: {progress:g}% of its steps done",
+        "created_at": job.created_at,
+        "updated_at": job.updated_at,
     }
 
 

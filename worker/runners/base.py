@@ -8,6 +8,7 @@ tiny stand-in, the product always uses a real HiDream runner.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -63,12 +64,38 @@ class EditRequest:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+STAGES = ("text_encode", "image_encode", "denoise", "refine", "vae_decode")  # what a model call's time is spent on
+
+
+class Stages:
+    """Seconds by stage of one model call: `mark(stage)` gives the time since the previous mark (or since the
+    clock was made) to `stage`. `sync` (the device's synchronize) runs first when asked, so queued GPU work is
+    counted to the stage that queued it; a runner asks only at a stage's end, never every step."""
+
+    def __init__(self, sync: Callable[[], None] = lambda: None):
+        self.sync = sync
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def mark(self, stage: str, sync: bool = True) -> None:
+        if sync:
+            self.sync()
+        now = time.perf_counter()
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + now - self._last
+        self._last = now
+
+    def share(self, n: int) -> dict[str, float]:
+        """Each of `n` requests' share of a batch's stages."""
+        return {stage: s / n for stage, s in self.seconds.items()}
+
+
 @dataclass
 class RunOutput:
     images: list[Image.Image]
     seed: int
     inference_s: float  # the model's time for this output (its share of a micro-batch's)
     started_at: float | None = None  # epoch s when the model began this work (a batch's start, for its items)
+    stages: dict[str, float] = field(default_factory=dict)  # inference_s by stage (STAGES), as far as it splits
 
 
 class Runner(Protocol):

@@ -43,7 +43,7 @@ from PIL import Image
 from jobs.errors import ModelError
 from jobs.models import MODELS
 from jobs.settings import RunnerSettings
-from worker.runners.base import EditRequest, GenerateRequest, RunOutput
+from worker.runners.base import EditRequest, GenerateRequest, RunOutput, Stages
 from worker.runners.hidream_i1 import HiDreamRunner, load_pipeline, native_latent_side
 from worker.runners.revision import edit_revision, read_revision
 from worker.runners.text_cache import PromptCache, TextEmbeds, encode_text
@@ -177,6 +177,7 @@ class HiDreamE1Pipeline:
         num_images: int = 1,
         generator: torch.Generator | None = None,
         on_step: Callable[[StepInfo], None] | None = None,
+        clock: Stages | None = None,
     ) -> list[Image.Image]:
         # 1. check inputs
         width, height = image.size
@@ -194,7 +195,9 @@ class HiDreamE1Pipeline:
                 texts[text] = self.encode_text(text)
             return texts[text]
 
+        clock = clock or Stages()
         source = self.encode_image(image).repeat(num_images, 1, 1, 1)
+        clock.mark("image_encode")
         if guided:
             uncond_text = prompt if clip_cfg_norm else negative_prompt
             edit_text = TextEmbeds.batch([embeds(uncond_text), embeds(negative_prompt), embeds(prompt)], num_images)
@@ -205,6 +208,7 @@ class HiDreamE1Pipeline:
         if refine_from < steps:
             target = embeds(refine_prompt or prompt)
             refine_text = TextEmbeds.batch([embeds(negative_prompt), target] if guided else [target], num_images)
+        clock.mark("text_encode")
 
         # 3. initial noise, the target's size
         latents = randn_tensor(source.shape, generator=generator, device=self.device, dtype=self.dtype)
@@ -243,11 +247,14 @@ class HiDreamE1Pipeline:
             if on_step is not None:
                 on_step(StepInfo(index, timestep, stage, latents, pred))
             latents = scheduler.step(pred, timestep, latents, return_dict=False)[0]
+            clock.mark("denoise" if stage == "edit" else "refine", sync=index in (refine_from - 1, steps - 1))
 
         # 6. decode
         latents = latents / self.base.vae.config.scaling_factor + self.base.vae.config.shift_factor
         decoded = self.base.vae.decode(latents, return_dict=False)[0]
-        return self.base.image_processor.postprocess(decoded, output_type="pil")
+        images = self.base.image_processor.postprocess(decoded, output_type="pil")
+        clock.mark("vae_decode")
+        return images
 
 
 def edit_prompts(model: str, request: EditRequest) -> tuple[str, str]:
@@ -381,6 +388,7 @@ class HiDreamE1Runner(HiDreamRunner):
         self.use_lora(request.lora, pipe.base.transformer)
         generator = torch.Generator(self.device).manual_seed(request.seed)
         started, started_at = time.perf_counter(), time.time()
+        clock = Stages(lambda: _synchronize(self.device))
         images = pipe(
             image=request.image.convert("RGB"),
             prompt=prompt,
@@ -394,9 +402,12 @@ class HiDreamE1Runner(HiDreamRunner):
             num_images=request.num_images,
             generator=generator,
             on_step=on_step,
+            clock=clock,
         )
         elapsed = time.perf_counter() - started
-        return RunOutput(images=images, seed=request.seed, inference_s=elapsed, started_at=started_at)
+        return RunOutput(
+            images=images, seed=request.seed, inference_s=elapsed, started_at=started_at, stages=clock.seconds
+        )
 
 
 def _synchronize(device: str) -> None:

@@ -23,7 +23,7 @@ from diffusers.configuration_utils import FrozenDict
 from jobs.errors import ConfigError, InputError, ModelError
 from jobs.models import MODELS, rendered_size
 from jobs.settings import RunnerSettings
-from worker.runners.base import EditRequest, GenerateRequest, RunOutput
+from worker.runners.base import EditRequest, GenerateRequest, RunOutput, Stages
 from worker.runners.lora import Adapters, LoraChoice
 from worker.runners.memory import apply_plan, plan_for
 from worker.runners.moe import install_moe_dispatch
@@ -101,14 +101,24 @@ def prepare_pipeline(pipe: HiDreamImagePipeline, options: RunnerSettings) -> HiD
     return pipe
 
 
-def _step_callback(on_step: Callable[[int], None]) -> Callable[..., dict]:
-    """diffusers' `callback_on_step_end` shape around a plain `on_step(step_index)`."""
+def _step_callback(on_step: Callable[[int], None] | None, clock: Stages | None = None) -> Callable[..., dict]:
+    """diffusers' `callback_on_step_end` shape around a plain `on_step(step_index)`; with a `clock`, each step's
+    time is its "denoise" (the device synchronized after the last step only, so what follows is the VAE's)."""
 
     def callback(pipe: Any, step: int, timestep: Any, tensors: dict) -> dict:
-        on_step(step)
+        if on_step is not None:
+            on_step(step)
+        if clock is not None:
+            clock.mark("denoise", sync=step == pipe.num_timesteps - 1)
         return tensors
 
     return callback
+
+
+def synchronize(device: str) -> None:
+    """Wait for the work queued on a CUDA device (nothing to wait for elsewhere)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def speed_up_transformer(transformer: Any, options: RunnerSettings) -> None:
@@ -284,9 +294,11 @@ class HiDreamI1Runner(HiDreamRunner):
         if isinstance(pipe.scheduler, SeededFlowMatchLCMScheduler):
             pipe.scheduler.generator = generator
         started, started_at = time.perf_counter(), time.time()
+        clock = Stages(functools.partial(synchronize, self.device))
         guided = first.guidance_scale > 1
         text = self.embeds([r.prompt for r in requests])
         negative = self.embeds([r.negative_prompt for r in requests]) if guided else None
+        clock.mark("text_encode")
         with torch.inference_mode():
             result = pipe(
                 prompt_embeds_t5=text.t5,
@@ -302,12 +314,16 @@ class HiDreamI1Runner(HiDreamRunner):
                 num_images_per_prompt=first.num_images,
                 generator=generator,
                 output_type="pil",
-                callback_on_step_end=None if on_step is None else _step_callback(on_step),
+                callback_on_step_end=_step_callback(on_step, clock),
             )
+        clock.mark("vae_decode")  # (and the pipeline's conversion to PIL images)
         share = (time.perf_counter() - started) / len(requests)
         images, n = list(result.images), first.num_images
+        stages = clock.share(len(requests))
         return [
-            RunOutput(images=images[i * n : (i + 1) * n], seed=r.seed, inference_s=share, started_at=started_at)
+            RunOutput(
+                images=images[i * n : (i + 1) * n], seed=r.seed, inference_s=share, started_at=started_at, stages=stages
+            )
             for i, r in enumerate(requests)
         ]
 
