@@ -95,7 +95,7 @@ def resolve_seed(seed: int) -> int:
 def _item(
     job_id: str, row: CheckedRow, at: str, objects: ObjectStore, max_bytes: int, checks: ImageChecks | None = None
 ) -> ItemRecord:
-    if row.ok:
+    if row.ok and row.params is not None:  # (a valid row has its params)
         params = {**row.params, "seed": resolve_seed(row.params["seed"])}
         fetched = checks.result(params["image"]) if checks and "image" in params else None
         if fetched and fetched.copy:  # a URL fetched by the submit-time check: the worker reads this copy

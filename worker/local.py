@@ -21,14 +21,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from jobs import netguard, records
-from jobs.errors import InputError
+from jobs.errors import InputError, JobNotFound
 from jobs.manifest import CheckReport, input_policy, validate_manifest
 from jobs.models import ItemRecord, JobRecord, JobSpec
 from jobs.reconcile import reconcile
 from jobs.services import Services
 from jobs.settings import Settings
 from jobs.storage import check_location
-from jobs.store import MemoryStore
+from jobs.store import MemoryStore, Store
 from jobs.submit import Submission, create_job, now_iso
 from worker import process, webhooks
 from worker.runtime import Runtime
@@ -95,7 +95,7 @@ def run_local(
         notify=events.extend,
         finalize=finals.append,
     )
-    store = services.store
+    store = services.store  # (the MemoryStore above)
     objects = services.objects(out)
     runtime = Runtime(services, model=model, weights=weights, device=device)
     ctx = process.Context(
@@ -115,9 +115,11 @@ def run_local(
         watch.loading()
         runtime.runner()
         record = records.read_job(objects, job_id)
+        if record is None:
+            raise JobNotFound(f"job {job_id}: its job.json is gone from {objects.location}; run without --resume")
         records.write_job_spec(objects, record.model_copy(update={"interrupted_at": None}))
         reconcile(job_id, objects, store, queue.extend, finals.append, batch=settings.celery.publish_batch)
-        sub = Submission(store.get_job(job_id), len(queue), 0, CheckReport(), job_done=bool(finals))
+        sub = Submission(services.job(job_id), len(queue), 0, CheckReport(), job_done=bool(finals))
     else:
         if spec.webhook:
             netguard.check_url(spec.webhook, settings.netpolicy())
@@ -128,7 +130,7 @@ def run_local(
             runtime.runner()
         sub = create_job(spec.model_copy(update={"output": objects.location}), manifest, services, policy=policy)
         job_id = sub.job.job_id
-    watch.begin(store.get_job(job_id), len(queue))
+    watch.begin(services.job(job_id), len(queue))
 
     # 2. run every item, retrying transient failures after their backoff; Ctrl-C stops at the next step
     try:
@@ -156,7 +158,7 @@ def run_local(
     for job in dict.fromkeys(finals):
         process.finalize_job(ctx, job)
     _flush_events(ctx, events)
-    sub.job = store.get_job(job_id)
+    sub.job = services.job(job_id)
     return sub
 
 
@@ -179,7 +181,7 @@ def _interrupted_job(objects, manifest: Path, model: str) -> str:
 
 
 def _interrupt(
-    ctx: process.Context, store: MemoryStore, objects, job_id: str, events: list[tuple[str, str | None, str]]
+    ctx: process.Context, store: Store, objects, job_id: str, events: list[tuple[str, str | None, str]]
 ) -> JobRecord:
     """Leave a stopped run resumable: results.jsonl lists the items that ended (their records are written
     already), job.json says when it stopped; the unended items run with `--resume`."""
