@@ -170,7 +170,7 @@ def _process_item(ctx: Context, job_id: str, item_id: str) -> Outcome:
             if job.max_concurrency:
                 ctx.store.release_slot(job_id, item_id)
     finally:
-        if token is not None:
+        if token is not None and ctx.leases is not None:
             ctx.leases.release(job_id, item_id, token)
 
 
@@ -335,7 +335,7 @@ def _run_edit(ctx: Context, job: JobRecord, item: ItemRecord) -> tuple[list, Ite
         negative_prompt=p["negative_prompt"],
         width=canvas_size[0],
         height=canvas_size[1],
-        seed=item.seed,
+        seed=item.seed if item.seed is not None else p["seed"],
         steps=p["steps"],
         guidance_scale=p["guidance_scale"],
         image_guidance_scale=p["image_guidance_scale"],
@@ -542,7 +542,7 @@ def finalize_job(ctx: Context, job_id: str) -> str | None:
     status = job_outcome(job.counts, cancelled=job.cancel_requested)
     if not ctx.store.finish_job(job_id, status, uri, now_iso()):
         return None
-    job = ctx.store.get_job(job_id)
+    job = ctx.store.get_job(job_id) or job  # (as it ended: finished_at, results_uri)
     records.write_job_spec(ctx.objects(job.output), job)
     if job.webhook and not isinstance(ctx.store, MemoryStore):  # (a local run has no Redis to lose)
         # its events may be retried for a while: a Redis loss meanwhile has reconcile send them again
@@ -552,7 +552,7 @@ def finalize_job(ctx: Context, job_id: str) -> str | None:
     # 4. the review contact sheet, when the job asked for one (before the webhook, so it is there to open)
     if job.review_sheet:
         _review_sheet(ctx, job)
-    if job is not None and job.wants("job"):
+    if job.wants("job"):
         _notify(ctx, job_id, None, job_event_id(job_id, status.value, job.round))
     return status.value
 
