@@ -4,7 +4,8 @@ job control and the CLI/API. Imports no torch, no diffusers and nothing from `wo
 The flow, in the order an item meets it:
 
     manifest.py     CSV/JSONL → validated rows (dialects.py: the hosted APIs' field names → ours;
-                    inputs.py: image references checked and staged; presets.py, templates.py)
+                    inputs.py: image references checked (headers, S3, URLs) and staged; loras.py: a row's
+                    LoRA file checked and staged; presets.py, templates.py)
     models.py       rows, the job spec (JobSpec: every job option), job and item records: data only
     submit.py       fan-out: create_job(spec, manifest, services), the one way a job is made: the job record,
                     item records, one Celery task per valid row (broker.py publishes)
@@ -21,7 +22,9 @@ Beside the spine:
     services.py     the composition root: a process's Redis client, store, Celery app and object stores, built
                     from Settings on first use and handed to whoever needs them
     keys.py         every name crossing a process: queues, task names, Redis and S3 keys
-    netguard.py     which addresses may be reached for a user (image URLs, webhooks)
+    netguard.py     which addresses may be reached for a user (image URLs, webhooks); netclient.py: the one
+                    pooled HTTP client that connects only to the address netguard checked
+    pace.py         one rule for rates and ETAs (a job's own, a watcher's)
     cli.py          validate, submit, status, results…    api/        the HTTP API over the same functions
     catalog/        scheduled catalog runs: plan, scan, ledger, lock, run, report, schedules, beat, cli
                     (identity.py: what a source image is, to tell when it changed)

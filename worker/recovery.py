@@ -28,7 +28,8 @@ from collections.abc import Callable
 from jobs import keys
 from jobs.models import JobRecord
 from jobs.services import Services
-from jobs.store import RedisStore, redis_errors, unreachable
+from jobs.store import RedisStore, redis_errors
+from worker import periodic
 
 log = logging.getLogger("dreambatch.recovery")
 
@@ -96,31 +97,25 @@ def start(services: Services, name: str = "") -> threading.Thread | None:
         return None
     recovery = Recovery(services.store, services.publish, settle=3 * cfg.heartbeat)
 
-    def loop() -> None:
-        if name:  # (in this thread: a worker starting while Redis is away does not wait for it here)
-            try:
-                for (job_id, item_id), worker in services.store.executions().items():
-                    if worker == name:
-                        services.store.pass_execution(job_id, item_id, worker, f"{name} (before a restart)")
-            except redis_errors() as exc:
-                log.warning("could not look for items of this worker's previous run: %s", exc)
-        stop = threading.Event()
-        while not stop.wait(interval):
-            try:
-                if services.store.claim(keys.RECOVERY_LOCK, interval * 0.9):
-                    recovery.scan()
-            except redis_errors() as exc:
-                log.warning(
-                    "recovery scan skipped (%s); trying again in %ss",
-                    unreachable(services.settings.redis_url, exc),
-                    interval,
-                )
-            except Exception:
-                log.exception("recovery scan failed; trying again in %ss", interval)
+    def forget_previous_life() -> None:  # (in the thread: a worker starting while Redis is away does not wait)
+        if not name:
+            return
+        try:
+            for (job_id, item_id), worker in services.store.executions().items():
+                if worker == name:
+                    services.store.pass_execution(job_id, item_id, worker, f"{name} (before a restart)")
+        except redis_errors() as exc:
+            log.warning("could not look for items of this worker's previous run: %s", exc)
 
-    thread = threading.Thread(target=loop, name="dead-worker-recovery", daemon=True)
-    thread.start()
-    return thread
+    return periodic.start(
+        services,
+        interval=interval,
+        lock=keys.RECOVERY_LOCK,
+        what="recovery scan",
+        run=recovery.scan,
+        name="dead-worker-recovery",
+        first=forget_previous_life,
+    )
 
 
 class Holding:

@@ -16,7 +16,7 @@ from jobs.retention import expire_ended
 from jobs.services import Services
 from jobs.settings import Settings
 from jobs.storage import location_under
-from jobs.store import redis_errors, unreachable
+from worker import periodic
 
 log = logging.getLogger("dreambatch.sweeper")
 
@@ -76,21 +76,11 @@ def start(services: Services) -> threading.Thread | None:
     if interval <= 0 or not (locations(services.settings) or services.settings.retention > 0):
         return None
 
-    def loop() -> None:
-        stop = threading.Event()
-        while not stop.wait(interval):
-            try:
-                if services.store.claim(keys.RECONCILE_LOCK, interval * 0.9):
-                    sweep_once(services)
-            except redis_errors() as exc:
-                log.warning(
-                    "reconcile sweep skipped (%s); trying again in %ss",
-                    unreachable(services.settings.redis_url, exc),
-                    interval,
-                )
-            except Exception:
-                log.exception("reconcile sweep failed; trying again in %ss", interval)
-
-    thread = threading.Thread(target=loop, name="reconcile-sweeper", daemon=True)
-    thread.start()
-    return thread
+    return periodic.start(
+        services,
+        interval=interval,
+        lock=keys.RECONCILE_LOCK,
+        what="reconcile sweep",
+        run=lambda: sweep_once(services),
+        name="reconcile-sweeper",
+    )
