@@ -23,10 +23,12 @@ from pathlib import Path
 from typing import IO, Any
 from urllib.parse import urlsplit
 
-from jobs import records
+from jobs import netguard, records
 from jobs.errors import InputError
 from jobs.formats import BY_CONTENT_TYPE, EXTENSIONS
-from jobs.storage import ObjectStore
+from jobs.models import JobRecord
+from jobs.settings import Settings
+from jobs.storage import ObjectStore, split_s3_key
 
 DATA_URI = re.compile(
     r"^data:(?P<type>" + "|".join(map(re.escape, BY_CONTENT_TYPE)) + r");base64,"
@@ -118,6 +120,33 @@ def stage(ref: str, objects: ObjectStore, job_id: str, item_id: str, max_bytes: 
         data, content_type = decode_data_uri(ref, max_bytes)
         return records.write_input(objects, job_id, item_id, EXT_FOR_TYPE[content_type], data, content_type)
     return ref
+
+
+# --- reading an input: what a worker (and the review page) does with a checked reference ---------------------------
+def fetch(ref: str, job: JobRecord, settings: Settings, objects) -> bytes:
+    """The bytes behind a reference, bounded by settings.inputs.max_bytes.
+
+    `objects(location)` gives an ObjectStore; S3 references are read with the job's S3 client.
+    Local paths are accepted only inside the job's own local output folder (where submit staged them).
+    """
+    limit = settings.inputs.max_bytes
+    if ref.startswith("s3://"):
+        bucket, key = split_s3_key(ref)
+        data = objects(f"s3://{bucket}").get(key, max_bytes=limit)
+        if data is None:
+            raise InputError(f"{ref}: no such object")
+        return data
+    if ref.startswith(("https://", "http://")):
+        return netguard.fetch(ref, settings.netpolicy(), max_bytes=limit, timeout=settings.inputs.download_timeout)
+    path = Path(ref)
+    root = Path(job.output).resolve() if not job.output.startswith("s3://") else None
+    if root is None or not path.resolve().is_relative_to(root):
+        raise InputError(f"{ref}: local paths are read only from the job's own staged inputs")
+    if not path.is_file():
+        raise InputError(f"{ref}: file not found")
+    if path.stat().st_size > limit:
+        raise InputError(f"{ref}: {path.stat().st_size} bytes is over the {limit}-byte limit")
+    return path.read_bytes()
 
 
 # --- submit-time checks: every edit row's image before any GPU time ----------------------------------------------

@@ -25,14 +25,14 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from jobs import keys, records
+from jobs import inputs, keys, records
 from jobs.errors import DreambatchError, InputError, JobNotFound
 from jobs.formats import CONTENT_TYPES
 from jobs.lifecycle import ItemStatus
 from jobs.models import JobRecord
 from jobs.settings import Settings
 from jobs.storage import ObjectStore
-from worker import imaging, inputs
+from worker import imaging
 
 THUMB = 192  # px, the longer side of each thumbnail
 GRID_COLUMNS = 4

@@ -21,7 +21,7 @@ from datetime import datetime
 from typing import Any, TypeVar
 from urllib.parse import quote
 
-from jobs import keys, lifecycle, logs, records, vendors
+from jobs import inputs, keys, lifecycle, logs, records, vendors
 from jobs.ending import Publish, announce, end_item
 from jobs.errors import (
     ConfigError,
@@ -51,7 +51,7 @@ from jobs.settings import Settings
 from jobs.storage import ObjectStore, key_of
 from jobs.store import MemoryStore, Store
 from jobs.submit import now_iso
-from worker import geometry, imaging, inputs, loras, safety, webhooks
+from worker import geometry, imaging, loras, safety, webhooks
 from worker.leases import Leases
 from worker.metrics import WorkerMetrics
 from worker.runners.base import EditRequest, GenerateRequest, Runner

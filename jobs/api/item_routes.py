@@ -10,22 +10,20 @@ so a browser never sees an `s3://` link nor a bucket's credentials:
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter
 from fastapi import Path as PathParam
 from fastapi.responses import Response
 
-from jobs import control, netguard
+from jobs import control, inputs
 from jobs.api import shapes, tenancy
 from jobs.api.deps import ServicesDep
 from jobs.api.jobs_routes import ERRORS, ONE_JOB, JobId, Reader, Writer
 from jobs.api.service import ApiError, Services
-from jobs.errors import JobNotFound
+from jobs.errors import InputError, JobNotFound
 from jobs.formats import CONTENT_TYPES, sniff
 from jobs.models import ApiKeyRecord, ItemRecord, JobRecord
-from jobs.storage import key_of, split_s3_key
 
 router = APIRouter(tags=["jobs"])
 ItemId = Annotated[str, PathParam(min_length=1, max_length=256, description="an item id (the row's id or line)")]
@@ -69,17 +67,13 @@ def retry_item(job_id: JobId, item_id: ItemId, svc: ServicesDep, key: Writer) ->
 
 
 def _read(svc: Services, job: JobRecord, ref: str) -> bytes | None:
-    """The bytes behind an image reference of `job`, as a worker reads them: an s3:// object, a URL under the
-    address guard, or a file inside the job's own local output folder (nothing else on this machine)."""
-    limit = svc.settings.inputs.max_bytes
-    if ref.startswith("s3://"):
-        bucket, key = split_s3_key(ref)
-        return svc.objects(f"s3://{bucket}").get(key, limit)
-    if ref.startswith(("https://", "http://")):
-        policy = svc.settings.netpolicy()
-        return netguard.fetch(ref, policy, max_bytes=limit, timeout=svc.settings.inputs.download_timeout)
-    staged = None if job.output.startswith("s3://") else key_of(job.output, str(Path(ref)))
-    return None if staged is None else svc.objects(job.output).get(staged, limit)
+    """The bytes behind an image reference of `job`, read as a worker reads them (jobs.inputs.fetch: an s3://
+    object, a URL under the address guard, or a file inside the job's own local output folder); None when
+    they are not there (or may not be read)."""
+    try:
+        return inputs.fetch(ref, job, svc.settings, svc.objects)
+    except InputError:
+        return None
 
 
 def _image(data: bytes | None, what: str) -> Response:
