@@ -47,7 +47,7 @@ def test_webhooks_survive_500_429_and_a_receiver_that_is_down(
     by_id: dict[str, list[int]] = {}
     for r in receiver.requests:
         by_id.setdefault(r["headers"]["webhook-id"], []).append(r["code"])
-    assert sorted(by_id) == [f"evt_{job_id}_1_failed", f"evt_{job_id}_failed"]
+    assert sorted(by_id) == [f"evt_{job_id}__line1_failed", f"evt_{job_id}_failed"]  # (a rejected row: _lineN)
     assert all(codes[-1] == 200 and codes.count(200) == 1 for codes in by_id.values())
     log = cli("webhooks", job_id, env=env).stdout
     assert log.count("delivered") == 2 and "HTTP 500" in log and "HTTP 429" in log
