@@ -21,6 +21,14 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from services import S3_ENV, RedisServer, s3_client, start_s3_process  # noqa: E402
 
+sys.path.insert(0, str(ROOT))
+from jobs import keys  # noqa: E402
+
+
+def queued_messages(client, queue: str) -> int:
+    """Messages waiting in `queue` at every priority (kombu keeps one Redis list per priority step)."""
+    return sum(client.llen(name) for name in keys.priority_lists(queue).values())
+
 
 def main() -> None:
     ap = argparse.ArgumentParser()
@@ -61,7 +69,7 @@ def main() -> None:
             fan_out()
             _, peak = tracemalloc.get_traced_memory()
             tracemalloc.stop()
-            in_queue = redis_server.client().llen("gpu.i1-fast")
+            in_queue = queued_messages(redis_server.client(), keys.gpu_queue("i1-fast"))
         finally:
             s3.kill()
             redis_server.stop()
