@@ -187,7 +187,7 @@ class Dreambatch:
     def run(self, rows: list[dict], prefix: str, receiver: Receiver, webhook: str) -> tuple[float, str]:
         manifest = self.tmp / "c.jsonl"
         manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
-        started = time.perf_counter()
+        started, started_at = time.perf_counter(), time.time()
         res = subprocess.run(
             [sys.executable, "-m", "worker", "submit", str(manifest), "--model", self.model,
              "--output", f"s3://{BUCKET}/{prefix.rstrip('/')}", "--webhook", webhook, "--json"],
@@ -195,12 +195,33 @@ class Dreambatch:
         )  # fmt: skip
         if res.returncode:
             raise RuntimeError(f"dreambatch submit failed: {res.stderr[-2000:]}")
+        submitted_at = time.time()
         wait_until(lambda: len(receiver.delivered()) >= len(rows) + 1, 900, 0.005, what="dreambatch run")
+        self.last = {"started_at": started_at, "submitted_at": submitted_at, "ended_at": time.time()}
         return time.perf_counter() - started, json.loads(res.stdout)["job_id"]
+
+    def phases(self, s3, prefix: str) -> dict[str, float]:
+        """Where the last run's time went, from its items' timings: the submit command, submit → the first
+        model call, the model's busy share between first and last call, and the last call's end → the end."""
+        key = f"{prefix}results.jsonl"
+        wait_until(lambda: etags(s3, prefix) and _exists(s3, key), 60, 0.05, what=key)
+        body = s3.get_object(Bucket=BUCKET, Key=key)["Body"].read().decode()
+        timings = [json.loads(line)["timings"] for line in body.splitlines() if line]
+        calls = sorted((t["model_started_at"], t["model_started_at"] + t["inference_s"]) for t in timings)
+        return {
+            "submit_s": self.last["submitted_at"] - self.last["started_at"],
+            "to_first_model_s": calls[0][0] - self.last["submitted_at"],
+            "model_busy": sum(b - a for a, b in calls) / (calls[-1][1] - calls[0][0]),
+            "after_last_model_s": self.last["ended_at"] - calls[-1][1],
+        }
 
     def close(self) -> None:
         self.gpu.kill()
         self.io.kill()
+
+
+def _exists(s3, key: str) -> bool:
+    return bool(s3.list_objects_v2(Bucket=BUCKET, Prefix=key).get("KeyCount"))
 
 
 def etags(s3, prefix: str) -> dict[str, str]:
@@ -220,6 +241,7 @@ def run_setting(args, systems: dict, proxy: Proxy, redis_client, s3, receiver: R
     s3_requests: dict[str, list[float]] = {name: [] for name in SYSTEMS}
     redis_commands: dict[str, list[float]] = {name: [] for name in SYSTEMS}
     identical = True
+    phases: list[dict] = []
     for round_no in range(args.rounds + 1):  # round 0 warms every process up; not counted
         tag = f"{int(delay_ms)}ms-{round_no}"
         rows = rows_for(round_no + 100 * int(delay_ms), args.items)
@@ -238,6 +260,8 @@ def run_setting(args, systems: dict, proxy: Proxy, redis_client, s3, receiver: R
             else:
                 wall, job_id = systems["C"].run(rows, prefix, receiver, args.webhook)
                 prefix = f"{prefix}{job_id}/"
+                if round_no:
+                    phases.append(systems["C"].phases(s3, prefix))
             if round_no:
                 walls[name].append(wall)
                 s3_requests[name].append((proxy.requests - requests0) / len(rows))
@@ -250,10 +274,18 @@ def run_setting(args, systems: dict, proxy: Proxy, redis_client, s3, receiver: R
             print(
                 f"  {args.model} +{delay_ms:.0f} ms, round {round_no}: "
                 + ", ".join(f"{n} {args.items / walls[n][-1]:.2f} img/s" for n in SYSTEMS)
-                + f"; bytes {'identical' if same else 'DIFFER'}; load {os.getloadavg()[0]:.1f}",
+                + f"; bytes {'identical' if same else 'DIFFER'}; load {os.getloadavg()[0]:.1f}; C: "
+                + phase_text(phases[-1]),
                 flush=True,
             )
-    return {"walls": walls, "s3": s3_requests, "redis": redis_commands, "identical": identical}
+    return {"walls": walls, "s3": s3_requests, "redis": redis_commands, "identical": identical, "phases": phases}
+
+
+def phase_text(p: dict) -> str:
+    return (
+        f"submit command {p['submit_s']:.2f} s, then {p['to_first_model_s']:.2f} s to the first model call, "
+        f"model busy {p['model_busy']:.0%} from first call to last, {p['after_last_model_s']:.2f} s after it"
+    )
 
 
 def summarize(model: str, delay_ms: float, run: dict, items: int) -> dict:
@@ -267,6 +299,7 @@ def summarize(model: str, delay_ms: float, run: dict, items: int) -> dict:
         "s3": {n: statistics.median(run["s3"][n]) for n in SYSTEMS},
         "redis": {n: statistics.median(run["redis"][n]) for n in SYSTEMS},
         "identical": run["identical"],
+        "phases": {k: statistics.median(p[k] for p in run["phases"]) for k in run["phases"][0]},
     }
 
 
@@ -284,6 +317,9 @@ def table(rows: list[dict]) -> str:
             f"| {r['s3']['A']:.2f} / {r['s3']['B']:.2f} / {r['s3']['C']:.2f} "
             f"| {r['redis']['B']:.0f} / {r['redis']['C']:.0f} | {'yes' if r['identical'] else '**no**'} |"
         )
+    lines.append("")
+    for r in rows:
+        lines.append(f"- C, {r['label']} (medians): {phase_text(r['phases'])}")
     return "\n".join(lines)
 
 

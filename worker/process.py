@@ -440,9 +440,8 @@ def finalize_job(ctx: Context, job_id: str) -> str | None:
     status = job_outcome(job.counts, cancelled=job.cancel_requested)
     if not ctx.store.finish_job(job_id, status, uri, now_iso()):
         return None
-    job = ctx.store.get_job(job_id)
-    records.write_job_spec(ctx.objects(job.output), job)
-    records.mark_ended(ctx.objects(job.output), job_id)
+    job = ctx.store.get_job(job_id) or job  # (as finished; the one read above if Redis lost it since)
+    records.close_job(ctx.objects(job.output), job)
     log.info("job %s %s", job_id, status.value, extra={"job_id": job_id, "status": status.value})
     # 4. the review contact sheet, when the job asked for one (before the webhook, so it is there to open)
     if job.review_sheet:
