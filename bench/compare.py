@@ -90,11 +90,14 @@ def plain_main(model: str) -> None:
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         ask = json.loads(line)
-        started = time.perf_counter()
+        started, model_s = time.perf_counter(), 0.0
         for row in ask["rows"]:
+            t0 = time.perf_counter()
             data = plain.render(row["prompt"], row["seed"])
+            model_s += time.perf_counter() - t0  # (the model call and the PNG encode)
             s3.put_object(Bucket=BUCKET, Key=f"{ask['prefix']}{row['id']}.png", Body=data, ContentType="image/png")
-        print(json.dumps({"wall_s": time.perf_counter() - started}), flush=True)
+        wall = time.perf_counter() - started
+        print(json.dumps({"wall_s": wall, "model_s": model_s / len(ask["rows"])}), flush=True)
 
 
 class PlainLoop:
@@ -123,7 +126,9 @@ class PlainLoop:
         assert self.proc.stdin is not None
         self.proc.stdin.write(json.dumps({"rows": rows, "prefix": prefix}) + "\n")
         self.proc.stdin.flush()
-        return self._answer()["wall_s"]
+        answer = self._answer()
+        self.model_s = answer["model_s"]
+        return answer["wall_s"]
 
     def close(self) -> None:
         self.proc.kill()
@@ -225,6 +230,7 @@ class Dreambatch:
             "to_first_model_s": calls[0][0] - self.last["submitted_at"],
             "model_busy": sum(b - a for a, b in calls) / (calls[-1][1] - calls[0][0]),
             "after_last_model_s": self.last["ended_at"] - calls[-1][1],
+            "model_call_s": statistics.mean(t["inference_s"] for t in timings),
         }
 
     def close(self) -> None:
@@ -280,6 +286,8 @@ def run_setting(args, systems: dict, proxy: Proxy, redis_client, s3, receiver: R
                 commands = redis_client.info("stats")["total_commands_processed"] - commands0
                 redis_commands[name].append(commands / len(rows))
             made[name] = etags(s3, prefix)
+        if round_no:
+            phases[-1]["a_model_call_s"] = systems["A"].model_s  # (this round's A)
         same = len(made["A"]) == args.items and made["A"] == made["B"] == made["C"]
         identical = identical and same
         if round_no:
@@ -296,7 +304,8 @@ def run_setting(args, systems: dict, proxy: Proxy, redis_client, s3, receiver: R
 def phase_text(p: dict) -> str:
     return (
         f"submit command {p['submit_s']:.2f} s, then {p['to_first_model_s']:.2f} s to the first model call, "
-        f"model busy {p['model_busy']:.0%} from first call to last, {p['after_last_model_s']:.2f} s after it"
+        f"model busy {p['model_busy']:.0%} from first call to last, {p['after_last_model_s']:.2f} s after it; "
+        f"one model call {p['model_call_s'] * 1000:.0f} ms (A's call + PNG encode: {p['a_model_call_s'] * 1000:.0f} ms)"
     )
 
 
