@@ -21,6 +21,25 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from services import S3_ENV, RedisServer, s3_client, start_s3_process  # noqa: E402
 
+sys.path.insert(0, str(ROOT))
+from jobs import keys  # noqa: E402
+
+
+def queued_messages(client, queue: str) -> int:
+    """Messages waiting in `queue` at every priority (kombu keeps one Redis list per priority step)."""
+    return sum(client.llen(name) for name in keys.priority_lists(queue).values())
+
+
+def bare_publish(settings, rows: int) -> float:
+    """The floor a fan-out is measured against: `rows` task messages published as dreambatch's broker does
+    (jobs.broker.publish_items: one producer, batched), with nothing else done per row."""
+    from jobs.broker import make_celery, publish_items
+
+    app = make_celery(settings)
+    t0 = time.perf_counter()
+    publish_items(app, "bare", "j", (f"r{i}" for i in range(rows)))
+    return time.perf_counter() - t0
+
 
 def main() -> None:
     ap = argparse.ArgumentParser()
@@ -61,13 +80,18 @@ def main() -> None:
             fan_out()
             _, peak = tracemalloc.get_traced_memory()
             tracemalloc.stop()
-            in_queue = redis_server.client().llen("gpu.i1-fast")
+            in_queue = queued_messages(redis_server.client(), keys.gpu_queue("i1-fast"))
+            bare = bare_publish(settings, args.rows)
         finally:
             s3.kill()
             redis_server.stop()
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"rows": args.rows, "queued_per_run": queued, "in_redis_queue_after_two_runs": in_queue}))
     print(f"fan-out: {args.rows} rows validated + stored + published in {wall:.1f}s = {args.rows / wall:,.0f} rows/s")
+    print(
+        f"bare batched publishing (one send_task per row on one producer, kombu batches of 500, no validation, "
+        f"no records): {bare:.1f}s; fan-out ÷ bare = {wall / bare:.2f}x"
+    )
     print(f"peak traced Python memory during fan-out: {peak / 2**20:.1f} MiB; process max RSS {rss:.0f} MiB")
 
 

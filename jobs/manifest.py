@@ -8,6 +8,7 @@ the row, then the job defaults (`--set`), then the model's upstream preset.
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import re
 from collections.abc import Iterable, Iterator
@@ -253,6 +254,11 @@ CLOSE = 0.8  # difflib ratio above which an unknown column is taken for a misspe
 
 def did_you_mean(name: str, known: set[str]) -> str | None:
     """The field `name` is most likely a misspelling of, if any."""
+    return _did_you_mean(name, frozenset(known))
+
+
+@functools.lru_cache(maxsize=1024)  # a column's answer, once per manifest rather than once per row
+def _did_you_mean(name: str, known: frozenset[str]) -> str | None:
     import difflib
 
     found = difflib.get_close_matches(name, sorted(known - {name}), n=1, cutoff=CLOSE)

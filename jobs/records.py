@@ -34,6 +34,7 @@ import json
 import tempfile
 import time
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,16 @@ def mark_open(store: ObjectStore, job: JobRecord) -> str:
 
 def mark_ended(store: ObjectStore, job_id: str) -> None:
     store.delete(keys.S3_OPEN_JOB.format(prefix="", job_id=job_id))
+
+
+def close_job(store: ObjectStore, job: JobRecord) -> None:
+    """A finished job's final job.json and its _open marker's removal, side by side: one round trip on the
+    finalizer's path to the job's webhook, not two. Either order is safe: results.jsonl, written before the
+    job finished, is what reconcile reads a job's end from; a marker left behind is swept as ended."""
+    with ThreadPoolExecutor(1, thread_name_prefix="close-job") as pool:
+        removed = pool.submit(mark_ended, store, job.job_id)
+        write_job_spec(store, job)
+        removed.result()
 
 
 def open_jobs(store: ObjectStore) -> list[str]:
