@@ -580,12 +580,12 @@ class RedisStore:
         """Note a running item's denoising progress; returns whether its job, or the item alone, was asked to
         cancel."""
         pipe = self.r.pipeline(transaction=False)
-        pipe.hset(keys.ITEM.format(job_id=job_id, item_id=item_id), "step", f"{step}/{steps}")
         pipe.hexists(keys.job_key(job_id), "cancel_requested")
         pipe.hexists(keys.ITEM.format(job_id=job_id, item_id=item_id), "stop")
-        pipe.hset(keys.JOB_STEPS.format(job_id=job_id), item_id, f"{step}/{steps}")
-        pipe.expire(keys.JOB_STEPS.format(job_id=job_id), 86400)
-        _, job_cancelled, item_stopped, *_ = pipe.execute()
+        pipe.hset(keys.JOB_STEPS.format(job_id=job_id), item_id, f"{step}/{steps}")  # (the one place steps live)
+        if step <= 1:  # the first step of a run: the job's step record outlives a job nobody purges by a day
+            pipe.expire(keys.JOB_STEPS.format(job_id=job_id), 86400)
+        job_cancelled, item_stopped, *_ = pipe.execute()
         return bool(job_cancelled or item_stopped)
 
     def request_item_stop(self, job_id: str, item_id: str) -> None:
@@ -627,7 +627,8 @@ class RedisStore:
         return self.claim(keys.JOB_PROGRESS_SENT.format(job_id=job_id), every)
 
     def step_of(self, job_id: str, item_id: str) -> str | None:
-        return self.r.hget(keys.ITEM.format(job_id=job_id, item_id=item_id), "step")
+        """The last "step/steps" the item's run recorded (a running item's; see running_steps for a job's)."""
+        return self.r.hget(keys.JOB_STEPS.format(job_id=job_id), item_id)
 
     # --- observability ------------------------------------------------------------------------
     def get_jobs(self, job_ids: list[str]) -> list[JobRecord]:
