@@ -123,13 +123,13 @@ def stage(ref: str, objects: ObjectStore, job_id: str, item_id: str, max_bytes: 
 
 
 # --- reading an input: what a worker (and the review page) does with a checked reference ---------------------------
-def fetch(ref: str, job: JobRecord, settings: Settings, objects) -> bytes:
-    """The bytes behind a reference, bounded by settings.inputs.max_bytes.
+def fetch(ref: str, job: JobRecord, settings: Settings, objects, max_bytes: int | None = None) -> bytes:
+    """The bytes behind a reference, bounded by `max_bytes` (default settings.inputs.max_bytes).
 
     `objects(location)` gives an ObjectStore; S3 references are read with the job's S3 client.
     Local paths are accepted only inside the job's own local output folder (where submit staged them).
     """
-    limit = settings.inputs.max_bytes
+    limit = max_bytes or settings.inputs.max_bytes
     if ref.startswith("s3://"):
         bucket, key = split_s3_key(ref)
         data = objects(f"s3://{bucket}").get(key, max_bytes=limit)

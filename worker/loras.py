@@ -14,7 +14,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from jobs import loras
+from jobs import inputs, loras
 from jobs.errors import InputError
 from jobs.models import ItemRecord, JobRecord
 from jobs.settings import Settings
@@ -42,20 +42,12 @@ def choice(item: ItemRecord, job: JobRecord, settings: Settings, objects: Any) -
         etag = str(head.get("ETag", ""))
         sha = sha or _by_etag.get((ref, etag))
         if sha is None or not (folder / f"{sha}{loras.SUFFIX}").is_file():
-            data = store.get(key, max_bytes=loras.MAX_BYTES)
-            if data is None:
-                raise InputError(f"{ref}: no such object")
+            data = inputs.fetch(ref, job, settings, objects, max_bytes=loras.MAX_BYTES)
             sha = _keep(folder, data, p.get("lora_sha256"), ref)
             if etag:
                 _by_etag[(ref, etag)] = sha
-    elif sha is None or not (folder / f"{sha}{loras.SUFFIX}").is_file():
-        path = Path(ref)
-        root = Path(job.output).resolve() if not job.output.startswith("s3://") else None
-        if root is None or not path.resolve().is_relative_to(root):
-            raise InputError(f"{ref}: local LoRA files are read only from the job's own storage (staged at submit)")
-        if not path.is_file():
-            raise InputError(f"{ref}: file not found")
-        sha = _keep(folder, path.read_bytes(), sha, ref)
+    elif sha is None or not (folder / f"{sha}{loras.SUFFIX}").is_file():  # staged at submit, in the job's storage
+        sha = _keep(folder, inputs.fetch(ref, job, settings, objects, max_bytes=loras.MAX_BYTES), sha, ref)
     return LoraChoice(
         file=str(folder / f"{sha}{loras.SUFFIX}"), name=f"lora_{sha[:16]}", scale=float(p.get("lora_scale", 1.0))
     )
@@ -64,7 +56,7 @@ def choice(item: ItemRecord, job: JobRecord, settings: Settings, objects: Any) -
 def _keep(folder: Path, data: bytes, expected: str | None, ref: str) -> str:
     """Write `data` into the cache under its digest (atomically); the digest. InputError when it is not a LoRA
     or not the file submit staged."""
-    loras.check_header(data[: 8 + 100 * 2**20])
+    loras.check_header(data)
     sha = hashlib.sha256(data).hexdigest()
     if expected and sha != expected:
         raise InputError(f"{ref}: its content changed since submit (sha256 {sha[:12]}…, expected {expected[:12]}…)")
