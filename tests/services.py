@@ -332,6 +332,32 @@ def cli(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.Com
     )
 
 
+def submit_rejected_row(tmp_path: Path, output: str, webhook: str, env: dict[str, str]) -> str:
+    """Submit a job of one rejected row with a webhook: it ends at once with two events (the row's and the job's),
+    no GPU needed. Returns its id."""
+    manifest = tmp_path / "rejected.jsonl"
+    manifest.write_text('{"prompt": ""}\n')
+    res = cli("submit", str(manifest), "--output", output, "--webhook", webhook, "--skip-invalid", "--json", env=env)
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout)["job_id"]
+
+
+# The params of a tiny generation row, as a manifest row normalizes them (tests that build items by hand).
+TINY_GENERATE_PARAMS = {
+    "negative_prompt": "",
+    "width": 16,
+    "height": 16,
+    "seed": 1,
+    "steps": 1,
+    "guidance_scale": 0.0,
+    "shift": 3.0,
+    "scheduler": "flash_flow",
+    "num_images": 1,
+    "output_format": "png",
+    "output_quality": 90,
+}
+
+
 def fake_hub_snapshot(cache: Path, repo: str, source: Path, *skip: str) -> Path:
     """Lay `source` out as huggingface_hub caches a downloaded repo."""
     repo_dir = cache / f"models--{repo.replace('/', '--')}"

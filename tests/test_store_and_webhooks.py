@@ -7,6 +7,7 @@ import os
 
 import pytest
 from PIL import Image
+from services import TINY_GENERATE_PARAMS
 from standardwebhooks.webhooks import Webhook
 
 from jobs.lifecycle import ItemStatus, JobStatus
@@ -230,19 +231,7 @@ def test_a_request_the_runner_refuses_fails_its_item_as_a_model_error_and_the_wo
                 raise ValueError("requests denoised together must share one batch key")
             return RunOutput([Image.new("RGB", (16, 16))], request.seed, 0.01)
 
-    params = {
-        "negative_prompt": "",
-        "width": 16,
-        "height": 16,
-        "seed": 1,
-        "steps": 1,
-        "guidance_scale": 0.0,
-        "shift": 3.0,
-        "scheduler": "flash_flow",
-        "num_images": 1,
-        "output_format": "png",
-        "output_quality": 90,
-    }
+    params = TINY_GENERATE_PARAMS
     store, objects = MemoryStore(), LocalStore(str(tmp_path))
     store.create_job(_job("j-model", 2).model_copy(update={"output": str(tmp_path)}))
     store.add_items(

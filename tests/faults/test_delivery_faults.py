@@ -9,7 +9,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from services import cli, service_env, wait_until
+from services import cli, service_env, submit_rejected_row, wait_until
 
 from jobs.errors import InputError
 from jobs.netguard import Policy, fetch
@@ -27,20 +27,7 @@ def test_webhooks_survive_500_429_and_a_receiver_that_is_down(
     receiver.script = [500, 429, 503]
     io = start_worker("worker", "--io")
     io.wait_ready()
-    manifest = tmp_path / "bad.jsonl"
-    manifest.write_text('{"prompt": ""}\n')  # one rejected row: the job ends at once, no GPU needed
-    res = cli(
-        "submit",
-        str(manifest),
-        "--output",
-        f"s3://{bucket}/w",
-        "--webhook",
-        receiver.url,
-        "--skip-invalid",
-        "--json",
-        env=env,
-    )
-    job_id = json.loads(res.stdout)["job_id"]
+    job_id = submit_rejected_row(tmp_path, f"s3://{bucket}/w", receiver.url, env)  # ends at once: two events
     wait_until(lambda: len(receiver.delivered()) == 2, 60, what="both events delivered")
     time.sleep(1)
     assert [r["code"] for r in receiver.requests] == [500, 429, 503, 200, 200]
@@ -167,20 +154,7 @@ def test_an_event_whose_message_was_lost_before_any_attempt_is_listed_and_redeli
 
     env = service_env(redis_server.url, s3_endpoint, tiny_dir)
     start_worker("worker", "--io").wait_ready()
-    manifest = tmp_path / "lost.jsonl"
-    manifest.write_text('{"prompt": ""}\n')  # one rejected row: the job ends at once, with two events
-    res = cli(
-        "submit",
-        str(manifest),
-        "--output",
-        f"s3://{bucket}/l",
-        "--webhook",
-        receiver.url,
-        "--skip-invalid",
-        "--json",
-        env=env,
-    )
-    job_id = json.loads(res.stdout)["job_id"]
+    job_id = submit_rejected_row(tmp_path, f"s3://{bucket}/l", receiver.url, env)  # ends at once: two events
     wait_until(lambda: len(receiver.delivered()) == 2, 60, 0.2, what="both events delivered")
     store = RedisStore.from_url(redis_server.url)
     lost = f"evt_{job_id}_failed"  # as if the job event's message had vanished before its first attempt:

@@ -9,7 +9,7 @@ import uuid
 
 import pytest
 from ledger import check_ledger
-from services import cli, s3_client, service_env, wait_until
+from services import TINY_GENERATE_PARAMS, cli, s3_client, service_env, wait_until
 
 from jobs.store import RedisStore
 
@@ -243,19 +243,7 @@ def test_cancel_records_queued_items_before_they_move_so_a_rebuild_keeps_them_ca
         def generate(self, request, on_step=None):
             return RunOutput([Image.new("RGB", (16, 16))], request.seed, 0.01)
 
-    params = {
-        "negative_prompt": "",
-        "width": 16,
-        "height": 16,
-        "seed": 1,
-        "steps": 1,
-        "guidance_scale": 0.0,
-        "shift": 3.0,
-        "scheduler": "flash_flow",
-        "num_images": 1,
-        "output_format": "png",
-        "output_quality": 90,
-    }
+    params = TINY_GENERATE_PARAMS
     job = JobRecord(job_id=job_id, model="i1-fast", output=str(out), total=3, created_at=at, updated_at=at)
     items = [
         ItemRecord(

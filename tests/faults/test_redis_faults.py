@@ -12,7 +12,7 @@ import time
 
 import pytest
 from ledger import check_ledger
-from services import ROOT, RedisServer, cli, s3_client, service_env, wait_until
+from services import ROOT, RedisServer, cli, s3_client, service_env, submit_rejected_row, wait_until
 
 from jobs import broker, keys
 from jobs.models import JobSpec
@@ -198,20 +198,7 @@ def test_an_io_worker_whose_consumer_dies_on_a_broker_error_restarts_itself_and_
     wait_until(lambda: "restarting it in place" in io.log.read_text(), 120, 0.2, what="the worker to say so")
     io.wait_ready()
     env = service_env(redis_server.url, s3_endpoint, tiny_dir)
-    path = tmp_path / "bad.jsonl"
-    path.write_text('{"prompt": ""}\n')  # one rejected row: the job ends at once, no GPU needed
-    res = cli(
-        "submit",
-        str(path),
-        "--output",
-        f"s3://{bucket}/x",
-        "--webhook",
-        receiver.url,
-        "--skip-invalid",
-        "--json",
-        env=env,
-    )
-    job_id = json.loads(res.stdout)["job_id"]
+    job_id = submit_rejected_row(tmp_path, f"s3://{bucket}/x", receiver.url, env)  # ends at once: two events
     store = RedisStore.from_url(redis_server.url)
     wait_end(store, job_id, 120)
     wait_until(lambda: len(receiver.delivered()) == 2, 60, 0.2, what="both events delivered")
