@@ -20,18 +20,13 @@ from typing import Annotated
 
 import typer
 from rich.console import Console, Group
-from rich.live import Live
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-from rich.table import Table
 from rich.text import Text
 
-from jobs import export, keys, lifecycle, pace, records, store
-from jobs.control import cancel_job, resume_job, retry_job
+from jobs import keys, lifecycle, pace, records, store
 from jobs.errors import ConfigError, DreambatchError, InputError, JobNotFound
 from jobs.inputs import ImageChecks
 from jobs.lifecycle import ItemStatus, JobStatus
 from jobs.manifest import input_policy, parse_sets, validate_manifest
-from jobs.metrics import no_worker_warning, overview
 from jobs.models import (
     DEFAULT_WEBHOOK_EVENTS,
     MODELS,
@@ -42,9 +37,6 @@ from jobs.models import (
     parse_webhook_events,
 )
 from jobs.presets import job_defaults
-from jobs.reconcile import reconcile as reconcile_job
-from jobs.retention import purge as purge_job
-from jobs.retention import purged_job, purged_message
 from jobs.services import get_services
 from jobs.settings import get_settings
 from jobs.storage import check_location
@@ -223,6 +215,8 @@ def submit(
     remote_checks: RemoteChecksOpt = None,
 ) -> None:
     """Validate MANIFEST and queue one task per row; prints the job id."""
+    from jobs.metrics import no_worker_warning
+
     settings = get_settings()
     output = output or settings.output
     if not output or not output.startswith("s3://"):
@@ -283,6 +277,8 @@ def reconcile(
 ) -> None:
     """Rebuild JOB_ID's live state from its durable record (after Redis lost its data) and re-queue
     exactly the items that have no result."""
+    from jobs.reconcile import reconcile as reconcile_job
+
     settings = get_settings()
     output = output or settings.output
     if not output or not output.startswith("s3://"):
@@ -331,6 +327,8 @@ def purge(
 ) -> None:
     """Remove JOB_ID's live state from Redis now (its durable record stays, and `status`/`results` read it);
     --outputs deletes its outputs and record as well. A job that has not ended needs --force."""
+    from jobs.retention import purge as purge_job
+
     try:
         report = purge_job(get_services(), job_id, output=output, outputs=outputs, force=force)
     except DreambatchError as exc:
@@ -345,6 +343,8 @@ def purge(
 def cancel(job_id: str, json_: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Cancel JOB_ID: queued items end cancelled now, running ones stop at their next step; outputs
     already written are kept. The job ends `cancelled` (with its webhook) when its running items stop."""
+    from jobs.control import cancel_job
+
     try:
         job = cancel_job(get_services(), job_id)
     except DreambatchError as exc:
@@ -371,6 +371,8 @@ def _requeued(job_id: str, ids: list[str], what: str, json_: bool) -> None:
 def retry(job_id: str, json_: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Re-queue only JOB_ID's failed items, in the same job (same ids and manifest lines); the job runs
     again and ends once more. Rows rejected at submit are not retried."""
+    from jobs.control import retry_job
+
     try:
         ids = retry_job(get_services(), job_id)
     except DreambatchError as exc:
@@ -385,6 +387,8 @@ def resume(
 ) -> None:
     """Re-queue JOB_ID's items that have no result (after an outage lost their messages); nothing that
     ended runs again."""
+    from jobs.control import resume_job
+
     try:
         if output:
             check_location(output, get_settings())
@@ -395,6 +399,10 @@ def resume(
 
 
 def _top_tables(view) -> Group:
+    from rich.table import Table
+
+    from jobs.metrics import no_worker_warning
+
     now = view.at
     queues = Table("queue", *keys.PRIORITIES, "waiting", title="queues", title_justify="left")
     for queue, by_pri in view.queues.items():
@@ -450,6 +458,10 @@ def top(
     interval: Annotated[float, typer.Option(help="seconds between refreshes")] = 1.0,
 ) -> None:
     """Queues (waiting items per model and priority), live workers (heartbeats) and unfinished jobs."""
+    from rich.live import Live
+
+    from jobs.metrics import overview
+
     store = get_services().store
     if json_:
         print(json.dumps(overview(store).as_dict()))
@@ -496,6 +508,8 @@ def webhooks(job_id: str, redeliver: Annotated[bool, typer.Option(help="send eve
 
 def _load_job(job_id: str) -> JobRecord:
     """The job's live state; for a job whose live state was purged, its durable record (or why there is none)."""
+    from jobs.retention import purged_job
+
     job = get_services().store.get_job(job_id)
     if job is None:
         return purged_job(get_services(), job_id)
@@ -524,6 +538,8 @@ def _status_object(job: JobRecord, steps: dict[str, tuple[int, int]] | None = No
 def _watch(job_id: str, quiet: bool = False, interval: float = 0.5) -> JobRecord:
     """A live bar until the job ends: ended/total, failed, the rate and ETA of what ended while watching
     (jobs.pace.Meter) and the running items' denoising steps."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
     columns = [
         TextColumn("{task.description}", markup=False),
         BarColumn(),
@@ -564,6 +580,8 @@ def _watch(job_id: str, quiet: bool = False, interval: float = 0.5) -> JobRecord
 
 
 def _unserved(job: JobRecord) -> str | None:
+    from jobs.metrics import no_worker_warning
+
     return no_worker_warning(get_services().store.workers(), job.model)
 
 
@@ -573,6 +591,8 @@ def status(
     json_: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Show a job's status and counts (`--watch`: a live progress bar until it ends)."""
+    from jobs.retention import purged_message
+
     try:
         job = _watch(job_id) if watch else _load_job(job_id)
         steps = {} if job.finished_at else get_services().store.running_steps(job_id)
@@ -613,6 +633,8 @@ def status(
 
 def results(job_id: str, format_: Annotated[str, typer.Option("--format", help="jsonl or csv")] = "jsonl") -> None:
     """Print a job's results, one line per manifest row (live state while it runs)."""
+    from jobs import export
+
     if format_ not in ("jsonl", "csv"):
         raise fail(f"--format: expected jsonl or csv (got {format_!r})", 2)
     try:

@@ -33,7 +33,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -75,14 +75,29 @@ def mark_ended(store: ObjectStore, job_id: str) -> None:
     store.delete(keys.S3_OPEN_JOB.format(prefix="", job_id=job_id))
 
 
+def side_by_side(*writes: Callable[[], object]) -> None:
+    """Do `writes` (each a round trip to object storage) at once, returning when every one has; the first
+    error raised goes up once all have ended."""
+    with ThreadPoolExecutor(len(writes) - 1, thread_name_prefix="records") as pool:
+        others = [pool.submit(write) for write in writes[1:]]
+        try:
+            writes[0]()
+        finally:
+            for other in others:
+                other.result()
+
+
+def open_job(store: ObjectStore, job: JobRecord) -> None:
+    """A committed job's job.json (no longer submitting) and its _open marker, side by side. Either order is
+    safe: a marker whose job.json still says submitting is passed over, as a job.json without a marker is."""
+    side_by_side(lambda: write_job_spec(store, job), lambda: mark_open(store, job))
+
+
 def close_job(store: ObjectStore, job: JobRecord) -> None:
     """A finished job's final job.json and its _open marker's removal, side by side: one round trip on the
     finalizer's path to the job's webhook, not two. Either order is safe: results.jsonl, written before the
     job finished, is what reconcile reads a job's end from; a marker left behind is swept as ended."""
-    with ThreadPoolExecutor(1, thread_name_prefix="close-job") as pool:
-        removed = pool.submit(mark_ended, store, job.job_id)
-        write_job_spec(store, job)
-        removed.result()
+    side_by_side(lambda: write_job_spec(store, job), lambda: mark_ended(store, job.job_id))
 
 
 def open_jobs(store: ObjectStore) -> list[str]:

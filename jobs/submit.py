@@ -17,6 +17,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -277,34 +278,36 @@ def create_job(
     )
     store.create_job(job)
     rejected_items: list[ItemRecord] = []
-    try:
-        queued, rejected = _fan_out(
-            manifest,
-            job,
-            policy,
-            store,
-            objects,
-            lambda ids: services.publish(job, ids),
-            settings.celery.publish_batch,
-            settings.redis_retry_s,
-            rejected_items,
-            checks,
-        )
-        # 4. commit: the durable record first, then the live flag that lets workers start
-        records.write_job_spec(objects, job)
-        store.commit_job(job.job_id)
-    except BaseException as exc:
-        _abort(store, objects, job.job_id)
-        if isinstance(exc, Exception) and not isinstance(exc, (InputError, KeyboardInterrupt)):
-            raise SubmitFailed(
-                f"job {job.job_id}: {type(exc).__name__}: {exc}; nothing was queued "
-                f"(anything already published is discarded by the workers)"
-            ) from exc
-        raise
+    with ThreadPoolExecutor(1, thread_name_prefix="job-record") as pool:
+        # the durable record (job.json, still submitting) is written while the rows fan out
+        spec_written = pool.submit(records.write_job_spec, objects, job.model_copy(deep=True))
+        try:
+            queued, rejected = _fan_out(
+                manifest,
+                job,
+                policy,
+                store,
+                objects,
+                lambda ids: services.publish(job, ids),
+                settings.celery.publish_batch,
+                settings.redis_retry_s,
+                rejected_items,
+                checks,
+            )
+            # 4. commit: the durable record first, then the live flag that lets workers start
+            spec_written.result()
+            store.commit_job(job.job_id)
+        except BaseException as exc:
+            _abort(store, objects, job.job_id)
+            if isinstance(exc, Exception) and not isinstance(exc, (InputError, KeyboardInterrupt)):
+                raise SubmitFailed(
+                    f"job {job.job_id}: {type(exc).__name__}: {exc}; nothing was queued "
+                    f"(anything already published is discarded by the workers)"
+                ) from exc
+            raise
     job.submitting = False
     try:
-        records.write_job_spec(objects, job)
-        records.mark_open(objects, job)
+        records.open_job(objects, job)
     except DreambatchError as exc:  # the job runs; only reconcile-after-Redis-loss is off for it
         log.warning("job %s is queued, but its durable record could not be completed: %s", job.job_id, exc)
     if rejected_items and job.wants("item"):  # their terminal-state webhooks, once the job is real

@@ -11,7 +11,6 @@ from typing import Annotated, Any
 
 import typer
 
-from jobs.catalog.run import run_schedule
 from jobs.catalog.schedules import get_schedule, load_schedules
 from jobs.cli import SetOpt, err, fail, out
 from jobs.errors import DreambatchError
@@ -122,6 +121,8 @@ def run_now(
     json_: JsonOpt = False,
 ) -> None:
     """Run schedule NAME now: scan its source and queue only new or changed images (`--dry-run`: just show)."""
+    from jobs.catalog.run import run_schedule
+
     settings = get_settings()
     try:
         schedule = get_schedule(settings, name)
