@@ -341,8 +341,14 @@ def run_setting(args, systems: dict, proxy: Proxy, redis_client, s3, receiver: R
 
 
 def phase_text(p: dict) -> str:
+    first = p["to_first_model_s"]  # (negative: the workers began before the submit command had exited)
+    to_first = (
+        f"then {first:.2f} s to the first model call"
+        if first >= 0
+        else f"the first model call {-first:.2f} s before its end"
+    )
     return (
-        f"submit command {p['submit_s']:.2f} s, then {p['to_first_model_s']:.2f} s to the first model call, "
+        f"submit command {p['submit_s']:.2f} s, {to_first}, "
         f"model busy {p['model_busy']:.0%} from first call to last, {p['after_last_model_s']:.2f} s after it; "
         f"one model call {p['model_call_s'] * 1000:.0f} ms (A's call + PNG encode: {p['a_model_call_s'] * 1000:.0f} ms)"
     )
