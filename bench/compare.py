@@ -1,26 +1,31 @@
 """dreambatch against what a user would write instead, side by side on the same model, Redis, S3 and rows:
 
-    A  a plain diffusers loop: render, encode the PNG, put it to S3 (boto3), one row after another
-    B  a minimal Celery app: one task per row, the model loaded once, render, encode, put, webhook
-       (bench/minimal_celery.py, thread pool of 3 as dreambatch's default item threads)
+    A  a plain diffusers loop: render (an edit: get the input from S3 with boto3, edit it), encode the PNG,
+       put it to S3 (boto3), one row after another
+    B  a minimal Celery app: one task per row, the model loaded once, render (or get + edit), encode, put,
+       webhook (bench/minimal_celery.py, thread pool of 3 as dreambatch's default item threads)
     C  dreambatch: `dreambatch submit` (its own start-up counted) → a GPU worker and an I/O worker → outputs,
        results.jsonl and webhooks
 
     python bench/compare.py                       # i1-fast, loopback S3 and +60 ms per S3 request
     python bench/compare.py --items 16 --rounds 5 --delay-ms 0,60
+    python bench/compare.py --model e1-1          # edits: E1.1 on small inputs in S3
 
-Every run of every round uses fresh rows (prompt, seed); A, B and C run them in turn, the order rotating
-each round. All S3 requests go through a loopback proxy that holds each one `--delay-ms` (a remote S3's
-round trip). A run is timed from its first row sent (C: the submit command's start) to its last output
-stored (A), its last webhook received (B), or its last item webhook and the job's webhook received (C).
-Figures are medians of the per-round ratios; the outputs of A, B and C are compared byte for byte. Prints
-a markdown table for docs/benchmarks.md; never asserts. Starts its own redis-server, moto S3 server
-(its own process), webhook receiver and worker processes; A runs in a process of its own as well.
+Every run of every round uses fresh rows (prompt, seed; an edit: input, instruction, seed); A, B and C run
+them in turn, the order rotating each round. Edit rows name one of a few input images the bench puts to
+s3://compare/inputs/ once, at the tiny E1.1's canvas size (64 x 64), so fitting them is the identity.
+All S3 requests go through a loopback proxy that holds each one `--delay-ms` (a remote S3's round trip). A run
+is timed from its first row sent (C: the submit command's start) to its last output stored (A), its last
+webhook received (B), or its last item webhook and the job's webhook received (C). Figures are medians of the
+per-round ratios; the outputs of A, B and C are compared byte for byte. Prints a markdown table for
+docs/benchmarks.md; never asserts. Starts its own redis-server, moto S3 server (its own process), webhook
+receiver and worker processes; A runs in a process of its own as well.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import statistics
@@ -47,8 +52,12 @@ from services import (  # noqa: E402
     wait_until,
 )
 
+from jobs.models import MODELS  # noqa: E402
+
 BUCKET = "compare"
 SYSTEMS = ("A", "B", "C")
+INPUTS = 3  # edit input images, used in turn by the rows
+INPUT_SIDE = 64  # px: the tiny E1.1's canvas for a square input (its pixel budget, 64²)
 
 
 class Proxy:
@@ -71,11 +80,35 @@ class Proxy:
         self.proxy.close()
 
 
-def rows_for(round_no: int, n: int) -> list[dict]:
+def rows_for(model: str, round_no: int, n: int) -> list[dict]:
+    if MODELS[model].kind == "edit":
+        return [
+            {
+                "id": f"r{i}",
+                "image": f"s3://{BUCKET}/inputs/{i % INPUTS}.png",
+                "instruction": f"make the background light grey, take {round_no}.{i}",
+                "seed": 1000 * round_no + i,
+            }
+            for i in range(n)
+        ]
     return [
         {"id": f"r{i}", "prompt": f"a product photo, take {round_no}.{i}", "seed": 1000 * round_no + i}
         for i in range(n)
     ]
+
+
+def input_png(n: int) -> bytes:
+    """Edit input `n`: a colour gradient with a dark square whose place depends on `n`, INPUT_SIDE square."""
+    from PIL import Image
+
+    side = INPUT_SIDE
+    image = Image.new("RGB", (side, side))
+    image.putdata([(4 * x, 4 * y, 255 - 4 * x) for y in range(side) for x in range(side)])
+    corner = side // 8 * (1 + n % 4)
+    image.paste((20, 20, 20), (corner, corner // 2, corner + side // 4, corner // 2 + side // 4))
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return buf.getvalue()
 
 
 # --- A: the plain loop, in a process of its own (`compare.py plain`) ---------------------------------
@@ -84,16 +117,21 @@ def plain_main(model: str) -> None:
     {wall_s} on stdout."""
     import boto3
 
-    from bench.minimal_celery import PlainModel
+    from bench.minimal_celery import PlainEditModel, PlainModel, get_input
 
-    plain, s3 = PlainModel(model), boto3.client("s3")
+    editing = MODELS[model].kind == "edit"
+    plain, s3 = (PlainEditModel(model) if editing else PlainModel(model)), boto3.client("s3")
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         ask = json.loads(line)
         started, model_s = time.perf_counter(), 0.0
         for row in ask["rows"]:
+            source = get_input(s3, row["image"]) if editing else b""
             t0 = time.perf_counter()
-            data = plain.render(row["prompt"], row["seed"])
+            if isinstance(plain, PlainEditModel):
+                data = plain.edit(source, row["instruction"], row["seed"])  # (decode, fit, edit, unfit)
+            else:
+                data = plain.render(row["prompt"], row["seed"])
             model_s += time.perf_counter() - t0  # (the model call and the PNG encode)
             s3.put_object(Bucket=BUCKET, Key=f"{ask['prefix']}{row['id']}.png", Body=data, ContentType="image/png")
         wall = time.perf_counter() - started
@@ -168,11 +206,12 @@ class MinimalCelery:
         started = time.perf_counter()
         with self.app.producer_or_acquire() as producer:
             for row in rows:
-                self.app.send_task(
-                    "minimal.render",
-                    args=[row["prompt"], row["seed"], BUCKET, f"{prefix}{row['id']}.png", webhook],
-                    producer=producer,
-                )
+                out = [BUCKET, f"{prefix}{row['id']}.png", webhook]
+                if "image" in row:
+                    task, args = "minimal.edit", [row["image"], row["instruction"], row["seed"], *out]
+                else:
+                    task, args = "minimal.render", [row["prompt"], row["seed"], *out]
+                self.app.send_task(task, args=args, producer=producer)
         wait_until(lambda: len(events(receiver, prefix)) >= len(rows), 900, 0.005, what="minimal celery run")
         return time.perf_counter() - started
 
@@ -262,7 +301,7 @@ def run_setting(args, systems: dict, proxy: Proxy, redis_client, s3, receiver: R
     phases: list[dict] = []
     for round_no in range(args.rounds + 1):  # round 0 warms every process up; not counted
         tag = f"{int(delay_ms)}ms-{round_no}"
-        rows = rows_for(round_no + 100 * int(delay_ms), args.items)
+        rows = rows_for(args.model, round_no + 100 * int(delay_ms), args.items)
         order = SYSTEMS[round_no % 3 :] + SYSTEMS[: round_no % 3]
         made = {}
         for name in order:
@@ -302,8 +341,14 @@ def run_setting(args, systems: dict, proxy: Proxy, redis_client, s3, receiver: R
 
 
 def phase_text(p: dict) -> str:
+    first = p["to_first_model_s"]  # (negative: the workers began before the submit command had exited)
+    to_first = (
+        f"then {first:.2f} s to the first model call"
+        if first >= 0
+        else f"the first model call {-first:.2f} s before its end"
+    )
     return (
-        f"submit command {p['submit_s']:.2f} s, then {p['to_first_model_s']:.2f} s to the first model call, "
+        f"submit command {p['submit_s']:.2f} s, {to_first}, "
         f"model busy {p['model_busy']:.0%} from first call to last, {p['after_last_model_s']:.2f} s after it; "
         f"one model call {p['model_call_s'] * 1000:.0f} ms (A's call + PNG encode: {p['a_model_call_s'] * 1000:.0f} ms)"
     )
@@ -312,8 +357,9 @@ def phase_text(p: dict) -> str:
 def summarize(model: str, delay_ms: float, run: dict, items: int) -> dict:
     walls = run["walls"]
     per_round = list(zip(walls["A"], walls["B"], walls["C"], strict=True))
+    kind = " edits" if MODELS[model].kind == "edit" else ""
     return {
-        "label": f"{model}, {'loopback S3' if not delay_ms else f'+{delay_ms:.0f} ms per S3 request'}",
+        "label": f"{model}{kind}, {'loopback S3' if not delay_ms else f'+{delay_ms:.0f} ms per S3 request'}",
         "rate": {n: items / statistics.median(walls[n]) for n in SYSTEMS},
         "c_over_a": statistics.median(a / c for a, _, c in per_round),
         "c_over_b": statistics.median(b / c for _, b, c in per_round),
@@ -346,7 +392,12 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="i1-fast", help="a generation model (tiny weights)")
+    ap.add_argument(
+        "--model",
+        default="i1-fast",
+        choices=[name for name, spec in MODELS.items() if spec.kind == "generate"] + ["e1-1"],
+        help="a generation model, or e1-1 for edits of the bench's inputs in S3 (tiny weights)",
+    )
     ap.add_argument("--items", type=int, default=12, help="rows per run")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds per setting (after one warm-up)")
     ap.add_argument(
@@ -376,6 +427,8 @@ def main() -> None:
         os.environ.update(S3_ENV)
         direct = s3_client(endpoint)
         direct.create_bucket(Bucket=BUCKET)
+        for n in range(INPUTS if MODELS[args.model].kind == "edit" else 0):
+            direct.put_object(Bucket=BUCKET, Key=f"inputs/{n}.png", Body=input_png(n), ContentType="image/png")
         tiny = Path(os.environ.get("DREAMBATCH_TINY_DIR") or tmp / "tiny")
         env = service_env(redis_server.url, proxy.url, tiny, OMP_NUM_THREADS=str(args.model_threads))
         for name in [k for k in env if k.startswith(("DREAMBATCH_CELERY__", "DREAMBATCH_WEBHOOKS__"))]:

@@ -1,10 +1,14 @@
 """B of bench/compare.py: the Celery app a user writes instead of dreambatch. One task per row; the model
-loaded once per worker process; render, encode the PNG, put it to S3 with boto3, POST a webhook with httpx.
+loaded once per worker process; render (or fetch the input from S3 with boto3 and edit it), encode the PNG,
+put it to S3 with boto3, POST a webhook with httpx.
 
-    celery -A bench.minimal_celery worker -P threads -c 3
+    celery -A bench.minimal_celery worker -P threads -c 3                        # minimal.render (i1-*)
+    MINIMAL_MODEL=e1-1 celery -A bench.minimal_celery worker -P threads -c 3     # minimal.edit
 
-`PlainModel` is also A's loop (bench/compare.py): diffusers' HiDreamImagePipeline called as its docs show,
-with the seeding and render area dreambatch uses, so the three make the same bytes.
+`PlainModel` and `PlainEditModel` are also A's loop (bench/compare.py): a generation model's diffusers
+HiDreamImagePipeline called as its docs show, an edit model's pipeline called as HiDream's published E1
+script calls its own, with the seeding, render area and canvas dreambatch uses, so the three make the same
+bytes.
 """
 
 from __future__ import annotations
@@ -63,12 +67,71 @@ class PlainModel:
                 guidance_scale=self.defaults["guidance_scale"],
                 generator=generator,
             ).images[0]
-        buf = io.BytesIO()
-        image.save(buf, "PNG", compress_level=6)
-        return buf.getvalue()
+        return png(image)
 
 
-_model: PlainModel | None = None
+class PlainEditModel:
+    """An E1 model as a user runs HiDream's published E1 script, one row at a time.
+
+    diffusers ships no E1 pipeline, so the pipeline is dreambatch's `HiDreamE1Pipeline` (written from
+    HiDream's published method), loaded the one way it can be: through dreambatch's runner
+    (`HiDreamE1Runner.load`: the E1 transformer on the I1 components, the token budget), with the prompt
+    cache off, as a script encodes every text on every call. It is then called with the script's arguments:
+    the model's published defaults, the instruction as the prompt (the refine steps on it too: there is no
+    target description), a generator seeded per row. The input is fitted to the model's canvas and the
+    result brought back to the input's size as dreambatch does by default (worker/geometry.py, "pad"; the
+    identity for an input already at the canvas size)."""
+
+    def __init__(self, model: str = "e1-1"):
+        import torch
+
+        from jobs.models import MODELS
+        from jobs.settings import RunnerSettings
+        from worker.runners.hidream_e1 import HiDreamE1Runner
+
+        self.torch = torch
+        self.defaults = MODELS[model].defaults
+        self.runner = HiDreamE1Runner(model, "tiny", options=RunnerSettings(prompt_cache_mb=0))
+        self.pipe = self.runner.load()
+        self.lock = threading.Lock()
+
+    def edit(self, data: bytes, instruction: str, seed: int) -> bytes:
+        """The input image's bytes edited by `instruction`, as PNG bytes."""
+        from PIL import Image
+
+        from worker import geometry
+
+        source = Image.open(io.BytesIO(data)).convert("RGB")
+        canvas, box = geometry.fit(source, self.runner.canvas_size(*source.size), "pad")
+        d = self.defaults
+        with self.lock:  # one pipeline, one call at a time (its scheduler holds the call's state)
+            [image] = self.pipe(
+                image=canvas,
+                prompt=instruction,
+                negative_prompt=d["negative_prompt"],
+                steps=d["steps"],
+                guidance_scale=d["guidance_scale"],
+                image_guidance_scale=d["image_guidance_scale"],
+                clip_cfg_norm=d["clip_cfg_norm"],
+                refine_strength=d["refine_strength"],
+                generator=self.torch.Generator("cpu").manual_seed(seed),
+            )
+        return png(geometry.unfit(image, box, source.size))
+
+
+def png(image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, "PNG", compress_level=6)
+    return buf.getvalue()
+
+
+def get_input(s3, uri: str) -> bytes:
+    """The bytes of an s3://bucket/key input."""
+    bucket, key = uri.removeprefix("s3://").split("/", 1)
+    return s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+
+
+_model: PlainModel | PlainEditModel | None = None
 _clients: dict[str, object] = {}
 _load = threading.Lock()
 
@@ -80,7 +143,10 @@ def _resources():
             import boto3
             import httpx
 
-            _model = PlainModel(os.environ.get("MINIMAL_MODEL", "i1-fast"))
+            from jobs.models import MODELS
+
+            name = os.environ.get("MINIMAL_MODEL", "i1-fast")
+            _model = PlainEditModel(name) if MODELS[name].kind == "edit" else PlainModel(name)
             _clients["s3"] = boto3.client("s3")  # (endpoint: AWS_ENDPOINT_URL_S3)
             _clients["http"] = httpx.Client(timeout=30)
     return _model, _clients["s3"], _clients["http"]
@@ -89,6 +155,16 @@ def _resources():
 @app.task(name="minimal.render")
 def render(prompt: str, seed: int, bucket: str, key: str, webhook: str) -> None:
     model, s3, http = _resources()
+    assert isinstance(model, PlainModel), "this worker runs an edit model: send minimal.edit"
     data = model.render(prompt, seed)
+    s3.put_object(Bucket=bucket, Key=key, Body=data, ContentType="image/png")
+    http.post(webhook, json={"key": key, "seed": seed, "status": "completed"}).raise_for_status()
+
+
+@app.task(name="minimal.edit")
+def edit(image: str, instruction: str, seed: int, bucket: str, key: str, webhook: str) -> None:
+    model, s3, http = _resources()
+    assert isinstance(model, PlainEditModel), "this worker runs a generation model: send minimal.render"
+    data = model.edit(get_input(s3, image), instruction, seed)
     s3.put_object(Bucket=bucket, Key=key, Body=data, ContentType="image/png")
     http.post(webhook, json={"key": key, "seed": seed, "status": "completed"}).raise_for_status()

@@ -1,6 +1,7 @@
 """What bench/compare.py and bench/fanout.py rest on, checked fast: the plain loop and the minimal Celery app
-make dreambatch's bytes, fan-out's queue length counts every priority, and the finalizer's closing writes
-(records.close_job) leave the record reconcile reads. Figures live in bench/, not here."""
+make dreambatch's bytes (generations and edits), fan-out's queue length counts every priority, and the
+finalizer's closing writes (records.close_job) leave the record reconcile reads. Figures live in bench/, not
+here."""
 
 from __future__ import annotations
 
@@ -40,6 +41,43 @@ def test_the_plain_loop_makes_the_bytes_dreambatchs_runner_makes(tiny_dir, monke
         )
         assert plain.render(prompt, seed) == imaging.encode(ours.images[0], "png", 90)[0]
     assert plain.render("a red chair", 7) != plain.render("a red chair", 8)
+
+
+def test_the_plain_edit_makes_the_bytes_dreambatchs_edit_runner_makes(tiny_dir, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from bench.compare import input_png
+    from bench.minimal_celery import PlainEditModel
+    from jobs.settings import RunnerSettings
+    from worker import imaging
+    from worker.runners.base import EditRequest
+    from worker.runners.hidream_e1 import HiDreamE1Runner
+
+    plain = PlainEditModel("e1-1")
+    runner = HiDreamE1Runner("e1-1", "tiny", options=RunnerSettings())
+    defaults = plain.defaults
+    data = input_png(1)
+    source = imaging.decode_input(data, max_pixels=10**6)
+    assert runner.canvas_size(*source.size) == source.size  # the bench's inputs need no fitting
+    made = {}
+    for seed in (7, 8):
+        ours = runner.edit(
+            EditRequest(
+                image=source,
+                instruction="make the background light grey",
+                negative_prompt=defaults["negative_prompt"],
+                width=source.width,
+                height=source.height,
+                seed=seed,
+                steps=defaults["steps"],
+                guidance_scale=defaults["guidance_scale"],
+                image_guidance_scale=defaults["image_guidance_scale"],
+                refine_strength=defaults["refine_strength"],
+                clip_cfg_norm=defaults["clip_cfg_norm"],
+            )
+        )
+        made[seed] = plain.edit(data, "make the background light grey", seed)
+        assert made[seed] == imaging.encode(ours.images[0], "png", 90)[0]
+    assert made[7] != made[8]
 
 
 def test_fanout_counts_the_queued_messages_of_every_priority(redis_server):
