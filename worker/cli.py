@@ -11,7 +11,6 @@ import logging
 import os
 import shlex
 import socket
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -32,8 +31,6 @@ from jobs.models import MODELS, JobSpec
 from jobs.presets import job_defaults
 from jobs.settings import RunnerSettings, get_settings
 from jobs.submit import ManifestInvalid
-
-MODEL_SWITCH_INTERVAL = 0.0005  # s; Python's default is 0.005
 
 WeightsOpt = Annotated[
     str | None,
@@ -119,9 +116,6 @@ def worker(
             raise fail(str(exc)) from None
         threads = concurrency or default_threads(model, settings.runner)
         queue, name = keys.gpu_queue(model), f"gpu-{model}"
-        # the model thread waits for the GIL each time one of its kernels returns while an item thread runs
-        # Python (an upload, a record): a shorter switch interval gives it back sooner (docs/speed.md)
-        sys.setswitchinterval(MODEL_SWITCH_INTERVAL)
     register(celery, runtime)
     if metrics_port is not None:
         runtime.metrics.serve(metrics_port)
