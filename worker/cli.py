@@ -7,15 +7,17 @@ need them, in the process that will use them.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import shlex
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 
@@ -440,4 +442,28 @@ def build_app() -> typer.Typer:
 
 
 def main() -> None:
-    build_app()()
+    try:
+        build_app()()
+        code: object = 0
+    except SystemExit as exc:  # (how typer ends every command)
+        code = exc.code
+    _exit_now(code)
+
+
+def _exit_now(code: object) -> NoReturn:
+    """End the process as a normal exit would, less Python's teardown of every module it imported (measured:
+    ~0.35 s of a `submit`, a third of its time): threads joined as at shutdown, atexit handlers, streams
+    flushed, then os._exit with the command's code."""
+    shutdown = getattr(threading, "_shutdown", None)  # what the interpreter's exit calls: joins non-daemon threads
+    if shutdown is not None:
+        shutdown()
+    atexit._run_exitfuncs()
+    if code is not None and not isinstance(code, int):
+        print(code, file=sys.stderr)  # (SystemExit("message"), as the interpreter prints it)
+        code = 1
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more can be said
+            pass
+    os._exit(code or 0)
