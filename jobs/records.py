@@ -93,11 +93,15 @@ def open_job(store: ObjectStore, job: JobRecord) -> None:
     side_by_side(lambda: write_job_spec(store, job), lambda: mark_open(store, job))
 
 
-def close_job(store: ObjectStore, job: JobRecord) -> None:
-    """A finished job's final job.json and its _open marker's removal, side by side: one round trip on the
-    finalizer's path to the job's webhook, not two. Either order is safe: results.jsonl, written before the
-    job finished, is what reconcile reads a job's end from; a marker left behind is swept as ended."""
-    side_by_side(lambda: write_job_spec(store, job), lambda: mark_ended(store, job.job_id))
+def close_job(store: ObjectStore, job: JobRecord, outbox_until: float | None = None) -> None:
+    """A finished job's final job.json, its _open marker's removal and (`outbox_until`) its outbox marker, side
+    by side: one round trip on the finalizer's path to the job's webhook, not three. Any order is safe:
+    results.jsonl, written before the job finished, is what reconcile reads a job's end from; a marker left
+    behind is swept as ended; the events go out only once all three are written."""
+    writes = [lambda: write_job_spec(store, job), lambda: mark_ended(store, job.job_id)]
+    if outbox_until is not None:
+        writes.append(lambda: mark_outbox(store, job.job_id, outbox_until))
+    side_by_side(*writes)
 
 
 def open_jobs(store: ObjectStore) -> list[str]:

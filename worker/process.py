@@ -554,10 +554,11 @@ def finalize_job(ctx: Context, job_id: str) -> str | None:
     if not ctx.store.finish_job(job_id, status, uri, now_iso()):
         return None
     job = ctx.store.get_job(job_id) or job  # (as it ended: finished_at, results_uri)
+    outbox = None
     if job.webhook and not isinstance(ctx.store, MemoryStore):  # (a local run has no Redis to lose)
         # its events may be retried for a while: a Redis loss meanwhile has reconcile send them again
-        records.mark_outbox(ctx.objects(job.output), job_id, time.time() + ctx.settings.webhooks.retry_window)
-    records.close_job(ctx.objects(job.output), job)
+        outbox = time.time() + ctx.settings.webhooks.retry_window
+    records.close_job(ctx.objects(job.output), job, outbox_until=outbox)
     log.info("job %s %s", job_id, status.value, extra={"job_id": job_id, "status": status.value})
     # 4. the review contact sheet, when the job asked for one (before the webhook, so it is there to open)
     if job.review_sheet:
