@@ -12,6 +12,7 @@ import time
 import anyio
 import pytest
 import redis
+from services import RedisServer
 
 from jobs.api.service import Endings, StillRunning, wait_for
 from jobs.lifecycle import JobStatus
@@ -43,29 +44,59 @@ async def _listening(url: str, endings: Endings, tasks) -> None:
             await anyio.sleep(0.01)
 
 
-def test_a_waiter_returns_as_its_job_ends_not_at_its_next_poll(redis_server):
-    svc = Services(Settings(redis_url=redis_server.url))
+async def _woken(url: str, endings: Endings) -> tuple[JobRecord, float]:
+    """Wait for a fresh job that another thread ends 0.3 s in (as a worker does); the job and the seconds from
+    its finish_job to the wait's return."""
+    svc = Services(Settings(redis_url=url))
     job_id = _queued_job(svc)
     ended_at: list[float] = []
 
     def finish_as_a_worker_does() -> None:
         time.sleep(0.3)
         ended_at.append(time.monotonic())
-        RedisStore.from_url(redis_server.url).finish_job(job_id, JobStatus.COMPLETED, None, "2026-12-02T00:00:01+00:00")
+        RedisStore.from_url(url).finish_job(job_id, JobStatus.COMPLETED, None, "2026-12-02T00:00:01+00:00")
 
+    threading.Thread(target=finish_as_a_worker_does, daemon=True).start()
+    job = await wait_for(svc, job_id, timeout=30, interval=LONG_POLL, endings=endings)
+    return job, time.monotonic() - ended_at[0]
+
+
+def test_a_waiter_returns_as_its_job_ends_not_at_its_next_poll(redis_server):
     async def main() -> tuple[JobRecord, float]:
         endings = Endings()
         async with anyio.create_task_group() as tasks:
             await _listening(redis_server.url, endings, tasks)
-            threading.Thread(target=finish_as_a_worker_does, daemon=True).start()
-            job = await wait_for(svc, job_id, timeout=30, interval=LONG_POLL, endings=endings)
-            returned = time.monotonic()
+            found = await _woken(redis_server.url, endings)
             tasks.cancel_scope.cancel()
-        return job, returned
+        return found
 
-    job, returned = anyio.run(main)
+    job, late = anyio.run(main)
     assert job.status == "completed" and job.finished_at == "2026-12-02T00:00:01+00:00"
-    assert returned - ended_at[0] < 0.1  # not the 5 s poll
+    assert late < 0.1  # not the 5 s poll
+
+
+def test_the_listener_hears_job_ends_again_once_a_restarted_redis_answers(tmp_path):
+    server = RedisServer(tmp_path)
+    server.start()
+
+    async def main() -> float:
+        endings = Endings()
+        async with anyio.create_task_group() as tasks:
+            await _listening(server.url, endings, tasks)
+            server.stop()
+            await anyio.sleep(0.5)  # the listener finds Redis gone and retries with backoff
+            server.start()
+            with anyio.fail_after(10):
+                while not redis.Redis.from_url(server.url).pubsub_numpat():
+                    await anyio.sleep(0.05)
+            _, late = await _woken(server.url, endings)
+            tasks.cancel_scope.cancel()
+        return late
+
+    try:
+        assert anyio.run(main) < 0.1
+    finally:
+        server.stop()
 
 
 def test_a_waiter_whose_job_never_ends_still_times_out_with_its_latest_state(redis_server):
