@@ -242,7 +242,16 @@ async def wait_for(
         return await _wait(svc, job_id, timeout, interval, waited, request, where, headers)
 
 
-async def _wait(svc, job_id, timeout, interval, waited: _Waited, request, where, headers) -> JobRecord:
+async def _wait(
+    svc: Services,
+    job_id: str,
+    timeout: float,
+    interval: float,
+    waited: _Waited,
+    request: Any,
+    where: str | None,
+    headers: dict[str, str] | None,
+) -> JobRecord:
     deadline = time.monotonic() + timeout
     grace = 2 * svc.settings.celery.heartbeat
     unserved_since, looked = None, 0.0
