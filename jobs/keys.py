@@ -17,6 +17,7 @@ REDIS_PREFIX = "db"
 JOB = "db:job:{job_id}"  # hash: record (JSON), total, done, n_<status> counters, terminal status
 ITEM = "db:item:{job_id}:{item_id}"  # hash: status, attempts, record (JSON), step; stop: a running item's cancel
 ITEM_LEASE = "db:item:{job_id}:{item_id}:lease"  # string: token of the execution running the item; expires
+JOB_ENDED = "db:ended:{job_id}"  # pub/sub channel: finish_job publishes the terminal status as the job ends
 JOB_ORDER = "db:job:{job_id}:order"  # list: item ids in manifest order
 JOB_EVENTS = "db:job:{job_id}:events"  # set of webhook event ids; list "<key>:<event_id>" = attempts
 JOB_SENT = "db:job:{job_id}:sent"  # set of event ids whose webhook message was published (marked after)

@@ -226,6 +226,38 @@ def say_if_unreachable(url: str, log, who: str, meanwhile: str = "") -> bool:
     return found is None
 
 
+async def listen_for_endings(url: str, ended: Callable[[str], None], log) -> None:
+    """Forever, on one pub/sub connection: `ended(job_id)` for every job `finish_job` ends (keys.JOB_ENDED, any
+    database: a stray id only wakes nobody). While Redis is away it reconnects with backoff and says so once;
+    announcements made meanwhile are lost, so whoever waits on them also polls."""
+    import anyio
+    import redis
+    import redis.asyncio as aioredis
+
+    pattern, start = keys.JOB_ENDED.format(job_id="*"), len(keys.JOB_ENDED.format(job_id=""))
+    delay, said = 0.2, False
+    while True:
+        client = aioredis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=5)
+        try:
+            async with client.pubsub() as pubsub:
+                await pubsub.psubscribe(pattern)
+                delay, said = 0.2, False
+                while True:  # a timeout, not a blocking read: each idle turn PINGs, so a dead link is noticed
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=15.0)
+                    if message is None:
+                        await pubsub.ping()
+                    elif message["type"] == "pmessage":
+                        ended(message["channel"][start:])
+        except (redis.RedisError, OSError) as exc:
+            if not said:
+                log.warning("%s; waiting API requests poll for job ends until it answers", unreachable(url, exc))
+                said = True
+        finally:
+            await client.aclose()
+        await anyio.sleep(delay)
+        delay = min(delay * 2, 5.0)
+
+
 def _retries_for(window: float, cap: float, base: float) -> int:
     """How many exponential-backoff retries (doubling from `base`, at most `cap` apart) span `window` s."""
     n, spent, delay = 0, 0.0, base
@@ -279,6 +311,15 @@ def _item_from(fields: dict[str, str]) -> ItemRecord:
     return item
 
 
+# End a job once per round (the HSETNX of its terminal status), then tell the API's waiters (keys.JOB_ENDED).
+# KEYS: job hash. ARGV: status, finished_at, results_uri, channel.
+_FINISH_JOB = """
+if redis.call('HSETNX', KEYS[1], 'terminal', ARGV[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'finished_at', ARGV[2], 'results_uri', ARGV[3])
+redis.call('PUBLISH', ARGV[4], ARGV[1])
+return 1
+"""
+
 # Take a concurrency slot: drop expired leases, keep (and extend) one this item holds, else take a free one.
 _ACQUIRE_SLOT = """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
@@ -319,6 +360,7 @@ class RedisStore:
         self._execution_swap = client.register_script(_EXECUTION_SWAP)
         self._refund = client.register_script(_REFUND_ATTEMPT)
         self._acquire_slot = client.register_script(_ACQUIRE_SLOT)
+        self._finish_job = client.register_script(_FINISH_JOB)
 
     @classmethod
     def from_url(cls, url: str, retry_s: float = 120.0) -> RedisStore:
@@ -382,11 +424,10 @@ class RedisStore:
         self._refund(keys=[keys.ITEM.format(job_id=job_id, item_id=item_id)])
 
     def finish_job(self, job_id: str, status: JobStatus, results_uri: str | None, at: str) -> bool:
-        key = keys.job_key(job_id)
-        if not self.r.hsetnx(key, "terminal", status.value):
-            return False
-        self.r.hset(key, mapping={"finished_at": at, "results_uri": results_uri or ""})
-        return True
+        """Mark the job ended, once per round (False: it already was), and publish that on keys.JOB_ENDED: one
+        round trip, so its end is announced only once its fields are written."""
+        channel = keys.JOB_ENDED.format(job_id=job_id)
+        return self._finish_job(keys=[keys.job_key(job_id)], args=[status.value, at, results_uri or "", channel]) == 1
 
     def disable_webhook(self, job_id: str) -> None:
         self.r.hset(keys.job_key(job_id), "webhook_disabled", 1)

@@ -402,7 +402,7 @@ class ApiServer:
             host="127.0.0.1",
             port=self.port,
             log_level="warning",
-            lifespan="off",
+            lifespan="on",  # the listener that wakes synchronous waits (jobs.api.app)
             ssl_certfile=tls[0] if tls else None,
             ssl_keyfile=tls[1] if tls else None,
         )

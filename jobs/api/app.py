@@ -12,8 +12,11 @@ line per problem, in the CLI's `line N: field: message (got value)` form.
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Annotated
 
+import anyio
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -33,14 +36,14 @@ from jobs.api import (
     wavespeed_routes,
 )
 from jobs.api.deps import ServicesDep, require
-from jobs.api.service import ApiError
+from jobs.api.service import ApiError, Endings
 from jobs.errors import ConfigError, DreambatchError, InputError, JobNotFound, JobStateError, TransientError
 from jobs.models import ApiKeyRecord
 from jobs.services import Services
 from jobs.settings import Settings
 from jobs.storage import check_location
+from jobs.store import listen_for_endings, redis_errors, say_if_unreachable
 from jobs.store import problem as redis_problem
-from jobs.store import redis_errors, say_if_unreachable
 from jobs.store import unreachable as unreachable_redis
 
 log = logging.getLogger("dreambatch.api")
@@ -61,7 +64,18 @@ def _validation_lines(exc: RequestValidationError) -> list[str]:
 
 
 def create_app(settings: Settings) -> FastAPI:
+    endings = Endings()
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        """One listener for the whole process hears jobs end, so a synchronous route answers as its job ends."""
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(listen_for_endings, settings.redis_url, endings.ended, log)
+            yield
+            tasks.cancel_scope.cancel()
+
     app = FastAPI(
+        lifespan=lifespan,
         title="dreambatch",
         version="1",
         max_body_size=settings.api.max_upload_bytes + 2**20,
@@ -69,6 +83,7 @@ def create_app(settings: Settings) -> FastAPI:
         "their SDKs speak. See docs/api.md.",
     )
     app.state.services = Services(settings)
+    app.state.endings = endings
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError):

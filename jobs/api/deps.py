@@ -13,7 +13,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from jobs.api import auth, keyring, tenancy
-from jobs.api.service import ApiError
+from jobs.api.service import ApiError, Endings
 from jobs.models import ApiKeyRecord
 from jobs.services import Services
 
@@ -25,6 +25,11 @@ def services(request: Request) -> Services:
 
 
 ServicesDep = Annotated[Services, Depends(services)]
+
+
+def endings(request: Request) -> Endings:
+    """Where a synchronous route's wait_for hears its job end (the app's one listener)."""
+    return request.app.state.endings
 
 
 def require(scope: str):

@@ -34,7 +34,7 @@ from starlette.convertors import Convertor, register_url_convertor
 
 from jobs import control, keys
 from jobs.api import retries, schemas, shapes, tenancy, uploads
-from jobs.api.deps import ServicesDep, require
+from jobs.api.deps import ServicesDep, endings, require
 from jobs.api.service import (
     ApiError,
     Services,
@@ -335,7 +335,7 @@ async def run(
     model, job_id = await _create(svc, request, key, namespace, name, body, None, idempotency_key)
     urls = _urls(request, svc, namespace, name, job_id)
     wait = retries.wait_budget(svc.settings.api.wait_timeout, retries.Attempt.of(request))
-    await wait_for(svc, job_id, wait, request=request, where=f"GET {urls['status_url']}")
+    await wait_for(svc, job_id, wait, request=request, endings=endings(request), where=f"GET {urls['status_url']}")
     return await anyio.to_thread.run_sync(_result, svc, key, model, job_id, str(request.base_url))
 
 

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from jobs import control
 from jobs.api import retries, shapes, tenancy, uploads
-from jobs.api.deps import ServicesDep, require
+from jobs.api.deps import ServicesDep, endings, require
 from jobs.api.service import ApiError, Services, Upload, fingerprint, image_url, submit_rows
 from jobs.errors import InputError, JobStateError
 from jobs.models import MODELS, ApiKeyRecord, JobRecord, JobSpec
@@ -229,26 +229,29 @@ def cancel_task(task_id: TaskId, request: Request, svc: ServicesDep, key: Images
 async def stream_task(task_id: TaskId, request: Request, svc: ServicesDep, key: Images) -> StreamingResponse:
     """NDJSON task updates. A status never goes back; the unchanged state is sent again every 20 s and a heartbeat
     line every 15 s, so the SDK neither times out nor gives up on a task that waits in a long queue."""
-    base_url = str(request.base_url)
+    base_url, ends = str(request.base_url), endings(request)
     await anyio.to_thread.run_sync(_job, svc, key, task_id)
 
     async def lines():
         highest, last, sent, beat = TaskStatus.UNKNOWN, None, 0.0, time.monotonic()
-        while True:
-            task = await anyio.to_thread.run_sync(task_of, svc, key, task_id, base_url)
-            highest = max(highest, TaskStatus(task["status"]))
-            task["status"], task["status_text"] = int(highest), highest.name.lower()
-            state = (task["status"], task["progress"], task["output"] is not None)
-            now = time.monotonic()
-            if state != last or now - sent >= REPEAT_EVERY:
-                last, sent, beat = state, now, now
-                yield json.dumps(task) + "\n"
-            elif now - beat >= HEARTBEAT_EVERY:
-                beat = now
-                yield json.dumps({"type": "heartbeat"}) + "\n"
-            if highest in inferencesh.TERMINAL:
-                return
-            await anyio.sleep(0.25)
+        with ends.watch(task_id) as waited:  # its end is the stream's last line: sent as it is heard (wait_for)
+            while True:
+                ended = waited.event
+                task = await anyio.to_thread.run_sync(task_of, svc, key, task_id, base_url)
+                highest = max(highest, TaskStatus(task["status"]))
+                task["status"], task["status_text"] = int(highest), highest.name.lower()
+                state = (task["status"], task["progress"], task["output"] is not None)
+                now = time.monotonic()
+                if state != last or now - sent >= REPEAT_EVERY:
+                    last, sent, beat = state, now, now
+                    yield json.dumps(task) + "\n"
+                elif now - beat >= HEARTBEAT_EVERY:
+                    beat = now
+                    yield json.dumps({"type": "heartbeat"}) + "\n"
+                if highest in inferencesh.TERMINAL:
+                    return
+                with anyio.move_on_after(0.25):
+                    await ended.wait()
 
     return StreamingResponse(
         lines(), media_type="application/x-ndjson", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}

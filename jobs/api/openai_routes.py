@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from jobs import formats
 from jobs.api import retries, schemas, shapes, tenancy
-from jobs.api.deps import ServicesDep, require
+from jobs.api.deps import ServicesDep, endings, require
 from jobs.api.service import (
     ApiError,
     Services,
@@ -138,6 +138,7 @@ async def run_images(
         job_id,
         wait,
         request=request,
+        endings=endings(request),
         headers=RETRY_INTO_THE_SAME_JOB,
         where=f"GET /v1/jobs/{job_id}; a retry of this request waits for the same job",
     )

@@ -14,6 +14,9 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -188,6 +191,38 @@ class StillRunning(ApiError):
         self.job = job
 
 
+@dataclass
+class _Waited:
+    waiters: int = 0
+    event: anyio.Event = field(default_factory=anyio.Event)  # set (and replaced) when the job's end is heard
+
+
+class Endings:
+    """The jobs this API process waits for, each with an event that the app's one listener
+    (jobs.store.listen_for_endings, started with the app) sets as finish_job announces the job's end. Both run
+    on the app's event loop."""
+
+    def __init__(self) -> None:
+        self._waited: dict[str, _Waited] = {}
+
+    @contextmanager
+    def watch(self, job_id: str) -> Iterator[_Waited]:
+        waited = self._waited.setdefault(job_id, _Waited())
+        waited.waiters += 1
+        try:
+            yield waited
+        finally:
+            waited.waiters -= 1
+            if not waited.waiters:
+                del self._waited[job_id]
+
+    def ended(self, job_id: str) -> None:
+        waited = self._waited.get(job_id)
+        if waited is not None:
+            waited.event.set()
+            waited.event = anyio.Event()  # for a job ended again after `retry JOB`
+
+
 async def wait_for(
     svc: Services,
     job_id: str,
@@ -197,14 +232,31 @@ async def wait_for(
     request=None,
     where: str | None = None,
     headers: dict[str, str] | None = None,
+    endings: Endings | None = None,
 ) -> JobRecord:
     """The job once it has ended; StillRunning (a 504, code `timeout`) when it has not within `timeout` s or
     the client of `request` went away, and 503 (code `no_worker`) as soon as no live worker has served one of
-    the queues it needs for two heartbeats."""
+    the queues it needs for two heartbeats. Between reads it waits `interval` s (growing to 1 s), or less when
+    `endings` hears the job end; without them (or while their listener cannot reach Redis) it just polls."""
+    with (endings or Endings()).watch(job_id) as waited:
+        return await _wait(svc, job_id, timeout, interval, waited, request, where, headers)
+
+
+async def _wait(
+    svc: Services,
+    job_id: str,
+    timeout: float,
+    interval: float,
+    waited: _Waited,
+    request: Any,
+    where: str | None,
+    headers: dict[str, str] | None,
+) -> JobRecord:
     deadline = time.monotonic() + timeout
     grace = 2 * svc.settings.celery.heartbeat
     unserved_since, looked = None, 0.0
     while True:
+        ended = waited.event  # taken before the read: an end announced after it still wakes this wait
         job = await anyio.to_thread.run_sync(svc.job, job_id)
         if job.finished_at:
             return job
@@ -222,7 +274,8 @@ async def wait_for(
                 )
         if time.monotonic() >= deadline or (request is not None and await request.is_disconnected()):
             raise StillRunning(job, timeout, where or f"GET /v1/jobs/{job_id}", headers)
-        await anyio.sleep(min(interval, max(deadline - time.monotonic(), 0)))
+        with anyio.move_on_after(min(interval, max(deadline - time.monotonic(), 0))):
+            await ended.wait()
         interval = min(interval * 1.5, 1.0)
 
 

@@ -24,7 +24,7 @@ from fastapi import Path as PathParam
 from pydantic import BaseModel, ConfigDict, Field
 
 from jobs.api import retries, shapes, tenancy, uploads
-from jobs.api.deps import ServicesDep, require
+from jobs.api.deps import ServicesDep, endings, require
 from jobs.api.service import (
     ApiError,
     Services,
@@ -192,7 +192,11 @@ async def submit(
     if body.get("enable_sync_mode") is True:
         try:
             job = await wait_for(
-                svc, job_id, retries.wait_budget(svc.settings.api.wait_timeout, attempt), request=request
+                svc,
+                job_id,
+                retries.wait_budget(svc.settings.api.wait_timeout, attempt),
+                request=request,
+                endings=endings(request),
             )
         except StillRunning as still:
             job = still.job
