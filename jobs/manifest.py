@@ -10,11 +10,12 @@ from __future__ import annotations
 import csv
 import functools
 import json
+import pickle
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from pydantic import ValidationError
 
@@ -485,9 +486,11 @@ def validate_manifest(
     defaults: dict[str, Any] | None = None,
     inputs: InputPolicy | None = None,
     checks: ImageChecks | None = None,
+    keep: IO[bytes] | None = None,
 ) -> CheckReport:
-    """Check a whole manifest; collects every issue (rows themselves are not kept). `checks`: also check each edit
-    row's image (its header; S3 objects and URLs unless remote checks are off)."""
+    """Check a whole manifest; collects every issue (rows themselves are not kept in memory). `checks`: also check
+    each edit row's image (its header; S3 objects and URLs unless remote checks are off). `keep`: a temporary file
+    each checked row is written to, for `kept_rows` to read back, so the fan-out does not check every row twice."""
     checker = RowChecker(model, defaults, inputs or input_policy(path))
     report = CheckReport(issues=checker.check_defaults())
     if report.issues:
@@ -498,6 +501,8 @@ def validate_manifest(
         if isinstance(entry, Issue):
             report.issues.append(entry)
             continue
+        if keep is not None:
+            pickle.dump((entry.line, entry.item_id, entry.params, entry.metadata, entry.issues), keep, _KEEP_PROTOCOL)
         report.rows += 1
         report.valid += entry.ok
         report.issues.extend(entry.issues)
@@ -510,3 +515,18 @@ def validate_manifest(
     for why, count in (checks.unchecked() if checks else {}).items():
         report.notes.append(f"{count} input image(s) not checked before queueing ({why}); the worker checks them")
     return report
+
+
+_KEEP_PROTOCOL = pickle.HIGHEST_PROTOCOL  # the rows kept by `validate_manifest`: written and read by one process
+
+
+def kept_rows(keep: IO[bytes]) -> Iterator[CheckedRow]:
+    """The rows `validate_manifest(..., keep=keep)` checked, in manifest order, one at a time (their notes are in
+    its report). Only a file this process wrote is read: pickle is no format for anything received."""
+    keep.seek(0)
+    while True:
+        try:
+            line, item_id, params, metadata, issues = pickle.load(keep)
+        except EOFError:
+            return
+        yield CheckedRow(line, item_id, params, metadata, issues)

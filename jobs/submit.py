@@ -2,10 +2,11 @@
 
 `create_job(spec, manifest, services)` is the one way a job is made (the CLI's `submit`, the HTTP API, a
 schedule's run, local mode): the `JobSpec` says how, the process's services (jobs.services) hold the
-store, the output location's object store and where the work goes. Two streaming passes over the file:
-the first validates every row and collects every issue (nothing is created if any row is bad, unless
-`skip_invalid`); the second writes items in batches and hands each batch of ids to `services.publish`
-(Celery messages, or local mode's queue). Rows rejected at submit get their webhooks once the job is real.
+store, the output location's object store and where the work goes. One streaming pass over the file
+validates every row and collects every issue (nothing is created if any row is bad, unless `skip_invalid`),
+keeping each checked row in a temporary file; a second pass over that file writes items in batches and hands
+each batch of ids to `services.publish` (Celery messages, or local mode's queue). Rows rejected at submit get
+their webhooks once the job is real.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import IO
 
 import redis.exceptions
 from kombu.exceptions import KombuError
@@ -29,16 +31,7 @@ from jobs import inputs, lifecycle, loras, netguard, records
 from jobs.errors import DreambatchError, ErrorKind, InputError, TransientError
 from jobs.inputs import ImageChecks, InputPolicy
 from jobs.lifecycle import ItemStatus
-from jobs.manifest import (
-    CheckedRow,
-    CheckReport,
-    Issue,
-    RowChecker,
-    check_images,
-    check_manifest,
-    input_policy,
-    validate_manifest,
-)
+from jobs.manifest import CheckedRow, CheckReport, input_policy, kept_rows, validate_manifest
 from jobs.models import MAX_SEED, MODELS, ItemRecord, JobRecord, JobSpec, item_event_id
 from jobs.services import Services
 from jobs.storage import ObjectStore
@@ -132,7 +125,7 @@ def _item(
 
 
 def _fan_out(
-    manifest: Path,
+    kept: IO[bytes],
     job: JobRecord,
     policy: InputPolicy,
     store: Store,
@@ -143,11 +136,10 @@ def _fan_out(
     rejected_items: list[ItemRecord],
     checks: ImageChecks | None = None,
 ) -> tuple[int, int]:
-    """3. Second pass: items in batches, each batch stored before its tasks are published; returns the
-    queued and rejected counts. A publish that fails (broker unreachable) is retried for `retry_window`
-    seconds: a batch published twice is harmless (items are added once; a second delivery of an item
-    is skipped or waits for the first)."""
-    checker = RowChecker(job.model, job.defaults, policy)
+    """3. Second pass, over the rows step 1 checked and kept: items in batches, each batch stored before its
+    tasks are published; returns the queued and rejected counts. A publish that fails (broker unreachable) is
+    retried for `retry_window` seconds: a batch published twice is harmless (items are added once; a second
+    delivery of an item is skipped or waits for the first)."""
     queued = rejected = 0
     pending: list[ItemRecord] = []
     with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as rows_fh:
@@ -168,10 +160,7 @@ def _fan_out(
             pending.clear()
 
         try:
-            rows = check_manifest(manifest, checker)
-            for row in check_images(rows, checks) if checks else rows:  # images: the answers cached in step 1
-                if isinstance(row, Issue):  # file-level issues were refused in step 1
-                    continue
+            for row in kept_rows(kept):
                 item = _item(job.job_id, row, job.created_at, objects, policy.max_bytes, checks)
                 rows_fh.write(
                     json.dumps(
@@ -241,70 +230,72 @@ def create_job(
     output = services.output(spec.output)
     objects = services.objects(output)
 
-    # 1. validate every row and its input image; nothing is created when a row is bad (unless skip_invalid)
-    policy = policy or input_policy(manifest, settings)
-    checks = ImageChecks(settings, services.objects, remote=spec.check_remote)  # its copies go when it does
-    report = validate_manifest(manifest, spec.model, spec.defaults, policy, checks)
-    file_issues = [i for i in report.issues if i.line <= 0]
-    if file_issues or (report.issues and not spec.skip_invalid):
-        shown = [str(i) for i in report.issues]
-        raise ManifestInvalid(f"{manifest}: {len(shown)} problem(s); nothing was queued", shown)
-    if report.rows == 0:
-        raise ManifestInvalid(f"{manifest}: no rows; nothing was queued")
+    # 1. validate every row and its input image, keeping each checked row for step 3 (in a file: memory stays
+    # flat however long the manifest); nothing is created when a row is bad (unless skip_invalid)
+    with tempfile.TemporaryFile() as kept:
+        policy = policy or input_policy(manifest, settings)
+        checks = ImageChecks(settings, services.objects, remote=spec.check_remote)  # its copies go when it does
+        report = validate_manifest(manifest, spec.model, spec.defaults, policy, checks, keep=kept)
+        file_issues = [i for i in report.issues if i.line <= 0]
+        if file_issues or (report.issues and not spec.skip_invalid):
+            shown = [str(i) for i in report.issues]
+            raise ManifestInvalid(f"{manifest}: {len(shown)} problem(s); nothing was queued", shown)
+        if report.rows == 0:
+            raise ManifestInvalid(f"{manifest}: no rows; nothing was queued")
 
-    # 2. the job record, live only: workers hold its items back until the submission commits
-    at = now_iso()
-    job = JobRecord(
-        job_id=job_id or new_job_id(),
-        model=spec.model,
-        defaults=spec.defaults,
-        output=output,
-        webhook=spec.webhook,
-        manifest=str(manifest),
-        total=report.rows,
-        created_at=at,
-        updated_at=at,
-        priority=spec.priority,
-        max_concurrency=spec.max_concurrency,
-        expires_at=time.time() + spec.expires_after if spec.expires_after else None,
-        webhook_format=spec.webhook_format,
-        webhook_events=spec.webhook_events,
-        submitting=True,
-        review_sheet=spec.review_sheet,
-        schedule=spec.schedule,
-        api=spec.api,
-        tenant=spec.tenant,
-        catalog=spec.catalog,
-    )
-    store.create_job(job)
-    rejected_items: list[ItemRecord] = []
-    with ThreadPoolExecutor(1, thread_name_prefix="job-record") as pool:
-        # the durable record (job.json, still submitting) is written while the rows fan out
-        spec_written = pool.submit(records.write_job_spec, objects, job.model_copy(deep=True))
-        try:
-            queued, rejected = _fan_out(
-                manifest,
-                job,
-                policy,
-                store,
-                objects,
-                lambda ids: services.publish(job, ids),
-                settings.celery.publish_batch,
-                settings.redis_retry_s,
-                rejected_items,
-                checks,
-            )
-            # 4. commit: the durable record first, then the live flag that lets workers start
-            spec_written.result()
-            store.commit_job(job.job_id)
-        except BaseException as exc:
-            _abort(store, objects, job.job_id)
-            if isinstance(exc, Exception) and not isinstance(exc, (InputError, KeyboardInterrupt)):
-                raise SubmitFailed(
-                    f"job {job.job_id}: {type(exc).__name__}: {exc}; nothing was queued "
-                    f"(anything already published is discarded by the workers)"
-                ) from exc
-            raise
+        # 2. the job record, live only: workers hold its items back until the submission commits
+        at = now_iso()
+        job = JobRecord(
+            job_id=job_id or new_job_id(),
+            model=spec.model,
+            defaults=spec.defaults,
+            output=output,
+            webhook=spec.webhook,
+            manifest=str(manifest),
+            total=report.rows,
+            created_at=at,
+            updated_at=at,
+            priority=spec.priority,
+            max_concurrency=spec.max_concurrency,
+            expires_at=time.time() + spec.expires_after if spec.expires_after else None,
+            webhook_format=spec.webhook_format,
+            webhook_events=spec.webhook_events,
+            submitting=True,
+            review_sheet=spec.review_sheet,
+            schedule=spec.schedule,
+            api=spec.api,
+            tenant=spec.tenant,
+            catalog=spec.catalog,
+        )
+        store.create_job(job)
+        rejected_items: list[ItemRecord] = []
+        with ThreadPoolExecutor(1, thread_name_prefix="job-record") as pool:
+            # the durable record (job.json, still submitting) is written while the rows fan out
+            spec_written = pool.submit(records.write_job_spec, objects, job.model_copy(deep=True))
+            try:
+                queued, rejected = _fan_out(
+                    kept,
+                    job,
+                    policy,
+                    store,
+                    objects,
+                    lambda ids: services.publish(job, ids),
+                    settings.celery.publish_batch,
+                    settings.redis_retry_s,
+                    rejected_items,
+                    checks,
+                )
+                # 4. commit: the durable record first, then the live flag that lets workers start
+                spec_written.result()
+                store.commit_job(job.job_id)
+            except BaseException as exc:
+                _abort(store, objects, job.job_id)
+                if isinstance(exc, Exception) and not isinstance(exc, (InputError, KeyboardInterrupt)):
+                    raise SubmitFailed(
+                        f"job {job.job_id}: {type(exc).__name__}: {exc}; nothing was queued "
+                        f"(anything already published is discarded by the workers)"
+                    ) from exc
+                raise
     job.submitting = False
     try:
         records.open_job(objects, job)
