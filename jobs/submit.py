@@ -124,6 +124,12 @@ def _item(
     )
 
 
+# items stored in Redis together while a batch is built: records that live this briefly die young, so the garbage
+# collector never walks the whole heap for them (a batch of 500 held until it is published made it do so
+# every few thousand rows)
+STORE_CHUNK = 50
+
+
 def _fan_out(
     kept: IO[bytes],
     job: JobRecord,
@@ -141,26 +147,34 @@ def _fan_out(
     retried for `retry_window` seconds: a batch published twice is harmless (items are added once; a second
     delivery of an item is skipped or waits for the first)."""
     queued = rejected = 0
-    pending: list[ItemRecord] = []
+    pending: list[ItemRecord] = []  # built, not yet stored
+    stored: list[str] = []  # ids of this batch's queued items, stored, not yet published
     with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as rows_fh:
         rows_path = Path(rows_fh.name)
 
-        def flush() -> None:
-            nonlocal queued, rejected
+        def store_pending() -> None:
+            nonlocal rejected
+            if not pending:
+                return
             store.add_items(pending)
             failed = [item for item in pending if item.status == ItemStatus.FAILED]
             for item in failed:
                 records.write_item_result(objects, item)
             rejected_items.extend(failed)
-            ids = [i.item_id for i in pending if i.status == ItemStatus.QUEUED]
+            rejected += len(failed)
+            stored.extend(i.item_id for i in pending if i.status == ItemStatus.QUEUED)
+            pending.clear()
+
+        def publish_stored() -> None:
+            nonlocal queued
+            ids = stored.copy()
             if ids:
                 _retrying(lambda: dispatch(ids), retry_window, f"publishing {len(ids)} task(s)")
             queued += len(ids)
-            rejected += len(pending) - len(ids)
-            pending.clear()
+            stored.clear()
 
         try:
-            for row in kept_rows(kept):
+            for n, row in enumerate(kept_rows(kept), start=1):
                 item = _item(job.job_id, row, job.created_at, objects, policy.max_bytes, checks)
                 rows_fh.write(
                     json.dumps(
@@ -175,10 +189,12 @@ def _fan_out(
                     + "\n"
                 )
                 pending.append(item)
-                if len(pending) >= batch:
-                    flush()
-            if pending:
-                flush()
+                if len(pending) >= STORE_CHUNK or n % batch == 0:
+                    store_pending()
+                if n % batch == 0:
+                    publish_stored()
+            store_pending()
+            publish_stored()
             rows_fh.close()
             records.write_rows(objects, job.job_id, rows_path)
         finally:
