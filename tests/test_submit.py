@@ -9,9 +9,10 @@ import pytest
 
 from jobs import records
 from jobs.errors import ConfigError, InputError
+from jobs.manifest import RowChecker
 from jobs.models import JobSpec
 from jobs.services import Services
-from jobs.settings import Settings
+from jobs.settings import CelerySettings, Settings
 from jobs.storage import LocalStore
 from jobs.store import MemoryStore
 from jobs.submit import create_job
@@ -93,3 +94,30 @@ def test_the_spec_is_checked_before_anything_is_made(tmp_path):
     assert not (tmp_path / "out").exists() and sent == {"published": [], "events": [], "finals": []}
     default = create_job(JobSpec(model="i1-fast"), manifest, _services(tmp_path, output=folder.location)[0])
     assert default.job.output == folder.location  # no output in the spec: DREAMBATCH_OUTPUT
+
+
+def test_each_row_is_checked_once_and_each_batch_is_stored_before_its_tasks_are_published(tmp_path, monkeypatch):
+    checked: list[int] = []
+    check = RowChecker.check
+    monkeypatch.setattr(RowChecker, "check", lambda self, raw: checked.append(raw.line) or check(self, raw))
+    store, folder, published = MemoryStore(), LocalStore(str(tmp_path / "out")), []
+
+    def publish(job, ids):
+        assert all(store.get_item(job.job_id, i) for i in ids)  # stored first
+        published.append(ids)
+
+    services = Services(
+        Settings(redis_url="redis://127.0.0.1:1/0", celery=CelerySettings(publish_batch=3)),
+        store=store,
+        objects=lambda _location: folder,
+        publish=publish,
+    )
+    rows = [{"id": f"r{n}", "prompt": "x" if n != 4 else ""} for n in range(7)]
+    spec = JobSpec(model="i1-fast", output=folder.location, skip_invalid=True)
+    sub = create_job(spec, _manifest(tmp_path, *rows), services)
+
+    assert checked == [1, 2, 3, 4, 5, 6, 7]  # step 1 checked each row; the fan-out read back what it kept
+    assert published == [["r0", "r1", "r2"], ["r3", "r5"], ["r6"]]  # batches of 3 rows; r4 was rejected
+    assert (sub.queued, sub.rejected) == (6, 1)
+    assert [i.item_id for i in store.items(sub.job.job_id)] == [f"r{n}" for n in range(7)]
+    assert store.get_item(sub.job.job_id, "r4").status == "failed"
