@@ -59,16 +59,7 @@ def main() -> None:
             defaults = MODELS["i1-fast"].defaults
 
             def request(seed: int) -> GenerateRequest:
-                return GenerateRequest(
-                    prompt=f"a product photo {seed}",
-                    seed=seed,
-                    steps=defaults["steps"],
-                    width=1024,
-                    height=1024,
-                    guidance_scale=defaults["guidance_scale"],
-                    shift=defaults["shift"],
-                    scheduler=defaults["scheduler"],
-                )
+                return GenerateRequest.of(defaults, prompt=f"a product photo {seed}", seed=seed)
 
             image = runner.generate(request(0)).images[0]
             record = json.dumps({"timings": {f"t{n}": n / 7 for n in range(20)}, "params": defaults}).encode()

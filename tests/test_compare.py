@@ -27,18 +27,7 @@ def test_the_plain_loop_makes_the_bytes_dreambatchs_runner_makes(tiny_dir, monke
     runner = HiDreamI1Runner("i1-fast", "tiny", options=RunnerSettings())
     defaults = plain.defaults
     for seed, prompt in [(7, "a red chair"), (8, "a blue lamp")]:
-        ours = runner.generate(
-            GenerateRequest(
-                prompt=prompt,
-                seed=seed,
-                steps=defaults["steps"],
-                width=1024,
-                height=1024,
-                guidance_scale=defaults["guidance_scale"],
-                shift=defaults["shift"],
-                scheduler=defaults["scheduler"],
-            )
-        )
+        ours = runner.generate(GenerateRequest.of(defaults, prompt=prompt, seed=seed, width=1024, height=1024))
         assert plain.render(prompt, seed) == imaging.encode(ours.images[0], "png", 90)[0]
     assert plain.render("a red chair", 7) != plain.render("a red chair", 8)
 

@@ -78,17 +78,7 @@ def test_lora_rows_match_diffusers_own_lora_loading_and_rows_without_one_match_t
     pipe = reference.load()
 
     def render(row_id: str) -> np.ndarray:
-        p = params[row_id]
-        request = GenerateRequest(
-            prompt=p["prompt"],
-            width=p["width"],
-            height=p["height"],
-            seed=p["seed"],
-            steps=p["steps"],
-            guidance_scale=p["guidance_scale"],
-            shift=p["shift"],
-            scheduler=p["scheduler"],
-        )
+        request = GenerateRequest.of(params[row_id])
         return np.asarray(reference.generate(request).images[0].convert("RGB"), dtype=np.int16)
 
     base = render("plain")

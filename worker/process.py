@@ -305,20 +305,7 @@ def _step_check(ctx: Context, item: ItemRecord) -> Callable[[int], None]:
 
 
 def _request(item: ItemRecord, lora: LoraChoice | None = None) -> GenerateRequest:
-    p = item.params
-    return GenerateRequest(
-        prompt=p["prompt"],
-        negative_prompt=p.get("negative_prompt", ""),
-        width=p["width"],
-        height=p["height"],
-        seed=item.seed if item.seed is not None else p["seed"],
-        steps=p["steps"],
-        guidance_scale=p["guidance_scale"],
-        shift=p["shift"],
-        scheduler=p["scheduler"],
-        num_images=p["num_images"],
-        lora=lora,
-    )
+    return GenerateRequest.of(item.params, seed=item.seed if item.seed is not None else item.params["seed"], lora=lora)
 
 
 def _run_edit(ctx: Context, job: JobRecord, item: ItemRecord) -> tuple[list, ItemOutput]:

@@ -36,6 +36,13 @@ class GenerateRequest:
     lora: LoraChoice | None = None  # a user LoRA adapter to run with (worker/runners/lora.py)
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @classmethod
+    def of(cls, params: dict[str, Any], **given: Any) -> GenerateRequest:
+        """The request a row's params (or a model's defaults, `given` the rest) ask for: the fields both name."""
+        names = ("prompt", "negative_prompt", "width", "height", "seed", "steps", "guidance_scale", "shift")
+        found = {name: params[name] for name in (*names, "scheduler", "num_images") if name in params}
+        return cls(**{**found, **given})
+
 
 _E11 = MODELS["e1-1"].defaults  # an EditRequest's defaults are E1.1's published ones (the one table)
 
