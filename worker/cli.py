@@ -118,6 +118,11 @@ def worker(
             raise fail(str(exc)) from None
         threads = concurrency or default_threads(model, settings.runner)
         queue, name = keys.gpu_queue(model), f"gpu-{model}"
+        if threads > 1:  # items past the model end in processes of their own: at most threads - 1 at once
+            from worker.finisher import Finisher
+
+            runtime.finisher = Finisher(threads - 1)
+            runtime.finisher.warm()
     register(celery, runtime)
     if metrics_port is not None:
         runtime.metrics.serve(metrics_port)

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import quote
 
 from jobs import inputs, keys, lifecycle, logs, records, vendors
@@ -57,6 +57,9 @@ from worker.metrics import WorkerMetrics
 from worker.runners.base import EditRequest, GenerateRequest, Runner
 from worker.runners.lora import LoraChoice
 
+if TYPE_CHECKING:
+    from worker.finisher import Finisher
+
 log = logging.getLogger("dreambatch.worker")
 T = TypeVar("T")
 
@@ -75,6 +78,7 @@ class Context:
     revision: Callable[[], str | None] = lambda: None  # the revision of this process's weights
     safety: Callable[[], safety.SafetyChecker | None] = lambda: None  # this process's safety checker, if any
     outage_since: float | None = None  # epoch s this item's message first found object storage away (its retries)
+    finisher: Finisher | None = None  # a GPU worker's finishing processes (worker/finisher.py); None: ends here
 
 
 @dataclass(frozen=True)
@@ -241,10 +245,9 @@ def _run_attempt(ctx: Context, job: JobRecord, item: ItemRecord, this_round: int
             ctx.safety, item.params, images, ctx.gpu_lock, ctx.settings.safety.action
         )
 
-        # 6. encode and upload, outside the GPU lock so the next item's inference overlaps
+        # 6. encode and upload, outside the GPU lock (and the model's process) so the next item's inference overlaps
         t0 = time.perf_counter()
-        objects = ctx.objects(job.output)
-        item.output = _patiently(ctx, lambda: _upload(objects, item, images, output.model_copy(deep=True)))
+        item.output, item.timings = _beside(ctx, _uploaded, job, item, images, output.model_copy(deep=True))
         item.timings.upload_s = round(time.perf_counter() - t0 - (item.timings.encode_s or 0.0), 4)
     except ItemCancelled as exc:
         log.info("item %s/%s stopped: %s", item.job_id, item.item_id, exc)
@@ -386,6 +389,17 @@ def _record_model_time(ctx: Context, item: ItemRecord, result, asked: float) -> 
         item.timings.model_wait_s = round(max(0.0, result.started_at - asked), 4)
 
 
+def _beside(ctx: Context, step: Callable[..., T], *args: Any) -> T:
+    """`step(ctx, *args)`, in a finishing process when this worker has them (worker/finisher.py)."""
+    return ctx.finisher.run(ctx, step, *args) if ctx.finisher else step(ctx, *args)
+
+
+def _uploaded(ctx: Context, job: JobRecord, item: ItemRecord, images, out: ItemOutput) -> tuple[ItemOutput, Timings]:
+    """Step 6 where it runs: the item's images encoded and stored (`_upload`), and its timings as it left them."""
+    objects = ctx.objects(job.output)
+    return _patiently(ctx, lambda: _upload(objects, item, images, out)), item.timings
+
+
 def _upload(objects: ObjectStore, item: ItemRecord, images, out: ItemOutput) -> ItemOutput:
     """Encode and store each image; their URIs and sizes are added to `out`."""
     fmt, quality = item.params["output_format"], item.params["output_quality"]
@@ -438,6 +452,26 @@ def _end(
     item.model_revision = ctx.revision() or item.model_revision  # (loaded by now)
     if status == ItemStatus.COMPLETED and item.timings.started_at:
         item.timings.total_s = round(time.time() - item.timings.started_at, 4)
+    ended, item = _beside(ctx, _ended, job, item, status, failure, reason)
+    if not ended:
+        return Outcome(note="skipped")
+    log.info(
+        "item %s/%s %s%s",
+        item.job_id,
+        item.item_id,
+        status.value,
+        f" ({reason})" if reason else "",
+        extra={"status": status.value, "error": item.error, "error_kind": item.error_kind},
+    )
+    if ctx.metrics:
+        ctx.metrics.item_ended(job.model, status.value, item.timings)
+    return Outcome(status)
+
+
+def _ended(
+    ctx: Context, job: JobRecord, item: ItemRecord, status: ItemStatus, failure: Failure | None, reason: str | None
+) -> tuple[bool, ItemRecord]:
+    """`_end`'s part where it runs (jobs.ending.end_item): whether it ended the item, and the item as ended."""
     ended = _patiently(
         ctx,
         lambda: end_item(
@@ -452,19 +486,7 @@ def _end(
             reason=reason,
         ),
     )
-    if not ended:
-        return Outcome(note="skipped")
-    log.info(
-        "item %s/%s %s%s",
-        item.job_id,
-        item.item_id,
-        status.value,
-        f" ({reason})" if reason else "",
-        extra={"status": status.value, "error": item.error, "error_kind": item.error_kind},
-    )
-    if ctx.metrics:
-        ctx.metrics.item_ended(job.model, status.value, item.timings)
-    return Outcome(status)
+    return ended, item
 
 
 SEND_GRACE = 5.0  # s the process that ended an item or a job has to publish its event before another does

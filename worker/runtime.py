@@ -19,6 +19,7 @@ from jobs.settings import RunnerSettings
 from jobs.storage import ObjectStore
 from jobs.store import Store
 from worker import safety
+from worker.finisher import Finisher
 from worker.leases import Leases
 from worker.metrics import WorkerMetrics
 from worker.process import Context
@@ -126,6 +127,7 @@ class Runtime:
         self.name = ""  # the worker's name in its heartbeats (worker.cli sets it; worker.recovery reads it)
         # webhook deliveries at once; an I/O worker keeps threads beyond them for finalizing jobs (worker.cli)
         self.deliveries = DeliverySlots(1_000_000, 1_000_000)
+        self.finisher: Finisher | None = None  # a GPU worker's finishing processes (worker.cli starts them)
 
     @property
     def leases(self) -> Leases:
@@ -177,4 +179,5 @@ class Runtime:
             metrics=self.metrics,
             revision=lambda: self.model_revision,
             safety=self.safety,
+            finisher=self.finisher,
         )
