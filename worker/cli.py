@@ -119,9 +119,9 @@ def worker(
         threads = concurrency or default_threads(model, settings.runner)
         queue, name = keys.gpu_queue(model), f"gpu-{model}"
         if threads > 1:  # items past the model end in processes of their own: at most threads - 1 at once
-            from worker.finisher import Finisher
+            from worker.finisher import MOST_PROCESSES, Finisher
 
-            runtime.finisher = Finisher(threads - 1)
+            runtime.finisher = Finisher(min(threads - 1, MOST_PROCESSES))
             runtime.finisher.warm()
     register(celery, runtime)
     if metrics_port is not None:

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dreambatch.worker")
 T = TypeVar("T")
+MOST_PROCESSES = 4  # a micro-batching worker's many item threads share at most this many (~90 MiB each)
 
 _here: Context | None = None  # in a finishing process: its own context (set by _start)
 
