@@ -538,23 +538,23 @@ def _status_object(job: JobRecord, steps: dict[str, tuple[int, int]] | None = No
 def _watch(job_id: str, quiet: bool = False, interval: float = 0.5) -> JobRecord:
     """A live bar until the job ends: ended/total, failed, the rate and ETA of what ended while watching
     (jobs.pace.Meter) and the running items' denoising steps."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+    try:  # (a Ctrl-C at any moment of the watch, its set-up included, stops watching, not the job)
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    columns = [
-        TextColumn("{task.description}", markup=False),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("failed {task.fields[failed]}", markup=False),
-        TextColumn("{task.fields[rate]}", markup=False),
-        TextColumn("ETA {task.fields[eta]}", markup=False),
-        TextColumn("{task.fields[steps]}", markup=False),
-    ]
-    services = get_services()
-    job = _load_job(job_id)
-    if not job.finished_at and not quiet and (warning := _unserved(job)):
-        warn(warning)
-    meter = pace.Meter()
-    try:
+        columns = [
+            TextColumn("{task.description}", markup=False),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("failed {task.fields[failed]}", markup=False),
+            TextColumn("{task.fields[rate]}", markup=False),
+            TextColumn("ETA {task.fields[eta]}", markup=False),
+            TextColumn("{task.fields[steps]}", markup=False),
+        ]
+        services = get_services()
+        job = _load_job(job_id)
+        if not job.finished_at and not quiet and (warning := _unserved(job)):
+            warn(warning)
+        meter = pace.Meter()
         with Progress(*columns, console=err, disable=quiet) as progress:
             bar = progress.add_task(job_id, total=job.total, failed=0, rate="", eta="", steps="")
             while True:
