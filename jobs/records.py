@@ -78,7 +78,7 @@ def mark_ended(store: ObjectStore, job_id: str) -> None:
 def side_by_side(*writes: Callable[[], object]) -> None:
     """Do `writes` (each a round trip to object storage) at once, returning when every one has; the first
     error raised goes up once all have ended."""
-    with ThreadPoolExecutor(len(writes) - 1, thread_name_prefix="records") as pool:
+    with ThreadPoolExecutor(max(len(writes) - 1, 1), thread_name_prefix="records") as pool:
         others = [pool.submit(write) for write in writes[1:]]
         try:
             writes[0]()

@@ -101,3 +101,20 @@ def test_only_jobs_records_names_the_durable_records_keys():
                 ):
                     offenders.append(f"{rel}:{node.lineno}: {ast.unparse(node)}")
     assert offenders == []
+
+
+def test_side_by_side_does_every_write_and_raises_the_first_error_once_all_have_ended():
+    done: list[str] = []
+    records.side_by_side(lambda: done.append("only"))  # one write: no other thread needed
+    assert done == ["only"]
+
+    def fails() -> None:
+        raise OSError("S3 said no")
+
+    try:
+        records.side_by_side(lambda: done.append("a"), fails, lambda: done.append("b"))
+    except OSError as exc:
+        assert str(exc) == "S3 said no"
+    else:
+        raise AssertionError("the failed write's error was lost")
+    assert sorted(done) == ["a", "b", "only"]  # the others still ran to their end
