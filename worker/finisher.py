@@ -32,21 +32,9 @@ _here: Context | None = None  # in a finishing process: its own context (set by 
 def _start() -> None:
     global _here
     from jobs.services import get_services
-    from worker.process import Context
+    from worker.runtime import Runtime
 
-    services = get_services()
-    _here = Context(
-        settings=services.settings,
-        store=services.store,
-        runner=_no_runner,
-        objects=services.objects,
-        notify=services.notify,
-        finalize=services.finalize,
-    )
-
-
-def _no_runner():
-    raise RuntimeError("a finishing process runs no model")
+    _here = Runtime(get_services()).context()  # (as an I/O worker's: no model, no finishing processes of its own)
 
 
 def _call(step: Callable[..., T], args: tuple) -> T:
