@@ -1,6 +1,9 @@
 """How much of an item's post-model work (PNG, two S3 puts, a Redis pipeline) a model call beside it pays for,
 in one process as a GPU worker's item threads share it: the tiny I1 call alone, then with one thread doing
-`--beside` items' worth of that work at the same time, interleaved, at each GIL switch interval given.
+`--beside` items' worth of that work at the same time, interleaved, at each GIL switch interval given. Then,
+on a machine of two or more CPUs, the call pinned to CPU 0 with another process busy on CPU 1 (a pure-Python
+loop, then a loop allocating 8 MiB buffers) against CPU 1 idle: whether the CPUs are cores of their own or share
+one (hyperthreads), which decides what work moved beside the model costs it.
 
     python bench/contention.py                         # switch intervals 5 ms (Python's default) and 0.5 ms
     python bench/contention.py --calls 10 --beside 3 --switch-ms 5,0.5
@@ -15,6 +18,7 @@ import io
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -26,6 +30,34 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
 from services import S3_ENV, RedisServer, s3_client, start_s3_process  # noqa: E402
+
+BUSY = {  # what the other CPU runs, by name: a Python program, until killed
+    "a pure-Python loop": "while True: sum(range(1000))",
+    "a loop allocating 8 MiB buffers": "while True: bytearray(8 << 20)",
+}
+
+
+def other_cpu(call, calls: int) -> None:
+    """Median `call()` pinned to CPU 0 with CPU 1 idle, then with each BUSY program pinned to CPU 1."""
+    if len(os.sched_getaffinity(0)) < 2:
+        print("one CPU: no other CPU to measure", flush=True)
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {0})
+    try:
+        idle = statistics.median(call(seed) for seed in range(calls))
+        print(f"pinned to CPU 0, CPU 1 idle: model call {idle * 1000:.0f} ms", flush=True)
+        for name, program in BUSY.items():
+            busy = subprocess.Popen([sys.executable, "-c", f"import os; os.sched_setaffinity(0, {{1}})\n{program}"])
+            try:
+                time.sleep(0.5)  # (started and pinned)
+                took = statistics.median(call(seed) for seed in range(calls))
+            finally:
+                busy.kill()
+                busy.wait()
+            print(f"pinned to CPU 0, {name} on CPU 1: model call {took * 1000:.0f} ms ({took / idle:.2f}x)", flush=True)
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 def main() -> None:
@@ -101,6 +133,14 @@ def main() -> None:
                     f"{lost / (args.beside * work_ms):.0%} of that work's time; load {os.getloadavg()[0]:.1f}",
                     flush=True,
                 )
+            sys.setswitchinterval(0.005)
+
+            def timed(seed: int) -> float:
+                t0 = time.perf_counter()
+                runner.generate(request(seed))
+                return time.perf_counter() - t0
+
+            other_cpu(timed, args.calls)
         finally:
             s3_server.kill()
             redis_server.stop()
