@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import ast
+import json
+import uuid
 from pathlib import Path
 
+from jobs import broker, keys
 from jobs.models import JobRecord
 from jobs.services import Services
 from jobs.settings import Settings
@@ -77,3 +80,38 @@ def test_only_the_composition_root_builds_clients():
                 if name in FACTORIES - {"client"} or (name == "client" and "boto" in ast.unparse(node.func)):
                     offenders.append(f"{rel}:{node.lineno}: {ast.unparse(node.func)}(…)")
     assert offenders == []
+
+
+def _queued(client, queue: str) -> list[dict]:
+    """The messages waiting in `queue` at every priority, oldest first, their ids left out."""
+    found = []
+    for name in keys.priority_lists(queue).values():
+        for raw in reversed(client.lrange(name, 0, -1)):  # (kombu pushes on the left, takes from the right)
+            message = json.loads(raw)
+            for field in ("id", "root_id"):
+                message["headers"].pop(field)
+            for field in ("correlation_id", "delivery_tag"):
+                message["properties"].pop(field)
+            found.append({"list": name, **message})
+    return found
+
+
+def test_published_messages_are_the_ones_send_task_makes(redis_server):
+    """jobs.broker.publish builds each message itself (a fan-out's speed): it must be send_task's message."""
+    app = broker.make_celery(Settings(redis_url=redis_server.url))
+    model = f"i1-fast-{uuid.uuid4().hex[:6]}"  # queues of this test's own
+    io = f"io-{uuid.uuid4().hex[:6]}"
+    client = redis_server.client()
+    cases = [
+        (keys.TASK_RUN_ITEM, keys.gpu_queue(model), ["job-1", "row 7"], keys.PRIORITIES["low"]),
+        (keys.TASK_RUN_ITEM, keys.gpu_queue(model), ["job-1", "row 8"], keys.PRIORITIES["high"]),
+        (keys.TASK_SEND_WEBHOOK, io, ["job-1", None, "job-1:completed:0"], None),
+        (keys.TASK_FINALIZE_JOB, io, ["job-1"], None),
+    ]
+    for task, queue, args, priority in cases:
+        given = {} if priority is None else {"priority": priority}
+        assert broker.publish(app, task, queue, [args], **given) == 1
+        app.send_task(task, args=args, queue=queue, **given)
+        ours, celery = _queued(client, queue)
+        assert ours == celery and ours["headers"]["task"] == task
+        client.delete(*keys.priority_lists(queue).values())
