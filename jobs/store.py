@@ -243,7 +243,9 @@ async def listen_for_endings(url: str, ended: Callable[[str], None], log) -> Non
                 await pubsub.psubscribe(pattern)
                 delay, said = 0.2, False
                 while True:  # a timeout, not a blocking read: each idle turn PINGs, so a dead link is noticed
-                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=15.0)
+                    # (every message is taken, its PONG included: filtered out, a PONG read as "nothing came"
+                    # and was answered by the next PING at once, ~17,000 a second from an idle API)
+                    message = await pubsub.get_message(ignore_subscribe_messages=False, timeout=15.0)
                     if message is None:
                         await pubsub.ping()
                     elif message["type"] == "pmessage":

@@ -75,6 +75,28 @@ def test_a_waiter_returns_as_its_job_ends_not_at_its_next_poll(redis_server):
     assert late < 0.1  # not the 5 s poll
 
 
+def test_an_idle_listener_leaves_redis_alone(tmp_path):
+    """Between announcements the listener only waits (a PING every 15 s); it once answered its own PONG with
+    the next PING, thousands a second."""
+    server = RedisServer(tmp_path)
+    server.start()
+    try:
+        probe = server.client()
+
+        async def main() -> int:
+            async with anyio.create_task_group() as tasks:
+                await _listening(server.url, Endings(), tasks)
+                before = probe.info("stats")["total_commands_processed"]
+                await anyio.sleep(1.0)
+                during = probe.info("stats")["total_commands_processed"] - before
+                tasks.cancel_scope.cancel()
+            return during
+
+        assert anyio.run(main) <= 3  # (the probe's own INFO)
+    finally:
+        server.stop()
+
+
 def test_the_listener_hears_job_ends_again_once_a_restarted_redis_answers(tmp_path):
     server = RedisServer(tmp_path)
     server.start()
