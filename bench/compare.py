@@ -46,6 +46,7 @@ from services import (  # noqa: E402
     RedisServer,
     S3Proxy,
     Worker,
+    free_port,
     s3_client,
     service_env,
     start_s3_process,
@@ -232,20 +233,38 @@ def events(receiver: Receiver, run: str) -> set[str]:
 
 # --- C: dreambatch ---------------------------------------------------------------------------------
 class Dreambatch:
-    def __init__(self, model: str, env: dict, tmp: Path):
-        self.env, self.tmp, self.model = env, tmp, model
+    def __init__(self, model: str, env: dict, tmp: Path, submit: str = "cli"):
+        """`submit`: "cli", the submit command builds the job itself (Redis, S3, Celery from this machine); "api",
+        it hands the manifest to a `dreambatch api` process (`submit --api`), which builds it."""
+        self.env, self.tmp, self.model, self.submit = env, tmp, model, submit
         self.io = Worker(["worker", "--io"], env, tmp / "io.log")
         self.gpu = Worker(["worker", "--model", model, "--weights", "tiny", "--device", "cpu"], env, tmp / "gpu.log")
+        self.api = None
+        if submit == "api":
+            api_env = {**env, "DREAMBATCH_OUTPUT": f"s3://{BUCKET}/api"}
+            made = subprocess.run(
+                [sys.executable, "-m", "worker", "keys", "create", "--tenant", "bench", "--scope", "jobs:write",
+                 "--scope", "jobs:read", "--json"],
+                env=api_env, cwd=ROOT, capture_output=True, text=True, timeout=120, check=True,
+            )  # fmt: skip
+            port = free_port()
+            self.api = Worker(["api", "--port", str(port)], api_env, tmp / "api.log")
+            self.url, self.key = f"http://127.0.0.1:{port}", json.loads(made.stdout)["token"]
+            wait_until(lambda: _answers(self.url), 120, 0.1, what="the API")
         self.gpu.wait_ready()
         self.io.wait_ready()
 
     def run(self, rows: list[dict], prefix: str, receiver: Receiver, webhook: str) -> tuple[float, str]:
+        """One run; returns its wall time and the S3 prefix its outputs went to."""
         manifest = self.tmp / "c.jsonl"
         manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        where = ["--output", f"s3://{BUCKET}/{prefix.rstrip('/')}"]
+        if self.api is not None:
+            where = ["--api", self.url, "--api-key", self.key]
         started, started_at = time.perf_counter(), time.time()
         res = subprocess.run(
-            [sys.executable, "-m", "worker", "submit", str(manifest), "--model", self.model,
-             "--output", f"s3://{BUCKET}/{prefix.rstrip('/')}", "--webhook", webhook, "--json"],
+            [sys.executable, "-m", "worker", "submit", str(manifest), "--model", self.model, *where,
+             "--webhook", webhook, "--json"],
             env=self.env, cwd=ROOT, capture_output=True, text=True, timeout=300,
         )  # fmt: skip
         if res.returncode:
@@ -254,7 +273,7 @@ class Dreambatch:
         job_id = json.loads(res.stdout)["job_id"]
         wait_until(lambda: len(events(receiver, job_id)) >= len(rows) + 1, 900, 0.005, what="dreambatch run")
         self.last = {"started_at": started_at, "submitted_at": submitted_at, "ended_at": time.time()}
-        return time.perf_counter() - started, job_id
+        return time.perf_counter() - started, f"{'api/' if self.api is not None else prefix}{job_id}/"
 
     def phases(self, s3, prefix: str) -> dict[str, float]:
         """Where the last run's time went, from its items' timings: the submit command, submit → the first
@@ -275,6 +294,22 @@ class Dreambatch:
     def close(self) -> None:
         self.gpu.kill()
         self.io.kill()
+        if self.api is not None:
+            self.api.kill()
+
+
+def _answers(url: str) -> bool:
+    """Whether the API at `url` answers (any HTTP status: it is up)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(f"{url}/v1/jobs", timeout=1).close()
+    except urllib.error.HTTPError:
+        return True
+    except OSError:
+        return False
+    return True
 
 
 def _exists(s3, key: str) -> bool:
@@ -315,8 +350,7 @@ def run_setting(args, systems: dict, proxy: Proxy, redis_client, s3, receiver: R
             elif name == "B":
                 wall = systems["B"].run(rows, prefix, receiver, args.webhook)
             else:
-                wall, job_id = systems["C"].run(rows, prefix, receiver, args.webhook)
-                prefix = f"{prefix}{job_id}/"
+                wall, prefix = systems["C"].run(rows, prefix, receiver, args.webhook)
                 if round_no:
                     phases.append(systems["C"].phases(s3, prefix))
             if round_no:
@@ -403,6 +437,13 @@ def main() -> None:
     ap.add_argument(
         "--delay-ms", type=lambda s: [float(x) for x in s.split(",")], default=[0.0, 60.0], help="per S3 request"
     )
+    ap.add_argument(
+        "--submit",
+        choices=["cli", "api"],
+        default="cli",
+        help="C's submit: the command builds the job itself (cli), or hands it to a `dreambatch api` process "
+        "the bench starts (api: `submit --api`)",
+    )
     ap.add_argument("--threads", type=int, default=3, help="B's thread pool (dreambatch's default item threads)")
     ap.add_argument(
         "--model-threads",
@@ -437,7 +478,7 @@ def main() -> None:
         systems: dict = {}
         results = []
         try:
-            systems["C"] = Dreambatch(args.model, env, tmp)  # (first: it builds the tiny weights if missing)
+            systems["C"] = Dreambatch(args.model, env, tmp, args.submit)  # (first: it builds the tiny weights)
             systems["A"] = PlainLoop(args.model, env, tmp / "plain.log")
             systems["B"] = MinimalCelery(args.model, env, tmp, args.threads)
             for delay_ms in args.delay_ms:
@@ -455,6 +496,7 @@ def main() -> None:
     delays = ",".join(f"{d:g}" for d in args.delay_ms)
     print(
         f"`python bench/compare.py --model {args.model} --items {args.items} --rounds {args.rounds} "
+        f"--submit {args.submit} "
         f"--delay-ms {delays} --model-threads {args.model_threads}`: medians of {args.rounds} interleaved "
         f"rounds; load average {started_load[0]:.1f} at start, {ended_load[0]:.1f} at end ({os.cpu_count()} CPUs)"
     )

@@ -16,31 +16,19 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console, Group
 from rich.text import Text
 
-from jobs import keys, lifecycle, pace, records, store
-from jobs.errors import ConfigError, DreambatchError, InputError, JobNotFound
-from jobs.inputs import ImageChecks
+from jobs import keys, lifecycle
+from jobs.errors import ConfigError, DreambatchError, InputError, JobNotFound, ManifestInvalid
 from jobs.lifecycle import ItemStatus, JobStatus
-from jobs.manifest import input_policy, parse_sets, validate_manifest
-from jobs.models import (
-    DEFAULT_WEBHOOK_EVENTS,
-    MODELS,
-    JobRecord,
-    JobSpec,
-    event_item_id,
-    parse_duration,
-    parse_webhook_events,
-)
-from jobs.presets import job_defaults
-from jobs.services import get_services
-from jobs.settings import get_settings
-from jobs.storage import check_location
-from jobs.submit import ManifestInvalid, create_job
+from jobs.modelspecs import MODELS
+
+if TYPE_CHECKING:
+    from jobs.models import JobRecord
 
 # user text (file names, messages, `pip install 'dreambatch[api]'`) is printed as it is: no markup, no highlighting
 err = Console(stderr=True, markup=False, highlight=False)
@@ -95,6 +83,9 @@ EXTRA_MODULES = {
 def explain(exc: BaseException) -> str | None:
     """The line a person reads for an exception that is not one of ours but has a known cause and fix (Redis or
     S3 unreachable or refusing us, an extra not installed); None for anything else (a bug: its traceback shows)."""
+    from jobs import store
+    from jobs.settings import get_settings
+
     if isinstance(exc, store.redis_errors()):
         return str(store.unreachable(get_settings().redis_url, exc))
     if isinstance(exc, ModuleNotFoundError):
@@ -122,7 +113,10 @@ def guarded(command: Callable, *, needs_redis: bool = False) -> Callable:
     @functools.wraps(command)
     def run(*args, **kwargs):
         try:
-            if needs_redis:
+            if needs_redis and not kwargs.get("api"):  # (a command given --api asks the API, which reaches it)
+                from jobs import store
+                from jobs.settings import get_settings
+
                 settings = get_settings()
                 store.reach(settings.redis_url, settings.redis_wait_s)
             return command(*args, **kwargs)
@@ -152,6 +146,12 @@ def validate(
     remote_checks: RemoteChecksOpt = None,
 ) -> None:
     """Check every row of MANIFEST; print each problem as `line N: field: message (got value)`."""
+    from jobs.inputs import ImageChecks
+    from jobs.manifest import input_policy, parse_sets, validate_manifest
+    from jobs.presets import job_defaults
+    from jobs.services import get_services
+    from jobs.settings import get_settings
+
     try:
         policy = input_policy(manifest, get_settings())
         defaults = job_defaults(preset, parse_sets(set_ or []), get_settings())
@@ -213,18 +213,116 @@ def submit(
         typer.Option(help="items not started within this long (90s, 15m, 2h, 1d) end cancelled, reason expired"),
     ] = None,
     remote_checks: RemoteChecksOpt = None,
+    api: Annotated[
+        str | None,
+        typer.Option(
+            "--api",
+            envvar="DREAMBATCH_API_URL",
+            help="hand the manifest to a running `dreambatch api` at this URL (POST /v1/jobs): no Redis or S3 "
+            "access needed here, and a faster start; the API picks the output location",
+        ),
+    ] = None,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            "--api-key", envvar="DREAMBATCH_API_KEY", help="with --api: a key with jobs:write", show_default=False
+        ),
+    ] = None,
 ) -> None:
     """Validate MANIFEST and queue one task per row; prints the job id."""
+    if priority not in keys.PRIORITIES:
+        raise fail(f"--priority: expected one of {', '.join(keys.PRIORITIES)} (got {priority!r})", 2)
+    if max_concurrency is not None and max_concurrency < 1:
+        raise fail(f"--max-concurrency: expected 1 or more (got {max_concurrency})", 2)
+    if api:
+        given = {"--output": output, "--preset": preset, "--sheet": sheet, "--remote-checks": remote_checks}
+        for option, value in given.items():
+            if value not in (None, False):
+                raise fail(
+                    f"{option}: not available with --api (the API decides it from its own settings); drop "
+                    f"{option}, or submit without --api",
+                    2,
+                )
+        fields = [("model", model), ("priority", priority), *(("set", pair) for pair in set_ or [])]
+        asked = {"webhook": webhook, "webhook_events": webhook_events, "expires_after": expires_after}
+        fields += [(name, value) for name, value in asked.items() if value]
+        fields += [("max_concurrency", str(max_concurrency))] if max_concurrency else []
+        fields += [("skip_invalid", "true")] if skip_invalid else []
+        _submit_to_api(api, api_key, manifest, fields, wait=wait, json_=json_)
+        return
+    _submit_here(
+        manifest, model, output, webhook, webhook_events, set_, preset, skip_invalid, wait, sheet, json_, priority,
+        max_concurrency, expires_after, remote_checks,
+    )  # fmt: skip
+
+
+def _submit_to_api(api: str, key: str | None, manifest: Path, fields: list, *, wait: bool, json_: bool) -> None:
+    """`submit --api`: the API makes the job (jobs.remote); the same output as a submit made here."""
+    from jobs import remote
+
+    try:
+        made = remote.submit(api, key, manifest, fields)
+    except ManifestInvalid as exc:
+        raise report_invalid(exc) from None
+    counts = made.get("counts") or {}
+    _submitted(made["id"], made.get("queued", 0), made.get("rejected", 0), counts.get("total", 0), json_)
+    for note in (n for n in made.get("notes") or [] if "not checked before queueing" in n):  # jobs.manifest
+        err.print(f"note: {note}", highlight=False, soft_wrap=True)
+    if made.get("warning"):
+        warn(made["warning"])
+    if wait:
+        status = made
+        seen = None
+        while not status.get("finished_at"):
+            time.sleep(0.5)
+            status = remote.job(api, key, made["id"])
+            counts = status.get("counts") or {}
+            line = f"{lifecycle.ended(counts)}/{counts.get('total', 0)} ended ({status.get('status')})"
+            if line != seen and not json_:
+                err.print(line, highlight=False)
+            seen = line
+        raise typer.Exit(0 if status.get("status") == JobStatus.COMPLETED else 1)
+
+
+def _submitted(job_id: str, queued: int, rejected: int, total: int, json_: bool) -> None:
+    if json_:
+        print(json.dumps({"job_id": job_id, "queued": queued, "rejected": rejected, "total": total}))
+    else:
+        out.print(job_id, highlight=False)
+        err.print(f"queued {queued} item(s), rejected {rejected}", highlight=False)
+
+
+def _submit_here(
+    manifest: Path,
+    model: str,
+    output: str | None,
+    webhook: str | None,
+    webhook_events: str | None,
+    set_: list[str] | None,
+    preset: str | None,
+    skip_invalid: bool,
+    wait: bool,
+    sheet: bool,
+    json_: bool,
+    priority: str,
+    max_concurrency: int | None,
+    expires_after: str | None,
+    remote_checks: bool | None,
+) -> None:
+    """`submit` without --api: this process validates the manifest and makes the job (jobs.submit)."""
+    from jobs.manifest import parse_sets
     from jobs.metrics import no_worker_warning
+    from jobs.models import DEFAULT_WEBHOOK_EVENTS, JobSpec, parse_duration, parse_webhook_events
+    from jobs.presets import job_defaults
+    from jobs.services import get_services
+    from jobs.settings import get_settings
+    from jobs.storage import check_location
+    from jobs.submit import create_job
 
     settings = get_settings()
     output = output or settings.output
     if not output or not output.startswith("s3://"):
         raise fail("--output s3://bucket/prefix is required (or set DREAMBATCH_OUTPUT)")
-    if priority not in keys.PRIORITIES:
-        raise fail(f"--priority: expected one of {', '.join(keys.PRIORITIES)} (got {priority!r})", 2)
-    if max_concurrency is not None and max_concurrency < 1:
-        raise fail(f"--max-concurrency: expected 1 or more (got {max_concurrency})", 2)
     try:
         expires_s = parse_duration(expires_after) if expires_after else None
     except InputError as exc:
@@ -254,11 +352,8 @@ def submit(
     except DreambatchError as exc:
         raise fail(str(exc)) from None
     job_id = sub.job.job_id
-    if json_:
-        print(json.dumps({"job_id": job_id, "queued": sub.queued, "rejected": sub.rejected, "total": sub.job.total}))
-    else:
-        out.print(job_id, highlight=False)
-        err.print(f"queued {sub.queued} item(s), rejected {sub.rejected}", highlight=False)
+    _submitted(job_id, sub.queued, sub.rejected, sub.job.total, json_)
+    if not json_:
         for note in (n for n in sub.report.notes if "not checked before queueing" in n):  # jobs.manifest
             err.print(f"note: {note}", highlight=False, soft_wrap=True)
     if sub.queued and (warning := no_worker_warning(get_services().store.workers(), model)):
@@ -277,7 +372,11 @@ def reconcile(
 ) -> None:
     """Rebuild JOB_ID's live state from its durable record (after Redis lost its data) and re-queue
     exactly the items that have no result."""
+    from jobs import records
     from jobs.reconcile import reconcile as reconcile_job
+    from jobs.services import get_services
+    from jobs.settings import get_settings
+    from jobs.storage import check_location
 
     settings = get_settings()
     output = output or settings.output
@@ -328,6 +427,7 @@ def purge(
     """Remove JOB_ID's live state from Redis now (its durable record stays, and `status`/`results` read it);
     --outputs deletes its outputs and record as well. A job that has not ended needs --force."""
     from jobs.retention import purge as purge_job
+    from jobs.services import get_services
 
     try:
         report = purge_job(get_services(), job_id, output=output, outputs=outputs, force=force)
@@ -344,6 +444,7 @@ def cancel(job_id: str, json_: Annotated[bool, typer.Option("--json")] = False) 
     """Cancel JOB_ID: queued items end cancelled now, running ones stop at their next step; outputs
     already written are kept. The job ends `cancelled` (with its webhook) when its running items stop."""
     from jobs.control import cancel_job
+    from jobs.services import get_services
 
     try:
         job = cancel_job(get_services(), job_id)
@@ -372,6 +473,7 @@ def retry(job_id: str, json_: Annotated[bool, typer.Option("--json")] = False) -
     """Re-queue only JOB_ID's failed items, in the same job (same ids and manifest lines); the job runs
     again and ends once more. Rows rejected at submit are not retried."""
     from jobs.control import retry_job
+    from jobs.services import get_services
 
     try:
         ids = retry_job(get_services(), job_id)
@@ -388,6 +490,9 @@ def resume(
     """Re-queue JOB_ID's items that have no result (after an outage lost their messages); nothing that
     ended runs again."""
     from jobs.control import resume_job
+    from jobs.services import get_services
+    from jobs.settings import get_settings
+    from jobs.storage import check_location
 
     try:
         if output:
@@ -461,6 +566,7 @@ def top(
     from rich.live import Live
 
     from jobs.metrics import overview
+    from jobs.services import get_services
 
     store = get_services().store
     if json_:
@@ -480,6 +586,9 @@ def top(
 
 def webhooks(job_id: str, redeliver: Annotated[bool, typer.Option(help="send every event again")] = False) -> None:
     """List every webhook delivery attempt of a job (time, status, latency, error); --redeliver re-sends."""
+    from jobs.models import event_item_id
+    from jobs.services import get_services
+
     services = get_services()
     try:
         job = _load_job(job_id)
@@ -509,6 +618,7 @@ def webhooks(job_id: str, redeliver: Annotated[bool, typer.Option(help="send eve
 def _load_job(job_id: str) -> JobRecord:
     """The job's live state; for a job whose live state was purged, its durable record (or why there is none)."""
     from jobs.retention import purged_job
+    from jobs.services import get_services
 
     job = get_services().store.get_job(job_id)
     if job is None:
@@ -517,6 +627,8 @@ def _load_job(job_id: str) -> JobRecord:
 
 
 def _status_object(job: JobRecord, steps: dict[str, tuple[int, int]] | None = None) -> dict:
+    from jobs import pace
+
     counts = {"total": job.total, **{s.value: job.counts.get(s, 0) for s in ItemStatus}}
     return {
         "job_id": job.job_id,
@@ -538,6 +650,9 @@ def _status_object(job: JobRecord, steps: dict[str, tuple[int, int]] | None = No
 def _watch(job_id: str, quiet: bool = False, interval: float = 0.5) -> JobRecord:
     """A live bar until the job ends: ended/total, failed, the rate and ETA of what ended while watching
     (jobs.pace.Meter) and the running items' denoising steps."""
+    from jobs import pace
+    from jobs.services import get_services
+
     try:  # (a Ctrl-C at any moment of the watch, its set-up included, stops watching, not the job)
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
@@ -581,6 +696,7 @@ def _watch(job_id: str, quiet: bool = False, interval: float = 0.5) -> JobRecord
 
 def _unserved(job: JobRecord) -> str | None:
     from jobs.metrics import no_worker_warning
+    from jobs.services import get_services
 
     return no_worker_warning(get_services().store.workers(), job.model)
 
@@ -591,7 +707,9 @@ def status(
     json_: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Show a job's status and counts (`--watch`: a live progress bar until it ends)."""
+    from jobs import pace
     from jobs.retention import purged_message
+    from jobs.services import get_services
 
     try:
         job = _watch(job_id) if watch else _load_job(job_id)
@@ -634,6 +752,7 @@ def status(
 def results(job_id: str, format_: Annotated[str, typer.Option("--format", help="jsonl or csv")] = "jsonl") -> None:
     """Print a job's results, one line per manifest row (live state while it runs)."""
     from jobs import export
+    from jobs.services import get_services
 
     if format_ not in ("jsonl", "csv"):
         raise fail(f"--format: expected jsonl or csv (got {format_!r})", 2)
@@ -658,6 +777,8 @@ def api(
 ) -> None:
     """Serve the HTTP API (docs/api.md): jobs, OpenAI-compatible images, and the fal, inference.sh and
     WaveSpeed protocols. Needs the `api` extra and a key from `dreambatch keys create`."""
+    from jobs.settings import get_settings
+
     try:
         from jobs.api.app import serve
     except ImportError as exc:

@@ -2,6 +2,7 @@
 
     DreambatchError
     ├── InputError          bad input: permanent, reported per row, never retried
+    │   ├── ManifestInvalid (jobs.submit, jobs.remote) rows are bad and nothing was queued: every issue, one per line
     │   └── BlockedAddress  (jobs.netguard) a URL points at an address dreambatch refuses to reach
     ├── TransientError      infrastructure hiccup (S3, network, Redis): retry with backoff
     │   ├── Unreachable     a service (Redis, S3, the model hub) does not answer: names it, the cause and the fix
@@ -35,6 +36,17 @@ class DreambatchError(Exception):
 
 class InputError(DreambatchError):
     """A row, a field or a file the user gave is not acceptable; retrying will not help."""
+
+
+class ManifestInvalid(InputError):
+    """The manifest has bad rows and nothing was queued (found here or by the API). `issues` lists every one."""
+
+    def __init__(self, message: str, issues: list[str] | None = None):
+        super().__init__(message, issues or [])
+        self.issues = issues or []
+
+    def __str__(self) -> str:
+        return self.args[0]
 
 
 class TransientError(DreambatchError):

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import os
 from functools import lru_cache
-from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from jobs.envfile import load_env_file
 from jobs.errors import ConfigError
 
 
@@ -270,22 +270,6 @@ class Settings(BaseSettings):
 
     def s3_endpoint(self) -> str | None:
         return self.s3.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-
-
-ENV_FILE = ".env"  # read by get_settings() from the current directory, when there is one
-
-
-def load_env_file() -> Path | None:
-    """Put the variables of `.env` (or DREAMBATCH_ENV_FILE's file) that the environment does not set into it;
-    returns the file read, or None."""
-    name = os.environ.get("DREAMBATCH_ENV_FILE", ENV_FILE)
-    path = Path(name).expanduser() if name else None
-    if path is None or not path.is_file():
-        return None
-    from dotenv import load_dotenv
-
-    load_dotenv(path, override=False)
-    return path
 
 
 @lru_cache(maxsize=1)

@@ -28,7 +28,7 @@ import redis.exceptions
 from kombu.exceptions import KombuError
 
 from jobs import inputs, lifecycle, loras, netguard, records
-from jobs.errors import DreambatchError, ErrorKind, InputError, TransientError
+from jobs.errors import DreambatchError, ErrorKind, InputError, ManifestInvalid, TransientError
 from jobs.inputs import ImageChecks, InputPolicy
 from jobs.lifecycle import ItemStatus
 from jobs.manifest import CheckedRow, CheckReport, input_policy, kept_rows, validate_manifest
@@ -51,17 +51,6 @@ CONNECTION_ERRORS = (
 
 class SubmitFailed(TransientError):
     """The submission could not complete (broker or store unreachable); nothing of it will run."""
-
-
-class ManifestInvalid(InputError):
-    """The manifest has bad rows and nothing was queued. `issues` lists every one."""
-
-    def __init__(self, message: str, issues: list[str] | None = None):
-        super().__init__(message, issues or [])
-        self.issues = issues or []
-
-    def __str__(self) -> str:
-        return self.args[0]
 
 
 @dataclass

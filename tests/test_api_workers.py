@@ -8,6 +8,9 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
+import subprocess
+import sys
 import time
 import uuid
 
@@ -15,7 +18,7 @@ import httpx
 import openai
 import pytest
 from PIL import Image
-from services import ApiServer, Worker, s3_client, service_env, wait_until
+from services import ROOT, ApiServer, Worker, cli, free_port, s3_client, service_env, wait_until
 
 from jobs.api.service import sign_file
 from jobs.settings import Settings
@@ -324,3 +327,68 @@ def test_cancel_and_retry_over_http(http):
     assert again["counts"]["completed"] == 1 and again["counts"]["failed"] == 1
     items = {i["id"]: i for i in http.get(f"/v1/jobs/{job['id']}/items").json()["data"]}
     assert items["broken"]["attempts"] == 2 and items["ok"]["attempts"] == 1  # the good one did not run again
+
+
+def _cli_env(**extra: str) -> dict[str, str]:
+    """The console script's environment with no way to Redis or S3: `submit --api` needs neither."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DREAMBATCH_", "AWS_"))}
+    return {**env, "DREAMBATCH_ENV_FILE": "", "DREAMBATCH_REDIS_URL": "redis://127.0.0.1:1/0", **extra}
+
+
+def test_submit_with_api_hands_the_manifest_to_the_api_and_waits_for_it(stack, token, tmp_path):
+    manifest = tmp_path / "rows.jsonl"
+    manifest.write_text(
+        json.dumps({"id": "a", "prompt": "a red cube", "seed": 3})
+        + "\n"
+        + json.dumps({"id": "b", "prompt": "a blue cone", "seed": 4})
+        + "\n"
+    )
+    env = _cli_env(DREAMBATCH_API_URL=stack.url, DREAMBATCH_API_KEY=token)
+    res = cli("submit", str(manifest), "--model", "i1-fast", "--set", "steps=2", "--wait", "--json", env=env)
+    assert res.returncode == 0, res.stderr
+    made = json.loads(res.stdout)
+    assert made["queued"] == 2 and made["rejected"] == 0 and made["total"] == 2
+    with httpx.Client(base_url=stack.url, headers={"Authorization": f"Bearer {token}"}) as http:
+        job = http.get(f"/v1/jobs/{made['job_id']}").json()
+        assert job["status"] == "completed" and job["counts"]["completed"] == 2
+        items = http.get(f"/v1/jobs/{made['job_id']}/items").json()["data"]
+    assert sorted(i["id"] for i in items) == ["a", "b"] and all(i["params"]["steps"] == 2 for i in items)
+
+
+def test_submit_with_api_says_what_is_wrong_in_one_line(stack, token, tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("id,prompt,seed\nr1,a cat,7\nr2,,8\nr3,a dog,minus one\n")
+    env = _cli_env(DREAMBATCH_API_URL=stack.url, DREAMBATCH_API_KEY=token)
+    res = cli("submit", str(bad), env=env)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "line 3: prompt" in res.stderr and "line 4: seed" in res.stderr and "nothing was queued" in res.stderr
+    assert str(bad) in res.stderr  # the file the person named, not the API's copy
+
+    good = tmp_path / "good.csv"
+    good.write_text("id,prompt\nr1,a cat\n")
+    refused = cli("submit", str(good), env={**env, "DREAMBATCH_API_KEY": "dbk_nope_nope"})
+    assert refused.returncode == 1 and "refused the key" in refused.stderr and "Traceback" not in refused.stderr
+    both = cli("submit", str(good), "--output", "s3://elsewhere/x", env=env)
+    assert both.returncode == 2 and "--output: not available with --api" in both.stderr
+
+
+def test_submit_with_api_loads_nothing_it_does_not_need_and_says_when_the_api_is_away(tmp_path):
+    manifest = tmp_path / "rows.csv"
+    manifest.write_text("id,prompt\nr1,a cat\n")
+    closed = f"http://127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    res = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "worker", "submit", str(manifest), "--api", closed],
+        env=_cli_env(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == 1 and time.monotonic() - started < 30
+    said = [line for line in res.stderr.splitlines() if not line.startswith("import time:")]
+    assert said and said[-1].startswith("error: cannot reach the dreambatch API at " + closed), res.stderr[-2000:]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in res.stderr.splitlines() if "|" in line}
+    packages = {name.split(".")[0] for name in imported}
+    assert "worker.cli" in imported and not packages & {"redis", "celery", "kombu", "boto3", "botocore", "torch"}
+    assert not imported & {"jobs.models", "jobs.settings", "jobs.store", "jobs.services"}  # (typer brings pydantic)

@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
@@ -26,13 +26,13 @@ from jobs import keys, lifecycle
 from jobs.api import keys_cli
 from jobs.catalog import cli as catalog_cli
 from jobs.cli import ModelOpt, PresetOpt, SetOpt, err, fail, guarded, out, report_invalid, warn
-from jobs.errors import DreambatchError
+from jobs.envfile import load_env_file
+from jobs.errors import DreambatchError, ManifestInvalid
 from jobs.lifecycle import JobStatus
-from jobs.manifest import parse_sets
-from jobs.models import MODELS, JobSpec
-from jobs.presets import job_defaults
-from jobs.settings import RunnerSettings, get_settings
-from jobs.submit import ManifestInvalid
+from jobs.modelspecs import MODELS
+
+if TYPE_CHECKING:
+    from jobs.settings import RunnerSettings
 
 WeightsOpt = Annotated[
     str | None,
@@ -54,6 +54,8 @@ LlamaOpt = Annotated[
 
 def _settings(i1_full: str | None = None, llama: str | None = None):
     """The process settings, with the component folders the command line names on top."""
+    from jobs.settings import get_settings
+
     settings = get_settings()
     given = {name: value for name, value in (("i1_full", i1_full), ("llama", llama)) if value}
     if not given:
@@ -253,6 +255,9 @@ def run(
     running item's next step; --resume then runs the rest."""
     import threading
 
+    from jobs.manifest import parse_sets
+    from jobs.models import JobSpec
+    from jobs.presets import job_defaults
     from worker.local import run_local
     from worker.progress import RunProgress, ctrl_c_stops
     from worker.runtime import check_device
@@ -327,6 +332,7 @@ def sheet(
     and sheet.png, written next to the job."""
     from jobs import store
     from jobs.services import get_services
+    from jobs.settings import get_settings
     from jobs.storage import check_location
     from worker.contact_sheet import make_sheet
 
@@ -375,7 +381,7 @@ def make_tiny(variant: str, directory: Path) -> None:
 
 # commands a person runs against the live state: Redis is reached first, or they say in seconds that it is not there
 NEEDS_REDIS = {
-    "submit",
+    "submit",  # (not with --api: the API reaches Redis then)
     "reconcile",
     "purge",
     "cancel",
@@ -447,6 +453,7 @@ def build_app() -> typer.Typer:
 
 
 def main() -> None:
+    load_env_file()  # (before the options are parsed: some fall back on variables .env may set)
     try:
         build_app()()
         code: object = 0

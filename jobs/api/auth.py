@@ -13,8 +13,10 @@ import hmac
 import re
 import secrets
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from jobs.models import ApiKeyRecord
+if TYPE_CHECKING:  # (imported where a key is minted: `dreambatch --help` names the scopes without pydantic)
+    from jobs.models import ApiKeyRecord
 
 SCOPES = {
     "jobs:read": "list jobs, read status, items, results and events",
@@ -50,6 +52,8 @@ def mint(
 ) -> NewKey:
     """A new key. `tenant`: whose jobs it makes and sees (default: `name`); `prefix`: where under the output
     location its jobs write; `rate`: at most that many requests a minute. A ValueError names the bad field."""
+    from jobs.models import ApiKeyRecord
+
     unknown = sorted(set(scopes) - set(SCOPES))
     if unknown or not scopes:
         raise ValueError(f"--scope: must be among {', '.join(SCOPES)} (got {', '.join(unknown) or 'none'})")

@@ -31,7 +31,7 @@ from jobs.api.service import (
     sign_file,
     submit,
 )
-from jobs.errors import InputError
+from jobs.errors import InputError, ManifestInvalid
 from jobs.formats import CONTENT_TYPES, EXTENSIONS
 from jobs.lifecycle import ItemStatus
 from jobs.manifest import parse_sets
@@ -45,7 +45,6 @@ from jobs.models import (
     parse_duration,
     parse_webhook_events,
 )
-from jobs.submit import ManifestInvalid
 
 router = APIRouter(tags=["jobs"])
 JobId = Annotated[str, PathParam(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$", description="a job id")]

@@ -5,16 +5,19 @@ Redis as its cache (jobs.api.keyring), so keys survive a Redis loss."""
 from __future__ import annotations
 
 import json
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from jobs.api import auth, keyring
-from jobs.services import Services, get_services
-from jobs.submit import now_iso
+from jobs.api import auth
+
+if TYPE_CHECKING:
+    from jobs.services import Services
 
 
 def _services() -> Services:
+    from jobs.services import get_services
+
     return get_services()
 
 
@@ -33,6 +36,9 @@ def create(
     json_: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Mint a key; prints the token once (only its SHA-256 is stored)."""
+    from jobs.api import keyring
+    from jobs.submit import now_iso
+
     if not (name or tenant):
         typer.echo("error: --name or --tenant: say who uses the key, e.g. --tenant acme", err=True)
         raise typer.Exit(2)
@@ -75,6 +81,8 @@ def create(
 
 def list_keys(json_: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Every key: id, name, tenant, scopes, prefix, rate, created, revoked (never the token)."""
+    from jobs.api import keyring
+
     records = keyring.every(_services())
     if json_:
         typer.echo(json.dumps([{**r.model_dump(exclude={"token_sha256"}), "tenant": r.owner} for r in records]))
@@ -89,6 +97,9 @@ def list_keys(json_: Annotated[bool, typer.Option("--json")] = False) -> None:
 
 def revoke(key_id: str) -> None:
     """Revoke a key by its id; requests with it get 401 from then on."""
+    from jobs.api import keyring
+    from jobs.submit import now_iso
+
     svc = _services()
     record = keyring.find(svc, key_id)
     if record is None:

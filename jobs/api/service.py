@@ -24,14 +24,14 @@ import anyio
 
 from jobs import pace, records
 from jobs.api import keyring
-from jobs.errors import DreambatchError
+from jobs.errors import DreambatchError, ManifestInvalid
 from jobs.inputs import InputPolicy
 from jobs.lifecycle import ItemStatus
 from jobs.metrics import no_worker_warning
 from jobs.models import JobRecord, JobSpec, OutputImage
 from jobs.services import Services
 from jobs.storage import key_of
-from jobs.submit import ManifestInvalid, Submission, create_job
+from jobs.submit import Submission, create_job
 
 IDEMPOTENCY_TTL = 24 * 3600
 log = logging.getLogger("dreambatch.api")

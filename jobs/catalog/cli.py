@@ -11,21 +11,18 @@ from typing import Annotated, Any
 
 import typer
 
-from jobs.catalog.schedules import get_schedule, load_schedules
 from jobs.cli import SetOpt, err, fail, out
 from jobs.errors import DreambatchError
-from jobs.manifest import parse_sets
-from jobs.presets import load_presets
-from jobs.services import get_services
-from jobs.settings import get_settings
-from jobs.storage import check_location
-from jobs.store import say_if_unreachable
 
 JsonOpt = Annotated[bool, typer.Option("--json")]
 
 
 def list_schedules(json_: JsonOpt = False) -> None:
     """Every schedule: cron and time zone, next fire time, last run and its job."""
+    from jobs.catalog.schedules import load_schedules
+    from jobs.services import get_services
+    from jobs.settings import get_settings
+
     settings = get_settings()
     try:
         schedules = load_schedules(settings)
@@ -122,6 +119,11 @@ def run_now(
 ) -> None:
     """Run schedule NAME now: scan its source and queue only new or changed images (`--dry-run`: just show)."""
     from jobs.catalog.run import run_schedule
+    from jobs.catalog.schedules import get_schedule
+    from jobs.manifest import parse_sets
+    from jobs.services import get_services
+    from jobs.settings import get_settings
+    from jobs.storage import check_location
 
     settings = get_settings()
     try:
@@ -182,6 +184,10 @@ def beat(loglevel: Annotated[str, typer.Option()] = "INFO") -> None:
     from celery.beat import Service
 
     from jobs.catalog.beat import CatalogScheduler
+    from jobs.catalog.schedules import load_schedules
+    from jobs.services import get_services
+    from jobs.settings import get_settings
+    from jobs.store import say_if_unreachable
 
     logging.basicConfig(level=loglevel, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     settings = get_settings()
@@ -207,6 +213,9 @@ def beat(loglevel: Annotated[str, typer.Option()] = "INFO") -> None:
 
 def presets(json_: JsonOpt = False) -> None:
     """List the edit presets (ops/presets.toml plus DREAMBATCH_CATALOG__PRESETS_FILE)."""
+    from jobs.presets import load_presets
+    from jobs.settings import get_settings
+
     try:
         found = load_presets(get_settings())
     except DreambatchError as exc:
