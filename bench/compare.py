@@ -5,11 +5,13 @@
     B  a minimal Celery app: one task per row, the model loaded once, render (or get + edit), encode, put,
        webhook (bench/minimal_celery.py, thread pool of 3 as dreambatch's default item threads)
     C  dreambatch: `dreambatch submit` (its own start-up counted) → a GPU worker and an I/O worker → outputs,
-       results.jsonl and webhooks
+       results.jsonl and webhooks; with `--submit api`, `dreambatch submit --api` hands the manifest to a
+       `dreambatch api` process the bench starts, which makes the job (the command's start-up still counted)
 
     python bench/compare.py                       # i1-fast, loopback S3 and +60 ms per S3 request
     python bench/compare.py --items 16 --rounds 5 --delay-ms 0,60
     python bench/compare.py --model e1-1          # edits: E1.1 on small inputs in S3
+    python bench/compare.py --submit api          # C submits through the API
 
 Every run of every round uses fresh rows (prompt, seed; an edit: input, instruction, seed); A, B and C run
 them in turn, the order rotating each round. Edit rows name one of a few input images the bench puts to
