@@ -219,7 +219,7 @@ def sweep(
     committed and not ended (an `_open` marker), and each ended job whose webhook events may still be on
     their way (an `_outbox` marker: its events are sent again through `notify`). `publish(job, ids)` queues
     a batch of the job's items (at its priority). A marker left by a job that has ended is removed, an
-    outbox marker once its retry window has closed."""
+    outbox marker once its retry window has closed. A job purged since its marker was read stays purged."""
     reports = []
     outbox = records.outbox_jobs(objects)
     now = time.time()
@@ -233,6 +233,8 @@ def sweep(
             if live.finished_at and job_id in opened:
                 records.mark_ended(objects, job_id)
             continue
+        if store.purged(job_id):  # purged after its marker was listed: gone on purpose (the note and the
+            continue  # deletion are one transaction, so a job not live here is either purged or lost)
         spec = records.read_job(objects, job_id)
         if spec is None or spec.submitting:
             continue

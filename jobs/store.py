@@ -80,6 +80,7 @@ class Store(Protocol):
     def running_steps(self, job_id: str) -> dict[str, tuple[int, int]]: ...
     def add_gpu_seconds(self, job_id: str, seconds: float) -> None: ...
     def progress_due(self, job_id: str, every: float) -> bool: ...
+    def purged(self, job_id: str) -> dict[str, Any] | None: ...
 
 
 # An item's execution lease: one token at a time; only its holder renews or releases it. A holder whose lease
@@ -968,6 +969,9 @@ class MemoryStore:
                 return False
             self._progress[job_id] = now + every
             return True
+
+    def purged(self, job_id: str) -> dict[str, Any] | None:
+        return None  # (a local run's jobs live as long as the run: nothing purges them)
 
 
 def _epoch(iso: str) -> float:

@@ -311,3 +311,21 @@ def test_retention_keeps_a_webhook_job_until_its_events_retry_window_has_closed(
         assert not _live_keys(store, hooked.job_id) and store.purged(hooked.job_id)["why"] == "retention"
     finally:
         store.r.flushdb()
+
+
+def test_the_sweep_leaves_a_job_purged_after_its_marker_was_listed(redis_server, tmp_path):
+    """`purge --force` removes the job's `_open` marker and live state together with its note; a sweep that read
+    the marker just before must not rebuild the job from its record (seen under load in CI)."""
+    from jobs.reconcile import sweep
+    from jobs.storage import LocalStore
+
+    objects = LocalStore(str(tmp_path / "out"))
+    store = RedisStore.from_url(redis_server.url)
+    try:
+        job, _ = _ended_job(objects, store)
+        records.mark_open(objects, job)  # (as the sweep saw it: still open)
+        store.purge_job(job.job_id, {"job_id": job.job_id, "why": "purge"}, 60)
+        assert sweep(objects, store, lambda j, ids: None, lambda _: None) == []
+        assert store.get_job(job.job_id) is None and store.purged(job.job_id)["why"] == "purge"
+    finally:
+        store.r.flushdb()
