@@ -238,7 +238,7 @@ class Dreambatch:
     def __init__(self, model: str, env: dict, tmp: Path, submit: str = "cli"):
         """`submit`: "cli", the submit command builds the job itself (Redis, S3, Celery from this machine); "api",
         it hands the manifest to a `dreambatch api` process (`submit --api`), which builds it."""
-        self.env, self.tmp, self.model, self.submit = env, tmp, model, submit
+        self.env, self.tmp, self.model = env, tmp, model
         self.io = Worker(["worker", "--io"], env, tmp / "io.log")
         self.gpu = Worker(["worker", "--model", model, "--weights", "tiny", "--device", "cpu"], env, tmp / "gpu.log")
         self.api = None

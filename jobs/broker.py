@@ -79,14 +79,14 @@ def send_webhooks(app: Celery, events: Iterable[tuple[str, str | None, str]], ba
 
 def publish(app: Celery, task: str, queue: str, arg_lists: Iterable[list], batch: int = 500, priority: int = 0) -> int:
     """Queue one `task` message per list of arguments on `queue`: one producer, Redis commands pipelined `batch`
-        at a time (kombu's publish batch); an error discards what was not yet flushed. Returns the count. `priority`:
+    at a time (kombu's publish batch); an error discards what was not yet flushed. Returns the count. `priority`:
     the kombu priority (0, send_task's when it is given none: the first list a worker reads).
 
-        Each message is the one `app.send_task` makes (Celery's task protocol 2, built by `app.amqp.as_task_v2`;
-        tests/test_services.py compares them), published with the same serializer, delivery mode and retry policy,
-        less send_task's per-message work that gives the same answer for every message of a batch: routing, the
-        queue's declaration, option merging and the arguments' saferepr (ids and event ids: their repr is it).
-        That work was ~2/3 of a large fan-out's time (bench/fanout.py: ~50 µs a message against ~155)."""
+    Each message is the one `app.send_task` makes (Celery's task protocol 2, built by `app.amqp.as_task_v2`;
+    tests/test_services.py compares them), published with the same serializer, delivery mode and retry policy,
+    less send_task's per-message work that gives the same answer for every message of a batch: routing, the
+    queue's declaration, option merging and the arguments' saferepr (ids and event ids: their repr is it).
+    That work was ~2/3 of a large fan-out's time (bench/fanout.py: ~50 µs a message against ~155)."""
     conf, amqp = app.conf, app.amqp
     declared = amqp.queues[queue]
     parent = app.current_worker_task  # (a fan-out from inside a task: the messages name it, as send_task's do)

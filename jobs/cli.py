@@ -266,8 +266,9 @@ def _submit_to_api(api: str, key: str | None, manifest: Path, fields: list, *, w
         raise report_invalid(exc) from None
     counts = made.get("counts") or {}
     _submitted(made["id"], made.get("queued", 0), made.get("rejected", 0), counts.get("total", 0), json_)
-    for note in (n for n in made.get("notes") or [] if "not checked before queueing" in n):  # jobs.manifest
-        err.print(f"note: {note}", highlight=False, soft_wrap=True)
+    if not json_:
+        for note in (n for n in made.get("notes") or [] if "not checked before queueing" in n):  # jobs.manifest
+            err.print(f"note: {note}", highlight=False, soft_wrap=True)
     if made.get("warning"):
         warn(made["warning"])
     if wait:
