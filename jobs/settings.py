@@ -189,6 +189,13 @@ class RunnerSettings(BaseModel):
     lora_dir: str = Field("~/.cache/dreambatch/loras", description="where workers keep the LoRA files rows name")
     batch_window_ms: float = Field(20.0, ge=0, description="how long a batch waits for more items to arrive")
     fold_padding: bool = Field(True, description="non-square latents: one token stands for the padding")
+    model_cpus: str = Field(
+        "auto",
+        pattern=r"^(auto|off|\d+(-\d+)?(,\d+(-\d+)?)*)$",
+        description="the CPUs a GPU worker's model process keeps to (e.g. 3 or 0-3,8); auto: N of its own when "
+        "OMP_NUM_THREADS=N is fewer than the worker's CPUs (chosen by device index), else wherever the OS puts it; "
+        "off: wherever the OS puts it",
+    )
     compile: Literal["off", "inductor", "cudagraphs", "aot_eager", "eager"] = Field(
         "off",
         description="torch.compile each transformer block with this backend (one graph per block when "

@@ -113,9 +113,12 @@ def worker(
     else:
         from worker.runtime import check_device
 
-        runtime = Runtime(services, model=model, weights=weights, device=check_device(device))
+        # the model runs in a process of its own (worker.modelproc), loaded now so a bad setup fails at start
+        runtime = Runtime(
+            services, model=model, weights=weights, device=check_device(device), model_process=(loglevel, log_format)
+        )
         try:
-            runtime.runner()  # load the model now, in this process, so a bad setup fails at start
+            runtime.runner()
         except DreambatchError as exc:
             raise fail(str(exc)) from None
         threads = concurrency or default_threads(model, settings.runner)

@@ -16,6 +16,8 @@ The control plane's gauges (queues, items by status, workers) are `jobs.metrics.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 
@@ -26,20 +28,31 @@ STAGES = ("fetch", "text_encode", "image_encode", "denoise", "refine", "vae_deco
 WAIT_SECONDS = (0.1, 1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 12 * 3600, 24 * 3600)
 
 
+def cuda_memory() -> list[tuple[str, int, int]]:
+    """(device, allocated, reserved) bytes of this process's CUDA memory; empty when CUDA is not in use."""
+    import sys
+
+    torch = sys.modules.get("torch")  # never import torch just for a reading (an --io worker has none)
+    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return []
+    n = torch.cuda.device_count()
+    return [(f"cuda:{d}", torch.cuda.memory_allocated(d), torch.cuda.memory_reserved(d)) for d in range(n)]
+
+
 class GpuMemoryCollector:
-    """torch.cuda memory per device, read at scrape time; nothing when CUDA is not in use."""
+    """CUDA memory per device, read at scrape time (`read`: this process's, or its model process's);
+    nothing when CUDA is not in use."""
+
+    def __init__(self):
+        self.read: Callable[[], list[tuple[str, int, int]]] = cuda_memory
 
     def collect(self):
-        import sys
-
-        torch = sys.modules.get("torch")  # never import torch just for a scrape (an --io worker has none)
         family = GaugeMetricFamily(
-            "dreambatch_worker_gpu_memory_bytes", "CUDA memory held by this process", labels=["device", "kind"]
+            "dreambatch_worker_gpu_memory_bytes", "CUDA memory held by this worker's model", labels=["device", "kind"]
         )
-        if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
-            for n in range(torch.cuda.device_count()):
-                family.add_metric([f"cuda:{n}", "allocated"], torch.cuda.memory_allocated(n))
-                family.add_metric([f"cuda:{n}", "reserved"], torch.cuda.memory_reserved(n))
+        for device, allocated, reserved in self.read():
+            family.add_metric([device, "allocated"], allocated)
+            family.add_metric([device, "reserved"], reserved)
         yield family
 
 
@@ -79,7 +92,8 @@ class WorkerMetrics:
         self.webhook_latency = Histogram(
             "dreambatch_worker_webhook_latency_seconds", "per delivery attempt", buckets=SECONDS, registry=r
         )
-        r.register(GpuMemoryCollector())
+        self.gpu_memory = GpuMemoryCollector()
+        r.register(self.gpu_memory)
 
     def item_ended(self, model: str, status: str, timings: Timings) -> None:
         self.items.labels(model, status).inc()

@@ -54,7 +54,7 @@ from jobs.submit import now_iso
 from worker import geometry, imaging, loras, safety, webhooks
 from worker.leases import Leases
 from worker.metrics import WorkerMetrics
-from worker.runners.base import EditRequest, GenerateRequest, Runner
+from worker.runners.base import EditRequest, GenerateRequest, Runner, step_index
 from worker.runners.lora import LoraChoice
 
 if TYPE_CHECKING:
@@ -350,7 +350,7 @@ def _run_edit(ctx: Context, job: JobRecord, item: ItemRecord) -> tuple[list, Ite
     with ctx.gpu_lock:
         _stop_if_cancelled(ctx, item)
         with _model_failures():
-            result = runner.edit(request, on_step=lambda info: check(info.index))
+            result = runner.edit(request, on_step=lambda info: check(step_index(info)))
     _record_model_time(ctx, item, result, asked)
     output = ItemOutput(
         seed=item.seed,

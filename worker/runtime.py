@@ -22,6 +22,7 @@ from worker import safety
 from worker.finisher import Finisher
 from worker.leases import Leases
 from worker.metrics import WorkerMetrics
+from worker.modelproc import ModelProcess
 from worker.process import Context
 from worker.runners.base import Runner
 from worker.webhooks import DeliverySlots
@@ -105,15 +106,22 @@ class Runtime:
         weights: str | None = None,
         device: str = "cpu",
         runner_factory: Callable[[], Runner] | None = None,
+        model_process: tuple | None = None,
     ):
+        """`model_process`: run the model in a process of its own (worker.modelproc), whose logging is
+        `jobs.logs.configure(*model_process)`; a GPU worker does. None: in this process (local mode, tests)."""
         self.services = services
         self.settings = settings = services.settings
         self.model = model
         self.safety = safety.Lazy(settings.safety, device)  # loaded on the first item it checks
         self._runner: Runner | None = None
-        self._runner_factory = runner_factory or (
-            lambda: build_runner(self._model_name(), weights, device, settings.runner)
-        )
+        if runner_factory is not None:
+            self._runner_factory = runner_factory
+        elif model_process is not None:
+            self._runner_factory = lambda: ModelProcess(self._model_name(), weights, device, settings.runner,
+                                                        model_process)  # fmt: skip
+        else:
+            self._runner_factory = lambda: build_runner(self._model_name(), weights, device, settings.runner)
         # a micro-batching runner has its own model thread, the only one touching the GPU: no lock around calls
         self._model_lock = (
             contextlib.nullcontext() if runner_factory is None and batches(model, settings.runner) else None
@@ -149,6 +157,8 @@ class Runtime:
                 runner = self._runner_factory()
                 runner.load()
                 self._runner = runner
+                if isinstance(runner, ModelProcess):  # the model's CUDA memory is its process's
+                    self.metrics.gpu_memory.read = runner.cuda_memory
             return self._runner
 
     def _model_name(self) -> str:

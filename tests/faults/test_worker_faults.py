@@ -74,10 +74,37 @@ def test_worker_sigkilled_mid_item_is_redelivered_and_the_ledger_balances(
     assert ledger.extra_attempts >= 1  # the item in flight ran again, once more, harmlessly
 
 
-def test_an_item_that_kills_its_worker_every_time_ends_failed_and_the_rest_complete(
+def test_an_item_that_kills_its_model_process_every_time_ends_failed_and_the_worker_goes_on(
     redis_server, s3_endpoint, tiny_dir, bucket, start_worker, tmp_path
 ):
     cfg = {**FAST_REDELIVERY, "DREAMBATCH_CELERY__MAX_ATTEMPTS": "2"}
+    env = service_env(redis_server.url, s3_endpoint, tiny_dir, **cfg)
+    start_worker("worker", "--io", **cfg).wait_ready()
+    gpu = start_worker(*GPU, "--concurrency", "1", program=POISON, POISON_KILLS="model", **cfg)
+    gpu.wait_ready()
+    ids = ["a", "poison", "b", "c"]
+    job_id = submit(env, manifest(tmp_path / "m.jsonl", ids, poison="poison"), f"s3://{bucket}/m", 2)
+    store = RedisStore.from_url(redis_server.url)
+    job = wait_end(store, job_id, 180)
+    assert gpu.proc.poll() is None  # the worker itself never went down
+    assert gpu.log.read_text().count("exited with code -9") == 2  # a new model process for the second try
+    ledger = check_ledger(
+        s3_client(s3_endpoint),
+        bucket,
+        "m",
+        job_id,
+        ids,
+        expect={"a": "completed", "poison": "failed", "b": "completed", "c": "completed"},
+    )
+    poison = next(x for x in ledger.lines if x["id"] == "poison")
+    assert "the model process exited (code -9)" in poison["error"] and "(after 2 attempts)" in poison["error"]
+    assert job.status == "completed" and job.counts["failed"] == 1
+
+
+def test_an_item_that_kills_its_worker_every_time_ends_failed_and_the_rest_complete(
+    redis_server, s3_endpoint, tiny_dir, bucket, start_worker, tmp_path
+):
+    cfg = {**FAST_REDELIVERY, "DREAMBATCH_CELERY__MAX_ATTEMPTS": "2", "POISON_KILLS": "worker"}
     env = service_env(redis_server.url, s3_endpoint, tiny_dir, **cfg)
     start_worker("worker", "--io", **cfg).wait_ready()
     ids = ["a", "b", "poison", "c"]

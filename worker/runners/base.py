@@ -105,6 +105,11 @@ class RunOutput:
     stages: dict[str, float] = field(default_factory=dict)  # inference_s by stage (STAGES), as far as it splits
 
 
+def step_index(info: Any) -> int:
+    """The 0-based step an `on_step` argument names: I1 runners pass the index, E1's a StepInfo."""
+    return info if isinstance(info, int) else info.index
+
+
 class Runner(Protocol):
     """What a worker calls on its model: every caller (process.py, runtime.py, the micro-batcher) uses only
     this. Which of `generate` / `edit` an item needs is its model's kind in `jobs.models.MODELS`; a runner
