@@ -283,8 +283,8 @@ def _spans(cpus: list[int]) -> str:
 
 def _portable(exc: BaseException) -> BaseException:
     """`exc` as it can cross the pipe: itself when it pickles (with the child's traceback as a note, for the
-    worker's log), else a ModelError (a ConfigError while loading) with its text, as the worker's own
-    `_model_failures` boundary would have made of it."""
+    worker's log), else a ModelError with its text, as the worker's own `_model_failures` boundary would have
+    made of it (a ConfigError stays one)."""
     if not isinstance(exc, DreambatchError):
         exc.add_note("in the model process:\n" + "".join(traceback.format_exception(exc)).rstrip())
     try:

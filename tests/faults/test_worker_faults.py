@@ -53,6 +53,20 @@ def wait_end(store: RedisStore, job_id: str, timeout: float):
     )
 
 
+def only_the_poison_failed(s3_endpoint: str, bucket: str, prefix: str, job, ids: list[str]) -> dict:
+    """The ledger of a poison job: every row completed but "poison", which failed; returns its results line."""
+    ledger = check_ledger(
+        s3_client(s3_endpoint),
+        bucket,
+        prefix,
+        job.job_id,
+        ids,
+        expect={i: "failed" if i == "poison" else "completed" for i in ids},
+    )
+    assert job.status == "completed" and job.counts["failed"] == 1
+    return next(x for x in ledger.lines if x["id"] == "poison")
+
+
 def test_worker_sigkilled_mid_item_is_redelivered_and_the_ledger_balances(
     redis_server, s3_endpoint, tiny_dir, bucket, start_worker, tmp_path
 ):
@@ -88,17 +102,8 @@ def test_an_item_that_kills_its_model_process_every_time_ends_failed_and_the_wor
     job = wait_end(store, job_id, 180)
     assert gpu.proc.poll() is None  # the worker itself never went down
     assert gpu.log.read_text().count("exited with code -9") == 2  # a new model process for the second try
-    ledger = check_ledger(
-        s3_client(s3_endpoint),
-        bucket,
-        "m",
-        job_id,
-        ids,
-        expect={"a": "completed", "poison": "failed", "b": "completed", "c": "completed"},
-    )
-    poison = next(x for x in ledger.lines if x["id"] == "poison")
+    poison = only_the_poison_failed(s3_endpoint, bucket, "m", job, ids)
     assert "the model process exited (code -9)" in poison["error"] and "(after 2 attempts)" in poison["error"]
-    assert job.status == "completed" and job.counts["failed"] == 1
 
 
 def test_an_item_that_kills_its_worker_every_time_ends_failed_and_the_rest_complete(
@@ -122,17 +127,8 @@ def test_an_item_that_kills_its_worker_every_time_ends_failed_and_the_rest_compl
         w.kill()
     job = wait_end(store, job_id, 5)
     assert deaths == 2  # it took down its worker max_attempts times, then stopped looping
-    ledger = check_ledger(
-        s3_client(s3_endpoint),
-        bucket,
-        "p",
-        job_id,
-        ids,
-        expect={"a": "completed", "b": "completed", "poison": "failed", "c": "completed"},
-    )
-    poison = next(x for x in ledger.lines if x["id"] == "poison")
+    poison = only_the_poison_failed(s3_endpoint, bucket, "p", job, ids)
     assert "gave up after 2 attempts" in poison["error"]
-    assert job.status == "completed" and job.counts["failed"] == 1
 
 
 def test_sigterm_finishes_the_running_item_and_leaves_the_rest_queued(

@@ -18,7 +18,6 @@ from typing import Any
 from jobs.errors import ConfigError
 from jobs.models import MODELS
 from worker.runners.layout import EDITING_PIPELINE, LORA_FILE, LORA_TARGETS, REFINE_DIR
-from worker.runners.schedulers import make_scheduler
 
 TINY_DIR_ENV = "DREAMBATCH_TINY_DIR"  # root for tiny weights, one folder per model
 _CORPUS = [
@@ -88,6 +87,8 @@ def make_tiny(model: str, out_dir: Path, seed: int = 0) -> Path:
     HiDream-I1 models are built here; the E1 editing models (`kind == "edit"`) in `weights_e1`.
     """
     import torch
+
+    from worker.runners.schedulers import make_scheduler  # (diffusers: only to build the weights)
 
     if model not in MODELS:
         raise ConfigError(f"unknown model {model!r}; expected one of {sorted(MODELS)}")
@@ -301,6 +302,8 @@ def make_tiny_edit(model: str, out_dir: Path, seed: int = 0) -> Path:
     """
     import torch
     from safetensors.torch import save_file
+
+    from worker.runners.schedulers import make_scheduler  # (diffusers: only to build the weights)
 
     if model not in MODELS or MODELS[model].kind != "edit":
         raise ConfigError(f"unknown HiDream-E1 model {model!r}; expected e1-1 or e1-full")
