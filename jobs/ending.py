@@ -39,19 +39,23 @@ def end_items(
     finalize: Callable[[str], None],
     failure: Failure | None = None,
     reason: str | None = None,
+    alongside: Callable[[], object] | None = None,
 ) -> list[str]:
     """End each of `items` (of `job`, whose record lives in `objects`) as `status`, with `failure` (why it has
-    no output) or `reason` (why it was cancelled). Returns the ids of those this call ended."""
+    no output) or `reason` (why it was cancelled). `alongside` (one item only): writes done side by side with
+    its record, before its move (a completed item's images). Returns the ids of those this call ended."""
     at = now_iso()
 
     def end(item: ItemRecord) -> Transition:
         item.status, item.reason, item.updated_at = status, reason, at
         item.error, item.error_kind = (failure.message, failure.kind) if failure else (None, None)
-        # 1. the durable record, then 2. the move
-        records.write_item_result(objects, item)
+        # 1. the durable record (and what goes beside it), then 2. the move
+        records.write_item_result(objects, item, alongside)
         return store.transition(item, status)
 
     items = list(items)
+    if alongside is not None and len(items) != 1:
+        raise ValueError("writes alongside an item's record are for one item")
     if len(items) > 1:  # several items (a cancel): their records are written side by side, each before its move
         with ThreadPoolExecutor(min(AT_ONCE, len(items)), thread_name_prefix="end-items") as pool:
             moves = list(pool.map(end, items))
@@ -85,11 +89,21 @@ def end_item(
     finalize: Callable[[str], None],
     failure: Failure | None = None,
     reason: str | None = None,
+    alongside: Callable[[], object] | None = None,
 ) -> bool:
     """`end_items` for one item: whether this call ended it."""
     return bool(
         end_items(
-            store, objects, job, [item], status, publish=publish, finalize=finalize, failure=failure, reason=reason
+            store,
+            objects,
+            job,
+            [item],
+            status,
+            publish=publish,
+            finalize=finalize,
+            failure=failure,
+            reason=reason,
+            alongside=alongside,
         )
     )
 

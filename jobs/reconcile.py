@@ -4,7 +4,9 @@ The record under the job's output location (jobs.records) is enough: job.json is
 its cancel flag), rows.jsonl holds every row's normalized params, and items/{item}.json is written
 *before* the live state says an item ended, whoever ends it (jobs.ending: a worker, `cancel JOB`,
 the expiry sweep). So an item with a result record ended (its recorded status, output, seed, error,
-error kind, reason, attempts, timings and weights revision are restored); a row rejected at submit
+error kind, reason, attempts, timings and weights revision are restored), unless it says completed
+and its outputs are not there (a worker writes a completed item's record and its images side by side
+and stopped between them: the item runs again); a row rejected at submit
 is a failed item; every other item is queued and its task is published again. Nothing that ended is
 run twice. A job whose items have all ended is finalized, or put back in its terminal state if its
 results.jsonl exists.
@@ -24,6 +26,7 @@ are sent (nobody had sent them).
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -36,6 +39,8 @@ from jobs.lifecycle import ItemStatus, JobStatus, job_outcome
 from jobs.models import Event, ItemOutput, ItemRecord, JobRecord, Timings, item_event_id, job_event_id
 from jobs.storage import ObjectStore
 from jobs.store import Store
+
+log = logging.getLogger("dreambatch.reconcile")
 
 
 @dataclass
@@ -121,6 +126,10 @@ def reconcile(
     if rows is None:
         raise JobNotFound(f"no rows.jsonl for job {job_id!r} under {getattr(objects, 'location', '?')}")
     results = records.read_item_results(objects, job_id)
+    for item_id in records.outputs_missing(objects, job.output, job_id, results):
+        # its record landed, its images did not (the worker stopped between them): it runs again
+        log.warning("job %s: item %s is recorded completed without its outputs; it runs again", job_id, item_id)
+        del results[item_id]
     has_results = records.has_results(objects, job_id)
     items = [_item(job, row, results.get(str(row["id"]))) for row in rows]
 

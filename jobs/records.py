@@ -93,12 +93,22 @@ def open_job(store: ObjectStore, job: JobRecord) -> None:
     side_by_side(lambda: write_job_spec(store, job), lambda: mark_open(store, job))
 
 
-def close_job(store: ObjectStore, job: JobRecord, outbox_until: float | None = None) -> None:
-    """A finished job's final job.json, its _open marker's removal and (`outbox_until`) its outbox marker, side
-    by side: one round trip on the finalizer's path to the job's webhook, not three. Any order is safe:
-    results.jsonl, written before the job finished, is what reconcile reads a job's end from; a marker left
-    behind is swept as ended; the events go out only once all three are written."""
-    writes = [lambda: write_job_spec(store, job), lambda: mark_ended(store, job.job_id)]
+def close_job(
+    store: ObjectStore,
+    job: JobRecord,
+    items: Iterable[ItemRecord] | None = None,
+    outbox_until: float | None = None,
+) -> None:
+    """A finished job's durable end, side by side: results.jsonl (the result lines of `items`, when given),
+    its final job.json, its _open marker's removal and (`outbox_until`) its outbox marker: one round trip on
+    the finalizer's path to the job's webhook, not four. The finalizer writes them before Redis marks the
+    job ended (worker.process.finalize_job), so a job Redis calls ended has them all; one that stops half way
+    is finalized again by its redelivered message. Any order among them is safe: after a Redis loss,
+    reconcile takes a job's end from results.jsonl and job.json together; a marker left behind is swept as
+    ended; the events go out only once all are written."""
+    writes: list[Callable[[], object]] = [lambda: write_job_spec(store, job), lambda: mark_ended(store, job.job_id)]
+    if items is not None:
+        writes.append(lambda: write_results(store, job.job_id, items, job.model))
     if outbox_until is not None:
         writes.append(lambda: mark_outbox(store, job.job_id, outbox_until))
     side_by_side(*writes)
@@ -158,10 +168,17 @@ def write_input(store: ObjectStore, job_id: str, item_id: str, ext: str, data: b
 RECORD_FIELDS = {"round", "round_start_attempts", "enqueued_at", "created_at", "updated_at"}
 
 
-def write_item_result(store: ObjectStore, item: ItemRecord) -> str:
+def write_item_result(store: ObjectStore, item: ItemRecord, alongside: Callable[[], object] | None = None) -> None:
+    """The item's record as it is now, written side by side with `alongside` (its outputs' writes: a record
+    may land before its outputs, so reconcile trusts a completed record only with its outputs there,
+    `outputs_missing`)."""
     key = keys.S3_ITEM_RESULT.format(prefix="", job_id=item.job_id, item_id=item.item_id)
     line = {"job_id": item.job_id, **item.result_line(), **item.model_dump(mode="json", include=RECORD_FIELDS)}
-    return store.put(key, json.dumps(line).encode(), JSON)
+    data = json.dumps(line).encode()
+    if alongside is None:
+        store.put(key, data, JSON)
+    else:
+        side_by_side(lambda: store.put(key, data, JSON), alongside)
 
 
 def read_item_result(store: ObjectStore, job_id: str, item_id: str) -> dict[str, Any] | None:
@@ -183,6 +200,31 @@ def read_item_results(store: ObjectStore, job_id: str) -> dict[str, dict[str, An
             rec = json.loads(data)
             found[str(rec.get("id", name.removesuffix(".json")))] = rec
     return found
+
+
+def outputs_missing(store: ObjectStore, location: str, job_id: str, ended: dict[str, dict[str, Any]]) -> set[str]:
+    """The ids of the completed records in `ended` (by item id, of job `job_id` in `store` at `location`)
+    whose output objects are not all there: one listing of the job's folder, a HEAD for each output outside
+    it."""
+    folder = keys.S3_JOB_FOLDER.format(prefix="", job_id=job_id)
+    present: set[str] | None = None
+    missing = set()
+    for item_id, rec in ended.items():
+        if rec.get("status") != "completed":
+            continue
+        for image in (rec.get("output") or {}).get("images") or []:
+            key = key_of(location, image.get("s3_uri") or "")
+            if key is None:
+                continue
+            if key.startswith(folder):
+                present = set(store.keys(folder)) if present is None else present
+                found = key in present
+            else:
+                found = store.head(key) is not None
+            if not found:
+                missing.add(item_id)
+                break
+    return missing
 
 
 # --- results.jsonl ----------------------------------------------------------------------------

@@ -27,6 +27,10 @@ class ObjectStore(Protocol):
 
     def put_file(self, key: str, path: Path, content_type: str) -> str: ...
 
+    def uri(self, key: str) -> str:
+        """The URI `put` returns for `key`, known before it is written."""
+        ...
+
     def get(self, key: str, max_bytes: int | None = None) -> bytes | None:
         """The object's bytes, or None when it does not exist; InputError when over `max_bytes`."""
         ...
@@ -196,6 +200,9 @@ class S3Store:
             ContentType=content_type,
             Metadata=metadata or {},
         )
+        return self.uri(key)
+
+    def uri(self, key: str) -> str:
         return f"s3://{self.bucket}/{self._key(key)}"
 
     def put_file(self, key: str, path: Path, content_type: str) -> str:
@@ -207,7 +214,7 @@ class S3Store:
                 Key=self._key(key),
                 ExtraArgs={"ContentType": content_type},
             )
-        return f"s3://{self.bucket}/{self._key(key)}"
+        return self.uri(key)
 
     def get(self, key: str, max_bytes: int | None = None) -> bytes | None:
         resp = self._call(self.client.get_object, Bucket=self.bucket, Key=self._key(key))
@@ -321,6 +328,9 @@ class LocalStore:
             fh.write(data)
         os.replace(tmp, path)  # atomic: a reader never sees half a file
         return str(path)
+
+    def uri(self, key: str) -> str:
+        return str(self._path(key))
 
     def put_file(self, key: str, path: Path, content_type: str) -> str:
         return self.put(key, path.read_bytes(), content_type)

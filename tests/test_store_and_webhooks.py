@@ -309,3 +309,66 @@ def test_a_redelivered_item_that_ended_sends_its_lost_webhook_once_and_finalizes
     assert process.finalize_job(ctx, job_id) is None
     assert process.finalize_job(ctx, job_id) is None
     assert notified[1:] == [(job_id, None, job_event_id(job_id, "completed"))]
+
+
+def test_a_job_redis_calls_ended_has_its_durable_end_and_a_losing_finalizer_leaves_the_winners_record(store, tmp_path):
+    """The finalizer writes results.jsonl, the final job.json and the markers side by side before Redis marks
+    the job ended: whoever sees it ended (the API's waiters, a webhook receiver) finds them there. A second
+    finalizer that loses the race leaves job.json as the winner ended it."""
+    from jobs import records
+    from jobs.models import job_event_id
+    from jobs.settings import Settings
+    from jobs.storage import LocalStore
+    from worker import process
+
+    objects = LocalStore(str(tmp_path))
+    job_id = f"j-{os.urandom(4).hex()}"
+    job = _job(job_id, 2).model_copy(update={"output": str(tmp_path), "webhook": "https://x.test/h"})
+    store.create_job(job)
+    records.open_job(objects, job)
+    items = [_item(job_id, "a", 1), _item(job_id, "b", 2)]
+    store.add_items(items)
+    for item in items:
+        store.transition(item, ItemStatus.RUNNING, count_attempt=True)
+        store.transition(item, ItemStatus.COMPLETED)
+    seen_at_the_end = []
+    real_finish = store.finish_job
+
+    def finish_job(job_id, status, results_uri, at):
+        written = records.read_job(objects, job_id)
+        seen_at_the_end.append(
+            (records.read_results(objects, job_id), written.status, written.finished_at, records.open_jobs(objects))
+        )
+        return real_finish(job_id, status, results_uri, at)
+
+    store.finish_job = finish_job
+    notified = []
+    ctx = process.Context(
+        settings=Settings(),
+        store=store,
+        runner=lambda: None,
+        objects=lambda _: objects,
+        notify=notified.extend,
+        finalize=lambda _: None,
+    )
+    assert process.finalize_job(ctx, job_id) == "completed"
+    results, status, finished_at, still_open = seen_at_the_end[0]
+    assert [line["id"] for line in results] == ["a", "b"] and status == JobStatus.COMPLETED and finished_at
+    assert still_open == []
+    ended = store.get_job(job_id)
+    assert ended.finished_at == finished_at and ended.results_uri == objects.uri(records.results_key(job_id))
+    assert records.read_job(objects, job_id).results_uri == ended.results_uri
+    assert notified == [(job_id, None, job_event_id(job_id, "completed"))]
+
+    # a finalizer that read the job before the other ended it, and loses the race to mark it ended
+    other = f"j-{os.urandom(4).hex()}"
+    store.create_job(job.model_copy(update={"job_id": other, "total": 0}))
+
+    def loses(job_id, status, results_uri, at):
+        real_finish(job_id, status, results_uri, "2026-11-22T00:05:00+00:00")  # the winner, a moment before
+        return real_finish(job_id, status, results_uri, at)
+
+    store.finish_job = loses
+    assert process.finalize_job(ctx, other) is None
+    assert records.read_job(objects, other).finished_at == "2026-11-22T00:05:00+00:00"
+    assert len(notified) == 1  # the winner sends the job's event

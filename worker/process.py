@@ -9,6 +9,7 @@ plain calls in local mode.
 from __future__ import annotations
 
 import base64
+import functools
 import logging
 import random
 import re
@@ -245,10 +246,10 @@ def _run_attempt(ctx: Context, job: JobRecord, item: ItemRecord, this_round: int
             ctx.safety, item.params, images, ctx.gpu_lock, ctx.settings.safety.action
         )
 
-        # 6. encode and upload, outside the GPU lock (and the model's process) so the next item's inference overlaps
-        t0 = time.perf_counter()
-        item.output, item.timings = _beside(ctx, _uploaded, job, item, images, output.model_copy(deep=True))
-        item.timings.upload_s = round(time.perf_counter() - t0 - (item.timings.encode_s or 0.0), 4)
+        # 6. encode and store the images beside the item's record, then 7. move it, notify, and finalize the job
+        # if this was its last item: outside the GPU lock (and the model's process), so the next item's
+        # inference overlaps
+        return _end(ctx, job, item, ItemStatus.COMPLETED, images=(images, output))
     except ItemCancelled as exc:
         log.info("item %s/%s stopped: %s", item.job_id, item.item_id, exc)
         return _end(ctx, job, item, ItemStatus.CANCELLED, reason="cancelled")
@@ -266,9 +267,6 @@ def _run_attempt(ctx: Context, job: JobRecord, item: ItemRecord, this_round: int
     except Exception as exc:  # a bug must not take the worker down with it
         log.exception("item %s/%s failed", item.job_id, item.item_id)
         return _end(ctx, job, item, ItemStatus.FAILED, Failure.of(exc))
-
-    # 7. record the result, move it, notify, and finalize the job if this was its last item
-    return _end(ctx, job, item, ItemStatus.COMPLETED)
 
 
 def _announce_start(ctx: Context, job: JobRecord) -> None:
@@ -394,16 +392,12 @@ def _beside(ctx: Context, step: Callable[..., T], *args: Any) -> T:
     return ctx.finisher.run(ctx, step, *args) if ctx.finisher else step(ctx, *args)
 
 
-def _uploaded(ctx: Context, job: JobRecord, item: ItemRecord, images, out: ItemOutput) -> tuple[ItemOutput, Timings]:
-    """Step 6 where it runs: the item's images encoded and stored (`_upload`), and its timings as it left them."""
-    objects = ctx.objects(job.output)
-    return _patiently(ctx, lambda: _upload(objects, item, images, out)), item.timings
-
-
-def _upload(objects: ObjectStore, item: ItemRecord, images, out: ItemOutput) -> ItemOutput:
-    """Encode and store each image; their URIs and sizes are added to `out`."""
+def _encoded(objects: ObjectStore, item: ItemRecord, images, out: ItemOutput) -> Callable[[], None]:
+    """Encode each image into `out` (its URI, URL, size, type), and return the writes that store them: done
+    beside the item's record, they time themselves into its timings (upload_s, total_s)."""
     fmt, quality = item.params["output_format"], item.params["output_quality"]
     item.timings.encode_s = 0.0
+    writes = []
     for n, image in enumerate(images):
         encoding = time.perf_counter()
         data, content_type = imaging.encode(image, fmt, quality)
@@ -416,11 +410,12 @@ def _upload(objects: ObjectStore, item: ItemRecord, images, out: ItemOutput) -> 
             key = keys.S3_OUTPUT.format(
                 prefix="", job_id=item.job_id, item_id=item.item_id, suffix=suffix, ext=EXTENSIONS[fmt]
             )
-        uri = objects.put(key, data, content_type, {"seed": str(item.seed), "item": item.item_id, **_source(item)})
+        metadata = {"seed": str(item.seed), "item": item.item_id, **_source(item)}
+        writes.append(functools.partial(objects.put, key, data, content_type, metadata))
         b64 = base64.b64encode(data).decode() if item.params.get("response_format") == "b64_json" else None
         out.images.append(
             OutputImage(
-                s3_uri=uri,
+                s3_uri=objects.uri(key),
                 url=objects.url(key),
                 width=image.width,
                 height=image.height,
@@ -428,7 +423,19 @@ def _upload(objects: ObjectStore, item: ItemRecord, images, out: ItemOutput) -> 
                 b64_json=b64,
             )
         )
-    return out
+
+    if item.timings.started_at:  # (the record's, written beside the images: without their upload)
+        item.timings.total_s = round(time.time() - item.timings.started_at, 4)
+
+    def store() -> None:
+        started = time.perf_counter()
+        for write in writes:
+            write()
+        item.timings.upload_s = round(time.perf_counter() - started, 4)
+        if item.timings.started_at:
+            item.timings.total_s = round(time.time() - item.timings.started_at, 4)
+
+    return store
 
 
 def _source(item: ItemRecord) -> dict[str, str]:
@@ -446,13 +453,13 @@ def _end(
     status: ItemStatus,
     failure: Failure | None = None,
     reason: str | None = None,
+    images: tuple[list, ItemOutput] | None = None,
 ) -> Outcome:
     """End the item as every caller does (jobs.ending: record, move, notify, finalize), with what only this
-    process knows: the weights it ran with and its attempt's time."""
+    process knows: the weights it ran with, its attempt's time, and (`images`: a completed item's images and
+    output so far) what it made, stored beside its record."""
     item.model_revision = ctx.revision() or item.model_revision  # (loaded by now)
-    if status == ItemStatus.COMPLETED and item.timings.started_at:
-        item.timings.total_s = round(time.time() - item.timings.started_at, 4)
-    ended, item = _beside(ctx, _ended, job, item, status, failure, reason)
+    ended, item = _beside(ctx, _ended, job, item, status, failure, reason, images)
     if not ended:
         return Outcome(note="skipped")
     log.info(
@@ -469,14 +476,27 @@ def _end(
 
 
 def _ended(
-    ctx: Context, job: JobRecord, item: ItemRecord, status: ItemStatus, failure: Failure | None, reason: str | None
+    ctx: Context,
+    job: JobRecord,
+    item: ItemRecord,
+    status: ItemStatus,
+    failure: Failure | None,
+    reason: str | None,
+    images: tuple[list, ItemOutput] | None = None,
 ) -> tuple[bool, ItemRecord]:
     """`_end`'s part where it runs (jobs.ending.end_item): whether it ended the item, and the item as ended."""
-    ended = _patiently(
-        ctx,
-        lambda: end_item(
+    objects = ctx.objects(job.output)
+    if images is not None:  # (a copy: an item whose images could not be stored ends again without them)
+        item = item.model_copy(deep=True)
+
+    def end() -> bool:
+        store = None
+        if images is not None:
+            item.output = images[1].model_copy(deep=True)
+            store = _encoded(objects, item, images[0], item.output)
+        return end_item(
             ctx.store,
-            ctx.objects(job.output),
+            objects,
             job,
             item,
             status,
@@ -484,9 +504,10 @@ def _ended(
             finalize=ctx.finalize,
             failure=failure,
             reason=reason,
-        ),
-    )
-    return ended, item
+            alongside=store,
+        )
+
+    return _patiently(ctx, end), item
 
 
 SEND_GRACE = 5.0  # s the process that ended an item or a job has to publish its event before another does
@@ -545,7 +566,8 @@ def _announce_again(ctx: Context, job: JobRecord, item: ItemRecord) -> Outcome:
 
 
 def finalize_job(ctx: Context, job_id: str) -> str | None:
-    """Write results.jsonl and mark the job terminal, once. Returns the new status, or None."""
+    """Write the job's durable end (results.jsonl, job.json) and mark it terminal, once. Returns the new
+    status, or None."""
     # 1. a job that already ended is left alone, but for its webhook if the process that ended it died first
     job = ctx.store.get_job(job_id)
     if job is None:
@@ -556,18 +578,24 @@ def finalize_job(ctx: Context, job_id: str) -> str | None:
         return None
     if job.counts.get(ItemStatus.QUEUED, 0) or job.counts.get(ItemStatus.RUNNING, 0):
         return None  # a late duplicate for a job that `retry` re-opened: its last item finalizes it
-    # 2. results: one line per manifest row, in manifest order
-    uri, _ = records.write_results(ctx.objects(job.output), job_id, ctx.store.items(job_id), job.model)
-    # 3. terminal exactly once, then tell the webhook
+    # 2. its durable end: results.jsonl (one line per manifest row, in manifest order), the final job.json
+    # and the markers, side by side (records.close_job); 3. then terminal exactly once, then the webhook
+    objects = ctx.objects(job.output)
     status = job_outcome(job.counts, cancelled=job.cancel_requested)
-    if not ctx.store.finish_job(job_id, status, uri, now_iso()):
-        return None
-    job = ctx.store.get_job(job_id) or job  # (as it ended: finished_at, results_uri)
+    results_uri, at = objects.uri(records.results_key(job_id)), now_iso()
+    ended = job.model_copy(update={"status": status, "finished_at": at, "results_uri": results_uri})
     outbox = None
     if job.webhook and not isinstance(ctx.store, MemoryStore):  # (a local run has no Redis to lose)
         # its events may be retried for a while: a Redis loss meanwhile has reconcile send them again
         outbox = time.time() + ctx.settings.webhooks.retry_window
-    records.close_job(ctx.objects(job.output), job, outbox_until=outbox)
+    records.close_job(objects, ended, ctx.store.items(job_id), outbox_until=outbox)
+    if not ctx.store.finish_job(job_id, status, results_uri, at):
+        # another finalizer ended it first: its job.json, not this one's, is the record
+        winner = ctx.store.get_job(job_id)
+        if winner and winner.finished_at and winner.finished_at != at:
+            records.write_job_spec(objects, winner)
+        return None
+    job = ended
     log.info("job %s %s", job_id, status.value, extra={"job_id": job_id, "status": status.value})
     # 4. the review contact sheet, when the job asked for one (before the webhook, so it is there to open)
     if job.review_sheet:

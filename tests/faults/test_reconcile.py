@@ -288,3 +288,42 @@ def test_cancel_records_queued_items_before_they_move_so_a_rebuild_keeps_them_ca
         "b": ("cancelled", "cancelled"),
         "c": ("cancelled", "cancelled"),
     }
+
+
+def test_a_completed_record_without_its_images_runs_again(tmp_path):
+    """A worker writes a completed item's record and its images side by side: one that stopped between them
+    leaves a record whose images are not there. Reconcile runs such an item again, whether Redis lost the job
+    or still has it running; a record whose images are there (in the job's folder, or at a row's own
+    output_key) stands."""
+    from jobs import records
+    from jobs.models import ItemOutput, ItemRecord, OutputImage
+    from jobs.reconcile import reconcile
+    from jobs.store import MemoryStore
+
+    objects, job = _recorded_job(tmp_path, {"a": None, "b": None, "c": None})
+    at = job.created_at
+    keys_of = {"a": "j1/a.png", "b": "j1/b.png", "c": "mirror/c.png"}  # c: a row's own output_key
+    for n, item_id in enumerate("abc", 1):
+        image = OutputImage(s3_uri=objects.uri(keys_of[item_id]), width=8, height=8, content_type="image/png")
+        out = ItemOutput(seed=n, images=[image])
+        records.write_item_result(
+            objects,
+            ItemRecord(job_id="j1", item_id=item_id, line=n, status="completed", seed=n, output=out, created_at=at,
+                       updated_at=at),
+        )  # fmt: skip
+    objects.put(keys_of["a"], b"png", "image/png")
+    objects.put(keys_of["c"], b"png", "image/png")  # b's image never landed
+
+    queued: list[str] = []
+    report = reconcile("j1", objects, MemoryStore(), queued.extend, lambda _: None)  # Redis lost the job
+    assert report.recreated and queued == ["b"] and report.ended == 2
+
+    live, queued = MemoryStore(), []
+    live.create_job(job)
+    live.add_items(
+        [ItemRecord(job_id="j1", item_id=i, line=n, status="running", created_at=at, updated_at=at)
+         for n, i in enumerate("abc", 1)]
+    )  # fmt: skip
+    report = reconcile("j1", objects, live, queued.extend, lambda _: None)  # Redis has it, b still running
+    assert not report.recreated and queued == ["b"]
+    assert [live.get_item("j1", i).status for i in "abc"] == ["completed", "running", "completed"]
