@@ -4,9 +4,10 @@ The record under the job's output location (jobs.records) is enough: job.json is
 its cancel flag), rows.jsonl holds every row's normalized params, and items/{item}.json is written
 *before* the live state says an item ended, whoever ends it (jobs.ending: a worker, `cancel JOB`,
 the expiry sweep). So an item with a result record ended (its recorded status, output, seed, error,
-error kind, reason, attempts, timings and weights revision are restored), unless it says completed
-and its outputs are not there (a worker writes a completed item's record and its images side by side
-and stopped between them: the item runs again); a row rejected at submit
+error kind, reason, attempts, timings and weights revision are restored), unless it says completed,
+results.jsonl does not list it completed, and its outputs are not there (a worker writes a completed
+item's record and its images side by side and stopped between them: the item runs again; an image
+deleted after its job ended is not made again); a row rejected at submit
 is a failed item; every other item is queued and its task is published again. Nothing that ended is
 run twice. A job whose items have all ended is finalized, or put back in its terminal state if its
 results.jsonl exists.
@@ -126,11 +127,15 @@ def reconcile(
     if rows is None:
         raise JobNotFound(f"no rows.jsonl for job {job_id!r} under {getattr(objects, 'location', '?')}")
     results = records.read_item_results(objects, job_id)
-    for item_id in records.outputs_missing(objects, job.output, job_id, results):
+    lines = records.read_results(objects, job_id)
+    has_results = lines is not None
+    # a completion results.jsonl lists had its images stored before it moved; any other may not have
+    sealed = {str(line["id"]) for line in lines or [] if line.get("status") == ItemStatus.COMPLETED}
+    unsealed = {item_id: rec for item_id, rec in results.items() if item_id not in sealed}
+    for item_id in records.outputs_missing(objects, job.output, job_id, unsealed):
         # its record landed, its images did not (the worker stopped between them): it runs again
         log.warning("job %s: item %s is recorded completed without its outputs; it runs again", job_id, item_id)
         del results[item_id]
-    has_results = records.has_results(objects, job_id)
     items = [_item(job, row, results.get(str(row["id"]))) for row in rows]
 
     live = store.get_job(job_id)

@@ -294,7 +294,7 @@ def test_a_completed_record_without_its_images_runs_again(tmp_path):
     """A worker writes a completed item's record and its images side by side: one that stopped between them
     leaves a record whose images are not there. Reconcile runs such an item again, whether Redis lost the job
     or still has it running; a record whose images are there (in the job's folder, or at a row's own
-    output_key) stands."""
+    output_key) stands, as does one results.jsonl lists completed."""
     from jobs import records
     from jobs.models import ItemOutput, ItemRecord, OutputImage
     from jobs.reconcile import reconcile
@@ -327,3 +327,11 @@ def test_a_completed_record_without_its_images_runs_again(tmp_path):
     report = reconcile("j1", objects, live, queued.extend, lambda _: None)  # Redis has it, b still running
     assert not report.recreated and queued == ["b"]
     assert [live.get_item("j1", i).status for i in "abc"] == ["completed", "running", "completed"]
+
+    # once results.jsonl lists b completed (its job ended), an image of it deleted since is not made again
+    ended = [ItemRecord(job_id="j1", item_id=i, line=n, status="completed", created_at=at, updated_at=at)
+             for n, i in enumerate("abc", 1)]  # fmt: skip
+    records.write_results(objects, "j1", ended)
+    queued = []
+    report = reconcile("j1", objects, MemoryStore(), queued.extend, lambda _: None)
+    assert report.recreated and queued == [] and report.ended == 3
