@@ -14,7 +14,8 @@ import functools
 import json
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -265,24 +266,25 @@ def _submit_to_api(api: str, key: str | None, manifest: Path, fields: list, *, w
     except ManifestInvalid as exc:
         raise report_invalid(exc) from None
     counts = made.get("counts") or {}
-    _submitted(made["id"], made.get("queued", 0), made.get("rejected", 0), counts.get("total", 0), json_)
-    if not json_:
-        for note in (n for n in made.get("notes") or [] if "not checked before queueing" in n):  # jobs.manifest
-            err.print(f"note: {note}", highlight=False, soft_wrap=True)
-    if made.get("warning"):
-        warn(made["warning"])
-    if wait:
-        status = made
-        seen = None
-        while not status.get("finished_at"):
-            time.sleep(0.5)
-            status = remote.job(api, key, made["id"])
-            counts = status.get("counts") or {}
-            line = f"{lifecycle.ended(counts)}/{counts.get('total', 0)} ended ({status.get('status')})"
-            if line != seen and not json_:
-                err.print(line, highlight=False)
-            seen = line
-        raise typer.Exit(0 if status.get("status") == JobStatus.COMPLETED else 1)
+    with _watching(made["id"]):
+        _submitted(made["id"], made.get("queued", 0), made.get("rejected", 0), counts.get("total", 0), json_)
+        if not json_:
+            for note in (n for n in made.get("notes") or [] if "not checked before queueing" in n):  # jobs.manifest
+                err.print(f"note: {note}", highlight=False, soft_wrap=True)
+        if made.get("warning"):
+            warn(made["warning"])
+        if wait:
+            status = made
+            seen = None
+            while not status.get("finished_at"):
+                time.sleep(0.5)
+                status = remote.job(api, key, made["id"])
+                counts = status.get("counts") or {}
+                line = f"{lifecycle.ended(counts)}/{counts.get('total', 0)} ended ({status.get('status')})"
+                if line != seen and not json_:
+                    err.print(line, highlight=False)
+                seen = line
+            raise typer.Exit(0 if status.get("status") == JobStatus.COMPLETED else 1)
 
 
 def _submitted(job_id: str, queued: int, rejected: int, total: int, json_: bool) -> None:
@@ -353,15 +355,16 @@ def _submit_here(
     except DreambatchError as exc:
         raise fail(str(exc)) from None
     job_id = sub.job.job_id
-    _submitted(job_id, sub.queued, sub.rejected, sub.job.total, json_)
-    if not json_:
-        for note in (n for n in sub.report.notes if "not checked before queueing" in n):  # jobs.manifest
-            err.print(f"note: {note}", highlight=False, soft_wrap=True)
-    if sub.queued and (warning := no_worker_warning(get_services().store.workers(), model)):
-        warn(warning)
-    if wait:
-        job = _watch(job_id, quiet=json_)
-        raise typer.Exit(0 if job.status == JobStatus.COMPLETED else 1)
+    with _watching(job_id):
+        _submitted(job_id, sub.queued, sub.rejected, sub.job.total, json_)
+        if not json_:
+            for note in (n for n in sub.report.notes if "not checked before queueing" in n):  # jobs.manifest
+                err.print(f"note: {note}", highlight=False, soft_wrap=True)
+        if sub.queued and (warning := no_worker_warning(get_services().store.workers(), model)):
+            warn(warning)
+        if wait:
+            job = _watch(job_id, quiet=json_, warn_unserved=False)
+            raise typer.Exit(0 if job.status == JobStatus.COMPLETED else 1)
 
 
 def reconcile(
@@ -648,14 +651,26 @@ def _status_object(job: JobRecord, steps: dict[str, tuple[int, int]] | None = No
     }
 
 
-def _watch(job_id: str, quiet: bool = False, interval: float = 0.5) -> JobRecord:
-    """A live bar until the job ends: ended/total, failed, the rate and ETA of what ended while watching
-    (jobs.pace.Meter) and the running items' denoising steps."""
-    from jobs import pace
-    from jobs.services import get_services
+@contextmanager
+def _watching(job_id: str) -> Iterator[None]:
+    """A Ctrl-C once the job exists, at any moment (its id being printed, the watch's set-up, the bar), stops
+    watching it, not the job: say so and how to watch again (typer would exit 130 without a word)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        err.print(f"stopped watching; job {job_id} goes on: dreambatch status {job_id} --watch", soft_wrap=True)
+        raise typer.Exit(130) from None
 
-    try:  # (a Ctrl-C at any moment of the watch, its set-up included, stops watching, not the job)
+
+def _watch(job_id: str, quiet: bool = False, interval: float = 0.5, *, warn_unserved: bool = True) -> JobRecord:
+    """A live bar until the job ends: ended/total, failed, the rate and ETA of what ended while watching
+    (jobs.pace.Meter) and the running items' denoising steps; `warn_unserved`: first say if no live worker
+    serves it (a submit has said so already)."""
+    with _watching(job_id):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+        from jobs import pace
+        from jobs.services import get_services
 
         columns = [
             TextColumn("{task.description}", markup=False),
@@ -668,7 +683,7 @@ def _watch(job_id: str, quiet: bool = False, interval: float = 0.5) -> JobRecord
         ]
         services = get_services()
         job = _load_job(job_id)
-        if not job.finished_at and not quiet and (warning := _unserved(job)):
+        if warn_unserved and not job.finished_at and not quiet and (warning := _unserved(job)):
             warn(warning)
         meter = pace.Meter()
         with Progress(*columns, console=err, disable=quiet) as progress:
@@ -690,9 +705,6 @@ def _watch(job_id: str, quiet: bool = False, interval: float = 0.5) -> JobRecord
                 if job.finished_at or job.submit_aborted:
                     return job
                 time.sleep(interval)
-    except KeyboardInterrupt:
-        err.print(f"stopped watching; job {job_id} goes on: dreambatch status {job_id} --watch", soft_wrap=True)
-        raise typer.Exit(130) from None
 
 
 def _unserved(job: JobRecord) -> str | None:

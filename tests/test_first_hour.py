@@ -578,6 +578,7 @@ def test_a_job_nobody_serves_is_named_at_submit_in_status_and_top(
     finally:
         proc.stop()
     assert rc == 130 and "stopped watching" in proc.text and "Traceback" not in proc.text, proc.text
+    assert proc.text.count("no live worker serves") == 1, proc.text  # (said by the submit, not again by its watch)
     [job_id] = re.findall(r"^\d{8}-\d{6}-[0-9a-f]{8}$", proc.text, re.M)
     status, top = answers([(["status", job_id], env), (["top", "--once"], env)])
     for a in (status, top):
