@@ -40,10 +40,12 @@ def end_items(
     failure: Failure | None = None,
     reason: str | None = None,
     alongside: Callable[[], object] | None = None,
+    written: Callable[[], object] | None = None,
 ) -> list[str]:
     """End each of `items` (of `job`, whose record lives in `objects`) as `status`, with `failure` (why it has
     no output) or `reason` (why it was cancelled). `alongside` (one item only): writes done side by side with
-    its record, before its move (a completed item's images). Returns the ids of those this call ended."""
+    its record, before its move (a completed item's images); `written`: called once they are all stored,
+    before the move (what fails after it is not the writes'). Returns the ids of those this call ended."""
     at = now_iso()
 
     def end(item: ItemRecord) -> Transition:
@@ -51,6 +53,8 @@ def end_items(
         item.error, item.error_kind = (failure.message, failure.kind) if failure else (None, None)
         # 1. the durable record (and what goes beside it), then 2. the move
         records.write_item_result(objects, item, alongside)
+        if written is not None:
+            written()
         return store.transition(item, status)
 
     items = list(items)
@@ -90,6 +94,7 @@ def end_item(
     failure: Failure | None = None,
     reason: str | None = None,
     alongside: Callable[[], object] | None = None,
+    written: Callable[[], object] | None = None,
 ) -> bool:
     """`end_items` for one item: whether this call ended it."""
     return bool(
@@ -104,6 +109,7 @@ def end_item(
             failure=failure,
             reason=reason,
             alongside=alongside,
+            written=written,
         )
     )
 

@@ -100,13 +100,14 @@ def close_job(
     outbox_until: float | None = None,
 ) -> None:
     """A finished job's durable end, side by side: results.jsonl (the result lines of `items`, when given),
-    its final job.json, its _open marker's removal and (`outbox_until`) its outbox marker: one round trip on
-    the finalizer's path to the job's webhook, not four. The finalizer writes them before Redis marks the
-    job ended (worker.process.finalize_job), so a job Redis calls ended has them all; one that stops half way
-    is finalized again by its redelivered message. Any order among them is safe: after a Redis loss,
-    reconcile takes a job's end from results.jsonl and job.json together; a marker left behind is swept as
-    ended; the events go out only once all are written."""
-    writes: list[Callable[[], object]] = [lambda: write_job_spec(store, job), lambda: mark_ended(store, job.job_id)]
+    its final job.json and (`outbox_until`) its outbox marker: one round trip on the finalizer's path to the
+    job's webhook, not three. The finalizer writes them before Redis marks the job ended
+    (worker.process.finalize_job), so a job Redis calls ended has them all; one that stops half way is
+    finalized again by its redelivered message. Any order among them is safe: after a Redis loss, reconcile
+    takes a job's end from results.jsonl and job.json together; the events go out only once all are
+    written. Its _open marker goes only after Redis has the end (`mark_ended`): a marker gone with
+    results.jsonl not written would leave a Redis loss nothing to find the job by."""
+    writes: list[Callable[[], object]] = [lambda: write_job_spec(store, job)]
     if items is not None:
         writes.append(lambda: write_results(store, job.job_id, items, job.model))
     if outbox_until is not None:

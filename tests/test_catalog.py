@@ -373,6 +373,22 @@ def test_only_completed_items_of_an_ended_run_are_recorded_and_a_run_in_flight_i
     assert set(ledger.entries) == {"p/a.jpg"} and ledger.entries["p/a.jpg"]["fp"] == "fa" and ledger.pending == []
 
 
+def test_a_run_whose_live_state_is_gone_records_only_the_completions_whose_images_are_there(tmp_path):
+    """No results.jsonl and no live job (Redis lost it): the run is read from its items' records, and a
+    completed record whose image never landed (its worker stopped between the two) is not an edit."""
+    objects, store = LocalStore(str(tmp_path)), MemoryStore()
+    run = {"items": {"a-1": {"key": "p/a.jpg", "fp": "fa"}, "b-2": {"key": "p/b.jpg", "fp": "fb"}}}
+    objects.put(keys.S3_CATALOG_RUN.format(prefix="", name="n", job_id="J2"), json.dumps(run).encode(), "x")
+    for item_id in run["items"]:
+        image = {"s3_uri": objects.uri(f"J2/{item_id}.png")}
+        record = {"job_id": "J2", "id": item_id, "status": "completed", "output": {"images": [image]}}
+        objects.put(f"J2/items/{item_id}.json", json.dumps(record).encode(), "x")
+    objects.put("J2/a-1.png", b"png", "image/png")  # b-2's image is not there
+    ledger = Ledger(pending=["J2"])
+    assert fold(ledger, objects, store, "n") == (["J2"], {})
+    assert set(ledger.entries) == {"p/a.jpg"}
+
+
 def test_rejected_and_failed_items_count_failed_runs_per_fingerprint_and_an_aborted_submission_is_not_in_flight(
     tmp_path,
 ):

@@ -83,7 +83,7 @@ def test_fanout_counts_the_queued_messages_of_every_priority(redis_server):
     assert queued_messages(client, keys.gpu_queue(model)) == 6
 
 
-def test_closing_a_job_writes_its_final_spec_and_removes_its_open_marker(tmp_path):
+def test_closing_a_job_writes_its_final_spec_and_leaves_its_open_marker_to_the_finalizer(tmp_path):
     objects = LocalStore(str(tmp_path / "out"))
     job = JobRecord(job_id="j1", model="i1-fast", output=objects.location, total=1, created_at=AT, updated_at=AT)
     records.write_job_spec(objects, job)
@@ -92,5 +92,5 @@ def test_closing_a_job_writes_its_final_spec_and_removes_its_open_marker(tmp_pat
 
     job.finished_at = AT
     records.close_job(objects, job)
-    assert records.open_jobs(objects) == []
+    assert records.open_jobs(objects) == ["j1"]  # (removed once Redis has the end: worker.process.finalize_job)
     assert records.read_job(objects, "j1") == job

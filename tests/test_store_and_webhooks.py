@@ -255,6 +255,51 @@ def test_a_request_the_runner_refuses_fails_its_item_as_a_model_error_and_the_wo
     assert refused.error_kind == "model"
 
 
+def test_a_failure_after_a_completed_items_images_are_stored_is_not_recorded_as_its_failure(tmp_path):
+    """The broker is away when a completed item's finalize goes out: its record stays completed (not rewritten
+    as failed with the broker's error), and its message comes back, which finds it ended and sends the
+    finalize then."""
+    import json
+
+    from jobs.settings import Settings
+    from jobs.storage import LocalStore
+    from worker import process
+    from worker.runners.base import RunOutput
+
+    class Tiny:
+        model = "i1-fast"
+
+        def generate(self, request, on_step=None):
+            return RunOutput([Image.new("RGB", (16, 16))], request.seed, 0.01)
+
+    store, objects = MemoryStore(), LocalStore(str(tmp_path))
+    store.create_job(_job("j-after", 1).model_copy(update={"output": str(tmp_path)}))
+    store.add_items([_item("j-after", "a", 1).model_copy(update={"params": {**TINY_GENERATE_PARAMS, "prompt": "x"}})])
+    finals, broker_up = [], False
+
+    def finalize(job_id):
+        if not broker_up:
+            raise ConnectionError("broker unreachable")
+        finals.append(job_id)
+
+    ctx = process.Context(
+        settings=Settings(),
+        store=store,
+        runner=Tiny,
+        objects=lambda _loc: objects,
+        notify=lambda *a: None,
+        finalize=finalize,
+    )
+    first = process.process_item(ctx, "j-after", "a")
+    assert first.ended is None and first.retry_in and "broker unreachable" in first.note
+    record = json.loads((tmp_path / "j-after" / "items" / "a.json").read_text())
+    assert record["status"] == "completed" and record["error"] is None, record
+    assert (tmp_path / "j-after" / "a.png").exists() and store.get_item("j-after", "a").status == "completed"
+    broker_up = True
+    assert process.process_item(ctx, "j-after", "a").ended is None and finals == ["j-after"]  # the message again
+    assert json.loads((tmp_path / "j-after" / "items" / "a.json").read_text())["status"] == "completed"
+
+
 def test_a_redelivered_item_that_ended_sends_its_lost_webhook_once_and_finalizes_the_job(store, tmp_path):
     """A worker killed between an item's last transition and the messages after it: the redelivered task
     does not run the item again, but sends the event that was never published (same id), once, and
@@ -312,8 +357,9 @@ def test_a_redelivered_item_that_ended_sends_its_lost_webhook_once_and_finalizes
 
 
 def test_a_job_redis_calls_ended_has_its_durable_end_and_a_losing_finalizer_leaves_the_winners_record(store, tmp_path):
-    """The finalizer writes results.jsonl, the final job.json and the markers side by side before Redis marks
-    the job ended: whoever sees it ended (the API's waiters, a webhook receiver) finds them there. A second
+    """The finalizer writes results.jsonl, the final job.json and the outbox marker side by side before Redis
+    marks the job ended: whoever sees it ended (the API's waiters, a webhook receiver) finds them there. Its
+    _open marker goes only after that (so a Redis loss always finds the job by one or the other). A second
     finalizer that loses the race leaves job.json as the winner ended it."""
     from jobs import records
     from jobs.models import job_event_id
@@ -354,7 +400,7 @@ def test_a_job_redis_calls_ended_has_its_durable_end_and_a_losing_finalizer_leav
     assert process.finalize_job(ctx, job_id) == "completed"
     results, status, finished_at, still_open = seen_at_the_end[0]
     assert [line["id"] for line in results] == ["a", "b"] and status == JobStatus.COMPLETED and finished_at
-    assert still_open == []
+    assert still_open == [job_id] and records.open_jobs(objects) == []
     ended = store.get_job(job_id)
     assert ended.finished_at == finished_at and ended.results_uri == objects.uri(records.results_key(job_id))
     assert records.read_job(objects, job_id).results_uri == ended.results_uri

@@ -95,6 +95,13 @@ class Outcome:
         return self.ended.value if self.ended else self.note
 
 
+class AfterTheWrites(Exception):
+    """A completed item's end failed once its images and record were stored (in its move, its messages or
+    the job's finalize: Redis or the broker away), so not as the item's failure: its message comes back, and
+    finds it ended (`_announce_again`) or runs it again. Carries the error as words (it may come back from a
+    finishing process)."""
+
+
 def process_item(ctx: Context, job_id: str, item_id: str) -> Outcome:
     with logs.context(job_id=job_id, item_id=item_id):
         try:
@@ -250,6 +257,11 @@ def _run_attempt(ctx: Context, job: JobRecord, item: ItemRecord, this_round: int
         # if this was its last item: outside the GPU lock (and the model's process), so the next item's
         # inference overlaps
         return _end(ctx, job, item, ItemStatus.COMPLETED, images=(images, output))
+    except AfterTheWrites as exc:  # (not an error of the item's: what it made is stored)
+        log.warning(
+            "item %s/%s: its end stopped once its images were stored: %s; again in 1s", item.job_id, item.item_id, exc
+        )
+        return Outcome(note=f"stored; its end comes again: {exc}", retry_in=1.0)
     except ItemCancelled as exc:
         log.info("item %s/%s stopped: %s", item.job_id, item.item_id, exc)
         return _end(ctx, job, item, ItemStatus.CANCELLED, reason="cancelled")
@@ -488,6 +500,11 @@ def _ended(
     objects = ctx.objects(job.output)
     if images is not None:  # (a copy: an item whose images could not be stored ends again without them)
         item = item.model_copy(deep=True)
+    stored = False
+
+    def note_stored() -> None:
+        nonlocal stored
+        stored = True
 
     def end() -> bool:
         store = None
@@ -505,9 +522,15 @@ def _ended(
             failure=failure,
             reason=reason,
             alongside=store,
+            written=note_stored if images is not None else None,
         )
 
-    return _patiently(ctx, end), item
+    try:
+        return _patiently(ctx, end), item
+    except Exception as exc:
+        if stored:
+            raise AfterTheWrites(f"{type(exc).__name__}: {exc}") from exc
+        raise
 
 
 SEND_GRACE = 5.0  # s the process that ended an item or a job has to publish its event before another does
@@ -579,7 +602,7 @@ def finalize_job(ctx: Context, job_id: str) -> str | None:
     if job.counts.get(ItemStatus.QUEUED, 0) or job.counts.get(ItemStatus.RUNNING, 0):
         return None  # a late duplicate for a job that `retry` re-opened: its last item finalizes it
     # 2. its durable end: results.jsonl (one line per manifest row, in manifest order), the final job.json
-    # and the markers, side by side (records.close_job); 3. then terminal exactly once, then the webhook
+    # and the outbox marker, side by side (records.close_job); 3. then terminal exactly once, then the webhook
     objects = ctx.objects(job.output)
     status = job_outcome(job.counts, cancelled=job.cancel_requested)
     results_uri, at = objects.uri(records.results_key(job_id)), now_iso()
@@ -602,6 +625,9 @@ def finalize_job(ctx: Context, job_id: str) -> str | None:
         _review_sheet(ctx, job)
     if job.wants("job"):
         _notify(ctx, job_id, None, job_event_id(job_id, status.value, job.round))
+    # 5. its _open marker goes, off the webhook's path (one left behind, by a finalizer that died here, is
+    # swept as ended)
+    records.mark_ended(objects, job_id)
     return status.value
 
 

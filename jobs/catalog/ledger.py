@@ -198,8 +198,11 @@ def fold(ledger: Ledger, objects: ObjectStore, store: Store, name: str) -> tuple
 
 
 def _item_records(objects: ObjectStore, job_id: str, items: dict[str, Any]) -> list[dict[str, Any]]:
-    found = (records.read_item_result(objects, job_id, item_id) for item_id in items)
-    return [record for record in found if record is not None]
+    """The records of a run's items that ended, less completed ones whose images are not there (a worker
+    stopped between its record and its images: not an edit, so the next run makes it)."""
+    found = {item_id: record for item_id in items if (record := records.read_item_result(objects, job_id, item_id))}
+    missing = records.outputs_missing(objects, objects.location, job_id, found)
+    return [record for item_id, record in found.items() if item_id not in missing]
 
 
 def live_revision(workers: list[dict[str, Any]], model: str) -> tuple[str | None, str | None]:
