@@ -66,6 +66,12 @@ def end_items(
     else:
         moves = [end(item) for item in items]
     ended = [item for item, move in zip(items, moves, strict=True) if move.applied]
+    # a move refused because another end came first (a cancel and a completion, a duplicate attempt): this
+    # call's record overwrote that end's, which is put back from the live item
+    for item, move in zip(items, moves, strict=True):
+        if not move.applied and move.previous and ItemStatus(move.previous).terminal:
+            if (live := store.get_item(item.job_id, item.item_id)) is not None and live.status.terminal:
+                records.write_item_result(objects, live)
     # 3. the events of the items this call ended, together
     if job.wants("item") and ended:  # (vendor formats: their one envelope goes with the job's event)
         announce(

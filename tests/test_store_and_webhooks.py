@@ -255,6 +255,33 @@ def test_a_request_the_runner_refuses_fails_its_item_as_a_model_error_and_the_wo
     assert refused.error_kind == "model"
 
 
+def test_an_end_that_loses_to_another_leaves_the_winners_record(store, tmp_path):
+    """A cancel that read an item as queued, ending it after a worker completed it (or a stale duplicate
+    attempt failing after the first one completed): its record is written before its move is refused, and
+    the winner's is put back, so a Redis loss rebuilds the item as it ended."""
+    from jobs import records
+    from jobs.ending import end_item
+    from jobs.errors import ErrorKind, Failure
+    from jobs.storage import LocalStore
+
+    objects = LocalStore(str(tmp_path))
+    job_id = f"j-{os.urandom(4).hex()}"
+    job = _job(job_id, 1).model_copy(update={"output": str(tmp_path)})
+    store.create_job(job)
+    item = _item(job_id, "a", 1)
+    store.add_items([item])
+    stale = item.model_copy(deep=True)  # as the cancel and the duplicate read it
+    store.transition(item, ItemStatus.RUNNING, count_attempt=True)
+    ends = {"publish": lambda events: None, "finalize": lambda _: None}
+    assert end_item(store, objects, job, item, ItemStatus.COMPLETED, **ends)
+    assert not end_item(store, objects, job, stale, ItemStatus.CANCELLED, reason="cancelled", **ends)
+    assert records.read_item_result(objects, job_id, "a")["status"] == "completed"
+    lost = Failure(ErrorKind.LOST, "timed out")
+    assert not end_item(store, objects, job, stale.model_copy(deep=True), ItemStatus.FAILED, failure=lost, **ends)
+    record = records.read_item_result(objects, job_id, "a")
+    assert record["status"] == "completed" and record["error"] is None
+
+
 def test_a_failure_after_a_completed_items_images_are_stored_is_not_recorded_as_its_failure(tmp_path):
     """The broker is away when a completed item's finalize goes out: its record stays completed (not rewritten
     as failed with the broker's error), and its message comes back, which finds it ended and sends the
