@@ -358,6 +358,22 @@ TINY_GENERATE_PARAMS = {
 }
 
 
+def item_context(store, objects, runner=None, *, settings=None, notify=None, finalize=None):
+    """A worker's Context for calling worker.process directly: `objects` for every output location, events
+    and finalize messages dropped unless `notify` / `finalize` take them."""
+    from jobs.settings import Settings
+    from worker import process
+
+    return process.Context(
+        settings=settings or Settings(),
+        store=store,
+        runner=runner,
+        objects=lambda _location: objects,
+        notify=notify or (lambda *events: None),
+        finalize=finalize or (lambda _job_id: None),
+    )
+
+
 def fake_hub_snapshot(cache: Path, repo: str, source: Path, *skip: str) -> Path:
     """Lay `source` out as huggingface_hub caches a downloaded repo."""
     repo_dir = cache / f"models--{repo.replace('/', '--')}"

@@ -22,7 +22,7 @@ from zoneinfo import ZoneInfo
 import numpy as np
 import pytest
 from PIL import Image
-from services import cli, s3_client, service_env, wait_until
+from services import cli, item_context, s3_client, service_env, wait_until
 
 from jobs import keys
 from jobs.catalog.ledger import Ledger, fold, input_failure
@@ -494,14 +494,7 @@ def test_an_image_url_the_address_guard_refuses_is_an_input_failure_to_every_rea
     def no_model():
         raise AssertionError("a refused input never reaches the model")
 
-    ctx = process.Context(
-        settings=Settings(allow_private_hosts=""),
-        store=store,
-        runner=no_model,
-        objects=lambda _: objects,
-        notify=lambda *event: None,
-        finalize=lambda _: None,
-    )
+    ctx = item_context(store, objects, no_model, settings=Settings(allow_private_hosts=""))
     assert process.process_item(ctx, "J", "a").ended == "failed"
     process.finalize_job(ctx, "J")
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 from PIL import Image
-from services import cli, free_port, s3_client, service_env, wait_until
+from services import cli, free_port, item_context, s3_client, service_env, wait_until
 
 from jobs.lifecycle import ItemStatus
 from jobs.models import item_event_id
@@ -398,14 +398,7 @@ def test_a_worker_ends_an_expired_item_it_picks_up_without_running_it(tmp_path):
         )
     )
     store.add_items([ItemRecord(job_id="j", item_id="i", line=1, params={"prompt": "x"}, created_at=at, updated_at=at)])
-    ctx = process.Context(
-        settings=Settings(),
-        store=store,
-        runner=no_model,
-        objects=lambda _: objects,
-        notify=lambda *a: None,
-        finalize=finals.append,
-    )
+    ctx = item_context(store, objects, no_model, finalize=finals.append)
     assert process.process_item(ctx, "j", "i").ended == "cancelled"
     item = store.get_item("j", "i")
     assert (item.status, item.reason, item.attempts) == ("cancelled", "expired", 0) and finals == ["j"]
@@ -520,14 +513,7 @@ def test_a_retried_job_ignores_a_late_finalize_until_its_items_end_again(redis_s
             for n, (i, s) in enumerate([("ok", "completed"), ("bad", "failed")], 1)
         ]
     )
-    ctx = process.Context(
-        settings=settings,
-        store=store,
-        runner=lambda: None,
-        objects=lambda _: objects,
-        notify=lambda *a: None,
-        finalize=lambda j: None,
-    )
+    ctx = item_context(store, objects, lambda: None, settings=settings)
     assert process.finalize_job(ctx, job_id) == "completed"
 
     assert retry_job(Services(settings, store=store), job_id) == ["bad"]

@@ -7,7 +7,7 @@ import os
 
 import pytest
 from PIL import Image
-from services import TINY_GENERATE_PARAMS
+from services import TINY_GENERATE_PARAMS, item_context
 from standardwebhooks.webhooks import Webhook
 
 from jobs.lifecycle import ItemStatus, JobStatus
@@ -199,14 +199,7 @@ def test_an_item_that_keeps_losing_its_worker_ends_failed_at_the_attempt_cap(tmp
     def runner():
         raise AssertionError("a poison item must not reach the model again")
 
-    ctx = process.Context(
-        settings=settings,
-        store=store,
-        runner=runner,
-        objects=lambda _loc: objects,
-        notify=lambda *a: None,
-        finalize=finals.append,
-    )
+    ctx = item_context(store, objects, runner, settings=settings, finalize=finals.append)
     outcome = process.process_item(ctx, "j-poison", "a")
     assert outcome.ended == "failed"
     ended = store.get_item("j-poison", "a")
@@ -218,7 +211,6 @@ def test_an_item_that_keeps_losing_its_worker_ends_failed_at_the_attempt_cap(tmp
 def test_a_request_the_runner_refuses_fails_its_item_as_a_model_error_and_the_worker_goes_on(tmp_path):
     """Whatever a runner raises that is not one of ours (a ValueError for a request it refuses) fails that item
     with error_kind "model"; the next item runs."""
-    from jobs.settings import Settings
     from jobs.storage import LocalStore
     from worker import process
     from worker.runners.base import RunOutput
@@ -240,14 +232,7 @@ def test_a_request_the_runner_refuses_fails_its_item_as_a_model_error_and_the_wo
             for n, i in enumerate(("refused", "fine"), 1)
         ]
     )
-    ctx = process.Context(
-        settings=Settings(),
-        store=store,
-        runner=Refusing,
-        objects=lambda _loc: objects,
-        notify=lambda *a: None,
-        finalize=lambda _: None,
-    )
+    ctx = item_context(store, objects, Refusing)
     assert process.process_item(ctx, "j-model", "refused").ended == "failed"
     assert process.process_item(ctx, "j-model", "fine").ended == "completed"
     refused = store.get_item("j-model", "refused")
@@ -288,7 +273,6 @@ def test_a_failure_after_a_completed_items_images_are_stored_is_not_recorded_as_
     finalize then."""
     import json
 
-    from jobs.settings import Settings
     from jobs.storage import LocalStore
     from worker import process
     from worker.runners.base import RunOutput
@@ -309,14 +293,7 @@ def test_a_failure_after_a_completed_items_images_are_stored_is_not_recorded_as_
             raise ConnectionError("broker unreachable")
         finals.append(job_id)
 
-    ctx = process.Context(
-        settings=Settings(),
-        store=store,
-        runner=Tiny,
-        objects=lambda _loc: objects,
-        notify=lambda *a: None,
-        finalize=finalize,
-    )
+    ctx = item_context(store, objects, Tiny, finalize=finalize)
     first = process.process_item(ctx, "j-after", "a")
     assert first.ended is None and first.retry_in and "broker unreachable" in first.note
     record = json.loads((tmp_path / "j-after" / "items" / "a.json").read_text())
@@ -333,7 +310,6 @@ def test_a_redelivered_item_that_ended_sends_its_lost_webhook_once_and_finalizes
     finalizes a job whose items have all ended. An item that ended moments ago is left to the process that
     ended it for a grace period (no racing it into a duplicate)."""
     from jobs.models import item_event_id, job_event_id
-    from jobs.settings import Settings
     from jobs.storage import LocalStore
     from jobs.submit import now_iso
     from worker import process
@@ -347,14 +323,7 @@ def test_a_redelivered_item_that_ended_sends_its_lost_webhook_once_and_finalizes
     def runner():
         raise AssertionError("an item that ended must not reach the model again")
 
-    ctx = process.Context(
-        settings=Settings(),
-        store=store,
-        runner=runner,
-        objects=lambda _: LocalStore(str(tmp_path)),
-        notify=notified.extend,
-        finalize=finals.append,
-    )
+    ctx = item_context(store, LocalStore(str(tmp_path)), runner, notify=notified.extend, finalize=finals.append)
     c.updated_at = now_iso()  # c ended just now
     for item in (a, b, c):  # all ended; the worker died before publishing a's and c's events and finalizing
         store.transition(item, ItemStatus.RUNNING, count_attempt=True)
@@ -390,7 +359,6 @@ def test_a_job_redis_calls_ended_has_its_durable_end_and_a_losing_finalizer_leav
     finalizer that loses the race leaves job.json as the winner ended it."""
     from jobs import records
     from jobs.models import job_event_id
-    from jobs.settings import Settings
     from jobs.storage import LocalStore
     from worker import process
 
@@ -416,14 +384,7 @@ def test_a_job_redis_calls_ended_has_its_durable_end_and_a_losing_finalizer_leav
 
     store.finish_job = finish_job
     notified = []
-    ctx = process.Context(
-        settings=Settings(),
-        store=store,
-        runner=lambda: None,
-        objects=lambda _: objects,
-        notify=notified.extend,
-        finalize=lambda _: None,
-    )
+    ctx = item_context(store, objects, lambda: None, notify=notified.extend)
     assert process.finalize_job(ctx, job_id) == "completed"
     results, status, finished_at, still_open = seen_at_the_end[0]
     assert [line["id"] for line in results] == ["a", "b"] and status == JobStatus.COMPLETED and finished_at

@@ -9,7 +9,7 @@ import uuid
 
 import pytest
 from ledger import check_ledger
-from services import TINY_GENERATE_PARAMS, cli, s3_client, service_env, wait_until
+from services import TINY_GENERATE_PARAMS, cli, item_context, s3_client, service_env, wait_until
 
 from jobs.store import RedisStore
 
@@ -265,14 +265,7 @@ def test_cancel_records_queued_items_before_they_move_so_a_rebuild_keeps_them_ca
     store.create_job(job)
     store.add_items(items)
 
-    ctx = process.Context(
-        settings=settings,
-        store=store,
-        runner=Tiny,
-        objects=lambda _: objects,
-        notify=lambda events: None,
-        finalize=lambda _: None,
-    )
+    ctx = item_context(store, objects, Tiny, settings=settings)
     assert process.process_item(ctx, job_id, "a").ended == "completed"  # a worker ends a
     cancel_job(Services(settings, store=store, objects=lambda _: objects), job_id)  # b, c
     assert {i.item_id: i.status for i in store.items(job_id)} == {"a": "completed", "b": "cancelled", "c": "cancelled"}
