@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import signal
 import uuid
 from collections.abc import Iterator
@@ -65,8 +66,22 @@ def tiny_dir(tmp_path_factory) -> Path:
     return path
 
 
+LOGGED = re.compile(r"\d{4}-\d\d-\d\d [\d:,]+ (\w+ dreambatch|ERROR|CRITICAL)")  # a worker log's own records
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    """Each phase's report on its test (`item.failed_call`), for fixtures that say more when it failed."""
+    report = yield
+    if report.when == "call":
+        item.failed_call = report.failed
+    return report
+
+
 @pytest.fixture
-def start_worker(redis_server, s3_endpoint, tiny_dir, tmp_path) -> Iterator:
+def start_worker(redis_server, s3_endpoint, tiny_dir, tmp_path, request) -> Iterator:
+    """Start worker processes (each logging to tmp_path/worker-N.log), all killed at the end; a test that
+    failed prints what dreambatch logged in each, as CI keeps nothing else of a run."""
     workers: list[Worker] = []
 
     def start(*args: str, program: list[str] | None = None, redis_url: str | None = None, **env: str) -> Worker:
@@ -82,3 +97,8 @@ def start_worker(redis_server, s3_endpoint, tiny_dir, tmp_path) -> Iterator:
     yield start
     for w in workers:
         w.kill(signal.SIGKILL)
+    if getattr(request.node, "failed_call", False):
+        for w in workers:
+            ours = [line for line in w.log.read_text(errors="replace").splitlines() if LOGGED.match(line)]
+            print(f"--- {w.log.name}: dreambatch {' '.join(w.args)} (its last {min(len(ours), 80)} log lines)")
+            print("\n".join(ours[-80:]))

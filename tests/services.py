@@ -297,7 +297,7 @@ def service_env(redis_url: str, s3: str, tiny: Path, **extra: str) -> dict[str, 
 class Worker:
     def __init__(self, args: list[str], env: dict[str, str], log: Path, program: list[str] | None = None):
         """`program` replaces `python -m worker` (a test wrapper script that sabotages the worker)."""
-        self.log = log
+        self.args, self.log = args, log
         self._fh = log.open("w")
         if program:
             env = {**env, "PYTHONPATH": str(ROOT)}

@@ -26,9 +26,11 @@ def test_kill_9_mid_job_with_a_refusing_receiver_ends_with_30_items_once_and_eve
     secret = "whsec_" + base64.b64encode(os.urandom(32)).decode()
     cfg = {
         "DREAMBATCH_WEBHOOK_SECRET": secret,
-        "DREAMBATCH_CELERY__VISIBILITY_TIMEOUT": "4",
-        "DREAMBATCH_CELERY__TASK_TIME_LIMIT": "3",
-        "DREAMBATCH_CELERY__LEASE_TTL": "3",
+        # (short, so the killed worker's item comes back within seconds; loose enough that a loaded machine's
+        # 2 s items are not redelivered while they run)
+        "DREAMBATCH_CELERY__VISIBILITY_TIMEOUT": "8",
+        "DREAMBATCH_CELERY__TASK_TIME_LIMIT": "7",
+        "DREAMBATCH_CELERY__LEASE_TTL": "5",
         "DREAMBATCH_WEBHOOKS__BACKOFF_MAX": "1",
     }
     env = service_env(redis_server.url, s3_endpoint, tiny_dir, **cfg)
