@@ -267,12 +267,15 @@ def _submit_to_api(api: str, key: str | None, manifest: Path, fields: list, *, w
         raise report_invalid(exc) from None
     counts = made.get("counts") or {}
     with _watching(made["id"]):
-        _submitted(made["id"], made.get("queued", 0), made.get("rejected", 0), counts.get("total", 0), json_)
-        if not json_:
-            for note in (n for n in made.get("notes") or [] if "not checked before queueing" in n):  # jobs.manifest
-                err.print(f"note: {note}", highlight=False, soft_wrap=True)
-        if made.get("warning"):
-            warn(made["warning"])
+        _submitted(
+            made["id"],
+            made.get("queued", 0),
+            made.get("rejected", 0),
+            counts.get("total", 0),
+            json_,
+            made.get("notes") or [],
+            made.get("warning"),
+        )
         if wait:
             status = made
             seen = None
@@ -287,12 +290,20 @@ def _submit_to_api(api: str, key: str | None, manifest: Path, fields: list, *, w
             raise typer.Exit(0 if status.get("status") == JobStatus.COMPLETED else 1)
 
 
-def _submitted(job_id: str, queued: int, rejected: int, total: int, json_: bool) -> None:
+def _submitted(
+    job_id: str, queued: int, rejected: int, total: int, json_: bool, notes: list[str], warning: str | None
+) -> None:
+    """What a submit says of the job it made, made here or by the API: its id and counts, the manifest's notes
+    on what was not checked before queueing (jobs.manifest), and `warning` (no live worker serves it)."""
     if json_:
         print(json.dumps({"job_id": job_id, "queued": queued, "rejected": rejected, "total": total}))
     else:
         out.print(job_id, highlight=False)
         err.print(f"queued {queued} item(s), rejected {rejected}", highlight=False)
+        for note in (n for n in notes if "not checked before queueing" in n):
+            err.print(f"note: {note}", highlight=False, soft_wrap=True)
+    if warning:
+        warn(warning)
 
 
 def _submit_here(
@@ -356,12 +367,8 @@ def _submit_here(
         raise fail(str(exc)) from None
     job_id = sub.job.job_id
     with _watching(job_id):
-        _submitted(job_id, sub.queued, sub.rejected, sub.job.total, json_)
-        if not json_:
-            for note in (n for n in sub.report.notes if "not checked before queueing" in n):  # jobs.manifest
-                err.print(f"note: {note}", highlight=False, soft_wrap=True)
-        if sub.queued and (warning := no_worker_warning(get_services().store.workers(), model)):
-            warn(warning)
+        warning = no_worker_warning(get_services().store.workers(), model) if sub.queued else None
+        _submitted(job_id, sub.queued, sub.rejected, sub.job.total, json_, sub.report.notes, warning)
         if wait:
             job = _watch(job_id, quiet=json_, warn_unserved=False)
             raise typer.Exit(0 if job.status == JobStatus.COMPLETED else 1)
