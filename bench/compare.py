@@ -455,6 +455,14 @@ def main() -> None:
         "Python around the model, as a GPU leaves the host's cores (2 spinning OpenMP threads on a shared "
         "2-core machine slow every model call several times over)",
     )
+    ap.add_argument(
+        "--setting",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a dreambatch setting for C's processes, as its environment variable without DREAMBATCH_ (e.g. "
+        "RUNNER__MODEL_CPUS=off); C runs on the defaults otherwise",
+    )
     args = ap.parse_args()
     started_load = os.getloadavg()
     print(f"{os.cpu_count()} CPUs, load average {started_load[0]:.1f} / {started_load[1]:.1f} at start", flush=True)
@@ -476,6 +484,11 @@ def main() -> None:
         env = service_env(redis_server.url, proxy.url, tiny, OMP_NUM_THREADS=str(args.model_threads))
         for name in [k for k in env if k.startswith(("DREAMBATCH_CELERY__", "DREAMBATCH_WEBHOOKS__"))]:
             del env[name]  # (the tests' short timeouts): dreambatch runs on its default settings
+        for setting in args.setting:
+            name, sep, value = setting.partition("=")
+            if not sep:
+                ap.error(f"--setting {setting!r}: give NAME=VALUE, e.g. RUNNER__MODEL_CPUS=off")
+            env[f"DREAMBATCH_{name.upper()}"] = value
         env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
         systems: dict = {}
         results = []
@@ -496,10 +509,11 @@ def main() -> None:
     ended_load = os.getloadavg()
     print()
     delays = ",".join(f"{d:g}" for d in args.delay_ms)
+    settings = "".join(f" --setting {setting}" for setting in args.setting)
     print(
         f"`python bench/compare.py --model {args.model} --items {args.items} --rounds {args.rounds} "
         f"--submit {args.submit} "
-        f"--delay-ms {delays} --model-threads {args.model_threads}`: medians of {args.rounds} interleaved "
+        f"--delay-ms {delays} --model-threads {args.model_threads}{settings}`: medians of {args.rounds} interleaved "
         f"rounds; load average {started_load[0]:.1f} at start, {ended_load[0]:.1f} at end ({os.cpu_count()} CPUs)"
     )
     print()
