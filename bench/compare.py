@@ -83,6 +83,17 @@ class Proxy:
         self.proxy.close()
 
 
+def setting_env(settings: list[str]) -> dict[str, str]:
+    """`--setting NAME=VALUE` options as the environment variables dreambatch reads (DREAMBATCH_NAME)."""
+    env = {}
+    for setting in settings:
+        name, sep, value = setting.partition("=")
+        if not sep or not name:
+            raise ValueError(f"--setting {setting!r}: give NAME=VALUE, e.g. RUNNER__MODEL_CPUS=off")
+        env[f"DREAMBATCH_{name.upper()}"] = value
+    return env
+
+
 def rows_for(model: str, round_no: int, n: int) -> list[dict]:
     if MODELS[model].kind == "edit":
         return [
@@ -464,6 +475,10 @@ def main() -> None:
         "RUNNER__MODEL_CPUS=off); C runs on the defaults otherwise",
     )
     args = ap.parse_args()
+    try:
+        setting_env(args.setting)
+    except ValueError as exc:
+        ap.error(str(exc))
     started_load = os.getloadavg()
     print(f"{os.cpu_count()} CPUs, load average {started_load[0]:.1f} / {started_load[1]:.1f} at start", flush=True)
     with tempfile.TemporaryDirectory() as d:
@@ -484,11 +499,7 @@ def main() -> None:
         env = service_env(redis_server.url, proxy.url, tiny, OMP_NUM_THREADS=str(args.model_threads))
         for name in [k for k in env if k.startswith(("DREAMBATCH_CELERY__", "DREAMBATCH_WEBHOOKS__"))]:
             del env[name]  # (the tests' short timeouts): dreambatch runs on its default settings
-        for setting in args.setting:
-            name, sep, value = setting.partition("=")
-            if not sep:
-                ap.error(f"--setting {setting!r}: give NAME=VALUE, e.g. RUNNER__MODEL_CPUS=off")
-            env[f"DREAMBATCH_{name.upper()}"] = value
+        env.update(setting_env(args.setting))
         env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
         systems: dict = {}
         results = []

@@ -1,7 +1,7 @@
-"""What bench/compare.py and bench/fanout.py rest on, checked fast: the plain loop and the minimal Celery app
-make dreambatch's bytes (generations and edits), fan-out's queue length counts every priority, and the
-finalizer's closing writes (records.close_job) leave the record reconcile reads. Figures live in bench/, not
-here."""
+"""What bench/compare.py and bench/fanout.py rest on, checked fast: the plain loop and the minimal Celery app make
+dreambatch's bytes (generations and edits), `--setting` reaches dreambatch's settings, fan-out's queue length counts
+every priority, and the finalizer's closing writes (records.close_job) leave the record reconcile reads. Figures live
+in bench/, not here."""
 
 from __future__ import annotations
 
@@ -67,6 +67,21 @@ def test_the_plain_edit_makes_the_bytes_dreambatchs_edit_runner_makes(tiny_dir, 
         made[seed] = plain.edit(data, "make the background light grey", seed)
         assert made[seed] == imaging.encode(ours.images[0], "png", 90)[0]
     assert made[7] != made[8]
+
+
+def test_a_setting_option_reaches_dreambatchs_settings(monkeypatch):
+    import pytest
+
+    from bench.compare import setting_env
+
+    env = setting_env(["runner__model_cpus=off", "WEBHOOKS__TIMEOUT=2.5"])
+    assert env == {"DREAMBATCH_RUNNER__MODEL_CPUS": "off", "DREAMBATCH_WEBHOOKS__TIMEOUT": "2.5"}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    settings = Settings()
+    assert (settings.runner.model_cpus, settings.webhooks.timeout) == ("off", 2.5)
+    with pytest.raises(ValueError, match="'RUNNER__MODEL_CPUS': give NAME=VALUE"):
+        setting_env(["RUNNER__MODEL_CPUS"])
 
 
 def test_fanout_counts_the_queued_messages_of_every_priority(redis_server):
