@@ -55,6 +55,8 @@ from services import (  # noqa: E402
     wait_until,
 )
 
+from jobs.errors import InputError  # noqa: E402
+from jobs.manifest import parse_sets  # noqa: E402
 from jobs.models import MODELS  # noqa: E402
 
 BUCKET = "compare"
@@ -85,13 +87,7 @@ class Proxy:
 
 def setting_env(settings: list[str]) -> dict[str, str]:
     """`--setting NAME=VALUE` options as the environment variables dreambatch reads (DREAMBATCH_NAME)."""
-    env = {}
-    for setting in settings:
-        name, sep, value = setting.partition("=")
-        if not sep or not name:
-            raise ValueError(f"--setting {setting!r}: give NAME=VALUE, e.g. RUNNER__MODEL_CPUS=off")
-        env[f"DREAMBATCH_{name.upper()}"] = value
-    return env
+    return {f"DREAMBATCH_{name.upper()}": value for name, value in parse_sets(settings, "--setting").items()}
 
 
 def rows_for(model: str, round_no: int, n: int) -> list[dict]:
@@ -476,8 +472,8 @@ def main() -> None:
     )
     args = ap.parse_args()
     try:
-        setting_env(args.setting)
-    except ValueError as exc:
+        c_env = setting_env(args.setting)
+    except InputError as exc:
         ap.error(str(exc))
     started_load = os.getloadavg()
     print(f"{os.cpu_count()} CPUs, load average {started_load[0]:.1f} / {started_load[1]:.1f} at start", flush=True)
@@ -499,7 +495,7 @@ def main() -> None:
         env = service_env(redis_server.url, proxy.url, tiny, OMP_NUM_THREADS=str(args.model_threads))
         for name in [k for k in env if k.startswith(("DREAMBATCH_CELERY__", "DREAMBATCH_WEBHOOKS__"))]:
             del env[name]  # (the tests' short timeouts): dreambatch runs on its default settings
-        env.update(setting_env(args.setting))
+        env.update(c_env)
         env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
         systems: dict = {}
         results = []

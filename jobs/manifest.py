@@ -224,13 +224,13 @@ def _too_deep(row: dict[str, Any]) -> str | None:
     return None
 
 
-def parse_sets(pairs: list[str]) -> dict[str, str]:
-    """`--set key=value` pairs → a dict; a pair without `=` is an error naming it."""
+def parse_sets(pairs: list[str], option: str = "--set") -> dict[str, str]:
+    """`--set key=value` pairs (or another `option`'s) → a dict; a pair without `=` is an error naming it."""
     out: dict[str, str] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
-            raise InputError(f"--set {pair!r}: expected key=value")
+            raise InputError(f"{option} {pair!r}: expected key=value")
         out[key.strip()] = value.strip()
     return out
 

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import uuid
 
+import pytest
+
 from jobs import broker, keys, records
+from jobs.errors import InputError
 from jobs.models import JobRecord
 from jobs.settings import Settings
 from jobs.storage import LocalStore
@@ -70,8 +73,6 @@ def test_the_plain_edit_makes_the_bytes_dreambatchs_edit_runner_makes(tiny_dir, 
 
 
 def test_a_setting_option_reaches_dreambatchs_settings(monkeypatch):
-    import pytest
-
     from bench.compare import setting_env
 
     env = setting_env(["runner__model_cpus=off", "WEBHOOKS__TIMEOUT=2.5"])
@@ -80,7 +81,7 @@ def test_a_setting_option_reaches_dreambatchs_settings(monkeypatch):
         monkeypatch.setenv(name, value)
     settings = Settings()
     assert (settings.runner.model_cpus, settings.webhooks.timeout) == ("off", 2.5)
-    with pytest.raises(ValueError, match="'RUNNER__MODEL_CPUS': give NAME=VALUE"):
+    with pytest.raises(InputError, match="--setting 'RUNNER__MODEL_CPUS': expected key=value"):
         setting_env(["RUNNER__MODEL_CPUS"])
 
 
