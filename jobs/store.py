@@ -5,7 +5,9 @@ allowed (jobs.lifecycle), updates the item, adjusts the job's per-status counter
 terminal items, so the last item to end knows it is last without a chord. A job is marked
 terminal once per round (`finish_job` uses HSETNX; `reopen_job`, for `retry JOB`, clears the mark
 after its failed items were moved back to queued, so a finalize in between finds the job still
-ended and leaves it alone). `MemoryStore` is the same contract in one process, for the local `run` mode.
+ended and leaves it alone; a finalizer names the round it read, so one that read the job before a
+`retry` of a job not yet ended does not end the new round). `MemoryStore` is the same contract in one
+process, for the local `run` mode.
 
 `reach` and `unreachable` are how a command a person runs finds out, in a few seconds, that Redis is not
 there, and what it then prints (an `Unreachable` naming the address, the cause and the fix); long-running
@@ -56,7 +58,9 @@ class Store(Protocol):
     def get_item(self, job_id: str, item_id: str) -> ItemRecord | None: ...
     def transition(self, item: ItemRecord, to: ItemStatus, *, count_attempt: bool = False) -> Transition: ...
     def refund_attempt(self, job_id: str, item_id: str) -> None: ...
-    def finish_job(self, job_id: str, status: JobStatus, results_uri: str | None, at: str) -> bool: ...
+    def finish_job(
+        self, job_id: str, status: JobStatus, results_uri: str | None, at: str, round_: int | None = None
+    ) -> bool: ...
     def items(self, job_id: str) -> Iterator[ItemRecord]: ...
     def disable_webhook(self, job_id: str) -> None: ...
     def beat(self, name: str, info: dict[str, Any], ttl: float) -> None: ...
@@ -315,8 +319,9 @@ def _item_from(fields: dict[str, str]) -> ItemRecord:
 
 
 # End a job once per round (the HSETNX of its terminal status), then tell the API's waiters (keys.JOB_ENDED).
-# KEYS: job hash. ARGV: status, finished_at, results_uri, channel.
+# KEYS: job hash. ARGV: status, finished_at, results_uri, channel, the round it ends ('' for whichever).
 _FINISH_JOB = """
+if ARGV[5] ~= '' and (redis.call('HGET', KEYS[1], 'round') or '0') ~= ARGV[5] then return 0 end
 if redis.call('HSETNX', KEYS[1], 'terminal', ARGV[1]) == 0 then return 0 end
 redis.call('HSET', KEYS[1], 'finished_at', ARGV[2], 'results_uri', ARGV[3])
 redis.call('PUBLISH', ARGV[4], ARGV[1])
@@ -426,11 +431,15 @@ class RedisStore:
         """Take back an attempt that object storage's outage cut short: it does not count toward max_attempts."""
         self._refund(keys=[keys.ITEM.format(job_id=job_id, item_id=item_id)])
 
-    def finish_job(self, job_id: str, status: JobStatus, results_uri: str | None, at: str) -> bool:
-        """Mark the job ended, once per round (False: it already was), and publish that on keys.JOB_ENDED: one
-        round trip, so its end is announced only once its fields are written."""
+    def finish_job(
+        self, job_id: str, status: JobStatus, results_uri: str | None, at: str, round_: int | None = None
+    ) -> bool:
+        """Mark the job ended, once per round (False: it already was, or with `round_`, it is no longer in that
+        round: a `retry` re-opened it), and publish that on keys.JOB_ENDED: one round trip, so its end is
+        announced only once its fields are written."""
         channel = keys.JOB_ENDED.format(job_id=job_id)
-        return self._finish_job(keys=[keys.job_key(job_id)], args=[status.value, at, results_uri or "", channel]) == 1
+        args = [status.value, at, results_uri or "", channel, "" if round_ is None else str(round_)]
+        return self._finish_job(keys=[keys.job_key(job_id)], args=args) == 1
 
     def disable_webhook(self, job_id: str) -> None:
         self.r.hset(keys.job_key(job_id), "webhook_disabled", 1)
@@ -831,10 +840,12 @@ class MemoryStore:
             if fields is not None and fields["attempts"] > 0:
                 fields["attempts"] -= 1
 
-    def finish_job(self, job_id: str, status: JobStatus, results_uri: str | None, at: str) -> bool:
+    def finish_job(
+        self, job_id: str, status: JobStatus, results_uri: str | None, at: str, round_: int | None = None
+    ) -> bool:
         with self._lock:
             job = self._jobs[job_id]
-            if job.get("terminal"):
+            if job.get("terminal") or (round_ is not None and int(job.get("round", 0)) != round_):
                 return False
             job.update(terminal=status.value, finished_at=at, results_uri=results_uri or "")
             return True

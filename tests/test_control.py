@@ -530,6 +530,70 @@ def test_a_retried_job_ignores_a_late_finalize_until_its_items_end_again(redis_s
     assert process.finalize_job(ctx, job_id) == "completed" and store.get_job(job_id).counts["completed"] == 2
 
 
+@pytest.mark.parametrize("live", ["redis", "memory"])
+def test_a_retry_while_the_finalizer_writes_the_jobs_end_keeps_the_new_round_open(
+    live, redis_server, tmp_path, monkeypatch
+):
+    """`retry JOB` lands between a finalizer's read of the job (every item ended, one failed) and its
+    finish_job: the finalizer must not end the round the retry opened, and the job's record says open."""
+    from jobs import records
+    from jobs.control import retry_job
+    from jobs.models import ItemRecord, JobRecord
+    from jobs.services import Services
+    from jobs.storage import LocalStore
+    from jobs.store import MemoryStore
+    from worker import process
+
+    settings = Settings(redis_url=redis_server.url)
+    store = RedisStore.from_url(redis_server.url) if live == "redis" else MemoryStore()
+    objects = LocalStore(str(tmp_path))
+    job_id, at = f"race-{time.time_ns()}", "2026-01-01T00:00:00.000+00:00"
+    job = JobRecord(job_id=job_id, model="e1-full", output=str(tmp_path), total=2, created_at=at, updated_at=at)
+    store.create_job(job)
+    records.write_job_spec(objects, job)
+    store.add_items(
+        [
+            ItemRecord(
+                job_id=job_id,
+                item_id=i,
+                line=n,
+                status=s,
+                params={"prompt": i},
+                attempts=1,
+                created_at=at,
+                updated_at=at,
+            )
+            for n, (i, s) in enumerate([("ok", "completed"), ("bad", "failed")], 1)
+        ]
+    )
+    published: list[list[str]] = []
+    services = Services(settings, store=store)
+    monkeypatch.setattr(services, "publish", lambda _job, ids: published.append(list(ids)))
+    close_job = records.close_job
+
+    def close_job_then_retry(*args, **kwargs):
+        close_job(*args, **kwargs)
+        assert retry_job(services, job_id) == ["bad"]  # (the user's retry, as the end is being written)
+
+    monkeypatch.setattr(records, "close_job", close_job_then_retry)
+    ctx = item_context(store, objects, lambda: None, settings=settings)
+    assert process.finalize_job(ctx, job_id) is None  # it read round 0; the job is in round 1 now
+
+    live_job = store.get_job(job_id)
+    assert (live_job.finished_at, live_job.round, live_job.counts["queued"]) == (None, 1, 1)
+    assert published == [["bad"]]
+    durable = records.read_job(objects, job_id)
+    assert (durable.finished_at, durable.round) == (None, 1)  # not the end of round 0 the finalizer wrote
+
+    monkeypatch.setattr(records, "close_job", close_job)
+    bad = store.get_item(job_id, "bad")
+    store.transition(bad, ItemStatus.RUNNING, count_attempt=True)
+    assert store.transition(bad, ItemStatus.COMPLETED).job_done
+    assert process.finalize_job(ctx, job_id) == "completed"
+    assert store.get_job(job_id).counts["completed"] == 2
+    assert records.read_job(objects, job_id).finished_at is not None
+
+
 @pytest.mark.parametrize(
     ("text", "seconds"), [("90", 90), ("90s", 90), ("15m", 900), ("2h", 7200), ("1d", 86400), ("0.5h", 1800)]
 )

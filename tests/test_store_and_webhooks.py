@@ -375,12 +375,12 @@ def test_a_job_redis_calls_ended_has_its_durable_end_and_a_losing_finalizer_leav
     seen_at_the_end = []
     real_finish = store.finish_job
 
-    def finish_job(job_id, status, results_uri, at):
+    def finish_job(job_id, status, results_uri, at, round_=None):
         written = records.read_job(objects, job_id)
         seen_at_the_end.append(
             (records.read_results(objects, job_id), written.status, written.finished_at, records.open_jobs(objects))
         )
-        return real_finish(job_id, status, results_uri, at)
+        return real_finish(job_id, status, results_uri, at, round_)
 
     store.finish_job = finish_job
     notified = []
@@ -398,9 +398,9 @@ def test_a_job_redis_calls_ended_has_its_durable_end_and_a_losing_finalizer_leav
     other = f"j-{os.urandom(4).hex()}"
     store.create_job(job.model_copy(update={"job_id": other, "total": 0}))
 
-    def loses(job_id, status, results_uri, at):
+    def loses(job_id, status, results_uri, at, round_=None):
         real_finish(job_id, status, results_uri, "2026-11-22T00:05:00+00:00")  # the winner, a moment before
-        return real_finish(job_id, status, results_uri, at)
+        return real_finish(job_id, status, results_uri, at, round_)
 
     store.finish_job = loses
     assert process.finalize_job(ctx, other) is None

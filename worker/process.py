@@ -612,11 +612,12 @@ def finalize_job(ctx: Context, job_id: str) -> str | None:
         # its events may be retried for a while: a Redis loss meanwhile has reconcile send them again
         outbox = time.time() + ctx.settings.webhooks.retry_window
     records.close_job(objects, ended, ctx.store.items(job_id), outbox_until=outbox)
-    if not ctx.store.finish_job(job_id, status, results_uri, at):
-        # another finalizer ended it first: its job.json, not this one's, is the record
-        winner = ctx.store.get_job(job_id)
-        if winner and winner.finished_at and winner.finished_at != at:
-            records.write_job_spec(objects, winner)
+    if not ctx.store.finish_job(job_id, status, results_uri, at, round_=job.round):
+        # another finalizer ended it first, or a `retry` re-opened it while the above was written (its new
+        # round's items are queued): the live job's job.json, not this one's, is the record
+        live = ctx.store.get_job(job_id)
+        if live and live.finished_at != at:
+            records.write_job_spec(objects, live)
         return None
     job = ended
     log.info("job %s %s", job_id, status.value, extra={"job_id": job_id, "status": status.value})
