@@ -485,19 +485,15 @@ def test_workers_and_the_control_plane_export_metrics_top_shows_them_and_logs_ca
     assert {e["item_id"] for e in ended} == {"m0", "m1"} and {e["job_id"] for e in ended} == {job_id}
 
 
-def test_a_retried_job_ignores_a_late_finalize_until_its_items_end_again(redis_server, tmp_path):
-    from jobs.control import retry_job
+def _two_items_one_failed(store, objects) -> str:
+    """A job of two items in `store` (its job.json in `objects`): "ok" completed, "bad" failed; its id."""
+    from jobs import records
     from jobs.models import ItemRecord, JobRecord
-    from jobs.services import Services
-    from jobs.storage import LocalStore
-    from worker import process
 
-    settings = Settings(redis_url=redis_server.url)
-    store, objects = RedisStore.from_url(redis_server.url), LocalStore(str(tmp_path))
-    job_id, at = f"late-{time.time_ns()}", "2026-01-01T00:00:00.000+00:00"
-    store.create_job(
-        JobRecord(job_id=job_id, model="e1-full", output=str(tmp_path), total=2, created_at=at, updated_at=at)
-    )
+    job_id, at = f"retried-{time.time_ns()}", "2026-01-01T00:00:00.000+00:00"
+    job = JobRecord(job_id=job_id, model="e1-full", output=objects.location, total=2, created_at=at, updated_at=at)
+    store.create_job(job)
+    records.write_job_spec(objects, job)
     store.add_items(
         [
             ItemRecord(
@@ -513,6 +509,18 @@ def test_a_retried_job_ignores_a_late_finalize_until_its_items_end_again(redis_s
             for n, (i, s) in enumerate([("ok", "completed"), ("bad", "failed")], 1)
         ]
     )
+    return job_id
+
+
+def test_a_retried_job_ignores_a_late_finalize_until_its_items_end_again(redis_server, tmp_path):
+    from jobs.control import retry_job
+    from jobs.services import Services
+    from jobs.storage import LocalStore
+    from worker import process
+
+    settings = Settings(redis_url=redis_server.url)
+    store, objects = RedisStore.from_url(redis_server.url), LocalStore(str(tmp_path))
+    job_id = _two_items_one_failed(store, objects)
     ctx = item_context(store, objects, lambda: None, settings=settings)
     assert process.finalize_job(ctx, job_id) == "completed"
 
@@ -538,7 +546,6 @@ def test_a_retry_while_the_finalizer_writes_the_jobs_end_keeps_the_new_round_ope
     finish_job: the finalizer must not end the round the retry opened, and the job's record says open."""
     from jobs import records
     from jobs.control import retry_job
-    from jobs.models import ItemRecord, JobRecord
     from jobs.services import Services
     from jobs.storage import LocalStore
     from jobs.store import MemoryStore
@@ -547,25 +554,7 @@ def test_a_retry_while_the_finalizer_writes_the_jobs_end_keeps_the_new_round_ope
     settings = Settings(redis_url=redis_server.url)
     store = RedisStore.from_url(redis_server.url) if live == "redis" else MemoryStore()
     objects = LocalStore(str(tmp_path))
-    job_id, at = f"race-{time.time_ns()}", "2026-01-01T00:00:00.000+00:00"
-    job = JobRecord(job_id=job_id, model="e1-full", output=str(tmp_path), total=2, created_at=at, updated_at=at)
-    store.create_job(job)
-    records.write_job_spec(objects, job)
-    store.add_items(
-        [
-            ItemRecord(
-                job_id=job_id,
-                item_id=i,
-                line=n,
-                status=s,
-                params={"prompt": i},
-                attempts=1,
-                created_at=at,
-                updated_at=at,
-            )
-            for n, (i, s) in enumerate([("ok", "completed"), ("bad", "failed")], 1)
-        ]
-    )
+    job_id = _two_items_one_failed(store, objects)
     published: list[list[str]] = []
     services = Services(settings, store=store)
     monkeypatch.setattr(services, "publish", lambda _job, ids: published.append(list(ids)))
